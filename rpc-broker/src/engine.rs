@@ -1,0 +1,692 @@
+//! The broker engine, sans-IO: queues, topics with subscriber groups, prefetch, acks, redelivery, TTL,
+//! maximum length and dead-lettering, as plain data driven by method calls.
+//!
+//! It reads no clock and touches no socket: every operation that depends on time takes `now`, and the
+//! deliveries an operation makes possible are collected by [`Engine::dispatch`]. The embedded transport and
+//! the TCP server are two drivers of this one engine.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Priority levels: 0 (default, last) to 9 (first).
+pub const PRIORITY_LEVELS: usize = 10;
+
+/// Identifies a consumer for as long as the engine lives; ids are never reused, so a stale ack from a consumer
+/// that is gone cannot settle another consumer's delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConsumerId(u64);
+
+/// How a queue behaves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Ready messages held at most; a publish beyond is refused with [`EngineError::QueueFull`].
+    pub max_len: Option<usize>,
+    /// Deliveries after which an unacked message is dead-lettered instead of requeued.
+    pub max_deliveries: Option<u32>,
+    /// The queue is deleted when its last consumer goes (inboxes).
+    pub auto_delete: bool,
+    /// Where dead-lettered messages go; `None` drops them (and counts them).
+    pub dead_letter: Option<String>,
+}
+
+/// Per-message properties the engine acts on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Props {
+    /// 0 (default) to 9 (delivered first); higher values count as 9.
+    pub priority: u8,
+    /// The message is dropped if not delivered within this time.
+    pub ttl: Option<Duration>,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery<M> {
+    /// Who receives it.
+    pub consumer: ConsumerId,
+    /// Settles it, with [`Engine::settle`]; 0 for auto-ack consumers.
+    pub tag: u64,
+    /// The message.
+    pub message: M,
+    /// Deliveries so far, this one included.
+    pub delivery_count: u32,
+    /// Time left of its TTL at delivery, if it has one.
+    pub remaining_ttl: Option<Duration>,
+}
+
+/// How a delivery is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Done.
+    Ack,
+    /// Deliver again; dead-lettered instead once it reached the queue's `max_deliveries`.
+    Requeue,
+    /// Move to the dead-letter queue.
+    DeadLetter,
+}
+
+/// Why an operation was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineError {
+    /// No such queue.
+    NoQueue(String),
+    /// The queue is at its maximum length.
+    QueueFull(String),
+    /// The queue exists with other options.
+    Mismatch(String),
+    /// No such consumer (it was cancelled).
+    NoConsumer,
+    /// No such unacked delivery for that consumer (already settled, or requeued when its consumer went).
+    UnknownTag(u64),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::NoQueue(queue) => write!(f, "no queue named `{queue}`"),
+            EngineError::QueueFull(queue) => write!(f, "queue `{queue}` is full"),
+            EngineError::Mismatch(queue) => write!(f, "queue `{queue}` exists with other options"),
+            EngineError::NoConsumer => f.write_str("the consumer is gone"),
+            EngineError::UnknownTag(tag) => write!(f, "no unacked delivery with tag {tag}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+/// A queue's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Waiting to be delivered.
+    pub ready: usize,
+    /// Delivered, not settled.
+    pub unacked: usize,
+    /// Consumers attached.
+    pub consumers: usize,
+    /// Accepted publishes.
+    pub published: u64,
+    /// Acked deliveries.
+    pub acked: u64,
+    /// Messages moved out to the dead-letter queue (or dropped, without one).
+    pub dead_lettered: u64,
+    /// Messages dropped because their TTL ran out.
+    pub expired: u64,
+    /// Publishes refused because the queue was full.
+    pub rejected: u64,
+}
+
+struct Stored<M> {
+    message: M,
+    priority: u8,
+    expires_at: Option<Instant>,
+    deliveries: u32,
+}
+
+struct Queue<M> {
+    name: String,
+    config: QueueConfig,
+    ready: [VecDeque<Stored<M>>; PRIORITY_LEVELS],
+    ready_len: usize,
+    consumers: Vec<ConsumerId>,
+    next_consumer: usize,
+    unacked: usize,
+    stats: Stats,
+    dirty: bool,
+}
+
+impl<M> Queue<M> {
+    fn new(name: String, config: QueueConfig) -> Queue<M> {
+        Queue {
+            name,
+            config,
+            ready: std::array::from_fn(|_| VecDeque::new()),
+            ready_len: 0,
+            consumers: Vec::new(),
+            next_consumer: 0,
+            unacked: 0,
+            stats: Stats::default(),
+            dirty: false,
+        }
+    }
+
+    fn pop(&mut self) -> Option<Stored<M>> {
+        let level = self.ready.iter_mut().rev().find(|level| !level.is_empty())?;
+        self.ready_len -= 1;
+        level.pop_front()
+    }
+
+    fn push_back(&mut self, stored: Stored<M>) {
+        self.ready_len += 1;
+        self.ready[usize::from(stored.priority)].push_back(stored);
+    }
+
+    fn push_front(&mut self, stored: Stored<M>) {
+        self.ready_len += 1;
+        self.ready[usize::from(stored.priority)].push_front(stored);
+    }
+}
+
+struct Consumer<M> {
+    queue: String,
+    prefetch: u32,
+    auto_ack: bool,
+    unacked: HashMap<u64, Stored<M>>,
+}
+
+/// The engine: queues, topics and consumers, for messages of type `M` (cloned on delivery, so make it cheap:
+/// `Bytes` or an `Arc`).
+pub struct Engine<M> {
+    queues: HashMap<String, Queue<M>>,
+    /// Topic -> the queues of its subscriber groups.
+    topics: HashMap<String, Vec<String>>,
+    consumers: HashMap<ConsumerId, Consumer<M>>,
+    next_consumer: u64,
+    next_tag: u64,
+    dirty: Vec<String>,
+}
+
+impl<M> std::fmt::Debug for Engine<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("queues", &self.queues.len())
+            .field("topics", &self.topics.len())
+            .field("consumers", &self.consumers.len())
+            .finish()
+    }
+}
+
+impl<M> Default for Engine<M> {
+    fn default() -> Self {
+        Engine {
+            queues: HashMap::new(),
+            topics: HashMap::new(),
+            consumers: HashMap::new(),
+            next_consumer: 1,
+            next_tag: 1,
+            dirty: Vec::new(),
+        }
+    }
+}
+
+/// The name of the queue that holds subscriber group `group` of `topic`.
+pub fn group_queue(topic: &str, group: &str) -> String {
+    format!("{topic}@{group}")
+}
+
+impl<M: Clone> Engine<M> {
+    /// An empty engine.
+    pub fn new() -> Engine<M> {
+        Engine::default()
+    }
+
+    /// Creates `queue` with `config`, or checks an existing one: a default `config` accepts it as it is, any
+    /// other must equal its config. Declaring a queue with a dead-letter queue declares that one too.
+    ///
+    /// # Errors
+    /// [`EngineError::Mismatch`] for an existing queue with another config.
+    pub fn declare_queue(&mut self, queue: &str, config: QueueConfig) -> Result<(), EngineError> {
+        if let Some(existing) = self.queues.get(queue) {
+            return if config == QueueConfig::default() || existing.config == config {
+                Ok(())
+            } else {
+                Err(EngineError::Mismatch(queue.to_owned()))
+            };
+        }
+        if let Some(dead_letter) = &config.dead_letter {
+            if dead_letter != queue && !self.queues.contains_key(dead_letter) {
+                self.queues.insert(dead_letter.clone(), Queue::new(dead_letter.clone(), QueueConfig::default()));
+            }
+        }
+        self.queues.insert(queue.to_owned(), Queue::new(queue.to_owned(), config));
+        Ok(())
+    }
+
+    /// Whether `queue` exists.
+    pub fn has_queue(&self, queue: &str) -> bool {
+        self.queues.contains_key(queue)
+    }
+
+    /// Deletes `queue` with its messages; its consumers are removed.
+    pub fn delete_queue(&mut self, queue: &str) -> bool {
+        let Some(removed) = self.queues.remove(queue) else { return false };
+        for consumer in removed.consumers {
+            self.consumers.remove(&consumer);
+        }
+        for groups in self.topics.values_mut() {
+            groups.retain(|group| group != queue);
+        }
+        true
+    }
+
+    /// The names of all queues.
+    pub fn queue_names(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
+    /// Puts `message` at the back of `queue`. A full queue first drops its expired messages.
+    ///
+    /// # Errors
+    /// [`EngineError::NoQueue`], or [`EngineError::QueueFull`] when the queue is at its maximum length.
+    pub fn publish(&mut self, queue: &str, message: M, props: Props, now: Instant) -> Result<(), EngineError> {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return Err(EngineError::NoQueue(queue.to_owned()));
+        };
+        if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
+            // Messages whose TTL ran out still hold room until dropped.
+            expire_queue(target, now);
+        }
+        if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
+            target.stats.rejected += 1;
+            return Err(EngineError::QueueFull(queue.to_owned()));
+        }
+        target.stats.published += 1;
+        target.push_back(Stored {
+            message,
+            priority: props.priority.min(9),
+            expires_at: props.ttl.map(|ttl| now + ttl),
+            deliveries: 0,
+        });
+        mark_dirty(target, &mut self.dirty);
+        Ok(())
+    }
+
+    /// Puts a copy of `message` in every subscriber group of `topic`; returns how many groups took it. A full
+    /// group refuses its copy (counted in its `rejected`) without stopping the others.
+    pub fn publish_topic(&mut self, topic: &str, message: M, props: Props, now: Instant) -> usize {
+        let Some(groups) = self.topics.get(topic) else { return 0 };
+        let groups = groups.clone();
+        groups
+            .iter()
+            .filter(|group| self.publish(group, message.clone(), props, now).is_ok())
+            .count()
+    }
+
+    /// Creates (if needed) the queue of subscriber group `group` on `topic` and returns its name.
+    pub fn subscribe_group(&mut self, topic: &str, group: &str) -> String {
+        let queue = group_queue(topic, group);
+        if !self.queues.contains_key(&queue) {
+            self.queues.insert(queue.clone(), Queue::new(queue.clone(), QueueConfig::default()));
+        }
+        let groups = self.topics.entry(topic.to_owned()).or_default();
+        if !groups.contains(&queue) {
+            groups.push(queue.clone());
+        }
+        queue
+    }
+
+    /// Attaches a consumer to `queue` holding at most `prefetch` unacked deliveries (0: no limit).
+    /// With `auto_ack`, deliveries are settled when handed out.
+    ///
+    /// # Errors
+    /// [`EngineError::NoQueue`].
+    pub fn add_consumer(&mut self, queue: &str, prefetch: u32, auto_ack: bool) -> Result<ConsumerId, EngineError> {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return Err(EngineError::NoQueue(queue.to_owned()));
+        };
+        let id = ConsumerId(self.next_consumer);
+        self.next_consumer += 1;
+        target.consumers.push(id);
+        mark_dirty(target, &mut self.dirty);
+        self.consumers.insert(id, Consumer { queue: queue.to_owned(), prefetch, auto_ack, unacked: HashMap::new() });
+        Ok(id)
+    }
+
+    /// Detaches a consumer; its unacked deliveries go back to the front of the queue (or to the dead-letter
+    /// queue once they reached `max_deliveries`). An auto-delete queue goes with its last consumer.
+    pub fn remove_consumer(&mut self, id: ConsumerId, now: Instant) {
+        let Some(consumer) = self.consumers.remove(&id) else { return };
+        let mut unacked: Vec<(u64, Stored<M>)> = consumer.unacked.into_iter().collect();
+        // Oldest delivery first back to the front, so that the original order is kept.
+        unacked.sort_by_key(|(tag, _)| std::cmp::Reverse(*tag));
+        let Some(queue) = self.queues.get_mut(&consumer.queue) else { return };
+        queue.consumers.retain(|other| *other != id);
+        queue.unacked -= unacked.len();
+        if queue.config.auto_delete && queue.consumers.is_empty() {
+            let name = consumer.queue;
+            self.delete_queue(&name);
+            return;
+        }
+        for (_, stored) in unacked {
+            self.requeue(&consumer.queue, stored, now);
+        }
+        if let Some(queue) = self.queues.get_mut(&consumer.queue) {
+            mark_dirty(queue, &mut self.dirty);
+        }
+    }
+
+    /// Settles delivery `tag` of consumer `id`.
+    ///
+    /// # Errors
+    /// [`EngineError::NoConsumer`] or [`EngineError::UnknownTag`]: the delivery was already settled or went
+    /// back to the queue with its consumer (a stale ack, fenced off).
+    pub fn settle(&mut self, id: ConsumerId, tag: u64, how: Settle, now: Instant) -> Result<(), EngineError> {
+        let consumer = self.consumers.get_mut(&id).ok_or(EngineError::NoConsumer)?;
+        let stored = consumer.unacked.remove(&tag).ok_or(EngineError::UnknownTag(tag))?;
+        let queue_name = consumer.queue.clone();
+        let Some(queue) = self.queues.get_mut(&queue_name) else { return Ok(()) };
+        queue.unacked -= 1;
+        mark_dirty(queue, &mut self.dirty);
+        match how {
+            Settle::Ack => queue.stats.acked += 1,
+            Settle::Requeue => self.requeue(&queue_name, stored, now),
+            Settle::DeadLetter => self.dead_letter(&queue_name, stored, now),
+        }
+        Ok(())
+    }
+
+    fn requeue(&mut self, queue_name: &str, stored: Stored<M>, now: Instant) {
+        let Some(queue) = self.queues.get_mut(queue_name) else { return };
+        if queue.config.max_deliveries.is_some_and(|max| stored.deliveries >= max) {
+            self.dead_letter(queue_name, stored, now);
+        } else {
+            queue.push_front(stored);
+            mark_dirty(queue, &mut self.dirty);
+        }
+    }
+
+    fn dead_letter(&mut self, queue_name: &str, mut stored: Stored<M>, now: Instant) {
+        let Some(queue) = self.queues.get_mut(queue_name) else { return };
+        queue.stats.dead_lettered += 1;
+        let Some(target) = queue.config.dead_letter.clone() else { return };
+        let Some(dead_letters) = self.queues.get_mut(&target) else { return };
+        // A dead letter keeps its message but starts over: no TTL, no delivery count, no length limit.
+        stored.deliveries = 0;
+        stored.expires_at = None;
+        dead_letters.stats.published += 1;
+        dead_letters.push_back(stored);
+        mark_dirty(dead_letters, &mut self.dirty);
+        let _ = now;
+    }
+
+    /// Hands out every delivery that became possible since the last call, in order, to `out`: round-robin
+    /// over each queue's consumers that have room under their prefetch, highest priority first, dropping
+    /// messages whose TTL ran out.
+    pub fn dispatch(&mut self, now: Instant, out: &mut Vec<Delivery<M>>) {
+        while let Some(name) = self.dirty.pop() {
+            let Some(queue) = self.queues.get_mut(&name) else { continue };
+            queue.dirty = false;
+            dispatch_queue(queue, &mut self.consumers, &mut self.next_tag, now, out);
+        }
+    }
+
+    /// Drops the messages of every queue whose TTL ran out, even where no consumer asks for them.
+    pub fn expire(&mut self, now: Instant) {
+        for queue in self.queues.values_mut() {
+            expire_queue(queue, now);
+        }
+    }
+
+    /// Drops the messages of `queue` whose TTL ran out.
+    pub fn expire_queue(&mut self, queue: &str, now: Instant) {
+        if let Some(queue) = self.queues.get_mut(queue) {
+            expire_queue(queue, now);
+        }
+    }
+
+    /// The counters of `queue`.
+    pub fn stats(&self, queue: &str) -> Option<Stats> {
+        self.queues.get(queue).map(|queue| Stats {
+            ready: queue.ready_len,
+            unacked: queue.unacked,
+            consumers: queue.consumers.len(),
+            ..queue.stats
+        })
+    }
+}
+
+fn expire_queue<M>(queue: &mut Queue<M>, now: Instant) {
+    let mut expired = 0;
+    for level in &mut queue.ready {
+        let before = level.len();
+        level.retain(|stored| stored.expires_at.is_none_or(|at| at > now));
+        expired += before - level.len();
+    }
+    queue.ready_len -= expired;
+    queue.stats.expired += expired as u64;
+}
+
+fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<String>) {
+    if !queue.dirty {
+        queue.dirty = true;
+        dirty.push(queue.name.clone());
+    }
+}
+
+fn dispatch_queue<M: Clone>(
+    queue: &mut Queue<M>,
+    consumers: &mut HashMap<ConsumerId, Consumer<M>>,
+    next_tag: &mut u64,
+    now: Instant,
+    out: &mut Vec<Delivery<M>>,
+) {
+    while queue.ready_len > 0 && !queue.consumers.is_empty() {
+        // The next consumer, round-robin, that has room.
+        let count = queue.consumers.len();
+        let Some(slot) = (0..count).map(|step| (queue.next_consumer + step) % count).find(|&slot| {
+            consumers
+                .get(&queue.consumers[slot])
+                .is_some_and(|consumer| consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
+        }) else {
+            return;
+        };
+        queue.next_consumer = (slot + 1) % count;
+        let id = queue.consumers[slot];
+        let Some(mut stored) = queue.pop() else { return };
+        if stored.expires_at.is_some_and(|at| at <= now) {
+            queue.stats.expired += 1;
+            continue;
+        }
+        let Some(consumer) = consumers.get_mut(&id) else { return };
+        stored.deliveries += 1;
+        let remaining_ttl = stored.expires_at.map(|at| at.saturating_duration_since(now));
+        let delivery_count = stored.deliveries;
+        if consumer.auto_ack {
+            queue.stats.acked += 1;
+            out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
+        } else {
+            let tag = *next_tag;
+            *next_tag += 1;
+            out.push(Delivery { consumer: id, tag, message: stored.message.clone(), delivery_count, remaining_ttl });
+            consumer.unacked.insert(tag, stored);
+            queue.unacked += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_with(queue: &str, config: QueueConfig) -> Engine<u32> {
+        let mut engine = Engine::new();
+        engine.declare_queue(queue, config).expect("declares");
+        engine
+    }
+
+    fn drain(engine: &mut Engine<u32>, now: Instant) -> Vec<Delivery<u32>> {
+        let mut out = Vec::new();
+        engine.dispatch(now, &mut out);
+        out
+    }
+
+    fn messages(deliveries: &[Delivery<u32>]) -> Vec<u32> {
+        deliveries.iter().map(|delivery| delivery.message).collect()
+    }
+
+    #[test]
+    fn prefetch_bounds_unacked_and_an_ack_frees_a_slot() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        for n in 0..5 {
+            engine.publish("q", n, Props::default(), now).expect("publishes");
+        }
+        let consumer = engine.add_consumer("q", 2, false).expect("consumes");
+        let first = drain(&mut engine, now);
+        assert_eq!(messages(&first), [0, 1]);
+        assert!(drain(&mut engine, now).is_empty());
+        engine.settle(consumer, first[0].tag, Settle::Ack, now).expect("acks");
+        assert_eq!(messages(&drain(&mut engine, now)), [2]);
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.unacked, stats.acked), (2, 2, 1));
+    }
+
+    #[test]
+    fn competing_consumers_take_turns() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let a = engine.add_consumer("q", 0, false).expect("consumes");
+        let b = engine.add_consumer("q", 0, false).expect("consumes");
+        for n in 0..4 {
+            engine.publish("q", n, Props::default(), now).expect("publishes");
+        }
+        let out = drain(&mut engine, now);
+        let owners: Vec<ConsumerId> = out.iter().map(|delivery| delivery.consumer).collect();
+        assert_eq!(owners, [a, b, a, b]);
+    }
+
+    #[test]
+    fn a_consumer_that_goes_away_hands_its_unacked_back_in_order() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let gone = engine.add_consumer("q", 10, false).expect("consumes");
+        for n in 0..3 {
+            engine.publish("q", n, Props::default(), now).expect("publishes");
+        }
+        let first = drain(&mut engine, now);
+        assert_eq!(messages(&first), [0, 1, 2]);
+        engine.remove_consumer(gone, now);
+        // Its stale ack is fenced off.
+        assert_eq!(engine.settle(gone, first[0].tag, Settle::Ack, now), Err(EngineError::NoConsumer));
+        let next = engine.add_consumer("q", 10, false).expect("consumes");
+        let again = drain(&mut engine, now);
+        assert_eq!(messages(&again), [0, 1, 2]);
+        assert!(again.iter().all(|delivery| delivery.consumer == next && delivery.delivery_count == 2));
+    }
+
+    #[test]
+    fn requeue_then_dead_letter_after_max_deliveries() {
+        let now = Instant::now();
+        let config = QueueConfig { max_deliveries: Some(3), dead_letter: Some("q.dlq".into()), ..QueueConfig::default() };
+        let mut engine = engine_with("q", config);
+        let consumer = engine.add_consumer("q", 1, false).expect("consumes");
+        engine.publish("q", 7, Props::default(), now).expect("publishes");
+        for attempt in 1..=3 {
+            let out = drain(&mut engine, now);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].delivery_count, attempt);
+            engine.settle(consumer, out[0].tag, Settle::Requeue, now).expect("requeues");
+        }
+        assert!(drain(&mut engine, now).is_empty());
+        assert_eq!(engine.stats("q").expect("exists").dead_lettered, 1);
+        assert_eq!(engine.stats("q.dlq").expect("exists").ready, 1);
+        let reader = engine.add_consumer("q.dlq", 0, true).expect("consumes");
+        let dead = drain(&mut engine, now);
+        assert_eq!((dead[0].consumer, dead[0].message, dead[0].delivery_count), (reader, 7, 1));
+    }
+
+    #[test]
+    fn explicit_dead_letter_and_unknown_tags() {
+        let now = Instant::now();
+        let config = QueueConfig { dead_letter: Some("dead".into()), ..QueueConfig::default() };
+        let mut engine = engine_with("q", config);
+        let consumer = engine.add_consumer("q", 0, false).expect("consumes");
+        engine.publish("q", 1, Props::default(), now).expect("publishes");
+        let out = drain(&mut engine, now);
+        engine.settle(consumer, out[0].tag, Settle::DeadLetter, now).expect("dead-letters");
+        assert_eq!(engine.settle(consumer, out[0].tag, Settle::Ack, now), Err(EngineError::UnknownTag(out[0].tag)));
+        assert_eq!(engine.stats("dead").expect("exists").ready, 1);
+    }
+
+    #[test]
+    fn max_len_rejects_with_queue_full_and_counts() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig { max_len: Some(2), ..QueueConfig::default() });
+        engine.publish("q", 1, Props::default(), now).expect("publishes");
+        engine.publish("q", 2, Props::default(), now).expect("publishes");
+        assert_eq!(engine.publish("q", 3, Props::default(), now), Err(EngineError::QueueFull("q".into())));
+        assert_eq!(engine.stats("q").expect("exists").rejected, 1);
+        // Delivered messages no longer count against the length.
+        let consumer = engine.add_consumer("q", 1, false).expect("consumes");
+        let out = drain(&mut engine, now);
+        engine.publish("q", 3, Props::default(), now).expect("room again");
+        engine.settle(consumer, out[0].tag, Settle::Ack, now).expect("acks");
+        assert_eq!(messages(&drain(&mut engine, now)), [2]);
+    }
+
+    #[test]
+    fn ttl_drops_expired_messages_at_delivery_and_on_expire() {
+        let start = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let ttl = Props { ttl: Some(Duration::from_millis(100)), ..Props::default() };
+        engine.publish("q", 1, ttl, start).expect("publishes");
+        engine.publish("q", 2, Props::default(), start).expect("publishes");
+        engine.publish("q", 3, ttl, start + Duration::from_millis(50)).expect("publishes");
+        let later = start + Duration::from_millis(120);
+        engine.add_consumer("q", 0, true).expect("consumes");
+        let out = drain(&mut engine, later);
+        assert_eq!(messages(&out), [2, 3]);
+        assert_eq!(out[1].remaining_ttl, Some(Duration::from_millis(30)));
+        assert_eq!(engine.stats("q").expect("exists").expired, 1);
+
+        let mut idle = engine_with("idle", QueueConfig::default());
+        idle.publish("idle", 1, ttl, start).expect("publishes");
+        idle.expire(start + Duration::from_millis(99));
+        assert_eq!(idle.stats("idle").expect("exists").ready, 1);
+        idle.expire(start + Duration::from_millis(100));
+        let stats = idle.stats("idle").expect("exists");
+        assert_eq!((stats.ready, stats.expired), (0, 1));
+    }
+
+    #[test]
+    fn higher_priority_first_fifo_within_a_level() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        for (n, priority) in [(1, 0), (2, 5), (3, 9), (4, 5), (5, 200)] {
+            engine.publish("q", n, Props { priority, ttl: None }, now).expect("publishes");
+        }
+        engine.add_consumer("q", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, now)), [3, 5, 2, 4, 1]);
+    }
+
+    #[test]
+    fn each_subscriber_group_gets_one_copy_and_members_compete() {
+        let now = Instant::now();
+        let mut engine: Engine<u32> = Engine::new();
+        assert_eq!(engine.publish_topic("t", 0, Props::default(), now), 0);
+        let groups: Vec<String> = ["a", "b", "c"].iter().map(|group| engine.subscribe_group("t", group)).collect();
+        let a1 = engine.add_consumer(&groups[0], 0, false).expect("consumes");
+        let a2 = engine.add_consumer(&groups[0], 0, false).expect("consumes");
+        let b = engine.add_consumer(&groups[1], 0, false).expect("consumes");
+        assert_eq!(engine.publish_topic("t", 1, Props::default(), now), 3);
+        assert_eq!(engine.publish_topic("t", 2, Props::default(), now), 3);
+        let out = drain(&mut engine, now);
+        let to_a: Vec<_> = out.iter().filter(|d| d.consumer == a1 || d.consumer == a2).collect();
+        let to_b: Vec<_> = out.iter().filter(|d| d.consumer == b).collect();
+        assert_eq!(to_a.len(), 2);
+        assert_ne!(to_a[0].consumer, to_a[1].consumer);
+        assert_eq!(to_b.len(), 2);
+        // Group c has no consumer yet and keeps its copies.
+        assert_eq!(engine.stats(&groups[2]).expect("exists").ready, 2);
+        assert_eq!(engine.subscribe_group("t", "a"), groups[0]);
+    }
+
+    #[test]
+    fn auto_delete_queue_goes_with_its_consumer() {
+        let now = Instant::now();
+        let mut engine = engine_with("inbox", QueueConfig { auto_delete: true, ..QueueConfig::default() });
+        let consumer = engine.add_consumer("inbox", 0, true).expect("consumes");
+        engine.remove_consumer(consumer, now);
+        assert!(!engine.has_queue("inbox"));
+        assert_eq!(engine.publish("inbox", 1, Props::default(), now), Err(EngineError::NoQueue("inbox".into())));
+    }
+
+    #[test]
+    fn declare_is_idempotent_and_rejects_other_options() {
+        let mut engine = engine_with("q", QueueConfig { max_len: Some(5), ..QueueConfig::default() });
+        assert_eq!(engine.declare_queue("q", QueueConfig::default()), Ok(()));
+        assert_eq!(engine.declare_queue("q", QueueConfig { max_len: Some(5), ..QueueConfig::default() }), Ok(()));
+        assert_eq!(
+            engine.declare_queue("q", QueueConfig { max_len: Some(6), ..QueueConfig::default() }),
+            Err(EngineError::Mismatch("q".into()))
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! The mqrpc broker engine and the transports built on it.
+//!
+//! - [`engine`]: the broker engine without I/O (queues, topics, acks, redelivery, TTL, limits, dead letters);
+//! - [`Embedded`]: the engine in-process, as a [`Transport`](rpc_core::Transport), the default for
+//!   quickstarts and tests.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), rpc_core::Error> {
+//! use rpc_core::Transport;
+//!
+//! let broker = rpc_broker::Embedded::new();
+//! broker.declare_queue("jobs", &rpc_core::QueueOptions::new().max_len(1_000)).await?;
+//! let mut consumer = broker.consume("jobs", rpc_core::ConsumeOptions::new()).await?;
+//! broker.publish("jobs", rpc_core::Envelope::new(rpc_core::Kind::Oneway)).await?;
+//! let delivery = consumer.next().await.expect("a delivery");
+//! delivery.handle.ack().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod engine;
+
+mod embedded;
+
+pub use embedded::Embedded;

@@ -1,0 +1,515 @@
+//! The client: one inbox per client, calls multiplexed over it by correlation id.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::context;
+use crate::envelope::{Envelope, Kind};
+use crate::error::Error;
+use crate::method::{DecodeFn, Method, MethodKind};
+use crate::naming;
+use crate::transport::{self, BoxFuture, QueueOptions, Transport};
+
+/// The default time a call waits for its reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The highest priority a call can ask for.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// Configures a [`Client`] before it connects.
+#[derive(Debug)]
+pub struct ClientBuilder {
+    transport: Arc<dyn Transport>,
+    default_timeout: Duration,
+    namespace: Option<String>,
+}
+
+impl ClientBuilder {
+    /// How long a call waits for its reply unless it sets its own timeout (default 30 s).
+    pub fn default_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.default_timeout = timeout;
+        self
+    }
+
+    /// Prefixes every queue and topic name with `namespace.`, to keep environments apart on one broker.
+    /// Servers must use the same namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> ClientBuilder {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Opens the client's inbox and starts reading replies from it.
+    ///
+    /// # Errors
+    /// Whatever the transport reports when the inbox cannot be opened.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let inbox = self.transport.open_inbox().await?;
+        let shared = Arc::new(Shared {
+            pending: DashMap::new(),
+            late_replies: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let reader = tokio::spawn(read_replies(inbox.consumer, Arc::clone(&shared)));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                transport: self.transport,
+                inbox: inbox.address,
+                default_timeout: self.default_timeout,
+                namespace: self.namespace,
+                shared,
+                reader,
+            }),
+        })
+    }
+}
+
+/// A handle to the calls of one process: cheap to clone; every clone shares one inbox.
+///
+/// Generated clients (`CalculatorClient::new(&client)`) send their calls through it.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Arc<dyn Transport>,
+    inbox: String,
+    default_timeout: Duration,
+    namespace: Option<String>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+struct Shared {
+    pending: DashMap<Uuid, oneshot::Sender<Envelope>>,
+    late_replies: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// A snapshot of a client's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Calls waiting for their reply.
+    pub pending: usize,
+    /// Replies that arrived for no waiting call (it had timed out or been cancelled) and were dropped.
+    pub late_replies: u64,
+}
+
+async fn read_replies(mut inbox: crate::transport::Consumer, shared: Arc<Shared>) {
+    while let Some(delivery) = inbox.next().await {
+        let reply = delivery.envelope;
+        let waiting = reply.correlation_id.and_then(|id| shared.pending.remove(&id));
+        match waiting {
+            Some((_, sender)) => {
+                if sender.send(reply).is_err() {
+                    shared.late_replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                shared.late_replies.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(correlation_id = ?reply.correlation_id, "dropped a late reply");
+            }
+        }
+    }
+    // The inbox is gone: every waiting call fails now rather than at its deadline.
+    shared.pending.clear();
+}
+
+impl Client {
+    /// Starts configuring a client on `transport`.
+    pub fn builder(transport: impl Transport) -> ClientBuilder {
+        ClientBuilder { transport: transport::shared(transport), default_timeout: DEFAULT_TIMEOUT, namespace: None }
+    }
+
+    /// A client on `transport` with the defaults.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`].
+    pub async fn connect(transport: impl Transport) -> Result<Client, Error> {
+        Client::builder(transport).connect().await
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// The namespace, if any.
+    pub fn namespace(&self) -> Option<&str> {
+        self.inner.namespace.as_deref()
+    }
+
+    /// The address replies to this client go to.
+    pub fn inbox(&self) -> &str {
+        &self.inner.inbox
+    }
+
+    /// The client's counters.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            pending: self.inner.shared.pending.len(),
+            late_replies: self.inner.shared.late_replies.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the client: calls waiting for a reply fail with [`Error::Shutdown`] at once, new calls fail too.
+    pub fn close(&self) {
+        self.inner.shared.closed.store(true, Ordering::Release);
+        self.inner.reader.abort();
+        self.inner.shared.pending.clear();
+    }
+
+    /// A call of `method` on `service` with `args` already encoded as MessagePack; the reply body comes back
+    /// as it is. For tools and gateways that do not have the service's types.
+    pub fn request(
+        &self,
+        service: impl Into<Cow<'static, str>>,
+        method: impl Into<Cow<'static, str>>,
+        args: Bytes,
+    ) -> Call<Bytes> {
+        Call::new(self.clone(), service.into(), method.into(), decode_raw, Ok(args))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("inbox", &self.inner.inbox)
+            .field("namespace", &self.inner.namespace)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode_raw(reply: &Envelope) -> Result<Bytes, Error> {
+    if reply.status == 0 { Ok(reply.body.clone()) } else { Err(Error::Remote(reply.status())) }
+}
+
+/// Options shared by calls and notifications.
+#[derive(Clone, Debug, Default)]
+struct Options {
+    timeout: Option<Duration>,
+    idempotency_key: Option<String>,
+    priority: Option<u8>,
+    headers: BTreeMap<String, String>,
+}
+
+impl Options {
+    fn check(&self) -> Result<(), Error> {
+        match self.priority {
+            Some(priority) if priority > MAX_PRIORITY => {
+                Err(Error::InvalidArgument(format!("priority {priority} is above the highest, {MAX_PRIORITY}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn apply(&self, envelope: &mut Envelope) {
+        envelope.idempotency_key.clone_from(&self.idempotency_key);
+        envelope.priority = self.priority;
+        envelope.headers.clone_from(&self.headers);
+    }
+}
+
+/// The budget of a call: its own or the default timeout, cut to what remains of the request being handled.
+fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
+    let now = Instant::now();
+    let mut deadline = now + own.unwrap_or(default);
+    if let Some(inherited) = context::deadline() {
+        deadline = deadline.min(inherited);
+    }
+    (deadline.saturating_duration_since(now), deadline)
+}
+
+fn millis(budget: Duration) -> u64 {
+    u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One call, ready to send: `.await` it for the typed reply, or configure it first.
+///
+/// The output is the method's declared return type: `i64` for `-> i64`, and `Result<f64, MathError>` for
+/// `-> Result<f64, MathError>`, whose error arrives typed.
+#[must_use = "a call does nothing until it is awaited, or sent with `on_reply` or `durable`"]
+pub struct Call<O> {
+    client: Client,
+    service: Cow<'static, str>,
+    method: Cow<'static, str>,
+    decode: DecodeFn<O>,
+    args: Result<Bytes, Error>,
+    options: Options,
+}
+
+impl<O> fmt::Debug for Call<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("service", &self.service)
+            .field("method", &self.method)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<O: Send + 'static> Call<O> {
+    pub(crate) fn new(
+        client: Client,
+        service: Cow<'static, str>,
+        method: Cow<'static, str>,
+        decode: DecodeFn<O>,
+        args: Result<Bytes, Error>,
+    ) -> Call<O> {
+        Call { client, service, method, decode, args, options: Options::default() }
+    }
+
+    /// Waits at most `timeout` for the reply (instead of the client's default). Inside a handler, the call
+    /// never waits past the deadline of the request being handled.
+    pub fn timeout(mut self, timeout: Duration) -> Call<O> {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the key under which the call is executed at most once in effect.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Call<O> {
+        self.options.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Delivers the call before calls of lower priority (0 to 9), where the transport has priorities.
+    pub fn priority(mut self, priority: u8) -> Call<O> {
+        self.options.priority = Some(priority);
+        self
+    }
+
+    /// Adds a header; the reply echoes it.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Call<O> {
+        self.options.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sends the call and returns at once; `callback` receives the typed result later, in a spawned task.
+    /// Returns the call's correlation id.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn on_reply<F>(self, callback: F) -> Uuid
+    where
+        F: FnOnce(Result<O, Error>) + Send + 'static,
+    {
+        let correlation_id = Uuid::new_v4();
+        tokio::spawn(async move { callback(self.send(correlation_id).await) });
+        correlation_id
+    }
+
+    /// Sends the call with its reply going to the durable callback queue `callback` instead of this client:
+    /// a [`DurableCallbacks`](crate::DurableCallbacks) registered under that name handles it, in this or
+    /// any other process, even one started after this one stopped. Without an explicit
+    /// [`timeout`](Call::timeout) the request has no deadline. Returns the call's correlation id once the
+    /// request is on the queue.
+    ///
+    /// # Errors
+    /// Publishing errors ([`Error::NoRoute`], [`Error::QueueFull`], ...).
+    pub async fn durable(self, callback: &str) -> Result<Uuid, Error> {
+        if self.client.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        self.options.check()?;
+        let args = self.args?;
+        let queue = naming::callback_queue(self.client.namespace(), callback);
+        let transport = self.client.transport();
+        transport.declare_queue(&queue, &QueueOptions::new().durable(true)).await?;
+        let correlation_id = Uuid::new_v4();
+        let mut envelope = Envelope::new(Kind::Request);
+        self.options.apply(&mut envelope);
+        envelope.correlation_id = Some(correlation_id);
+        envelope.service = self.service.into_owned();
+        envelope.method = self.method.into_owned();
+        envelope.reply_to = Some(queue);
+        if let Some(timeout) = self.options.timeout {
+            envelope.deadline_ms = Some(millis(budget(Some(timeout), timeout).0));
+        }
+        envelope.body = args;
+        let destination = naming::service_queue(self.client.namespace(), &envelope.service);
+        transport.publish(&destination, envelope).await?;
+        Ok(correlation_id)
+    }
+
+    async fn send(self, correlation_id: Uuid) -> Result<O, Error> {
+        let span = tracing::debug_span!(
+            "rpc.call",
+            service = %self.service,
+            method = %self.method,
+            correlation_id = %correlation_id,
+        );
+        self.exchange(correlation_id).instrument(span).await
+    }
+
+    async fn exchange(self, correlation_id: Uuid) -> Result<O, Error> {
+        if self.client.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        self.options.check()?;
+        let args = self.args?;
+        let inner = &self.client.inner;
+        let (budget, deadline) = budget(self.options.timeout, inner.default_timeout);
+        if budget.is_zero() {
+            return Err(Error::Timeout(budget));
+        }
+        let mut envelope = Envelope::new(Kind::Request);
+        self.options.apply(&mut envelope);
+        envelope.correlation_id = Some(correlation_id);
+        envelope.reply_to = Some(inner.inbox.clone());
+        envelope.deadline_ms = Some(millis(budget).max(1));
+        envelope.body = args;
+        let queue = naming::service_queue(inner.namespace.as_deref(), &self.service);
+        envelope.service = self.service.into_owned();
+        envelope.method = self.method.into_owned();
+
+        let (sender, receiver) = oneshot::channel();
+        inner.shared.pending.insert(correlation_id, sender);
+        let _pending = PendingGuard { shared: &inner.shared, correlation_id };
+        let exchange = async {
+            inner.transport.publish(&queue, envelope).await?;
+            receiver.await.map_err(|_| if self.client.is_closed() { Error::Shutdown } else { Error::Disconnected })
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(reply)) => (self.decode)(&reply),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(Error::Timeout(budget)),
+        }
+    }
+}
+
+/// Removes a call's pending entry however the call ends: reply, error, timeout or cancellation.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    correlation_id: Uuid,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.remove(&self.correlation_id);
+    }
+}
+
+impl<O: Send + 'static> IntoFuture for Call<O> {
+    type Output = Result<O, Error>;
+    type IntoFuture = BoxFuture<'static, Result<O, Error>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send(Uuid::new_v4()))
+    }
+}
+
+/// A fire-and-forget call (oneway or broadcast): `.await` it to put it on the queue or topic.
+#[must_use = "a notification does nothing until it is awaited"]
+pub struct Notify {
+    client: Client,
+    service: &'static str,
+    method: &'static str,
+    kind: MethodKind,
+    args: Result<Bytes, Error>,
+    options: Options,
+}
+
+impl fmt::Debug for Notify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notify")
+            .field("service", &self.service)
+            .field("method", &self.method)
+            .field("kind", &self.kind)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Notify {
+    pub(crate) fn new(client: Client, method: Method<()>, args: Result<Bytes, Error>) -> Notify {
+        Notify {
+            client,
+            service: method.service,
+            method: method.name,
+            kind: method.kind,
+            args,
+            options: Options::default(),
+        }
+    }
+
+    /// Drops the message if no worker has started it within `ttl`.
+    pub fn ttl(mut self, ttl: Duration) -> Notify {
+        self.options.timeout = Some(ttl);
+        self
+    }
+
+    /// Sets the key under which the call is executed at most once in effect.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Notify {
+        self.options.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Delivers before messages of lower priority (0 to 9), where the transport has priorities.
+    pub fn priority(mut self, priority: u8) -> Notify {
+        self.options.priority = Some(priority);
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Notify {
+        self.options.headers.insert(name.into(), value.into());
+        self
+    }
+
+    async fn send(self) -> Result<(), Error> {
+        if self.client.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        self.options.check()?;
+        let mut envelope = Envelope::new(Kind::Oneway);
+        self.options.apply(&mut envelope);
+        envelope.service = self.service.to_owned();
+        envelope.method = self.method.to_owned();
+        envelope.deadline_ms = self.options.timeout.map(|ttl| millis(ttl).max(1));
+        envelope.body = self.args?;
+        let namespace = self.client.namespace();
+        let transport = self.client.transport();
+        if self.kind == MethodKind::Broadcast {
+            transport.publish_topic(&naming::service_topic(namespace, self.service), envelope).await
+        } else {
+            transport.publish(&naming::service_queue(namespace, self.service), envelope).await
+        }
+    }
+}
+
+impl IntoFuture for Notify {
+    type Output = Result<(), Error>;
+    type IntoFuture = BoxFuture<'static, Result<(), Error>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}

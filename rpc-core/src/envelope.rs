@@ -1,0 +1,161 @@
+//! The envelope: what travels on a queue for every request and reply.
+//!
+//! On the wire it is a flat MessagePack map with short keys (see `docs/wire-format.md`); the body is opaque
+//! bytes that hold the MessagePack of the arguments or the result.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::status::{Code, Status};
+
+/// The envelope version this build writes and reads.
+pub const VERSION: u8 = 1;
+
+/// What an envelope carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum Kind {
+    /// A call that expects a reply at `reply_to`.
+    Request,
+    /// The answer to a request, matched to it by `correlation_id`.
+    Reply,
+    /// A fire-and-forget call (oneway or broadcast): no reply is sent.
+    Oneway,
+}
+
+impl From<Kind> for u8 {
+    fn from(kind: Kind) -> u8 {
+        match kind {
+            Kind::Request => 0,
+            Kind::Reply => 1,
+            Kind::Oneway => 2,
+        }
+    }
+}
+
+impl TryFrom<u8> for Kind {
+    type Error = String;
+
+    fn try_from(value: u8) -> Result<Self, Self::Error> {
+        match value {
+            0 => Ok(Kind::Request),
+            1 => Ok(Kind::Reply),
+            2 => Ok(Kind::Oneway),
+            other => Err(format!("unknown envelope kind {other}")),
+        }
+    }
+}
+
+/// One message: a request, a reply or a oneway call.
+///
+/// Fields that a broker has a native place for (correlation id, reply-to, message id, expiration, priority)
+/// are mapped onto it by the adapters; the envelope is the reference and the whole of it travels as the body
+/// where a broker has no such place.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope format version, [`VERSION`].
+    #[serde(rename = "v")]
+    pub version: u8,
+    /// Request, reply or oneway.
+    #[serde(rename = "k")]
+    pub kind: Kind,
+    /// Unique id of this message.
+    #[serde(rename = "i")]
+    pub id: Uuid,
+    /// The call this message belongs to: set by the caller on a request, echoed on the reply.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The service's name (requests; echoed on replies).
+    #[serde(rename = "s", default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    /// The method's name (requests; echoed on replies).
+    #[serde(rename = "m", default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    /// Where the reply goes: the caller's inbox or a durable callback queue.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Remaining time budget in milliseconds, relative so that clock skew between hosts does not matter.
+    /// A transport hands a delivery out with the time it spent queued already taken off.
+    #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Which attempt this is, from 1.
+    #[serde(rename = "a", default = "first_attempt")]
+    pub attempt: u32,
+    /// The key under which a worker executes the call at most once in effect.
+    #[serde(rename = "ik", default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Priority 0 (default) to 9 (first), where the transport has priorities.
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Reply status code (0, absent, is ok).
+    #[serde(rename = "st", default, skip_serializing_if = "is_zero")]
+    pub status: u16,
+    /// Reply status message, for codes other than ok.
+    #[serde(rename = "sm", default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    /// Free-form headers; a reply echoes its request's headers.
+    #[serde(rename = "h", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The arguments (request), the result or the application error (reply), as MessagePack.
+    #[serde(rename = "b", default)]
+    pub body: Bytes,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+fn is_zero(value: &u16) -> bool {
+    *value == 0
+}
+
+impl Envelope {
+    /// A new envelope of `kind` with a fresh id and every optional field empty.
+    pub fn new(kind: Kind) -> Envelope {
+        Envelope {
+            version: VERSION,
+            kind,
+            id: Uuid::now_v7(),
+            correlation_id: None,
+            service: String::new(),
+            method: String::new(),
+            reply_to: None,
+            deadline_ms: None,
+            attempt: 1,
+            idempotency_key: None,
+            priority: None,
+            status: 0,
+            status_message: None,
+            headers: BTreeMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// The reply to this request carrying `result`: the correlation id, service, method and headers are echoed.
+    pub fn reply(&self, result: Result<Bytes, Status>) -> Envelope {
+        let mut reply = Envelope::new(Kind::Reply);
+        reply.correlation_id = self.correlation_id;
+        reply.service.clone_from(&self.service);
+        reply.method.clone_from(&self.method);
+        reply.headers.clone_from(&self.headers);
+        match result {
+            Ok(body) => reply.body = body,
+            Err(status) => {
+                reply.status = status.code().as_u16();
+                reply.status_message = Some(status.message().to_owned());
+                reply.body = status.details().clone();
+            }
+        }
+        reply
+    }
+
+    /// The status of a reply: ok, or the code and message it carries (the body is the status' details).
+    pub fn status(&self) -> Status {
+        let code = Code::from_u16(self.status);
+        let message = self.status_message.clone().unwrap_or_default();
+        Status::new(code, message).with_details(self.body.clone())
+    }
+}

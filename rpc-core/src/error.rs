@@ -1,0 +1,54 @@
+//! The local error of every fallible operation.
+
+use std::time::Duration;
+
+use crate::codec::CodecError;
+use crate::status::Status;
+
+/// What went wrong with a call, a publish or a consumer. The remote side's answer is [`Error::Remote`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No reply arrived within the call's time budget.
+    #[error("no reply within {0:?}; the call may still run: make it idempotent or raise the timeout")]
+    Timeout(Duration),
+    /// The destination queue does not exist.
+    #[error("no queue named `{0}`: start a server for the service or declare the queue first")]
+    NoRoute(String),
+    /// The destination queue is at its maximum length.
+    #[error("queue `{0}` is full: its consumers are behind; retry later or raise its max length")]
+    QueueFull(String),
+    /// The remote side answered with a status other than ok (unknown method, handler panic, ...).
+    #[error("remote error: {0}")]
+    Remote(Status),
+    /// Bytes could not be encoded or decoded.
+    #[error("codec error: {0}")]
+    Codec(#[from] CodecError),
+    /// The client or server is shut down.
+    #[error("shut down")]
+    Shutdown,
+    /// The connection to the broker is lost.
+    #[error("disconnected from the broker")]
+    Disconnected,
+    /// The broker refused the credentials.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// Nobody consumes the destination.
+    #[error("no responders for `{0}`: start a server for the service")]
+    NoResponders(String),
+    /// The transport lacks a capability the operation needs.
+    #[error("the transport does not support {0}")]
+    Unsupported(&'static str),
+    /// An argument of the operation is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A failure inside a transport.
+    #[error("transport error: {0}")]
+    Transport(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Error {
+        Error::Remote(status)
+    }
+}

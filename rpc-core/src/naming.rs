@@ -1,0 +1,28 @@
+//! The names of queues and topics, in one place so that clients, servers and tools agree.
+
+/// The queue a service's requests go to: `<namespace>.<service>`, or `<service>` without a namespace.
+pub fn service_queue(namespace: Option<&str>, service: &str) -> String {
+    qualify(namespace, service)
+}
+
+/// The topic a service's broadcasts go to: `<namespace>.<service>.broadcast`.
+pub fn service_topic(namespace: Option<&str>, service: &str) -> String {
+    qualify(namespace, &format!("{service}.broadcast"))
+}
+
+/// The queue that holds the replies for durable callbacks named `name`: `<namespace>.callback.<name>`.
+pub fn callback_queue(namespace: Option<&str>, name: &str) -> String {
+    qualify(namespace, &format!("callback.{name}"))
+}
+
+/// The dead-letter queue of `queue`: `<queue>.dlq`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+fn qualify(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(namespace) if !namespace.is_empty() => format!("{namespace}.{name}"),
+        _ => name.to_owned(),
+    }
+}

@@ -1,0 +1,136 @@
+//! The status a reply carries: a code, a message and optional details.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// What happened to a call, as it travels in a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Code {
+    /// The handler ran and returned a value (the reply body).
+    Ok,
+    /// The handler returned the method's own error type (the reply body holds it).
+    Application,
+    /// The service has no method of that name.
+    UnknownMethod,
+    /// The arguments did not decode into the method's parameters.
+    InvalidArgument,
+    /// The deadline passed before the handler ran or finished.
+    DeadlineExceeded,
+    /// The handler panicked or its result could not be encoded.
+    Internal,
+    /// The server is shutting down.
+    Unavailable,
+    /// A limit on the server side was reached.
+    ResourceExhausted,
+    /// The envelope was not a request this server can handle.
+    InvalidRequest,
+    /// The call was cancelled.
+    Cancelled,
+    /// A code this build does not know.
+    Other(u16),
+}
+
+impl Code {
+    /// The number of this code on the wire.
+    pub fn as_u16(self) -> u16 {
+        match self {
+            Code::Ok => 0,
+            Code::Application => 1,
+            Code::UnknownMethod => 2,
+            Code::InvalidArgument => 3,
+            Code::DeadlineExceeded => 4,
+            Code::Internal => 5,
+            Code::Unavailable => 6,
+            Code::ResourceExhausted => 7,
+            Code::InvalidRequest => 8,
+            Code::Cancelled => 9,
+            Code::Other(code) => code,
+        }
+    }
+
+    /// The code for a number on the wire; unknown numbers become [`Code::Other`].
+    pub fn from_u16(code: u16) -> Code {
+        match code {
+            0 => Code::Ok,
+            1 => Code::Application,
+            2 => Code::UnknownMethod,
+            3 => Code::InvalidArgument,
+            4 => Code::DeadlineExceeded,
+            5 => Code::Internal,
+            6 => Code::Unavailable,
+            7 => Code::ResourceExhausted,
+            8 => Code::InvalidRequest,
+            9 => Code::Cancelled,
+            other => Code::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Code::Ok => "ok",
+            Code::Application => "application error",
+            Code::UnknownMethod => "unknown method",
+            Code::InvalidArgument => "invalid argument",
+            Code::DeadlineExceeded => "deadline exceeded",
+            Code::Internal => "internal error",
+            Code::Unavailable => "unavailable",
+            Code::ResourceExhausted => "resource exhausted",
+            Code::InvalidRequest => "invalid request",
+            Code::Cancelled => "cancelled",
+            Code::Other(code) => return write!(f, "code {code}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// A reply's status: the code, a human-readable message and optional details (MessagePack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    code: Code,
+    message: String,
+    details: Bytes,
+}
+
+impl Status {
+    /// A status with `code` and `message` and no details.
+    pub fn new(code: Code, message: impl Into<String>) -> Status {
+        Status { code, message: message.into(), details: Bytes::new() }
+    }
+
+    /// The same status carrying `details`.
+    pub fn with_details(mut self, details: Bytes) -> Status {
+        self.details = details;
+        self
+    }
+
+    /// The code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The details: for [`Code::Application`], the MessagePack of the method's error value.
+    pub fn details(&self) -> &Bytes {
+        &self.details
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "{}", self.code)
+        } else {
+            write!(f, "{}: {}", self.code, self.message)
+        }
+    }
+}
+
+impl std::error::Error for Status {}

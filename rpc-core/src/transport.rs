@@ -1,0 +1,345 @@
+//! The transport contract: everything the framework needs from a broker, and nothing more.
+//!
+//! - **queues** (point to point): [`Transport::publish`]; [`Transport::consume`] with a prefetch; each
+//!   [`Delivery`] acked, requeued or dead-lettered; redelivered if its consumer goes away unacked.
+//! - **topics** (broadcast): [`Transport::publish_topic`] once; each subscriber group ([`Transport::subscribe`])
+//!   receives a copy; consumers within a group compete.
+//! - **inbox**: [`Transport::open_inbox`], a private reply address per client.
+//! - **capabilities**: [`Capabilities`]; what a broker lacks is reported as [`Error::Unsupported`], never
+//!   silently ignored.
+//!
+//! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out: the transport
+//! takes the time it spent queued off (or drops it, if that is all of it).
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt};
+
+use crate::envelope::Envelope;
+use crate::error::Error;
+
+/// A boxed future, the return type of the transport's methods.
+pub type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
+
+/// What a transport can do beyond the basic contract.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Messages survive a broker restart.
+    pub durable: bool,
+    /// Deliveries are acked; unacked ones are redelivered.
+    pub acks: bool,
+    /// Priorities 0 to 9 order deliveries.
+    pub priority: bool,
+    /// Messages can be published with a delay.
+    pub delayed_delivery: bool,
+    /// Queues can have a maximum length, rejecting publishes with [`Error::QueueFull`].
+    pub max_length: bool,
+    /// Messages are dead-lettered after a maximum number of deliveries.
+    pub dead_letter: bool,
+    /// The broker drops duplicate message ids within this window.
+    pub dedup_window: Option<Duration>,
+}
+
+/// How a queue is declared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueOptions {
+    /// Ready messages the queue holds at most; a publish beyond gets [`Error::QueueFull`].
+    pub max_len: Option<usize>,
+    /// Deliveries after which a message that was not acked goes to the dead-letter queue instead.
+    pub max_deliveries: Option<u32>,
+    /// The queue survives a broker restart, where the transport can do that.
+    pub durable: bool,
+}
+
+impl QueueOptions {
+    /// Options with no limits.
+    pub fn new() -> QueueOptions {
+        QueueOptions::default()
+    }
+
+    /// Sets [`QueueOptions::max_len`].
+    pub fn max_len(mut self, max_len: usize) -> QueueOptions {
+        self.max_len = Some(max_len);
+        self
+    }
+
+    /// Sets [`QueueOptions::max_deliveries`].
+    pub fn max_deliveries(mut self, max_deliveries: u32) -> QueueOptions {
+        self.max_deliveries = Some(max_deliveries);
+        self
+    }
+
+    /// Sets [`QueueOptions::durable`].
+    pub fn durable(mut self, durable: bool) -> QueueOptions {
+        self.durable = durable;
+        self
+    }
+}
+
+/// How a queue is consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumeOptions {
+    /// Unacked deliveries the consumer holds at most (0: no limit).
+    pub prefetch: u32,
+    /// Deliveries count as acked when handed out.
+    pub auto_ack: bool,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> ConsumeOptions {
+        ConsumeOptions { prefetch: 64, auto_ack: false }
+    }
+}
+
+impl ConsumeOptions {
+    /// Prefetch 64, manual acks.
+    pub fn new() -> ConsumeOptions {
+        ConsumeOptions::default()
+    }
+
+    /// Sets [`ConsumeOptions::prefetch`].
+    pub fn prefetch(mut self, prefetch: u32) -> ConsumeOptions {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`ConsumeOptions::auto_ack`].
+    pub fn auto_ack(mut self, auto_ack: bool) -> ConsumeOptions {
+        self.auto_ack = auto_ack;
+        self
+    }
+}
+
+/// How a delivery is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Done: remove it.
+    Ack,
+    /// Put it back to be delivered again (to this or another consumer).
+    Requeue,
+    /// Move it to the queue's dead-letter queue.
+    DeadLetter,
+}
+
+/// Settles deliveries of one consumer; implemented by transports.
+pub trait Acker: Send + Sync + fmt::Debug {
+    /// Settles the delivery `tag` with `outcome`.
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>>;
+}
+
+/// The right to settle one delivery. Dropping it unsettled leaves the delivery unacked until its consumer
+/// goes away, when it is redelivered.
+#[derive(Debug)]
+pub struct AckHandle {
+    acker: Option<(Arc<dyn Acker>, u64)>,
+}
+
+impl AckHandle {
+    /// A handle that settles `tag` through `acker`.
+    pub fn new(acker: Arc<dyn Acker>, tag: u64) -> AckHandle {
+        AckHandle { acker: Some((acker, tag)) }
+    }
+
+    /// A handle for an auto-acked delivery: settling it does nothing.
+    pub fn auto() -> AckHandle {
+        AckHandle { acker: None }
+    }
+
+    /// Settles the delivery with `outcome`.
+    ///
+    /// # Errors
+    /// Whatever the transport reports; a delivery whose consumer is gone was already requeued.
+    pub async fn settle(self, outcome: Outcome) -> Result<(), Error> {
+        match self.acker {
+            Some((acker, tag)) => acker.settle(tag, outcome).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Acks the delivery.
+    ///
+    /// # Errors
+    /// As [`AckHandle::settle`].
+    pub async fn ack(self) -> Result<(), Error> {
+        self.settle(Outcome::Ack).await
+    }
+
+    /// Requeues the delivery.
+    ///
+    /// # Errors
+    /// As [`AckHandle::settle`].
+    pub async fn requeue(self) -> Result<(), Error> {
+        self.settle(Outcome::Requeue).await
+    }
+
+    /// Dead-letters the delivery.
+    ///
+    /// # Errors
+    /// As [`AckHandle::settle`].
+    pub async fn dead_letter(self) -> Result<(), Error> {
+        self.settle(Outcome::DeadLetter).await
+    }
+}
+
+/// One message handed to a consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message.
+    pub envelope: Envelope,
+    /// How many times it has been delivered, this time included (1 on the first delivery).
+    pub delivery_count: u32,
+    /// Settles it.
+    pub handle: AckHandle,
+}
+
+/// A stream of deliveries from one queue or subscriber group. Dropping it cancels the consumer: its unacked
+/// deliveries are redelivered.
+pub struct Consumer {
+    stream: BoxStream<'static, Delivery>,
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Consumer {
+    /// A consumer reading `stream`; `guard` is dropped with it (transports cancel the consumer in its `Drop`).
+    pub fn new(stream: BoxStream<'static, Delivery>, guard: Option<Box<dyn Any + Send + Sync>>) -> Consumer {
+        Consumer { stream, _guard: guard }
+    }
+
+    /// The next delivery, or `None` when the consumer was closed by the transport.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a delivery is either returned or stays in the consumer.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.stream.next().await
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer").finish_non_exhaustive()
+    }
+}
+
+/// A client's private reply address and the consumer of the replies sent to it.
+#[derive(Debug)]
+pub struct Inbox {
+    /// The address to put in `reply_to`.
+    pub address: String,
+    /// The replies (auto-acked).
+    pub consumer: Consumer,
+}
+
+/// A queue's counters, for operators and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Messages waiting to be delivered.
+    pub ready: usize,
+    /// Messages delivered and not yet settled.
+    pub unacked: usize,
+    /// Consumers attached.
+    pub consumers: usize,
+    /// Messages published.
+    pub published: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Messages dropped because their time budget ran out while queued.
+    pub expired: u64,
+    /// Publishes refused because the queue was full.
+    pub rejected: u64,
+}
+
+impl QueueStats {
+    /// Stats with every counter at zero.
+    pub fn new() -> QueueStats {
+        QueueStats::default()
+    }
+}
+
+/// A message broker, as the framework sees it. Object-safe: the framework holds an `Arc<dyn Transport>`.
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// What this transport can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Makes sure a queue exists. Declaring an existing queue with default options succeeds whatever its
+    /// options; declaring it with other options than it has is an error.
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Puts `envelope` on `queue` (a service queue, an inbox or a callback queue).
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] when the queue does not exist, [`Error::QueueFull`] when it is at its maximum length.
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Puts a copy of `envelope` in every subscriber group of `topic`. A topic without groups drops it.
+    fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Starts a consumer on `queue`; consumers of one queue compete for its messages.
+    fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>>;
+
+    /// Joins subscriber group `group` of `topic`, creating the group if needed. The group keeps receiving
+    /// copies while it has no consumer.
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Consumer, Error>>;
+
+    /// Opens a private reply address; it goes away with its consumer.
+    fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>>;
+
+    /// The counters of `queue`.
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>>;
+}
+
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).declare_queue(queue, options)
+    }
+
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).publish(queue, envelope)
+    }
+
+    fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).publish_topic(topic, envelope)
+    }
+
+    fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
+        (**self).consume(queue, options)
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Consumer, Error>> {
+        (**self).subscribe(topic, group, options)
+    }
+
+    fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
+        (**self).open_inbox()
+    }
+
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
+        (**self).queue_stats(queue)
+    }
+}
+
+/// Turns a transport into the shared form the framework holds.
+pub(crate) fn shared(transport: impl Transport) -> Arc<dyn Transport> {
+    Arc::new(transport)
+}
