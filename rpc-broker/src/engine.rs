@@ -294,10 +294,7 @@ impl<M: Clone> Engine<M> {
     pub fn publish_topic(&mut self, topic: &str, message: M, props: Props, now: Instant) -> usize {
         let Some(groups) = self.topics.get(topic) else { return 0 };
         let groups = groups.clone();
-        groups
-            .iter()
-            .filter(|group| self.publish(group, message.clone(), props, now).is_ok())
-            .count()
+        groups.iter().filter(|group| self.publish(group, message.clone(), props, now).is_ok()).count()
     }
 
     /// Creates (if needed) the queue of subscriber group `group` on `topic` and returns its name.
@@ -565,7 +562,8 @@ mod tests {
     #[test]
     fn requeue_then_dead_letter_after_max_deliveries() {
         let now = Instant::now();
-        let config = QueueConfig { max_deliveries: Some(3), dead_letter: Some("q.dlq".into()), ..QueueConfig::default() };
+        let config =
+            QueueConfig { max_deliveries: Some(3), dead_letter: Some("q.dlq".into()), ..QueueConfig::default() };
         let mut engine = engine_with("q", config);
         let consumer = engine.add_consumer("q", 1, false).expect("consumes");
         engine.publish("q", 7, Props::default(), now).expect("publishes");

@@ -21,6 +21,7 @@ use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
 use crate::method::{DecodeFn, Method, MethodKind};
 use crate::naming;
+use crate::status::Code;
 use crate::transport::{self, BoxFuture, QueueOptions, Transport};
 
 /// The default time a call waits for its reply.
@@ -398,6 +399,8 @@ impl<O: Send + 'static> Call<O> {
             receiver.await.map_err(|_| if self.client.is_closed() { Error::Shutdown } else { Error::Disconnected })
         };
         match tokio::time::timeout_at(deadline, exchange).await {
+            // The server cut the handler at the deadline it was given: from here, the budget ran out.
+            Ok(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
             Ok(Ok(reply)) => (self.decode)(&reply),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(Error::Timeout(budget)),

@@ -70,8 +70,7 @@ pub fn decode_args<A: DeserializeOwned>(body: &Bytes) -> Result<A, Status> {
 /// # Errors
 /// A [`Code::Internal`] status when the output cannot be encoded.
 pub fn encode_value<T: Serialize>(output: &T) -> Result<Bytes, Status> {
-    codec::encode(output)
-        .map_err(|error| Status::new(Code::Internal, format!("the result does not encode: {error}")))
+    codec::encode(output).map_err(|error| Status::new(Code::Internal, format!("the result does not encode: {error}")))
 }
 
 /// Encodes a handler's `Result`: `Err` becomes a [`Code::Application`] status carrying the error value.

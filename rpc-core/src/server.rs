@@ -111,11 +111,8 @@ impl Server {
         } else {
             None
         };
-        let shared = Arc::new(Shared {
-            transport: self.transport,
-            service: Box::new(service),
-            stats: Counters::default(),
-        });
+        let shared =
+            Arc::new(Shared { transport: self.transport, service: Box::new(service), stats: Counters::default() });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, self.concurrency, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })

@@ -127,7 +127,10 @@ impl Method {
         match inputs.next() {
             Some(FnArg::Receiver(receiver)) => {
                 if receiver.reference.is_none() {
-                    errors.spanned(receiver, "service methods take `&self`, not `self` by value: one service value serves every call");
+                    errors.spanned(
+                        receiver,
+                        "service methods take `&self`, not `self` by value: one service value serves every call",
+                    );
                 } else if receiver.mutability.is_some() {
                     errors.spanned(receiver, "service methods take `&self`, not `&mut self`: calls run concurrently; use interior mutability");
                 } else if receiver.colon_token.is_some() {
@@ -151,7 +154,10 @@ impl Method {
                     (pat.ident.clone(), pat.mutability.is_some())
                 }
                 other => {
-                    errors.spanned(other, "service arguments must be plain names (`x: T`): the name is the argument's key on the wire");
+                    errors.spanned(
+                        other,
+                        "service arguments must be plain names (`x: T`): the name is the argument's key on the wire",
+                    );
                     continue;
                 }
             };
@@ -174,7 +180,8 @@ impl Method {
 
         let kind = match (rpc.oneway, rpc.broadcast) {
             (Some(_), Some(span)) => {
-                errors.push(syn::Error::new(span, "`broadcast` is already oneway; use one of `oneway` and `broadcast`"));
+                errors
+                    .push(syn::Error::new(span, "`broadcast` is already oneway; use one of `oneway` and `broadcast`"));
                 Kind::Broadcast
             }
             (Some(_), None) => Kind::Oneway,
@@ -217,11 +224,7 @@ fn output_of(ty: &Type) -> Output {
                             .collect();
                         if let [ok, err] = types.as_slice() {
                             if generics.args.len() == 2 {
-                                return Output::Result {
-                                    declared: ty.clone(),
-                                    ok: (*ok).clone(),
-                                    err: (*err).clone(),
-                                };
+                                return Output::Result { declared: ty.clone(), ok: (*ok).clone(), err: (*err).clone() };
                             }
                         }
                     }

@@ -1,0 +1,149 @@
+//! The service the scenarios call, and a worker that records what it did.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// The error `div` returns, to check that user errors arrive typed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MathError {
+    /// Division by zero.
+    DivideByZero,
+    /// A quotient with a remainder.
+    NotExact {
+        /// What was left over.
+        remainder: i64,
+    },
+}
+
+/// Every kind of method the scenarios need.
+#[rpc_core::service(name = "suite.Probe")]
+pub trait Probe {
+    /// `a + b`.
+    async fn add(&self, a: i64, b: i64) -> i64;
+    /// `a / b`, or a typed error.
+    async fn div(&self, a: i64, b: i64) -> Result<i64, MathError>;
+    /// Works for `millis` milliseconds, then returns them.
+    async fn work(&self, millis: u64) -> u64;
+    /// Waits until the test opens the gate.
+    async fn gate(&self);
+    /// Panics.
+    async fn boom(&self) -> i64;
+    /// The worker's name and the attempt it sees.
+    async fn whoami(&self) -> (String, u32);
+    /// How many milliseconds the request being handled has left.
+    async fn remaining(&self) -> Option<u64>;
+    /// Calls `remaining` on the same service, with the client's default timeout, and returns its answer.
+    async fn nested(&self) -> Option<u64>;
+    /// Records `n`.
+    #[rpc(oneway)]
+    async fn record(&self, n: i64);
+    /// Records `n` in every subscriber group.
+    #[rpc(broadcast)]
+    async fn announce(&self, n: i64);
+}
+
+/// What a worker saw, shared with the test.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// Executions finished, per method.
+    finished: Mutex<HashMap<&'static str, u64>>,
+    /// `work` calls started.
+    pub started: AtomicU64,
+    /// Values received by `record` and `announce`, in order.
+    pub recorded: Mutex<Vec<i64>>,
+    /// Opened by the test to release `gate` calls.
+    pub gate: Notify,
+}
+
+impl Events {
+    /// How many calls of `method` finished.
+    pub fn finished(&self, method: &str) -> u64 {
+        self.finished.lock().expect("not poisoned").get(method).copied().unwrap_or(0)
+    }
+
+    fn finish(&self, method: &'static str) {
+        *self.finished.lock().expect("not poisoned").entry(method).or_default() += 1;
+    }
+
+    /// The values recorded so far.
+    pub fn recorded(&self) -> Vec<i64> {
+        self.recorded.lock().expect("not poisoned").clone()
+    }
+}
+
+/// A worker implementation that records into [`Events`].
+#[derive(Debug)]
+pub struct Worker {
+    /// Its name, returned by `whoami`.
+    pub name: String,
+    /// What it saw.
+    pub events: std::sync::Arc<Events>,
+    /// For `nested`: a client to call the service again.
+    pub client: Option<rpc_core::Client>,
+}
+
+impl Probe for Worker {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        self.events.finish("add");
+        a + b
+    }
+
+    async fn div(&self, a: i64, b: i64) -> Result<i64, MathError> {
+        self.events.finish("div");
+        if b == 0 {
+            Err(MathError::DivideByZero)
+        } else if a % b != 0 {
+            Err(MathError::NotExact { remainder: a % b })
+        } else {
+            Ok(a / b)
+        }
+    }
+
+    async fn work(&self, millis: u64) -> u64 {
+        self.events.started.fetch_add(1, Ordering::SeqCst);
+        // Simulated work that takes time, the thing a shutdown must wait for or interrupt.
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        self.events.finish("work");
+        millis
+    }
+
+    async fn gate(&self) {
+        self.events.gate.notified().await;
+        self.events.finish("gate");
+    }
+
+    async fn boom(&self) -> i64 {
+        panic!("boom on purpose")
+    }
+
+    async fn whoami(&self) -> (String, u32) {
+        self.events.finish("whoami");
+        let attempt = rpc_core::context::current().map_or(0, |context| context.attempt);
+        (self.name.clone(), attempt)
+    }
+
+    async fn remaining(&self) -> Option<u64> {
+        let deadline = rpc_core::context::current()?.deadline?;
+        u64::try_from(deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis()).ok()
+    }
+
+    async fn nested(&self) -> Option<u64> {
+        let client = self.client.as_ref()?;
+        ProbeClient::new(client).remaining().await.ok().flatten()
+    }
+
+    async fn record(&self, n: i64) {
+        self.events.recorded.lock().expect("not poisoned").push(n);
+        self.events.finish("record");
+    }
+
+    async fn announce(&self, n: i64) {
+        self.events.recorded.lock().expect("not poisoned").push(n);
+        self.events.finish("announce");
+    }
+}

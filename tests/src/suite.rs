@@ -1,0 +1,410 @@
+//! The scenarios. Each takes a [`Harness`], works in a namespace of its own (so scenarios can share a broker
+//! and run in parallel) and asserts what a user of the framework relies on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::future::IntoFuture;
+
+use futures::future::join_all;
+use rpc_core::{
+    Client, Code, ConsumeOptions, DurableCallbacks, Envelope, Error, Kind, QueueOptions, Server, ServerHandle,
+    Transport, naming,
+};
+use uuid::Uuid;
+
+use crate::service::{Events, MathError, ProbeClient, ProbeServer, Worker};
+use crate::{Harness, eventually};
+
+const SERVICE: &str = "suite.Probe";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One scenario's view of the broker: a namespace of its own and helpers to start clients and workers.
+struct Setup<'h> {
+    harness: &'h dyn Harness,
+    namespace: String,
+}
+
+impl<'h> Setup<'h> {
+    fn new(harness: &'h dyn Harness) -> Setup<'h> {
+        Setup { harness, namespace: format!("t{}", Uuid::new_v4().simple()) }
+    }
+
+    async fn transport(&self) -> Arc<dyn Transport> {
+        self.harness.connect().await
+    }
+
+    async fn client(&self) -> Client {
+        Client::builder(self.transport().await).namespace(&self.namespace).connect().await.expect("client connects")
+    }
+
+    fn server(&self, transport: Arc<dyn Transport>) -> Server {
+        Server::new(transport).namespace(&self.namespace)
+    }
+
+    async fn worker(&self, name: &str) -> (ServerHandle, Arc<Events>) {
+        self.worker_with(name, |server| server).await
+    }
+
+    async fn worker_with(&self, name: &str, configure: impl FnOnce(Server) -> Server) -> (ServerHandle, Arc<Events>) {
+        let events = Arc::new(Events::default());
+        let worker = Worker { name: name.to_owned(), events: Arc::clone(&events), client: None };
+        let server = configure(self.server(self.transport().await));
+        (server.serve(ProbeServer::new(worker)).await.expect("server starts"), events)
+    }
+
+    fn queue(&self) -> String {
+        naming::service_queue(Some(&self.namespace), SERVICE)
+    }
+}
+
+/// Results of the method's type and the method's own error type both arrive typed.
+pub async fn typed_results_and_typed_errors(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, _) = setup.worker("w").await;
+    let probe = ProbeClient::new(&setup.client().await);
+    assert_eq!(probe.add(2, 3).await.expect("add"), 5);
+    assert_eq!(probe.div(6, 3).await.expect("div"), Ok(2));
+    assert_eq!(probe.div(1, 0).await.expect("div"), Err(MathError::DivideByZero));
+    assert_eq!(probe.div(7, 2).await.expect("div"), Err(MathError::NotExact { remainder: 1 }));
+    assert_eq!(probe.whoami().await.expect("whoami"), ("w".to_owned(), 1));
+}
+
+/// A method the service does not have is answered with `UnknownMethod`, not a timeout.
+pub async fn unknown_method(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, _) = setup.worker("w").await;
+    let client = setup.client().await;
+    let args = rpc_core::codec::encode(&BTreeMap::<String, i64>::new()).expect("encodes");
+    match client.request(SERVICE, "no_such_method", args).timeout(WAIT).await {
+        Err(Error::Remote(status)) => {
+            assert_eq!(status.code(), Code::UnknownMethod);
+            assert!(status.message().contains("no_such_method"), "{status}");
+        }
+        other => panic!("expected an unknown-method status, got {other:?}"),
+    }
+    let bad_args = rpc_core::codec::encode(&BTreeMap::from([("a", "text")])).expect("encodes");
+    match client.request(SERVICE, "add", bad_args).timeout(WAIT).await {
+        Err(Error::Remote(status)) => assert_eq!(status.code(), Code::InvalidArgument),
+        other => panic!("expected an invalid-argument status, got {other:?}"),
+    }
+}
+
+/// A call that gets no reply in time fails with `Timeout`, and its pending entry is gone.
+pub async fn timeout_leaves_no_pending_call(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker("w").await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let calls = (0..20).map(|_| probe.gate().timeout(Duration::from_millis(100)).into_future());
+    for result in join_all(calls).await {
+        assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    }
+    assert_eq!(client.stats().pending, 0);
+    assert_eq!(probe.add(1, 2).await.expect("add"), 3);
+    assert_eq!(client.stats().pending, 0);
+    events.gate.notify_waiters();
+}
+
+/// A reply that arrives after its call timed out is dropped and counted, not leaked.
+pub async fn late_reply_is_dropped_and_counted(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+    // A hand-written worker that answers only after the caller gave up.
+    let mut slow_worker = transport.consume(&setup.queue(), ConsumeOptions::new()).await.expect("consumes");
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let result = probe.add(1, 2).timeout(Duration::from_millis(100)).await;
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    assert_eq!(client.stats().pending, 0);
+    let request = tokio::time::timeout(WAIT, slow_worker.next()).await.expect("delivered").expect("open");
+    let reply_to = request.envelope.reply_to.clone().expect("a reply address");
+    let reply = request.envelope.reply(Ok(rpc_core::codec::encode(&3i64).expect("encodes")));
+    transport.publish(&reply_to, reply).await.expect("the late reply is published");
+    request.handle.ack().await.expect("acks");
+    eventually("the late reply to be counted", WAIT, || client.stats().late_replies == 1).await;
+    assert_eq!(client.stats().pending, 0);
+    // The client goes on working.
+    let (_server, _) = setup.worker("w").await;
+    drop(slow_worker);
+    assert_eq!(probe.add(2, 2).await.expect("answered"), 4);
+    assert_eq!(client.stats().late_replies, 1);
+}
+
+/// 10,000 calls in flight at once are all answered, each with its own result.
+pub async fn ten_thousand_concurrent_calls(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_a, _) = setup.worker_with("a", |server| server.concurrency(256).prefetch(512)).await;
+    let (_b, _) = setup.worker_with("b", |server| server.concurrency(256).prefetch(512)).await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let calls = (0..10_000i64).map(|n| probe.add(n, n).timeout(Duration::from_secs(60)).into_future());
+    let results = join_all(calls).await;
+    for (n, result) in results.into_iter().enumerate() {
+        assert_eq!(result.expect("answered"), 2 * n as i64);
+    }
+    assert_eq!(client.stats().pending, 0);
+}
+
+/// A panic in a handler becomes an `Internal` error reply, and the worker goes on serving.
+pub async fn panicking_handler_becomes_an_error_reply(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (server, _) = setup.worker_with("w", |server| server.concurrency(1)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    for _ in 0..3 {
+        match probe.boom().await {
+            Err(Error::Remote(status)) => {
+                assert_eq!(status.code(), Code::Internal);
+                assert!(status.message().contains("boom on purpose"), "{status}");
+            }
+            other => panic!("expected an internal-error status, got {other:?}"),
+        }
+    }
+    assert_eq!(probe.add(20, 22).await.expect("the worker lives on"), 42);
+    assert_eq!(server.stats().panicked, 3);
+}
+
+/// Requests held unacked by a worker that disappears are redelivered to another worker, as a new attempt.
+pub async fn redelivery_when_a_worker_disappears(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+    let mut doomed = transport.consume(&setup.queue(), ConsumeOptions::new().prefetch(5)).await.expect("consumes");
+    let probe = ProbeClient::new(&setup.client().await);
+    let calls: Vec<_> = (0..5).map(|_| tokio::spawn(probe.whoami().timeout(WAIT).into_future())).collect();
+    for _ in 0..5 {
+        let delivery = tokio::time::timeout(WAIT, doomed.next()).await.expect("delivered").expect("open");
+        assert_eq!(delivery.envelope.method, "whoami");
+    }
+    // The worker dies holding five unacked requests.
+    drop(doomed);
+    let (_server, events) = setup.worker("survivor").await;
+    for call in calls {
+        let (name, attempt) = call.await.expect("joins").expect("answered after redelivery");
+        assert_eq!(name, "survivor");
+        assert_eq!(attempt, 2);
+    }
+    assert_eq!(events.finished("whoami"), 5);
+}
+
+/// A queue at its maximum length refuses a publish with `QueueFull` at once; nothing queued is lost.
+pub async fn queue_full_from_a_bounded_queue(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let bounded = QueueOptions::new().max_len(3);
+    transport.declare_queue(&setup.queue(), &bounded).await.expect("declares");
+    let probe = ProbeClient::new(&setup.client().await);
+    let queued: Vec<_> = (0..3).map(|n| tokio::spawn(probe.add(n, 1).timeout(WAIT).into_future())).collect();
+    let queue = setup.queue();
+    let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ready.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the three calls were not queued");
+        let stats = transport.queue_stats(&queue).await.expect("stats");
+        ready.store(stats.ready, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match probe.add(9, 9).timeout(WAIT).await {
+        Err(Error::QueueFull(full)) => assert_eq!(full, queue),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    let (_server, _) = setup.worker_with("w", |server| server.queue_options(bounded)).await;
+    for (n, call) in queued.into_iter().enumerate() {
+        assert_eq!(call.await.expect("joins").expect("answered"), n as i64 + 1);
+    }
+}
+
+/// A message requeued `max_deliveries` times goes to the dead-letter queue, intact.
+pub async fn dead_letter_after_max_deliveries(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let queue = format!("{}.jobs", setup.namespace);
+    transport.declare_queue(&queue, &QueueOptions::new().max_deliveries(3)).await.expect("declares");
+    let mut envelope = Envelope::new(Kind::Oneway);
+    envelope.method = "job".into();
+    envelope.body = rpc_core::codec::encode(&42).expect("encodes");
+    let id = envelope.id;
+    transport.publish(&queue, envelope).await.expect("publishes");
+    let mut consumer = transport.consume(&queue, ConsumeOptions::new().prefetch(1)).await.expect("consumes");
+    for attempt in 1..=3 {
+        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
+        assert_eq!((delivery.envelope.id, delivery.delivery_count), (id, attempt));
+        delivery.handle.requeue().await.expect("requeues");
+    }
+    let dead_letters = naming::dead_letter_queue(&queue);
+    let mut dead = transport.consume(&dead_letters, ConsumeOptions::new()).await.expect("consumes the DLQ");
+    let delivery = tokio::time::timeout(WAIT, dead.next()).await.expect("dead-lettered").expect("open");
+    assert_eq!(delivery.envelope.id, id);
+    assert_eq!(rpc_core::codec::decode::<i64>(&delivery.envelope.body, &Default::default()), Ok(42));
+    delivery.handle.ack().await.expect("acks");
+    assert_eq!(transport.queue_stats(&queue).await.expect("stats").dead_lettered, 1);
+}
+
+/// A broadcast reaches each of three subscriber groups exactly once.
+pub async fn broadcast_reaches_each_group_once(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let mut groups = Vec::new();
+    for group in ["billing", "audit", "search"] {
+        // One worker a group, one request at a time: the group sees its copies in order.
+        let (server, events) = setup.worker_with(group, |server| server.group(group).concurrency(1).prefetch(1)).await;
+        groups.push((server, events));
+    }
+    let probe = ProbeClient::new(&setup.client().await);
+    for n in 1..=5 {
+        probe.announce(n).await.expect("broadcasts");
+    }
+    probe.announce(0).await.expect("broadcasts the end marker");
+    for (_, events) in &groups {
+        eventually("every group to see the end marker", WAIT, || events.recorded().last() == Some(&0)).await;
+        assert_eq!(events.recorded(), [1, 2, 3, 4, 5, 0]);
+    }
+}
+
+/// Workers on one queue compete: the load is shared, and every call is answered once.
+pub async fn competing_workers_share_the_load(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_a, a) = setup.worker_with("a", |server| server.concurrency(4).prefetch(4)).await;
+    let (_b, b) = setup.worker_with("b", |server| server.concurrency(4).prefetch(4)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let results = join_all((0..400).map(|_| probe.whoami().timeout(WAIT).into_future())).await;
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for result in results {
+        *per_worker.entry(result.expect("answered").0).or_default() += 1;
+    }
+    let (on_a, on_b) = (per_worker.get("a").copied().unwrap_or(0), per_worker.get("b").copied().unwrap_or(0));
+    assert_eq!(on_a + on_b, 400);
+    assert!(on_a >= 80 && on_b >= 80, "load not shared: a {on_a}, b {on_b}");
+    assert_eq!(a.finished("whoami") + b.finished("whoami"), 400);
+}
+
+/// A durable call's reply waits in its callback queue and is handled by a process started after the caller
+/// went away.
+pub async fn durable_callback_after_the_caller_restarted(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let deployment = setup.transport().await;
+    deployment.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+
+    let caller = setup.client().await;
+    let correlation_id =
+        ProbeClient::new(&caller).add(40, 2).header("order", "7").durable("sums").await.expect("the request is queued");
+    caller.close();
+    drop(caller);
+
+    let (_server, events) = setup.worker("w").await;
+    eventually("the worker to answer", WAIT, || events.finished("add") == 1).await;
+
+    // The caller's process "restarts": a new connection registers the handler under the callback's name.
+    let (sender, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let callbacks = DurableCallbacks::new("sums")
+        .namespace(&setup.namespace)
+        .on(ProbeClient::ADD, move |reply| {
+            let sender = sender.clone();
+            async move {
+                let _ = sender.send(reply);
+            }
+        })
+        .start(setup.transport().await)
+        .await
+        .expect("callbacks start");
+    let reply = tokio::time::timeout(WAIT, replies.recv()).await.expect("a reply").expect("open");
+    assert_eq!(reply.correlation_id, Some(correlation_id));
+    assert_eq!(reply.result.expect("ok"), 42);
+    assert_eq!(reply.headers.get("order").map(String::as_str), Some("7"));
+    callbacks.shutdown().await;
+}
+
+/// A graceful shutdown lets running handlers finish and requeues the rest: every call is answered once.
+pub async fn graceful_shutdown_loses_nothing(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (first, first_events) = setup.worker_with("first", |server| server.concurrency(2).prefetch(4)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(probe.work(50).timeout(WAIT).into_future())).collect();
+    eventually("the first worker to start", WAIT, || {
+        first_events.started.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    let report = first.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(report.aborted, 0);
+    let (_second, second_events) = setup.worker("second").await;
+    for call in calls {
+        assert_eq!(call.await.expect("joins").expect("answered"), 50);
+    }
+    assert_eq!(first_events.finished("work") + second_events.finished("work"), 20);
+    assert!(first_events.finished("work") >= 2);
+}
+
+/// A shutdown with no grace stops running handlers; their requests are redelivered and still answered.
+pub async fn forced_shutdown_requeues_running_calls(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (first, first_events) = setup.worker_with("first", |server| server.concurrency(4).prefetch(4)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let calls: Vec<_> = (0..8).map(|_| tokio::spawn(probe.work(5_000).timeout(WAIT).into_future())).collect();
+    eventually("the first worker to start four calls", WAIT, || {
+        first_events.started.load(std::sync::atomic::Ordering::SeqCst) == 4
+    })
+    .await;
+    let report = first.shutdown(Duration::ZERO).await;
+    assert_eq!(report.aborted, 4);
+    let (_second, second_events) = setup.worker_with("second", |server| server.concurrency(8)).await;
+    for call in calls {
+        assert_eq!(call.await.expect("joins").expect("answered"), 5_000);
+    }
+    assert_eq!(first_events.finished("work"), 0);
+    assert_eq!(second_events.finished("work"), 8);
+}
+
+/// A request whose deadline passed while it was queued is not executed.
+pub async fn expired_request_is_not_executed(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+    let probe = ProbeClient::new(&setup.client().await);
+    let result = probe.add(1, 1).timeout(Duration::from_millis(50)).await;
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    let (_server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;
+    assert_eq!(probe.add(2, 2).await.expect("answered"), 4);
+    assert_eq!(events.finished("add"), 1, "the expired request ran");
+}
+
+/// A oneway call returns once queued, and a worker runs it.
+pub async fn oneway_call_runs(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker("w").await;
+    let probe = ProbeClient::new(&setup.client().await);
+    for n in 0..10 {
+        probe.record(n).await.expect("queued");
+    }
+    eventually("ten records", WAIT, || events.finished("record") == 10).await;
+    let mut recorded = events.recorded();
+    recorded.sort_unstable();
+    assert_eq!(recorded, (0..10).collect::<Vec<_>>());
+}
+
+/// `on_reply` returns at once and the closure receives the typed result.
+pub async fn in_process_callback_receives_the_result(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, _) = setup.worker("w").await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    probe.div(9, 0).on_reply(move |result| {
+        let _ = sender.send(result);
+    });
+    let result = tokio::time::timeout(WAIT, receiver).await.expect("called back").expect("sent");
+    assert_eq!(result.expect("answered"), Err(MathError::DivideByZero));
+}
+
+/// A call made inside a handler inherits what remains of the outer call's budget.
+pub async fn nested_call_inherits_the_deadline(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let client = setup.client().await;
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events, client: Some(client.clone()) };
+    let _server = setup.server(setup.transport().await).serve(ProbeServer::new(worker)).await.expect("serves");
+    let probe = ProbeClient::new(&client);
+    let own = probe.remaining().await.expect("answered").expect("has a deadline");
+    assert!(own > 20_000, "a direct call carries the default 30 s budget, saw {own} ms");
+    let inner = probe.nested().timeout(Duration::from_secs(2)).await.expect("answered").expect("has a deadline");
+    assert!(inner <= 2_000, "the nested call outlived its caller's budget: {inner} ms");
+}
