@@ -49,7 +49,7 @@ pub(crate) enum Output {
     /// `-> T`: the reply body is `T`.
     Value(Type),
     /// `-> Result<T, E>`: `T` in an ok reply, `E` in an application-error reply.
-    Result { declared: Type, ok: Type, err: Type },
+    Result { declared: Box<Type>, ok: Box<Type>, err: Box<Type> },
 }
 
 impl Output {
@@ -102,7 +102,7 @@ impl Method {
         let (rpc, attrs) = parse::method_attrs(&item.attrs, errors);
 
         if sig.asyncness.is_none() {
-            errors.spanned(&sig.fn_token, "service methods must be `async fn`");
+            errors.spanned(sig.fn_token, "service methods must be `async fn`");
         }
         if let Some(constness) = &sig.constness {
             errors.spanned(constness, "service methods cannot be `const`");
@@ -204,33 +204,20 @@ impl Method {
 
 /// `Result<T, E>` (any path ending in `Result` with two type arguments) travels as ok or application error.
 fn output_of(ty: &Type) -> Output {
-    if let Type::Tuple(tuple) = ty {
-        if tuple.elems.is_empty() {
-            return Output::Unit;
-        }
+    if let Type::Tuple(tuple) = ty
+        && tuple.elems.is_empty()
+    {
+        return Output::Unit;
     }
-    if let Type::Path(path) = ty {
-        if path.qself.is_none() {
-            if let Some(last) = path.path.segments.last() {
-                if last.ident == "Result" {
-                    if let syn::PathArguments::AngleBracketed(generics) = &last.arguments {
-                        let types: Vec<&Type> = generics
-                            .args
-                            .iter()
-                            .filter_map(|arg| match arg {
-                                syn::GenericArgument::Type(ty) => Some(ty),
-                                _ => None,
-                            })
-                            .collect();
-                        if let [ok, err] = types.as_slice() {
-                            if generics.args.len() == 2 {
-                                return Output::Result { declared: ty.clone(), ok: (*ok).clone(), err: (*err).clone() };
-                            }
-                        }
-                    }
-                }
-            }
-        }
+    if let Type::Path(path) = ty
+        && path.qself.is_none()
+        && let Some(last) = path.path.segments.last()
+        && last.ident == "Result"
+        && let syn::PathArguments::AngleBracketed(generics) = &last.arguments
+        && let [syn::GenericArgument::Type(ok), syn::GenericArgument::Type(err)] =
+            generics.args.iter().collect::<Vec<_>>().as_slice()
+    {
+        return Output::Result { declared: Box::new(ty.clone()), ok: Box::new(ok.clone()), err: Box::new(err.clone()) };
     }
     Output::Value(ty.clone())
 }
