@@ -154,7 +154,7 @@ fn expand_server(service: &Service) -> TokenStream {
 
         impl<S> ::core::clone::Clone for #server<S> {
             fn clone(&self) -> Self {
-                Self { service: ::rpc_core::__private::Arc::clone(&self.service) }
+                Self { service: ::core::clone::Clone::clone(&self.service) }
             }
         }
 
@@ -291,7 +291,7 @@ fn expand_dispatcher(service: &Service) -> TokenStream {
                         return ::rpc_core::__private::ready(::core::result::Result::Err(status));
                     }
                 };
-                let service = ::rpc_core::__private::Arc::clone(&self.service);
+                let service = ::core::clone::Clone::clone(&self.service);
                 ::rpc_core::__private::Box::pin(async move {
                     let output = <S as #trait_ident>::#ident(&service, #(__args.#fields),*).await;
                     #encode

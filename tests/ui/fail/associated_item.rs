@@ -1,0 +1,7 @@
+#[rpc_core::service]
+trait Calculator {
+    type Number;
+    async fn add(&self, a: i64, b: i64) -> i64;
+}
+
+fn main() {}

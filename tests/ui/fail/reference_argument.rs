@@ -1,0 +1,6 @@
+#[rpc_core::service]
+trait Greeter {
+    async fn greet(&self, name: &str) -> String;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[rpc_core::service]
+trait Greeter {
+    async fn name(&self) -> &'static str;
+}
+
+fn main() {}
