@@ -356,3 +356,50 @@ mod tests {
         })
     }
 }
+
+#[cfg(test)]
+mod wire_format_document {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::envelope::Kind;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The document's example request: `add(a: 2, b: 3)` to service `Calculator`.
+    fn example_request() -> Envelope {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.id = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        envelope.correlation_id = Some(uuid::Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0002));
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some("inbox.7".into());
+        envelope.deadline_ms = Some(5_000);
+        envelope.body = encode(&BTreeMap::from([("a", 2), ("b", 3)])).expect("encodes");
+        envelope
+    }
+
+    /// Wraps the hex in lines of 16 bytes, as the document shows it.
+    fn wrapped(bytes: &[u8]) -> String {
+        bytes.chunks(16).map(hex).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn the_document_shows_the_bytes_this_build_writes() {
+        let document = include_str!("../../docs/wire-format.md");
+        let request = example_request();
+        let request_bytes = encode_envelope(&request).expect("encodes");
+        let reply = request.reply(Ok(encode(&5i64).expect("encodes")));
+        let mut reply = reply;
+        reply.id = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0003);
+        let reply_bytes = encode_envelope(&reply).expect("encodes");
+        for (name, bytes) in [("request", &request_bytes), ("reply", &reply_bytes)] {
+            let shown = wrapped(bytes);
+            assert!(document.contains(&shown), "docs/wire-format.md must show the {name} as:\n{shown}\n");
+        }
+        assert_eq!(decode_envelope(&request_bytes, &Limits::default()), Ok(request));
+        assert_eq!(decode_envelope(&reply_bytes, &Limits::default()), Ok(reply));
+    }
+}
