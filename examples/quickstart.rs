@@ -132,7 +132,7 @@ async fn main() -> Result<(), Error> {
 
     // A broadcast: every subscriber group gets one copy.
     calc.announce("deploy v2".into()).await?;
-    let mut heard = vec![next(&mut worker_news).await, next(&mut worker_news).await];
+    let mut heard = [next(&mut worker_news).await, next(&mut worker_news).await];
     heard.sort();
     println!("broadcast  announce(\"deploy v2\"): {}", heard.join(", "));
 

@@ -223,11 +223,13 @@ struct Options {
 }
 
 impl Options {
-    fn check(&self) -> Result<(), Error> {
+    /// Refuses what the call asks and the transport cannot do, rather than ignoring it.
+    fn check(&self, transport: &dyn Transport) -> Result<(), Error> {
         match self.priority {
             Some(priority) if priority > MAX_PRIORITY => {
                 Err(Error::InvalidArgument(format!("priority {priority} is above the highest, {MAX_PRIORITY}")))
             }
+            Some(_) if !transport.capabilities().priority => Err(Error::Unsupported("priorities")),
             _ => Ok(()),
         }
     }
@@ -301,7 +303,8 @@ impl<O: Send + 'static> Call<O> {
         self
     }
 
-    /// Delivers the call before calls of lower priority (0 to 9), where the transport has priorities.
+    /// Delivers the call before calls of lower priority (0 to 9). On a transport without priorities the call
+    /// fails with [`Error::Unsupported`] rather than going out unprioritized.
     pub fn priority(mut self, priority: u8) -> Call<O> {
         self.options.priority = Some(priority);
         self
@@ -339,7 +342,7 @@ impl<O: Send + 'static> Call<O> {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
-        self.options.check()?;
+        self.options.check(self.client.transport().as_ref())?;
         let args = self.args?;
         let queue = naming::callback_queue(self.client.namespace(), callback);
         let transport = self.client.transport();
@@ -374,7 +377,7 @@ impl<O: Send + 'static> Call<O> {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
-        self.options.check()?;
+        self.options.check(self.client.transport().as_ref())?;
         let args = self.args?;
         let inner = &self.client.inner;
         let (budget, deadline) = budget(self.options.timeout, inner.default_timeout);
@@ -475,7 +478,7 @@ impl Notify {
         self
     }
 
-    /// Delivers before messages of lower priority (0 to 9), where the transport has priorities.
+    /// Delivers before messages of lower priority (0 to 9); as [`Call::priority`].
     pub fn priority(mut self, priority: u8) -> Notify {
         self.options.priority = Some(priority);
         self
@@ -491,7 +494,7 @@ impl Notify {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
-        self.options.check()?;
+        self.options.check(self.client.transport().as_ref())?;
         let mut envelope = Envelope::new(Kind::Oneway);
         self.options.apply(&mut envelope);
         envelope.service = self.service.to_owned();

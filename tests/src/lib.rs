@@ -3,7 +3,7 @@
 //!
 //! A transport joins with one line in `tests/e2e.rs`:
 //!
-//! ```ignore
+//! ```text
 //! mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 //! ```
 
@@ -74,6 +74,7 @@ macro_rules! scenario_suite {
                 oneway_call_runs,
                 in_process_callback_receives_the_result,
                 nested_call_inherits_the_deadline,
+                priority_orders_calls_or_is_refused,
             );
         }
     };

@@ -408,3 +408,25 @@ pub async fn nested_call_inherits_the_deadline(harness: &dyn Harness) {
     let inner = probe.nested().timeout(Duration::from_secs(2)).await.expect("answered").expect("has a deadline");
     assert!(inner <= 2_000, "the nested call outlived its caller's budget: {inner} ms");
 }
+
+/// Priorities order deliveries where the transport has them; where it does not, asking is a typed error.
+pub async fn priority_orders_calls_or_is_refused(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+    let probe = ProbeClient::new(&setup.client().await);
+    if !transport.capabilities().priority {
+        let refused = probe.record(1).priority(9).await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+        return;
+    }
+    probe.record(1).await.expect("queued");
+    probe.record(2).priority(0).await.expect("queued");
+    probe.record(3).priority(9).await.expect("queued");
+    probe.record(4).priority(5).await.expect("queued");
+    let refused = probe.record(5).priority(10).await;
+    assert!(matches!(refused, Err(Error::InvalidArgument(_))), "{refused:?}");
+    let (_server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;
+    eventually("four records", WAIT, || events.finished("record") == 4).await;
+    assert_eq!(events.recorded(), [3, 4, 1, 2]);
+}
