@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, Delivery, Envelope, Error, Inbox, Outcome,
-    QueueOptions, QueueStats, Transport, naming,
+    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
+    Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -70,7 +70,8 @@ impl State {
             };
             // A closed receiver means the consumer is being dropped; its unacked deliveries are requeued
             // when its guard removes it.
-            let _ = attached.sender.send(Delivery { envelope, delivery_count: delivery.delivery_count, handle });
+            let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, received_at: now, handle };
+            let _ = attached.sender.send(delivery);
         }
         self.out = out;
     }
@@ -93,6 +94,7 @@ fn to_error(error: EngineError) -> Error {
         EngineError::Mismatch(queue) => {
             Error::InvalidArgument(format!("queue `{queue}` exists with other options; declare it with the same ones"))
         }
+        EngineError::InvalidConfig(why) => Error::InvalidArgument(why),
         other => Error::Transport(Box::new(other)),
     }
 }
@@ -159,9 +161,9 @@ impl Transport for Embedded {
         let now = Instant::now();
         let mut state = self.shared.lock();
         let props = props(&envelope);
-        state.engine.publish_topic(topic, envelope, props, now);
+        let result = state.engine.publish_topic(topic, envelope, props, now).map(drop).map_err(to_error);
         state.dispatch(now);
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(result))
     }
 
     fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
@@ -241,6 +243,7 @@ impl Acker for EmbeddedAcker {
             Outcome::Ack => Settle::Ack,
             Outcome::Requeue => Settle::Requeue,
             Outcome::DeadLetter => Settle::DeadLetter,
+            Outcome::Release => Settle::Release,
         };
         let result = match self.shared.upgrade() {
             Some(shared) => {
@@ -260,6 +263,14 @@ impl Acker for EmbeddedAcker {
 struct ConsumerGuard {
     shared: Weak<Shared>,
     consumer: ConsumerId,
+}
+
+impl ConsumerControl for ConsumerGuard {
+    fn pause(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.lock().engine.pause_consumer(self.consumer);
+        }
+    }
 }
 
 impl Drop for ConsumerGuard {

@@ -62,6 +62,8 @@ pub enum Settle {
     Requeue,
     /// Move to the dead-letter queue.
     DeadLetter,
+    /// Back to the front without counting as a delivery: the consumer never processed it.
+    Release,
 }
 
 /// Why an operation was refused.
@@ -77,6 +79,8 @@ pub enum EngineError {
     NoConsumer,
     /// No such unacked delivery for that consumer (already settled, or requeued when its consumer went).
     UnknownTag(u64),
+    /// The queue's configuration makes no sense.
+    InvalidConfig(String),
 }
 
 impl std::fmt::Display for EngineError {
@@ -87,6 +91,7 @@ impl std::fmt::Display for EngineError {
             EngineError::Mismatch(queue) => write!(f, "queue `{queue}` exists with other options"),
             EngineError::NoConsumer => f.write_str("the consumer is gone"),
             EngineError::UnknownTag(tag) => write!(f, "no unacked delivery with tag {tag}"),
+            EngineError::InvalidConfig(why) => f.write_str(why),
         }
     }
 }
@@ -169,6 +174,7 @@ struct Consumer<M> {
     queue: String,
     prefetch: u32,
     auto_ack: bool,
+    paused: bool,
     unacked: HashMap<u64, Stored<M>>,
 }
 
@@ -222,8 +228,12 @@ impl<M: Clone> Engine<M> {
     /// other must equal its config. Declaring a queue with a dead-letter queue declares that one too.
     ///
     /// # Errors
-    /// [`EngineError::Mismatch`] for an existing queue with another config.
+    /// [`EngineError::Mismatch`] for an existing queue with another config; [`EngineError::InvalidConfig`] for a
+    /// queue that would be its own dead-letter queue.
     pub fn declare_queue(&mut self, queue: &str, config: QueueConfig) -> Result<(), EngineError> {
+        if config.dead_letter.as_deref() == Some(queue) {
+            return Err(EngineError::InvalidConfig(format!("queue `{queue}` cannot be its own dead-letter queue")));
+        }
         if let Some(existing) = self.queues.get(queue) {
             return if config == QueueConfig::default() || existing.config == config {
                 Ok(())
@@ -232,7 +242,7 @@ impl<M: Clone> Engine<M> {
             };
         }
         if let Some(dead_letter) = &config.dead_letter {
-            if dead_letter != queue && !self.queues.contains_key(dead_letter) {
+            if !self.queues.contains_key(dead_letter) {
                 self.queues.insert(dead_letter.clone(), Queue::new(dead_letter.clone(), QueueConfig::default()));
             }
         }
@@ -289,12 +299,22 @@ impl<M: Clone> Engine<M> {
         Ok(())
     }
 
-    /// Puts a copy of `message` in every subscriber group of `topic`; returns how many groups took it. A full
-    /// group refuses its copy (counted in its `rejected`) without stopping the others.
-    pub fn publish_topic(&mut self, topic: &str, message: M, props: Props, now: Instant) -> usize {
-        let Some(groups) = self.topics.get(topic) else { return 0 };
-        let groups = groups.clone();
-        groups.iter().filter(|group| self.publish(group, message.clone(), props, now).is_ok()).count()
+    /// Puts a copy of `message` in every subscriber group of `topic`; returns how many groups took it (0 for a
+    /// topic without groups).
+    ///
+    /// # Errors
+    /// [`EngineError::QueueFull`] naming a group at its maximum length; the other groups still get their copy.
+    pub fn publish_topic(&mut self, topic: &str, message: M, props: Props, now: Instant) -> Result<usize, EngineError> {
+        let Some(groups) = self.topics.get(topic) else { return Ok(0) };
+        let mut delivered = 0;
+        let mut refused = None;
+        for group in groups.clone() {
+            match self.publish(&group, message.clone(), props, now) {
+                Ok(()) => delivered += 1,
+                Err(error) => refused = refused.or(Some(error)),
+            }
+        }
+        refused.map_or(Ok(delivered), Err)
     }
 
     /// Creates (if needed) the queue of subscriber group `group` on `topic` and returns its name.
@@ -323,8 +343,18 @@ impl<M: Clone> Engine<M> {
         self.next_consumer += 1;
         target.consumers.push(id);
         mark_dirty(target, &mut self.dirty);
-        self.consumers.insert(id, Consumer { queue: queue.to_owned(), prefetch, auto_ack, unacked: HashMap::new() });
+        self.consumers.insert(
+            id,
+            Consumer { queue: queue.to_owned(), prefetch, auto_ack, paused: false, unacked: HashMap::new() },
+        );
         Ok(id)
+    }
+
+    /// Stops new deliveries to a consumer; the deliveries it holds stay settleable.
+    pub fn pause_consumer(&mut self, id: ConsumerId) {
+        if let Some(consumer) = self.consumers.get_mut(&id) {
+            consumer.paused = true;
+        }
     }
 
     /// Detaches a consumer; its unacked deliveries go back to the front of the queue (or to the dead-letter
@@ -366,6 +396,11 @@ impl<M: Clone> Engine<M> {
             Settle::Ack => queue.stats.acked += 1,
             Settle::Requeue => self.requeue(&queue_name, stored, now),
             Settle::DeadLetter => self.dead_letter(&queue_name, stored, now),
+            Settle::Release => {
+                let mut stored = stored;
+                stored.deliveries = stored.deliveries.saturating_sub(1);
+                queue.push_front(stored);
+            }
         }
         Ok(())
     }
@@ -459,9 +494,9 @@ fn dispatch_queue<M: Clone>(
         // The next consumer, round-robin, that has room.
         let count = queue.consumers.len();
         let Some(slot) = (0..count).map(|step| (queue.next_consumer + step) % count).find(|&slot| {
-            consumers
-                .get(&queue.consumers[slot])
-                .is_some_and(|consumer| consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
+            consumers.get(&queue.consumers[slot]).is_some_and(|consumer| {
+                !consumer.paused && (consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
+            })
         }) else {
             return;
         };
@@ -649,13 +684,13 @@ mod tests {
     fn each_subscriber_group_gets_one_copy_and_members_compete() {
         let now = Instant::now();
         let mut engine: Engine<u32> = Engine::new();
-        assert_eq!(engine.publish_topic("t", 0, Props::default(), now), 0);
+        assert_eq!(engine.publish_topic("t", 0, Props::default(), now), Ok(0));
         let groups: Vec<String> = ["a", "b", "c"].iter().map(|group| engine.subscribe_group("t", group)).collect();
         let a1 = engine.add_consumer(&groups[0], 0, false).expect("consumes");
         let a2 = engine.add_consumer(&groups[0], 0, false).expect("consumes");
         let b = engine.add_consumer(&groups[1], 0, false).expect("consumes");
-        assert_eq!(engine.publish_topic("t", 1, Props::default(), now), 3);
-        assert_eq!(engine.publish_topic("t", 2, Props::default(), now), 3);
+        assert_eq!(engine.publish_topic("t", 1, Props::default(), now), Ok(3));
+        assert_eq!(engine.publish_topic("t", 2, Props::default(), now), Ok(3));
         let out = drain(&mut engine, now);
         let to_a: Vec<_> = out.iter().filter(|d| d.consumer == a1 || d.consumer == a2).collect();
         let to_b: Vec<_> = out.iter().filter(|d| d.consumer == b).collect();
@@ -675,6 +710,55 @@ mod tests {
         engine.remove_consumer(consumer, now);
         assert!(!engine.has_queue("inbox"));
         assert_eq!(engine.publish("inbox", 1, Props::default(), now), Err(EngineError::NoQueue("inbox".into())));
+    }
+
+    #[test]
+    fn a_paused_consumer_gets_nothing_new_and_released_deliveries_do_not_count() {
+        let now = Instant::now();
+        let config =
+            QueueConfig { max_deliveries: Some(1), dead_letter: Some("dead".into()), ..QueueConfig::default() };
+        let mut engine = engine_with("q", config);
+        let stopping = engine.add_consumer("q", 2, false).expect("consumes");
+        for n in 0..3 {
+            engine.publish("q", n, Props::default(), now).expect("publishes");
+        }
+        let held = drain(&mut engine, now);
+        assert_eq!(messages(&held), [0, 1]);
+        engine.pause_consumer(stopping);
+        engine.settle(stopping, held[0].tag, Settle::Ack, now).expect("acks");
+        assert!(drain(&mut engine, now).is_empty(), "a paused consumer got a new delivery");
+        // Never processed: back to the front, and max_deliveries(1) does not dead-letter it.
+        engine.settle(stopping, held[1].tag, Settle::Release, now).expect("releases");
+        let next = engine.add_consumer("q", 0, false).expect("consumes");
+        let out = drain(&mut engine, now);
+        assert_eq!(messages(&out), [1, 2]);
+        assert!(out.iter().all(|delivery| delivery.consumer == next && delivery.delivery_count == 1));
+        assert_eq!(engine.stats("q").expect("exists").dead_lettered, 0);
+    }
+
+    #[test]
+    fn a_full_group_refuses_its_copy_without_stopping_the_others() {
+        let now = Instant::now();
+        let mut engine: Engine<u32> = Engine::new();
+        engine
+            .declare_queue(&group_queue("t", "small"), QueueConfig { max_len: Some(1), ..QueueConfig::default() })
+            .expect("declares");
+        engine.subscribe_group("t", "small");
+        engine.subscribe_group("t", "big");
+        assert_eq!(engine.publish_topic("t", 1, Props::default(), now), Ok(2));
+        assert_eq!(
+            engine.publish_topic("t", 2, Props::default(), now),
+            Err(EngineError::QueueFull(group_queue("t", "small")))
+        );
+        assert_eq!(engine.stats(&group_queue("t", "big")).expect("exists").ready, 2);
+    }
+
+    #[test]
+    fn a_queue_cannot_dead_letter_into_itself() {
+        let mut engine: Engine<u32> = Engine::new();
+        let config = QueueConfig { dead_letter: Some("q".into()), ..QueueConfig::default() };
+        assert!(matches!(engine.declare_queue("q", config), Err(EngineError::InvalidConfig(_))));
+        assert!(!engine.has_queue("q"));
     }
 
     #[test]

@@ -4,8 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -69,7 +71,8 @@ impl DurableCallbacks {
         self
     }
 
-    /// Handles the replies of `method` with `handler`; the reply is acked once the handler's future completes.
+    /// Handles the replies of `method` with `handler`; the reply is acked once the handler's future completes,
+    /// and dead-lettered if it panics (so that one bad reply cannot stop the others).
     pub fn on<O, F, Fut>(mut self, method: Method<O>, handler: F) -> DurableCallbacks
     where
         O: Send + 'static,
@@ -116,8 +119,17 @@ impl DurableCallbacks {
                 let key = (envelope.service.clone(), envelope.method.clone());
                 let outcome = match handlers.get(&key) {
                     Some(handler) if envelope.kind == Kind::Reply => {
-                        handler(envelope).await;
-                        delivery.handle.ack().await
+                        match AssertUnwindSafe(handler(envelope)).catch_unwind().await {
+                            Ok(()) => delivery.handle.ack().await,
+                            Err(_) => {
+                                tracing::error!(
+                                    service = %key.0,
+                                    method = %key.1,
+                                    "durable callback handler panicked; dead-lettering the reply"
+                                );
+                                delivery.handle.dead_letter().await
+                            }
+                        }
                     }
                     _ => {
                         tracing::warn!(

@@ -65,6 +65,7 @@ impl ClientBuilder {
             pending: DashMap::new(),
             late_replies: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            disconnected: AtomicBool::new(false),
         });
         let reader = tokio::spawn(read_replies(inbox.consumer, Arc::clone(&shared)));
         Ok(Client {
@@ -107,6 +108,8 @@ struct Shared {
     pending: DashMap<Uuid, oneshot::Sender<Envelope>>,
     late_replies: AtomicU64,
     closed: AtomicBool,
+    /// The inbox's consumer ended: no reply can arrive any more.
+    disconnected: AtomicBool,
 }
 
 /// A snapshot of a client's counters.
@@ -135,7 +138,8 @@ async fn read_replies(mut inbox: crate::transport::Consumer, shared: Arc<Shared>
             }
         }
     }
-    // The inbox is gone: every waiting call fails now rather than at its deadline.
+    // The inbox is gone: every waiting call fails now rather than at its deadline, and so does every new one.
+    shared.disconnected.store(true, Ordering::Release);
     shared.pending.clear();
 }
 
@@ -243,8 +247,10 @@ impl Options {
 
 /// The budget of a call: its own or the default timeout, cut to what remains of the request being handled.
 fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
+    // Far enough to mean "no deadline", near enough not to overflow `Instant`.
+    const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     let now = Instant::now();
-    let mut deadline = now + own.unwrap_or(default);
+    let mut deadline = now + own.unwrap_or(default).min(FOREVER);
     if let Some(inherited) = context::deadline() {
         deadline = deadline.min(inherited);
     }
@@ -355,7 +361,11 @@ impl<O: Send + 'static> Call<O> {
         envelope.method = self.method.into_owned();
         envelope.reply_to = Some(queue);
         if let Some(timeout) = self.options.timeout {
-            envelope.deadline_ms = Some(millis(budget(Some(timeout), timeout).0));
+            let (budget, _) = budget(Some(timeout), timeout);
+            if budget.is_zero() {
+                return Err(Error::Timeout(budget));
+            }
+            envelope.deadline_ms = Some(millis(budget).max(1));
         }
         envelope.body = args;
         let destination = naming::service_queue(self.client.namespace(), &envelope.service);
@@ -397,6 +407,13 @@ impl<O: Send + 'static> Call<O> {
         let (sender, receiver) = oneshot::channel();
         inner.shared.pending.insert(correlation_id, sender);
         let _pending = PendingGuard { shared: &inner.shared, correlation_id };
+        // Checked again after registering: a `close` or a lost inbox in between must not leave this call waiting.
+        if self.client.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        if inner.shared.disconnected.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
         let exchange = async {
             inner.transport.publish(&queue, envelope).await?;
             receiver.await.map_err(|_| if self.client.is_closed() { Error::Shutdown } else { Error::Disconnected })

@@ -157,6 +157,8 @@ pub struct ServerStats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
+    /// Requests handed to this server but not started, handed back to the queue at once.
+    pub released: usize,
     /// Handlers that finished within the grace period.
     pub finished: usize,
     /// Handlers still running at the end of the grace period, stopped; their requests go back to the queue.
@@ -251,10 +253,22 @@ async fn run(
         while tasks.try_join_next().is_some() {}
     };
 
+    // No new deliveries from here on; those buffered and not started go back to the queue for other workers.
     let mut report = ShutdownReport::default();
-    let deadline = Instant::now() + grace;
+    for consumer in std::iter::once(&mut requests).chain(broadcasts.as_mut()) {
+        consumer.pause();
+        while let Some(delivery) = consumer.try_next() {
+            report.released += 1;
+            settle(delivery.handle.release().await);
+        }
+    }
+    let deadline = Instant::now().checked_add(grace);
     loop {
-        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+        let joined = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, tasks.join_next()).await,
+            None => Ok(tasks.join_next().await),
+        };
+        match joined {
             Ok(Some(_)) => report.finished += 1,
             Ok(None) => break,
             Err(_) => {
@@ -278,7 +292,7 @@ async fn next(consumer: &mut Option<Consumer>) -> Option<Delivery> {
 }
 
 async fn handle(shared: &Shared, delivery: Delivery) {
-    let Delivery { envelope, delivery_count, handle } = delivery;
+    let Delivery { envelope, delivery_count, received_at, handle } = delivery;
     let stats = &shared.stats;
     if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
         stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -293,14 +307,20 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         correlation_id = ?envelope.correlation_id,
         attempt = envelope.attempt.max(1) + delivery_count.saturating_sub(1),
     );
-    handle_request(shared, envelope, delivery_count, handle).instrument(span).await;
+    let deadline =
+        envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
+    handle_request(shared, envelope, delivery_count, deadline, handle).instrument(span).await;
 }
 
-async fn handle_request(shared: &Shared, envelope: Envelope, delivery_count: u32, handle: AckHandle) {
+async fn handle_request(
+    shared: &Shared,
+    envelope: Envelope,
+    delivery_count: u32,
+    deadline: Option<Instant>,
+    handle: AckHandle,
+) {
     let stats = &shared.stats;
-    let started = Instant::now();
-    let deadline = envelope.deadline_ms.map(|ms| started + Duration::from_millis(ms));
-    let result = if envelope.deadline_ms == Some(0) {
+    let result = if envelope.deadline_ms == Some(0) || deadline.is_some_and(|deadline| deadline <= Instant::now()) {
         stats.expired.fetch_add(1, Ordering::Relaxed);
         Err(Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued"))
     } else {

@@ -11,11 +11,11 @@
 //! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out: the transport
 //! takes the time it spent queued off (or drops it, if that is all of it).
 
-use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 
 use crate::envelope::Envelope;
@@ -124,6 +124,9 @@ pub enum Outcome {
     Requeue,
     /// Move it to the queue's dead-letter queue.
     DeadLetter,
+    /// Hand back a delivery that was never processed (a worker stopping with requests still buffered): it goes
+    /// back to the front of the queue and does not count as a delivery.
+    Release,
 }
 
 /// Settles deliveries of one consumer; implemented by transports.
@@ -184,6 +187,20 @@ impl AckHandle {
     pub async fn dead_letter(self) -> Result<(), Error> {
         self.settle(Outcome::DeadLetter).await
     }
+
+    /// Hands the delivery back unprocessed ([`Outcome::Release`]).
+    ///
+    /// # Errors
+    /// As [`AckHandle::settle`].
+    pub async fn release(self) -> Result<(), Error> {
+        self.settle(Outcome::Release).await
+    }
+}
+
+/// A transport's hold on one consumer. Dropping it cancels the consumer: its unacked deliveries are redelivered.
+pub trait ConsumerControl: Send + Sync {
+    /// Stops new deliveries to the consumer; the deliveries it holds stay settleable.
+    fn pause(&self);
 }
 
 /// One message handed to a consumer.
@@ -193,6 +210,8 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// How many times it has been delivered, this time included (1 on the first delivery).
     pub delivery_count: u32,
+    /// When the transport handed it out: the envelope's `deadline_ms` counts from here.
+    pub received_at: Instant,
     /// Settles it.
     pub handle: AckHandle,
 }
@@ -201,13 +220,25 @@ pub struct Delivery {
 /// deliveries are redelivered.
 pub struct Consumer {
     stream: BoxStream<'static, Delivery>,
-    _guard: Option<Box<dyn Any + Send + Sync>>,
+    control: Option<Box<dyn ConsumerControl>>,
 }
 
 impl Consumer {
-    /// A consumer reading `stream`; `guard` is dropped with it (transports cancel the consumer in its `Drop`).
-    pub fn new(stream: BoxStream<'static, Delivery>, guard: Option<Box<dyn Any + Send + Sync>>) -> Consumer {
-        Consumer { stream, _guard: guard }
+    /// A consumer reading `stream`; `control` is dropped with it (transports cancel the consumer in its `Drop`).
+    pub fn new(stream: BoxStream<'static, Delivery>, control: Option<Box<dyn ConsumerControl>>) -> Consumer {
+        Consumer { stream, control }
+    }
+
+    /// Stops new deliveries; those already handed out stay settleable. Used by a server that shuts down.
+    pub fn pause(&self) {
+        if let Some(control) = &self.control {
+            control.pause();
+        }
+    }
+
+    /// The next delivery if one is ready now, without waiting.
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        self.stream.next().now_or_never().flatten()
     }
 
     /// The next delivery, or `None` when the consumer was closed by the transport.

@@ -75,6 +75,8 @@ macro_rules! scenario_suite {
                 in_process_callback_receives_the_result,
                 nested_call_inherits_the_deadline,
                 priority_orders_calls_or_is_refused,
+                durable_callback_panic_is_dead_lettered,
+                closing_the_client_fails_waiting_calls,
             );
         }
     };

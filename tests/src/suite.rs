@@ -430,3 +430,52 @@ pub async fn priority_orders_calls_or_is_refused(harness: &dyn Harness) {
     eventually("four records", WAIT, || events.finished("record") == 4).await;
     assert_eq!(events.recorded(), [3, 4, 1, 2]);
 }
+
+/// A durable callback handler that panics dead-letters that reply and goes on handling the others.
+pub async fn durable_callback_panic_is_dead_lettered(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, _) = setup.worker("w").await;
+    let probe = ProbeClient::new(&setup.client().await);
+    probe.add(0, 1).durable("fragile").await.expect("queued");
+    probe.add(0, 2).durable("fragile").await.expect("queued");
+    let (sender, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let callbacks = DurableCallbacks::new("fragile")
+        .namespace(&setup.namespace)
+        .on(ProbeClient::ADD, move |reply| {
+            let sender = sender.clone();
+            async move {
+                let sum = reply.result.expect("ok");
+                assert_ne!(sum, 1, "a handler bug on purpose");
+                let _ = sender.send(sum);
+            }
+        })
+        .start(setup.transport().await)
+        .await
+        .expect("callbacks start");
+    assert_eq!(tokio::time::timeout(WAIT, handled.recv()).await.expect("handled").expect("open"), 2);
+    let transport = setup.transport().await;
+    let dead_letters = naming::dead_letter_queue(&naming::callback_queue(Some(&setup.namespace), "fragile"));
+    let mut dead = transport.consume(&dead_letters, ConsumeOptions::new()).await.expect("consumes the DLQ");
+    let delivery = tokio::time::timeout(WAIT, dead.next()).await.expect("dead-lettered").expect("open");
+    assert_eq!(rpc_core::codec::decode::<i64>(&delivery.envelope.body, &Default::default()), Ok(1));
+    delivery.handle.ack().await.expect("acks");
+    callbacks.shutdown().await;
+}
+
+/// Closing a client fails its waiting calls at once with `Shutdown`, and every later call too.
+pub async fn closing_the_client_fails_waiting_calls(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker("w").await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let waiting = tokio::spawn(probe.gate().timeout(WAIT).into_future());
+    eventually("the call to be pending", WAIT, || client.stats().pending == 1).await;
+    let started = tokio::time::Instant::now();
+    client.close();
+    let result = waiting.await.expect("joins");
+    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+    assert!(started.elapsed() < WAIT / 2, "the call waited for its timeout instead of failing at once");
+    assert!(matches!(probe.add(1, 1).await, Err(Error::Shutdown)));
+    assert_eq!(client.stats().pending, 0);
+    events.gate.notify_waiters();
+}
