@@ -206,21 +206,7 @@ impl Transport for Embedded {
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         let mut state = self.shared.lock();
         state.engine.expire_queue(queue, Instant::now());
-        let result = match state.engine.stats(queue) {
-            Some(stats) => {
-                let mut out = QueueStats::new();
-                out.ready = stats.ready;
-                out.unacked = stats.unacked;
-                out.consumers = stats.consumers;
-                out.published = stats.published;
-                out.acked = stats.acked;
-                out.dead_lettered = stats.dead_lettered;
-                out.expired = stats.expired;
-                out.rejected = stats.rejected;
-                Ok(out)
-            }
-            None => Err(Error::NoRoute(queue.to_owned())),
-        };
+        let result = state.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
         Box::pin(std::future::ready(result))
     }
 }

@@ -8,6 +8,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use rpc_core::QueueStats;
+
 /// Priority levels: 0 (default, last) to 9 (first).
 pub const PRIORITY_LEVELS: usize = 10;
 
@@ -98,27 +100,6 @@ impl std::fmt::Display for EngineError {
 
 impl std::error::Error for EngineError {}
 
-/// A queue's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Waiting to be delivered.
-    pub ready: usize,
-    /// Delivered, not settled.
-    pub unacked: usize,
-    /// Consumers attached.
-    pub consumers: usize,
-    /// Accepted publishes.
-    pub published: u64,
-    /// Acked deliveries.
-    pub acked: u64,
-    /// Messages moved out to the dead-letter queue (or dropped, without one).
-    pub dead_lettered: u64,
-    /// Messages dropped because their TTL ran out.
-    pub expired: u64,
-    /// Publishes refused because the queue was full.
-    pub rejected: u64,
-}
-
 struct Stored<M> {
     message: M,
     priority: u8,
@@ -134,7 +115,7 @@ struct Queue<M> {
     consumers: Vec<ConsumerId>,
     next_consumer: usize,
     unacked: usize,
-    stats: Stats,
+    stats: QueueStats,
     dirty: bool,
 }
 
@@ -148,7 +129,7 @@ impl<M> Queue<M> {
             consumers: Vec::new(),
             next_consumer: 0,
             unacked: 0,
-            stats: Stats::default(),
+            stats: QueueStats::new(),
             dirty: false,
         }
     }
@@ -455,12 +436,13 @@ impl<M: Clone> Engine<M> {
     }
 
     /// The counters of `queue`.
-    pub fn stats(&self, queue: &str) -> Option<Stats> {
-        self.queues.get(queue).map(|queue| Stats {
-            ready: queue.ready_len,
-            unacked: queue.unacked,
-            consumers: queue.consumers.len(),
-            ..queue.stats
+    pub fn stats(&self, queue: &str) -> Option<QueueStats> {
+        self.queues.get(queue).map(|queue| {
+            let mut stats = queue.stats;
+            stats.ready = queue.ready_len;
+            stats.unacked = queue.unacked;
+            stats.consumers = queue.consumers.len();
+            stats
         })
     }
 }
