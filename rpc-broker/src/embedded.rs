@@ -1,7 +1,6 @@
 //! The engine in-process, as a [`Transport`]: the default broker for quickstarts, tests and single-process
 //! applications. Nothing to install or start.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -14,7 +13,8 @@ use rpc_core::{
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::engine::{self, ConsumerId, Engine, EngineError, Props, QueueConfig, Settle};
+use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig, Settle};
+use crate::hub::{Hub, Sink};
 
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
 #[derive(Clone, Default)]
@@ -24,70 +24,45 @@ pub struct Embedded {
 
 #[derive(Default)]
 struct Shared {
-    state: Mutex<State>,
+    hub: Mutex<Hub<Envelope>>,
 }
 
-#[derive(Default)]
-struct State {
-    engine: Engine<Envelope>,
-    consumers: HashMap<ConsumerId, Attached>,
-    out: Vec<engine::Delivery<Envelope>>,
-}
-
-struct Attached {
-    sender: mpsc::UnboundedSender<Delivery>,
-    acker: Arc<dyn Acker>,
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Hub<Envelope>> {
+        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl fmt::Debug for Embedded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.shared.lock();
-        f.debug_struct("Embedded").field("engine", &state.engine).finish()
+        let hub = self.shared.lock();
+        f.debug_struct("Embedded").field("engine", &hub.engine).finish()
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// Hands deliveries to an in-process [`Consumer`].
+struct ChannelSink {
+    sender: mpsc::UnboundedSender<Delivery>,
+    acker: Arc<dyn Acker>,
 }
 
-impl State {
-    /// Hands every delivery the last operation made possible to its consumer.
-    fn dispatch(&mut self, now: Instant) {
-        let mut out = std::mem::take(&mut self.out);
-        self.engine.dispatch(now, &mut out);
-        for delivery in out.drain(..) {
-            let Some(attached) = self.consumers.get(&delivery.consumer) else { continue };
-            let mut envelope = delivery.message;
-            if let Some(remaining) = delivery.remaining_ttl {
-                envelope.deadline_ms = Some(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
-            }
-            let handle = if delivery.tag == 0 {
-                AckHandle::auto()
-            } else {
-                AckHandle::new(Arc::clone(&attached.acker), delivery.tag)
-            };
-            // A closed receiver means the consumer is being dropped; its unacked deliveries are requeued
-            // when its guard removes it.
-            let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, received_at: now, handle };
-            let _ = attached.sender.send(delivery);
+impl Sink<Envelope> for ChannelSink {
+    fn deliver(&self, delivery: engine::Delivery<Envelope>, now: Instant) {
+        let mut envelope = delivery.message;
+        if let Some(remaining) = delivery.remaining_ttl {
+            envelope.deadline_ms = Some(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
         }
-        self.out = out;
-    }
-
-    fn attach(&mut self, shared: &Arc<Shared>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
-        let id = self.engine.add_consumer(queue, options.prefetch, options.auto_ack).map_err(to_error)?;
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let acker: Arc<dyn Acker> = Arc::new(EmbeddedAcker { shared: Arc::downgrade(shared), consumer: id });
-        self.consumers.insert(id, Attached { sender, acker });
-        self.dispatch(Instant::now());
-        let guard = ConsumerGuard { shared: Arc::downgrade(shared), consumer: id };
-        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+        let handle =
+            if delivery.tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&self.acker), delivery.tag) };
+        let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, received_at: now, handle };
+        // A closed receiver means the consumer is being dropped; its unacked deliveries are requeued when its
+        // guard detaches it.
+        let _ = self.sender.send(delivery);
     }
 }
 
-fn to_error(error: EngineError) -> Error {
+/// Error mapping shared with the server: engine refusals as the framework's typed errors.
+pub(crate) fn to_error(error: EngineError) -> Error {
     match error {
         EngineError::NoQueue(queue) => Error::NoRoute(queue),
         EngineError::QueueFull(queue) => Error::QueueFull(queue),
@@ -99,11 +74,8 @@ fn to_error(error: EngineError) -> Error {
     }
 }
 
-fn props(envelope: &Envelope) -> Props {
-    Props { priority: envelope.priority.unwrap_or(0), ttl: envelope.deadline_ms.map(Duration::from_millis) }
-}
-
-fn queue_config(queue: &str, options: &QueueOptions) -> QueueConfig {
+/// The engine's view of a queue's options: every queue but an inbox has a dead-letter queue.
+pub(crate) fn queue_config(queue: &str, options: &QueueOptions) -> QueueConfig {
     QueueConfig {
         max_len: options.max_len,
         max_deliveries: options.max_deliveries,
@@ -112,27 +84,71 @@ fn queue_config(queue: &str, options: &QueueOptions) -> QueueConfig {
     }
 }
 
+/// The engine's settle outcome for the framework's.
+pub(crate) fn settle_of(outcome: Outcome) -> Settle {
+    match outcome {
+        Outcome::Ack => Settle::Ack,
+        Outcome::Requeue => Settle::Requeue,
+        Outcome::DeadLetter => Settle::DeadLetter,
+        Outcome::Release => Settle::Release,
+    }
+}
+
+/// Declares `queue` in `engine`, accepting an existing queue as it is when `options` are the defaults.
+pub(crate) fn declare<M: Clone>(
+    engine: &mut engine::Engine<M>,
+    queue: &str,
+    options: &QueueOptions,
+) -> Result<(), Error> {
+    if *options == QueueOptions::default() && engine.has_queue(queue) {
+        return Ok(());
+    }
+    engine.declare_queue(queue, queue_config(queue, options)).map_err(to_error)
+}
+
+/// Creates subscriber group `group` of `topic` if needed; returns its queue.
+pub(crate) fn join_group<M: Clone>(engine: &mut engine::Engine<M>, topic: &str, group: &str) -> Result<String, Error> {
+    let queue = engine::group_queue(topic, group);
+    if !engine.has_queue(&queue) {
+        engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default())).map_err(to_error)?;
+    }
+    Ok(engine.subscribe_group(topic, group))
+}
+
 impl Embedded {
     /// A new, empty broker.
     pub fn new() -> Embedded {
         Embedded::default()
     }
 
-    fn declare(&self, queue: &str, options: &QueueOptions) -> Result<(), Error> {
-        let mut state = self.shared.lock();
-        if *options == QueueOptions::default() && state.engine.has_queue(queue) {
-            return Ok(());
-        }
-        state.engine.declare_queue(queue, queue_config(queue, options)).map_err(to_error)
+    fn attach(&self, hub: &mut Hub<Envelope>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let shared = Arc::downgrade(&self.shared);
+        let make_sink = |consumer| -> Box<dyn Sink<Envelope>> {
+            let acker: Arc<dyn Acker> = Arc::new(EmbeddedAcker { shared: shared.clone(), consumer });
+            Box::new(ChannelSink { sender, acker })
+        };
+        let consumer =
+            hub.attach(queue, options.prefetch, options.auto_ack, make_sink, Instant::now()).map_err(to_error)?;
+        let guard = ConsumerGuard { shared, consumer };
+        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
     }
 
     fn publish_now(&self, queue: &str, envelope: Envelope) -> Result<(), Error> {
         let now = Instant::now();
-        let mut state = self.shared.lock();
+        let mut hub = self.shared.lock();
         let props = props(&envelope);
-        state.engine.publish(queue, envelope, props, now).map_err(to_error)?;
-        state.dispatch(now);
+        hub.engine.publish(queue, envelope, props, now).map_err(to_error)?;
+        hub.dispatch(now);
         Ok(())
+    }
+}
+
+fn props(envelope: &Envelope) -> Props {
+    Props {
+        priority: envelope.priority.unwrap_or(0),
+        ttl: envelope.deadline_ms.map(Duration::from_millis),
+        size: envelope.body.len(),
     }
 }
 
@@ -150,7 +166,8 @@ impl Transport for Embedded {
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(std::future::ready(self.declare(queue, options)))
+        let result = declare(&mut self.shared.lock().engine, queue, options);
+        Box::pin(std::future::ready(result))
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -159,15 +176,15 @@ impl Transport for Embedded {
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         let now = Instant::now();
-        let mut state = self.shared.lock();
+        let mut hub = self.shared.lock();
         let props = props(&envelope);
-        let result = state.engine.publish_topic(topic, envelope, props, now).map(drop).map_err(to_error);
-        state.dispatch(now);
+        let result = hub.engine.publish_topic(topic, envelope, props, now).map(drop).map_err(to_error);
+        hub.dispatch(now);
         Box::pin(std::future::ready(result))
     }
 
     fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
-        let result = self.shared.lock().attach(&self.shared, queue, options);
+        let result = self.attach(&mut self.shared.lock(), queue, options);
         Box::pin(std::future::ready(result))
     }
 
@@ -177,36 +194,28 @@ impl Transport for Embedded {
         group: &'a str,
         options: ConsumeOptions,
     ) -> BoxFuture<'a, Result<Consumer, Error>> {
-        let mut state = self.shared.lock();
-        let queue = engine::group_queue(topic, group);
-        if !state.engine.has_queue(&queue) {
-            let declared = state.engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default()));
-            if let Err(error) = declared {
-                return Box::pin(std::future::ready(Err(to_error(error))));
-            }
-        }
-        state.engine.subscribe_group(topic, group);
-        let result = state.attach(&self.shared, &queue, options);
+        let mut hub = self.shared.lock();
+        let result = join_group(&mut hub.engine, topic, group).and_then(|queue| self.attach(&mut hub, &queue, options));
         Box::pin(std::future::ready(result))
     }
 
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         let address = format!("inbox.{}", Uuid::new_v4());
-        let mut state = self.shared.lock();
+        let mut hub = self.shared.lock();
         let config = QueueConfig { auto_delete: true, ..QueueConfig::default() };
-        let result = state
+        let result = hub
             .engine
             .declare_queue(&address, config)
             .map_err(to_error)
-            .and_then(|()| state.attach(&self.shared, &address, ConsumeOptions::new().prefetch(0).auto_ack(true)))
+            .and_then(|()| self.attach(&mut hub, &address, ConsumeOptions::new().prefetch(0).auto_ack(true)))
             .map(|consumer| Inbox { address, consumer });
         Box::pin(std::future::ready(result))
     }
 
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
-        let mut state = self.shared.lock();
-        state.engine.expire_queue(queue, Instant::now());
-        let result = state.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
+        let mut hub = self.shared.lock();
+        hub.engine.expire_queue(queue, Instant::now());
+        let result = hub.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
         Box::pin(std::future::ready(result))
     }
 }
@@ -225,18 +234,12 @@ impl fmt::Debug for EmbeddedAcker {
 
 impl Acker for EmbeddedAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
-        let how = match outcome {
-            Outcome::Ack => Settle::Ack,
-            Outcome::Requeue => Settle::Requeue,
-            Outcome::DeadLetter => Settle::DeadLetter,
-            Outcome::Release => Settle::Release,
-        };
         let result = match self.shared.upgrade() {
             Some(shared) => {
                 let now = Instant::now();
-                let mut state = shared.lock();
-                let result = state.engine.settle(self.consumer, tag, how, now).map_err(to_error);
-                state.dispatch(now);
+                let mut hub = shared.lock();
+                let result = hub.engine.settle(self.consumer, tag, settle_of(outcome), now).map_err(to_error);
+                hub.dispatch(now);
                 result
             }
             None => Err(Error::Disconnected),
@@ -262,17 +265,13 @@ impl ConsumerControl for ConsumerGuard {
 impl Drop for ConsumerGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            let now = Instant::now();
-            let mut state = shared.lock();
-            state.consumers.remove(&self.consumer);
-            state.engine.remove_consumer(self.consumer, now);
-            state.dispatch(now);
+            shared.lock().detach(self.consumer, Instant::now());
         }
     }
 }
 
 /// An unbounded receiver as a stream.
-struct UnboundedStream<T>(mpsc::UnboundedReceiver<T>);
+pub(crate) struct UnboundedStream<T>(pub(crate) mpsc::UnboundedReceiver<T>);
 
 impl<T> futures::Stream for UnboundedStream<T> {
     type Item = T;

@@ -38,6 +38,8 @@ pub struct Props {
     pub priority: u8,
     /// The message is dropped if not delivered within this time.
     pub ttl: Option<Duration>,
+    /// The message's size in bytes, for [`Engine::bytes`].
+    pub size: usize,
 }
 
 /// A message handed to a consumer.
@@ -102,6 +104,7 @@ impl std::error::Error for EngineError {}
 
 struct Stored<M> {
     message: M,
+    size: usize,
     priority: u8,
     expires_at: Option<Instant>,
     deliveries: u32,
@@ -169,6 +172,8 @@ pub struct Engine<M> {
     next_consumer: u64,
     next_tag: u64,
     dirty: Vec<String>,
+    /// Bytes of all messages held (ready, unacked and dead-lettered).
+    bytes: usize,
 }
 
 impl<M> std::fmt::Debug for Engine<M> {
@@ -190,6 +195,7 @@ impl<M> Default for Engine<M> {
             next_consumer: 1,
             next_tag: 1,
             dirty: Vec::new(),
+            bytes: 0,
         }
     }
 }
@@ -239,8 +245,12 @@ impl<M: Clone> Engine<M> {
     /// Deletes `queue` with its messages; its consumers are removed.
     pub fn delete_queue(&mut self, queue: &str) -> bool {
         let Some(removed) = self.queues.remove(queue) else { return false };
+        let ready: usize = removed.ready.iter().flatten().map(|stored| stored.size).sum();
+        self.bytes -= ready;
         for consumer in removed.consumers {
-            self.consumers.remove(&consumer);
+            if let Some(consumer) = self.consumers.remove(&consumer) {
+                self.bytes -= consumer.unacked.values().map(|stored| stored.size).sum::<usize>();
+            }
         }
         for groups in self.topics.values_mut() {
             groups.retain(|group| group != queue);
@@ -263,15 +273,17 @@ impl<M: Clone> Engine<M> {
         };
         if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
             // Messages whose TTL ran out still hold room until dropped.
-            expire_queue(target, now);
+            self.bytes -= expire_queue(target, now);
         }
         if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
             target.stats.rejected += 1;
             return Err(EngineError::QueueFull(queue.to_owned()));
         }
         target.stats.published += 1;
+        self.bytes += props.size;
         target.push_back(Stored {
             message,
+            size: props.size,
             priority: props.priority.min(9),
             expires_at: props.ttl.map(|ttl| now + ttl),
             deliveries: 0,
@@ -349,6 +361,7 @@ impl<M: Clone> Engine<M> {
         queue.consumers.retain(|other| *other != id);
         queue.unacked -= unacked.len();
         if queue.config.auto_delete && queue.consumers.is_empty() {
+            self.bytes -= unacked.iter().map(|(_, stored)| stored.size).sum::<usize>();
             let name = consumer.queue;
             self.delete_queue(&name);
             return;
@@ -374,7 +387,10 @@ impl<M: Clone> Engine<M> {
         queue.unacked -= 1;
         mark_dirty(queue, &mut self.dirty);
         match how {
-            Settle::Ack => queue.stats.acked += 1,
+            Settle::Ack => {
+                queue.stats.acked += 1;
+                self.bytes -= stored.size;
+            }
             Settle::Requeue => self.requeue(&queue_name, stored, now),
             Settle::DeadLetter => self.dead_letter(&queue_name, stored, now),
             Settle::Release => {
@@ -387,7 +403,10 @@ impl<M: Clone> Engine<M> {
     }
 
     fn requeue(&mut self, queue_name: &str, stored: Stored<M>, now: Instant) {
-        let Some(queue) = self.queues.get_mut(queue_name) else { return };
+        let Some(queue) = self.queues.get_mut(queue_name) else {
+            self.bytes -= stored.size;
+            return;
+        };
         if queue.config.max_deliveries.is_some_and(|max| stored.deliveries >= max) {
             self.dead_letter(queue_name, stored, now);
         } else {
@@ -397,10 +416,16 @@ impl<M: Clone> Engine<M> {
     }
 
     fn dead_letter(&mut self, queue_name: &str, mut stored: Stored<M>, now: Instant) {
-        let Some(queue) = self.queues.get_mut(queue_name) else { return };
+        let Some(queue) = self.queues.get_mut(queue_name) else {
+            self.bytes -= stored.size;
+            return;
+        };
         queue.stats.dead_lettered += 1;
-        let Some(target) = queue.config.dead_letter.clone() else { return };
-        let Some(dead_letters) = self.queues.get_mut(&target) else { return };
+        let Some(dead_letters) = queue.config.dead_letter.clone().and_then(|target| self.queues.get_mut(&target))
+        else {
+            self.bytes -= stored.size;
+            return;
+        };
         // A dead letter keeps its message but starts over: no TTL, no delivery count, no length limit.
         stored.deliveries = 0;
         stored.expires_at = None;
@@ -417,22 +442,27 @@ impl<M: Clone> Engine<M> {
         while let Some(name) = self.dirty.pop() {
             let Some(queue) = self.queues.get_mut(&name) else { continue };
             queue.dirty = false;
-            dispatch_queue(queue, &mut self.consumers, &mut self.next_tag, now, out);
+            self.bytes -= dispatch_queue(queue, &mut self.consumers, &mut self.next_tag, now, out);
         }
     }
 
     /// Drops the messages of every queue whose TTL ran out, even where no consumer asks for them.
     pub fn expire(&mut self, now: Instant) {
         for queue in self.queues.values_mut() {
-            expire_queue(queue, now);
+            self.bytes -= expire_queue(queue, now);
         }
     }
 
     /// Drops the messages of `queue` whose TTL ran out.
     pub fn expire_queue(&mut self, queue: &str, now: Instant) {
         if let Some(queue) = self.queues.get_mut(queue) {
-            expire_queue(queue, now);
+            self.bytes -= expire_queue(queue, now);
         }
+    }
+
+    /// Bytes of all messages the engine holds: ready, unacked and dead-lettered.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The counters of `queue`.
@@ -447,15 +477,23 @@ impl<M: Clone> Engine<M> {
     }
 }
 
-fn expire_queue<M>(queue: &mut Queue<M>, now: Instant) {
+/// Drops the expired messages of `queue`; returns their bytes.
+fn expire_queue<M>(queue: &mut Queue<M>, now: Instant) -> usize {
     let mut expired = 0;
+    let mut bytes = 0;
     for level in &mut queue.ready {
-        let before = level.len();
-        level.retain(|stored| stored.expires_at.is_none_or(|at| at > now));
-        expired += before - level.len();
+        level.retain(|stored| {
+            let keep = stored.expires_at.is_none_or(|at| at > now);
+            if !keep {
+                expired += 1;
+                bytes += stored.size;
+            }
+            keep
+        });
     }
     queue.ready_len -= expired;
     queue.stats.expired += expired as u64;
+    bytes
 }
 
 fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<String>) {
@@ -465,13 +503,16 @@ fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<String>) {
     }
 }
 
+/// Delivers what `queue` can deliver now; returns the bytes of messages that left the engine (expired, or
+/// handed to auto-ack consumers).
 fn dispatch_queue<M: Clone>(
     queue: &mut Queue<M>,
     consumers: &mut HashMap<ConsumerId, Consumer<M>>,
     next_tag: &mut u64,
     now: Instant,
     out: &mut Vec<Delivery<M>>,
-) {
+) -> usize {
+    let mut freed = 0;
     while queue.ready_len > 0 && !queue.consumers.is_empty() {
         // The next consumer, round-robin, that has room.
         let count = queue.consumers.len();
@@ -480,21 +521,26 @@ fn dispatch_queue<M: Clone>(
                 !consumer.paused && (consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
             })
         }) else {
-            return;
+            return freed;
         };
         queue.next_consumer = (slot + 1) % count;
         let id = queue.consumers[slot];
-        let Some(mut stored) = queue.pop() else { return };
+        let Some(mut stored) = queue.pop() else { return freed };
         if stored.expires_at.is_some_and(|at| at <= now) {
             queue.stats.expired += 1;
+            freed += stored.size;
             continue;
         }
-        let Some(consumer) = consumers.get_mut(&id) else { return };
+        let Some(consumer) = consumers.get_mut(&id) else {
+            queue.push_front(stored);
+            return freed;
+        };
         stored.deliveries += 1;
         let remaining_ttl = stored.expires_at.map(|at| at.saturating_duration_since(now));
         let delivery_count = stored.deliveries;
         if consumer.auto_ack {
             queue.stats.acked += 1;
+            freed += stored.size;
             out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
         } else {
             let tag = *next_tag;
@@ -504,6 +550,7 @@ fn dispatch_queue<M: Clone>(
             queue.unacked += 1;
         }
     }
+    freed
 }
 
 #[cfg(test)]
@@ -656,7 +703,7 @@ mod tests {
         let now = Instant::now();
         let mut engine = engine_with("q", QueueConfig::default());
         for (n, priority) in [(1, 0), (2, 5), (3, 9), (4, 5), (5, 200)] {
-            engine.publish("q", n, Props { priority, ttl: None }, now).expect("publishes");
+            engine.publish("q", n, Props { priority, ..Props::default() }, now).expect("publishes");
         }
         engine.add_consumer("q", 0, true).expect("consumes");
         assert_eq!(messages(&drain(&mut engine, now)), [3, 5, 2, 4, 1]);
@@ -741,6 +788,43 @@ mod tests {
         let config = QueueConfig { dead_letter: Some("q".into()), ..QueueConfig::default() };
         assert!(matches!(engine.declare_queue("q", config), Err(EngineError::InvalidConfig(_))));
         assert!(!engine.has_queue("q"));
+    }
+
+    #[test]
+    fn bytes_held_return_to_zero_on_every_way_out() {
+        let start = Instant::now();
+        let sized = |size| Props { size, ..Props::default() };
+        let config = QueueConfig { max_deliveries: Some(1), dead_letter: Some("dlq".into()), ..QueueConfig::default() };
+        let mut engine = engine_with("q", config);
+        engine.declare_queue("auto", QueueConfig { auto_delete: true, ..QueueConfig::default() }).expect("declares");
+        let consumer = engine.add_consumer("q", 0, false).expect("consumes");
+        engine.publish("q", 1, sized(10), start).expect("publishes");
+        engine.publish("q", 2, sized(20), start).expect("publishes");
+        engine.publish("q", 3, sized(40), start).expect("publishes");
+        assert_eq!(engine.bytes(), 70);
+        let out = drain(&mut engine, start);
+        engine.settle(consumer, out[0].tag, Settle::Ack, start).expect("acks");
+        engine.settle(consumer, out[1].tag, Settle::Requeue, start).expect("dead-letters at max deliveries");
+        assert_eq!(engine.bytes(), 60);
+        engine.remove_consumer(consumer, start);
+        let ttl = Props { size: 5, ttl: Some(Duration::from_millis(1)), ..Props::default() };
+        engine.publish("q", 4, ttl, start).expect("publishes");
+        engine.expire(start + Duration::from_millis(1));
+        assert_eq!(engine.bytes(), 60);
+        let auto = engine.add_consumer("auto", 0, false).expect("consumes");
+        engine.publish("auto", 5, sized(7), start).expect("publishes");
+        drain(&mut engine, start);
+        engine.remove_consumer(auto, start);
+        assert_eq!(engine.bytes(), 60);
+        // Messages 2 and 3 reached max_deliveries(1): one requeued, one held by the consumer that went away.
+        assert_eq!(engine.stats("dlq").expect("exists").ready, 2);
+        let reader = engine.add_consumer("dlq", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, start)), [2, 3]);
+        assert_eq!(engine.bytes(), 0);
+        engine.remove_consumer(reader, start);
+        engine.publish("q", 6, sized(9), start).expect("publishes");
+        assert!(engine.delete_queue("q"));
+        assert_eq!(engine.bytes(), 0);
     }
 
     #[test]

@@ -21,6 +21,8 @@
 
 pub mod engine;
 
+mod hub;
+
 mod embedded;
 
 pub use embedded::Embedded;

@@ -1,0 +1,62 @@
+//! The engine with its consumers attached: what the embedded transport and the server share, so that both are
+//! faces of one broker. Callers hold it behind a mutex and keep each critical section short.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::engine::{self, ConsumerId, Engine, EngineError};
+
+/// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.
+pub(crate) trait Sink<M>: Send {
+    /// Takes one delivery; must not block (it runs under the hub's lock).
+    fn deliver(&self, delivery: engine::Delivery<M>, now: Instant);
+}
+
+pub(crate) struct Hub<M> {
+    pub(crate) engine: Engine<M>,
+    sinks: HashMap<ConsumerId, Box<dyn Sink<M>>>,
+    out: Vec<engine::Delivery<M>>,
+}
+
+impl<M> Default for Hub<M> {
+    fn default() -> Self {
+        Hub { engine: Engine::default(), sinks: HashMap::new(), out: Vec::new() }
+    }
+}
+
+impl<M: Clone> Hub<M> {
+    /// Attaches a consumer to `queue` whose deliveries go to the sink `make_sink` builds for its id, and hands
+    /// it what is waiting.
+    pub(crate) fn attach(
+        &mut self,
+        queue: &str,
+        prefetch: u32,
+        auto_ack: bool,
+        make_sink: impl FnOnce(ConsumerId) -> Box<dyn Sink<M>>,
+        now: Instant,
+    ) -> Result<ConsumerId, EngineError> {
+        let id = self.engine.add_consumer(queue, prefetch, auto_ack)?;
+        self.sinks.insert(id, make_sink(id));
+        self.dispatch(now);
+        Ok(id)
+    }
+
+    /// Detaches a consumer; what it held unacked goes to other consumers.
+    pub(crate) fn detach(&mut self, id: ConsumerId, now: Instant) {
+        self.sinks.remove(&id);
+        self.engine.remove_consumer(id, now);
+        self.dispatch(now);
+    }
+
+    /// Hands every delivery the last operation made possible to its sink.
+    pub(crate) fn dispatch(&mut self, now: Instant) {
+        let mut out = std::mem::take(&mut self.out);
+        self.engine.dispatch(now, &mut out);
+        for delivery in out.drain(..) {
+            if let Some(sink) = self.sinks.get(&delivery.consumer) {
+                sink.deliver(delivery, now);
+            }
+        }
+        self.out = out;
+    }
+}
