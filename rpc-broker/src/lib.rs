@@ -22,6 +22,7 @@
 pub mod engine;
 
 mod hub;
+pub mod protocol;
 
 mod embedded;
 

@@ -1,0 +1,858 @@
+//! The frames that `rpc-broker` servers and their clients exchange: one definition, both sides.
+//! `docs/protocol.md` specifies them byte by byte.
+//!
+//! A frame is a big-endian `u32` length, then that many bytes: a one-byte type and the body. Strings are a
+//! `u16` length and UTF-8; optional integers use `u64::MAX` for "absent"; a payload (an encoded envelope) is
+//! the rest of the frame, forwarded by the broker without decoding.
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rpc_core::QueueStats;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default largest frame: 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+const ABSENT: u64 = u64::MAX;
+
+/// Why bytes are not a valid frame.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The length prefix is 0: a frame has at least its type byte.
+    Empty,
+    /// The length prefix is over the limit.
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame type this build does not know.
+    UnknownType(u8),
+    /// The body does not match its type.
+    Malformed(&'static str),
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::Empty => f.write_str("a frame of length 0"),
+            ProtocolError::TooLarge { len, max } => write!(f, "a frame of {len} bytes is over the {max}-byte limit"),
+            ProtocolError::UnknownType(kind) => write!(f, "unknown frame type 0x{kind:02x}"),
+            ProtocolError::Malformed(why) => write!(f, "malformed frame: {why}"),
+            ProtocolError::Io(error) => write!(f, "i/o error: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+impl From<std::io::Error> for ProtocolError {
+    fn from(error: std::io::Error) -> ProtocolError {
+        ProtocolError::Io(error)
+    }
+}
+
+/// Splits a byte stream into frames (type byte + body), checking the length before reading the body.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    /// A codec refusing frames longer than `max_frame`.
+    pub fn new(max_frame: usize) -> FrameCodec {
+        FrameCodec { max_frame }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Bytes;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len == 0 {
+            return Err(ProtocolError::Empty);
+        }
+        if len > self.max_frame {
+            return Err(ProtocolError::TooLarge { len, max: self.max_frame });
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        Ok(Some(src.split_to(len).freeze()))
+    }
+}
+
+/// Frames encode themselves with their length prefix.
+pub trait Frame {
+    /// Appends the frame, length prefix included, to `dst`.
+    fn encode(&self, dst: &mut BytesMut);
+}
+
+impl<F: Frame> Encoder<F> for FrameCodec {
+    type Error = ProtocolError;
+
+    fn encode(&mut self, frame: F, dst: &mut BytesMut) -> Result<(), ProtocolError> {
+        frame.encode(dst);
+        Ok(())
+    }
+}
+
+/// What a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// The first frame: protocol version and credentials.
+    Hello {
+        /// [`PROTOCOL_VERSION`].
+        version: u16,
+        /// The shared token, empty for none.
+        token: String,
+        /// A name for logs.
+        name: String,
+    },
+    /// Makes sure a queue exists.
+    Declare {
+        /// Request id, echoed in the answer.
+        req: u32,
+        /// The queue.
+        queue: String,
+        /// Its maximum length.
+        max_len: Option<u64>,
+        /// Its maximum deliveries before dead-lettering.
+        max_deliveries: Option<u32>,
+        /// Whether it should survive a restart.
+        durable: bool,
+    },
+    /// Puts a payload on a queue.
+    Publish {
+        /// Request id.
+        req: u32,
+        /// The queue.
+        queue: String,
+        /// 0 to 9.
+        priority: u8,
+        /// Dropped if not delivered within this many milliseconds.
+        ttl_ms: Option<u64>,
+        /// The encoded envelope.
+        payload: Bytes,
+    },
+    /// Puts a copy of a payload in every subscriber group of a topic.
+    PublishTopic {
+        /// Request id.
+        req: u32,
+        /// The topic.
+        topic: String,
+        /// 0 to 9.
+        priority: u8,
+        /// As in `Publish`.
+        ttl_ms: Option<u64>,
+        /// The encoded envelope.
+        payload: Bytes,
+    },
+    /// Starts a consumer on a queue.
+    Consume {
+        /// Request id.
+        req: u32,
+        /// The queue.
+        queue: String,
+        /// Unacked deliveries at most (0: the connection's limit).
+        prefetch: u32,
+        /// Deliveries count as acked when sent.
+        auto_ack: bool,
+    },
+    /// Joins a subscriber group of a topic and starts a consumer on it.
+    Subscribe {
+        /// Request id.
+        req: u32,
+        /// The topic.
+        topic: String,
+        /// The group.
+        group: String,
+        /// As in `Consume`.
+        prefetch: u32,
+        /// As in `Consume`.
+        auto_ack: bool,
+    },
+    /// Settles a delivery.
+    Settle {
+        /// The consumer it was delivered to.
+        consumer: u64,
+        /// Its tag.
+        tag: u64,
+        /// 0 ack, 1 requeue, 2 dead-letter, 3 release.
+        outcome: u8,
+    },
+    /// Ends a consumer; its unacked deliveries are requeued.
+    Cancel {
+        /// Request id.
+        req: u32,
+        /// The consumer.
+        consumer: u64,
+    },
+    /// Stops new deliveries to a consumer.
+    Pause {
+        /// The consumer.
+        consumer: u64,
+    },
+    /// Creates the auto-delete inbox `name` and an auto-ack consumer on it.
+    OpenInbox {
+        /// Request id.
+        req: u32,
+        /// The inbox's name.
+        name: String,
+    },
+    /// A queue's counters.
+    Stats {
+        /// Request id.
+        req: u32,
+        /// The queue.
+        queue: String,
+    },
+    /// Every queue's counters.
+    ListQueues {
+        /// Request id.
+        req: u32,
+    },
+    /// A heartbeat.
+    Ping,
+}
+
+/// Error codes in [`ServerFrame::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// No such queue.
+    NoRoute,
+    /// The queue is full, or the broker is over its memory watermark.
+    QueueFull,
+    /// An argument is invalid.
+    Invalid,
+    /// Missing or wrong credentials.
+    Unauthorized,
+    /// A frame over the size limit.
+    TooLarge,
+    /// A frame that does not parse, or a payload that is not well-formed MessagePack.
+    Malformed,
+    /// A protocol version the broker does not speak.
+    Version,
+    /// A per-connection or per-broker limit.
+    Limit,
+    /// The handshake took too long, or the connection went silent.
+    Timeout,
+    /// A failure inside the broker.
+    Internal,
+    /// A code this build does not know.
+    Other(u8),
+}
+
+impl ErrorCode {
+    fn to_u8(self) -> u8 {
+        match self {
+            ErrorCode::NoRoute => 1,
+            ErrorCode::QueueFull => 2,
+            ErrorCode::Invalid => 3,
+            ErrorCode::Unauthorized => 4,
+            ErrorCode::TooLarge => 5,
+            ErrorCode::Malformed => 6,
+            ErrorCode::Version => 7,
+            ErrorCode::Limit => 8,
+            ErrorCode::Timeout => 9,
+            ErrorCode::Internal => 10,
+            ErrorCode::Other(code) => code,
+        }
+    }
+
+    fn from_u8(code: u8) -> ErrorCode {
+        match code {
+            1 => ErrorCode::NoRoute,
+            2 => ErrorCode::QueueFull,
+            3 => ErrorCode::Invalid,
+            4 => ErrorCode::Unauthorized,
+            5 => ErrorCode::TooLarge,
+            6 => ErrorCode::Malformed,
+            7 => ErrorCode::Version,
+            8 => ErrorCode::Limit,
+            9 => ErrorCode::Timeout,
+            10 => ErrorCode::Internal,
+            other => ErrorCode::Other(other),
+        }
+    }
+}
+
+/// What the server sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// The answer to `Hello`.
+    Welcome {
+        /// [`PROTOCOL_VERSION`].
+        version: u16,
+        /// How often each side sends a heartbeat; silence for three of them closes the connection.
+        heartbeat_ms: u32,
+        /// The largest frame the server accepts.
+        max_frame: u32,
+    },
+    /// A request succeeded; the body depends on the request (see `docs/protocol.md`).
+    Ok {
+        /// The request id.
+        req: u32,
+        /// Request-specific.
+        body: Bytes,
+    },
+    /// A request failed; with `req` 0, the connection failed and the server closes it.
+    Error {
+        /// The request id, or 0.
+        req: u32,
+        /// What kind of failure.
+        code: ErrorCode,
+        /// For humans.
+        message: String,
+    },
+    /// A message for a consumer.
+    Deliver {
+        /// The consumer.
+        consumer: u64,
+        /// Settles it; 0 for auto-ack consumers.
+        tag: u64,
+        /// Deliveries so far, this one included.
+        delivery_count: u32,
+        /// What remains of its TTL.
+        ttl_ms: Option<u64>,
+        /// The encoded envelope.
+        payload: Bytes,
+    },
+    /// A heartbeat.
+    Ping,
+    /// The server ended a consumer (its queue was deleted).
+    Cancelled {
+        /// The consumer.
+        consumer: u64,
+    },
+}
+
+struct Writer<'a> {
+    dst: &'a mut BytesMut,
+    start: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(dst: &'a mut BytesMut, kind: u8) -> Writer<'a> {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(kind);
+        Writer { dst, start }
+    }
+
+    fn u8(&mut self, value: u8) -> &mut Self {
+        self.dst.put_u8(value);
+        self
+    }
+
+    fn u16(&mut self, value: u16) -> &mut Self {
+        self.dst.put_u16(value);
+        self
+    }
+
+    fn u32(&mut self, value: u32) -> &mut Self {
+        self.dst.put_u32(value);
+        self
+    }
+
+    fn u64(&mut self, value: u64) -> &mut Self {
+        self.dst.put_u64(value);
+        self
+    }
+
+    fn opt(&mut self, value: Option<u64>) -> &mut Self {
+        self.u64(value.unwrap_or(ABSENT))
+    }
+
+    /// Strings longer than a `u16` are cut at a character boundary: names are short by construction, and
+    /// messages are for humans.
+    fn str(&mut self, value: &str) -> &mut Self {
+        let mut end = value.len().min(usize::from(u16::MAX));
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.u16(end as u16);
+        self.dst.put_slice(&value.as_bytes()[..end]);
+        self
+    }
+
+    fn bytes(&mut self, value: &[u8]) -> &mut Self {
+        self.dst.put_slice(value);
+        self
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        let len = (self.dst.len() - self.start - 4) as u32;
+        self.dst[self.start..self.start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), ProtocolError> {
+        if self.buf.len() < n { Err(ProtocolError::Malformed("the frame ends early")) } else { Ok(()) }
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+
+    fn opt(&mut self) -> Result<Option<u64>, ProtocolError> {
+        Ok(Some(self.u64()?).filter(|value| *value != ABSENT))
+    }
+
+    fn bool(&mut self) -> Result<bool, ProtocolError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(ProtocolError::Malformed("a flag other than 0 or 1")),
+        }
+    }
+
+    fn str(&mut self) -> Result<String, ProtocolError> {
+        let len = usize::from(self.u16()?);
+        self.need(len)?;
+        let bytes = self.buf.split_to(len);
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::Malformed("a string that is not UTF-8"))
+    }
+
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+
+    fn end(self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() { Ok(()) } else { Err(ProtocolError::Malformed("bytes after the frame's fields")) }
+    }
+}
+
+impl Frame for ClientFrame {
+    fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            ClientFrame::Hello { version, token, name } => {
+                Writer::new(dst, 0x01).u16(*version).str(token).str(name);
+            }
+            ClientFrame::Declare { req, queue, max_len, max_deliveries, durable } => {
+                Writer::new(dst, 0x02)
+                    .u32(*req)
+                    .str(queue)
+                    .opt(*max_len)
+                    .u32(max_deliveries.unwrap_or(0))
+                    .u8(u8::from(*durable));
+            }
+            ClientFrame::Publish { req, queue, priority, ttl_ms, payload } => {
+                Writer::new(dst, 0x03).u32(*req).str(queue).u8(*priority).opt(*ttl_ms).bytes(payload);
+            }
+            ClientFrame::PublishTopic { req, topic, priority, ttl_ms, payload } => {
+                Writer::new(dst, 0x04).u32(*req).str(topic).u8(*priority).opt(*ttl_ms).bytes(payload);
+            }
+            ClientFrame::Consume { req, queue, prefetch, auto_ack } => {
+                Writer::new(dst, 0x05).u32(*req).str(queue).u32(*prefetch).u8(u8::from(*auto_ack));
+            }
+            ClientFrame::Subscribe { req, topic, group, prefetch, auto_ack } => {
+                Writer::new(dst, 0x06).u32(*req).str(topic).str(group).u32(*prefetch).u8(u8::from(*auto_ack));
+            }
+            ClientFrame::Settle { consumer, tag, outcome } => {
+                Writer::new(dst, 0x07).u64(*consumer).u64(*tag).u8(*outcome);
+            }
+            ClientFrame::Cancel { req, consumer } => {
+                Writer::new(dst, 0x08).u32(*req).u64(*consumer);
+            }
+            ClientFrame::Pause { consumer } => {
+                Writer::new(dst, 0x09).u64(*consumer);
+            }
+            ClientFrame::OpenInbox { req, name } => {
+                Writer::new(dst, 0x0a).u32(*req).str(name);
+            }
+            ClientFrame::Stats { req, queue } => {
+                Writer::new(dst, 0x0b).u32(*req).str(queue);
+            }
+            ClientFrame::ListQueues { req } => {
+                Writer::new(dst, 0x0c).u32(*req);
+            }
+            ClientFrame::Ping => {
+                Writer::new(dst, 0x0d);
+            }
+        }
+    }
+}
+
+impl ClientFrame {
+    /// Parses one frame (type byte and body, without the length prefix).
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownType`] or [`ProtocolError::Malformed`].
+    pub fn parse(frame: Bytes) -> Result<ClientFrame, ProtocolError> {
+        let mut r = Reader { buf: frame };
+        let frame = match r.u8()? {
+            0x01 => ClientFrame::Hello { version: r.u16()?, token: r.str()?, name: r.str()? },
+            0x02 => ClientFrame::Declare {
+                req: r.u32()?,
+                queue: r.str()?,
+                max_len: r.opt()?,
+                max_deliveries: Some(r.u32()?).filter(|max| *max != 0),
+                durable: r.bool()?,
+            },
+            0x03 => {
+                let (req, queue, priority, ttl_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?);
+                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, payload: r.rest() });
+            }
+            0x04 => {
+                let (req, topic, priority, ttl_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?);
+                return Ok(ClientFrame::PublishTopic { req, topic, priority, ttl_ms, payload: r.rest() });
+            }
+            0x05 => ClientFrame::Consume { req: r.u32()?, queue: r.str()?, prefetch: r.u32()?, auto_ack: r.bool()? },
+            0x06 => ClientFrame::Subscribe {
+                req: r.u32()?,
+                topic: r.str()?,
+                group: r.str()?,
+                prefetch: r.u32()?,
+                auto_ack: r.bool()?,
+            },
+            0x07 => ClientFrame::Settle { consumer: r.u64()?, tag: r.u64()?, outcome: r.u8()? },
+            0x08 => ClientFrame::Cancel { req: r.u32()?, consumer: r.u64()? },
+            0x09 => ClientFrame::Pause { consumer: r.u64()? },
+            0x0a => ClientFrame::OpenInbox { req: r.u32()?, name: r.str()? },
+            0x0b => ClientFrame::Stats { req: r.u32()?, queue: r.str()? },
+            0x0c => ClientFrame::ListQueues { req: r.u32()? },
+            0x0d => ClientFrame::Ping,
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        r.end()?;
+        Ok(frame)
+    }
+
+    /// The request id, for frames that have one.
+    pub fn req(&self) -> u32 {
+        match self {
+            ClientFrame::Declare { req, .. }
+            | ClientFrame::Publish { req, .. }
+            | ClientFrame::PublishTopic { req, .. }
+            | ClientFrame::Consume { req, .. }
+            | ClientFrame::Subscribe { req, .. }
+            | ClientFrame::Cancel { req, .. }
+            | ClientFrame::OpenInbox { req, .. }
+            | ClientFrame::Stats { req, .. }
+            | ClientFrame::ListQueues { req } => *req,
+            ClientFrame::Hello { .. } | ClientFrame::Settle { .. } | ClientFrame::Pause { .. } | ClientFrame::Ping => 0,
+        }
+    }
+}
+
+impl Frame for ServerFrame {
+    fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            ServerFrame::Welcome { version, heartbeat_ms, max_frame } => {
+                Writer::new(dst, 0x81).u16(*version).u32(*heartbeat_ms).u32(*max_frame);
+            }
+            ServerFrame::Ok { req, body } => {
+                Writer::new(dst, 0x82).u32(*req).bytes(body);
+            }
+            ServerFrame::Error { req, code, message } => {
+                Writer::new(dst, 0x83).u32(*req).u8(code.to_u8()).str(message);
+            }
+            ServerFrame::Deliver { consumer, tag, delivery_count, ttl_ms, payload } => {
+                Writer::new(dst, 0x84).u64(*consumer).u64(*tag).u32(*delivery_count).opt(*ttl_ms).bytes(payload);
+            }
+            ServerFrame::Ping => {
+                Writer::new(dst, 0x85);
+            }
+            ServerFrame::Cancelled { consumer } => {
+                Writer::new(dst, 0x86).u64(*consumer);
+            }
+        }
+    }
+}
+
+impl ServerFrame {
+    /// Parses one frame (type byte and body, without the length prefix).
+    ///
+    /// # Errors
+    /// [`ProtocolError::UnknownType`] or [`ProtocolError::Malformed`].
+    pub fn parse(frame: Bytes) -> Result<ServerFrame, ProtocolError> {
+        let mut r = Reader { buf: frame };
+        let frame = match r.u8()? {
+            0x81 => ServerFrame::Welcome { version: r.u16()?, heartbeat_ms: r.u32()?, max_frame: r.u32()? },
+            0x82 => {
+                let req = r.u32()?;
+                return Ok(ServerFrame::Ok { req, body: r.rest() });
+            }
+            0x83 => ServerFrame::Error { req: r.u32()?, code: ErrorCode::from_u8(r.u8()?), message: r.str()? },
+            0x84 => {
+                let (consumer, tag, delivery_count, ttl_ms) = (r.u64()?, r.u64()?, r.u32()?, r.opt()?);
+                return Ok(ServerFrame::Deliver { consumer, tag, delivery_count, ttl_ms, payload: r.rest() });
+            }
+            0x85 => ServerFrame::Ping,
+            0x86 => ServerFrame::Cancelled { consumer: r.u64()? },
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        r.end()?;
+        Ok(frame)
+    }
+}
+
+/// The body of an `Ok` that answers `Consume`, `Subscribe` or `OpenInbox`: the consumer id.
+pub fn consumer_body(consumer: u64) -> Bytes {
+    Bytes::copy_from_slice(&consumer.to_be_bytes())
+}
+
+/// Reads a consumer id body.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`].
+pub fn parse_consumer_body(body: Bytes) -> Result<u64, ProtocolError> {
+    let mut r = Reader { buf: body };
+    let consumer = r.u64()?;
+    r.end()?;
+    Ok(consumer)
+}
+
+fn put_stats(dst: &mut BytesMut, stats: &QueueStats) {
+    for value in [
+        stats.ready as u64,
+        stats.unacked as u64,
+        stats.consumers as u64,
+        stats.published,
+        stats.acked,
+        stats.dead_lettered,
+        stats.expired,
+        stats.rejected,
+    ] {
+        dst.put_u64(value);
+    }
+}
+
+fn read_stats(r: &mut Reader) -> Result<QueueStats, ProtocolError> {
+    let mut stats = QueueStats::new();
+    stats.ready = usize::try_from(r.u64()?).map_err(|_| ProtocolError::Malformed("a count over usize"))?;
+    stats.unacked = usize::try_from(r.u64()?).map_err(|_| ProtocolError::Malformed("a count over usize"))?;
+    stats.consumers = usize::try_from(r.u64()?).map_err(|_| ProtocolError::Malformed("a count over usize"))?;
+    stats.published = r.u64()?;
+    stats.acked = r.u64()?;
+    stats.dead_lettered = r.u64()?;
+    stats.expired = r.u64()?;
+    stats.rejected = r.u64()?;
+    Ok(stats)
+}
+
+/// The body of an `Ok` that answers `Stats`.
+pub fn stats_body(stats: &QueueStats) -> Bytes {
+    let mut dst = BytesMut::with_capacity(64);
+    put_stats(&mut dst, stats);
+    dst.freeze()
+}
+
+/// Reads a `Stats` answer.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`].
+pub fn parse_stats_body(body: Bytes) -> Result<QueueStats, ProtocolError> {
+    let mut r = Reader { buf: body };
+    let stats = read_stats(&mut r)?;
+    r.end()?;
+    Ok(stats)
+}
+
+/// The body of an `Ok` that answers `ListQueues`.
+pub fn list_body(queues: &[(String, QueueStats)]) -> Bytes {
+    let mut dst = BytesMut::new();
+    dst.put_u32(queues.len() as u32);
+    for (name, stats) in queues {
+        let len = name.len().min(usize::from(u16::MAX));
+        dst.put_u16(len as u16);
+        dst.put_slice(&name.as_bytes()[..len]);
+        put_stats(&mut dst, stats);
+    }
+    dst.freeze()
+}
+
+/// Reads a `ListQueues` answer.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`].
+pub fn parse_list_body(body: Bytes) -> Result<Vec<(String, QueueStats)>, ProtocolError> {
+    let mut r = Reader { buf: body };
+    let count = r.u32()? as usize;
+    // Each entry takes at least 66 bytes: never trust the count for an allocation.
+    let mut queues = Vec::with_capacity(count.min(r.buf.len() / 66));
+    for _ in 0..count {
+        let name = r.str()?;
+        queues.push((name, read_stats(&mut r)?));
+    }
+    r.end()?;
+    Ok(queues)
+}
+
+impl ErrorCode {
+    /// The framework error for this code, about `what` (a queue or topic) with the server's `message`.
+    pub fn to_error(self, what: &str, message: String) -> rpc_core::Error {
+        use rpc_core::Error;
+        match self {
+            ErrorCode::NoRoute => Error::NoRoute(what.to_owned()),
+            ErrorCode::QueueFull => Error::QueueFull(what.to_owned()),
+            ErrorCode::Unauthorized => Error::Unauthorized(message),
+            ErrorCode::Invalid => Error::InvalidArgument(message),
+            _ => Error::Transport(format!("broker error {self:?}: {message}").into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip_client(frame: ClientFrame) {
+        let mut dst = BytesMut::new();
+        frame.encode(&mut dst);
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+        let raw = codec.decode(&mut dst).expect("decodes").expect("a whole frame");
+        assert!(dst.is_empty());
+        assert_eq!(ClientFrame::parse(raw).expect("parses"), frame);
+    }
+
+    fn round_trip_server(frame: ServerFrame) {
+        let mut dst = BytesMut::new();
+        frame.encode(&mut dst);
+        let raw = FrameCodec::new(DEFAULT_MAX_FRAME).decode(&mut dst).expect("decodes").expect("a whole frame");
+        assert_eq!(ServerFrame::parse(raw).expect("parses"), frame);
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let payload = Bytes::from_static(b"\x81\xa1v\x01");
+        round_trip_client(ClientFrame::Hello { version: 1, token: "secret".into(), name: "test".into() });
+        round_trip_client(ClientFrame::Declare {
+            req: 1,
+            queue: "q".into(),
+            max_len: Some(5),
+            max_deliveries: Some(3),
+            durable: true,
+        });
+        round_trip_client(ClientFrame::Declare {
+            req: 1,
+            queue: "q".into(),
+            max_len: None,
+            max_deliveries: None,
+            durable: false,
+        });
+        round_trip_client(ClientFrame::Publish {
+            req: 2,
+            queue: "q".into(),
+            priority: 9,
+            ttl_ms: Some(100),
+            payload: payload.clone(),
+        });
+        round_trip_client(ClientFrame::PublishTopic {
+            req: 3,
+            topic: "t".into(),
+            priority: 0,
+            ttl_ms: None,
+            payload: payload.clone(),
+        });
+        round_trip_client(ClientFrame::Consume { req: 4, queue: "q".into(), prefetch: 64, auto_ack: false });
+        round_trip_client(ClientFrame::Subscribe {
+            req: 5,
+            topic: "t".into(),
+            group: "g".into(),
+            prefetch: 1,
+            auto_ack: true,
+        });
+        round_trip_client(ClientFrame::Settle { consumer: 7, tag: 8, outcome: 3 });
+        round_trip_client(ClientFrame::Cancel { req: 6, consumer: 7 });
+        round_trip_client(ClientFrame::Pause { consumer: 7 });
+        round_trip_client(ClientFrame::OpenInbox { req: 7, name: "inbox.x".into() });
+        round_trip_client(ClientFrame::Stats { req: 8, queue: "q".into() });
+        round_trip_client(ClientFrame::ListQueues { req: 9 });
+        round_trip_client(ClientFrame::Ping);
+        round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });
+        round_trip_server(ServerFrame::Ok { req: 1, body: consumer_body(42) });
+        round_trip_server(ServerFrame::Error { req: 0, code: ErrorCode::Unauthorized, message: "no".into() });
+        round_trip_server(ServerFrame::Deliver { consumer: 1, tag: 2, delivery_count: 3, ttl_ms: None, payload });
+        round_trip_server(ServerFrame::Ping);
+        round_trip_server(ServerFrame::Cancelled { consumer: 9 });
+    }
+
+    #[test]
+    fn bodies_round_trip() {
+        assert_eq!(parse_consumer_body(consumer_body(5)).expect("parses"), 5);
+        let mut stats = QueueStats::new();
+        stats.ready = 3;
+        stats.rejected = 9;
+        assert_eq!(parse_stats_body(stats_body(&stats)).expect("parses"), stats);
+        let list = vec![("a".to_owned(), stats), ("b.dlq".to_owned(), QueueStats::new())];
+        assert_eq!(parse_list_body(list_body(&list)).expect("parses"), list);
+        // A count claiming four billion entries in a few bytes fails without allocating for them.
+        assert!(parse_list_body(Bytes::from_static(&[0xff, 0xff, 0xff, 0xff])).is_err());
+    }
+
+    #[test]
+    fn lengths_are_checked_before_the_body_is_read() {
+        let mut codec = FrameCodec::new(1024);
+        let mut empty = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert!(matches!(codec.decode(&mut empty), Err(ProtocolError::Empty)));
+        let mut huge = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(codec.decode(&mut huge), Err(ProtocolError::TooLarge { len: 4_294_967_295, max: 1024 })));
+        let mut partial = BytesMut::from(&[0u8, 0, 0, 5, 0x0d][..]);
+        assert!(matches!(codec.decode(&mut partial), Ok(None)));
+    }
+
+    #[test]
+    fn malformed_bodies_are_typed_errors() {
+        assert!(matches!(ClientFrame::parse(Bytes::from_static(&[0x7f])), Err(ProtocolError::UnknownType(0x7f))));
+        assert!(matches!(ClientFrame::parse(Bytes::from_static(&[0x01, 0x00])), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            ClientFrame::parse(Bytes::from_static(&[0x0a, 0, 0, 0, 1, 0, 2, 0xff, 0xfe])),
+            Err(ProtocolError::Malformed("a string that is not UTF-8"))
+        ));
+        assert!(matches!(ClientFrame::parse(Bytes::from_static(&[0x0d, 0x00])), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            ClientFrame::parse(Bytes::from_static(&[0x05, 0, 0, 0, 1, 0, 1, b'q', 0, 0, 0, 1, 7])),
+            Err(ProtocolError::Malformed("a flag other than 0 or 1"))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_frames_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = ClientFrame::parse(Bytes::from(bytes.clone()));
+            let _ = ServerFrame::parse(Bytes::from(bytes.clone()));
+            let _ = FrameCodec::new(1 << 20).decode(&mut BytesMut::from(&bytes[..]));
+        }
+    }
+}
