@@ -128,8 +128,8 @@ impl Embedded {
             let acker: Arc<dyn Acker> = Arc::new(EmbeddedAcker { shared: shared.clone(), consumer });
             Box::new(ChannelSink { sender, acker })
         };
-        let consumer =
-            hub.attach(queue, options.prefetch, options.auto_ack, make_sink, Instant::now()).map_err(to_error)?;
+        let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
+        hub.dispatch(Instant::now());
         let guard = ConsumerGuard { shared, consumer };
         Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
     }

@@ -18,6 +18,18 @@ pub const PRIORITY_LEVELS: usize = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConsumerId(u64);
 
+impl ConsumerId {
+    /// The id as a number, for the wire.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The id a number on the wire stands for.
+    pub fn from_u64(raw: u64) -> ConsumerId {
+        ConsumerId(raw)
+    }
+}
+
 /// How a queue behaves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -235,6 +247,11 @@ impl<M: Clone> Engine<M> {
         }
         self.queues.insert(queue.to_owned(), Queue::new(queue.to_owned(), config));
         Ok(())
+    }
+
+    /// Whether consumer `id` is attached.
+    pub fn has_consumer(&self, id: ConsumerId) -> bool {
+        self.consumers.contains_key(&id)
     }
 
     /// Whether `queue` exists.

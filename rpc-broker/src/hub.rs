@@ -25,19 +25,17 @@ impl<M> Default for Hub<M> {
 }
 
 impl<M: Clone> Hub<M> {
-    /// Attaches a consumer to `queue` whose deliveries go to the sink `make_sink` builds for its id, and hands
-    /// it what is waiting.
+    /// Attaches a consumer to `queue` whose deliveries go to the sink `make_sink` builds for its id. What is
+    /// waiting goes to it at the next [`Hub::dispatch`], so that the caller can first tell its peer the id.
     pub(crate) fn attach(
         &mut self,
         queue: &str,
         prefetch: u32,
         auto_ack: bool,
         make_sink: impl FnOnce(ConsumerId) -> Box<dyn Sink<M>>,
-        now: Instant,
     ) -> Result<ConsumerId, EngineError> {
         let id = self.engine.add_consumer(queue, prefetch, auto_ack)?;
         self.sinks.insert(id, make_sink(id));
-        self.dispatch(now);
         Ok(id)
     }
 

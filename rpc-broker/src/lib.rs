@@ -23,7 +23,10 @@ pub mod engine;
 
 mod hub;
 pub mod protocol;
+pub mod server;
 
 mod embedded;
+mod remote;
 
 pub use embedded::Embedded;
+pub use remote::{Remote, RemoteOptions};

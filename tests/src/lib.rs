@@ -41,6 +41,47 @@ impl Harness for EmbeddedHarness {
     }
 }
 
+/// Our own broker server on a free loopback port, reached through [`rpc_broker::Remote`]: each connection is a
+/// TCP connection of its own, as a separate process would open.
+#[derive(Debug)]
+pub struct RemoteHarness {
+    server: rpc_broker::server::BrokerServer,
+}
+
+impl RemoteHarness {
+    /// Starts a broker server with the default configuration.
+    pub async fn start() -> RemoteHarness {
+        RemoteHarness::start_with(rpc_broker::server::ServerConfig::default()).await
+    }
+
+    /// Starts a broker server with `config`.
+    pub async fn start_with(config: rpc_broker::server::ServerConfig) -> RemoteHarness {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = rpc_broker::server::BrokerServer::bind(address, config).await.expect("the broker starts");
+        RemoteHarness { server }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// The server.
+    pub fn server(&self) -> &rpc_broker::server::BrokerServer {
+        &self.server
+    }
+}
+
+impl Harness for RemoteHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let remote = rpc_broker::Remote::connect(&self.url()).await.expect("connects to the broker");
+            let transport: Arc<dyn Transport> = Arc::new(remote);
+            transport
+        })
+    }
+}
+
 /// Waits until `condition` holds, checking every few milliseconds, and panics naming `what` after `limit`.
 pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;

@@ -1,0 +1,814 @@
+//! The [`Transport`] that connects to a running `rpc-broker` server.
+//!
+//! One TCP (or TLS) connection carries everything, pipelined: a writer task drains every queued frame into
+//! one write, a reader task routes answers to their requests and deliveries to their consumers. When the
+//! connection is lost, every request waiting on it fails with [`Error::Disconnected`] at once; a supervisor
+//! reconnects with exponential backoff and jitter and re-creates every consumer and inbox, so that streams
+//! of deliveries resume by themselves. Deliveries received on a lost connection were requeued by the broker;
+//! settling them reports [`Error::Disconnected`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use futures::StreamExt;
+use rpc_core::codec::{self, Limits};
+use rpc_core::{
+    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
+    Inbox, Outcome, QueueOptions, QueueStats, Transport,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::embedded::UnboundedStream;
+use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, PROTOCOL_VERSION, ServerFrame};
+
+/// How a [`Remote`] connects.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RemoteOptions {
+    /// Certificates to trust for `mqrpcs://` (default: none, so TLS needs this).
+    pub tls_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// Time to open a connection and complete the handshake (default 5 s).
+    pub connect_timeout: Duration,
+    /// Time to wait for the broker's answer to one request (default 10 s).
+    pub request_timeout: Duration,
+    /// Longest wait between two reconnection attempts (default 5 s).
+    pub max_backoff: Duration,
+    /// A name for the broker's logs.
+    pub name: String,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> RemoteOptions {
+        RemoteOptions {
+            tls_roots: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(5),
+            name: "mqrpc".into(),
+        }
+    }
+}
+
+impl fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("tls_roots", &self.tls_roots.len())
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_backoff", &self.max_backoff)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl RemoteOptions {
+    /// The defaults.
+    pub fn new() -> RemoteOptions {
+        RemoteOptions::default()
+    }
+
+    /// Trusts the certificates in `pem` (PEM text) for `mqrpcs://`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `pem` holds no certificate.
+    pub fn tls_roots_pem(mut self, pem: &[u8]) -> Result<RemoteOptions, Error> {
+        use rustls_pki_types::pem::PemObject;
+        let certificates: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|error| Error::InvalidArgument(format!("cannot read the certificates: {error}")))?;
+        if certificates.is_empty() {
+            return Err(Error::InvalidArgument("no certificate in the PEM".into()));
+        }
+        self.tls_roots.extend(certificates);
+        Ok(self)
+    }
+
+    /// Sets [`RemoteOptions::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> RemoteOptions {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`RemoteOptions::max_backoff`].
+    pub fn max_backoff(mut self, backoff: Duration) -> RemoteOptions {
+        self.max_backoff = backoff;
+        self
+    }
+}
+
+/// Where to connect: `mqrpc://[token@]host:port`, or `mqrpcs://` for TLS.
+#[derive(Clone, PartialEq, Eq)]
+struct Target {
+    host: String,
+    port: u16,
+    token: String,
+    tls: bool,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqrpcs" } else { "mqrpc" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+fn parse_url(url: &str) -> Result<Target, Error> {
+    let bad = |why: &str| Error::InvalidArgument(format!("bad broker URL `{url}`: {why}"));
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqrpcs://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqrpc://") {
+        (false, rest)
+    } else {
+        return Err(bad("it starts with mqrpc:// or mqrpcs://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (token, address) = match rest.rsplit_once('@') {
+        Some((token, address)) => (token.to_owned(), address),
+        None => (String::new(), rest),
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("it names a port"))?;
+    let port = port.parse().map_err(|_| bad("the port is a number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    if host.is_empty() {
+        return Err(bad("it names a host"));
+    }
+    Ok(Target { host, port, token, tls })
+}
+
+/// A connection to a broker server, as a transport. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Remote {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("target", &self.inner.target)
+            .field("connected", &self.inner.current().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    target: Target,
+    options: RemoteOptions,
+    current: Mutex<Option<Arc<Conn>>>,
+    next_req: AtomicU32,
+    next_logical: AtomicU64,
+    consumers: Mutex<HashMap<u64, Logical>>,
+    closed: AtomicBool,
+    reconnected: Notify,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(conn) = self.current.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            conn.dead.cancel();
+        }
+    }
+}
+
+/// A consumer as the application sees it: it outlives connections.
+struct Logical {
+    kind: LogicalKind,
+    prefetch: u32,
+    auto_ack: bool,
+    paused: bool,
+    sender: mpsc::UnboundedSender<Delivery>,
+}
+
+#[derive(Clone)]
+enum LogicalKind {
+    Queue(String),
+    Group { topic: String, group: String },
+    Inbox(String),
+}
+
+/// What the reader does with the answer to a request.
+enum Waiter {
+    Answer(oneshot::Sender<Result<Bytes, (ErrorCode, String)>>),
+    /// The answer to Consume, Subscribe or OpenInbox: routes the consumer before any of its deliveries is read.
+    Consumer {
+        logical: u64,
+        sender: mpsc::UnboundedSender<Delivery>,
+        answer: oneshot::Sender<Result<Bytes, (ErrorCode, String)>>,
+    },
+}
+
+struct Route {
+    logical: u64,
+    sender: mpsc::UnboundedSender<Delivery>,
+    acker: Arc<dyn Acker>,
+}
+
+struct Conn {
+    out: mpsc::UnboundedSender<Bytes>,
+    pending: DashMap<u32, Waiter>,
+    routes: DashMap<u64, Route>,
+    dead: CancellationToken,
+}
+
+impl Conn {
+    fn send(&self, frame: &ClientFrame) -> Result<(), Error> {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        self.out.send(buf.freeze()).map_err(|_| Error::Disconnected)
+    }
+}
+
+impl Inner {
+    fn current(&self) -> Option<Arc<Conn>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|conn| !conn.dead.is_cancelled())
+    }
+
+    fn consumers(&self) -> MutexGuard<'_, HashMap<u64, Logical>> {
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn req(&self) -> u32 {
+        // 0 is the connection-level error's id.
+        loop {
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            if req != 0 {
+                return req;
+            }
+        }
+    }
+
+    /// Sends a request on `conn` and waits for its answer.
+    async fn request_on(
+        &self,
+        conn: &Conn,
+        frame: impl FnOnce(u32) -> ClientFrame,
+        waiter: impl FnOnce(oneshot::Sender<Result<Bytes, (ErrorCode, String)>>) -> Waiter,
+    ) -> Result<Result<Bytes, (ErrorCode, String)>, Error> {
+        let req = self.req();
+        let (answer, answered) = oneshot::channel();
+        conn.pending.insert(req, waiter(answer));
+        if let Err(error) = conn.send(&frame(req)) {
+            conn.pending.remove(&req);
+            return Err(error);
+        }
+        match tokio::time::timeout(self.options.request_timeout, answered).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(Error::Disconnected),
+            Err(_) => {
+                conn.pending.remove(&req);
+                Err(Error::Timeout(self.options.request_timeout))
+            }
+        }
+    }
+
+    async fn request(&self, what: &str, frame: impl FnOnce(u32) -> ClientFrame) -> Result<Bytes, Error> {
+        let conn = self.current().ok_or(Error::Disconnected)?;
+        match self.request_on(&conn, frame, Waiter::Answer).await? {
+            Ok(body) => Ok(body),
+            Err((code, message)) => Err(code.to_error(what, message)),
+        }
+    }
+
+    /// Starts `logical` on `conn`.
+    async fn start_consumer(&self, conn: &Conn, id: u64) -> Result<(), Error> {
+        let Some((kind, prefetch, auto_ack, sender)) = self
+            .consumers()
+            .get(&id)
+            .map(|logical| (logical.kind.clone(), logical.prefetch, logical.auto_ack, logical.sender.clone()))
+        else {
+            return Ok(());
+        };
+        let (what, frame): (String, Box<dyn FnOnce(u32) -> ClientFrame + Send>) = match kind {
+            LogicalKind::Queue(queue) => {
+                (queue.clone(), Box::new(move |req| ClientFrame::Consume { req, queue, prefetch, auto_ack }))
+            }
+            LogicalKind::Group { topic, group } => {
+                (topic.clone(), Box::new(move |req| ClientFrame::Subscribe { req, topic, group, prefetch, auto_ack }))
+            }
+            LogicalKind::Inbox(name) => (name.clone(), Box::new(move |req| ClientFrame::OpenInbox { req, name })),
+        };
+        match self.request_on(conn, frame, |answer| Waiter::Consumer { logical: id, sender, answer }).await? {
+            Ok(_) => Ok(()),
+            Err((code, message)) => Err(code.to_error(&what, message)),
+        }
+    }
+
+    async fn consumer(self: &Arc<Self>, kind: LogicalKind, options: ConsumeOptions) -> Result<Consumer, Error> {
+        let id = self.next_logical.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let logical = Logical { kind, prefetch: options.prefetch, auto_ack: options.auto_ack, paused: false, sender };
+        self.consumers().insert(id, logical);
+        let conn = self.current().ok_or(Error::Disconnected);
+        let started = match conn {
+            Ok(conn) => self.start_consumer(&conn, id).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = started {
+            self.consumers().remove(&id);
+            return Err(error);
+        }
+        let guard = LogicalGuard { inner: Arc::clone(self), id };
+        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+    }
+}
+
+impl Remote {
+    /// Connects to the broker at `url` (`mqrpc://[token@]host:port`, `mqrpcs://` for TLS).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad URL, [`Error::Unauthorized`] for a refused token, or
+    /// [`Error::Disconnected`] when the broker cannot be reached.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn connect(url: &str) -> Result<Remote, Error> {
+        Remote::connect_with(url, RemoteOptions::default()).await
+    }
+
+    /// As [`Remote::connect`], with options.
+    ///
+    /// # Errors
+    /// As [`Remote::connect`].
+    pub async fn connect_with(url: &str, options: RemoteOptions) -> Result<Remote, Error> {
+        let target = parse_url(url)?;
+        let inner = Arc::new(Inner {
+            target,
+            options,
+            current: Mutex::new(None),
+            next_req: AtomicU32::new(1),
+            next_logical: AtomicU64::new(1),
+            consumers: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            reconnected: Notify::new(),
+        });
+        let conn = open(&inner).await?;
+        *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
+        tokio::spawn(supervise(Arc::downgrade(&inner), conn));
+        Ok(Remote { inner })
+    }
+
+    /// Every queue with its counters, sorted by name.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] or [`Error::Timeout`].
+    pub async fn list_queues(&self) -> Result<Vec<(String, QueueStats)>, Error> {
+        let body = self.inner.request("", |req| ClientFrame::ListQueues { req }).await?;
+        protocol::parse_list_body(body).map_err(|error| Error::Transport(Box::new(error)))
+    }
+
+    /// Whether a connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.current().is_some()
+    }
+
+    /// Waits until a connection is up (at once if it is).
+    pub async fn connected(&self) {
+        loop {
+            let notified = self.inner.reconnected.notified();
+            if self.is_connected() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(conn) = self.inner.current() {
+            conn.dead.cancel();
+        }
+    }
+}
+
+/// Reconnects whenever the connection dies, until the transport is dropped or closed.
+async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
+    loop {
+        conn.dead.cancelled().await;
+        let mut attempt = 0u32;
+        conn = loop {
+            let Some(strong) = inner.upgrade() else { return };
+            if strong.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let backoff = backoff(attempt, strong.options.max_backoff);
+            drop(strong);
+            tokio::time::sleep(backoff).await;
+            attempt = attempt.saturating_add(1);
+            let Some(strong) = inner.upgrade() else { return };
+            match open(&strong).await {
+                Ok(conn) => {
+                    let ids: Vec<u64> =
+                        strong.consumers().iter().filter(|(_, logical)| !logical.paused).map(|(id, _)| *id).collect();
+                    let mut restored = true;
+                    for id in ids {
+                        if let Err(error) = strong.start_consumer(&conn, id).await {
+                            tracing::warn!(%error, "could not restore a consumer after reconnecting");
+                            restored = !matches!(error, Error::Disconnected | Error::Timeout(_));
+                            if !restored {
+                                break;
+                            }
+                        }
+                    }
+                    if !restored || conn.dead.is_cancelled() {
+                        conn.dead.cancel();
+                        continue;
+                    }
+                    *strong.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
+                    strong.reconnected.notify_waiters();
+                    tracing::info!(target = ?strong.target, attempt, "reconnected to the broker");
+                    break conn;
+                }
+                Err(error) => tracing::debug!(%error, attempt, "reconnecting to the broker failed"),
+            }
+        };
+    }
+}
+
+/// Exponential from 50 ms, capped, with jitter in [50%, 100%] so that clients do not reconnect in lockstep.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(50).saturating_mul(1u32 << attempt.min(16)).min(max);
+    let jitter = (Uuid::new_v4().as_u128() % 1000) as u32;
+    base / 2 + base / 2 * jitter / 1000
+}
+
+type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
+type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
+
+async fn dial(inner: &Inner) -> Result<(BoxRead, BoxWrite), Error> {
+    let target = &inner.target;
+    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(|error| {
+        tracing::debug!(%error, "connect failed");
+        Error::Disconnected
+    })?;
+    let _ = tcp.set_nodelay(true);
+    if !target.tls {
+        let (read, write) = tokio::io::split(tcp);
+        return Ok((Box::pin(read), Box::pin(write)));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in &inner.options.tls_roots {
+        roots.add(certificate.clone()).map_err(|error| Error::InvalidArgument(format!("bad TLS root: {error}")))?;
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|_| Error::InvalidArgument(format!("`{}` is not a TLS server name", target.host)))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|error| Error::Transport(format!("TLS handshake failed: {error}").into()))?;
+    let (read, write) = tokio::io::split(tls);
+    Ok((Box::pin(read), Box::pin(write)))
+}
+
+/// Opens a connection: dial, handshake, then the reader, writer and heartbeat tasks.
+async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
+    let connect = async {
+        let (read, mut write) = dial(inner).await?;
+        let mut hello = BytesMut::new();
+        ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            token: inner.target.token.clone(),
+            name: inner.options.name.clone(),
+        }
+        .encode(&mut hello);
+        write.write_all(&hello).await.map_err(|_| Error::Disconnected)?;
+        let mut frames = FramedRead::new(read, FrameCodec::new(protocol::DEFAULT_MAX_FRAME));
+        let first =
+            frames.next().await.ok_or(Error::Disconnected)?.map_err(|error| Error::Transport(Box::new(error)))?;
+        match ServerFrame::parse(first).map_err(|error| Error::Transport(Box::new(error)))? {
+            ServerFrame::Welcome { heartbeat_ms, .. } => Ok((frames, write, heartbeat_ms)),
+            ServerFrame::Error { code, message, .. } => Err(code.to_error("", message)),
+            _ => Err(Error::Transport("the broker did not answer the handshake".into())),
+        }
+    };
+    let (frames, write, heartbeat_ms) = tokio::time::timeout(inner.options.connect_timeout, connect)
+        .await
+        .map_err(|_| Error::Timeout(inner.options.connect_timeout))??;
+    let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
+    let (out, outbound) = mpsc::unbounded_channel();
+    let conn = Arc::new(Conn { out, pending: DashMap::new(), routes: DashMap::new(), dead: CancellationToken::new() });
+    let last_seen = Arc::new(Mutex::new(Instant::now()));
+    tokio::spawn(write_frames(write, outbound, conn.dead.clone()));
+    tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&last_seen)));
+    tokio::spawn(heartbeats(Arc::downgrade(&conn), heartbeat, last_seen));
+    Ok(conn)
+}
+
+async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver<Bytes>, dead: CancellationToken) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let first = tokio::select! {
+            _ = dead.cancelled() => break,
+            first = outbound.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+        };
+        buf.extend_from_slice(&first);
+        while buf.len() < 1024 * 1024 {
+            match outbound.try_recv() {
+                Ok(frame) => buf.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&buf).await.is_err() || write.flush().await.is_err() {
+            break;
+        }
+        buf.clear();
+    }
+    dead.cancel();
+    let _ = write.shutdown().await;
+}
+
+async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn>, last_seen: Arc<Mutex<Instant>>) {
+    let limits = Limits::default();
+    loop {
+        let frame = tokio::select! {
+            _ = conn.dead.cancelled() => break,
+            frame = frames.next() => frame,
+        };
+        let Some(Ok(frame)) = frame else { break };
+        *last_seen.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        let frame = match ServerFrame::parse(frame) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::warn!(%error, "the broker sent a malformed frame; reconnecting");
+                break;
+            }
+        };
+        match frame {
+            ServerFrame::Ok { req, body } => answer(&conn, req, Ok(body)),
+            ServerFrame::Error { req: 0, code, message } => {
+                tracing::warn!(?code, %message, "the broker closed the connection");
+                break;
+            }
+            ServerFrame::Error { req, code, message } => answer(&conn, req, Err((code, message))),
+            ServerFrame::Deliver { consumer, tag, delivery_count, ttl_ms, payload } => {
+                let Some(route) = conn.routes.get(&consumer) else { continue };
+                match codec::decode_envelope(&payload, &limits) {
+                    Ok(mut envelope) => {
+                        envelope.deadline_ms = ttl_ms;
+                        let handle =
+                            if tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&route.acker), tag) };
+                        let delivery = Delivery { envelope, delivery_count, received_at: Instant::now(), handle };
+                        let _ = route.sender.send(delivery);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
+                        if tag != 0 {
+                            let _ = conn.send(&ClientFrame::Settle { consumer, tag, outcome: 2 });
+                        }
+                    }
+                }
+            }
+            ServerFrame::Cancelled { consumer } => {
+                conn.routes.remove(&consumer);
+            }
+            ServerFrame::Ping | ServerFrame::Welcome { .. } => {}
+        }
+    }
+    conn.dead.cancel();
+    // Every request waiting on this connection fails now rather than at its timeout.
+    conn.pending.clear();
+}
+
+fn answer(conn: &Conn, req: u32, result: Result<Bytes, (ErrorCode, String)>) {
+    let Some((_, waiter)) = conn.pending.remove(&req) else { return };
+    match waiter {
+        Waiter::Answer(answer) => {
+            let _ = answer.send(result);
+        }
+        Waiter::Consumer { logical, sender, answer } => {
+            let result = result.and_then(|body| {
+                protocol::parse_consumer_body(body.clone())
+                    .map(|consumer| {
+                        let acker: Arc<dyn Acker> =
+                            Arc::new(RemoteAcker { conn: conn.out.clone(), dead: conn.dead.clone(), consumer });
+                        conn.routes.insert(consumer, Route { logical, sender, acker });
+                        body
+                    })
+                    .map_err(|error| (ErrorCode::Malformed, error.to_string()))
+            });
+            let _ = answer.send(result);
+        }
+    }
+}
+
+async fn heartbeats(conn: Weak<Conn>, interval: Duration, last_seen: Arc<Mutex<Instant>>) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(conn) = conn.upgrade() else { return };
+        if conn.dead.is_cancelled() {
+            return;
+        }
+        let silent = last_seen.lock().unwrap_or_else(PoisonError::into_inner).elapsed();
+        if silent > interval * 3 {
+            tracing::warn!(?silent, "the broker went silent; reconnecting");
+            conn.dead.cancel();
+            conn.pending.clear();
+            return;
+        }
+        let _ = conn.send(&ClientFrame::Ping);
+    }
+}
+
+/// Settles the deliveries of one consumer on one connection; once that connection is gone they were requeued.
+struct RemoteAcker {
+    conn: mpsc::UnboundedSender<Bytes>,
+    dead: CancellationToken,
+    consumer: u64,
+}
+
+impl fmt::Debug for RemoteAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteAcker").field("consumer", &self.consumer).finish()
+    }
+}
+
+impl Acker for RemoteAcker {
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        let outcome = match outcome {
+            Outcome::Ack => 0,
+            Outcome::Requeue => 1,
+            Outcome::DeadLetter => 2,
+            Outcome::Release => 3,
+        };
+        let result = if self.dead.is_cancelled() {
+            Err(Error::Disconnected)
+        } else {
+            let mut buf = BytesMut::new();
+            ClientFrame::Settle { consumer: self.consumer, tag, outcome }.encode(&mut buf);
+            self.conn.send(buf.freeze()).map_err(|_| Error::Disconnected)
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+/// Ends a logical consumer when its [`Consumer`] is dropped. A consumer keeps its connection alive.
+struct LogicalGuard {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl LogicalGuard {
+    /// The connection and the broker's id of this consumer on it, if it has one now.
+    fn on_broker(&self) -> Option<(Arc<Conn>, u64)> {
+        let conn = self.inner.current()?;
+        let consumer = conn.routes.iter().find(|route| route.logical == self.id).map(|route| *route.key())?;
+        Some((conn, consumer))
+    }
+}
+
+impl ConsumerControl for LogicalGuard {
+    fn pause(&self) {
+        if let Some(logical) = self.inner.consumers().get_mut(&self.id) {
+            logical.paused = true;
+        }
+        if let Some((conn, consumer)) = self.on_broker() {
+            let _ = conn.send(&ClientFrame::Pause { consumer });
+        }
+    }
+}
+
+impl Drop for LogicalGuard {
+    fn drop(&mut self) {
+        if let Some((conn, consumer)) = self.on_broker() {
+            conn.routes.remove(&consumer);
+            let _ = conn.send(&ClientFrame::Cancel { req: self.inner.req(), consumer });
+        }
+        self.inner.consumers().remove(&self.id);
+    }
+}
+
+fn ttl(envelope: &Envelope) -> Option<u64> {
+    envelope.deadline_ms
+}
+
+impl Transport for Remote {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            durable: false,
+            acks: true,
+            priority: true,
+            delayed_delivery: false,
+            max_length: true,
+            dead_letter: true,
+            dedup_window: None,
+        }
+    }
+
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner
+                .request(queue, |req| ClientFrame::Declare {
+                    req,
+                    queue: queue.to_owned(),
+                    max_len: options.max_len.map(|max| max as u64),
+                    max_deliveries: options.max_deliveries,
+                    durable: options.durable,
+                })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let payload = codec::encode_envelope(&envelope)?;
+            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), ttl(&envelope));
+            self.inner
+                .request(queue, |req| ClientFrame::Publish { req, queue: queue.to_owned(), priority, ttl_ms, payload })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let payload = codec::encode_envelope(&envelope)?;
+            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), ttl(&envelope));
+            self.inner
+                .request(topic, |req| ClientFrame::PublishTopic {
+                    req,
+                    topic: topic.to_owned(),
+                    priority,
+                    ttl_ms,
+                    payload,
+                })
+                .await
+                .map(drop)
+        })
+    }
+
+    fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(self.inner.consumer(LogicalKind::Queue(queue.to_owned()), options))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Consumer, Error>> {
+        let kind = LogicalKind::Group { topic: topic.to_owned(), group: group.to_owned() };
+        Box::pin(self.inner.consumer(kind, options))
+    }
+
+    fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
+        Box::pin(async move {
+            let address = format!("inbox.{}", Uuid::new_v4());
+            let options = ConsumeOptions::new().prefetch(0).auto_ack(true);
+            let consumer = self.inner.consumer(LogicalKind::Inbox(address.clone()), options).await?;
+            Ok(Inbox { address, consumer })
+        })
+    }
+
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
+        Box::pin(async move {
+            let body = self.inner.request(queue, |req| ClientFrame::Stats { req, queue: queue.to_owned() }).await?;
+            protocol::parse_stats_body(body).map_err(|error| Error::Transport(Box::new(error)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let plain = parse_url("mqrpc://127.0.0.1:7878").expect("parses");
+        assert_eq!((plain.host.as_str(), plain.port, plain.token.as_str(), plain.tls), ("127.0.0.1", 7878, "", false));
+        let secret = parse_url("mqrpcs://s3cret@broker.local:443/").expect("parses");
+        assert_eq!((secret.host.as_str(), secret.token.as_str(), secret.tls), ("broker.local", "s3cret", true));
+        let v6 = parse_url("mqrpc://[::1]:9000").expect("parses");
+        assert_eq!(v6.host, "::1");
+        for bad in ["http://x:1", "mqrpc://host", "mqrpc://:1", "mqrpc://host:port"] {
+            assert!(matches!(parse_url(bad), Err(Error::InvalidArgument(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let max = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let wait = backoff(attempt, max);
+            assert!(wait <= max);
+            assert!(wait >= Duration::from_millis(25).min(max / 2));
+        }
+        assert!(backoff(20, max) >= max / 2);
+    }
+}

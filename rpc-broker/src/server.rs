@@ -1,0 +1,659 @@
+//! The engine behind TCP (optionally TLS): the `rpc-broker` server.
+//!
+//! Each connection has a reader that runs frames against the shared [`Hub`] in short critical sections, and a
+//! writer that drains everything queued for the connection into one buffer and writes it with one syscall.
+//! Limits: frame size, handshake time, connections, unacked deliveries per connection, bytes waiting to be
+//! written per connection (past which the connection's frames are not read), and a memory high-watermark on
+//! the bytes the broker holds, past which publishes get `QueueFull`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use rpc_core::codec::{self, Limits};
+use rpc_core::{Error, QueueOptions};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::codec::FramedRead;
+
+use crate::embedded::{declare, join_group, settle_of};
+use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
+use crate::hub::{Hub, Sink};
+use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, PROTOCOL_VERSION, ProtocolError, ServerFrame};
+
+/// How the server runs; every field has a sane default.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Clients must present this token in their handshake; `None` accepts any.
+    pub token: Option<String>,
+    /// Largest frame accepted (default 16 MiB).
+    pub max_frame: usize,
+    /// Time a new connection has to complete its handshake (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Heartbeat interval; a connection silent for three of them is closed (default 1 s).
+    pub heartbeat: Duration,
+    /// Connections open at once (default 1,024).
+    pub max_connections: usize,
+    /// Unacked deliveries per connection, across its consumers (default 10,000).
+    pub max_unacked: u32,
+    /// Bytes queued for writing to one connection past which its frames are not read (default 64 MiB).
+    pub max_outbound: usize,
+    /// Bytes of messages the broker holds past which publishes are refused with `QueueFull` (default 1 GiB).
+    pub memory_high_watermark: usize,
+    /// TLS, if set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            token: None,
+            max_frame: protocol::DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            max_connections: 1024,
+            max_unacked: 10_000,
+            max_outbound: 64 * 1024 * 1024,
+            memory_high_watermark: 1024 * 1024 * 1024,
+            tls: None,
+        }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("max_frame", &self.max_frame)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("max_connections", &self.max_connections)
+            .field("max_unacked", &self.max_unacked)
+            .field("max_outbound", &self.max_outbound)
+            .field("memory_high_watermark", &self.memory_high_watermark)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Counters of a running server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Connections open now.
+    pub connections: usize,
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Connections closed because of a protocol, auth or limit error.
+    pub rejected: u64,
+    /// Frames read.
+    pub frames_in: u64,
+    /// Bytes of messages held.
+    pub bytes_held: usize,
+}
+
+struct State {
+    hub: Mutex<Hub<Bytes>>,
+    config: ServerConfig,
+    connections: AtomicUsize,
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    frames_in: AtomicU64,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Hub<Bytes>> {
+        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running broker server. Dropping it stops accepting and closes every connection.
+pub struct BrokerServer {
+    state: Arc<State>,
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for BrokerServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerServer").field("local_addr", &self.local_addr).field("stats", &self.stats()).finish()
+    }
+}
+
+impl BrokerServer {
+    /// Listens on `addr` (port 0 picks a free port) and serves until dropped.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<BrokerServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            hub: Mutex::new(Hub::default()),
+            config,
+            connections: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            frames_in: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(accept(listener, Arc::clone(&state)));
+        Ok(BrokerServer { state, local_addr, task })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The URL clients connect to (`mqrpc://` or `mqrpcs://`, with the token if there is one).
+    pub fn url(&self) -> String {
+        let scheme = if self.state.config.tls.is_some() { "mqrpcs" } else { "mqrpc" };
+        match &self.state.config.token {
+            Some(token) => format!("{scheme}://{token}@{}", self.local_addr),
+            None => format!("{scheme}://{}", self.local_addr),
+        }
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            connections: self.state.connections.load(Ordering::Relaxed),
+            accepted: self.state.accepted.load(Ordering::Relaxed),
+            rejected: self.state.rejected.load(Ordering::Relaxed),
+            frames_in: self.state.frames_in.load(Ordering::Relaxed),
+            bytes_held: self.state.lock().engine.bytes(),
+        }
+    }
+
+    /// Runs until the task serving it ends (it does not, unless the listener fails).
+    pub async fn run(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for BrokerServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::clone(&state);
+        if state.connections.load(Ordering::Relaxed) >= state.config.max_connections {
+            state.rejected.fetch_add(1, Ordering::Relaxed);
+            connections.spawn(refuse(stream, ErrorCode::Limit, "too many connections; try again later"));
+            continue;
+        }
+        state.connections.fetch_add(1, Ordering::Relaxed);
+        connections.spawn(async move {
+            match state.config.tls.clone() {
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    match tokio::time::timeout(state.config.handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve(&state, stream, peer).await,
+                        _ => {
+                            state.rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "TLS handshake failed or timed out");
+                        }
+                    }
+                }
+                None => serve(&state, stream, peer).await,
+            }
+            state.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, code: ErrorCode, message: &str) {
+    let mut buf = BytesMut::new();
+    ServerFrame::Error { req: 0, code, message: message.to_owned() }.encode(&mut buf);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+}
+
+/// What a connection's writer sends.
+enum Outbound {
+    Frame(ServerFrame),
+    Deliver(engine::Delivery<Bytes>),
+}
+
+/// The connection's side of its consumers: deliveries queued for the writer, counted in bytes.
+struct ConnectionSink {
+    out: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sink<Bytes> for ConnectionSink {
+    fn deliver(&self, delivery: engine::Delivery<Bytes>, _now: Instant) {
+        self.queued.fetch_add(delivery.message.len(), Ordering::Relaxed);
+        // A closed writer means the connection is going; its consumers are detached right after.
+        let _ = self.out.send(Outbound::Deliver(delivery));
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // The length is not secret; the contents are compared without an early exit.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error_code(error: &Error) -> ErrorCode {
+    match error {
+        Error::NoRoute(_) => ErrorCode::NoRoute,
+        Error::QueueFull(_) => ErrorCode::QueueFull,
+        Error::InvalidArgument(_) => ErrorCode::Invalid,
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn failure(req: u32, error: &Error) -> ServerFrame {
+    ServerFrame::Error { req, code: error_code(error), message: error.to_string() }
+}
+
+fn protocol_failure(error: &ProtocolError) -> ServerFrame {
+    let code = match error {
+        ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+        ProtocolError::Io(_) => ErrorCode::Internal,
+        _ => ErrorCode::Malformed,
+    };
+    ServerFrame::Error { req: 0, code, message: error.to_string() }
+}
+
+async fn serve<S>(state: &Arc<State>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    let mut frames = FramedRead::new(read, FrameCodec::new(state.config.max_frame));
+    let (out, outbound) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let drained = Arc::new(Notify::new());
+    let writer = tokio::spawn(write_frames(write, outbound, Arc::clone(&queued), Arc::clone(&drained)));
+
+    let mut connection = Connection { state: Arc::clone(state), out: out.clone(), queued, consumers: HashSet::new() };
+    match handshake(state, &mut frames).await {
+        Ok(()) => {
+            let welcome = ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                heartbeat_ms: u32::try_from(state.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+                max_frame: u32::try_from(state.config.max_frame).unwrap_or(u32::MAX),
+            };
+            let _ = out.send(Outbound::Frame(welcome));
+            if let Err(closing) = connection.run(&mut frames, &drained).await {
+                state.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, ?closing, "closing connection");
+                let _ = out.send(Outbound::Frame(closing));
+            }
+        }
+        Err(refusal) => {
+            state.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, ?refusal, "handshake refused");
+            let _ = out.send(Outbound::Frame(refusal));
+        }
+    }
+    connection.detach_all();
+    drop(connection);
+    drop(out);
+    // Give the writer a moment to flush the last frame (an error, usually), then let it go.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<(), ServerFrame>
+where
+    R: AsyncRead + Unpin,
+{
+    let refuse = |code, message: &str| ServerFrame::Error { req: 0, code, message: message.to_owned() };
+    let first = match tokio::time::timeout(state.config.handshake_timeout, frames.next()).await {
+        Err(_) => return Err(refuse(ErrorCode::Timeout, "no handshake within the time limit")),
+        Ok(None) => return Err(refuse(ErrorCode::Malformed, "the connection closed before the handshake")),
+        Ok(Some(Err(error))) => return Err(protocol_failure(&error)),
+        Ok(Some(Ok(frame))) => frame,
+    };
+    state.frames_in.fetch_add(1, Ordering::Relaxed);
+    match ClientFrame::parse(first) {
+        Ok(ClientFrame::Hello { version, token, .. }) => {
+            if version != PROTOCOL_VERSION {
+                return Err(refuse(ErrorCode::Version, "unsupported protocol version; this broker speaks version 1"));
+            }
+            match &state.config.token {
+                Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
+                    Err(refuse(ErrorCode::Unauthorized, "wrong or missing token"))
+                }
+                _ => Ok(()),
+            }
+        }
+        Ok(_) => Err(refuse(ErrorCode::Malformed, "the first frame must be a handshake (Hello)")),
+        Err(error) => Err(protocol_failure(&error)),
+    }
+}
+
+async fn write_frames<W>(
+    mut write: W,
+    mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = outbound.recv().await {
+        let mut written = 0;
+        let mut next = Some(first);
+        // Everything queued right now goes out in one write; a lone frame is not held back.
+        while let Some(item) = next {
+            match item {
+                Outbound::Frame(frame) => frame.encode(&mut buf),
+                Outbound::Deliver(delivery) => {
+                    written += delivery.message.len();
+                    ServerFrame::Deliver {
+                        consumer: delivery.consumer.as_u64(),
+                        tag: delivery.tag,
+                        delivery_count: delivery.delivery_count,
+                        ttl_ms: delivery.remaining_ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                        payload: delivery.message,
+                    }
+                    .encode(&mut buf);
+                }
+            }
+            next = if buf.len() < 1024 * 1024 { outbound.try_recv().ok() } else { None };
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        queued.fetch_sub(written, Ordering::Relaxed);
+        drained.notify_waiters();
+        if outbound.is_empty() && write.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+struct Connection {
+    state: Arc<State>,
+    out: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<AtomicUsize>,
+    consumers: HashSet<ConsumerId>,
+}
+
+impl Connection {
+    /// Serves frames until the peer leaves (`Ok`) or breaks a rule (`Err` with the frame that says why).
+    async fn run<R>(&mut self, frames: &mut FramedRead<R, FrameCodec>, drained: &Notify) -> Result<(), ServerFrame>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let heartbeat = self.state.config.heartbeat;
+        let mut ticks = tokio::time::interval(heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_frame = Instant::now();
+        loop {
+            // A peer that does not read its deliveries stops being read from, until its backlog drains.
+            while self.queued.load(Ordering::Relaxed) > self.state.config.max_outbound {
+                let drain = drained.notified();
+                if tokio::time::timeout(heartbeat * 3, drain).await.is_err() {
+                    return Err(ServerFrame::Error {
+                        req: 0,
+                        code: ErrorCode::Timeout,
+                        message: "the connection does not read what it is sent".into(),
+                    });
+                }
+            }
+            tokio::select! {
+                frame = frames.next() => {
+                    let frame = match frame {
+                        None => return Ok(()),
+                        Some(Err(error)) => return Err(protocol_failure(&error)),
+                        Some(Ok(frame)) => frame,
+                    };
+                    last_frame = Instant::now();
+                    self.state.frames_in.fetch_add(1, Ordering::Relaxed);
+                    let frame = ClientFrame::parse(frame).map_err(|error| protocol_failure(&error))?;
+                    if let Some(answer) = self.handle(frame)? {
+                        let _ = self.out.send(Outbound::Frame(answer));
+                    }
+                }
+                _ = ticks.tick() => {
+                    if last_frame.elapsed() > heartbeat * 3 {
+                        return Err(ServerFrame::Error {
+                            req: 0,
+                            code: ErrorCode::Timeout,
+                            message: "no complete frame for three heartbeats".into(),
+                        });
+                    }
+                    let _ = self.out.send(Outbound::Frame(ServerFrame::Ping));
+                }
+            }
+        }
+    }
+
+    /// Runs one frame; returns the answer to send, or `Err` to close the connection.
+    fn handle(&mut self, frame: ClientFrame) -> Result<Option<ServerFrame>, ServerFrame> {
+        let req = frame.req();
+        let ok = |body: Bytes| Some(ServerFrame::Ok { req, body });
+        let answer = match frame {
+            ClientFrame::Hello { .. } => {
+                return Err(ServerFrame::Error {
+                    req: 0,
+                    code: ErrorCode::Malformed,
+                    message: "a second handshake".into(),
+                });
+            }
+            ClientFrame::Ping => None,
+            ClientFrame::Declare { queue, max_len, max_deliveries, durable, .. } => {
+                let mut options = QueueOptions::new().durable(durable);
+                if let Some(max_len) = max_len {
+                    options = options.max_len(usize::try_from(max_len).unwrap_or(usize::MAX));
+                }
+                if let Some(max_deliveries) = max_deliveries {
+                    options = options.max_deliveries(max_deliveries);
+                }
+                match self.check_name(&queue).and_then(|()| declare(&mut self.state.lock().engine, &queue, &options)) {
+                    Ok(()) => ok(Bytes::new()),
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::Publish { queue, priority, ttl_ms, payload, .. } => {
+                match self.publish(Target::Queue(&queue), priority, ttl_ms, payload) {
+                    Ok(()) => ok(Bytes::new()),
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::PublishTopic { topic, priority, ttl_ms, payload, .. } => {
+                match self.publish(Target::Topic(&topic), priority, ttl_ms, payload) {
+                    Ok(()) => ok(Bytes::new()),
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::Consume { queue, prefetch, auto_ack, .. } => {
+                match self.attach(req, &queue, prefetch, auto_ack) {
+                    Ok(()) => None,
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::Subscribe { topic, group, prefetch, auto_ack, .. } => {
+                let joined = self
+                    .check_name(&topic)
+                    .and_then(|()| self.check_name(&group))
+                    .and_then(|()| join_group(&mut self.state.lock().engine, &topic, &group));
+                match joined.and_then(|queue| self.attach(req, &queue, prefetch, auto_ack)) {
+                    Ok(()) => None,
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::Settle { consumer, tag, outcome } => {
+                let consumer = ConsumerId::from_u64(consumer);
+                let outcome = match outcome {
+                    0 => rpc_core::Outcome::Ack,
+                    1 => rpc_core::Outcome::Requeue,
+                    2 => rpc_core::Outcome::DeadLetter,
+                    3 => rpc_core::Outcome::Release,
+                    _ => {
+                        return Err(ServerFrame::Error {
+                            req: 0,
+                            code: ErrorCode::Malformed,
+                            message: "unknown settle outcome".into(),
+                        });
+                    }
+                };
+                // Only the connection's own consumers; a stale tag (requeued already) is ignored.
+                if self.consumers.contains(&consumer) {
+                    let now = Instant::now();
+                    let mut hub = self.state.lock();
+                    if let Err(error) = hub.engine.settle(consumer, tag, settle_of(outcome), now) {
+                        tracing::debug!(%error, "ignoring a settle");
+                    }
+                    hub.dispatch(now);
+                }
+                None
+            }
+            ClientFrame::Cancel { consumer, .. } => {
+                let consumer = ConsumerId::from_u64(consumer);
+                if self.consumers.remove(&consumer) {
+                    self.state.lock().detach(consumer, Instant::now());
+                }
+                ok(Bytes::new())
+            }
+            ClientFrame::Pause { consumer } => {
+                let consumer = ConsumerId::from_u64(consumer);
+                if self.consumers.contains(&consumer) {
+                    self.state.lock().engine.pause_consumer(consumer);
+                }
+                None
+            }
+            ClientFrame::OpenInbox { name, .. } => match self.open_inbox(req, &name) {
+                Ok(()) => None,
+                Err(error) => Some(failure(req, &error)),
+            },
+            ClientFrame::Stats { queue, .. } => {
+                let mut hub = self.state.lock();
+                hub.engine.expire_queue(&queue, Instant::now());
+                match hub.engine.stats(&queue) {
+                    Some(stats) => ok(protocol::stats_body(&stats)),
+                    None => Some(failure(req, &Error::NoRoute(queue))),
+                }
+            }
+            ClientFrame::ListQueues { .. } => {
+                let hub = self.state.lock();
+                let mut queues: Vec<_> = hub
+                    .engine
+                    .queue_names()
+                    .filter_map(|name| hub.engine.stats(name).map(|stats| (name.to_owned(), stats)))
+                    .collect();
+                queues.sort_by(|a, b| a.0.cmp(&b.0));
+                ok(protocol::list_body(&queues))
+            }
+        };
+        Ok(answer)
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), Error> {
+        if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+            Err(Error::InvalidArgument("names are 1 to 255 characters, without control characters".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn publish(&self, target: Target<'_>, priority: u8, ttl_ms: Option<u64>, payload: Bytes) -> Result<(), Error> {
+        if priority > 9 {
+            return Err(Error::InvalidArgument(format!("priority {priority} is above the highest, 9")));
+        }
+        // The broker does not decode envelopes, but it refuses what no consumer could decode.
+        let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
+        codec::check(&payload, &limits)
+            .map_err(|error| Error::InvalidArgument(format!("the payload is not an envelope: {error}")))?;
+        let props = Props { priority, ttl: ttl_ms.map(Duration::from_millis), size: payload.len() };
+        let now = Instant::now();
+        let mut hub = self.state.lock();
+        if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
+            let name = match target {
+                Target::Queue(name) | Target::Topic(name) => name,
+            };
+            return Err(Error::QueueFull(format!("{name} (the broker is at its memory high-watermark)")));
+        }
+        let result = match target {
+            Target::Queue(queue) => hub.engine.publish(queue, payload, props, now),
+            Target::Topic(topic) => hub.engine.publish_topic(topic, payload, props, now).map(drop),
+        };
+        hub.dispatch(now);
+        result.map_err(crate::embedded::to_error)
+    }
+
+    fn attach(&mut self, req: u32, queue: &str, prefetch: u32, auto_ack: bool) -> Result<(), Error> {
+        let unacked_limit = self.state.config.max_unacked;
+        let prefetch = if prefetch == 0 || prefetch > unacked_limit { unacked_limit } else { prefetch };
+        self.attach_with(req, queue, prefetch, auto_ack)
+    }
+
+    /// Attaches a consumer and answers `req` with its id before the first delivery goes out.
+    fn attach_with(&mut self, req: u32, queue: &str, prefetch: u32, auto_ack: bool) -> Result<(), Error> {
+        if self.consumers.len() >= MAX_CONSUMERS {
+            return Err(Error::InvalidArgument(format!("a connection has at most {MAX_CONSUMERS} consumers")));
+        }
+        let sink = ConnectionSink { out: self.out.clone(), queued: Arc::clone(&self.queued) };
+        let mut hub = self.state.lock();
+        let consumer =
+            hub.attach(queue, prefetch, auto_ack, move |_| Box::new(sink)).map_err(crate::embedded::to_error)?;
+        self.consumers.insert(consumer);
+        let body = protocol::consumer_body(consumer.as_u64());
+        let _ = self.out.send(Outbound::Frame(ServerFrame::Ok { req, body }));
+        hub.dispatch(Instant::now());
+        Ok(())
+    }
+
+    fn open_inbox(&mut self, req: u32, name: &str) -> Result<(), Error> {
+        self.check_name(name)?;
+        if !name.starts_with("inbox.") {
+            return Err(Error::InvalidArgument("inbox names start with `inbox.`".into()));
+        }
+        let config = QueueConfig { auto_delete: true, ..QueueConfig::default() };
+        {
+            let mut hub = self.state.lock();
+            if hub.engine.has_queue(name) {
+                return Err(Error::InvalidArgument(format!("inbox `{name}` is in use")));
+            }
+            hub.engine.declare_queue(name, config).map_err(|error: EngineError| crate::embedded::to_error(error))?;
+        }
+        self.attach_with(req, name, 0, true)
+    }
+
+    fn detach_all(&mut self) {
+        let now = Instant::now();
+        let mut hub = self.state.lock();
+        for consumer in self.consumers.drain() {
+            hub.detach(consumer, now);
+        }
+    }
+}
+
+/// Consumers one connection may hold.
+const MAX_CONSUMERS: usize = 1024;
+
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Queue(&'a str),
+    Topic(&'a str),
+}
