@@ -1,1 +1,320 @@
-fn main() {}
+//! `rpc-broker`: the mqrpc broker server and the commands to operate it.
+//!
+//! ```text
+//! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--tls-cert FILE --tls-key FILE] [--insecure]
+//! rpc-broker queues                                   # name, depth, unacked, consumers, DLQ depth
+//! rpc-broker call Calculator add '{"a": 2, "b": 3}'   # JSON in, MessagePack on the wire, JSON out
+//! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
+//! rpc-broker dlq replay QUEUE                         # put it back on QUEUE
+//! ```
+//!
+//! Every flag can also come from the environment (`MQRPC_LISTEN`, `MQRPC_TOKEN`, `MQRPC_BROKER`, ...: see
+//! `rpc-broker help serve`). Run it from the repository root with `cargo run -p rpc-broker -- serve`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use rpc_broker::server::{BrokerServer, ServerConfig};
+use rpc_broker::{Remote, RemoteOptions};
+use rpc_core::codec::{self, Limits};
+use rpc_core::{Client, Code, ConsumeOptions, Error, Transport, naming};
+
+#[derive(Parser)]
+#[command(name = "rpc-broker", version, about = "The mqrpc broker server and its operator commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the broker server.
+    Serve(Box<Serve>),
+    /// Lists the queues: name, depth, unacked, consumers, dead-letter depth.
+    Queues(Connect),
+    /// Calls METHOD of SERVICE with JSON arguments and prints the JSON result.
+    Call {
+        /// The service's name.
+        service: String,
+        /// The method's name.
+        method: String,
+        /// The arguments, a JSON object keyed by parameter name.
+        #[arg(default_value = "{}")]
+        args: String,
+        /// How long to wait for the reply, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// The namespace the service runs in, if any.
+        #[arg(long, env = "MQRPC_NAMESPACE")]
+        namespace: Option<String>,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Inspects or replays a queue's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// Shows the dead letters of QUEUE without removing them.
+    List {
+        /// The queue whose dead letters to show.
+        queue: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Moves the dead letters of QUEUE back onto QUEUE, keeping their idempotency keys.
+    Replay {
+        /// The queue whose dead letters to replay.
+        queue: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+#[derive(clap::Args)]
+struct Connect {
+    /// The broker's URL: mqrpc://[token@]host:port, or mqrpcs:// for TLS.
+    #[arg(long, env = "MQRPC_BROKER", default_value = "mqrpc://127.0.0.1:7878")]
+    broker: String,
+    /// A PEM file of certificates to trust for mqrpcs://.
+    #[arg(long, env = "MQRPC_CA")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// The address to listen on.
+    #[arg(long, env = "MQRPC_LISTEN", default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// Clients must present this token.
+    #[arg(long, env = "MQRPC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The TLS certificate chain (PEM).
+    #[arg(long, env = "MQRPC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, env = "MQRPC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Listen on a non-loopback address without a token.
+    #[arg(long, env = "MQRPC_INSECURE")]
+    insecure: bool,
+    /// The largest frame accepted, in bytes.
+    #[arg(long, env = "MQRPC_MAX_FRAME", default_value_t = 16 * 1024 * 1024)]
+    max_frame: usize,
+    /// Time a connection has to complete its handshake, in milliseconds.
+    #[arg(long, env = "MQRPC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Heartbeat interval in milliseconds; a connection silent for three is closed.
+    #[arg(long, env = "MQRPC_HEARTBEAT_MS", default_value_t = 1_000)]
+    heartbeat_ms: u64,
+    /// Connections open at once.
+    #[arg(long, env = "MQRPC_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Unacked deliveries per connection.
+    #[arg(long, env = "MQRPC_MAX_UNACKED", default_value_t = 10_000)]
+    max_unacked: u32,
+    /// Bytes waiting to be written to one connection before its frames stop being read.
+    #[arg(long, env = "MQRPC_MAX_OUTBOUND", default_value_t = 64 * 1024 * 1024)]
+    max_outbound: usize,
+    /// Bytes of messages held past which publishes get QueueFull.
+    #[arg(long, env = "MQRPC_MEMORY_HIGH_WATERMARK", default_value_t = 1024 * 1024 * 1024)]
+    memory_high_watermark: usize,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve(serve) => run_server(*serve).await,
+        Command::Queues(connect) => list_queues(&connect).await,
+        Command::Call { service, method, args, timeout_ms, namespace, connect } => {
+            call(&connect, &service, &method, &args, Duration::from_millis(timeout_ms), namespace).await
+        }
+        Command::Dlq { action: Dlq::List { queue, connect } } => dead_letters(&connect, &queue, false).await,
+        Command::Dlq { action: Dlq::Replay { queue, connect } } => dead_letters(&connect, &queue, true).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("rpc-broker: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(serve: Serve) -> Result<(), String> {
+    if !serve.listen.ip().is_loopback() && serve.token.is_none() && !serve.insecure {
+        return Err(format!(
+            "refusing to listen on {} without --token: anyone who can reach it could read and publish; pass \
+             --token, or --insecure to do it anyway",
+            serve.listen
+        ));
+    }
+    let tls = match (&serve.tls_cert, &serve.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        _ => None,
+    };
+    let mut config = ServerConfig::default();
+    config.token = serve.token;
+    config.max_frame = serve.max_frame;
+    config.handshake_timeout = Duration::from_millis(serve.handshake_timeout_ms);
+    config.heartbeat = Duration::from_millis(serve.heartbeat_ms.max(10));
+    config.max_connections = serve.max_connections;
+    config.max_unacked = serve.max_unacked;
+    config.max_outbound = serve.max_outbound;
+    config.memory_high_watermark = serve.memory_high_watermark;
+    config.tls = tls;
+    let server = BrokerServer::bind(serve.listen, config)
+        .await
+        .map_err(|error| format!("cannot listen on {}: {error}", serve.listen))?;
+    tracing::info!(address = %server.local_addr(), "rpc-broker listening");
+    println!("listening on {}", server.local_addr());
+    tokio::select! {
+        () = server.run() => Err("the listener stopped".into()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect)
+        .map_err(|error| format!("cannot read the certificates in {}: {error}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|error| format!("cannot read the private key in {}: {error}", key.display()))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|error| format!("the certificate and key do not make a TLS configuration: {error}"))?;
+    Ok(Arc::new(config))
+}
+
+async fn connect(connect: &Connect) -> Result<Remote, String> {
+    let mut options = RemoteOptions::new();
+    if let Some(ca) = &connect.ca {
+        let pem = std::fs::read(ca).map_err(|error| format!("cannot read {}: {error}", ca.display()))?;
+        options = options.tls_roots_pem(&pem).map_err(|error| error.to_string())?;
+    }
+    Remote::connect_with(&connect.broker, options)
+        .await
+        .map_err(|error| format!("cannot connect to {}: {error}", connect.broker))
+}
+
+async fn list_queues(target: &Connect) -> Result<(), String> {
+    let remote = connect(target).await?;
+    let queues = remote.list_queues().await.map_err(|error| error.to_string())?;
+    let depth_of = |name: &str| queues.iter().find(|(queue, _)| queue == name).map(|(_, stats)| stats.ready);
+    println!("{:<48} {:>10} {:>10} {:>10} {:>10}", "queue", "depth", "unacked", "consumers", "dlq");
+    for (name, stats) in queues.iter().filter(|(name, _)| !name.ends_with(".dlq") && !name.starts_with("inbox.")) {
+        let dlq = depth_of(&naming::dead_letter_queue(name)).map_or_else(|| "-".to_owned(), |depth| depth.to_string());
+        println!("{name:<48} {:>10} {:>10} {:>10} {dlq:>10}", stats.ready, stats.unacked, stats.consumers);
+    }
+    Ok(())
+}
+
+fn json_to_msgpack(json: &str) -> Result<Bytes, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|error| format!("the arguments are not JSON: {error}"))?;
+    if !value.is_object() {
+        return Err("the arguments are a JSON object keyed by parameter name, like '{\"a\": 2}'".into());
+    }
+    codec::encode(&value).map_err(|error| error.to_string())
+}
+
+fn msgpack_to_json(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "null".into();
+    }
+    match codec::decode::<serde_json::Value>(bytes, &Limits::default()) {
+        Ok(value) => value.to_string(),
+        Err(error) => format!("<{} bytes that are not JSON-representable: {error}>", bytes.len()),
+    }
+}
+
+async fn call(
+    target: &Connect,
+    service: &str,
+    method: &str,
+    args: &str,
+    timeout: Duration,
+    namespace: Option<String>,
+) -> Result<(), String> {
+    let args = json_to_msgpack(args)?;
+    let remote = connect(target).await?;
+    let mut builder = Client::builder(remote);
+    if let Some(namespace) = namespace {
+        builder = builder.namespace(namespace);
+    }
+    let client = builder.connect().await.map_err(|error| error.to_string())?;
+    match client.request(service.to_owned(), method.to_owned(), args).timeout(timeout).await {
+        Ok(body) => {
+            println!("{}", msgpack_to_json(&body));
+            Ok(())
+        }
+        Err(Error::Remote(status)) if status.code() == Code::Application => {
+            Err(format!("{service}.{method} returned an error: {}", msgpack_to_json(status.details())))
+        }
+        Err(error) => Err(format!("{service}.{method} failed: {error}")),
+    }
+}
+
+async fn dead_letters(target: &Connect, queue: &str, replay: bool) -> Result<(), String> {
+    /// Dead letters handled per run: a listing holds them all unacked until it is done.
+    const MOST: usize = 10_000;
+    let remote = connect(target).await?;
+    let dlq = naming::dead_letter_queue(queue);
+    let waiting = remote.queue_stats(&dlq).await.map_err(|error| error.to_string())?.ready.min(MOST);
+    let prefetch = u32::try_from(waiting.max(1)).unwrap_or(u32::MAX);
+    let mut consumer =
+        remote.consume(&dlq, ConsumeOptions::new().prefetch(prefetch)).await.map_err(|error| error.to_string())?;
+    let mut held = Vec::with_capacity(waiting);
+    while held.len() < waiting {
+        let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
+        held.push(delivery);
+    }
+    consumer.pause();
+    let count = held.len();
+    for delivery in held {
+        let envelope = &delivery.envelope;
+        if replay {
+            let mut again = envelope.clone();
+            again.attempt = again.attempt.saturating_add(1);
+            remote.publish(queue, again).await.map_err(|error| format!("replaying onto {queue}: {error}"))?;
+            delivery.handle.ack().await.map_err(|error| error.to_string())?;
+        } else {
+            println!(
+                "{} {}.{} attempt {} key {} args {}",
+                envelope.id,
+                envelope.service,
+                envelope.method,
+                envelope.attempt,
+                envelope.idempotency_key.as_deref().unwrap_or("-"),
+                msgpack_to_json(&envelope.body),
+            );
+            // Listing leaves the message where it was, not counted as a delivery.
+            delivery.handle.release().await.map_err(|error| error.to_string())?;
+        }
+    }
+    if replay {
+        println!("replayed {count} message(s) from {dlq} onto {queue}");
+    } else {
+        println!("{count} message(s) in {dlq}");
+    }
+    Ok(())
+}
