@@ -9,3 +9,99 @@ fn macro_ui() {
     cases.pass("ui/pass/*.rs");
     cases.compile_fail("ui/fail/*.rs");
 }
+
+/// Worker processes that really die: `kill -9` in the middle of calls, and load spread over several processes.
+mod processes {
+    use std::future::IntoFuture;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    use futures::future::join_all;
+    use mqrpc_tests::RemoteHarness;
+    use mqrpc_tests::service::ProbeClient;
+    use rpc_core::Client;
+
+    /// A worker process, killed (SIGKILL) when dropped.
+    struct WorkerProcess {
+        child: Child,
+    }
+
+    impl WorkerProcess {
+        fn start(url: &str, namespace: &str, name: &str, concurrency: usize) -> WorkerProcess {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_probe-worker"))
+                .args([url, namespace, name, &concurrency.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("the worker process starts");
+            let stdout = child.stdout.take().expect("piped");
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).expect("reads the worker's first line");
+            assert_eq!(line.trim(), "ready", "the worker did not start");
+            WorkerProcess { child }
+        }
+
+        fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for WorkerProcess {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    async fn client(harness: &RemoteHarness, namespace: &str) -> Client {
+        let transport = rpc_broker::Remote::connect(&harness.url()).await.expect("connects");
+        Client::builder(transport).namespace(namespace).connect().await.expect("client")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_9_of_a_worker_mid_calls_loses_no_call() {
+        let harness = RemoteHarness::start().await;
+        let namespace = format!("kill{}", uuid::Uuid::new_v4().simple());
+        let mut doomed = WorkerProcess::start(&harness.url(), &namespace, "doomed", 8);
+        let _survivor = WorkerProcess::start(&harness.url(), &namespace, "survivor", 8);
+        let client = client(&harness, &namespace).await;
+        let probe = ProbeClient::new(&client);
+        let calls: Vec<_> =
+            (0..300).map(|_| tokio::spawn(probe.work(20).timeout(Duration::from_secs(60)).into_future())).collect();
+        // Let both workers take calls, then kill one while it holds unacked requests.
+        mqrpc_tests::eventually("calls to be under way", Duration::from_secs(20), || {
+            calls.iter().filter(|call| call.is_finished()).count() >= 30
+        })
+        .await;
+        doomed.kill();
+        let mut answered = 0;
+        for call in calls {
+            assert_eq!(call.await.expect("joins").expect("answered despite the kill"), 20);
+            answered += 1;
+        }
+        assert_eq!(answered, 300);
+        assert_eq!(client.stats().pending, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_calls_across_four_worker_processes() {
+        let harness = RemoteHarness::start().await;
+        let namespace = format!("four{}", uuid::Uuid::new_v4().simple());
+        let _workers: Vec<_> =
+            (0..4).map(|n| WorkerProcess::start(&harness.url(), &namespace, &format!("worker-{n}"), 32)).collect();
+        let client = client(&harness, &namespace).await;
+        let probe = ProbeClient::new(&client);
+        let calls = (0..10_000i64).map(|n| probe.add(n, 7).timeout(Duration::from_secs(120)).into_future());
+        let results = join_all(calls).await;
+        for (n, result) in results.into_iter().enumerate() {
+            assert_eq!(result.expect("answered"), n as i64 + 7);
+        }
+        // Every worker took part.
+        let names = join_all((0..400).map(|_| probe.whoami().timeout(Duration::from_secs(30)).into_future())).await;
+        let mut seen: Vec<String> = names.into_iter().map(|result| result.expect("answered").0).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "workers that answered: {seen:?}");
+        assert_eq!(client.stats().pending, 0);
+    }
+}
