@@ -168,6 +168,9 @@ struct Inner {
     next_req: AtomicU32,
     next_logical: AtomicU64,
     consumers: Mutex<HashMap<u64, Logical>>,
+    /// Queues declared through this transport, declared again after reconnecting (a restarted broker may have
+    /// lost them).
+    declared: Mutex<HashMap<String, QueueOptions>>,
     closed: AtomicBool,
     reconnected: Notify,
 }
@@ -279,6 +282,36 @@ impl Inner {
         }
     }
 
+    fn declare_frame(queue: &str, options: &QueueOptions) -> impl FnOnce(u32) -> ClientFrame + use<> {
+        let (queue, options) = (queue.to_owned(), options.clone());
+        move |req| ClientFrame::Declare {
+            req,
+            queue,
+            max_len: options.max_len.map(|max| max as u64),
+            max_deliveries: options.max_deliveries,
+            durable: options.durable,
+        }
+    }
+
+    /// Declares again, on a new connection, every queue declared before.
+    async fn restore_queues(&self, conn: &Conn) -> Result<(), Error> {
+        let declared: Vec<(String, QueueOptions)> = self
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(queue, options)| (queue.clone(), options.clone()))
+            .collect();
+        for (queue, options) in declared {
+            if let Err((code, message)) =
+                self.request_on(conn, Inner::declare_frame(&queue, &options), Waiter::Answer).await?
+            {
+                tracing::warn!(%queue, ?code, %message, "could not declare a queue again after reconnecting");
+            }
+        }
+        Ok(())
+    }
+
     /// Starts `logical` on `conn`.
     async fn start_consumer(&self, conn: &Conn, id: u64) -> Result<(), Error> {
         let Some((kind, prefetch, auto_ack, sender)) = self
@@ -348,6 +381,7 @@ impl Remote {
             next_req: AtomicU32::new(1),
             next_logical: AtomicU64::new(1),
             consumers: Mutex::new(HashMap::new()),
+            declared: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             reconnected: Notify::new(),
         });
@@ -408,6 +442,10 @@ async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
             let Some(strong) = inner.upgrade() else { return };
             match open(&strong).await {
                 Ok(conn) => {
+                    if strong.restore_queues(&conn).await.is_err() {
+                        conn.dead.cancel();
+                        continue;
+                    }
                     let ids: Vec<u64> =
                         strong.consumers().iter().filter(|(_, logical)| !logical.paused).map(|(id, _)| *id).collect();
                     let mut restored = true;
@@ -712,16 +750,12 @@ impl Transport for Remote {
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.inner
-                .request(queue, |req| ClientFrame::Declare {
-                    req,
-                    queue: queue.to_owned(),
-                    max_len: options.max_len.map(|max| max as u64),
-                    max_deliveries: options.max_deliveries,
-                    durable: options.durable,
-                })
-                .await
-                .map(drop)
+            self.inner.request(queue, Inner::declare_frame(queue, options)).await?;
+            let mut declared = self.inner.declared.lock().unwrap_or_else(PoisonError::into_inner);
+            // The first options that worked are the ones to restore; a later declare with the defaults accepted
+            // the queue as it was.
+            declared.entry(queue.to_owned()).or_insert_with(|| options.clone());
+            Ok(())
         })
     }
 

@@ -382,3 +382,36 @@ async fn a_silent_connection_is_dropped_and_its_unacked_requeued() {
     assert!(took < Duration::from_secs(2), "detecting the dead connection took {took:?} (3 heartbeats are 600 ms)");
     drop(frames);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_workers_come_back_after_a_broker_restart() {
+    let broker = start(config()).await;
+    let address = broker.local_addr();
+    let options = RemoteOptions::new().max_backoff(Duration::from_millis(200));
+    let worker = Remote::connect_with(&broker.url(), options.clone()).await.expect("worker connects");
+    let _server = Server::new(worker).serve(EchoServer::new(EchoImpl)).await.expect("serves");
+    let transport = Remote::connect_with(&broker.url(), options).await.expect("client connects");
+    let client = Client::connect(transport.clone()).await.expect("client");
+    let echo = EchoClient::new(&client);
+    assert_eq!(echo.echo(1).await.expect("answered"), 1);
+
+    drop(broker);
+    // A call during the outage resolves by its deadline with a typed error: it does not hang.
+    let started = Instant::now();
+    let during = echo.echo(2).timeout(Duration::from_millis(500)).await;
+    assert!(matches!(during, Err(Error::Disconnected | Error::Timeout(_))), "{during:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "the call took {:?}", started.elapsed());
+
+    // The broker comes back on the same address, empty: the transports reconnect, declare their queues again
+    // and restore the worker's consumer and the client's inbox.
+    let _broker = BrokerServer::bind(address, config()).await.expect("the broker restarts");
+    tokio::time::timeout(Duration::from_secs(10), transport.connected()).await.expect("the client reconnects");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match echo.echo(3).timeout(Duration::from_secs(1)).await {
+            Ok(3) => break,
+            other => assert!(Instant::now() < deadline, "calls did not come back: {other:?}"),
+        }
+    }
+    assert_eq!(client.stats().pending, 0);
+}
