@@ -847,6 +847,20 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_document_shows_the_bytes_this_build_writes() {
+        let document = include_str!("../../docs/protocol.md");
+        let hex = |frame: &ClientFrame| {
+            let mut dst = BytesMut::new();
+            frame.encode(&mut dst);
+            dst.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(" ")
+        };
+        let hello = hex(&ClientFrame::Hello { version: 1, token: "s3cret".into(), name: "w1".into() });
+        let consume = hex(&ClientFrame::Consume { req: 1, queue: "Calculator".into(), prefetch: 64, auto_ack: false });
+        assert!(document.contains(&hello), "docs/protocol.md must show Hello as {hello}");
+        assert!(document.contains(&consume), "docs/protocol.md must show Consume as {consume}");
+    }
+
     proptest::proptest! {
         #[test]
         fn random_frames_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
