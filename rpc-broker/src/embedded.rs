@@ -154,15 +154,7 @@ fn props(envelope: &Envelope) -> Props {
 
 impl Transport for Embedded {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            durable: false,
-            acks: true,
-            priority: true,
-            delayed_delivery: false,
-            max_length: true,
-            dead_letter: true,
-            dedup_window: None,
-        }
+        crate::hub::CAPABILITIES
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {

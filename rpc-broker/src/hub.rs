@@ -4,7 +4,20 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use rpc_core::Capabilities;
+
 use crate::engine::{self, ConsumerId, Engine, EngineError};
+
+/// What the engine offers, through whichever face: the embedded transport or the server.
+pub(crate) const CAPABILITIES: Capabilities = Capabilities {
+    durable: false,
+    acks: true,
+    priority: true,
+    delayed_delivery: false,
+    max_length: true,
+    dead_letter: true,
+    dedup_window: None,
+};
 
 /// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.
 pub(crate) trait Sink<M>: Send {

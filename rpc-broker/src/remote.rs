@@ -731,21 +731,9 @@ impl Drop for LogicalGuard {
     }
 }
 
-fn ttl(envelope: &Envelope) -> Option<u64> {
-    envelope.deadline_ms
-}
-
 impl Transport for Remote {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            durable: false,
-            acks: true,
-            priority: true,
-            delayed_delivery: false,
-            max_length: true,
-            dead_letter: true,
-            dedup_window: None,
-        }
+        crate::hub::CAPABILITIES
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
@@ -762,7 +750,7 @@ impl Transport for Remote {
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
-            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), ttl(&envelope));
+            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms);
             self.inner
                 .request(queue, |req| ClientFrame::Publish { req, queue: queue.to_owned(), priority, ttl_ms, payload })
                 .await
@@ -773,7 +761,7 @@ impl Transport for Remote {
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
-            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), ttl(&envelope));
+            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms);
             self.inner
                 .request(topic, |req| ClientFrame::PublishTopic {
                     req,

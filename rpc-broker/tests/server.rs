@@ -415,3 +415,59 @@ async fn clients_and_workers_come_back_after_a_broker_restart() {
     }
     assert_eq!(client.stats().pending, 0);
 }
+
+/// Runs the `rpc-broker` binary with `args` against `url`; returns its stdout, or panics with its stderr.
+async fn cli(url: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
+        .args(args)
+        .env("MQRPC_BROKER", url)
+        .output()
+        .await
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "rpc-broker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_list_call_and_replay() {
+    let broker = start(config()).await;
+    let url = broker.url();
+    let _server = Server::new(Remote::connect(&url).await.expect("connects"))
+        .serve(EchoServer::new(EchoImpl))
+        .await
+        .expect("serves");
+    assert_eq!(cli(&url, &["call", "Echo", "echo", r#"{"n": 42}"#]).await.trim(), "42");
+
+    // A dead letter in `jobs.dlq`, listed (and left in place), then replayed onto `jobs`.
+    let remote = Remote::connect(&url).await.expect("connects");
+    remote.declare_queue("jobs", &QueueOptions::new()).await.expect("declares");
+    let mut envelope = Envelope::new(Kind::Oneway);
+    envelope.service = "Jobs".into();
+    envelope.method = "run".into();
+    envelope.idempotency_key = Some("job-7".into());
+    envelope.body = rpc_core::codec::encode(&std::collections::BTreeMap::from([("id", 7)])).expect("encodes");
+    remote.publish("jobs", envelope).await.expect("publishes");
+    let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a job").expect("open");
+    delivery.handle.dead_letter().await.expect("dead-letters");
+    drop(consumer);
+
+    let queues = cli(&url, &["queues"]).await;
+    let jobs = queues.lines().find(|line| line.starts_with("jobs ")).expect("jobs is listed");
+    assert_eq!(jobs.split_whitespace().collect::<Vec<_>>(), ["jobs", "0", "0", "0", "1"], "{queues}");
+    assert!(queues.lines().any(|line| line.starts_with("Echo ")), "{queues}");
+
+    let listed = cli(&url, &["dlq", "list", "jobs"]).await;
+    assert!(listed.contains("Jobs.run attempt 1 key job-7 args {\"id\":7}"), "{listed}");
+    assert!(listed.contains("1 message(s) in jobs.dlq"), "{listed}");
+    assert_eq!(remote.queue_stats("jobs.dlq").await.expect("stats").ready, 1, "listing removed the dead letter");
+
+    let replayed = cli(&url, &["dlq", "replay", "jobs"]).await;
+    assert!(replayed.contains("replayed 1 message(s) from jobs.dlq onto jobs"), "{replayed}");
+    assert_eq!(remote.queue_stats("jobs.dlq").await.expect("stats").ready, 0);
+    let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
+    let again = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("replayed").expect("open");
+    assert_eq!(again.envelope.idempotency_key.as_deref(), Some("job-7"));
+    assert_eq!(again.envelope.attempt, 2);
+}
