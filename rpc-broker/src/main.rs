@@ -311,6 +311,8 @@ async fn dead_letters(target: &Connect, queue: &str, replay: bool) -> Result<(),
             delivery.handle.release().await.map_err(|error| error.to_string())?;
         }
     }
+    // Acks and releases have no answer: make sure the broker handled them before this process exits.
+    remote.sync().await.map_err(|error| format!("the broker may not have seen every ack: {error}"))?;
     if replay {
         println!("replayed {count} message(s) from {dlq} onto {queue}");
     } else {

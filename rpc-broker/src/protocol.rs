@@ -8,7 +8,7 @@
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rpc_core::QueueStats;
+use rpc_core::{Outcome, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
@@ -193,8 +193,8 @@ pub enum ClientFrame {
         consumer: u64,
         /// Its tag.
         tag: u64,
-        /// 0 ack, 1 requeue, 2 dead-letter, 3 release.
-        outcome: u8,
+        /// How (on the wire: 0 ack, 1 requeue, 2 dead-letter, 3 release).
+        outcome: Outcome,
     },
     /// Ends a consumer; its unacked deliveries are requeued.
     Cancel {
@@ -229,6 +229,11 @@ pub enum ClientFrame {
     },
     /// A heartbeat.
     Ping,
+    /// Answered once every frame sent before it was handled (settles included, which have no answer).
+    Sync {
+        /// Request id.
+        req: u32,
+    },
 }
 
 /// Error codes in [`ServerFrame::Error`].
@@ -489,7 +494,13 @@ impl Frame for ClientFrame {
                 Writer::new(dst, 0x06).u32(*req).str(topic).str(group).u32(*prefetch).u8(u8::from(*auto_ack));
             }
             ClientFrame::Settle { consumer, tag, outcome } => {
-                Writer::new(dst, 0x07).u64(*consumer).u64(*tag).u8(*outcome);
+                let outcome = match outcome {
+                    Outcome::Ack => 0,
+                    Outcome::Requeue => 1,
+                    Outcome::DeadLetter => 2,
+                    Outcome::Release => 3,
+                };
+                Writer::new(dst, 0x07).u64(*consumer).u64(*tag).u8(outcome);
             }
             ClientFrame::Cancel { req, consumer } => {
                 Writer::new(dst, 0x08).u32(*req).u64(*consumer);
@@ -508,6 +519,9 @@ impl Frame for ClientFrame {
             }
             ClientFrame::Ping => {
                 Writer::new(dst, 0x0d);
+            }
+            ClientFrame::Sync { req } => {
+                Writer::new(dst, 0x0e).u32(*req);
             }
         }
     }
@@ -545,13 +559,24 @@ impl ClientFrame {
                 prefetch: r.u32()?,
                 auto_ack: r.bool()?,
             },
-            0x07 => ClientFrame::Settle { consumer: r.u64()?, tag: r.u64()?, outcome: r.u8()? },
+            0x07 => ClientFrame::Settle {
+                consumer: r.u64()?,
+                tag: r.u64()?,
+                outcome: match r.u8()? {
+                    0 => Outcome::Ack,
+                    1 => Outcome::Requeue,
+                    2 => Outcome::DeadLetter,
+                    3 => Outcome::Release,
+                    _ => return Err(ProtocolError::Malformed("an unknown settle outcome")),
+                },
+            },
             0x08 => ClientFrame::Cancel { req: r.u32()?, consumer: r.u64()? },
             0x09 => ClientFrame::Pause { consumer: r.u64()? },
             0x0a => ClientFrame::OpenInbox { req: r.u32()?, name: r.str()? },
             0x0b => ClientFrame::Stats { req: r.u32()?, queue: r.str()? },
             0x0c => ClientFrame::ListQueues { req: r.u32()? },
             0x0d => ClientFrame::Ping,
+            0x0e => ClientFrame::Sync { req: r.u32()? },
             other => return Err(ProtocolError::UnknownType(other)),
         };
         r.end()?;
@@ -569,7 +594,8 @@ impl ClientFrame {
             | ClientFrame::Cancel { req, .. }
             | ClientFrame::OpenInbox { req, .. }
             | ClientFrame::Stats { req, .. }
-            | ClientFrame::ListQueues { req } => *req,
+            | ClientFrame::ListQueues { req }
+            | ClientFrame::Sync { req } => *req,
             ClientFrame::Hello { .. } | ClientFrame::Settle { .. } | ClientFrame::Pause { .. } | ClientFrame::Ping => 0,
         }
     }
@@ -793,13 +819,16 @@ mod tests {
             prefetch: 1,
             auto_ack: true,
         });
-        round_trip_client(ClientFrame::Settle { consumer: 7, tag: 8, outcome: 3 });
+        for outcome in [Outcome::Ack, Outcome::Requeue, Outcome::DeadLetter, Outcome::Release] {
+            round_trip_client(ClientFrame::Settle { consumer: 7, tag: 8, outcome });
+        }
         round_trip_client(ClientFrame::Cancel { req: 6, consumer: 7 });
         round_trip_client(ClientFrame::Pause { consumer: 7 });
         round_trip_client(ClientFrame::OpenInbox { req: 7, name: "inbox.x".into() });
         round_trip_client(ClientFrame::Stats { req: 8, queue: "q".into() });
         round_trip_client(ClientFrame::ListQueues { req: 9 });
         round_trip_client(ClientFrame::Ping);
+        round_trip_client(ClientFrame::Sync { req: 10 });
         round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });
         round_trip_server(ServerFrame::Ok { req: 1, body: consumer_body(42) });
         round_trip_server(ServerFrame::Error { req: 0, code: ErrorCode::Unauthorized, message: "no".into() });
@@ -841,6 +870,13 @@ mod tests {
             Err(ProtocolError::Malformed("a string that is not UTF-8"))
         ));
         assert!(matches!(ClientFrame::parse(Bytes::from_static(&[0x0d, 0x00])), Err(ProtocolError::Malformed(_))));
+        let mut settle = vec![0x07];
+        settle.extend_from_slice(&[0; 16]);
+        settle.push(4);
+        assert!(matches!(
+            ClientFrame::parse(Bytes::from(settle)),
+            Err(ProtocolError::Malformed("an unknown settle outcome"))
+        ));
         assert!(matches!(
             ClientFrame::parse(Bytes::from_static(&[0x05, 0, 0, 0, 1, 0, 1, b'q', 0, 0, 0, 1, 7])),
             Err(ProtocolError::Malformed("a flag other than 0 or 1"))

@@ -400,6 +400,16 @@ impl Remote {
         protocol::parse_list_body(body).map_err(|error| Error::Transport(Box::new(error)))
     }
 
+    /// Waits until the broker has handled every frame this transport sent before, settles included (they
+    /// have no answer of their own). Call it before exiting a process that just acked or released deliveries.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] or [`Error::Timeout`]: the broker may not have seen them; unsettled deliveries
+    /// are then redelivered.
+    pub async fn sync(&self) -> Result<(), Error> {
+        self.inner.request("", |req| ClientFrame::Sync { req }).await.map(drop)
+    }
+
     /// Whether a connection is up now.
     pub fn is_connected(&self) -> bool {
         self.inner.current().is_some()
@@ -605,7 +615,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                     Err(error) => {
                         tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
                         if tag != 0 {
-                            let _ = conn.send(&ClientFrame::Settle { consumer, tag, outcome: 2 });
+                            let _ = conn.send(&ClientFrame::Settle { consumer, tag, outcome: Outcome::DeadLetter });
                         }
                     }
                 }
@@ -678,12 +688,6 @@ impl fmt::Debug for RemoteAcker {
 
 impl Acker for RemoteAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
-        let outcome = match outcome {
-            Outcome::Ack => 0,
-            Outcome::Requeue => 1,
-            Outcome::DeadLetter => 2,
-            Outcome::Release => 3,
-        };
         let result = if self.dead.is_cancelled() {
             Err(Error::Disconnected)
         } else {

@@ -462,6 +462,8 @@ impl Connection {
                 });
             }
             ClientFrame::Ping => None,
+            // Frames are handled in order, so answering now answers for everything before.
+            ClientFrame::Sync { .. } => ok(Bytes::new()),
             ClientFrame::Declare { queue, max_len, max_deliveries, durable, .. } => {
                 let mut options = QueueOptions::new().durable(durable);
                 if let Some(max_len) = max_len {
@@ -505,19 +507,6 @@ impl Connection {
             }
             ClientFrame::Settle { consumer, tag, outcome } => {
                 let consumer = ConsumerId::from_u64(consumer);
-                let outcome = match outcome {
-                    0 => rpc_core::Outcome::Ack,
-                    1 => rpc_core::Outcome::Requeue,
-                    2 => rpc_core::Outcome::DeadLetter,
-                    3 => rpc_core::Outcome::Release,
-                    _ => {
-                        return Err(ServerFrame::Error {
-                            req: 0,
-                            code: ErrorCode::Malformed,
-                            message: "unknown settle outcome".into(),
-                        });
-                    }
-                };
                 // Only the connection's own consumers; a stale tag (requeued already) is ignored.
                 if self.consumers.contains(&consumer) {
                     let now = Instant::now();
