@@ -576,6 +576,14 @@ async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver
         buf.clear();
     }
     dead.cancel();
+    // Closing: frames already queued (the last acks, a cancel) still go out, or the broker would redeliver
+    // work that was done. A connection that is really gone fails this write at once.
+    while let Ok(frame) = outbound.try_recv() {
+        buf.extend_from_slice(&frame);
+    }
+    if !buf.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), write.write_all(&buf)).await;
+    }
     let _ = write.shutdown().await;
 }
 
