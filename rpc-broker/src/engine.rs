@@ -240,10 +240,10 @@ impl<M: Clone> Engine<M> {
                 Err(EngineError::Mismatch(queue.to_owned()))
             };
         }
-        if let Some(dead_letter) = &config.dead_letter {
-            if !self.queues.contains_key(dead_letter) {
-                self.queues.insert(dead_letter.clone(), Queue::new(dead_letter.clone(), QueueConfig::default()));
-            }
+        if let Some(dead_letter) = &config.dead_letter
+            && !self.queues.contains_key(dead_letter)
+        {
+            self.queues.insert(dead_letter.clone(), Queue::new(dead_letter.clone(), QueueConfig::default()));
         }
         self.queues.insert(queue.to_owned(), Queue::new(queue.to_owned(), config));
         Ok(())

@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+pub mod adapter;
 pub mod engine;
 
 mod hub;

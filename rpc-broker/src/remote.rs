@@ -484,7 +484,7 @@ async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
 }
 
 /// Exponential from 50 ms, capped, with jitter in [50%, 100%] so that clients do not reconnect in lockstep.
-fn backoff(attempt: u32, max: Duration) -> Duration {
+pub(crate) fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(50).saturating_mul(1u32 << attempt.min(16)).min(max);
     let jitter = (Uuid::new_v4().as_u128() % 1000) as u32;
     base / 2 + base / 2 * jitter / 1000

@@ -421,6 +421,8 @@ impl<O: Send + 'static> Call<O> {
         match tokio::time::timeout_at(deadline, exchange).await {
             // The server cut the handler at the deadline it was given: from here, the budget ran out.
             Ok(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
+            // The transport reported that nobody consumes the service's queue.
+            Ok(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue)),
             Ok(Ok(reply)) => (self.decode)(&reply),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(Error::Timeout(budget)),

@@ -28,6 +28,9 @@ pub enum Code {
     InvalidRequest,
     /// The call was cancelled.
     Cancelled,
+    /// Nobody consumes the destination: the transport answered for a broker that reported no responders
+    /// (NATS), so the call fails at once instead of waiting for its timeout.
+    NoResponders,
     /// A code this build does not know.
     Other(u16),
 }
@@ -46,6 +49,7 @@ impl Code {
             Code::ResourceExhausted => 7,
             Code::InvalidRequest => 8,
             Code::Cancelled => 9,
+            Code::NoResponders => 10,
             Code::Other(code) => code,
         }
     }
@@ -63,6 +67,7 @@ impl Code {
             7 => Code::ResourceExhausted,
             8 => Code::InvalidRequest,
             9 => Code::Cancelled,
+            10 => Code::NoResponders,
             other => Code::Other(other),
         }
     }
@@ -81,6 +86,7 @@ impl fmt::Display for Code {
             Code::ResourceExhausted => "resource exhausted",
             Code::InvalidRequest => "invalid request",
             Code::Cancelled => "cancelled",
+            Code::NoResponders => "no responders",
             Code::Other(code) => return write!(f, "code {code}"),
         };
         f.write_str(name)

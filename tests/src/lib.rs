@@ -82,6 +82,108 @@ impl Harness for RemoteHarness {
     }
 }
 
+/// A harness, or the reason it cannot run here: an external broker whose URL variable is unset. Tests print
+/// that they are skipped; `.ci/run` sets every variable, so in CI they always run (and a down broker fails them).
+pub trait Available {
+    /// The harness.
+    type Harness: Harness;
+
+    /// The harness, or `None` after printing why the test is skipped.
+    fn available(self) -> Option<Self::Harness>;
+}
+
+impl Available for EmbeddedHarness {
+    type Harness = EmbeddedHarness;
+
+    fn available(self) -> Option<EmbeddedHarness> {
+        Some(self)
+    }
+}
+
+impl Available for RemoteHarness {
+    type Harness = RemoteHarness;
+
+    fn available(self) -> Option<RemoteHarness> {
+        Some(self)
+    }
+}
+
+impl<H: Harness> Available for Result<H, Skip> {
+    type Harness = H;
+
+    fn available(self) -> Option<H> {
+        log_from_env();
+        match self {
+            Ok(harness) => Some(harness),
+            Err(Skip(reason)) => {
+                eprintln!("skipped: {reason}");
+                None
+            }
+        }
+    }
+}
+
+/// Logs to the test's output at the level of `RUST_LOG`, if set, for investigating a failure.
+pub fn log_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Why a test against an external broker is skipped.
+#[derive(Debug)]
+pub struct Skip(pub String);
+
+/// The URL in environment variable `variable`, or why the tests that need it are skipped.
+pub fn broker_url(variable: &str) -> Result<String, Skip> {
+    std::env::var(variable).map_err(|_| Skip(format!("{variable} is not set (`.ci/run` sets it)")))
+}
+
+/// RabbitMQ at `MQRPC_AMQP_URL`, through [`rpc_broker::adapter::amqp::Amqp`]. Queues the tests declare expire a
+/// minute after their last use, so that test runs do not pile them up in the broker.
+#[derive(Debug)]
+pub struct AmqpHarness {
+    url: String,
+    options: rpc_broker::adapter::amqp::AmqpOptions,
+}
+
+impl AmqpHarness {
+    /// Classic queues, a reply queue per client.
+    pub fn from_env() -> Result<AmqpHarness, Skip> {
+        AmqpHarness::with(rpc_broker::adapter::amqp::AmqpOptions::new())
+    }
+
+    /// With `options` (queues still expire a minute after their last use).
+    pub fn with(options: rpc_broker::adapter::amqp::AmqpOptions) -> Result<AmqpHarness, Skip> {
+        let url = broker_url("MQRPC_AMQP_URL")?;
+        Ok(AmqpHarness { url, options: options.queue_expires(Duration::from_secs(60)) })
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A transport of this harness, typed.
+    pub async fn amqp(&self) -> rpc_broker::adapter::amqp::Amqp {
+        rpc_broker::adapter::amqp::Amqp::connect_with(&self.url, self.options.clone())
+            .await
+            .expect("connects to RabbitMQ at MQRPC_AMQP_URL")
+    }
+}
+
+impl Harness for AmqpHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.amqp().await);
+            transport
+        })
+    }
+}
+
 /// Waits until `condition` holds, checking every few milliseconds, and panics naming `what` after `limit`.
 pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -92,11 +194,20 @@ pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut()
 }
 
 /// One `#[tokio::test]` per scenario of [`suite`] for the transport that `$harness` connects to.
+///
+/// A broker that cannot express some scenarios names the ones it runs and the ones it cannot, with the reason;
+/// those are generated as ignored tests, so that `cargo test` lists them, and a generated test checks that the
+/// two lists together are the whole suite:
+///
+/// ```text
+/// mqrpc_tests::scenario_suite!(nats_core, harness(),
+///     run: [typed_results_and_typed_errors, ...],
+///     ignore "core NATS holds no messages": [graceful_shutdown_loses_nothing, ...]);
+/// ```
 #[macro_export]
 macro_rules! scenario_suite {
     ($name:ident, $harness:expr) => {
-        mod $name {
-            $crate::scenario_suite!(@tests $harness;
+        $crate::scenario_suite!($name, $harness, run: [
                 typed_results_and_typed_errors,
                 unknown_method,
                 timeout_leaves_no_pending_call,
@@ -118,16 +229,36 @@ macro_rules! scenario_suite {
                 priority_orders_calls_or_is_refused,
                 durable_callback_panic_is_dead_lettered,
                 closing_the_client_fails_waiting_calls,
-            );
-        }
+                call_to_a_missing_service_fails_at_once,
+            ],
+            ignore "": []);
     };
-    (@tests $harness:expr; $($scenario:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                let harness = $harness;
-                $crate::suite::$scenario(&harness).await;
+    ($name:ident, $harness:expr, run: [$($run:ident),* $(,)?], ignore $reason:literal: [$($ignored:ident),* $(,)?]) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $run() {
+                    let Some(harness) = $crate::Available::available($harness) else { return };
+                    $crate::suite::$run(&harness).await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = $reason]
+                async fn $ignored() {
+                    let Some(harness) = $crate::Available::available($harness) else { return };
+                    $crate::suite::$ignored(&harness).await;
+                }
+            )*
+
+            #[test]
+            fn every_scenario_is_run_or_ignored() {
+                let mut listed = vec![$(stringify!($run),)* $(stringify!($ignored),)*];
+                listed.sort_unstable();
+                let mut all = $crate::suite::SCENARIOS.to_vec();
+                all.sort_unstable();
+                assert_eq!(listed, all);
             }
-        )*
+        }
     };
 }

@@ -17,7 +17,39 @@ use uuid::Uuid;
 use crate::service::{Events, MathError, ProbeClient, ProbeServer, Worker};
 use crate::{Harness, eventually};
 
+/// Every scenario of the suite, by name.
+pub const SCENARIOS: &[&str] = &[
+    "typed_results_and_typed_errors",
+    "unknown_method",
+    "timeout_leaves_no_pending_call",
+    "late_reply_is_dropped_and_counted",
+    "ten_thousand_concurrent_calls",
+    "panicking_handler_becomes_an_error_reply",
+    "redelivery_when_a_worker_disappears",
+    "queue_full_from_a_bounded_queue",
+    "dead_letter_after_max_deliveries",
+    "broadcast_reaches_each_group_once",
+    "competing_workers_share_the_load",
+    "durable_callback_after_the_caller_restarted",
+    "graceful_shutdown_loses_nothing",
+    "forced_shutdown_requeues_running_calls",
+    "expired_request_is_not_executed",
+    "oneway_call_runs",
+    "in_process_callback_receives_the_result",
+    "nested_call_inherits_the_deadline",
+    "priority_orders_calls_or_is_refused",
+    "durable_callback_panic_is_dead_lettered",
+    "closing_the_client_fails_waiting_calls",
+    "call_to_a_missing_service_fails_at_once",
+];
+
 const SERVICE: &str = "suite.Probe";
+
+/// Whether the broker holds a message until a consumer acks it. Core NATS holds nothing: a message nobody
+/// consumes at the moment it is published is gone, so the scenarios that need a queue assert a typed refusal.
+fn holds_messages(transport: &dyn Transport) -> bool {
+    transport.capabilities().acks
+}
 const WAIT: Duration = Duration::from_secs(20);
 
 /// One scenario's view of the broker: a namespace of its own and helpers to start clients and workers.
@@ -194,6 +226,11 @@ pub async fn queue_full_from_a_bounded_queue(harness: &dyn Harness) {
     let setup = Setup::new(harness);
     let transport = setup.transport().await;
     let bounded = QueueOptions::new().max_len(3);
+    if !transport.capabilities().max_length {
+        let refused = transport.declare_queue(&setup.queue(), &bounded).await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "a max length was silently ignored: {refused:?}");
+        return;
+    }
     transport.declare_queue(&setup.queue(), &bounded).await.expect("declares");
     let probe = ProbeClient::new(&setup.client().await);
     let queued: Vec<_> = (0..3).map(|n| tokio::spawn(probe.add(n, 1).timeout(WAIT).into_future())).collect();
@@ -221,6 +258,11 @@ pub async fn dead_letter_after_max_deliveries(harness: &dyn Harness) {
     let setup = Setup::new(harness);
     let transport = setup.transport().await;
     let queue = format!("{}.jobs", setup.namespace);
+    if !transport.capabilities().dead_letter {
+        let refused = transport.declare_queue(&queue, &QueueOptions::new().max_deliveries(3)).await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "max deliveries were silently ignored: {refused:?}");
+        return;
+    }
     transport.declare_queue(&queue, &QueueOptions::new().max_deliveries(3)).await.expect("declares");
     let mut envelope = Envelope::new(Kind::Oneway);
     envelope.method = "job".into();
@@ -284,6 +326,11 @@ pub async fn competing_workers_share_the_load(harness: &dyn Harness) {
 pub async fn durable_callback_after_the_caller_restarted(harness: &dyn Harness) {
     let setup = Setup::new(harness);
     let deployment = setup.transport().await;
+    if !holds_messages(deployment.as_ref()) {
+        let refused = ProbeClient::new(&setup.client().await).add(40, 2).durable("sums").await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "a durable call was accepted: {refused:?}");
+        return;
+    }
     deployment.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
 
     let caller = setup.client().await;
@@ -362,7 +409,12 @@ pub async fn expired_request_is_not_executed(harness: &dyn Harness) {
     transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
     let probe = ProbeClient::new(&setup.client().await);
     let result = probe.add(1, 1).timeout(Duration::from_millis(50)).await;
-    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    if holds_messages(transport.as_ref()) {
+        assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    } else {
+        // Nothing holds the request while no worker runs: the broker says so at once.
+        assert!(matches!(result, Err(Error::NoResponders(_))), "{result:?}");
+    }
     let (_server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;
     assert_eq!(probe.add(2, 2).await.expect("answered"), 4);
     assert_eq!(events.finished("add"), 1, "the expired request ran");
@@ -436,6 +488,11 @@ pub async fn durable_callback_panic_is_dead_lettered(harness: &dyn Harness) {
     let setup = Setup::new(harness);
     let (_server, _) = setup.worker("w").await;
     let probe = ProbeClient::new(&setup.client().await);
+    if !holds_messages(setup.transport().await.as_ref()) {
+        let refused = probe.add(0, 1).durable("fragile").await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "a durable call was accepted: {refused:?}");
+        return;
+    }
     probe.add(0, 1).durable("fragile").await.expect("queued");
     probe.add(0, 2).durable("fragile").await.expect("queued");
     let (sender, mut handled) = tokio::sync::mpsc::unbounded_channel();
@@ -478,4 +535,21 @@ pub async fn closing_the_client_fails_waiting_calls(harness: &dyn Harness) {
     assert!(matches!(probe.add(1, 1).await, Err(Error::Shutdown)));
     assert_eq!(client.stats().pending, 0);
     events.gate.notify_waiters();
+}
+
+/// A call to a service nobody serves fails at once with a typed error (`NoRoute`, or `NoResponders` where the
+/// broker reports that), not by its timeout.
+pub async fn call_to_a_missing_service_fails_at_once(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let started = tokio::time::Instant::now();
+    let result = probe.add(1, 1).timeout(WAIT).await;
+    let queue = setup.queue();
+    match result {
+        Err(Error::NoRoute(name) | Error::NoResponders(name)) => assert_eq!(name, queue),
+        other => panic!("expected NoRoute or NoResponders, got {other:?}"),
+    }
+    assert!(started.elapsed() < WAIT / 4, "the call waited for its timeout: {:?}", started.elapsed());
+    assert_eq!(client.stats().pending, 0);
 }

@@ -2,6 +2,7 @@
 
 mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 mqrpc_tests::scenario_suite!(own_broker, mqrpc_tests::RemoteHarness::start().await);
+mqrpc_tests::scenario_suite!(rabbitmq, mqrpc_tests::AmqpHarness::from_env());
 
 #[test]
 fn macro_ui() {

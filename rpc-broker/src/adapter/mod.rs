@@ -1,0 +1,165 @@
+//! Adapters to external brokers, one cargo feature each.
+//!
+//! Each maps the envelope onto the broker's native message properties and headers, so that a program using
+//! only the broker's own client library can call a service written with mqrpc: the body is the MessagePack of
+//! the arguments (or the result), and the envelope's other fields travel as properties where the broker has a
+//! place for them, else as headers named below. The mapping of each broker is documented on its transport.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "nats")]
+pub mod nats;
+
+/// Header names of the envelope fields that have no native place; every name the framework writes starts with
+/// [`headers::PREFIX`], so user headers are the others.
+pub mod headers {
+    /// The prefix of every header the framework writes itself.
+    pub const PREFIX: &str = "mqrpc-";
+    /// The envelope kind: `request`, `reply` or `oneway`. Absent: a request if there is a reply address, else oneway.
+    pub const KIND: &str = "mqrpc-kind";
+    /// The service's name.
+    pub const SERVICE: &str = "mqrpc-service";
+    /// The method's name (NATS; AMQP uses the `type` property).
+    pub const METHOD: &str = "mqrpc-method";
+    /// Which attempt this is, from 1.
+    pub const ATTEMPT: &str = "mqrpc-attempt";
+    /// The time budget in milliseconds when the message was sent.
+    pub const DEADLINE_MS: &str = "mqrpc-deadline-ms";
+    /// When the message was sent, in milliseconds since the Unix epoch, to take the time it spent queued off the
+    /// budget (hosts need synchronised clocks for that part; the broker's own expiry is exact).
+    pub const SENT_AT_MS: &str = "mqrpc-sent-at-ms";
+    /// The idempotency key.
+    pub const IDEMPOTENCY_KEY: &str = "mqrpc-idempotency-key";
+    /// The priority, 0 to 9 (where the broker has no native priority property).
+    pub const PRIORITY: &str = "mqrpc-priority";
+    /// A reply's status code (absent: ok).
+    pub const STATUS: &str = "mqrpc-status";
+    /// A reply's status message.
+    pub const STATUS_MESSAGE: &str = "mqrpc-status-message";
+    /// The correlation id (NATS; AMQP uses the `correlation_id` property).
+    pub const CORRELATION_ID: &str = "mqrpc-correlation-id";
+    /// Where the reply goes, where the broker's reply subject is taken by the broker itself (NATS JetStream).
+    pub const REPLY_TO: &str = "mqrpc-reply-to";
+    /// A correlation id from a caller that is not a UUID, kept to be echoed verbatim on the reply.
+    pub const RAW_CORRELATION_ID: &str = "mqrpc-raw-correlation-id";
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What remains of a budget of `budget_ms` sent at `sent_at_ms`: `Some(0)` when it ran out while queued. A sender
+/// clock ahead of ours counts as no time queued.
+pub(crate) fn remaining_ms(budget_ms: u64, sent_at_ms: Option<u64>, now_ms: u64) -> u64 {
+    let queued = sent_at_ms.map_or(0, |sent| now_ms.saturating_sub(sent));
+    budget_ms.saturating_sub(queued)
+}
+
+/// The name of the envelope kind in [`headers::KIND`].
+pub(crate) fn kind_name(kind: rpc_core::Kind) -> &'static str {
+    match kind {
+        rpc_core::Kind::Request => "request",
+        rpc_core::Kind::Reply => "reply",
+        rpc_core::Kind::Oneway => "oneway",
+    }
+}
+
+/// The envelope kind named in [`headers::KIND`], or guessed for a message from a plain client of the broker.
+pub(crate) fn kind_of(name: Option<&str>, has_reply_to: bool) -> rpc_core::Kind {
+    match name {
+        Some("reply") => rpc_core::Kind::Reply,
+        Some("oneway") => rpc_core::Kind::Oneway,
+        Some("request") => rpc_core::Kind::Request,
+        _ if has_reply_to => rpc_core::Kind::Request,
+        _ => rpc_core::Kind::Oneway,
+    }
+}
+
+/// The user headers of a message: every header not written by the framework or the broker.
+pub(crate) fn is_user_header(name: &str) -> bool {
+    !name.starts_with(headers::PREFIX) && !name.starts_with("x-") && !name.starts_with("Nats-")
+}
+
+/// Local counters of one queue, for what the broker does not report.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: std::sync::atomic::AtomicU64,
+    pub(crate) acked: std::sync::atomic::AtomicU64,
+    pub(crate) dead_lettered: std::sync::atomic::AtomicU64,
+    pub(crate) expired: std::sync::atomic::AtomicU64,
+    pub(crate) rejected: std::sync::atomic::AtomicU64,
+    pub(crate) unacked: std::sync::atomic::AtomicI64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// These counters as [`rpc_core::QueueStats`], with what the broker reported.
+    pub(crate) fn stats(&self, ready: usize, consumers: usize) -> rpc_core::QueueStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut stats = rpc_core::QueueStats::new();
+        stats.ready = ready;
+        stats.consumers = consumers;
+        stats.unacked = usize::try_from(self.unacked.load(Relaxed).max(0)).unwrap_or(0);
+        stats.published = self.published.load(Relaxed);
+        stats.acked = self.acked.load(Relaxed);
+        stats.dead_lettered = self.dead_lettered.load(Relaxed);
+        stats.expired = self.expired.load(Relaxed);
+        stats.rejected = self.rejected.load(Relaxed);
+        stats
+    }
+}
+
+/// Per-queue [`Counters`], created on first use.
+#[derive(Debug, Default)]
+pub(crate) struct CounterMap(dashmap::DashMap<String, std::sync::Arc<Counters>>);
+
+impl CounterMap {
+    pub(crate) fn of(&self, queue: &str) -> std::sync::Arc<Counters> {
+        if let Some(counters) = self.0.get(queue) {
+            return std::sync::Arc::clone(&counters);
+        }
+        std::sync::Arc::clone(&self.0.entry(queue.to_owned()).or_default())
+    }
+}
+
+/// User headers of an envelope, for a broker that takes string pairs.
+pub(crate) fn user_headers(headers: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
+    headers.iter().filter(|(name, _)| is_user_header(name)).map(|(name, value)| (name.as_str(), value.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_takes_queued_time_off_and_ignores_a_clock_ahead() {
+        assert_eq!(remaining_ms(1_000, Some(10_000), 10_400), 600);
+        assert_eq!(remaining_ms(1_000, Some(10_000), 12_000), 0);
+        assert_eq!(remaining_ms(1_000, Some(10_500), 10_000), 1_000);
+        assert_eq!(remaining_ms(1_000, None, 10_000), 1_000);
+    }
+
+    #[test]
+    fn kinds_round_trip_and_plain_messages_are_guessed() {
+        for kind in [rpc_core::Kind::Request, rpc_core::Kind::Reply, rpc_core::Kind::Oneway] {
+            assert_eq!(kind_of(Some(kind_name(kind)), false), kind);
+        }
+        assert_eq!(kind_of(None, true), rpc_core::Kind::Request);
+        assert_eq!(kind_of(None, false), rpc_core::Kind::Oneway);
+    }
+
+    #[test]
+    fn framework_and_broker_headers_are_not_user_headers() {
+        assert!(is_user_header("order"));
+        assert!(!is_user_header(headers::SERVICE));
+        assert!(!is_user_header("x-delivery-count"));
+        assert!(!is_user_header("Nats-Msg-Id"));
+    }
+}

@@ -1,0 +1,1 @@
+//! NATS (placeholder while being written).
