@@ -184,6 +184,78 @@ impl Harness for AmqpHarness {
     }
 }
 
+/// NATS at `MQRPC_NATS_URL`, through [`rpc_broker::adapter::nats::Nats`], in core or JetStream mode. In
+/// JetStream mode the streams of one harness share a prefix of their own and are deleted when it is dropped.
+#[derive(Debug)]
+pub struct NatsHarness {
+    url: String,
+    options: rpc_broker::adapter::nats::NatsOptions,
+}
+
+impl NatsHarness {
+    /// Core NATS.
+    pub fn core() -> Result<NatsHarness, Skip> {
+        NatsHarness::with(rpc_broker::adapter::nats::NatsOptions::new())
+    }
+
+    /// JetStream work-queue streams.
+    pub fn jetstream() -> Result<NatsHarness, Skip> {
+        NatsHarness::with(rpc_broker::adapter::nats::NatsOptions::jetstream())
+    }
+
+    /// With `options` (a stream prefix of the harness's own).
+    pub fn with(options: rpc_broker::adapter::nats::NatsOptions) -> Result<NatsHarness, Skip> {
+        let url = broker_url("MQRPC_NATS_URL")?;
+        let prefix = format!("MQRPCT{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Ok(NatsHarness { url, options: options.stream_prefix(prefix) })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A transport of this harness, typed.
+    pub async fn nats(&self) -> rpc_broker::adapter::nats::Nats {
+        rpc_broker::adapter::nats::Nats::connect_with(&self.url, self.options.clone())
+            .await
+            .expect("connects to NATS at MQRPC_NATS_URL")
+    }
+}
+
+impl Harness for NatsHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.nats().await);
+            transport
+        })
+    }
+}
+
+impl Drop for NatsHarness {
+    fn drop(&mut self) {
+        if !self.options.jetstream {
+            return;
+        }
+        let (url, prefix) = (self.url.clone(), format!("{}_", self.options.stream_prefix));
+        // The test's runtime may be shutting down: the streams are deleted on a runtime of their own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                use futures::StreamExt;
+                let Ok(client) = async_nats::connect(url).await else { return };
+                let jetstream = async_nats::jetstream::new(client);
+                let names: Vec<String> =
+                    jetstream.stream_names().filter_map(|name| async { name.ok() }).collect().await;
+                for name in names.into_iter().filter(|name| name.starts_with(&prefix)) {
+                    let _ = jetstream.delete_stream(&name).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// Waits until `condition` holds, checking every few milliseconds, and panics naming `what` after `limit`.
 pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;

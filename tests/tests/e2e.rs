@@ -3,6 +3,34 @@
 mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 mqrpc_tests::scenario_suite!(own_broker, mqrpc_tests::RemoteHarness::start().await);
 mqrpc_tests::scenario_suite!(rabbitmq, mqrpc_tests::AmqpHarness::from_env());
+mqrpc_tests::scenario_suite!(nats_jetstream, mqrpc_tests::NatsHarness::jetstream());
+mqrpc_tests::scenario_suite!(nats_core, mqrpc_tests::NatsHarness::core(),
+run: [
+    typed_results_and_typed_errors,
+    unknown_method,
+    timeout_leaves_no_pending_call,
+    late_reply_is_dropped_and_counted,
+    ten_thousand_concurrent_calls,
+    panicking_handler_becomes_an_error_reply,
+    queue_full_from_a_bounded_queue,
+    dead_letter_after_max_deliveries,
+    broadcast_reaches_each_group_once,
+    competing_workers_share_the_load,
+    durable_callback_after_the_caller_restarted,
+    expired_request_is_not_executed,
+    oneway_call_runs,
+    in_process_callback_receives_the_result,
+    nested_call_inherits_the_deadline,
+    priority_orders_calls_or_is_refused,
+    durable_callback_panic_is_dead_lettered,
+    closing_the_client_fails_waiting_calls,
+    call_to_a_missing_service_fails_at_once,
+],
+ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
+    redelivery_when_a_worker_disappears,
+    graceful_shutdown_loses_nothing,
+    forced_shutdown_requeues_running_calls,
+]);
 
 #[test]
 fn macro_ui() {

@@ -1,1 +1,1111 @@
-//! NATS (placeholder while being written).
+//! NATS through async-nats: feature `nats`, in two modes.
+//!
+//! **Core NATS** ([`NatsOptions::new`]): a queue is a subject, its consumers a queue group of that name, so
+//! workers compete; a topic is a subject and each subscriber group a queue group on it. Core NATS holds no
+//! message: there are no acks and no redelivery, and a queue length, a delivery limit or a durable queue is
+//! refused with [`Error::Unsupported`]. A call to a service nobody serves fails at once with
+//! [`Error::NoResponders`]: each request's reply subject is `<inbox>.<correlation id>`, and the server's
+//! no-responders status on it becomes that error. A requeued or released delivery is published again to
+//! its subject, so a stopping worker hands its buffered requests to the others.
+//!
+//! **JetStream** ([`NatsOptions::jetstream`]): a queue is a work-queue stream (file storage) capturing the
+//! subject of the queue's name, consumed through one durable pull consumer that all workers share, with
+//! explicit acks, redelivery (a dropped consumer naks what it held; a crashed one's messages come back after
+//! [`NatsOptions::ack_wait`], which running handlers keep extending) and deduplication by `Nats-Msg-Id` (the
+//! envelope id) within the stream's duplicate window. A maximum length is the stream's `max_msgs` with
+//! `discard: new` ([`Error::QueueFull`]); the dead-letter queue `<queue>.dlq` is a stream too, and a delivery
+//! past the queue's maximum number of deliveries is moved there. A topic is an interest-retention stream with
+//! one durable consumer per subscriber group. Replies go through core NATS to the caller's inbox.
+//!
+//! Headers carry the envelope (see [`crate::adapter::headers`]): `mqrpc-method` (required), `mqrpc-service`,
+//! `mqrpc-kind`, `mqrpc-correlation-id`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, `mqrpc-attempt`,
+//! `mqrpc-idempotency-key`, and `mqrpc-status` / `mqrpc-status-message` on replies; `Nats-Msg-Id` is the envelope
+//! id; in JetStream mode the reply address is `mqrpc-reply-to` (the reply subject carries the stream's ack).
+//! The payload is the MessagePack of the arguments or the result. A plain NATS client calls a service with
+//! `request_with_headers(subject, {mqrpc-method: add}, msgpack_args)` in core mode.
+//!
+//! Connection loss: the client reconnects with exponential backoff and jitter and resubscribes; while it is
+//! disconnected, publishes fail at once with [`Error::Disconnected`] and calls resolve by their deadline.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), rpc_core::Error> {
+//! use rpc_broker::adapter::nats::{Nats, NatsOptions};
+//! let transport = Nats::connect_with("nats://127.0.0.1:4222", NatsOptions::jetstream()).await?;
+//! let client = rpc_core::Client::builder(transport).connect().await?;
+//! # drop(client);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt;
+use rpc_core::{
+    AckHandle, Acker, BoxFuture, Capabilities, Code, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope,
+    Error, Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, naming,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{CounterMap, Counters, headers};
+use crate::embedded::UnboundedStream;
+
+/// The header of the message id that JetStream deduplicates on.
+const MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream's error code for a stream at its maximum number of messages.
+const MAXIMUM_MESSAGES_EXCEEDED: u64 = 10_077;
+/// The most messages one pull asks for.
+const MAX_BATCH: usize = 256;
+/// How long one pull waits for messages before asking again.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// Unsettled deliveries a JetStream consumer without a prefetch limit holds at most.
+const UNLIMITED_PREFETCH: usize = 4_096;
+
+/// How a [`Nats`] transport maps queues.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NatsOptions {
+    /// Queues are JetStream streams (durable, acked) instead of core NATS subjects.
+    pub jetstream: bool,
+    /// The prefix of the stream names this transport creates (stream names cannot hold the queues' dots).
+    pub stream_prefix: String,
+    /// How long JetStream waits for an ack before redelivering; a running handler's delivery is extended every
+    /// third of it.
+    pub ack_wait: Duration,
+    /// JetStream streams are kept in memory rather than in files (faster; lost on a server restart).
+    pub memory_storage: bool,
+    /// The longest wait between two reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> NatsOptions {
+        NatsOptions {
+            jetstream: false,
+            stream_prefix: "MQRPC".to_owned(),
+            ack_wait: Duration::from_secs(30),
+            memory_storage: false,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl NatsOptions {
+    /// Core NATS.
+    pub fn new() -> NatsOptions {
+        NatsOptions::default()
+    }
+
+    /// JetStream work-queue streams.
+    pub fn jetstream() -> NatsOptions {
+        NatsOptions { jetstream: true, ..NatsOptions::default() }
+    }
+
+    /// Sets [`NatsOptions::stream_prefix`].
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> NatsOptions {
+        self.stream_prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`NatsOptions::ack_wait`].
+    pub fn ack_wait(mut self, ack_wait: Duration) -> NatsOptions {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Sets [`NatsOptions::memory_storage`].
+    pub fn memory_storage(mut self, memory: bool) -> NatsOptions {
+        self.memory_storage = memory;
+        self
+    }
+
+    /// Sets [`NatsOptions::max_backoff`].
+    pub fn max_backoff(mut self, backoff: Duration) -> NatsOptions {
+        self.max_backoff = backoff;
+        self
+    }
+}
+
+/// A transport on NATS. Cheap to clone: clones share one connection.
+#[derive(Clone)]
+pub struct Nats {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Nats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nats")
+            .field("jetstream", &self.inner.options.jetstream)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    options: NatsOptions,
+    connected: watch::Receiver<bool>,
+    /// Queues (streams) this transport made sure of, with the options they were declared with.
+    streams: Mutex<HashMap<String, QueueOptions>>,
+    counters: CounterMap,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Shutdown)
+        } else if *self.connected.borrow() {
+            Ok(())
+        } else {
+            Err(Error::Disconnected)
+        }
+    }
+
+    fn stream_name(&self, queue: &str) -> String {
+        stream_name(&self.options.stream_prefix, queue)
+    }
+
+    fn storage(&self) -> stream::StorageType {
+        if self.options.memory_storage { stream::StorageType::Memory } else { stream::StorageType::File }
+    }
+
+    /// Creates the work-queue stream of `queue` (and of its dead-letter queue) with `options`.
+    async fn create_queue_stream(&self, queue: &str, options: &QueueOptions) -> Result<(), Error> {
+        if !queue.ends_with(".dlq") {
+            let dead_letters = naming::dead_letter_queue(queue);
+            let config = self.queue_config(&dead_letters, &QueueOptions::new());
+            self.jetstream.create_stream(config).await.map_err(|error| stream_error(&dead_letters, &error))?;
+        }
+        let config = self.queue_config(queue, options);
+        self.jetstream.create_stream(config).await.map_err(|error| stream_error(queue, &error))?;
+        Ok(())
+    }
+
+    fn queue_config(&self, queue: &str, options: &QueueOptions) -> stream::Config {
+        let mut description = format!("mqrpc queue {queue}");
+        if let Some(max) = options.max_deliveries {
+            description.push_str(&format!("; max deliveries {max}"));
+        }
+        stream::Config {
+            name: self.stream_name(queue),
+            subjects: vec![queue.to_owned()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: options.max_len.map_or(-1, |max| i64::try_from(max).unwrap_or(i64::MAX)),
+            discard: stream::DiscardPolicy::New,
+            storage: self.storage(),
+            description: Some(description),
+            duplicate_window: DUPLICATE_WINDOW,
+            ..stream::Config::default()
+        }
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> Result<stream::Stream, Error> {
+        let config = stream::Config {
+            name: self.stream_name(topic),
+            subjects: vec![topic.to_owned()],
+            retention: stream::RetentionPolicy::Interest,
+            storage: self.storage(),
+            description: Some(format!("mqrpc topic {topic}")),
+            duplicate_window: DUPLICATE_WINDOW,
+            ..stream::Config::default()
+        };
+        self.jetstream.get_or_create_stream(config).await.map_err(|error| stream_error(topic, &error))
+    }
+
+    /// Publishes to a JetStream subject and waits for the stream's ack.
+    async fn publish_stream(&self, subject: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject.to_owned(), headers, body)
+            .await
+            .map_err(|error| publish_error(subject, &error))?;
+        ack.await.map_err(|error| publish_error(subject, &error))?;
+        Ok(())
+    }
+
+    /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
+    async fn publish(&self, queue: &str, mut envelope: Envelope) -> Result<(), Error> {
+        self.check()?;
+        check_subject(queue)?;
+        let reply_subject = reply_subject(&mut envelope);
+        let counters = self.counters.of(queue);
+        let to_inbox = queue.starts_with("_INBOX.");
+        if self.options.jetstream && !to_inbox {
+            let headers = to_headers(&envelope, true)?;
+            self.publish_stream(queue, headers, envelope.body).await?;
+        } else {
+            let headers = to_headers(&envelope, false)?;
+            let subject = queue.to_owned();
+            let result = match reply_subject {
+                Some(reply) => self.client.publish_with_reply_and_headers(subject, reply, headers, envelope.body).await,
+                None => self.client.publish_with_headers(subject, headers, envelope.body).await,
+            };
+            result.map_err(|error| match error.kind() {
+                async_nats::client::PublishErrorKind::Send => Error::Disconnected,
+                _ => Error::InvalidArgument(format!("cannot publish to `{queue}`: {error}")),
+            })?;
+        }
+        Counters::bump(&counters.published);
+        Ok(())
+    }
+
+    /// The pull consumer of a queue's stream, shared by all its workers, and the queue's maximum deliveries.
+    async fn queue_consumer(&self, queue: &str) -> Result<(consumer::PullConsumer, Option<u32>), Error> {
+        let mut found = match self.jetstream.get_stream(self.stream_name(queue)).await {
+            Ok(found) => found,
+            Err(error) if is_not_found(&error.kind()) => return Err(Error::NoRoute(queue.to_owned())),
+            Err(error) => return Err(transport(error)),
+        };
+        let max_deliveries =
+            found.info().await.map_err(transport)?.config.description.as_deref().and_then(max_deliveries_of);
+        let durable = "mqrpc".to_owned();
+        let consumer =
+            found.get_or_create_consumer(&durable, self.pull_config(durable.clone())).await.map_err(transport)?;
+        Ok((consumer, max_deliveries))
+    }
+
+    fn pull_config(&self, durable: String) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(durable),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.options.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: 65_536,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..consumer::pull::Config::default()
+        }
+    }
+}
+
+/// How long a JetStream stream remembers message ids to drop duplicates.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// A stream name for a queue: its characters other than letters, digits and `-` escaped as `_XX`.
+fn stream_name(prefix: &str, queue: &str) -> String {
+    let mut name = String::with_capacity(prefix.len() + 1 + queue.len() * 2);
+    name.push_str(prefix);
+    name.push('_');
+    for byte in queue.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            name.push(char::from(byte));
+        } else {
+            name.push_str(&format!("_{byte:02X}"));
+        }
+    }
+    name
+}
+
+fn max_deliveries_of(description: &str) -> Option<u32> {
+    description.split("; ").find_map(|part| part.strip_prefix("max deliveries ")).and_then(|max| max.parse().ok())
+}
+
+/// The reply subject of a request: `<inbox>.<correlation id>` for a call through an inbox (so that the
+/// server's no-responders status names the call), else the envelope's reply address. The envelope's reply
+/// address becomes that subject.
+fn reply_subject(envelope: &mut Envelope) -> Option<String> {
+    let reply_to = envelope.reply_to.as_mut()?;
+    if envelope.kind == Kind::Request
+        && reply_to.starts_with("_INBOX.")
+        && let Some(correlation_id) = envelope.correlation_id
+        && !reply_to.ends_with(&correlation_id.simple().to_string())
+    {
+        reply_to.push('.');
+        reply_to.push_str(&correlation_id.simple().to_string());
+    }
+    Some(reply_to.clone())
+}
+
+fn check_subject(subject: &str) -> Result<(), Error> {
+    let valid = !subject.is_empty()
+        && !subject.starts_with('.')
+        && !subject.ends_with('.')
+        && !subject.contains("..")
+        && !subject.contains([' ', '\t', '\r', '\n', '*', '>']);
+    if valid { Ok(()) } else { Err(Error::InvalidArgument(format!("`{subject}` is not a valid NATS subject"))) }
+}
+
+fn header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), Error> {
+    let name = HeaderName::from_str(name).map_err(|_| Error::InvalidArgument(format!("bad header name `{name}`")))?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| Error::InvalidArgument(format!("the value of header `{name}` holds a line break")))?;
+    headers.insert(name, value);
+    Ok(())
+}
+
+/// The headers of an envelope; `reply_header` puts the reply address in a header (JetStream).
+fn to_headers(envelope: &Envelope, reply_header: bool) -> Result<HeaderMap, Error> {
+    let mut map = HeaderMap::new();
+    header(&mut map, MSG_ID, &envelope.id.to_string())?;
+    header(&mut map, headers::KIND, super::kind_name(envelope.kind))?;
+    if !envelope.service.is_empty() {
+        header(&mut map, headers::SERVICE, &envelope.service)?;
+    }
+    if !envelope.method.is_empty() {
+        header(&mut map, headers::METHOD, &envelope.method)?;
+    }
+    if let Some(correlation_id) = envelope.correlation_id {
+        header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?;
+    }
+    if reply_header && let Some(reply_to) = &envelope.reply_to {
+        header(&mut map, headers::REPLY_TO, reply_to)?;
+    }
+    if envelope.attempt > 1 {
+        header(&mut map, headers::ATTEMPT, &envelope.attempt.to_string())?;
+    }
+    if let Some(budget) = envelope.deadline_ms {
+        header(&mut map, headers::DEADLINE_MS, &budget.to_string())?;
+        header(&mut map, headers::SENT_AT_MS, &super::now_ms().to_string())?;
+    }
+    if let Some(key) = &envelope.idempotency_key {
+        header(&mut map, headers::IDEMPOTENCY_KEY, key)?;
+    }
+    if envelope.status != 0 {
+        header(&mut map, headers::STATUS, &envelope.status.to_string())?;
+    }
+    if let Some(message) = &envelope.status_message {
+        header(&mut map, headers::STATUS_MESSAGE, &message.replace(['\r', '\n'], " "))?;
+    }
+    for (name, value) in super::user_headers(&envelope.headers) {
+        header(&mut map, name, value)?;
+    }
+    Ok(map)
+}
+
+/// The envelope of a NATS message. `stored_at_ms`: when JetStream stored it (the time queued counts from there).
+fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Envelope {
+    let empty = HeaderMap::new();
+    let map = message.headers.as_ref().unwrap_or(&empty);
+    let get = |name: &str| map.get(name).map(|value| value.as_str().to_owned());
+    let reply_to = get(headers::REPLY_TO).or_else(|| message.reply.as_ref().map(|reply| reply.to_string()));
+    let mut envelope = Envelope::new(super::kind_of(get(headers::KIND).as_deref(), reply_to.is_some()));
+    if let Some(id) = get(MSG_ID).and_then(|id| Uuid::parse_str(&id).ok()) {
+        envelope.id = id;
+    }
+    envelope.correlation_id = get(headers::CORRELATION_ID)
+        .and_then(|id| Uuid::parse_str(&id).ok())
+        .or_else(|| correlation_of_subject(&message.subject));
+    envelope.reply_to = reply_to;
+    envelope.service = get(headers::SERVICE).unwrap_or_default();
+    envelope.method = get(headers::METHOD).unwrap_or_default();
+    envelope.attempt = get(headers::ATTEMPT).and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
+    if let Some(budget) = get(headers::DEADLINE_MS).and_then(|budget| budget.parse::<u64>().ok()) {
+        let sent_at = stored_at_ms.or_else(|| get(headers::SENT_AT_MS).and_then(|sent| sent.parse().ok()));
+        envelope.deadline_ms = Some(super::remaining_ms(budget, sent_at, super::now_ms()));
+    }
+    envelope.idempotency_key = get(headers::IDEMPOTENCY_KEY);
+    envelope.status = get(headers::STATUS).and_then(|code| code.parse().ok()).unwrap_or(0);
+    envelope.status_message = get(headers::STATUS_MESSAGE);
+    for (name, values) in map.iter() {
+        let name: &str = name.as_ref();
+        if super::is_user_header(name)
+            && let Some(value) = values.first()
+        {
+            envelope.headers.insert(name.to_owned(), value.as_str().to_owned());
+        }
+    }
+    envelope.body = message.payload.clone();
+    envelope
+}
+
+/// The correlation id that ends an inbox subject `<inbox>.<correlation id>`.
+fn correlation_of_subject(subject: &str) -> Option<Uuid> {
+    subject.rsplit('.').next().and_then(|last| Uuid::parse_str(last).ok())
+}
+
+impl Nats {
+    /// Connects to NATS at `url` (`nats://host:port`, several separated by commas) in core mode.
+    ///
+    /// # Errors
+    /// [`Error::Transport`] when the server cannot be reached, [`Error::Unauthorized`] when it refuses.
+    pub async fn connect(url: &str) -> Result<Nats, Error> {
+        Nats::connect_with(url, NatsOptions::default()).await
+    }
+
+    /// Connects with `options`.
+    ///
+    /// # Errors
+    /// As [`Nats::connect`]. In JetStream mode, a server without JetStream makes declaring a queue fail with
+    /// [`Error::Unsupported`].
+    pub async fn connect_with(url: &str, options: NatsOptions) -> Result<Nats, Error> {
+        let (state, connected) = watch::channel(true);
+        let max_backoff = options.max_backoff;
+        let client = async_nats::ConnectOptions::new()
+            .name("mqrpc")
+            .max_reconnects(None)
+            .reconnect_delay_callback(move |attempts| {
+                if attempts <= 1 {
+                    Duration::ZERO
+                } else {
+                    crate::remote::backoff(u32::try_from(attempts).unwrap_or(u32::MAX), max_backoff)
+                }
+            })
+            .event_callback(move |event| {
+                match &event {
+                    async_nats::Event::Connected => {
+                        state.send_replace(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("lost the connection to NATS; reconnecting");
+                        state.send_replace(false);
+                    }
+                    other => tracing::debug!(event = %other, "NATS connection event"),
+                }
+                async {}
+            })
+            .connect(url)
+            .await
+            .map_err(|error| match error.kind() {
+                async_nats::ConnectErrorKind::Authentication | async_nats::ConnectErrorKind::AuthorizationViolation => {
+                    Error::Unauthorized(error.to_string())
+                }
+                _ => transport(error),
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        let inner = Arc::new(Inner {
+            client,
+            jetstream,
+            options,
+            connected,
+            streams: Mutex::new(HashMap::new()),
+            counters: CounterMap::default(),
+            closed: AtomicBool::new(false),
+        });
+        Ok(Nats { inner })
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// The underlying client, for what this transport does not cover.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let _ = self.inner.client.drain().await;
+    }
+
+    fn core_consumer(&self, subscriber: async_nats::Subscriber, options: ConsumeOptions) -> Consumer {
+        let acker = Arc::new(CoreAcker { client: self.inner.client.clone(), held: Mutex::new(HashMap::new()) });
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let task_cancel = cancel.clone();
+        let manual = !options.auto_ack;
+        tokio::spawn(async move {
+            let mut subscriber = subscriber;
+            let mut next_tag = 0u64;
+            loop {
+                let message = tokio::select! {
+                    () = task_cancel.cancelled() => break,
+                    message = subscriber.next() => message,
+                };
+                let Some(message) = message else { break };
+                let envelope = from_message(&message, None);
+                if envelope.deadline_ms == Some(0) {
+                    continue;
+                }
+                next_tag += 1;
+                let handle = if manual {
+                    Inner::lock(&acker.held).insert(next_tag, message);
+                    AckHandle::new(Arc::clone(&acker) as Arc<dyn Acker>, next_tag)
+                } else {
+                    AckHandle::auto()
+                };
+                let delivery = Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle };
+                if sender.send(delivery).is_err() {
+                    break;
+                }
+            }
+            // Unsubscribes; deliveries already handed out stay settleable.
+            let _ = subscriber.unsubscribe().await;
+        });
+        let control = CancelOnDrop { cancel, held_by: None };
+        Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+    }
+
+    async fn stream_consumer(
+        &self,
+        queue: &str,
+        puller: consumer::PullConsumer,
+        max_deliveries: Option<u32>,
+        options: ConsumeOptions,
+    ) -> Consumer {
+        let prefetch = match options.prefetch {
+            0 => UNLIMITED_PREFETCH,
+            prefetch => usize::try_from(prefetch).unwrap_or(UNLIMITED_PREFETCH),
+        };
+        let acker = Arc::new(StreamAcker {
+            inner: Arc::clone(&self.inner),
+            queue: queue.to_owned(),
+            counters: self.inner.counters.of(queue),
+            max_deliveries,
+            held: Mutex::new(HashMap::new()),
+        });
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let pull = Pull {
+            puller,
+            acker: Arc::clone(&acker),
+            permits: Arc::new(Semaphore::new(prefetch)),
+            sender,
+            cancel: cancel.clone(),
+            auto_ack: options.auto_ack,
+            next_tag: AtomicU64::new(1),
+        };
+        tokio::spawn(pull.run());
+        tokio::spawn(keep_alive(Arc::downgrade(&acker), self.inner.options.ack_wait / 3));
+        let control = CancelOnDrop { cancel, held_by: Some(acker) };
+        Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+    }
+}
+
+/// Stops a consumer's task: on pause, it stops taking messages; on drop, a JetStream consumer also hands back
+/// what it held, for immediate redelivery.
+struct CancelOnDrop {
+    cancel: CancellationToken,
+    held_by: Option<Arc<StreamAcker>>,
+}
+
+impl ConsumerControl for CancelOnDrop {
+    fn pause(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(acker) = &self.held_by {
+            acker.release_all();
+        }
+    }
+}
+
+/// Settles core NATS deliveries: there is nothing to ack, but a requeued or released message is published
+/// again to its subject and a dead-lettered one to `<subject>.dlq`.
+struct CoreAcker {
+    client: async_nats::Client,
+    held: Mutex<HashMap<u64, async_nats::Message>>,
+}
+
+impl fmt::Debug for CoreAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreAcker").finish_non_exhaustive()
+    }
+}
+
+impl Acker for CoreAcker {
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Ok(()) };
+            let subject = match outcome {
+                Outcome::Ack => return Ok(()),
+                Outcome::Requeue | Outcome::Release => message.subject.to_string(),
+                Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
+            };
+            let headers = message.headers.unwrap_or_default();
+            let result = match message.reply {
+                Some(reply) => {
+                    self.client.publish_with_reply_and_headers(subject, reply, headers, message.payload).await
+                }
+                None => self.client.publish_with_headers(subject, headers, message.payload).await,
+            };
+            result.map_err(|_| Error::Disconnected)
+        })
+    }
+}
+
+/// One unsettled JetStream delivery.
+struct Held {
+    message: jetstream::Message,
+    delivered: u32,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Settles JetStream deliveries of one consumer.
+struct StreamAcker {
+    inner: Arc<Inner>,
+    queue: String,
+    counters: Arc<Counters>,
+    max_deliveries: Option<u32>,
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+impl fmt::Debug for StreamAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamAcker").field("queue", &self.queue).finish_non_exhaustive()
+    }
+}
+
+impl StreamAcker {
+    /// Naks every held delivery: the consumer went away, so they are redelivered now rather than after the
+    /// ack wait.
+    fn release_all(&self) {
+        let held: Vec<Held> = Inner::lock(&self.held).drain().map(|(_, held)| held).collect();
+        if held.is_empty() {
+            return;
+        }
+        let counters = Arc::clone(&self.counters);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for held in held {
+                    counters.unacked.fetch_sub(1, Ordering::Relaxed);
+                    let _ = held.message.ack_with(AckKind::Nak(None)).await;
+                }
+            });
+        }
+    }
+
+    /// Moves a message to the queue's dead-letter stream, then terminates it in the queue.
+    async fn dead_letter(&self, message: &jetstream::Message) -> Result<(), Error> {
+        let dead_letters = naming::dead_letter_queue(&self.queue);
+        let headers = message.headers.clone().unwrap_or_default();
+        self.inner.publish_stream(&dead_letters, headers, message.payload.clone()).await?;
+        message.ack_with(AckKind::Term).await.map_err(|_| Error::Disconnected)?;
+        Counters::bump(&self.counters.dead_lettered);
+        Ok(())
+    }
+}
+
+impl Acker for StreamAcker {
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(held) = Inner::lock(&self.held).remove(&tag) else {
+                // Released when the consumer went away: JetStream redelivers it.
+                return Err(Error::Disconnected);
+            };
+            self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
+            let outcome = match (outcome, self.max_deliveries) {
+                (Outcome::Requeue, Some(max)) if held.delivered >= max => Outcome::DeadLetter,
+                (outcome, _) => outcome,
+            };
+            match outcome {
+                Outcome::Ack => {
+                    held.message.ack().await.map_err(|_| Error::Disconnected)?;
+                    Counters::bump(&self.counters.acked);
+                    Ok(())
+                }
+                Outcome::Requeue | Outcome::Release => {
+                    held.message.ack_with(AckKind::Nak(None)).await.map_err(|_| Error::Disconnected)
+                }
+                Outcome::DeadLetter => self.dead_letter(&held.message).await,
+            }
+        })
+    }
+}
+
+/// Keeps a consumer's unsettled deliveries from being redelivered while their handlers run.
+async fn keep_alive(acker: Weak<StreamAcker>, every: Duration) {
+    let every = every.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(acker) = acker.upgrade() else { return };
+        let messages: Vec<jetstream::Message> =
+            Inner::lock(&acker.held).values().map(|held| held.message.clone()).collect();
+        drop(acker);
+        for message in messages {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+}
+
+/// Pulls a JetStream consumer's messages into a consumer's stream, at most `permits` unsettled at a time.
+struct Pull {
+    puller: consumer::PullConsumer,
+    acker: Arc<StreamAcker>,
+    permits: Arc<Semaphore>,
+    sender: mpsc::UnboundedSender<Delivery>,
+    cancel: CancellationToken,
+    auto_ack: bool,
+    next_tag: AtomicU64,
+}
+
+impl Pull {
+    async fn run(self) {
+        let mut failures = 0u32;
+        loop {
+            let first = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                permit = Arc::clone(&self.permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let wanted = (self.permits.available_permits() + 1).min(MAX_BATCH);
+            // Not cancelled midway: a pull request sent and then forgotten would hold messages until the ack
+            // wait. Cancelling is handled while reading the batch.
+            let batch = self.puller.fetch().max_messages(wanted).expires(PULL_EXPIRES).messages().await;
+            let mut batch = match batch {
+                Ok(batch) => {
+                    failures = 0;
+                    batch
+                }
+                Err(error) => {
+                    tracing::debug!(%error, queue = %self.acker.queue, "pulling from JetStream failed; retrying");
+                    failures = failures.saturating_add(1);
+                    drop(first);
+                    tokio::select! {
+                        () = self.cancel.cancelled() => return,
+                        () = tokio::time::sleep(crate::remote::backoff(failures, Duration::from_secs(2))) => {}
+                    }
+                    continue;
+                }
+            };
+            let mut first = Some(first);
+            loop {
+                let item = tokio::select! {
+                    () = self.cancel.cancelled() => {
+                        // The pull request stays open on the server until it expires: what it still brings
+                        // is handed back, not left to wait out the ack wait.
+                        while let Some(Ok(message)) = batch.next().await {
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                        }
+                        return;
+                    }
+                    item = batch.next() => item,
+                };
+                let Some(item) = item else { break };
+                let Ok(message) = item else { break };
+                let permit = match first.take() {
+                    Some(permit) => permit,
+                    None => match Arc::clone(&self.permits).try_acquire_owned() {
+                        Ok(permit) => permit,
+                        // More than asked for: hand it back for redelivery.
+                        Err(_) => {
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                            continue;
+                        }
+                    },
+                };
+                if !self.forward(message, permit).await {
+                    return;
+                }
+            }
+            if self.cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Hands one message on; false when the consumer is gone.
+    async fn forward(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) -> bool {
+        let (delivered, stored_at) = match message.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered).unwrap_or(1).max(1),
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).ok(),
+            ),
+            Err(_) => (1, None),
+        };
+        let envelope = from_message(&message.message, stored_at);
+        let counters = &self.acker.counters;
+        if envelope.deadline_ms == Some(0) {
+            Counters::bump(&counters.expired);
+            let _ = message.ack().await;
+            return true;
+        }
+        if self.acker.max_deliveries.is_some_and(|max| delivered > max) {
+            if let Err(error) = self.acker.dead_letter(&message).await {
+                tracing::warn!(%error, "could not dead-letter a message past its maximum deliveries");
+            }
+            return true;
+        }
+        let handle = if self.auto_ack {
+            let _ = message.ack().await;
+            AckHandle::auto()
+        } else {
+            let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+            counters.unacked.fetch_add(1, Ordering::Relaxed);
+            Inner::lock(&self.acker.held).insert(tag, Held { message, delivered, _permit: permit });
+            AckHandle::new(Arc::clone(&self.acker) as Arc<dyn Acker>, tag)
+        };
+        let delivery = Delivery { envelope, delivery_count: delivered, received_at: Instant::now(), handle };
+        self.sender.send(delivery).is_ok()
+    }
+}
+
+impl Transport for Nats {
+    fn capabilities(&self) -> Capabilities {
+        if self.inner.options.jetstream {
+            Capabilities {
+                durable: !self.inner.options.memory_storage,
+                acks: true,
+                priority: false,
+                delayed_delivery: false,
+                max_length: true,
+                dead_letter: true,
+                dedup_window: Some(DUPLICATE_WINDOW),
+            }
+        } else {
+            Capabilities::default()
+        }
+    }
+
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            check_subject(queue)?;
+            if !self.inner.options.jetstream {
+                return if options.max_len.is_some() {
+                    Err(Error::Unsupported("a maximum queue length on core NATS (use JetStream mode)"))
+                } else if options.max_deliveries.is_some() {
+                    Err(Error::Unsupported("a maximum number of deliveries on core NATS (use JetStream mode)"))
+                } else if options.durable {
+                    Err(Error::Unsupported("durable queues on core NATS (use JetStream mode)"))
+                } else {
+                    Ok(())
+                };
+            }
+            if Inner::lock(&self.inner.streams).contains_key(queue) {
+                return Ok(());
+            }
+            let exists = self.inner.jetstream.get_stream(self.inner.stream_name(queue)).await.is_ok();
+            if !(exists && *options == QueueOptions::new()) {
+                let mut options = options.clone();
+                // Streams are kept in files (or in memory, by the transport's options) whatever the queue says.
+                options.durable = false;
+                self.inner.create_queue_stream(queue, &options).await?;
+            }
+            Inner::lock(&self.inner.streams).insert(queue.to_owned(), options.clone());
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.publish(queue, envelope))
+    }
+
+    fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if self.inner.options.jetstream {
+                self.inner.check()?;
+                check_subject(topic)?;
+                let known = Inner::lock(&self.inner.streams).contains_key(topic);
+                if !known {
+                    self.inner.ensure_topic(topic).await?;
+                    Inner::lock(&self.inner.streams).insert(topic.to_owned(), QueueOptions::new());
+                }
+            }
+            self.inner.publish(topic, envelope).await
+        })
+    }
+
+    fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            check_subject(queue)?;
+            if !self.inner.options.jetstream {
+                let subscriber = self
+                    .inner
+                    .client
+                    .queue_subscribe(queue.to_owned(), queue.to_owned())
+                    .await
+                    .map_err(|_| Error::Disconnected)?;
+                // The server has the subscription once the flush returns: a call made next finds the worker.
+                self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+                return Ok(self.core_consumer(subscriber, options));
+            }
+            let (puller, max_deliveries) = self.inner.queue_consumer(queue).await?;
+            Ok(self.stream_consumer(queue, puller, max_deliveries, options).await)
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            check_subject(topic)?;
+            if !self.inner.options.jetstream {
+                let subscriber = self
+                    .inner
+                    .client
+                    .queue_subscribe(topic.to_owned(), group.to_owned())
+                    .await
+                    .map_err(|_| Error::Disconnected)?;
+                // The server has the subscription once the flush returns: a call made next finds the worker.
+                self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+                return Ok(self.core_consumer(subscriber, options));
+            }
+            let found = self.inner.ensure_topic(topic).await?;
+            let group_queue = format!("{topic}@{group}");
+            let dead_letters = naming::dead_letter_queue(&group_queue);
+            let config = self.inner.queue_config(&dead_letters, &QueueOptions::new());
+            self.inner.jetstream.create_stream(config).await.map_err(|error| stream_error(&dead_letters, &error))?;
+            let durable = stream_name("G", group);
+            let puller = found
+                .get_or_create_consumer(&durable, self.inner.pull_config(durable.clone()))
+                .await
+                .map_err(transport)?;
+            Ok(self.stream_consumer(&group_queue, puller, None, options).await)
+        })
+    }
+
+    fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            let address = self.inner.client.new_inbox();
+            let subscriber =
+                self.inner.client.subscribe(format!("{address}.*")).await.map_err(|_| Error::Disconnected)?;
+            self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+            let replies = subscriber.map(|message| {
+                let envelope = if message.status == Some(StatusCode::NO_RESPONDERS) {
+                    // The server's answer to a request nobody consumes: the call fails at once.
+                    let mut reply = Envelope::new(Kind::Reply);
+                    reply.correlation_id = correlation_of_subject(&message.subject);
+                    reply.status = Code::NoResponders.as_u16();
+                    reply.status_message = Some("no responders".to_owned());
+                    reply
+                } else {
+                    let mut reply = from_message(&message, None);
+                    reply.kind = Kind::Reply;
+                    reply
+                };
+                Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle: AckHandle::auto() }
+            });
+            Ok(Inbox { address, consumer: Consumer::new(replies.boxed(), None) })
+        })
+    }
+
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            if !self.inner.options.jetstream {
+                return Err(Error::Unsupported("queue statistics on core NATS (it holds no messages)"));
+            }
+            let mut found = match self.inner.jetstream.get_stream(self.inner.stream_name(queue)).await {
+                Ok(found) => found,
+                Err(error) if is_not_found(&error.kind()) => return Err(Error::NoRoute(queue.to_owned())),
+                Err(error) => return Err(transport(error)),
+            };
+            let info = found.info().await.map_err(transport)?;
+            let messages = usize::try_from(info.state.messages).unwrap_or(usize::MAX);
+            let consumers = info.state.consumer_count;
+            let pending = match found.consumer_info("mqrpc").await {
+                Ok(consumer) => consumer.num_ack_pending,
+                Err(_) => 0,
+            };
+            let counters = self.inner.counters.of(queue);
+            Ok(counters.stats(messages.saturating_sub(pending), consumers))
+        })
+    }
+}
+
+fn is_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
+    matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(error)
+        if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn stream_error(name: &str, error: &jetstream::context::CreateStreamError) -> Error {
+    match error.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+        {
+            Error::InvalidArgument(format!(
+                "`{name}` exists with other options than these: declare it with the defaults to use it as it is"
+            ))
+        }
+        jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+            Error::Unsupported("JetStream (start nats-server with -js)")
+        }
+        _ => Error::Transport(error.to_string().into()),
+    }
+}
+
+fn publish_error(subject: &str, error: &jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind;
+    match error.kind() {
+        PublishErrorKind::StreamNotFound => Error::NoRoute(subject.to_owned()),
+        PublishErrorKind::BrokenPipe => Error::Disconnected,
+        PublishErrorKind::TimedOut => Error::Transport(error.to_string().into()),
+        _ => {
+            let code = std::error::Error::source(error)
+                .and_then(|source| source.downcast_ref::<jetstream::Error>())
+                .map(jetstream::Error::error_code);
+            if code == Some(jetstream::ErrorCode(MAXIMUM_MESSAGES_EXCEEDED)) {
+                Error::QueueFull(subject.to_owned())
+            } else {
+                Error::Transport(error.to_string().into())
+            }
+        }
+    }
+}
+
+fn transport(error: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Transport(Box::new(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_escape_what_stream_names_cannot_hold() {
+        assert_eq!(stream_name("MQRPC", "ns.Calc"), "MQRPC_ns_2ECalc");
+        assert_eq!(stream_name("MQRPC", "a_b"), "MQRPC_a_5Fb");
+        assert_ne!(stream_name("MQRPC", "a.b"), stream_name("MQRPC", "a_2Eb"));
+        assert_eq!(max_deliveries_of("mqrpc queue q; max deliveries 3"), Some(3));
+        assert_eq!(max_deliveries_of("mqrpc queue q"), None);
+    }
+
+    #[test]
+    fn an_envelope_round_trips_through_headers() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some("_INBOX.abc".into());
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 2;
+        envelope.idempotency_key = Some("key".into());
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
+        let mut sent = envelope.clone();
+        let reply = reply_subject(&mut sent).expect("a reply subject");
+        assert_eq!(reply, format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
+        let message = async_nats::Message {
+            subject: "ns.Calculator".into(),
+            reply: Some(reply.clone().into()),
+            payload: sent.body.clone(),
+            headers: Some(to_headers(&sent, false).expect("maps")),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let back = from_message(&message, None);
+        assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+        let mut expected = sent.clone();
+        expected.deadline_ms = back.deadline_ms;
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn line_breaks_in_header_values_are_refused_not_sent() {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.headers.insert("note".into(), "two\r\nlines".into());
+        assert!(matches!(to_headers(&envelope, false), Err(Error::InvalidArgument(_))));
+        assert!(matches!(check_subject("has space"), Err(Error::InvalidArgument(_))));
+        assert!(check_subject("ns.svc").is_ok());
+    }
+}
