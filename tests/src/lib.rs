@@ -133,6 +133,24 @@ pub fn log_from_env() {
     }
 }
 
+/// A setting a test needs, or the reason it is skipped (printed).
+pub trait SkipOr<T> {
+    /// The value, or `None` after printing why the test is skipped.
+    fn available_value(self) -> Option<T>;
+}
+
+impl<T> SkipOr<T> for Result<Result<T, Skip>, Skip> {
+    fn available_value(self) -> Option<T> {
+        match self.and_then(|inner| inner) {
+            Ok(value) => Some(value),
+            Err(Skip(reason)) => {
+                eprintln!("skipped: {reason}");
+                None
+            }
+        }
+    }
+}
+
 /// Why a test against an external broker is skipped.
 #[derive(Debug)]
 pub struct Skip(pub String);
@@ -205,9 +223,13 @@ impl NatsHarness {
 
     /// With `options` (a stream prefix of the harness's own).
     pub fn with(options: rpc_broker::adapter::nats::NatsOptions) -> Result<NatsHarness, Skip> {
-        let url = broker_url("MQRPC_NATS_URL")?;
+        Ok(NatsHarness::at(&broker_url("MQRPC_NATS_URL")?, options))
+    }
+
+    /// The server at `url`, with `options` (a stream prefix of the harness's own).
+    pub fn at(url: &str, options: rpc_broker::adapter::nats::NatsOptions) -> NatsHarness {
         let prefix = format!("MQRPCT{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Ok(NatsHarness { url, options: options.stream_prefix(prefix) })
+        NatsHarness { url: url.to_owned(), options: options.stream_prefix(prefix) }
     }
 
     /// The server's URL.
@@ -260,6 +282,20 @@ impl Drop for NatsHarness {
 pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the asynchronous `condition` holds, checking every few milliseconds, and panics naming `what`
+/// after `limit`.
+pub async fn eventually_async<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -1,0 +1,202 @@
+//! The broker restarts during a run of calls: every call made meanwhile resolves by its deadline (a reply or a
+//! typed error), and calls succeed again after the restart.
+//!
+//! RabbitMQ is the machine's shared broker, stopped with `rabbitmqctl stop_app`: this binary holds only that
+//! test (cargo runs test binaries one at a time), and it runs only where `MQRPC_AMQP_CTL` names the control
+//! command (`.ci/run` sets it), never against a broker it was not given. NATS runs as a private server on a
+//! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
+use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness, Skip, SkipOr};
+use rpc_core::{Client, Error, Server, ServerHandle, Transport};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Each call's budget; a call must resolve by it plus this slack.
+const BUDGET: Duration = Duration::from_secs(1);
+const SLACK: Duration = Duration::from_millis(500);
+
+async fn worker(transport: Arc<dyn Transport>, namespace: &str) -> ServerHandle {
+    let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
+    Server::new(transport).namespace(namespace).serve(ProbeServer::new(worker)).await.expect("the worker starts")
+}
+
+/// What the calls made while the broker restarted came to.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    failed: Vec<String>,
+    slowest: Duration,
+}
+
+/// Calls `add` one after another until `stop` turns true, each with [`BUDGET`], and tallies the outcomes.
+async fn call_until(client: Client, mut stop: watch::Receiver<bool>) -> Tally {
+    let probe = ProbeClient::new(&client);
+    let mut tally = Tally::default();
+    let mut n = 0i64;
+    while !*stop.borrow() {
+        n += 1;
+        let started = Instant::now();
+        let result = probe.add(n, 1).timeout(BUDGET).await;
+        let took = started.elapsed();
+        tally.slowest = tally.slowest.max(took);
+        assert!(took <= BUDGET + SLACK, "a call took {took:?}, past its deadline: {result:?}");
+        match result {
+            Ok(sum) => {
+                assert_eq!(sum, n + 1);
+                tally.ok += 1;
+            }
+            Err(error @ (Error::Timeout(_) | Error::Disconnected | Error::NoRoute(_) | Error::NoResponders(_))) => {
+                tally.failed.push(error.to_string());
+                // Failing fast must not spin: pace the retries.
+                let _ = tokio::time::timeout(Duration::from_millis(20), stop.changed()).await;
+            }
+            Err(other) => panic!("an untyped failure during the restart: {other:?}"),
+        }
+    }
+    tally
+}
+
+/// Runs calls through `restart`, then checks they failed meanwhile with typed errors and work again.
+async fn calls_survive(harness: &dyn Harness, restart: impl std::future::Future<Output = ()>) {
+    let namespace = format!("r{}", Uuid::new_v4().simple());
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    assert_eq!(probe.add(1, 1).await.expect("works before"), 2);
+    let (stop, stopped) = watch::channel(false);
+    let calls = tokio::spawn(call_until(client.clone(), stopped));
+    restart.await;
+    // Calls come back once the transports have reconnected.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        assert!(Instant::now() < deadline, "calls did not come back within 60 s of the restart");
+        match probe.add(2, 2).timeout(BUDGET).await {
+            Ok(4) => in_a_row += 1,
+            _ => {
+                in_a_row = 0;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    stop.send_replace(true);
+    let tally = calls.await.expect("joins");
+    eprintln!(
+        "during the restart: {} answered, {} failed typed, slowest {:?}",
+        tally.ok,
+        tally.failed.len(),
+        tally.slowest
+    );
+    assert!(!tally.failed.is_empty(), "no call failed: the broker did not really go away");
+    assert_eq!(client.stats().pending, 0);
+}
+
+fn ctl(command: &str, argument: &str) {
+    let status = Command::new(command).arg(argument).stdout(Stdio::null()).status().expect("runs the control command");
+    assert!(status.success(), "`{command} {argument}` failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restart_during_calls() {
+    let Some(command) = mqrpc_tests::broker_url("MQRPC_AMQP_CTL").map(Ok::<_, Skip>).available_value() else {
+        return;
+    };
+    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    calls_survive(&harness, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stop = command.clone();
+        tokio::task::spawn_blocking(move || ctl(&stop, "stop_app")).await.expect("stops");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::spawn_blocking(move || ctl(&command, "start_app")).await.expect("starts");
+    })
+    .await;
+}
+
+/// A nats-server of the test's own, on a free port, with JetStream storage in a directory of its own.
+struct PrivateNats {
+    binary: String,
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    fn start(binary: &str) -> PrivateNats {
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port();
+        let store = std::env::temp_dir().join(format!("mqrpc-nats-{}", Uuid::new_v4().simple()));
+        let mut server = PrivateNats { binary: binary.to_owned(), port, store, child: None };
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+async fn nats_restart(jetstream: bool) {
+    let Some(binary) = mqrpc_tests::broker_url("MQRPC_NATS_SERVER").map(Ok::<_, Skip>).available_value() else {
+        return;
+    };
+    let mut server = PrivateNats::start(&binary);
+    let options = if jetstream {
+        rpc_broker::adapter::nats::NatsOptions::jetstream()
+    } else {
+        rpc_broker::adapter::nats::NatsOptions::new()
+    };
+    let harness = NatsHarness::at(&server.url(), options.max_backoff(Duration::from_millis(500)));
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server.spawn();
+    };
+    calls_survive(&harness, restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_during_calls() {
+    nats_restart(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_restart_during_calls() {
+    nats_restart(true).await;
+}

@@ -1,0 +1,188 @@
+//! RabbitMQ and NATS beyond the shared suite: plain clients of each broker calling our workers with the
+//! documented properties and headers, durable mode (requests published while no worker runs are served once
+//! one starts), quorum queues and direct reply-to. Each test needs its broker's URL variable (`.ci/run` sets
+//! them) and prints that it is skipped without it.
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::join_all;
+use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
+use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
+use rpc_core::{Client, QueueOptions, Server, ServerHandle, Transport, naming};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn namespace() -> String {
+    format!("b{}", Uuid::new_v4().simple())
+}
+
+async fn worker(transport: Arc<dyn Transport>, namespace: &str) -> ServerHandle {
+    let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
+    Server::new(transport).namespace(namespace).serve(ProbeServer::new(worker)).await.expect("the worker starts")
+}
+
+/// The arguments of `add`, as any MessagePack library writes a map.
+fn add_args(a: i64, b: i64) -> Vec<u8> {
+    rmp_serde::to_vec_named(&BTreeMap::from([("a", a), ("b", b)])).expect("encodes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_amqp_client_calls_a_service() {
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+
+    let connection = Connection::connect(harness.url(), ConnectionProperties::default()).await.expect("connects");
+    let channel = connection.create_channel().await.expect("a channel");
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+    let replies = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.expect("a reply queue");
+    let no_ack = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+    let mut replies = channel
+        .basic_consume(replies.name().clone(), "".into(), no_ack, FieldTable::default())
+        .await
+        .expect("consumes");
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+
+    for (correlation_id, method, body) in
+        [("call-1", "add", add_args(2, 3)), ("call-2", "no_such_method", add_args(0, 0))]
+    {
+        let properties = BasicProperties::default()
+            .with_reply_to(replies.queue())
+            .with_correlation_id(correlation_id.into())
+            .with_type(method.into())
+            .with_content_type("application/msgpack".into());
+        channel
+            .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, properties)
+            .await
+            .expect("publishes")
+            .await
+            .expect("confirmed");
+        let reply = tokio::time::timeout(WAIT, replies.next()).await.expect("a reply").expect("open").expect("ok");
+        assert_eq!(reply.properties.correlation_id().as_ref().map(|id| id.as_str()), Some(correlation_id));
+        let status =
+            reply.properties.headers().as_ref().and_then(|headers| headers.inner().get("mqrpc-status").cloned());
+        if method == "add" {
+            assert_eq!(status, None, "an ok reply has no status header");
+            assert_eq!(rmp_serde::from_slice::<i64>(&reply.data).expect("a MessagePack integer"), 5);
+        } else {
+            assert_eq!(status, Some(AMQPValue::LongLongInt(2)), "unknown method is status 2");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_nats_client_calls_a_service() {
+    let Some(harness) = NatsHarness::core().available() else { return };
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = async_nats::connect(harness.url()).await.expect("connects");
+    let subject = naming::service_queue(Some(&namespace), "suite.Probe");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("mqrpc-method", "add");
+    let reply = tokio::time::timeout(WAIT, client.request_with_headers(subject, headers, add_args(40, 2).into()))
+        .await
+        .expect("in time")
+        .expect("answered");
+    assert!(reply.headers.as_ref().and_then(|headers| headers.get("mqrpc-status")).is_none());
+    assert_eq!(rmp_serde::from_slice::<i64>(&reply.payload).expect("a MessagePack integer"), 42);
+
+    // Nobody serves this subject: the plain client sees NATS's own no-responders error, and ours too.
+    let nobody = client.request("nobody.here", add_args(1, 1).into()).await;
+    assert!(matches!(nobody.map_err(|error| error.kind()), Err(async_nats::RequestErrorKind::NoResponders)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_jetstream_client_calls_a_service() {
+    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = async_nats::connect(harness.url()).await.expect("connects");
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribes");
+    let jetstream = async_nats::jetstream::new(client);
+    let subject = naming::service_queue(Some(&namespace), "suite.Probe");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("mqrpc-method", "add");
+    headers.insert("mqrpc-reply-to", inbox.as_str());
+    headers.insert("Nats-Msg-Id", "request-1");
+    for _ in 0..2 {
+        // The second publish is a retry with the same id: JetStream drops it, so it runs once.
+        jetstream
+            .publish_with_headers(subject.clone(), headers.clone(), add_args(20, 22).into())
+            .await
+            .expect("publishes")
+            .await
+            .expect("stored");
+    }
+    let reply = tokio::time::timeout(WAIT, replies.next()).await.expect("a reply").expect("open");
+    assert_eq!(rmp_serde::from_slice::<i64>(&reply.payload).expect("a MessagePack integer"), 42);
+    let duplicate = tokio::time::timeout(Duration::from_millis(500), replies.next()).await;
+    assert!(duplicate.is_err(), "the retried request ran twice");
+}
+
+/// Requests made while no worker runs wait in the broker and are all answered once one starts.
+async fn served_once_a_worker_starts(harness: &dyn Harness) {
+    let namespace = namespace();
+    let deployment = harness.connect().await;
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    deployment.declare_queue(&queue, &QueueOptions::new().durable(true)).await.expect("declares the queue");
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    let calls: Vec<_> =
+        (0..50i64).map(|n| tokio::spawn(probe.add(n, 1).timeout(Duration::from_secs(60)).into_future())).collect();
+    mqrpc_tests::eventually_async("the 50 requests to wait in the queue", WAIT, || async {
+        deployment.queue_stats(&queue).await.map(|stats| stats.ready).unwrap_or(0) == 50
+    })
+    .await;
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let results = join_all(calls).await;
+    for (n, result) in results.into_iter().enumerate() {
+        assert_eq!(result.expect("joins").expect("answered"), n as i64 + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_durable_queue_serves_requests_made_before_any_worker() {
+    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    served_once_a_worker_starts(&harness).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_quorum_queue_serves_requests_made_before_any_worker() {
+    let options = rpc_broker::adapter::amqp::AmqpOptions::new().quorum(true);
+    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    served_once_a_worker_starts(&harness).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_serves_requests_made_before_any_worker() {
+    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    served_once_a_worker_starts(&harness).await;
+}
+
+/// Quorum queues count every delivery: a message requeued up to the limit is dead-lettered by count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_quorum_queue_dead_letters_by_delivery_count() {
+    let options = rpc_broker::adapter::amqp::AmqpOptions::new().quorum(true);
+    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    mqrpc_tests::suite::dead_letter_after_max_deliveries(&harness).await;
+    mqrpc_tests::suite::redelivery_when_a_worker_disappears(&harness).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_direct_reply_to_answers_calls() {
+    let options = rpc_broker::adapter::amqp::AmqpOptions::new().direct_reply_to(true);
+    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    mqrpc_tests::suite::typed_results_and_typed_errors(&harness).await;
+    mqrpc_tests::suite::ten_thousand_concurrent_calls(&harness).await;
+    mqrpc_tests::suite::call_to_a_missing_service_fails_at_once(&harness).await;
+}
