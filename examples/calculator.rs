@@ -1,4 +1,4 @@
-//! The `Calculator` service shared by the `remote_worker` and `remote_client` examples.
+//! The `Calculator` service shared by the `remote_*`, `rabbitmq` and `nats` examples.
 
 use serde::{Deserialize, Serialize};
 

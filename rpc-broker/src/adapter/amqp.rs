@@ -866,12 +866,15 @@ impl Transport for Amqp {
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let conn = self.inner.current()?;
-            if *options == QueueOptions::new() && self.inner.inspect(&conn, queue).await?.is_some() {
+            match self.inner.declare_on(&conn, queue, options).await {
+                Ok(()) => {}
                 // Declaring with the defaults accepts the queue as it is.
-                self.inner.remember(queue);
-                return Ok(());
+                Err(Error::InvalidArgument(_)) if *options == QueueOptions::new() => {
+                    self.inner.remember(queue);
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
             }
-            self.inner.declare_on(&conn, queue, options).await?;
             Inner::lock(&self.inner.topology).queues.entry(queue.to_owned()).or_insert_with(|| options.clone());
             self.inner.remember(queue);
             Ok(())

@@ -422,6 +422,12 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
     envelope
 }
 
+/// Whether a reply is JetStream's publish ack rather than an answer (no envelope headers, a JSON ack body).
+fn is_stream_ack(message: &async_nats::Message) -> bool {
+    let ours = message.headers.as_ref().is_some_and(|map| map.get(headers::KIND).is_some());
+    !ours && message.payload.starts_with(b"{\"stream\":")
+}
+
 /// The correlation id that ends an inbox subject `<inbox>.<correlation id>`.
 fn correlation_of_subject(subject: &str) -> Option<Uuid> {
     subject.rsplit('.').next().and_then(|last| Uuid::parse_str(last).ok())
@@ -976,6 +982,17 @@ impl Transport for Nats {
                     reply.correlation_id = correlation_of_subject(&message.subject);
                     reply.status = Code::NoResponders.as_u16();
                     reply.status_message = Some("no responders".to_owned());
+                    reply
+                } else if is_stream_ack(&message) {
+                    // A core request to a subject a JetStream stream captures: the stream stored it and acked.
+                    let mut reply = Envelope::new(Kind::Reply);
+                    reply.correlation_id = correlation_of_subject(&message.subject);
+                    reply.status = Code::Unavailable.as_u16();
+                    reply.status_message = Some(
+                        "a JetStream stream stored the request instead of a worker answering it: the service runs \
+                         in JetStream mode, so connect with NatsOptions::jetstream()"
+                            .to_owned(),
+                    );
                     reply
                 } else {
                     let mut reply = from_message(&message, None);
