@@ -12,6 +12,7 @@
 //! call it (see `rpc_broker::adapter::amqp`).
 
 mod calculator;
+#[allow(dead_code, reason = "each example process plays one of the roles")]
 mod roles;
 
 use rpc_broker::adapter::amqp::Amqp;
