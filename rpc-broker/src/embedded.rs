@@ -200,7 +200,7 @@ impl Transport for Embedded {
             .declare_queue(&address, config)
             .map_err(to_error)
             .and_then(|()| self.attach(&mut hub, &address, ConsumeOptions::new().prefetch(0).auto_ack(true)))
-            .map(|consumer| Inbox { address, consumer });
+            .map(|consumer| Inbox { address, consumer, losses: None });
         Box::pin(std::future::ready(result))
     }
 

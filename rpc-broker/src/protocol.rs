@@ -17,6 +17,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// Every inbox's name starts with this; other queues cannot have it.
+pub const INBOX_PREFIX: &str = "inbox.";
+
 const ABSENT: u64 = u64::MAX;
 
 /// Why bytes are not a valid frame.

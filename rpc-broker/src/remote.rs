@@ -24,13 +24,13 @@ use rpc_core::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::embedded::UnboundedStream;
-use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, PROTOCOL_VERSION, ServerFrame};
+use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ServerFrame};
 
 /// How a [`Remote`] connects.
 #[derive(Clone)]
@@ -173,6 +173,8 @@ struct Inner {
     declared: Mutex<HashMap<String, QueueOptions>>,
     closed: AtomicBool,
     reconnected: Notify,
+    /// Bumped whenever a connection is lost, and its inboxes with it.
+    losses: watch::Sender<u64>,
 }
 
 impl Drop for Inner {
@@ -384,6 +386,7 @@ impl Remote {
             declared: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             reconnected: Notify::new(),
+            losses: watch::Sender::new(0),
         });
         let conn = open(&inner).await?;
         *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
@@ -439,6 +442,10 @@ impl Remote {
 async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
     loop {
         conn.dead.cancelled().await;
+        if let Some(strong) = inner.upgrade() {
+            // The broker drops a connection's inboxes with it: replies on their way are gone.
+            strong.losses.send_modify(|losses| *losses += 1);
+        }
         let mut attempt = 0u32;
         conn = loop {
             let Some(strong) = inner.upgrade() else { return };
@@ -564,6 +571,8 @@ async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver
             },
         };
         buf.extend_from_slice(&first);
+        // Let the tasks that are ready now queue their frames too, so that they go out in this one write.
+        tokio::task::yield_now().await;
         while buf.len() < 1024 * 1024 {
             match outbound.try_recv() {
                 Ok(frame) => buf.extend_from_slice(&frame),
@@ -770,6 +779,20 @@ impl Transport for Remote {
         })
     }
 
+    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        if !reply_to.starts_with(INBOX_PREFIX) {
+            return self.publish(reply_to, reply);
+        }
+        // Unconfirmed (request id 0): the broker handles this connection's frames in order, so the ack the
+        // server sends next cannot overtake it; an inbox that is gone drops it.
+        let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
+            let conn = self.inner.current().ok_or(Error::Disconnected)?;
+            let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
+            conn.send(&ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload })
+        });
+        Box::pin(std::future::ready(sent))
+    }
+
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
@@ -803,10 +826,10 @@ impl Transport for Remote {
 
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
-            let address = format!("inbox.{}", Uuid::new_v4());
+            let address = format!("{INBOX_PREFIX}{}", Uuid::new_v4());
             let options = ConsumeOptions::new().prefetch(0).auto_ack(true);
             let consumer = self.inner.consumer(LogicalKind::Inbox(address.clone()), options).await?;
-            Ok(Inbox { address, consumer })
+            Ok(Inbox { address, consumer, losses: Some(self.inner.losses.subscribe()) })
         })
     }
 

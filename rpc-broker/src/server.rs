@@ -26,7 +26,9 @@ use tokio_util::codec::FramedRead;
 use crate::embedded::{declare, join_group, settle_of};
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink};
-use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, PROTOCOL_VERSION, ProtocolError, ServerFrame};
+use crate::protocol::{
+    self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ProtocolError, ServerFrame,
+};
 
 /// How the server runs; every field has a sane default.
 #[derive(Clone)]
@@ -359,6 +361,8 @@ async fn write_frames<W>(
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = outbound.recv().await {
+        // Let the tasks that are ready now queue their frames too, so that they go out in this one write.
+        tokio::task::yield_now().await;
         let mut written = 0;
         let mut next = Some(first);
         // Everything queued right now goes out in one write; a lone frame is not held back.
@@ -464,6 +468,10 @@ impl Connection {
             ClientFrame::Ping => None,
             // Frames are handled in order, so answering now answers for everything before.
             ClientFrame::Sync { .. } => ok(Bytes::new()),
+            ClientFrame::Declare { queue, .. } if queue.starts_with(INBOX_PREFIX) => Some(failure(
+                req,
+                &Error::InvalidArgument(format!("`{queue}`: names starting with `{INBOX_PREFIX}` are inboxes'")),
+            )),
             ClientFrame::Declare { queue, max_len, max_deliveries, durable, .. } => {
                 let mut options = QueueOptions::new().durable(durable);
                 if let Some(max_len) = max_len {
@@ -479,6 +487,12 @@ impl Connection {
             }
             ClientFrame::Publish { queue, priority, ttl_ms, payload, .. } => {
                 match self.publish(Target::Queue(&queue), priority, ttl_ms, payload) {
+                    // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
+                    Err(error) if req == 0 => {
+                        tracing::debug!(%error, queue, "dropped an unconfirmed publish");
+                        None
+                    }
+                    _ if req == 0 => None,
                     Ok(()) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
@@ -615,7 +629,7 @@ impl Connection {
 
     fn open_inbox(&mut self, req: u32, name: &str) -> Result<(), Error> {
         self.check_name(name)?;
-        if !name.starts_with("inbox.") {
+        if !name.starts_with(INBOX_PREFIX) {
             return Err(Error::InvalidArgument("inbox names start with `inbox.`".into()));
         }
         let config = QueueConfig { auto_delete: true, ..QueueConfig::default() };

@@ -471,3 +471,53 @@ async fn operator_commands_list_call_and_replay() {
     assert_eq!(again.envelope.idempotency_key.as_deref(), Some("job-7"));
     assert_eq!(again.envelope.attempt, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
+    let broker = start(config()).await;
+    let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
+    raw.write_all(&hello("")).await.expect("writes");
+    let payload = rpc_core::codec::encode_envelope(&Envelope::new(Kind::Reply)).expect("encodes");
+    let publish = |req, queue: &str| ClientFrame::Publish {
+        req,
+        queue: queue.into(),
+        priority: 0,
+        ttl_ms: None,
+        payload: payload.clone(),
+    };
+    let frames = [
+        ClientFrame::OpenInbox { req: 1, name: "inbox.raw".into() },
+        // Taken and delivered to the inbox, answered neither way.
+        publish(0, "inbox.raw"),
+        // Refused (no such queue), answered neither way.
+        publish(0, "inbox.gone"),
+        ClientFrame::Declare {
+            req: 2,
+            queue: "inbox.mine".into(),
+            max_len: None,
+            max_deliveries: None,
+            durable: false,
+        },
+        ClientFrame::Sync { req: 3 },
+    ];
+    for frame in &frames {
+        raw.write_all(&encode(frame)).await.expect("writes");
+    }
+    let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
+    let mut seen = Vec::new();
+    while !matches!(seen.last(), Some(ServerFrame::Ok { req: 3, .. })) {
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("a frame");
+        seen.push(ServerFrame::parse(frame.expect("open").expect("ok")).expect("parses"));
+    }
+    let answered: Vec<u32> = seen
+        .iter()
+        .filter_map(|frame| match frame {
+            ServerFrame::Ok { req, .. } | ServerFrame::Error { req, .. } => Some(*req),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, [1, 2, 3], "{seen:?}");
+    assert_eq!(error_codes(&seen), [(2, ErrorCode::Invalid)]);
+    let delivered = seen.iter().filter(|frame| matches!(frame, ServerFrame::Deliver { .. })).count();
+    assert_eq!(delivered, 1, "{seen:?}");
+}

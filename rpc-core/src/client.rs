@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -36,6 +36,7 @@ pub struct ClientBuilder {
     transport: Arc<dyn Transport>,
     default_timeout: Duration,
     namespace: Option<String>,
+    resends: u32,
 }
 
 impl ClientBuilder {
@@ -49,6 +50,15 @@ impl ClientBuilder {
     /// Servers must use the same namespace.
     pub fn namespace(mut self, namespace: impl Into<String>) -> ClientBuilder {
         self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Sends a call again, up to `resends` times, when its reply was lost ([`Error::ReplyLost`]) or the
+    /// connection was down when it was sent ([`Error::Disconnected`]), within its deadline (default 0: such a
+    /// call fails with that error at once). A call sent again keeps its correlation id and idempotency key and
+    /// carries `attempt + 1`, so that a worker that executed it answers with the stored reply.
+    pub fn resend_lost_calls(mut self, resends: u32) -> ClientBuilder {
+        self.resends = resends;
         self
     }
 
@@ -66,14 +76,16 @@ impl ClientBuilder {
             late_replies: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             disconnected: AtomicBool::new(false),
+            losses: inbox.losses.clone(),
         });
-        let reader = tokio::spawn(read_replies(inbox.consumer, Arc::clone(&shared)));
+        let reader = tokio::spawn(read_replies(inbox.consumer, inbox.losses, Arc::clone(&shared)));
         Ok(Client {
             inner: Arc::new(Inner {
                 transport: self.transport,
                 inbox: inbox.address,
                 default_timeout: self.default_timeout,
                 namespace: self.namespace,
+                resends: self.resends,
                 shared,
                 reader,
             }),
@@ -94,6 +106,7 @@ struct Inner {
     inbox: String,
     default_timeout: Duration,
     namespace: Option<String>,
+    resends: u32,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
 }
@@ -104,12 +117,38 @@ impl Drop for Inner {
     }
 }
 
+/// A call waiting for its reply.
+struct Pending {
+    /// The inbox's loss count when the call was sent: a later loss means its reply may be gone.
+    epoch: u64,
+    sender: oneshot::Sender<Result<Envelope, Error>>,
+}
+
 struct Shared {
-    pending: DashMap<Uuid, oneshot::Sender<Envelope>>,
+    pending: DashMap<Uuid, Pending>,
     late_replies: AtomicU64,
     closed: AtomicBool,
     /// The inbox's consumer ended: no reply can arrive any more.
     disconnected: AtomicBool,
+    /// The inbox's loss count, where the transport can lose replies.
+    losses: Option<watch::Receiver<u64>>,
+}
+
+impl Shared {
+    fn epoch(&self) -> u64 {
+        self.losses.as_ref().map_or(0, |losses| *losses.borrow())
+    }
+
+    /// Fails with [`Error::ReplyLost`] every call sent before loss number `epoch`.
+    fn lost(&self, epoch: u64) {
+        let lost: Vec<Uuid> =
+            self.pending.iter().filter(|entry| entry.value().epoch < epoch).map(|entry| *entry.key()).collect();
+        for id in lost {
+            if let Some((_, pending)) = self.pending.remove_if(&id, |_, pending| pending.epoch < epoch) {
+                let _ = pending.sender.send(Err(Error::ReplyLost));
+            }
+        }
+    }
 }
 
 /// A snapshot of a client's counters.
@@ -122,13 +161,26 @@ pub struct ClientStats {
     pub late_replies: u64,
 }
 
-async fn read_replies(mut inbox: crate::transport::Consumer, shared: Arc<Shared>) {
-    while let Some(delivery) = inbox.next().await {
+async fn read_replies(
+    mut inbox: crate::transport::Consumer,
+    mut losses: Option<watch::Receiver<u64>>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            delivery = inbox.next() => delivery,
+            Some(epoch) = lost(&mut losses) => {
+                tracing::debug!(epoch, "the inbox was lost; failing the calls that waited on it");
+                shared.lost(epoch);
+                continue;
+            }
+        };
+        let Some(delivery) = delivery else { break };
         let reply = delivery.envelope;
         let waiting = reply.correlation_id.and_then(|id| shared.pending.remove(&id));
         match waiting {
-            Some((_, sender)) => {
-                if sender.send(reply).is_err() {
+            Some((_, pending)) => {
+                if pending.sender.send(Ok(reply)).is_err() {
                     shared.late_replies.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -140,13 +192,28 @@ async fn read_replies(mut inbox: crate::transport::Consumer, shared: Arc<Shared>
     }
     // The inbox is gone: every waiting call fails now rather than at its deadline, and so does every new one.
     shared.disconnected.store(true, Ordering::Release);
-    shared.pending.clear();
+    shared.lost(u64::MAX);
+}
+
+/// The next loss count, or `None` once the transport stops reporting them.
+async fn lost(losses: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    let Some(receiver) = losses else { return std::future::pending().await };
+    if receiver.changed().await.is_err() {
+        *losses = None;
+        return None;
+    }
+    Some(*receiver.borrow_and_update())
 }
 
 impl Client {
     /// Starts configuring a client on `transport`.
     pub fn builder(transport: impl Transport) -> ClientBuilder {
-        ClientBuilder { transport: transport::shared(transport), default_timeout: DEFAULT_TIMEOUT, namespace: None }
+        ClientBuilder {
+            transport: transport::shared(transport),
+            default_timeout: DEFAULT_TIMEOUT,
+            namespace: None,
+            resends: 0,
+        }
     }
 
     /// A client on `transport` with the defaults.
@@ -303,7 +370,9 @@ impl<O: Send + 'static> Call<O> {
         self
     }
 
-    /// Sets the key under which the call is executed at most once in effect.
+    /// Sets the key under which the call is executed at most once in effect (default: a fresh key per call).
+    /// Calls with the same key are one call in effect: a worker that executed the key answers a later call
+    /// with the stored reply.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Call<O> {
         self.options.idempotency_key = Some(key.into());
         self
@@ -356,6 +425,7 @@ impl<O: Send + 'static> Call<O> {
         let correlation_id = Uuid::new_v4();
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
+        envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
@@ -396,6 +466,7 @@ impl<O: Send + 'static> Call<O> {
         }
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
+        envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(inner.inbox.clone());
         envelope.deadline_ms = Some(millis(budget).max(1));
@@ -404,28 +475,58 @@ impl<O: Send + 'static> Call<O> {
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
 
-        let (sender, receiver) = oneshot::channel();
-        inner.shared.pending.insert(correlation_id, sender);
         let _pending = PendingGuard { shared: &inner.shared, correlation_id };
-        // Checked again after registering: a `close` or a lost inbox in between must not leave this call waiting.
-        if self.client.is_closed() {
-            return Err(Error::Shutdown);
-        }
-        if inner.shared.disconnected.load(Ordering::Acquire) {
-            return Err(Error::Disconnected);
-        }
-        let exchange = async {
-            inner.transport.publish(&queue, envelope).await?;
-            receiver.await.map_err(|_| if self.client.is_closed() { Error::Shutdown } else { Error::Disconnected })
+        let mut resends = inner.resends;
+        // Kept while it may be sent again; the last send takes it.
+        let mut envelope = Some(envelope);
+        let outcome = loop {
+            let (sender, receiver) = oneshot::channel();
+            inner.shared.pending.insert(correlation_id, Pending { epoch: inner.shared.epoch(), sender });
+            // Checked again after registering: a `close` or a lost inbox in between must not leave this call
+            // waiting.
+            if self.client.is_closed() {
+                return Err(Error::Shutdown);
+            }
+            if inner.shared.disconnected.load(Ordering::Acquire) {
+                return Err(Error::Disconnected);
+            }
+            let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
+            let exchange = async {
+                // Never `None`: only the last send takes the envelope.
+                inner.transport.publish(&queue, sent.ok_or(Error::Shutdown)?).await?;
+                match receiver.await {
+                    Ok(reply) => reply,
+                    Err(_) if self.client.is_closed() => Err(Error::Shutdown),
+                    Err(_) => Err(Error::Disconnected),
+                }
+            };
+            // `None`: the deadline passed.
+            let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
+            match outcome {
+                Some(Err(Error::ReplyLost | Error::Disconnected))
+                    if resends > 0 && !inner.shared.disconnected.load(Ordering::Acquire) =>
+                {
+                    resends -= 1;
+                    if let Some(envelope) = &mut envelope {
+                        envelope.attempt = envelope.attempt.saturating_add(1);
+                    }
+                    // Give the transport a moment to reconnect; never past the deadline.
+                    let pause = Duration::from_millis(50 * u64::from(inner.resends - resends).min(20));
+                    if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
+                        break None;
+                    }
+                }
+                outcome => break outcome,
+            }
         };
-        match tokio::time::timeout_at(deadline, exchange).await {
+        match outcome {
             // The server cut the handler at the deadline it was given: from here, the budget ran out.
-            Ok(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
+            Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
             // The transport reported that nobody consumes the service's queue.
-            Ok(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue)),
-            Ok(Ok(reply)) => (self.decode)(&reply),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(Error::Timeout(budget)),
+            Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue)),
+            Some(Ok(reply)) => (self.decode)(&reply),
+            Some(Err(error)) => Err(error),
+            None => Err(Error::Timeout(budget)),
         }
     }
 }
@@ -516,6 +617,7 @@ impl Notify {
         self.options.check(self.client.transport().as_ref())?;
         let mut envelope = Envelope::new(Kind::Oneway);
         self.options.apply(&mut envelope);
+        envelope.idempotency_key.get_or_insert_with(|| Uuid::new_v4().simple().to_string());
         envelope.service = self.service.to_owned();
         envelope.method = self.method.to_owned();
         envelope.deadline_ms = self.options.timeout.map(|ttl| millis(ttl).max(1));

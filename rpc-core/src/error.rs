@@ -30,6 +30,13 @@ pub enum Error {
     /// The connection to the broker is lost.
     #[error("disconnected from the broker")]
     Disconnected,
+    /// The reply address was lost while the call waited (the connection dropped, the broker restarted, the
+    /// reply queue expired): its reply cannot arrive. Unlike [`Error::Timeout`], this is known at once; the call
+    /// may have run, so retry it with the same idempotency key.
+    #[error(
+        "the reply address was lost (reconnection or broker restart); the call may have run: retry it with the same idempotency key"
+    )]
+    ReplyLost,
     /// The broker refused the credentials.
     #[error("unauthorized: {0}")]
     Unauthorized(String),

@@ -95,9 +95,11 @@ pub mod naming;
 
 mod callback;
 mod client;
+pub mod dedup;
 mod envelope;
 mod error;
 mod method;
+pub mod retry;
 mod server;
 mod status;
 mod transport;
@@ -108,9 +110,11 @@ pub mod __private;
 
 pub use callback::{CallbackHandle, CallbackReply, DurableCallbacks};
 pub use client::{Call, Client, ClientBuilder, ClientStats, DEFAULT_TIMEOUT, MAX_PRIORITY, Notify};
+pub use dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
 pub use envelope::{Envelope, Kind, VERSION};
 pub use error::Error;
 pub use method::{DecodeFn, Method, MethodInfo, MethodKind};
+pub use retry::RetryPolicy;
 pub use rpc_macros::service;
 pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};

@@ -1,6 +1,7 @@
 //! The server: workers that consume a service's queue, run its handlers and publish the replies.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -15,10 +16,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::context::{self, RequestContext};
+use crate::dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
 use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
 use crate::method::{MethodInfo, MethodKind};
 use crate::naming;
+use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
 use crate::transport::{self, AckHandle, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport};
 
@@ -44,10 +47,14 @@ pub struct Server {
     group: Option<String>,
     namespace: Option<String>,
     queue_options: QueueOptions,
+    retry: RetryPolicy,
+    method_retry: HashMap<String, RetryPolicy>,
+    dedup: Option<Arc<dyn DedupStore>>,
 }
 
 impl Server {
-    /// A server on `transport`: 64 handlers at a time, prefetch 128.
+    /// A server on `transport`: 64 handlers at a time, prefetch 128, no retries, and a [`MemoryDedup`] of
+    /// the idempotency keys it executed.
     pub fn new(transport: impl Transport) -> Server {
         Server {
             transport: transport::shared(transport),
@@ -56,7 +63,37 @@ impl Server {
             group: None,
             namespace: None,
             queue_options: QueueOptions::new(),
+            retry: RetryPolicy::none(),
+            method_retry: HashMap::new(),
+            dedup: Some(Arc::new(MemoryDedup::default())),
         }
+    }
+
+    /// How the service's requests are retried when their handler fails (default [`RetryPolicy::none`]).
+    /// Broadcasts are not retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Server {
+        self.retry = policy;
+        self
+    }
+
+    /// How requests of `method` are retried, instead of the service's policy.
+    pub fn retry_method(mut self, method: impl Into<String>, policy: RetryPolicy) -> Server {
+        self.method_retry.insert(method.into(), policy);
+        self
+    }
+
+    /// Where the idempotency keys this server executed are remembered, so that a request delivered again gets
+    /// the stored reply instead of a second execution (default: a [`MemoryDedup`] of this server's own).
+    /// Servers given clones of one store share it.
+    pub fn dedup(mut self, store: impl DedupStore) -> Server {
+        self.dedup = Some(Arc::new(store));
+        self
+    }
+
+    /// Executes every delivery, remembering no idempotency key: a request delivered twice runs twice.
+    pub fn without_dedup(mut self) -> Server {
+        self.dedup = None;
+        self
     }
 
     /// How many handlers run at once (at least 1).
@@ -111,8 +148,15 @@ impl Server {
         } else {
             None
         };
-        let shared =
-            Arc::new(Shared { transport: self.transport, service: Box::new(service), stats: Counters::default() });
+        let shared = Arc::new(Shared {
+            transport: self.transport,
+            service: Box::new(service),
+            stats: Counters::default(),
+            queue,
+            retry: self.retry,
+            method_retry: self.method_retry,
+            dedup: self.dedup,
+        });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, self.concurrency, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
@@ -123,6 +167,17 @@ struct Shared {
     transport: Arc<dyn Transport>,
     service: Box<dyn Service>,
     stats: Counters,
+    /// The service's queue, where retries go.
+    queue: String,
+    retry: RetryPolicy,
+    method_retry: HashMap<String, RetryPolicy>,
+    dedup: Option<Arc<dyn DedupStore>>,
+}
+
+impl Shared {
+    fn policy(&self, method: &str) -> &RetryPolicy {
+        self.method_retry.get(method).unwrap_or(&self.retry)
+    }
 }
 
 #[derive(Default)]
@@ -133,6 +188,9 @@ struct Counters {
     expired: AtomicU64,
     rejected: AtomicU64,
     undeliverable: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    deduplicated: AtomicU64,
 }
 
 /// A snapshot of a server's counters.
@@ -151,6 +209,12 @@ pub struct ServerStats {
     pub rejected: u64,
     /// Replies that could not be delivered because the reply address was gone.
     pub undeliverable: u64,
+    /// Failed requests put back on the queue for another attempt.
+    pub retried: u64,
+    /// Requests dead-lettered after their last attempt failed.
+    pub dead_lettered: u64,
+    /// Requests answered with the stored reply of their idempotency key instead of a second execution.
+    pub deduplicated: u64,
 }
 
 /// What a graceful shutdown did.
@@ -193,6 +257,9 @@ impl ServerHandle {
             expired: stats.expired.load(Ordering::Relaxed),
             rejected: stats.rejected.load(Ordering::Relaxed),
             undeliverable: stats.undeliverable.load(Ordering::Relaxed),
+            retried: stats.retried.load(Ordering::Relaxed),
+            dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+            deduplicated: stats.deduplicated.load(Ordering::Relaxed),
         }
     }
 
@@ -238,16 +305,16 @@ async fn run(
         let delivery = tokio::select! {
             biased;
             grace = &mut stop => break grace.unwrap_or_default(),
-            delivery = requests.next() => delivery,
-            Some(delivery) = next(&mut broadcasts) => Some(delivery),
+            delivery = requests.next() => delivery.map(|delivery| (delivery, Source::Queue)),
+            Some(delivery) = next(&mut broadcasts) => Some((delivery, Source::Topic)),
         };
-        let Some(delivery) = delivery else {
+        let Some((delivery, source)) = delivery else {
             tracing::warn!(service = shared.service.name(), "the request consumer closed; the server stops");
             break Duration::ZERO;
         };
         let shared = Arc::clone(&shared);
         tasks.spawn(async move {
-            handle(&shared, delivery).await;
+            handle(&shared, delivery, source).await;
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}
@@ -291,7 +358,14 @@ async fn next(consumer: &mut Option<Consumer>) -> Option<Delivery> {
     }
 }
 
-async fn handle(shared: &Shared, delivery: Delivery) {
+/// Where a delivery came from: the service's queue, or a subscriber group of its broadcast topic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Queue,
+    Topic,
+}
+
+async fn handle(shared: &Shared, delivery: Delivery, source: Source) {
     let Delivery { envelope, delivery_count, received_at, handle } = delivery;
     let stats = &shared.stats;
     if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
@@ -300,82 +374,266 @@ async fn handle(shared: &Shared, delivery: Delivery) {
         settle(handle.dead_letter().await);
         return;
     }
+    let attempt = envelope.attempt.max(1).saturating_add(delivery_count.saturating_sub(1));
     let span = tracing::info_span!(
         "rpc.handle",
         service = %envelope.service,
         method = %envelope.method,
         correlation_id = ?envelope.correlation_id,
-        attempt = envelope.attempt.max(1) + delivery_count.saturating_sub(1),
+        attempt,
     );
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
-    handle_request(shared, envelope, delivery_count, deadline, handle).instrument(span).await;
+    let request = Request { envelope, attempt, deadline, source };
+    handle_request(shared, request, handle).instrument(span).await;
 }
 
-async fn handle_request(
-    shared: &Shared,
+/// A request being handled.
+struct Request {
     envelope: Envelope,
-    delivery_count: u32,
+    /// Which attempt this is, redeliveries included.
+    attempt: u32,
     deadline: Option<Instant>,
-    handle: AckHandle,
-) {
+    source: Source,
+}
+
+impl Request {
+    fn expired(&self) -> bool {
+        self.envelope.deadline_ms == Some(0) || self.deadline.is_some_and(|deadline| deadline <= Instant::now())
+    }
+}
+
+async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
     let stats = &shared.stats;
-    let result = if envelope.deadline_ms == Some(0) || deadline.is_some_and(|deadline| deadline <= Instant::now()) {
-        stats.expired.fetch_add(1, Ordering::Relaxed);
-        Err(Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued"))
-    } else {
-        let context = RequestContext {
-            correlation_id: envelope.correlation_id,
-            service: envelope.service.clone(),
-            method: envelope.method.clone(),
-            attempt: envelope.attempt.max(1) + delivery_count.saturating_sub(1),
-            deadline,
-            idempotency_key: envelope.idempotency_key.clone(),
-            headers: envelope.headers.clone(),
-        };
-        let service = &shared.service;
-        let body = envelope.body.clone();
-        let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
-        let run = context::scope(context, run);
-        let outcome = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
-            None => Some(run.await),
-        };
-        match outcome {
-            Some(Ok(result)) => result,
-            Some(Err(panic)) => {
-                stats.panicked.fetch_add(1, Ordering::Relaxed);
-                let message = panic_message(panic.as_ref());
-                tracing::error!(%message, "handler panicked");
-                Err(Status::new(Code::Internal, format!("handler panicked: {message}")))
-            }
-            None => {
-                stats.expired.fetch_add(1, Ordering::Relaxed);
-                Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline"))
-            }
+    let policy = if request.source == Source::Queue { shared.policy(&request.envelope.method) } else { &RETRY_NONE };
+    if !policy.is_none() && request.attempt > policy.max_attempts() {
+        // Delivered again after its last attempt: the workers that held it stopped before settling it.
+        let status =
+            Status::new(Code::Internal, "delivered again after its last attempt: the workers holding it stopped");
+        dead_letter(shared, &request, handle, policy, status).await;
+        return;
+    }
+    let claim = match claim(shared, &request).await {
+        Claim::Execute(claim) => claim,
+        Claim::Answer(result) => {
+            stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            answer(shared, &request, handle, result).await;
+            return;
+        }
+        Claim::Requeue => {
+            settle(handle.requeue().await);
+            return;
+        }
+        Claim::Expired => {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            answer(shared, &request, handle, Err(expired_status())).await;
+            return;
         }
     };
-    if result.is_err() {
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-    }
-    if let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) {
-        let reply = envelope.reply(result);
-        match shared.transport.publish(reply_to, reply).await {
-            Ok(()) => {}
-            Err(Error::NoRoute(_)) => {
-                // The caller is gone (its inbox with it): nobody is left to answer.
-                stats.undeliverable.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(reply_to, "reply undeliverable: the reply address is gone");
-            }
-            Err(error) => {
-                tracing::warn!(%error, reply_to, "could not publish the reply; requeueing the request");
-                settle(handle.requeue().await);
+    let result = execute(shared, &request).await;
+    if let Err(status) = &result
+        && !policy.is_none()
+        && policy.retries(status.code())
+    {
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        if request.attempt < policy.max_attempts() {
+            let wait = policy.backoff_before(request.attempt + 1);
+            if request.deadline.is_none_or(|deadline| Instant::now() + wait < deadline) {
+                retry(shared, request, handle, wait).await;
                 return;
             }
         }
+        let status = status.clone();
+        dead_letter(shared, &request, handle, policy, status).await;
+        return;
+    }
+    if let Some((store, key)) = &claim {
+        match &result {
+            Ok(_) => settle(store.complete(key, result.clone()).await),
+            Err(status) if status.code() == Code::Application => settle(store.complete(key, result.clone()).await),
+            // Not an outcome to replay (a panic, a deadline, a shutdown): the next delivery runs it again.
+            Err(_) => store.abandon(key).await,
+        }
+    }
+    answer(shared, &request, handle, result).await;
+}
+
+static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
+
+/// What the dedup store says about a request.
+enum Claim<'a> {
+    /// Run it; complete or abandon this claim afterwards.
+    Execute(Option<(&'a dyn DedupStore, String)>),
+    /// Its key was executed: answer with this.
+    Answer(StoredReply),
+    /// The store failed: hand the request back rather than risk a second execution.
+    Requeue,
+    /// The deadline passed while another delivery of the key ran.
+    Expired,
+}
+
+async fn claim<'a>(shared: &'a Shared, request: &Request) -> Claim<'a> {
+    let (Some(store), Some(key)) = (shared.dedup.as_deref(), request.envelope.idempotency_key.as_deref()) else {
+        return Claim::Execute(None);
+    };
+    loop {
+        let begun = match request.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, store.begin(key)).await,
+            None => Ok(store.begin(key).await),
+        };
+        let wake = match begun {
+            Ok(Ok(Begin::Execute)) => return Claim::Execute(Some((store, key.to_owned()))),
+            Ok(Ok(Begin::Done(reply))) => return Claim::Answer(reply),
+            Ok(Ok(Begin::InProgress(wake))) => wake,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, key, "the dedup store failed; requeueing the request");
+                return Claim::Requeue;
+            }
+            Err(_) => return Claim::Expired,
+        };
+        // Another delivery of the same key runs now: its outcome is this one's.
+        let wait = async {
+            match wake {
+                Some(wake) => wake.await,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        match request.deadline {
+            Some(deadline) => {
+                if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                    return Claim::Expired;
+                }
+            }
+            None => wait.await,
+        }
+    }
+}
+
+fn expired_status() -> Status {
+    Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued")
+}
+
+/// Runs the handler, within the request's deadline, with its context; a panic becomes [`Code::Internal`].
+async fn execute(shared: &Shared, request: &Request) -> Result<Bytes, Status> {
+    let stats = &shared.stats;
+    let envelope = &request.envelope;
+    if request.expired() {
+        stats.expired.fetch_add(1, Ordering::Relaxed);
+        return Err(expired_status());
+    }
+    let context = RequestContext {
+        correlation_id: envelope.correlation_id,
+        service: envelope.service.clone(),
+        method: envelope.method.clone(),
+        attempt: request.attempt,
+        deadline: request.deadline,
+        idempotency_key: envelope.idempotency_key.clone(),
+        headers: envelope.headers.clone(),
+    };
+    let service = &shared.service;
+    let body = envelope.body.clone();
+    let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
+    let run = context::scope(context, run);
+    let outcome = match request.deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
+        None => Some(run.await),
+    };
+    match outcome {
+        Some(Ok(result)) => result,
+        Some(Err(panic)) => {
+            stats.panicked.fetch_add(1, Ordering::Relaxed);
+            let message = panic_message(panic.as_ref());
+            tracing::error!(%message, "handler panicked");
+            Err(Status::new(Code::Internal, format!("handler panicked: {message}")))
+        }
+        None => {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline"))
+        }
+    }
+}
+
+/// Waits out the backoff, then puts a copy of the request carrying `attempt + 1` on the service's queue and
+/// acks this one. If the copy cannot be published, this one goes back to the queue instead.
+async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Duration) {
+    tokio::time::sleep(wait).await;
+    let mut copy = request.envelope;
+    copy.id = uuid::Uuid::now_v7();
+    copy.attempt = request.attempt + 1;
+    if let Some(deadline) = request.deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        copy.deadline_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1));
+    }
+    tracing::debug!(attempt = copy.attempt, ?wait, "retrying a failed request");
+    // Counted before the publish: a worker can take the copy, and its caller read the stats, before this
+    // publish's confirm comes back.
+    shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+    match shared.transport.publish(&shared.queue, copy).await {
+        Ok(()) => settle(handle.ack().await),
+        Err(error) => {
+            shared.stats.retried.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%error, "could not put the retry on the queue; requeueing the request");
+            settle(handle.requeue().await);
+        }
+    }
+}
+
+/// Gives up on a request: the caller gets [`Code::DeadLettered`] with the last failure, and the request goes to
+/// the dead-letter queue, where it can be inspected and replayed.
+async fn dead_letter(shared: &Shared, request: &Request, handle: AckHandle, policy: &RetryPolicy, last: Status) {
+    let stats = &shared.stats;
+    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    let why = if request.attempt >= policy.max_attempts() {
+        "the last attempt"
+    } else {
+        "the deadline left no time for another attempt"
+    };
+    let message =
+        format!("attempt {} of {} failed and {why} was reached: {last}", request.attempt, policy.max_attempts());
+    tracing::warn!(%message, "dead-lettering a request");
+    if let Err(error) = reply(
+        shared,
+        &request.envelope,
+        Err(Status::new(Code::DeadLettered, message).with_details(last.details().clone())),
+    )
+    .await
+    {
+        tracing::warn!(%error, "could not publish the dead-letter reply");
+    }
+    settle(handle.dead_letter().await);
+}
+
+/// Publishes the reply (for requests) and acks the request; a reply that cannot be published requeues it.
+async fn answer(shared: &Shared, request: &Request, handle: AckHandle, result: Result<Bytes, Status>) {
+    let stats = &shared.stats;
+    if result.is_err() {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Err(error) = reply(shared, &request.envelope, result).await {
+        tracing::warn!(%error, "could not publish the reply; requeueing the request");
+        settle(handle.requeue().await);
+        return;
     }
     stats.handled.fetch_add(1, Ordering::Relaxed);
     settle(handle.ack().await);
+}
+
+/// Publishes the reply to a request that has a reply address; a reply address that is gone counts as done.
+async fn reply(shared: &Shared, envelope: &Envelope, result: Result<Bytes, Status>) -> Result<(), Error> {
+    let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) else { return Ok(()) };
+    match shared.transport.publish_reply(reply_to, envelope.reply(result)).await {
+        Ok(()) => Ok(()),
+        Err(Error::NoRoute(_)) => {
+            // The caller is gone (its inbox with it): nobody is left to answer.
+            shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(reply_to, "reply undeliverable: the reply address is gone");
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 fn settle(result: Result<(), Error>) {

@@ -31,6 +31,9 @@ pub enum Code {
     /// Nobody consumes the destination: the transport answered for a broker that reported no responders
     /// (NATS), so the call fails at once instead of waiting for its timeout.
     NoResponders,
+    /// The request failed on every attempt its retry policy allows and went to the dead-letter queue; the
+    /// message carries the last failure.
+    DeadLettered,
     /// A code this build does not know.
     Other(u16),
 }
@@ -50,6 +53,7 @@ impl Code {
             Code::InvalidRequest => 8,
             Code::Cancelled => 9,
             Code::NoResponders => 10,
+            Code::DeadLettered => 11,
             Code::Other(code) => code,
         }
     }
@@ -68,6 +72,7 @@ impl Code {
             8 => Code::InvalidRequest,
             9 => Code::Cancelled,
             10 => Code::NoResponders,
+            11 => Code::DeadLettered,
             other => Code::Other(other),
         }
     }
@@ -87,6 +92,7 @@ impl fmt::Display for Code {
             Code::InvalidRequest => "invalid request",
             Code::Cancelled => "cancelled",
             Code::NoResponders => "no responders",
+            Code::DeadLettered => "dead-lettered",
             Code::Other(code) => return write!(f, "code {code}"),
         };
         f.write_str(name)

@@ -263,6 +263,10 @@ pub struct Inbox {
     pub address: String,
     /// The replies (auto-acked).
     pub consumer: Consumer,
+    /// Counts the times replies on their way to this inbox may have been lost: the transport bumps it when
+    /// the connection under the inbox drops (the broker deletes a connection's inbox with it). A client fails
+    /// the calls that were waiting at that moment with [`Error::ReplyLost`]. `None`: replies are never lost.
+    pub losses: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 /// A queue's counters, for operators and tests.
@@ -309,6 +313,20 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// [`Error::NoRoute`] when the queue does not exist, [`Error::QueueFull`] when it is at its maximum length.
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
 
+    /// Puts a reply on `reply_to`, as a server does before acking the request it answers.
+    ///
+    /// The default is [`Transport::publish`]. A transport may instead return as soon as the reply is on its way
+    /// when `reply_to` is a caller's inbox, without waiting for the broker's confirmation, provided that the
+    /// broker takes the reply before any settle this transport sends afterwards: the request's ack never
+    /// overtakes its reply, and an inbox the broker no longer has drops the reply, as [`Error::NoRoute`] would.
+    /// That saves a round trip per call; replies to other queues (durable callbacks) are confirmed.
+    ///
+    /// # Errors
+    /// As [`Transport::publish`], for the replies that are confirmed.
+    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        self.publish(reply_to, reply)
+    }
+
     /// Puts a copy of `envelope` in every subscriber group of `topic`. A topic without groups drops it.
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
 
@@ -342,6 +360,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         (**self).publish(queue, envelope)
+    }
+
+    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).publish_reply(reply_to, reply)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {

@@ -237,6 +237,11 @@ impl NatsHarness {
         &self.url
     }
 
+    /// The prefix of this harness's streams, for worker processes that must use the same.
+    pub fn stream_prefix(&self) -> &str {
+        &self.options.stream_prefix
+    }
+
     /// A transport of this harness, typed.
     pub async fn nats(&self) -> rpc_broker::adapter::nats::Nats {
         rpc_broker::adapter::nats::Nats::connect_with(&self.url, self.options.clone())
@@ -338,6 +343,10 @@ macro_rules! scenario_suite {
                 durable_callback_panic_is_dead_lettered,
                 closing_the_client_fails_waiting_calls,
                 call_to_a_missing_service_fails_at_once,
+                retries_until_the_handler_succeeds,
+                poison_request_is_dead_lettered_after_its_attempts,
+                retries_stop_before_the_deadline,
+                same_idempotency_key_executes_once,
             ],
             ignore "": []);
     };
@@ -369,4 +378,36 @@ macro_rules! scenario_suite {
             }
         }
     };
+}
+
+/// A worker process of the fault tests (the `probe-worker` binary), killed with SIGKILL when dropped.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Runs `command` (a `probe-worker` invocation; integration tests find the binary with
+    /// `env!("CARGO_BIN_EXE_probe-worker")`) and waits until it prints `ready`.
+    pub fn spawn(mut command: std::process::Command) -> WorkerProcess {
+        use std::io::BufRead;
+        let mut child = command.stdout(std::process::Stdio::piped()).spawn().expect("the worker process starts");
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("reads the worker's first line");
+        assert_eq!(line.trim(), "ready", "the worker did not start");
+        WorkerProcess { child }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

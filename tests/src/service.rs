@@ -39,6 +39,13 @@ pub trait Probe {
     async fn remaining(&self) -> Option<u64>;
     /// Calls `remaining` on the same service, with the client's default timeout, and returns its answer.
     async fn nested(&self) -> Option<u64>;
+    /// Panics on attempts up to `failures`, then returns the attempt it succeeded on.
+    async fn flaky(&self, failures: u32) -> u32;
+    /// An effect: counts one more execution for `n` and returns the count.
+    async fn count(&self, n: i64) -> u64;
+    /// An effect on the worker's sink: takes a few milliseconds, appends the call's idempotency key, then
+    /// takes a few more; returns `n`.
+    async fn effect(&self, n: i64) -> i64;
     /// Records `n`.
     #[rpc(oneway)]
     async fn record(&self, n: i64);
@@ -54,10 +61,14 @@ pub struct Events {
     finished: Mutex<HashMap<&'static str, u64>>,
     /// `work` calls started.
     pub started: AtomicU64,
+    /// Executions of `count`, per argument.
+    pub counts: Mutex<HashMap<i64, u64>>,
     /// Values received by `record` and `announce`, in order.
     pub recorded: Mutex<Vec<i64>>,
     /// Opened by the test to release `gate` calls.
     pub gate: Notify,
+    /// Where `effect` appends the keys it applied, one line each (a file shared by worker processes).
+    pub sink: Mutex<Option<std::fs::File>>,
 }
 
 impl Events {
@@ -135,6 +146,34 @@ impl Probe for Worker {
     async fn nested(&self) -> Option<u64> {
         let client = self.client.as_ref()?;
         ProbeClient::new(client).remaining().await.ok().flatten()
+    }
+
+    async fn flaky(&self, failures: u32) -> u32 {
+        let attempt = rpc_core::context::current().map_or(0, |context| context.attempt);
+        assert!(attempt > failures, "failing attempt {attempt} on purpose");
+        self.events.finish("flaky");
+        attempt
+    }
+
+    async fn count(&self, n: i64) -> u64 {
+        self.events.finish("count");
+        let mut counts = self.events.counts.lock().expect("not poisoned");
+        let count = counts.entry(n).or_default();
+        *count += 1;
+        *count
+    }
+
+    async fn effect(&self, n: i64) -> i64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let key = rpc_core::context::current().and_then(|context| context.idempotency_key).unwrap_or_default();
+        if let Some(sink) = self.events.sink.lock().expect("not poisoned").as_mut() {
+            use std::io::Write;
+            // One write per line on a file opened for appending: lines of several processes never interleave.
+            sink.write_all(format!("{key}\n").as_bytes()).expect("the sink takes the effect");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        self.events.finish("effect");
+        n
     }
 
     async fn record(&self, n: i64) {

@@ -4,8 +4,10 @@
 //! RabbitMQ is the machine's shared broker, stopped with `rabbitmqctl stop_app`: this binary holds only that
 //! test (cargo runs test binaries one at a time), and it runs only where `MQRPC_AMQP_CTL` names the control
 //! command (`.ci/run` sets it), never against a broker it was not given. NATS runs as a private server on a
-//! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again.
+//! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again. Our own broker runs in
+//! the test, dropped and bound again on the same address.
 
+use std::future::IntoFuture;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -51,7 +53,13 @@ async fn call_until(client: Client, mut stop: watch::Receiver<bool>) -> Tally {
                 assert_eq!(sum, n + 1);
                 tally.ok += 1;
             }
-            Err(error @ (Error::Timeout(_) | Error::Disconnected | Error::NoRoute(_) | Error::NoResponders(_))) => {
+            Err(
+                error @ (Error::Timeout(_)
+                | Error::Disconnected
+                | Error::ReplyLost
+                | Error::NoRoute(_)
+                | Error::NoResponders(_)),
+            ) => {
                 tally.failed.push(error.to_string());
                 // Failing fast must not spin: pace the retries.
                 let _ = tokio::time::timeout(Duration::from_millis(20), stop.changed()).await;
@@ -199,4 +207,48 @@ async fn nats_restart_during_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_restart_during_calls() {
     nats_restart(true).await;
+}
+
+/// A broker that goes away takes the callers' inboxes with it: a call waiting for its reply fails at once with
+/// `ReplyLost`, not at its timeout. A client that resends lost calls gets its answer after the restart, from one
+/// execution: the worker's dedup store answers the resent request with the outcome of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_restart_fails_waiting_calls_with_reply_lost() {
+    use rpc_broker::server::{BrokerServer, ServerConfig};
+    use rpc_broker::{Remote, RemoteOptions};
+
+    let broker = BrokerServer::bind(([127, 0, 0, 1], 0).into(), ServerConfig::default()).await.expect("binds");
+    let (address, url) = (broker.local_addr(), broker.url());
+    let options = || RemoteOptions::new().max_backoff(Duration::from_millis(200));
+    let connect = || async { Remote::connect_with(&url, options()).await.expect("connects") };
+    let namespace = format!("r{}", Uuid::new_v4().simple());
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+    let _server =
+        Server::new(connect().await).namespace(&namespace).serve(ProbeServer::new(worker)).await.expect("serves");
+    let plain = Client::builder(connect().await).namespace(&namespace).connect().await.expect("client");
+    let resending =
+        Client::builder(connect().await).namespace(&namespace).resend_lost_calls(40).connect().await.expect("client");
+    assert_eq!(ProbeClient::new(&plain).add(1, 1).await.expect("works before"), 2);
+
+    let timeout = Duration::from_secs(30);
+    let lost = tokio::spawn(ProbeClient::new(&plain).work(1_500).timeout(timeout).into_future());
+    let resent = tokio::spawn(ProbeClient::new(&resending).work(1_501).timeout(timeout).into_future());
+    mqrpc_tests::eventually("both calls running", Duration::from_secs(10), || {
+        events.started.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    drop(broker);
+    let dropped = Instant::now();
+    match lost.await.expect("joins") {
+        Err(Error::ReplyLost) => {}
+        other => panic!("expected ReplyLost, got {other:?}"),
+    }
+    let noticed = dropped.elapsed();
+    assert!(noticed < timeout / 10, "ReplyLost came after {noticed:?}, as late as a timeout");
+    let _broker = BrokerServer::bind(address, ServerConfig::default()).await.expect("binds again");
+    assert_eq!(resent.await.expect("joins").expect("answered after the restart"), 1_501);
+    assert_eq!(events.finished("work"), 2, "each call ran once: the resend was answered from the dedup store");
+    assert_eq!((plain.stats().pending, resending.stats().pending), (0, 0));
+    eprintln!("ReplyLost {noticed:?} after the broker went away");
 }

@@ -25,6 +25,10 @@ run: [
     durable_callback_panic_is_dead_lettered,
     closing_the_client_fails_waiting_calls,
     call_to_a_missing_service_fails_at_once,
+    retries_until_the_handler_succeeds,
+    poison_request_is_dead_lettered_after_its_attempts,
+    retries_stop_before_the_deadline,
+    same_idempotency_key_executes_once,
 ],
 ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
     redelivery_when_a_worker_disappears,
@@ -42,44 +46,19 @@ fn macro_ui() {
 /// Worker processes that really die: `kill -9` in the middle of calls, and load spread over several processes.
 mod processes {
     use std::future::IntoFuture;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, Command, Stdio};
+    use std::process::Command;
     use std::time::Duration;
 
     use futures::future::join_all;
-    use mqrpc_tests::RemoteHarness;
     use mqrpc_tests::service::ProbeClient;
+    use mqrpc_tests::{RemoteHarness, WorkerProcess};
     use rpc_core::Client;
 
-    /// A worker process, killed (SIGKILL) when dropped.
-    struct WorkerProcess {
-        child: Child,
-    }
-
-    impl WorkerProcess {
-        fn start(url: &str, namespace: &str, name: &str, concurrency: usize) -> WorkerProcess {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_probe-worker"))
-                .args([url, namespace, name, &concurrency.to_string()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("the worker process starts");
-            let stdout = child.stdout.take().expect("piped");
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).expect("reads the worker's first line");
-            assert_eq!(line.trim(), "ready", "the worker did not start");
-            WorkerProcess { child }
-        }
-
-        fn kill(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    impl Drop for WorkerProcess {
-        fn drop(&mut self) {
-            self.kill();
-        }
+    /// A worker process serving the probe service through the broker at `url`.
+    fn start(url: &str, namespace: &str, name: &str, concurrency: usize) -> WorkerProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_probe-worker"));
+        command.args([url, namespace, name, &concurrency.to_string()]);
+        WorkerProcess::spawn(command)
     }
 
     async fn client(harness: &RemoteHarness, namespace: &str) -> Client {
@@ -91,8 +70,8 @@ mod processes {
     async fn kill_9_of_a_worker_mid_calls_loses_no_call() {
         let harness = RemoteHarness::start().await;
         let namespace = format!("kill{}", uuid::Uuid::new_v4().simple());
-        let mut doomed = WorkerProcess::start(&harness.url(), &namespace, "doomed", 8);
-        let _survivor = WorkerProcess::start(&harness.url(), &namespace, "survivor", 8);
+        let mut doomed = start(&harness.url(), &namespace, "doomed", 8);
+        let _survivor = start(&harness.url(), &namespace, "survivor", 8);
         let client = client(&harness, &namespace).await;
         let probe = ProbeClient::new(&client);
         let calls: Vec<_> =
@@ -116,8 +95,7 @@ mod processes {
     async fn ten_thousand_calls_across_four_worker_processes() {
         let harness = RemoteHarness::start().await;
         let namespace = format!("four{}", uuid::Uuid::new_v4().simple());
-        let _workers: Vec<_> =
-            (0..4).map(|n| WorkerProcess::start(&harness.url(), &namespace, &format!("worker-{n}"), 32)).collect();
+        let _workers: Vec<_> = (0..4).map(|n| start(&harness.url(), &namespace, &format!("worker-{n}"), 32)).collect();
         let client = client(&harness, &namespace).await;
         let probe = ProbeClient::new(&client);
         let calls = (0..10_000i64).map(|n| probe.add(n, 7).timeout(Duration::from_secs(120)).into_future());

@@ -57,6 +57,8 @@ use uuid::Uuid;
 use super::{CounterMap, Counters, headers};
 use crate::embedded::UnboundedStream;
 
+/// Every reply queue this transport declares starts with this.
+const INBOX_PREFIX: &str = "mqrpc.inbox.";
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Queue names known to exist are remembered up to this many; past it the memory starts again.
@@ -171,6 +173,8 @@ struct Inner {
     admin: tokio::sync::Semaphore,
     /// One existence check at a time, so that a burst of first calls to a queue checks it once.
     checking: tokio::sync::Mutex<()>,
+    /// Bumped whenever the connection is lost, and the reply queues with it (they are exclusive).
+    losses: watch::Sender<u64>,
 }
 
 /// Short-lived channels open at once, at most.
@@ -190,6 +194,18 @@ struct Conn {
     /// Publishes (in confirm mode) and the direct reply-to consumer.
     publisher: Channel,
     generation: u64,
+}
+
+impl Conn {
+    /// The error a failed publish reports: [`Error::Disconnected`] once the connection or the publishing channel
+    /// is going away (RabbitMQ stopping puts the channel in an error state before the supervisor hears of it).
+    fn publish_error(&self, error: lapin::Error) -> Error {
+        if connection_level(&error) || !self.publisher.status().connected() || !self.connection.status().connected() {
+            Error::Disconnected
+        } else {
+            from_lapin(error)
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -462,8 +478,8 @@ impl Inner {
             .publisher
             .basic_publish(exchange_name, routing_key, options, &body, properties)
             .await
-            .map_err(from_lapin)?;
-        let confirmation = confirm.await.map_err(from_lapin)?;
+            .map_err(|error| conn.publish_error(error))?;
+        let confirmation = confirm.await.map_err(|error| conn.publish_error(error))?;
         let name = if topic { exchange } else { queue };
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => {}
@@ -572,6 +588,7 @@ impl Amqp {
             closed: AtomicBool::new(false),
             admin: tokio::sync::Semaphore::new(ADMIN_CHANNELS),
             checking: tokio::sync::Mutex::new(()),
+            losses: watch::Sender::new(0),
         });
         let first = Arc::new(inner.open().await?);
         let events = first.connection.events_listener();
@@ -637,6 +654,7 @@ async fn supervise(inner: Weak<Inner>, mut events: futures::stream::BoxStream<'s
             return;
         }
         strong.conn.send_replace(None);
+        strong.losses.send_modify(|losses| *losses += 1);
         let max_backoff = strong.options.max_backoff;
         drop(strong);
         let mut attempt = 0;
@@ -885,6 +903,25 @@ impl Transport for Amqp {
         Box::pin(self.inner.publish_to("", queue, envelope))
     }
 
+    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        if !(reply_to.starts_with(INBOX_PREFIX) || reply_to.starts_with(DIRECT_REPLY_TO)) {
+            return self.publish(reply_to, reply);
+        }
+        // A caller's reply queue is transient: a confirm adds no guarantee, only a round trip. Not mandatory,
+        // so a reply queue that is gone drops the reply, as a caller that gave up would.
+        Box::pin(async move {
+            let conn = self.inner.current()?;
+            let (properties, body) = to_amqp(&reply, false)?;
+            let _confirm = conn
+                .publisher
+                .basic_publish("".into(), short(reply_to)?, BasicPublishOptions::default(), &body, properties)
+                .await
+                .map_err(|error| conn.publish_error(error))?;
+            Counters::bump(&self.inner.counters.of(reply_to).published);
+            Ok(())
+        })
+    }
+
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let conn = self.inner.current()?;
@@ -928,13 +965,14 @@ impl Transport for Amqp {
             let conn = self.inner.current()?;
             if self.inner.options.direct_reply_to {
                 let consumer = self.consumer(Target::DirectReply, ConsumeOptions::new().auto_ack(true)).await?;
-                return Ok(Inbox { address: DIRECT_REPLY_TO.to_owned(), consumer });
+                let losses = Some(self.inner.losses.subscribe());
+                return Ok(Inbox { address: DIRECT_REPLY_TO.to_owned(), consumer, losses });
             }
-            let name = format!("mqrpc.inbox.{}", Uuid::new_v4().simple());
+            let name = format!("{INBOX_PREFIX}{}", Uuid::new_v4().simple());
             self.inner.declare_inbox(&conn, &name).await?;
             Inner::lock(&self.inner.topology).inboxes.insert(name.clone());
             let consumer = self.consumer(Target::Inbox(name.clone()), ConsumeOptions::new().auto_ack(true)).await?;
-            Ok(Inbox { address: name, consumer })
+            Ok(Inbox { address: name, consumer, losses: Some(self.inner.losses.subscribe()) })
         })
     }
 

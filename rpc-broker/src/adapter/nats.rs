@@ -155,6 +155,8 @@ struct Inner {
     jetstream: jetstream::Context,
     options: NatsOptions,
     connected: watch::Receiver<bool>,
+    /// Bumped at every disconnection: replies published to an inbox meanwhile are gone.
+    losses: watch::Sender<u64>,
     /// Queues (streams) this transport made sure of, with the options they were declared with.
     streams: Mutex<HashMap<String, QueueOptions>>,
     counters: CounterMap,
@@ -246,14 +248,25 @@ impl Inner {
         let counters = self.counters.of(queue);
         let to_inbox = queue.starts_with("_INBOX.");
         if self.options.jetstream && !to_inbox {
-            let headers = to_headers(&envelope, true)?;
+            let headers = to_headers(&envelope, Mode::Stream)?;
             self.publish_stream(queue, headers, envelope.body).await?;
         } else {
-            let headers = to_headers(&envelope, false)?;
+            let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+            let correlation = envelope.correlation_id.map(|id| &*id.simple().encode_lower(&mut buffer));
+            let in_subject =
+                |subject: Option<&str>| subject.zip(correlation).is_some_and(|(subject, id)| subject.ends_with(id));
+            let mode = Mode::Core {
+                to_inbox,
+                correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply_subject.as_deref() }),
+            };
+            let headers = to_headers(&envelope, mode)?;
             let subject = queue.to_owned();
-            let result = match reply_subject {
-                Some(reply) => self.client.publish_with_reply_and_headers(subject, reply, headers, envelope.body).await,
-                None => self.client.publish_with_headers(subject, headers, envelope.body).await,
+            let body = envelope.body;
+            let result = match (reply_subject, headers.iter().next().is_none()) {
+                (Some(reply), false) => self.client.publish_with_reply_and_headers(subject, reply, headers, body).await,
+                (Some(reply), true) => self.client.publish_with_reply(subject, reply, body).await,
+                (None, false) => self.client.publish_with_headers(subject, headers, body).await,
+                (None, true) => self.client.publish(subject, body).await,
             };
             result.map_err(|error| match error.kind() {
                 async_nats::client::PublishErrorKind::Send => Error::Disconnected,
@@ -347,21 +360,54 @@ fn header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), Error>
     Ok(())
 }
 
-/// The headers of an envelope; `reply_header` puts the reply address in a header (JetStream).
-fn to_headers(envelope: &Envelope, reply_header: bool) -> Result<HeaderMap, Error> {
+/// How a message travels, which decides the headers it needs.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Into a JetStream stream: every field in a header, the message id for deduplication.
+    Stream,
+    /// Core NATS: what the subjects already say is left out, since headers cost on every hop.
+    Core {
+        /// The message goes to a caller's inbox (a reply).
+        to_inbox: bool,
+        /// The subject the reply goes to (a request) or comes on (a reply) ends with the correlation id.
+        correlation_in_subject: bool,
+    },
+}
+
+/// The headers of an envelope.
+fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
     let mut map = HeaderMap::new();
-    header(&mut map, MSG_ID, &envelope.id.to_string())?;
-    header(&mut map, headers::KIND, super::kind_name(envelope.kind))?;
-    if !envelope.service.is_empty() {
+    let (stream, to_inbox, correlation_in_subject) = match mode {
+        Mode::Stream => (true, false, false),
+        Mode::Core { to_inbox, correlation_in_subject } => (false, to_inbox, correlation_in_subject),
+    };
+    if stream {
+        header(&mut map, MSG_ID, &envelope.id.to_string())?;
+    }
+    // The receiver takes a message with a reply subject for a request, one without for a oneway call, and
+    // one on its inbox for a reply: the kind is written only where it says something else.
+    let implied = match envelope.kind {
+        Kind::Request => envelope.reply_to.is_some(),
+        Kind::Oneway => envelope.reply_to.is_none() && !to_inbox,
+        Kind::Reply => to_inbox,
+    };
+    if stream || !implied {
+        header(&mut map, headers::KIND, super::kind_name(envelope.kind))?;
+    }
+    // A reply on an inbox is matched by its correlation id alone: its service and method are not echoed.
+    let echo = !(to_inbox && envelope.kind == Kind::Reply);
+    if echo && !envelope.service.is_empty() {
         header(&mut map, headers::SERVICE, &envelope.service)?;
     }
-    if !envelope.method.is_empty() {
+    if echo && !envelope.method.is_empty() {
         header(&mut map, headers::METHOD, &envelope.method)?;
     }
-    if let Some(correlation_id) = envelope.correlation_id {
+    if let Some(correlation_id) = envelope.correlation_id
+        && !correlation_in_subject
+    {
         header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?;
     }
-    if reply_header && let Some(reply_to) = &envelope.reply_to {
+    if stream && let Some(reply_to) = &envelope.reply_to {
         header(&mut map, headers::REPLY_TO, reply_to)?;
     }
     if envelope.attempt > 1 {
@@ -398,7 +444,8 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
     }
     envelope.correlation_id = get(headers::CORRELATION_ID)
         .and_then(|id| Uuid::parse_str(&id).ok())
-        .or_else(|| correlation_of_subject(&message.subject));
+        .or_else(|| correlation_of_subject(&message.subject))
+        .or_else(|| message.reply.as_deref().and_then(correlation_of_subject));
     envelope.reply_to = reply_to;
     envelope.service = get(headers::SERVICE).unwrap_or_default();
     envelope.method = get(headers::METHOD).unwrap_or_default();
@@ -449,6 +496,8 @@ impl Nats {
     /// [`Error::Unsupported`].
     pub async fn connect_with(url: &str, options: NatsOptions) -> Result<Nats, Error> {
         let (state, connected) = watch::channel(true);
+        let losses = watch::Sender::new(0u64);
+        let lost = losses.clone();
         let max_backoff = options.max_backoff;
         let client = async_nats::ConnectOptions::new()
             .name("mqrpc")
@@ -468,6 +517,8 @@ impl Nats {
                     async_nats::Event::Disconnected => {
                         tracing::warn!("lost the connection to NATS; reconnecting");
                         state.send_replace(false);
+                        // Core NATS holds nothing for a disconnected subscriber: replies sent meanwhile are gone.
+                        lost.send_modify(|losses| *losses += 1);
                     }
                     other => tracing::debug!(event = %other, "NATS connection event"),
                 }
@@ -487,6 +538,7 @@ impl Nats {
             jetstream,
             options,
             connected,
+            losses,
             streams: Mutex::new(HashMap::new()),
             counters: CounterMap::default(),
             closed: AtomicBool::new(false),
@@ -1001,7 +1053,8 @@ impl Transport for Nats {
                 };
                 Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle: AckHandle::auto() }
             });
-            Ok(Inbox { address, consumer: Consumer::new(replies.boxed(), None) })
+            let losses = Some(self.inner.losses.subscribe());
+            Ok(Inbox { address, consumer: Consumer::new(replies.boxed(), None), losses })
         })
     }
 
@@ -1101,27 +1154,58 @@ mod tests {
         let mut sent = envelope.clone();
         let reply = reply_subject(&mut sent).expect("a reply subject");
         assert_eq!(reply, format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
+        for mode in [Mode::Stream, Mode::Core { to_inbox: false, correlation_in_subject: true }] {
+            let message = async_nats::Message {
+                subject: "ns.Calculator".into(),
+                reply: Some(reply.clone().into()),
+                payload: sent.body.clone(),
+                headers: Some(to_headers(&sent, mode).expect("maps")),
+                status: None,
+                description: None,
+                length: 0,
+            };
+            let back = from_message(&message, None);
+            assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+            let mut expected = sent.clone();
+            expected.deadline_ms = back.deadline_ms;
+            if matches!(mode, Mode::Core { .. }) {
+                // Core NATS has no deduplication: the message id is not sent, and the receiver makes its own.
+                expected.id = back.id;
+            }
+            assert_eq!(back, expected, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn a_reply_on_an_inbox_carries_only_what_the_subject_does_not() {
+        let mut request = Envelope::new(Kind::Request);
+        request.correlation_id = Some(Uuid::new_v4());
+        request.service = "Calculator".into();
+        request.method = "add".into();
+        let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
+        let headers = to_headers(&reply, Mode::Core { to_inbox: true, correlation_in_subject: true }).expect("maps");
+        assert_eq!(headers.iter().count(), 0, "{headers:?}");
+        let subject = format!("_INBOX.abc.{}", request.correlation_id.expect("set").simple());
         let message = async_nats::Message {
-            subject: "ns.Calculator".into(),
-            reply: Some(reply.clone().into()),
-            payload: sent.body.clone(),
-            headers: Some(to_headers(&sent, false).expect("maps")),
+            subject: subject.into(),
+            reply: None,
+            payload: reply.body.clone(),
+            headers: Some(headers),
             status: None,
             description: None,
             length: 0,
         };
         let back = from_message(&message, None);
-        assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
-        let mut expected = sent.clone();
-        expected.deadline_ms = back.deadline_ms;
-        assert_eq!(back, expected);
+        assert_eq!(back.correlation_id, request.correlation_id);
+        assert_eq!(back.status, 0);
+        assert_eq!(back.body, reply.body);
     }
 
     #[test]
     fn line_breaks_in_header_values_are_refused_not_sent() {
         let mut envelope = Envelope::new(Kind::Oneway);
         envelope.headers.insert("note".into(), "two\r\nlines".into());
-        assert!(matches!(to_headers(&envelope, false), Err(Error::InvalidArgument(_))));
+        assert!(matches!(to_headers(&envelope, Mode::Stream), Err(Error::InvalidArgument(_))));
         assert!(matches!(check_subject("has space"), Err(Error::InvalidArgument(_))));
         assert!(check_subject("ns.svc").is_ok());
     }

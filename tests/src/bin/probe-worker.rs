@@ -1,27 +1,53 @@
-//! A worker process for the fault tests: serves the suite's `Probe` service through a broker server.
+//! A worker process for the fault tests: serves the suite's `Probe` service through a broker.
 //!
 //! ```text
 //! probe-worker URL NAMESPACE NAME [CONCURRENCY]
 //! ```
 //!
-//! Prints `ready` on stdout once it is consuming; runs until killed.
+//! `URL` picks the transport: `mqrpc://` our broker, `amqp://` RabbitMQ, `nats://` NATS (JetStream mode when
+//! `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). `MQRPC_PROBE_SINK` names a file where the
+//! `effect` method appends the keys it applied. Prints `ready` on stdout once it is consuming; runs until
+//! killed.
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mqrpc_tests::service::{Events, ProbeServer, Worker};
+use rpc_core::{Error, Transport};
+
+async fn transport(url: &str) -> Result<Arc<dyn Transport>, Error> {
+    if url.starts_with("amqp") {
+        let options = rpc_broker::adapter::amqp::AmqpOptions::new().queue_expires(Duration::from_secs(60));
+        Ok(Arc::new(rpc_broker::adapter::amqp::Amqp::connect_with(url, options).await?))
+    } else if url.starts_with("nats") {
+        let options = match std::env::var("MQRPC_PROBE_STREAM_PREFIX") {
+            Ok(prefix) => rpc_broker::adapter::nats::NatsOptions::jetstream()
+                .stream_prefix(prefix)
+                .ack_wait(Duration::from_secs(2)),
+            Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
+        };
+        Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
+    } else {
+        Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
+    }
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), rpc_core::Error> {
+async fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let (Some(url), Some(namespace), Some(name)) = (args.next(), args.next(), args.next()) else {
         eprintln!("usage: probe-worker URL NAMESPACE NAME [CONCURRENCY]");
         std::process::exit(2);
     };
     let concurrency = args.next().and_then(|n| n.parse().ok()).unwrap_or(16);
-    let transport = rpc_broker::Remote::connect(&url).await?;
-    let worker = Worker { name, events: Arc::new(Events::default()), client: None };
-    let _server = rpc_core::Server::new(transport)
+    let events = Events::default();
+    if let Some(path) = std::env::var_os("MQRPC_PROBE_SINK") {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        *events.sink.lock().expect("not poisoned") = Some(file.map_err(|error| Error::Transport(Box::new(error)))?);
+    }
+    let worker = Worker { name, events: Arc::new(events), client: None };
+    let _server = rpc_core::Server::new(transport(&url).await?)
         .namespace(namespace)
         .concurrency(concurrency)
         .prefetch(concurrency as u32)

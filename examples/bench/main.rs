@@ -1,0 +1,161 @@
+//! The benchmark: `add(a, b)` over mqrpc and over what a user would otherwise pick, side by side in one run.
+//!
+//! With RabbitMQ on 127.0.0.1:5672 and NATS on 127.0.0.1:4222 (`bash .ci/brokers` starts them), from the
+//! repository root:
+//!
+//! ```text
+//! cargo run --release --example bench                       # 3 rounds, 20,000 calls per latency run
+//! cargo run --release --example bench -- --quick            # under 2 minutes
+//! cargo run --release --example bench -- --only own-broker,nats-raw --json bench.jsonl --svg bench.svg
+//! ```
+//!
+//! Each variant runs the same workload, `add(a: i64, b: i64) -> i64` with MessagePack arguments:
+//!
+//! | variant | what answers |
+//! |---|---|
+//! | `inproc-floor` | a tokio mpsc request channel and a oneshot reply, in this process (the floor) |
+//! | `embedded` | mqrpc on the embedded broker, in this process |
+//! | `own-broker` | mqrpc through the `rpc-broker` server; broker and worker are two more processes |
+//! | `nats-raw` | async-nats `request()` to a plain subscriber process |
+//! | `nats` | mqrpc on core NATS, worker in another process |
+//! | `rabbitmq-raw` | hand-written lapin RPC: exclusive reply queue, correlation ids, a plain consumer process |
+//! | `rabbitmq` | mqrpc on RabbitMQ, worker in another process |
+//! | `tarpc` | tarpc over TCP, server in another process: direct RPC with no queue (reference) |
+//!
+//! For each: latency with one call in flight (p50, p99, p99.9), throughput with 64 and 256 calls in flight, and
+//! the CPU time per call of every process involved (this one, the responders and the broker, read from
+//! `/proc/<pid>/stat`). The variants alternate over the rounds and the medians are reported, with each variant's
+//! ratio to its baseline: ours against the raw client of the same broker, `own-broker` against `nats-raw`,
+//! `embedded` against `inproc-floor`. Then memory: the own broker's RSS holding 1,000,000 queued 100-byte
+//! messages, and a client's RSS after 100,000 calls that timed out.
+//!
+//! The program re-invokes itself for the processes it needs (`--role broker|responder|client-memory`).
+
+mod measure;
+mod memory;
+mod report;
+mod roles;
+mod variants;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::variants::Variant;
+
+/// What one run measures, from the command line.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    /// Shorter runs: fewer calls, shorter windows.
+    pub(crate) quick: bool,
+    /// The variants to run, in order.
+    pub(crate) variants: Vec<Variant>,
+    /// Rounds over all variants; medians are taken across them.
+    pub(crate) rounds: usize,
+    /// Calls measured at one in flight (after warm-up).
+    pub(crate) latency_calls: usize,
+    /// Calls made before measuring.
+    pub(crate) warmup_calls: usize,
+    /// Warm-up before each throughput window.
+    pub(crate) warmup: Duration,
+    /// How long each throughput window lasts.
+    pub(crate) window: Duration,
+    /// Where the JSON lines go.
+    pub(crate) json: Option<PathBuf>,
+    /// Where the chart goes.
+    pub(crate) svg: PathBuf,
+    /// Whether to measure memory.
+    pub(crate) memory: bool,
+    /// Queued messages for the broker memory figure.
+    pub(crate) queued_messages: usize,
+    /// Timed-out calls for the client memory figure.
+    pub(crate) timed_out_calls: usize,
+    /// RabbitMQ URL.
+    pub(crate) amqp_url: String,
+    /// NATS URL.
+    pub(crate) nats_url: String,
+}
+
+const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory]
+  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
+  brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222)";
+
+fn parse(args: &[String]) -> Result<Config, String> {
+    let mut config = Config {
+        quick: false,
+        variants: Variant::ALL.to_vec(),
+        rounds: 3,
+        latency_calls: 20_000,
+        warmup_calls: 2_000,
+        warmup: Duration::from_millis(500),
+        window: Duration::from_secs(3),
+        json: None,
+        svg: PathBuf::from("target/bench/bench.svg"),
+        memory: true,
+        queued_messages: 1_000_000,
+        timed_out_calls: 100_000,
+        amqp_url: std::env::var("MQRPC_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+    };
+    let mut rounds = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--quick" => config.quick = true,
+            "--only" => {
+                config.variants = value()?
+                    .split(',')
+                    .filter(|name| !name.is_empty())
+                    .map(|name| Variant::parse(name).ok_or_else(|| format!("no variant `{name}`\n{USAGE}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--rounds" => {
+                let n: usize = value()?.parse().map_err(|_| format!("--rounds takes a number\n{USAGE}"))?;
+                rounds = Some(n.max(1));
+            }
+            "--json" => config.json = Some(PathBuf::from(value()?)),
+            "--svg" => config.svg = PathBuf::from(value()?),
+            "--no-memory" => config.memory = false,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    if config.quick {
+        config.latency_calls = 2_000;
+        config.warmup_calls = 500;
+        config.warmup = Duration::from_millis(200);
+        config.window = Duration::from_millis(700);
+        config.queued_messages = 1_000_000;
+        config.timed_out_calls = 100_000;
+    }
+    config.rounds = rounds.unwrap_or(3);
+    Ok(config)
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--role") {
+        return roles::main(&args[1..]);
+    }
+    let config = match parse(&args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("{message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(measure::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench failed: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

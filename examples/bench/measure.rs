@@ -1,0 +1,362 @@
+//! Running the variants: the processes they need, the latency and throughput loops, the CPU accounting.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rpc_core::Server;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::Config;
+use crate::report::{self, Sample};
+use crate::roles::{CONCURRENCY, PREFETCH};
+use crate::variants::{self, Adder, BenchServer, Caller, Variant};
+
+/// Throughput is measured at each of these numbers of calls in flight.
+pub(crate) const INFLIGHT: [usize; 2] = [64, 256];
+
+/// A child process playing a role; killed when dropped.
+#[derive(Debug)]
+pub(crate) struct Process {
+    _child: tokio::process::Child,
+    pid: u32,
+}
+
+impl Process {
+    /// Starts `bench --role <args>` and waits for its `ready` line, whose detail it returns.
+    pub(crate) async fn start(args: &[&str]) -> Result<(Process, String), String> {
+        let exe = std::env::current_exe().map_err(|error| format!("cannot find this program: {error}"))?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("--role")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| format!("cannot start role {args:?}: {error}"))?;
+        let pid = child.id().ok_or("the child exited at once")?;
+        let stdout = child.stdout.take().ok_or("the child has no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let wait = async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => {
+                        if let Some(detail) = line.strip_prefix("ready ") {
+                            return Ok(detail.to_owned());
+                        }
+                    }
+                    Ok(None) => return Err(format!("role {args:?} exited before it was ready")),
+                    Err(error) => return Err(format!("role {args:?}: {error}")),
+                }
+            }
+        };
+        let detail = tokio::time::timeout(Duration::from_secs(120), wait)
+            .await
+            .map_err(|_| format!("role {args:?} was not ready within 120 s"))??;
+        Ok((Process { _child: child, pid }, detail))
+    }
+
+    /// Starts the own broker; returns it and its URL.
+    pub(crate) async fn broker() -> Result<(Process, String), String> {
+        Process::start(&["broker"]).await
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// User plus system CPU time of `pid`, in clock ticks of 10 ms (`USER_HZ`), from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: the fields that matter come after its last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Microseconds per `USER_HZ` tick.
+const TICK_US: f64 = 10_000.0;
+
+/// Process ids whose command name is one of `names`.
+fn pids_named(names: &[&str]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| names.contains(&comm.trim_end()))
+        })
+        .collect()
+}
+
+/// Which part of a variant a process plays, for the CPU split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// This process: the callers (and, in-process variants, everything).
+    Client = 0,
+    /// The process that answers.
+    Responder = 1,
+    /// The broker.
+    Broker = 2,
+}
+
+/// The CPU time of a set of processes, by part.
+#[derive(Clone, Debug)]
+struct Cpu {
+    pids: Vec<(Part, u32)>,
+}
+
+impl Cpu {
+    /// Ticks so far, by part.
+    fn read(&self) -> [u64; 3] {
+        let mut ticks = [0; 3];
+        for &(part, pid) in &self.pids {
+            ticks[part as usize] += cpu_ticks(pid).unwrap_or(0);
+        }
+        ticks
+    }
+
+    /// Microseconds spent since `before`, by part.
+    fn since(&self, before: [u64; 3]) -> [f64; 3] {
+        let now = self.read();
+        std::array::from_fn(|part| now[part].saturating_sub(before[part]) as f64 * TICK_US)
+    }
+}
+
+/// Runs every variant for `config.rounds` rounds, then memory, then prints and writes the report.
+pub(crate) async fn run(config: Config) -> Result<(), String> {
+    let steps = config.rounds * config.variants.len() * (1 + INFLIGHT.len()) + usize::from(config.memory);
+    let progress = ProgressBar::new(steps as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+            .map_err(|error| error.to_string())?
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut failures = Vec::new();
+    for round in 0..config.rounds {
+        // Alternate the order from round to round, so that no variant always runs on a warm or a cold machine.
+        let mut order = config.variants.clone();
+        let shift = round % order.len().max(1);
+        order.rotate_left(shift);
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for variant in order {
+            progress.set_message(format!("round {}/{}: {}", round + 1, config.rounds, variant.name()));
+            match run_variant(variant, &config, &progress).await {
+                Ok(mut measured) => samples.append(&mut measured),
+                Err(error) => {
+                    progress.println(format!("{}: {error}", variant.name()));
+                    failures.push(format!("{} (round {}): {error}", variant.name(), round + 1));
+                }
+            }
+        }
+    }
+    let memory = if config.memory {
+        progress.set_message("memory: 1,000,000 queued messages, then 100,000 timed-out calls");
+        let measured = crate::memory::measure(config.queued_messages, config.timed_out_calls).await;
+        progress.inc(1);
+        match measured {
+            Ok(memory) => Some(memory),
+            Err(error) => {
+                failures.push(format!("memory: {error}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    progress.finish_and_clear();
+    report::report(&config, &samples, memory.as_ref(), &failures, started.elapsed())?;
+    if failures.is_empty() { Ok(()) } else { Err(format!("{} measurement(s) failed", failures.len())) }
+}
+
+/// Sets up `variant`, measures it and tears it down.
+async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) -> Result<Vec<Sample>, String> {
+    let mut pids = vec![(Part::Client, std::process::id())];
+    pids.extend(pids_named(variant.broker_processes()).into_iter().map(|pid| (Part::Broker, pid)));
+    let mut processes = Vec::new();
+    let start = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Process::start(&args).await
+    };
+    let responder = |address: &str| vec!["responder".to_owned(), variant.name().to_owned(), address.to_owned()];
+    let samples = match variant {
+        Variant::InprocFloor => measure(variant, Arc::new(variants::Floor::start()), &pids, config, progress).await,
+        Variant::Embedded => {
+            let transport = rpc_broker::Embedded::new();
+            let _server = Server::new(transport.clone())
+                .concurrency(CONCURRENCY)
+                .prefetch(PREFETCH)
+                .serve(BenchServer::new(Adder))
+                .await
+                .map_err(|error| error.to_string())?;
+            let caller = variants::Mqrpc::connect(transport).await?;
+            measure(variant, Arc::new(caller), &pids, config, progress).await
+        }
+        Variant::OwnBroker => {
+            let (broker, url) = start(vec!["broker".to_owned()]).await?;
+            pids.push((Part::Broker, broker.pid()));
+            processes.push(broker);
+            let (worker, _) = start(responder(&url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            let transport = rpc_broker::Remote::connect(&url).await.map_err(|error| error.to_string())?;
+            let caller = variants::Mqrpc::connect(transport).await?;
+            measure(variant, Arc::new(caller), &pids, config, progress).await
+        }
+        Variant::NatsRaw | Variant::Nats => {
+            let (worker, _) = start(responder(&config.nats_url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            if variant == Variant::NatsRaw {
+                let caller = variants::NatsRaw::connect(&config.nats_url).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
+            } else {
+                let transport = rpc_broker::adapter::nats::Nats::connect(&config.nats_url)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let caller = variants::Mqrpc::connect(transport).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
+            }
+        }
+        Variant::RabbitmqRaw | Variant::Rabbitmq => {
+            let (worker, _) = start(responder(&config.amqp_url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            if variant == Variant::RabbitmqRaw {
+                let caller = variants::RabbitRaw::connect(&config.amqp_url).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
+            } else {
+                // Transient requests, as the raw variant sends them (the queue is durable all the same).
+                let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
+                let transport = rpc_broker::adapter::amqp::Amqp::connect_with(&config.amqp_url, options)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let caller = variants::Mqrpc::connect(transport).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
+            }
+        }
+        Variant::Tarpc => {
+            let (server, address) = start(responder("-")).await?;
+            pids.push((Part::Responder, server.pid()));
+            processes.push(server);
+            let caller = variants::Tarpc::connect(&address).await?;
+            measure(variant, Arc::new(caller), &pids, config, progress).await
+        }
+    };
+    drop(processes);
+    samples
+}
+
+/// Latency at one in flight, then throughput at each of [`INFLIGHT`].
+async fn measure<C: Caller>(
+    variant: Variant,
+    caller: Arc<C>,
+    pids: &[(Part, u32)],
+    config: &Config,
+    progress: &ProgressBar,
+) -> Result<Vec<Sample>, String> {
+    let cpu = Cpu { pids: pids.to_vec() };
+    let mut samples = vec![latency(variant, &*caller, &cpu, config).await?];
+    progress.inc(1);
+    for inflight in INFLIGHT {
+        samples.push(throughput(variant, Arc::clone(&caller), inflight, &cpu, config).await?);
+        progress.inc(1);
+    }
+    Ok(samples)
+}
+
+/// `config.latency_calls` calls one after the other, after `config.warmup_calls`.
+async fn latency<C: Caller>(variant: Variant, caller: &C, cpu: &Cpu, config: &Config) -> Result<Sample, String> {
+    for n in 0..config.warmup_calls as i64 {
+        let sum = caller.add(n, 1).await?;
+        if sum != n + 1 {
+            return Err(format!("add({n}, 1) returned {sum}"));
+        }
+    }
+    let mut nanos = Vec::with_capacity(config.latency_calls);
+    let mut errors = 0;
+    let ticks = cpu.read();
+    let started = Instant::now();
+    for n in 0..config.latency_calls as i64 {
+        let call = Instant::now();
+        let result = caller.add(n, 1).await;
+        nanos.push(call.elapsed().as_nanos() as u64);
+        if result != Ok(n + 1) {
+            errors += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    let cpu_us = cpu.since(ticks);
+    Ok(Sample::new(variant, 1, nanos, config.latency_calls as u64, elapsed, cpu_us, errors))
+}
+
+/// `inflight` callers in a loop: a warm-up, then a measured window.
+async fn throughput<C: Caller>(
+    variant: Variant,
+    caller: Arc<C>,
+    inflight: usize,
+    cpu: &Cpu,
+    config: &Config,
+) -> Result<Sample, String> {
+    const WARMUP: u8 = 0;
+    const MEASURE: u8 = 1;
+    const STOP: u8 = 2;
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..inflight)
+        .map(|task| {
+            let (caller, phase, done, errors) =
+                (Arc::clone(&caller), Arc::clone(&phase), Arc::clone(&done), Arc::clone(&errors));
+            tokio::spawn(async move {
+                let mut nanos = Vec::new();
+                let mut n = task as i64;
+                loop {
+                    let began = phase.load(Ordering::Acquire);
+                    if began == STOP {
+                        break;
+                    }
+                    let call = Instant::now();
+                    let result = caller.add(n, 1).await;
+                    if began == MEASURE && phase.load(Ordering::Acquire) == MEASURE {
+                        nanos.push(call.elapsed().as_nanos() as u64);
+                    }
+                    if result != Ok(n + 1) {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    n += inflight as i64;
+                }
+                nanos
+            })
+        })
+        .collect();
+    tokio::time::sleep(config.warmup).await;
+    let (calls, ticks, errors_before) = (done.load(Ordering::Relaxed), cpu.read(), errors.load(Ordering::Relaxed));
+    let started = Instant::now();
+    phase.store(MEASURE, Ordering::Release);
+    tokio::time::sleep(config.window).await;
+    let calls = done.load(Ordering::Relaxed) - calls;
+    let cpu_us = cpu.since(ticks);
+    let elapsed = started.elapsed();
+    let failed = errors.load(Ordering::Relaxed) - errors_before;
+    phase.store(STOP, Ordering::Release);
+    let mut nanos = Vec::new();
+    for task in tasks {
+        let joined = tokio::time::timeout(variants::CALL_TIMEOUT + Duration::from_secs(5), task)
+            .await
+            .map_err(|_| "a caller did not finish its last call".to_owned())?
+            .map_err(|error| format!("a caller failed: {error}"))?;
+        nanos.extend(joined);
+    }
+    Ok(Sample::new(variant, inflight, nanos, calls, elapsed, cpu_us, failed))
+}

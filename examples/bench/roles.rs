@@ -1,0 +1,98 @@
+//! The processes the benchmark starts by re-invoking itself: `--role broker|responder|client-memory ...`.
+//!
+//! Each prints one line `ready <detail>` on stdout once it serves, and runs until it is killed (the broker and
+//! the responders) or has printed its result (`client-memory`).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use rpc_core::{Server, Transport};
+
+use crate::variants::{self, Adder, BenchServer, Variant};
+
+/// Handlers a responder runs at once, and requests it holds: the same for every mqrpc variant.
+pub(crate) const CONCURRENCY: usize = 256;
+/// See [`CONCURRENCY`].
+pub(crate) const PREFETCH: u32 = 512;
+
+/// Tells the parent this process serves.
+pub(crate) fn ready(detail: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "ready {detail}");
+    let _ = stdout.flush();
+}
+
+/// Runs the role named in `args`.
+pub(crate) fn main(args: &[String]) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = runtime.block_on(async {
+        match args.as_slice() {
+            ["broker"] => broker().await,
+            ["responder", variant, address] => match Variant::parse(variant) {
+                Some(variant) => responder(variant, address).await,
+                None => Err(format!("no variant `{variant}`")),
+            },
+            ["client-memory", url, calls] => {
+                let calls = calls.parse().map_err(|_| format!("`{calls}` is not a number"))?;
+                crate::memory::client_role(url, calls).await
+            }
+            _ => Err(format!("unknown role {args:?}")),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench role {args:?}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The own broker on a free loopback port.
+async fn broker() -> Result<(), String> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
+        .await
+        .map_err(|error| error.to_string())?;
+    ready(&server.url());
+    server.run().await;
+    Ok(())
+}
+
+/// Answers `add` for `variant`, through the broker at `address`.
+async fn responder(variant: Variant, address: &str) -> Result<(), String> {
+    match variant {
+        Variant::OwnBroker => {
+            serve(rpc_broker::Remote::connect(address).await.map_err(|error| error.to_string())?).await
+        }
+        Variant::Nats => {
+            serve(rpc_broker::adapter::nats::Nats::connect(address).await.map_err(|error| error.to_string())?).await
+        }
+        Variant::Rabbitmq => {
+            serve(rpc_broker::adapter::amqp::Amqp::connect(address).await.map_err(|error| error.to_string())?).await
+        }
+        Variant::NatsRaw => variants::nats_raw_responder(address).await,
+        Variant::RabbitmqRaw => variants::rabbit_raw_responder(address).await,
+        Variant::Tarpc => variants::tarpc_responder().await,
+        Variant::InprocFloor | Variant::Embedded => Err(format!("{} runs in the benchmark's process", variant.name())),
+    }
+}
+
+async fn serve(transport: impl Transport) -> Result<(), String> {
+    let _server = Server::new(transport)
+        .concurrency(CONCURRENCY)
+        .prefetch(PREFETCH)
+        .serve(BenchServer::new(Adder))
+        .await
+        .map_err(|error| error.to_string())?;
+    ready("serving");
+    std::future::pending::<()>().await;
+    Ok(())
+}
