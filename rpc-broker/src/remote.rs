@@ -714,6 +714,33 @@ impl Acker for RemoteAcker {
         };
         Box::pin(std::future::ready(result))
     }
+
+    fn publish_reply<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        _tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        if self.dead.is_cancelled() {
+            // The broker requeued this connection's deliveries when it went.
+            return Box::pin(std::future::ready(Err(Error::DeliveryLost)));
+        }
+        if !reply_to.starts_with(INBOX_PREFIX) {
+            // A durable callback queue: a confirmed publish, on whichever connection is current.
+            return transport.publish_reply(reply_to, reply);
+        }
+        // On the delivery's own connection, unconfirmed as `Remote::publish_reply`: once the broker has dropped
+        // this connection (and requeued the request), it reads nothing more from it, so a stale reply never
+        // reaches the caller.
+        let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
+            let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
+            let mut buf = BytesMut::new();
+            ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload }.encode(&mut buf);
+            self.conn.send(buf.freeze()).map_err(|_| Error::DeliveryLost)
+        });
+        Box::pin(std::future::ready(sent))
+    }
 }
 
 /// Ends a logical consumer when its [`Consumer`] is dropped. A consumer keeps its connection alive.
@@ -838,6 +865,10 @@ impl Transport for Remote {
             let body = self.inner.request(queue, |req| ClientFrame::Stats { req, queue: queue.to_owned() }).await?;
             protocol::parse_stats_body(body).map_err(|error| Error::Transport(Box::new(error)))
         })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.sync())
     }
 }
 

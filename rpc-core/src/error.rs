@@ -37,6 +37,11 @@ pub enum Error {
         "the reply address was lost (reconnection or broker restart); the call may have run: retry it with the same idempotency key"
     )]
     ReplyLost,
+    /// The delivery being settled or answered is no longer this consumer's: the broker took it back when the
+    /// consumer's connection or channel was lost, and redelivers it. A worker that sees this must not answer
+    /// for the request; another delivery does.
+    #[error("the delivery was taken back by the broker (the consumer's connection was lost); it is redelivered")]
+    DeliveryLost,
     /// The broker refused the credentials.
     #[error("unauthorized: {0}")]
     Unauthorized(String),

@@ -191,6 +191,7 @@ struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     deduplicated: AtomicU64,
+    fenced: AtomicU64,
 }
 
 /// A snapshot of a server's counters.
@@ -215,6 +216,26 @@ pub struct ServerStats {
     pub dead_lettered: u64,
     /// Requests answered with the stored reply of their idempotency key instead of a second execution.
     pub deduplicated: u64,
+    /// Replies not sent because the broker had taken their request back (this worker's connection was lost
+    /// while the handler ran, and the request was redelivered): the delivery that has it now answers.
+    pub fenced: u64,
+}
+
+impl ServerStats {
+    fn of(stats: &Counters) -> ServerStats {
+        ServerStats {
+            handled: stats.handled.load(Ordering::Relaxed),
+            failed: stats.failed.load(Ordering::Relaxed),
+            panicked: stats.panicked.load(Ordering::Relaxed),
+            expired: stats.expired.load(Ordering::Relaxed),
+            rejected: stats.rejected.load(Ordering::Relaxed),
+            undeliverable: stats.undeliverable.load(Ordering::Relaxed),
+            retried: stats.retried.load(Ordering::Relaxed),
+            dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+            deduplicated: stats.deduplicated.load(Ordering::Relaxed),
+            fenced: stats.fenced.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What a graceful shutdown did.
@@ -227,6 +248,8 @@ pub struct ShutdownReport {
     pub finished: usize,
     /// Handlers still running at the end of the grace period, stopped; their requests go back to the queue.
     pub aborted: usize,
+    /// The server's counters once it stopped.
+    pub stats: ServerStats,
 }
 
 /// A running server. Dropping it stops the server at once: running handlers are stopped and their requests
@@ -249,18 +272,7 @@ impl fmt::Debug for ServerHandle {
 impl ServerHandle {
     /// The server's counters.
     pub fn stats(&self) -> ServerStats {
-        let stats = &self.shared.stats;
-        ServerStats {
-            handled: stats.handled.load(Ordering::Relaxed),
-            failed: stats.failed.load(Ordering::Relaxed),
-            panicked: stats.panicked.load(Ordering::Relaxed),
-            expired: stats.expired.load(Ordering::Relaxed),
-            rejected: stats.rejected.load(Ordering::Relaxed),
-            undeliverable: stats.undeliverable.load(Ordering::Relaxed),
-            retried: stats.retried.load(Ordering::Relaxed),
-            dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
-            deduplicated: stats.deduplicated.load(Ordering::Relaxed),
-        }
+        ServerStats::of(&self.shared.stats)
     }
 
     /// Stops taking requests, lets running handlers finish for up to `grace`, then stops the rest; every
@@ -348,6 +360,10 @@ async fn run(
     // Dropping the consumers after the handlers are done hands every unsettled delivery back to the broker.
     drop(requests);
     drop(broadcasts);
+    if let Err(error) = shared.transport.flush().await {
+        tracing::warn!(%error, "the broker may not have the last settles; it redelivers what it did not see");
+    }
+    report.stats = ServerStats::of(&shared.stats);
     report
 }
 
@@ -594,14 +610,15 @@ async fn dead_letter(shared: &Shared, request: &Request, handle: AckHandle, poli
     let message =
         format!("attempt {} of {} failed and {why} was reached: {last}", request.attempt, policy.max_attempts());
     tracing::warn!(%message, "dead-lettering a request");
-    if let Err(error) = reply(
-        shared,
-        &request.envelope,
-        Err(Status::new(Code::DeadLettered, message).with_details(last.details().clone())),
-    )
-    .await
-    {
-        tracing::warn!(%error, "could not publish the dead-letter reply");
+    let status = Status::new(Code::DeadLettered, message).with_details(last.details().clone());
+    match reply(shared, &request.envelope, &handle, Err(status)).await {
+        Ok(()) => {}
+        Err(Error::DeliveryLost) => {
+            // Another delivery of it decides now.
+            fenced(shared);
+            return;
+        }
+        Err(error) => tracing::warn!(%error, "could not publish the dead-letter reply"),
     }
     settle(handle.dead_letter().await);
 }
@@ -612,19 +629,39 @@ async fn answer(shared: &Shared, request: &Request, handle: AckHandle, result: R
     if result.is_err() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
-    if let Err(error) = reply(shared, &request.envelope, result).await {
-        tracing::warn!(%error, "could not publish the reply; requeueing the request");
-        settle(handle.requeue().await);
-        return;
+    match reply(shared, &request.envelope, &handle, result).await {
+        Ok(()) => {}
+        Err(Error::DeliveryLost) => {
+            fenced(shared);
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not publish the reply; requeueing the request");
+            settle(handle.requeue().await);
+            return;
+        }
     }
     stats.handled.fetch_add(1, Ordering::Relaxed);
     settle(handle.ack().await);
 }
 
-/// Publishes the reply to a request that has a reply address; a reply address that is gone counts as done.
-async fn reply(shared: &Shared, envelope: &Envelope, result: Result<Bytes, Status>) -> Result<(), Error> {
+/// Counts a reply not sent because the broker took its request back from this worker (its connection was
+/// lost while the handler ran) and redelivers it: the delivery that has it now answers.
+fn fenced(shared: &Shared) {
+    shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("reply dropped: the broker took the request back and redelivers it");
+}
+
+/// Publishes the reply to a request that has a reply address, fenced by its delivery; a reply address that is
+/// gone counts as done.
+async fn reply(
+    shared: &Shared,
+    envelope: &Envelope,
+    handle: &AckHandle,
+    result: Result<Bytes, Status>,
+) -> Result<(), Error> {
     let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) else { return Ok(()) };
-    match shared.transport.publish_reply(reply_to, envelope.reply(result)).await {
+    match handle.publish_reply(shared.transport.as_ref(), reply_to, envelope.reply(result)).await {
         Ok(()) => Ok(()),
         Err(Error::NoRoute(_)) => {
             // The caller is gone (its inbox with it): nobody is left to answer.

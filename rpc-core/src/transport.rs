@@ -133,6 +133,28 @@ pub enum Outcome {
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery `tag` with `outcome`.
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>>;
+
+    /// Publishes the reply to the request delivered as `tag`, fenced by that delivery: over the connection or
+    /// channel the delivery came on, so that a worker whose delivery the broker took back (the worker paused
+    /// past its heartbeats, or disconnected, and the request went to another worker) cannot answer for it.
+    /// The broker closed that link before redelivering, so it never reads such a reply; when the transport
+    /// already knows the link is gone, it returns [`Error::DeliveryLost`] without sending.
+    ///
+    /// The default publishes through [`Transport::publish_reply`] on `transport`, unfenced: a stale reply then
+    /// reaches the caller after the first one, which drops and counts it.
+    ///
+    /// # Errors
+    /// [`Error::DeliveryLost`] for a delivery taken back; otherwise as [`Transport::publish_reply`].
+    fn publish_reply<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = tag;
+        transport.publish_reply(reply_to, reply)
+    }
 }
 
 /// The right to settle one delivery. Dropping it unsettled leaves the delivery unacked until its consumer
@@ -161,6 +183,19 @@ impl AckHandle {
         match self.acker {
             Some((acker, tag)) => acker.settle(tag, outcome).await,
             None => Ok(()),
+        }
+    }
+
+    /// Publishes the reply to this delivery's request, fenced by the delivery where the transport can (see
+    /// [`Acker::publish_reply`]); an auto-acked delivery's reply goes through `transport`.
+    ///
+    /// # Errors
+    /// [`Error::DeliveryLost`] when the broker took the delivery back; otherwise as
+    /// [`Transport::publish_reply`].
+    pub async fn publish_reply(&self, transport: &dyn Transport, reply_to: &str, reply: Envelope) -> Result<(), Error> {
+        match &self.acker {
+            Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply).await,
+            None => transport.publish_reply(reply_to, reply).await,
         }
     }
 
@@ -347,6 +382,18 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// The counters of `queue`.
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>>;
+
+    /// Waits until the broker has taken every settle and unconfirmed publish this transport sent so far (they
+    /// have no answer of their own). A server calls it at the end of a graceful shutdown, so that a process
+    /// exiting right after does not leave the broker to redeliver work that was done. The default does nothing,
+    /// for transports whose settles complete only once the broker has them.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] or [`Error::Timeout`]: the broker may not have them; it redelivers what it
+    /// did not see settled.
+    fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -389,6 +436,12 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         (**self).queue_stats(queue)
+    }
+
+    // Every method forwards, those with a default included: the default would silently replace the
+    // transport's own.
+    fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
+        (**self).flush()
     }
 }
 

@@ -384,6 +384,7 @@ macro_rules! scenario_suite {
 #[derive(Debug)]
 pub struct WorkerProcess {
     child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl WorkerProcess {
@@ -392,11 +393,58 @@ impl WorkerProcess {
     pub fn spawn(mut command: std::process::Command) -> WorkerProcess {
         use std::io::BufRead;
         let mut child = command.stdout(std::process::Stdio::piped()).spawn().expect("the worker process starts");
-        let stdout = child.stdout.take().expect("piped");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line).expect("reads the worker's first line");
+        stdout.read_line(&mut line).expect("reads the worker's first line");
         assert_eq!(line.trim(), "ready", "the worker did not start");
-        WorkerProcess { child }
+        WorkerProcess { child, stdout }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a name `kill` knows: `STOP`, `CONT`, `TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("runs kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Stops the process where it is (SIGSTOP): it neither runs nor answers heartbeats until resumed.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a paused process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Asks the process to stop (SIGTERM), waits for it to exit, and returns the counters of its `stopped`
+    /// line (the worker's graceful shutdown report and its server's counters).
+    pub fn terminate(mut self) -> std::collections::HashMap<String, u64> {
+        use std::io::BufRead;
+        self.signal("TERM");
+        let mut counters = std::collections::HashMap::new();
+        let mut line = String::new();
+        while self.stdout.read_line(&mut line).expect("reads the worker's output") > 0 {
+            if let Some(pairs) = line.trim().strip_prefix("stopped ") {
+                for pair in pairs.split(' ') {
+                    let (name, value) = pair.split_once('=').expect("name=value");
+                    counters.insert(name.to_owned(), value.parse().expect("a count"));
+                }
+            }
+            line.clear();
+        }
+        let status = self.child.wait().expect("waits for the worker");
+        assert!(status.success(), "the worker failed to stop: {status}");
+        assert!(!counters.is_empty(), "the worker stopped without its report");
+        counters
     }
 
     /// Kills the process (SIGKILL) and reaps it.

@@ -46,6 +46,9 @@ pub trait Probe {
     /// An effect on the worker's sink: takes a few milliseconds, appends the call's idempotency key, then
     /// takes a few more; returns `n`.
     async fn effect(&self, n: i64) -> i64;
+    /// The effect of `effect`, then `millis` milliseconds of work before answering: a handler a test can
+    /// pause or kill between its effect and its reply.
+    async fn effect_then_wait(&self, n: i64, millis: u64) -> i64;
     /// Records `n`.
     #[rpc(oneway)]
     async fn record(&self, n: i64);
@@ -96,6 +99,22 @@ pub struct Worker {
     pub events: std::sync::Arc<Events>,
     /// For `nested`: a client to call the service again.
     pub client: Option<rpc_core::Client>,
+}
+
+impl Worker {
+    /// Appends the call's idempotency key to the sink, if there is one, followed by this worker's name and the
+    /// attempt, which say where a key that ran twice ran.
+    fn apply_effect(&self) {
+        let context = rpc_core::context::current();
+        let attempt = context.as_ref().map_or(0, |context| context.attempt);
+        let key = context.and_then(|context| context.idempotency_key).unwrap_or_default();
+        if let Some(sink) = self.events.sink.lock().expect("not poisoned").as_mut() {
+            use std::io::Write;
+            // One write per line on a file opened for appending: lines of several processes never interleave.
+            let line = format!("{key} {} {attempt} {}\n", self.name, std::process::id());
+            sink.write_all(line.as_bytes()).expect("the sink takes the effect");
+        }
+    }
 }
 
 impl Probe for Worker {
@@ -165,14 +184,16 @@ impl Probe for Worker {
 
     async fn effect(&self, n: i64) -> i64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let key = rpc_core::context::current().and_then(|context| context.idempotency_key).unwrap_or_default();
-        if let Some(sink) = self.events.sink.lock().expect("not poisoned").as_mut() {
-            use std::io::Write;
-            // One write per line on a file opened for appending: lines of several processes never interleave.
-            sink.write_all(format!("{key}\n").as_bytes()).expect("the sink takes the effect");
-        }
+        self.apply_effect();
         tokio::time::sleep(Duration::from_millis(2)).await;
         self.events.finish("effect");
+        n
+    }
+
+    async fn effect_then_wait(&self, n: i64, millis: u64) -> i64 {
+        self.apply_effect();
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        self.events.finish("effect_then_wait");
         n
     }
 

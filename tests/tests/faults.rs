@@ -1,12 +1,13 @@
-//! Worker processes killed with SIGKILL again and again while calls run, on our broker, RabbitMQ and NATS
-//! JetStream: every call is answered, and the effects, counted by an idempotent sink, are each applied once.
+//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ and NATS JetStream:
+//! SIGKILL again and again, SIGTERM under load, and SIGSTOP past the heartbeats that hold a worker's
+//! deliveries. Every call is answered, and the effects, counted by an idempotent sink, are each applied once.
 //!
 //! The sink is a file the worker processes append the idempotency key of each effect to. It is idempotent the
 //! way an effect store keyed by idempotency key is: a key it holds twice is one effect applied, the second line
 //! an execution it absorbed. A worker killed after the effect and before its ack makes the broker deliver the
 //! request again to another worker, whose dedup store (in its own memory) has not seen the key: that is the
 //! only way a key runs twice, so re-executions are bounded by what the killed workers held (16 requests each).
-//! The test counts calls, kills, lost effects (keys of calls missing from the sink), effects applied (distinct
+//! The tests count calls, kills, lost effects (keys of calls missing from the sink), effects applied (distinct
 //! keys) and the re-executions the sink absorbed.
 
 use std::collections::HashMap;
@@ -43,15 +44,35 @@ fn start_worker(url: &str, namespace: &str, name: &str, sink: &Path, stream_pref
 struct Counts {
     calls: usize,
     answered: usize,
-    kills: usize,
+    disrupted: usize,
     lost: usize,
     applied: usize,
     reexecuted: usize,
 }
 
+/// What the supervisor does to a worker process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disruption {
+    /// SIGKILL: the process dies holding its deliveries.
+    Kill,
+    /// SIGTERM: the process shuts down gracefully and exits.
+    Terminate,
+}
+
 /// Runs [`CALLS`] calls of `effect` through `harness` while a supervisor kills a worker process (SIGKILL) after
 /// every `CALLS / (KILLS + 1)` answers and starts it again.
 async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_prefix: Option<&str>) -> Counts {
+    disrupt_workers_during_calls(harness, url, stream_prefix, Disruption::Kill).await
+}
+
+/// Runs [`CALLS`] calls of `effect` through `harness` while a supervisor disrupts a worker process after every
+/// `CALLS / (KILLS + 1)` answers and starts it again.
+async fn disrupt_workers_during_calls(
+    harness: &dyn Harness,
+    url: &str,
+    stream_prefix: Option<&str>,
+    disruption: Disruption,
+) -> Counts {
     let namespace = format!("k{}", Uuid::new_v4().simple());
     let sink = sink_path();
     let start = |n: usize| start_worker(url, &namespace, &format!("w{n}"), &sink, stream_prefix);
@@ -78,6 +99,7 @@ async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_pref
     // The supervisor: a kill after every step of answers, the victim started again at once.
     let step = CALLS / (KILLS + 1);
     let mut kills = 0;
+    let mut shutdowns = Vec::new();
     while kills < KILLS {
         let target = (kills + 1) * step;
         mqrpc_tests::eventually("calls to progress between kills", Duration::from_secs(120), || {
@@ -85,8 +107,18 @@ async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_pref
         })
         .await;
         let victim = kills % WORKERS;
-        workers[victim].kill();
-        workers[victim] = start(victim);
+        let replacement = start(victim);
+        let stopped = std::mem::replace(&mut workers[victim], replacement);
+        match disruption {
+            Disruption::Kill => drop(stopped),
+            Disruption::Terminate => {
+                eprintln!("terminating {}", stopped.id());
+                let report = stopped.terminate();
+                // Handlers of a few milliseconds all finish within the grace period.
+                assert_eq!(report["aborted"], 0, "a graceful shutdown aborted handlers: {report:?}");
+                shutdowns.push(report);
+            }
+        }
         kills += 1;
     }
     let results = calls.await.expect("joins");
@@ -99,14 +131,20 @@ async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_pref
     drop(workers);
 
     let applied = read_sink(&sink);
+    let twice = reexecutions(&sink);
     let _ = std::fs::remove_file(&sink);
     let lost = keys.iter().filter(|key| !applied.contains_key(*key)).count();
     let strangers = applied.keys().filter(|key| !keys.contains(key)).count();
     assert_eq!(strangers, 0, "the sink holds effects of calls nobody made");
     // A keyed sink applies a key once whatever it is sent: each key is one effect; extra lines were absorbed.
     let reexecuted: usize = applied.values().map(|lines| lines - 1).sum();
-    let counts = Counts { calls: CALLS, answered: ok, kills, lost, applied: applied.len(), reexecuted };
-    eprintln!("{url}: {counts:?}");
+    let counts = Counts { calls: CALLS, answered: ok, disrupted: kills, lost, applied: applied.len(), reexecuted };
+    let released: u64 = shutdowns.iter().map(|report| report["released"]).sum();
+    let finished: u64 = shutdowns.iter().map(|report| report["finished"]).sum();
+    eprintln!("{url} {disruption:?}: {counts:?}; graceful shutdowns released {released}, finished {finished}");
+    if disruption == Disruption::Terminate && !twice.is_empty() {
+        eprintln!("ran twice (key worker attempt): {twice:#?}");
+    }
     counts
 }
 
@@ -114,18 +152,26 @@ fn sink_path() -> PathBuf {
     std::env::temp_dir().join(format!("mqrpc-sink-{}", Uuid::new_v4().simple()))
 }
 
-/// Lines per key in the sink.
+/// Lines per key in the sink (a line is `key worker attempt`).
 fn read_sink(path: &Path) -> HashMap<String, usize> {
     let text = std::fs::read_to_string(path).expect("reads the sink");
     let mut lines = HashMap::new();
-    for key in text.lines() {
+    for line in text.lines() {
+        let key = line.split(' ').next().unwrap_or_default();
         *lines.entry(key.to_owned()).or_default() += 1;
     }
     lines
 }
 
+/// The sink's lines of the keys that ran more than once, to say where they ran.
+fn reexecutions(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).expect("reads the sink");
+    let lines = read_sink(path);
+    text.lines().filter(|line| lines[line.split(' ').next().unwrap_or_default()] > 1).map(str::to_owned).collect()
+}
+
 fn assert_exactly_once(counts: &Counts) {
-    assert_eq!((counts.calls, counts.answered, counts.kills), (CALLS, CALLS, KILLS));
+    assert_eq!((counts.calls, counts.answered, counts.disrupted), (CALLS, CALLS, KILLS));
     assert_eq!((counts.lost, counts.applied), (0, CALLS), "{counts:?}");
     assert!(counts.reexecuted <= KILLS * 16, "more re-executions than the killed workers held: {counts:?}");
 }
@@ -150,4 +196,88 @@ async fn jetstream_kill_9_of_workers_twenty_times() {
     let prefix = harness.stream_prefix().to_owned();
     let counts = kill_workers_during_calls(&harness, harness.url(), Some(&prefix)).await;
     assert_exactly_once(&counts);
+}
+
+/// SIGTERM under load: the worker stops taking requests, finishes those it runs, hands back those it holds and
+/// exits; nothing is lost and nothing runs twice.
+fn assert_graceful(counts: &Counts) {
+    assert_eq!((counts.calls, counts.answered, counts.disrupted), (CALLS, CALLS, KILLS));
+    assert_eq!((counts.lost, counts.applied, counts.reexecuted), (0, CALLS, 0), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_sigterm_of_workers_under_load() {
+    let harness = RemoteHarness::start().await;
+    let counts = disrupt_workers_during_calls(&harness, &harness.url(), None, Disruption::Terminate).await;
+    assert_graceful(&counts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_sigterm_of_workers_under_load() {
+    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let counts = disrupt_workers_during_calls(&harness, harness.url(), None, Disruption::Terminate).await;
+    assert_graceful(&counts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_sigterm_of_workers_under_load() {
+    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let prefix = harness.stream_prefix().to_owned();
+    let counts = disrupt_workers_during_calls(&harness, harness.url(), Some(&prefix), Disruption::Terminate).await;
+    assert_graceful(&counts);
+}
+
+/// A worker stopped with SIGSTOP in the middle of a handler, after its effect and before its reply, for longer
+/// than the heartbeats that hold its deliveries: the broker drops its connection and redelivers the request to
+/// a second worker, which answers. Resumed with SIGCONT, the first worker finishes its handler but cannot
+/// answer for a request it no longer holds: its reply is fenced (dropped and counted), so the caller gets
+/// exactly one reply. The effect is applied once by the keyed sink; both workers executed it, since the second
+/// worker's dedup store is its own.
+async fn paused_worker_is_fenced(harness: &dyn Harness, url: &str, handler: Duration) {
+    let namespace = format!("p{}", Uuid::new_v4().simple());
+    let sink = sink_path();
+    let start = |name: &str| start_worker(url, &namespace, name, &sink, None);
+    let paused = start("paused");
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let key = Uuid::new_v4().simple().to_string();
+    let probe = ProbeClient::new(&client);
+    let call = probe.effect_then_wait(7, handler.as_millis() as u64).idempotency_key(&key).timeout(handler * 4);
+    let call = tokio::spawn(call.into_future());
+    let lines = |key: &str| read_sink(&sink).get(key).copied().unwrap_or(0);
+    mqrpc_tests::eventually("the first worker to apply the effect", WAIT, || lines(&key) == 1).await;
+    paused.pause();
+    let second = start("second");
+    // The broker gave the request to the second worker: the first one's deliveries were taken back.
+    mqrpc_tests::eventually("the request to be redelivered", WAIT, || lines(&key) == 2).await;
+    paused.resume();
+    assert_eq!(call.await.expect("joins").expect("answered by the second worker"), 7);
+    // The first worker's handler ends after it was resumed (it had `handler` to go); its report says what
+    // became of its reply.
+    let first = paused.terminate();
+    let second = second.terminate();
+    let _ = std::fs::remove_file(&sink);
+    eprintln!("{url}: paused worker {first:?}; second worker {second:?}");
+    assert_eq!((first["fenced"], first["handled"]), (1, 0), "the paused worker answered: {first:?}");
+    assert_eq!(second["handled"], 1);
+    assert_eq!(client.stats().late_replies, 0, "a second reply reached the caller");
+    assert_eq!(client.stats().pending, 0);
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_paused_worker_cannot_answer_a_redelivered_request() {
+    // Heartbeats every 100 ms: a connection silent for 300 ms loses its deliveries.
+    let mut config = rpc_broker::server::ServerConfig::default();
+    config.heartbeat = Duration::from_millis(100);
+    let harness = RemoteHarness::start_with(config).await;
+    paused_worker_is_fenced(&harness, &harness.url(), Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_paused_worker_cannot_answer_a_redelivered_request() {
+    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    // Heartbeats every second: RabbitMQ closes a connection that misses two, and requeues its deliveries.
+    let url = format!("{}?heartbeat=1", harness.url());
+    paused_worker_is_fenced(&harness, &url, Duration::from_secs(8)).await;
 }

@@ -175,6 +175,9 @@ struct Inner {
     checking: tokio::sync::Mutex<()>,
     /// Bumped whenever the connection is lost, and the reply queues with it (they are exclusive).
     losses: watch::Sender<u64>,
+    /// Consumer cancels and channel closes under way. A channel's close-ok comes once RabbitMQ has handled
+    /// everything sent on it before, acks included.
+    closing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Short-lived channels open at once, at most.
@@ -398,7 +401,7 @@ impl Inner {
             let mut consumers = Inner::lock(&self.consumers);
             let Some(logical) = consumers.get_mut(&id) else {
                 drop(consumers);
-                cancel_consumer(channel, tag, !direct);
+                self.cancel_consumer(channel, tag, !direct);
                 return Ok(());
             };
             logical.current = Some((channel.clone(), tag));
@@ -547,14 +550,20 @@ fn close_quietly(channel: Channel) {
     }
 }
 
-fn cancel_consumer(channel: Channel, tag: ShortString, close: bool) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
+impl Inner {
+    /// Cancels a consumer, and closes its channel if `close` (which requeues what it held unacked), in the
+    /// background; [`Transport::flush`] waits for it.
+    fn cancel_consumer(&self, channel: Channel, tag: ShortString, close: bool) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let task = runtime.spawn(async move {
             let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
             if close {
                 let _ = channel.close(200, "done".into()).await;
             }
         });
+        let mut closing = Inner::lock(&self.closing);
+        closing.retain(|task| !task.is_finished());
+        closing.push(task);
     }
 }
 
@@ -589,6 +598,7 @@ impl Amqp {
             admin: tokio::sync::Semaphore::new(ADMIN_CHANNELS),
             checking: tokio::sync::Mutex::new(()),
             losses: watch::Sender::new(0),
+            closing: Mutex::new(Vec::new()),
         });
         let first = Arc::new(inner.open().await?);
         let events = first.connection.events_listener();
@@ -833,6 +843,41 @@ impl Acker for AmqpAcker {
             }
         })
     }
+
+    fn publish_reply<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        _tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if !self.channel.status().connected() {
+                // RabbitMQ requeued the channel's deliveries when it closed.
+                return Err(Error::DeliveryLost);
+            }
+            if !(reply_to.starts_with(INBOX_PREFIX) || reply_to.starts_with(DIRECT_REPLY_TO)) {
+                // A durable callback queue: confirmed, on the transport's publishing channel.
+                return transport.publish_reply(reply_to, reply).await;
+            }
+            // On the delivery's own channel: once RabbitMQ has closed its connection (missed heartbeats) and
+            // requeued the request, it reads nothing more from it, so a stale reply never reaches the caller.
+            // Unconfirmed and not mandatory, as `Amqp::publish_reply`; the ack that follows on this channel
+            // cannot overtake it.
+            let (properties, body) = to_amqp(&reply, false)?;
+            match self
+                .channel
+                .basic_publish("".into(), short(reply_to)?, BasicPublishOptions::default(), &body, properties)
+                .await
+            {
+                Ok(_unconfirmed) => Ok(()),
+                Err(error) if connection_level(&error) || !self.channel.status().connected() => {
+                    Err(Error::DeliveryLost)
+                }
+                Err(error) => Err(from_lapin(error)),
+            }
+        })
+    }
 }
 
 /// Pauses or ends a logical consumer. A consumer keeps its connection alive.
@@ -848,7 +893,7 @@ impl ConsumerControl for ConsumerGuard {
             logical.paused = true;
             if let Some((channel, tag)) = logical.current.clone() {
                 // The channel stays open: the deliveries it holds stay settleable.
-                cancel_consumer(channel, tag, false);
+                self.inner.cancel_consumer(channel, tag, false);
             }
         }
     }
@@ -863,7 +908,7 @@ impl Drop for ConsumerGuard {
         if let Some((channel, tag)) = logical.current {
             // Closing the consumer's channel requeues what it held unacked.
             let direct = matches!(logical.target, Target::DirectReply);
-            cancel_consumer(channel, tag, !direct);
+            self.inner.cancel_consumer(channel, tag, !direct);
         }
     }
 }
@@ -983,6 +1028,16 @@ impl Transport for Amqp {
                 self.inner.inspect(&conn, queue).await?.ok_or_else(|| Error::NoRoute(queue.to_owned()))?;
             let counters = self.inner.counters.of(queue);
             Ok(counters.stats(ready as usize, consumers as usize))
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
+        // Acks travel on their consumer's channel; a server drops its consumers before flushing, and the close
+        // of each channel completes once RabbitMQ has handled the acks sent on it.
+        Box::pin(async move {
+            let closing = std::mem::take(&mut *Inner::lock(&self.inner.closing));
+            let closed = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(closing));
+            closed.await.map(drop).map_err(|_| Error::Timeout(Duration::from_secs(5)))
         })
     }
 }

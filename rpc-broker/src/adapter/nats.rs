@@ -1080,6 +1080,11 @@ impl Transport for Nats {
             Ok(counters.stats(messages.saturating_sub(pending), consumers))
         })
     }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
+        // Acks are publishes buffered by the client: flushing it hands them to the server.
+        Box::pin(async move { self.inner.client.flush().await.map_err(|_| Error::Disconnected) })
+    }
 }
 
 fn is_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {

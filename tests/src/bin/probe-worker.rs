@@ -6,8 +6,10 @@
 //!
 //! `URL` picks the transport: `mqrpc://` our broker, `amqp://` RabbitMQ, `nats://` NATS (JetStream mode when
 //! `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). `MQRPC_PROBE_SINK` names a file where the
-//! `effect` method appends the keys it applied. Prints `ready` on stdout once it is consuming; runs until
-//! killed.
+//! `effect` methods append the keys they applied. Prints `ready` on stdout once it is consuming. On SIGTERM it
+//! shuts down gracefully (no new requests, running ones finish within 10 s, buffered ones go back to the
+//! queue), prints `stopped` with the shutdown report and the server's counters as `name=value` pairs, and
+//! exits.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -41,13 +43,22 @@ async fn main() -> Result<(), Error> {
         std::process::exit(2);
     };
     let concurrency = args.next().and_then(|n| n.parse().ok()).unwrap_or(16);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let events = Events::default();
     if let Some(path) = std::env::var_os("MQRPC_PROBE_SINK") {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
         *events.sink.lock().expect("not poisoned") = Some(file.map_err(|error| Error::Transport(Box::new(error)))?);
     }
     let worker = Worker { name, events: Arc::new(events), client: None };
-    let _server = rpc_core::Server::new(transport(&url).await?)
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| Error::Transport(Box::new(error)))?;
+    let server = rpc_core::Server::new(transport(&url).await?)
         .namespace(namespace)
         .concurrency(concurrency)
         .prefetch(concurrency as u32)
@@ -55,6 +66,13 @@ async fn main() -> Result<(), Error> {
         .await?;
     println!("ready");
     let _ = std::io::stdout().flush();
-    std::future::pending::<()>().await;
+    terminate.recv().await;
+    let report = server.shutdown(Duration::from_secs(10)).await;
+    let stats = report.stats;
+    println!(
+        "stopped released={} finished={} aborted={} handled={} failed={} fenced={} deduplicated={}",
+        report.released, report.finished, report.aborted, stats.handled, stats.failed, stats.fenced, stats.deduplicated
+    );
+    let _ = std::io::stdout().flush();
     Ok(())
 }
