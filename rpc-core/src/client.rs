@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::admission::{Admission, Refused};
 use crate::context;
 use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
@@ -37,6 +38,7 @@ pub struct ClientBuilder {
     default_timeout: Duration,
     namespace: Option<String>,
     resends: u32,
+    admission: Admission,
 }
 
 impl ClientBuilder {
@@ -59,6 +61,23 @@ impl ClientBuilder {
     /// carries `attempt + 1`, so that a worker that executed it answers with the stored reply.
     pub fn resend_lost_calls(mut self, resends: u32) -> ClientBuilder {
         self.resends = resends;
+        self
+    }
+
+    /// At most `calls` calls of this client (all its clones) waiting for their replies at once; more wait
+    /// their turn in the caller, within their deadline, then fail with [`Error::Timeout`]. Oneway, broadcast
+    /// and durable calls hold a place while they are published. For peak shaving: a burst queues here and in
+    /// the broker instead of landing on the workers at once. Default: no limit.
+    pub fn max_in_flight(mut self, calls: usize) -> ClientBuilder {
+        self.admission.max_in_flight(calls);
+        self
+    }
+
+    /// Starts at most `per_second` calls per second on average, up to `burst` of them at once; a call waits
+    /// for its turn, and fails with [`Error::Timeout`] at once, taking no turn, when that turn comes after its
+    /// deadline. Default: no limit.
+    pub fn rate_limit(mut self, per_second: u32, burst: u32) -> ClientBuilder {
+        self.admission.rate_limit(per_second, burst);
         self
     }
 
@@ -86,6 +105,7 @@ impl ClientBuilder {
                 default_timeout: self.default_timeout,
                 namespace: self.namespace,
                 resends: self.resends,
+                admission: self.admission,
                 shared,
                 reader,
             }),
@@ -107,6 +127,7 @@ struct Inner {
     default_timeout: Duration,
     namespace: Option<String>,
     resends: u32,
+    admission: Admission,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
 }
@@ -213,6 +234,7 @@ impl Client {
             default_timeout: DEFAULT_TIMEOUT,
             namespace: None,
             resends: 0,
+            admission: Admission::new(),
         }
     }
 
@@ -250,6 +272,7 @@ impl Client {
     /// Stops the client: calls waiting for a reply fail with [`Error::Shutdown`] at once, new calls fail too.
     pub fn close(&self) {
         self.inner.shared.closed.store(true, Ordering::Release);
+        self.inner.admission.close();
         self.inner.reader.abort();
         self.inner.shared.pending.clear();
     }
@@ -439,6 +462,8 @@ impl<O: Send + 'static> Call<O> {
         }
         envelope.body = args;
         let destination = naming::service_queue(self.client.namespace(), &envelope.service);
+        let limit = self.options.timeout.unwrap_or_default();
+        let _admitted = admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
         transport.publish(&destination, envelope).await?;
         Ok(correlation_id)
     }
@@ -464,12 +489,17 @@ impl<O: Send + 'static> Call<O> {
         if budget.is_zero() {
             return Err(Error::Timeout(budget));
         }
+        let _admitted = admit(inner, Some(deadline), budget).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(budget));
+        }
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
         envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(inner.inbox.clone());
-        envelope.deadline_ms = Some(millis(budget).max(1));
+        envelope.deadline_ms = Some(millis(left).max(1));
         envelope.body = args;
         let queue = naming::service_queue(inner.namespace.as_deref(), &self.service);
         envelope.service = self.service.into_owned();
@@ -529,6 +559,18 @@ impl<O: Send + 'static> Call<O> {
             None => Err(Error::Timeout(budget)),
         }
     }
+}
+
+/// Waits for the call's turn under the client's admission limits; the permit is held until the call ends.
+async fn admit(
+    inner: &Inner,
+    deadline: Option<Instant>,
+    budget: Duration,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Error> {
+    inner.admission.admit(deadline).await.map_err(|refused| match refused {
+        Refused::Deadline => Error::Timeout(budget),
+        Refused::Closed => Error::Shutdown,
+    })
 }
 
 /// Removes a call's pending entry however the call ends: reply, error, timeout or cancellation.
@@ -624,6 +666,8 @@ impl Notify {
         envelope.body = self.args?;
         let namespace = self.client.namespace();
         let transport = self.client.transport();
+        let limit = self.options.timeout.unwrap_or_default();
+        let _admitted = admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
         if self.kind == MethodKind::Broadcast {
             transport.publish_topic(&naming::service_topic(namespace, self.service), envelope).await
         } else {

@@ -93,6 +93,7 @@ pub mod codec;
 pub mod context;
 pub mod naming;
 
+mod admission;
 mod callback;
 mod client;
 pub mod dedup;

@@ -347,6 +347,7 @@ macro_rules! scenario_suite {
                 poison_request_is_dead_lettered_after_its_attempts,
                 retries_stop_before_the_deadline,
                 same_idempotency_key_executes_once,
+                in_flight_limit_holds_a_burst_in_the_caller,
             ],
             ignore "": []);
     };

@@ -64,6 +64,10 @@ pub struct Events {
     finished: Mutex<HashMap<&'static str, u64>>,
     /// `work` calls started.
     pub started: AtomicU64,
+    /// `work` calls running now.
+    pub running: AtomicU64,
+    /// The most `work` calls that ran at once.
+    pub most_running: AtomicU64,
     /// Executions of `count`, per argument.
     pub counts: Mutex<HashMap<i64, u64>>,
     /// Values received by `record` and `announce`, in order.
@@ -136,8 +140,11 @@ impl Probe for Worker {
 
     async fn work(&self, millis: u64) -> u64 {
         self.events.started.fetch_add(1, Ordering::SeqCst);
+        let running = self.events.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.events.most_running.fetch_max(running, Ordering::SeqCst);
         // Simulated work that takes time, the thing a shutdown must wait for or interrupt.
         tokio::time::sleep(Duration::from_millis(millis)).await;
+        self.events.running.fetch_sub(1, Ordering::SeqCst);
         self.events.finish("work");
         millis
     }

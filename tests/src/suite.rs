@@ -45,6 +45,7 @@ pub const SCENARIOS: &[&str] = &[
     "poison_request_is_dead_lettered_after_its_attempts",
     "retries_stop_before_the_deadline",
     "same_idempotency_key_executes_once",
+    "in_flight_limit_holds_a_burst_in_the_caller",
 ];
 
 const SERVICE: &str = "suite.Probe";
@@ -666,4 +667,33 @@ pub async fn same_idempotency_key_executes_once(harness: &dyn Harness) {
     assert_eq!(probe.count(9).timeout(WAIT).await.expect("answered"), 2);
     assert_eq!(events.finished("count"), 4);
     assert_eq!(server.stats().deduplicated, 11);
+}
+
+/// A client limited to 3 calls in flight sends a burst of 30 to a worker that could run 16 at once: the worker
+/// never runs more than 3, every call is answered, and a call that cannot get a place before its deadline
+/// fails with `Timeout` without being sent.
+pub async fn in_flight_limit_holds_a_burst_in_the_caller(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker_with("w", |server| server.concurrency(16).prefetch(16)).await;
+    let client = Client::builder(setup.transport().await)
+        .namespace(&setup.namespace)
+        .max_in_flight(3)
+        .connect()
+        .await
+        .expect("client connects");
+    let probe = ProbeClient::new(&client);
+    let burst = join_all((0..30).map(|_| probe.work(20).timeout(WAIT).into_future())).await;
+    assert!(burst.iter().all(|result| matches!(result, Ok(20))), "{burst:?}");
+    assert_eq!(events.most_running.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(events.started.load(std::sync::atomic::Ordering::SeqCst), 30);
+
+    let holding = join_all((0..3).map(|_| probe.work(500).timeout(WAIT).into_future()));
+    let refused = async {
+        eventually("three calls in flight", WAIT, || client.stats().pending == 3).await;
+        probe.work(1).timeout(Duration::from_millis(50)).await
+    };
+    let (held, refused) = tokio::join!(holding, refused);
+    assert!(held.iter().all(|result| matches!(result, Ok(500))), "{held:?}");
+    assert!(matches!(refused, Err(Error::Timeout(_))), "{refused:?}");
+    assert_eq!(events.started.load(std::sync::atomic::Ordering::SeqCst), 33, "the refused call was sent");
 }

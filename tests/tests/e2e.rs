@@ -29,6 +29,7 @@ run: [
     poison_request_is_dead_lettered_after_its_attempts,
     retries_stop_before_the_deadline,
     same_idempotency_key_executes_once,
+    in_flight_limit_holds_a_burst_in_the_caller,
 ],
 ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
     redelivery_when_a_worker_disappears,
