@@ -58,7 +58,9 @@ impl ClientBuilder {
     /// Sends a call again, up to `resends` times, when its reply was lost ([`Error::ReplyLost`]) or the
     /// connection was down when it was sent ([`Error::Disconnected`]), within its deadline (default 0: such a
     /// call fails with that error at once). A call sent again keeps its correlation id and idempotency key and
-    /// carries `attempt + 1`, so that a worker that executed it answers with the stored reply.
+    /// carries `attempt + 1`, so that a worker that executed it answers with the stored reply. A resend that
+    /// finds no queue ([`Error::NoRoute`]) is sent again too: a restarted broker has the service's queue once
+    /// its workers reconnect.
     pub fn resend_lost_calls(mut self, resends: u32) -> ClientBuilder {
         self.resends = resends;
         self
@@ -532,10 +534,16 @@ impl<O: Send + 'static> Call<O> {
             };
             // `None`: the deadline passed.
             let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
+            // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
+            // nothing has it again once the workers reconnect and declare it.
+            let resending = resends < inner.resends;
+            let lost = match &outcome {
+                Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),
+                Some(Err(Error::NoRoute(_))) => resending,
+                _ => false,
+            };
             match outcome {
-                Some(Err(Error::ReplyLost | Error::Disconnected))
-                    if resends > 0 && !inner.shared.disconnected.load(Ordering::Acquire) =>
-                {
+                _ if lost && resends > 0 => {
                     resends -= 1;
                     if let Some(envelope) = &mut envelope {
                         envelope.attempt = envelope.attempt.saturating_add(1);
