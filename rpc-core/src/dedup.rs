@@ -30,7 +30,7 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque, hash_map};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -148,16 +148,18 @@ impl MemoryDedup {
 impl Memory {
     /// Forgets outcomes past the window, and the oldest ones past the capacity.
     fn forget_old(&mut self, now: Instant) {
-        while let Some((key, at)) = self.order.front() {
+        while let Some((_, at)) = self.order.front() {
             let expired = now.saturating_duration_since(*at) >= self.window;
             if !expired && self.order.len() <= self.capacity {
                 break;
             }
-            // The entry may have been claimed again after it was forgotten once: remove only that outcome.
-            if matches!(self.entries.get(key), Some(Entry::Done { at: stored, .. }) if stored == at) {
-                self.entries.remove(key);
+            let Some((key, at)) = self.order.pop_front() else { break };
+            // The key may have been claimed again after it was forgotten once: remove only that outcome.
+            if let hash_map::Entry::Occupied(entry) = self.entries.entry(key)
+                && matches!(entry.get(), Entry::Done { at: stored, .. } if *stored == at)
+            {
+                entry.remove();
             }
-            self.order.pop_front();
         }
     }
 }
@@ -165,8 +167,8 @@ impl Memory {
 impl DedupStore for MemoryDedup {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begin, Error>> {
         let mut memory = self.lock();
+        // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
         let now = Instant::now();
-        memory.forget_old(now);
         let window = memory.window;
         let begin = match memory.entries.get_mut(key) {
             Some(Entry::Done { reply, at }) if now.saturating_duration_since(*at) < window => {
@@ -190,8 +192,12 @@ impl DedupStore for MemoryDedup {
         let mut memory = self.lock();
         let now = Instant::now();
         // Replacing the `Running` entry drops its sender, which wakes the duplicates waiting on it.
-        let key = memory.entries.remove_entry(key).map_or_else(|| Arc::from(key), |(key, _)| key);
-        memory.entries.insert(Arc::clone(&key), Entry::Done { reply, at: now });
+        let done = Entry::Done { reply, at: now };
+        let key = match memory.entries.get_key_value(key) {
+            Some((stored, _)) => Arc::clone(stored),
+            None => Arc::from(key),
+        };
+        memory.entries.insert(Arc::clone(&key), done);
         memory.order.push_back((key, now));
         memory.forget_old(now);
         Box::pin(std::future::ready(Ok(())))

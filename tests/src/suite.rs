@@ -153,10 +153,13 @@ pub async fn late_reply_is_dropped_and_counted(harness: &dyn Harness) {
     let mut slow_worker = transport.consume(&setup.queue(), ConsumeOptions::new()).await.expect("consumes");
     let client = setup.client().await;
     let probe = ProbeClient::new(&client);
-    let result = probe.add(1, 2).timeout(Duration::from_millis(100)).await;
+    // The worker takes the request while the call waits (a transport may drop a request whose deadline passed
+    // before a worker took it), and answers once the call has timed out.
+    let call = tokio::spawn(probe.add(1, 2).timeout(Duration::from_millis(300)).into_future());
+    let request = tokio::time::timeout(WAIT, slow_worker.next()).await.expect("delivered").expect("open");
+    let result = call.await.expect("the call's task");
     assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
     assert_eq!(client.stats().pending, 0);
-    let request = tokio::time::timeout(WAIT, slow_worker.next()).await.expect("delivered").expect("open");
     let reply_to = request.envelope.reply_to.clone().expect("a reply address");
     let reply = request.envelope.reply(Ok(rpc_core::codec::encode(&3i64).expect("encodes")));
     transport.publish(&reply_to, reply).await.expect("the late reply is published");

@@ -37,17 +37,19 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
 use rpc_core::{
     AckHandle, Acker, BoxFuture, Capabilities, Code, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope,
     Error, Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, naming,
@@ -245,8 +247,9 @@ impl Inner {
         self.check()?;
         check_subject(queue)?;
         let reply_subject = reply_subject(&mut envelope);
-        let counters = self.counters.of(queue);
         let to_inbox = queue.starts_with("_INBOX.");
+        // Not per inbox subject: a reply's subject names its call, and a counter per call would never be freed.
+        let counters = (!to_inbox).then(|| self.counters.of(queue));
         if self.options.jetstream && !to_inbox {
             let headers = to_headers(&envelope, Mode::Stream)?;
             self.publish_stream(queue, headers, envelope.body).await?;
@@ -273,7 +276,9 @@ impl Inner {
                 _ => Error::InvalidArgument(format!("cannot publish to `{queue}`: {error}")),
             })?;
         }
-        Counters::bump(&counters.published);
+        if let Some(counters) = counters {
+            Counters::bump(&counters.published);
+        }
         Ok(())
     }
 
@@ -434,39 +439,72 @@ fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
 
 /// The envelope of a NATS message. `stored_at_ms`: when JetStream stored it (the time queued counts from there).
 fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Envelope {
-    let empty = HeaderMap::new();
-    let map = message.headers.as_ref().unwrap_or(&empty);
-    let get = |name: &str| map.get(name).map(|value| value.as_str().to_owned());
-    let reply_to = get(headers::REPLY_TO).or_else(|| message.reply.as_ref().map(|reply| reply.to_string()));
-    let mut envelope = Envelope::new(super::kind_of(get(headers::KIND).as_deref(), reply_to.is_some()));
-    if let Some(id) = get(MSG_ID).and_then(|id| Uuid::parse_str(&id).ok()) {
+    // One pass over the headers: a lookup by name would build a header name per field.
+    let mut fields = Fields::default();
+    let mut user = BTreeMap::new();
+    for (name, values) in message.headers.iter().flat_map(HeaderMap::iter) {
+        let Some(value) = values.first().map(HeaderValue::as_str) else { continue };
+        let name: &str = name.as_ref();
+        match name {
+            headers::REPLY_TO => fields.reply_to = Some(value),
+            headers::KIND => fields.kind = Some(value),
+            MSG_ID => fields.id = Some(value),
+            headers::CORRELATION_ID => fields.correlation_id = Some(value),
+            headers::SERVICE => fields.service = Some(value),
+            headers::METHOD => fields.method = Some(value),
+            headers::ATTEMPT => fields.attempt = Some(value),
+            headers::DEADLINE_MS => fields.deadline_ms = Some(value),
+            headers::SENT_AT_MS => fields.sent_at_ms = Some(value),
+            headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
+            headers::STATUS => fields.status = Some(value),
+            headers::STATUS_MESSAGE => fields.status_message = Some(value),
+            name if super::is_user_header(name) => {
+                user.insert(name.to_owned(), value.to_owned());
+            }
+            _ => {}
+        }
+    }
+    let reply_to = fields.reply_to.map(str::to_owned).or_else(|| message.reply.as_ref().map(|reply| reply.to_string()));
+    let mut envelope = Envelope::new(super::kind_of(fields.kind, reply_to.is_some()));
+    if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
         envelope.id = id;
     }
-    envelope.correlation_id = get(headers::CORRELATION_ID)
-        .and_then(|id| Uuid::parse_str(&id).ok())
+    envelope.correlation_id = fields
+        .correlation_id
+        .and_then(|id| Uuid::parse_str(id).ok())
         .or_else(|| correlation_of_subject(&message.subject))
         .or_else(|| message.reply.as_deref().and_then(correlation_of_subject));
     envelope.reply_to = reply_to;
-    envelope.service = get(headers::SERVICE).unwrap_or_default();
-    envelope.method = get(headers::METHOD).unwrap_or_default();
-    envelope.attempt = get(headers::ATTEMPT).and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
-    if let Some(budget) = get(headers::DEADLINE_MS).and_then(|budget| budget.parse::<u64>().ok()) {
-        let sent_at = stored_at_ms.or_else(|| get(headers::SENT_AT_MS).and_then(|sent| sent.parse().ok()));
+    envelope.service = fields.service.unwrap_or_default().to_owned();
+    envelope.method = fields.method.unwrap_or_default().to_owned();
+    envelope.attempt = fields.attempt.and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
+    if let Some(budget) = fields.deadline_ms.and_then(|budget| budget.parse::<u64>().ok()) {
+        let sent_at = stored_at_ms.or_else(|| fields.sent_at_ms.and_then(|sent| sent.parse().ok()));
         envelope.deadline_ms = Some(super::remaining_ms(budget, sent_at, super::now_ms()));
     }
-    envelope.idempotency_key = get(headers::IDEMPOTENCY_KEY);
-    envelope.status = get(headers::STATUS).and_then(|code| code.parse().ok()).unwrap_or(0);
-    envelope.status_message = get(headers::STATUS_MESSAGE);
-    for (name, values) in map.iter() {
-        let name: &str = name.as_ref();
-        if super::is_user_header(name)
-            && let Some(value) = values.first()
-        {
-            envelope.headers.insert(name.to_owned(), value.as_str().to_owned());
-        }
-    }
+    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
+    envelope.status = fields.status.and_then(|code| code.parse().ok()).unwrap_or(0);
+    envelope.status_message = fields.status_message.map(str::to_owned);
+    envelope.headers = user;
     envelope.body = message.payload.clone();
     envelope
+}
+
+/// The envelope's fields among a message's headers.
+#[derive(Default)]
+struct Fields<'a> {
+    reply_to: Option<&'a str>,
+    kind: Option<&'a str>,
+    id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    service: Option<&'a str>,
+    method: Option<&'a str>,
+    attempt: Option<&'a str>,
+    deadline_ms: Option<&'a str>,
+    sent_at_ms: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+    status: Option<&'a str>,
+    status_message: Option<&'a str>,
 }
 
 /// Whether a reply is JetStream's publish ack rather than an answer (no envelope headers, a JSON ack body).
@@ -564,40 +602,16 @@ impl Nats {
 
     fn core_consumer(&self, subscriber: async_nats::Subscriber, options: ConsumeOptions) -> Consumer {
         let acker = Arc::new(CoreAcker { client: self.inner.client.clone(), held: Mutex::new(HashMap::new()) });
-        let (sender, receiver) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let task_cancel = cancel.clone();
-        let manual = !options.auto_ack;
-        tokio::spawn(async move {
-            let mut subscriber = subscriber;
-            let mut next_tag = 0u64;
-            loop {
-                let message = tokio::select! {
-                    () = task_cancel.cancelled() => break,
-                    message = subscriber.next() => message,
-                };
-                let Some(message) = message else { break };
-                let envelope = from_message(&message, None);
-                if envelope.deadline_ms == Some(0) {
-                    continue;
-                }
-                next_tag += 1;
-                let handle = if manual {
-                    Inner::lock(&acker.held).insert(next_tag, message);
-                    AckHandle::new(Arc::clone(&acker) as Arc<dyn Acker>, next_tag)
-                } else {
-                    AckHandle::auto()
-                };
-                let delivery = Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle };
-                if sender.send(delivery).is_err() {
-                    break;
-                }
-            }
-            // Unsubscribes; deliveries already handed out stay settleable.
-            let _ = subscriber.unsubscribe().await;
-        });
+        let stream = CoreStream {
+            subscriber: Some(subscriber),
+            cancel: cancel.clone(),
+            acker,
+            manual: !options.auto_ack,
+            next_tag: 0,
+        };
         let control = CancelOnDrop { cancel, held_by: None };
-        Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+        Consumer::new(stream.boxed(), Some(Box::new(control)))
     }
 
     async fn stream_consumer(
@@ -633,6 +647,61 @@ impl Nats {
         tokio::spawn(keep_alive(Arc::downgrade(&acker), self.inner.options.ack_wait / 3));
         let control = CancelOnDrop { cancel, held_by: Some(acker) };
         Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+    }
+}
+
+/// The deliveries of a core NATS subscription, read straight from it (no task in between: a batch of messages
+/// reaches the server in one wake-up). A request whose deadline passed while it waited in the subscription's
+/// buffer is dropped, as a broker drops an expired message. Pausing hands out what the subscription already
+/// buffered, then unsubscribes; dropping it unsubscribes.
+struct CoreStream {
+    subscriber: Option<async_nats::Subscriber>,
+    cancel: CancellationToken,
+    acker: Arc<CoreAcker>,
+    manual: bool,
+    next_tag: u64,
+}
+
+impl Stream for CoreStream {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let this = self.get_mut();
+        loop {
+            let Some(subscriber) = this.subscriber.as_mut() else { return Poll::Ready(None) };
+            let message = if this.cancel.is_cancelled() {
+                // Paused: only what is already buffered, without waiting.
+                match subscriber.next().now_or_never().flatten() {
+                    Some(message) => message,
+                    None => {
+                        // Dropping the subscriber unsubscribes.
+                        this.subscriber = None;
+                        return Poll::Ready(None);
+                    }
+                }
+            } else {
+                match subscriber.poll_next_unpin(cx) {
+                    Poll::Ready(Some(message)) => message,
+                    Poll::Ready(None) => {
+                        this.subscriber = None;
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            let envelope = from_message(&message, None);
+            if envelope.deadline_ms == Some(0) {
+                continue;
+            }
+            this.next_tag += 1;
+            let handle = if this.manual {
+                Inner::lock(&this.acker.held).insert(this.next_tag, message);
+                AckHandle::new(Arc::clone(&this.acker) as Arc<dyn Acker>, this.next_tag)
+            } else {
+                AckHandle::auto()
+            };
+            return Poll::Ready(Some(Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle }));
+        }
     }
 }
 
