@@ -262,17 +262,13 @@ impl Inner {
         let req = self.req();
         let (answer, answered) = oneshot::channel();
         conn.pending.insert(req, waiter(answer));
-        if let Err(error) = conn.send(&frame(req)) {
-            conn.pending.remove(&req);
-            return Err(error);
-        }
+        // However this ends (answer, error, timeout, or the caller dropping the future), the entry goes.
+        let _waiting = Waiting { conn, req };
+        conn.send(&frame(req))?;
         match tokio::time::timeout(self.options.request_timeout, answered).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(Error::Disconnected),
-            Err(_) => {
-                conn.pending.remove(&req);
-                Err(Error::Timeout(self.options.request_timeout))
-            }
+            Err(_) => Err(Error::Timeout(self.options.request_timeout)),
         }
     }
 
@@ -869,6 +865,19 @@ impl Transport for Remote {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(self.sync())
+    }
+}
+
+/// A request waiting for its answer on a connection; dropping it forgets the request, so that an answer that
+/// never comes (a lost confirm, a caller that gave up) leaves nothing behind.
+struct Waiting<'a> {
+    conn: &'a Conn,
+    req: u32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.conn.pending.remove(&self.req);
     }
 }
 

@@ -523,14 +523,22 @@ impl<O: Send + 'static> Call<O> {
                 return Err(Error::Disconnected);
             }
             let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
+            let answer = |reply: Result<Result<Envelope, Error>, oneshot::error::RecvError>| match reply {
+                Ok(reply) => reply,
+                Err(_) if self.client.is_closed() => Err(Error::Shutdown),
+                Err(_) => Err(Error::Disconnected),
+            };
             let exchange = async {
                 // Never `None`: only the last send takes the envelope.
-                inner.transport.publish(&queue, sent.ok_or(Error::Shutdown)?).await?;
-                match receiver.await {
-                    Ok(reply) => reply,
-                    Err(_) if self.client.is_closed() => Err(Error::Shutdown),
-                    Err(_) => Err(Error::Disconnected),
+                let publish = inner.transport.publish(&queue, sent.ok_or(Error::Shutdown)?);
+                let mut receiver = receiver;
+                // The reply proves the request arrived: it wins over a publish confirm that is slow or lost.
+                tokio::select! {
+                    biased;
+                    reply = &mut receiver => return answer(reply),
+                    published = publish => published?,
                 }
+                answer(receiver.await)
             };
             // `None`: the deadline passed.
             let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();

@@ -10,18 +10,26 @@
 //! The tests count calls, kills, lost effects (keys of calls missing from the sink), effects applied (distinct
 //! keys) and the re-executions the sink absorbed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use mqrpc_tests::service::ProbeClient;
 use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness, RemoteHarness, WorkerProcess};
-use rpc_core::Client;
+use rpc_broker::protocol::{ClientFrame, DEFAULT_MAX_FRAME, FrameCodec, ServerFrame};
+use rpc_broker::{Remote, RemoteOptions};
+use rpc_core::{Client, ConsumeOptions, Error, QueueOptions, Transport, naming};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::FramedRead;
 use uuid::Uuid;
 
 const CALLS: usize = 2_000;
@@ -280,4 +288,161 @@ async fn rabbitmq_paused_worker_cannot_answer_a_redelivered_request() {
     // Heartbeats every second: RabbitMQ closes a connection that misses two, and requeues its deliveries.
     let url = format!("{}?heartbeat=1", harness.url());
     paused_worker_is_fenced(&harness, &url, Duration::from_secs(8)).await;
+}
+
+/// Calls in the lost-confirm test.
+const CONFIRM_CALLS: usize = 10_000;
+/// One confirm in this many is dropped.
+const DROP_EVERY: usize = 10;
+
+/// A TCP proxy in front of our broker that drops one in `every` of the broker's confirms of publishes on their
+/// way to the client (it reads the frames with the protocol's own codec): the client never learns that those
+/// publishes arrived. Everything else passes.
+struct ConfirmDropper {
+    address: SocketAddr,
+    dropped: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConfirmDropper {
+    async fn start(broker: SocketAddr, every: usize) -> ConfirmDropper {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("the proxy binds");
+        let address = listener.local_addr().expect("the proxy's address");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let confirms = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&dropped);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(broker).await else { continue };
+                let publishes = Arc::new(Mutex::new(HashSet::new()));
+                let (client_read, client_write) = client.into_split();
+                let (broker_read, broker_write) = upstream.into_split();
+                let sent = Arc::clone(&publishes);
+                tokio::spawn(forward(client_read, broker_write, move |frame| {
+                    if let Ok(ClientFrame::Publish { req, .. }) = ClientFrame::parse(frame.clone())
+                        && req != 0
+                    {
+                        sent.lock().expect("not poisoned").insert(req);
+                    }
+                    true
+                }));
+                let (confirms, dropped) = (Arc::clone(&confirms), Arc::clone(&counter));
+                tokio::spawn(forward(broker_read, client_write, move |frame| {
+                    let Ok(ServerFrame::Ok { req, .. }) = ServerFrame::parse(frame.clone()) else { return true };
+                    if !publishes.lock().expect("not poisoned").remove(&req) {
+                        return true;
+                    }
+                    if confirms.fetch_add(1, Ordering::SeqCst) % every == every - 1 {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                        return false;
+                    }
+                    true
+                }));
+            }
+        });
+        ConfirmDropper { address, dropped, task }
+    }
+
+    fn url(&self) -> String {
+        format!("mqrpc://{}", self.address)
+    }
+}
+
+impl Drop for ConfirmDropper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies frames from `read` to `write`, those that `keep` keeps.
+async fn forward(read: OwnedReadHalf, mut write: OwnedWriteHalf, mut keep: impl FnMut(&Bytes) -> bool) {
+    let mut frames = FramedRead::new(read, FrameCodec::new(DEFAULT_MAX_FRAME));
+    while let Some(Ok(frame)) = frames.next().await {
+        if !keep(&frame) {
+            continue;
+        }
+        let mut out = BytesMut::with_capacity(frame.len() + 4);
+        out.put_u32(u32::try_from(frame.len()).expect("a frame under the maximum"));
+        out.extend_from_slice(&frame);
+        if write.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One in ten of the broker's publish confirms is lost on the way to the client. Half the calls wait for their
+/// reply: the reply proves the request arrived, so a lost confirm costs them nothing. The other half are
+/// durable calls (the reply goes to a callback queue), which know only the confirm: a lost one times out and
+/// the caller sends the call again with the same idempotency key, so the broker holds it twice, and the
+/// worker's dedup store answers the second copy with the stored reply. Every effect is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_lost_publish_confirms_apply_each_effect_once() {
+    let broker = RemoteHarness::start().await;
+    let proxy = ConfirmDropper::start(broker.server().local_addr(), DROP_EVERY).await;
+    let namespace = format!("c{}", Uuid::new_v4().simple());
+    let sink = sink_path();
+    let worker = start_worker(&broker.url(), &namespace, "w0", &sink, None);
+    let options = RemoteOptions::new().request_timeout(Duration::from_millis(300));
+    let through_proxy = Remote::connect_with(&proxy.url(), options).await.expect("connects through the proxy");
+    let client = Client::builder(through_proxy).namespace(&namespace).connect().await.expect("client");
+    let direct = Remote::connect(&broker.url()).await.expect("connects");
+    let callbacks = naming::callback_queue(Some(&namespace), "confirms");
+    direct.declare_queue(&callbacks, &QueueOptions::new().durable(true)).await.expect("declares");
+    let mut replies = direct.consume(&callbacks, ConsumeOptions::new().auto_ack(true)).await.expect("consumes");
+
+    let keys: Vec<String> = (0..CONFIRM_CALLS).map(|_| Uuid::new_v4().simple().to_string()).collect();
+    let caller = client.clone();
+    let tries = futures::stream::iter(keys.clone().into_iter().enumerate())
+        .map(move |(n, key)| {
+            let probe = ProbeClient::new(&caller);
+            async move {
+                for attempt in 1..=20 {
+                    let call = probe.effect(n as i64).idempotency_key(&key).timeout(Duration::from_secs(10));
+                    let result = if n % 2 == 0 {
+                        call.await.map(|answer| assert_eq!(answer, n as i64))
+                    } else {
+                        call.header("n", n.to_string()).durable("confirms").await.map(drop)
+                    };
+                    match result {
+                        Ok(()) => return attempt,
+                        Err(Error::Timeout(_)) => continue,
+                        Err(error) => panic!("call {n} failed: {error}"),
+                    }
+                }
+                panic!("call {n} never confirmed in 20 attempts");
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<u32>>()
+        .await;
+    let resent_calls = tries.iter().filter(|attempts| **attempts > 1).count();
+    let resends: u32 = tries.iter().map(|attempts| attempts - 1).sum();
+
+    // A reply reaches the callback queue for every durable call, once per copy the broker held.
+    let mut answered = HashSet::new();
+    let mut callback_replies = 0;
+    while answered.len() < CONFIRM_CALLS / 2 {
+        let reply = tokio::time::timeout(WAIT, replies.next()).await.expect("a durable reply").expect("open");
+        assert_eq!(reply.envelope.status, 0, "{:?}", reply.envelope.status_message);
+        answered.insert(reply.envelope.headers["n"].clone());
+        callback_replies += 1;
+    }
+    let report = worker.terminate();
+    let applied = read_sink(&sink);
+    let _ = std::fs::remove_file(&sink);
+    let dropped = proxy.dropped.load(Ordering::SeqCst);
+    let lost = keys.iter().filter(|key| !applied.contains_key(*key)).count();
+    let reexecuted: usize = applied.values().map(|lines| lines - 1).sum();
+    eprintln!(
+        "lost confirms: {CONFIRM_CALLS} calls, {dropped} confirms dropped, {resent_calls} calls sent again \
+         ({resends} resends), {callback_replies} durable replies for {} durable calls, {lost} effects lost, {} \
+         applied, {reexecuted} executed twice; worker {report:?}",
+        CONFIRM_CALLS / 2,
+        applied.len()
+    );
+    assert!(dropped >= CONFIRM_CALLS / DROP_EVERY - 10, "the proxy dropped only {dropped} confirms");
+    assert!(resent_calls > 0, "no durable call lost its confirm");
+    assert_eq!((lost, applied.len(), reexecuted), (0, CONFIRM_CALLS, 0));
+    assert!(report["deduplicated"] > 0, "no second copy reached the worker: {report:?}");
+    assert_eq!(client.stats().pending, 0);
 }
