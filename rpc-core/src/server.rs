@@ -337,6 +337,8 @@ async fn run(
         while tasks.try_join_next().is_some() {}
     };
 
+    // Handlers that are done already are not counted as finishing within the grace period.
+    while tasks.try_join_next().is_some() {}
     // No new deliveries from here on; those buffered and not started go back to the queue for other workers.
     let mut report = ShutdownReport::default();
     for consumer in std::iter::once(&mut requests).chain(broadcasts.as_mut()) {

@@ -401,6 +401,14 @@ impl WorkerProcess {
         WorkerProcess { child, stdout }
     }
 
+    /// The next line the process prints, without its line break.
+    pub fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reads the process's output");
+        line.trim_end().to_owned()
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()

@@ -142,9 +142,10 @@ impl Probe for Worker {
         self.events.started.fetch_add(1, Ordering::SeqCst);
         let running = self.events.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.events.most_running.fetch_max(running, Ordering::SeqCst);
+        // Counted down however the work ends: finished, or stopped at its deadline or by a shutdown.
+        let _running = Running(&self.events.running);
         // Simulated work that takes time, the thing a shutdown must wait for or interrupt.
         tokio::time::sleep(Duration::from_millis(millis)).await;
-        self.events.running.fetch_sub(1, Ordering::SeqCst);
         self.events.finish("work");
         millis
     }
@@ -212,5 +213,14 @@ impl Probe for Worker {
     async fn announce(&self, n: i64) {
         self.events.recorded.lock().expect("not poisoned").push(n);
         self.events.finish("announce");
+    }
+}
+
+/// Counts a `work` call down when it ends, however it ends.
+struct Running<'a>(&'a AtomicU64);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

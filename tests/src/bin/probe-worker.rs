@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! probe-worker URL NAMESPACE NAME [CONCURRENCY]
+//! probe-worker --broker
 //! ```
+//!
+//! With `--broker` it runs our broker instead, on a free loopback port, for tests that measure their own process
+//! alone: it prints `ready`, then the broker's URL, and serves until killed.
 //!
 //! `URL` picks the transport: `mqrpc://` our broker, `amqp://` RabbitMQ, `nats://` NATS (JetStream mode when
 //! `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). `MQRPC_PROBE_SINK` names a file where the
@@ -38,6 +42,9 @@ async fn transport(url: &str) -> Result<Arc<dyn Transport>, Error> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
+    if std::env::args().nth(1).as_deref() == Some("--broker") {
+        return broker().await;
+    }
     let (Some(url), Some(namespace), Some(name)) = (args.next(), args.next(), args.next()) else {
         eprintln!("usage: probe-worker URL NAMESPACE NAME [CONCURRENCY]");
         std::process::exit(2);
@@ -55,7 +62,8 @@ async fn main() -> Result<(), Error> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
         *events.sink.lock().expect("not poisoned") = Some(file.map_err(|error| Error::Transport(Box::new(error)))?);
     }
-    let worker = Worker { name, events: Arc::new(events), client: None };
+    let events = Arc::new(events);
+    let worker = Worker { name, events: Arc::clone(&events), client: None };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| Error::Transport(Box::new(error)))?;
     let server = rpc_core::Server::new(transport(&url).await?)
@@ -70,9 +78,31 @@ async fn main() -> Result<(), Error> {
     let report = server.shutdown(Duration::from_secs(10)).await;
     let stats = report.stats;
     println!(
-        "stopped released={} finished={} aborted={} handled={} failed={} fenced={} deduplicated={}",
-        report.released, report.finished, report.aborted, stats.handled, stats.failed, stats.fenced, stats.deduplicated
+        "stopped released={} finished={} aborted={} handled={} failed={} fenced={} deduplicated={} expired={} \
+         work_started={} work_running={}",
+        report.released,
+        report.finished,
+        report.aborted,
+        stats.handled,
+        stats.failed,
+        stats.fenced,
+        stats.deduplicated,
+        stats.expired,
+        events.started.load(std::sync::atomic::Ordering::SeqCst),
+        events.running.load(std::sync::atomic::Ordering::SeqCst),
     );
     let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// Runs our broker on a free loopback port until killed.
+async fn broker() -> Result<(), Error> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
+        .await
+        .map_err(|error| Error::Transport(Box::new(error)))?;
+    println!("ready\n{}", server.url());
+    let _ = std::io::stdout().flush();
+    std::future::pending::<()>().await;
     Ok(())
 }
