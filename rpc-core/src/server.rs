@@ -97,6 +97,12 @@ impl Server {
     }
 
     /// How many handlers run at once (at least 1).
+    ///
+    /// Each request is first polled in the server's own task: a handler that finishes without waiting costs no
+    /// task of its own, and the replies of a batch of requests leave together. A handler that waits moves to a
+    /// task of its own and runs in parallel with the others. After a first poll that computes for longer than
+    /// half a millisecond, requests go straight to tasks for a second, so that a CPU-heavy service keeps every
+    /// core busy.
     pub fn concurrency(mut self, concurrency: usize) -> Server {
         self.concurrency = concurrency.max(1);
         self
