@@ -396,10 +396,11 @@ async fn clients_and_workers_come_back_after_a_broker_restart() {
     assert_eq!(echo.echo(1).await.expect("answered"), 1);
 
     drop(broker);
-    // A call during the outage resolves by its deadline with a typed error: it does not hang.
+    // A call during the outage resolves by its deadline with a typed error: it does not hang. Which one depends
+    // on what the client learns first: that the connection is down, that the inbox went with it, or neither.
     let started = Instant::now();
     let during = echo.echo(2).timeout(Duration::from_millis(500)).await;
-    assert!(matches!(during, Err(Error::Disconnected | Error::Timeout(_))), "{during:?}");
+    assert!(matches!(during, Err(Error::Disconnected | Error::ReplyLost | Error::Timeout(_))), "{during:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "the call took {:?}", started.elapsed());
 
     // The broker comes back on the same address, empty: the transports reconnect, declare their queues again
