@@ -729,10 +729,9 @@ impl Acker for RemoteAcker {
         // On the delivery's own connection, unconfirmed as `Remote::publish_reply`: once the broker has dropped
         // this connection (and requeued the request), it reads nothing more from it, so a stale reply never
         // reaches the caller.
-        let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
-            let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
+        let sent = reply_frame(reply_to, &reply).and_then(|frame| {
             let mut buf = BytesMut::new();
-            ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload }.encode(&mut buf);
+            frame.encode(&mut buf);
             self.conn.send(buf.freeze()).map_err(|_| Error::DeliveryLost)
         });
         Box::pin(std::future::ready(sent))
@@ -808,10 +807,9 @@ impl Transport for Remote {
         }
         // Unconfirmed (request id 0): the broker handles this connection's frames in order, so the ack the
         // server sends next cannot overtake it; an inbox that is gone drops it.
-        let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
+        let sent = reply_frame(reply_to, &reply).and_then(|frame| {
             let conn = self.inner.current().ok_or(Error::Disconnected)?;
-            let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
-            conn.send(&ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload })
+            conn.send(&frame)
         });
         Box::pin(std::future::ready(sent))
     }
@@ -866,6 +864,13 @@ impl Transport for Remote {
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(self.sync())
     }
+}
+
+/// The unconfirmed publish of a reply to an inbox (request id 0: nothing answers it).
+fn reply_frame(reply_to: &str, reply: &Envelope) -> Result<ClientFrame, Error> {
+    let payload = codec::encode_envelope(reply)?;
+    let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
+    Ok(ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload })
 }
 
 /// A request waiting for its answer on a connection; dropping it forgets the request, so that an answer that
