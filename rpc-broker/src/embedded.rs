@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
-    Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
+    AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
+    Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig, Settle};
-use crate::hub::{Hub, Sink};
+use crate::hub::{Hub, Sink, call_key};
 
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
 #[derive(Clone, Default)]
@@ -44,6 +44,7 @@ impl fmt::Debug for Embedded {
 struct ChannelSink {
     sender: mpsc::UnboundedSender<Delivery>,
     acker: Arc<dyn Acker>,
+    cancellations: Arc<Cancellations>,
 }
 
 impl Sink<Envelope> for ChannelSink {
@@ -58,6 +59,10 @@ impl Sink<Envelope> for ChannelSink {
         // A closed receiver means the consumer is being dropped; its unacked deliveries are requeued when its
         // guard detaches it.
         let _ = self.sender.send(delivery);
+    }
+
+    fn abort(&self, tag: u64) {
+        self.cancellations.cancel(tag);
     }
 }
 
@@ -125,8 +130,10 @@ impl Embedded {
         let (sender, receiver) = mpsc::unbounded_channel();
         let shared = Arc::downgrade(&self.shared);
         let make_sink = |consumer| -> Box<dyn Sink<Envelope>> {
-            let acker: Arc<dyn Acker> = Arc::new(EmbeddedAcker { shared: shared.clone(), consumer });
-            Box::new(ChannelSink { sender, acker })
+            let cancellations = Arc::new(Cancellations::new());
+            let acker: Arc<dyn Acker> =
+                Arc::new(EmbeddedAcker { shared: shared.clone(), consumer, cancellations: Arc::clone(&cancellations) });
+            Box::new(ChannelSink { sender, acker, cancellations })
         };
         let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
         hub.dispatch(Instant::now());
@@ -149,6 +156,7 @@ fn props(envelope: &Envelope) -> Props {
         priority: envelope.priority.unwrap_or(0),
         ttl: envelope.deadline_ms.map(Duration::from_millis),
         size: envelope.body.len(),
+        key: call_key(envelope),
     }
 }
 
@@ -210,12 +218,20 @@ impl Transport for Embedded {
         let result = hub.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
         Box::pin(std::future::ready(result))
     }
+
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        let mut hub = self.shared.lock();
+        let result = hub.cancel(queue, *correlation_id.as_bytes()).map_err(to_error);
+        hub.dispatch(Instant::now());
+        Box::pin(std::future::ready(result))
+    }
 }
 
 /// Settles the deliveries of one consumer. Holds the broker weakly: acks after the broker is gone are void.
 struct EmbeddedAcker {
     shared: Weak<Shared>,
     consumer: ConsumerId,
+    cancellations: Arc<Cancellations>,
 }
 
 impl fmt::Debug for EmbeddedAcker {
@@ -226,6 +242,7 @@ impl fmt::Debug for EmbeddedAcker {
 
 impl Acker for EmbeddedAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        self.cancellations.forget(tag);
         let result = match self.shared.upgrade() {
             Some(shared) => {
                 let now = Instant::now();
@@ -237,6 +254,10 @@ impl Acker for EmbeddedAcker {
             None => Err(Error::Disconnected),
         };
         Box::pin(std::future::ready(result))
+    }
+
+    fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
+        Some(self.cancellations.watch(tag))
     }
 }
 

@@ -5,13 +5,16 @@
 //! deliveries an operation makes possible are collected by [`Engine::dispatch`]. The embedded transport and
 //! the TCP server are two drivers of this one engine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rpc_core::QueueStats;
 
 /// Priority levels: 0 (default, last) to 9 (first).
 pub const PRIORITY_LEVELS: usize = 10;
+
+/// Names the messages of one call (its correlation id), so that [`Engine::cancel`] can find them.
+pub type Key = [u8; 16];
 
 /// Identifies a consumer for as long as the engine lives; ids are never reused, so a stale ack from a consumer
 /// that is gone cannot settle another consumer's delivery.
@@ -52,6 +55,8 @@ pub struct Props {
     pub ttl: Option<Duration>,
     /// The message's size in bytes, for [`Engine::bytes`].
     pub size: usize,
+    /// The call the message belongs to, if it can be cancelled.
+    pub key: Option<Key>,
 }
 
 /// A message handed to a consumer.
@@ -120,6 +125,29 @@ struct Stored<M> {
     priority: u8,
     expires_at: Option<Instant>,
     deliveries: u32,
+    key: Option<Key>,
+}
+
+/// What a queue knows of one call's messages.
+#[derive(Default)]
+struct Keyed {
+    /// Copies in `ready`, tombstones included.
+    ready: u32,
+    /// Copies delivered and not settled.
+    delivered: u32,
+    /// The call was cancelled: its copies in `ready` are tombstones, and none of it is queued again.
+    cancelled: bool,
+}
+
+/// A ready copy of `key` leaves the queue; `true` if its call was cancelled (the copy was a tombstone).
+fn leave(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
+    let Some(keyed) = keys.get_mut(&key) else { return false };
+    keyed.ready = keyed.ready.saturating_sub(1);
+    let cancelled = keyed.cancelled;
+    if keyed.ready == 0 && keyed.delivered == 0 {
+        keys.remove(&key);
+    }
+    cancelled
 }
 
 struct Queue<M> {
@@ -132,6 +160,12 @@ struct Queue<M> {
     unacked: usize,
     stats: QueueStats,
     dirty: bool,
+    /// The calls with messages here, waiting or delivered.
+    keys: HashMap<Key, Keyed>,
+    /// Deliveries of keyed messages: whom to tell when their call is cancelled.
+    running: BTreeSet<(Key, ConsumerId, u64)>,
+    /// Cancelled messages still in `ready`, not counted in `ready_len`.
+    tombstones: usize,
 }
 
 impl<M> Queue<M> {
@@ -146,23 +180,103 @@ impl<M> Queue<M> {
             unacked: 0,
             stats: QueueStats::new(),
             dirty: false,
+            keys: HashMap::new(),
+            running: BTreeSet::new(),
+            tombstones: 0,
         }
     }
 
-    fn pop(&mut self) -> Option<Stored<M>> {
-        let level = self.ready.iter_mut().rev().find(|level| !level.is_empty())?;
-        self.ready_len -= 1;
-        level.pop_front()
+    /// The next message to deliver. Tombstones on the way are dropped, their bytes added to `freed`.
+    fn pop(&mut self, freed: &mut usize) -> Option<Stored<M>> {
+        loop {
+            let level = self.ready.iter_mut().rev().find(|level| !level.is_empty())?;
+            let stored = level.pop_front()?;
+            if let Some(key) = stored.key
+                && leave(&mut self.keys, key)
+            {
+                self.tombstones -= 1;
+                *freed += stored.size;
+                continue;
+            }
+            self.ready_len -= 1;
+            return Some(stored);
+        }
+    }
+
+    /// Whether `key`'s call was cancelled while some of it is still here.
+    fn is_cancelled(&self, key: Option<Key>) -> bool {
+        key.is_some_and(|key| self.keys.get(&key).is_some_and(|keyed| keyed.cancelled))
     }
 
     fn push_back(&mut self, stored: Stored<M>) {
-        self.ready_len += 1;
-        self.ready[usize::from(stored.priority)].push_back(stored);
+        self.push(stored, false);
     }
 
     fn push_front(&mut self, stored: Stored<M>) {
+        self.push(stored, true);
+    }
+
+    /// Puts a message in `ready`; callers drop messages of cancelled calls first.
+    fn push(&mut self, stored: Stored<M>, front: bool) {
+        if let Some(key) = stored.key {
+            self.keys.entry(key).or_default().ready += 1;
+        }
         self.ready_len += 1;
-        self.ready[usize::from(stored.priority)].push_front(stored);
+        let level = &mut self.ready[usize::from(stored.priority)];
+        if front {
+            level.push_front(stored);
+        } else {
+            level.push_back(stored);
+        }
+    }
+
+    /// A delivery of `key` to `consumer` as `tag`.
+    fn delivered(&mut self, key: Key, consumer: ConsumerId, tag: u64) {
+        self.keys.entry(key).or_default().delivered += 1;
+        self.running.insert((key, consumer, tag));
+    }
+
+    /// The delivery `tag` of `stored` to `consumer` was settled or taken back; `true` if its call was
+    /// cancelled, so that it must not be queued again.
+    fn settled(&mut self, stored: &Stored<M>, consumer: ConsumerId, tag: u64) -> bool {
+        let Some(key) = stored.key else { return false };
+        self.running.remove(&(key, consumer, tag));
+        let Some(keyed) = self.keys.get_mut(&key) else { return false };
+        keyed.delivered = keyed.delivered.saturating_sub(1);
+        let cancelled = keyed.cancelled;
+        if keyed.ready == 0 && keyed.delivered == 0 {
+            self.keys.remove(&key);
+        }
+        cancelled
+    }
+
+    /// Removes the tombstones and, given `now`, the messages whose TTL ran out; returns the bytes freed.
+    fn sweep(&mut self, now: Option<Instant>) -> usize {
+        let (mut expired, mut tombstones, mut bytes) = (0, 0, 0);
+        let Queue { ready, keys, .. } = self;
+        for level in ready.iter_mut() {
+            level.retain(|stored| {
+                let cancelled = stored.key.is_some_and(|key| keys.get(&key).is_some_and(|keyed| keyed.cancelled));
+                let timed_out = now.is_some_and(|now| stored.expires_at.is_some_and(|at| at <= now));
+                if !cancelled && !timed_out {
+                    return true;
+                }
+                if let Some(key) = stored.key {
+                    leave(keys, key);
+                }
+                bytes += stored.size;
+                if cancelled {
+                    tombstones += 1;
+                } else {
+                    expired += 1;
+                }
+                false
+            });
+        }
+        self.tombstones -= tombstones;
+        self.ready_len -= expired;
+        self.stats.expired += expired as u64;
+        bytes
     }
 }
 
@@ -297,6 +411,11 @@ impl<M: Clone> Engine<M> {
             return Err(EngineError::QueueFull(queue.to_owned()));
         }
         target.stats.published += 1;
+        if target.is_cancelled(props.key) {
+            // A copy of a call cancelled while another copy of it was still here (a resend).
+            target.stats.cancelled += 1;
+            return Ok(());
+        }
         self.bytes += props.size;
         target.push_back(Stored {
             message,
@@ -304,6 +423,7 @@ impl<M: Clone> Engine<M> {
             priority: props.priority.min(9),
             expires_at: props.ttl.map(|ttl| now + ttl),
             deliveries: 0,
+            key: props.key,
         });
         mark_dirty(target, &mut self.dirty);
         Ok(())
@@ -383,7 +503,13 @@ impl<M: Clone> Engine<M> {
             self.delete_queue(&name);
             return;
         }
-        for (_, stored) in unacked {
+        for (tag, stored) in unacked {
+            let Some(queue) = self.queues.get_mut(&consumer.queue) else { break };
+            if queue.settled(&stored, id, tag) {
+                queue.stats.cancelled += 1;
+                self.bytes -= stored.size;
+                continue;
+            }
             self.requeue(&consumer.queue, stored, now);
         }
         if let Some(queue) = self.queues.get_mut(&consumer.queue) {
@@ -403,6 +529,12 @@ impl<M: Clone> Engine<M> {
         let Some(queue) = self.queues.get_mut(&queue_name) else { return Ok(()) };
         queue.unacked -= 1;
         mark_dirty(queue, &mut self.dirty);
+        if queue.settled(&stored, id, tag) && matches!(how, Settle::Requeue | Settle::Release) {
+            // Its call was cancelled: nobody waits for it any more.
+            queue.stats.cancelled += 1;
+            self.bytes -= stored.size;
+            return Ok(());
+        }
         match how {
             Settle::Ack => {
                 queue.stats.acked += 1;
@@ -477,6 +609,38 @@ impl<M: Clone> Engine<M> {
         }
     }
 
+    /// Cancels the call `key` on `queue`: its messages waiting there are removed, and none of it is queued
+    /// again (a requeue or a resend of it is dropped). Returns the deliveries of it that consumers hold now, for
+    /// the driver to tell them. A key the queue does not hold costs a lookup and leaves nothing behind, so a
+    /// flood of cancels cannot grow the engine; removal is amortized O(1) (tombstones, swept once they
+    /// outnumber the live messages).
+    ///
+    /// # Errors
+    /// [`EngineError::NoQueue`].
+    pub fn cancel(&mut self, queue: &str, key: Key) -> Result<Vec<(ConsumerId, u64)>, EngineError> {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return Err(EngineError::NoQueue(queue.to_owned()));
+        };
+        let Some(keyed) = target.keys.get_mut(&key) else { return Ok(Vec::new()) };
+        if keyed.cancelled {
+            return Ok(Vec::new());
+        }
+        keyed.cancelled = true;
+        let waiting = keyed.ready as usize;
+        target.ready_len -= waiting;
+        target.tombstones += waiting;
+        target.stats.cancelled += waiting as u64;
+        let running = target
+            .running
+            .range((key, ConsumerId(0), 0)..=(key, ConsumerId(u64::MAX), u64::MAX))
+            .map(|&(_, consumer, tag)| (consumer, tag))
+            .collect();
+        if target.tombstones > target.ready_len {
+            self.bytes -= target.sweep(None);
+        }
+        Ok(running)
+    }
+
     /// Bytes of all messages the engine holds: ready, unacked and dead-lettered.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -494,23 +658,9 @@ impl<M: Clone> Engine<M> {
     }
 }
 
-/// Drops the expired messages of `queue`; returns their bytes.
+/// Drops the expired messages of `queue` (and its tombstones); returns their bytes.
 fn expire_queue<M>(queue: &mut Queue<M>, now: Instant) -> usize {
-    let mut expired = 0;
-    let mut bytes = 0;
-    for level in &mut queue.ready {
-        level.retain(|stored| {
-            let keep = stored.expires_at.is_none_or(|at| at > now);
-            if !keep {
-                expired += 1;
-                bytes += stored.size;
-            }
-            keep
-        });
-    }
-    queue.ready_len -= expired;
-    queue.stats.expired += expired as u64;
-    bytes
+    queue.sweep(Some(now))
 }
 
 fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<String>) {
@@ -542,7 +692,7 @@ fn dispatch_queue<M: Clone>(
         };
         queue.next_consumer = (slot + 1) % count;
         let id = queue.consumers[slot];
-        let Some(mut stored) = queue.pop() else { return freed };
+        let Some(mut stored) = queue.pop(&mut freed) else { return freed };
         if stored.expires_at.is_some_and(|at| at <= now) {
             queue.stats.expired += 1;
             freed += stored.size;
@@ -563,6 +713,9 @@ fn dispatch_queue<M: Clone>(
             let tag = *next_tag;
             *next_tag += 1;
             out.push(Delivery { consumer: id, tag, message: stored.message.clone(), delivery_count, remaining_ttl });
+            if let Some(key) = stored.key {
+                queue.delivered(key, id, tag);
+            }
             consumer.unacked.insert(tag, stored);
             queue.unacked += 1;
         }
@@ -853,5 +1006,89 @@ mod tests {
             engine.declare_queue("q", QueueConfig { max_len: Some(6), ..QueueConfig::default() }),
             Err(EngineError::Mismatch("q".into()))
         );
+    }
+
+    fn keyed(key: u8, size: usize) -> Props {
+        Props { size, key: Some([key; 16]), ..Props::default() }
+    }
+
+    #[test]
+    fn cancel_removes_waiting_copies_and_names_the_deliveries_held() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let consumer = engine.add_consumer("q", 1, false).expect("consumes");
+        engine.publish("q", 1, keyed(1, 10), now).expect("publishes");
+        engine.publish("q", 2, keyed(2, 10), now).expect("publishes");
+        engine.publish("q", 3, keyed(2, 10), now).expect("publishes a resend of the same call");
+        engine.publish("q", 4, Props { size: 10, ..Props::default() }, now).expect("publishes");
+        let first = drain(&mut engine, now);
+        assert_eq!(messages(&first), [1]);
+        // Key 1 is held by the consumer: it is named, and stays where it is until settled.
+        assert_eq!(engine.cancel("q", [1; 16]), Ok(vec![(consumer, first[0].tag)]));
+        // While some of a cancelled call is held, a later copy of it is dropped at once.
+        engine.publish("q", 5, keyed(1, 10), now).expect("takes and drops it");
+        // Key 2 waits, twice: both copies go.
+        assert_eq!(engine.cancel("q", [2; 16]), Ok(vec![]));
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.unacked, stats.cancelled), (1, 1, 3));
+        // Unknown keys, and keys cancelled twice, change nothing.
+        assert_eq!(engine.cancel("q", [9; 16]), Ok(vec![]));
+        assert_eq!(engine.cancel("q", [2; 16]), Ok(vec![]));
+        assert_eq!(engine.cancel("nope", [2; 16]), Err(EngineError::NoQueue("nope".into())));
+        // The cancelled delivery, requeued, is dropped rather than delivered again.
+        engine.settle(consumer, first[0].tag, Settle::Requeue, now).expect("settles");
+        assert_eq!(messages(&drain(&mut engine, now)), [4]);
+        assert_eq!(engine.stats("q").expect("exists").cancelled, 4);
+        assert_eq!(engine.bytes(), 10);
+        let queue = &engine.queues["q"];
+        assert!(queue.keys.is_empty() && queue.running.is_empty() && queue.tombstones == 0);
+    }
+
+    #[test]
+    fn a_consumer_that_goes_away_does_not_requeue_a_cancelled_call() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let consumer = engine.add_consumer("q", 0, false).expect("consumes");
+        engine.publish("q", 1, keyed(1, 10), now).expect("publishes");
+        engine.publish("q", 2, keyed(2, 10), now).expect("publishes");
+        let held = drain(&mut engine, now);
+        assert_eq!(engine.cancel("q", [1; 16]), Ok(vec![(consumer, held[0].tag)]));
+        engine.remove_consumer(consumer, now);
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.cancelled), (1, 1));
+        assert_eq!(engine.bytes(), 10);
+        let other = engine.add_consumer("q", 0, false).expect("consumes");
+        let again = drain(&mut engine, now);
+        assert_eq!(messages(&again), [2]);
+        // An ack of a cancelled call's delivery is an ordinary ack.
+        assert_eq!(engine.cancel("q", [2; 16]), Ok(vec![(other, again[0].tag)]));
+        engine.settle(other, again[0].tag, Settle::Ack, now).expect("acks");
+        assert_eq!(engine.bytes(), 0);
+        assert!(engine.queues["q"].keys.is_empty() && engine.queues["q"].running.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_publish_and_cancel_pairs_stays_bounded() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        // One live message, then 100,000 calls published and cancelled with no consumer to take them.
+        engine.publish("q", 0, Props { size: 1, ..Props::default() }, now).expect("publishes");
+        let mut most = 0;
+        for n in 0..100_000u32 {
+            let mut key = [0; 16];
+            key[..4].copy_from_slice(&n.to_be_bytes());
+            engine.publish("q", n, Props { size: 1, key: Some(key), ..Props::default() }, now).expect("publishes");
+            engine.cancel("q", key).expect("cancels");
+            let queue = &engine.queues["q"];
+            let held = queue.ready.iter().map(VecDeque::len).sum::<usize>();
+            most = most.max(held.max(queue.keys.len()));
+        }
+        // Tombstones are swept once they outnumber the live messages: never more than two held here.
+        assert!(most <= 2, "the queue held {most} messages or keys");
+        assert_eq!(engine.bytes(), 1);
+        assert_eq!(engine.stats("q").expect("exists").cancelled, 100_000);
+        let consumer = engine.add_consumer("q", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, now)), [0]);
+        engine.remove_consumer(consumer, now);
     }
 }

@@ -17,12 +17,24 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     max_length: true,
     dead_letter: true,
     dedup_window: None,
+    cancel: true,
 };
+
+/// The key under which a request can be cancelled: its correlation id. Replies and oneway messages have none.
+pub(crate) fn call_key(envelope: &rpc_core::Envelope) -> Option<engine::Key> {
+    match (envelope.kind, envelope.correlation_id) {
+        (rpc_core::Kind::Request, Some(id)) => Some(*id.as_bytes()),
+        _ => None,
+    }
+}
 
 /// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.
 pub(crate) trait Sink<M>: Send {
     /// Takes one delivery; must not block (it runs under the hub's lock).
     fn deliver(&self, delivery: engine::Delivery<M>, now: Instant);
+
+    /// Tells the consumer that the call of its delivery `tag` was cancelled; must not block either.
+    fn abort(&self, tag: u64);
 }
 
 pub(crate) struct Hub<M> {
@@ -57,6 +69,16 @@ impl<M: Clone> Hub<M> {
         self.sinks.remove(&id);
         self.engine.remove_consumer(id, now);
         self.dispatch(now);
+    }
+
+    /// Cancels the call `key` on `queue` ([`Engine::cancel`]) and tells the consumers holding it.
+    pub(crate) fn cancel(&mut self, queue: &str, key: engine::Key) -> Result<(), EngineError> {
+        for (consumer, tag) in self.engine.cancel(queue, key)? {
+            if let Some(sink) = self.sinks.get(&consumer) {
+                sink.abort(tag);
+            }
+        }
+        Ok(())
     }
 
     /// Hands every delivery the last operation made possible to its sink.

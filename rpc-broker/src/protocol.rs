@@ -12,7 +12,7 @@ use rpc_core::{Outcome, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -150,6 +150,8 @@ pub enum ClientFrame {
         priority: u8,
         /// Dropped if not delivered within this many milliseconds.
         ttl_ms: Option<u64>,
+        /// The call the payload belongs to (its correlation id), for `CancelCall`.
+        key: Option<[u8; 16]>,
         /// The encoded envelope.
         payload: Bytes,
     },
@@ -236,6 +238,14 @@ pub enum ClientFrame {
     Sync {
         /// Request id.
         req: u32,
+    },
+    /// Cancels a call: its messages still waiting on the queue are removed, and the consumers holding a
+    /// delivery of it get `Abort`. No answer.
+    CancelCall {
+        /// The queue the call was published to.
+        queue: String,
+        /// The key it was published with.
+        key: [u8; 16],
     },
 }
 
@@ -349,6 +359,14 @@ pub enum ServerFrame {
         /// The consumer.
         consumer: u64,
     },
+    /// The call of a delivery this connection holds was cancelled: its handler may stop. The delivery is
+    /// still settled as usual.
+    Abort {
+        /// The consumer.
+        consumer: u64,
+        /// The delivery.
+        tag: u64,
+    },
 }
 
 struct Writer<'a> {
@@ -390,6 +408,17 @@ impl<'a> Writer<'a> {
 
     /// Strings longer than a `u16` are cut at a character boundary: names are short by construction, and
     /// messages are for humans.
+    fn key(&mut self, value: Option<&[u8; 16]>) -> &mut Self {
+        match value {
+            Some(key) => {
+                self.dst.put_u8(1);
+                self.dst.put_slice(key);
+            }
+            None => self.dst.put_u8(0),
+        }
+        self
+    }
+
     fn str(&mut self, value: &str) -> &mut Self {
         let mut end = value.len().min(usize::from(u16::MAX));
         while !value.is_char_boundary(end) {
@@ -454,6 +483,17 @@ impl Reader {
         }
     }
 
+    fn key16(&mut self) -> Result<[u8; 16], ProtocolError> {
+        self.need(16)?;
+        let mut key = [0; 16];
+        self.buf.copy_to_slice(&mut key);
+        Ok(key)
+    }
+
+    fn key(&mut self) -> Result<Option<[u8; 16]>, ProtocolError> {
+        if self.bool()? { Ok(Some(self.key16()?)) } else { Ok(None) }
+    }
+
     fn str(&mut self) -> Result<String, ProtocolError> {
         let len = usize::from(self.u16()?);
         self.need(len)?;
@@ -484,8 +524,8 @@ impl Frame for ClientFrame {
                     .u32(max_deliveries.unwrap_or(0))
                     .u8(u8::from(*durable));
             }
-            ClientFrame::Publish { req, queue, priority, ttl_ms, payload } => {
-                Writer::new(dst, 0x03).u32(*req).str(queue).u8(*priority).opt(*ttl_ms).bytes(payload);
+            ClientFrame::Publish { req, queue, priority, ttl_ms, key, payload } => {
+                Writer::new(dst, 0x03).u32(*req).str(queue).u8(*priority).opt(*ttl_ms).key(key.as_ref()).bytes(payload);
             }
             ClientFrame::PublishTopic { req, topic, priority, ttl_ms, payload } => {
                 Writer::new(dst, 0x04).u32(*req).str(topic).u8(*priority).opt(*ttl_ms).bytes(payload);
@@ -526,6 +566,9 @@ impl Frame for ClientFrame {
             ClientFrame::Sync { req } => {
                 Writer::new(dst, 0x0e).u32(*req);
             }
+            ClientFrame::CancelCall { queue, key } => {
+                Writer::new(dst, 0x0f).str(queue).bytes(key);
+            }
         }
     }
 }
@@ -547,8 +590,8 @@ impl ClientFrame {
                 durable: r.bool()?,
             },
             0x03 => {
-                let (req, queue, priority, ttl_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?);
-                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, payload: r.rest() });
+                let (req, queue, priority, ttl_ms, key) = (r.u32()?, r.str()?, r.u8()?, r.opt()?, r.key()?);
+                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, key, payload: r.rest() });
             }
             0x04 => {
                 let (req, topic, priority, ttl_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?);
@@ -580,6 +623,7 @@ impl ClientFrame {
             0x0c => ClientFrame::ListQueues { req: r.u32()? },
             0x0d => ClientFrame::Ping,
             0x0e => ClientFrame::Sync { req: r.u32()? },
+            0x0f => ClientFrame::CancelCall { queue: r.str()?, key: r.key16()? },
             other => return Err(ProtocolError::UnknownType(other)),
         };
         r.end()?;
@@ -599,7 +643,11 @@ impl ClientFrame {
             | ClientFrame::Stats { req, .. }
             | ClientFrame::ListQueues { req }
             | ClientFrame::Sync { req } => *req,
-            ClientFrame::Hello { .. } | ClientFrame::Settle { .. } | ClientFrame::Pause { .. } | ClientFrame::Ping => 0,
+            ClientFrame::Hello { .. }
+            | ClientFrame::Settle { .. }
+            | ClientFrame::Pause { .. }
+            | ClientFrame::Ping
+            | ClientFrame::CancelCall { .. } => 0,
         }
     }
 }
@@ -625,6 +673,9 @@ impl Frame for ServerFrame {
             ServerFrame::Cancelled { consumer } => {
                 Writer::new(dst, 0x86).u64(*consumer);
             }
+            ServerFrame::Abort { consumer, tag } => {
+                Writer::new(dst, 0x87).u64(*consumer).u64(*tag);
+            }
         }
     }
 }
@@ -649,6 +700,7 @@ impl ServerFrame {
             }
             0x85 => ServerFrame::Ping,
             0x86 => ServerFrame::Cancelled { consumer: r.u64()? },
+            0x87 => ServerFrame::Abort { consumer: r.u64()?, tag: r.u64()? },
             other => return Err(ProtocolError::UnknownType(other)),
         };
         r.end()?;
@@ -682,6 +734,7 @@ fn put_stats(dst: &mut BytesMut, stats: &QueueStats) {
         stats.dead_lettered,
         stats.expired,
         stats.rejected,
+        stats.cancelled,
     ] {
         dst.put_u64(value);
     }
@@ -697,6 +750,7 @@ fn read_stats(r: &mut Reader) -> Result<QueueStats, ProtocolError> {
     stats.dead_lettered = r.u64()?;
     stats.expired = r.u64()?;
     stats.rejected = r.u64()?;
+    stats.cancelled = r.u64()?;
     Ok(stats)
 }
 
@@ -805,6 +859,15 @@ mod tests {
             queue: "q".into(),
             priority: 9,
             ttl_ms: Some(100),
+            key: None,
+            payload: payload.clone(),
+        });
+        round_trip_client(ClientFrame::Publish {
+            req: 2,
+            queue: "q".into(),
+            priority: 0,
+            ttl_ms: None,
+            key: Some([7; 16]),
             payload: payload.clone(),
         });
         round_trip_client(ClientFrame::PublishTopic {
@@ -832,12 +895,14 @@ mod tests {
         round_trip_client(ClientFrame::ListQueues { req: 9 });
         round_trip_client(ClientFrame::Ping);
         round_trip_client(ClientFrame::Sync { req: 10 });
+        round_trip_client(ClientFrame::CancelCall { queue: "q".into(), key: [9; 16] });
         round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });
         round_trip_server(ServerFrame::Ok { req: 1, body: consumer_body(42) });
         round_trip_server(ServerFrame::Error { req: 0, code: ErrorCode::Unauthorized, message: "no".into() });
         round_trip_server(ServerFrame::Deliver { consumer: 1, tag: 2, delivery_count: 3, ttl_ms: None, payload });
         round_trip_server(ServerFrame::Ping);
         round_trip_server(ServerFrame::Cancelled { consumer: 9 });
+        round_trip_server(ServerFrame::Abort { consumer: 9, tag: 10 });
     }
 
     #[test]
@@ -846,6 +911,7 @@ mod tests {
         let mut stats = QueueStats::new();
         stats.ready = 3;
         stats.rejected = 9;
+        stats.cancelled = 4;
         assert_eq!(parse_stats_body(stats_body(&stats)).expect("parses"), stats);
         let list = vec![("a".to_owned(), stats), ("b.dlq".to_owned(), QueueStats::new())];
         assert_eq!(parse_list_body(list_body(&list)).expect("parses"), list);
@@ -894,7 +960,7 @@ mod tests {
             frame.encode(&mut dst);
             dst.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(" ")
         };
-        let hello = hex(&ClientFrame::Hello { version: 1, token: "s3cret".into(), name: "w1".into() });
+        let hello = hex(&ClientFrame::Hello { version: PROTOCOL_VERSION, token: "s3cret".into(), name: "w1".into() });
         let consume = hex(&ClientFrame::Consume { req: 1, queue: "Calculator".into(), prefetch: 64, auto_ack: false });
         assert!(document.contains(&hello), "docs/protocol.md must show Hello as {hello}");
         assert!(document.contains(&consume), "docs/protocol.md must show Consume as {consume}");

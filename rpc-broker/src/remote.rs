@@ -19,8 +19,8 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use rpc_core::codec::{self, Limits};
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
-    Inbox, Outcome, QueueOptions, QueueStats, Transport,
+    AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
+    Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::embedded::UnboundedStream;
+use crate::hub::call_key;
 use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ServerFrame};
 
 /// How a [`Remote`] connects.
@@ -216,6 +217,7 @@ struct Route {
     logical: u64,
     sender: mpsc::UnboundedSender<Delivery>,
     acker: Arc<dyn Acker>,
+    cancellations: Arc<Cancellations>,
 }
 
 struct Conn {
@@ -636,6 +638,11 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
             ServerFrame::Cancelled { consumer } => {
                 conn.routes.remove(&consumer);
             }
+            ServerFrame::Abort { consumer, tag } => {
+                if let Some(route) = conn.routes.get(&consumer) {
+                    route.cancellations.cancel(tag);
+                }
+            }
             ServerFrame::Ping | ServerFrame::Welcome { .. } => {}
         }
     }
@@ -654,9 +661,14 @@ fn answer(conn: &Conn, req: u32, result: Result<Bytes, (ErrorCode, String)>) {
             let result = result.and_then(|body| {
                 protocol::parse_consumer_body(body.clone())
                     .map(|consumer| {
-                        let acker: Arc<dyn Acker> =
-                            Arc::new(RemoteAcker { conn: conn.out.clone(), dead: conn.dead.clone(), consumer });
-                        conn.routes.insert(consumer, Route { logical, sender, acker });
+                        let cancellations = Arc::new(Cancellations::new());
+                        let acker: Arc<dyn Acker> = Arc::new(RemoteAcker {
+                            conn: conn.out.clone(),
+                            dead: conn.dead.clone(),
+                            consumer,
+                            cancellations: Arc::clone(&cancellations),
+                        });
+                        conn.routes.insert(consumer, Route { logical, sender, acker, cancellations });
                         body
                     })
                     .map_err(|error| (ErrorCode::Malformed, error.to_string()))
@@ -691,6 +703,7 @@ struct RemoteAcker {
     conn: mpsc::UnboundedSender<Bytes>,
     dead: CancellationToken,
     consumer: u64,
+    cancellations: Arc<Cancellations>,
 }
 
 impl fmt::Debug for RemoteAcker {
@@ -701,6 +714,7 @@ impl fmt::Debug for RemoteAcker {
 
 impl Acker for RemoteAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        self.cancellations.forget(tag);
         let result = if self.dead.is_cancelled() {
             Err(Error::Disconnected)
         } else {
@@ -735,6 +749,10 @@ impl Acker for RemoteAcker {
             self.conn.send(buf.freeze()).map_err(|_| Error::DeliveryLost)
         });
         Box::pin(std::future::ready(sent))
+    }
+
+    fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
+        Some(self.cancellations.watch(tag))
     }
 }
 
@@ -793,9 +811,16 @@ impl Transport for Remote {
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
-            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms);
+            let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
             self.inner
-                .request(queue, |req| ClientFrame::Publish { req, queue: queue.to_owned(), priority, ttl_ms, payload })
+                .request(queue, |req| ClientFrame::Publish {
+                    req,
+                    queue: queue.to_owned(),
+                    priority,
+                    ttl_ms,
+                    key,
+                    payload,
+                })
                 .await
                 .map(drop)
         })
@@ -864,13 +889,25 @@ impl Transport for Remote {
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(self.sync())
     }
+
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        // On the current connection, after the publish if it went on the same one. A publish still on an
+        // older connection was lost with it, or is redelivered from there; the cancel is best effort then.
+        let result = match self.inner.current() {
+            Some(conn) => {
+                conn.send(&ClientFrame::CancelCall { queue: queue.to_owned(), key: *correlation_id.as_bytes() })
+            }
+            None => Err(Error::Disconnected),
+        };
+        Box::pin(std::future::ready(result))
+    }
 }
 
 /// The unconfirmed publish of a reply to an inbox (request id 0: nothing answers it).
 fn reply_frame(reply_to: &str, reply: &Envelope) -> Result<ClientFrame, Error> {
     let payload = codec::encode_envelope(reply)?;
     let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
-    Ok(ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, payload })
+    Ok(ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, key: None, payload })
 }
 
 /// A request waiting for its answer on a connection; dropping it forgets the request, so that an answer that

@@ -246,6 +246,7 @@ enum Outbound {
 struct ConnectionSink {
     out: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicUsize>,
+    consumer: u64,
 }
 
 impl Sink<Bytes> for ConnectionSink {
@@ -253,6 +254,10 @@ impl Sink<Bytes> for ConnectionSink {
         self.queued.fetch_add(delivery.message.len(), Ordering::Relaxed);
         // A closed writer means the connection is going; its consumers are detached right after.
         let _ = self.out.send(Outbound::Deliver(delivery));
+    }
+
+    fn abort(&self, tag: u64) {
+        let _ = self.out.send(Outbound::Frame(ServerFrame::Abort { consumer: self.consumer, tag }));
     }
 }
 
@@ -485,8 +490,8 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::Publish { queue, priority, ttl_ms, payload, .. } => {
-                match self.publish(Target::Queue(&queue), priority, ttl_ms, payload) {
+            ClientFrame::Publish { queue, priority, ttl_ms, key, payload, .. } => {
+                match self.publish(Target::Queue(&queue), priority, ttl_ms, key, payload) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
                         tracing::debug!(%error, queue, "dropped an unconfirmed publish");
@@ -498,7 +503,7 @@ impl Connection {
                 }
             }
             ClientFrame::PublishTopic { topic, priority, ttl_ms, payload, .. } => {
-                match self.publish(Target::Topic(&topic), priority, ttl_ms, payload) {
+                match self.publish(Target::Topic(&topic), priority, ttl_ms, None, payload) {
                     Ok(()) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
@@ -538,6 +543,14 @@ impl Connection {
                     self.state.lock().detach(consumer, Instant::now());
                 }
                 ok(Bytes::new())
+            }
+            ClientFrame::CancelCall { queue, key } => {
+                let now = Instant::now();
+                let mut hub = self.state.lock();
+                // A queue that is gone holds nothing to cancel.
+                let _ = hub.cancel(&queue, key);
+                hub.dispatch(now);
+                None
             }
             ClientFrame::Pause { consumer } => {
                 let consumer = ConsumerId::from_u64(consumer);
@@ -580,7 +593,14 @@ impl Connection {
         }
     }
 
-    fn publish(&self, target: Target<'_>, priority: u8, ttl_ms: Option<u64>, payload: Bytes) -> Result<(), Error> {
+    fn publish(
+        &self,
+        target: Target<'_>,
+        priority: u8,
+        ttl_ms: Option<u64>,
+        key: Option<engine::Key>,
+        payload: Bytes,
+    ) -> Result<(), Error> {
         if priority > 9 {
             return Err(Error::InvalidArgument(format!("priority {priority} is above the highest, 9")));
         }
@@ -588,7 +608,7 @@ impl Connection {
         let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
         codec::check(&payload, &limits)
             .map_err(|error| Error::InvalidArgument(format!("the payload is not an envelope: {error}")))?;
-        let props = Props { priority, ttl: ttl_ms.map(Duration::from_millis), size: payload.len() };
+        let props = Props { priority, ttl: ttl_ms.map(Duration::from_millis), size: payload.len(), key };
         let now = Instant::now();
         let mut hub = self.state.lock();
         if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
@@ -616,10 +636,13 @@ impl Connection {
         if self.consumers.len() >= MAX_CONSUMERS {
             return Err(Error::InvalidArgument(format!("a connection has at most {MAX_CONSUMERS} consumers")));
         }
-        let sink = ConnectionSink { out: self.out.clone(), queued: Arc::clone(&self.queued) };
+        let (out, queued) = (self.out.clone(), Arc::clone(&self.queued));
         let mut hub = self.state.lock();
-        let consumer =
-            hub.attach(queue, prefetch, auto_ack, move |_| Box::new(sink)).map_err(crate::embedded::to_error)?;
+        let consumer = hub
+            .attach(queue, prefetch, auto_ack, move |id| {
+                Box::new(ConnectionSink { out, queued, consumer: id.as_u64() })
+            })
+            .map_err(crate::embedded::to_error)?;
         self.consumers.insert(consumer);
         let body = protocol::consumer_body(consumer.as_u64());
         let _ = self.out.send(Outbound::Frame(ServerFrame::Ok { req, body }));

@@ -236,7 +236,8 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
     stream.write_all(&encode(&declare)).await.expect("writes");
     let bad = [Bytes::from_static(&[0xc1, 0xff, 0x00]), Bytes::from(vec![0x91u8; 100_000])];
     for (req, payload) in (2u32..).zip(bad) {
-        let publish = ClientFrame::Publish { req, queue: "victim".into(), priority: 0, ttl_ms: None, payload };
+        let publish =
+            ClientFrame::Publish { req, queue: "victim".into(), priority: 0, ttl_ms: None, key: None, payload };
         stream.write_all(&encode(&publish)).await.expect("writes");
     }
     stream.write_all(&encode(&ClientFrame::Stats { req: 9, queue: "victim".into() })).await.expect("writes");
@@ -484,6 +485,7 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
         queue: queue.into(),
         priority: 0,
         ttl_ms: None,
+        key: None,
         payload: payload.clone(),
     };
     let frames = [

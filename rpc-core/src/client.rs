@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -271,6 +272,24 @@ impl Client {
         }
     }
 
+    /// Cancels the waiting call `correlation_id` (as [`Call::on_reply`] returns it): the call ends at once with
+    /// [`Error::Cancelled`], and its request is cancelled at the broker ([`Transport::cancel`]): removed from
+    /// the queue if no worker took it yet, and the worker running it is signalled, which stops its handler.
+    /// Dropping a call's future before its reply does the same. Returns `false` when no such call waits.
+    ///
+    /// Where the transport cannot cancel (RabbitMQ, NATS: [`Capabilities::cancel`](crate::Capabilities)
+    /// is false), only the waiting ends: the request still runs unless its deadline passes first, and its
+    /// reply is dropped as late.
+    pub fn cancel(&self, correlation_id: Uuid) -> bool {
+        match self.inner.shared.pending.remove(&correlation_id) {
+            Some((_, pending)) => {
+                let _ = pending.sender.send(Err(Error::Cancelled));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops the client: calls waiting for a reply fail with [`Error::Shutdown`] at once, new calls fail too.
     pub fn close(&self) {
         self.inner.shared.closed.store(true, Ordering::Release);
@@ -508,6 +527,9 @@ impl<O: Send + 'static> Call<O> {
         envelope.method = self.method.into_owned();
 
         let _pending = PendingGuard { shared: &inner.shared, correlation_id };
+        // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
+        // a call ended by `Client::cancel`, cancels it at the broker.
+        let mut cancel = CancelGuard { transport: &inner.transport, queue: &queue, correlation_id, armed: true };
         let mut resends = inner.resends;
         // Kept while it may be sent again; the last send takes it.
         let mut envelope = Some(envelope);
@@ -565,14 +587,53 @@ impl<O: Send + 'static> Call<O> {
                 outcome => break outcome,
             }
         };
+        // A call that ended otherwise needs no cancel: answered, refused, or past the deadline that the request
+        // carries (the broker and the worker drop it then).
+        cancel.armed = matches!(outcome, Some(Err(Error::Cancelled)));
         match outcome {
             // The server cut the handler at the deadline it was given: from here, the budget ran out.
             Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
             // The transport reported that nobody consumes the service's queue.
-            Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue)),
+            Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.clone())),
             Some(Ok(reply)) => (self.decode)(&reply),
             Some(Err(error)) => Err(error),
             None => Err(Error::Timeout(budget)),
+        }
+    }
+}
+
+/// Cancels a call's request at the broker when dropped armed.
+struct CancelGuard<'a> {
+    transport: &'a Arc<dyn Transport>,
+    queue: &'a str,
+    correlation_id: Uuid,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Transports that can cancel do it without waiting (a frame queued, an engine call); one that would
+        // wait finishes in a task of its own.
+        let mut cancel = self.transport.cancel(self.queue, self.correlation_id);
+        match (&mut cancel).now_or_never() {
+            Some(Ok(()) | Err(Error::Unsupported(_))) => {}
+            Some(Err(error)) => tracing::debug!(%error, "could not cancel a call at the broker"),
+            None => {
+                let transport = Arc::clone(self.transport);
+                let queue = self.queue.to_owned();
+                let correlation_id = self.correlation_id;
+                drop(cancel);
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(error) = transport.cancel(&queue, correlation_id).await {
+                            tracing::debug!(%error, "could not cancel a call at the broker");
+                        }
+                    });
+                }
+            }
         }
     }
 }

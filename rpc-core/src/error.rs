@@ -24,6 +24,9 @@ pub enum Error {
     /// Bytes could not be encoded or decoded.
     #[error("codec error: {0}")]
     Codec(#[from] CodecError),
+    /// The call was cancelled with [`Client::cancel`](crate::Client::cancel).
+    #[error("the call was cancelled")]
+    Cancelled,
     /// The client or server is shut down.
     #[error("shut down")]
     Shutdown,

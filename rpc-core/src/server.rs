@@ -198,6 +198,7 @@ struct Counters {
     dead_lettered: AtomicU64,
     deduplicated: AtomicU64,
     fenced: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 /// A snapshot of a server's counters.
@@ -225,6 +226,8 @@ pub struct ServerStats {
     /// Replies not sent because the broker had taken their request back (this worker's connection was lost
     /// while the handler ran, and the request was redelivered): the delivery that has it now answers.
     pub fenced: u64,
+    /// Handlers stopped because their caller cancelled the call; the request is acked without a reply.
+    pub cancelled: u64,
 }
 
 impl ServerStats {
@@ -240,6 +243,7 @@ impl ServerStats {
             dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
             deduplicated: stats.deduplicated.load(Ordering::Relaxed),
             fenced: stats.fenced.load(Ordering::Relaxed),
+            cancelled: stats.cancelled.load(Ordering::Relaxed),
         }
     }
 }
@@ -508,7 +512,16 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
             return;
         }
     };
-    let result = execute(shared, &request).await;
+    let cancelled = handle.cancelled();
+    let Some(result) = execute(shared, &request, cancelled).await else {
+        // The caller cancelled the call: nobody waits for a reply, and it must not run again.
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        settle(handle.ack().await);
+        return;
+    };
     if let Err(status) = &result
         && !policy.is_none()
         && policy.retries(status.code())
@@ -594,12 +607,17 @@ fn expired_status() -> Status {
 }
 
 /// Runs the handler, within the request's deadline, with its context; a panic becomes [`Code::Internal`].
-async fn execute(shared: &Shared, request: &Request) -> Result<Bytes, Status> {
+/// `None`: the caller cancelled the call and the handler was stopped (dropped at its next await).
+async fn execute(
+    shared: &Shared,
+    request: &Request,
+    cancelled: Option<BoxFuture<'static, ()>>,
+) -> Option<Result<Bytes, Status>> {
     let stats = &shared.stats;
     let envelope = &request.envelope;
     if request.expired() {
         stats.expired.fetch_add(1, Ordering::Relaxed);
-        return Err(expired_status());
+        return Some(Err(expired_status()));
     }
     let context = RequestContext {
         correlation_id: envelope.correlation_id,
@@ -614,23 +632,37 @@ async fn execute(shared: &Shared, request: &Request) -> Result<Bytes, Status> {
     let body = envelope.body.clone();
     let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
     let run = context::scope(context, run);
+    let run = async {
+        // Biased: a handler that finishes at its first poll never registers for a cancel.
+        tokio::select! {
+            biased;
+            outcome = run => Some(outcome),
+            () = async {
+                match cancelled {
+                    Some(cancelled) => cancelled.await,
+                    None => std::future::pending().await,
+                }
+            } => None,
+        }
+    };
     let outcome = match request.deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
         None => Some(run.await),
     };
-    match outcome {
-        Some(Ok(result)) => result,
-        Some(Err(panic)) => {
+    Some(match outcome {
+        Some(Some(Ok(result))) => result,
+        Some(Some(Err(panic))) => {
             stats.panicked.fetch_add(1, Ordering::Relaxed);
             let message = panic_message(panic.as_ref());
             tracing::error!(%message, "handler panicked");
             Err(Status::new(Code::Internal, format!("handler panicked: {message}")))
         }
+        Some(None) => return None,
         None => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
             Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline"))
         }
-    }
+    })
 }
 
 /// Waits out the backoff, then puts a copy of the request carrying `attempt + 1` on the service's queue and

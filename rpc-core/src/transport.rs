@@ -11,12 +11,16 @@
 //! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out: the transport
 //! takes the time it spent queued off (or drops it, if that is all of it).
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
+use tokio::sync::oneshot;
+use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::error::Error;
@@ -41,6 +45,8 @@ pub struct Capabilities {
     pub dead_letter: bool,
     /// The broker drops duplicate message ids within this window.
     pub dedup_window: Option<Duration>,
+    /// [`Transport::cancel`] removes a call's request from its queue and signals the worker running it.
+    pub cancel: bool,
 }
 
 /// How a queue is declared.
@@ -155,6 +161,98 @@ pub trait Acker: Send + Sync + fmt::Debug {
         let _ = tag;
         transport.publish_reply(reply_to, reply)
     }
+
+    /// A future that completes if the caller cancels the call of delivery `tag` while it is held (see
+    /// [`Transport::cancel`]), and never otherwise; `None` where the transport cannot tell. It registers
+    /// nothing until first polled.
+    fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
+        let _ = tag;
+        None
+    }
+}
+
+/// The cancellation signals of one consumer's deliveries, for transports whose broker tells a consumer that
+/// the call of a delivery it holds was cancelled: the transport calls [`Cancellations::cancel`] when the
+/// broker says so and [`Cancellations::forget`] when the delivery is settled, and its [`Acker::cancelled`]
+/// returns [`Cancellations::watch`].
+///
+/// Bounded: a signal nobody waits for yet is kept until its delivery is settled, and at most
+/// [`Cancellations::MAX_UNCLAIMED`] of them (a signal racing its delivery's settle could otherwise stay).
+#[derive(Debug, Default)]
+pub struct Cancellations {
+    marks: Mutex<HashMap<u64, Mark>>,
+    /// `marks.len()`, read without the lock: settles skip it while nothing is marked.
+    len: AtomicUsize,
+}
+
+#[derive(Debug)]
+enum Mark {
+    /// Cancelled before anyone waited.
+    Cancelled,
+    /// A handler waits.
+    Waiting(oneshot::Sender<()>),
+}
+
+impl Cancellations {
+    /// Signals that nobody waits for yet kept at most.
+    pub const MAX_UNCLAIMED: usize = 65_536;
+
+    /// An empty registry.
+    pub fn new() -> Cancellations {
+        Cancellations::default()
+    }
+
+    fn marks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Mark>> {
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The broker says the call of delivery `tag` was cancelled.
+    pub fn cancel(&self, tag: u64) {
+        let mut marks = self.marks();
+        match marks.remove(&tag) {
+            Some(Mark::Waiting(waiter)) => {
+                let _ = waiter.send(());
+            }
+            Some(Mark::Cancelled) | None if marks.len() < Self::MAX_UNCLAIMED => {
+                marks.insert(tag, Mark::Cancelled);
+            }
+            Some(Mark::Cancelled) | None => {}
+        }
+        self.len.store(marks.len(), Ordering::Relaxed);
+    }
+
+    /// Delivery `tag` was settled: its signal, if any, is dropped.
+    pub fn forget(&self, tag: u64) {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut marks = self.marks();
+        marks.remove(&tag);
+        self.len.store(marks.len(), Ordering::Relaxed);
+    }
+
+    /// Completes once delivery `tag`'s call is cancelled; never, if its delivery is settled first.
+    pub fn watch(self: &Arc<Self>, tag: u64) -> BoxFuture<'static, ()> {
+        let this = Arc::clone(self);
+        Box::pin(async move {
+            let receiver = {
+                let mut marks = this.marks();
+                if let Some(Mark::Cancelled) = marks.get(&tag) {
+                    marks.remove(&tag);
+                    this.len.store(marks.len(), Ordering::Relaxed);
+                    return;
+                }
+                let (sender, receiver) = oneshot::channel();
+                marks.insert(tag, Mark::Waiting(sender));
+                this.len.store(marks.len(), Ordering::Relaxed);
+                receiver
+            };
+            if receiver.await.is_err() {
+                // Settled (or forgotten) without a cancel.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
 
 /// The right to settle one delivery. Dropping it unsettled leaves the delivery unacked until its consumer
@@ -221,6 +319,12 @@ impl AckHandle {
     /// As [`AckHandle::settle`].
     pub async fn dead_letter(self) -> Result<(), Error> {
         self.settle(Outcome::DeadLetter).await
+    }
+
+    /// A future that completes if the caller cancels this delivery's call (see [`Acker::cancelled`]); `None`
+    /// where the transport cannot tell, or for auto-acked deliveries.
+    pub fn cancelled(&self) -> Option<BoxFuture<'static, ()>> {
+        self.acker.as_ref().and_then(|(acker, tag)| acker.cancelled(*tag))
     }
 
     /// Hands the delivery back unprocessed ([`Outcome::Release`]).
@@ -324,6 +428,8 @@ pub struct QueueStats {
     pub expired: u64,
     /// Publishes refused because the queue was full.
     pub rejected: u64,
+    /// Messages removed because their call was cancelled before a worker took them.
+    pub cancelled: u64,
 }
 
 impl QueueStats {
@@ -394,6 +500,19 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// Cancels the call `correlation_id` published to `queue` (see [`Capabilities::cancel`]): its request is
+    /// removed if no worker took it yet, no copy of it is queued again, and a worker holding it is signalled
+    /// ([`Acker::cancelled`]). Returns once the cancel is on its way; it has no answer. The default, for
+    /// brokers that cannot remove one message from a queue, is [`Error::Unsupported`]: there, a cancelled
+    /// call's request still runs unless its deadline passes first, and its reply is dropped as late.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`], [`Error::Disconnected`].
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (queue, correlation_id);
+        Box::pin(std::future::ready(Err(Error::Unsupported("cancelling a queued call"))))
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -442,6 +561,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     // transport's own.
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         (**self).flush()
+    }
+
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).cancel(queue, correlation_id)
     }
 }
 

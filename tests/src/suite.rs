@@ -46,6 +46,7 @@ pub const SCENARIOS: &[&str] = &[
     "retries_stop_before_the_deadline",
     "same_idempotency_key_executes_once",
     "in_flight_limit_holds_a_burst_in_the_caller",
+    "cancelled_call_leaves_the_queue_and_stops_its_handler",
 ];
 
 const SERVICE: &str = "suite.Probe";
@@ -699,4 +700,63 @@ pub async fn in_flight_limit_holds_a_burst_in_the_caller(harness: &dyn Harness) 
     assert!(held.iter().all(|result| matches!(result, Ok(500))), "{held:?}");
     assert!(matches!(refused, Err(Error::Timeout(_))), "{refused:?}");
     assert_eq!(events.started.load(std::sync::atomic::Ordering::SeqCst), 33, "the refused call was sent");
+}
+
+/// Cancelling a call ends it at once with `Cancelled`, and dropping its future cancels it too. Where the
+/// transport can cancel (the embedded and own broker), a request still queued is removed and never runs, and a
+/// running handler is stopped, its request acked without a reply. Elsewhere only the waiting ends: the
+/// requests run to the end and their replies are dropped as late.
+pub async fn cancelled_call_leaves_the_queue_and_stops_its_handler(harness: &dyn Harness) {
+    use std::sync::atomic::Ordering::SeqCst;
+    const MILLIS: u64 = 1_500;
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let cancels = transport.capabilities().cancel;
+    let (server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    // The first call runs and holds the worker's only place; the second waits behind it.
+    let (first_done, first_result) = tokio::sync::oneshot::channel();
+    let first = probe.work(MILLIS).timeout(WAIT).on_reply(move |result| drop(first_done.send(result)));
+    eventually("the first call to run", WAIT, || events.running.load(SeqCst) == 1).await;
+    let (second_done, second_result) = tokio::sync::oneshot::channel();
+    let second = probe.work(MILLIS).timeout(WAIT).on_reply(move |result| drop(second_done.send(result)));
+    eventually("the second call to be sent", WAIT, || client.stats().pending == 2).await;
+    if cancels {
+        eventually_async("the second call to wait in the queue", WAIT, || async {
+            transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.ready == 1)
+        })
+        .await;
+    }
+    assert!(client.cancel(second));
+    assert!(matches!(second_result.await, Ok(Err(Error::Cancelled))));
+    assert!(client.cancel(first));
+    assert!(matches!(first_result.await, Ok(Err(Error::Cancelled))));
+    assert!(!client.cancel(first), "a call ends once");
+    assert_eq!(client.stats().pending, 0);
+    if cancels {
+        eventually("the running handler to stop", WAIT, || events.running.load(SeqCst) == 0).await;
+        eventually("the worker to count the cancel", WAIT, || server.stats().cancelled == 1).await;
+        let stats = transport.queue_stats(&setup.queue()).await.expect("stats");
+        assert_eq!((stats.ready, stats.unacked, stats.cancelled), (0, 0, 1), "{stats:?}");
+    } else {
+        eventually("both calls to run to the end", WAIT, || events.finished("work") == 2).await;
+        eventually("both replies to arrive late", WAIT, || client.stats().late_replies == 2).await;
+    }
+    // A future dropped while its handler runs.
+    let started = events.started.load(SeqCst);
+    let call = probe.work(MILLIS).timeout(WAIT).into_future();
+    tokio::select! {
+        result = call => panic!("the call ended before it was dropped: {result:?}"),
+        () = eventually("the third call to run", WAIT, || events.started.load(SeqCst) == started + 1) => {}
+    }
+    if cancels {
+        eventually("the dropped call's handler to stop", WAIT, || events.running.load(SeqCst) == 0).await;
+        eventually("the worker to count the cancel", WAIT, || server.stats().cancelled == 2).await;
+        assert_eq!(events.finished("work"), 0, "a cancelled handler ran to the end");
+        assert_eq!(events.started.load(SeqCst), 2, "the cancelled queued call ran");
+    }
+    // The worker goes on answering.
+    assert_eq!(probe.add(1, 2).timeout(WAIT).await.expect("answered"), 3);
+    assert_eq!(client.stats().pending, 0);
 }

@@ -923,6 +923,7 @@ impl Transport for Amqp {
             max_length: true,
             dead_letter: true,
             dedup_window: None,
+            cancel: false,
         }
     }
 

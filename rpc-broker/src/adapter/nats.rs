@@ -980,6 +980,7 @@ impl Transport for Nats {
                 max_length: true,
                 dead_letter: true,
                 dedup_window: Some(DUPLICATE_WINDOW),
+                cancel: false,
             }
         } else {
             Capabilities::default()
