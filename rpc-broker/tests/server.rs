@@ -524,3 +524,54 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
     let delivered = seen.iter().filter(|frame| matches!(frame, ServerFrame::Deliver { .. })).count();
     assert_eq!(delivered, 1, "{seen:?}");
 }
+
+/// 100,000 requests each cancelled right after its publish, and 100,000 cancels of calls the broker never saw,
+/// with no consumer: the broker ends with nothing held and every cancelled request counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_publish_and_cancel_pairs_leaves_nothing_behind() {
+    const CALLS: u32 = 100_000;
+    let broker = start(config()).await;
+    let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
+    raw.write_all(&hello("")).await.expect("writes");
+    let declare =
+        ClientFrame::Declare { req: 1, queue: "flood".into(), max_len: None, max_deliveries: None, durable: false };
+    raw.write_all(&encode(&declare)).await.expect("writes");
+    let payload = rpc_core::codec::encode_envelope(&Envelope::new(Kind::Request)).expect("encodes");
+    let mut batch = BytesMut::new();
+    for n in 0..CALLS {
+        let mut key = [0; 16];
+        key[..4].copy_from_slice(&n.to_be_bytes());
+        let mut unknown = key;
+        unknown[15] = 1;
+        let publish = ClientFrame::Publish {
+            req: 0,
+            queue: "flood".into(),
+            priority: 0,
+            ttl_ms: None,
+            key: Some(key),
+            payload: payload.clone(),
+        };
+        publish.encode(&mut batch);
+        ClientFrame::CancelCall { queue: "flood".into(), key }.encode(&mut batch);
+        ClientFrame::CancelCall { queue: "flood".into(), key: unknown }.encode(&mut batch);
+        if batch.len() > 64 * 1024 {
+            raw.write_all(&batch.split()).await.expect("writes");
+        }
+    }
+    batch.extend_from_slice(&encode(&ClientFrame::Stats { req: 2, queue: "flood".into() }));
+    raw.write_all(&batch).await.expect("writes");
+    let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
+    let stats = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), frames.next()).await.expect("a frame");
+        match ServerFrame::parse(frame.expect("open").expect("ok")).expect("parses") {
+            ServerFrame::Ok { req: 2, body } => break rpc_broker::protocol::parse_stats_body(body).expect("stats"),
+            ServerFrame::Error { req, code, message } => panic!("request {req} failed: {code:?} {message}"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        (stats.published, stats.cancelled, stats.ready, stats.unacked),
+        (u64::from(CALLS), u64::from(CALLS), 0, 0)
+    );
+    assert_eq!(broker.stats().bytes_held, 0);
+}
