@@ -40,9 +40,19 @@ pub struct ClientBuilder {
     namespace: Option<String>,
     resends: u32,
     admission: Admission,
+    identity: Option<Arc<str>>,
 }
 
 impl ClientBuilder {
+    /// Names this client to the workers it calls: every call carries it, and a handler reads it as
+    /// [`RequestContext::caller`](crate::context::RequestContext::caller). Declared by the caller, not verified
+    /// by the framework: use it for logs, metrics and routing, and the broker's own authentication (a token,
+    /// TLS, broker users) to keep callers out. Default: none.
+    pub fn identity(mut self, identity: impl Into<String>) -> ClientBuilder {
+        self.identity = Some(identity.into().into());
+        self
+    }
+
     /// How long a call waits for its reply unless it sets its own timeout (default 30 s).
     pub fn default_timeout(mut self, timeout: Duration) -> ClientBuilder {
         self.default_timeout = timeout;
@@ -109,6 +119,7 @@ impl ClientBuilder {
                 namespace: self.namespace,
                 resends: self.resends,
                 admission: self.admission,
+                identity: self.identity,
                 shared,
                 reader,
             }),
@@ -131,6 +142,7 @@ struct Inner {
     namespace: Option<String>,
     resends: u32,
     admission: Admission,
+    identity: Option<Arc<str>>,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
 }
@@ -238,6 +250,7 @@ impl Client {
             namespace: None,
             resends: 0,
             admission: Admission::new(),
+            identity: None,
         }
     }
 
@@ -252,6 +265,11 @@ impl Client {
     /// The transport underneath.
     pub fn transport(&self) -> &Arc<dyn Transport> {
         &self.inner.transport
+    }
+
+    /// The identity calls carry ([`ClientBuilder::identity`]), if any.
+    pub fn identity(&self) -> Option<&str> {
+        self.inner.identity.as_deref()
     }
 
     /// The namespace, if any.
@@ -469,6 +487,7 @@ impl<O: Send + 'static> Call<O> {
         let correlation_id = Uuid::new_v4();
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
+        envelope.caller = self.client.identity().map(str::to_owned);
         envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.service = self.service.into_owned();
@@ -517,6 +536,7 @@ impl<O: Send + 'static> Call<O> {
         }
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
+        envelope.caller = inner.identity.as_deref().map(str::to_owned);
         envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(inner.inbox.clone());
@@ -736,6 +756,7 @@ impl Notify {
         self.options.check(self.client.transport().as_ref())?;
         let mut envelope = Envelope::new(Kind::Oneway);
         self.options.apply(&mut envelope);
+        envelope.caller = self.client.identity().map(str::to_owned);
         envelope.idempotency_key.get_or_insert_with(|| Uuid::new_v4().simple().to_string());
         envelope.service = self.service.to_owned();
         envelope.method = self.method.to_owned();

@@ -1,4 +1,5 @@
-//! The context of the request a handler is running for: its correlation id, attempt, deadline and headers.
+//! The context of the request a handler is running for: its correlation id, attempt, deadline, caller and
+//! headers.
 //!
 //! Inside a handler, [`current`] returns it; calls made from inside a handler inherit its remaining time budget
 //! automatically, so a chain of nested calls never outlives the first caller's deadline.
@@ -29,6 +30,8 @@ pub struct RequestContext {
     pub deadline: Option<Instant>,
     /// The call's idempotency key.
     pub idempotency_key: Option<String>,
+    /// Who sent the call, as its client declared it ([`ClientBuilder::identity`](crate::ClientBuilder::identity)).
+    pub caller: Option<String>,
     /// The request's headers.
     pub headers: BTreeMap<String, String>,
 }

@@ -96,6 +96,10 @@ pub struct Envelope {
     /// Reply status message, for codes other than ok.
     #[serde(rename = "sm", default, skip_serializing_if = "Option::is_none")]
     pub status_message: Option<String>,
+    /// Who sent the call, as the caller declared it ([`ClientBuilder::identity`](crate::ClientBuilder::identity));
+    /// requests only, not verified by the framework.
+    #[serde(rename = "cl", default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
     /// Free-form headers; a reply echoes its request's headers.
     #[serde(rename = "h", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -129,6 +133,7 @@ impl Envelope {
             priority: None,
             status: 0,
             status_message: None,
+            caller: None,
             headers: BTreeMap::new(),
             body: Bytes::new(),
         }

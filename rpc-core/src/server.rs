@@ -626,6 +626,7 @@ async fn execute(
         attempt: request.attempt,
         deadline: request.deadline,
         idempotency_key: envelope.idempotency_key.clone(),
+        caller: envelope.caller.clone(),
         headers: envelope.headers.clone(),
     };
     let service = &shared.service;

@@ -349,6 +349,7 @@ macro_rules! scenario_suite {
                 same_idempotency_key_executes_once,
                 in_flight_limit_holds_a_burst_in_the_caller,
                 cancelled_call_leaves_the_queue_and_stops_its_handler,
+                handler_reads_the_callers_identity,
             ],
             ignore "": []);
     };

@@ -35,6 +35,8 @@ pub trait Probe {
     async fn boom(&self) -> i64;
     /// The worker's name and the attempt it sees.
     async fn whoami(&self) -> (String, u32);
+    /// The caller's identity as the handler's context has it.
+    async fn caller(&self) -> Option<String>;
     /// How many milliseconds the request being handled has left.
     async fn remaining(&self) -> Option<u64>;
     /// Calls `remaining` on the same service, with the client's default timeout, and returns its answer.
@@ -163,6 +165,10 @@ impl Probe for Worker {
         self.events.finish("whoami");
         let attempt = rpc_core::context::current().map_or(0, |context| context.attempt);
         (self.name.clone(), attempt)
+    }
+
+    async fn caller(&self) -> Option<String> {
+        rpc_core::context::current()?.caller
     }
 
     async fn remaining(&self) -> Option<u64> {

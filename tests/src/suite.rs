@@ -47,6 +47,7 @@ pub const SCENARIOS: &[&str] = &[
     "same_idempotency_key_executes_once",
     "in_flight_limit_holds_a_burst_in_the_caller",
     "cancelled_call_leaves_the_queue_and_stops_its_handler",
+    "handler_reads_the_callers_identity",
 ];
 
 const SERVICE: &str = "suite.Probe";
@@ -759,4 +760,21 @@ pub async fn cancelled_call_leaves_the_queue_and_stops_its_handler(harness: &dyn
     // The worker goes on answering.
     assert_eq!(probe.add(1, 2).timeout(WAIT).await.expect("answered"), 3);
     assert_eq!(client.stats().pending, 0);
+}
+
+/// A handler reads who called from its context: the identity the client declared, or none.
+pub async fn handler_reads_the_callers_identity(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, _) = setup.worker("w").await;
+    let named = Client::builder(setup.transport().await)
+        .namespace(&setup.namespace)
+        .identity("billing")
+        .connect()
+        .await
+        .expect("client connects");
+    assert_eq!(named.identity(), Some("billing"));
+    let caller = ProbeClient::new(&named).caller().timeout(WAIT).await.expect("answered");
+    assert_eq!(caller.as_deref(), Some("billing"));
+    let anonymous = setup.client().await;
+    assert_eq!(ProbeClient::new(&anonymous).caller().timeout(WAIT).await.expect("answered"), None);
 }

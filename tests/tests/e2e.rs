@@ -31,6 +31,7 @@ run: [
     same_idempotency_key_executes_once,
     in_flight_limit_holds_a_burst_in_the_caller,
     cancelled_call_leaves_the_queue_and_stops_its_handler,
+    handler_reads_the_callers_identity,
 ],
 ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
     redelivery_when_a_worker_disappears,

@@ -1124,6 +1124,11 @@ fn to_amqp(envelope: &Envelope, persistent: bool) -> Result<(BasicProperties, Ve
     if let Some(priority) = envelope.priority {
         properties = properties.with_priority(priority);
     }
+    if let Some(caller) = &envelope.caller {
+        // `app_id`, AMQP's "creating application": free-form, unlike `user_id`, which RabbitMQ checks against
+        // the connection's user.
+        properties = properties.with_app_id(short(caller)?);
+    }
     if persistent && envelope.kind != Kind::Reply {
         properties = properties.with_delivery_mode(2);
     }
@@ -1168,6 +1173,7 @@ fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<Envelope, Err
         envelope.deadline_ms = Some(super::remaining_ms(budget, sent_at, super::now_ms()));
     }
     envelope.idempotency_key = header(headers::IDEMPOTENCY_KEY).and_then(text);
+    envelope.caller = properties.app_id().as_ref().map(|caller| caller.as_str().to_owned());
     envelope.priority = properties.priority().filter(|priority| *priority > 0);
     envelope.status = header(headers::STATUS).and_then(integer).and_then(|code| u16::try_from(code).ok()).unwrap_or(0);
     envelope.status_message = header(headers::STATUS_MESSAGE).and_then(text);
@@ -1239,6 +1245,7 @@ mod tests {
         envelope.attempt = 3;
         envelope.idempotency_key = Some("key".into());
         envelope.priority = Some(7);
+        envelope.caller = Some("billing".into());
         envelope.headers.insert("order".into(), "7".into());
         envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
         let (properties, body) = to_amqp(&envelope, true).expect("maps");

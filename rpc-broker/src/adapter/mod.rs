@@ -33,6 +33,8 @@ pub mod headers {
     pub const SENT_AT_MS: &str = "mqrpc-sent-at-ms";
     /// The idempotency key.
     pub const IDEMPOTENCY_KEY: &str = "mqrpc-idempotency-key";
+    /// The caller's declared identity (NATS; on RabbitMQ the `app_id` property carries it).
+    pub const CALLER: &str = "mqrpc-caller";
     /// The priority, 0 to 9 (where the broker has no native priority property).
     pub const PRIORITY: &str = "mqrpc-priority";
     /// A reply's status code (absent: ok).

@@ -425,6 +425,9 @@ fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
     if let Some(key) = &envelope.idempotency_key {
         header(&mut map, headers::IDEMPOTENCY_KEY, key)?;
     }
+    if let Some(caller) = &envelope.caller {
+        header(&mut map, headers::CALLER, caller)?;
+    }
     if envelope.status != 0 {
         header(&mut map, headers::STATUS, &envelope.status.to_string())?;
     }
@@ -456,6 +459,7 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
             headers::DEADLINE_MS => fields.deadline_ms = Some(value),
             headers::SENT_AT_MS => fields.sent_at_ms = Some(value),
             headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
+            headers::CALLER => fields.caller = Some(value),
             headers::STATUS => fields.status = Some(value),
             headers::STATUS_MESSAGE => fields.status_message = Some(value),
             name if super::is_user_header(name) => {
@@ -483,6 +487,7 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
         envelope.deadline_ms = Some(super::remaining_ms(budget, sent_at, super::now_ms()));
     }
     envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
+    envelope.caller = fields.caller.map(str::to_owned);
     envelope.status = fields.status.and_then(|code| code.parse().ok()).unwrap_or(0);
     envelope.status_message = fields.status_message.map(str::to_owned);
     envelope.headers = user;
@@ -503,6 +508,7 @@ struct Fields<'a> {
     deadline_ms: Option<&'a str>,
     sent_at_ms: Option<&'a str>,
     idempotency_key: Option<&'a str>,
+    caller: Option<&'a str>,
     status: Option<&'a str>,
     status_message: Option<&'a str>,
 }
@@ -1224,6 +1230,7 @@ mod tests {
         envelope.deadline_ms = Some(5_000);
         envelope.attempt = 2;
         envelope.idempotency_key = Some("key".into());
+        envelope.caller = Some("billing".into());
         envelope.headers.insert("order".into(), "7".into());
         envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
         let mut sent = envelope.clone();
