@@ -22,7 +22,8 @@ use clap::{Parser, Subcommand};
 use rpc_broker::server::{BrokerServer, ServerConfig};
 use rpc_broker::{Remote, RemoteOptions};
 use rpc_core::codec::{self, Limits};
-use rpc_core::{Client, Code, ConsumeOptions, Error, Transport, naming};
+use rpc_core::dead_letters::DeadLetters;
+use rpc_core::{Client, Code, Error, naming};
 
 #[derive(Parser)]
 #[command(name = "rpc-broker", version, about = "The mqrpc broker server and its operator commands")]
@@ -278,45 +279,24 @@ async fn dead_letters(target: &Connect, queue: &str, replay: bool) -> Result<(),
     /// Dead letters handled per run: a listing holds them all unacked until it is done.
     const MOST: usize = 10_000;
     let remote = connect(target).await?;
-    let dlq = naming::dead_letter_queue(queue);
-    let waiting = remote.queue_stats(&dlq).await.map_err(|error| error.to_string())?.ready.min(MOST);
-    let prefetch = u32::try_from(waiting.max(1)).unwrap_or(u32::MAX);
-    let mut consumer =
-        remote.consume(&dlq, ConsumeOptions::new().prefetch(prefetch)).await.map_err(|error| error.to_string())?;
-    let mut held = Vec::with_capacity(waiting);
-    while held.len() < waiting {
-        let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else { break };
-        held.push(delivery);
-    }
-    consumer.pause();
-    let count = held.len();
-    for delivery in held {
-        let envelope = &delivery.envelope;
-        if replay {
-            let mut again = envelope.clone();
-            again.attempt = again.attempt.saturating_add(1);
-            remote.publish(queue, again).await.map_err(|error| format!("replaying onto {queue}: {error}"))?;
-            delivery.handle.ack().await.map_err(|error| error.to_string())?;
-        } else {
-            println!(
-                "{} {}.{} attempt {} key {} args {}",
-                envelope.id,
-                envelope.service,
-                envelope.method,
-                envelope.attempt,
-                envelope.idempotency_key.as_deref().unwrap_or("-"),
-                msgpack_to_json(&envelope.body),
-            );
-            // Listing leaves the message where it was, not counted as a delivery.
-            delivery.handle.release().await.map_err(|error| error.to_string())?;
-        }
-    }
-    // Acks and releases have no answer: make sure the broker handled them before this process exits.
-    remote.sync().await.map_err(|error| format!("the broker may not have seen every ack: {error}"))?;
+    let dead = DeadLetters::of_queue(remote, queue);
     if replay {
-        println!("replayed {count} message(s) from {dlq} onto {queue}");
-    } else {
-        println!("{count} message(s) in {dlq}");
+        let count = dead.replay(MOST).await.map_err(|error| format!("replaying onto {queue}: {error}"))?;
+        println!("replayed {count} message(s) from {} onto {queue}", dead.dead_letter_queue());
+        return Ok(());
     }
+    let listed = dead.list(MOST).await.map_err(|error| error.to_string())?;
+    for envelope in &listed {
+        println!(
+            "{} {}.{} attempt {} key {} args {}",
+            envelope.id,
+            envelope.service,
+            envelope.method,
+            envelope.attempt,
+            envelope.idempotency_key.as_deref().unwrap_or("-"),
+            msgpack_to_json(&envelope.body),
+        );
+    }
+    println!("{} message(s) in {}", listed.len(), dead.dead_letter_queue());
     Ok(())
 }

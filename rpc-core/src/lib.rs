@@ -96,6 +96,7 @@ pub mod naming;
 mod admission;
 mod callback;
 mod client;
+pub mod dead_letters;
 pub mod dedup;
 mod envelope;
 mod error;

@@ -51,6 +51,9 @@ pub trait Probe {
     /// The effect of `effect`, then `millis` milliseconds of work before answering: a handler a test can
     /// pause or kill between its effect and its reply.
     async fn effect_then_wait(&self, n: i64, millis: u64) -> i64;
+    /// Panics while the worker is broken ([`Events::broken`]); otherwise records the call's idempotency key
+    /// and returns `n`.
+    async fn fragile(&self, n: i64) -> i64;
     /// Records `n`.
     #[rpc(oneway)]
     async fn record(&self, n: i64);
@@ -74,6 +77,10 @@ pub struct Events {
     pub counts: Mutex<HashMap<i64, u64>>,
     /// Values received by `record` and `announce`, in order.
     pub recorded: Mutex<Vec<i64>>,
+    /// While set, `fragile` panics.
+    pub broken: std::sync::atomic::AtomicBool,
+    /// The idempotency keys `fragile` ran with, in order.
+    pub keys: Mutex<Vec<String>>,
     /// Opened by the test to release `gate` calls.
     pub gate: Notify,
     /// Where `effect` appends the keys it applied, one line each (a file shared by worker processes).
@@ -208,6 +215,14 @@ impl Probe for Worker {
         self.apply_effect();
         tokio::time::sleep(Duration::from_millis(millis)).await;
         self.events.finish("effect_then_wait");
+        n
+    }
+
+    async fn fragile(&self, n: i64) -> i64 {
+        assert!(!self.events.broken.load(Ordering::SeqCst), "fragile call {n} failing on purpose");
+        let key = rpc_core::context::current().and_then(|context| context.idempotency_key).unwrap_or_default();
+        self.events.keys.lock().expect("not poisoned").push(key);
+        self.events.finish("fragile");
         n
     }
 

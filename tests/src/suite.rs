@@ -48,6 +48,7 @@ pub const SCENARIOS: &[&str] = &[
     "in_flight_limit_holds_a_burst_in_the_caller",
     "cancelled_call_leaves_the_queue_and_stops_its_handler",
     "handler_reads_the_callers_identity",
+    "dead_letters_are_listed_and_replayed_with_their_key",
 ];
 
 const SERVICE: &str = "suite.Probe";
@@ -777,4 +778,45 @@ pub async fn handler_reads_the_callers_identity(harness: &dyn Harness) {
     assert_eq!(caller.as_deref(), Some("billing"));
     let anonymous = setup.client().await;
     assert_eq!(ProbeClient::new(&anonymous).caller().timeout(WAIT).await.expect("answered"), None);
+}
+
+/// Requests that failed for good wait in the dead-letter queue: listing them leaves them there, and once the
+/// cause is fixed a replay runs each once more with its own idempotency key.
+pub async fn dead_letters_are_listed_and_replayed_with_their_key(harness: &dyn Harness) {
+    use rpc_core::dead_letters::DeadLetters;
+    use std::sync::atomic::Ordering::SeqCst;
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let dead = DeadLetters::of_service(Arc::clone(&transport), Some(&setup.namespace), SERVICE);
+    if !transport.capabilities().dead_letter {
+        assert!(matches!(dead.list(10).await, Err(Error::Unsupported(_))));
+        return;
+    }
+    assert!(dead.list(10).await.expect("lists").is_empty());
+    let (server, events) = setup.worker_with("w", |server| server.retry_method("fragile", quick_retries(2))).await;
+    events.broken.store(true, SeqCst);
+    let probe = ProbeClient::new(&setup.client().await);
+    for n in 1..=3 {
+        let failed = probe.fragile(n).idempotency_key(format!("order-{n}")).timeout(WAIT).await;
+        assert!(matches!(&failed, Err(Error::Remote(status)) if status.code() == Code::DeadLettered), "{failed:?}");
+    }
+    eventually_async("three dead letters", WAIT, || async { dead.count().await.is_ok_and(|count| count == 3) }).await;
+    for _ in 0..2 {
+        let listed = dead.list(10).await.expect("lists");
+        let keys: Vec<_> = listed.iter().map(|envelope| envelope.idempotency_key.clone().unwrap_or_default()).collect();
+        assert_eq!(keys, ["order-1", "order-2", "order-3"], "listing takes nothing away");
+        assert!(listed.iter().all(|envelope| envelope.method == "fragile" && envelope.attempt == 2));
+    }
+    assert_eq!(dead.list(2).await.expect("lists").len(), 2);
+    events.broken.store(false, SeqCst);
+    assert_eq!(dead.replay(2).await.expect("replays"), 2);
+    assert_eq!(dead.replay(10).await.expect("replays"), 1);
+    eventually("the replayed calls to run", WAIT, || events.finished("fragile") == 3).await;
+    let mut keys = events.keys.lock().expect("not poisoned").clone();
+    keys.sort();
+    assert_eq!(keys, ["order-1", "order-2", "order-3"]);
+    assert_eq!(dead.count().await.expect("counts"), 0);
+    // Each failed for good once, and each replay ran: none was answered from the dedup store.
+    let stats = server.stats();
+    assert_eq!((stats.dead_lettered, stats.deduplicated), (3, 0));
 }

@@ -32,6 +32,7 @@ run: [
     in_flight_limit_holds_a_burst_in_the_caller,
     cancelled_call_leaves_the_queue_and_stops_its_handler,
     handler_reads_the_callers_identity,
+    dead_letters_are_listed_and_replayed_with_their_key,
 ],
 ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
     redelivery_when_a_worker_disappears,

@@ -1,0 +1,168 @@
+//! Dead-letter queues, inspected and replayed through the API: the requests that failed for good (their last
+//! attempt failed, or they were delivered too often) wait in `<queue>.dlq` until an operator looks at them.
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use rpc_core::{Client, Envelope, Kind, QueueOptions, Transport};
+//! use rpc_core::dead_letters::DeadLetters;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), rpc_core::Error> {
+//! # let broker = rpc_broker::Embedded::new();
+//! # broker.declare_queue("Billing", &QueueOptions::new().max_deliveries(1)).await?;
+//! # let mut request = Envelope::new(Kind::Oneway);
+//! # request.service = "Billing".into();
+//! # request.method = "charge".into();
+//! # request.idempotency_key = Some("order-7".into());
+//! # broker.publish("Billing", request).await?;
+//! # let mut consumer = broker.consume("Billing", Default::default()).await?;
+//! # consumer.next().await.expect("delivered").handle.dead_letter().await?;
+//! # drop(consumer);
+//! let dead = DeadLetters::of_service(broker.clone(), None, "Billing");
+//! for envelope in dead.list(100).await? {
+//!     println!("{} {} key {:?}", envelope.service, envelope.method, envelope.idempotency_key);
+//! }
+//! // Once the cause is fixed: back on the service's queue, each with its idempotency key.
+//! assert_eq!(dead.replay(100).await?, 1);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::envelope::Envelope;
+use crate::error::Error;
+use crate::naming;
+use crate::transport::{self, ConsumeOptions, Consumer, Delivery, Transport};
+
+/// How long to wait for each dead letter the queue's counters announced.
+const WAIT: Duration = Duration::from_secs(2);
+
+/// The dead-letter queue of one queue, on one transport.
+#[derive(Clone, Debug)]
+pub struct DeadLetters {
+    transport: Arc<dyn Transport>,
+    queue: String,
+    dead_letters: String,
+}
+
+impl DeadLetters {
+    /// The dead letters of `queue`.
+    pub fn of_queue(transport: impl Transport, queue: &str) -> DeadLetters {
+        DeadLetters {
+            transport: transport::shared(transport),
+            queue: queue.to_owned(),
+            dead_letters: naming::dead_letter_queue(queue),
+        }
+    }
+
+    /// The dead letters of `service`'s queue in `namespace` (as its [`Server`](crate::Server) names it).
+    pub fn of_service(transport: impl Transport, namespace: Option<&str>, service: &str) -> DeadLetters {
+        DeadLetters::of_queue(transport, &naming::service_queue(namespace, service))
+    }
+
+    /// The queue whose dead letters these are.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The dead-letter queue itself.
+    pub fn dead_letter_queue(&self) -> &str {
+        &self.dead_letters
+    }
+
+    /// How many dead letters wait.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] where the transport has no dead-letter queues; otherwise as
+    /// [`Transport::queue_stats`].
+    pub async fn count(&self) -> Result<usize, Error> {
+        self.check()?;
+        match self.transport.queue_stats(&self.dead_letters).await {
+            Ok(stats) => Ok(stats.ready),
+            // Nothing was ever dead-lettered there.
+            Err(Error::NoRoute(_)) => Ok(0),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Up to `limit` dead letters, oldest first, left where they are: each is handed back unprocessed, which
+    /// does not count as a delivery.
+    ///
+    /// # Errors
+    /// As [`DeadLetters::count`], and consuming errors.
+    pub async fn list(&self, limit: usize) -> Result<Vec<Envelope>, Error> {
+        let Some((consumer, held)) = self.take(limit).await? else { return Ok(Vec::new()) };
+        let mut listed = Vec::with_capacity(held.len());
+        let mut handles = Vec::with_capacity(held.len());
+        for delivery in held {
+            listed.push(delivery.envelope);
+            handles.push(delivery.handle);
+        }
+        // Newest first: a released message goes back to the front, so the queue keeps its order.
+        for handle in handles.into_iter().rev() {
+            handle.release().await?;
+        }
+        self.transport.flush().await?;
+        drop(consumer);
+        Ok(listed)
+    }
+
+    /// Puts up to `limit` dead letters back on the queue, oldest first, and returns how many. A replayed
+    /// request keeps its idempotency key, so a worker that did run it answers with the stored reply instead of
+    /// running it twice; it starts over at attempt 1 (its retry policy applies afresh) and has no deadline (its
+    /// caller stopped waiting long ago; a reply to an inbox that is gone is dropped, one to a durable
+    /// callback queue is handled there). A dead letter is removed only once its copy is on the queue.
+    ///
+    /// # Errors
+    /// As [`DeadLetters::list`], and publishing errors; the dead letters not replayed stay where they are.
+    pub async fn replay(&self, limit: usize) -> Result<usize, Error> {
+        let Some((consumer, held)) = self.take(limit).await? else { return Ok(0) };
+        let mut replayed = 0;
+        let mut held = held.into_iter();
+        while let Some(delivery) = held.next() {
+            let mut again = delivery.envelope.clone();
+            again.id = uuid::Uuid::now_v7();
+            again.attempt = 1;
+            again.deadline_ms = None;
+            if let Err(error) = self.transport.publish(&self.queue, again).await {
+                let rest: Vec<Delivery> = held.collect();
+                for rest in rest.into_iter().rev() {
+                    rest.handle.release().await?;
+                }
+                delivery.handle.release().await?;
+                self.transport.flush().await?;
+                return Err(error);
+            }
+            delivery.handle.ack().await?;
+            replayed += 1;
+        }
+        self.transport.flush().await?;
+        drop(consumer);
+        Ok(replayed)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.transport.capabilities().dead_letter { Ok(()) } else { Err(Error::Unsupported("dead-letter queues")) }
+    }
+
+    /// Takes up to `limit` of the dead letters waiting now, unacked, with the consumer that holds them: they
+    /// stay settleable while it lives, and go back to the queue if it is dropped first.
+    async fn take(&self, limit: usize) -> Result<Option<(Consumer, Vec<Delivery>)>, Error> {
+        let waiting = self.count().await?.min(limit);
+        if waiting == 0 {
+            return Ok(None);
+        }
+        let prefetch = u32::try_from(waiting).unwrap_or(u32::MAX);
+        let mut consumer = self.transport.consume(&self.dead_letters, ConsumeOptions::new().prefetch(prefetch)).await?;
+        let mut held = Vec::with_capacity(waiting);
+        while held.len() < waiting {
+            // Another reader may have taken some since they were counted.
+            let Ok(Some(delivery)) = tokio::time::timeout(WAIT, consumer.next()).await else { break };
+            held.push(delivery);
+        }
+        // No more: what is held stays settleable after the consumer is paused.
+        consumer.pause();
+        Ok(Some((consumer, held)))
+    }
+}
