@@ -38,13 +38,25 @@ const WORKERS: usize = 3;
 const IN_FLIGHT: usize = 48;
 
 /// A worker process serving the probe service through `url`, its effects going to `sink`.
-fn start_worker(url: &str, namespace: &str, name: &str, sink: &Path, stream_prefix: Option<&str>) -> WorkerProcess {
+fn start_worker(url: &str, namespace: &str, name: &str, sink: &Path, options: &Options) -> WorkerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_probe-worker"));
     command.args([url, namespace, name, "16"]).env("MQRPC_PROBE_SINK", sink);
-    if let Some(prefix) = stream_prefix {
+    if let Some(prefix) = options.stream_prefix {
         command.env("MQRPC_PROBE_STREAM_PREFIX", prefix);
     }
+    if let Some(redis) = options.shared_dedup {
+        command.env("MQRPC_PROBE_DEDUP_REDIS", redis);
+    }
     WorkerProcess::spawn(command)
+}
+
+/// How the worker processes run.
+#[derive(Clone, Copy, Debug, Default)]
+struct Options<'a> {
+    /// JetStream mode, with the harness's stream prefix.
+    stream_prefix: Option<&'a str>,
+    /// A Redis whose dedup store the workers share.
+    shared_dedup: Option<&'a str>,
 }
 
 /// What a run came to.
@@ -69,8 +81,8 @@ enum Disruption {
 
 /// Runs [`CALLS`] calls of `effect` through `harness` while a supervisor kills a worker process (SIGKILL) after
 /// every `CALLS / (KILLS + 1)` answers and starts it again.
-async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_prefix: Option<&str>) -> Counts {
-    disrupt_workers_during_calls(harness, url, stream_prefix, Disruption::Kill).await
+async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, options: Options<'_>) -> Counts {
+    disrupt_workers_during_calls(harness, url, options, Disruption::Kill).await
 }
 
 /// Runs [`CALLS`] calls of `effect` through `harness` while a supervisor disrupts a worker process after every
@@ -78,12 +90,12 @@ async fn kill_workers_during_calls(harness: &dyn Harness, url: &str, stream_pref
 async fn disrupt_workers_during_calls(
     harness: &dyn Harness,
     url: &str,
-    stream_prefix: Option<&str>,
+    options: Options<'_>,
     disruption: Disruption,
 ) -> Counts {
     let namespace = format!("k{}", Uuid::new_v4().simple());
     let sink = sink_path();
-    let start = |n: usize| start_worker(url, &namespace, &format!("w{n}"), &sink, stream_prefix);
+    let start = |n: usize| start_worker(url, &namespace, &format!("w{n}"), &sink, &options);
     let mut workers: Vec<WorkerProcess> = (0..WORKERS).map(start).collect();
     let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
     let answered = Arc::new(AtomicUsize::new(0));
@@ -187,14 +199,29 @@ fn assert_exactly_once(counts: &Counts) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_broker_kill_9_of_workers_twenty_times() {
     let harness = RemoteHarness::start().await;
-    let counts = kill_workers_during_calls(&harness, &harness.url(), None).await;
+    let counts = kill_workers_during_calls(&harness, &harness.url(), Options::default()).await;
+    assert_exactly_once(&counts);
+}
+
+/// The same kills with the workers sharing one dedup store in Redis: a key whose outcome a killed worker had
+/// stored is answered from the store by the worker that gets it again, so only keys a worker was executing when
+/// it died run twice, and a dead worker's claims run out after their lease (1 s) instead of holding keys back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_kill_9_of_workers_sharing_a_redis_dedup_store() {
+    let Ok(redis) = mqrpc_tests::broker_url("MQRPC_REDIS_URL") else {
+        eprintln!("skipped: MQRPC_REDIS_URL is not set (`.ci/run` sets it)");
+        return;
+    };
+    let harness = RemoteHarness::start().await;
+    let options = Options { shared_dedup: Some(&redis), ..Options::default() };
+    let counts = kill_workers_during_calls(&harness, &harness.url(), options).await;
     assert_exactly_once(&counts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_kill_9_of_workers_twenty_times() {
     let Some(harness) = AmqpHarness::from_env().available() else { return };
-    let counts = kill_workers_during_calls(&harness, harness.url(), None).await;
+    let counts = kill_workers_during_calls(&harness, harness.url(), Options::default()).await;
     assert_exactly_once(&counts);
 }
 
@@ -202,7 +229,12 @@ async fn rabbitmq_kill_9_of_workers_twenty_times() {
 async fn jetstream_kill_9_of_workers_twenty_times() {
     let Some(harness) = NatsHarness::jetstream().available() else { return };
     let prefix = harness.stream_prefix().to_owned();
-    let counts = kill_workers_during_calls(&harness, harness.url(), Some(&prefix)).await;
+    let counts = kill_workers_during_calls(
+        &harness,
+        harness.url(),
+        Options { stream_prefix: Some(&prefix), ..Options::default() },
+    )
+    .await;
     assert_exactly_once(&counts);
 }
 
@@ -216,14 +248,15 @@ fn assert_graceful(counts: &Counts) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_broker_sigterm_of_workers_under_load() {
     let harness = RemoteHarness::start().await;
-    let counts = disrupt_workers_during_calls(&harness, &harness.url(), None, Disruption::Terminate).await;
+    let counts =
+        disrupt_workers_during_calls(&harness, &harness.url(), Options::default(), Disruption::Terminate).await;
     assert_graceful(&counts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_sigterm_of_workers_under_load() {
     let Some(harness) = AmqpHarness::from_env().available() else { return };
-    let counts = disrupt_workers_during_calls(&harness, harness.url(), None, Disruption::Terminate).await;
+    let counts = disrupt_workers_during_calls(&harness, harness.url(), Options::default(), Disruption::Terminate).await;
     assert_graceful(&counts);
 }
 
@@ -231,7 +264,13 @@ async fn rabbitmq_sigterm_of_workers_under_load() {
 async fn jetstream_sigterm_of_workers_under_load() {
     let Some(harness) = NatsHarness::jetstream().available() else { return };
     let prefix = harness.stream_prefix().to_owned();
-    let counts = disrupt_workers_during_calls(&harness, harness.url(), Some(&prefix), Disruption::Terminate).await;
+    let counts = disrupt_workers_during_calls(
+        &harness,
+        harness.url(),
+        Options { stream_prefix: Some(&prefix), ..Options::default() },
+        Disruption::Terminate,
+    )
+    .await;
     assert_graceful(&counts);
 }
 
@@ -244,7 +283,7 @@ async fn jetstream_sigterm_of_workers_under_load() {
 async fn paused_worker_is_fenced(harness: &dyn Harness, url: &str, handler: Duration) {
     let namespace = format!("p{}", Uuid::new_v4().simple());
     let sink = sink_path();
-    let start = |name: &str| start_worker(url, &namespace, name, &sink, None);
+    let start = |name: &str| start_worker(url, &namespace, name, &sink, &Options::default());
     let paused = start("paused");
     let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
     let key = Uuid::new_v4().simple().to_string();
@@ -381,7 +420,7 @@ async fn own_broker_lost_publish_confirms_apply_each_effect_once() {
     let proxy = ConfirmDropper::start(broker.server().local_addr(), DROP_EVERY).await;
     let namespace = format!("c{}", Uuid::new_v4().simple());
     let sink = sink_path();
-    let worker = start_worker(&broker.url(), &namespace, "w0", &sink, None);
+    let worker = start_worker(&broker.url(), &namespace, "w0", &sink, &Options::default());
     let options = RemoteOptions::new().request_timeout(Duration::from_millis(300));
     let through_proxy = Remote::connect_with(&proxy.url(), options).await.expect("connects through the proxy");
     let client = Client::builder(through_proxy).namespace(&namespace).connect().await.expect("client");

@@ -15,6 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// Header names of the envelope fields that have no native place; every name the framework writes starts with
 /// [`headers::PREFIX`], so user headers are the others.

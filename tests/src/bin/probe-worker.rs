@@ -10,7 +10,9 @@
 //!
 //! `URL` picks the transport: `mqrpc://` our broker, `amqp://` RabbitMQ, `nats://` NATS (JetStream mode when
 //! `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). `MQRPC_PROBE_SINK` names a file where the
-//! `effect` methods append the keys they applied. Prints `ready` on stdout once it is consuming. On SIGTERM it
+//! `effect` methods append the keys they applied. `MQRPC_PROBE_DEDUP_REDIS` names a Redis whose dedup store the
+//! worker shares with the others (keys prefixed with the namespace, a claim's lease 1 s) instead of keeping its
+//! own in memory. Prints `ready` on stdout once it is consuming. On SIGTERM it
 //! shuts down gracefully (no new requests, running ones finish within 10 s, buffered ones go back to the
 //! queue), prints `stopped` with the shutdown report and the server's counters as `name=value` pairs, and
 //! exits.
@@ -66,12 +68,18 @@ async fn main() -> Result<(), Error> {
     let worker = Worker { name, events: Arc::clone(&events), client: None };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| Error::Transport(Box::new(error)))?;
-    let server = rpc_core::Server::new(transport(&url).await?)
-        .namespace(namespace)
+    let mut server = rpc_core::Server::new(transport(&url).await?)
+        .namespace(namespace.clone())
         .concurrency(concurrency)
-        .prefetch(concurrency as u32)
-        .serve(ProbeServer::new(worker))
-        .await?;
+        .prefetch(concurrency as u32);
+    if let Ok(redis) = std::env::var("MQRPC_PROBE_DEDUP_REDIS") {
+        let store = rpc_broker::adapter::redis::RedisDedup::connect(&redis)
+            .await?
+            .prefix(format!("mqrpc:probe:{namespace}:"))
+            .lease(Duration::from_secs(1));
+        server = server.dedup(store);
+    }
+    let server = server.serve(ProbeServer::new(worker)).await?;
     println!("ready");
     let _ = std::io::stdout().flush();
     terminate.recv().await;
