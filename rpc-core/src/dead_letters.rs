@@ -86,8 +86,10 @@ impl DeadLetters {
         }
     }
 
-    /// Up to `limit` dead letters, oldest first, left where they are: each is handed back unprocessed, which
-    /// does not count as a delivery.
+    /// Up to `limit` dead letters, oldest first (by message id: this framework writes UUIDv7 ids, which sort
+    /// by the time the request was published), left where they are: each is handed back unprocessed, which
+    /// does not count as a delivery. Sorted here because a broker need not keep the order of messages handed
+    /// back (NATS JetStream redelivers them in any order).
     ///
     /// # Errors
     /// As [`DeadLetters::count`], and consuming errors.
@@ -99,16 +101,19 @@ impl DeadLetters {
             listed.push(delivery.envelope);
             handles.push(delivery.handle);
         }
-        // Newest first: a released message goes back to the front, so the queue keeps its order.
+        // Last taken first: a released message goes back to the front, so a broker that keeps the order of
+        // released messages keeps the queue's.
         for handle in handles.into_iter().rev() {
             handle.release().await?;
         }
+        listed.sort_by_key(|envelope| envelope.id);
         self.transport.flush().await?;
         drop(consumer);
         Ok(listed)
     }
 
-    /// Puts up to `limit` dead letters back on the queue, oldest first, and returns how many. A replayed
+    /// Puts up to `limit` dead letters back on the queue, oldest first (as [`DeadLetters::list`] orders them),
+    /// and returns how many. A replayed
     /// request keeps its idempotency key, so a worker that did run it answers with the stored reply instead of
     /// running it twice; it starts over at attempt 1 (its retry policy applies afresh) and has no deadline (its
     /// caller stopped waiting long ago; a reply to an inbox that is gone is dropped, one to a durable
@@ -117,7 +122,8 @@ impl DeadLetters {
     /// # Errors
     /// As [`DeadLetters::list`], and publishing errors; the dead letters not replayed stay where they are.
     pub async fn replay(&self, limit: usize) -> Result<usize, Error> {
-        let Some((consumer, held)) = self.take(limit).await? else { return Ok(0) };
+        let Some((consumer, mut held)) = self.take(limit).await? else { return Ok(0) };
+        held.sort_by_key(|delivery| delivery.envelope.id);
         let mut replayed = 0;
         let mut held = held.into_iter();
         while let Some(delivery) = held.next() {
