@@ -37,6 +37,9 @@ use crate::transport::{self, ConsumeOptions, Consumer, Delivery, Transport};
 
 /// How long to wait for each dead letter the queue's counters announced.
 const WAIT: Duration = Duration::from_secs(2);
+/// How long to wait for dead letters beyond those counted: a broker's counters can leave out messages handed
+/// back a moment ago (NATS JetStream counts them as pending until it delivers them again).
+const MORE: Duration = Duration::from_millis(250);
 
 /// The dead-letter queue of one queue, on one transport.
 #[derive(Clone, Debug)]
@@ -77,11 +80,15 @@ impl DeadLetters {
     /// [`Error::Unsupported`] where the transport has no dead-letter queues; otherwise as
     /// [`Transport::queue_stats`].
     pub async fn count(&self) -> Result<usize, Error> {
+        Ok(self.counted().await?.unwrap_or(0))
+    }
+
+    /// The count, or `None` when the dead-letter queue does not exist (nothing was ever dead-lettered there).
+    async fn counted(&self) -> Result<Option<usize>, Error> {
         self.check()?;
         match self.transport.queue_stats(&self.dead_letters).await {
-            Ok(stats) => Ok(stats.ready),
-            // Nothing was ever dead-lettered there.
-            Err(Error::NoRoute(_)) => Ok(0),
+            Ok(stats) => Ok(Some(stats.ready)),
+            Err(Error::NoRoute(_)) => Ok(None),
             Err(error) => Err(error),
         }
     }
@@ -89,7 +96,9 @@ impl DeadLetters {
     /// Up to `limit` dead letters, oldest first (by message id: this framework writes UUIDv7 ids, which sort
     /// by the time the request was published), left where they are: each is handed back unprocessed, which
     /// does not count as a delivery. Sorted here because a broker need not keep the order of messages handed
-    /// back (NATS JetStream redelivers them in any order).
+    /// back (NATS JetStream redelivers them in any order). Besides those the queue's counters announce, it
+    /// waits a quarter of a second for any they left out (JetStream counts messages handed back a moment ago
+    /// as pending until it delivers them again), so a listing takes at least that long.
     ///
     /// # Errors
     /// As [`DeadLetters::count`], and consuming errors.
@@ -155,17 +164,29 @@ impl DeadLetters {
     /// Takes up to `limit` of the dead letters waiting now, unacked, with the consumer that holds them: they
     /// stay settleable while it lives, and go back to the queue if it is dropped first.
     async fn take(&self, limit: usize) -> Result<Option<(Consumer, Vec<Delivery>)>, Error> {
-        let waiting = self.count().await?.min(limit);
-        if waiting == 0 {
+        if limit == 0 {
             return Ok(None);
         }
-        let prefetch = u32::try_from(waiting).unwrap_or(u32::MAX);
-        let mut consumer = self.transport.consume(&self.dead_letters, ConsumeOptions::new().prefetch(prefetch)).await?;
-        let mut held = Vec::with_capacity(waiting);
-        while held.len() < waiting {
-            // Another reader may have taken some since they were counted.
-            let Ok(Some(delivery)) = tokio::time::timeout(WAIT, consumer.next()).await else { break };
+        let Some(counted) = self.counted().await? else { return Ok(None) };
+        let counted = counted.min(limit);
+        let prefetch = u32::try_from(limit).unwrap_or(u32::MAX);
+        let mut consumer =
+            match self.transport.consume(&self.dead_letters, ConsumeOptions::new().prefetch(prefetch)).await {
+                Ok(consumer) => consumer,
+                // Nothing was ever dead-lettered there.
+                Err(Error::NoRoute(_)) => return Ok(None),
+                Err(error) => return Err(error),
+            };
+        let mut held = Vec::with_capacity(counted);
+        while held.len() < limit {
+            // Those counted are waited for (another reader may have taken some meanwhile); then a short while
+            // for any the counters left out.
+            let wait = if held.len() < counted { WAIT } else { MORE };
+            let Ok(Some(delivery)) = tokio::time::timeout(wait, consumer.next()).await else { break };
             held.push(delivery);
+        }
+        if held.is_empty() {
+            return Ok(None);
         }
         // No more: what is held stays settleable after the consumer is paused.
         consumer.pause();
