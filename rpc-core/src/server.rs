@@ -512,8 +512,7 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
             return;
         }
     };
-    let cancelled = handle.cancelled();
-    let Some(result) = execute(shared, &request, cancelled).await else {
+    let Some(result) = execute(shared, &request, &handle).await else {
         // The caller cancelled the call: nobody waits for a reply, and it must not run again.
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
         if let Some((store, key)) = &claim {
@@ -608,11 +607,7 @@ fn expired_status() -> Status {
 
 /// Runs the handler, within the request's deadline, with its context; a panic becomes [`Code::Internal`].
 /// `None`: the caller cancelled the call and the handler was stopped (dropped at its next await).
-async fn execute(
-    shared: &Shared,
-    request: &Request,
-    cancelled: Option<BoxFuture<'static, ()>>,
-) -> Option<Result<Bytes, Status>> {
+async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Option<Result<Bytes, Status>> {
     let stats = &shared.stats;
     let envelope = &request.envelope;
     if request.expired() {
@@ -634,12 +629,13 @@ async fn execute(
     let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
     let run = context::scope(context, run);
     let run = async {
-        // Biased: a handler that finishes at its first poll never registers for a cancel.
+        // Biased: the handler is polled first.
         tokio::select! {
             biased;
             outcome = run => Some(outcome),
+            // Asked for only once the handler waits: no signal is made for one that finishes at once.
             () = async {
-                match cancelled {
+                match handle.cancelled() {
                     Some(cancelled) => cancelled.await,
                     None => std::future::pending().await,
                 }
