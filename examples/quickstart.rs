@@ -6,8 +6,8 @@
 //! cargo run --example quickstart
 //! ```
 //!
-//! It prints one line per scenario: a call, a typed error, a timeout, a oneway call, an in-process callback,
-//! a durable callback and a broadcast. Set `RUST_LOG=debug` to see the spans of each call.
+//! It prints one line per scenario: a call, a typed error, a timeout, a delayed call, a oneway call, an
+//! in-process callback, a durable callback and a broadcast. Set `RUST_LOG=debug` to see the spans of each call.
 
 use std::time::Duration;
 
@@ -98,6 +98,14 @@ async fn main() -> Result<(), Error> {
         }
         other => println!("timeout    unexpected: {other:?}"),
     }
+
+    // A delayed call: the broker holds the request for 200 ms before a worker can take it.
+    let sent = std::time::Instant::now();
+    let sum = calc.add(1, 1).delay(Duration::from_millis(200)).await?;
+    println!(
+        "delayed    add(1, 1) = {sum}, answered {} ms after it was sent with a 200 ms delay",
+        sent.elapsed().as_millis()
+    );
 
     // Fire-and-forget: returns once queued; a worker runs it.
     calc.log("hello".into()).await?;

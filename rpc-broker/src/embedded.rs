@@ -147,7 +147,19 @@ impl Embedded {
         let props = props(&envelope);
         hub.engine.publish(queue, envelope, props, now).map_err(to_error)?;
         hub.dispatch(now);
+        self.start_timer(&mut hub);
         Ok(())
+    }
+
+    /// Starts the delay timer once a delayed message waits (publishing runs inside a runtime; outside one,
+    /// delayed messages join their queue at the next operation that finds them due).
+    fn start_timer(&self, hub: &mut Hub<Envelope>) {
+        if hub.wants_timer()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let wake = hub.timer_started();
+            runtime.spawn(crate::hub::run_timer(Arc::downgrade(&self.shared), Shared::lock, wake));
+        }
     }
 }
 
@@ -157,6 +169,7 @@ fn props(envelope: &Envelope) -> Props {
         ttl: envelope.deadline_ms.map(Duration::from_millis),
         size: envelope.body.len(),
         key: call_key(envelope),
+        delay: envelope.delay_ms.map(Duration::from_millis),
     }
 }
 
@@ -180,6 +193,7 @@ impl Transport for Embedded {
         let props = props(&envelope);
         let result = hub.engine.publish_topic(topic, envelope, props, now).map(drop).map_err(to_error);
         hub.dispatch(now);
+        self.start_timer(&mut hub);
         Box::pin(std::future::ready(result))
     }
 

@@ -1,11 +1,13 @@
 //! The broker engine, sans-IO: queues, topics with subscriber groups, prefetch, acks, redelivery, TTL,
-//! maximum length and dead-lettering, as plain data driven by method calls.
+//! delayed delivery, maximum length and dead-lettering, as plain data driven by method calls.
 //!
 //! It reads no clock and touches no socket: every operation that depends on time takes `now`, and the
-//! deliveries an operation makes possible are collected by [`Engine::dispatch`]. The embedded transport and
-//! the TCP server are two drivers of this one engine.
+//! deliveries an operation makes possible are collected by [`Engine::dispatch`]. A driver that holds delayed
+//! messages calls [`Engine::dispatch`] again at [`Engine::next_due`]. The embedded transport and the TCP
+//! server are two drivers of this one engine.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rpc_core::QueueStats;
@@ -57,6 +59,9 @@ pub struct Props {
     pub size: usize,
     /// The call the message belongs to, if it can be cancelled.
     pub key: Option<Key>,
+    /// The message waits this long before it can be delivered. Its TTL counts from the publish, so a message
+    /// whose TTL runs out first is never delivered.
+    pub delay: Option<Duration>,
 }
 
 /// A message handed to a consumer.
@@ -133,10 +138,18 @@ struct Stored<M> {
 struct Keyed {
     /// Copies in `ready`, tombstones included.
     ready: u32,
+    /// Copies waiting out a delay, tombstones included.
+    delayed: u32,
     /// Copies delivered and not settled.
     delivered: u32,
     /// The call was cancelled: its copies in `ready` are tombstones, and none of it is queued again.
     cancelled: bool,
+}
+
+impl Keyed {
+    fn is_idle(&self) -> bool {
+        self.ready == 0 && self.delayed == 0 && self.delivered == 0
+    }
 }
 
 /// A ready copy of `key` leaves the queue; `true` if its call was cancelled (the copy was a tombstone).
@@ -144,14 +157,58 @@ fn leave(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
     let Some(keyed) = keys.get_mut(&key) else { return false };
     keyed.ready = keyed.ready.saturating_sub(1);
     let cancelled = keyed.cancelled;
-    if keyed.ready == 0 && keyed.delivered == 0 {
+    if keyed.is_idle() {
         keys.remove(&key);
     }
     cancelled
 }
 
+/// A delayed copy of `key` is due or swept; `true` if its call was cancelled.
+fn leave_delayed(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
+    let Some(keyed) = keys.get_mut(&key) else { return false };
+    keyed.delayed = keyed.delayed.saturating_sub(1);
+    let cancelled = keyed.cancelled;
+    if keyed.is_idle() {
+        keys.remove(&key);
+    }
+    cancelled
+}
+
+/// A message waiting out its delay, ordered by when it is due (then by publish order).
+struct Delayed<M> {
+    due: Instant,
+    seq: u64,
+    /// The queue it goes to, and that queue's incarnation: a queue deleted and declared again does not
+    /// receive the messages delayed for the one before.
+    queue: String,
+    queue_id: u64,
+    stored: Stored<M>,
+}
+
+impl<M> PartialEq for Delayed<M> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+
+impl<M> Eq for Delayed<M> {}
+
+impl<M> PartialOrd for Delayed<M> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<M> Ord for Delayed<M> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
 struct Queue<M> {
     name: String,
+    /// This incarnation of the name.
+    id: u64,
     config: QueueConfig,
     ready: [VecDeque<Stored<M>>; PRIORITY_LEVELS],
     ready_len: usize,
@@ -166,12 +223,15 @@ struct Queue<M> {
     running: BTreeSet<(Key, ConsumerId, u64)>,
     /// Cancelled messages still in `ready`, not counted in `ready_len`.
     tombstones: usize,
+    /// Live messages waiting out a delay (in the engine's heap), cancelled ones not counted.
+    delayed: usize,
 }
 
 impl<M> Queue<M> {
-    fn new(name: String, config: QueueConfig) -> Queue<M> {
+    fn new(name: String, id: u64, config: QueueConfig) -> Queue<M> {
         Queue {
             name,
+            id,
             config,
             ready: std::array::from_fn(|_| VecDeque::new()),
             ready_len: 0,
@@ -183,7 +243,13 @@ impl<M> Queue<M> {
             keys: HashMap::new(),
             running: BTreeSet::new(),
             tombstones: 0,
+            delayed: 0,
         }
+    }
+
+    /// Messages that count against `max_len`: ready and delayed.
+    fn waiting(&self) -> usize {
+        self.ready_len + self.delayed
     }
 
     /// The next message to deliver. Tombstones on the way are dropped, their bytes added to `freed`.
@@ -244,7 +310,7 @@ impl<M> Queue<M> {
         let Some(keyed) = self.keys.get_mut(&key) else { return false };
         keyed.delivered = keyed.delivered.saturating_sub(1);
         let cancelled = keyed.cancelled;
-        if keyed.ready == 0 && keyed.delivered == 0 {
+        if keyed.is_idle() {
             self.keys.remove(&key);
         }
         cancelled
@@ -298,8 +364,14 @@ pub struct Engine<M> {
     next_consumer: u64,
     next_tag: u64,
     dirty: Vec<String>,
-    /// Bytes of all messages held (ready, unacked and dead-lettered).
+    /// Bytes of all messages held (ready, delayed, unacked and dead-lettered).
     bytes: usize,
+    /// Messages waiting out a delay, across queues, earliest due on top.
+    delayed: BinaryHeap<Reverse<Delayed<M>>>,
+    /// Entries of `delayed` whose call was cancelled, swept once they outnumber the live ones.
+    delayed_tombstones: usize,
+    next_seq: u64,
+    next_queue_id: u64,
 }
 
 impl<M> std::fmt::Debug for Engine<M> {
@@ -322,6 +394,10 @@ impl<M> Default for Engine<M> {
             next_tag: 1,
             dirty: Vec::new(),
             bytes: 0,
+            delayed: BinaryHeap::new(),
+            delayed_tombstones: 0,
+            next_seq: 0,
+            next_queue_id: 0,
         }
     }
 }
@@ -357,10 +433,16 @@ impl<M: Clone> Engine<M> {
         if let Some(dead_letter) = &config.dead_letter
             && !self.queues.contains_key(dead_letter)
         {
-            self.queues.insert(dead_letter.clone(), Queue::new(dead_letter.clone(), QueueConfig::default()));
+            self.insert_queue(dead_letter.clone(), QueueConfig::default());
         }
-        self.queues.insert(queue.to_owned(), Queue::new(queue.to_owned(), config));
+        self.insert_queue(queue.to_owned(), config);
         Ok(())
+    }
+
+    fn insert_queue(&mut self, name: String, config: QueueConfig) {
+        let id = self.next_queue_id;
+        self.next_queue_id += 1;
+        self.queues.insert(name.clone(), Queue::new(name, id, config));
     }
 
     /// Whether consumer `id` is attached.
@@ -394,7 +476,9 @@ impl<M: Clone> Engine<M> {
         self.queues.keys().map(String::as_str)
     }
 
-    /// Puts `message` at the back of `queue`. A full queue first drops its expired messages.
+    /// Puts `message` at the back of `queue`, or, with a [`Props::delay`], holds it until the delay is over
+    /// and then puts it at the back. A full queue first drops its expired messages; delayed messages count
+    /// against the maximum length.
     ///
     /// # Errors
     /// [`EngineError::NoQueue`], or [`EngineError::QueueFull`] when the queue is at its maximum length.
@@ -402,11 +486,11 @@ impl<M: Clone> Engine<M> {
         let Some(target) = self.queues.get_mut(queue) else {
             return Err(EngineError::NoQueue(queue.to_owned()));
         };
-        if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
+        if target.config.max_len.is_some_and(|max| target.waiting() >= max) {
             // Messages whose TTL ran out still hold room until dropped.
             self.bytes -= expire_queue(target, now);
         }
-        if target.config.max_len.is_some_and(|max| target.ready_len >= max) {
+        if target.config.max_len.is_some_and(|max| target.waiting() >= max) {
             target.stats.rejected += 1;
             return Err(EngineError::QueueFull(queue.to_owned()));
         }
@@ -417,16 +501,79 @@ impl<M: Clone> Engine<M> {
             return Ok(());
         }
         self.bytes += props.size;
-        target.push_back(Stored {
+        let stored = Stored {
             message,
             size: props.size,
             priority: props.priority.min(9),
             expires_at: props.ttl.map(|ttl| now + ttl),
             deliveries: 0,
             key: props.key,
-        });
+        };
+        if let Some(delay) = props.delay.filter(|delay| !delay.is_zero()) {
+            target.delayed += 1;
+            if let Some(key) = props.key {
+                target.keys.entry(key).or_default().delayed += 1;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let (queue, queue_id) = (target.name.clone(), target.id);
+            self.delayed.push(Reverse(Delayed { due: now + delay, seq, queue, queue_id, stored }));
+            return Ok(());
+        }
+        target.push_back(stored);
         mark_dirty(target, &mut self.dirty);
         Ok(())
+    }
+
+    /// When the earliest delayed message is due: the driver calls [`Engine::dispatch`] then.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.delayed.peek().map(|Reverse(delayed)| delayed.due)
+    }
+
+    /// Moves the delayed messages that are due to the back of their queues.
+    fn promote(&mut self, now: Instant) {
+        while self.delayed.peek().is_some_and(|Reverse(delayed)| delayed.due <= now) {
+            let Some(Reverse(delayed)) = self.delayed.pop() else { break };
+            let stored = delayed.stored;
+            let Some(queue) = self.queues.get_mut(&delayed.queue).filter(|queue| queue.id == delayed.queue_id) else {
+                self.bytes -= stored.size;
+                continue;
+            };
+            if let Some(key) = stored.key
+                && leave_delayed(&mut queue.keys, key)
+            {
+                // Cancelled while it waited: counted then.
+                self.delayed_tombstones = self.delayed_tombstones.saturating_sub(1);
+                self.bytes -= stored.size;
+                continue;
+            }
+            queue.delayed -= 1;
+            if stored.expires_at.is_some_and(|at| at <= now) {
+                queue.stats.expired += 1;
+                self.bytes -= stored.size;
+                continue;
+            }
+            queue.push_back(stored);
+            mark_dirty(queue, &mut self.dirty);
+        }
+    }
+
+    /// Drops the delayed messages of cancelled calls.
+    fn sweep_delayed(&mut self) {
+        let Engine { delayed, queues, bytes, .. } = self;
+        delayed.retain(|Reverse(entry)| {
+            let Some(key) = entry.stored.key else { return true };
+            let Some(queue) = queues.get_mut(&entry.queue).filter(|queue| queue.id == entry.queue_id) else {
+                return true;
+            };
+            if !queue.keys.get(&key).is_some_and(|keyed| keyed.cancelled) {
+                return true;
+            }
+            leave_delayed(&mut queue.keys, key);
+            *bytes -= entry.stored.size;
+            false
+        });
+        self.delayed_tombstones = 0;
     }
 
     /// Puts a copy of `message` in every subscriber group of `topic`; returns how many groups took it (0 for a
@@ -451,7 +598,7 @@ impl<M: Clone> Engine<M> {
     pub fn subscribe_group(&mut self, topic: &str, group: &str) -> String {
         let queue = group_queue(topic, group);
         if !self.queues.contains_key(&queue) {
-            self.queues.insert(queue.clone(), Queue::new(queue.clone(), QueueConfig::default()));
+            self.insert_queue(queue.clone(), QueueConfig::default());
         }
         let groups = self.topics.entry(topic.to_owned()).or_default();
         if !groups.contains(&queue) {
@@ -586,8 +733,9 @@ impl<M: Clone> Engine<M> {
 
     /// Hands out every delivery that became possible since the last call, in order, to `out`: round-robin
     /// over each queue's consumers that have room under their prefetch, highest priority first, dropping
-    /// messages whose TTL ran out.
+    /// messages whose TTL ran out. Delayed messages that are due at `now` join their queues first.
     pub fn dispatch(&mut self, now: Instant, out: &mut Vec<Delivery<M>>) {
+        self.promote(now);
         while let Some(name) = self.dirty.pop() {
             let Some(queue) = self.queues.get_mut(&name) else { continue };
             queue.dirty = false;
@@ -626,10 +774,11 @@ impl<M: Clone> Engine<M> {
             return Ok(Vec::new());
         }
         keyed.cancelled = true;
-        let waiting = keyed.ready as usize;
+        let (waiting, delayed) = (keyed.ready as usize, keyed.delayed as usize);
         target.ready_len -= waiting;
         target.tombstones += waiting;
-        target.stats.cancelled += waiting as u64;
+        target.delayed -= delayed;
+        target.stats.cancelled += (waiting + delayed) as u64;
         let running = target
             .running
             .range((key, ConsumerId(0), 0)..=(key, ConsumerId(u64::MAX), u64::MAX))
@@ -638,10 +787,14 @@ impl<M: Clone> Engine<M> {
         if target.tombstones > target.ready_len {
             self.bytes -= target.sweep(None);
         }
+        self.delayed_tombstones += delayed;
+        if self.delayed_tombstones > self.delayed.len() / 2 {
+            self.sweep_delayed();
+        }
         Ok(running)
     }
 
-    /// Bytes of all messages the engine holds: ready, unacked and dead-lettered.
+    /// Bytes of all messages the engine holds: ready, delayed, unacked and dead-lettered.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -651,6 +804,7 @@ impl<M: Clone> Engine<M> {
         self.queues.get(queue).map(|queue| {
             let mut stats = queue.stats;
             stats.ready = queue.ready_len;
+            stats.delayed = queue.delayed;
             stats.unacked = queue.unacked;
             stats.consumers = queue.consumers.len();
             stats
@@ -1090,5 +1244,106 @@ mod tests {
         let consumer = engine.add_consumer("q", 0, true).expect("consumes");
         assert_eq!(messages(&drain(&mut engine, now)), [0]);
         engine.remove_consumer(consumer, now);
+    }
+
+    fn delayed(delay_ms: u64) -> Props {
+        Props { size: 10, delay: Some(Duration::from_millis(delay_ms)), ..Props::default() }
+    }
+
+    #[test]
+    fn a_delayed_message_waits_its_delay_then_joins_the_back_of_the_queue() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = engine_with("q", QueueConfig::default());
+        engine.add_consumer("q", 0, true).expect("consumes");
+        engine.publish("q", 1, delayed(200), now).expect("publishes");
+        engine.publish("q", 2, delayed(100), now).expect("publishes");
+        assert_eq!(engine.next_due(), Some(now + ms(100)));
+        assert!(drain(&mut engine, now + ms(99)).is_empty());
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.delayed, stats.published), (0, 2, 2));
+        assert_eq!(engine.bytes(), 20);
+        assert_eq!(messages(&drain(&mut engine, now + ms(100))), [2]);
+        assert_eq!(engine.next_due(), Some(now + ms(200)));
+        // Due, it queues behind what was published meanwhile without a delay.
+        engine.pause_consumer(ConsumerId(1));
+        engine.publish("q", 3, Props::default(), now + ms(150)).expect("publishes");
+        assert!(drain(&mut engine, now + ms(250)).is_empty());
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.delayed), (2, 0));
+        assert_eq!(engine.next_due(), None);
+        engine.add_consumer("q", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, now + ms(250))), [3, 1]);
+        assert_eq!(engine.bytes(), 0);
+    }
+
+    #[test]
+    fn a_delayed_message_whose_ttl_ends_first_is_never_delivered() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = engine_with("q", QueueConfig::default());
+        engine.add_consumer("q", 0, true).expect("consumes");
+        let props = Props { ttl: Some(ms(50)), ..delayed(100) };
+        engine.publish("q", 1, props, now).expect("publishes");
+        assert!(drain(&mut engine, now + ms(100)).is_empty());
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.delayed, stats.expired), (0, 0, 1));
+        assert_eq!(engine.bytes(), 0);
+        // A TTL longer than the delay is what remains at delivery.
+        let props = Props { ttl: Some(ms(300)), ..delayed(100) };
+        engine.publish("q", 2, props, now).expect("publishes");
+        let out = drain(&mut engine, now + ms(100));
+        assert_eq!(out[0].remaining_ttl, Some(ms(200)));
+    }
+
+    #[test]
+    fn delayed_messages_count_against_the_maximum_length() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig { max_len: Some(2), ..QueueConfig::default() });
+        engine.publish("q", 1, delayed(100), now).expect("publishes");
+        engine.publish("q", 2, Props::default(), now).expect("publishes");
+        assert_eq!(engine.publish("q", 3, delayed(100), now), Err(EngineError::QueueFull("q".into())));
+    }
+
+    #[test]
+    fn cancel_removes_a_delayed_message_and_a_flood_stays_bounded() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = engine_with("q", QueueConfig::default());
+        engine.add_consumer("q", 0, true).expect("consumes");
+        engine.publish("q", 1, Props { key: Some([1; 16]), ..delayed(100) }, now).expect("publishes");
+        engine.publish("q", 2, delayed(100), now).expect("publishes");
+        assert_eq!(engine.cancel("q", [1; 16]), Ok(Vec::new()));
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.delayed, stats.cancelled), (1, 1));
+        assert_eq!(messages(&drain(&mut engine, now + ms(100))), [2]);
+        assert_eq!(engine.bytes(), 0);
+        assert!(engine.queues["q"].keys.is_empty());
+        // 100,000 delayed calls published and cancelled: the cancelled ones are swept, not held until due.
+        let mut most = 0;
+        for n in 0..100_000u32 {
+            let mut key = [0; 16];
+            key[..4].copy_from_slice(&n.to_be_bytes());
+            engine.publish("q", n, Props { key: Some(key), ..delayed(60_000) }, now).expect("publishes");
+            engine.cancel("q", key).expect("cancels");
+            most = most.max(engine.delayed.len().max(engine.queues["q"].keys.len()));
+        }
+        assert!(most <= 2, "the engine held {most} delayed messages or keys");
+        assert_eq!(engine.stats("q").expect("exists").cancelled, 100_001);
+        assert_eq!(engine.next_due(), None);
+        assert_eq!(engine.bytes(), 0);
+    }
+
+    #[test]
+    fn a_queue_declared_again_does_not_receive_what_was_delayed_for_the_one_before() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = engine_with("q", QueueConfig::default());
+        engine.publish("q", 1, delayed(100), now).expect("publishes");
+        assert!(engine.delete_queue("q"));
+        engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        engine.add_consumer("q", 0, true).expect("consumes");
+        assert!(drain(&mut engine, now + ms(100)).is_empty());
+        assert_eq!(engine.bytes(), 0);
     }
 }

@@ -2,9 +2,11 @@
 //! faces of one broker. Callers hold it behind a mutex and keep each critical section short.
 
 use std::collections::HashMap;
+use std::sync::{Arc, MutexGuard, Weak};
 use std::time::Instant;
 
 use rpc_core::Capabilities;
+use tokio::sync::Notify;
 
 use crate::engine::{self, ConsumerId, Engine, EngineError};
 
@@ -13,7 +15,7 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     durable: false,
     acks: true,
     priority: true,
-    delayed_delivery: false,
+    delayed_delivery: true,
     max_length: true,
     dead_letter: true,
     dedup_window: None,
@@ -41,11 +43,30 @@ pub(crate) struct Hub<M> {
     pub(crate) engine: Engine<M>,
     sinks: HashMap<ConsumerId, Box<dyn Sink<M>>>,
     out: Vec<engine::Delivery<M>>,
+    /// Wakes the delay timer ([`run_timer`]) when a delayed message is due before the time it sleeps until.
+    wake: Arc<Notify>,
+    /// When the delay timer wakes up next, if it sleeps until a due message.
+    armed_for: Option<Instant>,
+    timer_started: bool,
 }
 
 impl<M> Default for Hub<M> {
     fn default() -> Self {
-        Hub { engine: Engine::default(), sinks: HashMap::new(), out: Vec::new() }
+        Hub {
+            engine: Engine::default(),
+            sinks: HashMap::new(),
+            out: Vec::new(),
+            wake: Arc::new(Notify::new()),
+            armed_for: None,
+            timer_started: false,
+        }
+    }
+}
+
+impl<M> Drop for Hub<M> {
+    fn drop(&mut self) {
+        // The timer holds its hub weakly: woken, it finds it gone and ends.
+        self.wake.notify_one();
     }
 }
 
@@ -91,5 +112,57 @@ impl<M: Clone> Hub<M> {
             }
         }
         self.out = out;
+        if let Some(due) = self.engine.next_due()
+            && self.armed_for.is_none_or(|armed| due < armed)
+        {
+            self.armed_for = Some(due);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether delayed messages wait and no timer runs for them yet: the driver then calls
+    /// [`Hub::timer_started`] and spawns [`run_timer`].
+    pub(crate) fn wants_timer(&self) -> bool {
+        !self.timer_started && self.engine.next_due().is_some()
+    }
+
+    /// Records that the driver runs the timer; returns what wakes it.
+    pub(crate) fn timer_started(&mut self) -> Arc<Notify> {
+        self.timer_started = true;
+        Arc::clone(&self.wake)
+    }
+
+    /// Dispatches what is due at `now`; returns when the next delayed message is due.
+    fn tick(&mut self, now: Instant) -> Option<Instant> {
+        // Nothing is due before `now` after this dispatch, so it does not wake the timer that runs it.
+        self.armed_for = Some(now);
+        self.dispatch(now);
+        self.armed_for = self.engine.next_due();
+        self.armed_for
+    }
+}
+
+/// A hub's delay timer: dispatches delayed messages when they are due, until `host` is gone. `lock` reaches the
+/// hub inside its host; `wake` is what [`Hub::timer_started`] returned.
+pub(crate) async fn run_timer<H, M: Clone>(
+    host: Weak<H>,
+    lock: for<'a> fn(&'a H) -> MutexGuard<'a, Hub<M>>,
+    wake: Arc<Notify>,
+) {
+    loop {
+        let due = {
+            let Some(host) = host.upgrade() else { return };
+            let mut hub = lock(&host);
+            hub.tick(Instant::now())
+        };
+        match due {
+            Some(due) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
     }
 }

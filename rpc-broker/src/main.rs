@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--tls-cert FILE --tls-key FILE] [--insecure]
-//! rpc-broker queues                                   # name, depth, unacked, consumers, DLQ depth
+//! rpc-broker queues                                   # name, depth, delayed, unacked, consumers, DLQ depth
 //! rpc-broker call Calculator add '{"a": 2, "b": 3}'   # JSON in, MessagePack on the wire, JSON out
 //! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
 //! rpc-broker dlq replay QUEUE                         # put it back on QUEUE
@@ -36,7 +36,7 @@ struct Cli {
 enum Command {
     /// Runs the broker server.
     Serve(Box<Serve>),
-    /// Lists the queues: name, depth, unacked, consumers, dead-letter depth.
+    /// Lists the queues: name, depth, delayed, unacked, consumers, dead-letter depth.
     Queues(Connect),
     /// Calls METHOD of SERVICE with JSON arguments and prints the JSON result.
     Call {
@@ -221,10 +221,13 @@ async fn list_queues(target: &Connect) -> Result<(), String> {
     let remote = connect(target).await?;
     let queues = remote.list_queues().await.map_err(|error| error.to_string())?;
     let depth_of = |name: &str| queues.iter().find(|(queue, _)| queue == name).map(|(_, stats)| stats.ready);
-    println!("{:<48} {:>10} {:>10} {:>10} {:>10}", "queue", "depth", "unacked", "consumers", "dlq");
+    println!("{:<48} {:>10} {:>10} {:>10} {:>10} {:>10}", "queue", "depth", "delayed", "unacked", "consumers", "dlq");
     for (name, stats) in queues.iter().filter(|(name, _)| !name.ends_with(".dlq") && !name.starts_with("inbox.")) {
         let dlq = depth_of(&naming::dead_letter_queue(name)).map_or_else(|| "-".to_owned(), |depth| depth.to_string());
-        println!("{name:<48} {:>10} {:>10} {:>10} {dlq:>10}", stats.ready, stats.unacked, stats.consumers);
+        println!(
+            "{name:<48} {:>10} {:>10} {:>10} {:>10} {dlq:>10}",
+            stats.ready, stats.delayed, stats.unacked, stats.consumers
+        );
     }
     Ok(())
 }

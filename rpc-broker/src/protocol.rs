@@ -12,7 +12,7 @@ use rpc_core::{Outcome, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -150,6 +150,8 @@ pub enum ClientFrame {
         priority: u8,
         /// Dropped if not delivered within this many milliseconds.
         ttl_ms: Option<u64>,
+        /// Held this many milliseconds before it can be delivered.
+        delay_ms: Option<u64>,
         /// The call the payload belongs to (its correlation id), for `CancelCall`.
         key: Option<[u8; 16]>,
         /// The encoded envelope.
@@ -165,6 +167,8 @@ pub enum ClientFrame {
         priority: u8,
         /// As in `Publish`.
         ttl_ms: Option<u64>,
+        /// As in `Publish`.
+        delay_ms: Option<u64>,
         /// The encoded envelope.
         payload: Bytes,
     },
@@ -524,11 +528,18 @@ impl Frame for ClientFrame {
                     .u32(max_deliveries.unwrap_or(0))
                     .u8(u8::from(*durable));
             }
-            ClientFrame::Publish { req, queue, priority, ttl_ms, key, payload } => {
-                Writer::new(dst, 0x03).u32(*req).str(queue).u8(*priority).opt(*ttl_ms).key(key.as_ref()).bytes(payload);
+            ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, payload } => {
+                Writer::new(dst, 0x03)
+                    .u32(*req)
+                    .str(queue)
+                    .u8(*priority)
+                    .opt(*ttl_ms)
+                    .opt(*delay_ms)
+                    .key(key.as_ref())
+                    .bytes(payload);
             }
-            ClientFrame::PublishTopic { req, topic, priority, ttl_ms, payload } => {
-                Writer::new(dst, 0x04).u32(*req).str(topic).u8(*priority).opt(*ttl_ms).bytes(payload);
+            ClientFrame::PublishTopic { req, topic, priority, ttl_ms, delay_ms, payload } => {
+                Writer::new(dst, 0x04).u32(*req).str(topic).u8(*priority).opt(*ttl_ms).opt(*delay_ms).bytes(payload);
             }
             ClientFrame::Consume { req, queue, prefetch, auto_ack } => {
                 Writer::new(dst, 0x05).u32(*req).str(queue).u32(*prefetch).u8(u8::from(*auto_ack));
@@ -590,12 +601,13 @@ impl ClientFrame {
                 durable: r.bool()?,
             },
             0x03 => {
-                let (req, queue, priority, ttl_ms, key) = (r.u32()?, r.str()?, r.u8()?, r.opt()?, r.key()?);
-                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, key, payload: r.rest() });
+                let (req, queue, priority) = (r.u32()?, r.str()?, r.u8()?);
+                let (ttl_ms, delay_ms, key) = (r.opt()?, r.opt()?, r.key()?);
+                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, payload: r.rest() });
             }
             0x04 => {
-                let (req, topic, priority, ttl_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?);
-                return Ok(ClientFrame::PublishTopic { req, topic, priority, ttl_ms, payload: r.rest() });
+                let (req, topic, priority, ttl_ms, delay_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?, r.opt()?);
+                return Ok(ClientFrame::PublishTopic { req, topic, priority, ttl_ms, delay_ms, payload: r.rest() });
             }
             0x05 => ClientFrame::Consume { req: r.u32()?, queue: r.str()?, prefetch: r.u32()?, auto_ack: r.bool()? },
             0x06 => ClientFrame::Subscribe {
@@ -735,6 +747,7 @@ fn put_stats(dst: &mut BytesMut, stats: &QueueStats) {
         stats.expired,
         stats.rejected,
         stats.cancelled,
+        stats.delayed as u64,
     ] {
         dst.put_u64(value);
     }
@@ -751,6 +764,7 @@ fn read_stats(r: &mut Reader) -> Result<QueueStats, ProtocolError> {
     stats.expired = r.u64()?;
     stats.rejected = r.u64()?;
     stats.cancelled = r.u64()?;
+    stats.delayed = usize::try_from(r.u64()?).map_err(|_| ProtocolError::Malformed("a count over usize"))?;
     Ok(stats)
 }
 
@@ -859,6 +873,7 @@ mod tests {
             queue: "q".into(),
             priority: 9,
             ttl_ms: Some(100),
+            delay_ms: Some(250),
             key: None,
             payload: payload.clone(),
         });
@@ -867,6 +882,7 @@ mod tests {
             queue: "q".into(),
             priority: 0,
             ttl_ms: None,
+            delay_ms: None,
             key: Some([7; 16]),
             payload: payload.clone(),
         });
@@ -875,6 +891,7 @@ mod tests {
             topic: "t".into(),
             priority: 0,
             ttl_ms: None,
+            delay_ms: Some(1),
             payload: payload.clone(),
         });
         round_trip_client(ClientFrame::Consume { req: 4, queue: "q".into(), prefetch: 64, auto_ack: false });

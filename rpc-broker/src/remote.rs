@@ -812,12 +812,14 @@ impl Transport for Remote {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
             let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
+            let delay_ms = envelope.delay_ms;
             self.inner
                 .request(queue, |req| ClientFrame::Publish {
                     req,
                     queue: queue.to_owned(),
                     priority,
                     ttl_ms,
+                    delay_ms,
                     key,
                     payload,
                 })
@@ -842,13 +844,15 @@ impl Transport for Remote {
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
-            let (priority, ttl_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms);
+            let (priority, ttl_ms, delay_ms) =
+                (envelope.priority.unwrap_or(0), envelope.deadline_ms, envelope.delay_ms);
             self.inner
                 .request(topic, |req| ClientFrame::PublishTopic {
                     req,
                     topic: topic.to_owned(),
                     priority,
                     ttl_ms,
+                    delay_ms,
                     payload,
                 })
                 .await
@@ -907,7 +911,15 @@ impl Transport for Remote {
 fn reply_frame(reply_to: &str, reply: &Envelope) -> Result<ClientFrame, Error> {
     let payload = codec::encode_envelope(reply)?;
     let (priority, ttl_ms) = (reply.priority.unwrap_or(0), reply.deadline_ms);
-    Ok(ClientFrame::Publish { req: 0, queue: reply_to.to_owned(), priority, ttl_ms, key: None, payload })
+    Ok(ClientFrame::Publish {
+        req: 0,
+        queue: reply_to.to_owned(),
+        priority,
+        ttl_ms,
+        delay_ms: None,
+        key: None,
+        payload,
+    })
 }
 
 /// A request waiting for its answer on a connection; dropping it forgets the request, so that an answer that

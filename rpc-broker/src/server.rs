@@ -149,6 +149,8 @@ impl BrokerServer {
             rejected: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
         });
+        let wake = state.lock().timer_started();
+        tokio::spawn(crate::hub::run_timer(Arc::downgrade(&state), State::lock, wake));
         let task = tokio::spawn(accept(listener, Arc::clone(&state)));
         Ok(BrokerServer { state, local_addr, task })
     }
@@ -490,8 +492,15 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::Publish { queue, priority, ttl_ms, key, payload, .. } => {
-                match self.publish(Target::Queue(&queue), priority, ttl_ms, key, payload) {
+            ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, payload, .. } => {
+                let props = Props {
+                    priority,
+                    ttl: ttl_ms.map(Duration::from_millis),
+                    delay: delay_ms.map(Duration::from_millis),
+                    key,
+                    size: payload.len(),
+                };
+                match self.publish(Target::Queue(&queue), props, payload) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
                         tracing::debug!(%error, queue, "dropped an unconfirmed publish");
@@ -502,8 +511,15 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::PublishTopic { topic, priority, ttl_ms, payload, .. } => {
-                match self.publish(Target::Topic(&topic), priority, ttl_ms, None, payload) {
+            ClientFrame::PublishTopic { topic, priority, ttl_ms, delay_ms, payload, .. } => {
+                let props = Props {
+                    priority,
+                    ttl: ttl_ms.map(Duration::from_millis),
+                    delay: delay_ms.map(Duration::from_millis),
+                    key: None,
+                    size: payload.len(),
+                };
+                match self.publish(Target::Topic(&topic), props, payload) {
                     Ok(()) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
@@ -593,22 +609,14 @@ impl Connection {
         }
     }
 
-    fn publish(
-        &self,
-        target: Target<'_>,
-        priority: u8,
-        ttl_ms: Option<u64>,
-        key: Option<engine::Key>,
-        payload: Bytes,
-    ) -> Result<(), Error> {
-        if priority > 9 {
-            return Err(Error::InvalidArgument(format!("priority {priority} is above the highest, 9")));
+    fn publish(&self, target: Target<'_>, props: Props, payload: Bytes) -> Result<(), Error> {
+        if props.priority > 9 {
+            return Err(Error::InvalidArgument(format!("priority {} is above the highest, 9", props.priority)));
         }
         // The broker does not decode envelopes, but it refuses what no consumer could decode.
         let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
         codec::check(&payload, &limits)
             .map_err(|error| Error::InvalidArgument(format!("the payload is not an envelope: {error}")))?;
-        let props = Props { priority, ttl: ttl_ms.map(Duration::from_millis), size: payload.len(), key };
         let now = Instant::now();
         let mut hub = self.state.lock();
         if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {

@@ -236,8 +236,15 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
     stream.write_all(&encode(&declare)).await.expect("writes");
     let bad = [Bytes::from_static(&[0xc1, 0xff, 0x00]), Bytes::from(vec![0x91u8; 100_000])];
     for (req, payload) in (2u32..).zip(bad) {
-        let publish =
-            ClientFrame::Publish { req, queue: "victim".into(), priority: 0, ttl_ms: None, key: None, payload };
+        let publish = ClientFrame::Publish {
+            req,
+            queue: "victim".into(),
+            priority: 0,
+            ttl_ms: None,
+            delay_ms: None,
+            key: None,
+            payload,
+        };
         stream.write_all(&encode(&publish)).await.expect("writes");
     }
     stream.write_all(&encode(&ClientFrame::Stats { req: 9, queue: "victim".into() })).await.expect("writes");
@@ -457,7 +464,7 @@ async fn operator_commands_list_call_and_replay() {
 
     let queues = cli(&url, &["queues"]).await;
     let jobs = queues.lines().find(|line| line.starts_with("jobs ")).expect("jobs is listed");
-    assert_eq!(jobs.split_whitespace().collect::<Vec<_>>(), ["jobs", "0", "0", "0", "1"], "{queues}");
+    assert_eq!(jobs.split_whitespace().collect::<Vec<_>>(), ["jobs", "0", "0", "0", "0", "1"], "{queues}");
     assert!(queues.lines().any(|line| line.starts_with("Echo ")), "{queues}");
 
     let listed = cli(&url, &["dlq", "list", "jobs"]).await;
@@ -486,6 +493,7 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
         queue: queue.into(),
         priority: 0,
         ttl_ms: None,
+        delay_ms: None,
         key: None,
         payload: payload.clone(),
     };
@@ -549,6 +557,7 @@ async fn a_flood_of_publish_and_cancel_pairs_leaves_nothing_behind() {
             queue: "flood".into(),
             priority: 0,
             ttl_ms: None,
+            delay_ms: None,
             key: Some(key),
             payload: payload.clone(),
         };

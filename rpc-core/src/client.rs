@@ -352,17 +352,36 @@ struct Options {
     timeout: Option<Duration>,
     idempotency_key: Option<String>,
     priority: Option<u8>,
+    delay: Option<Duration>,
     headers: BTreeMap<String, String>,
 }
 
 impl Options {
     /// Refuses what the call asks and the transport cannot do, rather than ignoring it.
     fn check(&self, transport: &dyn Transport) -> Result<(), Error> {
+        let capabilities = transport.capabilities();
         match self.priority {
             Some(priority) if priority > MAX_PRIORITY => {
-                Err(Error::InvalidArgument(format!("priority {priority} is above the highest, {MAX_PRIORITY}")))
+                return Err(Error::InvalidArgument(format!(
+                    "priority {priority} is above the highest, {MAX_PRIORITY}"
+                )));
             }
-            Some(_) if !transport.capabilities().priority => Err(Error::Unsupported("priorities")),
+            Some(_) if !capabilities.priority => return Err(Error::Unsupported("priorities")),
+            _ => {}
+        }
+        if self.delay.is_some() && !capabilities.delayed_delivery {
+            return Err(Error::Unsupported("delayed delivery"));
+        }
+        Ok(())
+    }
+
+    /// Refuses a delay that leaves nothing of the time `budget` gives the message.
+    fn check_delay(&self, budget: Option<Duration>) -> Result<(), Error> {
+        match (self.delay, budget) {
+            (Some(delay), Some(budget)) if delay >= budget => Err(Error::InvalidArgument(format!(
+                "a delay of {delay:?} leaves nothing of the message's {budget:?} budget, which counts from the \
+                 publish; give it a longer timeout"
+            ))),
             _ => Ok(()),
         }
     }
@@ -370,6 +389,7 @@ impl Options {
     fn apply(&self, envelope: &mut Envelope) {
         envelope.idempotency_key.clone_from(&self.idempotency_key);
         envelope.priority = self.priority;
+        envelope.delay_ms = self.delay.filter(|delay| !delay.is_zero()).map(|delay| millis(delay).max(1));
         envelope.headers.clone_from(&self.headers);
     }
 }
@@ -447,6 +467,15 @@ impl<O: Send + 'static> Call<O> {
         self
     }
 
+    /// Has the broker hold the request for `delay` before a worker can take it, where the transport has
+    /// delayed delivery (our broker and the embedded one); elsewhere the call fails with
+    /// [`Error::Unsupported`] rather than going out at once. The call's timeout counts from the send, delay
+    /// included, so it must be longer than the delay.
+    pub fn delay(mut self, delay: Duration) -> Call<O> {
+        self.options.delay = Some(delay);
+        self
+    }
+
     /// Adds a header; the reply echoes it.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Call<O> {
         self.options.headers.insert(name.into(), value.into());
@@ -498,6 +527,7 @@ impl<O: Send + 'static> Call<O> {
             if budget.is_zero() {
                 return Err(Error::Timeout(budget));
             }
+            self.options.check_delay(Some(budget))?;
             envelope.deadline_ms = Some(millis(budget).max(1));
         }
         envelope.body = args;
@@ -529,6 +559,7 @@ impl<O: Send + 'static> Call<O> {
         if budget.is_zero() {
             return Err(Error::Timeout(budget));
         }
+        self.options.check_delay(Some(budget))?;
         let _admitted = admit(inner, Some(deadline), budget).await?;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -743,6 +774,13 @@ impl Notify {
         self
     }
 
+    /// Has the broker hold the message for `delay` before a worker can take it; as [`Call::delay`] (a
+    /// [`ttl`](Notify::ttl) counts from the send, delay included).
+    pub fn delay(mut self, delay: Duration) -> Notify {
+        self.options.delay = Some(delay);
+        self
+    }
+
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Notify {
         self.options.headers.insert(name.into(), value.into());
@@ -754,6 +792,7 @@ impl Notify {
             return Err(Error::Shutdown);
         }
         self.options.check(self.client.transport().as_ref())?;
+        self.options.check_delay(self.options.timeout)?;
         let mut envelope = Envelope::new(Kind::Oneway);
         self.options.apply(&mut envelope);
         envelope.caller = self.client.identity().map(str::to_owned);

@@ -140,6 +140,7 @@ impl DeadLetters {
             again.id = uuid::Uuid::now_v7();
             again.attempt = 1;
             again.deadline_ms = None;
+            again.delay_ms = None;
             if let Err(error) = self.transport.publish(&self.queue, again).await {
                 let rest: Vec<Delivery> = held.collect();
                 for rest in rest.into_iter().rev() {

@@ -81,6 +81,11 @@ pub struct Envelope {
     /// A transport hands a delivery out with the time it spent queued already taken off.
     #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Milliseconds the broker holds the message before it can be delivered, where the transport has delayed
+    /// delivery ([`Capabilities::delayed_delivery`](crate::Capabilities::delayed_delivery)); the deadline
+    /// counts from the publish, delay included. Workers ignore it.
+    #[serde(rename = "dl", default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
     /// Which attempt this is, from 1.
     #[serde(rename = "a", default = "first_attempt")]
     pub attempt: u32,
@@ -128,6 +133,7 @@ impl Envelope {
             method: String::new(),
             reply_to: None,
             deadline_ms: None,
+            delay_ms: None,
             attempt: 1,
             idempotency_key: None,
             priority: None,

@@ -3,7 +3,9 @@
 //!
 //! A [`Server`](crate::Server) applies a policy to the requests it handles: a handler that fails with a
 //! retryable code is run again, as a new message on the service's queue carrying `attempt + 1`, after an
-//! exponential backoff with jitter. After the last attempt the request goes to the dead-letter queue and the
+//! exponential backoff with jitter: the broker holds the copy for the backoff where the transport has delayed
+//! delivery (our broker and the embedded one), so the worker is free meanwhile; elsewhere the worker waits it
+//! out before publishing the copy. After the last attempt the request goes to the dead-letter queue and the
 //! caller gets [`Code::DeadLettered`](crate::Code::DeadLettered) with the last failure in its message, before
 //! its deadline: an attempt whose backoff would end past the deadline is not made.
 //!

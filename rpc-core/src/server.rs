@@ -662,18 +662,24 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
     })
 }
 
-/// Waits out the backoff, then puts a copy of the request carrying `attempt + 1` on the service's queue and
-/// acks this one. If the copy cannot be published, this one goes back to the queue instead.
+/// Puts a copy of the request carrying `attempt + 1` on the service's queue, due after the backoff `wait`, and
+/// acks this one. Where the transport has delayed delivery the broker holds the copy meanwhile; elsewhere the
+/// worker waits out the backoff first, holding the request. If the copy cannot be published, this one goes
+/// back to the queue instead.
 async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Duration) {
-    tokio::time::sleep(wait).await;
+    let delayed = shared.transport.capabilities().delayed_delivery && !wait.is_zero();
+    if !delayed {
+        tokio::time::sleep(wait).await;
+    }
     let mut copy = request.envelope;
     copy.id = uuid::Uuid::now_v7();
     copy.attempt = request.attempt + 1;
+    copy.delay_ms = delayed.then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
     if let Some(deadline) = request.deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         copy.deadline_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1));
     }
-    tracing::debug!(attempt = copy.attempt, ?wait, "retrying a failed request");
+    tracing::debug!(attempt = copy.attempt, ?wait, delayed, "retrying a failed request");
     // Counted before the publish: a worker can take the copy, and its caller read the stats, before this
     // publish's confirm comes back.
     shared.stats.retried.fetch_add(1, Ordering::Relaxed);

@@ -414,6 +414,8 @@ pub struct Inbox {
 pub struct QueueStats {
     /// Messages waiting to be delivered.
     pub ready: usize,
+    /// Messages published with a delay that is not over yet (where the transport has delayed delivery).
+    pub delayed: usize,
     /// Messages delivered and not yet settled.
     pub unacked: usize,
     /// Consumers attached.

@@ -351,6 +351,8 @@ macro_rules! scenario_suite {
                 cancelled_call_leaves_the_queue_and_stops_its_handler,
                 handler_reads_the_callers_identity,
                 dead_letters_are_listed_and_replayed_with_their_key,
+                delayed_call_waits_its_delay_or_is_refused,
+                retry_backoff_is_held_by_the_broker,
             ],
             ignore "": []);
     };

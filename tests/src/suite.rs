@@ -49,6 +49,8 @@ pub const SCENARIOS: &[&str] = &[
     "cancelled_call_leaves_the_queue_and_stops_its_handler",
     "handler_reads_the_callers_identity",
     "dead_letters_are_listed_and_replayed_with_their_key",
+    "delayed_call_waits_its_delay_or_is_refused",
+    "retry_backoff_is_held_by_the_broker",
 ];
 
 const SERVICE: &str = "suite.Probe";
@@ -836,4 +838,85 @@ pub async fn dead_letters_are_listed_and_replayed_with_their_key(harness: &dyn H
     // Each failed for good once, and each replay ran: none was answered from the dedup store.
     let stats = server.stats();
     assert_eq!((stats.dead_lettered, stats.deduplicated), (3, 0));
+}
+
+/// A call sent with a delay waits that long in the broker before a worker takes it, can be cancelled while it
+/// waits, and must leave time for its answer; a transport without delayed delivery refuses it.
+pub async fn delayed_call_waits_its_delay_or_is_refused(harness: &dyn Harness) {
+    const DELAY: Duration = Duration::from_millis(400);
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let (_server, events) = setup.worker("w").await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    if !transport.capabilities().delayed_delivery {
+        match probe.add(1, 2).delay(DELAY).timeout(WAIT).await {
+            Err(Error::Unsupported(what)) => assert_eq!(what, "delayed delivery"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        assert_eq!(client.stats().pending, 0);
+        return;
+    }
+    match probe.add(1, 2).delay(WAIT).timeout(WAIT).await {
+        Err(Error::InvalidArgument(why)) => assert!(why.contains("longer timeout"), "{why}"),
+        other => panic!("expected InvalidArgument for a delay as long as the timeout, got {other:?}"),
+    }
+    let sent = tokio::time::Instant::now();
+    let (done, result) = tokio::sync::oneshot::channel();
+    probe.add(2, 3).delay(DELAY).timeout(WAIT).on_reply(move |sum| drop(done.send(sum)));
+    eventually_async("the call to wait out its delay in the broker", WAIT, || async {
+        transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.delayed == 1 && stats.ready == 0)
+    })
+    .await;
+    assert_eq!(result.await.expect("answered").expect("add"), 5);
+    assert!(sent.elapsed() >= DELAY, "answered after {:?}, before its delay", sent.elapsed());
+    // Cancelled while it waits: it never runs.
+    let (done, result) = tokio::sync::oneshot::channel();
+    let id = probe.count(7).delay(DELAY).timeout(WAIT).on_reply(move |count| drop(done.send(count)));
+    eventually_async("the second call to wait out its delay", WAIT, || async {
+        transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.delayed == 1)
+    })
+    .await;
+    assert!(client.cancel(id));
+    assert!(matches!(result.await, Ok(Err(Error::Cancelled))));
+    // The cancel goes out on the client's connection, the stats come over another.
+    eventually_async("the broker to remove the cancelled call", WAIT, || async {
+        transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| (stats.delayed, stats.cancelled) == (0, 1))
+    })
+    .await;
+    // A later call, delayed past the cancelled one's due time, is answered; the cancelled one never ran.
+    assert_eq!(probe.add(1, 1).delay(DELAY + DELAY / 2).timeout(WAIT).await.expect("answered"), 2);
+    assert!(events.counts.lock().expect("not poisoned").is_empty(), "the cancelled delayed call ran");
+    assert_eq!(client.stats().pending, 0);
+}
+
+/// Between attempts, a retried request waits in the broker where it has delayed delivery: the worker is free
+/// to serve other calls during the backoff, and the retry is answered once the backoff is over.
+pub async fn retry_backoff_is_held_by_the_broker(harness: &dyn Harness) {
+    const BACKOFF: Duration = Duration::from_millis(600);
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    let delays = transport.capabilities().delayed_delivery;
+    let policy = RetryPolicy::attempts(2).backoff(BACKOFF, BACKOFF).multiplier(1.0);
+    let (server, _) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1).retry(policy)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let (done, result) = tokio::sync::oneshot::channel();
+    let sent = tokio::time::Instant::now();
+    probe.flaky(1).timeout(WAIT).on_reply(move |attempt| drop(done.send(attempt)));
+    eventually("the first attempt to fail", WAIT, || server.stats().panicked == 1).await;
+    if delays {
+        eventually_async("the retry to wait in the broker", WAIT, || async {
+            transport
+                .queue_stats(&setup.queue())
+                .await
+                .is_ok_and(|stats| stats.delayed == 1 && stats.unacked == 0 && stats.ready == 0)
+        })
+        .await;
+        // The worker holds nothing during the backoff: its one place serves another call.
+        assert_eq!(probe.add(2, 2).timeout(WAIT).await.expect("served"), 4);
+    }
+    assert_eq!(result.await.expect("answered").expect("the retry succeeds"), 2);
+    // The backoff is between half and all of its nominal length (jitter).
+    assert!(sent.elapsed() >= BACKOFF / 2, "the retry came after {:?}", sent.elapsed());
+    assert_eq!(server.stats().retried, 1);
 }

@@ -33,6 +33,8 @@ run: [
     cancelled_call_leaves_the_queue_and_stops_its_handler,
     handler_reads_the_callers_identity,
     dead_letters_are_listed_and_replayed_with_their_key,
+    delayed_call_waits_its_delay_or_is_refused,
+    retry_backoff_is_held_by_the_broker,
 ],
 ignore "core NATS holds no message: nothing is redelivered or waits for a worker (JetStream mode runs it)": [
     redelivery_when_a_worker_disappears,

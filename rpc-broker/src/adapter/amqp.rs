@@ -471,6 +471,7 @@ impl Inner {
     }
 
     async fn publish_to(&self, exchange: &str, queue: &str, envelope: Envelope) -> Result<(), Error> {
+        super::refuse_delay(&envelope)?;
         let conn = self.current()?;
         let topic = !exchange.is_empty();
         let (properties, body) = to_amqp(&envelope, self.options.persistent)?;

@@ -54,6 +54,15 @@ pub mod headers {
     pub const RAW_CORRELATION_ID: &str = "mqrpc-raw-correlation-id";
 }
 
+/// Refuses a message published with a delay: the broker has no delayed delivery of its own, and sending it
+/// at once would ignore what the caller asked.
+pub(crate) fn refuse_delay(envelope: &rpc_core::Envelope) -> Result<(), rpc_core::Error> {
+    match envelope.delay_ms {
+        Some(_) => Err(rpc_core::Error::Unsupported("delayed delivery")),
+        None => Ok(()),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))

@@ -245,6 +245,7 @@ impl Inner {
     /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
     async fn publish(&self, queue: &str, mut envelope: Envelope) -> Result<(), Error> {
         self.check()?;
+        super::refuse_delay(&envelope)?;
         check_subject(queue)?;
         let reply_subject = reply_subject(&mut envelope);
         let to_inbox = queue.starts_with("_INBOX.");
