@@ -151,15 +151,19 @@ impl Embedded {
         Ok(())
     }
 
-    /// Starts the delay timer once a delayed message waits (publishing runs inside a runtime; outside one,
-    /// delayed messages join their queue at the next operation that finds them due).
     fn start_timer(&self, hub: &mut Hub<Envelope>) {
-        if hub.wants_timer()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let wake = hub.timer_started();
-            runtime.spawn(crate::hub::run_timer(Arc::downgrade(&self.shared), Shared::lock, wake));
-        }
+        start_timer(&self.shared, hub);
+    }
+}
+
+/// Starts the delay timer once a delayed message waits (publishing runs inside a runtime; outside one, delayed
+/// messages join their queue at the next operation that finds them due).
+fn start_timer(shared: &Arc<Shared>, hub: &mut Hub<Envelope>) {
+    if hub.wants_timer()
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
+        let wake = hub.timer_started();
+        runtime.spawn(crate::hub::run_timer(Arc::downgrade(shared), Shared::lock, wake));
     }
 }
 
@@ -267,6 +271,38 @@ impl Acker for EmbeddedAcker {
             }
             None => Err(Error::Disconnected),
         };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn republish<'a>(
+        &'a self,
+        _transport: &'a dyn Transport,
+        tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let result = match self.shared.upgrade() {
+            Some(shared) => {
+                let now = Instant::now();
+                let mut hub = shared.lock();
+                let props = props(&envelope);
+                let result = if hub.engine.holds(self.consumer, tag) {
+                    hub.engine
+                        .publish(queue, envelope, props, now)
+                        .and_then(|()| hub.engine.settle(self.consumer, tag, Settle::Ack, now))
+                        .map_err(to_error)
+                } else {
+                    Err(Error::DeliveryLost)
+                };
+                hub.dispatch(now);
+                start_timer(&shared, &mut hub);
+                result
+            }
+            None => Err(Error::DeliveryLost),
+        };
+        if result.is_ok() {
+            self.cancellations.forget(tag);
+        }
         Box::pin(std::future::ready(result))
     }
 

@@ -450,6 +450,11 @@ impl<M: Clone> Engine<M> {
         self.consumers.contains_key(&id)
     }
 
+    /// Whether consumer `id` holds the unacked delivery `tag`.
+    pub fn holds(&self, id: ConsumerId, tag: u64) -> bool {
+        self.consumers.get(&id).is_some_and(|consumer| consumer.unacked.contains_key(&tag))
+    }
+
     /// Whether `queue` exists.
     pub fn has_queue(&self, queue: &str) -> bool {
         self.queues.contains_key(queue)

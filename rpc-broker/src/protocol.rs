@@ -251,6 +251,30 @@ pub enum ClientFrame {
         /// The key it was published with.
         key: [u8; 16],
     },
+    /// Publishes a payload in place of a delivery the connection holds, and acks that delivery, as one step:
+    /// a worker retrying a request puts the next attempt on the queue this way. If the delivery is no longer
+    /// held (the connection lost it and it was requeued) nothing happens and the answer is `Error{Gone}`; if
+    /// the publish is refused, the delivery stays held.
+    Republish {
+        /// Request id.
+        req: u32,
+        /// The consumer that holds the delivery.
+        consumer: u64,
+        /// The delivery.
+        tag: u64,
+        /// Where the payload goes.
+        queue: String,
+        /// As in `Publish`.
+        priority: u8,
+        /// As in `Publish`.
+        ttl_ms: Option<u64>,
+        /// As in `Publish`.
+        delay_ms: Option<u64>,
+        /// As in `Publish`.
+        key: Option<[u8; 16]>,
+        /// The encoded envelope.
+        payload: Bytes,
+    },
 }
 
 /// Error codes in [`ServerFrame::Error`].
@@ -277,6 +301,8 @@ pub enum ErrorCode {
     Timeout,
     /// A failure inside the broker.
     Internal,
+    /// The delivery a frame names is no longer held by the connection.
+    Gone,
     /// A code this build does not know.
     Other(u8),
 }
@@ -294,6 +320,7 @@ impl ErrorCode {
             ErrorCode::Limit => 8,
             ErrorCode::Timeout => 9,
             ErrorCode::Internal => 10,
+            ErrorCode::Gone => 11,
             ErrorCode::Other(code) => code,
         }
     }
@@ -310,6 +337,7 @@ impl ErrorCode {
             8 => ErrorCode::Limit,
             9 => ErrorCode::Timeout,
             10 => ErrorCode::Internal,
+            11 => ErrorCode::Gone,
             other => ErrorCode::Other(other),
         }
     }
@@ -580,6 +608,18 @@ impl Frame for ClientFrame {
             ClientFrame::CancelCall { queue, key } => {
                 Writer::new(dst, 0x0f).str(queue).bytes(key);
             }
+            ClientFrame::Republish { req, consumer, tag, queue, priority, ttl_ms, delay_ms, key, payload } => {
+                Writer::new(dst, 0x10)
+                    .u32(*req)
+                    .u64(*consumer)
+                    .u64(*tag)
+                    .str(queue)
+                    .u8(*priority)
+                    .opt(*ttl_ms)
+                    .opt(*delay_ms)
+                    .key(key.as_ref())
+                    .bytes(payload);
+            }
         }
     }
 }
@@ -636,6 +676,22 @@ impl ClientFrame {
             0x0d => ClientFrame::Ping,
             0x0e => ClientFrame::Sync { req: r.u32()? },
             0x0f => ClientFrame::CancelCall { queue: r.str()?, key: r.key16()? },
+            0x10 => {
+                let (req, consumer, tag, queue) = (r.u32()?, r.u64()?, r.u64()?, r.str()?);
+                let (priority, ttl_ms, delay_ms, key) = (r.u8()?, r.opt()?, r.opt()?, r.key()?);
+                let payload = r.rest();
+                return Ok(ClientFrame::Republish {
+                    req,
+                    consumer,
+                    tag,
+                    queue,
+                    priority,
+                    ttl_ms,
+                    delay_ms,
+                    key,
+                    payload,
+                });
+            }
             other => return Err(ProtocolError::UnknownType(other)),
         };
         r.end()?;
@@ -654,7 +710,8 @@ impl ClientFrame {
             | ClientFrame::OpenInbox { req, .. }
             | ClientFrame::Stats { req, .. }
             | ClientFrame::ListQueues { req }
-            | ClientFrame::Sync { req } => *req,
+            | ClientFrame::Sync { req }
+            | ClientFrame::Republish { req, .. } => *req,
             ClientFrame::Hello { .. }
             | ClientFrame::Settle { .. }
             | ClientFrame::Pause { .. }
@@ -825,6 +882,7 @@ impl ErrorCode {
             ErrorCode::QueueFull => Error::QueueFull(what.to_owned()),
             ErrorCode::Unauthorized => Error::Unauthorized(message),
             ErrorCode::Invalid => Error::InvalidArgument(message),
+            ErrorCode::Gone => Error::DeliveryLost,
             _ => Error::Transport(format!("broker error {self:?}: {message}").into()),
         }
     }
@@ -913,6 +971,17 @@ mod tests {
         round_trip_client(ClientFrame::Ping);
         round_trip_client(ClientFrame::Sync { req: 10 });
         round_trip_client(ClientFrame::CancelCall { queue: "q".into(), key: [9; 16] });
+        round_trip_client(ClientFrame::Republish {
+            req: 11,
+            consumer: 3,
+            tag: 4,
+            queue: "q".into(),
+            priority: 2,
+            ttl_ms: Some(900),
+            delay_ms: Some(100),
+            key: Some([5; 16]),
+            payload: payload.clone(),
+        });
         round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });
         round_trip_server(ServerFrame::Ok { req: 1, body: consumer_body(42) });
         round_trip_server(ServerFrame::Error { req: 0, code: ErrorCode::Unauthorized, message: "no".into() });

@@ -166,7 +166,6 @@ struct Inner {
     target: Target,
     options: RemoteOptions,
     current: Mutex<Option<Arc<Conn>>>,
-    next_req: AtomicU32,
     next_logical: AtomicU64,
     consumers: Mutex<HashMap<u64, Logical>>,
     /// Queues declared through this transport, declared again after reconnecting (a restarted broker may have
@@ -225,23 +224,27 @@ struct Conn {
     pending: DashMap<u32, Waiter>,
     routes: DashMap<u64, Route>,
     dead: CancellationToken,
+    next_req: AtomicU32,
+    /// How long a request on it waits for its answer.
+    request_timeout: Duration,
 }
 
 impl Conn {
+    fn new(out: mpsc::UnboundedSender<Bytes>, request_timeout: Duration) -> Conn {
+        Conn {
+            out,
+            pending: DashMap::new(),
+            routes: DashMap::new(),
+            dead: CancellationToken::new(),
+            next_req: AtomicU32::new(1),
+            request_timeout,
+        }
+    }
+
     fn send(&self, frame: &ClientFrame) -> Result<(), Error> {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf);
         self.out.send(buf.freeze()).map_err(|_| Error::Disconnected)
-    }
-}
-
-impl Inner {
-    fn current(&self) -> Option<Arc<Conn>> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|conn| !conn.dead.is_cancelled())
-    }
-
-    fn consumers(&self) -> MutexGuard<'_, HashMap<u64, Logical>> {
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn req(&self) -> u32 {
@@ -254,6 +257,36 @@ impl Inner {
         }
     }
 
+    /// Sends a request and waits at most `timeout` for its answer.
+    async fn request(
+        &self,
+        frame: impl FnOnce(u32) -> ClientFrame,
+        waiter: impl FnOnce(oneshot::Sender<Result<Bytes, (ErrorCode, String)>>) -> Waiter,
+        timeout: Duration,
+    ) -> Result<Result<Bytes, (ErrorCode, String)>, Error> {
+        let req = self.req();
+        let (answer, answered) = oneshot::channel();
+        self.pending.insert(req, waiter(answer));
+        // However this ends (answer, error, timeout, or the caller dropping the future), the entry goes.
+        let _waiting = Waiting { conn: self, req };
+        self.send(&frame(req))?;
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(Error::Disconnected),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+}
+
+impl Inner {
+    fn current(&self) -> Option<Arc<Conn>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|conn| !conn.dead.is_cancelled())
+    }
+
+    fn consumers(&self) -> MutexGuard<'_, HashMap<u64, Logical>> {
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Sends a request on `conn` and waits for its answer.
     async fn request_on(
         &self,
@@ -261,17 +294,7 @@ impl Inner {
         frame: impl FnOnce(u32) -> ClientFrame,
         waiter: impl FnOnce(oneshot::Sender<Result<Bytes, (ErrorCode, String)>>) -> Waiter,
     ) -> Result<Result<Bytes, (ErrorCode, String)>, Error> {
-        let req = self.req();
-        let (answer, answered) = oneshot::channel();
-        conn.pending.insert(req, waiter(answer));
-        // However this ends (answer, error, timeout, or the caller dropping the future), the entry goes.
-        let _waiting = Waiting { conn, req };
-        conn.send(&frame(req))?;
-        match tokio::time::timeout(self.options.request_timeout, answered).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(Error::Disconnected),
-            Err(_) => Err(Error::Timeout(self.options.request_timeout)),
-        }
+        conn.request(frame, waiter, self.options.request_timeout).await
     }
 
     async fn request(&self, what: &str, frame: impl FnOnce(u32) -> ClientFrame) -> Result<Bytes, Error> {
@@ -378,7 +401,6 @@ impl Remote {
             target,
             options,
             current: Mutex::new(None),
-            next_req: AtomicU32::new(1),
             next_logical: AtomicU64::new(1),
             consumers: Mutex::new(HashMap::new()),
             declared: Mutex::new(HashMap::new()),
@@ -550,7 +572,7 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
         .map_err(|_| Error::Timeout(inner.options.connect_timeout))??;
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn { out, pending: DashMap::new(), routes: DashMap::new(), dead: CancellationToken::new() });
+    let conn = Arc::new(Conn::new(out, inner.options.request_timeout));
     let last_seen = Arc::new(Mutex::new(Instant::now()));
     tokio::spawn(write_frames(write, outbound, conn.dead.clone()));
     tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&last_seen)));
@@ -651,7 +673,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
     conn.pending.clear();
 }
 
-fn answer(conn: &Conn, req: u32, result: Result<Bytes, (ErrorCode, String)>) {
+fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>) {
     let Some((_, waiter)) = conn.pending.remove(&req) else { return };
     match waiter {
         Waiter::Answer(answer) => {
@@ -664,6 +686,7 @@ fn answer(conn: &Conn, req: u32, result: Result<Bytes, (ErrorCode, String)>) {
                         let cancellations = Arc::new(Cancellations::new());
                         let acker: Arc<dyn Acker> = Arc::new(RemoteAcker {
                             conn: conn.out.clone(),
+                            link: Arc::downgrade(conn),
                             dead: conn.dead.clone(),
                             consumer,
                             cancellations: Arc::clone(&cancellations),
@@ -701,6 +724,8 @@ async fn heartbeats(conn: Weak<Conn>, interval: Duration, last_seen: Arc<Mutex<I
 /// Settles the deliveries of one consumer on one connection; once that connection is gone they were requeued.
 struct RemoteAcker {
     conn: mpsc::UnboundedSender<Bytes>,
+    /// The connection the deliveries came on, for requests that only it may make ([`Acker::republish`]).
+    link: Weak<Conn>,
     dead: CancellationToken,
     consumer: u64,
     cancellations: Arc<Cancellations>,
@@ -751,6 +776,47 @@ impl Acker for RemoteAcker {
         Box::pin(std::future::ready(sent))
     }
 
+    fn republish<'a>(
+        &'a self,
+        _transport: &'a dyn Transport,
+        tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let conn = self.link.upgrade().filter(|conn| !conn.dead.is_cancelled()).ok_or(Error::DeliveryLost)?;
+            let payload = codec::encode_envelope(&envelope)?;
+            let (priority, ttl_ms, delay_ms) =
+                (envelope.priority.unwrap_or(0), envelope.deadline_ms, envelope.delay_ms);
+            let key = call_key(&envelope);
+            let consumer = self.consumer;
+            let frame = |req| ClientFrame::Republish {
+                req,
+                consumer,
+                tag,
+                queue: queue.to_owned(),
+                priority,
+                ttl_ms,
+                delay_ms,
+                key,
+                payload,
+            };
+            // On the delivery's own connection: once the broker dropped it (and requeued the request), it reads
+            // nothing more from it; while it holds it, it publishes and acks in one step.
+            match conn.request(frame, Waiter::Answer, conn.request_timeout).await {
+                Ok(Ok(_)) => {
+                    self.cancellations.forget(tag);
+                    Ok(())
+                }
+                Ok(Err((code, message))) => Err(code.to_error(queue, message)),
+                // Whether the broker took it is unknown: the request is redelivered if not, and the copy then
+                // finds the key executed or runs as the next attempt.
+                Err(Error::Disconnected) => Err(Error::DeliveryLost),
+                Err(error) => Err(error),
+            }
+        })
+    }
+
     fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
         Some(self.cancellations.watch(tag))
     }
@@ -786,7 +852,7 @@ impl Drop for LogicalGuard {
     fn drop(&mut self) {
         if let Some((conn, consumer)) = self.on_broker() {
             conn.routes.remove(&consumer);
-            let _ = conn.send(&ClientFrame::Cancel { req: self.inner.req(), consumer });
+            let _ = conn.send(&ClientFrame::Cancel { req: conn.req(), consumer });
         }
         self.inner.consumers().remove(&self.id);
     }

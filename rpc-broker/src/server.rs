@@ -273,6 +273,7 @@ fn error_code(error: &Error) -> ErrorCode {
         Error::NoRoute(_) => ErrorCode::NoRoute,
         Error::QueueFull(_) => ErrorCode::QueueFull,
         Error::InvalidArgument(_) => ErrorCode::Invalid,
+        Error::DeliveryLost => ErrorCode::Gone,
         _ => ErrorCode::Internal,
     }
 }
@@ -500,7 +501,7 @@ impl Connection {
                     key,
                     size: payload.len(),
                 };
-                match self.publish(Target::Queue(&queue), props, payload) {
+                match self.publish(Target::Queue(&queue), props, payload, None) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
                         tracing::debug!(%error, queue, "dropped an unconfirmed publish");
@@ -519,8 +520,27 @@ impl Connection {
                     key: None,
                     size: payload.len(),
                 };
-                match self.publish(Target::Topic(&topic), props, payload) {
+                match self.publish(Target::Topic(&topic), props, payload, None) {
                     Ok(()) => ok(Bytes::new()),
+                    Err(error) => Some(failure(req, &error)),
+                }
+            }
+            ClientFrame::Republish { consumer, tag, queue, priority, ttl_ms, delay_ms, key, payload, .. } => {
+                let consumer = ConsumerId::from_u64(consumer);
+                let props = Props {
+                    priority,
+                    ttl: ttl_ms.map(Duration::from_millis),
+                    delay: delay_ms.map(Duration::from_millis),
+                    key,
+                    size: payload.len(),
+                };
+                // Only the connection's own consumers' deliveries.
+                let held = self.consumers.contains(&consumer).then_some((consumer, tag));
+                match held.ok_or(Error::DeliveryLost) {
+                    Ok(held) => match self.publish(Target::Queue(&queue), props, payload, Some(held)) {
+                        Ok(()) => ok(Bytes::new()),
+                        Err(error) => Some(failure(req, &error)),
+                    },
                     Err(error) => Some(failure(req, &error)),
                 }
             }
@@ -609,7 +629,14 @@ impl Connection {
         }
     }
 
-    fn publish(&self, target: Target<'_>, props: Props, payload: Bytes) -> Result<(), Error> {
+    /// Publishes `payload`; with `replacing`, only while that delivery is held, which is then acked.
+    fn publish(
+        &self,
+        target: Target<'_>,
+        props: Props,
+        payload: Bytes,
+        replacing: Option<(ConsumerId, u64)>,
+    ) -> Result<(), Error> {
         if props.priority > 9 {
             return Err(Error::InvalidArgument(format!("priority {} is above the highest, 9", props.priority)));
         }
@@ -619,16 +646,24 @@ impl Connection {
             .map_err(|error| Error::InvalidArgument(format!("the payload is not an envelope: {error}")))?;
         let now = Instant::now();
         let mut hub = self.state.lock();
+        if let Some((consumer, tag)) = replacing
+            && !hub.engine.holds(consumer, tag)
+        {
+            return Err(Error::DeliveryLost);
+        }
         if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
             let name = match target {
                 Target::Queue(name) | Target::Topic(name) => name,
             };
             return Err(Error::QueueFull(format!("{name} (the broker is at its memory high-watermark)")));
         }
-        let result = match target {
+        let mut result = match target {
             Target::Queue(queue) => hub.engine.publish(queue, payload, props, now),
             Target::Topic(topic) => hub.engine.publish_topic(topic, payload, props, now).map(drop),
         };
+        if let (Ok(()), Some((consumer, tag))) = (&result, replacing) {
+            result = hub.engine.settle(consumer, tag, engine::Settle::Ack, now);
+        }
         hub.dispatch(now);
         result.map_err(crate::embedded::to_error)
     }

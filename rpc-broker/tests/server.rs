@@ -585,3 +585,64 @@ async fn a_flood_of_publish_and_cancel_pairs_leaves_nothing_behind() {
     );
     assert_eq!(broker.stats().bytes_held, 0);
 }
+
+/// A worker's retry (`AckHandle::republish`) puts the next attempt on the queue and acks the delivery in one
+/// step, and only while the delivery is held: a worker that lost it makes no copy, and a refused copy leaves
+/// the delivery held. On both faces of the engine: the embedded broker and the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_published_only_while_its_delivery_is_held() {
+    let embedded = rpc_broker::Embedded::new();
+    republish_is_fenced(Arc::new(embedded.clone()), Arc::new(embedded)).await;
+    let server = start(config()).await;
+    let worker = Remote::connect(&server.url()).await.expect("connects");
+    let observer = Remote::connect(&server.url()).await.expect("connects");
+    republish_is_fenced(Arc::new(worker), Arc::new(observer)).await;
+}
+
+async fn republish_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transport>) {
+    let request = |attempt| {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(uuid::Uuid::new_v4());
+        envelope.attempt = attempt;
+        envelope
+    };
+    let stats = |queue: &'static str| {
+        let observer = Arc::clone(&observer);
+        async move { observer.queue_stats(queue).await.expect("stats") }
+    };
+    worker.declare_queue("retries", &QueueOptions::new()).await.expect("declares");
+    worker.publish("retries", request(1)).await.expect("publishes");
+    let mut consumer = worker.consume("retries", ConsumeOptions::new().prefetch(1)).await.expect("consumes");
+
+    // Held: the copy is queued and the delivery acked.
+    let first = next(&mut consumer).await;
+    first.handle.republish(worker.as_ref(), "retries", request(2)).await.map_err(|(error, _)| error).expect("copies");
+    let second = next(&mut consumer).await;
+    assert_eq!(second.envelope.attempt, 2);
+    let seen = stats("retries").await;
+    assert_eq!((seen.published, seen.acked, seen.unacked), (2, 1, 1), "{seen:?}");
+
+    // Refused (the target is full): nothing published, the delivery still held and settled by the worker.
+    worker.declare_queue("full", &QueueOptions::new().max_len(1)).await.expect("declares");
+    worker.publish("full", request(1)).await.expect("publishes");
+    let (error, handle) =
+        second.handle.republish(worker.as_ref(), "full", request(3)).await.expect_err("the target is full");
+    assert!(matches!(error, Error::QueueFull(_)), "{error:?}");
+    assert_eq!(stats("retries").await.unacked, 1);
+    handle.requeue().await.expect("requeues");
+    let third = next(&mut consumer).await;
+    assert_eq!(third.envelope.attempt, 2);
+
+    // Lost (its consumer went, and the broker requeued it): no copy, the original waits for another worker.
+    drop(consumer);
+    let (error, _) =
+        third.handle.republish(worker.as_ref(), "retries", request(3)).await.expect_err("the delivery is lost");
+    assert!(matches!(error, Error::DeliveryLost), "{error:?}");
+    let seen = stats("retries").await;
+    assert_eq!((seen.published, seen.ready, seen.unacked), (2, 1, 0), "{seen:?}");
+    assert_eq!(stats("full").await.published, 1);
+}
+
+async fn next(consumer: &mut rpc_core::Consumer) -> rpc_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a delivery").expect("open")
+}

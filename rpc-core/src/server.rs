@@ -662,8 +662,8 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
     })
 }
 
-/// Puts a copy of the request carrying `attempt + 1` on the service's queue, due after the backoff `wait`, and
-/// acks this one. Where the transport has delayed delivery the broker holds the copy meanwhile; elsewhere the
+/// Puts a copy of the request carrying `attempt + 1` on the service's queue, due after the backoff `wait`, in
+/// place of this one (fenced: a worker that lost the request makes no copy). Where the transport has delayed delivery the broker holds the copy meanwhile; elsewhere the
 /// worker waits out the backoff first, holding the request. If the copy cannot be published, this one goes
 /// back to the queue instead.
 async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Duration) {
@@ -683,9 +683,14 @@ async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Durat
     // Counted before the publish: a worker can take the copy, and its caller read the stats, before this
     // publish's confirm comes back.
     shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-    match shared.transport.publish(&shared.queue, copy).await {
-        Ok(()) => settle(handle.ack().await),
-        Err(error) => {
+    match handle.republish(shared.transport.as_ref(), &shared.queue, copy).await {
+        Ok(()) => {}
+        Err((Error::DeliveryLost, _)) => {
+            // Another worker has the request now, and decides on its next attempt.
+            shared.stats.retried.fetch_sub(1, Ordering::Relaxed);
+            fenced(shared);
+        }
+        Err((error, handle)) => {
             shared.stats.retried.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!(%error, "could not put the retry on the queue; requeueing the request");
             settle(handle.requeue().await);

@@ -162,6 +162,29 @@ pub trait Acker: Send + Sync + fmt::Debug {
         transport.publish_reply(reply_to, reply)
     }
 
+    /// Publishes `envelope` to `queue` in place of the delivery `tag`, and acks the delivery: a worker's retry
+    /// of a request. Fenced like [`Acker::publish_reply`] where the transport can: a worker whose delivery the
+    /// broker took back gets [`Error::DeliveryLost`] and nothing is published, so the next attempt is not
+    /// made for a request another worker runs.
+    ///
+    /// The default publishes through `transport`, then acks: unfenced.
+    ///
+    /// # Errors
+    /// [`Error::DeliveryLost`] for a delivery taken back; publishing errors, after which the delivery is
+    /// still held (for the worker to requeue).
+    fn republish<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            transport.publish(queue, envelope).await?;
+            self.settle(tag, Outcome::Ack).await
+        })
+    }
+
     /// A future that completes if the caller cancels the call of delivery `tag` while it is held (see
     /// [`Transport::cancel`]), and never otherwise; `None` where the transport cannot tell. It registers
     /// nothing until first polled.
@@ -294,6 +317,29 @@ impl AckHandle {
         match &self.acker {
             Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply).await,
             None => transport.publish_reply(reply_to, reply).await,
+        }
+    }
+
+    /// Publishes `envelope` to `queue` in place of this delivery and acks it, fenced where the transport can
+    /// (see [`Acker::republish`]). An auto-acked delivery's envelope is simply published.
+    ///
+    /// # Errors
+    /// [`Error::DeliveryLost`] when the broker took the delivery back; publishing errors, which leave the
+    /// delivery held: the handle comes back with them, to be settled otherwise.
+    pub async fn republish(
+        self,
+        transport: &dyn Transport,
+        queue: &str,
+        envelope: Envelope,
+    ) -> Result<(), (Error, AckHandle)> {
+        let result = match &self.acker {
+            Some((acker, tag)) => acker.republish(transport, *tag, queue, envelope).await,
+            None => transport.publish(queue, envelope).await,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(Error::DeliveryLost) => Err((Error::DeliveryLost, AckHandle::auto())),
+            Err(error) => Err((error, self)),
         }
     }
 
