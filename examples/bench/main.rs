@@ -29,7 +29,9 @@
 //! `embedded` against `inproc-floor`. Then memory: the own broker's RSS holding 1,000,000 queued 100-byte
 //! messages, and a client's RSS after 100,000 calls that timed out.
 //!
-//! The program re-invokes itself for the processes it needs (`--role broker|responder|client-memory`).
+//! The program re-invokes itself for the processes it needs (`--role broker|responder|client-memory`). The
+//! broker runs a single-threaded tokio runtime, as `rpc-broker serve` does by default; the responders and this
+//! process (the client of every variant) run multi-threaded ones.
 
 mod measure;
 mod memory;

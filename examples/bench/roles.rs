@@ -22,9 +22,15 @@ pub(crate) fn ready(detail: &str) {
     let _ = stdout.flush();
 }
 
-/// Runs the role named in `args`.
+/// Runs the role named in `args`: the broker on a single-threaded runtime, as `rpc-broker serve` runs by
+/// default, the others on a multi-threaded one.
 pub(crate) fn main(args: &[String]) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = if args.first().is_some_and(|role| role == "broker") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

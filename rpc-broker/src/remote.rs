@@ -641,7 +641,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
             ServerFrame::Error { req, code, message } => answer(&conn, req, Err((code, message))),
             ServerFrame::Deliver { consumer, tag, delivery_count, ttl_ms, payload } => {
                 let Some(route) = conn.routes.get(&consumer) else { continue };
-                match codec::decode_envelope(&payload, &limits) {
+                match codec::decode_envelope_bytes(&payload, &limits) {
                     Ok(mut envelope) => {
                         envelope.deadline_ms = ttl_ms;
                         let handle =

@@ -5,12 +5,16 @@
 //! reserved marker `0xc1`, container lengths larger than the bytes left, and nesting deeper than
 //! [`Limits::max_depth`]. rmp-serde's own depth limit can be bypassed (a recursive enum 30,000 levels deep
 //! aborts the process), so it is not relied on.
+//!
+//! Envelopes, which every message carries, are written and read by hand in one pass instead (no serde, the
+//! body shared with the input where it is [`Bytes`]); the envelope's serde form stays the reference, and the
+//! tests check that both write the same bytes and read them back alike.
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Envelope, VERSION};
+use crate::envelope::Envelope;
 
 /// Default largest frame, envelope or body: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -84,24 +88,32 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limits: &Limits) -> Result<T, C
     rmp_serde::from_slice(bytes).map_err(|error| CodecError::Decode(error.to_string()))
 }
 
-/// Encodes an envelope.
+/// Encodes an envelope: the bytes `encode(envelope)` would write (the envelope's serde form), written by hand
+/// into one buffer of the right size.
 ///
 /// # Errors
-/// [`CodecError::Encode`] when serialization fails.
+/// [`CodecError::Encode`] for a string, body or header map longer than MessagePack can carry (4 GiB).
 pub fn encode_envelope(envelope: &Envelope) -> Result<Bytes, CodecError> {
-    encode(envelope)
+    envelope_codec::encode(envelope).map(Bytes::from)
 }
 
-/// Checks and decodes an envelope, rejecting versions other than [`VERSION`].
+/// Checks and decodes an envelope, rejecting versions other than [`VERSION`]. The body is copied out of
+/// `bytes`; [`decode_envelope_bytes`] shares it instead.
 ///
 /// # Errors
-/// As [`decode`], plus [`CodecError::Version`].
+/// [`CodecError::TooLarge`] first; then [`CodecError::Malformed`] or [`CodecError::TooDeep`] for bytes that are
+/// not one well-formed value within the limits, [`CodecError::Version`], and [`CodecError::Decode`] for a
+/// value that is not an envelope.
 pub fn decode_envelope(bytes: &[u8], limits: &Limits) -> Result<Envelope, CodecError> {
-    let envelope: Envelope = decode(bytes, limits)?;
-    if envelope.version != VERSION {
-        return Err(CodecError::Version(envelope.version));
-    }
-    Ok(envelope)
+    envelope_codec::decode(bytes, limits, |range| Bytes::copy_from_slice(&bytes[range]))
+}
+
+/// As [`decode_envelope`], with the body a slice of `bytes` rather than a copy.
+///
+/// # Errors
+/// As [`decode_envelope`].
+pub fn decode_envelope_bytes(bytes: &Bytes, limits: &Limits) -> Result<Envelope, CodecError> {
+    envelope_codec::decode(bytes, limits, |range| bytes.slice(range))
 }
 
 /// Checks that `bytes` is exactly one well-formed MessagePack value within `limits`, without recursion and
@@ -114,27 +126,7 @@ pub fn check(bytes: &[u8], limits: &Limits) -> Result<(), CodecError> {
         return Err(CodecError::TooLarge { len: bytes.len(), max: limits.max_frame });
     }
     let mut reader = Reader { bytes, pos: 0, last_was_container: false };
-    // Values still to read at each open level; the bottom entry is the one top-level value.
-    let mut pending: Vec<u64> = vec![1];
-    while let Some(last) = pending.last_mut() {
-        if *last == 0 {
-            pending.pop();
-            continue;
-        }
-        *last -= 1;
-        let items = reader.skip_value()?;
-        if items > 0 {
-            if pending.len() > limits.max_depth {
-                return Err(CodecError::TooDeep { max: limits.max_depth });
-            }
-            if items > reader.remaining() as u64 {
-                return Err(CodecError::Malformed("container longer than the input"));
-            }
-            pending.push(items);
-        } else if items == 0 && reader.last_was_container && pending.len() > limits.max_depth {
-            return Err(CodecError::TooDeep { max: limits.max_depth });
-        }
-    }
+    reader.skip_one(limits.max_depth, 0)?;
     if reader.remaining() != 0 {
         return Err(CodecError::Malformed("trailing bytes after the value"));
     }
@@ -148,6 +140,33 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// Skips exactly one value, nested `depth` levels deep already, rejecting nesting deeper than `max_depth`.
+    fn skip_one(&mut self, max_depth: usize, depth: usize) -> Result<(), CodecError> {
+        // Values still to read at each open level; the bottom entry is the one value.
+        let mut pending: Vec<u64> = vec![1];
+        while let Some(last) = pending.last_mut() {
+            if *last == 0 {
+                pending.pop();
+                continue;
+            }
+            *last -= 1;
+            let items = self.skip_value()?;
+            let levels = pending.len() + depth;
+            if items > 0 {
+                if levels > max_depth {
+                    return Err(CodecError::TooDeep { max: max_depth });
+                }
+                if items > self.remaining() as u64 {
+                    return Err(CodecError::Malformed("container longer than the input"));
+                }
+                pending.push(items);
+            } else if items == 0 && self.last_was_container && levels > max_depth {
+                return Err(CodecError::TooDeep { max: max_depth });
+            }
+        }
+        Ok(())
+    }
+
     fn remaining(&self) -> usize {
         self.bytes.len() - self.pos
     }
@@ -202,6 +221,457 @@ impl Reader<'_> {
         let skip = usize::try_from(skip).map_err(|_| CodecError::Malformed("length does not fit in memory"))?;
         self.take(skip)?;
         Ok(items)
+    }
+}
+
+/// The envelope's MessagePack, by hand: one pass, no serde, the body shared rather than copied where the input
+/// allows. The serde form of [`Envelope`] is the reference; the tests check that both write the same bytes.
+mod envelope_codec {
+    use std::collections::BTreeMap;
+    use std::ops::Range;
+
+    use bytes::Bytes;
+    use uuid::Uuid;
+
+    use super::{CodecError, Limits, Reader};
+    use crate::envelope::{Envelope, Kind, VERSION};
+
+    pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, CodecError> {
+        let strings = envelope.service.len()
+            + envelope.method.len()
+            + envelope.reply_to.as_ref().map_or(0, String::len)
+            + envelope.idempotency_key.as_ref().map_or(0, String::len)
+            + envelope.status_message.as_ref().map_or(0, String::len)
+            + envelope.caller.as_ref().map_or(0, String::len)
+            + envelope.headers.iter().map(|(name, value)| name.len() + value.len() + 10).sum::<usize>();
+        let mut out = Vec::with_capacity(128 + strings + envelope.body.len());
+        let e = envelope;
+        let fields = 5
+            + usize::from(e.correlation_id.is_some())
+            + usize::from(!e.service.is_empty())
+            + usize::from(!e.method.is_empty())
+            + usize::from(e.reply_to.is_some())
+            + usize::from(e.deadline_ms.is_some())
+            + usize::from(e.delay_ms.is_some())
+            + usize::from(e.idempotency_key.is_some())
+            + usize::from(e.priority.is_some())
+            + usize::from(e.status != 0)
+            + usize::from(e.status_message.is_some())
+            + usize::from(e.caller.is_some())
+            + usize::from(!e.headers.is_empty());
+        map_len(&mut out, fields)?;
+        str(&mut out, "v")?;
+        uint(&mut out, u64::from(e.version));
+        str(&mut out, "k")?;
+        uint(&mut out, u64::from(u8::from(e.kind)));
+        str(&mut out, "i")?;
+        bin(&mut out, e.id.as_bytes())?;
+        if let Some(id) = &e.correlation_id {
+            str(&mut out, "c")?;
+            bin(&mut out, id.as_bytes())?;
+        }
+        if !e.service.is_empty() {
+            str(&mut out, "s")?;
+            str(&mut out, &e.service)?;
+        }
+        if !e.method.is_empty() {
+            str(&mut out, "m")?;
+            str(&mut out, &e.method)?;
+        }
+        if let Some(reply_to) = &e.reply_to {
+            str(&mut out, "r")?;
+            str(&mut out, reply_to)?;
+        }
+        if let Some(deadline) = e.deadline_ms {
+            str(&mut out, "d")?;
+            uint(&mut out, deadline);
+        }
+        if let Some(delay) = e.delay_ms {
+            str(&mut out, "dl")?;
+            uint(&mut out, delay);
+        }
+        str(&mut out, "a")?;
+        uint(&mut out, u64::from(e.attempt));
+        if let Some(key) = &e.idempotency_key {
+            str(&mut out, "ik")?;
+            str(&mut out, key)?;
+        }
+        if let Some(priority) = e.priority {
+            str(&mut out, "p")?;
+            uint(&mut out, u64::from(priority));
+        }
+        if e.status != 0 {
+            str(&mut out, "st")?;
+            uint(&mut out, u64::from(e.status));
+        }
+        if let Some(message) = &e.status_message {
+            str(&mut out, "sm")?;
+            str(&mut out, message)?;
+        }
+        if let Some(caller) = &e.caller {
+            str(&mut out, "cl")?;
+            str(&mut out, caller)?;
+        }
+        if !e.headers.is_empty() {
+            str(&mut out, "h")?;
+            map_len(&mut out, e.headers.len())?;
+            for (name, value) in &e.headers {
+                str(&mut out, name)?;
+                str(&mut out, value)?;
+            }
+        }
+        str(&mut out, "b")?;
+        bin(&mut out, &e.body)?;
+        Ok(out)
+    }
+
+    fn uint(out: &mut Vec<u8>, value: u64) {
+        match value {
+            0..=0x7f => out.push(value as u8),
+            0x80..=0xff => out.extend_from_slice(&[0xcc, value as u8]),
+            0x100..=0xffff => {
+                out.push(0xcd);
+                out.extend_from_slice(&(value as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(0xce);
+                out.extend_from_slice(&(value as u32).to_be_bytes());
+            }
+            _ => {
+                out.push(0xcf);
+                out.extend_from_slice(&value.to_be_bytes());
+            }
+        }
+    }
+
+    fn too_long(what: &str) -> CodecError {
+        CodecError::Encode(format!("{what} longer than MessagePack can carry"))
+    }
+
+    fn str(out: &mut Vec<u8>, value: &str) -> Result<(), CodecError> {
+        let len = value.len();
+        match len {
+            0..=31 => out.push(0xa0 | len as u8),
+            32..=0xff => out.extend_from_slice(&[0xd9, len as u8]),
+            0x100..=0xffff => {
+                out.push(0xda);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                let len = u32::try_from(len).map_err(|_| too_long("a string"))?;
+                out.push(0xdb);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(value.as_bytes());
+        Ok(())
+    }
+
+    fn bin(out: &mut Vec<u8>, value: &[u8]) -> Result<(), CodecError> {
+        let len = value.len();
+        match len {
+            0..=0xff => out.extend_from_slice(&[0xc4, len as u8]),
+            0x100..=0xffff => {
+                out.push(0xc5);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                let len = u32::try_from(len).map_err(|_| too_long("a body"))?;
+                out.push(0xc6);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(value);
+        Ok(())
+    }
+
+    fn map_len(out: &mut Vec<u8>, len: usize) -> Result<(), CodecError> {
+        match len {
+            0..=15 => out.push(0x80 | len as u8),
+            16..=0xffff => {
+                out.push(0xde);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                let len = u32::try_from(len).map_err(|_| too_long("a header map"))?;
+                out.push(0xdf);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn wrong(what: &str) -> CodecError {
+        CodecError::Decode(what.to_owned())
+    }
+
+    /// The keys of the envelope's fields, in the bit each takes in the set of fields seen.
+    const KEYS: [&str; 17] = ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b"];
+
+    /// Decodes an envelope from `bytes`, taking the body with `body` (a copy, or a shared slice).
+    pub(super) fn decode(
+        bytes: &[u8],
+        limits: &Limits,
+        body: impl FnOnce(Range<usize>) -> Bytes,
+    ) -> Result<Envelope, CodecError> {
+        if bytes.len() > limits.max_frame {
+            return Err(CodecError::TooLarge { len: bytes.len(), max: limits.max_frame });
+        }
+        let mut r = Reader { bytes, pos: 0, last_was_container: false };
+        let fields = match r.byte()? {
+            marker @ 0x80..=0x8f => u64::from(marker & 0x0f),
+            0xde => r.uint(2)?,
+            0xdf => r.uint(4)?,
+            0xc1 => return Err(CodecError::Malformed("reserved marker 0xc1")),
+            _ => {
+                // Not a map: what is wrong with it, if anything, before saying so.
+                r.pos = 0;
+                r.skip_one(limits.max_depth, 0)?;
+                return Err(wrong("invalid type: expected an envelope map"));
+            }
+        };
+        if fields > r.remaining() as u64 {
+            return Err(CodecError::Malformed("container longer than the input"));
+        }
+        if limits.max_depth == 0 {
+            return Err(CodecError::TooDeep { max: 0 });
+        }
+        // Not `Envelope::new`: its fresh id would cost a clock read and random bytes, and be overwritten.
+        let mut envelope = Envelope {
+            version: VERSION,
+            kind: Kind::Oneway,
+            id: Uuid::nil(),
+            correlation_id: None,
+            service: String::new(),
+            method: String::new(),
+            reply_to: None,
+            deadline_ms: None,
+            delay_ms: None,
+            attempt: 1,
+            idempotency_key: None,
+            priority: None,
+            status: 0,
+            status_message: None,
+            caller: None,
+            headers: BTreeMap::new(),
+            body: Bytes::new(),
+        };
+        let mut seen = 0u32;
+        let mut body_range = 0..0;
+        for _ in 0..fields {
+            let Some(field) = r.field_key()? else {
+                r.skip_one(limits.max_depth, 1)?;
+                r.skip_one(limits.max_depth, 1)?;
+                continue;
+            };
+            let Some(slot) = KEYS.iter().position(|key| *key == field) else {
+                r.skip_one(limits.max_depth, 1)?;
+                continue;
+            };
+            if seen & (1 << slot) != 0 {
+                return Err(CodecError::Decode(format!("duplicate field `{field}`")));
+            }
+            seen |= 1 << slot;
+            match slot {
+                0 => envelope.version = r.number(field)?,
+                1 => {
+                    let kind: u8 = r.number(field)?;
+                    envelope.kind = Kind::try_from(kind).map_err(CodecError::Decode)?;
+                }
+                2 => envelope.id = r.uuid(field)?,
+                3 => envelope.correlation_id = r.optional(|r| r.uuid(field))?,
+                4 => envelope.service = r.string(field)?,
+                5 => envelope.method = r.string(field)?,
+                6 => envelope.reply_to = r.optional(|r| r.string(field))?,
+                7 => envelope.deadline_ms = r.optional(|r| r.number(field))?,
+                8 => envelope.delay_ms = r.optional(|r| r.number(field))?,
+                9 => envelope.attempt = r.number(field)?,
+                10 => envelope.idempotency_key = r.optional(|r| r.string(field))?,
+                11 => envelope.priority = r.optional(|r| r.number(field))?,
+                12 => envelope.status = r.number(field)?,
+                13 => envelope.status_message = r.optional(|r| r.string(field))?,
+                14 => envelope.caller = r.optional(|r| r.string(field))?,
+                15 => envelope.headers = r.headers(limits)?,
+                _ => body_range = r.binary(field)?,
+            }
+        }
+        if r.remaining() != 0 {
+            return Err(CodecError::Malformed("trailing bytes after the value"));
+        }
+        for (slot, key) in KEYS.iter().enumerate().take(3) {
+            if seen & (1 << slot) == 0 {
+                return Err(CodecError::Decode(format!("missing field `{key}`")));
+            }
+        }
+        if envelope.version != VERSION {
+            return Err(CodecError::Version(envelope.version));
+        }
+        envelope.body = if body_range.is_empty() { Bytes::new() } else { body(body_range) };
+        Ok(envelope)
+    }
+
+    impl<'a> Reader<'a> {
+        fn byte(&mut self) -> Result<u8, CodecError> {
+            Ok(self.take(1)?[0])
+        }
+
+        fn peek(&self) -> Result<u8, CodecError> {
+            self.bytes.get(self.pos).copied().ok_or(CodecError::Malformed("truncated input"))
+        }
+
+        /// A string's bytes, or `None` (the marker not consumed) for another type.
+        fn str_bytes(&mut self) -> Result<Option<&'a [u8]>, CodecError> {
+            let len = match self.peek()? {
+                marker @ 0xa0..=0xbf => {
+                    self.pos += 1;
+                    usize::from(marker & 0x1f)
+                }
+                0xd9 => {
+                    self.pos += 1;
+                    self.uint(1)? as usize
+                }
+                0xda => {
+                    self.pos += 1;
+                    self.uint(2)? as usize
+                }
+                0xdb => {
+                    self.pos += 1;
+                    usize::try_from(self.uint(4)?).map_err(|_| CodecError::Malformed("truncated input"))?
+                }
+                _ => return Ok(None),
+            };
+            if len > self.remaining() {
+                return Err(CodecError::Malformed("truncated input"));
+            }
+            let slice = &self.bytes[self.pos..self.pos + len];
+            self.pos += len;
+            Ok(Some(slice))
+        }
+
+        /// A map key that is a string, or `None` (nothing consumed) for a key of another type.
+        fn field_key(&mut self) -> Result<Option<&'a str>, CodecError> {
+            match self.str_bytes()? {
+                Some(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|_| wrong("invalid utf-8 in a field name")),
+                None => Ok(None),
+            }
+        }
+
+        fn string(&mut self, field: &str) -> Result<String, CodecError> {
+            match self.str_bytes()? {
+                Some(bytes) => std::str::from_utf8(bytes)
+                    .map(str::to_owned)
+                    .map_err(|_| CodecError::Decode(format!("invalid utf-8 in field `{field}`"))),
+                None => Err(CodecError::Decode(format!("invalid type for field `{field}`: expected a string"))),
+            }
+        }
+
+        /// `None` for nil, else what `read` makes of the value.
+        fn optional<T>(
+            &mut self,
+            read: impl FnOnce(&mut Self) -> Result<T, CodecError>,
+        ) -> Result<Option<T>, CodecError> {
+            if self.peek()? == 0xc0 {
+                self.pos += 1;
+                return Ok(None);
+            }
+            read(self).map(Some)
+        }
+
+        /// An integer of any width that fits `T`.
+        fn number<T: TryFrom<u64>>(&mut self, field: &str) -> Result<T, CodecError> {
+            let value = match self.byte()? {
+                marker @ 0x00..=0x7f => u64::from(marker),
+                0xcc => self.uint(1)?,
+                0xcd => self.uint(2)?,
+                0xce => self.uint(4)?,
+                0xcf => self.uint(8)?,
+                0xd0 => non_negative(self.uint(1)? as u8 as i8 as i64, field)?,
+                0xd1 => non_negative(self.uint(2)? as u16 as i16 as i64, field)?,
+                0xd2 => non_negative(self.uint(4)? as u32 as i32 as i64, field)?,
+                0xd3 => non_negative(self.uint(8)? as i64, field)?,
+                0xe0..=0xff => return Err(CodecError::Decode(format!("negative value in field `{field}`"))),
+                _ => return Err(CodecError::Decode(format!("invalid type for field `{field}`: expected an integer"))),
+            };
+            T::try_from(value).map_err(|_| CodecError::Decode(format!("value {value} out of range in field `{field}`")))
+        }
+
+        /// The range of a binary (or string) value in the input.
+        fn binary(&mut self, field: &str) -> Result<Range<usize>, CodecError> {
+            let len = match self.peek()? {
+                0xc4 => {
+                    self.pos += 1;
+                    self.uint(1)? as usize
+                }
+                0xc5 => {
+                    self.pos += 1;
+                    self.uint(2)? as usize
+                }
+                0xc6 => {
+                    self.pos += 1;
+                    usize::try_from(self.uint(4)?).map_err(|_| CodecError::Malformed("truncated input"))?
+                }
+                _ => {
+                    return match self.str_bytes()? {
+                        Some(bytes) => Ok(self.pos - bytes.len()..self.pos),
+                        None => Err(CodecError::Decode(format!("invalid type for field `{field}`: expected bytes"))),
+                    };
+                }
+            };
+            if len > self.remaining() {
+                return Err(CodecError::Malformed("truncated input"));
+            }
+            let range = self.pos..self.pos + len;
+            self.pos += len;
+            Ok(range)
+        }
+
+        fn uuid(&mut self, field: &str) -> Result<Uuid, CodecError> {
+            let bad = || CodecError::Decode(format!("invalid value for field `{field}`: expected a UUID"));
+            if let Some(text) = self.str_bytes()? {
+                return std::str::from_utf8(text).ok().and_then(|text| Uuid::parse_str(text).ok()).ok_or_else(bad);
+            }
+            let range = self.binary(field)?;
+            Uuid::from_slice(&self.bytes[range]).map_err(|_| bad())
+        }
+
+        fn headers(&mut self, limits: &Limits) -> Result<BTreeMap<String, String>, CodecError> {
+            let len = match self.peek()? {
+                marker @ 0x80..=0x8f => {
+                    self.pos += 1;
+                    u64::from(marker & 0x0f)
+                }
+                0xde => {
+                    self.pos += 1;
+                    self.uint(2)?
+                }
+                0xdf => {
+                    self.pos += 1;
+                    self.uint(4)?
+                }
+                0xc0 => {
+                    self.pos += 1;
+                    return Ok(BTreeMap::new());
+                }
+                _ => return Err(wrong("invalid type for field `h`: expected a map")),
+            };
+            if limits.max_depth < 2 {
+                return Err(CodecError::TooDeep { max: limits.max_depth });
+            }
+            if len.saturating_mul(2) > self.remaining() as u64 {
+                return Err(CodecError::Malformed("container longer than the input"));
+            }
+            let mut headers = BTreeMap::new();
+            for _ in 0..len {
+                let name = self.string("h")?;
+                let value = self.string("h")?;
+                headers.insert(name, value);
+            }
+            Ok(headers)
+        }
+    }
+
+    fn non_negative(value: i64, field: &str) -> Result<u64, CodecError> {
+        u64::try_from(value).map_err(|_| CodecError::Decode(format!("negative value in field `{field}`")))
     }
 }
 
@@ -331,10 +801,101 @@ mod tests {
         }
 
         #[test]
+        fn the_envelope_codec_writes_and_reads_what_serde_does(envelope in arbitrary_envelope()) {
+            let by_hand = encode_envelope(&envelope).expect("encodes");
+            let by_serde = rmp_serde::to_vec_named(&envelope).expect("serde encodes");
+            prop_assert_eq!(&by_hand[..], &by_serde[..]);
+            let limits = Limits::default();
+            let decoded = decode_envelope(&by_hand, &limits).expect("decodes");
+            prop_assert_eq!(&decoded, &envelope);
+            prop_assert_eq!(decode_envelope_bytes(&by_hand, &limits).expect("decodes"), envelope);
+        }
+
+        #[test]
         fn whatever_the_checker_accepts_rmp_can_walk(value in arbitrary_value()) {
             let bytes = encode(&value).expect("encodes");
             prop_assert_eq!(check(&bytes, &Limits::default()), Ok(()));
         }
+    }
+
+    fn arbitrary_envelope() -> impl Strategy<Value = Envelope> {
+        let text = || proptest::option::of(".{0,40}");
+        (
+            (0u8..3, any::<u128>(), proptest::option::of(any::<u128>()), ".{0,300}", ".{0,12}", text()),
+            (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), any::<u32>(), text()),
+            (proptest::option::of(0u8..10), any::<u16>(), text(), text()),
+            (
+                proptest::collection::btree_map(".{0,8}", ".{0,70}", 0..20),
+                proptest::collection::vec(any::<u8>(), 0..600),
+            ),
+        )
+            .prop_map(
+                |((kind, id, correlation, service, method, reply_to), numbers, reply, (headers, body))| {
+                    let (deadline_ms, delay_ms, attempt, idempotency_key) = numbers;
+                    let (priority, status, status_message, caller) = reply;
+                    let mut envelope = Envelope::new(crate::envelope::Kind::try_from(kind).expect("a kind"));
+                    envelope.id = uuid::Uuid::from_u128(id);
+                    envelope.correlation_id = correlation.map(uuid::Uuid::from_u128);
+                    envelope.service = service;
+                    envelope.method = method;
+                    envelope.reply_to = reply_to;
+                    envelope.deadline_ms = deadline_ms;
+                    envelope.delay_ms = delay_ms;
+                    envelope.attempt = attempt;
+                    envelope.idempotency_key = idempotency_key;
+                    envelope.priority = priority;
+                    envelope.status = status;
+                    envelope.status_message = status_message;
+                    envelope.caller = caller;
+                    envelope.headers = headers;
+                    envelope.body = Bytes::from(body);
+                    envelope
+                },
+            )
+    }
+
+    #[test]
+    fn the_envelope_decoder_reads_what_other_writers_may_send() {
+        // Keys in another order, a field this build does not know (nested), nil for an absent field, the ids
+        // as strings, a body as a string, integers wider than needed.
+        let id = uuid::Uuid::from_u128(7);
+        let value = rmp_serde::to_vec_named(&serde_json_like(id)).expect("encodes");
+        let envelope = decode_envelope(&value, &Limits::default()).expect("decodes");
+        assert_eq!(envelope.id, id);
+        assert_eq!(envelope.kind, crate::envelope::Kind::Request);
+        assert_eq!(envelope.reply_to, None);
+        assert_eq!(envelope.deadline_ms, Some(70_000));
+        assert_eq!(&envelope.body[..], b"xy");
+        // What serde would refuse, refused.
+        let missing = rmp_serde::to_vec_named(&BTreeMap::from([("v", 1u8), ("k", 0)])).expect("encodes");
+        assert_eq!(decode_envelope(&missing, &Limits::default()), Err(CodecError::Decode("missing field `i`".into())));
+        let mut twice = vec![0x83, 0xa1, b'v', 0x01, 0xa1, b'v', 0x01, 0xa1, b'k'];
+        twice.push(0x00);
+        assert!(
+            matches!(decode_envelope(&twice, &Limits::default()), Err(CodecError::Decode(why)) if why.contains("duplicate"))
+        );
+        assert!(matches!(decode_envelope(&[0x93, 1, 2, 3], &Limits::default()), Err(CodecError::Decode(_))));
+    }
+
+    fn serde_json_like(id: uuid::Uuid) -> BTreeMap<&'static str, Field> {
+        BTreeMap::from([
+            ("zz", Field::Nested(vec![vec![1, 2], vec![]])),
+            ("b", Field::Text("xy".into())),
+            ("r", Field::Nil(())),
+            ("d", Field::Wide(70_000)),
+            ("i", Field::Text(id.to_string())),
+            ("k", Field::Wide(0)),
+            ("v", Field::Wide(1)),
+        ])
+    }
+
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Field {
+        Nested(Vec<Vec<u8>>),
+        Text(String),
+        Nil(()),
+        Wide(u64),
     }
 
     #[derive(Debug, Clone, serde::Serialize)]
