@@ -64,7 +64,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
 /// The own broker on a free loopback port.
 async fn broker() -> Result<(), String> {
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
+    let mut server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
         .await
         .map_err(|error| error.to_string())?;
     ready(&server.url());

@@ -79,13 +79,15 @@ pub(crate) fn to_error(error: EngineError) -> Error {
     }
 }
 
-/// The engine's view of a queue's options: every queue but an inbox has a dead-letter queue.
-pub(crate) fn queue_config(queue: &str, options: &QueueOptions) -> QueueConfig {
+/// The engine's view of a queue's options: every queue but an inbox has a dead-letter queue; a durable queue
+/// is durable where the broker keeps a log (`logged`).
+pub(crate) fn queue_config(queue: &str, options: &QueueOptions, logged: bool) -> QueueConfig {
     QueueConfig {
         max_len: options.max_len,
         max_deliveries: options.max_deliveries,
         auto_delete: false,
         dead_letter: Some(naming::dead_letter_queue(queue)),
+        durable: options.durable && logged,
     }
 }
 
@@ -104,18 +106,19 @@ pub(crate) fn declare<M: Clone>(
     engine: &mut engine::Engine<M>,
     queue: &str,
     options: &QueueOptions,
+    logged: bool,
 ) -> Result<(), Error> {
     if *options == QueueOptions::default() && engine.has_queue(queue) {
         return Ok(());
     }
-    engine.declare_queue(queue, queue_config(queue, options)).map_err(to_error)
+    engine.declare_queue(queue, queue_config(queue, options, logged)).map_err(to_error)
 }
 
 /// Creates subscriber group `group` of `topic` if needed; returns its queue.
 pub(crate) fn join_group<M: Clone>(engine: &mut engine::Engine<M>, topic: &str, group: &str) -> Result<String, Error> {
     let queue = engine::group_queue(topic, group);
     if !engine.has_queue(&queue) {
-        engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default())).map_err(to_error)?;
+        engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default(), false)).map_err(to_error)?;
     }
     Ok(engine.subscribe_group(topic, group))
 }
@@ -174,6 +177,7 @@ fn props(envelope: &Envelope) -> Props {
         size: envelope.body.len(),
         key: call_key(envelope),
         delay: envelope.delay_ms.map(Duration::from_millis),
+        id: None,
     }
 }
 
@@ -183,7 +187,7 @@ impl Transport for Embedded {
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
-        let result = declare(&mut self.shared.lock().engine, queue, options);
+        let result = declare(&mut self.shared.lock().engine, queue, options, false);
         Box::pin(std::future::ready(result))
     }
 

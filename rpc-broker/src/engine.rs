@@ -5,9 +5,15 @@
 //! deliveries an operation makes possible are collected by [`Engine::dispatch`]. A driver that holds delayed
 //! messages calls [`Engine::dispatch`] again at [`Engine::next_due`]. The embedded transport and the TCP
 //! server are two drivers of this one engine.
+//!
+//! Durable queues ([`QueueConfig::durable`]) also keep a journal of what a log must record for them: each
+//! message that enters one, as a numbered [`Journal::Stored`], and each that leaves it for good, as
+//! [`Journal::Removed`]. The driver drains it with [`Engine::drain_journal`] after each operation, in order,
+//! and reads it back into a new engine with [`Engine::restore`].
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rpc_core::QueueStats;
@@ -17,6 +23,15 @@ pub const PRIORITY_LEVELS: usize = 10;
 
 /// Names the messages of one call (its correlation id), so that [`Engine::cancel`] can find them.
 pub type Key = [u8; 16];
+
+/// A message's own id: a durable queue takes a message with an id it took within [`DEDUP_WINDOW`] once.
+pub type MessageId = [u8; 16];
+
+/// How long a durable queue remembers the ids of the messages it took.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+
+/// The most message ids a durable queue remembers; past it the oldest are forgotten before the window ends.
+pub const DEDUP_CAPACITY: usize = 1 << 20;
 
 /// Identifies a consumer for as long as the engine lives; ids are never reused, so a stale ack from a consumer
 /// that is gone cannot settle another consumer's delivery.
@@ -46,6 +61,9 @@ pub struct QueueConfig {
     pub auto_delete: bool,
     /// Where dead-lettered messages go; `None` drops them (and counts them).
     pub dead_letter: Option<String>,
+    /// Its messages are journaled for a log, and a publish whose message id it took within [`DEDUP_WINDOW`]
+    /// is taken once.
+    pub durable: bool,
 }
 
 /// Per-message properties the engine acts on.
@@ -62,6 +80,58 @@ pub struct Props {
     /// The message waits this long before it can be delivered. Its TTL counts from the publish, so a message
     /// whose TTL runs out first is never delivered.
     pub delay: Option<Duration>,
+    /// The message's own id, by which a durable queue drops a second copy (a publisher's retry).
+    pub id: Option<MessageId>,
+}
+
+/// What a log keeps of a message besides its bytes and its sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// As [`Props::priority`].
+    pub priority: u8,
+    /// When its TTL ends.
+    pub expires_at: Option<Instant>,
+    /// When its delay ends.
+    pub due: Option<Instant>,
+    /// As [`Props::key`].
+    pub key: Option<Key>,
+    /// As [`Props::id`].
+    pub id: Option<MessageId>,
+}
+
+/// What the log of a durable queue must record, in the order the engine did it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Journal<M> {
+    /// `queue` was created durable, with `config`.
+    Declared {
+        /// The queue.
+        queue: Arc<str>,
+        /// Its configuration.
+        config: QueueConfig,
+    },
+    /// `queue` was deleted with its messages.
+    Deleted {
+        /// The queue.
+        queue: Arc<str>,
+    },
+    /// A message entered `queue` as number `seq` (numbers grow within a queue).
+    Stored {
+        /// The queue.
+        queue: Arc<str>,
+        /// Its number in the queue.
+        seq: u64,
+        /// The message.
+        message: M,
+        /// Its properties.
+        record: Record,
+    },
+    /// Message `seq` left `queue` for good: acked, expired, cancelled, dead-lettered or dropped.
+    Removed {
+        /// The queue.
+        queue: Arc<str>,
+        /// Its number in the queue.
+        seq: u64,
+    },
 }
 
 /// A message handed to a consumer.
@@ -131,6 +201,8 @@ struct Stored<M> {
     expires_at: Option<Instant>,
     deliveries: u32,
     key: Option<Key>,
+    /// Its number in a durable queue (0 elsewhere).
+    seq: u64,
 }
 
 /// What a queue knows of one call's messages.
@@ -177,17 +249,17 @@ fn leave_delayed(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
 /// A message waiting out its delay, ordered by when it is due (then by publish order).
 struct Delayed<M> {
     due: Instant,
-    seq: u64,
+    order: u64,
     /// The queue it goes to, and that queue's incarnation: a queue deleted and declared again does not
     /// receive the messages delayed for the one before.
-    queue: String,
+    queue: Arc<str>,
     queue_id: u64,
     stored: Stored<M>,
 }
 
 impl<M> PartialEq for Delayed<M> {
     fn eq(&self, other: &Self) -> bool {
-        (self.due, self.seq) == (other.due, other.seq)
+        (self.due, self.order) == (other.due, other.order)
     }
 }
 
@@ -201,12 +273,40 @@ impl<M> PartialOrd for Delayed<M> {
 
 impl<M> Ord for Delayed<M> {
     fn cmp(&self, other: &Self) -> Ordering {
-        (self.due, self.seq).cmp(&(other.due, other.seq))
+        (self.due, self.order).cmp(&(other.due, other.order))
+    }
+}
+
+/// The message ids a durable queue took lately, oldest first.
+#[derive(Default)]
+struct Seen {
+    ids: HashMap<MessageId, Instant>,
+    order: VecDeque<(MessageId, Instant)>,
+}
+
+impl Seen {
+    /// Records `id` at `now`; `false` if it was taken within the window already.
+    fn take(&mut self, id: MessageId, now: Instant) -> bool {
+        while let Some(&(oldest, at)) = self.order.front() {
+            if now.saturating_duration_since(at) < DEDUP_WINDOW && self.order.len() < DEDUP_CAPACITY {
+                break;
+            }
+            self.order.pop_front();
+            if self.ids.get(&oldest) == Some(&at) {
+                self.ids.remove(&oldest);
+            }
+        }
+        if self.ids.contains_key(&id) {
+            return false;
+        }
+        self.ids.insert(id, now);
+        self.order.push_back((id, now));
+        true
     }
 }
 
 struct Queue<M> {
-    name: String,
+    name: Arc<str>,
     /// This incarnation of the name.
     id: u64,
     config: QueueConfig,
@@ -225,10 +325,14 @@ struct Queue<M> {
     tombstones: usize,
     /// Live messages waiting out a delay (in the engine's heap), cancelled ones not counted.
     delayed: usize,
+    /// The number the next message gets (durable queues).
+    next_seq: u64,
+    /// Message ids taken lately (durable queues).
+    seen: Seen,
 }
 
 impl<M> Queue<M> {
-    fn new(name: String, id: u64, config: QueueConfig) -> Queue<M> {
+    fn new(name: Arc<str>, id: u64, config: QueueConfig) -> Queue<M> {
         Queue {
             name,
             id,
@@ -244,6 +348,8 @@ impl<M> Queue<M> {
             running: BTreeSet::new(),
             tombstones: 0,
             delayed: 0,
+            next_seq: 1,
+            seen: Seen::default(),
         }
     }
 
@@ -252,8 +358,18 @@ impl<M> Queue<M> {
         self.ready_len + self.delayed
     }
 
-    /// The next message to deliver. Tombstones on the way are dropped, their bytes added to `freed`.
-    fn pop(&mut self, freed: &mut usize) -> Option<Stored<M>> {
+    /// The next number, for a message entering a durable queue; 0 elsewhere.
+    fn number(&mut self) -> u64 {
+        if !self.config.durable {
+            return 0;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// The next message to deliver. Tombstones on the way are dropped.
+    fn pop(&mut self, books: &mut Books<M>) -> Option<Stored<M>> {
         loop {
             let level = self.ready.iter_mut().rev().find(|level| !level.is_empty())?;
             let stored = level.pop_front()?;
@@ -261,7 +377,7 @@ impl<M> Queue<M> {
                 && leave(&mut self.keys, key)
             {
                 self.tombstones -= 1;
-                *freed += stored.size;
+                books.gone(&self.name, self.config.durable, &stored);
                 continue;
             }
             self.ready_len -= 1;
@@ -316,10 +432,10 @@ impl<M> Queue<M> {
         cancelled
     }
 
-    /// Removes the tombstones and, given `now`, the messages whose TTL ran out; returns the bytes freed.
-    fn sweep(&mut self, now: Option<Instant>) -> usize {
-        let (mut expired, mut tombstones, mut bytes) = (0, 0, 0);
-        let Queue { ready, keys, .. } = self;
+    /// Removes the tombstones and, given `now`, the messages whose TTL ran out.
+    fn sweep(&mut self, now: Option<Instant>, books: &mut Books<M>) {
+        let (mut expired, mut tombstones) = (0, 0);
+        let Queue { ready, keys, name, config, .. } = self;
         for level in ready.iter_mut() {
             level.retain(|stored| {
                 let cancelled = stored.key.is_some_and(|key| keys.get(&key).is_some_and(|keyed| keyed.cancelled));
@@ -330,7 +446,7 @@ impl<M> Queue<M> {
                 if let Some(key) = stored.key {
                     leave(keys, key);
                 }
-                bytes += stored.size;
+                books.gone(name, config.durable, stored);
                 if cancelled {
                     tombstones += 1;
                 } else {
@@ -342,7 +458,49 @@ impl<M> Queue<M> {
         self.tombstones -= tombstones;
         self.ready_len -= expired;
         self.stats.expired += expired as u64;
-        bytes
+    }
+
+    /// The log's view of a message of this queue.
+    fn record(stored: &Stored<M>, due: Option<Instant>, id: Option<MessageId>) -> Record {
+        Record { priority: stored.priority, expires_at: stored.expires_at, due, key: stored.key, id }
+    }
+}
+
+/// Bytes held and the journal: what every message that leaves the engine updates.
+struct Books<M> {
+    /// Bytes of all messages held (ready, delayed, unacked and dead-lettered).
+    bytes: usize,
+    journal: Vec<Journal<M>>,
+}
+
+impl<M> Books<M> {
+    /// `stored` left queue `queue` for good.
+    fn gone(&mut self, queue: &Arc<str>, durable: bool, stored: &Stored<M>) {
+        self.bytes -= stored.size;
+        if durable {
+            self.journal.push(Journal::Removed { queue: Arc::clone(queue), seq: stored.seq });
+        }
+    }
+}
+
+impl<M: Clone> Books<M> {
+    /// `stored` entered queue `queue` (already counted in `bytes`).
+    fn entered(
+        &mut self,
+        queue: &Arc<str>,
+        durable: bool,
+        stored: &Stored<M>,
+        due: Option<Instant>,
+        id: Option<MessageId>,
+    ) {
+        if durable {
+            self.journal.push(Journal::Stored {
+                queue: Arc::clone(queue),
+                seq: stored.seq,
+                message: stored.message.clone(),
+                record: Queue::record(stored, due, id),
+            });
+        }
     }
 }
 
@@ -363,14 +521,13 @@ pub struct Engine<M> {
     consumers: HashMap<ConsumerId, Consumer<M>>,
     next_consumer: u64,
     next_tag: u64,
-    dirty: Vec<String>,
-    /// Bytes of all messages held (ready, delayed, unacked and dead-lettered).
-    bytes: usize,
+    dirty: Vec<Arc<str>>,
+    books: Books<M>,
     /// Messages waiting out a delay, across queues, earliest due on top.
     delayed: BinaryHeap<Reverse<Delayed<M>>>,
     /// Entries of `delayed` whose call was cancelled, swept once they outnumber the live ones.
     delayed_tombstones: usize,
-    next_seq: u64,
+    next_order: u64,
     next_queue_id: u64,
 }
 
@@ -393,10 +550,10 @@ impl<M> Default for Engine<M> {
             next_consumer: 1,
             next_tag: 1,
             dirty: Vec::new(),
-            bytes: 0,
+            books: Books { bytes: 0, journal: Vec::new() },
             delayed: BinaryHeap::new(),
             delayed_tombstones: 0,
-            next_seq: 0,
+            next_order: 0,
             next_queue_id: 0,
         }
     }
@@ -414,7 +571,8 @@ impl<M: Clone> Engine<M> {
     }
 
     /// Creates `queue` with `config`, or checks an existing one: a default `config` accepts it as it is, any
-    /// other must equal its config. Declaring a queue with a dead-letter queue declares that one too.
+    /// other must equal its config. Declaring a queue with a dead-letter queue declares that one too (durable
+    /// if the queue is).
     ///
     /// # Errors
     /// [`EngineError::Mismatch`] for an existing queue with another config; [`EngineError::InvalidConfig`] for a
@@ -433,7 +591,8 @@ impl<M: Clone> Engine<M> {
         if let Some(dead_letter) = &config.dead_letter
             && !self.queues.contains_key(dead_letter)
         {
-            self.insert_queue(dead_letter.clone(), QueueConfig::default());
+            let dead_letter_config = QueueConfig { durable: config.durable, ..QueueConfig::default() };
+            self.insert_queue(dead_letter.clone(), dead_letter_config);
         }
         self.insert_queue(queue.to_owned(), config);
         Ok(())
@@ -442,7 +601,11 @@ impl<M: Clone> Engine<M> {
     fn insert_queue(&mut self, name: String, config: QueueConfig) {
         let id = self.next_queue_id;
         self.next_queue_id += 1;
-        self.queues.insert(name.clone(), Queue::new(name, id, config));
+        let shared: Arc<str> = Arc::from(name.as_str());
+        if config.durable {
+            self.books.journal.push(Journal::Declared { queue: Arc::clone(&shared), config: config.clone() });
+        }
+        self.queues.insert(name, Queue::new(shared, id, config));
     }
 
     /// Whether consumer `id` is attached.
@@ -460,18 +623,26 @@ impl<M: Clone> Engine<M> {
         self.queues.contains_key(queue)
     }
 
+    /// Whether `queue` exists and is durable.
+    pub fn is_durable(&self, queue: &str) -> bool {
+        self.queues.get(queue).is_some_and(|queue| queue.config.durable)
+    }
+
     /// Deletes `queue` with its messages; its consumers are removed.
     pub fn delete_queue(&mut self, queue: &str) -> bool {
         let Some(removed) = self.queues.remove(queue) else { return false };
         let ready: usize = removed.ready.iter().flatten().map(|stored| stored.size).sum();
-        self.bytes -= ready;
+        self.books.bytes -= ready;
         for consumer in removed.consumers {
             if let Some(consumer) = self.consumers.remove(&consumer) {
-                self.bytes -= consumer.unacked.values().map(|stored| stored.size).sum::<usize>();
+                self.books.bytes -= consumer.unacked.values().map(|stored| stored.size).sum::<usize>();
             }
         }
         for groups in self.topics.values_mut() {
             groups.retain(|group| group != queue);
+        }
+        if removed.config.durable {
+            self.books.journal.push(Journal::Deleted { queue: removed.name });
         }
         true
     }
@@ -483,7 +654,8 @@ impl<M: Clone> Engine<M> {
 
     /// Puts `message` at the back of `queue`, or, with a [`Props::delay`], holds it until the delay is over
     /// and then puts it at the back. A full queue first drops its expired messages; delayed messages count
-    /// against the maximum length.
+    /// against the maximum length. A durable queue takes a message whose [`Props::id`] it took within
+    /// [`DEDUP_WINDOW`] once: the second publish succeeds and adds nothing (counted in `deduplicated`).
     ///
     /// # Errors
     /// [`EngineError::NoQueue`], or [`EngineError::QueueFull`] when the queue is at its maximum length.
@@ -493,11 +665,18 @@ impl<M: Clone> Engine<M> {
         };
         if target.config.max_len.is_some_and(|max| target.waiting() >= max) {
             // Messages whose TTL ran out still hold room until dropped.
-            self.bytes -= expire_queue(target, now);
+            target.sweep(Some(now), &mut self.books);
         }
         if target.config.max_len.is_some_and(|max| target.waiting() >= max) {
             target.stats.rejected += 1;
             return Err(EngineError::QueueFull(queue.to_owned()));
+        }
+        if target.config.durable
+            && let Some(id) = props.id
+            && !target.seen.take(id, now)
+        {
+            target.stats.deduplicated += 1;
+            return Ok(());
         }
         target.stats.published += 1;
         if target.is_cancelled(props.key) {
@@ -505,7 +684,7 @@ impl<M: Clone> Engine<M> {
             target.stats.cancelled += 1;
             return Ok(());
         }
-        self.bytes += props.size;
+        self.books.bytes += props.size;
         let stored = Stored {
             message,
             size: props.size,
@@ -513,21 +692,90 @@ impl<M: Clone> Engine<M> {
             expires_at: props.ttl.map(|ttl| now + ttl),
             deliveries: 0,
             key: props.key,
+            seq: target.number(),
         };
-        if let Some(delay) = props.delay.filter(|delay| !delay.is_zero()) {
-            target.delayed += 1;
-            if let Some(key) = props.key {
-                target.keys.entry(key).or_default().delayed += 1;
+        let due = props.delay.filter(|delay| !delay.is_zero()).map(|delay| now + delay);
+        self.books.entered(&target.name, target.config.durable, &stored, due, props.id);
+        match due {
+            Some(due) => self.hold(queue, stored, due),
+            None => {
+                target.push_back(stored);
+                mark_dirty(target, &mut self.dirty);
             }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let (queue, queue_id) = (target.name.clone(), target.id);
-            self.delayed.push(Reverse(Delayed { due: now + delay, seq, queue, queue_id, stored }));
+        }
+        Ok(())
+    }
+
+    /// Puts `stored` of `queue` (which exists) in the delay heap until `due`.
+    fn hold(&mut self, queue: &str, stored: Stored<M>, due: Instant) {
+        let Some(target) = self.queues.get_mut(queue) else { return };
+        target.delayed += 1;
+        if let Some(key) = stored.key {
+            target.keys.entry(key).or_default().delayed += 1;
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        let (queue, queue_id) = (Arc::clone(&target.name), target.id);
+        self.delayed.push(Reverse(Delayed { due, order, queue, queue_id, stored }));
+    }
+
+    /// Puts a message read back from a log into durable `queue` as number `seq`, without journaling it: ready,
+    /// or delayed until `record.due`; dropped (and journaled as removed) if its TTL ended meanwhile. Restore a
+    /// queue's messages in the order of their numbers.
+    ///
+    /// # Errors
+    /// [`EngineError::NoQueue`].
+    pub fn restore(
+        &mut self,
+        queue: &str,
+        seq: u64,
+        message: M,
+        size: usize,
+        record: Record,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return Err(EngineError::NoQueue(queue.to_owned()));
+        };
+        target.next_seq = target.next_seq.max(seq + 1);
+        if let Some(id) = record.id {
+            target.seen.take(id, now);
+        }
+        if record.expires_at.is_some_and(|at| at <= now) {
+            target.stats.expired += 1;
+            if target.config.durable {
+                self.books.journal.push(Journal::Removed { queue: Arc::clone(&target.name), seq });
+            }
             return Ok(());
         }
-        target.push_back(stored);
-        mark_dirty(target, &mut self.dirty);
+        self.books.bytes += size;
+        let stored = Stored {
+            message,
+            size,
+            priority: record.priority.min(9),
+            expires_at: record.expires_at,
+            deliveries: 0,
+            key: record.key,
+            seq,
+        };
+        match record.due.filter(|due| *due > now) {
+            Some(due) => self.hold(queue, stored, due),
+            None => {
+                target.push_back(stored);
+                mark_dirty(target, &mut self.dirty);
+            }
+        }
         Ok(())
+    }
+
+    /// Takes what the logs of durable queues must record since the last call, in order.
+    pub fn drain_journal(&mut self, out: &mut Vec<Journal<M>>) {
+        out.append(&mut self.books.journal);
+    }
+
+    /// Whether journal entries wait to be drained.
+    pub fn has_journal(&self) -> bool {
+        !self.books.journal.is_empty()
     }
 
     /// When the earliest delayed message is due: the driver calls [`Engine::dispatch`] then.
@@ -540,8 +788,9 @@ impl<M: Clone> Engine<M> {
         while self.delayed.peek().is_some_and(|Reverse(delayed)| delayed.due <= now) {
             let Some(Reverse(delayed)) = self.delayed.pop() else { break };
             let stored = delayed.stored;
-            let Some(queue) = self.queues.get_mut(&delayed.queue).filter(|queue| queue.id == delayed.queue_id) else {
-                self.bytes -= stored.size;
+            let Some(queue) = self.queues.get_mut(&*delayed.queue).filter(|queue| queue.id == delayed.queue_id) else {
+                // Its queue was deleted (and journaled so) meanwhile.
+                self.books.bytes -= stored.size;
                 continue;
             };
             if let Some(key) = stored.key
@@ -549,13 +798,13 @@ impl<M: Clone> Engine<M> {
             {
                 // Cancelled while it waited: counted then.
                 self.delayed_tombstones = self.delayed_tombstones.saturating_sub(1);
-                self.bytes -= stored.size;
+                self.books.gone(&queue.name, queue.config.durable, &stored);
                 continue;
             }
             queue.delayed -= 1;
             if stored.expires_at.is_some_and(|at| at <= now) {
                 queue.stats.expired += 1;
-                self.bytes -= stored.size;
+                self.books.gone(&queue.name, queue.config.durable, &stored);
                 continue;
             }
             queue.push_back(stored);
@@ -565,17 +814,17 @@ impl<M: Clone> Engine<M> {
 
     /// Drops the delayed messages of cancelled calls.
     fn sweep_delayed(&mut self) {
-        let Engine { delayed, queues, bytes, .. } = self;
+        let Engine { delayed, queues, books, .. } = self;
         delayed.retain(|Reverse(entry)| {
             let Some(key) = entry.stored.key else { return true };
-            let Some(queue) = queues.get_mut(&entry.queue).filter(|queue| queue.id == entry.queue_id) else {
+            let Some(queue) = queues.get_mut(&*entry.queue).filter(|queue| queue.id == entry.queue_id) else {
                 return true;
             };
             if !queue.keys.get(&key).is_some_and(|keyed| keyed.cancelled) {
                 return true;
             }
             leave_delayed(&mut queue.keys, key);
-            *bytes -= entry.stored.size;
+            books.gone(&queue.name, queue.config.durable, &entry.stored);
             false
         });
         self.delayed_tombstones = 0;
@@ -650,7 +899,7 @@ impl<M: Clone> Engine<M> {
         queue.consumers.retain(|other| *other != id);
         queue.unacked -= unacked.len();
         if queue.config.auto_delete && queue.consumers.is_empty() {
-            self.bytes -= unacked.iter().map(|(_, stored)| stored.size).sum::<usize>();
+            self.books.bytes -= unacked.iter().map(|(_, stored)| stored.size).sum::<usize>();
             let name = consumer.queue;
             self.delete_queue(&name);
             return;
@@ -659,7 +908,7 @@ impl<M: Clone> Engine<M> {
             let Some(queue) = self.queues.get_mut(&consumer.queue) else { break };
             if queue.settled(&stored, id, tag) {
                 queue.stats.cancelled += 1;
-                self.bytes -= stored.size;
+                self.books.gone(&queue.name, queue.config.durable, &stored);
                 continue;
             }
             self.requeue(&consumer.queue, stored, now);
@@ -684,13 +933,13 @@ impl<M: Clone> Engine<M> {
         if queue.settled(&stored, id, tag) && matches!(how, Settle::Requeue | Settle::Release) {
             // Its call was cancelled: nobody waits for it any more.
             queue.stats.cancelled += 1;
-            self.bytes -= stored.size;
+            self.books.gone(&queue.name, queue.config.durable, &stored);
             return Ok(());
         }
         match how {
             Settle::Ack => {
                 queue.stats.acked += 1;
-                self.bytes -= stored.size;
+                self.books.gone(&queue.name, queue.config.durable, &stored);
             }
             Settle::Requeue => self.requeue(&queue_name, stored, now),
             Settle::DeadLetter => self.dead_letter(&queue_name, stored, now),
@@ -705,7 +954,7 @@ impl<M: Clone> Engine<M> {
 
     fn requeue(&mut self, queue_name: &str, stored: Stored<M>, now: Instant) {
         let Some(queue) = self.queues.get_mut(queue_name) else {
-            self.bytes -= stored.size;
+            self.books.bytes -= stored.size;
             return;
         };
         if queue.config.max_deliveries.is_some_and(|max| stored.deliveries >= max) {
@@ -718,21 +967,29 @@ impl<M: Clone> Engine<M> {
 
     fn dead_letter(&mut self, queue_name: &str, mut stored: Stored<M>, now: Instant) {
         let Some(queue) = self.queues.get_mut(queue_name) else {
-            self.bytes -= stored.size;
+            self.books.bytes -= stored.size;
             return;
         };
         queue.stats.dead_lettered += 1;
-        let Some(dead_letters) = queue.config.dead_letter.clone().and_then(|target| self.queues.get_mut(&target))
-        else {
-            self.bytes -= stored.size;
+        let (source, durable) = (Arc::clone(&queue.name), queue.config.durable);
+        let target = queue.config.dead_letter.clone();
+        // Into the dead-letter queue first, out of this one second: a crash in between keeps both copies.
+        let Some(dead_letters) = target.and_then(|target| self.queues.get_mut(&target)) else {
+            self.books.gone(&source, durable, &stored);
             return;
         };
+        let seq = stored.seq;
         // A dead letter keeps its message but starts over: no TTL, no delivery count, no length limit.
         stored.deliveries = 0;
         stored.expires_at = None;
+        stored.seq = dead_letters.number();
         dead_letters.stats.published += 1;
+        self.books.entered(&dead_letters.name, dead_letters.config.durable, &stored, None, None);
         dead_letters.push_back(stored);
         mark_dirty(dead_letters, &mut self.dirty);
+        if durable {
+            self.books.journal.push(Journal::Removed { queue: source, seq });
+        }
         let _ = now;
     }
 
@@ -742,23 +999,23 @@ impl<M: Clone> Engine<M> {
     pub fn dispatch(&mut self, now: Instant, out: &mut Vec<Delivery<M>>) {
         self.promote(now);
         while let Some(name) = self.dirty.pop() {
-            let Some(queue) = self.queues.get_mut(&name) else { continue };
+            let Some(queue) = self.queues.get_mut(&*name) else { continue };
             queue.dirty = false;
-            self.bytes -= dispatch_queue(queue, &mut self.consumers, &mut self.next_tag, now, out);
+            dispatch_queue(queue, &mut self.consumers, &mut self.next_tag, now, out, &mut self.books);
         }
     }
 
     /// Drops the messages of every queue whose TTL ran out, even where no consumer asks for them.
     pub fn expire(&mut self, now: Instant) {
         for queue in self.queues.values_mut() {
-            self.bytes -= expire_queue(queue, now);
+            queue.sweep(Some(now), &mut self.books);
         }
     }
 
     /// Drops the messages of `queue` whose TTL ran out.
     pub fn expire_queue(&mut self, queue: &str, now: Instant) {
         if let Some(queue) = self.queues.get_mut(queue) {
-            self.bytes -= expire_queue(queue, now);
+            queue.sweep(Some(now), &mut self.books);
         }
     }
 
@@ -766,7 +1023,7 @@ impl<M: Clone> Engine<M> {
     /// again (a requeue or a resend of it is dropped). Returns the deliveries of it that consumers hold now, for
     /// the driver to tell them. A key the queue does not hold costs a lookup and leaves nothing behind, so a
     /// flood of cancels cannot grow the engine; removal is amortized O(1) (tombstones, swept once they
-    /// outnumber the live messages).
+    /// outnumber the live messages). A durable queue journals the removal when the tombstone goes.
     ///
     /// # Errors
     /// [`EngineError::NoQueue`].
@@ -790,7 +1047,7 @@ impl<M: Clone> Engine<M> {
             .map(|&(_, consumer, tag)| (consumer, tag))
             .collect();
         if target.tombstones > target.ready_len {
-            self.bytes -= target.sweep(None);
+            target.sweep(None, &mut self.books);
         }
         self.delayed_tombstones += delayed;
         if self.delayed_tombstones > self.delayed.len() / 2 {
@@ -801,7 +1058,7 @@ impl<M: Clone> Engine<M> {
 
     /// Bytes of all messages the engine holds: ready, delayed, unacked and dead-lettered.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.books.bytes
     }
 
     /// The counters of `queue`.
@@ -817,28 +1074,23 @@ impl<M: Clone> Engine<M> {
     }
 }
 
-/// Drops the expired messages of `queue` (and its tombstones); returns their bytes.
-fn expire_queue<M>(queue: &mut Queue<M>, now: Instant) -> usize {
-    queue.sweep(Some(now))
-}
-
-fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<String>) {
+fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<Arc<str>>) {
     if !queue.dirty {
         queue.dirty = true;
-        dirty.push(queue.name.clone());
+        dirty.push(Arc::clone(&queue.name));
     }
 }
 
-/// Delivers what `queue` can deliver now; returns the bytes of messages that left the engine (expired, or
-/// handed to auto-ack consumers).
+/// Delivers what `queue` can deliver now, dropping expired messages (and, for auto-ack consumers, the
+/// messages handed out) from the books.
 fn dispatch_queue<M: Clone>(
     queue: &mut Queue<M>,
     consumers: &mut HashMap<ConsumerId, Consumer<M>>,
     next_tag: &mut u64,
     now: Instant,
     out: &mut Vec<Delivery<M>>,
-) -> usize {
-    let mut freed = 0;
+    books: &mut Books<M>,
+) {
     while queue.ready_len > 0 && !queue.consumers.is_empty() {
         // The next consumer, round-robin, that has room.
         let count = queue.consumers.len();
@@ -847,26 +1099,26 @@ fn dispatch_queue<M: Clone>(
                 !consumer.paused && (consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
             })
         }) else {
-            return freed;
+            return;
         };
         queue.next_consumer = (slot + 1) % count;
         let id = queue.consumers[slot];
-        let Some(mut stored) = queue.pop(&mut freed) else { return freed };
+        let Some(mut stored) = queue.pop(books) else { return };
         if stored.expires_at.is_some_and(|at| at <= now) {
             queue.stats.expired += 1;
-            freed += stored.size;
+            books.gone(&queue.name, queue.config.durable, &stored);
             continue;
         }
         let Some(consumer) = consumers.get_mut(&id) else {
             queue.push_front(stored);
-            return freed;
+            return;
         };
         stored.deliveries += 1;
         let remaining_ttl = stored.expires_at.map(|at| at.saturating_duration_since(now));
         let delivery_count = stored.deliveries;
         if consumer.auto_ack {
             queue.stats.acked += 1;
-            freed += stored.size;
+            books.gone(&queue.name, queue.config.durable, &stored);
             out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
         } else {
             let tag = *next_tag;
@@ -879,7 +1131,6 @@ fn dispatch_queue<M: Clone>(
             queue.unacked += 1;
         }
     }
-    freed
 }
 
 #[cfg(test)]
@@ -1350,5 +1601,98 @@ mod tests {
         engine.add_consumer("q", 0, true).expect("consumes");
         assert!(drain(&mut engine, now + ms(100)).is_empty());
         assert_eq!(engine.bytes(), 0);
+    }
+
+    fn durable_queue(engine: &mut Engine<u32>, queue: &str) {
+        let config = QueueConfig { durable: true, dead_letter: Some(format!("{queue}.dlq")), ..QueueConfig::default() };
+        engine.declare_queue(queue, config).expect("declares");
+    }
+
+    fn journal(engine: &mut Engine<u32>) -> Vec<String> {
+        let mut entries = Vec::new();
+        engine.drain_journal(&mut entries);
+        entries
+            .into_iter()
+            .map(|entry| match entry {
+                Journal::Declared { queue, config } => format!("declared {queue} durable={}", config.durable),
+                Journal::Deleted { queue } => format!("deleted {queue}"),
+                Journal::Stored { queue, seq, message, .. } => format!("stored {queue} {seq} {message}"),
+                Journal::Removed { queue, seq } => format!("removed {queue} {seq}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_durable_queue_journals_every_message_in_and_out() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = Engine::new();
+        durable_queue(&mut engine, "q");
+        engine.declare_queue("mem", QueueConfig::default()).expect("declares");
+        assert_eq!(journal(&mut engine), ["declared q.dlq durable=true", "declared q durable=true"]);
+        engine.publish("mem", 0, Props::default(), now).expect("publishes");
+        for n in 1..=4 {
+            engine.publish("q", n, Props { size: 1, ..Props::default() }, now).expect("publishes");
+        }
+        engine.publish("q", 5, Props { ttl: Some(ms(10)), ..Props::default() }, now).expect("publishes");
+        assert_eq!(
+            journal(&mut engine),
+            ["stored q 1 1", "stored q 2 2", "stored q 3 3", "stored q 4 4", "stored q 5 5"]
+        );
+        let consumer = engine.add_consumer("q", 3, false).expect("consumes");
+        let held = drain(&mut engine, now + ms(20));
+        assert_eq!(messages(&held), [1, 2, 3]);
+        engine.settle(consumer, held[0].tag, Settle::Ack, now).expect("acks");
+        engine.settle(consumer, held[1].tag, Settle::DeadLetter, now).expect("dead-letters");
+        engine.settle(consumer, held[2].tag, Settle::Requeue, now).expect("requeues");
+        engine.remove_consumer(consumer, now);
+        engine.expire(now + ms(20));
+        assert_eq!(journal(&mut engine), ["removed q 1", "stored q.dlq 1 2", "removed q 2", "removed q 5"]);
+        let auto = engine.add_consumer("q", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, now)), [3, 4]);
+        engine.remove_consumer(auto, now);
+        assert_eq!(journal(&mut engine), ["removed q 3", "removed q 4"]);
+        assert!(engine.delete_queue("q"));
+        assert_eq!(journal(&mut engine), ["deleted q"]);
+    }
+
+    #[test]
+    fn a_durable_queue_takes_a_message_id_once_within_the_window() {
+        let now = Instant::now();
+        let mut engine = Engine::new();
+        durable_queue(&mut engine, "q");
+        let with_id = |id: u8| Props { id: Some([id; 16]), ..Props::default() };
+        engine.publish("q", 1, with_id(1), now).expect("publishes");
+        engine.publish("q", 1, with_id(1), now + Duration::from_secs(1)).expect("a retry succeeds");
+        engine.publish("q", 2, with_id(2), now).expect("publishes");
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.published, stats.deduplicated), (2, 2, 1));
+        // Past the window the id is forgotten.
+        engine.publish("q", 1, with_id(1), now + DEDUP_WINDOW + Duration::from_secs(1)).expect("publishes");
+        assert_eq!(engine.stats("q").expect("exists").ready, 3);
+    }
+
+    #[test]
+    fn restored_messages_come_back_ready_delayed_or_expired() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut engine = Engine::new();
+        durable_queue(&mut engine, "q");
+        journal(&mut engine);
+        let record = |expires_at, due| Record { priority: 0, expires_at, due, key: None, id: Some([9; 16]) };
+        engine.restore("q", 3, 30, 1, record(None, None), now).expect("restores");
+        engine.restore("q", 7, 70, 1, record(Some(now), None), now).expect("restores");
+        engine.restore("q", 9, 90, 1, record(None, Some(now + ms(50))), now).expect("restores");
+        assert_eq!(journal(&mut engine), ["removed q 7"], "an expired message is dropped, and the log told");
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.delayed, stats.expired), (1, 1, 1));
+        engine.add_consumer("q", 0, true).expect("consumes");
+        assert_eq!(messages(&drain(&mut engine, now)), [30]);
+        assert_eq!(messages(&drain(&mut engine, now + ms(50))), [90]);
+        // Numbers go on after the highest restored, and a restored id still counts against duplicates.
+        journal(&mut engine);
+        engine.publish("q", 10, Props { id: Some([9; 16]), ..Props::default() }, now).expect("publishes");
+        engine.publish("q", 11, Props::default(), now).expect("publishes");
+        assert_eq!(journal(&mut engine), ["stored q 10 11"]);
     }
 }

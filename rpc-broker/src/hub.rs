@@ -8,7 +8,10 @@ use std::time::Instant;
 use rpc_core::Capabilities;
 use tokio::sync::Notify;
 
-use crate::engine::{self, ConsumerId, Engine, EngineError};
+use crate::engine::{self, ConsumerId, Engine, EngineError, Journal};
+
+/// Where the journal of durable queues goes: the server's log.
+pub(crate) type JournalSink<M> = Box<dyn Fn(Vec<Journal<M>>) + Send>;
 
 /// What the engine offers, through whichever face: the embedded transport or the server.
 pub(crate) const CAPABILITIES: Capabilities = Capabilities {
@@ -48,6 +51,8 @@ pub(crate) struct Hub<M> {
     /// When the delay timer wakes up next, if it sleeps until a due message.
     armed_for: Option<Instant>,
     timer_started: bool,
+    /// Takes the journal after each operation; without one, nothing is durable and it is dropped.
+    journal: Option<JournalSink<M>>,
 }
 
 impl<M> Default for Hub<M> {
@@ -59,6 +64,7 @@ impl<M> Default for Hub<M> {
             wake: Arc::new(Notify::new()),
             armed_for: None,
             timer_started: false,
+            journal: None,
         }
     }
 }
@@ -71,6 +77,27 @@ impl<M> Drop for Hub<M> {
 }
 
 impl<M: Clone> Hub<M> {
+    /// Sends the journal of durable queues to `sink`, in order, after each operation.
+    pub(crate) fn set_journal(&mut self, sink: JournalSink<M>) {
+        self.journal = Some(sink);
+    }
+
+    /// Whether a log keeps durable queues.
+    pub(crate) fn is_logged(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// Hands what the last operations journaled to the sink.
+    pub(crate) fn flush_journal(&mut self) {
+        if self.engine.has_journal() {
+            let mut entries = Vec::new();
+            self.engine.drain_journal(&mut entries);
+            if let Some(sink) = &self.journal {
+                sink(entries);
+            }
+        }
+    }
+
     /// Attaches a consumer to `queue` whose deliveries go to the sink `make_sink` builds for its id. What is
     /// waiting goes to it at the next [`Hub::dispatch`], so that the caller can first tell its peer the id.
     pub(crate) fn attach(
@@ -112,6 +139,7 @@ impl<M: Clone> Hub<M> {
             }
         }
         self.out = out;
+        self.flush_journal();
         if let Some(due) = self.engine.next_due()
             && self.armed_for.is_none_or(|armed| due < armed)
         {

@@ -21,6 +21,7 @@
 
 pub mod adapter;
 pub mod engine;
+pub mod log;
 
 mod hub;
 pub mod protocol;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--tls-cert FILE --tls-key FILE] [--insecure]
+//!                  [--data-dir DIR [--fsync always|never] [--quarantine]]
 //! rpc-broker queues                                   # name, depth, delayed, unacked, consumers, DLQ depth
 //! rpc-broker call Calculator add '{"a": 2, "b": 3}'   # JSON in, MessagePack on the wire, JSON out
 //! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
@@ -129,6 +130,21 @@ struct Serve {
     /// Bytes of messages held past which publishes get QueueFull.
     #[arg(long, env = "MQRPC_MEMORY_HIGH_WATERMARK", default_value_t = 1024 * 1024 * 1024)]
     memory_high_watermark: usize,
+    /// Keep durable queues in this directory: their messages survive a restart or a crash. Without it, every
+    /// queue is in memory only.
+    #[arg(long, env = "MQRPC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// When the log is synced to disk: `always` before every publish confirm (a confirmed message survives a
+    /// power loss), or `never` (it survives a crash of the broker, not of the machine).
+    #[arg(long, env = "MQRPC_FSYNC", default_value = "always")]
+    fsync: rpc_broker::log::FsyncPolicy,
+    /// Bytes past which a segment file of the log is closed and a new one started.
+    #[arg(long, env = "MQRPC_SEGMENT_SIZE", default_value_t = 64 * 1024 * 1024)]
+    segment_size: u64,
+    /// On a corrupt record in the log, copy its segment to DATA_DIR/quarantine, skip the damaged bytes and start
+    /// with the records around them, instead of refusing to start.
+    #[arg(long, env = "MQRPC_QUARANTINE")]
+    quarantine: bool,
     /// Threads serving connections. One engine serves every queue, so 1 (the default) spends the least CPU
     /// per message: no wake-ups across threads. More help with many TLS connections.
     #[arg(long, env = "MQRPC_THREADS", default_value_t = 1)]
@@ -203,15 +219,27 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     config.max_outbound = serve.max_outbound;
     config.memory_high_watermark = serve.memory_high_watermark;
     config.tls = tls;
-    let server = BrokerServer::bind(serve.listen, config)
+    if let Some(dir) = serve.data_dir {
+        let mut log = rpc_broker::log::LogConfig::new(dir);
+        log.fsync = serve.fsync;
+        log.segment_size = serve.segment_size.max(4096);
+        log.quarantine = serve.quarantine;
+        config.log = Some(log);
+    }
+    let mut server = BrokerServer::bind(serve.listen, config)
         .await
-        .map_err(|error| format!("cannot listen on {}: {error}", serve.listen))?;
+        .map_err(|error| format!("cannot start on {}: {error}", serve.listen))?;
     tracing::info!(address = %server.local_addr(), "rpc-broker listening");
     println!("listening on {}", server.local_addr());
-    tokio::select! {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| format!("cannot watch for SIGTERM: {error}"))?;
+    let result = tokio::select! {
         () = server.run() => Err("the listener stopped".into()),
         _ = tokio::signal::ctrl_c() => Ok(()),
-    }
+        _ = terminate.recv() => Ok(()),
+    };
+    tracing::info!("rpc-broker stopping");
+    result
 }
 
 fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {

@@ -154,6 +154,9 @@ pub enum ClientFrame {
         delay_ms: Option<u64>,
         /// The call the payload belongs to (its correlation id), for `CancelCall`.
         key: Option<[u8; 16]>,
+        /// The message's own id (its envelope's): a durable queue takes a message with an id it took lately
+        /// once, so that a publisher can send again what it got no confirm for.
+        id: Option<[u8; 16]>,
         /// The encoded envelope.
         payload: Bytes,
     },
@@ -272,6 +275,8 @@ pub enum ClientFrame {
         delay_ms: Option<u64>,
         /// As in `Publish`.
         key: Option<[u8; 16]>,
+        /// As in `Publish`.
+        id: Option<[u8; 16]>,
         /// The encoded envelope.
         payload: Bytes,
     },
@@ -556,7 +561,7 @@ impl Frame for ClientFrame {
                     .u32(max_deliveries.unwrap_or(0))
                     .u8(u8::from(*durable));
             }
-            ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, payload } => {
+            ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload } => {
                 Writer::new(dst, 0x03)
                     .u32(*req)
                     .str(queue)
@@ -564,6 +569,7 @@ impl Frame for ClientFrame {
                     .opt(*ttl_ms)
                     .opt(*delay_ms)
                     .key(key.as_ref())
+                    .key(id.as_ref())
                     .bytes(payload);
             }
             ClientFrame::PublishTopic { req, topic, priority, ttl_ms, delay_ms, payload } => {
@@ -608,7 +614,7 @@ impl Frame for ClientFrame {
             ClientFrame::CancelCall { queue, key } => {
                 Writer::new(dst, 0x0f).str(queue).bytes(key);
             }
-            ClientFrame::Republish { req, consumer, tag, queue, priority, ttl_ms, delay_ms, key, payload } => {
+            ClientFrame::Republish { req, consumer, tag, queue, priority, ttl_ms, delay_ms, key, id, payload } => {
                 Writer::new(dst, 0x10)
                     .u32(*req)
                     .u64(*consumer)
@@ -618,6 +624,7 @@ impl Frame for ClientFrame {
                     .opt(*ttl_ms)
                     .opt(*delay_ms)
                     .key(key.as_ref())
+                    .key(id.as_ref())
                     .bytes(payload);
             }
         }
@@ -642,8 +649,8 @@ impl ClientFrame {
             },
             0x03 => {
                 let (req, queue, priority) = (r.u32()?, r.str()?, r.u8()?);
-                let (ttl_ms, delay_ms, key) = (r.opt()?, r.opt()?, r.key()?);
-                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, payload: r.rest() });
+                let (ttl_ms, delay_ms, key, id) = (r.opt()?, r.opt()?, r.key()?, r.key()?);
+                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload: r.rest() });
             }
             0x04 => {
                 let (req, topic, priority, ttl_ms, delay_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?, r.opt()?);
@@ -678,7 +685,7 @@ impl ClientFrame {
             0x0f => ClientFrame::CancelCall { queue: r.str()?, key: r.key16()? },
             0x10 => {
                 let (req, consumer, tag, queue) = (r.u32()?, r.u64()?, r.u64()?, r.str()?);
-                let (priority, ttl_ms, delay_ms, key) = (r.u8()?, r.opt()?, r.opt()?, r.key()?);
+                let (priority, ttl_ms, delay_ms, key, id) = (r.u8()?, r.opt()?, r.opt()?, r.key()?, r.key()?);
                 let payload = r.rest();
                 return Ok(ClientFrame::Republish {
                     req,
@@ -689,6 +696,7 @@ impl ClientFrame {
                     ttl_ms,
                     delay_ms,
                     key,
+                    id,
                     payload,
                 });
             }
@@ -805,6 +813,7 @@ fn put_stats(dst: &mut BytesMut, stats: &QueueStats) {
         stats.rejected,
         stats.cancelled,
         stats.delayed as u64,
+        stats.deduplicated,
     ] {
         dst.put_u64(value);
     }
@@ -822,6 +831,7 @@ fn read_stats(r: &mut Reader) -> Result<QueueStats, ProtocolError> {
     stats.rejected = r.u64()?;
     stats.cancelled = r.u64()?;
     stats.delayed = usize::try_from(r.u64()?).map_err(|_| ProtocolError::Malformed("a count over usize"))?;
+    stats.deduplicated = r.u64()?;
     Ok(stats)
 }
 
@@ -933,6 +943,7 @@ mod tests {
             ttl_ms: Some(100),
             delay_ms: Some(250),
             key: None,
+            id: Some([1; 16]),
             payload: payload.clone(),
         });
         round_trip_client(ClientFrame::Publish {
@@ -942,6 +953,7 @@ mod tests {
             ttl_ms: None,
             delay_ms: None,
             key: Some([7; 16]),
+            id: None,
             payload: payload.clone(),
         });
         round_trip_client(ClientFrame::PublishTopic {
@@ -980,6 +992,7 @@ mod tests {
             ttl_ms: Some(900),
             delay_ms: Some(100),
             key: Some([5; 16]),
+            id: Some([6; 16]),
             payload: payload.clone(),
         });
         round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });

@@ -790,6 +790,7 @@ impl Acker for RemoteAcker {
                 (envelope.priority.unwrap_or(0), envelope.deadline_ms, envelope.delay_ms);
             let key = call_key(&envelope);
             let consumer = self.consumer;
+            let id = Some(*envelope.id.as_bytes());
             let frame = |req| ClientFrame::Republish {
                 req,
                 consumer,
@@ -799,6 +800,7 @@ impl Acker for RemoteAcker {
                 ttl_ms,
                 delay_ms,
                 key,
+                id,
                 payload,
             };
             // On the delivery's own connection: once the broker dropped it (and requeued the request), it reads
@@ -878,19 +880,40 @@ impl Transport for Remote {
         Box::pin(async move {
             let payload = codec::encode_envelope(&envelope)?;
             let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
-            let delay_ms = envelope.delay_ms;
-            self.inner
-                .request(queue, |req| ClientFrame::Publish {
-                    req,
-                    queue: queue.to_owned(),
-                    priority,
-                    ttl_ms,
-                    delay_ms,
-                    key,
-                    payload,
-                })
-                .await
-                .map(drop)
+            let (delay_ms, id) = (envelope.delay_ms, Some(*envelope.id.as_bytes()));
+            let frame = |req| ClientFrame::Publish {
+                req,
+                queue: queue.to_owned(),
+                priority,
+                ttl_ms,
+                delay_ms,
+                key,
+                id,
+                payload: payload.clone(),
+            };
+            let conn = self.inner.current().ok_or(Error::Disconnected)?;
+            let give_up = tokio::time::Instant::now() + self.inner.options.request_timeout;
+            let mut conn = conn;
+            for _ in 0..MAX_RESENDS {
+                match self.inner.request_on(&conn, frame, Waiter::Answer).await {
+                    Ok(answer) => return answer.map(drop).map_err(|(code, message)| code.to_error(queue, message)),
+                    // The connection went while the confirm was on its way: the broker may have the message or
+                    // not. It goes again, with the same id, on the next connection; a durable queue takes it
+                    // once.
+                    Err(Error::Disconnected) => {
+                        tracing::debug!(
+                            queue,
+                            "the connection went before the publish was confirmed; sending it again"
+                        );
+                        if tokio::time::timeout_at(give_up, self.connected()).await.is_err() {
+                            return Err(Error::Disconnected);
+                        }
+                        conn = self.inner.current().ok_or(Error::Disconnected)?;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Err(Error::Disconnected)
         })
     }
 
@@ -984,9 +1007,13 @@ fn reply_frame(reply_to: &str, reply: &Envelope) -> Result<ClientFrame, Error> {
         ttl_ms,
         delay_ms: None,
         key: None,
+        id: None,
         payload,
     })
 }
+
+/// Times a publish whose connection went before its confirm is sent again.
+const MAX_RESENDS: usize = 4;
 
 /// A request waiting for its answer on a connection; dropping it forgets the request, so that an answer that
 /// never comes (a lost confirm, a caller that gave up) leaves nothing behind.

@@ -26,6 +26,7 @@ use tokio_util::codec::FramedRead;
 use crate::embedded::{declare, join_group, settle_of};
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink};
+use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
     self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ProtocolError, ServerFrame,
 };
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub memory_high_watermark: usize,
     /// TLS, if set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where durable queues are kept; `None` keeps every queue in memory only.
+    pub log: Option<LogConfig>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             max_outbound: 64 * 1024 * 1024,
             memory_high_watermark: 1024 * 1024 * 1024,
             tls: None,
+            log: None,
         }
     }
 }
@@ -82,6 +86,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_outbound", &self.max_outbound)
             .field("memory_high_watermark", &self.memory_high_watermark)
             .field("tls", &self.tls.is_some())
+            .field("log", &self.log)
             .finish()
     }
 }
@@ -105,6 +110,7 @@ pub struct BrokerStats {
 struct State {
     hub: Mutex<Hub<Bytes>>,
     config: ServerConfig,
+    log: Option<Arc<Log>>,
     connections: AtomicUsize,
     accepted: AtomicU64,
     rejected: AtomicU64,
@@ -117,11 +123,13 @@ impl State {
     }
 }
 
-/// A running broker server. Dropping it stops accepting and closes every connection.
+/// A running broker server. Dropping it stops accepting and closes every connection; its log, if it has one,
+/// is written and synced and closed once the last connection is gone.
 pub struct BrokerServer {
     state: Arc<State>,
     local_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    recovery: Option<Recovery>,
 }
 
 impl fmt::Debug for BrokerServer {
@@ -131,19 +139,39 @@ impl fmt::Debug for BrokerServer {
 }
 
 impl BrokerServer {
-    /// Listens on `addr` (port 0 picks a free port) and serves until dropped.
+    /// Listens on `addr` (port 0 picks a free port) and serves until dropped. With a [`ServerConfig::log`], the
+    /// durable queues are read back from it first ([`BrokerServer::recovery`] says what was found).
     ///
     /// # Errors
-    /// When the address cannot be bound.
+    /// When the address cannot be bound, or the log cannot be opened (its error, as
+    /// [`std::io::ErrorKind::InvalidData`] for a corrupt record).
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub async fn bind(addr: SocketAddr, config: ServerConfig) -> std::io::Result<BrokerServer> {
+        let mut hub = Hub::default();
+        let (log, recovery) = match &config.log {
+            Some(log_config) => {
+                let (log, recovery) = Log::open(log_config.clone()).map_err(|error| {
+                    let kind = match error {
+                        crate::log::LogError::Corrupt { .. } => std::io::ErrorKind::InvalidData,
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    std::io::Error::new(kind, error)
+                })?;
+                let log = Arc::new(log);
+                let sink = Arc::clone(&log);
+                hub.set_journal(Box::new(move |entries| sink.append(entries)));
+                (Some(log), Some(restore(&mut hub, recovery)))
+            }
+            None => (None, None),
+        };
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let state = Arc::new(State {
-            hub: Mutex::new(Hub::default()),
+            hub: Mutex::new(hub),
             config,
+            log,
             connections: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -152,7 +180,13 @@ impl BrokerServer {
         let wake = state.lock().timer_started();
         tokio::spawn(crate::hub::run_timer(Arc::downgrade(&state), State::lock, wake));
         let task = tokio::spawn(accept(listener, Arc::clone(&state)));
-        Ok(BrokerServer { state, local_addr, task })
+        Ok(BrokerServer { state, local_addr, task, recovery })
+    }
+
+    /// What was read back from the log when the server started: the queues, records, bytes truncated and
+    /// records quarantined, and the time it took (the messages themselves are in the queues now).
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
     }
 
     /// The address it listens on.
@@ -181,7 +215,7 @@ impl BrokerServer {
     }
 
     /// Runs until the task serving it ends (it does not, unless the listener fails).
-    pub async fn run(mut self) {
+    pub async fn run(&mut self) {
         let _ = (&mut self.task).await;
     }
 }
@@ -189,7 +223,40 @@ impl BrokerServer {
 impl Drop for BrokerServer {
     fn drop(&mut self) {
         self.task.abort();
+        // What was handed to the log is written and synced, and the data directory released, before this returns.
+        if let Some(log) = &self.state.log {
+            log.close();
+        }
     }
+}
+
+/// Puts what the log read back into the engine; returns the report without the messages.
+fn restore(hub: &mut Hub<Bytes>, mut recovery: Recovery) -> Recovery {
+    let now = Instant::now();
+    let mut restored = 0usize;
+    for queue in &mut recovery.queues {
+        if let Err(error) = hub.engine.declare_queue(&queue.name, queue.config.clone()) {
+            tracing::error!(queue = queue.name, %error, "could not restore a durable queue");
+            continue;
+        }
+        for message in queue.messages.drain(..) {
+            let size = message.payload.len();
+            if hub.engine.restore(&queue.name, message.seq, message.payload, size, message.record, now).is_ok() {
+                restored += 1;
+            }
+        }
+    }
+    hub.flush_journal();
+    tracing::info!(
+        queues = recovery.queues.len(),
+        messages = restored,
+        records = recovery.records,
+        truncated = recovery.truncated,
+        quarantined = recovery.quarantined.len(),
+        elapsed = ?recovery.elapsed,
+        "durable queues read back from the log"
+    );
+    recovery
 }
 
 async fn accept(listener: TcpListener, state: Arc<State>) {
@@ -474,8 +541,15 @@ impl Connection {
                 });
             }
             ClientFrame::Ping => None,
-            // Frames are handled in order, so answering now answers for everything before.
-            ClientFrame::Sync { .. } => ok(Bytes::new()),
+            // Frames are handled in order, so answering now answers for everything before; with a log, once
+            // what they wrote is durable.
+            ClientFrame::Sync { .. } => match &self.state.log {
+                Some(_) => {
+                    self.confirm_when_durable(req);
+                    None
+                }
+                None => ok(Bytes::new()),
+            },
             ClientFrame::Declare { queue, .. } if queue.starts_with(INBOX_PREFIX) => Some(failure(
                 req,
                 &Error::InvalidArgument(format!("`{queue}`: names starting with `{INBOX_PREFIX}` are inboxes'")),
@@ -488,18 +562,31 @@ impl Connection {
                 if let Some(max_deliveries) = max_deliveries {
                     options = options.max_deliveries(max_deliveries);
                 }
-                match self.check_name(&queue).and_then(|()| declare(&mut self.state.lock().engine, &queue, &options)) {
+                let declared = self.check_name(&queue).and_then(|()| {
+                    let mut hub = self.state.lock();
+                    let logged = hub.is_logged();
+                    let declared = declare(&mut hub.engine, &queue, &options, logged);
+                    hub.flush_journal();
+                    declared
+                });
+                match declared {
+                    Ok(()) if options.durable && self.state.log.is_some() => {
+                        // Answered once its meta file is written.
+                        self.confirm_when_durable(req);
+                        None
+                    }
                     Ok(()) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, payload, .. } => {
+            ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, id, payload, .. } => {
                 let props = Props {
                     priority,
                     ttl: ttl_ms.map(Duration::from_millis),
                     delay: delay_ms.map(Duration::from_millis),
                     key,
                     size: payload.len(),
+                    id,
                 };
                 match self.publish(Target::Queue(&queue), props, payload, None) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
@@ -508,7 +595,11 @@ impl Connection {
                         None
                     }
                     _ if req == 0 => None,
-                    Ok(()) => ok(Bytes::new()),
+                    Ok(Stored::Durably) => {
+                        self.confirm_when_durable(req);
+                        None
+                    }
+                    Ok(Stored::InMemory) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
             }
@@ -519,13 +610,14 @@ impl Connection {
                     delay: delay_ms.map(Duration::from_millis),
                     key: None,
                     size: payload.len(),
+                    id: None,
                 };
                 match self.publish(Target::Topic(&topic), props, payload, None) {
-                    Ok(()) => ok(Bytes::new()),
+                    Ok(_) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::Republish { consumer, tag, queue, priority, ttl_ms, delay_ms, key, payload, .. } => {
+            ClientFrame::Republish { consumer, tag, queue, priority, ttl_ms, delay_ms, key, id, payload, .. } => {
                 let consumer = ConsumerId::from_u64(consumer);
                 let props = Props {
                     priority,
@@ -533,12 +625,17 @@ impl Connection {
                     delay: delay_ms.map(Duration::from_millis),
                     key,
                     size: payload.len(),
+                    id,
                 };
                 // Only the connection's own consumers' deliveries.
                 let held = self.consumers.contains(&consumer).then_some((consumer, tag));
                 match held.ok_or(Error::DeliveryLost) {
                     Ok(held) => match self.publish(Target::Queue(&queue), props, payload, Some(held)) {
-                        Ok(()) => ok(Bytes::new()),
+                        Ok(Stored::Durably) => {
+                            self.confirm_when_durable(req);
+                            None
+                        }
+                        Ok(Stored::InMemory) => ok(Bytes::new()),
                         Err(error) => Some(failure(req, &error)),
                     },
                     Err(error) => Some(failure(req, &error)),
@@ -629,14 +726,28 @@ impl Connection {
         }
     }
 
-    /// Publishes `payload`; with `replacing`, only while that delivery is held, which is then acked.
+    /// Answers `req` once everything the log was handed so far is durable, or with the log's error.
+    fn confirm_when_durable(&self, req: u32) {
+        let Some(log) = &self.state.log else { return };
+        let out = self.out.clone();
+        log.barrier(Box::new(move |result| {
+            let frame = match result {
+                Ok(()) => ServerFrame::Ok { req, body: Bytes::new() },
+                Err(message) => ServerFrame::Error { req, code: ErrorCode::Internal, message },
+            };
+            let _ = out.send(Outbound::Frame(frame));
+        }));
+    }
+
+    /// Publishes `payload`; with `replacing`, only while that delivery is held, which is then acked. Says
+    /// whether the message went to a durable queue, whose publisher is answered once the log has it.
     fn publish(
         &self,
         target: Target<'_>,
         props: Props,
         payload: Bytes,
         replacing: Option<(ConsumerId, u64)>,
-    ) -> Result<(), Error> {
+    ) -> Result<Stored, Error> {
         if props.priority > 9 {
             return Err(Error::InvalidArgument(format!("priority {} is above the highest, 9", props.priority)));
         }
@@ -664,8 +775,13 @@ impl Connection {
         if let (Ok(()), Some((consumer, tag))) = (&result, replacing) {
             result = hub.engine.settle(consumer, tag, engine::Settle::Ack, now);
         }
+        let durable = match target {
+            Target::Queue(queue) => hub.engine.is_durable(queue),
+            Target::Topic(_) => false,
+        };
         hub.dispatch(now);
-        result.map_err(crate::embedded::to_error)
+        result.map_err(crate::embedded::to_error)?;
+        Ok(if durable { Stored::Durably } else { Stored::InMemory })
     }
 
     fn attach(&mut self, req: u32, queue: &str, prefetch: u32, auto_ack: bool) -> Result<(), Error> {
@@ -720,6 +836,14 @@ impl Connection {
 
 /// Consumers one connection may hold.
 const MAX_CONSUMERS: usize = 1024;
+
+/// Where a published message went.
+enum Stored {
+    /// A durable queue: the publisher is answered once the log has it.
+    Durably,
+    /// A queue in memory only: answered at once.
+    InMemory,
+}
 
 #[derive(Clone, Copy)]
 enum Target<'a> {

@@ -243,6 +243,7 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
             ttl_ms: None,
             delay_ms: None,
             key: None,
+            id: None,
             payload,
         };
         stream.write_all(&encode(&publish)).await.expect("writes");
@@ -495,6 +496,7 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
         ttl_ms: None,
         delay_ms: None,
         key: None,
+        id: None,
         payload: payload.clone(),
     };
     let frames = [
@@ -559,6 +561,7 @@ async fn a_flood_of_publish_and_cancel_pairs_leaves_nothing_behind() {
             ttl_ms: None,
             delay_ms: None,
             key: Some(key),
+            id: None,
             payload: payload.clone(),
         };
         publish.encode(&mut batch);

@@ -478,6 +478,9 @@ pub struct QueueStats {
     pub rejected: u64,
     /// Messages removed because their call was cancelled before a worker took them.
     pub cancelled: u64,
+    /// Publishes taken once because the queue had taken a message with the same id within its dedup window (a
+    /// publisher's retry).
+    pub deduplicated: u64,
 }
 
 impl QueueStats {

@@ -1,0 +1,821 @@
+//! The durable log of the broker server: durable queues survive a crash.
+//!
+//! Each durable queue has a directory of append-only segment files and a meta file with its configuration:
+//!
+//! ```text
+//! DATA_DIR/LOCK                       held while a broker uses the directory
+//! DATA_DIR/queues/<n>/meta            the queue's name and configuration
+//! DATA_DIR/queues/<n>/<segment>.log   records: a publish per message that entered the queue, an ack per one
+//!                                     that left it for good (the format: `record`)
+//! DATA_DIR/quarantine/                segments set aside by `--quarantine`
+//! ```
+//!
+//! One writer thread takes the engine's journal in order and appends it; a publish to a durable queue is
+//! confirmed only after the fsync that covers its record (group commit: one fsync for everything that arrived
+//! meanwhile, [`FsyncPolicy::Always`]). A segment is deleted once every message it holds is acked and every
+//! segment before it is gone (acks always follow their publishes, so this never loses an ack that matters).
+//!
+//! On start, [`Log::open`] reads every queue back (see `recovery`): messages not acked come back ready (those
+//! unacked at the crash included); a record cut short at the end of the last segment (a write the crash
+//! interrupted, never confirmed) is truncated away; any other record that does not check out stops the start
+//! with [`LogError::Corrupt`] naming the file and offset, unless `quarantine` is set: then the segment is copied
+//! to `DATA_DIR/quarantine/`, the bad bytes are skipped to the next good record, the queue is rewritten from
+//! what is left, and the report says so. A corrupt record is never delivered and never skipped silently.
+
+mod record;
+mod recovery;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::engine::{Journal, QueueConfig};
+pub use recovery::{RecoveredMessage, RecoveredQueue, Recovery};
+
+/// When the log calls fsync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before every confirm: a confirmed publish survives a crash of the machine. Group commit: one fsync
+    /// covers every record written since the last.
+    #[default]
+    Always,
+    /// Never: a publish is confirmed once written to the operating system. It survives a crash of the broker
+    /// process (kill -9 included) but not of the machine: a power loss or kernel crash loses what the system
+    /// had not written back yet (up to about 30 s with Linux's defaults).
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<FsyncPolicy, String> {
+        match value {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!("`{other}` is not an fsync policy; use always or never")),
+        }
+    }
+}
+
+/// How the log is kept.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct LogConfig {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// When to fsync (default: before every confirm).
+    pub fsync: FsyncPolicy,
+    /// A segment file is closed and a new one started past this size (default 64 MiB).
+    pub segment_size: u64,
+    /// Set a corrupt segment aside and keep the records around the corruption, instead of refusing to start.
+    pub quarantine: bool,
+}
+
+impl LogConfig {
+    /// A log in `dir` with the defaults.
+    pub fn new(dir: impl Into<PathBuf>) -> LogConfig {
+        LogConfig { dir: dir.into(), fsync: FsyncPolicy::Always, segment_size: 64 * 1024 * 1024, quarantine: false }
+    }
+}
+
+/// Why the log cannot be opened or written.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LogError {
+    /// A file operation failed.
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// A record that is not intact where one must be.
+    Corrupt {
+        /// The file.
+        file: PathBuf,
+        /// The offset of the record in it.
+        offset: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Another process holds the data directory.
+    Locked(PathBuf),
+}
+
+impl fmt::Display for LogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LogError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            LogError::Corrupt { file, offset, reason } => write!(
+                f,
+                "corrupt record in {} at offset {offset}: {reason}; restore the file from a backup, or start with \
+                 --quarantine to set the segment aside and keep the records around the damage",
+                file.display()
+            ),
+            LogError::Locked(dir) => {
+                write!(f, "{} is in use by another broker (its LOCK file is held)", dir.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |error| LogError::Io { path: path.to_owned(), error }
+}
+
+/// Called once the records before it are durable, or with why they may not be.
+pub(crate) type Barrier = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+enum Op {
+    Entries(Vec<Journal<Bytes>>),
+    Barrier(Barrier),
+}
+
+/// The log of a running broker: hands the engine's journal to the writer thread.
+pub struct Log {
+    sender: Mutex<Option<mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Log").finish_non_exhaustive()
+    }
+}
+
+impl Log {
+    /// Opens (or creates) the log in `config.dir`, reads back every durable queue, and starts the writer.
+    ///
+    /// # Errors
+    /// [`LogError::Locked`] when another broker uses the directory, [`LogError::Corrupt`] for a damaged
+    /// record (without `quarantine`), [`LogError::Io`] when a file cannot be read or written.
+    pub fn open(config: LogConfig) -> Result<(Log, Recovery), LogError> {
+        std::fs::create_dir_all(config.dir.join("queues")).map_err(io_error(&config.dir))?;
+        let lock_path = config.dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(LogError::Locked(config.dir.clone())),
+            Err(std::fs::TryLockError::Error(error)) => return Err(LogError::Io { path: lock_path, error }),
+        }
+        let (recovery, queues) = recovery::recover(&config)?;
+        let (sender, receiver) = mpsc::channel();
+        let writer = Writer { config, queues, next_dir: 0, failed: None, _lock: lock, touched: Vec::new() };
+        let thread = std::thread::Builder::new()
+            .name("mqrpc-log".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|error| LogError::Io { path: PathBuf::from("mqrpc-log thread"), error })?;
+        let log = Log { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) };
+        Ok((log, recovery))
+    }
+
+    fn send(&self, op: Op) {
+        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        let refused = match sender.as_ref() {
+            Some(sender) => sender.send(op).err().map(|error| error.0),
+            None => Some(op),
+        };
+        if let Some(Op::Barrier(barrier)) = refused {
+            barrier(Err("the log is closed".into()));
+        }
+    }
+
+    /// Appends journal entries, in order after everything appended before.
+    pub(crate) fn append(&self, entries: Vec<Journal<Bytes>>) {
+        if !entries.is_empty() {
+            self.send(Op::Entries(entries));
+        }
+    }
+
+    /// Calls `done` once everything appended before is durable (written, and fsynced under
+    /// [`FsyncPolicy::Always`]), or with the error that prevents it.
+    pub(crate) fn barrier(&self, done: Barrier) {
+        self.send(Op::Barrier(done));
+    }
+
+    /// Writes and syncs what is pending and stops the writer; appends after it are refused.
+    pub fn close(&self) {
+        drop(self.sender.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(thread) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A segment file of a queue.
+struct Segment {
+    number: u64,
+    path: PathBuf,
+    /// The number of the first message published in it, if any was.
+    first_seq: Option<u64>,
+    /// Messages published in it and not acked yet.
+    live: u64,
+}
+
+/// What the writer keeps of one durable queue.
+pub(crate) struct QueueLog {
+    dir: PathBuf,
+    config: QueueConfig,
+    /// Oldest first; the last is the one appended to.
+    segments: VecDeque<Segment>,
+    /// The last segment, open for appending, and its size.
+    active: Option<(File, u64)>,
+    /// Records encoded and not written yet.
+    buffer: BytesMut,
+}
+
+impl QueueLog {
+    pub(crate) fn recovered(
+        dir: PathBuf,
+        config: QueueConfig,
+        segments: Vec<(u64, PathBuf, Option<u64>, u64)>,
+    ) -> QueueLog {
+        let segments = segments
+            .into_iter()
+            .map(|(number, path, first_seq, live)| Segment { number, path, first_seq, live })
+            .collect();
+        QueueLog { dir, config, segments, active: None, buffer: BytesMut::new() }
+    }
+
+    /// The segment holding message `seq`.
+    fn segment_of(&mut self, seq: u64) -> Option<&mut Segment> {
+        self.segments.iter_mut().rev().find(|segment| segment.first_seq.is_some_and(|first| first <= seq))
+    }
+}
+
+pub(crate) fn segment_name(number: u64) -> String {
+    format!("{number:016x}.log")
+}
+
+struct Writer {
+    config: LogConfig,
+    /// By queue name.
+    queues: HashMap<Arc<str>, QueueLog>,
+    next_dir: u64,
+    failed: Option<String>,
+    _lock: File,
+    /// Files and directories written since the last sync.
+    touched: Vec<(PathBuf, Option<File>)>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: mpsc::Receiver<Op>) {
+        self.next_dir = self.queues.values().filter_map(|queue| dir_number(&queue.dir)).max().map_or(0, |n| n + 1);
+        let mut barriers = Vec::new();
+        while let Ok(first) = receiver.recv() {
+            let mut op = Some(first);
+            let mut taken = 0;
+            // Everything that arrived meanwhile shares one sync.
+            while let Some(next) = op.take() {
+                taken += 1;
+                match next {
+                    Op::Entries(entries) => {
+                        for entry in entries {
+                            self.apply(entry);
+                        }
+                    }
+                    Op::Barrier(barrier) => barriers.push(barrier),
+                }
+                if taken < 65_536 {
+                    op = receiver.try_recv().ok();
+                }
+            }
+            let result = self.sync();
+            for barrier in barriers.drain(..) {
+                barrier(result.clone());
+            }
+            self.delete_acked();
+        }
+        let _ = self.sync();
+    }
+
+    fn fail(&mut self, error: &LogError) {
+        if self.failed.is_none() {
+            tracing::error!(%error, "the log cannot be written: durable publishes are refused from now on");
+            self.failed = Some(format!("the broker cannot write its log: {error}"));
+        }
+    }
+
+    fn apply(&mut self, entry: Journal<Bytes>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let result = match entry {
+            Journal::Declared { queue, config } => self.declare(queue, config),
+            Journal::Deleted { queue } => self.delete(&queue),
+            Journal::Stored { queue, seq, message, record } => {
+                let (expires_ms, due_ms) = (record.expires_at.map(unix_ms), record.due.map(unix_ms));
+                let published = record::Published {
+                    seq,
+                    priority: record.priority,
+                    expires_ms,
+                    due_ms,
+                    key: record.key,
+                    id: record.id,
+                    payload: message,
+                };
+                self.append(&queue, seq, |buffer| record::put_publish(buffer, &published))
+            }
+            Journal::Removed { queue, seq } => {
+                if let Some(log) = self.queues.get_mut(&queue)
+                    && let Some(segment) = log.segment_of(seq)
+                {
+                    segment.live = segment.live.saturating_sub(1);
+                }
+                self.append(&queue, 0, |buffer| record::put_ack(buffer, seq))
+            }
+        };
+        if let Err(error) = result {
+            self.fail(&error);
+        }
+    }
+
+    fn declare(&mut self, queue: Arc<str>, config: QueueConfig) -> Result<(), LogError> {
+        if let Some(existing) = self.queues.get_mut(&queue) {
+            if existing.config != config {
+                write_atomically(&existing.dir.join("meta"), &record::meta(&queue, &config))?;
+                existing.config = config;
+            }
+            return Ok(());
+        }
+        let dir = self.config.dir.join("queues").join(self.next_dir.to_string());
+        self.next_dir += 1;
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        write_atomically(&dir.join("meta"), &record::meta(&queue, &config))?;
+        sync_dir(&self.config.dir.join("queues"))?;
+        self.queues.insert(queue, QueueLog::recovered(dir, config, Vec::new()));
+        Ok(())
+    }
+
+    fn delete(&mut self, queue: &str) -> Result<(), LogError> {
+        let Some(log) = self.queues.remove(queue) else { return Ok(()) };
+        self.touched.retain(|(path, _)| !path.starts_with(&log.dir));
+        std::fs::remove_dir_all(&log.dir).map_err(io_error(&log.dir))?;
+        sync_dir(&self.config.dir.join("queues"))
+    }
+
+    /// Encodes a record of `queue` with `put`: a publish of `seq`, or an ack (`seq` 0).
+    fn append(&mut self, queue: &str, seq: u64, put: impl FnOnce(&mut BytesMut)) -> Result<(), LogError> {
+        let segment_size = self.config.segment_size;
+        let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
+        let before = log.buffer.len();
+        put(&mut log.buffer);
+        let len = (log.buffer.len() - before) as u64;
+        let written = log.active.as_ref().map_or(0, |(_, size)| *size) + before as u64;
+        if log.active.is_none() || (written > 0 && written + len > segment_size) {
+            // The records before this one go to the segment they were meant for; this one starts a new one.
+            let record = log.buffer.split_off(before);
+            let touched = flush(log)?;
+            self.touched.extend(touched);
+            let number = log.segments.back().map_or(1, |segment| segment.number + 1);
+            let path = log.dir.join(segment_name(number));
+            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
+            log.segments.push_back(Segment { number, path, first_seq: None, live: 0 });
+            log.active = Some((file, 0));
+            log.buffer = record;
+            self.touched.push((log.dir.clone(), None));
+        }
+        if seq != 0
+            && let Some(segment) = log.segments.back_mut()
+        {
+            segment.first_seq.get_or_insert(seq);
+            segment.live += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes every buffer, then syncs every file and directory written to.
+    fn sync(&mut self) -> Result<(), String> {
+        if let Some(failed) = &self.failed {
+            return Err(failed.clone());
+        }
+        let mut result = Ok(());
+        for log in self.queues.values_mut() {
+            match flush(log) {
+                Ok(touched) => self.touched.extend(touched),
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        if let Err(error) = result {
+            self.fail(&error);
+            return Err(self.failed.clone().unwrap_or_default());
+        }
+        let touched = std::mem::take(&mut self.touched);
+        if self.config.fsync == FsyncPolicy::Always {
+            let mut synced: Vec<&PathBuf> = Vec::new();
+            for (path, file) in &touched {
+                if synced.contains(&path) {
+                    continue;
+                }
+                synced.push(path);
+                let outcome = match file {
+                    Some(file) => file.sync_data().map_err(io_error(path)),
+                    None => sync_dir(path),
+                };
+                if let Err(error) = outcome {
+                    self.fail(&error);
+                    return Err(self.failed.clone().unwrap_or_default());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes, per queue, the oldest segments whose messages were all acked (never the one appended to).
+    fn delete_acked(&mut self) {
+        for log in self.queues.values_mut() {
+            while log.segments.len() > 1 && log.segments.front().is_some_and(|segment| segment.live == 0) {
+                let Some(segment) = log.segments.pop_front() else { break };
+                if let Err(error) = std::fs::remove_file(&segment.path) {
+                    tracing::warn!(path = %segment.path.display(), %error, "could not delete an acked segment");
+                }
+            }
+        }
+    }
+}
+
+/// Writes a queue's buffered records to its active segment; returns the file to sync.
+fn flush(log: &mut QueueLog) -> Result<Vec<(PathBuf, Option<File>)>, LogError> {
+    if log.buffer.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some((file, size)) = log.active.as_mut() else { return Ok(Vec::new()) };
+    let path = log.segments.back().map(|segment| segment.path.clone()).unwrap_or_default();
+    file.write_all(&log.buffer).map_err(io_error(&path))?;
+    *size += log.buffer.len() as u64;
+    log.buffer.clear();
+    let file = file.try_clone().map_err(io_error(&path))?;
+    Ok(vec![(path, Some(file))])
+}
+
+fn dir_number(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.parse().ok()
+}
+
+/// Replaces `path` with `bytes`: a temporary file, synced, renamed over it, and the directory synced.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    let temporary = path.with_extension("tmp");
+    let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
+    file.write_all(bytes).map_err(io_error(&temporary))?;
+    file.sync_all().map_err(io_error(&temporary))?;
+    std::fs::rename(&temporary, path).map_err(io_error(path))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error(dir))
+}
+
+/// Milliseconds since the Unix epoch at `instant`.
+fn unix_ms(instant: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let at = if instant >= now { wall + (instant - now) } else { wall.saturating_sub(now - instant) };
+    u64::try_from(at.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The instant at `ms` milliseconds since the Unix epoch, given `now` (as an instant and as wall time).
+pub(crate) fn instant_of(ms: u64, now: Instant, wall_now: Duration) -> Instant {
+    let at = Duration::from_millis(ms);
+    if at >= wall_now { now + (at - wall_now) } else { now.checked_sub(wall_now - at).unwrap_or(now) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::mpsc as std_mpsc;
+
+    use proptest::prelude::*;
+
+    use super::record::{self as format, Record};
+    use super::*;
+    use crate::engine;
+
+    fn durable() -> QueueConfig {
+        QueueConfig { durable: true, dead_letter: Some("q.dlq".into()), ..QueueConfig::default() }
+    }
+
+    fn stored(seq: u64, payload: &[u8]) -> Journal<Bytes> {
+        let record = engine::Record { priority: 0, expires_at: None, due: None, key: None, id: Some([seq as u8; 16]) };
+        Journal::Stored { queue: Arc::from("q"), seq, message: Bytes::copy_from_slice(payload), record }
+    }
+
+    fn removed(seq: u64) -> Journal<Bytes> {
+        Journal::Removed { queue: Arc::from("q"), seq }
+    }
+
+    fn declared() -> Journal<Bytes> {
+        Journal::Declared { queue: Arc::from("q"), config: durable() }
+    }
+
+    /// Waits for everything appended so far to be durable.
+    fn settle(log: &Log) -> Result<(), String> {
+        let (done, result) = std_mpsc::channel();
+        log.barrier(Box::new(move |outcome| drop(done.send(outcome))));
+        result.recv().unwrap_or_else(|_| Err("the writer stopped".into()))
+    }
+
+    fn messages(recovery: &Recovery) -> Vec<(u64, Vec<u8>)> {
+        recovery
+            .queues
+            .iter()
+            .filter(|queue| queue.name == "q")
+            .flat_map(|queue| queue.messages.iter().map(|message| (message.seq, message.payload.to_vec())))
+            .collect()
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let queue = dir.join("queues").join("0");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&queue)
+            .expect("the queue's directory")
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn a_log_reads_back_what_was_not_acked() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let (log, recovery) = Log::open(LogConfig::new(dir.path())).expect("opens");
+            assert!(recovery.queues.is_empty());
+            let mut entries = vec![declared()];
+            entries.extend((1..=10).map(|seq| stored(seq, format!("m{seq}").as_bytes())));
+            entries.extend([removed(2), removed(4)]);
+            log.append(entries);
+            settle(&log).expect("durable");
+        }
+        let (log, recovery) = Log::open(LogConfig::new(dir.path())).expect("opens again");
+        let seqs: Vec<u64> = messages(&recovery).iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [1, 3, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(messages(&recovery)[1].1, b"m3");
+        assert_eq!(recovery.queues[0].config, durable());
+        // A second broker cannot take the same directory.
+        assert!(matches!(Log::open(LogConfig::new(dir.path())), Err(LogError::Locked(_))));
+        drop(log);
+        assert!(Log::open(LogConfig::new(dir.path())).is_ok());
+    }
+
+    #[test]
+    fn acked_segments_are_deleted_and_a_deleted_queue_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = LogConfig::new(dir.path());
+        config.segment_size = 256;
+        let (log, _) = Log::open(config.clone()).expect("opens");
+        log.append(vec![declared()]);
+        for seq in 1..=200u64 {
+            log.append(vec![stored(seq, &[7; 40])]);
+        }
+        settle(&log).expect("durable");
+        let written = segments(dir.path()).len();
+        assert!(written > 20, "{written} segments");
+        let holding = |seq: u64| {
+            segments(dir.path()).into_iter().find(|file| {
+                let bytes = Bytes::from(std::fs::read(file).expect("reads"));
+                records(&bytes)
+                    .iter()
+                    .any(|(_, record)| matches!(record, Record::Publish(message) if message.seq == seq))
+            })
+        };
+        let first_live = holding(199).expect("a segment holds message 199");
+        log.append((1..=198).map(removed).collect());
+        settle(&log).expect("durable");
+        // Every segment before the one that holds a live message is gone; the acks after it stay with it.
+        let left = segments(dir.path());
+        assert_eq!(left.first(), Some(&first_live), "{} of {written} segments left", left.len());
+        drop(log);
+        let (log, recovery) = Log::open(config).expect("opens again");
+        assert_eq!(messages(&recovery).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [199, 200]);
+        log.append(vec![Journal::Deleted { queue: Arc::from("q") }]);
+        settle(&log).expect("durable");
+        assert!(!dir.path().join("queues").join("0").exists());
+    }
+
+    /// Each record of a segment file and the offset where it ends.
+    fn records(bytes: &Bytes) -> Vec<(usize, Record)> {
+        let mut pos = 0;
+        let mut out = Vec::new();
+        while pos < bytes.len() {
+            let (record, len) = format::parse(&bytes.slice(pos..)).expect("an intact record");
+            pos += len;
+            out.push((pos, record));
+        }
+        out
+    }
+
+    /// What replaying `records` leaves: seq -> payload.
+    fn replay<'a>(records: impl Iterator<Item = &'a Record>) -> BTreeMap<u64, Vec<u8>> {
+        let mut live = BTreeMap::new();
+        for record in records {
+            match record {
+                Record::Publish(message) => {
+                    live.insert(message.seq, message.payload.to_vec());
+                }
+                Record::Ack(seq) => {
+                    live.remove(seq);
+                }
+            }
+        }
+        live
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        /// A crash may leave any prefix of what was written. Whatever prefix, recovery yields exactly the complete
+        /// records in it, drops the cut one, and every record confirmed before the cut is among them.
+        #[test]
+        fn recovery_after_a_cut_at_every_offset_keeps_exactly_the_whole_records(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0usize..24, any::<bool>()), 1..4),
+                1..5,
+            ),
+        ) {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let confirmed = Arc::new(Mutex::new(Vec::new()));
+            let segment;
+            {
+                let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
+                log.append(vec![declared()]);
+                let mut seq = 0;
+                for batch in &batches {
+                    let mut entries = Vec::new();
+                    for (size, ack) in batch {
+                        seq += 1;
+                        entries.push(stored(seq, &vec![seq as u8; *size]));
+                        if *ack {
+                            entries.push(removed(seq));
+                        }
+                    }
+                    log.append(entries);
+                    // The confirm of this batch: the size the segment had when it was synced.
+                    let confirmed = Arc::clone(&confirmed);
+                    let path = dir.path().join("queues").join("0").join(segment_name(1));
+                    let (done, result) = std_mpsc::channel();
+                    log.barrier(Box::new(move |outcome| {
+                        let len = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
+                        confirmed.lock().unwrap_or_else(PoisonError::into_inner).push(len);
+                        drop(done.send(outcome));
+                    }));
+                    prop_assert!(result.recv().expect("answered").is_ok());
+                }
+                segment = segments(dir.path()).remove(0);
+            }
+            let bytes = Bytes::from(std::fs::read(&segment).expect("reads the segment"));
+            let all = records(&bytes);
+            let meta = std::fs::read(dir.path().join("queues").join("0").join("meta")).expect("reads the meta");
+            let confirmed = confirmed.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            prop_assert_eq!(confirmed.last().copied(), Some(bytes.len() as u64));
+            for cut in 0..=bytes.len() {
+                let copy = tempfile::tempdir().expect("a temporary directory");
+                let queue = copy.path().join("queues").join("0");
+                std::fs::create_dir_all(&queue).expect("creates");
+                std::fs::write(queue.join("meta"), &meta).expect("writes");
+                std::fs::write(queue.join(segment_name(1)), &bytes[..cut]).expect("writes");
+                let (recovery, _) = recovery::recover(&LogConfig::new(copy.path())).expect("recovers");
+                let whole: Vec<&Record> = all.iter().filter(|(end, _)| *end <= cut).map(|(_, record)| record).collect();
+                let expected: Vec<(u64, Vec<u8>)> = replay(whole.iter().copied()).into_iter().collect();
+                prop_assert_eq!(messages(&recovery), expected);
+                let kept = all.iter().map(|(end, _)| *end).filter(|end| *end <= cut).max().unwrap_or(0);
+                prop_assert_eq!(recovery.truncated as usize, cut - kept);
+                let left = std::fs::metadata(queue.join(segment_name(1))).expect("the segment").len();
+                prop_assert_eq!(left as usize, kept, "the cut record is truncated away");
+                for confirm in &confirmed {
+                    if *confirm as usize <= cut {
+                        prop_assert!(kept >= *confirm as usize, "a record confirmed at {} is gone after a cut at {}", confirm, cut);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A log of three segments with every message live; returns the segment files and each record's offset.
+    fn three_segments(dir: &Path, config: &LogConfig) -> (Vec<PathBuf>, Vec<Vec<usize>>) {
+        let (log, _) = Log::open(config.clone()).expect("opens");
+        log.append(vec![declared()]);
+        for seq in 1..=9u64 {
+            log.append(vec![stored(seq, &[seq as u8; 60])]);
+        }
+        settle(&log).expect("durable");
+        drop(log);
+        let files = segments(dir);
+        assert_eq!(files.len(), 3, "{files:?}");
+        let offsets = files
+            .iter()
+            .map(|file| {
+                let bytes = Bytes::from(std::fs::read(file).expect("reads"));
+                let mut starts = vec![0];
+                starts.extend(records(&bytes).iter().map(|(end, _)| *end));
+                starts.pop();
+                starts
+            })
+            .collect();
+        (files, offsets)
+    }
+
+    fn flip(file: &Path, at: usize) {
+        let mut bytes = std::fs::read(file).expect("reads");
+        bytes[at] ^= 0x10;
+        std::fs::write(file, bytes).expect("writes");
+    }
+
+    #[test]
+    fn a_bit_flipped_in_the_tail_is_truncated_and_never_delivered() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = LogConfig::new(dir.path());
+        config.segment_size = 300;
+        let (files, offsets) = three_segments(dir.path(), &config);
+        let last = offsets[2].last().copied().expect("a record");
+        flip(&files[2], last + format::HEADER + 12);
+        let (_, recovery) = Log::open(config).expect("opens");
+        let seqs: Vec<u64> = messages(&recovery).iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(recovery.truncated > 0);
+    }
+
+    #[test]
+    fn a_bit_flipped_in_a_middle_segment_stops_the_start_or_is_quarantined() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = LogConfig::new(dir.path());
+        config.segment_size = 300;
+        let (files, offsets) = three_segments(dir.path(), &config);
+        let damaged = offsets[1][1];
+        flip(&files[1], damaged + format::HEADER + 20);
+        match Log::open(config.clone()) {
+            Err(LogError::Corrupt { file, offset, reason }) => {
+                assert_eq!((file, offset), (files[1].clone(), damaged as u64));
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected the corrupt record to stop the start, got {other:?}"),
+        }
+        // Damage in the middle of the last segment, with intact records after it, is not a torn tail either.
+        let other = tempfile::tempdir().expect("a temporary directory");
+        let mut other_config = LogConfig::new(other.path());
+        other_config.segment_size = 300;
+        let (other_files, other_offsets) = three_segments(other.path(), &other_config);
+        flip(&other_files[2], other_offsets[2][0] + format::HEADER + 20);
+        assert!(matches!(Log::open(other_config), Err(LogError::Corrupt { .. })));
+
+        config.quarantine = true;
+        let (log, recovery) = Log::open(config.clone()).expect("opens with quarantine");
+        let seqs: Vec<u64> = messages(&recovery).iter().map(|(seq, _)| *seq).collect();
+        let lost = seqs.len();
+        assert_eq!(lost, 8, "only the damaged record is set aside: {seqs:?}");
+        assert!(!seqs.contains(&5));
+        assert_eq!(recovery.quarantined, vec![(files[1].clone(), damaged as u64, recovery.quarantined[0].2)]);
+        assert!(dir.path().join("quarantine").join(format!("0-{}", segment_name(2))).exists());
+        drop(log);
+        // Rewritten: the next start needs no quarantine.
+        config.quarantine = false;
+        let (_, again) = Log::open(config).expect("opens cleanly");
+        assert_eq!(messages(&again).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), seqs);
+        assert!(again.quarantined.is_empty());
+    }
+
+    #[test]
+    fn restart_with_100_000_records() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
+            log.append(vec![declared()]);
+            for chunk in 0..100u64 {
+                log.append((1..=1_000).map(|n| stored(chunk * 1_000 + n, &[1; 100])).collect());
+            }
+            settle(&log).expect("durable");
+        }
+        let started = Instant::now();
+        let (_, recovery) = Log::open(LogConfig::new(dir.path())).expect("opens");
+        let elapsed = started.elapsed();
+        assert_eq!(recovery.queues[0].messages.len(), 100_000);
+        assert_eq!(recovery.records, 100_000);
+        println!("read back 100,000 records in {elapsed:?}");
+    }
+}

@@ -1,0 +1,238 @@
+//! Reading the log back on start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+
+use super::record::{self, Published, Record};
+use super::{LogConfig, LogError, QueueLog, io_error, segment_name, sync_dir, write_atomically};
+use crate::engine::{self, QueueConfig};
+
+/// What [`Log::open`](super::Log::open) read back.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Every durable queue, with the messages it held that were not acked.
+    pub queues: Vec<RecoveredQueue>,
+    /// Records read.
+    pub records: u64,
+    /// Bytes cut from the end of segments: records a crash interrupted, never confirmed.
+    pub truncated: u64,
+    /// Damaged records set aside under `quarantine`: the file and offset of each.
+    pub quarantined: Vec<(PathBuf, u64, &'static str)>,
+    /// How long reading took.
+    pub elapsed: Duration,
+}
+
+/// A durable queue read back from the log.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RecoveredQueue {
+    /// Its name.
+    pub name: String,
+    /// Its configuration.
+    pub config: QueueConfig,
+    /// Its messages not acked, in the order they were published.
+    pub messages: Vec<RecoveredMessage>,
+}
+
+/// A message read back from the log.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RecoveredMessage {
+    /// Its number in the queue.
+    pub seq: u64,
+    /// Its bytes.
+    pub payload: Bytes,
+    /// Its properties, with its times as instants of this process.
+    pub record: engine::Record,
+}
+
+/// Reads every queue directory back.
+pub(super) fn recover(config: &LogConfig) -> Result<(Recovery, HashMap<Arc<str>, QueueLog>), LogError> {
+    let started = Instant::now();
+    let root = config.dir.join("queues");
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(io_error(&root))? {
+        let entry = entry.map_err(io_error(&root))?;
+        let number: Option<u64> = entry.file_name().to_str().and_then(|name| name.parse().ok());
+        if let Some(number) = number
+            && entry.path().is_dir()
+        {
+            dirs.push((number, entry.path()));
+        }
+    }
+    dirs.sort();
+    let mut recovery = Recovery::default();
+    let mut logs = HashMap::new();
+    for (_, dir) in dirs {
+        if let Some((queue, log)) = recover_queue(config, &dir, &mut recovery)? {
+            logs.insert(Arc::from(queue.name.as_str()), log);
+            recovery.queues.push(queue);
+        }
+    }
+    recovery.elapsed = started.elapsed();
+    Ok((recovery, logs))
+}
+
+/// A message read back, and the segment it is in.
+struct Live {
+    message: Published,
+    segment: usize,
+}
+
+fn recover_queue(
+    config: &LogConfig,
+    dir: &Path,
+    recovery: &mut Recovery,
+) -> Result<Option<(RecoveredQueue, QueueLog)>, LogError> {
+    let meta_path = dir.join("meta");
+    let meta = match std::fs::read(&meta_path) {
+        Ok(meta) => Bytes::from(meta),
+        // Created and not yet described when the broker stopped: it holds nothing.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::remove_dir_all(dir).map_err(io_error(dir))?;
+            return Ok(None);
+        }
+        Err(error) => return Err(LogError::Io { path: meta_path, error }),
+    };
+    let (name, queue_config) = record::parse_meta(&meta).map_err(|bad| LogError::Corrupt {
+        file: meta_path.clone(),
+        offset: 0,
+        reason: bad.reason(),
+    })?;
+
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let file_name = entry.file_name();
+        let Some(stem) = file_name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
+        if let Ok(number) = u64::from_str_radix(stem, 16) {
+            segments.push((number, entry.path()));
+        }
+    }
+    segments.sort();
+
+    let mut live: BTreeMap<u64, Live> = BTreeMap::new();
+    let mut damaged = false;
+    for (index, (_, path)) in segments.iter().enumerate() {
+        let bytes = Bytes::from(std::fs::read(path).map_err(io_error(path))?);
+        let last = index + 1 == segments.len();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            match record::parse(&bytes.slice(pos..)) {
+                Ok((record, len)) => {
+                    recovery.records += 1;
+                    match record {
+                        Record::Publish(message) => {
+                            live.insert(message.seq, Live { message, segment: index });
+                        }
+                        Record::Ack(seq) => {
+                            live.remove(&seq);
+                        }
+                    }
+                    pos += len;
+                }
+                Err(bad) => {
+                    let next = next_record(&bytes, pos + 1);
+                    if last && next.is_none() {
+                        // The end of the last segment: a write the crash cut short, never confirmed.
+                        truncate(path, pos as u64)?;
+                        recovery.truncated += (bytes.len() - pos) as u64;
+                        tracing::warn!(file = %path.display(), offset = pos, "truncated a record cut short by a crash");
+                        break;
+                    }
+                    if !config.quarantine {
+                        return Err(LogError::Corrupt { file: path.clone(), offset: pos as u64, reason: bad.reason() });
+                    }
+                    quarantine(config, dir, path)?;
+                    damaged = true;
+                    tracing::error!(
+                        file = %path.display(),
+                        offset = pos,
+                        reason = bad.reason(),
+                        "quarantined a corrupt record: the segment is copied to the quarantine directory and the \
+                         queue rewritten without the damaged bytes"
+                    );
+                    recovery.quarantined.push((path.clone(), pos as u64, bad.reason()));
+                    match next {
+                        Some(next) => pos = next,
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+
+    let wall_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = Instant::now();
+    let mut kept = Vec::with_capacity(segments.len());
+    let mut messages = Vec::with_capacity(live.len());
+    if damaged {
+        // What is left goes into one new segment; the damaged ones go once it is synced.
+        let number = segments.last().map_or(1, |(number, _)| number + 1);
+        let path = dir.join(segment_name(number));
+        let mut buffer = BytesMut::new();
+        for entry in live.values() {
+            record::put_publish(&mut buffer, &entry.message);
+        }
+        write_atomically(&path, &buffer)?;
+        for (_, old) in &segments {
+            std::fs::remove_file(old).map_err(io_error(old))?;
+        }
+        sync_dir(dir)?;
+        kept.push((number, path, live.keys().next().copied(), live.len() as u64));
+    } else {
+        let mut counts = vec![(None, 0u64); segments.len()];
+        for (seq, entry) in &live {
+            let count = &mut counts[entry.segment];
+            count.0.get_or_insert(*seq);
+            count.1 += 1;
+        }
+        // A segment keeps its first number for finding acks: the smallest published in it, acked or not.
+        for ((number, path), (first_live, count)) in segments.into_iter().zip(counts) {
+            kept.push((number, path, first_live, count));
+        }
+    }
+    for (seq, entry) in live {
+        let message = entry.message;
+        let record = engine::Record {
+            priority: message.priority,
+            expires_at: message.expires_ms.map(|ms| super::instant_of(ms, now, wall_now)),
+            due: message.due_ms.map(|ms| super::instant_of(ms, now, wall_now)),
+            key: message.key,
+            id: message.id,
+        };
+        // A copy, so that the segment read is not held for one message.
+        messages.push(RecoveredMessage { seq, payload: Bytes::copy_from_slice(&message.payload), record });
+    }
+    let queue = RecoveredQueue { name, config: queue_config.clone(), messages };
+    Ok(Some((queue, QueueLog::recovered(dir.to_owned(), queue_config, kept))))
+}
+
+/// The offset of the next intact record after `from`, if there is one.
+fn next_record(bytes: &Bytes, from: usize) -> Option<usize> {
+    (from..bytes.len()).find(|&at| bytes[at] == record::MAGIC && record::is_record(&bytes.slice(at..)))
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), LogError> {
+    let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io_error(path))?;
+    file.set_len(len).map_err(io_error(path))?;
+    file.sync_all().map_err(io_error(path))
+}
+
+/// Copies a damaged segment to the quarantine directory, for inspection.
+fn quarantine(config: &LogConfig, dir: &Path, path: &Path) -> Result<(), LogError> {
+    let target_dir = config.dir.join("quarantine");
+    std::fs::create_dir_all(&target_dir).map_err(io_error(&target_dir))?;
+    let queue = dir.file_name().and_then(|name| name.to_str()).unwrap_or("queue");
+    let file = path.file_name().and_then(|name| name.to_str()).unwrap_or("segment");
+    let target = target_dir.join(format!("{queue}-{file}"));
+    if !target.exists() {
+        std::fs::copy(path, &target).map_err(io_error(&target))?;
+    }
+    Ok(())
+}
