@@ -461,6 +461,13 @@ impl WorkerProcess {
         counters
     }
 
+    /// Asks the process to stop (SIGTERM) and waits until it exits; panics if it fails.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.child.wait().expect("waits for the process");
+        assert!(status.success(), "the process failed to stop: {status}");
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

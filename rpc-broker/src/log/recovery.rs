@@ -17,6 +17,8 @@ use crate::engine::{self, QueueConfig};
 pub struct Recovery {
     /// Every durable queue, with the messages it held that were not acked.
     pub queues: Vec<RecoveredQueue>,
+    /// Messages read back (not acked when the broker stopped).
+    pub messages: usize,
     /// Records read.
     pub records: u64,
     /// Bytes cut from the end of segments: records a crash interrupted, never confirmed.
@@ -70,6 +72,7 @@ pub(super) fn recover(config: &LogConfig) -> Result<(Recovery, HashMap<Arc<str>,
     let mut logs = HashMap::new();
     for (_, dir) in dirs {
         if let Some((queue, log)) = recover_queue(config, &dir, &mut recovery)? {
+            recovery.messages += queue.messages.len();
             logs.insert(Arc::from(queue.name.as_str()), log);
             recovery.queues.push(queue);
         }

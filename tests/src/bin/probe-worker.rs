@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! probe-worker URL NAMESPACE NAME [CONCURRENCY]
-//! probe-worker --broker
+//! probe-worker --broker [PORT [DATA_DIR]]
 //! ```
 //!
-//! With `--broker` it runs our broker instead, on a free loopback port, for tests that measure their own process
-//! alone: it prints `ready`, then the broker's URL, and serves until killed.
+//! With `--broker` it runs our broker instead, on loopback port `PORT` (default 0: a free one), keeping durable
+//! queues in `DATA_DIR` if given, for tests that measure their own process alone or kill the broker: it prints
+//! `ready`, then the broker's URL, then how many messages it read back from `DATA_DIR`, and serves until killed; on SIGTERM it stops gracefully (its log written and
+//! synced) and exits.
 //!
 //! `URL` picks the transport: `mqrpc://` our broker, `amqp://` RabbitMQ, `nats://` NATS (JetStream mode when
 //! `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). `MQRPC_PROBE_SINK` names a file where the
@@ -103,14 +105,22 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs our broker on a free loopback port until killed.
+/// Runs our broker on loopback until killed, or until SIGTERM.
 async fn broker() -> Result<(), Error> {
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
+    let mut args = std::env::args().skip(2);
+    let port = args.next().and_then(|port| port.parse().ok()).unwrap_or(0);
+    let mut config = rpc_broker::server::ServerConfig::default();
+    config.log = args.next().map(rpc_broker::log::LogConfig::new);
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| Error::Transport(Box::new(error)))?;
+    let server = rpc_broker::server::BrokerServer::bind(address, config)
         .await
         .map_err(|error| Error::Transport(Box::new(error)))?;
-    println!("ready\n{}", server.url());
+    let recovered = server.recovery().map_or(0, |recovery| recovery.messages);
+    println!("ready\n{}\n{recovered}", server.url());
     let _ = std::io::stdout().flush();
-    std::future::pending::<()>().await;
+    terminate.recv().await;
+    drop(server);
     Ok(())
 }
