@@ -649,3 +649,57 @@ async fn republish_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Trans
 async fn next(consumer: &mut rpc_core::Consumer) -> rpc_core::Delivery {
     tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a delivery").expect("open")
 }
+
+/// A durable queue keeps what its messages carry across a restart: priorities order them again, a TTL that ran
+/// out while the broker was down drops its message, a delay still holds its message back, a dead letter stays
+/// in the dead-letter queue, and a publisher's retry of a message it had published is taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_across_a_restart() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = config();
+    config.log = Some(rpc_broker::log::LogConfig::new(dir.path()));
+    let message = |priority: Option<u8>| {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.priority = priority;
+        envelope
+    };
+    let (low, high) = (message(Some(0)), message(Some(9)));
+    let mut short = message(None);
+    short.deadline_ms = Some(1);
+    let mut later = message(None);
+    later.delay_ms = Some(600);
+    let dead = message(None);
+    {
+        let server = start(config.clone()).await;
+        let remote = Remote::connect(&server.url()).await.expect("connects");
+        for queue in ["jobs", "poison"] {
+            remote.declare_queue(queue, &QueueOptions::new().durable(true)).await.expect("declares");
+        }
+        for envelope in [&low, &high, &short, &later] {
+            remote.publish("jobs", envelope.clone()).await.expect("publishes");
+        }
+        remote.publish("poison", dead.clone()).await.expect("publishes");
+        let mut consumer = remote.consume("poison", ConsumeOptions::new()).await.expect("consumes");
+        next(&mut consumer).await.handle.dead_letter().await.expect("dead-letters");
+        remote.flush().await.expect("the broker has the settle");
+        // The short TTL runs out while the broker is down.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let server = start(config).await;
+    assert_eq!(server.recovery().map(|recovery| recovery.messages), Some(5));
+    let remote = Remote::connect(&server.url()).await.expect("connects");
+    let jobs = remote.queue_stats("jobs").await.expect("stats");
+    assert_eq!((jobs.ready, jobs.delayed, jobs.expired), (2, 1, 1), "{jobs:?}");
+    assert_eq!(remote.queue_stats("poison.dlq").await.expect("stats").ready, 1);
+    // A publisher that got no confirm for `low` sends it again: taken once.
+    remote.publish("jobs", low.clone()).await.expect("publishes");
+    assert_eq!(remote.queue_stats("jobs").await.expect("stats").deduplicated, 1);
+    let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
+    for expected in [&high, &low, &later] {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(delivery.envelope.id, expected.id);
+        delivery.handle.ack().await.expect("acks");
+    }
+    let mut dead_letters = remote.consume("poison.dlq", ConsumeOptions::new()).await.expect("consumes");
+    assert_eq!(next(&mut dead_letters).await.envelope.id, dead.id);
+}
