@@ -16,6 +16,7 @@
 //! | `inproc-floor` | a tokio mpsc request channel and a oneshot reply, in this process (the floor) |
 //! | `embedded` | mqrpc on the embedded broker, in this process |
 //! | `own-broker` | mqrpc through the `rpc-broker` server; broker and worker are two more processes |
+//! | `own-durable` | the same with the service queue durable: the broker has a data directory and confirms each request after the fsync that covers it |
 //! | `nats-raw` | async-nats `request()` to a plain subscriber process |
 //! | `nats` | mqrpc on core NATS, worker in another process |
 //! | `rabbitmq-raw` | hand-written lapin RPC: exclusive reply queue, correlation ids, a plain consumer process |
@@ -26,8 +27,9 @@
 //! the CPU time per call of every process involved (this one, the responders and the broker, read from
 //! `/proc/<pid>/stat`). The variants alternate over the rounds and the medians are reported, with each variant's
 //! ratio to its baseline: ours against the raw client of the same broker, `own-broker` against `nats-raw`,
-//! `embedded` against `inproc-floor`. Then memory: the own broker's RSS holding 1,000,000 queued 100-byte
-//! messages, and a client's RSS after 100,000 calls that timed out.
+//! `embedded` against `inproc-floor`, `own-durable` against `own-broker`. Then memory: the own broker's RSS
+//! holding 1,000,000 queued 100-byte messages, and a client's RSS after 100,000 calls that timed out; and the
+//! time our broker, killed with 100,000 messages in a durable queue, takes to serve again.
 //!
 //! The program re-invokes itself for the processes it needs (`--role broker|responder|client-memory`). The
 //! broker runs a single-threaded tokio runtime, as `rpc-broker serve` does by default; the responders and this
@@ -71,6 +73,8 @@ pub(crate) struct Config {
     pub(crate) queued_messages: usize,
     /// Timed-out calls for the client memory figure.
     pub(crate) timed_out_calls: usize,
+    /// Messages in the durable queue of the broker restarted for the restart-time figure.
+    pub(crate) restart_records: usize,
     /// RabbitMQ URL.
     pub(crate) amqp_url: String,
     /// NATS URL.
@@ -78,7 +82,7 @@ pub(crate) struct Config {
 }
 
 const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory]
-  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
+  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222)";
 
 fn parse(args: &[String]) -> Result<Config, String> {
@@ -95,6 +99,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         memory: true,
         queued_messages: 1_000_000,
         timed_out_calls: 100_000,
+        restart_records: 100_000,
         amqp_url: std::env::var("MQRPC_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
     };

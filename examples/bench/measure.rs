@@ -60,12 +60,29 @@ impl Process {
 
     /// Starts the own broker; returns it and its URL.
     pub(crate) async fn broker() -> Result<(Process, String), String> {
-        Process::start(&["broker"]).await
+        let (process, url, _) = Process::durable_broker(None).await?;
+        Ok((process, url))
+    }
+
+    /// Starts the own broker with its durable queues in `dir`, if given; returns it, its URL and the messages it
+    /// read back.
+    pub(crate) async fn durable_broker(dir: Option<&std::path::Path>) -> Result<(Process, String, usize), String> {
+        let dir = dir.map(|dir| dir.display().to_string());
+        let args: Vec<&str> = std::iter::once("broker").chain(dir.as_deref()).collect();
+        let (process, detail) = Process::start(&args).await?;
+        let (url, recovered) = detail.split_once(' ').ok_or_else(|| format!("the broker said `{detail}`"))?;
+        let recovered = recovered.parse().map_err(|_| format!("the broker said `{detail}`"))?;
+        Ok((process, url.to_owned(), recovered))
     }
 
     /// Its process id.
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub(crate) async fn kill(mut self) -> Result<(), String> {
+        self._child.kill().await.map_err(|error| format!("cannot kill role {}: {error}", self.pid))
     }
 }
 
@@ -161,7 +178,7 @@ pub(crate) async fn run(config: Config) -> Result<(), String> {
     }
     let memory = if config.memory {
         progress.set_message("memory: 1,000,000 queued messages, then 100,000 timed-out calls");
-        let measured = crate::memory::measure(config.queued_messages, config.timed_out_calls).await;
+        let measured = crate::memory::measure(config.queued_messages, config.timed_out_calls, config.restart_records).await;
         progress.inc(1);
         match measured {
             Ok(memory) => Some(memory),
@@ -183,6 +200,7 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
     let mut pids = vec![(Part::Client, std::process::id())];
     pids.extend(pids_named(variant.broker_processes()).into_iter().map(|pid| (Part::Broker, pid)));
     let mut processes = Vec::new();
+    let mut cleanup = None;
     let start = |args: Vec<String>| async move {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Process::start(&args).await
@@ -201,8 +219,11 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
             let caller = variants::Mqrpc::connect(transport).await?;
             measure(variant, Arc::new(caller), &pids, config, progress).await
         }
-        Variant::OwnBroker => {
-            let (broker, url) = start(vec!["broker".to_owned()]).await?;
+        Variant::OwnBroker | Variant::OwnDurable => {
+            let dir = data_dir();
+            let durable = (variant == Variant::OwnDurable).then_some(dir.as_path());
+            let (broker, url, _) = Process::durable_broker(durable).await?;
+            cleanup = Some(RemoveOnDrop(dir));
             pids.push((Part::Broker, broker.pid()));
             processes.push(broker);
             let (worker, _) = start(responder(&url)).await?;
@@ -253,7 +274,23 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
         }
     };
     drop(processes);
+    // The broker's directory goes once the broker has.
+    drop(cleanup);
     samples
+}
+
+/// A fresh directory for a broker's log.
+pub(crate) fn data_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("mqrpc-bench-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()))
+}
+
+/// Removes a directory when dropped.
+pub(crate) struct RemoveOnDrop(pub(crate) std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Latency at one in flight, then throughput at each of [`INFLIGHT`].

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use rpc_core::{Envelope, Kind, QueueOptions, Transport};
 
-use crate::measure::Process;
+use crate::measure::{Process, RemoveOnDrop, data_dir};
 use crate::variants::BenchClient;
 
 /// The memory figures of one run.
@@ -32,6 +32,12 @@ pub(crate) struct MemoryReport {
     pub(crate) client_rss_again: u64,
     /// The client's pending map after the calls (it must be 0).
     pub(crate) pending_after: usize,
+    /// Messages in the durable queue of the broker killed and started again.
+    pub(crate) restart_records: usize,
+    /// How many it read back.
+    pub(crate) restart_recovered: usize,
+    /// From starting the broker again to its serving.
+    pub(crate) restart_time: Duration,
 }
 
 /// A process's resident set size in bytes, from `/proc/<pid>/status`.
@@ -42,16 +48,11 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Measures both figures, each against a broker process of its own.
-pub(crate) async fn measure(queued: usize, timed_out_calls: usize) -> Result<MemoryReport, String> {
-    let (broker, url) = Process::broker().await?;
-    let broker_idle_rss = rss_bytes(broker.pid()).ok_or("cannot read the broker's RSS")?;
-    let transport = rpc_broker::Remote::connect(&url).await.map_err(|error| error.to_string())?;
-    let queue = "mqrpc.bench.memory";
-    transport.declare_queue(queue, &QueueOptions::new()).await.map_err(|error| error.to_string())?;
+/// Puts `count` 100-byte messages on `queue` through `transport`, 4,096 at a time; how long it took.
+async fn fill(transport: &impl Transport, queue: &str, count: usize) -> Result<Duration, String> {
     let body = Bytes::from(vec![7u8; 100]);
     let started = Instant::now();
-    let failures = futures::stream::iter(0..queued)
+    let failures = futures::stream::iter(0..count)
         .map(|_| {
             let mut envelope = Envelope::new(Kind::Oneway);
             envelope.service = "Memory".into();
@@ -63,10 +64,25 @@ pub(crate) async fn measure(queued: usize, timed_out_calls: usize) -> Result<Mem
         .filter(|result| std::future::ready(result.is_err()))
         .count()
         .await;
-    let publish_time = started.elapsed();
     if failures > 0 {
-        return Err(format!("{failures} of {queued} publishes failed"));
+        return Err(format!("{failures} of {count} publishes failed"));
     }
+    Ok(started.elapsed())
+}
+
+/// Measures the memory figures, each against a broker process of its own, and the time a broker killed with
+/// `restart_records` messages in a durable queue takes to serve again.
+pub(crate) async fn measure(
+    queued: usize,
+    timed_out_calls: usize,
+    restart_records: usize,
+) -> Result<MemoryReport, String> {
+    let (broker, url) = Process::broker().await?;
+    let broker_idle_rss = rss_bytes(broker.pid()).ok_or("cannot read the broker's RSS")?;
+    let transport = rpc_broker::Remote::connect(&url).await.map_err(|error| error.to_string())?;
+    let queue = "mqrpc.bench.memory";
+    transport.declare_queue(queue, &QueueOptions::new()).await.map_err(|error| error.to_string())?;
+    let publish_time = fill(&transport, queue, queued).await?;
     let stats = transport.queue_stats(queue).await.map_err(|error| error.to_string())?;
     if stats.ready != queued {
         return Err(format!("the queue holds {} messages, not {queued}", stats.ready));
@@ -78,6 +94,19 @@ pub(crate) async fn measure(queued: usize, timed_out_calls: usize) -> Result<Mem
     let (broker, url) = Process::broker().await?;
     let (_client, line) = Process::start(&["client-memory", &url, &timed_out_calls.to_string()]).await?;
     drop(broker);
+
+    let dir = data_dir();
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let (broker, url, _) = Process::durable_broker(Some(&dir)).await?;
+    let transport = rpc_broker::Remote::connect(&url).await.map_err(|error| error.to_string())?;
+    transport.declare_queue(queue, &QueueOptions::new().durable(true)).await.map_err(|error| error.to_string())?;
+    fill(&transport, queue, restart_records).await?;
+    drop(transport);
+    broker.kill().await?;
+    let started = Instant::now();
+    let (broker, _, restart_recovered) = Process::durable_broker(Some(&dir)).await?;
+    let restart_time = started.elapsed();
+    broker.kill().await?;
     let field = |name: &str| -> Result<u64, String> {
         line.split_whitespace()
             .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
@@ -95,6 +124,9 @@ pub(crate) async fn measure(queued: usize, timed_out_calls: usize) -> Result<Mem
         client_rss_after: field("rss_after")?,
         client_rss_again: field("rss_again")?,
         pending_after: field("pending")? as usize,
+        restart_records,
+        restart_recovered,
+        restart_time,
     })
 }
 

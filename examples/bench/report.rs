@@ -289,6 +289,14 @@ pub(crate) fn report(
             memory.pending_after,
             memory.other_failures
         );
+        let _ = writeln!(
+            out,
+            "  own broker killed with {} messages in a durable queue: serving again {:.2} s after it was started, \
+             {} messages read back",
+            number(memory.restart_records as f64),
+            memory.restart_time.as_secs_f64(),
+            number(memory.restart_recovered as f64)
+        );
     }
     let _ = writeln!(out, "\ntargets");
     for (met, line) in targets(&get, memory) {
@@ -330,7 +338,11 @@ pub(crate) fn report(
                 "rss_after_twice_bytes": memory.client_rss_again,
                 "pending_after": memory.pending_after,
             });
-            let _ = writeln!(lines, "{broker}\n{client}");
+            let restart = serde_json::json!({
+                "variant": "own-durable", "mode": "restart", "records": memory.restart_records,
+                "read_back": memory.restart_recovered, "restart_s": memory.restart_time.as_secs_f64(),
+            });
+            let _ = writeln!(lines, "{broker}\n{client}\n{restart}");
         }
         std::fs::write(path, lines).map_err(|error| format!("cannot write {}: {error}", path.display()))?;
         println!("JSON lines: {}", path.display());
@@ -371,6 +383,7 @@ fn targets<'a>(
         }
     };
     versus(Variant::OwnBroker, Variant::NatsRaw, 256, 1.2);
+    versus(Variant::OwnDurable, Variant::OwnBroker, 256, 0.5);
     versus(Variant::Nats, Variant::NatsRaw, 64, 0.95);
     versus(Variant::Nats, Variant::NatsRaw, 256, 0.95);
     versus(Variant::Rabbitmq, Variant::RabbitmqRaw, 64, 1.0);
@@ -404,6 +417,15 @@ fn targets<'a>(
                 "client pending map back to 0 after {} timed-out calls: {} pending",
                 number(memory.timed_out as f64 / 2.0),
                 memory.pending_after
+            ),
+        ));
+        targets.push((
+            memory.restart_recovered == memory.restart_records && memory.restart_time <= Duration::from_secs(3),
+            format!(
+                "own broker restart with {} records in its log <= 3 s: {:.2} s ({} read back)",
+                number(memory.restart_records as f64),
+                memory.restart_time.as_secs_f64(),
+                number(memory.restart_recovered as f64)
             ),
         ));
     }

@@ -40,7 +40,8 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = runtime.block_on(async {
         match args.as_slice() {
-            ["broker"] => broker().await,
+            ["broker"] => broker(None).await,
+            ["broker", dir] => broker(Some(dir)).await,
             ["responder", variant, address] => match Variant::parse(variant) {
                 Some(variant) => responder(variant, address).await,
                 None => Err(format!("no variant `{variant}`")),
@@ -61,13 +62,16 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     }
 }
 
-/// The own broker on a free loopback port.
-async fn broker() -> Result<(), String> {
+/// The own broker on a free loopback port, with its durable queues in `dir` if given; its ready line is its URL
+/// and the number of messages it read back from `dir`.
+async fn broker(dir: Option<&str>) -> Result<(), String> {
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut server = rpc_broker::server::BrokerServer::bind(address, rpc_broker::server::ServerConfig::default())
-        .await
-        .map_err(|error| error.to_string())?;
-    ready(&server.url());
+    let mut config = rpc_broker::server::ServerConfig::default();
+    config.log = dir.map(rpc_broker::log::LogConfig::new);
+    let mut server =
+        rpc_broker::server::BrokerServer::bind(address, config).await.map_err(|error| error.to_string())?;
+    let recovered = server.recovery().map_or(0, |recovery| recovery.messages);
+    ready(&format!("{} {recovered}", server.url()));
     server.run().await;
     Ok(())
 }
@@ -75,14 +79,17 @@ async fn broker() -> Result<(), String> {
 /// Answers `add` for `variant`, through the broker at `address`.
 async fn responder(variant: Variant, address: &str) -> Result<(), String> {
     match variant {
-        Variant::OwnBroker => {
-            serve(rpc_broker::Remote::connect(address).await.map_err(|error| error.to_string())?).await
+        Variant::OwnBroker | Variant::OwnDurable => {
+            let transport = rpc_broker::Remote::connect(address).await.map_err(|error| error.to_string())?;
+            serve(transport, variant == Variant::OwnDurable).await
         }
         Variant::Nats => {
-            serve(rpc_broker::adapter::nats::Nats::connect(address).await.map_err(|error| error.to_string())?).await
+            serve(rpc_broker::adapter::nats::Nats::connect(address).await.map_err(|error| error.to_string())?, false)
+                .await
         }
         Variant::Rabbitmq => {
-            serve(rpc_broker::adapter::amqp::Amqp::connect(address).await.map_err(|error| error.to_string())?).await
+            serve(rpc_broker::adapter::amqp::Amqp::connect(address).await.map_err(|error| error.to_string())?, false)
+                .await
         }
         Variant::NatsRaw => variants::nats_raw_responder(address).await,
         Variant::RabbitmqRaw => variants::rabbit_raw_responder(address).await,
@@ -91,8 +98,10 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
     }
 }
 
-async fn serve(transport: impl Transport) -> Result<(), String> {
+/// Serves `add`, on a durable queue if `durable`.
+async fn serve(transport: impl Transport, durable: bool) -> Result<(), String> {
     let _server = Server::new(transport)
+        .queue_options(rpc_core::QueueOptions::new().durable(durable))
         .concurrency(CONCURRENCY)
         .prefetch(PREFETCH)
         .serve(BenchServer::new(Adder))

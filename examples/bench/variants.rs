@@ -42,6 +42,8 @@ pub(crate) enum Variant {
     Embedded,
     /// mqrpc through the `rpc-broker` server.
     OwnBroker,
+    /// mqrpc through the `rpc-broker` server, the service queue durable (the broker with a data directory).
+    OwnDurable,
     /// async-nats request-reply.
     NatsRaw,
     /// mqrpc on core NATS.
@@ -56,10 +58,11 @@ pub(crate) enum Variant {
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 8] = [
+    pub(crate) const ALL: [Variant; 9] = [
         Variant::InprocFloor,
         Variant::Embedded,
         Variant::OwnBroker,
+        Variant::OwnDurable,
         Variant::NatsRaw,
         Variant::Nats,
         Variant::RabbitmqRaw,
@@ -73,6 +76,7 @@ impl Variant {
             Variant::InprocFloor => "inproc-floor",
             Variant::Embedded => "embedded",
             Variant::OwnBroker => "own-broker",
+            Variant::OwnDurable => "own-durable",
             Variant::NatsRaw => "nats-raw",
             Variant::Nats => "nats",
             Variant::RabbitmqRaw => "rabbitmq-raw",
@@ -91,6 +95,7 @@ impl Variant {
         match self {
             Variant::Embedded => Some(Variant::InprocFloor),
             Variant::OwnBroker | Variant::Nats => Some(Variant::NatsRaw),
+            Variant::OwnDurable => Some(Variant::OwnBroker),
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),
             Variant::InprocFloor | Variant::NatsRaw | Variant::RabbitmqRaw | Variant::Tarpc => None,
         }
