@@ -178,7 +178,8 @@ pub(crate) async fn run(config: Config) -> Result<(), String> {
     }
     let memory = if config.memory {
         progress.set_message("memory: 1,000,000 queued messages, then 100,000 timed-out calls");
-        let measured = crate::memory::measure(config.queued_messages, config.timed_out_calls, config.restart_records).await;
+        let measured =
+            crate::memory::measure(config.queued_messages, config.timed_out_calls, config.restart_records).await;
         progress.inc(1);
         match measured {
             Ok(memory) => Some(memory),

@@ -2,7 +2,10 @@
 //!
 //! - [`engine`]: the broker engine without I/O (queues, topics, acks, redelivery, TTL, limits, dead letters);
 //! - [`Embedded`]: the engine in-process, as a [`Transport`](rpc_core::Transport), the default for
-//!   quickstarts and tests.
+//!   quickstarts and tests;
+//! - [`server`]: the engine behind TCP, the `rpc-broker` binary, and [`Remote`], the transport that talks to
+//!   it; [`log`] keeps its durable queues on disk;
+//! - [`adapter`]: transports to external brokers (RabbitMQ, NATS), one cargo feature each.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

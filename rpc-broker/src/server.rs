@@ -1,10 +1,12 @@
 //! The engine behind TCP (optionally TLS): the `rpc-broker` server.
 //!
-//! Each connection has a reader that runs frames against the shared [`Hub`] in short critical sections, and a
-//! writer that drains everything queued for the connection into one buffer and writes it with one syscall.
-//! Limits: frame size, handshake time, connections, unacked deliveries per connection, bytes waiting to be
-//! written per connection (past which the connection's frames are not read), and a memory high-watermark on
-//! the bytes the broker holds, past which publishes get `QueueFull`.
+//! Each connection has a reader that runs frames against the shared hub (the engine and its consumers) in
+//! short critical sections, and a writer that drains everything queued for the connection into one buffer and
+//! writes it with one syscall. With a data directory, the durable queues' journal goes to the
+//! [`log`](crate::log), and the publishers of durable messages are answered once it has them. Limits: frame
+//! size, handshake time, connections, unacked deliveries per connection, bytes waiting to be written per
+//! connection (past which the connection's frames are not read), and a memory high-watermark on the bytes the
+//! broker holds, past which publishes get `QueueFull`.
 
 use std::collections::HashSet;
 use std::fmt;
