@@ -768,6 +768,14 @@ impl<M: Clone> Engine<M> {
         Ok(())
     }
 
+    /// Makes durable `queue` take a message with id `id` once from `now` on, for the dedup window: the id of a
+    /// message a log read back as acked, which a publisher may send again after a crash.
+    pub fn remember(&mut self, queue: &str, id: MessageId, now: Instant) {
+        if let Some(target) = self.queues.get_mut(queue).filter(|target| target.config.durable) {
+            target.seen.take(id, now);
+        }
+    }
+
     /// Takes what the logs of durable queues must record since the last call, in order.
     pub fn drain_journal(&mut self, out: &mut Vec<Journal<M>>) {
         out.append(&mut self.books.journal);

@@ -241,6 +241,9 @@ fn restore(hub: &mut Hub<Bytes>, mut recovery: Recovery) -> Recovery {
             tracing::error!(queue = queue.name, %error, "could not restore a durable queue");
             continue;
         }
+        for id in queue.acked_ids.drain(..) {
+            hub.engine.remember(&queue.name, id, now);
+        }
         for message in queue.messages.drain(..) {
             let size = message.payload.len();
             if hub.engine.restore(&queue.name, message.seq, message.payload, size, message.record, now).is_ok() {

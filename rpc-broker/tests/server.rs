@@ -669,6 +669,7 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
     let mut later = message(None);
     later.delay_ms = Some(600);
     let dead = message(None);
+    let acked = message(None);
     {
         let server = start(config.clone()).await;
         let remote = Remote::connect(&server.url()).await.expect("connects");
@@ -682,6 +683,12 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
         let mut consumer = remote.consume("poison", ConsumeOptions::new()).await.expect("consumes");
         next(&mut consumer).await.handle.dead_letter().await.expect("dead-letters");
         remote.flush().await.expect("the broker has the settle");
+        drop(consumer);
+        // Taken and acked before the restart.
+        remote.publish("poison", acked.clone()).await.expect("publishes");
+        let mut consumer = remote.consume("poison", ConsumeOptions::new()).await.expect("consumes");
+        next(&mut consumer).await.handle.ack().await.expect("acks");
+        remote.flush().await.expect("the broker has the ack");
         // The short TTL runs out while the broker is down.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -691,9 +698,13 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
     let jobs = remote.queue_stats("jobs").await.expect("stats");
     assert_eq!((jobs.ready, jobs.delayed, jobs.expired), (2, 1, 1), "{jobs:?}");
     assert_eq!(remote.queue_stats("poison.dlq").await.expect("stats").ready, 1);
-    // A publisher that got no confirm for `low` sends it again: taken once.
+    // A publisher that got no confirm for `low` sends it again: taken once. So is one sent again after it was
+    // consumed.
     remote.publish("jobs", low.clone()).await.expect("publishes");
     assert_eq!(remote.queue_stats("jobs").await.expect("stats").deduplicated, 1);
+    remote.publish("poison", acked.clone()).await.expect("publishes");
+    let poison = remote.queue_stats("poison").await.expect("stats");
+    assert_eq!((poison.ready, poison.deduplicated), (0, 1), "{poison:?}");
     let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
     for expected in [&high, &low, &later] {
         let delivery = next(&mut consumer).await;

@@ -13,7 +13,9 @@
 //! One writer thread takes the engine's journal in order and appends it; a publish to a durable queue is
 //! confirmed only after the fsync that covers its record (group commit: one fsync for everything that arrived
 //! meanwhile, [`FsyncPolicy::Always`]). A segment is deleted once every message it holds is acked and every
-//! segment before it is gone (acks always follow their publishes, so this never loses an ack that matters).
+//! segment before it is gone (acks always follow their publishes, so this never loses an ack that matters). An
+//! oldest segment that holds few live messages while many segments follow it is compacted: its live messages are
+//! written again at the end of the log, and it is deleted.
 //!
 //! On start, [`Log::open`] reads every queue back (see `recovery`): messages not acked come back ready (those
 //! unacked at the crash included); a record cut short at the end of the last segment (a write the crash
@@ -25,7 +27,7 @@
 mod record;
 mod recovery;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -226,10 +228,10 @@ impl Drop for Log {
 struct Segment {
     number: u64,
     path: PathBuf,
-    /// The number of the first message published in it, if any was.
-    first_seq: Option<u64>,
-    /// Messages published in it and not acked yet.
-    live: u64,
+    /// The numbers of the messages whose last publish record is in it and that were not acked yet.
+    live: HashSet<u64>,
+    /// Publish records written in it.
+    published: u64,
 }
 
 /// What the writer keeps of one durable queue.
@@ -248,20 +250,30 @@ impl QueueLog {
     pub(crate) fn recovered(
         dir: PathBuf,
         config: QueueConfig,
-        segments: Vec<(u64, PathBuf, Option<u64>, u64)>,
+        segments: Vec<(u64, PathBuf, HashSet<u64>, u64)>,
     ) -> QueueLog {
         let segments = segments
             .into_iter()
-            .map(|(number, path, first_seq, live)| Segment { number, path, first_seq, live })
+            .map(|(number, path, live, published)| Segment { number, path, live, published })
             .collect();
         QueueLog { dir, config, segments, active: None, buffer: BytesMut::new() }
     }
 
-    /// The segment holding message `seq`.
-    fn segment_of(&mut self, seq: u64) -> Option<&mut Segment> {
-        self.segments.iter_mut().rev().find(|segment| segment.first_seq.is_some_and(|first| first <= seq))
+    /// Message `seq` was acked.
+    fn acked(&mut self, seq: u64) {
+        for segment in self.segments.iter_mut().rev() {
+            if segment.live.remove(&seq) {
+                return;
+            }
+        }
     }
 }
+
+/// A queue's oldest segment still holding live messages is compacted once this many segments follow it and at
+/// most a quarter of the messages published in it are live: those are written again at the end of the log and
+/// it is deleted, so that a message left unacked does not keep every segment after it on disk (a backlog nobody
+/// consumes is not rewritten).
+const COMPACT_BEHIND: usize = 8;
 
 pub(crate) fn segment_name(number: u64) -> String {
     format!("{number:016x}.log")
@@ -337,10 +349,8 @@ impl Writer {
                 self.append(&queue, seq, |buffer| record::put_publish(buffer, &published))
             }
             Journal::Removed { queue, seq } => {
-                if let Some(log) = self.queues.get_mut(&queue)
-                    && let Some(segment) = log.segment_of(seq)
-                {
-                    segment.live = segment.live.saturating_sub(1);
+                if let Some(log) = self.queues.get_mut(&queue) {
+                    log.acked(seq);
                 }
                 self.append(&queue, 0, |buffer| record::put_ack(buffer, seq))
             }
@@ -390,16 +400,22 @@ impl Writer {
             let number = log.segments.back().map_or(1, |segment| segment.number + 1);
             let path = log.dir.join(segment_name(number));
             let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
-            log.segments.push_back(Segment { number, path, first_seq: None, live: 0 });
+            log.segments.push_back(Segment { number, path, live: HashSet::new(), published: 0 });
             log.active = Some((file, 0));
             log.buffer = record;
             self.touched.push((log.dir.clone(), None));
         }
-        if seq != 0
-            && let Some(segment) = log.segments.back_mut()
-        {
-            segment.first_seq.get_or_insert(seq);
-            segment.live += 1;
+        if seq != 0 {
+            // A message written again by compaction moves to the segment appended to.
+            for segment in log.segments.iter_mut().rev().skip(1) {
+                if segment.live.remove(&seq) {
+                    break;
+                }
+            }
+            if let Some(segment) = log.segments.back_mut() {
+                segment.live.insert(seq);
+                segment.published += 1;
+            }
         }
         Ok(())
     }
@@ -444,16 +460,65 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes, per queue, the oldest segments whose messages were all acked (never the one appended to).
+    /// Deletes, per queue, the oldest segments whose messages were all acked (never the one appended to); then
+    /// compacts the oldest left if [`COMPACT_BEHIND`] segments follow it.
     fn delete_acked(&mut self) {
-        for log in self.queues.values_mut() {
-            while log.segments.len() > 1 && log.segments.front().is_some_and(|segment| segment.live == 0) {
+        let mut compact = Vec::new();
+        for (name, log) in &mut self.queues {
+            while log.segments.len() > 1 && log.segments.front().is_some_and(|segment| segment.live.is_empty()) {
                 let Some(segment) = log.segments.pop_front() else { break };
                 if let Err(error) = std::fs::remove_file(&segment.path) {
                     tracing::warn!(path = %segment.path.display(), %error, "could not delete an acked segment");
                 }
             }
+            let sparse = log.segments.front().is_some_and(|oldest| oldest.live.len() as u64 * 4 <= oldest.published);
+            if log.segments.len() > COMPACT_BEHIND && sparse {
+                compact.push(Arc::clone(name));
+            }
         }
+        for queue in compact {
+            if let Err(error) = self.compact(&queue) {
+                self.fail(&error);
+            }
+        }
+    }
+
+    /// Writes the live messages of `queue`'s oldest segment again at the end of its log, syncs, and deletes the
+    /// segment: what a crash leaves in between holds each message twice, and recovery keeps one.
+    fn compact(&mut self, queue: &Arc<str>) -> Result<(), LogError> {
+        let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
+        let Some(oldest) = log.segments.front() else { return Ok(()) };
+        let (path, live) = (oldest.path.clone(), oldest.live.clone());
+        let bytes = Bytes::from(std::fs::read(&path).map_err(io_error(&path))?);
+        let mut pos = 0;
+        let mut moved = Vec::new();
+        while pos < bytes.len() {
+            let (parsed, len) = record::parse(&bytes.slice(pos..)).map_err(|bad| LogError::Corrupt {
+                file: path.clone(),
+                offset: pos as u64,
+                reason: bad.reason(),
+            })?;
+            if let record::Record::Publish(message) = parsed
+                && live.contains(&message.seq)
+            {
+                moved.push((message.seq, bytes.slice(pos..pos + len)));
+            }
+            pos += len;
+        }
+        for (seq, raw) in moved {
+            self.append(queue, seq, |buffer| buffer.extend_from_slice(&raw))?;
+        }
+        if let Err(error) = self.sync() {
+            tracing::warn!(%error, "compaction could not sync; the old segment stays");
+            return Ok(());
+        }
+        let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
+        if log.segments.front().is_some_and(|segment| segment.path == path && segment.live.is_empty()) {
+            log.segments.pop_front();
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            tracing::debug!(queue = %queue, path = %path.display(), "compacted the oldest segment");
+        }
+        Ok(())
     }
 }
 
@@ -619,6 +684,48 @@ mod tests {
         log.append(vec![Journal::Deleted { queue: Arc::from("q") }]);
         settle(&log).expect("durable");
         assert!(!dir.path().join("queues").join("0").exists());
+    }
+
+    #[test]
+    fn a_message_left_unacked_does_not_keep_the_segments_after_it() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = LogConfig::new(dir.path());
+        config.segment_size = 1024;
+        let (log, _) = Log::open(config.clone()).expect("opens");
+        log.append(vec![declared()]);
+        // Message 1 is never acked; every other one is, soon after it was published.
+        log.append(vec![stored(1, &[1; 40])]);
+        for seq in 2..=1_000u64 {
+            log.append(vec![stored(seq, &[2; 40]), removed(seq)]);
+        }
+        // The sync that answers a barrier comes before the deletions and compaction that follow it: after the
+        // first, the oldest segment is compacted; after the second, what it kept on disk is deleted.
+        for _ in 0..3 {
+            settle(&log).expect("durable");
+        }
+        let left = segments(dir.path()).len();
+        assert!(left <= COMPACT_BEHIND + 2, "{left} segments kept behind one unacked message");
+        drop(log);
+        let (_, recovery) = Log::open(config.clone()).expect("opens again");
+        assert_eq!(messages(&recovery), [(1, vec![1; 40])]);
+        // A backlog nobody consumes is left where it is.
+        let backlog = tempfile::tempdir().expect("a temporary directory");
+        let mut backlog_config = LogConfig::new(backlog.path());
+        backlog_config.segment_size = 256;
+        let (log, _) = Log::open(backlog_config.clone()).expect("opens");
+        log.append(vec![declared()]);
+        for seq in 1..=100u64 {
+            log.append(vec![stored(seq, &[3; 40])]);
+        }
+        settle(&log).expect("durable");
+        let before: Vec<PathBuf> = segments(backlog.path());
+        log.append(vec![stored(101, &[3; 40])]);
+        settle(&log).expect("durable");
+        settle(&log).expect("durable");
+        assert_eq!(segments(backlog.path())[..before.len() - 1], before[..before.len() - 1], "a backlog was rewritten");
+        drop(log);
+        let (_, recovery) = Log::open(backlog_config).expect("opens again");
+        assert_eq!(messages(&recovery).len(), 101);
     }
 
     /// Each record of a segment file and the offset where it ends.

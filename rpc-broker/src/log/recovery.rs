@@ -1,6 +1,6 @@
 //! Reading the log back on start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +39,9 @@ pub struct RecoveredQueue {
     pub config: QueueConfig,
     /// Its messages not acked, in the order they were published.
     pub messages: Vec<RecoveredMessage>,
+    /// The ids of messages it took and that were acked since, as far as the log still holds them: a publisher
+    /// may send one of them again after the crash, and the queue must take it once.
+    pub acked_ids: Vec<engine::MessageId>,
 }
 
 /// A message read back from the log.
@@ -120,6 +123,8 @@ fn recover_queue(
     segments.sort();
 
     let mut live: BTreeMap<u64, Live> = BTreeMap::new();
+    let mut published = vec![0u64; segments.len()];
+    let mut acked_ids = Vec::new();
     let mut damaged = false;
     for (index, (_, path)) in segments.iter().enumerate() {
         let bytes = Bytes::from(std::fs::read(path).map_err(io_error(path))?);
@@ -131,10 +136,13 @@ fn recover_queue(
                     recovery.records += 1;
                     match record {
                         Record::Publish(message) => {
+                            published[index] += 1;
                             live.insert(message.seq, Live { message, segment: index });
                         }
                         Record::Ack(seq) => {
-                            live.remove(&seq);
+                            if let Some(id) = live.remove(&seq).and_then(|gone| gone.message.id) {
+                                acked_ids.push(id);
+                            }
                         }
                     }
                     pos += len;
@@ -187,17 +195,14 @@ fn recover_queue(
             std::fs::remove_file(old).map_err(io_error(old))?;
         }
         sync_dir(dir)?;
-        kept.push((number, path, live.keys().next().copied(), live.len() as u64));
+        kept.push((number, path, live.keys().copied().collect(), live.len() as u64));
     } else {
-        let mut counts = vec![(None, 0u64); segments.len()];
+        let mut sets = vec![HashSet::new(); segments.len()];
         for (seq, entry) in &live {
-            let count = &mut counts[entry.segment];
-            count.0.get_or_insert(*seq);
-            count.1 += 1;
+            sets[entry.segment].insert(*seq);
         }
-        // A segment keeps its first number for finding acks: the smallest published in it, acked or not.
-        for ((number, path), (first_live, count)) in segments.into_iter().zip(counts) {
-            kept.push((number, path, first_live, count));
+        for (((number, path), set), count) in segments.into_iter().zip(sets).zip(published) {
+            kept.push((number, path, set, count));
         }
     }
     for (seq, entry) in live {
@@ -212,7 +217,10 @@ fn recover_queue(
         // A copy, so that the segment read is not held for one message.
         messages.push(RecoveredMessage { seq, payload: Bytes::copy_from_slice(&message.payload), record });
     }
-    let queue = RecoveredQueue { name, config: queue_config.clone(), messages };
+    // The most recent ones, as many as a queue remembers.
+    let skip = acked_ids.len().saturating_sub(engine::DEDUP_CAPACITY);
+    acked_ids.drain(..skip);
+    let queue = RecoveredQueue { name, config: queue_config.clone(), messages, acked_ids };
     Ok(Some((queue, QueueLog::recovered(dir.to_owned(), queue_config, kept))))
 }
 
