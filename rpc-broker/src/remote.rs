@@ -220,7 +220,8 @@ struct Route {
 }
 
 struct Conn {
-    out: mpsc::UnboundedSender<Bytes>,
+    /// Frames for the writer, which encodes them into its buffer.
+    out: mpsc::UnboundedSender<ClientFrame>,
     pending: DashMap<u32, Waiter>,
     routes: DashMap<u64, Route>,
     dead: CancellationToken,
@@ -230,7 +231,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(out: mpsc::UnboundedSender<Bytes>, request_timeout: Duration) -> Conn {
+    fn new(out: mpsc::UnboundedSender<ClientFrame>, request_timeout: Duration) -> Conn {
         Conn {
             out,
             pending: DashMap::new(),
@@ -241,10 +242,8 @@ impl Conn {
         }
     }
 
-    fn send(&self, frame: &ClientFrame) -> Result<(), Error> {
-        let mut buf = BytesMut::new();
-        frame.encode(&mut buf);
-        self.out.send(buf.freeze()).map_err(|_| Error::Disconnected)
+    fn send(&self, frame: ClientFrame) -> Result<(), Error> {
+        self.out.send(frame).map_err(|_| Error::Disconnected)
     }
 
     fn req(&self) -> u32 {
@@ -269,7 +268,7 @@ impl Conn {
         self.pending.insert(req, waiter(answer));
         // However this ends (answer, error, timeout, or the caller dropping the future), the entry goes.
         let _waiting = Waiting { conn: self, req };
-        self.send(&frame(req))?;
+        self.send(frame(req))?;
         match tokio::time::timeout(timeout, answered).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(Error::Disconnected),
@@ -580,7 +579,11 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
     Ok(conn)
 }
 
-async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver<Bytes>, dead: CancellationToken) {
+async fn write_frames(
+    mut write: BoxWrite,
+    mut outbound: mpsc::UnboundedReceiver<ClientFrame>,
+    dead: CancellationToken,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let first = tokio::select! {
@@ -590,12 +593,12 @@ async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver
                 None => break,
             },
         };
-        buf.extend_from_slice(&first);
+        first.encode(&mut buf);
         // Let the tasks that are ready now queue their frames too, so that they go out in this one write.
         tokio::task::yield_now().await;
         while buf.len() < 1024 * 1024 {
             match outbound.try_recv() {
-                Ok(frame) => buf.extend_from_slice(&frame),
+                Ok(frame) => frame.encode(&mut buf),
                 Err(_) => break,
             }
         }
@@ -608,7 +611,7 @@ async fn write_frames(mut write: BoxWrite, mut outbound: mpsc::UnboundedReceiver
     // Closing: frames already queued (the last acks, a cancel) still go out, or the broker would redeliver
     // work that was done. A connection that is really gone fails this write at once.
     while let Ok(frame) = outbound.try_recv() {
-        buf.extend_from_slice(&frame);
+        frame.encode(&mut buf);
     }
     if !buf.is_empty() {
         let _ = tokio::time::timeout(Duration::from_secs(1), write.write_all(&buf)).await;
@@ -652,7 +655,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                     Err(error) => {
                         tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
                         if tag != 0 {
-                            let _ = conn.send(&ClientFrame::Settle { consumer, tag, outcome: Outcome::DeadLetter });
+                            let _ = conn.send(ClientFrame::Settle { consumer, tag, outcome: Outcome::DeadLetter });
                         }
                     }
                 }
@@ -717,13 +720,13 @@ async fn heartbeats(conn: Weak<Conn>, interval: Duration, last_seen: Arc<Mutex<I
             conn.pending.clear();
             return;
         }
-        let _ = conn.send(&ClientFrame::Ping);
+        let _ = conn.send(ClientFrame::Ping);
     }
 }
 
 /// Settles the deliveries of one consumer on one connection; once that connection is gone they were requeued.
 struct RemoteAcker {
-    conn: mpsc::UnboundedSender<Bytes>,
+    conn: mpsc::UnboundedSender<ClientFrame>,
     /// The connection the deliveries came on, for requests that only it may make ([`Acker::republish`]).
     link: Weak<Conn>,
     dead: CancellationToken,
@@ -743,9 +746,9 @@ impl Acker for RemoteAcker {
         let result = if self.dead.is_cancelled() {
             Err(Error::Disconnected)
         } else {
-            let mut buf = BytesMut::new();
-            ClientFrame::Settle { consumer: self.consumer, tag, outcome }.encode(&mut buf);
-            self.conn.send(buf.freeze()).map_err(|_| Error::Disconnected)
+            self.conn
+                .send(ClientFrame::Settle { consumer: self.consumer, tag, outcome })
+                .map_err(|_| Error::Disconnected)
         };
         Box::pin(std::future::ready(result))
     }
@@ -768,11 +771,8 @@ impl Acker for RemoteAcker {
         // On the delivery's own connection, unconfirmed as `Remote::publish_reply`: once the broker has dropped
         // this connection (and requeued the request), it reads nothing more from it, so a stale reply never
         // reaches the caller.
-        let sent = reply_frame(reply_to, &reply).and_then(|frame| {
-            let mut buf = BytesMut::new();
-            frame.encode(&mut buf);
-            self.conn.send(buf.freeze()).map_err(|_| Error::DeliveryLost)
-        });
+        let sent =
+            reply_frame(reply_to, &reply).and_then(|frame| self.conn.send(frame).map_err(|_| Error::DeliveryLost));
         Box::pin(std::future::ready(sent))
     }
 
@@ -845,7 +845,7 @@ impl ConsumerControl for LogicalGuard {
             logical.paused = true;
         }
         if let Some((conn, consumer)) = self.on_broker() {
-            let _ = conn.send(&ClientFrame::Pause { consumer });
+            let _ = conn.send(ClientFrame::Pause { consumer });
         }
     }
 }
@@ -854,7 +854,7 @@ impl Drop for LogicalGuard {
     fn drop(&mut self) {
         if let Some((conn, consumer)) = self.on_broker() {
             conn.routes.remove(&consumer);
-            let _ = conn.send(&ClientFrame::Cancel { req: conn.req(), consumer });
+            let _ = conn.send(ClientFrame::Cancel { req: conn.req(), consumer });
         }
         self.inner.consumers().remove(&self.id);
     }
@@ -925,7 +925,7 @@ impl Transport for Remote {
         // server sends next cannot overtake it; an inbox that is gone drops it.
         let sent = reply_frame(reply_to, &reply).and_then(|frame| {
             let conn = self.inner.current().ok_or(Error::Disconnected)?;
-            conn.send(&frame)
+            conn.send(frame)
         });
         Box::pin(std::future::ready(sent))
     }
@@ -988,7 +988,7 @@ impl Transport for Remote {
         // older connection was lost with it, or is redelivered from there; the cancel is best effort then.
         let result = match self.inner.current() {
             Some(conn) => {
-                conn.send(&ClientFrame::CancelCall { queue: queue.to_owned(), key: *correlation_id.as_bytes() })
+                conn.send(ClientFrame::CancelCall { queue: queue.to_owned(), key: *correlation_id.as_bytes() })
             }
             None => Err(Error::Disconnected),
         };

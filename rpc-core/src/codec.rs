@@ -133,6 +133,49 @@ pub fn check(bytes: &[u8], limits: &Limits) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// The counts of values still to read per open level, kept on the stack for the nesting the default limit allows
+/// (every value checked would otherwise cost an allocation).
+struct Pending {
+    inline: [u64; 72],
+    len: usize,
+    spilled: Vec<u64>,
+}
+
+impl Pending {
+    /// One value to read at the top level.
+    fn new() -> Pending {
+        let mut inline = [0; 72];
+        inline[0] = 1;
+        Pending { inline, len: 1, spilled: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.len + self.spilled.len()
+    }
+
+    fn last_mut(&mut self) -> Option<&mut u64> {
+        match self.spilled.last_mut() {
+            Some(last) => Some(last),
+            None => self.len.checked_sub(1).map(|top| &mut self.inline[top]),
+        }
+    }
+
+    fn push(&mut self, items: u64) {
+        if self.spilled.is_empty() && self.len < self.inline.len() {
+            self.inline[self.len] = items;
+            self.len += 1;
+        } else {
+            self.spilled.push(items);
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.spilled.pop().is_none() {
+            self.len = self.len.saturating_sub(1);
+        }
+    }
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -143,7 +186,7 @@ impl Reader<'_> {
     /// Skips exactly one value, nested `depth` levels deep already, rejecting nesting deeper than `max_depth`.
     fn skip_one(&mut self, max_depth: usize, depth: usize) -> Result<(), CodecError> {
         // Values still to read at each open level; the bottom entry is the one value.
-        let mut pending: Vec<u64> = vec![1];
+        let mut pending = Pending::new();
         while let Some(last) = pending.last_mut() {
             if *last == 0 {
                 pending.pop();

@@ -30,7 +30,7 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque, hash_map};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -100,7 +100,8 @@ pub struct MemoryDedup {
 struct Memory {
     capacity: usize,
     window: Duration,
-    entries: HashMap<Arc<str>, Entry>,
+    /// Hashed with foldhash under a per-process random seed: keys come from callers.
+    entries: hashbrown::HashMap<Arc<str>, Entry>,
     /// Keys in the order their outcomes were stored, for forgetting the oldest.
     order: VecDeque<(Arc<str>, Instant)>,
 }
@@ -126,7 +127,12 @@ impl Default for MemoryDedup {
 impl MemoryDedup {
     /// A store of at most `capacity` outcomes (at least 1), each remembered for `window`.
     pub fn new(capacity: usize, window: Duration) -> MemoryDedup {
-        let memory = Memory { capacity: capacity.max(1), window, entries: HashMap::new(), order: VecDeque::new() };
+        let memory = Memory {
+            capacity: capacity.max(1),
+            window,
+            entries: hashbrown::HashMap::default(),
+            order: VecDeque::new(),
+        };
         MemoryDedup { inner: Arc::new(Mutex::new(memory)) }
     }
 
@@ -155,7 +161,7 @@ impl Memory {
             }
             let Some((key, at)) = self.order.pop_front() else { break };
             // The key may have been claimed again after it was forgotten once: remove only that outcome.
-            if let hash_map::Entry::Occupied(entry) = self.entries.entry(key)
+            if let hashbrown::hash_map::Entry::Occupied(entry) = self.entries.entry(key)
                 && matches!(entry.get(), Entry::Done { at: stored, .. } if *stored == at)
             {
                 entry.remove();
@@ -170,18 +176,23 @@ impl DedupStore for MemoryDedup {
         // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
         let now = Instant::now();
         let window = memory.window;
-        let begin = match memory.entries.get_mut(key) {
-            Some(Entry::Done { reply, at }) if now.saturating_duration_since(*at) < window => {
-                Begin::Done(reply.clone())
-            }
-            Some(Entry::Running(sender)) => {
-                let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
-                Begin::InProgress(Some(Box::pin(async move {
-                    let _ = changed.changed().await;
-                })))
-            }
-            _ => {
-                memory.entries.insert(Arc::from(key), Entry::Running(None));
+        // One lookup: the key is copied only when it is new.
+        let begin = match memory.entries.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(mut entry) => match entry.get_mut() {
+                Entry::Done { reply, at } if now.saturating_duration_since(*at) < window => Begin::Done(reply.clone()),
+                Entry::Running(sender) => {
+                    let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
+                    Begin::InProgress(Some(Box::pin(async move {
+                        let _ = changed.changed().await;
+                    })))
+                }
+                Entry::Done { .. } => {
+                    entry.insert(Entry::Running(None));
+                    Begin::Execute
+                }
+            },
+            hashbrown::hash_map::EntryRef::Vacant(entry) => {
+                entry.insert_with_key(Arc::from(key), Entry::Running(None));
                 Begin::Execute
             }
         };
@@ -193,11 +204,17 @@ impl DedupStore for MemoryDedup {
         let now = Instant::now();
         // Replacing the `Running` entry drops its sender, which wakes the duplicates waiting on it.
         let done = Entry::Done { reply, at: now };
-        let key = match memory.entries.get_key_value(key) {
-            Some((stored, _)) => Arc::clone(stored),
-            None => Arc::from(key),
+        let key = match memory.entries.get_key_value_mut(key) {
+            Some((stored, entry)) => {
+                *entry = done;
+                Arc::clone(stored)
+            }
+            None => {
+                let key: Arc<str> = Arc::from(key);
+                memory.entries.insert(Arc::clone(&key), done);
+                key
+            }
         };
-        memory.entries.insert(Arc::clone(&key), done);
         memory.order.push_back((key, now));
         memory.forget_old(now);
         Box::pin(std::future::ready(Ok(())))
