@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rpc_core::{
     AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
+    DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -40,9 +40,10 @@ impl fmt::Debug for Embedded {
     }
 }
 
-/// Hands deliveries to an in-process [`Consumer`].
+/// Hands deliveries to an in-process [`Consumer`]: to its stream, or to the function it took them with.
 struct ChannelSink {
     sender: mpsc::UnboundedSender<Delivery>,
+    direct: Arc<std::sync::OnceLock<DeliverySink>>,
     acker: Arc<dyn Acker>,
     cancellations: Arc<Cancellations>,
 }
@@ -56,6 +57,10 @@ impl Sink<Envelope> for ChannelSink {
         let handle =
             if delivery.tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&self.acker), delivery.tag) };
         let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, received_at: now, handle };
+        if let Some(sink) = self.direct.get() {
+            sink(delivery);
+            return;
+        }
         // A closed receiver means the consumer is being dropped; its unacked deliveries are requeued when its
         // guard detaches it.
         let _ = self.sender.send(delivery);
@@ -132,15 +137,17 @@ impl Embedded {
     fn attach(&self, hub: &mut Hub<Envelope>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let shared = Arc::downgrade(&self.shared);
+        let direct = Arc::new(std::sync::OnceLock::new());
+        let sink_direct = Arc::clone(&direct);
         let make_sink = |consumer| -> Box<dyn Sink<Envelope>> {
             let cancellations = Arc::new(Cancellations::new());
             let acker: Arc<dyn Acker> =
                 Arc::new(EmbeddedAcker { shared: shared.clone(), consumer, cancellations: Arc::clone(&cancellations) });
-            Box::new(ChannelSink { sender, acker, cancellations })
+            Box::new(ChannelSink { sender, direct: sink_direct, acker, cancellations })
         };
         let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
         hub.dispatch(Instant::now());
-        let guard = ConsumerGuard { shared, consumer };
+        let guard = ConsumerGuard { shared, consumer, direct };
         Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
     }
 
@@ -319,6 +326,7 @@ impl Acker for EmbeddedAcker {
 struct ConsumerGuard {
     shared: Weak<Shared>,
     consumer: ConsumerId,
+    direct: Arc<std::sync::OnceLock<DeliverySink>>,
 }
 
 impl ConsumerControl for ConsumerGuard {
@@ -326,6 +334,13 @@ impl ConsumerControl for ConsumerGuard {
         if let Some(shared) = self.shared.upgrade() {
             shared.lock().engine.pause_consumer(self.consumer);
         }
+    }
+
+    fn direct(&self, sink: DeliverySink) -> bool {
+        // Set under the hub's lock, so that no delivery is between the stream and the sink meanwhile.
+        let Some(shared) = self.shared.upgrade() else { return false };
+        let _hub = shared.lock();
+        self.direct.set(sink).is_ok()
     }
 }
 

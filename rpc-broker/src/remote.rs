@@ -20,7 +20,7 @@ use futures::StreamExt;
 use rpc_core::codec::{self, Limits};
 use rpc_core::{
     AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
+    DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -192,6 +192,8 @@ struct Logical {
     auto_ack: bool,
     paused: bool,
     sender: mpsc::UnboundedSender<Delivery>,
+    /// Takes the deliveries instead of the stream, once set ([`ConsumerControl::direct`]).
+    direct: Option<DeliverySink>,
 }
 
 #[derive(Clone)]
@@ -208,6 +210,7 @@ enum Waiter {
     Consumer {
         logical: u64,
         sender: mpsc::UnboundedSender<Delivery>,
+        direct: Option<DeliverySink>,
         answer: oneshot::Sender<Result<Bytes, (ErrorCode, String)>>,
     },
 }
@@ -215,6 +218,7 @@ enum Waiter {
 struct Route {
     logical: u64,
     sender: mpsc::UnboundedSender<Delivery>,
+    direct: Option<DeliverySink>,
     acker: Arc<dyn Acker>,
     cancellations: Arc<Cancellations>,
 }
@@ -336,11 +340,10 @@ impl Inner {
 
     /// Starts `logical` on `conn`.
     async fn start_consumer(&self, conn: &Conn, id: u64) -> Result<(), Error> {
-        let Some((kind, prefetch, auto_ack, sender)) = self
-            .consumers()
-            .get(&id)
-            .map(|logical| (logical.kind.clone(), logical.prefetch, logical.auto_ack, logical.sender.clone()))
-        else {
+        let Some((kind, prefetch, auto_ack, sender, direct)) = self.consumers().get(&id).map(|logical| {
+            let (kind, sender, direct) = (logical.kind.clone(), logical.sender.clone(), logical.direct.clone());
+            (kind, logical.prefetch, logical.auto_ack, sender, direct)
+        }) else {
             return Ok(());
         };
         let (what, frame): (String, Box<dyn FnOnce(u32) -> ClientFrame + Send>) = match kind {
@@ -352,7 +355,7 @@ impl Inner {
             }
             LogicalKind::Inbox(name) => (name.clone(), Box::new(move |req| ClientFrame::OpenInbox { req, name })),
         };
-        match self.request_on(conn, frame, |answer| Waiter::Consumer { logical: id, sender, answer }).await? {
+        match self.request_on(conn, frame, |answer| Waiter::Consumer { logical: id, sender, direct, answer }).await? {
             Ok(_) => Ok(()),
             Err((code, message)) => Err(code.to_error(&what, message)),
         }
@@ -361,7 +364,14 @@ impl Inner {
     async fn consumer(self: &Arc<Self>, kind: LogicalKind, options: ConsumeOptions) -> Result<Consumer, Error> {
         let id = self.next_logical.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        let logical = Logical { kind, prefetch: options.prefetch, auto_ack: options.auto_ack, paused: false, sender };
+        let logical = Logical {
+            kind,
+            prefetch: options.prefetch,
+            auto_ack: options.auto_ack,
+            paused: false,
+            sender,
+            direct: None,
+        };
         self.consumers().insert(id, logical);
         let conn = self.current().ok_or(Error::Disconnected);
         let started = match conn {
@@ -650,7 +660,10 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                         let handle =
                             if tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&route.acker), tag) };
                         let delivery = Delivery { envelope, delivery_count, received_at: Instant::now(), handle };
-                        let _ = route.sender.send(delivery);
+                        match &route.direct {
+                            Some(sink) => sink(delivery),
+                            None => drop(route.sender.send(delivery)),
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
@@ -682,7 +695,7 @@ fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>
         Waiter::Answer(answer) => {
             let _ = answer.send(result);
         }
-        Waiter::Consumer { logical, sender, answer } => {
+        Waiter::Consumer { logical, sender, direct, answer } => {
             let result = result.and_then(|body| {
                 protocol::parse_consumer_body(body.clone())
                     .map(|consumer| {
@@ -694,7 +707,7 @@ fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>
                             consumer,
                             cancellations: Arc::clone(&cancellations),
                         });
-                        conn.routes.insert(consumer, Route { logical, sender, acker, cancellations });
+                        conn.routes.insert(consumer, Route { logical, sender, direct, acker, cancellations });
                         body
                     })
                     .map_err(|error| (ErrorCode::Malformed, error.to_string()))
@@ -847,6 +860,21 @@ impl ConsumerControl for LogicalGuard {
         if let Some((conn, consumer)) = self.on_broker() {
             let _ = conn.send(ClientFrame::Pause { consumer });
         }
+    }
+
+    fn direct(&self, sink: DeliverySink) -> bool {
+        match self.inner.consumers().get_mut(&self.id) {
+            Some(logical) => logical.direct = Some(Arc::clone(&sink)),
+            None => return false,
+        }
+        // The route of the consumer on the current connection, if it has one; a new connection's routes take it
+        // from the logical consumer.
+        if let Some((conn, consumer)) = self.on_broker()
+            && let Some(mut route) = conn.routes.get_mut(&consumer)
+        {
+            route.direct = Some(sink);
+        }
+        true
     }
 }
 

@@ -110,7 +110,11 @@ impl ClientBuilder {
             disconnected: AtomicBool::new(false),
             losses: inbox.losses.clone(),
         });
-        let reader = tokio::spawn(read_replies(inbox.consumer, inbox.losses, Arc::clone(&shared)));
+        let mut consumer = inbox.consumer;
+        // Replies go straight from the transport's reader to the waiting calls where it can do that.
+        let direct = Arc::clone(&shared);
+        consumer.direct(Arc::new(move |delivery: crate::transport::Delivery| direct.reply(delivery.envelope)));
+        let reader = tokio::spawn(read_replies(consumer, inbox.losses, Arc::clone(&shared)));
         Ok(Client {
             inner: Arc::new(Inner {
                 transport: self.transport,
@@ -175,6 +179,22 @@ impl Shared {
         self.losses.as_ref().map_or(0, |losses| *losses.borrow())
     }
 
+    /// Hands `reply` to the call waiting for it; a reply nobody waits for is counted as late.
+    fn reply(&self, reply: Envelope) {
+        let waiting = reply.correlation_id.and_then(|id| self.pending.remove(&id));
+        match waiting {
+            Some((_, pending)) => {
+                if pending.sender.send(Ok(reply)).is_err() {
+                    self.late_replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                self.late_replies.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(correlation_id = ?reply.correlation_id, "dropped a late reply");
+            }
+        }
+    }
+
     /// Fails with [`Error::ReplyLost`] every call sent before loss number `epoch`.
     fn lost(&self, epoch: u64) {
         let lost: Vec<Uuid> =
@@ -212,19 +232,7 @@ async fn read_replies(
             }
         };
         let Some(delivery) = delivery else { break };
-        let reply = delivery.envelope;
-        let waiting = reply.correlation_id.and_then(|id| shared.pending.remove(&id));
-        match waiting {
-            Some((_, pending)) => {
-                if pending.sender.send(Ok(reply)).is_err() {
-                    shared.late_replies.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            None => {
-                shared.late_replies.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(correlation_id = ?reply.correlation_id, "dropped a late reply");
-            }
-        }
+        shared.reply(delivery.envelope);
     }
     // The inbox is gone: every waiting call fails now rather than at its deadline, and so does every new one.
     shared.disconnected.store(true, Ordering::Release);

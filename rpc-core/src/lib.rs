@@ -122,5 +122,5 @@ pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
 pub use transport::{
     AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    Inbox, Outcome, QueueOptions, QueueStats, Transport,
+    DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport,
 };

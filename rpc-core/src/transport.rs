@@ -386,7 +386,19 @@ impl AckHandle {
 pub trait ConsumerControl: Send + Sync {
     /// Stops new deliveries to the consumer; the deliveries it holds stay settleable.
     fn pause(&self);
+
+    /// Hands every later delivery to `sink`, called on the transport's own task as it reads them, instead of
+    /// queueing them for the consumer's stream; returns `false` where the transport cannot. The stream still
+    /// ends when the consumer does. See [`Consumer::direct`].
+    fn direct(&self, sink: DeliverySink) -> bool {
+        let _ = sink;
+        false
+    }
 }
+
+/// Takes deliveries as a transport reads them ([`Consumer::direct`]). It runs on the transport's task, maybe
+/// under its locks: it must not block, and should be quick.
+pub type DeliverySink = Arc<dyn Fn(Delivery) + Send + Sync>;
 
 /// One message handed to a consumer.
 #[derive(Debug)]
@@ -419,6 +431,21 @@ impl Consumer {
         if let Some(control) = &self.control {
             control.pause();
         }
+    }
+
+    /// Hands every delivery from now on to `sink` as the transport reads it, where the transport can; returns
+    /// whether it does. This saves a task hop per delivery (a client's inbox uses it for replies). The stream
+    /// then yields nothing more, and ends when the consumer does.
+    pub fn direct(&mut self, sink: DeliverySink) -> bool {
+        let Some(control) = &self.control else { return false };
+        if !control.direct(Arc::clone(&sink)) {
+            return false;
+        }
+        // Deliveries queued before the switch.
+        while let Some(delivery) = self.try_next() {
+            sink(delivery);
+        }
+        true
     }
 
     /// The next delivery if one is ready now, without waiting.
