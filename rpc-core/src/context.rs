@@ -6,12 +6,39 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::envelope::Envelope;
+
 tokio::task_local! {
-    static CURRENT: RequestContext;
+    static CURRENT: Current;
+}
+
+/// What the task-local holds: the request itself, shared with the server, so that a handler that never asks
+/// for its context costs no copies.
+pub(crate) struct Current {
+    pub(crate) envelope: Arc<Envelope>,
+    pub(crate) attempt: u32,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Current {
+    fn context(&self) -> RequestContext {
+        let envelope = &self.envelope;
+        RequestContext {
+            correlation_id: envelope.correlation_id,
+            service: envelope.service.clone(),
+            method: envelope.method.clone(),
+            attempt: self.attempt,
+            deadline: self.deadline,
+            idempotency_key: envelope.idempotency_key.clone(),
+            caller: envelope.caller.clone(),
+            headers: envelope.headers.clone(),
+        }
+    }
 }
 
 /// What a handler knows about the request it serves.
@@ -38,7 +65,7 @@ pub struct RequestContext {
 
 /// The context of the request the current task is handling, or `None` outside a handler.
 pub fn current() -> Option<RequestContext> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT.try_with(Current::context).ok()
 }
 
 /// The deadline of the request the current task is handling.
@@ -46,6 +73,6 @@ pub(crate) fn deadline() -> Option<Instant> {
     CURRENT.try_with(|context| context.deadline).ok().flatten()
 }
 
-pub(crate) async fn scope<F: Future>(context: RequestContext, future: F) -> F::Output {
-    CURRENT.scope(context, future).await
+pub(crate) async fn scope<F: Future>(current: Current, future: F) -> F::Output {
+    CURRENT.scope(current, future).await
 }

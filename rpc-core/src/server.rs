@@ -15,7 +15,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::context::{self, RequestContext};
+use crate::context;
 use crate::dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
 use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
@@ -466,13 +466,14 @@ async fn handle(shared: &Shared, delivery: Delivery, source: Source) {
     );
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
-    let request = Request { envelope, attempt, deadline, source };
+    let request = Request { envelope: Arc::new(envelope), attempt, deadline, source };
     handle_request(shared, request, handle).instrument(span).await;
 }
 
 /// A request being handled.
 struct Request {
-    envelope: Envelope,
+    /// Shared with the handler's context.
+    envelope: Arc<Envelope>,
     /// Which attempt this is, redeliveries included.
     attempt: u32,
     deadline: Option<Instant>,
@@ -492,7 +493,8 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
         // Delivered again after its last attempt: the workers that held it stopped before settling it.
         let status =
             Status::new(Code::Internal, "delivered again after its last attempt: the workers holding it stopped");
-        dead_letter(shared, &request, handle, policy, status).await;
+        // Rare paths are boxed, so that the future of every request stays small.
+        Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
     let claim = match claim(shared, &request).await {
@@ -508,7 +510,7 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
         }
         Claim::Expired => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
-            answer(shared, &request, handle, Err(expired_status())).await;
+            Box::pin(answer(shared, &request, handle, Err(expired_status()))).await;
             return;
         }
     };
@@ -531,12 +533,12 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
             if request.deadline.is_none_or(|deadline| Instant::now() + wait < deadline) {
-                retry(shared, request, handle, wait).await;
+                Box::pin(retry(shared, request, handle, wait)).await;
                 return;
             }
         }
         let status = status.clone();
-        dead_letter(shared, &request, handle, policy, status).await;
+        Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
     if let Some((store, key)) = &claim {
@@ -555,7 +557,7 @@ static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(R
 /// What the dedup store says about a request.
 enum Claim<'a> {
     /// Run it; complete or abandon this claim afterwards.
-    Execute(Option<(&'a dyn DedupStore, String)>),
+    Execute(Option<(&'a dyn DedupStore, &'a str)>),
     /// Its key was executed: answer with this.
     Answer(StoredReply),
     /// The store failed: hand the request back rather than risk a second execution.
@@ -564,7 +566,7 @@ enum Claim<'a> {
     Expired,
 }
 
-async fn claim<'a>(shared: &'a Shared, request: &Request) -> Claim<'a> {
+async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
     let (Some(store), Some(key)) = (shared.dedup.as_deref(), request.envelope.idempotency_key.as_deref()) else {
         return Claim::Execute(None);
     };
@@ -574,7 +576,7 @@ async fn claim<'a>(shared: &'a Shared, request: &Request) -> Claim<'a> {
             None => Ok(store.begin(key).await),
         };
         let wake = match begun {
-            Ok(Ok(Begin::Execute)) => return Claim::Execute(Some((store, key.to_owned()))),
+            Ok(Ok(Begin::Execute)) => return Claim::Execute(Some((store, key))),
             Ok(Ok(Begin::Done(reply))) => return Claim::Answer(reply),
             Ok(Ok(Begin::InProgress(wake))) => wake,
             Ok(Err(error)) => {
@@ -614,16 +616,8 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
         stats.expired.fetch_add(1, Ordering::Relaxed);
         return Some(Err(expired_status()));
     }
-    let context = RequestContext {
-        correlation_id: envelope.correlation_id,
-        service: envelope.service.clone(),
-        method: envelope.method.clone(),
-        attempt: request.attempt,
-        deadline: request.deadline,
-        idempotency_key: envelope.idempotency_key.clone(),
-        caller: envelope.caller.clone(),
-        headers: envelope.headers.clone(),
-    };
+    let context =
+        context::Current { envelope: Arc::clone(envelope), attempt: request.attempt, deadline: request.deadline };
     let service = &shared.service;
     let body = envelope.body.clone();
     let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
@@ -671,7 +665,7 @@ async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Durat
     if !delayed {
         tokio::time::sleep(wait).await;
     }
-    let mut copy = request.envelope;
+    let mut copy = Arc::unwrap_or_clone(request.envelope);
     copy.id = uuid::Uuid::now_v7();
     copy.attempt = request.attempt + 1;
     copy.delay_ms = delayed.then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
