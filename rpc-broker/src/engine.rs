@@ -12,11 +12,15 @@
 //! and reads it back into a new engine with [`Engine::restore`].
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rpc_core::QueueStats;
+
+/// The engine's maps: foldhash with a random seed per process (queue names and call keys come from clients),
+/// much cheaper than SipHash on the hot path.
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
 
 /// Priority levels: 0 (default, last) to 9 (first).
 pub const PRIORITY_LEVELS: usize = 10;
@@ -344,7 +348,7 @@ impl<M> Queue<M> {
             unacked: 0,
             stats: QueueStats::new(),
             dirty: false,
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             running: BTreeSet::new(),
             tombstones: 0,
             delayed: 0,
@@ -544,9 +548,9 @@ impl<M> std::fmt::Debug for Engine<M> {
 impl<M> Default for Engine<M> {
     fn default() -> Self {
         Engine {
-            queues: HashMap::new(),
-            topics: HashMap::new(),
-            consumers: HashMap::new(),
+            queues: HashMap::default(),
+            topics: HashMap::default(),
+            consumers: HashMap::default(),
             next_consumer: 1,
             next_tag: 1,
             dirty: Vec::new(),
@@ -884,7 +888,7 @@ impl<M: Clone> Engine<M> {
         mark_dirty(target, &mut self.dirty);
         self.consumers.insert(
             id,
-            Consumer { queue: queue.to_owned(), prefetch, auto_ack, paused: false, unacked: HashMap::new() },
+            Consumer { queue: queue.to_owned(), prefetch, auto_ack, paused: false, unacked: HashMap::default() },
         );
         Ok(id)
     }

@@ -1,7 +1,7 @@
 //! The engine with its consumers attached: what the embedded transport and the server share, so that both are
 //! faces of one broker. Callers hold it behind a mutex and keep each critical section short.
 
-use std::collections::HashMap;
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
 use std::sync::{Arc, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -59,7 +59,7 @@ impl<M> Default for Hub<M> {
     fn default() -> Self {
         Hub {
             engine: Engine::default(),
-            sinks: HashMap::new(),
+            sinks: HashMap::default(),
             out: Vec::new(),
             wake: Arc::new(Notify::new()),
             armed_for: None,
