@@ -12,7 +12,7 @@
 //! and reads it back into a new engine with [`Engine::restore`].
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,15 +216,38 @@ struct Keyed {
     ready: u32,
     /// Copies waiting out a delay, tombstones included.
     delayed: u32,
-    /// Copies delivered and not settled.
-    delivered: u32,
+    /// The first delivery of it not settled, as consumer and tag (most calls have at most one).
+    holder: Option<(ConsumerId, u64)>,
+    /// The others.
+    more_holders: Vec<(ConsumerId, u64)>,
     /// The call was cancelled: its copies in `ready` are tombstones, and none of it is queued again.
     cancelled: bool,
 }
 
 impl Keyed {
     fn is_idle(&self) -> bool {
-        self.ready == 0 && self.delayed == 0 && self.delivered == 0
+        self.ready == 0 && self.delayed == 0 && self.holder.is_none() && self.more_holders.is_empty()
+    }
+
+    fn hold(&mut self, holder: (ConsumerId, u64)) {
+        if self.holder.is_none() {
+            self.holder = Some(holder);
+        } else {
+            self.more_holders.push(holder);
+        }
+    }
+
+    fn release(&mut self, holder: (ConsumerId, u64)) {
+        if self.holder == Some(holder) {
+            self.holder = self.more_holders.pop();
+        } else if let Some(at) = self.more_holders.iter().position(|other| *other == holder) {
+            self.more_holders.swap_remove(at);
+        }
+    }
+
+    /// The deliveries of it not settled.
+    fn holders(&self) -> impl Iterator<Item = (ConsumerId, u64)> + '_ {
+        self.holder.iter().chain(&self.more_holders).copied()
     }
 }
 
@@ -323,8 +346,6 @@ struct Queue<M> {
     dirty: bool,
     /// The calls with messages here, waiting or delivered.
     keys: HashMap<Key, Keyed>,
-    /// Deliveries of keyed messages: whom to tell when their call is cancelled.
-    running: BTreeSet<(Key, ConsumerId, u64)>,
     /// Cancelled messages still in `ready`, not counted in `ready_len`.
     tombstones: usize,
     /// Live messages waiting out a delay (in the engine's heap), cancelled ones not counted.
@@ -349,7 +370,6 @@ impl<M> Queue<M> {
             stats: QueueStats::new(),
             dirty: false,
             keys: HashMap::default(),
-            running: BTreeSet::new(),
             tombstones: 0,
             delayed: 0,
             next_seq: 1,
@@ -418,17 +438,15 @@ impl<M> Queue<M> {
 
     /// A delivery of `key` to `consumer` as `tag`.
     fn delivered(&mut self, key: Key, consumer: ConsumerId, tag: u64) {
-        self.keys.entry(key).or_default().delivered += 1;
-        self.running.insert((key, consumer, tag));
+        self.keys.entry(key).or_default().hold((consumer, tag));
     }
 
     /// The delivery `tag` of `stored` to `consumer` was settled or taken back; `true` if its call was
     /// cancelled, so that it must not be queued again.
     fn settled(&mut self, stored: &Stored<M>, consumer: ConsumerId, tag: u64) -> bool {
         let Some(key) = stored.key else { return false };
-        self.running.remove(&(key, consumer, tag));
         let Some(keyed) = self.keys.get_mut(&key) else { return false };
-        keyed.delivered = keyed.delivered.saturating_sub(1);
+        keyed.release((consumer, tag));
         let cancelled = keyed.cancelled;
         if keyed.is_idle() {
             self.keys.remove(&key);
@@ -1053,11 +1071,7 @@ impl<M: Clone> Engine<M> {
         target.tombstones += waiting;
         target.delayed -= delayed;
         target.stats.cancelled += (waiting + delayed) as u64;
-        let running = target
-            .running
-            .range((key, ConsumerId(0), 0)..=(key, ConsumerId(u64::MAX), u64::MAX))
-            .map(|&(_, consumer, tag)| (consumer, tag))
-            .collect();
+        let running = keyed.holders().collect();
         if target.tombstones > target.ready_len {
             target.sweep(None, &mut self.books);
         }
@@ -1463,7 +1477,7 @@ mod tests {
         assert_eq!(engine.stats("q").expect("exists").cancelled, 4);
         assert_eq!(engine.bytes(), 10);
         let queue = &engine.queues["q"];
-        assert!(queue.keys.is_empty() && queue.running.is_empty() && queue.tombstones == 0);
+        assert!(queue.keys.is_empty() && queue.tombstones == 0);
     }
 
     #[test]
@@ -1486,7 +1500,7 @@ mod tests {
         assert_eq!(engine.cancel("q", [2; 16]), Ok(vec![(other, again[0].tag)]));
         engine.settle(other, again[0].tag, Settle::Ack, now).expect("acks");
         assert_eq!(engine.bytes(), 0);
-        assert!(engine.queues["q"].keys.is_empty() && engine.queues["q"].running.is_empty());
+        assert!(engine.queues["q"].keys.is_empty());
     }
 
     #[test]
