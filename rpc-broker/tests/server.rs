@@ -405,6 +405,12 @@ async fn clients_and_workers_come_back_after_a_broker_restart() {
     assert_eq!(echo.echo(1).await.expect("answered"), 1);
 
     drop(broker);
+    // The broker's connections close as their tasks end, a moment after it is dropped.
+    let gone = Instant::now() + Duration::from_secs(5);
+    while transport.is_connected() {
+        assert!(Instant::now() < gone, "the client did not see the broker go");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // A call during the outage resolves by its deadline with a typed error: it does not hang. Which one depends
     // on what the client learns first: that the connection is down, that the inbox went with it, or neither.
     let started = Instant::now();
