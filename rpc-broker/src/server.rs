@@ -585,14 +585,7 @@ impl Connection {
                 }
             }
             ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, id, payload, .. } => {
-                let props = Props {
-                    priority,
-                    ttl: ttl_ms.map(Duration::from_millis),
-                    delay: delay_ms.map(Duration::from_millis),
-                    key,
-                    size: payload.len(),
-                    id,
-                };
+                let props = frame_props(priority, ttl_ms, delay_ms, key, id, &payload);
                 match self.publish(Target::Queue(&queue), props, payload, None) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
@@ -609,14 +602,7 @@ impl Connection {
                 }
             }
             ClientFrame::PublishTopic { topic, priority, ttl_ms, delay_ms, payload, .. } => {
-                let props = Props {
-                    priority,
-                    ttl: ttl_ms.map(Duration::from_millis),
-                    delay: delay_ms.map(Duration::from_millis),
-                    key: None,
-                    size: payload.len(),
-                    id: None,
-                };
+                let props = frame_props(priority, ttl_ms, delay_ms, None, None, &payload);
                 match self.publish(Target::Topic(&topic), props, payload, None) {
                     Ok(_) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
@@ -624,14 +610,7 @@ impl Connection {
             }
             ClientFrame::Republish { consumer, tag, queue, priority, ttl_ms, delay_ms, key, id, payload, .. } => {
                 let consumer = ConsumerId::from_u64(consumer);
-                let props = Props {
-                    priority,
-                    ttl: ttl_ms.map(Duration::from_millis),
-                    delay: delay_ms.map(Duration::from_millis),
-                    key,
-                    size: payload.len(),
-                    id,
-                };
+                let props = frame_props(priority, ttl_ms, delay_ms, key, id, &payload);
                 // Only the connection's own consumers' deliveries.
                 let held = self.consumers.contains(&consumer).then_some((consumer, tag));
                 match held.ok_or(Error::DeliveryLost) {
@@ -841,6 +820,25 @@ impl Connection {
 
 /// Consumers one connection may hold.
 const MAX_CONSUMERS: usize = 1024;
+
+/// The engine's properties of a message a frame carries.
+fn frame_props(
+    priority: u8,
+    ttl_ms: Option<u64>,
+    delay_ms: Option<u64>,
+    key: Option<engine::Key>,
+    id: Option<engine::MessageId>,
+    payload: &Bytes,
+) -> Props {
+    Props {
+        priority,
+        ttl: ttl_ms.map(Duration::from_millis),
+        delay: delay_ms.map(Duration::from_millis),
+        key,
+        size: payload.len(),
+        id,
+    }
+}
 
 /// Where a published message went.
 enum Stored {

@@ -480,25 +480,7 @@ mod envelope_codec {
             return Err(CodecError::TooDeep { max: 0 });
         }
         // Not `Envelope::new`: its fresh id would cost a clock read and random bytes, and be overwritten.
-        let mut envelope = Envelope {
-            version: VERSION,
-            kind: Kind::Oneway,
-            id: Uuid::nil(),
-            correlation_id: None,
-            service: String::new(),
-            method: String::new(),
-            reply_to: None,
-            deadline_ms: None,
-            delay_ms: None,
-            attempt: 1,
-            idempotency_key: None,
-            priority: None,
-            status: 0,
-            status_message: None,
-            caller: None,
-            headers: BTreeMap::new(),
-            body: Bytes::new(),
-        };
+        let mut envelope = Envelope::with_id(Kind::Oneway, Uuid::nil());
         let mut seen = 0u32;
         let mut body_range = 0..0;
         for _ in 0..fields {

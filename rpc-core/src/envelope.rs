@@ -124,10 +124,15 @@ fn is_zero(value: &u16) -> bool {
 impl Envelope {
     /// A new envelope of `kind` with a fresh id and every optional field empty.
     pub fn new(kind: Kind) -> Envelope {
+        Envelope::with_id(kind, Uuid::now_v7())
+    }
+
+    /// An envelope of `kind` with id `id` and every optional field empty.
+    pub(crate) fn with_id(kind: Kind, id: Uuid) -> Envelope {
         Envelope {
             version: VERSION,
             kind,
-            id: Uuid::now_v7(),
+            id,
             correlation_id: None,
             service: String::new(),
             method: String::new(),
