@@ -275,6 +275,17 @@ impl QueueLog {
 /// consumes is not rewritten).
 const COMPACT_BEHIND: usize = 8;
 
+/// What a record appended to a queue's log is.
+#[derive(Clone, Copy)]
+enum Appended {
+    /// A message published as `seq`.
+    Publish(u64),
+    /// Message `seq` written again by compaction.
+    Moved(u64),
+    /// An ack.
+    Ack,
+}
+
 pub(crate) fn segment_name(number: u64) -> String {
     format!("{number:016x}.log")
 }
@@ -346,13 +357,13 @@ impl Writer {
                     id: record.id,
                     payload: message,
                 };
-                self.append(&queue, seq, |buffer| record::put_publish(buffer, &published))
+                self.append(&queue, Appended::Publish(seq), |buffer| record::put_publish(buffer, &published))
             }
             Journal::Removed { queue, seq } => {
                 if let Some(log) = self.queues.get_mut(&queue) {
                     log.acked(seq);
                 }
-                self.append(&queue, 0, |buffer| record::put_ack(buffer, seq))
+                self.append(&queue, Appended::Ack, |buffer| record::put_ack(buffer, seq))
             }
         };
         if let Err(error) = result {
@@ -384,8 +395,8 @@ impl Writer {
         sync_dir(&self.config.dir.join("queues"))
     }
 
-    /// Encodes a record of `queue` with `put`: a publish of `seq`, or an ack (`seq` 0).
-    fn append(&mut self, queue: &str, seq: u64, put: impl FnOnce(&mut BytesMut)) -> Result<(), LogError> {
+    /// Encodes a record of `queue` with `put`.
+    fn append(&mut self, queue: &str, what: Appended, put: impl FnOnce(&mut BytesMut)) -> Result<(), LogError> {
         let segment_size = self.config.segment_size;
         let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
         let before = log.buffer.len();
@@ -405,17 +416,22 @@ impl Writer {
             log.buffer = record;
             self.touched.push((log.dir.clone(), None));
         }
-        if seq != 0 {
-            // A message written again by compaction moves to the segment appended to.
-            for segment in log.segments.iter_mut().rev().skip(1) {
-                if segment.live.remove(&seq) {
-                    break;
+        let seq = match what {
+            Appended::Ack => return Ok(()),
+            Appended::Publish(seq) => seq,
+            Appended::Moved(seq) => {
+                // It moves to the segment appended to.
+                for segment in log.segments.iter_mut().rev().skip(1) {
+                    if segment.live.remove(&seq) {
+                        break;
+                    }
                 }
+                seq
             }
-            if let Some(segment) = log.segments.back_mut() {
-                segment.live.insert(seq);
-                segment.published += 1;
-            }
+        };
+        if let Some(segment) = log.segments.back_mut() {
+            segment.live.insert(seq);
+            segment.published += 1;
         }
         Ok(())
     }
@@ -506,7 +522,7 @@ impl Writer {
             pos += len;
         }
         for (seq, raw) in moved {
-            self.append(queue, seq, |buffer| buffer.extend_from_slice(&raw))?;
+            self.append(queue, Appended::Moved(seq), |buffer| buffer.extend_from_slice(&raw))?;
         }
         if let Err(error) = self.sync() {
             tracing::warn!(%error, "compaction could not sync; the old segment stays");
