@@ -645,6 +645,11 @@ impl<M: Clone> Engine<M> {
         self.queues.contains_key(queue)
     }
 
+    /// Whether a subscriber group of `topic` is a durable queue.
+    pub fn has_durable_group(&self, topic: &str) -> bool {
+        self.topics.get(topic).is_some_and(|groups| groups.iter().any(|group| self.is_durable(group)))
+    }
+
     /// Whether `queue` exists and is durable.
     pub fn is_durable(&self, queue: &str) -> bool {
         self.queues.get(queue).is_some_and(|queue| queue.config.durable)

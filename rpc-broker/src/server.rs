@@ -154,6 +154,17 @@ impl BrokerServer {
         let mut hub = Hub::default();
         let (log, recovery) = match &config.log {
             Some(log_config) => {
+                if config.max_frame > crate::log::MAX_MESSAGE {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!(
+                            "a frame of {} bytes would not fit in a log record: with a data directory the largest \
+                             frame is {} bytes",
+                            config.max_frame,
+                            crate::log::MAX_MESSAGE
+                        ),
+                    ));
+                }
                 let (log, recovery) = Log::open(log_config.clone()).map_err(|error| {
                     let kind = match error {
                         crate::log::LogError::Corrupt { .. } => std::io::ErrorKind::InvalidData,
@@ -164,7 +175,7 @@ impl BrokerServer {
                 let log = Arc::new(log);
                 let sink = Arc::clone(&log);
                 hub.set_journal(Box::new(move |entries| sink.append(entries)));
-                (Some(log), Some(restore(&mut hub, recovery)))
+                (Some(log), Some(restore(&mut hub, recovery)?))
             }
             None => (None, None),
         };
@@ -233,14 +244,20 @@ impl Drop for BrokerServer {
 }
 
 /// Puts what the log read back into the engine; returns the report without the messages.
-fn restore(hub: &mut Hub<Bytes>, mut recovery: Recovery) -> Recovery {
+///
+/// # Errors
+/// A queue the engine refuses ([`std::io::ErrorKind::InvalidData`]): starting without it would leave its
+/// messages in the log and number new ones over them.
+fn restore(hub: &mut Hub<Bytes>, mut recovery: Recovery) -> std::io::Result<Recovery> {
     let now = Instant::now();
     let mut restored = 0usize;
     for queue in &mut recovery.queues {
-        if let Err(error) = hub.engine.declare_queue(&queue.name, queue.config.clone()) {
-            tracing::error!(queue = queue.name, %error, "could not restore a durable queue");
-            continue;
-        }
+        hub.engine.declare_queue(&queue.name, queue.config.clone()).map_err(|error| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the log's durable queue `{}` cannot be restored: {error}", queue.name),
+            )
+        })?;
         for id in queue.acked_ids.drain(..) {
             hub.engine.remember(&queue.name, id, now);
         }
@@ -261,7 +278,7 @@ fn restore(hub: &mut Hub<Bytes>, mut recovery: Recovery) -> Recovery {
         elapsed = ?recovery.elapsed,
         "durable queues read back from the log"
     );
-    recovery
+    Ok(recovery)
 }
 
 async fn accept(listener: TcpListener, state: Arc<State>) {
@@ -683,6 +700,7 @@ impl Connection {
             ClientFrame::Stats { queue, .. } => {
                 let mut hub = self.state.lock();
                 hub.engine.expire_queue(&queue, Instant::now());
+                hub.flush_journal();
                 match hub.engine.stats(&queue) {
                     Some(stats) => ok(protocol::stats_body(&stats)),
                     None => Some(failure(req, &Error::NoRoute(queue))),
@@ -761,7 +779,7 @@ impl Connection {
         }
         let durable = match target {
             Target::Queue(queue) => hub.engine.is_durable(queue),
-            Target::Topic(_) => false,
+            Target::Topic(topic) => hub.engine.has_durable_group(topic),
         };
         hub.dispatch(now);
         result.map_err(crate::embedded::to_error)?;

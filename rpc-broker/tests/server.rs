@@ -720,3 +720,15 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
     let mut dead_letters = remote.consume("poison.dlq", ConsumeOptions::new()).await.expect("consumes");
     assert_eq!(next(&mut dead_letters).await.envelope.id, dead.id);
 }
+
+/// A broker with a data directory refuses a frame size its log records could not hold, at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_bounds_the_frame_size() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = config();
+    config.max_frame = rpc_broker::log::MAX_MESSAGE + 1;
+    config.log = Some(rpc_broker::log::LogConfig::new(dir.path()));
+    let refused = BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await;
+    let error = refused.expect_err("refused");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+}

@@ -41,6 +41,10 @@ use bytes::{Bytes, BytesMut};
 use crate::engine::{Journal, QueueConfig};
 pub use recovery::{RecoveredMessage, RecoveredQueue, Recovery};
 
+/// The largest message (a frame's payload) a log record holds; a broker with a data directory accepts no
+/// larger frame.
+pub const MAX_MESSAGE: usize = record::MAX_BODY - 64;
+
 /// When the log calls fsync.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -176,7 +180,15 @@ impl Log {
         }
         let (recovery, queues) = recovery::recover(&config)?;
         let (sender, receiver) = mpsc::channel();
-        let writer = Writer { config, queues, next_dir: 0, failed: None, _lock: lock, touched: Vec::new() };
+        let writer = Writer {
+            config,
+            queues,
+            next_dir: 0,
+            failed: None,
+            _lock: lock,
+            touched: Vec::new(),
+            deferred_acks: Vec::new(),
+        };
         let thread = std::thread::Builder::new()
             .name("mqrpc-log".into())
             .spawn(move || writer.run(receiver))
@@ -281,7 +293,7 @@ enum Appended {
     /// A message published as `seq`.
     Publish(u64),
     /// Message `seq` written again by compaction.
-    Moved(u64),
+    Copy(u64),
     /// An ack.
     Ack,
 }
@@ -299,6 +311,10 @@ struct Writer {
     _lock: File,
     /// Files and directories written since the last sync.
     touched: Vec<(PathBuf, Option<File>)>,
+    /// Acks taken since the last sync, written only after it: the publish a dead-lettering or a `Republish`
+    /// makes in another queue's file must be on disk before the ack that goes with it, whatever order the
+    /// system writes files back in.
+    deferred_acks: Vec<(Arc<str>, u64)>,
 }
 
 impl Writer {
@@ -327,9 +343,26 @@ impl Writer {
             for barrier in barriers.drain(..) {
                 barrier(result.clone());
             }
-            self.delete_acked();
+            if result.is_ok() {
+                self.write_deferred_acks();
+                self.delete_acked();
+            }
         }
-        let _ = self.sync();
+        // Stopping: the deferred acks go out too, after the sync that covers what they follow.
+        if self.sync().is_ok() {
+            self.write_deferred_acks();
+            let _ = self.sync();
+        }
+    }
+
+    /// Appends the acks deferred past the last sync; the next sync writes them.
+    fn write_deferred_acks(&mut self) {
+        for (queue, seq) in std::mem::take(&mut self.deferred_acks) {
+            if let Err(error) = self.append(&queue, Appended::Ack, |buffer| record::put_ack(buffer, seq)) {
+                self.fail(&error);
+                return;
+            }
+        }
     }
 
     fn fail(&mut self, error: &LogError) {
@@ -362,8 +395,9 @@ impl Writer {
             Journal::Removed { queue, seq } => {
                 if let Some(log) = self.queues.get_mut(&queue) {
                     log.acked(seq);
+                    self.deferred_acks.push((queue, seq));
                 }
-                self.append(&queue, Appended::Ack, |buffer| record::put_ack(buffer, seq))
+                Ok(())
             }
         };
         if let Err(error) = result {
@@ -391,24 +425,49 @@ impl Writer {
     fn delete(&mut self, queue: &str) -> Result<(), LogError> {
         let Some(log) = self.queues.remove(queue) else { return Ok(()) };
         self.touched.retain(|(path, _)| !path.starts_with(&log.dir));
-        std::fs::remove_dir_all(&log.dir).map_err(io_error(&log.dir))?;
-        sync_dir(&self.config.dir.join("queues"))
+        self.deferred_acks.retain(|(name, _)| &**name != queue);
+        // Renamed first, in one step: a crash while its files go never brings back half a queue.
+        let gone = log.dir.with_extension("deleted");
+        std::fs::rename(&log.dir, &gone).map_err(io_error(&log.dir))?;
+        sync_dir(&self.config.dir.join("queues"))?;
+        std::fs::remove_dir_all(&gone).map_err(io_error(&gone))
     }
 
     /// Encodes a record of `queue` with `put`.
     fn append(&mut self, queue: &str, what: Appended, put: impl FnOnce(&mut BytesMut)) -> Result<(), LogError> {
         let segment_size = self.config.segment_size;
-        let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
+        let fsync = self.config.fsync;
+        let Some(log) = self.queues.get_mut(queue) else {
+            return Err(LogError::Io {
+                path: self.config.dir.join("queues"),
+                error: std::io::Error::other(format!("a record for queue `{queue}`, which the log does not hold")),
+            });
+        };
         let before = log.buffer.len();
         put(&mut log.buffer);
         let len = (log.buffer.len() - before) as u64;
+        if len > (record::HEADER + record::MAX_BODY) as u64 {
+            log.buffer.truncate(before);
+            let path = log.dir.clone();
+            return Err(LogError::Io { path, error: std::io::Error::other("a record over the log's largest") });
+        }
         let written = log.active.as_ref().map_or(0, |(_, size)| *size) + before as u64;
         if log.active.is_none() || (written > 0 && written + len > segment_size) {
-            // The records before this one go to the segment they were meant for; this one starts a new one.
+            // The records before this one go to the segment they were meant for, synced now: only the last
+            // segment can end in a record cut short. This one starts a new segment.
             let record = log.buffer.split_off(before);
-            let touched = flush(log)?;
-            self.touched.extend(touched);
-            let number = log.segments.back().map_or(1, |segment| segment.number + 1);
+            for (path, file) in flush(log)? {
+                if let (Some(file), FsyncPolicy::Always) = (&file, fsync) {
+                    file.sync_data().map_err(io_error(&path))?;
+                }
+            }
+            let number = match log.segments.back() {
+                Some(last) => last.number.checked_add(1).ok_or_else(|| LogError::Io {
+                    path: last.path.clone(),
+                    error: std::io::Error::other("no segment number after this one"),
+                })?,
+                None => 1,
+            };
             let path = log.dir.join(segment_name(number));
             let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error(&path))?;
             log.segments.push_back(Segment { number, path, live: HashSet::new(), published: 0 });
@@ -416,18 +475,11 @@ impl Writer {
             log.buffer = record;
             self.touched.push((log.dir.clone(), None));
         }
+        // A copy made by compaction counts in the segment it goes to; the original's segment lets go of it
+        // once the copy is synced.
         let seq = match what {
             Appended::Ack => return Ok(()),
-            Appended::Publish(seq) => seq,
-            Appended::Moved(seq) => {
-                // It moves to the segment appended to.
-                for segment in log.segments.iter_mut().rev().skip(1) {
-                    if segment.live.remove(&seq) {
-                        break;
-                    }
-                }
-                seq
-            }
+            Appended::Publish(seq) | Appended::Copy(seq) => seq,
         };
         if let Some(segment) = log.segments.back_mut() {
             segment.live.insert(seq);
@@ -479,13 +531,24 @@ impl Writer {
     /// Deletes, per queue, the oldest segments whose messages were all acked (never the one appended to); then
     /// compacts the oldest left if [`COMPACT_BEHIND`] segments follow it.
     fn delete_acked(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
         let mut compact = Vec::new();
         for (name, log) in &mut self.queues {
+            let mut deleted = false;
             while log.segments.len() > 1 && log.segments.front().is_some_and(|segment| segment.live.is_empty()) {
-                let Some(segment) = log.segments.pop_front() else { break };
+                let Some(segment) = log.segments.front() else { break };
+                // A segment that stays keeps those after it: they may hold its acks.
                 if let Err(error) = std::fs::remove_file(&segment.path) {
                     tracing::warn!(path = %segment.path.display(), %error, "could not delete an acked segment");
+                    break;
                 }
+                log.segments.pop_front();
+                deleted = true;
+            }
+            if deleted && let Err(error) = sync_dir(&log.dir) {
+                tracing::warn!(%error, "could not sync a queue's directory after deleting segments");
             }
             let sparse = log.segments.front().is_some_and(|oldest| oldest.live.len() as u64 * 4 <= oldest.published);
             if log.segments.len() > COMPACT_BEHIND && sparse {
@@ -521,18 +584,30 @@ impl Writer {
             }
             pos += len;
         }
+        let copied: Vec<u64> = moved.iter().map(|(seq, _)| *seq).collect();
         for (seq, raw) in moved {
-            self.append(queue, Appended::Moved(seq), |buffer| buffer.extend_from_slice(&raw))?;
+            self.append(queue, Appended::Copy(seq), |buffer| buffer.extend_from_slice(&raw))?;
         }
         if let Err(error) = self.sync() {
             tracing::warn!(%error, "compaction could not sync; the old segment stays");
             return Ok(());
         }
         let Some(log) = self.queues.get_mut(queue) else { return Ok(()) };
-        if log.segments.front().is_some_and(|segment| segment.path == path && segment.live.is_empty()) {
-            log.segments.pop_front();
-            std::fs::remove_file(&path).map_err(io_error(&path))?;
-            tracing::debug!(queue = %queue, path = %path.display(), "compacted the oldest segment");
+        let Some(oldest) = log.segments.front_mut().filter(|segment| segment.path == path) else { return Ok(()) };
+        for seq in copied {
+            oldest.live.remove(&seq);
+        }
+        if oldest.live.is_empty() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    log.segments.pop_front();
+                    if let Err(error) = sync_dir(&log.dir) {
+                        tracing::warn!(%error, "could not sync a queue's directory after compacting");
+                    }
+                    tracing::debug!(queue = %queue, path = %path.display(), "compacted the oldest segment");
+                }
+                Err(error) => tracing::warn!(path = %path.display(), %error, "could not delete a compacted segment"),
+            }
         }
         Ok(())
     }
@@ -818,7 +893,9 @@ mod tests {
             let all = records(&bytes);
             let meta = std::fs::read(dir.path().join("queues").join("0").join("meta")).expect("reads the meta");
             let confirmed = confirmed.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            prop_assert_eq!(confirmed.last().copied(), Some(bytes.len() as u64));
+            // Acks are written after the sync that confirms what they follow: the file may go on past the last
+            // confirm, never stop short of it.
+            prop_assert!(confirmed.last().is_some_and(|last| *last <= bytes.len() as u64));
             for cut in 0..=bytes.len() {
                 let copy = tempfile::tempdir().expect("a temporary directory");
                 let queue = copy.path().join("queues").join("0");
@@ -923,6 +1000,53 @@ mod tests {
         let (_, again) = Log::open(config).expect("opens cleanly");
         assert_eq!(messages(&again).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), seqs);
         assert!(again.quarantined.is_empty());
+    }
+
+    #[test]
+    fn a_tail_of_several_damaged_records_is_truncated_and_a_record_inside_a_payload_is_never_read() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = LogConfig::new(dir.path());
+        // Message 3's payload holds the bytes of an intact record: an ack of message 1.
+        let mut forged = BytesMut::new();
+        format::put_ack(&mut forged, 1);
+        let mut payload = vec![9; 30];
+        payload.extend_from_slice(&forged);
+        payload.extend_from_slice(&[9; 30]);
+        {
+            let (log, _) = Log::open(config.clone()).expect("opens");
+            log.append(vec![declared(), stored(1, b"one"), stored(2, b"two"), stored(3, &payload), stored(4, b"four")]);
+            settle(&log).expect("durable");
+        }
+        let file = segments(dir.path()).remove(0);
+        let bytes = Bytes::from(std::fs::read(&file).expect("reads"));
+        let ends: Vec<usize> = records(&bytes).iter().map(|(end, _)| *end).collect();
+        // A crash cut message 3 inside its payload, past the forged record: a write cut short, never confirmed.
+        std::fs::write(&file, &bytes[..ends[1] + 60]).expect("writes");
+        let (log, recovery) = Log::open(config.clone()).expect("opens");
+        assert_eq!(messages(&recovery).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(std::fs::metadata(&file).expect("the segment").len() as usize, ends[1]);
+        drop(log);
+        // Two damaged records at the end of the last segment (one flipped, one cut short): both are the tail.
+        std::fs::write(&file, &bytes[..ends[3] - 2]).expect("writes");
+        flip(&file, ends[1] + format::HEADER + 3);
+        let (_, recovery) = Log::open(config).expect("opens");
+        assert_eq!(messages(&recovery).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn segments_without_a_meta_file_stop_the_start() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
+            log.append(vec![declared(), stored(1, b"one")]);
+            settle(&log).expect("durable");
+        }
+        let meta = dir.path().join("queues").join("0").join("meta");
+        std::fs::remove_file(&meta).expect("removes");
+        match Log::open(LogConfig::new(dir.path())) {
+            Err(LogError::Corrupt { file, .. }) => assert_eq!(file, meta),
+            other => panic!("expected the missing meta file to stop the start, got {other:?}"),
+        }
     }
 
     #[test]

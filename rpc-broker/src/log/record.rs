@@ -184,6 +184,41 @@ pub(crate) fn is_record(bytes: &Bytes) -> bool {
     bytes.first() == Some(&MAGIC) && frame(bytes).is_ok()
 }
 
+/// What is at the start of bytes that are not an intact record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Damage {
+    /// A plausible header whose record runs past the end, or less than a header: a write cut short.
+    Truncated,
+    /// A plausible header and all the bytes it announces, which do not check out: the record's extent.
+    Extent(usize),
+    /// No plausible header: where the next record starts is unknown.
+    Unframed,
+}
+
+/// Classifies the damaged bytes at the start of `bytes` (which [`parse`] refused).
+pub(crate) fn damage(bytes: &[u8]) -> Damage {
+    if bytes.len() < HEADER {
+        return Damage::Truncated;
+    }
+    let len = u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+    if bytes[0] != MAGIC || !matches!(bytes[1], PUBLISH | ACK) || len > MAX_BODY {
+        return Damage::Unframed;
+    }
+    if bytes.len() - HEADER < len { Damage::Truncated } else { Damage::Extent(HEADER + len) }
+}
+
+/// Whether `bytes` are whole, intact records to their end (or empty).
+pub(crate) fn all_records(bytes: &Bytes) -> bool {
+    let mut pos = 0;
+    while pos < bytes.len() {
+        match parse(&bytes.slice(pos..)) {
+            Ok((_, len)) => pos += len,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 struct Cursor {
     body: Bytes,
     pos: usize,

@@ -1,13 +1,13 @@
 //! Reading the log back on start.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 
-use super::record::{self, Published, Record};
+use super::record::{self, Damage, Published, Record};
 use super::{LogConfig, LogError, QueueLog, io_error, segment_name, sync_dir, write_atomically};
 use crate::engine::{self, QueueConfig};
 
@@ -63,6 +63,12 @@ pub(super) fn recover(config: &LogConfig) -> Result<(Recovery, HashMap<Arc<str>,
     let mut dirs = Vec::new();
     for entry in std::fs::read_dir(&root).map_err(io_error(&root))? {
         let entry = entry.map_err(io_error(&root))?;
+        // A queue being deleted when the broker stopped: renamed in one step, its files not all gone yet.
+        if entry.file_name().to_str().is_some_and(|name| name.ends_with(".deleted")) {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+            continue;
+        }
         let number: Option<u64> = entry.file_name().to_str().and_then(|name| name.parse().ok());
         if let Some(number) = number
             && entry.path().is_dir()
@@ -96,12 +102,21 @@ fn recover_queue(
     recovery: &mut Recovery,
 ) -> Result<Option<(RecoveredQueue, QueueLog)>, LogError> {
     let meta_path = dir.join("meta");
+    let segments = segment_files(dir)?;
     let meta = match std::fs::read(&meta_path) {
         Ok(meta) => Bytes::from(meta),
-        // Created and not yet described when the broker stopped: it holds nothing.
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+        // Created and not yet described when the broker stopped: it holds nothing (a queue's meta file is
+        // written before any of its records).
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && segments.is_empty() => {
             std::fs::remove_dir_all(dir).map_err(io_error(dir))?;
             return Ok(None);
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LogError::Corrupt {
+                file: meta_path,
+                offset: 0,
+                reason: "a queue's directory holds segments and no meta file",
+            });
         }
         Err(error) => return Err(LogError::Io { path: meta_path, error }),
     };
@@ -111,20 +126,9 @@ fn recover_queue(
         reason: bad.reason(),
     })?;
 
-    let mut segments = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
-        let entry = entry.map_err(io_error(dir))?;
-        let file_name = entry.file_name();
-        let Some(stem) = file_name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
-        if let Ok(number) = u64::from_str_radix(stem, 16) {
-            segments.push((number, entry.path()));
-        }
-    }
-    segments.sort();
-
     let mut live: BTreeMap<u64, Live> = BTreeMap::new();
     let mut published = vec![0u64; segments.len()];
-    let mut acked_ids = Vec::new();
+    let mut acked_ids = VecDeque::new();
     let mut damaged = false;
     for (index, (_, path)) in segments.iter().enumerate() {
         let bytes = Bytes::from(std::fs::read(path).map_err(io_error(path))?);
@@ -135,22 +139,39 @@ fn recover_queue(
                 Ok((record, len)) => {
                     recovery.records += 1;
                     match record {
-                        Record::Publish(message) => {
+                        Record::Publish(mut message) => {
                             published[index] += 1;
+                            // A copy, so that the segment read is not held for one message.
+                            message.payload = Bytes::copy_from_slice(&message.payload);
                             live.insert(message.seq, Live { message, segment: index });
                         }
                         Record::Ack(seq) => {
                             if let Some(id) = live.remove(&seq).and_then(|gone| gone.message.id) {
-                                acked_ids.push(id);
+                                if acked_ids.len() == engine::DEDUP_CAPACITY {
+                                    acked_ids.pop_front();
+                                }
+                                acked_ids.push_back(id);
                             }
                         }
                     }
                     pos += len;
                 }
                 Err(bad) => {
-                    let next = next_record(&bytes, pos + 1);
-                    if last && next.is_none() {
-                        // The end of the last segment: a write the crash cut short, never confirmed.
+                    let damage = record::damage(&bytes[pos..]);
+                    // Only the last segment can end in records a crash cut short (a segment is synced before the
+                    // next one is started): damage there with nothing intact after it is that tail, never
+                    // confirmed. Intact records after damage mean the damage is not a tail.
+                    let torn = last
+                        && match damage {
+                            Damage::Truncated => true,
+                            Damage::Extent(len) => {
+                                pos + len == bytes.len() || !record::all_records(&bytes.slice(pos + len..))
+                            }
+                            Damage::Unframed => {
+                                bytes[pos..].iter().all(|byte| *byte == 0) || next_record(&bytes, pos + 1).is_none()
+                            }
+                        };
+                    if torn {
                         truncate(path, pos as u64)?;
                         recovery.truncated += (bytes.len() - pos) as u64;
                         tracing::warn!(file = %path.display(), offset = pos, "truncated a record cut short by a crash");
@@ -169,6 +190,12 @@ fn recover_queue(
                          queue rewritten without the damaged bytes"
                     );
                     recovery.quarantined.push((path.clone(), pos as u64, bad.reason()));
+                    // Past the damaged record where its extent is known; otherwise to the next intact record.
+                    let next = match damage {
+                        Damage::Extent(len) => Some(pos + len),
+                        Damage::Truncated => None,
+                        Damage::Unframed => next_record(&bytes, pos + 1),
+                    };
                     match next {
                         Some(next) => pos = next,
                         None => break,
@@ -184,7 +211,14 @@ fn recover_queue(
     let mut messages = Vec::with_capacity(live.len());
     if damaged {
         // What is left goes into one new segment; the damaged ones go once it is synced.
-        let number = segments.last().map_or(1, |(number, _)| number + 1);
+        let number = match segments.last() {
+            Some((number, path)) => number.checked_add(1).ok_or_else(|| LogError::Corrupt {
+                file: path.clone(),
+                offset: 0,
+                reason: "a segment numbered past the last number",
+            })?,
+            None => 1,
+        };
         let path = dir.join(segment_name(number));
         let mut buffer = BytesMut::new();
         for entry in live.values() {
@@ -214,19 +248,44 @@ fn recover_queue(
             key: message.key,
             id: message.id,
         };
-        // A copy, so that the segment read is not held for one message.
-        messages.push(RecoveredMessage { seq, payload: Bytes::copy_from_slice(&message.payload), record });
+        messages.push(RecoveredMessage { seq, payload: message.payload, record });
     }
     // The most recent ones, as many as a queue remembers.
-    let skip = acked_ids.len().saturating_sub(engine::DEDUP_CAPACITY);
-    acked_ids.drain(..skip);
-    let queue = RecoveredQueue { name, config: queue_config.clone(), messages, acked_ids };
+    let queue = RecoveredQueue { name, config: queue_config.clone(), messages, acked_ids: acked_ids.into() };
     Ok(Some((queue, QueueLog::recovered(dir.to_owned(), queue_config, kept))))
 }
 
-/// The offset of the next intact record after `from`, if there is one.
+/// The offset of the next intact record after `from`, if one is found within a bounded amount of checking (a
+/// crafted payload could otherwise make the scan quadratic).
 fn next_record(bytes: &Bytes, from: usize) -> Option<usize> {
-    (from..bytes.len()).find(|&at| bytes[at] == record::MAGIC && record::is_record(&bytes.slice(at..)))
+    let mut budget: usize = 256 * 1024 * 1024;
+    for at in from..bytes.len() {
+        if bytes[at] != record::MAGIC {
+            continue;
+        }
+        if let Damage::Extent(len) = record::damage(&bytes[at..]) {
+            budget = budget.checked_sub(len)?;
+        }
+        if record::is_record(&bytes.slice(at..)) {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// A queue directory's segment files, in order.
+fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let file_name = entry.file_name();
+        let Some(stem) = file_name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
+        if let Ok(number) = u64::from_str_radix(stem, 16) {
+            segments.push((number, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), LogError> {
