@@ -546,17 +546,23 @@ impl<O: Send + 'static> Call<O> {
         Ok(correlation_id)
     }
 
-    async fn send(self, correlation_id: Uuid) -> Result<O, Error> {
+    /// The call as a future, in its span.
+    ///
+    /// Not an `async fn`: the call is taken apart into its request first, so that the future (one heap
+    /// allocation per call) holds only what the exchange needs, and stays under a kilobyte, which the
+    /// allocator serves fastest.
+    fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
         let span = tracing::debug_span!(
             "rpc.call",
             service = %self.service,
             method = %self.method,
             correlation_id = %correlation_id,
         );
-        self.exchange(correlation_id).instrument(span).await
+        exchange(self.prepare(correlation_id)).instrument(span)
     }
 
-    async fn exchange(self, correlation_id: Uuid) -> Result<O, Error> {
+    /// The request of the call, or why it cannot be sent.
+    fn prepare(self, correlation_id: Uuid) -> Result<Prepared<O>, Error> {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
@@ -568,96 +574,114 @@ impl<O: Send + 'static> Call<O> {
             return Err(Error::Timeout(budget));
         }
         self.options.check_delay(Some(budget))?;
-        let _admitted = admit(inner, Some(deadline), budget).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Timeout(budget));
-        }
-        let mut envelope = Envelope::new(Kind::Request);
+        let mut envelope = Box::new(Envelope::new(Kind::Request));
         self.options.apply(&mut envelope);
         envelope.caller = inner.identity.as_deref().map(str::to_owned);
         envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(inner.inbox.clone());
-        envelope.deadline_ms = Some(millis(left).max(1));
         envelope.body = args;
         let queue = naming::service_queue(inner.namespace.as_deref(), &self.service);
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
+        Ok(Prepared { client: self.client, decode: self.decode, envelope, queue, budget, deadline })
+    }
+}
 
-        let _pending = PendingGuard { shared: &inner.shared, correlation_id };
-        // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
-        // a call ended by `Client::cancel`, cancels it at the broker.
-        let mut cancel = CancelGuard { transport: &inner.transport, queue: &queue, correlation_id, armed: true };
-        let mut resends = inner.resends;
-        // Kept while it may be sent again; the last send takes it.
-        let mut envelope = Some(envelope);
-        let outcome = loop {
-            let (sender, receiver) = oneshot::channel();
-            inner.shared.pending.insert(correlation_id, Pending { epoch: inner.shared.epoch(), sender });
-            // Checked again after registering: a `close` or a lost inbox in between must not leave this call
-            // waiting.
-            if self.client.is_closed() {
-                return Err(Error::Shutdown);
-            }
-            if inner.shared.disconnected.load(Ordering::Acquire) {
-                return Err(Error::Disconnected);
-            }
-            let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
-            let answer = |reply: Result<Result<Envelope, Error>, oneshot::error::RecvError>| match reply {
-                Ok(reply) => reply,
-                Err(_) if self.client.is_closed() => Err(Error::Shutdown),
-                Err(_) => Err(Error::Disconnected),
-            };
-            let exchange = async {
-                // Never `None`: only the last send takes the envelope.
-                let publish = inner.transport.publish(&queue, sent.ok_or(Error::Shutdown)?);
-                let mut receiver = receiver;
-                // The reply proves the request arrived: it wins over a publish confirm that is slow or lost.
-                tokio::select! {
-                    biased;
-                    reply = &mut receiver => return answer(reply),
-                    published = publish => published?,
-                }
-                answer(receiver.await)
-            };
-            // `None`: the deadline passed.
-            let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
-            // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
-            // nothing has it again once the workers reconnect and declare it.
-            let resending = resends < inner.resends;
-            let lost = match &outcome {
-                Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),
-                Some(Err(Error::NoRoute(_))) => resending,
-                _ => false,
-            };
-            match outcome {
-                _ if lost && resends > 0 => {
-                    resends -= 1;
-                    if let Some(envelope) = &mut envelope {
-                        envelope.attempt = envelope.attempt.saturating_add(1);
-                    }
-                    // Give the transport a moment to reconnect; never past the deadline.
-                    let pause = Duration::from_millis(50 * u64::from(inner.resends - resends).min(20));
-                    if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
-                        break None;
-                    }
-                }
-                outcome => break outcome,
-            }
-        };
-        // A call that ended otherwise needs no cancel: answered, refused, or past the deadline that the request
-        // carries (the broker and the worker drop it then).
-        cancel.armed = matches!(outcome, Some(Err(Error::Cancelled)));
-        match outcome {
-            // The server cut the handler at the deadline it was given: from here, the budget ran out.
-            Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
-            // The transport reported that nobody consumes the service's queue.
-            Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.clone())),
-            Some(Ok(reply)) => (self.decode)(&reply),
-            Some(Err(error)) => Err(error),
-            None => Err(Error::Timeout(budget)),
+/// A call taken apart for its exchange.
+struct Prepared<O> {
+    client: Client,
+    decode: DecodeFn<O>,
+    /// Without its `deadline_ms`, set once the call is admitted.
+    envelope: Box<Envelope>,
+    queue: String,
+    budget: Duration,
+    deadline: Instant,
+}
+
+/// Sends a call's request and waits for its reply, within its deadline.
+async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
+    let Prepared { client, decode, mut envelope, queue, budget, deadline } = prepared?;
+    let correlation_id = envelope.correlation_id.unwrap_or_default();
+    let inner = &client.inner;
+    let _admitted = admit(inner, Some(deadline), budget).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout(budget));
+    }
+    envelope.deadline_ms = Some(millis(left).max(1));
+    let _pending = PendingGuard { shared: &inner.shared, correlation_id };
+    // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
+    // a call ended by `Client::cancel`, cancels it at the broker.
+    let mut cancel = CancelGuard { transport: &inner.transport, queue: &queue, correlation_id, armed: true };
+    let mut resends = inner.resends;
+    // Kept while it may be sent again; the last send takes it.
+    let mut envelope = Some(envelope);
+    let outcome = loop {
+        let (sender, receiver) = oneshot::channel();
+        inner.shared.pending.insert(correlation_id, Pending { epoch: inner.shared.epoch(), sender });
+        // Checked again after registering: a `close` or a lost inbox in between must not leave this call
+        // waiting.
+        if client.is_closed() {
+            return Err(Error::Shutdown);
         }
+        if inner.shared.disconnected.load(Ordering::Acquire) {
+            return Err(Error::Disconnected);
+        }
+        let sent = if resends > 0 { envelope.as_deref().cloned() } else { envelope.take().map(|boxed| *boxed) };
+        let answer = |reply: Result<Result<Envelope, Error>, oneshot::error::RecvError>| match reply {
+            Ok(reply) => reply,
+            Err(_) if client.is_closed() => Err(Error::Shutdown),
+            Err(_) => Err(Error::Disconnected),
+        };
+        // Never `None`: only the last send takes the envelope.
+        let publish = sent.map(|sent| inner.transport.publish(&queue, sent));
+        let exchange = async {
+            let publish = publish.ok_or(Error::Shutdown)?;
+            let mut receiver = receiver;
+            // The reply proves the request arrived: it wins over a publish confirm that is slow or lost.
+            tokio::select! {
+                biased;
+                reply = &mut receiver => return answer(reply),
+                published = publish => published?,
+            }
+            answer(receiver.await)
+        };
+        // `None`: the deadline passed.
+        let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
+        // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
+        // nothing has it again once the workers reconnect and declare it.
+        let resending = resends < inner.resends;
+        let lost = match &outcome {
+            Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),
+            Some(Err(Error::NoRoute(_))) => resending,
+            _ => false,
+        };
+        if !lost || resends == 0 {
+            break outcome;
+        }
+        drop(outcome);
+        resends -= 1;
+        if let Some(envelope) = &mut envelope {
+            envelope.attempt = envelope.attempt.saturating_add(1);
+        }
+        // Give the transport a moment to reconnect; never past the deadline.
+        let pause = Duration::from_millis(50 * u64::from(inner.resends - resends).min(20));
+        if Box::pin(tokio::time::timeout_at(deadline, tokio::time::sleep(pause))).await.is_err() {
+            break None;
+        }
+    };
+    // A call that ended otherwise needs no cancel: answered, refused, or past the deadline that the request
+    // carries (the broker and the worker drop it then).
+    cancel.armed = matches!(outcome, Some(Err(Error::Cancelled)));
+    match outcome {
+        // The server cut the handler at the deadline it was given: from here, the budget ran out.
+        Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
+        // The transport reported that nobody consumes the service's queue.
+        Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.clone())),
+        Some(Ok(reply)) => decode(&reply),
+        Some(Err(error)) => Err(error),
+        None => Err(Error::Timeout(budget)),
     }
 }
 
@@ -703,7 +727,12 @@ async fn admit(
     deadline: Option<Instant>,
     budget: Duration,
 ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Error> {
-    inner.admission.admit(deadline).await.map_err(|refused| match refused {
+    // Without limits nothing waits; with them, the wait (timers, a semaphore) lives on the heap, so that the
+    // future of every call stays small.
+    if inner.admission.is_open() {
+        return Ok(None);
+    }
+    Box::pin(inner.admission.admit(deadline)).await.map_err(|refused| match refused {
         Refused::Deadline => Error::Timeout(budget),
         Refused::Closed => Error::Shutdown,
     })

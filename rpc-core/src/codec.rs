@@ -97,6 +97,15 @@ pub fn encode_envelope(envelope: &Envelope) -> Result<Bytes, CodecError> {
     envelope_codec::encode(envelope).map(Bytes::from)
 }
 
+/// Appends the encoding of `envelope` to `out` (as [`encode_envelope`]), after whatever `out` holds: a frame
+/// header, say.
+///
+/// # Errors
+/// As [`encode_envelope`].
+pub fn encode_envelope_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
+    envelope_codec::encode_into(out, envelope)
+}
+
 /// Checks and decodes an envelope, rejecting versions other than [`VERSION`]. The body is copied out of
 /// `bytes`; [`decode_envelope_bytes`] shares it instead.
 ///
@@ -280,6 +289,12 @@ mod envelope_codec {
     use crate::envelope::{Envelope, Kind, VERSION};
 
     pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::new();
+        encode_into(&mut out, envelope)?;
+        Ok(out)
+    }
+
+    pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
         let strings = envelope.service.len()
             + envelope.method.len()
             + envelope.reply_to.as_ref().map_or(0, String::len)
@@ -287,7 +302,7 @@ mod envelope_codec {
             + envelope.status_message.as_ref().map_or(0, String::len)
             + envelope.caller.as_ref().map_or(0, String::len)
             + envelope.headers.iter().map(|(name, value)| name.len() + value.len() + 10).sum::<usize>();
-        let mut out = Vec::with_capacity(128 + strings + envelope.body.len());
+        out.reserve(128 + strings + envelope.body.len());
         let e = envelope;
         let fields = 5
             + usize::from(e.correlation_id.is_some())
@@ -302,70 +317,70 @@ mod envelope_codec {
             + usize::from(e.status_message.is_some())
             + usize::from(e.caller.is_some())
             + usize::from(!e.headers.is_empty());
-        map_len(&mut out, fields)?;
-        str(&mut out, "v")?;
-        uint(&mut out, u64::from(e.version));
-        str(&mut out, "k")?;
-        uint(&mut out, u64::from(u8::from(e.kind)));
-        str(&mut out, "i")?;
-        bin(&mut out, e.id.as_bytes())?;
+        map_len(out, fields)?;
+        str(out, "v")?;
+        uint(out, u64::from(e.version));
+        str(out, "k")?;
+        uint(out, u64::from(u8::from(e.kind)));
+        str(out, "i")?;
+        bin(out, e.id.as_bytes())?;
         if let Some(id) = &e.correlation_id {
-            str(&mut out, "c")?;
-            bin(&mut out, id.as_bytes())?;
+            str(out, "c")?;
+            bin(out, id.as_bytes())?;
         }
         if !e.service.is_empty() {
-            str(&mut out, "s")?;
-            str(&mut out, &e.service)?;
+            str(out, "s")?;
+            str(out, &e.service)?;
         }
         if !e.method.is_empty() {
-            str(&mut out, "m")?;
-            str(&mut out, &e.method)?;
+            str(out, "m")?;
+            str(out, &e.method)?;
         }
         if let Some(reply_to) = &e.reply_to {
-            str(&mut out, "r")?;
-            str(&mut out, reply_to)?;
+            str(out, "r")?;
+            str(out, reply_to)?;
         }
         if let Some(deadline) = e.deadline_ms {
-            str(&mut out, "d")?;
-            uint(&mut out, deadline);
+            str(out, "d")?;
+            uint(out, deadline);
         }
         if let Some(delay) = e.delay_ms {
-            str(&mut out, "dl")?;
-            uint(&mut out, delay);
+            str(out, "dl")?;
+            uint(out, delay);
         }
-        str(&mut out, "a")?;
-        uint(&mut out, u64::from(e.attempt));
+        str(out, "a")?;
+        uint(out, u64::from(e.attempt));
         if let Some(key) = &e.idempotency_key {
-            str(&mut out, "ik")?;
-            str(&mut out, key)?;
+            str(out, "ik")?;
+            str(out, key)?;
         }
         if let Some(priority) = e.priority {
-            str(&mut out, "p")?;
-            uint(&mut out, u64::from(priority));
+            str(out, "p")?;
+            uint(out, u64::from(priority));
         }
         if e.status != 0 {
-            str(&mut out, "st")?;
-            uint(&mut out, u64::from(e.status));
+            str(out, "st")?;
+            uint(out, u64::from(e.status));
         }
         if let Some(message) = &e.status_message {
-            str(&mut out, "sm")?;
-            str(&mut out, message)?;
+            str(out, "sm")?;
+            str(out, message)?;
         }
         if let Some(caller) = &e.caller {
-            str(&mut out, "cl")?;
-            str(&mut out, caller)?;
+            str(out, "cl")?;
+            str(out, caller)?;
         }
         if !e.headers.is_empty() {
-            str(&mut out, "h")?;
-            map_len(&mut out, e.headers.len())?;
+            str(out, "h")?;
+            map_len(out, e.headers.len())?;
             for (name, value) in &e.headers {
-                str(&mut out, name)?;
-                str(&mut out, value)?;
+                str(out, name)?;
+                str(out, value)?;
             }
         }
-        str(&mut out, "b")?;
-        bin(&mut out, &e.body)?;
-        Ok(out)
+        str(out, "b")?;
+        bin(out, &e.body)?;
+        Ok(())
     }
 
     fn uint(out: &mut Vec<u8>, value: u64) {

@@ -73,6 +73,7 @@ pub(crate) fn deadline() -> Option<Instant> {
     CURRENT.try_with(|context| context.deadline).ok().flatten()
 }
 
-pub(crate) async fn scope<F: Future>(current: Current, future: F) -> F::Output {
-    CURRENT.scope(current, future).await
+/// `future` run with `current` as the context of its task.
+pub(crate) fn scope<F: Future>(current: Current, future: F) -> impl Future<Output = F::Output> {
+    CURRENT.scope(current, future)
 }

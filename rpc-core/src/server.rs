@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -335,11 +335,7 @@ async fn run(
             tracing::warn!(service = shared.service.name(), "the request consumer closed; the server stops");
             break Duration::ZERO;
         };
-        let shared = Arc::clone(&shared);
-        let mut work: BoxFuture<'static, ()> = Box::pin(async move {
-            handle(&shared, delivery, source).await;
-            drop(permit);
-        });
+        let mut work = handle(Arc::clone(&shared), delivery, source, permit);
         if inline.allows() && inline.run(&mut work) {
             continue;
         }
@@ -447,14 +443,26 @@ enum Source {
     Topic,
 }
 
-async fn handle(shared: &Shared, delivery: Delivery, source: Source) {
+/// The handling of one delivery, holding `permit` until it is done.
+///
+/// Not an `async fn`: the delivery is taken apart before the future is made, so that the future (one heap
+/// allocation per request) holds the request once, and stays under a kilobyte, which the allocator serves
+/// fastest.
+fn handle(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    source: Source,
+    permit: OwnedSemaphorePermit,
+) -> BoxFuture<'static, ()> {
     let Delivery { envelope, delivery_count, received_at, handle } = delivery;
-    let stats = &shared.stats;
     if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
-        stats.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(kind = ?envelope.kind, "dead-lettering a message that is not a request");
-        settle(handle.dead_letter().await);
-        return;
+        let kind = envelope.kind;
+        return Box::pin(async move {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?kind, "dead-lettering a message that is not a request");
+            settle(handle.dead_letter().await);
+            drop(permit);
+        });
     }
     let attempt = envelope.attempt.max(1).saturating_add(delivery_count.saturating_sub(1));
     let span = tracing::info_span!(
@@ -467,7 +475,7 @@ async fn handle(shared: &Shared, delivery: Delivery, source: Source) {
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
     let request = Request { envelope: Arc::new(envelope), attempt, deadline, source };
-    handle_request(shared, request, handle).instrument(span).await;
+    Box::pin(handle_request(shared, request, handle, permit).instrument(span))
 }
 
 /// A request being handled.
@@ -486,7 +494,9 @@ impl Request {
     }
 }
 
-async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
+/// Handles a request, holding `_permit` (a slot of the server's concurrency) until it is done.
+async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle, _permit: OwnedSemaphorePermit) {
+    let shared = &*shared;
     let stats = &shared.stats;
     let policy = if request.source == Source::Queue { shared.policy(&request.envelope.method) } else { &RETRY_NONE };
     if !policy.is_none() && request.attempt > policy.max_attempts() {
@@ -554,6 +564,23 @@ async fn handle_request(shared: &Shared, request: Request, handle: AckHandle) {
 
 static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
 
+/// `future`'s output, or `None` once `deadline` passes, in an `async` body. The timer is made only for a future
+/// that is not ready at its first poll: most handlers and dedup stores finish at once, and a timer costs more
+/// than they do. A macro rather than an `async fn`, which would hold the future twice (as its argument and
+/// pinned).
+macro_rules! within {
+    ($deadline:expr, $future:expr) => {{
+        let mut future = std::pin::pin!($future);
+        match future.as_mut().now_or_never() {
+            Some(output) => Some(output),
+            None => match $deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+                None => Some(future.await),
+            },
+        }
+    }};
+}
+
 /// What the dedup store says about a request.
 enum Claim<'a> {
     /// Run it; complete or abandon this claim afterwards.
@@ -571,10 +598,7 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
         return Claim::Execute(None);
     };
     loop {
-        let begun = match request.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, store.begin(key)).await,
-            None => Ok(store.begin(key).await),
-        };
+        let begun = within!(request.deadline, store.begin(key)).ok_or(());
         let wake = match begun {
             Ok(Ok(Begin::Execute)) => return Claim::Execute(Some((store, key))),
             Ok(Ok(Begin::Done(reply))) => return Claim::Answer(reply),
@@ -585,7 +609,8 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
             }
             Err(_) => return Claim::Expired,
         };
-        // Another delivery of the same key runs now: its outcome is this one's.
+        // Another delivery of the same key runs now: its outcome is this one's. Rare: boxed, like the other rare
+        // paths.
         let wait = async {
             match wake {
                 Some(wake) => wake.await,
@@ -594,11 +619,11 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
         };
         match request.deadline {
             Some(deadline) => {
-                if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                if Box::pin(tokio::time::timeout_at(deadline, wait)).await.is_err() {
                     return Claim::Expired;
                 }
             }
-            None => wait.await,
+            None => Box::pin(wait).await,
         }
     }
 }
@@ -619,27 +644,25 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
     let context =
         context::Current { envelope: Arc::clone(envelope), attempt: request.attempt, deadline: request.deadline };
     let service = &shared.service;
-    let body = envelope.body.clone();
-    let run = AssertUnwindSafe(async { service.call(&envelope.method, body).await }).catch_unwind();
-    let run = context::scope(context, run);
-    let run = async {
-        // Biased: the handler is polled first.
-        tokio::select! {
-            biased;
-            outcome = run => Some(outcome),
-            // Asked for only once the handler waits: no signal is made for one that finishes at once.
-            () = async {
-                match handle.cancelled() {
-                    Some(cancelled) => cancelled.await,
-                    None => std::future::pending().await,
-                }
-            } => None,
+    let run = || {
+        let call = AssertUnwindSafe(service.call(&envelope.method, envelope.body.clone())).catch_unwind();
+        let call = context::scope(context, call);
+        async {
+            // Biased: the handler is polled first.
+            tokio::select! {
+                biased;
+                outcome = call => Some(outcome),
+                // Asked for only once the handler waits: no signal is made for one that finishes at once.
+                () = async {
+                    match handle.cancelled() {
+                        Some(cancelled) => cancelled.await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
+            }
         }
     };
-    let outcome = match request.deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, run).await.ok(),
-        None => Some(run.await),
-    };
+    let outcome = within!(request.deadline, run());
     Some(match outcome {
         Some(Some(Ok(result))) => result,
         Some(Some(Err(panic))) => {

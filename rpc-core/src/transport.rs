@@ -313,10 +313,15 @@ impl AckHandle {
     /// # Errors
     /// [`Error::DeliveryLost`] when the broker took the delivery back; otherwise as
     /// [`Transport::publish_reply`].
-    pub async fn publish_reply(&self, transport: &dyn Transport, reply_to: &str, reply: Envelope) -> Result<(), Error> {
+    pub fn publish_reply<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
         match &self.acker {
-            Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply).await,
-            None => transport.publish_reply(reply_to, reply).await,
+            Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply),
+            None => transport.publish_reply(reply_to, reply),
         }
     }
 
