@@ -17,7 +17,13 @@
 //! past the queue's maximum number of deliveries is moved there. A topic is an interest-retention stream with
 //! one durable consumer per subscriber group. Replies go through core NATS to the caller's inbox.
 //!
-//! Headers carry the envelope (see [`crate::adapter::headers`]): `mqrpc-method` (required), `mqrpc-service`,
+//! Between mqrpc processes in core mode, the body of a request, a oneway message or a reply to an mqrpc inbox
+//! carries the whole envelope: the byte `0xc1` (which no MessagePack value starts with), the sending time in
+//! milliseconds since the Unix epoch (8 bytes, big-endian), then the envelope's MessagePack, size-checked
+//! before it is decoded. No headers: the server and both clients skip building, sending and parsing them. An
+//! mqrpc inbox is `<inbox>.mqrpc`, which tells a worker to answer in that form.
+//!
+//! Otherwise headers carry the envelope (see [`crate::adapter::headers`]): `mqrpc-method` (required), `mqrpc-service`,
 //! `mqrpc-kind`, `mqrpc-correlation-id`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, `mqrpc-attempt`,
 //! `mqrpc-idempotency-key`, and `mqrpc-status` / `mqrpc-status-message` on replies; `Nats-Msg-Id` is the envelope
 //! id; in JetStream mode the reply address is `mqrpc-reply-to` (the reply subject carries the stream's ack).
@@ -52,7 +58,7 @@ use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use rpc_core::{
     AckHandle, Acker, BoxFuture, Capabilities, Code, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope,
-    Error, Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, naming,
+    Error, Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, codec, naming,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -263,9 +269,14 @@ impl Inner {
                 to_inbox,
                 correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply_subject.as_deref() }),
             };
-            let headers = to_headers(&envelope, mode)?;
+            // Whole in the body between mqrpc processes: to a service's subject, or to an mqrpc inbox.
+            let (headers, body) = if !to_inbox || is_envelope_inbox(queue) {
+                envelope.reply_to = None;
+                (HeaderMap::new(), envelope_body(&envelope)?)
+            } else {
+                (to_headers(&envelope, mode)?, envelope.body)
+            };
             let subject = queue.to_owned();
-            let body = envelope.body;
             let result = match (reply_subject, headers.iter().next().is_none()) {
                 (Some(reply), false) => self.client.publish_with_reply_and_headers(subject, reply, headers, body).await,
                 (Some(reply), true) => self.client.publish_with_reply(subject, reply, body).await,
@@ -331,6 +342,55 @@ fn stream_name(prefix: &str, queue: &str) -> String {
 
 fn max_deliveries_of(description: &str) -> Option<u32> {
     description.split("; ").find_map(|part| part.strip_prefix("max deliveries ")).and_then(|max| max.parse().ok())
+}
+
+/// The first byte of a body that carries a whole envelope: `0xc1` is never used in MessagePack, so no
+/// argument or result body (one MessagePack value) starts with it.
+const ENVELOPE_MARK: u8 = 0xc1;
+/// The bytes before the envelope in such a body: the mark and the sending time.
+const ENVELOPE_PREFIX: usize = 1 + 8;
+/// The last token of an mqrpc client's inbox address: replies to it carry the whole envelope.
+const ENVELOPE_INBOX: &str = "mqrpc";
+
+/// Whether a reply subject `<inbox>.<correlation id>` belongs to an mqrpc inbox.
+fn is_envelope_inbox(subject: &str) -> bool {
+    subject.rsplit('.').nth(1) == Some(ENVELOPE_INBOX)
+}
+
+/// A body carrying `envelope` whole (its reply address travels as the message's reply subject).
+fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
+    let mut body = Vec::with_capacity(ENVELOPE_PREFIX + 96 + envelope.body.len());
+    body.push(ENVELOPE_MARK);
+    body.extend_from_slice(&super::now_ms().to_be_bytes());
+    codec::encode_envelope_into(&mut body, envelope)?;
+    Ok(Bytes::from(body))
+}
+
+/// The envelope a message carries whole in its body, if it is such a message.
+fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, Error>> {
+    let payload = &message.payload;
+    let plain = message.headers.as_ref().is_none_or(HeaderMap::is_empty);
+    if !plain || payload.first() != Some(&ENVELOPE_MARK) {
+        return None;
+    }
+    let decoded = (|| {
+        let sent_at = payload
+            .get(1..ENVELOPE_PREFIX)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map(u64::from_be_bytes)
+            .ok_or(codec::CodecError::Malformed("a body marked as an envelope is shorter than its prefix"))?;
+        let mut envelope = codec::decode_envelope_bytes(&payload.slice(ENVELOPE_PREFIX..), &codec::Limits::default())?;
+        if let Some(budget) = envelope.deadline_ms {
+            envelope.deadline_ms = Some(super::remaining_ms(budget, Some(sent_at), super::now_ms()));
+        }
+        Ok::<_, codec::CodecError>(envelope)
+    })();
+    Some(decoded.map_err(Error::from).map(|mut envelope| {
+        if let Some(reply) = &message.reply {
+            envelope.reply_to = Some(reply.to_string());
+        }
+        envelope
+    }))
 }
 
 /// The reply subject of a request: `<inbox>.<correlation id>` for a call through an inbox (so that the
@@ -443,6 +503,14 @@ fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
 
 /// The envelope of a NATS message. `stored_at_ms`: when JetStream stored it (the time queued counts from there).
 fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Envelope {
+    match from_envelope_body(message) {
+        Some(Ok(envelope)) => return envelope,
+        // Handled as a message without an envelope: a request gets an error reply naming no method.
+        Some(Err(error)) => {
+            tracing::warn!(%error, subject = %message.subject, "a body marked as an envelope does not decode")
+        }
+        None => {}
+    }
     // One pass over the headers: a lookup by name would build a header name per field.
     let mut fields = Fields::default();
     let mut user = BTreeMap::new();
@@ -1100,7 +1168,8 @@ impl Transport for Nats {
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             self.inner.check()?;
-            let address = self.inner.client.new_inbox();
+            // The last token tells workers that replies may carry the whole envelope.
+            let address = format!("{}.{ENVELOPE_INBOX}", self.inner.client.new_inbox());
             let subscriber =
                 self.inner.client.subscribe(format!("{address}.*")).await.map_err(|_| Error::Disconnected)?;
             self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
@@ -1257,6 +1326,70 @@ mod tests {
             }
             assert_eq!(back, expected, "{mode:?}");
         }
+    }
+
+    fn plain_message(subject: &str, reply: Option<&str>, payload: Bytes) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: reply.map(Into::into),
+            payload,
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn an_envelope_round_trips_whole_in_the_body() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some("_INBOX.abc.mqrpc".into());
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 2;
+        envelope.idempotency_key = Some("key".into());
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
+        let mut sent = envelope.clone();
+        let reply = reply_subject(&mut sent).expect("a reply subject");
+        assert!(is_envelope_inbox(&reply), "{reply}");
+        assert!(!is_envelope_inbox("_INBOX.abc.0123"));
+        sent.reply_to = None;
+        let body = envelope_body(&sent).expect("encodes");
+        assert_eq!(body[0], ENVELOPE_MARK);
+        let back = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
+        assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+        let mut expected = envelope.clone();
+        expected.reply_to = Some(reply);
+        expected.deadline_ms = back.deadline_ms;
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn a_damaged_envelope_body_is_an_error_not_a_panic() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.method = "add".into();
+        envelope.body = Bytes::from_static(b"\x92\x01\x02");
+        let body = envelope_body(&envelope).expect("encodes");
+        // Every cut, and every byte flipped: never a panic; a cut one is refused.
+        for cut in 0..body.len() {
+            let message = plain_message("ns.Calculator", None, body.slice(..cut));
+            match from_envelope_body(&message) {
+                None => assert_eq!(cut, 0),
+                Some(decoded) => assert!(decoded.is_err(), "cut at {cut} decoded"),
+            }
+        }
+        for at in 1..body.len() {
+            let mut flipped = body.to_vec();
+            flipped[at] ^= 0xff;
+            let _ = from_message(&plain_message("ns.Calculator", None, Bytes::from(flipped)), None);
+        }
+        // A body of a plain client's request that is not marked is left to the headers.
+        assert!(
+            from_envelope_body(&plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02"))).is_none()
+        );
     }
 
     #[test]
