@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rpc_core::codec::{self, Limits};
 use rpc_core::{
     AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
@@ -582,10 +582,10 @@ async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn::new(out, inner.options.request_timeout));
-    let last_seen = Arc::new(Mutex::new(Instant::now()));
+    let heard = Arc::new(AtomicBool::new(true));
     tokio::spawn(write_frames(write, outbound, conn.dead.clone()));
-    tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&last_seen)));
-    tokio::spawn(heartbeats(Arc::downgrade(&conn), heartbeat, last_seen));
+    tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&heard)));
+    tokio::spawn(heartbeats(Arc::downgrade(&conn), heartbeat, heard));
     Ok(conn)
 }
 
@@ -629,15 +629,26 @@ async fn write_frames(
     let _ = write.shutdown().await;
 }
 
-async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn>, last_seen: Arc<Mutex<Instant>>) {
+/// Reads the broker's frames. `heard` is set at each frame, for [`heartbeats`].
+async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn>, heard: Arc<AtomicBool>) {
     let limits = Limits::default();
+    // When the frames read without waiting arrived: one clock reading per read from the socket, not per frame.
+    let mut now = Instant::now();
     loop {
-        let frame = tokio::select! {
-            _ = conn.dead.cancelled() => break,
-            frame = frames.next() => frame,
+        let frame = match frames.next().now_or_never() {
+            Some(frame) => frame,
+            // Waits, and stops on the connection's end, only once no frame is ready.
+            None => {
+                let frame = tokio::select! {
+                    _ = conn.dead.cancelled() => break,
+                    frame = frames.next() => frame,
+                };
+                now = Instant::now();
+                frame
+            }
         };
         let Some(Ok(frame)) = frame else { break };
-        *last_seen.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        heard.store(true, Ordering::Relaxed);
         let frame = match ServerFrame::parse(frame) {
             Ok(frame) => frame,
             Err(error) => {
@@ -659,7 +670,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                         envelope.deadline_ms = ttl_ms;
                         let handle =
                             if tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&route.acker), tag) };
-                        let delivery = Delivery { envelope, delivery_count, received_at: Instant::now(), handle };
+                        let delivery = Delivery { envelope, delivery_count, received_at: now, handle };
                         match &route.direct {
                             Some(sink) => sink(delivery),
                             None => drop(route.sender.send(delivery)),
@@ -717,16 +728,23 @@ fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>
     }
 }
 
-async fn heartbeats(conn: Weak<Conn>, interval: Duration, last_seen: Arc<Mutex<Instant>>) {
+/// Pings the broker every `interval`, and drops the connection once nothing was `heard` from it (a flag the
+/// reader sets; cleared here) for three intervals: silence is counted from the first tick that found the flag
+/// clear, so a dead broker is noticed after three to four intervals.
+async fn heartbeats(conn: Weak<Conn>, interval: Duration, heard: Arc<AtomicBool>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
     loop {
         ticks.tick().await;
         let Some(conn) = conn.upgrade() else { return };
         if conn.dead.is_cancelled() {
             return;
         }
-        let silent = last_seen.lock().unwrap_or_else(PoisonError::into_inner).elapsed();
+        if heard.swap(false, Ordering::Relaxed) {
+            last_heard = Instant::now();
+        }
+        let silent = last_heard.elapsed();
         if silent > interval * 3 {
             tracing::warn!(?silent, "the broker went silent; reconnecting");
             conn.dead.cancel();

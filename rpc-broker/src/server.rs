@@ -509,6 +509,9 @@ impl Connection {
         let heartbeat = self.state.config.heartbeat;
         let mut ticks = tokio::time::interval(heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set at each frame and cleared at each tick: no clock reading per frame. Silence is counted from the
+        // first tick that found no frame since the one before.
+        let mut heard = false;
         let mut last_frame = Instant::now();
         loop {
             // A peer that does not read its deliveries stops being read from, until its backlog drains.
@@ -529,7 +532,7 @@ impl Connection {
                         Some(Err(error)) => return Err(protocol_failure(&error)),
                         Some(Ok(frame)) => frame,
                     };
-                    last_frame = Instant::now();
+                    heard = true;
                     self.state.frames_in.fetch_add(1, Ordering::Relaxed);
                     let frame = ClientFrame::parse(frame).map_err(|error| protocol_failure(&error))?;
                     if let Some(answer) = self.handle(frame)? {
@@ -537,6 +540,9 @@ impl Connection {
                     }
                 }
                 _ = ticks.tick() => {
+                    if std::mem::take(&mut heard) {
+                        last_frame = Instant::now();
+                    }
                     if last_frame.elapsed() > heartbeat * 3 {
                         return Err(ServerFrame::Error {
                             req: 0,

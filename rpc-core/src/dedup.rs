@@ -174,12 +174,11 @@ impl DedupStore for MemoryDedup {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begin, Error>> {
         let mut memory = self.lock();
         // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
-        let now = Instant::now();
         let window = memory.window;
         // One lookup: the key is copied only when it is new.
         let begin = match memory.entries.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(mut entry) => match entry.get_mut() {
-                Entry::Done { reply, at } if now.saturating_duration_since(*at) < window => Begin::Done(reply.clone()),
+                Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.clone()),
                 Entry::Running(sender) => {
                     let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
                     Begin::InProgress(Some(Box::pin(async move {
