@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
+    Delivery, DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -302,6 +302,42 @@ impl Acker for EmbeddedAcker {
                         .publish(queue, envelope, props, now)
                         .and_then(|()| hub.engine.settle(self.consumer, tag, Settle::Ack, now))
                         .map_err(to_error)
+                } else {
+                    Err(Error::DeliveryLost)
+                };
+                hub.dispatch(now);
+                start_timer(&shared, &mut hub);
+                result
+            }
+            None => Err(Error::DeliveryLost),
+        };
+        if result.is_ok() {
+            self.cancellations.forget(tag);
+        }
+        Box::pin(std::future::ready(result))
+    }
+
+    fn answer<'a>(
+        &'a self,
+        _transport: &'a dyn Transport,
+        tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<Answered, Error>> {
+        let result = match self.shared.upgrade() {
+            Some(shared) => {
+                let now = Instant::now();
+                let mut hub = shared.lock();
+                let result = if hub.engine.holds(self.consumer, tag) {
+                    let props = props(&reply);
+                    match hub.engine.publish(reply_to, reply, props, now) {
+                        Ok(()) => Ok(Answered::Sent),
+                        Err(EngineError::NoQueue(_)) => Ok(Answered::Undeliverable),
+                        Err(error) => Err(to_error(error)),
+                    }
+                    .and_then(|answered| {
+                        hub.engine.settle(self.consumer, tag, Settle::Ack, now).map_err(to_error).map(|()| answered)
+                    })
                 } else {
                     Err(Error::DeliveryLost)
                 };

@@ -12,7 +12,7 @@ use rpc_core::{Outcome, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -278,6 +278,22 @@ pub enum ClientFrame {
         /// As in `Publish`.
         id: Option<[u8; 16]>,
         /// The encoded envelope.
+        payload: Bytes,
+    },
+    /// Publishes a reply to an inbox and acks the delivery it answers, as one step, unanswered: the end of a
+    /// worker's handling of a request. If the delivery is no longer held (the connection lost it and it was
+    /// requeued), nothing happens: the delivery that holds it now answers. A reply whose inbox is gone is
+    /// dropped and the delivery acked all the same.
+    Answer {
+        /// The consumer that holds the delivery.
+        consumer: u64,
+        /// The delivery.
+        tag: u64,
+        /// The inbox.
+        reply_to: String,
+        /// As in `Publish`.
+        ttl_ms: Option<u64>,
+        /// The encoded reply envelope.
         payload: Bytes,
     },
 }
@@ -614,6 +630,9 @@ impl Frame for ClientFrame {
             ClientFrame::CancelCall { queue, key } => {
                 Writer::new(dst, 0x0f).str(queue).bytes(key);
             }
+            ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload } => {
+                Writer::new(dst, 0x11).u64(*consumer).u64(*tag).str(reply_to).opt(*ttl_ms).bytes(payload);
+            }
             ClientFrame::Republish { req, consumer, tag, queue, priority, ttl_ms, delay_ms, key, id, payload } => {
                 Writer::new(dst, 0x10)
                     .u32(*req)
@@ -700,6 +719,10 @@ impl ClientFrame {
                     payload,
                 });
             }
+            0x11 => {
+                let (consumer, tag, reply_to, ttl_ms) = (r.u64()?, r.u64()?, r.str()?, r.opt()?);
+                return Ok(ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload: r.rest() });
+            }
             other => return Err(ProtocolError::UnknownType(other)),
         };
         r.end()?;
@@ -724,7 +747,8 @@ impl ClientFrame {
             | ClientFrame::Settle { .. }
             | ClientFrame::Pause { .. }
             | ClientFrame::Ping
-            | ClientFrame::CancelCall { .. } => 0,
+            | ClientFrame::CancelCall { .. }
+            | ClientFrame::Answer { .. } => 0,
         }
     }
 }
@@ -993,6 +1017,20 @@ mod tests {
             delay_ms: Some(100),
             key: Some([5; 16]),
             id: Some([6; 16]),
+            payload: payload.clone(),
+        });
+        round_trip_client(ClientFrame::Answer {
+            consumer: 3,
+            tag: 4,
+            reply_to: "inbox.a".into(),
+            ttl_ms: Some(900),
+            payload: payload.clone(),
+        });
+        round_trip_client(ClientFrame::Answer {
+            consumer: 3,
+            tag: 4,
+            reply_to: "inbox.a".into(),
+            ttl_ms: None,
             payload: payload.clone(),
         });
         round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });

@@ -19,8 +19,8 @@ use dashmap::DashMap;
 use futures::{FutureExt, StreamExt};
 use rpc_core::codec::{self, Limits};
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
+    Delivery, DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -805,6 +805,46 @@ impl Acker for RemoteAcker {
         let sent =
             reply_frame(reply_to, &reply).and_then(|frame| self.conn.send(frame).map_err(|_| Error::DeliveryLost));
         Box::pin(std::future::ready(sent))
+    }
+
+    fn answer<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<Answered, Error>> {
+        if self.dead.is_cancelled() {
+            return Box::pin(std::future::ready(Err(Error::DeliveryLost)));
+        }
+        if !reply_to.starts_with(INBOX_PREFIX) {
+            // A durable callback queue: a confirmed publish, then the ack.
+            return Box::pin(async move {
+                let answered = match transport.publish_reply(reply_to, reply).await {
+                    Ok(()) => Answered::Sent,
+                    Err(Error::NoRoute(_)) => Answered::Undeliverable,
+                    Err(error) => return Err(error),
+                };
+                if let Err(error) = self.settle(tag, Outcome::Ack).await {
+                    tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
+                }
+                Ok(answered)
+            });
+        }
+        // One frame, on the delivery's own connection (see `publish_reply`): the broker publishes the reply and
+        // acks the delivery only while this connection holds it.
+        self.cancellations.forget(tag);
+        let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
+            let frame = ClientFrame::Answer {
+                consumer: self.consumer,
+                tag,
+                reply_to: reply_to.to_owned(),
+                ttl_ms: reply.deadline_ms,
+                payload,
+            };
+            self.conn.send(frame).map_err(|_| Error::DeliveryLost)
+        });
+        Box::pin(std::future::ready(sent.map(|()| Answered::Sent)))
     }
 
     fn republish<'a>(

@@ -434,7 +434,10 @@ where
     match ClientFrame::parse(first) {
         Ok(ClientFrame::Hello { version, token, .. }) => {
             if version != PROTOCOL_VERSION {
-                return Err(refuse(ErrorCode::Version, "unsupported protocol version; this broker speaks version 1"));
+                return Err(refuse(
+                    ErrorCode::Version,
+                    &format!("unsupported protocol version {version}; this broker speaks version {PROTOCOL_VERSION}"),
+                ));
             }
             match &state.config.token {
                 Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
@@ -648,6 +651,15 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
+            ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload } => {
+                let consumer = ConsumerId::from_u64(consumer);
+                // Only the connection's own consumers' deliveries; a stale one (requeued already) is ignored,
+                // its reply with it.
+                if self.consumers.contains(&consumer) {
+                    self.answer(consumer, tag, &reply_to, ttl_ms, payload);
+                }
+                None
+            }
             ClientFrame::Consume { queue, prefetch, auto_ack, .. } => {
                 match self.attach(req, &queue, prefetch, auto_ack) {
                     Ok(()) => None,
@@ -790,6 +802,31 @@ impl Connection {
         hub.dispatch(now);
         result.map_err(crate::embedded::to_error)?;
         Ok(if durable { Stored::Durably } else { Stored::InMemory })
+    }
+
+    /// Publishes a reply to `reply_to` and acks the delivery it answers, if the delivery is held. A reply that
+    /// cannot go (its inbox is gone, it is not an envelope) is dropped; the delivery is acked all the same.
+    fn answer(&self, consumer: ConsumerId, tag: u64, reply_to: &str, ttl_ms: Option<u64>, payload: Bytes) {
+        let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
+        let checked = codec::check(&payload, &limits);
+        let props = frame_props(0, ttl_ms, None, None, None, &payload);
+        let now = Instant::now();
+        let mut hub = self.state.lock();
+        if !hub.engine.holds(consumer, tag) {
+            tracing::debug!(reply_to, "dropped the reply of a delivery no longer held");
+            return;
+        }
+        let published = match checked {
+            Ok(()) => hub.engine.publish(reply_to, payload, props, now).map_err(crate::embedded::to_error),
+            Err(error) => Err(Error::InvalidArgument(format!("the reply is not an envelope: {error}"))),
+        };
+        if let Err(error) = published {
+            tracing::debug!(%error, reply_to, "dropped a reply");
+        }
+        if let Err(error) = hub.engine.settle(consumer, tag, engine::Settle::Ack, now) {
+            tracing::debug!(%error, "ignoring a settle");
+        }
+        hub.dispatch(now);
     }
 
     fn attach(&mut self, req: u32, queue: &str, prefetch: u32, auto_ack: bool) -> Result<(), Error> {

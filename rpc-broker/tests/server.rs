@@ -732,3 +732,66 @@ async fn a_data_directory_bounds_the_frame_size() {
     let error = refused.expect_err("refused");
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
 }
+
+/// A worker's answer (`AckHandle::answer`) publishes the reply and acks the delivery in one step, and only
+/// while the delivery is held: a worker that lost its delivery sends no reply. A reply whose inbox is gone
+/// still acks. On both faces of the engine: the embedded broker and the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_replies_and_acks_only_while_its_delivery_is_held() {
+    let embedded = rpc_broker::Embedded::new();
+    answer_is_fenced(Arc::new(embedded.clone()), Arc::new(embedded)).await;
+    let server = start(config()).await;
+    let worker = Remote::connect(&server.url()).await.expect("connects");
+    let observer = Remote::connect(&server.url()).await.expect("connects");
+    answer_is_fenced(Arc::new(worker), Arc::new(observer)).await;
+}
+
+async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transport>) {
+    let mut inbox = observer.open_inbox().await.expect("opens an inbox");
+    let request = || {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(uuid::Uuid::new_v4());
+        envelope.reply_to = Some(inbox.address.clone());
+        envelope
+    };
+    worker.declare_queue("answers", &QueueOptions::new()).await.expect("declares");
+    let mut consumer = worker.consume("answers", ConsumeOptions::new().prefetch(1)).await.expect("consumes");
+
+    // Held: the reply reaches the inbox and the delivery is acked.
+    worker.publish("answers", request()).await.expect("publishes");
+    let first = next(&mut consumer).await;
+    let reply = first.envelope.reply(Ok(Bytes::from_static(b"\x2a")));
+    let answered = first.handle.answer(worker.as_ref(), &inbox.address, reply).await.expect("answers");
+    assert_eq!(answered, rpc_core::Answered::Sent);
+    let got = next(&mut inbox.consumer).await;
+    assert_eq!(got.envelope.correlation_id, first.envelope.correlation_id);
+    assert_eq!(&got.envelope.body[..], b"\x2a");
+    let seen = observer.queue_stats("answers").await.expect("stats");
+    assert_eq!((seen.acked, seen.unacked), (1, 0), "{seen:?}");
+
+    // An inbox that is gone: no reply, acked all the same.
+    worker.publish("answers", request()).await.expect("publishes");
+    let second = next(&mut consumer).await;
+    let reply = second.envelope.reply(Ok(Bytes::from_static(b"\x01")));
+    second.handle.answer(worker.as_ref(), "inbox.gone", reply).await.expect("acks");
+    worker.flush().await.expect("flushes");
+    let seen = observer.queue_stats("answers").await.expect("stats");
+    assert_eq!((seen.acked, seen.unacked), (2, 0), "{seen:?}");
+
+    // Lost (its consumer went, and the broker requeued it): no reply, the request waits for another worker.
+    worker.publish("answers", request()).await.expect("publishes");
+    let third = next(&mut consumer).await;
+    drop(consumer);
+    let reply = third.envelope.reply(Ok(Bytes::from_static(b"\x02")));
+    match third.handle.answer(worker.as_ref(), &inbox.address, reply).await {
+        // The embedded broker knows at once; the server drops the frame of a delivery it no longer holds.
+        Err(Error::DeliveryLost) | Ok(rpc_core::Answered::Sent) => {}
+        other => panic!("{other:?}"),
+    }
+    // Every frame the worker sent, then every delivery to the observer before its own sync, has arrived.
+    worker.flush().await.expect("flushes");
+    observer.flush().await.expect("flushes");
+    assert!(inbox.consumer.try_next().is_none(), "a lost delivery's reply reached the caller");
+    let seen = observer.queue_stats("answers").await.expect("stats");
+    assert_eq!((seen.acked, seen.ready, seen.unacked), (2, 1, 0), "{seen:?}");
+}

@@ -121,6 +121,6 @@ pub use rpc_macros::service;
 pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
 pub use transport::{
-    AckHandle, Acker, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery,
-    DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport,
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
+    Delivery, DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport,
 };

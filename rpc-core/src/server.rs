@@ -23,7 +23,9 @@ use crate::method::{MethodInfo, MethodKind};
 use crate::naming;
 use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
-use crate::transport::{self, AckHandle, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport};
+use crate::transport::{
+    self, AckHandle, Answered, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport,
+};
 
 /// A service the server can run: implemented by the `<Trait>Server` that `#[service]` generates.
 pub trait Service: Send + Sync + 'static {
@@ -748,8 +750,20 @@ async fn answer(shared: &Shared, request: &Request, handle: AckHandle, result: R
     if result.is_err() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
-    match reply(shared, &request.envelope, &handle, result).await {
-        Ok(()) => {}
+    let envelope = &request.envelope;
+    let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) else {
+        // Nobody waits for a reply.
+        stats.handled.fetch_add(1, Ordering::Relaxed);
+        settle(handle.ack().await);
+        return;
+    };
+    // The reply and the ack in one step.
+    match handle.answer(shared.transport.as_ref(), reply_to, envelope.reply(result)).await {
+        Ok(Answered::Sent) => {}
+        Ok(Answered::Undeliverable) => {
+            shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(reply_to, "reply undeliverable: the reply address is gone");
+        }
         Err(Error::DeliveryLost) => {
             fenced(shared);
             return;
@@ -761,7 +775,6 @@ async fn answer(shared: &Shared, request: &Request, handle: AckHandle, result: R
         }
     }
     stats.handled.fetch_add(1, Ordering::Relaxed);
-    settle(handle.ack().await);
 }
 
 /// Counts a reply not sent because the broker took its request back from this worker (its connection was

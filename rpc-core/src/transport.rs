@@ -135,6 +135,15 @@ pub enum Outcome {
     Release,
 }
 
+/// What became of a reply sent with [`Acker::answer`]; the delivery is acked either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The reply went to the broker.
+    Sent,
+    /// Its address is gone (the caller with it): nobody is left to answer.
+    Undeliverable,
+}
+
 /// Settles deliveries of one consumer; implemented by transports.
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery `tag` with `outcome`.
@@ -160,6 +169,37 @@ pub trait Acker: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<(), Error>> {
         let _ = tag;
         transport.publish_reply(reply_to, reply)
+    }
+
+    /// Publishes the reply to the request delivered as `tag` and acks the delivery: the end of a request's
+    /// handling, in one step where the transport can (one frame to the broker, one turn of the embedded
+    /// broker's lock). Fenced as [`Acker::publish_reply`]. A reply address that is gone (the caller with it)
+    /// does not stop the ack: the call is answered as far as anyone can be.
+    ///
+    /// The default publishes with [`Acker::publish_reply`], then acks with [`Acker::settle`] (an ack that
+    /// fails is logged: the broker redelivers the request, whose key the dedup store answers).
+    ///
+    /// # Errors
+    /// [`Error::DeliveryLost`] for a delivery taken back; other publishing errors, after which the delivery
+    /// is still held (for the worker to requeue).
+    fn answer<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        tag: u64,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<Answered, Error>> {
+        Box::pin(async move {
+            let answered = match self.publish_reply(transport, tag, reply_to, reply).await {
+                Ok(()) => Answered::Sent,
+                Err(Error::NoRoute(_)) => Answered::Undeliverable,
+                Err(error) => return Err(error),
+            };
+            if let Err(error) = self.settle(tag, Outcome::Ack).await {
+                tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
+            }
+            Ok(answered)
+        })
     }
 
     /// Publishes `envelope` to `queue` in place of the delivery `tag`, and acks the delivery: a worker's retry
@@ -322,6 +362,30 @@ impl AckHandle {
         match &self.acker {
             Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply),
             None => transport.publish_reply(reply_to, reply),
+        }
+    }
+
+    /// Publishes the reply to this delivery's request and acks it, in one step where the transport can (see
+    /// [`Acker::answer`]); an auto-acked delivery's reply goes through `transport`. The handle is left as it
+    /// was: after an error other than [`Error::DeliveryLost`] the delivery is still held, to be settled.
+    ///
+    /// # Errors
+    /// As [`Acker::answer`].
+    pub fn answer<'a>(
+        &'a self,
+        transport: &'a dyn Transport,
+        reply_to: &'a str,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<Answered, Error>> {
+        match &self.acker {
+            Some((acker, tag)) => acker.answer(transport, *tag, reply_to, reply),
+            None => Box::pin(async move {
+                match transport.publish_reply(reply_to, reply).await {
+                    Ok(()) => Ok(Answered::Sent),
+                    Err(Error::NoRoute(_)) => Ok(Answered::Undeliverable),
+                    Err(error) => Err(error),
+                }
+            }),
         }
     }
 
