@@ -347,9 +347,8 @@ impl Acker for EmbeddedAcker {
             }
             None => Err(Error::DeliveryLost),
         };
-        if result.is_ok() {
-            self.cancellations.forget(tag);
-        }
+        // Settled, or taken back: either way this consumer hears no more of its cancellation.
+        self.cancellations.forget(tag);
         Box::pin(std::future::ready(result))
     }
 

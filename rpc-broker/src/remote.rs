@@ -632,11 +632,24 @@ async fn write_frames(
 /// Reads the broker's frames. `heard` is set at each frame, for [`heartbeats`].
 async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn>, heard: Arc<AtomicBool>) {
     let limits = Limits::default();
-    // When the frames read without waiting arrived: one clock reading per read from the socket, not per frame.
+    // When the frames read without waiting arrived: one clock reading per read from the socket (or per
+    // `CLOCK_EVERY` frames under a stream that never waits), not per frame.
+    const CLOCK_EVERY: u32 = 32;
     let mut now = Instant::now();
+    let mut unclocked = 0u32;
     loop {
         let frame = match frames.next().now_or_never() {
-            Some(frame) => frame,
+            Some(frame) => {
+                unclocked += 1;
+                if unclocked == CLOCK_EVERY {
+                    unclocked = 0;
+                    now = Instant::now();
+                    if conn.dead.is_cancelled() {
+                        break;
+                    }
+                }
+                frame
+            }
             // Waits, and stops on the connection's end, only once no frame is ready.
             None => {
                 let frame = tokio::select! {
@@ -644,6 +657,7 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                     frame = frames.next() => frame,
                 };
                 now = Instant::now();
+                unclocked = 0;
                 frame
             }
         };
@@ -729,23 +743,21 @@ fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>
 }
 
 /// Pings the broker every `interval`, and drops the connection once nothing was `heard` from it (a flag the
-/// reader sets; cleared here) for three intervals: silence is counted from the first tick that found the flag
-/// clear, so a dead broker is noticed after three to four intervals.
+/// reader sets; cleared here) at three ticks in a row: a dead broker is noticed after three to four intervals
+/// of silence.
 async fn heartbeats(conn: Weak<Conn>, interval: Duration, heard: Arc<AtomicBool>) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    let mut silent_ticks = 0u32;
     loop {
         ticks.tick().await;
         let Some(conn) = conn.upgrade() else { return };
         if conn.dead.is_cancelled() {
             return;
         }
-        if heard.swap(false, Ordering::Relaxed) {
-            last_heard = Instant::now();
-        }
-        let silent = last_heard.elapsed();
-        if silent > interval * 3 {
+        silent_ticks = if heard.swap(false, Ordering::Relaxed) { 0 } else { silent_ticks + 1 };
+        if silent_ticks >= 3 {
+            let silent = interval * silent_ticks;
             tracing::warn!(?silent, "the broker went silent; reconnecting");
             conn.dead.cancel();
             conn.pending.clear();

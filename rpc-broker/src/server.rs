@@ -512,10 +512,10 @@ impl Connection {
         let heartbeat = self.state.config.heartbeat;
         let mut ticks = tokio::time::interval(heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Set at each frame and cleared at each tick: no clock reading per frame. Silence is counted from the
-        // first tick that found no frame since the one before.
-        let mut heard = false;
-        let mut last_frame = Instant::now();
+        // Set at each frame and cleared at each tick: no clock reading per frame. Three ticks in a row without
+        // a frame (three to four intervals of silence) close the connection.
+        let mut heard = true;
+        let mut silent_ticks = 0u32;
         loop {
             // A peer that does not read its deliveries stops being read from, until its backlog drains.
             while self.queued.load(Ordering::Relaxed) > self.state.config.max_outbound {
@@ -543,10 +543,8 @@ impl Connection {
                     }
                 }
                 _ = ticks.tick() => {
-                    if std::mem::take(&mut heard) {
-                        last_frame = Instant::now();
-                    }
-                    if last_frame.elapsed() > heartbeat * 3 {
+                    silent_ticks = if std::mem::take(&mut heard) { 0 } else { silent_ticks + 1 };
+                    if silent_ticks >= 3 {
                         return Err(ServerFrame::Error {
                             req: 0,
                             code: ErrorCode::Timeout,
@@ -808,7 +806,12 @@ impl Connection {
     /// cannot go (its inbox is gone, it is not an envelope) is dropped; the delivery is acked all the same.
     fn answer(&self, consumer: ConsumerId, tag: u64, reply_to: &str, ttl_ms: Option<u64>, payload: Bytes) {
         let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
-        let checked = codec::check(&payload, &limits);
+        let checked = if reply_to.starts_with(INBOX_PREFIX) {
+            codec::check(&payload, &limits)
+                .map_err(|error| Error::InvalidArgument(format!("the reply is not an envelope: {error}")))
+        } else {
+            Err(Error::InvalidArgument(format!("`{reply_to}` is not an inbox")))
+        };
         let props = frame_props(0, ttl_ms, None, None, None, &payload);
         let now = Instant::now();
         let mut hub = self.state.lock();
@@ -816,10 +819,12 @@ impl Connection {
             tracing::debug!(reply_to, "dropped the reply of a delivery no longer held");
             return;
         }
-        let published = match checked {
-            Ok(()) => hub.engine.publish(reply_to, payload, props, now).map_err(crate::embedded::to_error),
-            Err(error) => Err(Error::InvalidArgument(format!("the reply is not an envelope: {error}"))),
-        };
+        let published = checked.and_then(|()| {
+            if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
+                return Err(Error::QueueFull(format!("{reply_to} (the broker is at its memory high-watermark)")));
+            }
+            hub.engine.publish(reply_to, payload, props, now).map_err(crate::embedded::to_error)
+        });
         if let Err(error) = published {
             tracing::debug!(%error, reply_to, "dropped a reply");
         }

@@ -795,3 +795,47 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     let seen = observer.queue_stats("answers").await.expect("stats");
     assert_eq!((seen.acked, seen.ready, seen.unacked), (2, 1, 0), "{seen:?}");
 }
+
+/// A service whose `call` panics before it returns a future (as a custom argument decoder can).
+struct PanicsEagerly;
+
+impl rpc_core::Service for PanicsEagerly {
+    fn name(&self) -> &'static str {
+        "PanicsEagerly"
+    }
+
+    fn methods(&self) -> &'static [rpc_core::MethodInfo] {
+        &[]
+    }
+
+    fn call(&self, method: &str, _args: Bytes) -> rpc_core::BoxFuture<'static, Result<Bytes, rpc_core::Status>> {
+        if method == "boom" {
+            panic!("decoding failed on purpose");
+        }
+        Box::pin(std::future::ready(Ok(Bytes::from_static(b"\x07"))))
+    }
+}
+
+/// A panic in the synchronous part of a service's `call` is caught like one in its future: the caller gets an
+/// `Internal` reply at once, the delivery is settled, and the worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_before_the_handlers_future_is_an_error_reply() {
+    let embedded = rpc_broker::Embedded::new();
+    let server = Server::new(embedded.clone()).serve(PanicsEagerly).await.expect("serves");
+    let client = Client::connect(embedded.clone()).await.expect("connects");
+    for _ in 0..2 {
+        let call = client.request("PanicsEagerly", "boom", Bytes::from_static(b"\x80")).timeout(Duration::from_secs(5));
+        match call.await {
+            Err(Error::Remote(status)) => {
+                assert_eq!(status.code(), rpc_core::Code::Internal);
+                assert!(status.message().contains("decoding failed on purpose"), "{status}");
+            }
+            other => panic!("expected an internal-error status, got {other:?}"),
+        }
+    }
+    let answer = client.request("PanicsEagerly", "fine", Bytes::from_static(b"\x80")).await.expect("serves on");
+    assert_eq!(&answer[..], b"\x07");
+    assert_eq!(server.stats().panicked, 2);
+    let seen = embedded.queue_stats(&rpc_core::naming::service_queue(None, "PanicsEagerly")).await.expect("stats");
+    assert_eq!((seen.acked, seen.unacked), (3, 0), "{seen:?}");
+}

@@ -647,7 +647,10 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
         context::Current { envelope: Arc::clone(envelope), attempt: request.attempt, deadline: request.deadline };
     let service = &shared.service;
     let run = || {
-        let call = AssertUnwindSafe(service.call(&envelope.method, envelope.body.clone())).catch_unwind();
+        // `call` runs at the first poll, inside the panic guard and the context: decoding the arguments is
+        // part of the handler.
+        let call =
+            AssertUnwindSafe(async { service.call(&envelope.method, envelope.body.clone()).await }).catch_unwind();
         let call = context::scope(context, call);
         async {
             // Biased: the handler is polled first.

@@ -269,8 +269,10 @@ impl Inner {
                 to_inbox,
                 correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply_subject.as_deref() }),
             };
-            // Whole in the body between mqrpc processes: to a service's subject, or to an mqrpc inbox.
-            let (headers, body) = if !to_inbox || is_envelope_inbox(queue) {
+            // Whole in the body between mqrpc processes: a request or a oneway message, and a reply to an mqrpc
+            // inbox. A reply to any other subject (a plain client's, whatever its inbox prefix) has headers.
+            let framed = if envelope.kind == Kind::Reply { is_envelope_inbox(queue) } else { true };
+            let (headers, body) = if framed {
                 envelope.reply_to = None;
                 (HeaderMap::new(), envelope_body(&envelope)?)
             } else {
