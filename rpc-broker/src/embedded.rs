@@ -269,6 +269,25 @@ impl fmt::Debug for EmbeddedAcker {
     }
 }
 
+impl EmbeddedAcker {
+    /// Runs `step` on the engine, in one turn of its lock, if this consumer still holds delivery `tag`; then
+    /// hands out what became deliverable. [`Error::DeliveryLost`] otherwise.
+    fn while_held<T>(
+        &self,
+        tag: u64,
+        step: impl FnOnce(&mut engine::Engine<Envelope>, Instant) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let shared = self.shared.upgrade().ok_or(Error::DeliveryLost)?;
+        let now = Instant::now();
+        let mut hub = shared.lock();
+        let result =
+            if hub.engine.holds(self.consumer, tag) { step(&mut hub.engine, now) } else { Err(Error::DeliveryLost) };
+        hub.dispatch(now);
+        start_timer(&shared, &mut hub);
+        result
+    }
+}
+
 impl Acker for EmbeddedAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
         self.cancellations.forget(tag);
@@ -292,25 +311,13 @@ impl Acker for EmbeddedAcker {
         queue: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        let result = match self.shared.upgrade() {
-            Some(shared) => {
-                let now = Instant::now();
-                let mut hub = shared.lock();
-                let props = props(&envelope);
-                let result = if hub.engine.holds(self.consumer, tag) {
-                    hub.engine
-                        .publish(queue, envelope, props, now)
-                        .and_then(|()| hub.engine.settle(self.consumer, tag, Settle::Ack, now))
-                        .map_err(to_error)
-                } else {
-                    Err(Error::DeliveryLost)
-                };
-                hub.dispatch(now);
-                start_timer(&shared, &mut hub);
-                result
-            }
-            None => Err(Error::DeliveryLost),
-        };
+        let result = self.while_held(tag, |engine, now| {
+            let props = props(&envelope);
+            engine
+                .publish(queue, envelope, props, now)
+                .and_then(|()| engine.settle(self.consumer, tag, Settle::Ack, now))
+                .map_err(to_error)
+        });
         if result.is_ok() {
             self.cancellations.forget(tag);
         }
@@ -324,29 +331,12 @@ impl Acker for EmbeddedAcker {
         reply_to: &'a str,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        let result = match self.shared.upgrade() {
-            Some(shared) => {
-                let now = Instant::now();
-                let mut hub = shared.lock();
-                let result = if hub.engine.holds(self.consumer, tag) {
-                    let props = props(&reply);
-                    match hub.engine.publish(reply_to, reply, props, now) {
-                        Ok(()) => Ok(Answered::Sent),
-                        Err(EngineError::NoQueue(_)) => Ok(Answered::Undeliverable),
-                        Err(error) => Err(to_error(error)),
-                    }
-                    .and_then(|answered| {
-                        hub.engine.settle(self.consumer, tag, Settle::Ack, now).map_err(to_error).map(|()| answered)
-                    })
-                } else {
-                    Err(Error::DeliveryLost)
-                };
-                hub.dispatch(now);
-                start_timer(&shared, &mut hub);
-                result
-            }
-            None => Err(Error::DeliveryLost),
-        };
+        let result = self.while_held(tag, |engine, now| {
+            let props = props(&reply);
+            let answered = Answered::of(engine.publish(reply_to, reply, props, now).map_err(to_error))?;
+            engine.settle(self.consumer, tag, Settle::Ack, now).map_err(to_error)?;
+            Ok(answered)
+        });
         // Settled, or taken back: either way this consumer hears no more of its cancellation.
         self.cancellations.forget(tag);
         Box::pin(std::future::ready(result))

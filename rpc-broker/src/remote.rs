@@ -831,17 +831,7 @@ impl Acker for RemoteAcker {
         }
         if !reply_to.starts_with(INBOX_PREFIX) {
             // A durable callback queue: a confirmed publish, then the ack.
-            return Box::pin(async move {
-                let answered = match transport.publish_reply(reply_to, reply).await {
-                    Ok(()) => Answered::Sent,
-                    Err(Error::NoRoute(_)) => Answered::Undeliverable,
-                    Err(error) => return Err(error),
-                };
-                if let Err(error) = self.settle(tag, Outcome::Ack).await {
-                    tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
-                }
-                Ok(answered)
-            });
+            return rpc_core::reply_then_ack(self, transport, tag, reply_to, reply);
         }
         // One frame, on the delivery's own connection (see `publish_reply`): the broker publishes the reply and
         // acks the delivery only while this connection holds it.

@@ -144,6 +144,43 @@ pub enum Answered {
     Undeliverable,
 }
 
+impl Answered {
+    /// What a reply's publish came to: sent, undeliverable for a reply address that is gone
+    /// ([`Error::NoRoute`]), or another error.
+    ///
+    /// # Errors
+    /// The publish's error, but [`Error::NoRoute`].
+    pub fn of(published: Result<(), Error>) -> Result<Answered, Error> {
+        match published {
+            Ok(()) => Ok(Answered::Sent),
+            Err(Error::NoRoute(_)) => Ok(Answered::Undeliverable),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// [`Acker::answer`] in two steps, for transports that cannot do it in one: [`Acker::publish_reply`], then
+/// [`Acker::settle`] with [`Outcome::Ack`] (an ack that fails is logged: the broker redelivers the request,
+/// whose key the dedup store answers).
+///
+/// # Errors
+/// As [`Acker::answer`].
+pub fn reply_then_ack<'a, A: Acker + ?Sized>(
+    acker: &'a A,
+    transport: &'a dyn Transport,
+    tag: u64,
+    reply_to: &'a str,
+    reply: Envelope,
+) -> BoxFuture<'a, Result<Answered, Error>> {
+    Box::pin(async move {
+        let answered = Answered::of(acker.publish_reply(transport, tag, reply_to, reply).await)?;
+        if let Err(error) = acker.settle(tag, Outcome::Ack).await {
+            tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
+        }
+        Ok(answered)
+    })
+}
+
 /// Settles deliveries of one consumer; implemented by transports.
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery `tag` with `outcome`.
@@ -176,8 +213,7 @@ pub trait Acker: Send + Sync + fmt::Debug {
     /// broker's lock). Fenced as [`Acker::publish_reply`]. A reply address that is gone (the caller with it)
     /// does not stop the ack: the call is answered as far as anyone can be.
     ///
-    /// The default publishes with [`Acker::publish_reply`], then acks with [`Acker::settle`] (an ack that
-    /// fails is logged: the broker redelivers the request, whose key the dedup store answers).
+    /// The default is [`reply_then_ack`].
     ///
     /// # Errors
     /// [`Error::DeliveryLost`] for a delivery taken back; other publishing errors, after which the delivery
@@ -189,17 +225,7 @@ pub trait Acker: Send + Sync + fmt::Debug {
         reply_to: &'a str,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        Box::pin(async move {
-            let answered = match self.publish_reply(transport, tag, reply_to, reply).await {
-                Ok(()) => Answered::Sent,
-                Err(Error::NoRoute(_)) => Answered::Undeliverable,
-                Err(error) => return Err(error),
-            };
-            if let Err(error) = self.settle(tag, Outcome::Ack).await {
-                tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
-            }
-            Ok(answered)
-        })
+        reply_then_ack(self, transport, tag, reply_to, reply)
     }
 
     /// Publishes `envelope` to `queue` in place of the delivery `tag`, and acks the delivery: a worker's retry
@@ -379,13 +405,7 @@ impl AckHandle {
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         match &self.acker {
             Some((acker, tag)) => acker.answer(transport, *tag, reply_to, reply),
-            None => Box::pin(async move {
-                match transport.publish_reply(reply_to, reply).await {
-                    Ok(()) => Ok(Answered::Sent),
-                    Err(Error::NoRoute(_)) => Ok(Answered::Undeliverable),
-                    Err(error) => Err(error),
-                }
-            }),
+            None => Box::pin(async move { Answered::of(transport.publish_reply(reply_to, reply).await) }),
         }
     }
 
