@@ -338,7 +338,7 @@ async fn run(
             break Duration::ZERO;
         };
         let mut work = handle(Arc::clone(&shared), delivery, source, permit);
-        if inline.allows() && inline.run(&mut work) {
+        if inline.allows(std::time::Instant::now()) && inline.run(&mut work) {
             continue;
         }
         tasks.spawn(work);
@@ -388,22 +388,30 @@ async fn run(
 /// (most do: decode, compute, publish the reply, ack) costs no task and no wake-up, and the replies of a batch
 /// of deliveries leave in one write. One that waits (on I/O, a timer, a lock) is moved to a task of its own
 /// and runs in parallel with the next. A handler that computes for long in its first poll would hold the
-/// loop: after one such poll, every request goes straight to a task for [`Inline::BACKOFF`].
+/// loop: after [`Inline::STRIKES`] such polls within [`Inline::WINDOW`], every request goes straight to a task
+/// for [`Inline::BACKOFF`]. One slow poll alone does not count: the thread may have been preempted, or a store
+/// may have grown its table, and a second of spawned tasks would cost more than the one slow poll did.
 #[derive(Default)]
 struct Inline {
     /// Until when requests go straight to tasks.
     spawn_until: Option<std::time::Instant>,
+    /// Slow first polls since the first of them, at the time given.
+    strikes: Option<(u32, std::time::Instant)>,
 }
 
 impl Inline {
-    /// A first poll longer than this takes the server off inline polling.
+    /// A first poll longer than this is slow.
     const SLOW: Duration = Duration::from_micros(500);
-    /// How long the server stays off inline polling after a slow first poll.
+    /// How many slow first polls, within [`Inline::WINDOW`], take the server off inline polling.
+    const STRIKES: u32 = 4;
+    /// The time within which [`Inline::STRIKES`] slow first polls count together.
+    const WINDOW: Duration = Duration::from_millis(100);
+    /// How long the server stays off inline polling after that.
     const BACKOFF: Duration = Duration::from_secs(1);
 
-    fn allows(&mut self) -> bool {
+    fn allows(&mut self, now: std::time::Instant) -> bool {
         match self.spawn_until {
-            Some(until) if std::time::Instant::now() < until => false,
+            Some(until) if now < until => false,
             Some(_) => {
                 self.spawn_until = None;
                 true
@@ -418,8 +426,9 @@ impl Inline {
         // A future polled here with a no-op waker and not ready is polled again by the task it moves to,
         // which registers that task's waker.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().now_or_never()));
-        if started.elapsed() > Self::SLOW {
-            self.spawn_until = std::time::Instant::now().checked_add(Self::BACKOFF);
+        let took = started.elapsed();
+        if took > Self::SLOW {
+            self.slow(started + took);
         }
         match outcome {
             Ok(done) => done.is_some(),
@@ -427,6 +436,20 @@ impl Inline {
                 tracing::error!(message = %panic_message(panic.as_ref()), "a request's handling panicked");
                 true
             }
+        }
+    }
+
+    /// Counts a slow first poll that ended at `now`.
+    fn slow(&mut self, now: std::time::Instant) {
+        let strikes = match self.strikes {
+            Some((strikes, since)) if now.saturating_duration_since(since) < Self::WINDOW => (strikes + 1, since),
+            _ => (1, now),
+        };
+        if strikes.0 >= Self::STRIKES {
+            self.strikes = None;
+            self.spawn_until = now.checked_add(Self::BACKOFF);
+        } else {
+            self.strikes = Some(strikes);
         }
     }
 }
@@ -821,5 +844,34 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
         message.clone()
     } else {
         "a non-string payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_polling_stops_only_after_several_slow_polls_close_together() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut inline = Inline::default();
+        // Slow polls further apart than the window never add up.
+        for step in 0..10 {
+            inline.slow(at(step * 150));
+            assert!(inline.allows(at(step * 150)), "a lone slow poll stopped inline polling");
+        }
+        let mut inline = Inline::default();
+        for strike in 1..Inline::STRIKES {
+            inline.slow(at(u64::from(strike)));
+            assert!(inline.allows(at(u64::from(strike))));
+        }
+        inline.slow(at(10));
+        assert!(!inline.allows(at(11)), "slow polls within the window left inline polling on");
+        assert!(!inline.allows(at(900)));
+        assert!(inline.allows(at(1011)), "inline polling did not resume after the backoff");
+        // The count starts again after a backoff.
+        inline.slow(at(1012));
+        assert!(inline.allows(at(1013)));
     }
 }
