@@ -137,7 +137,7 @@ impl DeadLetters {
         let mut held = held.into_iter();
         while let Some(delivery) = held.next() {
             let mut again = delivery.envelope.clone();
-            again.id = uuid::Uuid::now_v7();
+            again.id = crate::envelope::new_id();
             again.attempt = 1;
             again.deadline_ms = None;
             again.delay_ms = None;

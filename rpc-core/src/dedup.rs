@@ -97,13 +97,62 @@ pub struct MemoryDedup {
     inner: Arc<Mutex<Memory>>,
 }
 
+/// The keys live in `slots`, each with its hash; the table maps a hash to the slot of its key, and holds the
+/// hash beside the slot so that growing or tidying the table reads nothing else. Storing a new key makes no
+/// allocation once the slots are there (most keys fit inline), and forgetting the oldest outcome finds it by
+/// its slot and stamp without hashing or comparing its key.
 struct Memory {
     capacity: usize,
     window: Duration,
     /// Hashed with foldhash under a per-process random seed: keys come from callers.
-    entries: hashbrown::HashMap<Arc<str>, Entry>,
-    /// Keys in the order their outcomes were stored, for forgetting the oldest.
-    order: VecDeque<(Arc<str>, Instant)>,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// (hash of the key, its slot) for every remembered key.
+    table: hashbrown::HashTable<(u64, u32)>,
+    slots: Vec<Option<Slot>>,
+    /// Slots free for reuse.
+    free: Vec<u32>,
+    /// (slot, stamp) of the stored outcomes, oldest first. A record whose slot holds another stamp now (the
+    /// key was claimed again, or forgotten and the slot reused) is stale and skipped.
+    order: VecDeque<(u32, u64)>,
+    /// The stamp of the next stored outcome; stamps start at 1, and a running key has stamp 0.
+    next_stamp: u64,
+}
+
+struct Slot {
+    hash: u64,
+    key: Key,
+    stamp: u64,
+    entry: Entry,
+}
+
+/// A key as stored: inline up to [`Key::INLINE`] bytes (a UUID in any of its text forms fits), on the heap
+/// past that.
+enum Key {
+    Inline { len: u8, bytes: [u8; Key::INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    const INLINE: usize = 46;
+
+    fn new(key: &str) -> Key {
+        let key = key.as_bytes();
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= Key::INLINE => {
+                let mut bytes = [0; Key::INLINE];
+                bytes[..key.len()].copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Heap(key.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(bytes) => bytes,
+        }
+    }
 }
 
 impl fmt::Debug for MemoryDedup {
@@ -112,7 +161,7 @@ impl fmt::Debug for MemoryDedup {
         f.debug_struct("MemoryDedup")
             .field("capacity", &memory.capacity)
             .field("window", &memory.window)
-            .field("entries", &memory.entries.len())
+            .field("entries", &memory.table.len())
             .finish()
     }
 }
@@ -130,15 +179,19 @@ impl MemoryDedup {
         let memory = Memory {
             capacity: capacity.max(1),
             window,
-            entries: hashbrown::HashMap::default(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            table: hashbrown::HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             order: VecDeque::new(),
+            next_stamp: 1,
         };
         MemoryDedup { inner: Arc::new(Mutex::new(memory)) }
     }
 
     /// Keys remembered now, running ones included.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().table.len()
     }
 
     /// Whether no key is remembered.
@@ -152,20 +205,71 @@ impl MemoryDedup {
 }
 
 impl Memory {
+    fn hash(&self, key: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, key)
+    }
+
+    /// The slot of `key`, whose hash is `hash`.
+    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        let slots = &self.slots;
+        let found = self.table.find(hash, |&(stored, slot)| {
+            stored == hash
+                && slots
+                    .get(slot as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|found| found.key.as_bytes() == key.as_bytes())
+        });
+        found.map(|&(_, slot)| slot)
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        self.slots.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// Remembers `key` (not remembered now) with `entry` and `stamp`; its slot.
+    fn insert(&mut self, hash: u64, key: &str, stamp: u64, entry: Entry) -> u32 {
+        let filled = Some(Slot { hash, key: Key::new(key), stamp, entry });
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = filled;
+                slot
+            }
+            None => {
+                // More slots than a u32 counts would be past any memory this store may use.
+                let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push(filled);
+                slot
+            }
+        };
+        self.table.insert_unique(hash, (hash, slot), |&(hash, _)| hash);
+        slot
+    }
+
+    /// Forgets the key in `slot`.
+    fn remove(&mut self, slot: u32) {
+        let Some(gone) = self.slots.get_mut(slot as usize).and_then(Option::take) else { return };
+        if let Ok(entry) = self.table.find_entry(gone.hash, |&(_, stored)| stored == slot) {
+            entry.remove();
+        }
+        self.free.push(slot);
+    }
+
     /// Forgets outcomes past the window, and the oldest ones past the capacity.
     fn forget_old(&mut self, now: Instant) {
-        while let Some((_, at)) = self.order.front() {
-            let expired = now.saturating_duration_since(*at) >= self.window;
-            if !expired && self.order.len() <= self.capacity {
-                break;
+        while let Some(&(slot, stamp)) = self.order.front() {
+            let current = match self.slots.get(slot as usize).and_then(Option::as_ref) {
+                // The key may have been claimed again after it was forgotten once: remove only that outcome.
+                Some(Slot { stamp: stored, entry: Entry::Done { at, .. }, .. }) if *stored == stamp => Some(*at),
+                _ => None,
+            };
+            if let Some(at) = current {
+                let expired = now.saturating_duration_since(at) >= self.window;
+                if !expired && self.order.len() <= self.capacity {
+                    break;
+                }
+                self.remove(slot);
             }
-            let Some((key, at)) = self.order.pop_front() else { break };
-            // The key may have been claimed again after it was forgotten once: remove only that outcome.
-            if let hashbrown::hash_map::Entry::Occupied(entry) = self.entries.entry(key)
-                && matches!(entry.get(), Entry::Done { at: stored, .. } if *stored == at)
-            {
-                entry.remove();
-            }
+            self.order.pop_front();
         }
     }
 }
@@ -175,9 +279,9 @@ impl DedupStore for MemoryDedup {
         let mut memory = self.lock();
         // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
         let window = memory.window;
-        // One lookup: the key is copied only when it is new.
-        let begin = match memory.entries.entry_ref(key) {
-            hashbrown::hash_map::EntryRef::Occupied(mut entry) => match entry.get_mut() {
+        let hash = memory.hash(key);
+        let begin = match memory.find(hash, key).and_then(|slot| memory.slot_mut(slot)) {
+            Some(found) => match &mut found.entry {
                 Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.clone()),
                 Entry::Running(sender) => {
                     let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
@@ -186,12 +290,13 @@ impl DedupStore for MemoryDedup {
                     })))
                 }
                 Entry::Done { .. } => {
-                    entry.insert(Entry::Running(None));
+                    found.entry = Entry::Running(None);
+                    found.stamp = 0;
                     Begin::Execute
                 }
             },
-            hashbrown::hash_map::EntryRef::Vacant(entry) => {
-                entry.insert_with_key(Arc::from(key), Entry::Running(None));
+            None => {
+                memory.insert(hash, key, 0, Entry::Running(None));
                 Begin::Execute
             }
         };
@@ -201,28 +306,33 @@ impl DedupStore for MemoryDedup {
     fn complete<'a>(&'a self, key: &'a str, reply: StoredReply) -> BoxFuture<'a, Result<(), Error>> {
         let mut memory = self.lock();
         let now = Instant::now();
+        let stamp = memory.next_stamp;
+        memory.next_stamp += 1;
         // Replacing the `Running` entry drops its sender, which wakes the duplicates waiting on it.
         let done = Entry::Done { reply, at: now };
-        let key = match memory.entries.get_key_value_mut(key) {
-            Some((stored, entry)) => {
-                *entry = done;
-                Arc::clone(stored)
+        let hash = memory.hash(key);
+        let slot = match memory.find(hash, key) {
+            Some(slot) => {
+                if let Some(found) = memory.slot_mut(slot) {
+                    found.entry = done;
+                    found.stamp = stamp;
+                }
+                slot
             }
-            None => {
-                let key: Arc<str> = Arc::from(key);
-                memory.entries.insert(Arc::clone(&key), done);
-                key
-            }
+            None => memory.insert(hash, key, stamp, done),
         };
-        memory.order.push_back((key, now));
+        memory.order.push_back((slot, stamp));
         memory.forget_old(now);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
         let mut memory = self.lock();
-        if matches!(memory.entries.get(key), Some(Entry::Running(_))) {
-            memory.entries.remove(key);
+        let hash = memory.hash(key);
+        if let Some(slot) = memory.find(hash, key)
+            && matches!(memory.slot_mut(slot), Some(Slot { entry: Entry::Running(_), .. }))
+        {
+            memory.remove(slot);
         }
         Box::pin(std::future::ready(()))
     }
@@ -279,6 +389,7 @@ mod tests {
             store.complete(&key, Ok(Bytes::new())).await.expect("stored");
         }
         assert_eq!(store.len(), 100);
+        assert!(store.lock().slots.len() <= 101, "the slots of forgotten keys are not reused");
         assert!(matches!(store.begin("999").await, Ok(Begin::Done(_))));
         assert!(matches!(store.begin("0").await, Ok(Begin::Execute)), "the oldest was forgotten");
     }
@@ -290,5 +401,35 @@ mod tests {
         store.complete("k", Ok(Bytes::new())).await.expect("stored");
         assert!(matches!(store.begin("k").await, Ok(Begin::Execute)));
         assert_eq!(store.len(), 1, "only the new claim is left");
+    }
+
+    #[tokio::test]
+    async fn long_keys_and_keys_that_share_a_prefix_are_told_apart() {
+        let store = MemoryDedup::default();
+        let long = "k".repeat(300);
+        let longer = format!("{long}k");
+        for key in [long.as_str(), longer.as_str(), "k", "kk", ""] {
+            assert!(matches!(store.begin(key).await, Ok(Begin::Execute)), "{key} was claimed already");
+            store.complete(key, Ok(Bytes::copy_from_slice(key.as_bytes()))).await.expect("stored");
+        }
+        for key in [long.as_str(), longer.as_str(), "k", "kk", ""] {
+            assert_eq!(body(store.begin(key).await.expect("begins")), key.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outcome_stored_again_outlives_the_record_of_the_first() {
+        let store = MemoryDedup::new(3, Duration::from_secs(600));
+        assert!(matches!(store.begin("a").await, Ok(Begin::Execute)));
+        store.complete("a", Ok(Bytes::from_static(b"1"))).await.expect("stored");
+        store.complete("a", Ok(Bytes::from_static(b"2"))).await.expect("stored");
+        for key in ["b", "c"] {
+            store.complete(key, Ok(Bytes::new())).await.expect("stored");
+        }
+        // Four records for three outcomes: the stale first record of `a` goes, not `a`.
+        assert_eq!(body(store.begin("a").await.expect("begins")), b"2");
+        store.complete("d", Ok(Bytes::new())).await.expect("stored");
+        assert!(matches!(store.begin("a").await, Ok(Begin::Execute)), "the oldest outcome was kept past the capacity");
+        assert!(matches!(store.begin("d").await, Ok(Begin::Done(_))));
     }
 }

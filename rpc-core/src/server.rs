@@ -717,7 +717,7 @@ async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Durat
         tokio::time::sleep(wait).await;
     }
     let mut copy = Arc::unwrap_or_clone(request.envelope);
-    copy.id = uuid::Uuid::now_v7();
+    copy.id = crate::envelope::new_id();
     copy.attempt = request.attempt + 1;
     copy.delay_ms = delayed.then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
     if let Some(deadline) = request.deadline {
