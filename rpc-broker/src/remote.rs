@@ -965,10 +965,15 @@ impl Transport for Remote {
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        // Encoded before the future, which then holds the frame's parts and not the envelope.
+        let payload = match codec::encode_envelope(&envelope) {
+            Ok(payload) => payload,
+            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
+        };
+        let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
+        let (delay_ms, id) = (envelope.delay_ms, Some(*envelope.id.as_bytes()));
+        drop(envelope);
         Box::pin(async move {
-            let payload = codec::encode_envelope(&envelope)?;
-            let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
-            let (delay_ms, id) = (envelope.delay_ms, Some(*envelope.id.as_bytes()));
             let frame = |req| ClientFrame::Publish {
                 req,
                 queue: queue.to_owned(),

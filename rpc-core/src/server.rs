@@ -499,7 +499,13 @@ fn handle(
     );
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
-    let request = Request { envelope: Arc::new(envelope), attempt, deadline, source };
+    let request = Request {
+        envelope: Arc::new(envelope),
+        attempt,
+        deadline,
+        received_at: Instant::from_std(received_at),
+        source,
+    };
     Box::pin(handle_request(shared, request, handle, permit).instrument(span))
 }
 
@@ -510,6 +516,8 @@ struct Request {
     /// Which attempt this is, redeliveries included.
     attempt: u32,
     deadline: Option<Instant>,
+    /// When the delivery arrived.
+    received_at: Instant,
     source: Source,
 }
 
@@ -567,7 +575,13 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
-            if request.deadline.is_none_or(|deadline| Instant::now() + wait < deadline) {
+            // After the backoff, the next attempt needs time before the deadline: twice as long as this one took
+            // from its delivery to now (the attempt, and the copy's way to a worker and the answer's back), and
+            // RETRY_MARGIN. A retry that would start just before the deadline would answer after the caller gave
+            // up, where dead-lettering now answers in time.
+            let now = Instant::now();
+            let took = now.saturating_duration_since(request.received_at);
+            if request.deadline.is_none_or(|deadline| now + wait + took * 2 + RETRY_MARGIN < deadline) {
                 Box::pin(retry(shared, request, handle, wait)).await;
                 return;
             }
@@ -586,6 +600,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
     }
     answer(shared, &request, handle, result).await;
 }
+
+/// The least time a retry needs before the deadline, past its backoff and its share of the last attempt's time.
+const RETRY_MARGIN: Duration = Duration::from_millis(10);
 
 static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
 

@@ -470,50 +470,71 @@ impl Inner {
         Ok(Conn { connection, publisher, generation })
     }
 
-    async fn publish_to(&self, exchange: &str, queue: &str, envelope: Envelope) -> Result<(), Error> {
-        super::refuse_delay(&envelope)?;
-        let conn = self.current()?;
+    fn publish_to<'a>(
+        &'a self,
+        exchange: &'a str,
+        queue: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        // The message is made before the future, which holds only what the publish and its confirm need: the
+        // future is one allocation per message.
         let topic = !exchange.is_empty();
-        let (properties, body) = to_amqp(&envelope, self.options.persistent)?;
+        let prepared = super::refuse_delay(&envelope).and_then(|()| {
+            let conn = self.current()?;
+            let (properties, body) = to_amqp(&envelope, self.options.persistent)?;
+            let names = if topic { (short(exchange)?, ShortString::from("")) } else { ("".into(), short(queue)?) };
+            Ok((conn, properties, body, names))
+        });
+        let (conn, properties, body, (exchange_name, routing_key)) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        let (id, kind) = (envelope.id, envelope.kind);
+        drop(envelope);
         let options = BasicPublishOptions { mandatory: !topic, ..BasicPublishOptions::default() };
-        let (exchange_name, routing_key) =
-            if topic { (short(exchange)?, ShortString::from("")) } else { ("".into(), short(queue)?) };
-        let confirm = conn
-            .publisher
-            .basic_publish(exchange_name, routing_key, options, &body, properties)
-            .await
-            .map_err(|error| conn.publish_error(error))?;
-        let confirmation = confirm.await.map_err(|error| conn.publish_error(error))?;
-        let name = if topic { exchange } else { queue };
-        match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
-            Confirmation::Ack(Some(returned)) => {
-                // A return rides on the next confirm of the channel, which may be another publish's.
-                self.forget(returned.routing_key.as_str());
-                let returned_id = returned.properties.message_id().as_ref().map(ShortString::as_str);
-                if returned_id == Some(envelope.id.to_string().as_str()) {
-                    return Err(Error::NoRoute(queue.to_owned()));
+        Box::pin(async move {
+            let confirm = conn
+                .publisher
+                .basic_publish(exchange_name, routing_key, options, &body, properties)
+                .await
+                .map_err(|error| conn.publish_error(error))?;
+            let confirmation = confirm.await.map_err(|error| conn.publish_error(error))?;
+            let name = if topic { exchange } else { queue };
+            match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(returned)) => {
+                    // A return rides on the next confirm of the channel, which may be another publish's.
+                    self.forget(returned.routing_key.as_str());
+                    let returned_id = returned.properties.message_id().as_ref().map(ShortString::as_str);
+                    if returned_id == Some(id.to_string().as_str()) {
+                        return Err(Error::NoRoute(queue.to_owned()));
+                    }
+                }
+                Confirmation::Nack(_) => {
+                    Counters::bump(&self.counters.of(name).rejected);
+                    return Err(Error::QueueFull(name.to_owned()));
                 }
             }
-            Confirmation::Nack(_) => {
-                Counters::bump(&self.counters.of(name).rejected);
-                return Err(Error::QueueFull(name.to_owned()));
+            // A return may have been attached to another publish's confirm: the first publish to a queue checks
+            // that it exists, so that a call to a service with no queue fails at once. Rare: boxed.
+            if !topic && !self.is_known(queue) && kind != Kind::Reply {
+                return Box::pin(self.check_exists(&conn, queue)).await;
             }
-        }
-        // A return may have been attached to another publish's confirm: the first publish to a queue checks
-        // that it exists, so that a call to a service with no queue fails at once.
-        if !topic && !self.is_known(queue) && envelope.kind != Kind::Reply {
-            let _checking = self.checking.lock().await;
-            if self.is_known(queue) {
-                Counters::bump(&self.counters.of(name).published);
-                return Ok(());
-            }
-            match self.inspect(&conn, queue).await? {
+            Counters::bump(&self.counters.of(name).published);
+            Ok(())
+        })
+    }
+
+    /// After the first publish to `queue`: fails with [`Error::NoRoute`] if it does not exist.
+    async fn check_exists(&self, conn: &Arc<Conn>, queue: &str) -> Result<(), Error> {
+        let _checking = self.checking.lock().await;
+        if !self.is_known(queue) {
+            match self.inspect(conn, queue).await? {
                 Some(_) => self.remember(queue),
                 None => return Err(Error::NoRoute(queue.to_owned())),
             }
         }
-        Counters::bump(&self.counters.of(name).published);
+        Counters::bump(&self.counters.of(queue).published);
         Ok(())
     }
 }
@@ -947,7 +968,7 @@ impl Transport for Amqp {
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.inner.publish_to("", queue, envelope))
+        self.inner.publish_to("", queue, envelope)
     }
 
     fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -955,13 +976,21 @@ impl Transport for Amqp {
             return self.publish(reply_to, reply);
         }
         // A caller's reply queue is transient: a confirm adds no guarantee, only a round trip. Not mandatory,
-        // so a reply queue that is gone drops the reply, as a caller that gave up would.
-        Box::pin(async move {
-            let conn = self.inner.current()?;
+        // so a reply queue that is gone drops the reply, as a caller that gave up would. The message is made
+        // before the future, which holds only the publish.
+        let prepared = self.inner.current().and_then(|conn| {
             let (properties, body) = to_amqp(&reply, false)?;
+            Ok((conn, properties, body, short(reply_to)?))
+        });
+        let (conn, properties, body, routing_key) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        drop(reply);
+        Box::pin(async move {
             let _confirm = conn
                 .publisher
-                .basic_publish("".into(), short(reply_to)?, BasicPublishOptions::default(), &body, properties)
+                .basic_publish("".into(), routing_key, BasicPublishOptions::default(), &body, properties)
                 .await
                 .map_err(|error| conn.publish_error(error))?;
             // No counter per reply address: a worker answers many callers over its life, and each would keep

@@ -249,51 +249,67 @@ impl Inner {
     }
 
     /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
-    async fn publish(&self, queue: &str, mut envelope: Envelope) -> Result<(), Error> {
-        self.check()?;
-        super::refuse_delay(&envelope)?;
-        check_subject(queue)?;
-        let reply_subject = reply_subject(&mut envelope);
+    ///
+    /// Not an `async fn`: the message is made before the future, and a core publish (every call and every
+    /// reply in core mode) awaits only the client's send, so that its future (one allocation per message) stays
+    /// small; a JetStream publish, which waits for the stream's ack, has a future of its own.
+    fn publish<'a>(&'a self, queue: &'a str, mut envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        let checked = self.check().and_then(|()| super::refuse_delay(&envelope)).and_then(|()| check_subject(queue));
+        if let Err(error) = checked {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        // Before the headers are made: the envelope's reply address becomes this subject.
+        let reply = reply_subject(&mut envelope);
         let to_inbox = queue.starts_with("_INBOX.");
+        if self.options.jetstream && !to_inbox {
+            return Box::pin(async move {
+                let counters = self.counters.of(queue);
+                let headers = to_headers(&envelope, Mode::Stream)?;
+                self.publish_stream(queue, headers, envelope.body).await?;
+                Counters::bump(&counters.published);
+                Ok(())
+            });
+        }
         // Not per inbox subject: a reply's subject names its call, and a counter per call would never be freed.
         let counters = (!to_inbox).then(|| self.counters.of(queue));
-        if self.options.jetstream && !to_inbox {
-            let headers = to_headers(&envelope, Mode::Stream)?;
-            self.publish_stream(queue, headers, envelope.body).await?;
+        let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+        let correlation = envelope.correlation_id.map(|id| &*id.simple().encode_lower(&mut buffer));
+        let in_subject =
+            |subject: Option<&str>| subject.zip(correlation).is_some_and(|(subject, id)| subject.ends_with(id));
+        let mode = Mode::Core {
+            to_inbox,
+            correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply.as_deref() }),
+        };
+        // Whole in the body between mqrpc processes: a request or a oneway message, and a reply to an mqrpc
+        // inbox. A reply to any other subject (a plain client's, whatever its inbox prefix) has headers.
+        let framed = if envelope.kind == Kind::Reply { is_envelope_inbox(queue) } else { true };
+        let message = if framed {
+            envelope.reply_to = None;
+            envelope_body(&envelope).map(|body| (HeaderMap::new(), body))
         } else {
-            let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
-            let correlation = envelope.correlation_id.map(|id| &*id.simple().encode_lower(&mut buffer));
-            let in_subject =
-                |subject: Option<&str>| subject.zip(correlation).is_some_and(|(subject, id)| subject.ends_with(id));
-            let mode = Mode::Core {
-                to_inbox,
-                correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply_subject.as_deref() }),
-            };
-            // Whole in the body between mqrpc processes: a request or a oneway message, and a reply to an mqrpc
-            // inbox. A reply to any other subject (a plain client's, whatever its inbox prefix) has headers.
-            let framed = if envelope.kind == Kind::Reply { is_envelope_inbox(queue) } else { true };
-            let (headers, body) = if framed {
-                envelope.reply_to = None;
-                (HeaderMap::new(), envelope_body(&envelope)?)
-            } else {
-                (to_headers(&envelope, mode)?, envelope.body)
-            };
-            let subject = queue.to_owned();
-            let result = match (reply_subject, headers.iter().next().is_none()) {
-                (Some(reply), false) => self.client.publish_with_reply_and_headers(subject, reply, headers, body).await,
-                (Some(reply), true) => self.client.publish_with_reply(subject, reply, body).await,
-                (None, false) => self.client.publish_with_headers(subject, headers, body).await,
-                (None, true) => self.client.publish(subject, body).await,
+            to_headers(&envelope, mode).map(|headers| (headers, envelope.body))
+        };
+        let (headers, body) = match message {
+            Ok(message) => message,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        // Empty headers go out as a plain PUB.
+        let subject = queue.to_owned();
+        let client = &self.client;
+        Box::pin(async move {
+            let result = match reply {
+                Some(reply) => client.publish_with_reply_and_headers(subject, reply, headers, body).await,
+                None => client.publish_with_headers(subject, headers, body).await,
             };
             result.map_err(|error| match error.kind() {
                 async_nats::client::PublishErrorKind::Send => Error::Disconnected,
                 _ => Error::InvalidArgument(format!("cannot publish to `{queue}`: {error}")),
             })?;
-        }
-        if let Some(counters) = counters {
-            Counters::bump(&counters.published);
-        }
-        Ok(())
+            if let Some(counters) = counters {
+                Counters::bump(&counters.published);
+            }
+            Ok(())
+        })
     }
 
     /// The pull consumer of a queue's stream, shared by all its workers, and the queue's maximum deliveries.
@@ -819,13 +835,14 @@ impl fmt::Debug for CoreAcker {
 
 impl Acker for CoreAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        // An ack (nearly every settle) is done here, without a future to wait on.
+        let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Box::pin(std::future::ready(Ok(()))) };
+        let subject = match outcome {
+            Outcome::Ack => return Box::pin(std::future::ready(Ok(()))),
+            Outcome::Requeue | Outcome::Release => message.subject.to_string(),
+            Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
+        };
         Box::pin(async move {
-            let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Ok(()) };
-            let subject = match outcome {
-                Outcome::Ack => return Ok(()),
-                Outcome::Requeue | Outcome::Release => message.subject.to_string(),
-                Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
-            };
             let headers = message.headers.unwrap_or_default();
             let result = match message.reply {
                 Some(reply) => {
@@ -1095,7 +1112,7 @@ impl Transport for Nats {
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.inner.publish(queue, envelope))
+        self.inner.publish(queue, envelope)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
