@@ -12,7 +12,7 @@ use rpc_core::{Outcome, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -159,6 +159,9 @@ pub enum ClientFrame {
         id: Option<[u8; 16]>,
         /// The encoded envelope.
         payload: Bytes,
+        /// Answered only if it fails (type 0x12 on the wire; 0x03 otherwise): a call's request, whose reply
+        /// proves that it arrived. Nothing answers it once it is taken, durably or not.
+        quiet: bool,
     },
     /// Puts a copy of a payload in every subscriber group of a topic.
     PublishTopic {
@@ -577,8 +580,8 @@ impl Frame for ClientFrame {
                     .u32(max_deliveries.unwrap_or(0))
                     .u8(u8::from(*durable));
             }
-            ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload } => {
-                Writer::new(dst, 0x03)
+            ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload, quiet } => {
+                Writer::new(dst, if *quiet { 0x12 } else { 0x03 })
                     .u32(*req)
                     .str(queue)
                     .u8(*priority)
@@ -666,10 +669,12 @@ impl ClientFrame {
                 max_deliveries: Some(r.u32()?).filter(|max| *max != 0),
                 durable: r.bool()?,
             },
-            0x03 => {
+            kind @ (0x03 | 0x12) => {
                 let (req, queue, priority) = (r.u32()?, r.str()?, r.u8()?);
                 let (ttl_ms, delay_ms, key, id) = (r.opt()?, r.opt()?, r.key()?, r.key()?);
-                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload: r.rest() });
+                let quiet = kind == 0x12;
+                let payload = r.rest();
+                return Ok(ClientFrame::Publish { req, queue, priority, ttl_ms, delay_ms, key, id, payload, quiet });
             }
             0x04 => {
                 let (req, topic, priority, ttl_ms, delay_ms) = (r.u32()?, r.str()?, r.u8()?, r.opt()?, r.opt()?);
@@ -969,6 +974,7 @@ mod tests {
             key: None,
             id: Some([1; 16]),
             payload: payload.clone(),
+            quiet: false,
         });
         round_trip_client(ClientFrame::Publish {
             req: 2,
@@ -979,6 +985,7 @@ mod tests {
             key: Some([7; 16]),
             id: None,
             payload: payload.clone(),
+            quiet: true,
         });
         round_trip_client(ClientFrame::PublishTopic {
             req: 3,

@@ -279,6 +279,23 @@ impl Conn {
             Err(_) => Err(Error::Timeout(timeout)),
         }
     }
+
+    /// Sends a request that the broker answers only if it fails, and waits for that answer: the future stays
+    /// pending once the request is taken, until its caller drops it. It fails with [`Error::Disconnected`]
+    /// only when the request could not be sent; once sent, a connection that goes leaves it pending, since
+    /// the request may have arrived, and the caller learns the rest from the reply's side (the inbox goes
+    /// with the connection). No timer: its caller bounds the wait.
+    async fn request_quiet(&self, frame: ClientFrame) -> Result<Result<Bytes, (ErrorCode, String)>, Error> {
+        let req = frame.req();
+        let (answer, answered) = oneshot::channel();
+        self.pending.insert(req, Waiter::Answer(answer));
+        let _waiting = Waiting { conn: self, req };
+        self.send(frame)?;
+        match answered.await {
+            Ok(answer) => Ok(answer),
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 impl Inner {
@@ -983,6 +1000,7 @@ impl Transport for Remote {
                 key,
                 id,
                 payload: payload.clone(),
+                quiet: false,
             };
             let conn = self.inner.current().ok_or(Error::Disconnected)?;
             let give_up = tokio::time::Instant::now() + self.inner.options.request_timeout;
@@ -1007,6 +1025,39 @@ impl Transport for Remote {
                 }
             }
             Err(Error::Disconnected)
+        })
+    }
+
+    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        let to_inbox = envelope.reply_to.as_deref().is_some_and(|reply_to| reply_to.starts_with(INBOX_PREFIX));
+        if envelope.kind != rpc_core::Kind::Request || !to_inbox {
+            return self.publish(queue, envelope);
+        }
+        // Quiet: the broker answers only a failure, and the reply to the inbox proves the request arrived. A
+        // connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
+        // client sends it again if told to): nothing is sent again here.
+        let payload = match codec::encode_envelope(&envelope) {
+            Ok(payload) => payload,
+            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
+        };
+        let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
+        let frame = |req| ClientFrame::Publish {
+            req,
+            queue: queue.to_owned(),
+            priority: envelope.priority.unwrap_or(0),
+            ttl_ms: envelope.deadline_ms,
+            delay_ms: envelope.delay_ms,
+            key: call_key(&envelope),
+            id: Some(*envelope.id.as_bytes()),
+            payload,
+            quiet: true,
+        };
+        let frame = frame(conn.req());
+        Box::pin(async move {
+            match conn.request_quiet(frame).await? {
+                Ok(_) => Ok(()),
+                Err((code, message)) => Err(code.to_error(queue, message)),
+            }
         })
     }
 
@@ -1102,6 +1153,7 @@ fn reply_frame(reply_to: &str, reply: &Envelope) -> Result<ClientFrame, Error> {
         key: None,
         id: None,
         payload,
+        quiet: false,
     })
 }
 

@@ -608,7 +608,7 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
-            ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, id, payload, .. } => {
+            ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, id, payload, quiet, .. } => {
                 let props = frame_props(priority, ttl_ms, delay_ms, key, id, &payload);
                 match self.publish(Target::Queue(&queue), props, payload, None) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
@@ -617,6 +617,8 @@ impl Connection {
                         None
                     }
                     _ if req == 0 => None,
+                    // Quiet (a call's request): answered only if it fails.
+                    Ok(_) if quiet => None,
                     Ok(Stored::Durably) => {
                         self.confirm_when_durable(req);
                         None

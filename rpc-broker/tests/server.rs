@@ -245,6 +245,7 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
             key: None,
             id: None,
             payload,
+            quiet: false,
         };
         stream.write_all(&encode(&publish)).await.expect("writes");
     }
@@ -490,12 +491,12 @@ async fn operator_commands_list_call_and_replay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
+async fn unconfirmed_and_quiet_publishes_are_answered_only_as_documented_and_inbox_names_are_reserved() {
     let broker = start(config()).await;
     let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
     raw.write_all(&hello("")).await.expect("writes");
     let payload = rpc_core::codec::encode_envelope(&Envelope::new(Kind::Reply)).expect("encodes");
-    let publish = |req, queue: &str| ClientFrame::Publish {
+    let frame = |req, queue: &str, quiet| ClientFrame::Publish {
         req,
         queue: queue.into(),
         priority: 0,
@@ -504,7 +505,9 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
         key: None,
         id: None,
         payload: payload.clone(),
+        quiet,
     };
+    let publish = |req, queue: &str| frame(req, queue, false);
     let frames = [
         ClientFrame::OpenInbox { req: 1, name: "inbox.raw".into() },
         // Taken and delivered to the inbox, answered neither way.
@@ -518,6 +521,9 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
             max_deliveries: None,
             durable: false,
         },
+        // Quiet: taken and delivered, unanswered; refused, answered with the error.
+        frame(4, "inbox.raw", true),
+        frame(5, "inbox.gone", true),
         ClientFrame::Sync { req: 3 },
     ];
     for frame in &frames {
@@ -536,10 +542,10 @@ async fn unconfirmed_publishes_get_no_answer_and_inbox_names_are_reserved() {
             _ => None,
         })
         .collect();
-    assert_eq!(answered, [1, 2, 3], "{seen:?}");
-    assert_eq!(error_codes(&seen), [(2, ErrorCode::Invalid)]);
+    assert_eq!(answered, [1, 2, 5, 3], "{seen:?}");
+    assert_eq!(error_codes(&seen), [(2, ErrorCode::Invalid), (5, ErrorCode::NoRoute)]);
     let delivered = seen.iter().filter(|frame| matches!(frame, ServerFrame::Deliver { .. })).count();
-    assert_eq!(delivered, 1, "{seen:?}");
+    assert_eq!(delivered, 2, "{seen:?}");
 }
 
 /// 100,000 requests each cancelled right after its publish, and 100,000 cancels of calls the broker never saw,
@@ -569,6 +575,7 @@ async fn a_flood_of_publish_and_cancel_pairs_leaves_nothing_behind() {
             key: Some(key),
             id: None,
             payload: payload.clone(),
+            quiet: false,
         };
         publish.encode(&mut batch);
         ClientFrame::CancelCall { queue: "flood".into(), key }.encode(&mut batch);

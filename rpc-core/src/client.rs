@@ -635,7 +635,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
             Err(_) => Err(Error::Disconnected),
         };
         // Never `None`: only the last send takes the envelope.
-        let publish = sent.map(|sent| inner.transport.publish(&queue, sent));
+        let publish = sent.map(|sent| inner.transport.publish_call(&queue, sent));
         let exchange = async {
             let publish = publish.ok_or(Error::Shutdown)?;
             let mut receiver = receiver;

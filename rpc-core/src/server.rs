@@ -388,24 +388,23 @@ async fn run(
 /// (most do: decode, compute, publish the reply, ack) costs no task and no wake-up, and the replies of a batch
 /// of deliveries leave in one write. One that waits (on I/O, a timer, a lock) is moved to a task of its own
 /// and runs in parallel with the next. A handler that computes for long in its first poll would hold the
-/// loop: after [`Inline::STRIKES`] such polls within [`Inline::WINDOW`], every request goes straight to a task
-/// for [`Inline::BACKOFF`]. One slow poll alone does not count: the thread may have been preempted, or a store
-/// may have grown its table, and a second of spawned tasks would cost more than the one slow poll did.
+/// loop: after [`Inline::STRIKES`] such polls in a row, every request goes straight to a task for
+/// [`Inline::BACKOFF`]. Slow polls between fast ones do not count: the thread was preempted (on a busy machine,
+/// at every end of its time slice), or a store grew its table, and a second of spawned tasks would cost more
+/// than the slow poll did.
 #[derive(Default)]
 struct Inline {
     /// Until when requests go straight to tasks.
     spawn_until: Option<std::time::Instant>,
-    /// Slow first polls since the first of them, at the time given.
-    strikes: Option<(u32, std::time::Instant)>,
+    /// Slow first polls in a row.
+    strikes: u32,
 }
 
 impl Inline {
     /// A first poll longer than this is slow.
     const SLOW: Duration = Duration::from_micros(500);
-    /// How many slow first polls, within [`Inline::WINDOW`], take the server off inline polling.
-    const STRIKES: u32 = 4;
-    /// The time within which [`Inline::STRIKES`] slow first polls count together.
-    const WINDOW: Duration = Duration::from_millis(100);
+    /// How many slow first polls in a row take the server off inline polling.
+    const STRIKES: u32 = 3;
     /// How long the server stays off inline polling after that.
     const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -427,9 +426,7 @@ impl Inline {
         // which registers that task's waker.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().now_or_never()));
         let took = started.elapsed();
-        if took > Self::SLOW {
-            self.slow(started + took);
-        }
+        self.polled(took, started + took);
         match outcome {
             Ok(done) => done.is_some(),
             Err(panic) => {
@@ -439,17 +436,16 @@ impl Inline {
         }
     }
 
-    /// Counts a slow first poll that ended at `now`.
-    fn slow(&mut self, now: std::time::Instant) {
-        let strikes = match self.strikes {
-            Some((strikes, since)) if now.saturating_duration_since(since) < Self::WINDOW => (strikes + 1, since),
-            _ => (1, now),
-        };
-        if strikes.0 >= Self::STRIKES {
-            self.strikes = None;
+    /// Counts a first poll that took `took` and ended at `now`.
+    fn polled(&mut self, took: Duration, now: std::time::Instant) {
+        if took <= Self::SLOW {
+            self.strikes = 0;
+            return;
+        }
+        self.strikes += 1;
+        if self.strikes >= Self::STRIKES {
+            self.strikes = 0;
             self.spawn_until = now.checked_add(Self::BACKOFF);
-        } else {
-            self.strikes = Some(strikes);
         }
     }
 }
@@ -869,26 +865,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inline_polling_stops_only_after_several_slow_polls_close_together() {
+    fn inline_polling_stops_only_after_several_slow_polls_in_a_row() {
         let start = std::time::Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
+        let (slow, fast) = (Inline::SLOW * 10, Inline::SLOW / 10);
         let mut inline = Inline::default();
-        // Slow polls further apart than the window never add up.
-        for step in 0..10 {
-            inline.slow(at(step * 150));
-            assert!(inline.allows(at(step * 150)), "a lone slow poll stopped inline polling");
+        // Slow polls between fast ones, however close together, never add up.
+        for step in 0..20 {
+            inline.polled(if step % 2 == 0 { slow } else { fast }, at(step));
+            assert!(inline.allows(at(step)), "a lone slow poll stopped inline polling");
         }
         let mut inline = Inline::default();
         for strike in 1..Inline::STRIKES {
-            inline.slow(at(u64::from(strike)));
+            inline.polled(slow, at(u64::from(strike)));
             assert!(inline.allows(at(u64::from(strike))));
         }
-        inline.slow(at(10));
-        assert!(!inline.allows(at(11)), "slow polls within the window left inline polling on");
+        inline.polled(slow, at(10));
+        assert!(!inline.allows(at(11)), "slow polls in a row left inline polling on");
         assert!(!inline.allows(at(900)));
         assert!(inline.allows(at(1011)), "inline polling did not resume after the backoff");
         // The count starts again after a backoff.
-        inline.slow(at(1012));
+        inline.polled(slow, at(1012));
         assert!(inline.allows(at(1013)));
     }
 }

@@ -635,6 +635,20 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         self.publish(reply_to, reply)
     }
 
+    /// Puts a call's request on `queue`, for a caller that waits for the reply on its inbox: the caller races
+    /// the returned future against the reply and the call's deadline, and drops it when either comes first.
+    ///
+    /// The default is [`Transport::publish`]. A transport whose broker can answer only the publishes that fail
+    /// may leave the future pending once the request is taken, and resolve it only with a failure (or when
+    /// its connection goes): the reply proves that the request arrived, so no confirmation travels back for
+    /// each call.
+    ///
+    /// # Errors
+    /// As [`Transport::publish`].
+    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        self.publish(queue, envelope)
+    }
+
     /// Puts a copy of `envelope` in every subscriber group of `topic`. A topic without groups drops it.
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
 
@@ -697,6 +711,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         (**self).publish_reply(reply_to, reply)
+    }
+
+    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).publish_call(queue, envelope)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {

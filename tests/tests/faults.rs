@@ -410,10 +410,11 @@ async fn forward(read: OwnedReadHalf, mut write: OwnedWriteHalf, mut keep: impl 
 }
 
 /// One in ten of the broker's publish confirms is lost on the way to the client. Half the calls wait for their
-/// reply: the reply proves the request arrived, so a lost confirm costs them nothing. The other half are
-/// durable calls (the reply goes to a callback queue), which know only the confirm: a lost one times out and
-/// the caller sends the call again with the same idempotency key, so the broker holds it twice, and the
-/// worker's dedup store answers the second copy with the stored reply. Every effect is applied once.
+/// reply: their requests are quiet publishes, which the broker confirms only if they fail, since the reply
+/// proves the request arrived. The other half are durable calls (the reply goes to a callback queue), which
+/// know only the confirm: a lost one times out and the caller sends the call again with the same idempotency
+/// key, so the broker holds it twice, and the worker's dedup store answers the second copy with the stored
+/// reply. Every effect is applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_broker_lost_publish_confirms_apply_each_effect_once() {
     let broker = RemoteHarness::start().await;
@@ -479,7 +480,8 @@ async fn own_broker_lost_publish_confirms_apply_each_effect_once() {
         CONFIRM_CALLS / 2,
         applied.len()
     );
-    assert!(dropped >= CONFIRM_CALLS / DROP_EVERY - 10, "the proxy dropped only {dropped} confirms");
+    // Only the durable calls' publishes are confirmed.
+    assert!(dropped >= CONFIRM_CALLS / 2 / DROP_EVERY - 10, "the proxy dropped only {dropped} confirms");
     assert!(resent_calls > 0, "no durable call lost its confirm");
     assert_eq!((lost, applied.len(), reexecuted), (0, CONFIRM_CALLS, 0));
     assert!(report["deduplicated"] > 0, "no second copy reached the worker: {report:?}");
