@@ -14,6 +14,10 @@ use tokio_util::codec::{Decoder, Encoder};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 5;
 
+/// The oldest client version the broker still accepts: version 4 differs only in lacking the quiet `Publish`
+/// (0x12), which a version-4 client never sends.
+pub const OLDEST_CLIENT_VERSION: u16 = 4;
+
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 

@@ -30,7 +30,8 @@ use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink};
 use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
-    self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ProtocolError, ServerFrame,
+    self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION, PROTOCOL_VERSION,
+    ProtocolError, ServerFrame,
 };
 
 /// How the server runs; every field has a sane default.
@@ -433,10 +434,13 @@ where
     state.frames_in.fetch_add(1, Ordering::Relaxed);
     match ClientFrame::parse(first) {
         Ok(ClientFrame::Hello { version, token, .. }) => {
-            if version != PROTOCOL_VERSION {
+            if !(OLDEST_CLIENT_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 return Err(refuse(
                     ErrorCode::Version,
-                    &format!("unsupported protocol version {version}; this broker speaks version {PROTOCOL_VERSION}"),
+                    &format!(
+                        "unsupported protocol version {version}; this broker speaks versions \
+                         {OLDEST_CLIENT_VERSION} to {PROTOCOL_VERSION}"
+                    ),
                 ));
             }
             match &state.config.token {

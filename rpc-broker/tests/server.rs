@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
-use rpc_broker::protocol::{ClientFrame, ErrorCode, Frame, FrameCodec, PROTOCOL_VERSION, ServerFrame};
+use rpc_broker::protocol::{
+    ClientFrame, ErrorCode, Frame, FrameCodec, OLDEST_CLIENT_VERSION, PROTOCOL_VERSION, ServerFrame,
+};
 use rpc_broker::server::{BrokerServer, ServerConfig};
 use rpc_broker::{Remote, RemoteOptions};
 use rpc_core::{Client, ConsumeOptions, Envelope, Error, Kind, QueueOptions, Server, Transport};
@@ -170,6 +172,15 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
         (
             "a wrong protocol version",
             encode(&ClientFrame::Hello { version: 99, token: String::new(), name: String::new() }),
+            Some(ErrorCode::Version),
+        ),
+        (
+            "a version older than the oldest accepted",
+            encode(&ClientFrame::Hello {
+                version: OLDEST_CLIENT_VERSION - 1,
+                token: String::new(),
+                name: String::new(),
+            }),
             Some(ErrorCode::Version),
         ),
     ];
@@ -845,4 +856,21 @@ async fn a_panic_before_the_handlers_future_is_an_error_reply() {
     assert_eq!(server.stats().panicked, 2);
     let seen = embedded.queue_stats(&rpc_core::naming::service_queue(None, "PanicsEagerly")).await.expect("stats");
     assert_eq!((seen.acked, seen.unacked), (3, 0), "{seen:?}");
+}
+
+/// A client of the previous protocol version (which lacks only the quiet publish) is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_oldest_accepted_version_is_served() {
+    let broker = start(config()).await;
+    let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
+    let hello = ClientFrame::Hello { version: OLDEST_CLIENT_VERSION, token: String::new(), name: "old".into() };
+    raw.write_all(&encode(&hello)).await.expect("writes");
+    raw.write_all(&encode(&ClientFrame::Sync { req: 1 })).await.expect("writes");
+    let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
+    let mut seen = Vec::new();
+    while !matches!(seen.last(), Some(ServerFrame::Ok { req: 1, .. })) {
+        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("a frame");
+        seen.push(ServerFrame::parse(frame.expect("open").expect("ok")).expect("parses"));
+    }
+    assert!(matches!(seen.first(), Some(ServerFrame::Welcome { .. })), "{seen:?}");
 }

@@ -94,7 +94,7 @@ impl DeadLetters {
     }
 
     /// Up to `limit` dead letters, oldest first (by message id: this framework writes UUIDv7 ids, which sort
-    /// by the time the request was published), left where they are: each is handed back unprocessed, which
+    /// by the millisecond the request was published), left where they are: each is handed back unprocessed, which
     /// does not count as a delivery. Sorted here because a broker need not keep the order of messages handed
     /// back (NATS JetStream redelivers them in any order). Besides those the queue's counters announce, it
     /// waits a quarter of a second for any they left out (JetStream counts messages handed back a moment ago

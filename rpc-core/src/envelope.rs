@@ -115,7 +115,8 @@ pub struct Envelope {
 
 /// A fresh message id: a version 7 UUID (the time in milliseconds, then a counter seeded at random each
 /// millisecond, then random bits). Each thread keeps its own counter, so that threads making ids at once do
-/// not wait on one lock: ids are ordered within a thread and unique across threads, not ordered across them.
+/// not wait on one lock: ids are ordered within a thread and unique across threads; across threads they are
+/// ordered to the millisecond.
 pub(crate) fn new_id() -> Uuid {
     thread_local! {
         static IDS: uuid::timestamp::context::ContextV7 = const { uuid::timestamp::context::ContextV7::new() };

@@ -7,8 +7,8 @@
 //! delivery (our broker and the embedded one), so the worker is free meanwhile; elsewhere the worker waits it
 //! out before publishing the copy. After the last attempt the request goes to the dead-letter queue and the
 //! caller gets [`Code::DeadLettered`](crate::Code::DeadLettered) with the last failure in its message, before
-//! its deadline: an attempt is not made when its backoff, plus twice as long as the failed attempt took and
-//! 10 ms, would end past the deadline.
+//! its deadline: an attempt is not made when its backoff, plus as long as the failed attempt took from its
+//! delivery and 25 ms, would end past the deadline.
 //!
 //! ```
 //! use std::time::Duration;

@@ -338,7 +338,7 @@ async fn run(
             break Duration::ZERO;
         };
         let mut work = handle(Arc::clone(&shared), delivery, source, permit);
-        if inline.allows(std::time::Instant::now()) && inline.run(&mut work) {
+        if inline.allows() && inline.run(&mut work) {
             continue;
         }
         tasks.spawn(work);
@@ -388,10 +388,10 @@ async fn run(
 /// (most do: decode, compute, publish the reply, ack) costs no task and no wake-up, and the replies of a batch
 /// of deliveries leave in one write. One that waits (on I/O, a timer, a lock) is moved to a task of its own
 /// and runs in parallel with the next. A handler that computes for long in its first poll would hold the
-/// loop: after [`Inline::STRIKES`] such polls in a row, every request goes straight to a task for
-/// [`Inline::BACKOFF`]. Slow polls between fast ones do not count: the thread was preempted (on a busy machine,
-/// at every end of its time slice), or a store grew its table, and a second of spawned tasks would cost more
-/// than the slow poll did.
+/// loop: after one first poll longer than [`Inline::LONG`], or [`Inline::STRIKES`] longer than
+/// [`Inline::SLOW`] in a row, every request goes straight to a task for [`Inline::BACKOFF`]. Slow polls between
+/// fast ones do not count: the thread was preempted (on a busy machine, at every end of its time slice), or a
+/// store grew its table, and a second of spawned tasks would cost more than the slow poll did.
 #[derive(Default)]
 struct Inline {
     /// Until when requests go straight to tasks.
@@ -405,10 +405,18 @@ impl Inline {
     const SLOW: Duration = Duration::from_micros(500);
     /// How many slow first polls in a row take the server off inline polling.
     const STRIKES: u32 = 3;
+    /// A first poll longer than this takes the server off inline polling at once: longer than a preemption
+    /// lasts, it is a handler that computes.
+    const LONG: Duration = Duration::from_millis(10);
     /// How long the server stays off inline polling after that.
     const BACKOFF: Duration = Duration::from_secs(1);
 
-    fn allows(&mut self, now: std::time::Instant) -> bool {
+    /// Whether a request may be polled here now. The clock is read only while inline polling is off.
+    fn allows(&mut self) -> bool {
+        self.spawn_until.is_none() || self.allows_at(std::time::Instant::now())
+    }
+
+    fn allows_at(&mut self, now: std::time::Instant) -> bool {
         match self.spawn_until {
             Some(until) if now < until => false,
             Some(_) => {
@@ -443,7 +451,7 @@ impl Inline {
             return;
         }
         self.strikes += 1;
-        if self.strikes >= Self::STRIKES {
+        if self.strikes >= Self::STRIKES || took > Self::LONG {
             self.strikes = 0;
             self.spawn_until = now.checked_add(Self::BACKOFF);
         }
@@ -571,13 +579,13 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
-            // After the backoff, the next attempt needs time before the deadline: twice as long as this one took
-            // from its delivery to now (the attempt, and the copy's way to a worker and the answer's back), and
-            // RETRY_MARGIN. A retry that would start just before the deadline would answer after the caller gave
-            // up, where dead-lettering now answers in time.
+            // After the backoff, the next attempt needs time before the deadline: as long as this one took from
+            // its delivery to now (its wait for a worker, and the attempt), and RETRY_MARGIN for the copy's way
+            // to a worker and the answer's back. A retry that would start just before the deadline would answer
+            // after the caller gave up, where dead-lettering now answers in time.
             let now = Instant::now();
             let took = now.saturating_duration_since(request.received_at);
-            if request.deadline.is_none_or(|deadline| now + wait + took * 2 + RETRY_MARGIN < deadline) {
+            if request.deadline.is_none_or(|deadline| now + wait + took + RETRY_MARGIN < deadline) {
                 Box::pin(retry(shared, request, handle, wait)).await;
                 return;
             }
@@ -597,8 +605,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
     answer(shared, &request, handle, result).await;
 }
 
-/// The least time a retry needs before the deadline, past its backoff and its share of the last attempt's time.
-const RETRY_MARGIN: Duration = Duration::from_millis(10);
+/// The time a retry needs before the deadline past its backoff and the last attempt's time: for the copy's
+/// way to a worker and the answer's way back.
+const RETRY_MARGIN: Duration = Duration::from_millis(25);
 
 static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
 
@@ -873,19 +882,23 @@ mod tests {
         // Slow polls between fast ones, however close together, never add up.
         for step in 0..20 {
             inline.polled(if step % 2 == 0 { slow } else { fast }, at(step));
-            assert!(inline.allows(at(step)), "a lone slow poll stopped inline polling");
+            assert!(inline.allows_at(at(step)), "a lone slow poll stopped inline polling");
         }
         let mut inline = Inline::default();
         for strike in 1..Inline::STRIKES {
             inline.polled(slow, at(u64::from(strike)));
-            assert!(inline.allows(at(u64::from(strike))));
+            assert!(inline.allows_at(at(u64::from(strike))));
         }
         inline.polled(slow, at(10));
-        assert!(!inline.allows(at(11)), "slow polls in a row left inline polling on");
-        assert!(!inline.allows(at(900)));
-        assert!(inline.allows(at(1011)), "inline polling did not resume after the backoff");
+        assert!(!inline.allows_at(at(11)), "slow polls in a row left inline polling on");
+        assert!(!inline.allows_at(at(900)));
+        assert!(inline.allows_at(at(1011)), "inline polling did not resume after the backoff");
         // The count starts again after a backoff.
         inline.polled(slow, at(1012));
-        assert!(inline.allows(at(1013)));
+        assert!(inline.allows_at(at(1013)));
+        // A handler that computes for long stops it at once, between fast ones too.
+        inline.polled(fast, at(1014));
+        inline.polled(Inline::LONG * 2, at(1040));
+        assert!(!inline.allows_at(at(1041)), "a long first poll left inline polling on");
     }
 }

@@ -835,14 +835,18 @@ impl fmt::Debug for CoreAcker {
 
 impl Acker for CoreAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
-        // An ack (nearly every settle) is done here, without a future to wait on.
-        let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Box::pin(std::future::ready(Ok(()))) };
-        let subject = match outcome {
-            Outcome::Ack => return Box::pin(std::future::ready(Ok(()))),
-            Outcome::Requeue | Outcome::Release => message.subject.to_string(),
-            Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
-        };
+        if outcome == Outcome::Ack {
+            // An ack (nearly every settle) is done here, without a future to wait on.
+            Inner::lock(&self.held).remove(&tag);
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        // The message is taken when the future runs: one dropped unpolled leaves it held.
         Box::pin(async move {
+            let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Ok(()) };
+            let subject = match outcome {
+                Outcome::Requeue | Outcome::Release => message.subject.to_string(),
+                Outcome::Ack | Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
+            };
             let headers = message.headers.unwrap_or_default();
             let result = match message.reply {
                 Some(reply) => {
