@@ -406,8 +406,8 @@ impl Inline {
     /// How many slow first polls in a row take the server off inline polling.
     const STRIKES: u32 = 3;
     /// A first poll longer than this takes the server off inline polling at once: longer than a preemption
-    /// lasts, it is a handler that computes.
-    const LONG: Duration = Duration::from_millis(10);
+    /// lasts even on a busy machine (a few time slices), it is a handler that computes.
+    const LONG: Duration = Duration::from_millis(50);
     /// How long the server stays off inline polling after that.
     const BACKOFF: Duration = Duration::from_secs(1);
 
