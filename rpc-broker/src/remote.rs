@@ -987,26 +987,14 @@ impl Transport for Remote {
             Ok(payload) => payload,
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
-        let (priority, ttl_ms, key) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, call_key(&envelope));
-        let (delay_ms, id) = (envelope.delay_ms, Some(*envelope.id.as_bytes()));
+        let frame = publish_frame(queue, &envelope, payload, false);
         drop(envelope);
         Box::pin(async move {
-            let frame = |req| ClientFrame::Publish {
-                req,
-                queue: queue.to_owned(),
-                priority,
-                ttl_ms,
-                delay_ms,
-                key,
-                id,
-                payload: payload.clone(),
-                quiet: false,
-            };
             let conn = self.inner.current().ok_or(Error::Disconnected)?;
             let give_up = tokio::time::Instant::now() + self.inner.options.request_timeout;
             let mut conn = conn;
             for _ in 0..MAX_RESENDS {
-                match self.inner.request_on(&conn, frame, Waiter::Answer).await {
+                match self.inner.request_on(&conn, &frame, Waiter::Answer).await {
                     Ok(answer) => return answer.map(drop).map_err(|(code, message)| code.to_error(queue, message)),
                     // The connection went while the confirm was on its way: the broker may have the message or
                     // not. It goes again, with the same id, on the next connection; a durable queue takes it
@@ -1041,18 +1029,7 @@ impl Transport for Remote {
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
         let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = |req| ClientFrame::Publish {
-            req,
-            queue: queue.to_owned(),
-            priority: envelope.priority.unwrap_or(0),
-            ttl_ms: envelope.deadline_ms,
-            delay_ms: envelope.delay_ms,
-            key: call_key(&envelope),
-            id: Some(*envelope.id.as_bytes()),
-            payload,
-            quiet: true,
-        };
-        let frame = frame(conn.req());
+        let frame = publish_frame(queue, &envelope, payload, true)(conn.req());
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),
@@ -1137,6 +1114,28 @@ impl Transport for Remote {
             None => Err(Error::Disconnected),
         };
         Box::pin(std::future::ready(result))
+    }
+}
+
+/// The publish of `envelope`, encoded as `payload`, to `queue`, for whatever request id it is sent with.
+fn publish_frame<'q>(
+    queue: &'q str,
+    envelope: &Envelope,
+    payload: Bytes,
+    quiet: bool,
+) -> impl Fn(u32) -> ClientFrame + Send + Sync + use<'q> {
+    let (priority, ttl_ms, delay_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, envelope.delay_ms);
+    let (key, id) = (call_key(envelope), Some(*envelope.id.as_bytes()));
+    move |req| ClientFrame::Publish {
+        req,
+        queue: queue.to_owned(),
+        priority,
+        ttl_ms,
+        delay_ms,
+        key,
+        id,
+        payload: payload.clone(),
+        quiet,
     }
 }
 

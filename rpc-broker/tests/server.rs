@@ -540,12 +540,7 @@ async fn unconfirmed_and_quiet_publishes_are_answered_only_as_documented_and_inb
     for frame in &frames {
         raw.write_all(&encode(frame)).await.expect("writes");
     }
-    let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
-    let mut seen = Vec::new();
-    while !matches!(seen.last(), Some(ServerFrame::Ok { req: 3, .. })) {
-        let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("a frame");
-        seen.push(ServerFrame::parse(frame.expect("open").expect("ok")).expect("parses"));
-    }
+    let seen = frames_until_ok(raw, 3).await;
     let answered: Vec<u32> = seen
         .iter()
         .filter_map(|frame| match frame {
@@ -866,11 +861,17 @@ async fn a_client_of_the_oldest_accepted_version_is_served() {
     let hello = ClientFrame::Hello { version: OLDEST_CLIENT_VERSION, token: String::new(), name: "old".into() };
     raw.write_all(&encode(&hello)).await.expect("writes");
     raw.write_all(&encode(&ClientFrame::Sync { req: 1 })).await.expect("writes");
+    let seen = frames_until_ok(raw, 1).await;
+    assert!(matches!(seen.first(), Some(ServerFrame::Welcome { .. })), "{seen:?}");
+}
+
+/// The frames the broker sends on `raw` up to the `Ok` of request `req`, each within 5 s.
+async fn frames_until_ok(raw: TcpStream, req: u32) -> Vec<ServerFrame> {
     let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
     let mut seen = Vec::new();
-    while !matches!(seen.last(), Some(ServerFrame::Ok { req: 1, .. })) {
+    while !matches!(seen.last(), Some(ServerFrame::Ok { req: answered, .. }) if *answered == req) {
         let frame = tokio::time::timeout(Duration::from_secs(5), frames.next()).await.expect("a frame");
         seen.push(ServerFrame::parse(frame.expect("open").expect("ok")).expect("parses"));
     }
-    assert!(matches!(seen.first(), Some(ServerFrame::Welcome { .. })), "{seen:?}");
+    seen
 }
