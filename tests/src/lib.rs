@@ -174,6 +174,11 @@ impl AmqpHarness {
         AmqpHarness::with(rpc_broker::adapter::amqp::AmqpOptions::new())
     }
 
+    /// Transient requests: calls to a queue known to exist are published without confirms.
+    pub fn transient() -> Result<AmqpHarness, Skip> {
+        AmqpHarness::with(rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false))
+    }
+
     /// With `options` (queues still expire a minute after their last use).
     pub fn with(options: rpc_broker::adapter::amqp::AmqpOptions) -> Result<AmqpHarness, Skip> {
         let url = broker_url("MQRPC_AMQP_URL")?;

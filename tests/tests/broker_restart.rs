@@ -110,20 +110,26 @@ fn ctl(command: &str, argument: &str) {
     assert!(status.success(), "`{command} {argument}` failed");
 }
 
+/// Confirmed calls (persistent requests), then calls published without confirms (transient requests), each
+/// through a restart of RabbitMQ; one after the other, as both restart the same broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restart_during_calls() {
     let Some(command) = mqrpc_tests::broker_url("MQRPC_AMQP_CTL").map(Ok::<_, Skip>).available_value() else {
         return;
     };
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
-    calls_survive(&harness, async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let stop = command.clone();
-        tokio::task::spawn_blocking(move || ctl(&stop, "stop_app")).await.expect("stops");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        tokio::task::spawn_blocking(move || ctl(&command, "start_app")).await.expect("starts");
-    })
-    .await;
+    let Some(persistent) = AmqpHarness::from_env().available() else { return };
+    let Some(transient) = AmqpHarness::transient().available() else { return };
+    for harness in [persistent, transient] {
+        let command = command.clone();
+        calls_survive(&harness, async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let stop = command.clone();
+            tokio::task::spawn_blocking(move || ctl(&stop, "stop_app")).await.expect("stops");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::task::spawn_blocking(move || ctl(&command, "start_app")).await.expect("starts");
+        })
+        .await;
+    }
 }
 
 /// A nats-server of the test's own, on a free port, with JetStream storage in a directory of its own.

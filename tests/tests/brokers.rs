@@ -186,3 +186,77 @@ async fn rabbitmq_direct_reply_to_answers_calls() {
     mqrpc_tests::suite::ten_thousand_concurrent_calls(&harness).await;
     mqrpc_tests::suite::call_to_a_missing_service_fails_at_once(&harness).await;
 }
+
+/// Transient requests (the bench's setting; the e2e suite runs every scenario with them too): a call's request
+/// to a queue known to exist goes on the channel without confirms. Calls are answered, and once the queue is deleted the next call fails with `NoRoute`
+/// from RabbitMQ's return, well before its timeout; the call after it is checked again and fails the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_unconfirmed_call_to_a_deleted_queue_fails_with_no_route() {
+    use lapin::options::QueueDeleteOptions;
+    use lapin::{Connection, ConnectionProperties};
+
+    let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
+    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let namespace = namespace();
+    let server = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("a client");
+    let probe = ProbeClient::new(&client);
+    // The first call is confirmed; its reply says the queue has no maximum length, so the next ones are not.
+    for round in 0..3 {
+        assert_eq!(probe.add(round, 1).timeout(WAIT).await.expect("answered"), round + 1);
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    let connection = Connection::connect(harness.url(), ConnectionProperties::default()).await.expect("connects");
+    let channel = connection.create_channel().await.expect("a channel");
+    channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("deletes the queue");
+
+    for _ in 0..2 {
+        let started = tokio::time::Instant::now();
+        match probe.add(1, 1).timeout(WAIT).await {
+            Err(rpc_core::Error::NoRoute(name)) => assert_eq!(name, queue),
+            other => panic!("expected NoRoute, got {other:?}"),
+        }
+        assert!(started.elapsed() < WAIT / 4, "the call waited {:?} for its timeout", started.elapsed());
+    }
+    assert_eq!(client.stats().pending, 0);
+}
+
+/// A worker's queue with a maximum length: its replies do not say it is unbounded, so calls to it stay
+/// confirmed and a full queue still refuses one with `QueueFull` at once (an unconfirmed publish would be
+/// dropped without a word).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_calls_to_a_bounded_queue_stay_confirmed() {
+    let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
+    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let namespace = namespace();
+    let bounded = QueueOptions::new().max_len(3);
+    let worker_state = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
+    let server = Server::new(harness.connect().await)
+        .namespace(&namespace)
+        .queue_options(bounded)
+        .serve(ProbeServer::new(worker_state))
+        .await
+        .expect("the worker starts");
+    let transport = harness.connect().await;
+    let client = Client::builder(Arc::clone(&transport)).namespace(&namespace).connect().await.expect("a client");
+    let probe = ProbeClient::new(&client);
+    for round in 0..3 {
+        assert_eq!(probe.add(round, 1).timeout(WAIT).await.expect("answered"), round + 1);
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    let queued: Vec<_> = (0..3).map(|n| tokio::spawn(probe.add(n, 1).timeout(WAIT).into_future())).collect();
+    mqrpc_tests::eventually_async("three calls queued", WAIT, || async {
+        transport.queue_stats(&queue).await.is_ok_and(|stats| stats.ready == 3)
+    })
+    .await;
+    match probe.add(9, 9).timeout(WAIT).await {
+        Err(rpc_core::Error::QueueFull(full)) => assert_eq!(full, queue),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    for call in queued {
+        call.abort();
+    }
+}

@@ -3,6 +3,7 @@
 mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 mqrpc_tests::scenario_suite!(own_broker, mqrpc_tests::RemoteHarness::start().await);
 mqrpc_tests::scenario_suite!(rabbitmq, mqrpc_tests::AmqpHarness::from_env());
+mqrpc_tests::scenario_suite!(rabbitmq_transient, mqrpc_tests::AmqpHarness::transient());
 mqrpc_tests::scenario_suite!(nats_jetstream, mqrpc_tests::NatsHarness::jetstream());
 mqrpc_tests::scenario_suite!(nats_core, mqrpc_tests::NatsHarness::core(),
 run: [

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | queue | a durable queue; classic with `x-max-priority: 9`, or a quorum queue when [`AmqpOptions::quorum`] is set or the queue has a maximum number of deliveries (`x-delivery-limit`) |
 //! | publish | the default exchange, `mandatory`, publisher confirms: an unroutable request is [`Error::NoRoute`], a nack [`Error::QueueFull`] |
+//! | call | a transient request with the reply to this transport's reply queue, to a queue whose worker's replies said it has no maximum length, is published `mandatory` on a channel without confirms: the reply proves it arrived, and a return fails the call with [`Error::NoRoute`] within [`RETURNS_POLL`] |
 //! | max length | `x-max-length` with `x-overflow: reject-publish` |
 //! | dead letters | `x-dead-letter-exchange: ""` routing to `<queue>.dlq` |
 //! | consume | one channel per consumer, `basic.qos` prefetch, manual acks |
@@ -32,9 +33,10 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -51,12 +53,17 @@ use rpc_core::{
     AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
     Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, naming,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
 use super::{CounterMap, Counters, headers};
 use crate::embedded::UnboundedStream;
 
+/// How often the requests RabbitMQ returned unroutable from the unconfirmed channel are collected, while
+/// calls published there wait; lapin keeps them without telling anyone.
+pub const RETURNS_POLL: Duration = Duration::from_millis(20);
+/// Ids of returned calls kept for the waiting calls to find theirs.
+const RETURNED_KEPT: usize = 1_024;
 /// Every reply queue this transport declares starts with this.
 const INBOX_PREFIX: &str = "mqrpc.inbox.";
 /// The pseudo-queue of RabbitMQ's direct reply-to.
@@ -167,6 +174,10 @@ struct Inner {
     next_consumer: AtomicU64,
     generation: AtomicU64,
     known_queues: Mutex<HashSet<String>>,
+    /// Queues whose existence a task is checking now.
+    learning: Mutex<HashSet<String>>,
+    /// Queues a worker's reply said have no maximum length: calls go there without confirms.
+    unbounded: Mutex<HashSet<String>>,
     counters: CounterMap,
     closed: AtomicBool,
     /// Bounds the short-lived channels of declares and checks (RabbitMQ limits channels per connection).
@@ -178,6 +189,37 @@ struct Inner {
     /// Consumer cancels and channel closes under way. A channel's close-ok comes once RabbitMQ has handled
     /// everything sent on it before, acks included.
     closing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Calls published without a confirm.
+    quiet: Arc<Quiet>,
+}
+
+/// The calls published on the unconfirmed channel, and what RabbitMQ returned of them.
+#[derive(Default)]
+struct Quiet {
+    /// Calls whose publish future waits for a return; the collector sleeps while there are none.
+    waiting: AtomicUsize,
+    /// Wakes the collector when the first call starts waiting, and when the transport goes.
+    wake: Notify,
+    /// The ids of the latest returned calls, newest last; each batch bumps the version.
+    returned: watch::Sender<VecDeque<Uuid>>,
+}
+
+/// Counts a call among [`Quiet::waiting`] while it lives.
+struct Waiting<'a>(&'a Quiet);
+
+impl<'a> Waiting<'a> {
+    fn new(quiet: &'a Quiet) -> Waiting<'a> {
+        if quiet.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            quiet.wake.notify_waiters();
+        }
+        Waiting(quiet)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Short-lived channels open at once, at most.
@@ -196,6 +238,8 @@ struct Conn {
     connection: Connection,
     /// Publishes (in confirm mode) and the direct reply-to consumer.
     publisher: Channel,
+    /// Publishes without confirms: calls' requests, whose reply proves arrival, and replies to reply queues.
+    unconfirmed: Channel,
     generation: u64,
 }
 
@@ -203,7 +247,12 @@ impl Conn {
     /// The error a failed publish reports: [`Error::Disconnected`] once the connection or the publishing channel
     /// is going away (RabbitMQ stopping puts the channel in an error state before the supervisor hears of it).
     fn publish_error(&self, error: lapin::Error) -> Error {
-        if connection_level(&error) || !self.publisher.status().connected() || !self.connection.status().connected() {
+        self.error_on(&self.publisher, error)
+    }
+
+    /// As [`Conn::publish_error`], for a publish on `channel`.
+    fn error_on(&self, channel: &Channel, error: lapin::Error) -> Error {
+        if connection_level(&error) || !channel.status().connected() || !self.connection.status().connected() {
             Error::Disconnected
         } else {
             from_lapin(error)
@@ -358,8 +407,41 @@ impl Inner {
         known.insert(queue.to_owned());
     }
 
+    /// Checks in a task of its own whether `queue` exists, and remembers it if so; one check per queue at once.
+    fn learn(self: &Arc<Self>, queue: &str) {
+        if !Inner::lock(&self.learning).insert(queue.to_owned()) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            if let Ok(conn) = inner.current()
+                && let Ok(Some(_)) = inner.inspect(&conn, &queue).await
+            {
+                inner.remember(&queue);
+            }
+            Inner::lock(&inner.learning).remove(&queue);
+        });
+    }
+
     fn forget(&self, queue: &str) {
         Inner::lock(&self.known_queues).remove(queue);
+        Inner::lock(&self.unbounded).remove(queue);
+    }
+
+    /// Remembers what a reply's [`headers::UNBOUNDED_QUEUE`] says.
+    fn mark_unbounded(&self, queue: &str) {
+        let mut unbounded = Inner::lock(&self.unbounded);
+        if !unbounded.contains(queue) {
+            if unbounded.len() >= KNOWN_QUEUES_MAX {
+                unbounded.clear();
+            }
+            unbounded.insert(queue.to_owned());
+        }
+    }
+
+    fn is_unbounded(&self, queue: &str) -> bool {
+        Inner::lock(&self.unbounded).contains(queue)
     }
 
     fn is_known(&self, queue: &str) -> bool {
@@ -407,11 +489,14 @@ impl Inner {
             logical.current = Some((channel.clone(), tag));
             logical.sender.clone()
         };
-        let max_deliveries = match &target {
+        let (max_deliveries, unbounded) = match &target {
             Target::Queue(queue) => {
-                Inner::lock(&self.topology).queues.get(queue).and_then(|options| options.max_deliveries)
+                let declared = Inner::lock(&self.topology).queues.get(queue).cloned();
+                let max_deliveries = declared.as_ref().and_then(|options| options.max_deliveries);
+                let unbounded = declared.is_some_and(|options| options.max_len.is_none()).then(|| queue.clone());
+                (max_deliveries, unbounded)
             }
-            _ => None,
+            _ => (None, None),
         };
         let counters = self.counters.of(&queue);
         let acker: Arc<AmqpAcker> = Arc::new(AmqpAcker {
@@ -419,8 +504,10 @@ impl Inner {
             counters: Arc::clone(&counters),
             max_deliveries,
             counts: Mutex::new(HashMap::new()),
+            unbounded,
         });
-        let pump = Pump { inner: Arc::downgrade(self), id, acker, counters, sender, manual: !no_ack };
+        let inbox = !matches!(target, Target::Queue(_));
+        let pump = Pump { inner: Arc::downgrade(self), id, acker, counters, sender, manual: !no_ack, inbox };
         tokio::spawn(pump.run(consumer, conn.generation));
         Ok(())
     }
@@ -466,8 +553,9 @@ impl Inner {
         let connection = Connection::connect(&self.url, properties).await.map_err(from_lapin)?;
         let publisher = connection.create_channel().await.map_err(from_lapin)?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(from_lapin)?;
+        let unconfirmed = connection.create_channel().await.map_err(from_lapin)?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Conn { connection, publisher, generation })
+        Ok(Conn { connection, publisher, unconfirmed, generation })
     }
 
     fn publish_to<'a>(
@@ -541,6 +629,8 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The collector of returns finds the transport gone and ends.
+        self.quiet.wake.notify_waiters();
         if let Some(conn) = self.conn.borrow().clone() {
             close_connection(conn);
         }
@@ -615,17 +705,21 @@ impl Amqp {
             next_consumer: AtomicU64::new(1),
             generation: AtomicU64::new(0),
             known_queues: Mutex::new(HashSet::new()),
+            learning: Mutex::new(HashSet::new()),
+            unbounded: Mutex::new(HashSet::new()),
             counters: CounterMap::default(),
             closed: AtomicBool::new(false),
             admin: tokio::sync::Semaphore::new(ADMIN_CHANNELS),
             checking: tokio::sync::Mutex::new(()),
             losses: watch::Sender::new(0),
             closing: Mutex::new(Vec::new()),
+            quiet: Arc::default(),
         });
         let first = Arc::new(inner.open().await?);
         let events = first.connection.events_listener();
         inner.conn.send_replace(Some(first));
         tokio::spawn(supervise(Arc::downgrade(&inner), events.boxed()));
+        tokio::spawn(collect_returns(Arc::downgrade(&inner), Arc::clone(&inner.quiet)));
         Ok(Amqp { inner })
     }
 
@@ -662,6 +756,46 @@ impl Amqp {
         }
         let guard = ConsumerGuard { inner: Arc::clone(&self.inner), id };
         Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+    }
+}
+
+/// Collects the calls RabbitMQ returned unroutable from the unconfirmed channel, every [`RETURNS_POLL`] while
+/// calls wait there, and tells them; the queue they were sent to is checked again by the next call.
+async fn collect_returns(inner: Weak<Inner>, quiet: Arc<Quiet>) {
+    loop {
+        let woken = quiet.wake.notified();
+        let mut woken = std::pin::pin!(woken);
+        // Enabled before the check, so that a call that starts waiting in between wakes it.
+        woken.as_mut().enable();
+        if quiet.waiting.load(Ordering::Acquire) == 0 {
+            woken.await;
+        }
+        tokio::time::sleep(RETURNS_POLL).await;
+        let conn = match inner.upgrade() {
+            None => return,
+            Some(strong) if strong.closed.load(Ordering::Acquire) => return,
+            Some(strong) => strong.conn.borrow().clone(),
+        };
+        let Some(conn) = conn else { continue };
+        // Without confirms, this only takes what lapin holds.
+        let returned = conn.unconfirmed.wait_for_confirms().await.unwrap_or_default();
+        drop(conn);
+        if returned.is_empty() {
+            continue;
+        }
+        let Some(strong) = inner.upgrade() else { return };
+        let mut ids = Vec::with_capacity(returned.len());
+        for message in &returned {
+            strong.forget(message.routing_key.as_str());
+            let id = message.properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok());
+            ids.extend(id);
+        }
+        tracing::debug!(returned = returned.len(), "RabbitMQ returned unroutable calls");
+        quiet.returned.send_modify(|kept| {
+            kept.extend(ids);
+            let excess = kept.len().saturating_sub(RETURNED_KEPT);
+            kept.drain(..excess);
+        });
     }
 }
 
@@ -728,6 +862,8 @@ struct Pump {
     counters: Arc<Counters>,
     sender: mpsc::UnboundedSender<Delivery>,
     manual: bool,
+    /// Consumes replies: reads [`headers::UNBOUNDED_QUEUE`].
+    inbox: bool,
 }
 
 impl Pump {
@@ -764,6 +900,13 @@ impl Pump {
     async fn forward(&self, delivery: lapin::message::Delivery) -> bool {
         let tag = delivery.delivery_tag;
         let delivery_count = delivery_count(&delivery);
+        if self.inbox
+            && let Some(AMQPValue::LongString(queue)) =
+                delivery.properties.headers().as_ref().and_then(|table| table.inner().get(headers::UNBOUNDED_QUEUE))
+            && let Some(inner) = self.inner.upgrade()
+        {
+            inner.mark_unbounded(&String::from_utf8_lossy(queue.as_bytes()));
+        }
         let envelope = match from_amqp(delivery.properties, delivery.data) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -825,6 +968,8 @@ struct AmqpAcker {
     max_deliveries: Option<u32>,
     /// Delivery counts of unsettled deliveries, kept when the queue has a maximum.
     counts: Mutex<HashMap<u64, u32>>,
+    /// The queue, when this transport declared it without a maximum length: said on each reply to an inbox.
+    unbounded: Option<String>,
 }
 
 impl fmt::Debug for AmqpAcker {
@@ -886,7 +1031,7 @@ impl Acker for AmqpAcker {
             // requeued the request, it reads nothing more from it, so a stale reply never reaches the caller.
             // Unconfirmed and not mandatory, as `Amqp::publish_reply`; the ack that follows on this channel
             // cannot overtake it.
-            let (properties, body) = to_amqp(&reply, false)?;
+            let (properties, body) = to_amqp_marked(&reply, false, self.unbounded.as_deref())?;
             match self
                 .channel
                 .basic_publish("".into(), short(reply_to)?, BasicPublishOptions::default(), &body, properties)
@@ -971,6 +1116,64 @@ impl Transport for Amqp {
         self.inner.publish_to("", queue, envelope)
     }
 
+    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        if envelope.kind == Kind::Request && !self.inner.is_known(queue) {
+            // The confirmed publish checks the queue after its confirm, but the reply usually comes first and
+            // the caller drops the check with the publish: a check of its own learns it.
+            self.inner.learn(queue);
+            return self.publish(queue, envelope);
+        }
+        // A persistent request keeps its confirm: it says the request is on disk. Direct reply-to needs the
+        // request on the channel that consumes the replies, which confirms.
+        let to_inbox = envelope.reply_to.as_deref().is_some_and(|reply_to| reply_to.starts_with(INBOX_PREFIX));
+        let conn = match self.inner.current() {
+            Ok(conn) => conn,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        // A full queue drops an unconfirmed publish without a word: only a queue that a worker's reply said
+        // has no maximum length takes them.
+        if envelope.kind != Kind::Request
+            || !to_inbox
+            || self.inner.options.persistent
+            || envelope.delay_ms.is_some()
+            || !conn.unconfirmed.status().connected()
+            || !self.inner.is_unbounded(queue)
+        {
+            return self.publish(queue, envelope);
+        }
+        // Quiet: the reply to the inbox proves the request arrived. A connection lost meanwhile takes the
+        // reply queue with it, which fails the call with `ReplyLost`; an unroutable request comes back and
+        // fails it with `NoRoute`. Otherwise the future waits until the caller drops it.
+        let prepared = to_amqp(&envelope, false).and_then(|message| Ok((message, short(queue)?)));
+        let ((properties, body), routing_key) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        let id = envelope.id;
+        drop(envelope);
+        // Subscribed before the publish, so that its return cannot be missed.
+        let mut returned = self.inner.quiet.returned.subscribe();
+        Box::pin(async move {
+            let _waiting = Waiting::new(&self.inner.quiet);
+            let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+            let _unconfirmed = conn
+                .unconfirmed
+                .basic_publish("".into(), routing_key, options, &body, properties)
+                .await
+                .map_err(|error| conn.error_on(&conn.unconfirmed, error))?;
+            drop(conn);
+            Counters::bump(&self.inner.counters.of(queue).published);
+            loop {
+                if returned.changed().await.is_err() {
+                    return Err(Error::Shutdown);
+                }
+                if returned.borrow_and_update().contains(&id) {
+                    return Err(Error::NoRoute(queue.to_owned()));
+                }
+            }
+        })
+    }
+
     fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         if !(reply_to.starts_with(INBOX_PREFIX) || reply_to.starts_with(DIRECT_REPLY_TO)) {
             return self.publish(reply_to, reply);
@@ -988,11 +1191,12 @@ impl Transport for Amqp {
         };
         drop(reply);
         Box::pin(async move {
-            let _confirm = conn
-                .publisher
+            // Not on the confirming channel: lapin would keep every confirm nobody waits for.
+            let _unconfirmed = conn
+                .unconfirmed
                 .basic_publish("".into(), routing_key, BasicPublishOptions::default(), &body, properties)
                 .await
-                .map_err(|error| conn.publish_error(error))?;
+                .map_err(|error| conn.error_on(&conn.unconfirmed, error))?;
             // No counter per reply address: a worker answers many callers over its life, and each would keep
             // one.
             Ok(())
@@ -1107,7 +1311,19 @@ fn string_value(value: impl Into<Vec<u8>>) -> AMQPValue {
 
 /// The AMQP properties and body of an envelope.
 fn to_amqp(envelope: &Envelope, persistent: bool) -> Result<(BasicProperties, Vec<u8>), Error> {
+    to_amqp_marked(envelope, persistent, None)
+}
+
+/// As [`to_amqp`], with [`headers::UNBOUNDED_QUEUE`] set to `unbounded`.
+fn to_amqp_marked(
+    envelope: &Envelope,
+    persistent: bool,
+    unbounded: Option<&str>,
+) -> Result<(BasicProperties, Vec<u8>), Error> {
     let mut table = FieldTable::default();
+    if let Some(queue) = unbounded {
+        table.insert(headers::UNBOUNDED_QUEUE.into(), string_value(queue));
+    }
     table.insert(headers::KIND.into(), string_value(super::kind_name(envelope.kind)));
     if !envelope.service.is_empty() {
         table.insert(headers::SERVICE.into(), string_value(envelope.service.as_str()));
@@ -1168,8 +1384,7 @@ fn to_amqp(envelope: &Envelope, persistent: bool) -> Result<(BasicProperties, Ve
 
 /// The envelope of an AMQP message: written by [`to_amqp`], or by a plain AMQP client.
 fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<Envelope, Error> {
-    let table = properties.headers().clone().unwrap_or_default();
-    let header = |name: &str| table.inner().get(name);
+    let header = |name: &str| properties.headers().as_ref().and_then(|table| table.inner().get(name));
     let reply_to = properties.reply_to().as_ref().map(|reply_to| reply_to.as_str().to_owned());
     let kind_name = header(headers::KIND).and_then(text);
     let mut envelope = Envelope::new(super::kind_of(kind_name.as_deref(), reply_to.is_some()));
@@ -1207,7 +1422,7 @@ fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<Envelope, Err
     envelope.priority = properties.priority().filter(|priority| *priority > 0);
     envelope.status = header(headers::STATUS).and_then(integer).and_then(|code| u16::try_from(code).ok()).unwrap_or(0);
     envelope.status_message = header(headers::STATUS_MESSAGE).and_then(text);
-    for (name, value) in table.inner() {
+    for (name, value) in properties.headers().iter().flat_map(|table| table.inner()) {
         if super::is_user_header(name.as_str())
             && let Some(value) = text(value)
         {

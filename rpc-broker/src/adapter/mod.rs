@@ -52,6 +52,10 @@ pub mod headers {
     pub const REPLY_TO: &str = "mqrpc-reply-to";
     /// A correlation id from a caller that is not a UUID, kept to be echoed verbatim on the reply.
     pub const RAW_CORRELATION_ID: &str = "mqrpc-raw-correlation-id";
+    /// On a reply (AMQP): the request's queue, which the worker declared without a maximum length. A caller
+    /// publishes its later calls to that queue without publisher confirms: no full queue can drop them
+    /// unannounced, and the reply proves arrival.
+    pub const UNBOUNDED_QUEUE: &str = "mqrpc-unbounded-queue";
 }
 
 /// Refuses a message published with a delay: the broker has no delayed delivery of its own, and sending it
