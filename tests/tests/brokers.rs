@@ -22,8 +22,17 @@ fn namespace() -> String {
 }
 
 async fn worker(transport: Arc<dyn Transport>, namespace: &str) -> ServerHandle {
+    worker_with(transport, namespace, QueueOptions::new()).await
+}
+
+async fn worker_with(transport: Arc<dyn Transport>, namespace: &str, options: QueueOptions) -> ServerHandle {
     let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
-    Server::new(transport).namespace(namespace).serve(ProbeServer::new(worker)).await.expect("the worker starts")
+    Server::new(transport)
+        .namespace(namespace)
+        .queue_options(options)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("the worker starts")
 }
 
 /// The arguments of `add`, as any MessagePack library writes a map.
@@ -230,14 +239,7 @@ async fn rabbitmq_calls_to_a_bounded_queue_stay_confirmed() {
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
     let Some(harness) = AmqpHarness::with(options).available() else { return };
     let namespace = namespace();
-    let bounded = QueueOptions::new().max_len(3);
-    let worker_state = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
-    let server = Server::new(harness.connect().await)
-        .namespace(&namespace)
-        .queue_options(bounded)
-        .serve(ProbeServer::new(worker_state))
-        .await
-        .expect("the worker starts");
+    let server = worker_with(harness.connect().await, &namespace, QueueOptions::new().max_len(3)).await;
     let transport = harness.connect().await;
     let client = Client::builder(Arc::clone(&transport)).namespace(&namespace).connect().await.expect("a client");
     let probe = ProbeClient::new(&client);

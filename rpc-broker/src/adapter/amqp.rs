@@ -1023,7 +1023,7 @@ impl Acker for AmqpAcker {
                 // RabbitMQ requeued the channel's deliveries when it closed.
                 return Err(Error::DeliveryLost);
             }
-            if !(reply_to.starts_with(INBOX_PREFIX) || reply_to.starts_with(DIRECT_REPLY_TO)) {
+            if !is_reply_queue(reply_to) {
                 // A durable callback queue: confirmed, on the transport's publishing channel.
                 return transport.publish_reply(reply_to, reply).await;
             }
@@ -1117,10 +1117,14 @@ impl Transport for Amqp {
     }
 
     fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        if envelope.kind == Kind::Request && !self.inner.is_known(queue) {
-            // The confirmed publish checks the queue after its confirm, but the reply usually comes first and
-            // the caller drops the check with the publish: a check of its own learns it.
-            self.inner.learn(queue);
+        // One lookup on the way of most calls: a queue said to be unbounded is known.
+        let unbounded = envelope.kind == Kind::Request && self.inner.is_unbounded(queue);
+        if !unbounded {
+            if envelope.kind == Kind::Request && !self.inner.is_known(queue) {
+                // The confirmed publish checks the queue after its confirm, but the reply usually comes first
+                // and the caller drops the check with the publish: a check of its own learns it.
+                self.inner.learn(queue);
+            }
             return self.publish(queue, envelope);
         }
         // A persistent request keeps its confirm: it says the request is on disk. Direct reply-to needs the
@@ -1131,13 +1135,11 @@ impl Transport for Amqp {
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
         // A full queue drops an unconfirmed publish without a word: only a queue that a worker's reply said
-        // has no maximum length takes them.
-        if envelope.kind != Kind::Request
-            || !to_inbox
+        // has no maximum length (above) takes them.
+        if !to_inbox
             || self.inner.options.persistent
             || envelope.delay_ms.is_some()
             || !conn.unconfirmed.status().connected()
-            || !self.inner.is_unbounded(queue)
         {
             return self.publish(queue, envelope);
         }
@@ -1175,7 +1177,7 @@ impl Transport for Amqp {
     }
 
     fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        if !(reply_to.starts_with(INBOX_PREFIX) || reply_to.starts_with(DIRECT_REPLY_TO)) {
+        if !is_reply_queue(reply_to) {
             return self.publish(reply_to, reply);
         }
         // A caller's reply queue is transient: a confirm adds no guarantee, only a round trip. Not mandatory,
@@ -1303,6 +1305,11 @@ fn text(value: &AMQPValue) -> Option<String> {
         AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
         other => integer(other).map(|n| n.to_string()),
     }
+}
+
+/// Whether `address` is a caller's reply queue (this transport's kind, or direct reply-to), not a durable queue.
+fn is_reply_queue(address: &str) -> bool {
+    address.starts_with(INBOX_PREFIX) || address.starts_with(DIRECT_REPLY_TO)
 }
 
 fn string_value(value: impl Into<Vec<u8>>) -> AMQPValue {
