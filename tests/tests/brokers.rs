@@ -109,6 +109,63 @@ async fn a_plain_nats_client_calls_a_service() {
     assert!(matches!(nobody.map_err(|error| error.kind()), Err(async_nats::RequestErrorKind::NoResponders)));
 }
 
+/// A oneway envelope of `size` body bytes, numbered `n` in its method name.
+fn oneway(n: usize, size: usize) -> rpc_core::Envelope {
+    let mut envelope = rpc_core::Envelope::new(rpc_core::Kind::Oneway);
+    envelope.method = format!("m{n}");
+    envelope.body = vec![7; size].into();
+    envelope
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_messages_published_before_close_all_reach_the_server() {
+    let Some(harness) = NatsHarness::core().available() else { return };
+    let plain = async_nats::connect(harness.url()).await.expect("connects");
+    let subject = format!("{}.burst", namespace());
+    let mut received = plain.subscribe(subject.clone()).await.expect("subscribes");
+    plain.flush().await.expect("the server has the subscription");
+
+    // Published from many tasks at once, so that most wait in the transport's batches when it closes.
+    const MESSAGES: usize = 2_000;
+    let transport = Arc::new(rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects"));
+    let publishes = (0..MESSAGES).map(|n| {
+        let (transport, subject) = (Arc::clone(&transport), subject.clone());
+        tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
+    });
+    for published in join_all(publishes).await {
+        published.expect("the task ran").expect("published");
+    }
+    transport.close().await;
+
+    let mut count = 0;
+    while count < MESSAGES {
+        tokio::time::timeout(WAIT, received.next()).await.expect("every message arrives").expect("subscribed");
+        count += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
+    let Some(harness) = NatsHarness::core().available() else { return };
+    let plain = async_nats::connect(harness.url()).await.expect("connects");
+    let subject = format!("{}.sizes", namespace());
+    let mut received = plain.subscribe(subject.clone()).await.expect("subscribes");
+    plain.flush().await.expect("the server has the subscription");
+    let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
+    let max = transport.client().max_payload();
+
+    let refused = transport.publish(&subject, oneway(0, max)).await;
+    assert!(
+        matches!(&refused, Err(rpc_core::Error::InvalidArgument(message)) if message.contains("maximum payload")),
+        "{refused:?}"
+    );
+    transport.publish(&subject, oneway(1, 16)).await.expect("a small message after it is published");
+    let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
+    let envelope = rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default())
+        .expect("an envelope");
+    assert_eq!(envelope.method, "m1", "only the small message reached the server");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_jetstream_client_calls_a_service() {
     let Some(harness) = NatsHarness::jetstream().available() else { return };

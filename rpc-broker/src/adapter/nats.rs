@@ -160,6 +160,8 @@ impl fmt::Debug for Nats {
 
 struct Inner {
     client: async_nats::Client,
+    /// Core publishes of whole envelopes, on their way to the client in batches.
+    outbox: Outbox,
     jetstream: jetstream::Context,
     options: NatsOptions,
     connected: watch::Receiver<bool>,
@@ -251,8 +253,8 @@ impl Inner {
     /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
     ///
     /// Not an `async fn`: the message is made before the future, and a core publish (every call and every
-    /// reply in core mode) awaits only the client's send, so that its future (one allocation per message) stays
-    /// small; a JetStream publish, which waits for the stream's ack, has a future of its own.
+    /// reply in core mode) awaits only room in the [`Outbox`], so that its future (one allocation per message)
+    /// stays small; a JetStream publish, which waits for the stream's ack, has a future of its own.
     fn publish<'a>(&'a self, queue: &'a str, mut envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         let checked = self.check().and_then(|()| super::refuse_delay(&envelope)).and_then(|()| check_subject(queue));
         if let Err(error) = checked {
@@ -293,7 +295,19 @@ impl Inner {
             Ok(message) => message,
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
-        // Empty headers go out as a plain PUB.
+        if headers.is_empty() {
+            // The whole envelope in the body: through the outbox, which hands the connection batches.
+            let outbox = &self.outbox;
+            let size_checked = outbox.check(queue, reply.as_deref(), body.len());
+            return Box::pin(async move {
+                size_checked?;
+                outbox.send(Outgoing::Message { subject: queue.into(), reply: reply.map(Into::into), body }).await?;
+                if let Some(counters) = counters {
+                    Counters::bump(&counters.published);
+                }
+                Ok(())
+            });
+        }
         let subject = queue.to_owned();
         let client = &self.client;
         Box::pin(async move {
@@ -664,8 +678,10 @@ impl Nats {
                 _ => transport(error),
             })?;
         let jetstream = jetstream::new(client.clone());
+        let outbox = Outbox::start(client.clone());
         let inner = Arc::new(Inner {
             client,
+            outbox,
             jetstream,
             options,
             connected,
@@ -690,6 +706,7 @@ impl Nats {
     /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        self.inner.outbox.drained().await;
         let _ = self.inner.client.drain().await;
     }
 
@@ -740,6 +757,101 @@ impl Nats {
         tokio::spawn(keep_alive(Arc::downgrade(&acker), self.inner.options.ack_wait / 3));
         let control = CancelOnDrop { cancel, held_by: Some(acker) };
         Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+    }
+}
+
+/// Publishes on their way to the client's connection handler, handed over by one task in batches.
+///
+/// async-nats writes what its connection task finds queued when it runs, and a publish wakes that task: from a
+/// runtime worker, into the slot that runs next. Calls publishing one by one from their own tasks would each
+/// be written alone, a system call and a read on the server per message. Here the first publish wakes the
+/// forwarding task, which yields once (so that it runs again only after the tasks ready now, which publish
+/// too) and then hands over everything queued: the connection task writes the batch at once.
+struct Outbox {
+    sender: mpsc::Sender<Outgoing>,
+    /// The server's maximum payload, as the client knows it.
+    client: async_nats::Client,
+}
+
+/// What goes through the outbox.
+enum Outgoing {
+    /// A message without headers.
+    Message { subject: async_nats::Subject, reply: Option<async_nats::Subject>, body: Bytes },
+    /// Answered once everything queued before it is with the client.
+    Drained(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Outbox {
+    /// Messages the outbox holds at most; a publish past it waits for room.
+    const CAPACITY: usize = 2_048;
+    /// The most messages handed to the client between two yields.
+    const BATCH: usize = 256;
+
+    /// An outbox forwarding to `client`, its task on the current runtime.
+    fn start(client: async_nats::Client) -> Outbox {
+        let (sender, receiver) = mpsc::channel(Outbox::CAPACITY);
+        tokio::spawn(Outbox::forward(client.clone(), receiver));
+        Outbox { sender, client }
+    }
+
+    /// What the client would refuse, refused before the message is queued: the forwarding task has no one
+    /// to tell.
+    fn check(&self, subject: &str, reply: Option<&str>, size: usize) -> Result<(), Error> {
+        if let Some(reply) = reply
+            && (reply.is_empty() || reply.contains([' ', '\t', '\r', '\n']))
+        {
+            return Err(Error::InvalidArgument(format!("`{reply}` is not a valid NATS reply subject")));
+        }
+        let max = self.client.max_payload();
+        if size > max {
+            return Err(Error::InvalidArgument(format!(
+                "a message of {size} bytes to `{subject}` is over the server's maximum payload of {max} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn send(&self, outgoing: Outgoing) -> Result<(), Error> {
+        self.sender.send(outgoing).await.map_err(|_| Error::Disconnected)
+    }
+
+    /// Once everything queued so far is with the client.
+    async fn drained(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.sender.send(Outgoing::Drained(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Hands the queued messages to `client` until every sender is gone.
+    async fn forward(client: async_nats::Client, mut receiver: mpsc::Receiver<Outgoing>) {
+        let mut batch = Vec::with_capacity(Outbox::BATCH);
+        while receiver.recv_many(&mut batch, Outbox::BATCH).await > 0 {
+            tokio::task::yield_now().await;
+            while batch.len() < Outbox::BATCH {
+                match receiver.try_recv() {
+                    Ok(outgoing) => batch.push(outgoing),
+                    Err(_) => break,
+                }
+            }
+            for outgoing in batch.drain(..) {
+                match outgoing {
+                    Outgoing::Message { subject, reply, body } => {
+                        let sent = match reply {
+                            Some(reply) => client.publish_with_reply(subject, reply, body).await,
+                            None => client.publish(subject, body).await,
+                        };
+                        if let Err(error) = sent {
+                            // Only a closed client refuses what `check` let through.
+                            tracing::warn!(%error, "the NATS client refused a message");
+                        }
+                    }
+                    Outgoing::Drained(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1252,7 +1364,10 @@ impl Transport for Nats {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         // Acks are publishes buffered by the client: flushing it hands them to the server.
-        Box::pin(async move { self.inner.client.flush().await.map_err(|_| Error::Disconnected) })
+        Box::pin(async move {
+            self.inner.outbox.drained().await;
+            self.inner.client.flush().await.map_err(|_| Error::Disconnected)
+        })
     }
 }
 
