@@ -188,6 +188,8 @@ pub(crate) fn report(
         elapsed.as_secs_f64()
     );
     let _ = writeln!(out, "machine: {}", machine());
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    let _ = writeln!(out, "malloc: GLIBC_TUNABLES={}", if tunables.is_empty() { "(none)" } else { &tunables });
     let _ = writeln!(
         out,
         "cpu: user+system time of every process of the variant (this one, responders, broker) per call\n"
