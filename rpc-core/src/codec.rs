@@ -466,6 +466,30 @@ mod envelope_codec {
     /// The keys of the envelope's fields, in the bit each takes in the set of fields seen.
     const KEYS: [&str; 17] = ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b"];
 
+    /// The slot in [`KEYS`] of the field named `key`: one comparison of the length and at most two bytes.
+    fn slot_of(key: &[u8]) -> Option<usize> {
+        Some(match key {
+            b"v" => 0,
+            b"k" => 1,
+            b"i" => 2,
+            b"c" => 3,
+            b"s" => 4,
+            b"m" => 5,
+            b"r" => 6,
+            b"d" => 7,
+            b"dl" => 8,
+            b"a" => 9,
+            b"ik" => 10,
+            b"p" => 11,
+            b"st" => 12,
+            b"sm" => 13,
+            b"cl" => 14,
+            b"h" => 15,
+            b"b" => 16,
+            _ => return None,
+        })
+    }
+
     /// Decodes an envelope from `bytes`, taking the body with `body` (a copy, or a shared slice).
     pub(super) fn decode(
         bytes: &[u8],
@@ -499,15 +523,17 @@ mod envelope_codec {
         let mut seen = 0u32;
         let mut body_range = 0..0;
         for _ in 0..fields {
-            let Some(field) = r.field_key()? else {
+            let Some(key) = r.str_bytes()? else {
                 r.skip_one(limits.max_depth, 1)?;
                 r.skip_one(limits.max_depth, 1)?;
                 continue;
             };
-            let Some(slot) = KEYS.iter().position(|key| *key == field) else {
+            let Some(slot) = slot_of(key) else {
+                std::str::from_utf8(key).map_err(|_| wrong("invalid utf-8 in a field name"))?;
                 r.skip_one(limits.max_depth, 1)?;
                 continue;
             };
+            let field = KEYS[slot];
             if seen & (1 << slot) != 0 {
                 return Err(CodecError::Decode(format!("duplicate field `{field}`")));
             }
@@ -589,13 +615,6 @@ mod envelope_codec {
         }
 
         /// A map key that is a string, or `None` (nothing consumed) for a key of another type.
-        fn field_key(&mut self) -> Result<Option<&'a str>, CodecError> {
-            match self.str_bytes()? {
-                Some(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|_| wrong("invalid utf-8 in a field name")),
-                None => Ok(None),
-            }
-        }
-
         fn string(&mut self, field: &str) -> Result<String, CodecError> {
             match self.str_bytes()? {
                 Some(bytes) => std::str::from_utf8(bytes)
@@ -712,6 +731,19 @@ mod envelope_codec {
 
     fn non_negative(value: i64, field: &str) -> Result<u64, CodecError> {
         u64::try_from(value).map_err(|_| CodecError::Decode(format!("negative value in field `{field}`")))
+    }
+
+    #[cfg(test)]
+    mod keys {
+        #[test]
+        fn every_key_has_its_own_slot_and_nothing_else_has_one() {
+            for (slot, key) in super::KEYS.iter().enumerate() {
+                assert_eq!(super::slot_of(key.as_bytes()), Some(slot), "{key}");
+            }
+            for other in ["", "V", "x", "ikk", "b ", "body"] {
+                assert_eq!(super::slot_of(other.as_bytes()), None, "{other}");
+            }
+        }
     }
 }
 
