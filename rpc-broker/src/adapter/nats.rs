@@ -252,9 +252,10 @@ impl Inner {
 
     /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
     ///
-    /// Not an `async fn`: the message is made before the future, and a core publish (every call and every
-    /// reply in core mode) awaits only room in the [`Outbox`], so that its future (one allocation per message)
-    /// stays small; a JetStream publish, which waits for the stream's ack, has a future of its own.
+    /// Not an `async fn`: the message is made before the future, and a core publish awaits only room in the
+    /// [`Outbox`] (in core mode, a message without headers: every call and every reply to an mqrpc inbox) or in
+    /// the client's queue, so that its future (one allocation per message) stays small; a JetStream publish,
+    /// which waits for the stream's ack, has a future of its own.
     fn publish<'a>(&'a self, queue: &'a str, mut envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         let checked = self.check().and_then(|()| super::refuse_delay(&envelope)).and_then(|()| check_subject(queue));
         if let Err(error) = checked {
@@ -295,13 +296,18 @@ impl Inner {
             Ok(message) => message,
             Err(error) => return Box::pin(std::future::ready(Err(error))),
         };
-        if headers.is_empty() {
+        // Not in JetStream mode: there a reply is followed by the ack of its request, which goes to the client
+        // directly, and must not reach the server before the reply (a crash in between would lose the call).
+        if headers.is_empty() && !self.options.jetstream {
             // The whole envelope in the body: through the outbox, which hands the connection batches.
             let outbox = &self.outbox;
             let size_checked = outbox.check(queue, reply.as_deref(), body.len());
             return Box::pin(async move {
                 size_checked?;
-                outbox.send(Outgoing::Message { subject: queue.into(), reply: reply.map(Into::into), body }).await?;
+                let message = Outgoing::Message { subject: queue.into(), reply: reply.map(Into::into), body };
+                outbox.send(message).await.map_err(|_| {
+                    if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
+                })?;
                 if let Some(counters) = counters {
                     Counters::bump(&counters.published);
                 }
@@ -704,9 +710,12 @@ impl Nats {
     }
 
     /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
+    /// A publish that was waiting for room in the outbox as the close began may still be dropped.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.outbox.drained().await;
+        // Written before the drain: a drain does not wait for what the connection has not written yet.
+        let _ = self.inner.client.flush().await;
         let _ = self.inner.client.drain().await;
     }
 
@@ -765,8 +774,13 @@ impl Nats {
 /// async-nats writes what its connection task finds queued when it runs, and a publish wakes that task: from a
 /// runtime worker, into the slot that runs next. Calls publishing one by one from their own tasks would each
 /// be written alone, a system call and a read on the server per message. Here the first publish wakes the
-/// forwarding task, which yields once (so that it runs again only after the tasks ready now, which publish
-/// too) and then hands over everything queued: the connection task writes the batch at once.
+/// forwarding task, which yields once (tokio runs it again when its worker has nothing else ready, or after at
+/// most one maintenance interval of polls: by then the tasks ready on that worker have published too) and then
+/// hands over everything queued: the connection task writes the batch at once.
+///
+/// Used in core mode only (see [`Inner::publish`]). What goes to the client directly (a republished or
+/// dead-lettered delivery, a message with headers) may overtake what waits here; core NATS promises no order
+/// between publishers either.
 struct Outbox {
     sender: mpsc::Sender<Outgoing>,
     /// The server's maximum payload, as the client knows it.
@@ -811,8 +825,9 @@ impl Outbox {
         Ok(())
     }
 
-    async fn send(&self, outgoing: Outgoing) -> Result<(), Error> {
-        self.sender.send(outgoing).await.map_err(|_| Error::Disconnected)
+    /// Queues `outgoing`; fails only once the forwarding task is gone (its runtime shut down).
+    async fn send(&self, outgoing: Outgoing) -> Result<(), ()> {
+        self.sender.send(outgoing).await.map_err(|_| ())
     }
 
     /// Once everything queued so far is with the client.
@@ -834,6 +849,7 @@ impl Outbox {
                     Err(_) => break,
                 }
             }
+            let mut refused = None;
             for outgoing in batch.drain(..) {
                 match outgoing {
                     Outgoing::Message { subject, reply, body } => {
@@ -841,15 +857,19 @@ impl Outbox {
                             Some(reply) => client.publish_with_reply(subject, reply, body).await,
                             None => client.publish(subject, body).await,
                         };
+                        // A closed client refuses what `check` let through, and so does one that reconnected to
+                        // a server with a smaller maximum payload.
                         if let Err(error) = sent {
-                            // Only a closed client refuses what `check` let through.
-                            tracing::warn!(%error, "the NATS client refused a message");
+                            refused.get_or_insert((0usize, error)).0 += 1;
                         }
                     }
                     Outgoing::Drained(done) => {
                         let _ = done.send(());
                     }
                 }
+            }
+            if let Some((count, error)) = refused {
+                tracing::warn!(count, %error, "the NATS client refused messages; they are lost");
             }
         }
     }
