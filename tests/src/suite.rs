@@ -741,6 +741,11 @@ pub async fn cancelled_call_leaves_the_queue_and_stops_its_handler(harness: &dyn
     if cancels {
         eventually("the running handler to stop", WAIT, || events.running.load(SeqCst) == 0).await;
         eventually("the worker to count the cancel", WAIT, || server.stats().cancelled == 1).await;
+        // The worker counts the cancel when the handler stops; its ack reaches the broker after that.
+        eventually_async("the stopped handler's request to be acked", WAIT, || async {
+            transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.unacked == 0)
+        })
+        .await;
         let stats = transport.queue_stats(&setup.queue()).await.expect("stats");
         assert_eq!((stats.ready, stats.unacked, stats.cancelled), (0, 0, 1), "{stats:?}");
     } else {
