@@ -91,7 +91,7 @@ enum Entry {
 }
 
 /// The default [`DedupStore`]: in this process's memory, at most `capacity` outcomes, each kept for `window`.
-/// Past the capacity the oldest outcomes are forgotten first.
+/// Past the capacity the oldest outcomes are forgotten first, down to 1/64 under the capacity at once.
 #[derive(Clone)]
 pub struct MemoryDedup {
     inner: Arc<Mutex<Memory>>,
