@@ -149,9 +149,9 @@ const ONE_MALLOC_ARENA: &str = "glibc.malloc.arena_max=1";
 ///
 /// A thread that finds its malloc arena locked moves to another, so which threads share an arena depends on
 /// what ran before in the process, and a thread freeing what another allocated may then take a second arena's
-/// lock. The embedded variant, whose two runtime threads free each other's messages, ran at 180k calls/s at 256
-/// in flight after `inproc-floor` and at 480k without it, on the same build; on one arena it runs at 480k
-/// either way, and the other variants as before. The processes the run starts inherit the variable.
+/// lock. The embedded variant, whose two runtime threads free each other's messages, ran at 170-184k calls/s
+/// at 256 in flight after `inproc-floor` and at 480k without it, on the same build; on one arena, at 306-430k
+/// after it, and the other variants as before. The processes the run starts inherit the variable.
 #[cfg(unix)]
 fn one_malloc_arena() -> Option<std::process::ExitCode> {
     use std::os::unix::process::CommandExt;
