@@ -164,7 +164,8 @@ struct Inner {
     outbox: Outbox,
     jetstream: jetstream::Context,
     options: NatsOptions,
-    connected: watch::Receiver<bool>,
+    /// Set by the client's events; read by every publish (an atomic, not a lock both runtime threads take).
+    connected: Arc<AtomicBool>,
     /// Bumped at every disconnection: replies published to an inbox meanwhile are gone.
     losses: watch::Sender<u64>,
     /// Queues (streams) this transport made sure of, with the options they were declared with.
@@ -181,7 +182,7 @@ impl Inner {
     fn check(&self) -> Result<(), Error> {
         if self.closed.load(Ordering::Acquire) {
             Err(Error::Shutdown)
-        } else if *self.connected.borrow() {
+        } else if self.connected.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(Error::Disconnected)
@@ -646,7 +647,8 @@ impl Nats {
     /// As [`Nats::connect`]. In JetStream mode, a server without JetStream makes declaring a queue fail with
     /// [`Error::Unsupported`].
     pub async fn connect_with(url: &str, options: NatsOptions) -> Result<Nats, Error> {
-        let (state, connected) = watch::channel(true);
+        let connected = Arc::new(AtomicBool::new(true));
+        let state = Arc::clone(&connected);
         let losses = watch::Sender::new(0u64);
         let lost = losses.clone();
         let max_backoff = options.max_backoff;
@@ -663,11 +665,11 @@ impl Nats {
             .event_callback(move |event| {
                 match &event {
                     async_nats::Event::Connected => {
-                        state.send_replace(true);
+                        state.store(true, Ordering::Release);
                     }
                     async_nats::Event::Disconnected => {
                         tracing::warn!("lost the connection to NATS; reconnecting");
-                        state.send_replace(false);
+                        state.store(false, Ordering::Release);
                         // Core NATS holds nothing for a disconnected subscriber: replies sent meanwhile are gone.
                         lost.send_modify(|losses| *losses += 1);
                     }
@@ -701,7 +703,7 @@ impl Nats {
 
     /// Whether the connection is up now.
     pub fn is_connected(&self) -> bool {
-        *self.inner.connected.borrow()
+        self.inner.connected.load(Ordering::Acquire)
     }
 
     /// The underlying client, for what this transport does not cover.
