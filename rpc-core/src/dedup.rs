@@ -76,6 +76,13 @@ pub trait DedupStore: Send + Sync + fmt::Debug + 'static {
     /// Records the outcome of the execution of `key` that [`begin`](DedupStore::begin) allowed.
     fn complete<'a>(&'a self, key: &'a str, reply: StoredReply) -> BoxFuture<'a, Result<(), Error>>;
 
+    /// As [`complete`](DedupStore::complete), with the outcome borrowed, as a worker has it (it sends the same
+    /// outcome as the reply next): a store that keeps a copy of its own need not be handed a clone. The
+    /// default clones it.
+    fn complete_borrowed<'a>(&'a self, key: &'a str, reply: &StoredReply) -> BoxFuture<'a, Result<(), Error>> {
+        self.complete(key, reply.clone())
+    }
+
     /// Gives up the claim on `key` without an outcome (the handler failed in a way worth retrying, or was
     /// stopped): the next delivery executes it.
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
@@ -85,9 +92,45 @@ enum Entry {
     /// Executing now; the sender exists once a duplicate waits on it (dropping it wakes the duplicates).
     Running(Option<watch::Sender<()>>),
     Done {
-        reply: StoredReply,
+        reply: Kept,
         at: Instant,
     },
+}
+
+/// An outcome as [`MemoryDedup`] keeps it: a small body (most replies) copied inline, so that keeping it
+/// allocates nothing and forgetting it frees nothing; a larger one shared; a failure boxed (a status is large,
+/// and rare among outcomes).
+enum Kept {
+    Inline { len: u8, bytes: [u8; Kept::INLINE] },
+    Body(Bytes),
+    Failed(Box<Status>),
+}
+
+impl Kept {
+    /// The longest body kept inline: what keeps a `Kept` at 32 bytes.
+    const INLINE: usize = 30;
+
+    fn of(reply: &StoredReply) -> Kept {
+        match reply {
+            Ok(body) => match u8::try_from(body.len()) {
+                Ok(len) if body.len() <= Kept::INLINE => {
+                    let mut bytes = [0; Kept::INLINE];
+                    bytes[..body.len()].copy_from_slice(body);
+                    Kept::Inline { len, bytes }
+                }
+                _ => Kept::Body(body.clone()),
+            },
+            Err(status) => Kept::Failed(Box::new(status.clone())),
+        }
+    }
+
+    fn reply(&self) -> StoredReply {
+        match self {
+            Kept::Inline { len, bytes } => Ok(Bytes::copy_from_slice(&bytes[..usize::from(*len)])),
+            Kept::Body(body) => Ok(body.clone()),
+            Kept::Failed(status) => Err(Status::clone(status)),
+        }
+    }
 }
 
 /// The default [`DedupStore`]: in this process's memory, at most `capacity` outcomes, each kept for `window`.
@@ -291,7 +334,7 @@ impl DedupStore for MemoryDedup {
         let hash = memory.hash(key);
         let begin = match memory.find(hash, key).and_then(|slot| memory.slot_mut(slot)) {
             Some(found) => match &mut found.entry {
-                Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.clone()),
+                Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.reply()),
                 Entry::Running(sender) => {
                     let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
                     Begin::InProgress(Some(Box::pin(async move {
@@ -313,6 +356,11 @@ impl DedupStore for MemoryDedup {
     }
 
     fn complete<'a>(&'a self, key: &'a str, reply: StoredReply) -> BoxFuture<'a, Result<(), Error>> {
+        self.complete_borrowed(key, &reply)
+    }
+
+    fn complete_borrowed<'a>(&'a self, key: &'a str, reply: &StoredReply) -> BoxFuture<'a, Result<(), Error>> {
+        let reply = Kept::of(reply);
         let mut memory = self.lock();
         let now = Instant::now();
         let stamp = memory.next_stamp;
@@ -424,6 +472,18 @@ mod tests {
         }
         for key in [long.as_str(), longer.as_str(), "k", "kk", ""] {
             assert_eq!(body(store.begin(key).await.expect("begins")), key.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_kept_inline_and_shared_come_back_whole() {
+        let store = MemoryDedup::default();
+        for size in [0, 1, Kept::INLINE - 1, Kept::INLINE, Kept::INLINE + 1, 4_096] {
+            let key = size.to_string();
+            let sent: Vec<u8> = (0..size).map(|n| n as u8).collect();
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)));
+            store.complete_borrowed(&key, &Ok(Bytes::from(sent.clone()))).await.expect("stored");
+            assert_eq!(body(store.begin(&key).await.expect("begins")), sent, "a body of {size} bytes");
         }
     }
 
