@@ -614,7 +614,7 @@ mod envelope_codec {
             Ok(Some(slice))
         }
 
-        /// A map key that is a string, or `None` (nothing consumed) for a key of another type.
+        /// The string value of `field`, owned.
         fn string(&mut self, field: &str) -> Result<String, CodecError> {
             match self.str_bytes()? {
                 Some(bytes) => std::str::from_utf8(bytes)

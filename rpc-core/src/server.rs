@@ -596,10 +596,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
     }
     if let Some((store, key)) = &claim {
         match &result {
-            Ok(_) => settle(store.complete_borrowed(key, &result).await),
-            Err(status) if status.code() == Code::Application => settle(store.complete_borrowed(key, &result).await),
             // Not an outcome to replay (a panic, a deadline, a shutdown): the next delivery runs it again.
-            Err(_) => store.abandon(key).await,
+            Err(status) if status.code() != Code::Application => store.abandon(key).await,
+            _ => settle(store.complete_borrowed(key, &result).await),
         }
     }
     answer(shared, &request, handle, result).await;

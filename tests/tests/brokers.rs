@@ -117,13 +117,19 @@ fn oneway(n: usize, size: usize) -> rpc_core::Envelope {
     envelope
 }
 
+/// A plain NATS client subscribed to a fresh subject ending in `name`, once the server has the subscription.
+async fn plain_subscriber(url: &str, name: &str) -> (async_nats::Client, String, async_nats::Subscriber) {
+    let plain = async_nats::connect(url).await.expect("connects");
+    let subject = format!("{}.{name}", namespace());
+    let received = plain.subscribe(subject.clone()).await.expect("subscribes");
+    plain.flush().await.expect("the server has the subscription");
+    (plain, subject, received)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_messages_published_before_close_all_reach_the_server() {
     let Some(harness) = NatsHarness::core().available() else { return };
-    let plain = async_nats::connect(harness.url()).await.expect("connects");
-    let subject = format!("{}.burst", namespace());
-    let mut received = plain.subscribe(subject.clone()).await.expect("subscribes");
-    plain.flush().await.expect("the server has the subscription");
+    let (_plain, subject, mut received) = plain_subscriber(harness.url(), "burst").await;
 
     // Published from many tasks at once, so that most wait in the transport's batches when it closes.
     const MESSAGES: usize = 2_000;
@@ -147,10 +153,7 @@ async fn nats_messages_published_before_close_all_reach_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
     let Some(harness) = NatsHarness::core().available() else { return };
-    let plain = async_nats::connect(harness.url()).await.expect("connects");
-    let subject = format!("{}.sizes", namespace());
-    let mut received = plain.subscribe(subject.clone()).await.expect("subscribes");
-    plain.flush().await.expect("the server has the subscription");
+    let (_plain, subject, mut received) = plain_subscriber(harness.url(), "sizes").await;
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
     let max = transport.client().max_payload();
 

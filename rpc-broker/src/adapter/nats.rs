@@ -785,7 +785,7 @@ impl Nats {
 /// between publishers either.
 struct Outbox {
     sender: mpsc::Sender<Outgoing>,
-    /// The server's maximum payload, as the client knows it.
+    /// For the server's maximum payload, as the client knows it now.
     client: async_nats::Client,
 }
 
