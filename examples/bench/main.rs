@@ -35,7 +35,8 @@
 //! set (see [`one_malloc_arena`]; set it to anything else, even empty, to keep glibc's default). It re-invokes
 //! itself for the processes it needs (`--role broker|responder|client-memory`). The
 //! broker runs a single-threaded tokio runtime, as `rpc-broker serve` does by default; the responders and this
-//! process (the client of every variant) run multi-threaded ones.
+//! process (the client of every variant) run multi-threaded ones, with one worker thread per core unless `--workers N`
+//! says otherwise for this process.
 
 mod measure;
 mod memory;
@@ -81,9 +82,13 @@ pub(crate) struct Config {
     pub(crate) amqp_url: String,
     /// NATS URL.
     pub(crate) nats_url: String,
+    /// Worker threads of this process's runtime, which runs the callers of every variant and the responders
+    /// of `inproc-floor` and `embedded`; tokio's default (one per core) when `None`.
+    pub(crate) workers: Option<usize>,
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory]
+const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N]
+  --workers N: worker threads of this process's runtime (default: one per core)
   VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222)";
 
@@ -104,6 +109,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         restart_records: 100_000,
         amqp_url: std::env::var("MQRPC_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        workers: None,
     };
     let mut rounds = None;
     let mut args = args.iter();
@@ -125,6 +131,10 @@ fn parse(args: &[String]) -> Result<Config, String> {
             "--json" => config.json = Some(PathBuf::from(value()?)),
             "--svg" => config.svg = PathBuf::from(value()?),
             "--no-memory" => config.memory = false,
+            "--workers" => {
+                let n: usize = value()?.parse().map_err(|_| format!("--workers takes a number\n{USAGE}"))?;
+                config.workers = Some(n.max(1));
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
@@ -187,7 +197,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

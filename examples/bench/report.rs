@@ -190,6 +190,8 @@ pub(crate) fn report(
     let _ = writeln!(out, "machine: {}", machine());
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     let _ = writeln!(out, "malloc: GLIBC_TUNABLES={}", if tunables.is_empty() { "(none)" } else { &tunables });
+    let workers = config.workers.map_or_else(|| "one per core".to_owned(), |workers| workers.to_string());
+    let _ = writeln!(out, "this process's runtime: {workers} worker thread(s)");
     let _ = writeln!(
         out,
         "cpu: user+system time of every process of the variant (this one, responders, broker) per call\n"
@@ -326,6 +328,7 @@ pub(crate) fn report(
                 "cpu_broker_us_per_call": finite(sample.cpu_split_us[2]),
                 "errors": sample.errors,
                 "rounds": rounds,
+                "client_workers": config.workers,
             });
             let _ = writeln!(lines, "{value}");
         }
