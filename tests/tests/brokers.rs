@@ -151,6 +151,25 @@ async fn nats_messages_published_before_close_all_reach_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_shutdown() {
+    let Some(harness) = NatsHarness::core().available() else { return };
+    let (_plain, subject, mut received) = plain_subscriber(harness.url(), "late").await;
+    let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
+    transport.publish(&subject, oneway(0, 64)).await.expect("published");
+
+    // Begun before the close (its checks pass), first polled after it: the outbox has closed by then.
+    let late = transport.publish(&subject, oneway(1, 64));
+    transport.close().await;
+    let late = late.await;
+    assert!(matches!(late, Err(rpc_core::Error::Shutdown)), "refused, not taken and lost: {late:?}");
+
+    let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
+    let envelope = rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default())
+        .expect("an envelope");
+    assert_eq!(envelope.method, "m0", "the publish before the close reached the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
     let Some(harness) = NatsHarness::core().available() else { return };
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "sizes").await;

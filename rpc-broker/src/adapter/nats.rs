@@ -711,11 +711,13 @@ impl Nats {
         &self.inner.client
     }
 
-    /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
-    /// A publish that was waiting for room in the outbox as the close began may still be dropped.
+    /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`],
+    /// and so does a publish begun before that the transport had not taken yet (one waiting for room in its
+    /// outbox, or one whose future was first polled after the close began). A publish that returned `Ok` reached
+    /// the connection before it closed.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        self.inner.outbox.drained().await;
+        self.inner.outbox.close().await;
         // Written before the drain: a drain does not wait for what the connection has not written yet.
         let _ = self.inner.client.flush().await;
         let _ = self.inner.client.drain().await;
@@ -795,6 +797,9 @@ enum Outgoing {
     Message { subject: async_nats::Subject, reply: Option<async_nats::Subject>, body: Bytes },
     /// Answered once everything queued before it is with the client.
     Drained(tokio::sync::oneshot::Sender<()>),
+    /// Closes the outbox: later sends fail. Answered once everything queued before the outbox closed, this
+    /// included, is with the client.
+    Close(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Outbox {
@@ -840,7 +845,16 @@ impl Outbox {
         }
     }
 
-    /// Hands the queued messages to `client` until every sender is gone.
+    /// Closes the outbox; returns once every message it took is with the client. A send that had not been
+    /// taken when it closed, waiting for room or not begun, fails.
+    async fn close(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.sender.send(Outgoing::Close(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Hands the queued messages to `client` until the outbox is closed or every sender is gone.
     async fn forward(client: async_nats::Client, mut receiver: mpsc::Receiver<Outgoing>) {
         let mut batch = Vec::with_capacity(Outbox::BATCH);
         while receiver.recv_many(&mut batch, Outbox::BATCH).await > 0 {
@@ -851,14 +865,12 @@ impl Outbox {
                     Err(_) => break,
                 }
             }
+            let mut closed = None;
             let mut refused = None;
             for outgoing in batch.drain(..) {
                 match outgoing {
                     Outgoing::Message { subject, reply, body } => {
-                        let sent = match reply {
-                            Some(reply) => client.publish_with_reply(subject, reply, body).await,
-                            None => client.publish(subject, body).await,
-                        };
+                        let sent = Outbox::hand_over(&client, subject, reply, body).await;
                         // A closed client refuses what `check` let through, and so does one that reconnected to
                         // a server with a smaller maximum payload.
                         if let Err(error) = sent {
@@ -868,10 +880,52 @@ impl Outbox {
                     Outgoing::Drained(done) => {
                         let _ = done.send(());
                     }
+                    Outgoing::Close(done) => {
+                        // No send is taken from here on; what was taken before goes on, and the closer hears
+                        // once it has, below.
+                        receiver.close();
+                        closed = Some(done);
+                    }
                 }
             }
             if let Some((count, error)) = refused {
                 tracing::warn!(count, %error, "the NATS client refused messages; they are lost");
+            }
+            if let Some(done) = closed {
+                // What came in after the close but was let in before it: `recv` ends only when the closed
+                // channel is empty and no sender holds room in it any more.
+                while let Some(outgoing) = receiver.recv().await {
+                    Outbox::forward_late(&client, outgoing).await;
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// One message to the client.
+    async fn hand_over(
+        client: &async_nats::Client,
+        subject: async_nats::Subject,
+        reply: Option<async_nats::Subject>,
+        body: Bytes,
+    ) -> Result<(), async_nats::PublishError> {
+        match reply {
+            Some(reply) => client.publish_with_reply(subject, reply, body).await,
+            None => client.publish(subject, body).await,
+        }
+    }
+
+    /// One message taken after the close began, or a barrier behind it.
+    async fn forward_late(client: &async_nats::Client, outgoing: Outgoing) {
+        match outgoing {
+            Outgoing::Message { subject, reply, body } => {
+                if let Err(error) = Outbox::hand_over(client, subject, reply, body).await {
+                    tracing::warn!(%error, "the NATS client refused a message; it is lost");
+                }
+            }
+            Outgoing::Drained(done) | Outgoing::Close(done) => {
+                let _ = done.send(());
             }
         }
     }
