@@ -151,6 +151,37 @@ async fn nats_messages_published_before_close_all_reach_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
+    let Some(harness) = NatsHarness::core().available() else { return };
+    let (_plain, subject, mut received) = plain_subscriber(harness.url(), "closes").await;
+    const MESSAGES: usize = 4_000;
+    let transport = Arc::new(rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects"));
+    let publishes: Vec<_> = (0..MESSAGES)
+        .map(|n| {
+            let (transport, subject) = (Arc::clone(&transport), subject.clone());
+            tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
+        })
+        .collect();
+
+    // Two closes while the publishes are under way: neither returns before everything taken is flushed.
+    tokio::join!(transport.close(), transport.close());
+    let mut sent = 0;
+    for published in join_all(publishes).await {
+        match published.expect("the task ran") {
+            Ok(()) => sent += 1,
+            Err(rpc_core::Error::Shutdown) => {}
+            Err(other) => panic!("a publish failed otherwise than with Shutdown: {other:?}"),
+        }
+    }
+    for _ in 0..sent {
+        tokio::time::timeout(WAIT, received.next())
+            .await
+            .expect("every message whose publish returned Ok arrives")
+            .expect("subscribed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_shutdown() {
     let Some(harness) = NatsHarness::core().available() else { return };
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "late").await;

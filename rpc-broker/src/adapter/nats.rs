@@ -318,11 +318,15 @@ impl Inner {
         let subject = queue.to_owned();
         let client = &self.client;
         Box::pin(async move {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
             let result = match reply {
                 Some(reply) => client.publish_with_reply_and_headers(subject, reply, headers, body).await,
                 None => client.publish_with_headers(subject, headers, body).await,
             };
             result.map_err(|error| match error.kind() {
+                async_nats::client::PublishErrorKind::Send if self.closed.load(Ordering::Acquire) => Error::Shutdown,
                 async_nats::client::PublishErrorKind::Send => Error::Disconnected,
                 _ => Error::InvalidArgument(format!("cannot publish to `{queue}`: {error}")),
             })?;
@@ -711,10 +715,19 @@ impl Nats {
         &self.inner.client
     }
 
-    /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`],
-    /// and so does a publish begun before that the transport had not taken yet (one waiting for room in its
-    /// outbox, or one whose future was first polled after the close began). A publish that returned `Ok` reached
-    /// the connection before it closed.
+    /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
+    ///
+    /// In core mode, a call, a oneway message or a reply to an mqrpc caller goes through the transport's outbox,
+    /// and a publish of one that returned `Ok` reached the connection before it closed; one begun before the
+    /// close that the outbox had not taken yet (still waiting for room when it closed, or first polled after)
+    /// fails with [`Error::Shutdown`]. A publish of another kind (with headers, or in JetStream mode) fails so
+    /// when first polled after the close began; one already waiting for room in the client's own buffer as the
+    /// connection drains may return `Ok` and still be lost. Concurrent closes each return once everything is
+    /// flushed.
+    ///
+    /// The task that closes must not hold a publish of its own that waits for room in the outbox (polled once,
+    /// then set aside): the close waits for every publish that was given room, and would wait for that one for
+    /// ever. Finish or drop such publishes first.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.outbox.close().await;
@@ -789,6 +802,8 @@ struct Outbox {
     sender: mpsc::Sender<Outgoing>,
     /// For the server's maximum payload, as the client knows it now.
     client: async_nats::Client,
+    /// Cancelled once the forwarding task has handed over everything it took and ended.
+    finished: CancellationToken,
 }
 
 /// What goes through the outbox.
@@ -797,8 +812,8 @@ enum Outgoing {
     Message { subject: async_nats::Subject, reply: Option<async_nats::Subject>, body: Bytes },
     /// Answered once everything queued before it is with the client.
     Drained(tokio::sync::oneshot::Sender<()>),
-    /// Closes the outbox: later sends fail. Answered once everything queued before the outbox closed, this
-    /// included, is with the client.
+    /// Closes the outbox: later sends fail. Answered once everything the outbox took before it closed is with
+    /// the client.
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -811,8 +826,9 @@ impl Outbox {
     /// An outbox forwarding to `client`, its task on the current runtime.
     fn start(client: async_nats::Client) -> Outbox {
         let (sender, receiver) = mpsc::channel(Outbox::CAPACITY);
-        tokio::spawn(Outbox::forward(client.clone(), receiver));
-        Outbox { sender, client }
+        let finished = CancellationToken::new();
+        tokio::spawn(Outbox::forward(client.clone(), receiver, finished.clone()));
+        Outbox { sender, client, finished }
     }
 
     /// What the client would refuse, refused before the message is queued: the forwarding task has no one
@@ -832,31 +848,47 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues `outgoing`; fails only once the forwarding task is gone (its runtime shut down).
+    /// Queues `outgoing`; fails once the outbox is closed or its forwarding task is gone (its runtime shut
+    /// down).
     async fn send(&self, outgoing: Outgoing) -> Result<(), ()> {
         self.sender.send(outgoing).await.map_err(|_| ())
     }
 
-    /// Once everything queued so far is with the client.
+    /// Once everything queued so far is with the client (once the outbox is closed: everything it took).
     async fn drained(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        if self.sender.send(Outgoing::Drained(done)).await.is_ok() {
-            let _ = wait.await;
-        }
+        self.answered(Outgoing::Drained(done), wait).await;
     }
 
-    /// Closes the outbox; returns once every message it took is with the client. A send that had not been
-    /// taken when it closed, waiting for room or not begun, fails.
+    /// Closes the outbox; returns once every message it took is with the client. A send still waiting for room
+    /// when it closes, or begun later, fails.
+    ///
+    /// The forwarding task waits for a sender that was given room to use it, so the task that closes must not
+    /// hold a publish of its own that waits for room (one polled once, then set aside): the close would wait for
+    /// it for ever.
     async fn close(&self) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        if self.sender.send(Outgoing::Close(done)).await.is_ok() {
+        self.answered(Outgoing::Close(done), wait).await;
+    }
+
+    /// Sends a barrier and waits for its answer; when the outbox is closed already, for the forwarding task to
+    /// finish what it took.
+    async fn answered(&self, barrier: Outgoing, wait: tokio::sync::oneshot::Receiver<()>) {
+        if self.sender.send(barrier).await.is_ok() {
             let _ = wait.await;
+        } else {
+            self.finished.cancelled().await;
         }
     }
 
-    /// Hands the queued messages to `client` until the outbox is closed or every sender is gone.
-    async fn forward(client: async_nats::Client, mut receiver: mpsc::Receiver<Outgoing>) {
+    /// Hands the queued messages to `client` until the outbox is closed and empty, or every sender is gone;
+    /// then answers the closers and cancels `finished` (also when the task is dropped with its runtime).
+    async fn forward(client: async_nats::Client, mut receiver: mpsc::Receiver<Outgoing>, finished: CancellationToken) {
+        let _finished = finished.drop_guard();
+        let mut closers = Vec::new();
         let mut batch = Vec::with_capacity(Outbox::BATCH);
+        // Once the outbox is closed, `recv_many` returns 0 only when it is empty and no sender holds room in it:
+        // what was let in before the close is forwarded like the rest.
         while receiver.recv_many(&mut batch, Outbox::BATCH).await > 0 {
             tokio::task::yield_now().await;
             while batch.len() < Outbox::BATCH {
@@ -865,12 +897,14 @@ impl Outbox {
                     Err(_) => break,
                 }
             }
-            let mut closed = None;
             let mut refused = None;
             for outgoing in batch.drain(..) {
                 match outgoing {
                     Outgoing::Message { subject, reply, body } => {
-                        let sent = Outbox::hand_over(&client, subject, reply, body).await;
+                        let sent = match reply {
+                            Some(reply) => client.publish_with_reply(subject, reply, body).await,
+                            None => client.publish(subject, body).await,
+                        };
                         // A closed client refuses what `check` let through, and so does one that reconnected to
                         // a server with a smaller maximum payload.
                         if let Err(error) = sent {
@@ -881,52 +915,18 @@ impl Outbox {
                         let _ = done.send(());
                     }
                     Outgoing::Close(done) => {
-                        // No send is taken from here on; what was taken before goes on, and the closer hears
-                        // once it has, below.
+                        // No send is let in from here on; the closer hears once what was is with the client.
                         receiver.close();
-                        closed = Some(done);
+                        closers.push(done);
                     }
                 }
             }
             if let Some((count, error)) = refused {
                 tracing::warn!(count, %error, "the NATS client refused messages; they are lost");
             }
-            if let Some(done) = closed {
-                // What came in after the close but was let in before it: `recv` ends only when the closed
-                // channel is empty and no sender holds room in it any more.
-                while let Some(outgoing) = receiver.recv().await {
-                    Outbox::forward_late(&client, outgoing).await;
-                }
-                let _ = done.send(());
-                return;
-            }
         }
-    }
-
-    /// One message to the client.
-    async fn hand_over(
-        client: &async_nats::Client,
-        subject: async_nats::Subject,
-        reply: Option<async_nats::Subject>,
-        body: Bytes,
-    ) -> Result<(), async_nats::PublishError> {
-        match reply {
-            Some(reply) => client.publish_with_reply(subject, reply, body).await,
-            None => client.publish(subject, body).await,
-        }
-    }
-
-    /// One message taken after the close began, or a barrier behind it.
-    async fn forward_late(client: &async_nats::Client, outgoing: Outgoing) {
-        match outgoing {
-            Outgoing::Message { subject, reply, body } => {
-                if let Err(error) = Outbox::hand_over(client, subject, reply, body).await {
-                    tracing::warn!(%error, "the NATS client refused a message; it is lost");
-                }
-            }
-            Outgoing::Drained(done) | Outgoing::Close(done) => {
-                let _ = done.send(());
-            }
+        for done in closers {
+            let _ = done.send(());
         }
     }
 }
@@ -1442,7 +1442,9 @@ impl Transport for Nats {
         // Acks are publishes buffered by the client: flushing it hands them to the server.
         Box::pin(async move {
             self.inner.outbox.drained().await;
-            self.inner.client.flush().await.map_err(|_| Error::Disconnected)
+            self.inner.client.flush().await.map_err(|_| {
+                if self.inner.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
+            })
         })
     }
 }
