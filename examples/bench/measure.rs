@@ -322,6 +322,7 @@ async fn latency<C: Caller>(variant: Variant, caller: &C, cpu: &Cpu, config: &Co
     }
     let mut nanos = Vec::with_capacity(config.latency_calls);
     let mut errors = 0;
+    let mut first_error = None;
     let ticks = cpu.read();
     let started = Instant::now();
     for n in 0..config.latency_calls as i64 {
@@ -330,11 +331,13 @@ async fn latency<C: Caller>(variant: Variant, caller: &C, cpu: &Cpu, config: &Co
         nanos.push(call.elapsed().as_nanos() as u64);
         if result != Ok(n + 1) {
             errors += 1;
+            first_error.get_or_insert_with(|| failure(n, &result));
         }
     }
     let elapsed = started.elapsed();
     let cpu_us = cpu.since(ticks);
-    Ok(Sample::new(variant, 1, nanos, config.latency_calls as u64, elapsed, cpu_us, errors))
+    Ok(Sample::new(variant, 1, nanos, config.latency_calls as u64, elapsed, cpu_us, errors)
+        .with_first_error(first_error))
 }
 
 /// `inflight` callers in a loop: a warm-up, then a measured window.
@@ -351,10 +354,12 @@ async fn throughput<C: Caller>(
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None));
     let tasks: Vec<_> = (0..inflight)
         .map(|task| {
             let (caller, phase, done, errors) =
                 (Arc::clone(&caller), Arc::clone(&phase), Arc::clone(&done), Arc::clone(&errors));
+            let first_error = Arc::clone(&first_error);
             tokio::spawn(async move {
                 let mut nanos = Vec::new();
                 let mut n = task as i64;
@@ -370,6 +375,11 @@ async fn throughput<C: Caller>(
                     }
                     if result != Ok(n + 1) {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        if began == MEASURE
+                            && let Ok(mut first) = first_error.lock()
+                        {
+                            first.get_or_insert_with(|| failure(n, &result));
+                        }
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                     n += inflight as i64;
@@ -396,5 +406,14 @@ async fn throughput<C: Caller>(
             .map_err(|error| format!("a caller failed: {error}"))?;
         nanos.extend(joined);
     }
-    Ok(Sample::new(variant, inflight, nanos, calls, elapsed, cpu_us, failed))
+    let first_error = first_error.lock().ok().and_then(|mut first| first.take());
+    Ok(Sample::new(variant, inflight, nanos, calls, elapsed, cpu_us, failed).with_first_error(first_error))
+}
+
+/// What the call `add(n, 1)` came to when it did not return `n + 1`.
+fn failure(n: i64, result: &Result<i64, String>) -> String {
+    match result {
+        Ok(sum) => format!("add({n}, 1) returned {sum}"),
+        Err(error) => error.clone(),
+    }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Sample {
     pub(crate) cpu_split_us: [f64; 3],
     /// Calls that failed or returned a wrong sum.
     pub(crate) errors: u64,
+    /// What the first of them came to.
+    pub(crate) first_error: Option<String>,
 }
 
 impl Sample {
@@ -62,7 +64,14 @@ impl Sample {
             cpu_us_per_call: cpu_us.iter().sum::<f64>() / calls_f,
             cpu_split_us: cpu_us.map(|us| us / calls_f),
             errors,
+            first_error: None,
         }
+    }
+
+    /// The sample with what its first failed call came to.
+    pub(crate) fn with_first_error(mut self, first_error: Option<String>) -> Sample {
+        self.first_error = first_error;
+        self
     }
 
     fn mode(&self) -> &'static str {
@@ -104,6 +113,7 @@ fn medians(samples: &[Sample]) -> BTreeMap<(Variant, usize), (Sample, usize)> {
                     field(|s| s.cpu_split_us[2]),
                 ],
                 errors: group.iter().map(|sample| sample.errors).sum(),
+                first_error: group.iter().find_map(|sample| sample.first_error.clone()),
             };
             (key, (sample, group.len()))
         })
@@ -191,7 +201,7 @@ pub(crate) fn report(
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
     let _ = writeln!(out, "malloc: GLIBC_TUNABLES={}", if tunables.is_empty() { "(none)" } else { &tunables });
     let workers = config.workers.map_or_else(|| "one per core".to_owned(), |workers| workers.to_string());
-    let _ = writeln!(out, "this process's runtime: {workers} worker thread(s)");
+    let _ = writeln!(out, "worker threads of this process's runtime: {workers}");
     let _ = writeln!(
         out,
         "cpu: user+system time of every process of the variant (this one, responders, broker) per call\n"
@@ -269,6 +279,20 @@ pub(crate) fn report(
             let _ = write!(line, " {cell:>15}");
         }
         let _ = writeln!(out, "{line}");
+    }
+    let failed: Vec<&Sample> = medians.values().map(|(sample, _)| sample).filter(|sample| sample.errors > 0).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(out, "\nfailed calls (all rounds), and what the first came to");
+        for sample in failed {
+            let _ = writeln!(
+                out,
+                "  {} at {} in flight: {} failed; first: {}",
+                sample.variant.name(),
+                sample.inflight,
+                sample.errors,
+                sample.first_error.as_deref().unwrap_or("-")
+            );
+        }
     }
     if let Some(memory) = memory {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
