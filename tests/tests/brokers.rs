@@ -193,6 +193,8 @@ async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_sh
     transport.close().await;
     let late = late.await;
     assert!(matches!(late, Err(rpc_core::Error::Shutdown)), "refused, not taken and lost: {late:?}");
+    let flushed = tokio::time::timeout(WAIT, transport.flush()).await.expect("a flush after the close returns");
+    assert!(matches!(flushed, Err(rpc_core::Error::Shutdown)), "{flushed:?}");
 
     let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
     let envelope = rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default())

@@ -1441,6 +1441,9 @@ impl Transport for Nats {
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         // Acks are publishes buffered by the client: flushing it hands them to the server.
         Box::pin(async move {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::Shutdown);
+            }
             self.inner.outbox.drained().await;
             self.inner.client.flush().await.map_err(|_| {
                 if self.inner.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
