@@ -33,10 +33,10 @@
 //!
 //! The program first runs itself again with `GLIBC_TUNABLES=glibc.malloc.arena_max=1` unless that variable is
 //! set (see [`one_malloc_arena`]; set it to anything else, even empty, to keep glibc's default). It re-invokes
-//! itself for the processes it needs (`--role broker|responder|client-memory`). The
-//! broker runs a single-threaded tokio runtime, as `rpc-broker serve` does by default; the responders and this
-//! process (the client of every variant) run multi-threaded ones, with one worker thread per core unless `--workers N`
-//! says otherwise for this process.
+//! itself for the processes it needs (`--role broker|responder|client-memory`). The broker runs a
+//! single-threaded tokio runtime, as `rpc-broker serve` does by default; the responders and this process (the
+//! client of every variant) run multi-threaded ones, with one worker thread per core unless `--workers N` says
+//! otherwise for this process.
 
 mod measure;
 mod memory;
