@@ -198,11 +198,43 @@ impl std::fmt::Display for EngineError {
 
 impl std::error::Error for EngineError {}
 
+/// When a stored message's TTL ends, in 8 bytes instead of an `Option<Instant>`'s 16 (a million queued messages
+/// hold 8 MB less): nanoseconds after an instant this process reads once, 0 for never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Expiry(u64);
+
+impl Expiry {
+    const NEVER: Expiry = Expiry(0);
+
+    /// The instant the offsets count from.
+    fn epoch() -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    /// `at`, or never. An instant before the epoch is 1 ns after it: passed as it was.
+    fn at(at: Option<Instant>) -> Expiry {
+        let Some(at) = at else { return Expiry::NEVER };
+        let nanos = at.saturating_duration_since(Expiry::epoch()).as_nanos();
+        Expiry(u64::try_from(nanos).unwrap_or(u64::MAX).max(1))
+    }
+
+    /// The instant, if any.
+    fn instant(self) -> Option<Instant> {
+        (self != Expiry::NEVER).then(|| Expiry::epoch() + Duration::from_nanos(self.0))
+    }
+
+    /// Whether it has come by `now`.
+    fn passed(self, now: Instant) -> bool {
+        self.instant().is_some_and(|at| at <= now)
+    }
+}
+
 struct Stored<M> {
     message: M,
     size: usize,
     priority: u8,
-    expires_at: Option<Instant>,
+    expires_at: Expiry,
     deliveries: u32,
     key: Option<Key>,
     /// Its number in a durable queue (0 elsewhere).
@@ -461,7 +493,7 @@ impl<M> Queue<M> {
         for level in ready.iter_mut() {
             level.retain(|stored| {
                 let cancelled = stored.key.is_some_and(|key| keys.get(&key).is_some_and(|keyed| keyed.cancelled));
-                let timed_out = now.is_some_and(|now| stored.expires_at.is_some_and(|at| at <= now));
+                let timed_out = now.is_some_and(|now| stored.expires_at.passed(now));
                 if !cancelled && !timed_out {
                     return true;
                 }
@@ -484,7 +516,7 @@ impl<M> Queue<M> {
 
     /// The log's view of a message of this queue.
     fn record(stored: &Stored<M>, due: Option<Instant>, id: Option<MessageId>) -> Record {
-        Record { priority: stored.priority, expires_at: stored.expires_at, due, key: stored.key, id }
+        Record { priority: stored.priority, expires_at: stored.expires_at.instant(), due, key: stored.key, id }
     }
 }
 
@@ -716,7 +748,7 @@ impl<M: Clone> Engine<M> {
             message,
             size: props.size,
             priority: props.priority.min(9),
-            expires_at: props.ttl.map(|ttl| now + ttl),
+            expires_at: Expiry::at(props.ttl.map(|ttl| now + ttl)),
             deliveries: 0,
             key: props.key,
             seq: target.number(),
@@ -780,7 +812,7 @@ impl<M: Clone> Engine<M> {
             message,
             size,
             priority: record.priority.min(9),
-            expires_at: record.expires_at,
+            expires_at: Expiry::at(record.expires_at),
             deliveries: 0,
             key: record.key,
             seq,
@@ -837,7 +869,7 @@ impl<M: Clone> Engine<M> {
                 continue;
             }
             queue.delayed -= 1;
-            if stored.expires_at.is_some_and(|at| at <= now) {
+            if stored.expires_at.passed(now) {
                 queue.stats.expired += 1;
                 self.books.gone(&queue.name, queue.config.durable, &stored);
                 continue;
@@ -1016,7 +1048,7 @@ impl<M: Clone> Engine<M> {
         let seq = stored.seq;
         // A dead letter keeps its message but starts over: no TTL, no delivery count, no length limit.
         stored.deliveries = 0;
-        stored.expires_at = None;
+        stored.expires_at = Expiry::NEVER;
         stored.seq = dead_letters.number();
         dead_letters.stats.published += 1;
         self.books.entered(&dead_letters.name, dead_letters.config.durable, &stored, None, None);
@@ -1135,7 +1167,7 @@ fn dispatch_queue<M: Clone>(
         queue.next_consumer = (slot + 1) % count;
         let id = queue.consumers[slot];
         let Some(mut stored) = queue.pop(books) else { return };
-        if stored.expires_at.is_some_and(|at| at <= now) {
+        if stored.expires_at.passed(now) {
             queue.stats.expired += 1;
             books.gone(&queue.name, queue.config.durable, &stored);
             continue;
@@ -1145,7 +1177,7 @@ fn dispatch_queue<M: Clone>(
             return;
         };
         stored.deliveries += 1;
-        let remaining_ttl = stored.expires_at.map(|at| at.saturating_duration_since(now));
+        let remaining_ttl = stored.expires_at.instant().map(|at| at.saturating_duration_since(now));
         let delivery_count = stored.deliveries;
         if consumer.auto_ack {
             queue.stats.acked += 1;
@@ -1167,6 +1199,27 @@ fn dispatch_queue<M: Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_message_costs_at_most_80_bytes_besides_its_own() {
+        // The broker holds a million queued 100-byte messages within 300 MiB with a few MiB to spare.
+        assert!(std::mem::size_of::<Stored<bytes::Bytes>>() <= 80, "{}", std::mem::size_of::<Stored<bytes::Bytes>>());
+    }
+
+    #[test]
+    fn an_expiry_keeps_its_instant_to_the_nanosecond() {
+        let now = Instant::now();
+        assert_eq!(Expiry::at(None), Expiry::NEVER);
+        assert_eq!(Expiry::NEVER.instant(), None);
+        assert!(!Expiry::NEVER.passed(now + Duration::from_secs(3_600)));
+        let at = now + Duration::from_nanos(1_500_000_001);
+        assert_eq!(Expiry::at(Some(at)).instant(), Some(at));
+        assert!(!Expiry::at(Some(at)).passed(now));
+        assert!(Expiry::at(Some(at)).passed(at));
+        // Before the epoch: passed already.
+        let before = Expiry::epoch().checked_sub(Duration::from_secs(1)).unwrap_or_else(Expiry::epoch);
+        assert!(Expiry::at(Some(before)).passed(Expiry::epoch() + Duration::from_nanos(1)));
+    }
 
     fn engine_with(queue: &str, config: QueueConfig) -> Engine<u32> {
         let mut engine = Engine::new();
