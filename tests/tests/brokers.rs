@@ -126,6 +126,33 @@ async fn plain_subscriber(url: &str, name: &str) -> (async_nats::Client, String,
     (plain, subject, received)
 }
 
+/// `count` oneway messages to `subject` through `transport`, each published from a task of its own.
+fn spawn_publishes(
+    transport: &Arc<rpc_broker::adapter::nats::Nats>,
+    subject: &str,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<Result<(), rpc_core::Error>>> {
+    (0..count)
+        .map(|n| {
+            let (transport, subject) = (Arc::clone(transport), subject.to_owned());
+            tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
+        })
+        .collect()
+}
+
+/// Waits for `count` messages on `received`.
+async fn receive(received: &mut async_nats::Subscriber, count: usize) {
+    for _ in 0..count {
+        tokio::time::timeout(WAIT, received.next()).await.expect("every message arrives").expect("subscribed");
+    }
+}
+
+/// The envelope of the next message on `received`, which the transport published whole in its body.
+async fn next_envelope(received: &mut async_nats::Subscriber) -> rpc_core::Envelope {
+    let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
+    rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default()).expect("an envelope")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_messages_published_before_close_all_reach_the_server() {
     let Some(harness) = NatsHarness::core().available() else { return };
@@ -134,20 +161,11 @@ async fn nats_messages_published_before_close_all_reach_the_server() {
     // Published from many tasks at once, so that most wait in the transport's batches when it closes.
     const MESSAGES: usize = 2_000;
     let transport = Arc::new(rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects"));
-    let publishes = (0..MESSAGES).map(|n| {
-        let (transport, subject) = (Arc::clone(&transport), subject.clone());
-        tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
-    });
-    for published in join_all(publishes).await {
+    for published in join_all(spawn_publishes(&transport, &subject, MESSAGES)).await {
         published.expect("the task ran").expect("published");
     }
     transport.close().await;
-
-    let mut count = 0;
-    while count < MESSAGES {
-        tokio::time::timeout(WAIT, received.next()).await.expect("every message arrives").expect("subscribed");
-        count += 1;
-    }
+    receive(&mut received, MESSAGES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,12 +174,7 @@ async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "closes").await;
     const MESSAGES: usize = 4_000;
     let transport = Arc::new(rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects"));
-    let publishes: Vec<_> = (0..MESSAGES)
-        .map(|n| {
-            let (transport, subject) = (Arc::clone(&transport), subject.clone());
-            tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
-        })
-        .collect();
+    let publishes = spawn_publishes(&transport, &subject, MESSAGES);
 
     // Two closes while the publishes are under way: neither returns before everything taken is flushed.
     tokio::join!(transport.close(), transport.close());
@@ -173,12 +186,8 @@ async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
             Err(other) => panic!("a publish failed otherwise than with Shutdown: {other:?}"),
         }
     }
-    for _ in 0..sent {
-        tokio::time::timeout(WAIT, received.next())
-            .await
-            .expect("every message whose publish returned Ok arrives")
-            .expect("subscribed");
-    }
+    // Every message whose publish returned Ok arrives.
+    receive(&mut received, sent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,10 +205,7 @@ async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_sh
     let flushed = tokio::time::timeout(WAIT, transport.flush()).await.expect("a flush after the close returns");
     assert!(matches!(flushed, Err(rpc_core::Error::Shutdown)), "{flushed:?}");
 
-    let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
-    let envelope = rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default())
-        .expect("an envelope");
-    assert_eq!(envelope.method, "m0", "the publish before the close reached the server");
+    assert_eq!(next_envelope(&mut received).await.method, "m0", "the publish before the close reached the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,10 +221,7 @@ async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
         "{refused:?}"
     );
     transport.publish(&subject, oneway(1, 16)).await.expect("a small message after it is published");
-    let message = tokio::time::timeout(WAIT, received.next()).await.expect("it arrives").expect("subscribed");
-    let envelope = rpc_core::codec::decode_envelope(&message.payload[9..], &rpc_core::codec::Limits::default())
-        .expect("an envelope");
-    assert_eq!(envelope.method, "m1", "only the small message reached the server");
+    assert_eq!(next_envelope(&mut received).await.method, "m1", "only the small message reached the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
