@@ -87,8 +87,9 @@ pub(crate) struct Config {
     pub(crate) workers: Option<usize>,
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N]
+const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N] [--window SECS]
   --workers N: worker threads of this process's runtime (default: one per core)
+  --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
   VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222)";
 
@@ -112,6 +113,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         workers: None,
     };
     let mut rounds = None;
+    let mut window = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"));
@@ -135,6 +137,13 @@ fn parse(args: &[String]) -> Result<Config, String> {
                 let n: usize = value()?.parse().map_err(|_| format!("--workers takes a number\n{USAGE}"))?;
                 config.workers = Some(n.max(1));
             }
+            "--window" => {
+                let seconds: f64 = value()?.parse().map_err(|_| format!("--window takes seconds\n{USAGE}"))?;
+                if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3_600.0) {
+                    return Err(format!("--window takes seconds between 0 and 3600\n{USAGE}"));
+                }
+                window = Some(Duration::from_secs_f64(seconds));
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
@@ -148,6 +157,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         config.timed_out_calls = 100_000;
     }
     config.rounds = rounds.unwrap_or(3);
+    config.window = window.unwrap_or(config.window);
     Ok(config)
 }
 

@@ -444,20 +444,25 @@ fn reply_subject(envelope: &mut Envelope) -> Option<String> {
     if envelope.kind == Kind::Request
         && reply_to.starts_with("_INBOX.")
         && let Some(correlation_id) = envelope.correlation_id
-        && !reply_to.ends_with(&correlation_id.simple().to_string())
     {
-        reply_to.push('.');
-        reply_to.push_str(&correlation_id.simple().to_string());
+        let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+        let id = correlation_id.simple().encode_lower(&mut buffer);
+        if !reply_to.ends_with(&*id) {
+            reply_to.push('.');
+            reply_to.push_str(id);
+        }
     }
     Some(reply_to.clone())
 }
 
+/// Refuses a subject NATS would not route as one: empty, an empty token, whitespace, or a wildcard. One pass
+/// over the bytes (every publish checks its subject).
 fn check_subject(subject: &str) -> Result<(), Error> {
-    let valid = !subject.is_empty()
-        && !subject.starts_with('.')
-        && !subject.ends_with('.')
-        && !subject.contains("..")
-        && !subject.contains([' ', '\t', '\r', '\n', '*', '>']);
+    let bytes = subject.as_bytes();
+    let tokens_filled = bytes.first().is_some_and(|&first| first != b'.')
+        && bytes.last().is_some_and(|&last| last != b'.')
+        && !bytes.windows(2).any(|pair| pair == b"..");
+    let valid = tokens_filled && !bytes.iter().any(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>'));
     if valid { Ok(()) } else { Err(Error::InvalidArgument(format!("`{subject}` is not a valid NATS subject"))) }
 }
 
@@ -1643,5 +1648,15 @@ mod tests {
         assert!(matches!(to_headers(&envelope, Mode::Stream), Err(Error::InvalidArgument(_))));
         assert!(matches!(check_subject("has space"), Err(Error::InvalidArgument(_))));
         assert!(check_subject("ns.svc").is_ok());
+    }
+
+    #[test]
+    fn subjects_with_an_empty_token_whitespace_or_a_wildcard_are_refused() {
+        for bad in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a\tb", "a\rb", "a\nb", "a b", "\u{e9}.."] {
+            assert!(matches!(check_subject(bad), Err(Error::InvalidArgument(_))), "{bad:?} passed");
+        }
+        for good in ["a", "a.b", "_INBOX.x.mqrpc.0123abcd", "ns.svc.dlq", "\u{e9}t\u{e9}.caf\u{e9}", "a-b_c"] {
+            assert!(check_subject(good).is_ok(), "{good:?} refused");
+        }
     }
 }
