@@ -1191,12 +1191,10 @@ impl Pull {
             let mut first = Some(first);
             loop {
                 let item = tokio::select! {
+                    // Checked first: a consumer paused or gone takes nothing more.
+                    biased;
                     () = self.cancel.cancelled() => {
-                        // The pull request stays open on the server until it expires: what it still brings
-                        // is handed back, not left to wait out the ack wait.
-                        while let Some(Ok(message)) = batch.next().await {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                        }
+                        Pull::hand_back(batch).await;
                         return;
                     }
                     item = batch.next() => item,
@@ -1215,6 +1213,7 @@ impl Pull {
                     },
                 };
                 if !self.forward(message, permit).await {
+                    Pull::hand_back(batch).await;
                     return;
                 }
             }
@@ -1224,7 +1223,15 @@ impl Pull {
         }
     }
 
-    /// Hands one message on; false when the consumer is gone.
+    /// Hands back what the rest of `batch` brings: the pull request stays open on the server until it expires,
+    /// and its messages must not wait out the ack wait.
+    async fn hand_back(mut batch: consumer::pull::Batch) {
+        while let Some(Ok(message)) = batch.next().await {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Hands one message on; false when the consumer is gone (the message is handed back then).
     async fn forward(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) -> bool {
         let (delivered, stored_at) = match message.info() {
             Ok(info) => (
@@ -1256,7 +1263,15 @@ impl Pull {
             AckHandle::new(Arc::clone(&self.acker) as Arc<dyn Acker>, tag)
         };
         let delivery = Delivery { envelope, delivery_count: delivered, received_at: Instant::now(), handle };
-        self.sender.send(delivery).is_ok()
+        match self.sender.send(delivery) {
+            Ok(()) => true,
+            Err(mpsc::error::SendError(delivery)) => {
+                // The consumer went away, and released what it held, after this one was taken: without a nak
+                // here it would wait out the ack wait.
+                let _ = delivery.handle.release().await;
+                false
+            }
+        }
     }
 }
 
