@@ -199,7 +199,7 @@ impl Transport for Embedded {
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(std::future::ready(self.publish_now(queue, envelope)))
+        rpc_core::finished(self.publish_now(queue, envelope))
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -301,7 +301,7 @@ impl Acker for EmbeddedAcker {
             }
             None => Err(Error::Disconnected),
         };
-        Box::pin(std::future::ready(result))
+        rpc_core::finished(result)
     }
 
     fn republish<'a>(
@@ -339,7 +339,7 @@ impl Acker for EmbeddedAcker {
         });
         // Settled, or taken back: either way this consumer hears no more of its cancellation.
         self.cancellations.forget(tag);
-        Box::pin(std::future::ready(result))
+        rpc_core::answered(result)
     }
 
     fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {

@@ -810,7 +810,7 @@ impl Acker for RemoteAcker {
                 .send(ClientFrame::Settle { consumer: self.consumer, tag, outcome })
                 .map_err(|_| Error::Disconnected)
         };
-        Box::pin(std::future::ready(result))
+        rpc_core::finished(result)
     }
 
     fn publish_reply<'a>(
@@ -833,7 +833,7 @@ impl Acker for RemoteAcker {
         // reaches the caller.
         let sent =
             reply_frame(reply_to, &reply).and_then(|frame| self.conn.send(frame).map_err(|_| Error::DeliveryLost));
-        Box::pin(std::future::ready(sent))
+        rpc_core::finished(sent)
     }
 
     fn answer<'a>(
@@ -863,7 +863,7 @@ impl Acker for RemoteAcker {
             };
             self.conn.send(frame).map_err(|_| Error::DeliveryLost)
         });
-        Box::pin(std::future::ready(sent.map(|()| Answered::Sent)))
+        rpc_core::answered(sent.map(|()| Answered::Sent))
     }
 
     fn republish<'a>(
@@ -1029,7 +1029,7 @@ impl Transport for Remote {
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
         let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = publish_frame(queue, &envelope, payload, true)(conn.req());
+        let frame = publish_frame_once(conn.req(), queue, &envelope, payload, true);
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),
@@ -1048,7 +1048,7 @@ impl Transport for Remote {
             let conn = self.inner.current().ok_or(Error::Disconnected)?;
             conn.send(frame)
         });
-        Box::pin(std::future::ready(sent))
+        rpc_core::finished(sent)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -1135,6 +1135,22 @@ fn publish_frame<'q>(
         key,
         id,
         payload: payload.clone(),
+        quiet,
+    }
+}
+
+/// The frame of a publish sent once, as [`publish_frame`] makes it: taking the payload, which a clone would
+/// turn into a shared buffer (an allocation).
+fn publish_frame_once(req: u32, queue: &str, envelope: &Envelope, payload: Bytes, quiet: bool) -> ClientFrame {
+    ClientFrame::Publish {
+        req,
+        queue: queue.to_owned(),
+        priority: envelope.priority.unwrap_or(0),
+        ttl_ms: envelope.deadline_ms,
+        delay_ms: envelope.delay_ms,
+        key: call_key(envelope),
+        id: Some(*envelope.id.as_bytes()),
+        payload,
         quiet,
     }
 }

@@ -414,6 +414,11 @@ fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
     (deadline.saturating_duration_since(now), deadline)
 }
 
+/// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
+fn default_key(correlation_id: Uuid) -> String {
+    String::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer()))
+}
+
 fn millis(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
 }
@@ -525,7 +530,7 @@ impl<O: Send + 'static> Call<O> {
         let mut envelope = Envelope::new(Kind::Request);
         self.options.apply(&mut envelope);
         envelope.caller = self.client.identity().map(str::to_owned);
-        envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
+        envelope.idempotency_key.get_or_insert_with(|| default_key(correlation_id));
         envelope.correlation_id = Some(correlation_id);
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
@@ -577,11 +582,11 @@ impl<O: Send + 'static> Call<O> {
         let mut envelope = Box::new(Envelope::new(Kind::Request));
         self.options.apply(&mut envelope);
         envelope.caller = inner.identity.as_deref().map(str::to_owned);
-        envelope.idempotency_key.get_or_insert_with(|| correlation_id.simple().to_string());
+        envelope.idempotency_key.get_or_insert_with(|| default_key(correlation_id));
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(inner.inbox.clone());
         envelope.body = args;
-        let queue = naming::service_queue(inner.namespace.as_deref(), &self.service);
+        let queue = naming::service_queue_of(inner.namespace.as_deref(), self.service.clone());
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
         Ok(Prepared { client: self.client, decode: self.decode, envelope, queue, budget, deadline })
@@ -594,7 +599,7 @@ struct Prepared<O> {
     decode: DecodeFn<O>,
     /// Without its `deadline_ms`, set once the call is admitted.
     envelope: Box<Envelope>,
-    queue: String,
+    queue: Cow<'static, str>,
     budget: Duration,
     deadline: Instant,
 }
@@ -678,7 +683,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
         // The server cut the handler at the deadline it was given: from here, the budget ran out.
         Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
         // The transport reported that nobody consumes the service's queue.
-        Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.clone())),
+        Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.to_string())),
         Some(Ok(reply)) => decode(&reply),
         Some(Err(error)) => Err(error),
         None => Err(Error::Timeout(budget)),

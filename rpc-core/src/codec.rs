@@ -75,7 +75,41 @@ pub enum CodecError {
 /// [`CodecError::Encode`] when serialization fails (a map with non-string keys is fine; a failing `Serialize`
 /// implementation is not).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, CodecError> {
-    rmp_serde::to_vec_named(value).map(Bytes::from).map_err(|error| CodecError::Encode(error.to_string()))
+    with_scratch(|out| {
+        rmp_serde::encode::write_named(out, value).map_err(|error| CodecError::Encode(error.to_string()))
+    })
+}
+
+/// Runs `write` on this thread's scratch buffer and returns what it wrote in one allocation of its exact size.
+///
+/// A `Vec` written in place and turned into [`Bytes`] costs two allocations (the vector, grown as it goes, then
+/// the shared header `Bytes` needs for a vector with spare capacity); every call and every reply is encoded,
+/// so the buffer is kept instead. It keeps at most [`SCRATCH_KEEP`] bytes between uses; a `write` that encodes
+/// again on the same thread (a `Serialize` implementation that calls [`encode`]) gets a buffer of its own.
+fn with_scratch(write: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>) -> Result<Bytes, CodecError> {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut out) => {
+            out.clear();
+            let written = write(&mut out).map(|()| Bytes::copy_from_slice(&out));
+            if out.capacity() > SCRATCH_KEEP {
+                *out = Vec::new();
+            }
+            written
+        }
+        Err(_) => {
+            let mut out = Vec::new();
+            write(&mut out)?;
+            Ok(Bytes::from(out))
+        }
+    })
+}
+
+/// The largest scratch buffer kept between encodings: a larger one is freed after its use.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffer of [`with_scratch`].
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Checks `bytes` against `limits`, then decodes one value from them.
@@ -89,12 +123,24 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limits: &Limits) -> Result<T, C
 }
 
 /// Encodes an envelope: the bytes `encode(envelope)` would write (the envelope's serde form), written by hand
-/// into one buffer of the right size.
+/// and returned in one allocation of their exact size.
 ///
 /// # Errors
 /// [`CodecError::Encode`] for a string, body or header map longer than MessagePack can carry (4 GiB).
 pub fn encode_envelope(envelope: &Envelope) -> Result<Bytes, CodecError> {
-    envelope_codec::encode(envelope).map(Bytes::from)
+    with_scratch(|out| envelope_codec::encode_into(out, envelope))
+}
+
+/// The bytes `prefix` followed by the encoding of `envelope` (as [`encode_envelope`]), in one allocation of
+/// their exact size: a transport's own header before the envelope, say.
+///
+/// # Errors
+/// As [`encode_envelope`].
+pub fn encode_envelope_after(prefix: &[u8], envelope: &Envelope) -> Result<Bytes, CodecError> {
+    with_scratch(|out| {
+        out.extend_from_slice(prefix);
+        envelope_codec::encode_into(out, envelope)
+    })
 }
 
 /// Appends the encoding of `envelope` to `out` (as [`encode_envelope`]), after whatever `out` holds: a frame
@@ -287,12 +333,6 @@ mod envelope_codec {
 
     use super::{CodecError, Limits, Reader};
     use crate::envelope::{Envelope, Kind, VERSION};
-
-    pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, CodecError> {
-        let mut out = Vec::new();
-        encode_into(&mut out, envelope)?;
-        Ok(out)
-    }
 
     pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
         let strings = envelope.service.len()
@@ -757,6 +797,45 @@ mod tests {
         let mut bytes = vec![0x91; depth];
         bytes.push(0x01);
         bytes
+    }
+
+    /// Encodes itself through [`encode`] while being encoded: the scratch buffer is in use then.
+    struct Nested(u32);
+
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let inner = encode(&self.0).map_err(serde::ser::Error::custom)?;
+            serializer.serialize_bytes(&inner)
+        }
+    }
+
+    #[test]
+    fn an_encoding_inside_an_encoding_gets_a_buffer_of_its_own() {
+        let bytes = encode(&(Nested(300), "after")).expect("encodes");
+        let (inner, after): (Bytes, String) = decode(&bytes, &Limits::default()).expect("decodes");
+        assert_eq!(inner.as_ref(), &[0xcd, 0x01, 0x2c]);
+        assert_eq!(after, "after");
+    }
+
+    #[test]
+    fn encodings_after_a_large_one_are_whole_and_exact() {
+        let large = Bytes::from(vec![7u8; SCRATCH_KEEP * 2]);
+        let bytes = encode(&large).expect("encodes");
+        assert_eq!(bytes.len(), large.len() + 5);
+        assert_eq!(decode::<Bytes>(&bytes, &Limits::default()), Ok(large));
+        // The large buffer was not kept, and what it held does not leak into the next encodings.
+        assert!(SCRATCH.with(|scratch| scratch.borrow().capacity()) <= SCRATCH_KEEP);
+        for value in [1u64, 70_000, u64::MAX] {
+            let bytes = encode(&value).expect("encodes");
+            assert_eq!(decode::<u64>(&bytes, &Limits::default()), Ok(value));
+        }
+        let mut envelope = Envelope::new(crate::Kind::Request);
+        envelope.service = "Calculator".into();
+        let plain = encode_envelope(&envelope).expect("encodes");
+        let after = encode_envelope_after(b"\xc1prefix", &envelope).expect("encodes");
+        assert_eq!(&after[..7], b"\xc1prefix");
+        assert_eq!(after[7..], plain[..]);
+        assert_eq!(decode_envelope(&plain, &Limits::default()), Ok(envelope));
     }
 
     #[test]

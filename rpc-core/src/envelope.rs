@@ -168,15 +168,31 @@ impl Envelope {
         reply.service.clone_from(&self.service);
         reply.method.clone_from(&self.method);
         reply.headers.clone_from(&self.headers);
+        reply.set_result(result);
+        reply
+    }
+
+    /// As [`reply`](Envelope::reply), moving this request's service, method and headers into the reply instead
+    /// of copying them (they are left empty here): for a request whose only other use is its reply address.
+    pub(crate) fn take_reply(&mut self, result: Result<Bytes, Status>) -> Envelope {
+        let mut reply = Envelope::new(Kind::Reply);
+        reply.correlation_id = self.correlation_id;
+        reply.service = std::mem::take(&mut self.service);
+        reply.method = std::mem::take(&mut self.method);
+        reply.headers = std::mem::take(&mut self.headers);
+        reply.set_result(result);
+        reply
+    }
+
+    fn set_result(&mut self, result: Result<Bytes, Status>) {
         match result {
-            Ok(body) => reply.body = body,
+            Ok(body) => self.body = body,
             Err(status) => {
-                reply.status = status.code().as_u16();
-                reply.status_message = Some(status.message().to_owned());
-                reply.body = status.details().clone();
+                self.status = status.code().as_u16();
+                self.status_message = Some(status.message().to_owned());
+                self.body = status.details().clone();
             }
         }
-        reply
     }
 
     /// The status of a reply: ok, or the code and message it carries (the body is the status' details).
@@ -190,6 +206,30 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_taken_reply_is_the_copied_reply_and_leaves_the_request_its_address() {
+        let mut request = Envelope::new(Kind::Request);
+        request.correlation_id = Some(new_id());
+        request.service = "Calculator".into();
+        request.method = "add".into();
+        request.reply_to = Some("inbox.7".into());
+        request.headers.insert("order".into(), "7".into());
+        for result in [
+            Ok(Bytes::from_static(b"\x05")),
+            Err(Status::new(Code::Application, "no").with_details(Bytes::from_static(b"\x01"))),
+        ] {
+            let copied = request.reply(result.clone());
+            let mut taken_from = request.clone();
+            let mut taken = taken_from.take_reply(result);
+            assert_ne!(taken.id, copied.id);
+            taken.id = copied.id;
+            assert_eq!(taken, copied);
+            assert_eq!((taken_from.service.as_str(), taken_from.method.as_str()), ("", ""));
+            assert!(taken_from.headers.is_empty());
+            assert_eq!(taken_from.reply_to.as_deref(), Some("inbox.7"));
+        }
+    }
 
     #[test]
     fn ids_made_on_several_threads_at_once_are_distinct_version_7_uuids() {

@@ -122,5 +122,5 @@ pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
 pub use transport::{
     AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
-    Delivery, DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport, reply_then_ack,
+    Delivery, DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport, answered, finished, reply_then_ack,
 };

@@ -1,8 +1,19 @@
 //! The names of queues and topics, in one place so that clients, servers and tools agree.
 
+use std::borrow::Cow;
+
 /// The queue a service's requests go to: `<namespace>.<service>`, or `<service>` without a namespace.
 pub fn service_queue(namespace: Option<&str>, service: &str) -> String {
     qualify(namespace, service)
+}
+
+/// As [`service_queue`], for a service name that may be static: without a namespace, the queue is the name
+/// itself, borrowed where the name is.
+pub fn service_queue_of(namespace: Option<&str>, service: Cow<'static, str>) -> Cow<'static, str> {
+    match namespace {
+        Some(namespace) if !namespace.is_empty() => Cow::Owned(qualify(Some(namespace), &service)),
+        _ => service,
+    }
 }
 
 /// The topic a service's broadcasts go to: `<namespace>.<service>.broadcast`.

@@ -548,7 +548,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         Claim::Execute(claim) => claim,
         Claim::Answer(result) => {
             stats.deduplicated.fetch_add(1, Ordering::Relaxed);
-            answer(shared, &request, handle, result).await;
+            answer(shared, request, handle, result).await;
             return;
         }
         Claim::Requeue => {
@@ -557,7 +557,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         Claim::Expired => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
-            Box::pin(answer(shared, &request, handle, Err(expired_status()))).await;
+            Box::pin(answer(shared, request, handle, Err(expired_status()))).await;
             return;
         }
     };
@@ -601,7 +601,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
             _ => settle(store.complete_borrowed(key, &result).await),
         }
     }
-    answer(shared, &request, handle, result).await;
+    answer(shared, request, handle, result).await;
 }
 
 /// The time a retry needs before the deadline past its backoff and the last attempt's time: for the copy's
@@ -792,20 +792,27 @@ async fn dead_letter(shared: &Shared, request: &Request, handle: AckHandle, poli
 }
 
 /// Publishes the reply (for requests) and acks the request; a reply that cannot be published requeues it.
-async fn answer(shared: &Shared, request: &Request, handle: AckHandle, result: Result<Bytes, Status>) {
+async fn answer(shared: &Shared, request: Request, handle: AckHandle, result: Result<Bytes, Status>) {
     let stats = &shared.stats;
     if result.is_err() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
-    let envelope = &request.envelope;
-    let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) else {
+    let mut envelope = request.envelope;
+    if envelope.kind != Kind::Request || envelope.reply_to.is_none() {
         // Nobody waits for a reply.
         stats.handled.fetch_add(1, Ordering::Relaxed);
         settle(handle.ack().await);
         return;
+    }
+    // The handler's context is gone by now, so the request is this one's alone (unless the handler left a task
+    // holding it): its names move into the reply.
+    let reply = match Arc::get_mut(&mut envelope) {
+        Some(request) => request.take_reply(result),
+        None => envelope.reply(result),
     };
+    let reply_to = envelope.reply_to.as_deref().unwrap_or_default();
     // The reply and the ack in one step.
-    match handle.answer(shared.transport.as_ref(), reply_to, envelope.reply(result)).await {
+    match handle.answer(shared.transport.as_ref(), reply_to, reply).await {
         Ok(Answered::Sent) => {}
         Ok(Answered::Undeliverable) => {
             shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);

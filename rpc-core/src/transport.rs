@@ -28,6 +28,24 @@ use crate::error::Error;
 /// A boxed future, the return type of the transport's methods.
 pub type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
 
+/// `result`, known already, as the boxed future a transport method returns. `Ok(())`, what acks and
+/// unconfirmed publishes come to, costs no allocation: its future is zero-sized, and a boxed zero-sized value
+/// takes no memory.
+pub fn finished<'a>(result: Result<(), Error>) -> BoxFuture<'a, Result<(), Error>> {
+    match result {
+        Ok(()) => Box::pin(std::future::poll_fn(|_| std::task::Poll::Ready(Ok(())))),
+        Err(error) => Box::pin(std::future::ready(Err(error))),
+    }
+}
+
+/// As [`finished`], for [`Acker::answer`]: `Ok(Answered::Sent)` costs no allocation.
+pub fn answered<'a>(result: Result<Answered, Error>) -> BoxFuture<'a, Result<Answered, Error>> {
+    match result {
+        Ok(Answered::Sent) => Box::pin(std::future::poll_fn(|_| std::task::Poll::Ready(Ok(Answered::Sent)))),
+        other => Box::pin(std::future::ready(other)),
+    }
+}
+
 /// What a transport can do beyond the basic contract.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -756,4 +774,21 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 /// Turns a transport into the shared form the framework holds.
 pub(crate) fn shared(transport: impl Transport) -> Arc<dyn Transport> {
     Arc::new(transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_successes_are_zero_sized_and_failures_carry_their_error() {
+        // A boxed zero-sized future takes no allocation.
+        assert_eq!(std::mem::size_of_val(&*finished(Ok(()))), 0);
+        assert_eq!(std::mem::size_of_val(&*answered(Ok(Answered::Sent))), 0);
+        assert!(matches!(finished(Ok(())).now_or_never(), Some(Ok(()))));
+        assert!(matches!(answered(Ok(Answered::Sent)).now_or_never(), Some(Ok(Answered::Sent))));
+        assert!(matches!(answered(Ok(Answered::Undeliverable)).now_or_never(), Some(Ok(Answered::Undeliverable))));
+        assert!(matches!(finished(Err(Error::Disconnected)).now_or_never(), Some(Err(Error::Disconnected))));
+        assert!(matches!(answered(Err(Error::DeliveryLost)).now_or_never(), Some(Err(Error::DeliveryLost))));
+    }
 }

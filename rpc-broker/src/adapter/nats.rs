@@ -305,7 +305,7 @@ impl Inner {
             let size_checked = outbox.check(queue, reply.as_deref(), body.len());
             return Box::pin(async move {
                 size_checked?;
-                let message = Outgoing::Message { subject: queue.into(), reply: reply.map(Into::into), body };
+                let message = Outgoing::Message { subject: queue.into(), reply, body };
                 outbox.send(message).await.map_err(|_| {
                     if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
                 })?;
@@ -402,11 +402,10 @@ fn is_envelope_inbox(subject: &str) -> bool {
 
 /// A body carrying `envelope` whole (its reply address travels as the message's reply subject).
 fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
-    let mut body = Vec::with_capacity(ENVELOPE_PREFIX + 96 + envelope.body.len());
-    body.push(ENVELOPE_MARK);
-    body.extend_from_slice(&super::now_ms().to_be_bytes());
-    codec::encode_envelope_into(&mut body, envelope)?;
-    Ok(Bytes::from(body))
+    let mut prefix = [0u8; ENVELOPE_PREFIX];
+    prefix[0] = ENVELOPE_MARK;
+    prefix[1..].copy_from_slice(&super::now_ms().to_be_bytes());
+    Ok(codec::encode_envelope_after(&prefix, envelope)?)
 }
 
 /// The envelope a message carries whole in its body, if it is such a message.
@@ -439,7 +438,7 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, 
 /// The reply subject of a request: `<inbox>.<correlation id>` for a call through an inbox (so that the
 /// server's no-responders status names the call), else the envelope's reply address. The envelope's reply
 /// address becomes that subject.
-fn reply_subject(envelope: &mut Envelope) -> Option<String> {
+fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subject> {
     let reply_to = envelope.reply_to.as_mut()?;
     if envelope.kind == Kind::Request
         && reply_to.starts_with("_INBOX.")
@@ -452,7 +451,8 @@ fn reply_subject(envelope: &mut Envelope) -> Option<String> {
             reply_to.push_str(id);
         }
     }
-    Some(reply_to.clone())
+    // Copied at its exact size: a subject made from the `String` itself would cost a second allocation.
+    Some(async_nats::Subject::from(reply_to.as_str()))
 }
 
 /// Refuses a subject NATS would not route as one: empty, an empty token, whitespace, or a wildcard. One pass
@@ -1031,7 +1031,7 @@ impl Acker for CoreAcker {
         if outcome == Outcome::Ack {
             // An ack (nearly every settle) is done here, without a future to wait on.
             Inner::lock(&self.held).remove(&tag);
-            return Box::pin(std::future::ready(Ok(())));
+            return rpc_core::finished(Ok(()));
         }
         // The message is taken when the future runs: one dropped unpolled leaves it held.
         Box::pin(async move {
@@ -1544,11 +1544,11 @@ mod tests {
         envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
         let mut sent = envelope.clone();
         let reply = reply_subject(&mut sent).expect("a reply subject");
-        assert_eq!(reply, format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
+        assert_eq!(reply.as_str(), format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
         for mode in [Mode::Stream, Mode::Core { to_inbox: false, correlation_in_subject: true }] {
             let message = async_nats::Message {
                 subject: "ns.Calculator".into(),
-                reply: Some(reply.clone().into()),
+                reply: Some(reply.clone()),
                 payload: sent.body.clone(),
                 headers: Some(to_headers(&sent, mode).expect("maps")),
                 status: None,
@@ -1601,7 +1601,7 @@ mod tests {
         let back = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
         assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
         let mut expected = envelope.clone();
-        expected.reply_to = Some(reply);
+        expected.reply_to = Some(reply.to_string());
         expected.deadline_ms = back.deadline_ms;
         assert_eq!(back, expected);
     }
