@@ -171,7 +171,26 @@ struct Inner {
     /// Queues (streams) this transport made sure of, with the options they were declared with.
     streams: Mutex<HashMap<String, QueueOptions>>,
     counters: CounterMap,
+    /// The subjects of the queues published to, made once: a subject shared with the client costs no
+    /// allocation per publish, where one made from the name costs a copy and the client's clone of it another.
+    subjects: dashmap::DashMap<String, async_nats::Subject>,
     closed: AtomicBool,
+}
+
+/// Subjects kept in [`Inner::subjects`] at most; a publish to a queue past them makes its own subject.
+const SUBJECTS: usize = 1_024;
+
+/// The subject of `queue`, from `subjects` (kept there on first use, while they number under [`SUBJECTS`]).
+fn shared_subject(subjects: &dashmap::DashMap<String, async_nats::Subject>, queue: &str) -> async_nats::Subject {
+    if let Some(subject) = subjects.get(queue) {
+        return subject.clone();
+    }
+    let subject = async_nats::Subject::from(queue);
+    if subjects.len() < SUBJECTS {
+        // The clone makes the kept subject's buffer shared: from here on a clone only counts a reference.
+        subjects.insert(queue.to_owned(), subject.clone());
+    }
+    subject
 }
 
 impl Inner {
@@ -305,7 +324,8 @@ impl Inner {
             let size_checked = outbox.check(queue, reply.as_deref(), body.len());
             return Box::pin(async move {
                 size_checked?;
-                let message = Outgoing::Message { subject: queue.into(), reply, body };
+                let subject = if to_inbox { queue.into() } else { shared_subject(&self.subjects, queue) };
+                let message = Outgoing::Message { subject, reply, body };
                 outbox.send(message).await.map_err(|_| {
                     if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
                 })?;
@@ -705,6 +725,7 @@ impl Nats {
             losses,
             streams: Mutex::new(HashMap::new()),
             counters: CounterMap::default(),
+            subjects: dashmap::DashMap::new(),
             closed: AtomicBool::new(false),
         });
         Ok(Nats { inner })
@@ -1663,6 +1684,24 @@ mod tests {
         assert!(matches!(to_headers(&envelope, Mode::Stream), Err(Error::InvalidArgument(_))));
         assert!(matches!(check_subject("has space"), Err(Error::InvalidArgument(_))));
         assert!(check_subject("ns.svc").is_ok());
+    }
+
+    #[test]
+    fn the_subject_of_a_queue_is_made_once_and_shared_up_to_the_bound() {
+        let subjects = dashmap::DashMap::new();
+        let first = shared_subject(&subjects, "ns.Calculator");
+        let second = shared_subject(&subjects, "ns.Calculator");
+        assert_eq!((first.as_str(), second.as_str()), ("ns.Calculator", "ns.Calculator"));
+        assert_eq!(first.as_str().as_ptr(), second.as_str().as_ptr(), "not shared");
+        for n in 1..SUBJECTS + 10 {
+            assert_eq!(shared_subject(&subjects, &format!("q.{n}")).as_str(), format!("q.{n}"));
+        }
+        assert_eq!(subjects.len(), SUBJECTS);
+        let past = format!("q.{}", SUBJECTS + 5);
+        assert_ne!(
+            shared_subject(&subjects, &past).as_str().as_ptr(),
+            shared_subject(&subjects, &past).as_str().as_ptr()
+        );
     }
 
     #[test]
