@@ -1029,7 +1029,7 @@ impl Transport for Remote {
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
         let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = publish_frame_once(conn.req(), queue, &envelope, payload, true);
+        let frame = PublishProps::of(&envelope).frame(conn.req(), queue, payload, true);
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),
@@ -1124,34 +1124,36 @@ fn publish_frame<'q>(
     payload: Bytes,
     quiet: bool,
 ) -> impl Fn(u32) -> ClientFrame + Send + Sync + use<'q> {
-    let (priority, ttl_ms, delay_ms) = (envelope.priority.unwrap_or(0), envelope.deadline_ms, envelope.delay_ms);
-    let (key, id) = (call_key(envelope), Some(*envelope.id.as_bytes()));
-    move |req| ClientFrame::Publish {
-        req,
-        queue: queue.to_owned(),
-        priority,
-        ttl_ms,
-        delay_ms,
-        key,
-        id,
-        payload: payload.clone(),
-        quiet,
-    }
+    let props = PublishProps::of(envelope);
+    move |req| props.frame(req, queue, payload.clone(), quiet)
 }
 
-/// The frame of a publish sent once, as [`publish_frame`] makes it: taking the payload, which a clone would
-/// turn into a shared buffer (an allocation).
-fn publish_frame_once(req: u32, queue: &str, envelope: &Envelope, payload: Bytes, quiet: bool) -> ClientFrame {
-    ClientFrame::Publish {
-        req,
-        queue: queue.to_owned(),
-        priority: envelope.priority.unwrap_or(0),
-        ttl_ms: envelope.deadline_ms,
-        delay_ms: envelope.delay_ms,
-        key: call_key(envelope),
-        id: Some(*envelope.id.as_bytes()),
-        payload,
-        quiet,
+/// What a publish frame carries of its envelope besides the payload.
+#[derive(Clone, Copy)]
+struct PublishProps {
+    priority: u8,
+    ttl_ms: Option<u64>,
+    delay_ms: Option<u64>,
+    key: Option<crate::engine::Key>,
+    id: Option<[u8; 16]>,
+}
+
+impl PublishProps {
+    fn of(envelope: &Envelope) -> PublishProps {
+        PublishProps {
+            priority: envelope.priority.unwrap_or(0),
+            ttl_ms: envelope.deadline_ms,
+            delay_ms: envelope.delay_ms,
+            key: call_key(envelope),
+            id: Some(*envelope.id.as_bytes()),
+        }
+    }
+
+    /// The frame, taking `payload`: a publish sent once passes its own, where a clone of it would turn it into
+    /// a shared buffer (an allocation).
+    fn frame(self, req: u32, queue: &str, payload: Bytes, quiet: bool) -> ClientFrame {
+        let PublishProps { priority, ttl_ms, delay_ms, key, id } = self;
+        ClientFrame::Publish { req, queue: queue.to_owned(), priority, ttl_ms, delay_ms, key, id, payload, quiet }
     }
 }
 
