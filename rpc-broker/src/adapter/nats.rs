@@ -478,11 +478,15 @@ fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subject> {
 /// Refuses a subject NATS would not route as one: empty, an empty token, whitespace, or a wildcard. One pass
 /// over the bytes (every publish checks its subject).
 fn check_subject(subject: &str) -> Result<(), Error> {
-    let bytes = subject.as_bytes();
-    let tokens_filled = bytes.first().is_some_and(|&first| first != b'.')
-        && bytes.last().is_some_and(|&last| last != b'.')
-        && !bytes.windows(2).any(|pair| pair == b"..");
-    let valid = tokens_filled && !bytes.iter().any(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>'));
+    // The byte before the first counts as a dot: a leading dot is an empty first token.
+    let mut previous = b'.';
+    let mut valid = true;
+    for &byte in subject.as_bytes() {
+        valid &= !(byte == b'.' && previous == b'.') && !matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>');
+        previous = byte;
+    }
+    // Empty, or a trailing dot: an empty last token.
+    valid &= previous != b'.';
     if valid { Ok(()) } else { Err(Error::InvalidArgument(format!("`{subject}` is not a valid NATS subject"))) }
 }
 
