@@ -449,7 +449,7 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, 
     })();
     Some(decoded.map_err(Error::from).map(|mut envelope| {
         if let Some(reply) = &message.reply {
-            envelope.reply_to = Some(reply.to_string());
+            envelope.reply_to = Some(reply.as_str().to_owned());
         }
         envelope
     }))
@@ -609,7 +609,8 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
             _ => {}
         }
     }
-    let reply_to = fields.reply_to.map(str::to_owned).or_else(|| message.reply.as_ref().map(|reply| reply.to_string()));
+    let reply_to =
+        fields.reply_to.map(str::to_owned).or_else(|| message.reply.as_ref().map(|reply| reply.as_str().to_owned()));
     let mut envelope = Envelope::new(super::kind_of(fields.kind, reply_to.is_some()));
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
         envelope.id = id;
@@ -1062,7 +1063,7 @@ impl Acker for CoreAcker {
         Box::pin(async move {
             let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Ok(()) };
             let subject = match outcome {
-                Outcome::Requeue | Outcome::Release => message.subject.to_string(),
+                Outcome::Requeue | Outcome::Release => message.subject.as_str().to_owned(),
                 Outcome::Ack | Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
             };
             let headers = message.headers.unwrap_or_default();
