@@ -482,7 +482,8 @@ fn check_subject(subject: &str) -> Result<(), Error> {
     let mut previous = b'.';
     let mut valid = true;
     for &byte in subject.as_bytes() {
-        valid &= !(byte == b'.' && previous == b'.') && !matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>');
+        let empty_token = byte == b'.' && previous == b'.';
+        valid &= !(empty_token || matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>'));
         previous = byte;
     }
     // Empty, or a trailing dot: an empty last token.
