@@ -135,6 +135,8 @@ async fn rabbitmq_restart_during_calls() {
 /// A nats-server of the test's own, on a free port, with JetStream storage in a directory of its own.
 struct PrivateNats {
     binary: String,
+    /// The server's name, unique to this test: a handshake with another server on the port is not taken for ours.
+    name: String,
     port: u16,
     store: std::path::PathBuf,
     child: Option<Child>,
@@ -142,31 +144,51 @@ struct PrivateNats {
 
 impl PrivateNats {
     fn start(binary: &str) -> PrivateNats {
-        let port =
-            TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port();
-        let store = std::env::temp_dir().join(format!("mqrpc-nats-{}", Uuid::new_v4().simple()));
-        let mut server = PrivateNats { binary: binary.to_owned(), port, store, child: None };
-        server.spawn();
-        server
+        let mut tries = Vec::new();
+        // The free port is found by binding it and letting it go, so another process (a server of a test running
+        // alongside) may take it first: then this server exits, and another port is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free port")
+                .port();
+            let id = Uuid::new_v4().simple();
+            let store = std::env::temp_dir().join(format!("mqrpc-nats-{id}"));
+            let name = format!("mqrpc-test-{id}");
+            let mut server = PrivateNats { binary: binary.to_owned(), name, port, store, child: None };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(error) => tries.push(format!("port {port}: {error}")),
+            }
+        }
+        panic!("no private nats-server came up: {tries:?}");
     }
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server and waits until it answers as itself.
+    fn spawn(&mut self) -> std::io::Result<()> {
         let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-n", &self.name, "-js", "-sd"])
             .arg(&self.store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
+            .spawn()?;
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
-            std::thread::sleep(Duration::from_millis(20));
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!("nats-server exited: {status}")));
+            }
+            match handshake(self.port, &self.name) {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!("nats-server did not answer: {error}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
     }
 
@@ -176,6 +198,25 @@ impl PrivateNats {
             let _ = child.wait();
         }
     }
+}
+
+/// Whether the server named `name` speaks NATS on `port`: it sends its `INFO`, under that name, and answers a
+/// `PING`. A listening socket alone is not enough: it may be another server's.
+fn handshake(port: u16, name: &str) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("INFO ") || !line.contains(&format!("\"server_name\":\"{name}\"")) {
+        return Err(std::io::Error::other(format!("not this server's INFO: {line:?}")));
+    }
+    (&stream).write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")?;
+    line.clear();
+    reader.read_line(&mut line)?;
+    if line.trim_end() == "PONG" { Ok(()) } else { Err(std::io::Error::other(format!("no PONG: {line:?}"))) }
 }
 
 impl Drop for PrivateNats {
@@ -200,7 +241,7 @@ async fn nats_restart(jetstream: bool) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.kill();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        server.spawn();
+        server.spawn().expect("nats-server starts again on its port");
     };
     calls_survive(&harness, restart).await;
 }
