@@ -168,7 +168,7 @@ pub(crate) async fn run(config: Config) -> Result<(), String> {
         for variant in order {
             progress.set_message(format!("round {}/{}: {}", round + 1, config.rounds, variant.name()));
             match run_variant(variant, &config, &progress).await {
-                Ok(mut measured) => samples.append(&mut measured),
+                Ok(measured) => samples.extend(measured.into_iter().map(|sample| sample.in_round(round))),
                 Err(error) => {
                     progress.println(format!("{}: {error}", variant.name()));
                     failures.push(format!("{} (round {}): {error}", variant.name(), round + 1));

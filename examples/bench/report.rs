@@ -31,6 +31,8 @@ pub(crate) struct Sample {
     pub(crate) errors: u64,
     /// What the first of them came to.
     pub(crate) first_error: Option<String>,
+    /// The round it was measured in, from 0 (0 for a median).
+    pub(crate) round: usize,
 }
 
 impl Sample {
@@ -65,7 +67,14 @@ impl Sample {
             cpu_split_us: cpu_us.map(|us| us / calls_f),
             errors,
             first_error: None,
+            round: 0,
         }
+    }
+
+    /// The sample as measured in round `round`.
+    pub(crate) fn in_round(mut self, round: usize) -> Sample {
+        self.round = round;
+        self
     }
 
     /// The sample with what its first failed call came to.
@@ -114,6 +123,7 @@ fn medians(samples: &[Sample]) -> BTreeMap<(Variant, usize), (Sample, usize)> {
                 ],
                 errors: group.iter().map(|sample| sample.errors).sum(),
                 first_error: group.iter().find_map(|sample| sample.first_error.clone()),
+                round: 0,
             };
             (key, (sample, group.len()))
         })
@@ -327,7 +337,7 @@ pub(crate) fn report(
         );
     }
     let _ = writeln!(out, "\ntargets");
-    for (met, line) in targets(&get, memory) {
+    for (met, line) in targets(&get, samples, memory) {
         let _ = writeln!(out, "  [{}] {line}", if met { "met" } else { "NOT met" });
     }
     for failure in failures {
@@ -389,19 +399,40 @@ fn finite(value: f64) -> Option<f64> {
     value.is_finite().then_some((value * 100.0).round() / 100.0)
 }
 
-/// Each target with whether this run met it.
+/// The throughput ratio of `ours` to `theirs` at `inflight` in each round that measured both, in round order.
+fn round_ratios(samples: &[Sample], ours: Variant, theirs: Variant, inflight: usize) -> Vec<f64> {
+    let of = |variant: Variant, round: usize| {
+        samples
+            .iter()
+            .find(|sample| sample.variant == variant && sample.inflight == inflight && sample.round == round)
+            .map(|sample| sample.calls_per_s)
+    };
+    let rounds = samples.iter().map(|sample| sample.round + 1).max().unwrap_or(0);
+    (0..rounds).filter_map(|round| Some(of(ours, round)? / of(theirs, round)?)).collect()
+}
+
+/// Each target with whether this run met it. A ratio target is judged on the medians; each round's own ratio
+/// follows, so that a reader sees how far a ratio near its target moved within the run.
 fn targets<'a>(
     get: &impl Fn(Variant, usize) -> Option<&'a Sample>,
+    samples: &[Sample],
     memory: Option<&MemoryReport>,
 ) -> Vec<(bool, String)> {
     let mut targets = Vec::new();
     let throughput = |variant, inflight| get(variant, inflight).map(|sample: &Sample| sample.calls_per_s);
     let mut versus = |ours: Variant, theirs: Variant, inflight: usize, floor: f64| {
         if let (Some(a), Some(b)) = (throughput(ours, inflight), throughput(theirs, inflight)) {
+            let rounds = round_ratios(samples, ours, theirs, inflight);
+            let rounds = if rounds.len() > 1 {
+                let listed: Vec<String> = rounds.iter().map(|ratio| format!("{ratio:.2}x")).collect();
+                format!("; rounds {}", listed.join(", "))
+            } else {
+                String::new()
+            };
             targets.push((
                 a / b >= floor,
                 format!(
-                    "{} >= {floor:.2}x {} at {inflight} in flight: {:.2}x ({} vs {} calls/s)",
+                    "{} >= {floor:.2}x {} at {inflight} in flight: {:.2}x ({} vs {} calls/s{rounds})",
                     ours.name(),
                     theirs.name(),
                     a / b,
@@ -555,4 +586,48 @@ fn chart<'a>(config: &Config, get: &impl Fn(Variant, usize) -> Option<&'a Sample
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(variant: Variant, inflight: usize, round: usize, calls_per_s: f64) -> Sample {
+        let sample = Sample::new(variant, inflight, vec![1_000], 1, Duration::from_secs(1), [0.0; 3], 0);
+        Sample { calls_per_s, ..sample }.in_round(round)
+    }
+
+    #[test]
+    fn each_rounds_ratio_pairs_the_two_variants_of_that_round_and_skips_a_round_missing_one() {
+        let samples = [
+            sample(Variant::NatsRaw, 256, 0, 100.0),
+            sample(Variant::OwnBroker, 256, 0, 150.0),
+            sample(Variant::OwnBroker, 64, 0, 999.0),
+            // Round 1 lost its baseline.
+            sample(Variant::OwnBroker, 256, 1, 500.0),
+            sample(Variant::OwnBroker, 256, 2, 120.0),
+            sample(Variant::NatsRaw, 256, 2, 100.0),
+        ];
+        let ratios = round_ratios(&samples, Variant::OwnBroker, Variant::NatsRaw, 256);
+        assert_eq!(ratios, vec![1.5, 1.2]);
+        assert!(round_ratios(&samples, Variant::Nats, Variant::NatsRaw, 256).is_empty());
+    }
+
+    #[test]
+    fn a_ratio_target_lists_each_rounds_ratio_after_the_medians() {
+        let samples = [
+            sample(Variant::NatsRaw, 256, 0, 100.0),
+            sample(Variant::OwnBroker, 256, 0, 150.0),
+            sample(Variant::NatsRaw, 256, 1, 100.0),
+            sample(Variant::OwnBroker, 256, 1, 110.0),
+            sample(Variant::NatsRaw, 256, 2, 100.0),
+            sample(Variant::OwnBroker, 256, 2, 130.0),
+        ];
+        let medians = medians(&samples);
+        let get = |variant: Variant, inflight: usize| medians.get(&(variant, inflight)).map(|(sample, _)| sample);
+        let targets = targets(&get, &samples, None);
+        let (met, line) = &targets[0];
+        assert!(*met, "1.30x of the medians meets 1.2x: {line}");
+        assert!(line.ends_with("1.30x (130 vs 100 calls/s; rounds 1.50x, 1.10x, 1.30x)"), "{line}");
+    }
 }
