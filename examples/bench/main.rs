@@ -27,7 +27,8 @@
 //! the CPU time per call of every process involved (this one, the responders and the broker, read from
 //! `/proc/<pid>/stat`). The variants alternate over the rounds and the medians are reported, with each variant's
 //! ratio to its baseline: ours against the raw client of the same broker, `own-broker` against `nats-raw`,
-//! `embedded` against `inproc-floor`, `own-durable` against `own-broker`. Then memory: the own broker's RSS
+//! `embedded` against `inproc-floor`, `own-durable` against `own-broker`; the targets judged on those ratios list
+//! each round's own ratio as well. Then memory: the own broker's RSS
 //! holding 1,000,000 queued 100-byte messages, and a client's RSS after 100,000 calls that timed out; and the
 //! time our broker, killed with 100,000 messages in a durable queue, takes to serve again.
 //!
