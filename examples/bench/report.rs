@@ -597,17 +597,22 @@ mod tests {
         Sample { calls_per_s, ..sample }.in_round(round)
     }
 
+    /// For each `(round, calls/s)`: own-broker at that rate and nats-raw at 100 calls/s, at 256 in flight.
+    fn own_broker_against_nats_raw(rounds: &[(usize, f64)]) -> Vec<Sample> {
+        rounds
+            .iter()
+            .flat_map(|&(round, ours)| {
+                [sample(Variant::NatsRaw, 256, round, 100.0), sample(Variant::OwnBroker, 256, round, ours)]
+            })
+            .collect()
+    }
+
     #[test]
     fn each_rounds_ratio_pairs_the_two_variants_of_that_round_and_skips_a_round_missing_one() {
-        let samples = [
-            sample(Variant::NatsRaw, 256, 0, 100.0),
-            sample(Variant::OwnBroker, 256, 0, 150.0),
-            sample(Variant::OwnBroker, 64, 0, 999.0),
-            // Round 1 lost its baseline.
-            sample(Variant::OwnBroker, 256, 1, 500.0),
-            sample(Variant::OwnBroker, 256, 2, 120.0),
-            sample(Variant::NatsRaw, 256, 2, 100.0),
-        ];
+        let mut samples = own_broker_against_nats_raw(&[(0, 150.0), (2, 120.0)]);
+        samples.push(sample(Variant::OwnBroker, 64, 0, 999.0));
+        // Round 1 lost its baseline.
+        samples.push(sample(Variant::OwnBroker, 256, 1, 500.0));
         let ratios = round_ratios(&samples, Variant::OwnBroker, Variant::NatsRaw, 256);
         assert_eq!(ratios, vec![1.5, 1.2]);
         assert!(round_ratios(&samples, Variant::Nats, Variant::NatsRaw, 256).is_empty());
@@ -615,14 +620,7 @@ mod tests {
 
     #[test]
     fn a_ratio_target_lists_each_rounds_ratio_after_the_medians() {
-        let samples = [
-            sample(Variant::NatsRaw, 256, 0, 100.0),
-            sample(Variant::OwnBroker, 256, 0, 150.0),
-            sample(Variant::NatsRaw, 256, 1, 100.0),
-            sample(Variant::OwnBroker, 256, 1, 110.0),
-            sample(Variant::NatsRaw, 256, 2, 100.0),
-            sample(Variant::OwnBroker, 256, 2, 130.0),
-        ];
+        let samples = own_broker_against_nats_raw(&[(0, 150.0), (1, 110.0), (2, 130.0)]);
         let medians = medians(&samples);
         let get = |variant: Variant, inflight: usize| medians.get(&(variant, inflight)).map(|(sample, _)| sample);
         let targets = targets(&get, &samples, None);
