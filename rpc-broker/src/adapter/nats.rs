@@ -1189,6 +1189,10 @@ impl Pull {
         let mut failures = 0u32;
         loop {
             let first = tokio::select! {
+                // Checked first: a consumer dropped while holding every permit frees them as it naks what it
+                // held, and a pull made with one would take those messages back once more (another delivery,
+                // handed back again).
+                biased;
                 () = self.cancel.cancelled() => return,
                 permit = Arc::clone(&self.permits).acquire_owned() => match permit {
                     Ok(permit) => permit,
