@@ -167,8 +167,11 @@ pub(crate) async fn run(config: Config) -> Result<(), String> {
         }
         for variant in order {
             progress.set_message(format!("round {}/{}: {}", round + 1, config.rounds, variant.name()));
+            // The machine as the variant finds it: how fast its cores hand each other a cache line now.
+            let round_trip = tokio::task::spawn_blocking(core_round_trip).await.ok().flatten();
             match run_variant(variant, &config, &progress).await {
-                Ok(measured) => samples.extend(measured.into_iter().map(|sample| sample.in_round(round))),
+                Ok(measured) => samples
+                    .extend(measured.into_iter().map(|sample| sample.in_round(round).with_core_round_trip(round_trip))),
                 Err(error) => {
                     progress.println(format!("{}: {error}", variant.name()));
                     failures.push(format!("{} (round {}): {error}", variant.name(), round + 1));
@@ -194,6 +197,76 @@ pub(crate) async fn run(config: Config) -> Result<(), String> {
     progress.finish_and_clear();
     report::report(&config, &samples, memory.as_ref(), &failures, started.elapsed())?;
     if failures.is_empty() { Ok(()) } else { Err(format!("{} measurement(s) failed", failures.len())) }
+}
+
+/// The median time, over a few tries, for two threads pinned to the first two cores to hand one cache line to
+/// each other and back: what every hand-off between threads or processes (a wake-up, a channel, a lock, a
+/// socket's buffer) pays at least on those cores now. `None` with one core, or where threads cannot be pinned.
+///
+/// On a virtual machine it moves with where the host puts the virtual CPUs: two that share a cache hand a line
+/// over several times faster than two that do not, and every figure with threads or processes handing work to
+/// each other moves with it.
+pub(crate) fn core_round_trip() -> Option<Duration> {
+    /// Round trips per try, and the time a try may take at most.
+    const TRIPS: u32 = 20_000;
+    const LIMIT: Duration = Duration::from_millis(100);
+    /// The line, alone in its cache line: a neighbour written by either thread would slow the hand-off down.
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+
+    let cores = core_affinity::get_core_ids().filter(|cores| cores.len() >= 2)?;
+    let (asker_core, answerer_core) = (cores[0], cores[1]);
+    let mut tries: Vec<Duration> = (0..5)
+        .filter_map(|_| {
+            // Odd: the answerer's turn; even: the asker's; `u64::MAX`: stop.
+            let line = Line(AtomicU64::new(0));
+            let line = &line.0;
+            std::thread::scope(|scope| {
+                let answerer = scope.spawn(move || {
+                    if !core_affinity::set_for_current(answerer_core) {
+                        return;
+                    }
+                    let mut seen = 0;
+                    loop {
+                        match line.load(Ordering::Acquire) {
+                            u64::MAX => return,
+                            value if value != seen && value % 2 == 1 => {
+                                seen = value + 1;
+                                line.store(seen, Ordering::Release);
+                            }
+                            _ => std::hint::spin_loop(),
+                        }
+                    }
+                });
+                // Fresh threads for both ends: a pinned thread of the runtime's pool would stay pinned.
+                let asker = scope.spawn(move || {
+                    if !core_affinity::set_for_current(asker_core) {
+                        return None;
+                    }
+                    let started = Instant::now();
+                    for trip in 0..u64::from(TRIPS) {
+                        let asked = 2 * trip + 1;
+                        line.store(asked, Ordering::Release);
+                        let mut spins = 0_u32;
+                        while line.load(Ordering::Acquire) != asked + 1 {
+                            std::hint::spin_loop();
+                            spins = spins.wrapping_add(1);
+                            if spins.is_multiple_of(4096) && started.elapsed() > LIMIT {
+                                return None;
+                            }
+                        }
+                    }
+                    Some(started.elapsed() / TRIPS)
+                });
+                let took = asker.join().ok().flatten();
+                line.store(u64::MAX, Ordering::Release);
+                let _ = answerer.join();
+                took
+            })
+        })
+        .collect();
+    tries.sort_unstable();
+    tries.get(tries.len() / 2).copied()
 }
 
 /// Sets up `variant`, measures it and tears it down.

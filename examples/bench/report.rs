@@ -33,6 +33,11 @@ pub(crate) struct Sample {
     pub(crate) first_error: Option<String>,
     /// The round it was measured in, from 0 (0 for a median).
     pub(crate) round: usize,
+    /// The cores' round trip measured just before its variant ran ([`core_round_trip`]), in nanoseconds; NaN
+    /// when unknown.
+    ///
+    /// [`core_round_trip`]: crate::measure::core_round_trip
+    pub(crate) core_round_trip_ns: f64,
 }
 
 impl Sample {
@@ -68,12 +73,19 @@ impl Sample {
             errors,
             first_error: None,
             round: 0,
+            core_round_trip_ns: f64::NAN,
         }
     }
 
     /// The sample as measured in round `round`.
     pub(crate) fn in_round(mut self, round: usize) -> Sample {
         self.round = round;
+        self
+    }
+
+    /// The sample with the cores' round trip measured before its variant ran.
+    pub(crate) fn with_core_round_trip(mut self, round_trip: Option<Duration>) -> Sample {
+        self.core_round_trip_ns = round_trip.map_or(f64::NAN, |round_trip| round_trip.as_nanos() as f64);
         self
     }
 
@@ -124,6 +136,7 @@ fn medians(samples: &[Sample]) -> BTreeMap<(Variant, usize), (Sample, usize)> {
                 errors: group.iter().map(|sample| sample.errors).sum(),
                 first_error: group.iter().find_map(|sample| sample.first_error.clone()),
                 round: 0,
+                core_round_trip_ns: field(|s| s.core_round_trip_ns),
             };
             (key, (sample, group.len()))
         })
@@ -140,6 +153,34 @@ pub(crate) fn machine() -> String {
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{model}, {cores} cores, Linux {}", kernel.trim())
+}
+
+/// The core round trip each variant found before it ran, round by round (NaN where unknown). The samples of one
+/// run of a variant share theirs.
+fn round_trips_by_variant(samples: &[Sample]) -> BTreeMap<Variant, Vec<f64>> {
+    let mut runs: BTreeMap<(Variant, usize), f64> = BTreeMap::new();
+    for sample in samples {
+        runs.insert((sample.variant, sample.round), sample.core_round_trip_ns);
+    }
+    let mut by_variant: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
+    for ((variant, _), ns) in runs {
+        by_variant.entry(variant).or_default().push(ns);
+    }
+    by_variant
+}
+
+/// The cores' round trips the run's variants found, in one line: their median and range.
+fn round_trips(samples: &[Sample]) -> String {
+    let values: Vec<f64> = round_trips_by_variant(samples).into_values().flatten().filter(|ns| !ns.is_nan()).collect();
+    let (low, high) = values.iter().fold((f64::INFINITY, 0.0_f64), |(low, high), &ns| (low.min(ns), high.max(ns)));
+    if values.is_empty() {
+        return "core round trip: not measured".to_owned();
+    }
+    format!(
+        "core round trip (one cache line between two threads and back, before each variant): median {:.0} ns, \
+         {low:.0}-{high:.0} ns over the run",
+        median(values)
+    )
 }
 
 /// Today's date (UTC), as `YYYY-MM-DD`.
@@ -212,6 +253,7 @@ pub(crate) fn report(
     let _ = writeln!(out, "malloc: GLIBC_TUNABLES={}", if tunables.is_empty() { "(none)" } else { &tunables });
     let workers = config.workers.map_or_else(|| "one per core".to_owned(), |workers| workers.to_string());
     let _ = writeln!(out, "worker threads of this process's runtime: {workers}");
+    let _ = writeln!(out, "{}", round_trips(samples));
     let _ = writeln!(
         out,
         "cpu: user+system time of every process of the variant (this one, responders, broker) per call\n"
@@ -275,9 +317,11 @@ pub(crate) fn report(
     }
     let _ = writeln!(
         out,
-        "\ncpu µs per call by process, at 1 / 256 in flight\n{:<14} {:>15} {:>15} {:>15}",
+        "\ncpu µs per call by process, at 1 / 256 in flight; the core round trip before the variant, by round\n\
+         {:<14} {:>15} {:>15} {:>15}  round trip ns",
         "variant", "this process", "responder", "broker"
     );
+    let round_trips = round_trips_by_variant(samples);
     for &variant in &config.variants {
         let split = |inflight| get(variant, inflight).map(|sample: &Sample| sample.cpu_split_us);
         let mut line = format!("{:<14}", variant.name());
@@ -288,7 +332,13 @@ pub(crate) fn report(
             };
             let _ = write!(line, " {cell:>15}");
         }
-        let _ = writeln!(out, "{line}");
+        let rounds: Vec<String> = round_trips
+            .get(&variant)
+            .into_iter()
+            .flatten()
+            .map(|ns| if ns.is_nan() { "-".to_owned() } else { format!("{ns:.0}") })
+            .collect();
+        let _ = writeln!(out, "{line}  {}", if rounds.is_empty() { "-".to_owned() } else { rounds.join(", ") });
     }
     let failed: Vec<&Sample> = medians.values().map(|(sample, _)| sample).filter(|sample| sample.errors > 0).collect();
     if !failed.is_empty() {
@@ -362,6 +412,7 @@ pub(crate) fn report(
                 "cpu_broker_us_per_call": finite(sample.cpu_split_us[2]),
                 "errors": sample.errors,
                 "rounds": rounds,
+                "core_round_trip_ns": finite(sample.core_round_trip_ns),
                 "client_workers": config.workers,
             });
             let _ = writeln!(lines, "{value}");
@@ -627,5 +678,25 @@ mod tests {
         let (met, line) = &targets[0];
         assert!(*met, "1.30x of the medians meets 1.2x: {line}");
         assert!(line.ends_with("1.30x (130 vs 100 calls/s; rounds 1.50x, 1.10x, 1.30x)"), "{line}");
+    }
+
+    #[test]
+    fn core_round_trips_are_listed_by_round_and_summed_up_by_median_and_range() {
+        let round_trip = |ns: u64| Some(Duration::from_nanos(ns));
+        let samples = vec![
+            // Two samples of one run of a variant share its round trip.
+            sample(Variant::Embedded, 64, 0, 1.0).with_core_round_trip(round_trip(60)),
+            sample(Variant::Embedded, 256, 0, 1.0).with_core_round_trip(round_trip(60)),
+            sample(Variant::Embedded, 256, 1, 1.0).with_core_round_trip(round_trip(400)),
+            sample(Variant::InprocFloor, 256, 0, 1.0).with_core_round_trip(round_trip(50)),
+            sample(Variant::InprocFloor, 256, 1, 1.0).with_core_round_trip(None),
+        ];
+        let by_variant = round_trips_by_variant(&samples);
+        assert_eq!(by_variant[&Variant::Embedded], vec![60.0, 400.0]);
+        assert_eq!(by_variant[&Variant::InprocFloor][0], 50.0);
+        assert!(by_variant[&Variant::InprocFloor][1].is_nan());
+        let line = round_trips(&samples);
+        assert!(line.ends_with("median 60 ns, 50-400 ns over the run"), "{line}");
+        assert_eq!(round_trips(&[]), "core round trip: not measured");
     }
 }
