@@ -30,7 +30,11 @@
 //! `embedded` against `inproc-floor`, `own-durable` against `own-broker`; the targets judged on those ratios list
 //! each round's own ratio as well. Then memory: the own broker's RSS
 //! holding 1,000,000 queued 100-byte messages, and a client's RSS after 100,000 calls that timed out; and the
-//! time our broker, killed with 100,000 messages in a durable queue, takes to serve again.
+//! time our broker, killed with 100,000 messages in a durable queue, takes to serve again. Before each variant of
+//! each round it measures how long two threads pinned to the first two cores take to hand a cache line to each
+//! other and back, and prints that beside the variant: on a virtual machine it moves with where the host puts
+//! the virtual CPUs, and the figures of every variant whose threads or processes hand work to each other move
+//! with it.
 //!
 //! The program first runs itself again with `GLIBC_TUNABLES=glibc.malloc.arena_max=1` unless that variable is
 //! set (see [`one_malloc_arena`]; set it to anything else, even empty, to keep glibc's default). It re-invokes
