@@ -169,13 +169,14 @@ fn round_trips_by_variant(samples: &[Sample]) -> BTreeMap<Variant, Vec<f64>> {
     by_variant
 }
 
-/// The cores' round trips the run's variants found, in one line: their median and range.
-fn round_trips(samples: &[Sample]) -> String {
-    let values: Vec<f64> = round_trips_by_variant(samples).into_values().flatten().filter(|ns| !ns.is_nan()).collect();
-    let (low, high) = values.iter().fold((f64::INFINITY, 0.0_f64), |(low, high), &ns| (low.min(ns), high.max(ns)));
+/// The cores' round trips the run's variants found ([`round_trips_by_variant`]), in one line: their median and
+/// range.
+fn round_trips(by_variant: &BTreeMap<Variant, Vec<f64>>) -> String {
+    let values: Vec<f64> = by_variant.values().flatten().copied().filter(|ns| !ns.is_nan()).collect();
     if values.is_empty() {
         return "core round trip: not measured".to_owned();
     }
+    let (low, high) = values.iter().fold((f64::INFINITY, 0.0_f64), |(low, high), &ns| (low.min(ns), high.max(ns)));
     format!(
         "core round trip (one cache line between two threads and back, before each variant): median {:.0} ns, \
          {low:.0}-{high:.0} ns over the run",
@@ -253,7 +254,8 @@ pub(crate) fn report(
     let _ = writeln!(out, "malloc: GLIBC_TUNABLES={}", if tunables.is_empty() { "(none)" } else { &tunables });
     let workers = config.workers.map_or_else(|| "one per core".to_owned(), |workers| workers.to_string());
     let _ = writeln!(out, "worker threads of this process's runtime: {workers}");
-    let _ = writeln!(out, "{}", round_trips(samples));
+    let round_trips_by_variant = round_trips_by_variant(samples);
+    let _ = writeln!(out, "{}", round_trips(&round_trips_by_variant));
     let _ = writeln!(
         out,
         "cpu: user+system time of every process of the variant (this one, responders, broker) per call\n"
@@ -321,7 +323,6 @@ pub(crate) fn report(
          {:<14} {:>15} {:>15} {:>15}  round trip ns",
         "variant", "this process", "responder", "broker"
     );
-    let round_trips = round_trips_by_variant(samples);
     for &variant in &config.variants {
         let split = |inflight| get(variant, inflight).map(|sample: &Sample| sample.cpu_split_us);
         let mut line = format!("{:<14}", variant.name());
@@ -332,7 +333,7 @@ pub(crate) fn report(
             };
             let _ = write!(line, " {cell:>15}");
         }
-        let rounds: Vec<String> = round_trips
+        let rounds: Vec<String> = round_trips_by_variant
             .get(&variant)
             .into_iter()
             .flatten()
@@ -695,8 +696,8 @@ mod tests {
         assert_eq!(by_variant[&Variant::Embedded], vec![60.0, 400.0]);
         assert_eq!(by_variant[&Variant::InprocFloor][0], 50.0);
         assert!(by_variant[&Variant::InprocFloor][1].is_nan());
-        let line = round_trips(&samples);
+        let line = round_trips(&by_variant);
         assert!(line.ends_with("median 60 ns, 50-400 ns over the run"), "{line}");
-        assert_eq!(round_trips(&[]), "core round trip: not measured");
+        assert_eq!(round_trips(&BTreeMap::new()), "core round trip: not measured");
     }
 }
