@@ -58,7 +58,7 @@ async fn fill(transport: &impl Transport, queue: &str, count: usize) -> Result<D
             envelope.service = "Memory".into();
             envelope.method = "store".into();
             envelope.body = body.clone();
-            transport.publish(queue, envelope)
+            transport.publish(queue, envelope, rpc_core::transport::Confirm::Broker)
         })
         .buffer_unordered(4096)
         .filter(|result| std::future::ready(result.is_err()))

@@ -5,16 +5,18 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use rpc_core::{
-    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
-    Delivery, DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport, naming,
+use rpc_core::ReplyTo;
+use rpc_core::transport::{
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink,
+    Inbox, Outcome,
 };
+use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, QueueStats, Transport};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig, Settle};
-use crate::hub::{Hub, Sink, call_key};
+use crate::engine::{self, ConsumerId, Props, QueueConfig, Settle};
+use crate::hub::{Hub, Sink, declare, join_group, settle_of, to_error};
+use crate::protocol::{CAPABILITIES, call_key};
 
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
 #[derive(Clone, Default)]
@@ -71,63 +73,6 @@ impl Sink<Envelope> for ChannelSink {
     }
 }
 
-/// Error mapping shared with the server: engine refusals as the framework's typed errors.
-pub(crate) fn to_error(error: EngineError) -> Error {
-    match error {
-        EngineError::NoQueue(queue) => Error::NoRoute(queue),
-        EngineError::QueueFull(queue) => Error::QueueFull(queue),
-        EngineError::Mismatch(queue) => {
-            Error::InvalidArgument(format!("queue `{queue}` exists with other options; declare it with the same ones"))
-        }
-        EngineError::InvalidConfig(why) => Error::InvalidArgument(why),
-        other => Error::Transport(Box::new(other)),
-    }
-}
-
-/// The engine's view of a queue's options: every queue but an inbox has a dead-letter queue; a durable queue
-/// is durable where the broker keeps a log (`logged`).
-pub(crate) fn queue_config(queue: &str, options: &QueueOptions, logged: bool) -> QueueConfig {
-    QueueConfig {
-        max_len: options.max_len,
-        max_deliveries: options.max_deliveries,
-        auto_delete: false,
-        dead_letter: Some(naming::dead_letter_queue(queue)),
-        durable: options.durable && logged,
-    }
-}
-
-/// The engine's settle outcome for the framework's.
-pub(crate) fn settle_of(outcome: Outcome) -> Settle {
-    match outcome {
-        Outcome::Ack => Settle::Ack,
-        Outcome::Requeue => Settle::Requeue,
-        Outcome::DeadLetter => Settle::DeadLetter,
-        Outcome::Release => Settle::Release,
-    }
-}
-
-/// Declares `queue` in `engine`, accepting an existing queue as it is when `options` are the defaults.
-pub(crate) fn declare<M: Clone>(
-    engine: &mut engine::Engine<M>,
-    queue: &str,
-    options: &QueueOptions,
-    logged: bool,
-) -> Result<(), Error> {
-    if *options == QueueOptions::default() && engine.has_queue(queue) {
-        return Ok(());
-    }
-    engine.declare_queue(queue, queue_config(queue, options, logged)).map_err(to_error)
-}
-
-/// Creates subscriber group `group` of `topic` if needed; returns its queue.
-pub(crate) fn join_group<M: Clone>(engine: &mut engine::Engine<M>, topic: &str, group: &str) -> Result<String, Error> {
-    let queue = engine::group_queue(topic, group);
-    if !engine.has_queue(&queue) {
-        engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default(), false)).map_err(to_error)?;
-    }
-    Ok(engine.subscribe_group(topic, group))
-}
-
 impl Embedded {
     /// A new, empty broker.
     pub fn new() -> Embedded {
@@ -148,7 +93,7 @@ impl Embedded {
         let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
         hub.dispatch(Instant::now());
         let guard = ConsumerGuard { shared, consumer, direct };
-        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+        Ok(Consumer::from_channel(receiver, Some(Box::new(guard))))
     }
 
     fn publish_now(&self, queue: &str, envelope: Envelope) -> Result<(), Error> {
@@ -190,7 +135,7 @@ fn props(envelope: &Envelope) -> Props {
 
 impl Transport for Embedded {
     fn capabilities(&self) -> Capabilities {
-        crate::hub::CAPABILITIES
+        CAPABILITIES
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
@@ -198,8 +143,9 @@ impl Transport for Embedded {
         Box::pin(std::future::ready(result))
     }
 
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        rpc_core::finished(self.publish_now(queue, envelope))
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, _: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        // In process: taken by the engine before this returns, whatever the confirmation asked.
+        rpc_core::transport::finished(self.publish_now(queue, envelope))
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -301,16 +247,24 @@ impl Acker for EmbeddedAcker {
             }
             None => Err(Error::Disconnected),
         };
-        rpc_core::finished(result)
+        rpc_core::transport::finished(result)
     }
 
-    fn republish<'a>(
+    fn publish<'a>(
         &'a self,
-        _transport: &'a dyn Transport,
         tag: u64,
         queue: &'a str,
         envelope: Envelope,
+        _: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
+        let result = self.while_held(tag, |engine, now| {
+            let props = props(&envelope);
+            engine.publish(queue, envelope, props, now).map_err(to_error)
+        });
+        rpc_core::transport::finished(result)
+    }
+
+    fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         let result = self.while_held(tag, |engine, now| {
             let props = props(&envelope);
             engine
@@ -326,20 +280,19 @@ impl Acker for EmbeddedAcker {
 
     fn answer<'a>(
         &'a self,
-        _transport: &'a dyn Transport,
         tag: u64,
-        reply_to: &'a str,
+        reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         let result = self.while_held(tag, |engine, now| {
             let props = props(&reply);
-            let answered = Answered::of(engine.publish(reply_to, reply, props, now).map_err(to_error))?;
+            let answered = Answered::of(engine.publish(reply_to.address(), reply, props, now).map_err(to_error))?;
             engine.settle(self.consumer, tag, Settle::Ack, now).map_err(to_error)?;
             Ok(answered)
         });
         // Settled, or taken back: either way this consumer hears no more of its cancellation.
         self.cancellations.forget(tag);
-        rpc_core::answered(result)
+        rpc_core::transport::answered(result)
     }
 
     fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
@@ -374,16 +327,5 @@ impl Drop for ConsumerGuard {
         if let Some(shared) = self.shared.upgrade() {
             shared.lock().detach(self.consumer, Instant::now());
         }
-    }
-}
-
-/// An unbounded receiver as a stream.
-pub(crate) struct UnboundedStream<T>(pub(crate) mpsc::UnboundedReceiver<T>);
-
-impl<T> futures::Stream for UnboundedStream<T> {
-    type Item = T;
-
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
     }
 }

@@ -5,32 +5,70 @@ type HashMap<K, V> = hashbrown::HashMap<K, V>;
 use std::sync::{Arc, MutexGuard, Weak};
 use std::time::Instant;
 
-use rpc_core::Capabilities;
+use rpc_core::transport::Outcome;
+use rpc_core::{Error, QueueOptions, naming};
 use tokio::sync::Notify;
 
-use crate::engine::{self, ConsumerId, Engine, EngineError, Journal};
+use crate::engine::{self, ConsumerId, Engine, EngineError, Journal, QueueConfig, Settle};
 
 /// Where the journal of durable queues goes: the server's log.
 pub(crate) type JournalSink<M> = Box<dyn Fn(Vec<Journal<M>>) + Send>;
 
-/// What the engine offers, through whichever face: the embedded transport or the server.
-pub(crate) const CAPABILITIES: Capabilities = Capabilities {
-    durable: false,
-    acks: true,
-    priority: true,
-    delayed_delivery: true,
-    max_length: true,
-    dead_letter: true,
-    dedup_window: None,
-    cancel: true,
-};
-
-/// The key under which a request can be cancelled: its correlation id. Replies and oneway messages have none.
-pub(crate) fn call_key(envelope: &rpc_core::Envelope) -> Option<engine::Key> {
-    match (envelope.kind, envelope.correlation_id) {
-        (rpc_core::Kind::Request, Some(id)) => Some(*id.as_bytes()),
-        _ => None,
+/// Engine refusals as the framework's typed errors.
+pub(crate) fn to_error(error: EngineError) -> Error {
+    match error {
+        EngineError::NoQueue(queue) => Error::NoRoute(queue),
+        EngineError::QueueFull(queue) => Error::QueueFull(queue),
+        EngineError::Mismatch(queue) => {
+            Error::InvalidArgument(format!("queue `{queue}` exists with other options; declare it with the same ones"))
+        }
+        EngineError::InvalidConfig(why) => Error::InvalidArgument(why),
+        other => Error::Transport(Box::new(other)),
     }
+}
+
+/// The engine's view of a queue's options: every queue but an inbox has a dead-letter queue; a durable queue
+/// is durable where the broker keeps a log (`logged`).
+pub(crate) fn queue_config(queue: &str, options: &QueueOptions, logged: bool) -> QueueConfig {
+    QueueConfig {
+        max_len: options.max_len,
+        max_deliveries: options.max_deliveries,
+        auto_delete: false,
+        dead_letter: Some(naming::dead_letter_queue(queue)),
+        durable: options.durable && logged,
+    }
+}
+
+/// The engine's settle outcome for the framework's.
+pub(crate) fn settle_of(outcome: Outcome) -> Settle {
+    match outcome {
+        Outcome::Ack => Settle::Ack,
+        Outcome::Requeue => Settle::Requeue,
+        Outcome::DeadLetter => Settle::DeadLetter,
+        Outcome::Release => Settle::Release,
+    }
+}
+
+/// Declares `queue` in `engine`, accepting an existing queue as it is when `options` are the defaults.
+pub(crate) fn declare<M: Clone>(
+    engine: &mut engine::Engine<M>,
+    queue: &str,
+    options: &QueueOptions,
+    logged: bool,
+) -> Result<(), Error> {
+    if *options == QueueOptions::default() && engine.has_queue(queue) {
+        return Ok(());
+    }
+    engine.declare_queue(queue, queue_config(queue, options, logged)).map_err(to_error)
+}
+
+/// Creates subscriber group `group` of `topic` if needed; returns its queue.
+pub(crate) fn join_group<M: Clone>(engine: &mut engine::Engine<M>, topic: &str, group: &str) -> Result<String, Error> {
+    let queue = engine::group_queue(topic, group);
+    if !engine.has_queue(&queue) {
+        engine.declare_queue(&queue, queue_config(&queue, &QueueOptions::default(), false)).map_err(to_error)?;
+    }
+    Ok(engine.subscribe_group(topic, group))
 }
 
 /// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.

@@ -11,11 +11,12 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), rpc_core::Error> {
 //! use rpc_core::Transport;
+//! use rpc_core::transport::Confirm;
 //!
 //! let broker = rpc_broker::Embedded::new();
 //! broker.declare_queue("jobs", &rpc_core::QueueOptions::new().max_len(1_000)).await?;
 //! let mut consumer = broker.consume("jobs", rpc_core::ConsumeOptions::new()).await?;
-//! broker.publish("jobs", rpc_core::Envelope::new(rpc_core::Kind::Oneway)).await?;
+//! broker.publish("jobs", rpc_core::Envelope::new(rpc_core::Kind::Oneway), Confirm::Broker).await?;
 //! let delivery = consumer.next().await.expect("a delivery");
 //! delivery.handle.ack().await?;
 //! # Ok(())

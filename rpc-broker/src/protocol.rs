@@ -8,7 +8,8 @@
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rpc_core::{Outcome, QueueStats};
+use rpc_core::transport::Outcome;
+use rpc_core::{Capabilities, Envelope, Kind, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
@@ -25,6 +26,26 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 pub const INBOX_PREFIX: &str = "inbox.";
 
 const ABSENT: u64 = u64::MAX;
+
+/// What our broker offers, through either face: the embedded transport or the server and its clients.
+pub(crate) const CAPABILITIES: Capabilities = Capabilities::none()
+    .acks(true)
+    .priority(true)
+    .delayed_delivery(true)
+    .max_length(true)
+    .dead_letter(true)
+    .cancel(true)
+    .requeue(true)
+    .subscriber_groups(true)
+    .queue_stats(true);
+
+/// The key under which a request can be cancelled: its correlation id. Replies and oneway messages have none.
+pub(crate) fn call_key(envelope: &Envelope) -> Option<[u8; 16]> {
+    match (envelope.kind, envelope.correlation_id) {
+        (Kind::Request, Some(id)) => Some(*id.as_bytes()),
+        _ => None,
+    }
+}
 
 /// Why bytes are not a valid frame.
 #[derive(Debug)]

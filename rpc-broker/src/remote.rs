@@ -18,10 +18,11 @@ use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures::{FutureExt, StreamExt};
 use rpc_core::codec::{self, Limits};
-use rpc_core::{
-    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
-    Delivery, DeliverySink, Envelope, Error, Inbox, Outcome, QueueOptions, QueueStats, Transport,
+use rpc_core::transport::{
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink,
+    Inbox, Outcome,
 };
+use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, QueueStats, ReplyTo, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -29,9 +30,10 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::embedded::UnboundedStream;
-use crate::hub::call_key;
-use crate::protocol::{self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ServerFrame};
+use crate::protocol::{
+    self, CAPABILITIES, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, PROTOCOL_VERSION, ServerFrame,
+    call_key,
+};
 
 /// How a [`Remote`] connects.
 #[derive(Clone)]
@@ -400,7 +402,7 @@ impl Inner {
             return Err(error);
         }
         let guard = LogicalGuard { inner: Arc::clone(self), id };
-        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+        Ok(Consumer::from_channel(receiver, Some(Box::new(guard))))
     }
 }
 
@@ -459,6 +461,62 @@ impl Remote {
         self.inner.request("", |req| ClientFrame::Sync { req }).await.map(drop)
     }
 
+    /// A publish confirmed by the broker, sent again with the same id on the next connection if the one it went
+    /// on is lost before the confirm.
+    fn publish_confirmed<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        // Encoded before the future, which then holds the frame's parts and not the envelope.
+        let payload = match codec::encode_envelope(&envelope) {
+            Ok(payload) => payload,
+            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
+        };
+        let frame = publish_frame(queue, &envelope, payload, false);
+        drop(envelope);
+        Box::pin(async move {
+            let conn = self.inner.current().ok_or(Error::Disconnected)?;
+            let give_up = tokio::time::Instant::now() + self.inner.options.request_timeout;
+            let mut conn = conn;
+            for _ in 0..MAX_RESENDS {
+                match self.inner.request_on(&conn, &frame, Waiter::Answer).await {
+                    Ok(answer) => return answer.map(drop).map_err(|(code, message)| code.to_error(queue, message)),
+                    // The connection went while the confirm was on its way: the broker may have the message or
+                    // not. It goes again, with the same id, on the next connection; a durable queue takes it
+                    // once.
+                    Err(Error::Disconnected) => {
+                        tracing::debug!(
+                            queue,
+                            "the connection went before the publish was confirmed; sending it again"
+                        );
+                        if tokio::time::timeout_at(give_up, self.connected()).await.is_err() {
+                            return Err(Error::Disconnected);
+                        }
+                        conn = self.inner.current().ok_or(Error::Disconnected)?;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Err(Error::Disconnected)
+        })
+    }
+
+    /// A request published quietly: the broker answers only a failure.
+    fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        // Quiet: the broker answers only a failure, and the reply to the inbox proves the request arrived. A
+        // connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
+        // client sends it again if told to): nothing is sent again here.
+        let payload = match codec::encode_envelope(&envelope) {
+            Ok(payload) => payload,
+            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
+        };
+        let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
+        let frame = PublishProps::of(&envelope).frame(conn.req(), queue, payload, true);
+        Box::pin(async move {
+            match conn.request_quiet(frame).await? {
+                Ok(_) => Ok(()),
+                Err((code, message)) => Err(code.to_error(queue, message)),
+            }
+        })
+    }
+
     /// Whether a connection is up now.
     pub fn is_connected(&self) -> bool {
         self.inner.current().is_some()
@@ -498,7 +556,7 @@ async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
             if strong.closed.load(Ordering::Acquire) {
                 return;
             }
-            let backoff = backoff(attempt, strong.options.max_backoff);
+            let backoff = rpc_core::retry::reconnect_backoff(attempt, strong.options.max_backoff);
             drop(strong);
             tokio::time::sleep(backoff).await;
             attempt = attempt.saturating_add(1);
@@ -534,13 +592,6 @@ async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
             }
         };
     }
-}
-
-/// Exponential from 50 ms, capped, with jitter in [50%, 100%] so that clients do not reconnect in lockstep.
-pub(crate) fn backoff(attempt: u32, max: Duration) -> Duration {
-    let base = Duration::from_millis(50).saturating_mul(1u32 << attempt.min(16)).min(max);
-    let jitter = (Uuid::new_v4().as_u128() % 1000) as u32;
-    base / 2 + base / 2 * jitter / 1000
 }
 
 type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
@@ -810,69 +861,70 @@ impl Acker for RemoteAcker {
                 .send(ClientFrame::Settle { consumer: self.consumer, tag, outcome })
                 .map_err(|_| Error::Disconnected)
         };
-        rpc_core::finished(result)
+        rpc_core::transport::finished(result)
     }
 
-    fn publish_reply<'a>(
+    fn publish<'a>(
         &'a self,
-        transport: &'a dyn Transport,
         _tag: u64,
-        reply_to: &'a str,
-        reply: Envelope,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
         if self.dead.is_cancelled() {
             // The broker requeued this connection's deliveries when it went.
-            return Box::pin(std::future::ready(Err(Error::DeliveryLost)));
+            return rpc_core::transport::finished(Err(Error::DeliveryLost));
         }
-        if !reply_to.starts_with(INBOX_PREFIX) {
-            // A durable callback queue: a confirmed publish, on whichever connection is current.
-            return transport.publish_reply(reply_to, reply);
+        // On the delivery's own connection: once the broker has dropped it (and requeued the request), it reads
+        // nothing more from it, so a stale reply never reaches the caller.
+        if confirm == Confirm::Sent {
+            let sent =
+                reply_frame(queue, &envelope).and_then(|frame| self.conn.send(frame).map_err(|_| Error::DeliveryLost));
+            return rpc_core::transport::finished(sent);
         }
-        // On the delivery's own connection, unconfirmed as `Remote::publish_reply`: once the broker has dropped
-        // this connection (and requeued the request), it reads nothing more from it, so a stale reply never
-        // reaches the caller.
-        let sent =
-            reply_frame(reply_to, &reply).and_then(|frame| self.conn.send(frame).map_err(|_| Error::DeliveryLost));
-        rpc_core::finished(sent)
+        Box::pin(async move {
+            let conn = self.link.upgrade().filter(|conn| !conn.dead.is_cancelled()).ok_or(Error::DeliveryLost)?;
+            let payload = codec::encode_envelope(&envelope)?;
+            let frame = publish_frame(queue, &envelope, payload, false);
+            match conn.request(frame, Waiter::Answer, conn.request_timeout).await {
+                Ok(answer) => answer.map(drop).map_err(|(code, message)| code.to_error(queue, message)),
+                // Whether the broker took it is unknown; it redelivers the request, whose next delivery answers.
+                Err(Error::Disconnected) => Err(Error::DeliveryLost),
+                Err(error) => Err(error),
+            }
+        })
     }
 
     fn answer<'a>(
         &'a self,
-        transport: &'a dyn Transport,
         tag: u64,
-        reply_to: &'a str,
+        reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         if self.dead.is_cancelled() {
             return Box::pin(std::future::ready(Err(Error::DeliveryLost)));
         }
-        if !reply_to.starts_with(INBOX_PREFIX) {
+        if !reply_to.is_inbox() {
             // A durable callback queue: a confirmed publish, then the ack.
-            return rpc_core::reply_then_ack(self, transport, tag, reply_to, reply);
+            return rpc_core::transport::reply_then_ack(self, tag, reply_to, reply);
         }
-        // One frame, on the delivery's own connection (see `publish_reply`): the broker publishes the reply and
-        // acks the delivery only while this connection holds it.
+        // One frame, on the delivery's own connection (see `publish`): the broker publishes the reply and acks
+        // the delivery only while this connection holds it.
         self.cancellations.forget(tag);
         let sent = codec::encode_envelope(&reply).map_err(Error::from).and_then(|payload| {
             let frame = ClientFrame::Answer {
                 consumer: self.consumer,
                 tag,
-                reply_to: reply_to.to_owned(),
+                reply_to: reply_to.address().to_owned(),
                 ttl_ms: reply.deadline_ms,
                 payload,
             };
             self.conn.send(frame).map_err(|_| Error::DeliveryLost)
         });
-        rpc_core::answered(sent.map(|()| Answered::Sent))
+        rpc_core::transport::answered(sent.map(|()| Answered::Sent))
     }
 
-    fn republish<'a>(
-        &'a self,
-        _transport: &'a dyn Transport,
-        tag: u64,
-        queue: &'a str,
-        envelope: Envelope,
-    ) -> BoxFuture<'a, Result<(), Error>> {
+    fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let conn = self.link.upgrade().filter(|conn| !conn.dead.is_cancelled()).ok_or(Error::DeliveryLost)?;
             let payload = codec::encode_envelope(&envelope)?;
@@ -967,7 +1019,7 @@ impl Drop for LogicalGuard {
 
 impl Transport for Remote {
     fn capabilities(&self) -> Capabilities {
-        crate::hub::CAPABILITIES
+        CAPABILITIES
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
@@ -981,74 +1033,20 @@ impl Transport for Remote {
         })
     }
 
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        // Encoded before the future, which then holds the frame's parts and not the envelope.
-        let payload = match codec::encode_envelope(&envelope) {
-            Ok(payload) => payload,
-            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
-        };
-        let frame = publish_frame(queue, &envelope, payload, false);
-        drop(envelope);
-        Box::pin(async move {
-            let conn = self.inner.current().ok_or(Error::Disconnected)?;
-            let give_up = tokio::time::Instant::now() + self.inner.options.request_timeout;
-            let mut conn = conn;
-            for _ in 0..MAX_RESENDS {
-                match self.inner.request_on(&conn, &frame, Waiter::Answer).await {
-                    Ok(answer) => return answer.map(drop).map_err(|(code, message)| code.to_error(queue, message)),
-                    // The connection went while the confirm was on its way: the broker may have the message or
-                    // not. It goes again, with the same id, on the next connection; a durable queue takes it
-                    // once.
-                    Err(Error::Disconnected) => {
-                        tracing::debug!(
-                            queue,
-                            "the connection went before the publish was confirmed; sending it again"
-                        );
-                        if tokio::time::timeout_at(give_up, self.connected()).await.is_err() {
-                            return Err(Error::Disconnected);
-                        }
-                        conn = self.inner.current().ok_or(Error::Disconnected)?;
-                    }
-                    Err(error) => return Err(error),
-                }
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        match confirm {
+            Confirm::Broker => self.publish_confirmed(queue, envelope),
+            Confirm::ByReply => self.publish_quiet(queue, envelope),
+            _ => {
+                // Unconfirmed (request id 0): the broker handles this connection's frames in order, so a settle
+                // sent next cannot overtake it; an inbox that is gone drops it.
+                let sent = reply_frame(queue, &envelope).and_then(|frame| {
+                    let conn = self.inner.current().ok_or(Error::Disconnected)?;
+                    conn.send(frame)
+                });
+                rpc_core::transport::finished(sent)
             }
-            Err(Error::Disconnected)
-        })
-    }
-
-    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        let to_inbox = envelope.reply_to.as_deref().is_some_and(|reply_to| reply_to.starts_with(INBOX_PREFIX));
-        if envelope.kind != rpc_core::Kind::Request || !to_inbox {
-            return self.publish(queue, envelope);
         }
-        // Quiet: the broker answers only a failure, and the reply to the inbox proves the request arrived. A
-        // connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
-        // client sends it again if told to): nothing is sent again here.
-        let payload = match codec::encode_envelope(&envelope) {
-            Ok(payload) => payload,
-            Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
-        };
-        let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = PublishProps::of(&envelope).frame(conn.req(), queue, payload, true);
-        Box::pin(async move {
-            match conn.request_quiet(frame).await? {
-                Ok(_) => Ok(()),
-                Err((code, message)) => Err(code.to_error(queue, message)),
-            }
-        })
-    }
-
-    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        if !reply_to.starts_with(INBOX_PREFIX) {
-            return self.publish(reply_to, reply);
-        }
-        // Unconfirmed (request id 0): the broker handles this connection's frames in order, so the ack the
-        // server sends next cannot overtake it; an inbox that is gone drops it.
-        let sent = reply_frame(reply_to, &reply).and_then(|frame| {
-            let conn = self.inner.current().ok_or(Error::Disconnected)?;
-            conn.send(frame)
-        });
-        rpc_core::finished(sent)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -1205,16 +1203,5 @@ mod tests {
         for bad in ["http://x:1", "mqrpc://host", "mqrpc://:1", "mqrpc://host:port"] {
             assert!(matches!(parse_url(bad), Err(Error::InvalidArgument(_))), "{bad}");
         }
-    }
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let max = Duration::from_secs(5);
-        for attempt in 0..40 {
-            let wait = backoff(attempt, max);
-            assert!(wait <= max);
-            assert!(wait >= Duration::from_millis(25).min(max / 2));
-        }
-        assert!(backoff(20, max) >= max / 2);
     }
 }

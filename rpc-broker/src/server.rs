@@ -25,9 +25,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 
-use crate::embedded::{declare, join_group, settle_of};
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
-use crate::hub::{Hub, Sink};
+use crate::hub::{Hub, Sink, declare, join_group, settle_of, to_error};
 use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
     self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION, PROTOCOL_VERSION,
@@ -804,7 +803,7 @@ impl Connection {
             Target::Topic(topic) => hub.engine.has_durable_group(topic),
         };
         hub.dispatch(now);
-        result.map_err(crate::embedded::to_error)?;
+        result.map_err(to_error)?;
         Ok(if durable { Stored::Durably } else { Stored::InMemory })
     }
 
@@ -829,7 +828,7 @@ impl Connection {
             if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
                 return Err(Error::QueueFull(format!("{reply_to} (the broker is at its memory high-watermark)")));
             }
-            hub.engine.publish(reply_to, payload, props, now).map_err(crate::embedded::to_error)
+            hub.engine.publish(reply_to, payload, props, now).map_err(to_error)
         });
         if let Err(error) = published {
             tracing::debug!(%error, reply_to, "dropped a reply");
@@ -857,7 +856,7 @@ impl Connection {
             .attach(queue, prefetch, auto_ack, move |id| {
                 Box::new(ConnectionSink { out, queued, consumer: id.as_u64() })
             })
-            .map_err(crate::embedded::to_error)?;
+            .map_err(to_error)?;
         self.consumers.insert(consumer);
         let body = protocol::consumer_body(consumer.as_u64());
         let _ = self.out.send(Outbound::Frame(ServerFrame::Ok { req, body }));
@@ -876,7 +875,7 @@ impl Connection {
             if hub.engine.has_queue(name) {
                 return Err(Error::InvalidArgument(format!("inbox `{name}` is in use")));
             }
-            hub.engine.declare_queue(name, config).map_err(|error: EngineError| crate::embedded::to_error(error))?;
+            hub.engine.declare_queue(name, config).map_err(|error: EngineError| to_error(error))?;
         }
         self.attach_with(req, name, 0, true)
     }

@@ -380,7 +380,7 @@ async fn a_silent_connection_is_dropped_and_its_unacked_requeued() {
     remote.declare_queue("jobs", &QueueOptions::new()).await.expect("declares");
     let mut envelope = Envelope::new(Kind::Oneway);
     envelope.method = "job".into();
-    remote.publish("jobs", envelope.clone()).await.expect("publishes");
+    remote.publish("jobs", envelope.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
 
     // A raw consumer takes the message, then goes silent without closing its socket.
     let mut silent = TcpStream::connect(broker.local_addr()).await.expect("connects");
@@ -475,7 +475,7 @@ async fn operator_commands_list_call_and_replay() {
     envelope.method = "run".into();
     envelope.idempotency_key = Some("job-7".into());
     envelope.body = rpc_core::codec::encode(&std::collections::BTreeMap::from([("id", 7)])).expect("encodes");
-    remote.publish("jobs", envelope).await.expect("publishes");
+    remote.publish("jobs", envelope, rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
     let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a job").expect("open");
     delivery.handle.dead_letter().await.expect("dead-letters");
@@ -633,12 +633,12 @@ async fn republish_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Trans
         async move { observer.queue_stats(queue).await.expect("stats") }
     };
     worker.declare_queue("retries", &QueueOptions::new()).await.expect("declares");
-    worker.publish("retries", request(1)).await.expect("publishes");
+    worker.publish("retries", request(1), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let mut consumer = worker.consume("retries", ConsumeOptions::new().prefetch(1)).await.expect("consumes");
 
     // Held: the copy is queued and the delivery acked.
     let first = next(&mut consumer).await;
-    first.handle.republish(worker.as_ref(), "retries", request(2)).await.map_err(|(error, _)| error).expect("copies");
+    first.handle.republish("retries", request(2)).await.map_err(|(error, _)| error).expect("copies");
     let second = next(&mut consumer).await;
     assert_eq!(second.envelope.attempt, 2);
     let seen = stats("retries").await;
@@ -646,9 +646,8 @@ async fn republish_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Trans
 
     // Refused (the target is full): nothing published, the delivery still held and settled by the worker.
     worker.declare_queue("full", &QueueOptions::new().max_len(1)).await.expect("declares");
-    worker.publish("full", request(1)).await.expect("publishes");
-    let (error, handle) =
-        second.handle.republish(worker.as_ref(), "full", request(3)).await.expect_err("the target is full");
+    worker.publish("full", request(1), rpc_core::transport::Confirm::Broker).await.expect("publishes");
+    let (error, handle) = second.handle.republish("full", request(3)).await.expect_err("the target is full");
     assert!(matches!(error, Error::QueueFull(_)), "{error:?}");
     assert_eq!(stats("retries").await.unacked, 1);
     handle.requeue().await.expect("requeues");
@@ -657,15 +656,14 @@ async fn republish_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Trans
 
     // Lost (its consumer went, and the broker requeued it): no copy, the original waits for another worker.
     drop(consumer);
-    let (error, _) =
-        third.handle.republish(worker.as_ref(), "retries", request(3)).await.expect_err("the delivery is lost");
+    let (error, _) = third.handle.republish("retries", request(3)).await.expect_err("the delivery is lost");
     assert!(matches!(error, Error::DeliveryLost), "{error:?}");
     let seen = stats("retries").await;
     assert_eq!((seen.published, seen.ready, seen.unacked), (2, 1, 0), "{seen:?}");
     assert_eq!(stats("full").await.published, 1);
 }
 
-async fn next(consumer: &mut rpc_core::Consumer) -> rpc_core::Delivery {
+async fn next(consumer: &mut rpc_core::transport::Consumer) -> rpc_core::transport::Delivery {
     tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a delivery").expect("open")
 }
 
@@ -696,15 +694,15 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
             remote.declare_queue(queue, &QueueOptions::new().durable(true)).await.expect("declares");
         }
         for envelope in [&low, &high, &short, &later] {
-            remote.publish("jobs", envelope.clone()).await.expect("publishes");
+            remote.publish("jobs", envelope.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
         }
-        remote.publish("poison", dead.clone()).await.expect("publishes");
+        remote.publish("poison", dead.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
         let mut consumer = remote.consume("poison", ConsumeOptions::new()).await.expect("consumes");
         next(&mut consumer).await.handle.dead_letter().await.expect("dead-letters");
         remote.flush().await.expect("the broker has the settle");
         drop(consumer);
         // Taken and acked before the restart.
-        remote.publish("poison", acked.clone()).await.expect("publishes");
+        remote.publish("poison", acked.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
         let mut consumer = remote.consume("poison", ConsumeOptions::new()).await.expect("consumes");
         next(&mut consumer).await.handle.ack().await.expect("acks");
         remote.flush().await.expect("the broker has the ack");
@@ -719,9 +717,9 @@ async fn a_durable_queue_keeps_priorities_ttls_delays_dead_letters_and_ids_acros
     assert_eq!(remote.queue_stats("poison.dlq").await.expect("stats").ready, 1);
     // A publisher that got no confirm for `low` sends it again: taken once. So is one sent again after it was
     // consumed.
-    remote.publish("jobs", low.clone()).await.expect("publishes");
+    remote.publish("jobs", low.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     assert_eq!(remote.queue_stats("jobs").await.expect("stats").deduplicated, 1);
-    remote.publish("poison", acked.clone()).await.expect("publishes");
+    remote.publish("poison", acked.clone(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let poison = remote.queue_stats("poison").await.expect("stats");
     assert_eq!((poison.ready, poison.deduplicated), (0, 1), "{poison:?}");
     let mut consumer = remote.consume("jobs", ConsumeOptions::new()).await.expect("consumes");
@@ -764,18 +762,18 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     let request = || {
         let mut envelope = Envelope::new(Kind::Request);
         envelope.correlation_id = Some(uuid::Uuid::new_v4());
-        envelope.reply_to = Some(inbox.address.clone());
+        envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.address.clone()));
         envelope
     };
     worker.declare_queue("answers", &QueueOptions::new()).await.expect("declares");
     let mut consumer = worker.consume("answers", ConsumeOptions::new().prefetch(1)).await.expect("consumes");
 
     // Held: the reply reaches the inbox and the delivery is acked.
-    worker.publish("answers", request()).await.expect("publishes");
+    worker.publish("answers", request(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let first = next(&mut consumer).await;
     let reply = first.envelope.reply(Ok(Bytes::from_static(b"\x2a")));
-    let answered = first.handle.answer(worker.as_ref(), &inbox.address, reply).await.expect("answers");
-    assert_eq!(answered, rpc_core::Answered::Sent);
+    let answered = first.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone()), reply).await.expect("answers");
+    assert_eq!(answered, rpc_core::transport::Answered::Sent);
     let got = next(&mut inbox.consumer).await;
     assert_eq!(got.envelope.correlation_id, first.envelope.correlation_id);
     assert_eq!(&got.envelope.body[..], b"\x2a");
@@ -783,22 +781,22 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     assert_eq!((seen.acked, seen.unacked), (1, 0), "{seen:?}");
 
     // An inbox that is gone: no reply, acked all the same.
-    worker.publish("answers", request()).await.expect("publishes");
+    worker.publish("answers", request(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let second = next(&mut consumer).await;
     let reply = second.envelope.reply(Ok(Bytes::from_static(b"\x01")));
-    second.handle.answer(worker.as_ref(), "inbox.gone", reply).await.expect("acks");
+    second.handle.answer(&rpc_core::ReplyTo::Inbox("inbox.gone".into()), reply).await.expect("acks");
     worker.flush().await.expect("flushes");
     let seen = observer.queue_stats("answers").await.expect("stats");
     assert_eq!((seen.acked, seen.unacked), (2, 0), "{seen:?}");
 
     // Lost (its consumer went, and the broker requeued it): no reply, the request waits for another worker.
-    worker.publish("answers", request()).await.expect("publishes");
+    worker.publish("answers", request(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let third = next(&mut consumer).await;
     drop(consumer);
     let reply = third.envelope.reply(Ok(Bytes::from_static(b"\x02")));
-    match third.handle.answer(worker.as_ref(), &inbox.address, reply).await {
+    match third.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone()), reply).await {
         // The embedded broker knows at once; the server drops the frame of a delivery it no longer holds.
-        Err(Error::DeliveryLost) | Ok(rpc_core::Answered::Sent) => {}
+        Err(Error::DeliveryLost) | Ok(rpc_core::transport::Answered::Sent) => {}
         other => panic!("{other:?}"),
     }
     // Every frame the worker sent, then every delivery to the observer before its own sync, has arrived.
@@ -821,7 +819,11 @@ impl rpc_core::Service for PanicsEagerly {
         &[]
     }
 
-    fn call(&self, method: &str, _args: Bytes) -> rpc_core::BoxFuture<'static, Result<Bytes, rpc_core::Status>> {
+    fn call(
+        &self,
+        method: &str,
+        _args: Bytes,
+    ) -> rpc_core::transport::BoxFuture<'static, Result<Bytes, rpc_core::Status>> {
         if method == "boom" {
             panic!("decoding failed on purpose");
         }

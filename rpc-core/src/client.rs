@@ -19,12 +19,12 @@ use uuid::Uuid;
 
 use crate::admission::{Admission, Refused};
 use crate::context;
-use crate::envelope::{Envelope, Kind};
+use crate::envelope::{Envelope, Kind, ReplyTo};
 use crate::error::Error;
 use crate::method::{DecodeFn, Method, MethodKind};
 use crate::naming;
 use crate::status::Code;
-use crate::transport::{self, BoxFuture, QueueOptions, Transport};
+use crate::transport::{self, BoxFuture, Confirm, QueueOptions, Transport};
 
 /// The default time a call waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -534,7 +534,7 @@ impl<O: Send + 'static> Call<O> {
         envelope.correlation_id = Some(correlation_id);
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
-        envelope.reply_to = Some(queue);
+        envelope.reply_to = Some(ReplyTo::Queue(queue));
         if let Some(timeout) = self.options.timeout {
             let (budget, _) = budget(Some(timeout), timeout);
             if budget.is_zero() {
@@ -547,7 +547,7 @@ impl<O: Send + 'static> Call<O> {
         let destination = naming::service_queue(self.client.namespace(), &envelope.service);
         let limit = self.options.timeout.unwrap_or_default();
         let _admitted = admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
-        transport.publish(&destination, envelope).await?;
+        transport.publish(&destination, envelope, Confirm::Broker).await?;
         Ok(correlation_id)
     }
 
@@ -584,7 +584,7 @@ impl<O: Send + 'static> Call<O> {
         envelope.caller = inner.identity.as_deref().map(str::to_owned);
         envelope.idempotency_key.get_or_insert_with(|| default_key(correlation_id));
         envelope.correlation_id = Some(correlation_id);
-        envelope.reply_to = Some(inner.inbox.clone());
+        envelope.reply_to = Some(ReplyTo::Inbox(inner.inbox.clone()));
         envelope.body = args;
         let queue = naming::service_queue_of(inner.namespace.as_deref(), self.service.clone());
         envelope.service = self.service.into_owned();
@@ -640,7 +640,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
             Err(_) => Err(Error::Disconnected),
         };
         // Never `None`: only the last send takes the envelope.
-        let publish = sent.map(|sent| inner.transport.publish_call(&queue, sent));
+        let publish = sent.map(|sent| inner.transport.publish(&queue, sent, Confirm::ByReply));
         let exchange = async {
             let publish = publish.ok_or(Error::Shutdown)?;
             let mut receiver = receiver;
@@ -850,7 +850,7 @@ impl Notify {
         if self.kind == MethodKind::Broadcast {
             transport.publish_topic(&naming::service_topic(namespace, self.service), envelope).await
         } else {
-            transport.publish(&naming::service_queue(namespace, self.service), envelope).await
+            transport.publish(&naming::service_queue(namespace, self.service), envelope, Confirm::Broker).await
         }
     }
 }

@@ -7,8 +7,8 @@
 //! aborts the process), so it is not relied on.
 //!
 //! Envelopes, which every message carries, are written and read by hand in one pass instead (no serde, the
-//! body shared with the input where it is [`Bytes`]); the envelope's serde form stays the reference, and the
-//! tests check that both write the same bytes and read them back alike.
+//! body shared with the input where it is [`Bytes`]); the tests check the bytes against what serde writes for
+//! the field table of docs/wire-format.md, and that both read back alike.
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -122,8 +122,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limits: &Limits) -> Result<T, C
     rmp_serde::from_slice(bytes).map_err(|error| CodecError::Decode(error.to_string()))
 }
 
-/// Encodes an envelope: the bytes `encode(envelope)` would write (the envelope's serde form), written by hand
-/// and returned in one allocation of their exact size.
+/// Encodes an envelope (docs/wire-format.md), written by hand and returned in one allocation of its exact size.
 ///
 /// # Errors
 /// [`CodecError::Encode`] for a string, body or header map longer than MessagePack can carry (4 GiB).
@@ -323,7 +322,7 @@ impl Reader<'_> {
 }
 
 /// The envelope's MessagePack, by hand: one pass, no serde, the body shared rather than copied where the input
-/// allows. The serde form of [`Envelope`] is the reference; the tests check that both write the same bytes.
+/// allows. The tests check it against serde writing the document's field table.
 mod envelope_codec {
     use std::collections::BTreeMap;
     use std::ops::Range;
@@ -332,12 +331,12 @@ mod envelope_codec {
     use uuid::Uuid;
 
     use super::{CodecError, Limits, Reader};
-    use crate::envelope::{Envelope, Kind, VERSION};
+    use crate::envelope::{Envelope, Kind, ReplyTo, VERSION};
 
     pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
         let strings = envelope.service.len()
             + envelope.method.len()
-            + envelope.reply_to.as_ref().map_or(0, String::len)
+            + envelope.reply_to.as_ref().map_or(0, |reply_to| reply_to.address().len())
             + envelope.idempotency_key.as_ref().map_or(0, String::len)
             + envelope.status_message.as_ref().map_or(0, String::len)
             + envelope.caller.as_ref().map_or(0, String::len)
@@ -349,6 +348,7 @@ mod envelope_codec {
             + usize::from(!e.service.is_empty())
             + usize::from(!e.method.is_empty())
             + usize::from(e.reply_to.is_some())
+            + usize::from(e.reply_to.as_ref().is_some_and(ReplyTo::is_inbox))
             + usize::from(e.deadline_ms.is_some())
             + usize::from(e.delay_ms.is_some())
             + usize::from(e.idempotency_key.is_some())
@@ -378,7 +378,11 @@ mod envelope_codec {
         }
         if let Some(reply_to) = &e.reply_to {
             str(out, "r")?;
-            str(out, reply_to)?;
+            str(out, reply_to.address())?;
+            if reply_to.is_inbox() {
+                str(out, "ri")?;
+                out.push(0xc3);
+            }
         }
         if let Some(deadline) = e.deadline_ms {
             str(out, "d")?;
@@ -504,7 +508,8 @@ mod envelope_codec {
     }
 
     /// The keys of the envelope's fields, in the bit each takes in the set of fields seen.
-    const KEYS: [&str; 17] = ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b"];
+    const KEYS: [&str; 18] =
+        ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b", "ri"];
 
     /// The slot in [`KEYS`] of the field named `key`: one comparison of the length and at most two bytes.
     fn slot_of(key: &[u8]) -> Option<usize> {
@@ -526,6 +531,7 @@ mod envelope_codec {
             b"cl" => 14,
             b"h" => 15,
             b"b" => 16,
+            b"ri" => 17,
             _ => return None,
         })
     }
@@ -562,6 +568,7 @@ mod envelope_codec {
         let mut envelope = Envelope::with_id(Kind::Oneway, Uuid::nil());
         let mut seen = 0u32;
         let mut body_range = 0..0;
+        let (mut reply_address, mut reply_inbox) = (None, false);
         for _ in 0..fields {
             let Some(key) = r.str_bytes()? else {
                 r.skip_one(limits.max_depth, 1)?;
@@ -588,7 +595,7 @@ mod envelope_codec {
                 3 => envelope.correlation_id = r.optional(|r| r.uuid(field))?,
                 4 => envelope.service = r.string(field)?,
                 5 => envelope.method = r.string(field)?,
-                6 => envelope.reply_to = r.optional(|r| r.string(field))?,
+                6 => reply_address = r.optional(|r| r.string(field))?,
                 7 => envelope.deadline_ms = r.optional(|r| r.number(field))?,
                 8 => envelope.delay_ms = r.optional(|r| r.number(field))?,
                 9 => envelope.attempt = r.number(field)?,
@@ -598,7 +605,8 @@ mod envelope_codec {
                 13 => envelope.status_message = r.optional(|r| r.string(field))?,
                 14 => envelope.caller = r.optional(|r| r.string(field))?,
                 15 => envelope.headers = r.headers(limits)?,
-                _ => body_range = r.binary(field)?,
+                16 => body_range = r.binary(field)?,
+                _ => reply_inbox = r.optional(|r| r.boolean(field))?.unwrap_or(false),
             }
         }
         if r.remaining() != 0 {
@@ -612,6 +620,10 @@ mod envelope_codec {
         if envelope.version != VERSION {
             return Err(CodecError::Version(envelope.version));
         }
+        envelope.reply_to = reply_address.map(|address| match reply_inbox {
+            true => ReplyTo::Inbox(address),
+            false => ReplyTo::Queue(address),
+        });
         envelope.body = if body_range.is_empty() { Bytes::new() } else { body(body_range) };
         Ok(envelope)
     }
@@ -674,6 +686,15 @@ mod envelope_codec {
                 return Ok(None);
             }
             read(self).map(Some)
+        }
+
+        /// A boolean.
+        fn boolean(&mut self, field: &str) -> Result<bool, CodecError> {
+            match self.byte()? {
+                0xc2 => Ok(false),
+                0xc3 => Ok(true),
+                _ => Err(CodecError::Decode(format!("invalid type for field `{field}`: expected a boolean"))),
+            }
         }
 
         /// An integer of any width that fits `T`.
@@ -909,7 +930,7 @@ mod tests {
         envelope.correlation_id = Some(uuid::Uuid::new_v4());
         envelope.service = "Calculator".into();
         envelope.method = "add".into();
-        envelope.reply_to = Some("inbox.1".into());
+        envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox.1".into()));
         envelope.deadline_ms = Some(5_000);
         envelope.headers = BTreeMap::from([("tenant".to_owned(), "a".to_owned())]);
         envelope.body = encode(&BTreeMap::from([("a", 2), ("b", 3)])).expect("encodes");
@@ -941,7 +962,7 @@ mod tests {
         ) {
             let mut envelope = Envelope::new(crate::envelope::Kind::Request);
             envelope.method = "add".into();
-            envelope.reply_to = Some("inbox".into());
+            envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox".into()));
             let mut bytes = encode_envelope(&envelope).expect("encodes").to_vec();
             for (index, byte) in flips {
                 let at = index.index(bytes.len());
@@ -954,7 +975,7 @@ mod tests {
         #[test]
         fn the_envelope_codec_writes_and_reads_what_serde_does(envelope in arbitrary_envelope()) {
             let by_hand = encode_envelope(&envelope).expect("encodes");
-            let by_serde = rmp_serde::to_vec_named(&envelope).expect("serde encodes");
+            let by_serde = rmp_serde::to_vec_named(&SerdeForm::of(&envelope)).expect("serde encodes");
             prop_assert_eq!(&by_hand[..], &by_serde[..]);
             let limits = Limits::default();
             let decoded = decode_envelope(&by_hand, &limits).expect("decodes");
@@ -978,10 +999,11 @@ mod tests {
             (
                 proptest::collection::btree_map(".{0,8}", ".{0,70}", 0..20),
                 proptest::collection::vec(any::<u8>(), 0..600),
+                any::<bool>(),
             ),
         )
             .prop_map(
-                |((kind, id, correlation, service, method, reply_to), numbers, reply, (headers, body))| {
+                |((kind, id, correlation, service, method, reply_to), numbers, reply, (headers, body, inbox))| {
                     let (deadline_ms, delay_ms, attempt, idempotency_key) = numbers;
                     let (priority, status, status_message, caller) = reply;
                     let mut envelope = Envelope::new(crate::envelope::Kind::try_from(kind).expect("a kind"));
@@ -989,7 +1011,10 @@ mod tests {
                     envelope.correlation_id = correlation.map(uuid::Uuid::from_u128);
                     envelope.service = service;
                     envelope.method = method;
-                    envelope.reply_to = reply_to;
+                    envelope.reply_to = reply_to.map(|address| match inbox {
+                        true => crate::ReplyTo::Inbox(address),
+                        false => crate::ReplyTo::Queue(address),
+                    });
                     envelope.deadline_ms = deadline_ms;
                     envelope.delay_ms = delay_ms;
                     envelope.attempt = attempt;
@@ -1003,6 +1028,79 @@ mod tests {
                     envelope
                 },
             )
+    }
+
+    /// The envelope as docs/wire-format.md tables it, written by serde: the reference for the hand-written codec.
+    #[derive(serde::Serialize)]
+    struct SerdeForm<'a> {
+        v: u8,
+        k: u8,
+        i: uuid::Uuid,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        c: Option<uuid::Uuid>,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        s: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        m: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        r: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ri: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        d: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dl: Option<u64>,
+        a: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ik: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        p: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        st: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sm: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cl: Option<&'a str>,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        h: &'a BTreeMap<String, String>,
+        b: &'a Bytes,
+    }
+
+    impl<'a> SerdeForm<'a> {
+        fn of(e: &'a Envelope) -> SerdeForm<'a> {
+            SerdeForm {
+                v: e.version,
+                k: u8::from(e.kind),
+                i: e.id,
+                c: e.correlation_id,
+                s: &e.service,
+                m: &e.method,
+                r: e.reply_to.as_ref().map(crate::ReplyTo::address),
+                ri: e.reply_to.as_ref().filter(|reply_to| reply_to.is_inbox()).map(|_| true),
+                d: e.deadline_ms,
+                dl: e.delay_ms,
+                a: e.attempt,
+                ik: e.idempotency_key.as_deref(),
+                p: e.priority,
+                st: Some(e.status).filter(|status| *status != 0),
+                sm: e.status_message.as_deref(),
+                cl: e.caller.as_deref(),
+                h: &e.headers,
+                b: &e.body,
+            }
+        }
+    }
+
+    #[test]
+    fn a_reply_address_without_the_inbox_flag_names_a_queue() {
+        let mut envelope = Envelope::new(crate::envelope::Kind::Request);
+        envelope.reply_to = Some(crate::ReplyTo::Queue("callbacks".into()));
+        let bytes = encode_envelope(&envelope).expect("encodes");
+        assert!(!bytes.windows(3).any(|window| window == [0xa2, b'r', b'i']), "a queue carries no inbox flag");
+        assert_eq!(decode_envelope(&bytes, &Limits::default()).expect("decodes").reply_to, envelope.reply_to);
+        envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox.1".into()));
+        let bytes = encode_envelope(&envelope).expect("encodes");
+        assert_eq!(decode_envelope(&bytes, &Limits::default()).expect("decodes").reply_to, envelope.reply_to);
     }
 
     #[test]
@@ -1087,7 +1185,7 @@ mod wire_format_document {
         envelope.correlation_id = Some(uuid::Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0002));
         envelope.service = "Calculator".into();
         envelope.method = "add".into();
-        envelope.reply_to = Some("inbox.7".into());
+        envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox.7".into()));
         envelope.deadline_ms = Some(5_000);
         envelope.body = encode(&BTreeMap::from([("a", 2), ("b", 3)])).expect("encodes");
         envelope

@@ -13,7 +13,7 @@
 //! # request.service = "Billing".into();
 //! # request.method = "charge".into();
 //! # request.idempotency_key = Some("order-7".into());
-//! # broker.publish("Billing", request).await?;
+//! # broker.publish("Billing", request, rpc_core::transport::Confirm::Broker).await?;
 //! # let mut consumer = broker.consume("Billing", Default::default()).await?;
 //! # consumer.next().await.expect("delivered").handle.dead_letter().await?;
 //! # drop(consumer);
@@ -141,7 +141,7 @@ impl DeadLetters {
             again.attempt = 1;
             again.deadline_ms = None;
             again.delay_ms = None;
-            if let Err(error) = self.transport.publish(&self.queue, again).await {
+            if let Err(error) = self.transport.publish(&self.queue, again, transport::Confirm::Broker).await {
                 let rest: Vec<Delivery> = held.collect();
                 for rest in rest.into_iter().rev() {
                     rest.handle.release().await?;

@@ -49,67 +49,78 @@ impl TryFrom<u8> for Kind {
     }
 }
 
+/// Where the reply to a request goes.
+///
+/// On the wire it is the address (`r`) and a flag (`ri`) set for an inbox; a request without the flag names a
+/// queue (see `docs/wire-format.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ReplyTo {
+    /// A caller's private inbox, which a caller waits on now: the reply may go unconfirmed, and an inbox that is
+    /// gone (its caller with it) drops it.
+    Inbox(String),
+    /// A named queue, such as a durable callback queue: the reply is published like any message, confirmed.
+    Queue(String),
+}
+
+impl ReplyTo {
+    /// The address: the inbox's or the queue's name.
+    pub fn address(&self) -> &str {
+        match self {
+            ReplyTo::Inbox(address) | ReplyTo::Queue(address) => address,
+        }
+    }
+
+    /// Whether this is a caller's inbox.
+    pub fn is_inbox(&self) -> bool {
+        matches!(self, ReplyTo::Inbox(_))
+    }
+}
+
 /// One message: a request, a reply or a oneway call.
 ///
 /// Fields that a broker has a native place for (correlation id, reply-to, message id, expiration, priority)
 /// are mapped onto it by the adapters; the envelope is the reference and the whole of it travels as the body
-/// where a broker has no such place.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// where a broker has no such place. Its MessagePack form is written and read by [`codec`](crate::codec) in
+/// one pass.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Envelope {
     /// Envelope format version, [`VERSION`].
-    #[serde(rename = "v")]
     pub version: u8,
     /// Request, reply or oneway.
-    #[serde(rename = "k")]
     pub kind: Kind,
     /// Unique id of this message.
-    #[serde(rename = "i")]
     pub id: Uuid,
     /// The call this message belongs to: set by the caller on a request, echoed on the reply.
-    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<Uuid>,
     /// The service's name (requests; echoed on replies).
-    #[serde(rename = "s", default, skip_serializing_if = "String::is_empty")]
     pub service: String,
     /// The method's name (requests; echoed on replies).
-    #[serde(rename = "m", default, skip_serializing_if = "String::is_empty")]
     pub method: String,
-    /// Where the reply goes: the caller's inbox or a durable callback queue.
-    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
-    pub reply_to: Option<String>,
+    /// Where the reply goes: the caller's inbox or a named queue (a durable callback queue).
+    pub reply_to: Option<ReplyTo>,
     /// Remaining time budget in milliseconds, relative so that clock skew between hosts does not matter.
     /// A transport hands a delivery out with the time it spent queued already taken off.
-    #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
     /// Milliseconds the broker holds the message before it can be delivered, where the transport has delayed
     /// delivery ([`Capabilities::delayed_delivery`](crate::Capabilities::delayed_delivery)); the deadline
     /// counts from the publish, delay included. Workers ignore it.
-    #[serde(rename = "dl", default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
     /// Which attempt this is, from 1.
-    #[serde(rename = "a", default = "first_attempt")]
     pub attempt: u32,
     /// The key under which a worker executes the call at most once in effect.
-    #[serde(rename = "ik", default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Priority 0 (default) to 9 (first), where the transport has priorities.
-    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
     /// Reply status code (0, absent, is ok).
-    #[serde(rename = "st", default, skip_serializing_if = "is_zero")]
     pub status: u16,
     /// Reply status message, for codes other than ok.
-    #[serde(rename = "sm", default, skip_serializing_if = "Option::is_none")]
     pub status_message: Option<String>,
     /// Who sent the call, as the caller declared it ([`ClientBuilder::identity`](crate::ClientBuilder::identity));
     /// requests only, not verified by the framework.
-    #[serde(rename = "cl", default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
     /// Free-form headers; a reply echoes its request's headers.
-    #[serde(rename = "h", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// The arguments (request), the result or the application error (reply), as MessagePack.
-    #[serde(rename = "b", default)]
     pub body: Bytes,
 }
 
@@ -122,14 +133,6 @@ pub(crate) fn new_id() -> Uuid {
         static IDS: uuid::timestamp::context::ContextV7 = const { uuid::timestamp::context::ContextV7::new() };
     }
     Uuid::new_v7(uuid::Timestamp::now(uuid::timestamp::context::ThreadLocalContext::new(&IDS)))
-}
-
-fn first_attempt() -> u32 {
-    1
-}
-
-fn is_zero(value: &u16) -> bool {
-    *value == 0
 }
 
 impl Envelope {
@@ -213,7 +216,7 @@ mod tests {
         request.correlation_id = Some(new_id());
         request.service = "Calculator".into();
         request.method = "add".into();
-        request.reply_to = Some("inbox.7".into());
+        request.reply_to = Some(ReplyTo::Inbox("inbox.7".into()));
         request.headers.insert("order".into(), "7".into());
         for result in [
             Ok(Bytes::from_static(b"\x05")),
@@ -227,7 +230,7 @@ mod tests {
             assert_eq!(taken, copied);
             assert_eq!((taken_from.service.as_str(), taken_from.method.as_str()), ("", ""));
             assert!(taken_from.headers.is_empty());
-            assert_eq!(taken_from.reply_to.as_deref(), Some("inbox.7"));
+            assert_eq!(taken_from.reply_to, Some(ReplyTo::Inbox("inbox.7".into())));
         }
     }
 

@@ -104,7 +104,7 @@ mod method;
 pub mod retry;
 mod server;
 mod status;
-mod transport;
+pub mod transport;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -113,14 +113,11 @@ pub mod __private;
 pub use callback::{CallbackHandle, CallbackReply, DurableCallbacks};
 pub use client::{Call, Client, ClientBuilder, ClientStats, DEFAULT_TIMEOUT, MAX_PRIORITY, Notify};
 pub use dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
-pub use envelope::{Envelope, Kind, VERSION};
+pub use envelope::{Envelope, Kind, ReplyTo, VERSION};
 pub use error::Error;
 pub use method::{DecodeFn, Method, MethodInfo, MethodKind};
 pub use retry::RetryPolicy;
 pub use rpc_macros::service;
 pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
-pub use transport::{
-    AckHandle, Acker, Answered, BoxFuture, Cancellations, Capabilities, ConsumeOptions, Consumer, ConsumerControl,
-    Delivery, DeliverySink, Inbox, Outcome, QueueOptions, QueueStats, Transport, answered, finished, reply_then_ack,
-};
+pub use transport::{Capabilities, ConsumeOptions, QueueOptions, QueueStats, Transport};

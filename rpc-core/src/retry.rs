@@ -114,9 +114,26 @@ impl RetryPolicy {
     }
 }
 
+/// The wait before reconnection attempt `attempt` (0 for the first): 50 ms doubled at each attempt, capped at
+/// `max`, jittered as [`RetryPolicy::backoff_before`], so that clients that lost one broker do not reconnect in
+/// lockstep. Transports use it between their reconnection attempts.
+pub fn reconnect_backoff(attempt: u32, max: Duration) -> Duration {
+    RetryPolicy::attempts(u32::MAX).backoff(Duration::from_millis(50), max).backoff_before(attempt.saturating_add(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnection_waits_grow_from_50_ms_to_their_cap_with_jitter() {
+        let max = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let wait = reconnect_backoff(attempt, max);
+            let full = Duration::from_millis(50).saturating_mul(1 << attempt.min(20)).min(max);
+            assert!(wait <= full && wait >= full / 2, "attempt {attempt}: {wait:?}");
+        }
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_and_stays_within_the_jitter() {

@@ -17,14 +17,14 @@ use tracing::Instrument;
 
 use crate::context;
 use crate::dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
-use crate::envelope::{Envelope, Kind};
+use crate::envelope::{Envelope, Kind, ReplyTo};
 use crate::error::Error;
 use crate::method::{MethodInfo, MethodKind};
 use crate::naming;
 use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
 use crate::transport::{
-    self, AckHandle, Answered, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport,
+    self, AckHandle, Answered, BoxFuture, Confirm, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport,
 };
 
 /// A service the server can run: implemented by the `<Trait>Server` that `#[service]` generates.
@@ -749,7 +749,13 @@ async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Durat
     // Counted before the publish: a worker can take the copy, and its caller read the stats, before this
     // publish's confirm comes back.
     shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-    match handle.republish(shared.transport.as_ref(), &shared.queue, copy).await {
+    let republished = if handle.is_auto() {
+        // No reply path of its own: published through the server's transport, unfenced.
+        shared.transport.publish(&shared.queue, copy, Confirm::Broker).await.map_err(|error| (error, handle))
+    } else {
+        handle.republish(&shared.queue, copy).await
+    };
+    match republished {
         Ok(()) => {}
         Err((Error::DeliveryLost, _)) => {
             // Another worker has the request now, and decides on its next attempt.
@@ -810,14 +816,16 @@ async fn answer(shared: &Shared, request: Request, handle: AckHandle, result: Re
         Some(request) => request.take_reply(result),
         None => envelope.reply(result),
     };
-    let reply_to = envelope.reply_to.as_deref().unwrap_or_default();
+    let Some(reply_to) = envelope.reply_to.as_ref() else { return };
     // The reply and the ack in one step.
-    match handle.answer(shared.transport.as_ref(), reply_to, reply).await {
+    let answered = if handle.is_auto() {
+        publish_unfenced(shared, reply_to, reply).await
+    } else {
+        handle.answer(reply_to, reply).await
+    };
+    match answered {
         Ok(Answered::Sent) => {}
-        Ok(Answered::Undeliverable) => {
-            shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(reply_to, "reply undeliverable: the reply address is gone");
-        }
+        Ok(Answered::Undeliverable) => undeliverable(shared, reply_to),
         Err(Error::DeliveryLost) => {
             fenced(shared);
             return;
@@ -846,17 +854,29 @@ async fn reply(
     handle: &AckHandle,
     result: Result<Bytes, Status>,
 ) -> Result<(), Error> {
-    let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_deref()) else { return Ok(()) };
-    match handle.publish_reply(shared.transport.as_ref(), reply_to, envelope.reply(result)).await {
-        Ok(()) => Ok(()),
-        Err(Error::NoRoute(_)) => {
-            // The caller is gone (its inbox with it): nobody is left to answer.
-            shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(reply_to, "reply undeliverable: the reply address is gone");
-            Ok(())
-        }
-        Err(error) => Err(error),
+    let (Kind::Request, Some(reply_to)) = (envelope.kind, envelope.reply_to.as_ref()) else { return Ok(()) };
+    let reply = envelope.reply(result);
+    let answered = if handle.is_auto() {
+        publish_unfenced(shared, reply_to, reply).await
+    } else {
+        handle.reply(reply_to, reply).await
+    };
+    if answered? == Answered::Undeliverable {
+        undeliverable(shared, reply_to);
     }
+    Ok(())
+}
+
+/// Publishes the reply to an auto-acked delivery, which has no reply path of its own, through the server's
+/// transport: unfenced.
+async fn publish_unfenced(shared: &Shared, reply_to: &ReplyTo, reply: Envelope) -> Result<Answered, Error> {
+    Answered::of(shared.transport.publish(reply_to.address(), reply, Confirm::for_reply(reply_to)).await)
+}
+
+/// Counts a reply whose address is gone: the caller went with its inbox, and nobody is left to answer.
+fn undeliverable(shared: &Shared, reply_to: &ReplyTo) {
+    shared.stats.undeliverable.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(reply_to = reply_to.address(), "reply undeliverable: the reply address is gone");
 }
 
 fn settle(result: Result<(), Error>) {

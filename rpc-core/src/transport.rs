@@ -1,15 +1,21 @@
-//! The transport contract: everything the framework needs from a broker, and nothing more.
+//! The transport contract: everything the framework needs from a broker, and nothing more; and the kit for
+//! writing one (`docs/adapters.md` walks through it, with the embedded transport as the reference).
 //!
-//! - **queues** (point to point): [`Transport::publish`]; [`Transport::consume`] with a prefetch; each
-//!   [`Delivery`] acked, requeued or dead-lettered; redelivered if its consumer goes away unacked.
+//! - **queues** (point to point): [`Transport::publish`], confirmed as far as its [`Confirm`] asks;
+//!   [`Transport::consume`] with a prefetch; each [`Delivery`] acked, requeued or dead-lettered through its
+//!   [`AckHandle`], which also carries its reply path; redelivered if its consumer goes away unacked.
 //! - **topics** (broadcast): [`Transport::publish_topic`] once; each subscriber group ([`Transport::subscribe`])
 //!   receives a copy; consumers within a group compete.
-//! - **inbox**: [`Transport::open_inbox`], a private reply address per client.
+//! - **inbox**: [`Transport::open_inbox`], a private reply address per client ([`ReplyTo::Inbox`]).
 //! - **capabilities**: [`Capabilities`]; what a broker lacks is reported as [`Error::Unsupported`], never
-//!   silently ignored.
+//!   silently ignored. [`Transport::queue_stats`] and [`Transport::cancel`] are optional and default to it.
 //!
 //! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out: the transport
 //! takes the time it spent queued off (or drops it, if that is all of it).
+//!
+//! For implementers: [`Acker`] settles and answers deliveries; [`reply_then_ack`], [`finished`] and
+//! [`answered`] build its futures; [`Cancellations`] tracks per-delivery cancel signals; [`Consumer::from_channel`]
+//! makes a consumer of an unbounded channel.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,7 +28,7 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, ReplyTo};
 use crate::error::Error;
 
 /// A boxed future, the return type of the transport's methods.
@@ -46,8 +52,11 @@ pub fn answered<'a>(result: Result<Answered, Error>) -> BoxFuture<'a, Result<Ans
     }
 }
 
-/// What a transport can do beyond the basic contract.
+/// What a transport can do beyond the basic contract. Built with [`Capabilities::none`] and its setters, so
+/// that adding a capability does not break a transport written elsewhere; one that is not set is reported as
+/// [`Error::Unsupported`] where it is asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Messages survive a broker restart.
     pub durable: bool,
@@ -65,6 +74,125 @@ pub struct Capabilities {
     pub dedup_window: Option<Duration>,
     /// [`Transport::cancel`] removes a call's request from its queue and signals the worker running it.
     pub cancel: bool,
+    /// One delivery can be put back on its queue ([`Outcome::Requeue`], [`Outcome::Release`]) while its consumer
+    /// goes on; without it, a requeue is emulated by publishing a copy.
+    pub requeue: bool,
+    /// A topic keeps one copy per subscriber group, shared by that group's consumers
+    /// ([`Transport::subscribe`]); without it, every subscriber gets every copy.
+    pub subscriber_groups: bool,
+    /// [`Transport::queue_stats`] answers.
+    pub queue_stats: bool,
+}
+
+impl Capabilities {
+    /// Nothing beyond the required contract.
+    pub const fn none() -> Capabilities {
+        Capabilities {
+            durable: false,
+            acks: false,
+            priority: false,
+            delayed_delivery: false,
+            max_length: false,
+            dead_letter: false,
+            dedup_window: None,
+            cancel: false,
+            requeue: false,
+            subscriber_groups: false,
+            queue_stats: false,
+        }
+    }
+
+    /// Sets [`Capabilities::durable`].
+    pub const fn durable(mut self, yes: bool) -> Capabilities {
+        self.durable = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::acks`].
+    pub const fn acks(mut self, yes: bool) -> Capabilities {
+        self.acks = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::priority`].
+    pub const fn priority(mut self, yes: bool) -> Capabilities {
+        self.priority = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::delayed_delivery`].
+    pub const fn delayed_delivery(mut self, yes: bool) -> Capabilities {
+        self.delayed_delivery = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::max_length`].
+    pub const fn max_length(mut self, yes: bool) -> Capabilities {
+        self.max_length = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::dead_letter`].
+    pub const fn dead_letter(mut self, yes: bool) -> Capabilities {
+        self.dead_letter = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::dedup_window`].
+    pub const fn dedup_window(mut self, window: Option<Duration>) -> Capabilities {
+        self.dedup_window = window;
+        self
+    }
+
+    /// Sets [`Capabilities::cancel`].
+    pub const fn cancel(mut self, yes: bool) -> Capabilities {
+        self.cancel = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::requeue`].
+    pub const fn requeue(mut self, yes: bool) -> Capabilities {
+        self.requeue = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::subscriber_groups`].
+    pub const fn subscriber_groups(mut self, yes: bool) -> Capabilities {
+        self.subscriber_groups = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::queue_stats`].
+    pub const fn queue_stats(mut self, yes: bool) -> Capabilities {
+        self.queue_stats = yes;
+        self
+    }
+}
+
+/// How far a publish is confirmed before its future resolves. A transport may confirm more than it is asked
+/// (a broker without unconfirmed publishes confirms them all), never less.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Confirm {
+    /// Once the broker has the message (written to disk first, for a durable queue): the default.
+    Broker,
+    /// A call's request whose reply, awaited on the caller's inbox, proves that it arrived: the future may
+    /// stay pending once the request is sent, and resolve only with a failure (or when its connection goes),
+    /// so that no confirmation travels back for each call. The caller races it against the reply and the
+    /// call's deadline, and drops it when either comes first.
+    ByReply,
+    /// Once the message is on its way, with nothing travelling back for it: for a reply to an inbox. The broker
+    /// takes it before any settle the transport sends after it (a request's ack never overtakes its reply),
+    /// and an address the broker no longer has drops it, as [`Error::NoRoute`] would.
+    Sent,
+}
+
+impl Confirm {
+    /// How a reply to `reply_to` is confirmed: [`Confirm::Sent`] for an inbox (its caller waits for it now, and
+    /// a caller that is gone needs no reply), [`Confirm::Broker`] for a named queue (a durable callback).
+    pub fn for_reply(reply_to: &ReplyTo) -> Confirm {
+        if reply_to.is_inbox() { Confirm::Sent } else { Confirm::Broker }
+    }
 }
 
 /// How a queue is declared.
@@ -177,21 +305,21 @@ impl Answered {
     }
 }
 
-/// [`Acker::answer`] in two steps, for transports that cannot do it in one: [`Acker::publish_reply`], then
-/// [`Acker::settle`] with [`Outcome::Ack`] (an ack that fails is logged: the broker redelivers the request,
-/// whose key the dedup store answers).
+/// [`Acker::answer`] in two steps, for transports that cannot do it in one: [`Acker::publish`] with
+/// [`Confirm::for_reply`], then [`Acker::settle`] with [`Outcome::Ack`] (an ack that fails is logged: the broker
+/// redelivers the request, whose key the dedup store answers).
 ///
 /// # Errors
 /// As [`Acker::answer`].
 pub fn reply_then_ack<'a, A: Acker + ?Sized>(
     acker: &'a A,
-    transport: &'a dyn Transport,
     tag: u64,
-    reply_to: &'a str,
+    reply_to: &'a ReplyTo,
     reply: Envelope,
 ) -> BoxFuture<'a, Result<Answered, Error>> {
     Box::pin(async move {
-        let answered = Answered::of(acker.publish_reply(transport, tag, reply_to, reply).await)?;
+        let confirm = Confirm::for_reply(reply_to);
+        let answered = Answered::of(acker.publish(tag, reply_to.address(), reply, confirm).await)?;
         if let Err(error) = acker.settle(tag, Outcome::Ack).await {
             tracing::warn!(%error, "could not settle a delivery; the broker redelivers it");
         }
@@ -199,72 +327,61 @@ pub fn reply_then_ack<'a, A: Acker + ?Sized>(
     })
 }
 
-/// Settles deliveries of one consumer; implemented by transports.
+/// Settles and answers the deliveries of one consumer; implemented by transports. A delivery's reply path is
+/// its acker's: replies and retries go out on the link the delivery came on, where the transport has one.
 pub trait Acker: Send + Sync + fmt::Debug {
     /// Settles the delivery `tag` with `outcome`.
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>>;
 
-    /// Publishes the reply to the request delivered as `tag`, fenced by that delivery: over the connection or
-    /// channel the delivery came on, so that a worker whose delivery the broker took back (the worker paused
-    /// past its heartbeats, or disconnected, and the request went to another worker) cannot answer for it.
-    /// The broker closed that link before redelivering, so it never reads such a reply; when the transport
-    /// already knows the link is gone, it returns [`Error::DeliveryLost`] without sending.
-    ///
-    /// The default publishes through [`Transport::publish_reply`] on `transport`, unfenced: a stale reply then
-    /// reaches the caller after the first one, which drops and counts it.
+    /// Publishes `envelope` to `queue` on behalf of the delivery `tag` (its reply, or a copy of it), confirmed
+    /// as `confirm` asks, and fenced by that delivery where the transport can: over the connection or channel
+    /// the delivery came on, so that a worker whose delivery the broker took back (the worker paused past its
+    /// heartbeats, or disconnected, and the request went to another worker) cannot answer for it. The broker
+    /// closed that link before redelivering, so it never reads such a message; when the transport already
+    /// knows the link is gone, it returns [`Error::DeliveryLost`] without sending. Where it cannot fence, a
+    /// stale reply reaches the caller after the first one, which drops and counts it.
     ///
     /// # Errors
-    /// [`Error::DeliveryLost`] for a delivery taken back; otherwise as [`Transport::publish_reply`].
-    fn publish_reply<'a>(
+    /// [`Error::DeliveryLost`] for a delivery taken back; otherwise as [`Transport::publish`].
+    fn publish<'a>(
         &'a self,
-        transport: &'a dyn Transport,
         tag: u64,
-        reply_to: &'a str,
-        reply: Envelope,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        let _ = tag;
-        transport.publish_reply(reply_to, reply)
-    }
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Publishes the reply to the request delivered as `tag` and acks the delivery: the end of a request's
-    /// handling, in one step where the transport can (one frame to the broker, one turn of the embedded
-    /// broker's lock). Fenced as [`Acker::publish_reply`]. A reply address that is gone (the caller with it)
-    /// does not stop the ack: the call is answered as far as anyone can be.
+    /// handling. A reply address that is gone (the caller with it) does not stop the ack: the call is
+    /// answered as far as anyone can be.
     ///
-    /// The default is [`reply_then_ack`].
+    /// The default is [`reply_then_ack`]; a transport that can do both in one step (one frame to the broker,
+    /// one turn of the embedded broker's lock) overrides it.
     ///
     /// # Errors
     /// [`Error::DeliveryLost`] for a delivery taken back; other publishing errors, after which the delivery
     /// is still held (for the worker to requeue).
     fn answer<'a>(
         &'a self,
-        transport: &'a dyn Transport,
         tag: u64,
-        reply_to: &'a str,
+        reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        reply_then_ack(self, transport, tag, reply_to, reply)
+        reply_then_ack(self, tag, reply_to, reply)
     }
 
-    /// Publishes `envelope` to `queue` in place of the delivery `tag`, and acks the delivery: a worker's retry
-    /// of a request. Fenced like [`Acker::publish_reply`] where the transport can: a worker whose delivery the
-    /// broker took back gets [`Error::DeliveryLost`] and nothing is published, so the next attempt is not
+    /// Publishes `envelope` to `queue` in place of the delivery `tag`, confirmed by the broker, and acks the
+    /// delivery: a worker's retry of a request, fenced as [`Acker::publish`], so that the next attempt is not
     /// made for a request another worker runs.
     ///
-    /// The default publishes through `transport`, then acks: unfenced.
+    /// The default is [`Acker::publish`], then the ack; a transport that can do both in one step overrides it.
     ///
     /// # Errors
     /// [`Error::DeliveryLost`] for a delivery taken back; publishing errors, after which the delivery is
     /// still held (for the worker to requeue).
-    fn republish<'a>(
-        &'a self,
-        transport: &'a dyn Transport,
-        tag: u64,
-        queue: &'a str,
-        envelope: Envelope,
-    ) -> BoxFuture<'a, Result<(), Error>> {
+    fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            transport.publish(queue, envelope).await?;
+            self.publish(tag, queue, envelope, Confirm::Broker).await?;
             self.settle(tag, Outcome::Ack).await
         })
     }
@@ -362,7 +479,10 @@ impl Cancellations {
     }
 }
 
-/// The right to settle one delivery. Dropping it unsettled leaves the delivery unacked until its consumer
+/// What an auto-acked delivery's handle cannot do.
+const AUTO_ACKED: &str = "answering a delivery that was auto-acked";
+
+/// The right to settle one delivery, and its reply path. Dropping it unsettled leaves the delivery unacked until its consumer
 /// goes away, when it is redelivered.
 #[derive(Debug)]
 pub struct AckHandle {
@@ -391,57 +511,48 @@ impl AckHandle {
         }
     }
 
+    /// Whether the delivery was acked as it was handed out ([`ConsumeOptions::auto_ack`]): it has no reply
+    /// path, and settling it does nothing.
+    pub fn is_auto(&self) -> bool {
+        self.acker.is_none()
+    }
+
     /// Publishes the reply to this delivery's request, fenced by the delivery where the transport can (see
-    /// [`Acker::publish_reply`]); an auto-acked delivery's reply goes through `transport`.
+    /// [`Acker::publish`]), without settling it.
     ///
     /// # Errors
-    /// [`Error::DeliveryLost`] when the broker took the delivery back; otherwise as
-    /// [`Transport::publish_reply`].
-    pub fn publish_reply<'a>(
-        &'a self,
-        transport: &'a dyn Transport,
-        reply_to: &'a str,
-        reply: Envelope,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        match &self.acker {
-            Some((acker, tag)) => acker.publish_reply(transport, *tag, reply_to, reply),
-            None => transport.publish_reply(reply_to, reply),
-        }
+    /// [`Error::DeliveryLost`] when the broker took the delivery back; [`Error::Unsupported`] for an auto-acked
+    /// delivery, which has no reply path; otherwise as [`Transport::publish`], but that a reply address that is
+    /// gone is [`Answered::Undeliverable`].
+    pub async fn reply(&self, reply_to: &ReplyTo, reply: Envelope) -> Result<Answered, Error> {
+        let (acker, tag) = self.acker.as_ref().ok_or(Error::Unsupported(AUTO_ACKED))?;
+        Answered::of(acker.publish(*tag, reply_to.address(), reply, Confirm::for_reply(reply_to)).await)
     }
 
     /// Publishes the reply to this delivery's request and acks it, in one step where the transport can (see
-    /// [`Acker::answer`]); an auto-acked delivery's reply goes through `transport`. The handle is left as it
-    /// was: after an error other than [`Error::DeliveryLost`] the delivery is still held, to be settled.
+    /// [`Acker::answer`]). The handle is left as it was: after an error other than [`Error::DeliveryLost`] the
+    /// delivery is still held, to be settled.
     ///
     /// # Errors
-    /// As [`Acker::answer`].
-    pub fn answer<'a>(
-        &'a self,
-        transport: &'a dyn Transport,
-        reply_to: &'a str,
-        reply: Envelope,
-    ) -> BoxFuture<'a, Result<Answered, Error>> {
+    /// As [`Acker::answer`]; [`Error::Unsupported`] for an auto-acked delivery, which has no reply path.
+    pub fn answer<'a>(&'a self, reply_to: &'a ReplyTo, reply: Envelope) -> BoxFuture<'a, Result<Answered, Error>> {
         match &self.acker {
-            Some((acker, tag)) => acker.answer(transport, *tag, reply_to, reply),
-            None => Box::pin(async move { Answered::of(transport.publish_reply(reply_to, reply).await) }),
+            Some((acker, tag)) => acker.answer(*tag, reply_to, reply),
+            None => answered(Err(Error::Unsupported(AUTO_ACKED))),
         }
     }
 
     /// Publishes `envelope` to `queue` in place of this delivery and acks it, fenced where the transport can
-    /// (see [`Acker::republish`]). An auto-acked delivery's envelope is simply published.
+    /// (see [`Acker::republish`]).
     ///
     /// # Errors
     /// [`Error::DeliveryLost`] when the broker took the delivery back; publishing errors, which leave the
-    /// delivery held: the handle comes back with them, to be settled otherwise.
-    pub async fn republish(
-        self,
-        transport: &dyn Transport,
-        queue: &str,
-        envelope: Envelope,
-    ) -> Result<(), (Error, AckHandle)> {
+    /// delivery held: the handle comes back with them, to be settled otherwise. [`Error::Unsupported`] for an
+    /// auto-acked delivery, which has no reply path.
+    pub async fn republish(self, queue: &str, envelope: Envelope) -> Result<(), (Error, AckHandle)> {
         let result = match &self.acker {
-            Some((acker, tag)) => acker.republish(transport, *tag, queue, envelope).await,
-            None => transport.publish(queue, envelope).await,
+            Some((acker, tag)) => acker.republish(*tag, queue, envelope).await,
+            None => Err(Error::Unsupported(AUTO_ACKED)),
         };
         match result {
             Ok(()) => Ok(()),
@@ -533,6 +644,14 @@ impl Consumer {
         Consumer { stream, control }
     }
 
+    /// A consumer reading the deliveries sent to `receiver` (a transport's task sends them as it reads them).
+    pub fn from_channel(
+        receiver: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+        control: Option<Box<dyn ConsumerControl>>,
+    ) -> Consumer {
+        Consumer::new(Box::pin(UnboundedStream(receiver)), control)
+    }
+
     /// Stops new deliveries; those already handed out stay settleable. Used by a server that shuts down.
     pub fn pause(&self) {
         if let Some(control) = &self.control {
@@ -572,6 +691,17 @@ impl Consumer {
 impl fmt::Debug for Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consumer").finish_non_exhaustive()
+    }
+}
+
+/// An unbounded receiver as a stream.
+struct UnboundedStream<T>(tokio::sync::mpsc::UnboundedReceiver<T>);
+
+impl<T> futures::Stream for UnboundedStream<T> {
+    type Item = T;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
     }
 }
 
@@ -633,39 +763,13 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// options; declaring it with other options than it has is an error.
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>>;
 
-    /// Puts `envelope` on `queue` (a service queue, an inbox or a callback queue).
+    /// Puts `envelope` on `queue` (a service queue, an inbox or a callback queue); the future resolves once the
+    /// publish is confirmed as far as `confirm` asks.
     ///
     /// # Errors
-    /// [`Error::NoRoute`] when the queue does not exist, [`Error::QueueFull`] when it is at its maximum length.
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
-
-    /// Puts a reply on `reply_to`, as a server does before acking the request it answers.
-    ///
-    /// The default is [`Transport::publish`]. A transport may instead return as soon as the reply is on its way
-    /// when `reply_to` is a caller's inbox, without waiting for the broker's confirmation, provided that the
-    /// broker takes the reply before any settle this transport sends afterwards: the request's ack never
-    /// overtakes its reply, and an inbox the broker no longer has drops the reply, as [`Error::NoRoute`] would.
-    /// That saves a round trip per call; replies to other queues (durable callbacks) are confirmed.
-    ///
-    /// # Errors
-    /// As [`Transport::publish`], for the replies that are confirmed.
-    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        self.publish(reply_to, reply)
-    }
-
-    /// Puts a call's request on `queue`, for a caller that waits for the reply on its inbox: the caller races
-    /// the returned future against the reply and the call's deadline, and drops it when either comes first.
-    ///
-    /// The default is [`Transport::publish`]. A transport whose broker can answer only the publishes that fail
-    /// may leave the future pending once the request is taken, and resolve it only with a failure (or when
-    /// its connection goes): the reply proves that the request arrived, so no confirmation travels back for
-    /// each call.
-    ///
-    /// # Errors
-    /// As [`Transport::publish`].
-    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        self.publish(queue, envelope)
-    }
+    /// [`Error::NoRoute`] when the queue does not exist, [`Error::QueueFull`] when it is at its maximum length
+    /// (for the publishes that are confirmed).
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Puts a copy of `envelope` in every subscriber group of `topic`. A topic without groups drops it.
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>>;
@@ -685,8 +789,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Opens a private reply address; it goes away with its consumer.
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>>;
 
-    /// The counters of `queue`.
-    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>>;
+    /// The counters of `queue` (see [`Capabilities::queue_stats`]). The default is [`Error::Unsupported`].
+    ///
+    /// # Errors
+    /// [`Error::NoRoute`] for a queue that does not exist; [`Error::Unsupported`].
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
+        let _ = queue;
+        Box::pin(std::future::ready(Err(Error::Unsupported("queue stats"))))
+    }
 
     /// Waits until the broker has taken every settle and unconfirmed publish this transport sent so far (they
     /// have no answer of their own). A server calls it at the end of a graceful shutdown, so that a process
@@ -723,16 +833,8 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         (**self).declare_queue(queue, options)
     }
 
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        (**self).publish(queue, envelope)
-    }
-
-    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        (**self).publish_reply(reply_to, reply)
-    }
-
-    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        (**self).publish_call(queue, envelope)
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).publish(queue, envelope, confirm)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -756,12 +858,12 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         (**self).open_inbox()
     }
 
+    // Every method forwards, those with a default included: the default would silently replace the
+    // transport's own.
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         (**self).queue_stats(queue)
     }
 
-    // Every method forwards, those with a default included: the default would silently replace the
-    // transport's own.
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         (**self).flush()
     }

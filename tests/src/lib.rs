@@ -13,7 +13,8 @@ pub mod suite;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_core::{BoxFuture, Transport};
+use rpc_core::Transport;
+use rpc_core::transport::BoxFuture;
 
 /// Opens connections to the broker under test.
 pub trait Harness: Send + Sync + 'static {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::future::IntoFuture;
 
 use futures::future::join_all;
+use rpc_core::transport::Confirm;
 use rpc_core::{
     Client, Code, ConsumeOptions, DurableCallbacks, Envelope, Error, Kind, QueueOptions, RetryPolicy, Server,
     ServerHandle, Transport, naming,
@@ -167,7 +168,10 @@ pub async fn late_reply_is_dropped_and_counted(harness: &dyn Harness) {
     assert_eq!(client.stats().pending, 0);
     let reply_to = request.envelope.reply_to.clone().expect("a reply address");
     let reply = request.envelope.reply(Ok(rpc_core::codec::encode(&3i64).expect("encodes")));
-    transport.publish(&reply_to, reply).await.expect("the late reply is published");
+    transport
+        .publish(reply_to.address(), reply, Confirm::for_reply(&reply_to))
+        .await
+        .expect("the late reply is published");
     request.handle.ack().await.expect("acks");
     eventually("the late reply to be counted", WAIT, || client.stats().late_replies == 1).await;
     assert_eq!(client.stats().pending, 0);
@@ -286,7 +290,7 @@ pub async fn dead_letter_after_max_deliveries(harness: &dyn Harness) {
     envelope.method = "job".into();
     envelope.body = rpc_core::codec::encode(&42).expect("encodes");
     let id = envelope.id;
-    transport.publish(&queue, envelope).await.expect("publishes");
+    transport.publish(&queue, envelope, Confirm::Broker).await.expect("publishes");
     let mut consumer = transport.consume(&queue, ConsumeOptions::new().prefetch(1)).await.expect("consumes");
     for attempt in 1..=3 {
         let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
@@ -445,7 +449,7 @@ pub async fn expired_request_is_not_executed(harness: &dyn Harness) {
     request.method = "add".into();
     request.body = rpc_core::codec::encode(&BTreeMap::from([("a", 1), ("b", 1)])).expect("encodes");
     request.deadline_ms = Some(u64::try_from(budget.as_millis()).expect("fits"));
-    transport.publish(&setup.queue(), request).await.expect("publishes");
+    transport.publish(&setup.queue(), request, Confirm::Broker).await.expect("publishes");
     // The budget running out in the queue is what this scenario is about, so it waits for exactly that.
     tokio::time::sleep(budget).await;
     let (_server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use futures::future::join_all;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
 use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
+use rpc_core::transport::Confirm;
 use rpc_core::{Client, QueueOptions, Server, ServerHandle, Transport, naming};
 use uuid::Uuid;
 
@@ -135,7 +136,7 @@ fn spawn_publishes(
     (0..count)
         .map(|n| {
             let (transport, subject) = (Arc::clone(transport), subject.to_owned());
-            tokio::spawn(async move { transport.publish(&subject, oneway(n, 64)).await })
+            tokio::spawn(async move { transport.publish(&subject, oneway(n, 64), Confirm::Broker).await })
         })
         .collect()
 }
@@ -195,10 +196,10 @@ async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_sh
     let Some(harness) = NatsHarness::core().available() else { return };
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "late").await;
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
-    transport.publish(&subject, oneway(0, 64)).await.expect("published");
+    transport.publish(&subject, oneway(0, 64), Confirm::Broker).await.expect("published");
 
     // Begun before the close (its checks pass), first polled after it: the outbox has closed by then.
-    let late = transport.publish(&subject, oneway(1, 64));
+    let late = transport.publish(&subject, oneway(1, 64), Confirm::Broker);
     transport.close().await;
     let late = late.await;
     assert!(matches!(late, Err(rpc_core::Error::Shutdown)), "refused, not taken and lost: {late:?}");
@@ -215,12 +216,12 @@ async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
     let max = transport.client().max_payload();
 
-    let refused = transport.publish(&subject, oneway(0, max)).await;
+    let refused = transport.publish(&subject, oneway(0, max), Confirm::Broker).await;
     assert!(
         matches!(&refused, Err(rpc_core::Error::InvalidArgument(message)) if message.contains("maximum payload")),
         "{refused:?}"
     );
-    transport.publish(&subject, oneway(1, 16)).await.expect("a small message after it is published");
+    transport.publish(&subject, oneway(1, 16), Confirm::Broker).await.expect("a small message after it is published");
     assert_eq!(next_envelope(&mut received).await.method, "m1", "only the small message reached the server");
 }
 

@@ -49,15 +49,14 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, Event, ExchangeKind};
+use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox, Outcome};
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Capabilities, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope, Error,
-    Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, naming,
+    Capabilities, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, ReplyTo, Transport, naming,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
 use super::{CounterMap, Counters, headers};
-use crate::embedded::UnboundedStream;
 
 /// How often the requests RabbitMQ returned unroutable from the unconfirmed channel are collected, while
 /// calls published there wait; lapin keeps them without telling anyone.
@@ -505,6 +504,7 @@ impl Inner {
             max_deliveries,
             counts: Mutex::new(HashMap::new()),
             unbounded,
+            inner: Arc::downgrade(self),
         });
         let inbox = !matches!(target, Target::Queue(_));
         let pump = Pump { inner: Arc::downgrade(self), id, acker, counters, sender, manual: !no_ack, inbox };
@@ -755,7 +755,7 @@ impl Amqp {
             return Err(error);
         }
         let guard = ConsumerGuard { inner: Arc::clone(&self.inner), id };
-        Ok(Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(guard))))
+        Ok(Consumer::from_channel(receiver, Some(Box::new(guard))))
     }
 }
 
@@ -825,7 +825,7 @@ async fn supervise(inner: Weak<Inner>, mut events: futures::stream::BoxStream<'s
         drop(strong);
         let mut attempt = 0;
         events = loop {
-            tokio::time::sleep(crate::remote::backoff(attempt, max_backoff)).await;
+            tokio::time::sleep(rpc_core::retry::reconnect_backoff(attempt, max_backoff)).await;
             attempt = attempt.saturating_add(1);
             let Some(strong) = inner.upgrade() else { return };
             if strong.closed.load(Ordering::Acquire) {
@@ -970,6 +970,8 @@ struct AmqpAcker {
     counts: Mutex<HashMap<u64, u32>>,
     /// The queue, when this transport declared it without a maximum length: said on each reply to an inbox.
     unbounded: Option<String>,
+    /// The transport, for confirmed publishes.
+    inner: Weak<Inner>,
 }
 
 impl fmt::Debug for AmqpAcker {
@@ -1011,30 +1013,30 @@ impl Acker for AmqpAcker {
         })
     }
 
-    fn publish_reply<'a>(
+    fn publish<'a>(
         &'a self,
-        transport: &'a dyn Transport,
         _tag: u64,
-        reply_to: &'a str,
-        reply: Envelope,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             if !self.channel.status().connected() {
                 // RabbitMQ requeued the channel's deliveries when it closed.
                 return Err(Error::DeliveryLost);
             }
-            if !is_reply_queue(reply_to) {
+            if confirm != Confirm::Sent {
                 // A durable callback queue: confirmed, on the transport's publishing channel.
-                return transport.publish_reply(reply_to, reply).await;
+                let inner = self.inner.upgrade().ok_or(Error::Disconnected)?;
+                return inner.publish_to("", queue, envelope).await;
             }
             // On the delivery's own channel: once RabbitMQ has closed its connection (missed heartbeats) and
             // requeued the request, it reads nothing more from it, so a stale reply never reaches the caller.
-            // Unconfirmed and not mandatory, as `Amqp::publish_reply`; the ack that follows on this channel
-            // cannot overtake it.
-            let (properties, body) = to_amqp_marked(&reply, false, self.unbounded.as_deref())?;
+            // Unconfirmed and not mandatory; the ack that follows on this channel cannot overtake it.
+            let (properties, body) = to_amqp_marked(&envelope, false, self.unbounded.as_deref())?;
             match self
                 .channel
-                .basic_publish("".into(), short(reply_to)?, BasicPublishOptions::default(), &body, properties)
+                .basic_publish("".into(), short(queue)?, BasicPublishOptions::default(), &body, properties)
                 .await
             {
                 Ok(_unconfirmed) => Ok(()),
@@ -1080,43 +1082,9 @@ impl Drop for ConsumerGuard {
     }
 }
 
-impl Transport for Amqp {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            durable: true,
-            acks: true,
-            priority: !self.inner.options.quorum,
-            delayed_delivery: false,
-            max_length: true,
-            dead_letter: true,
-            dedup_window: None,
-            cancel: false,
-        }
-    }
-
-    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            let conn = self.inner.current()?;
-            match self.inner.declare_on(&conn, queue, options).await {
-                Ok(()) => {}
-                // Declaring with the defaults accepts the queue as it is.
-                Err(Error::InvalidArgument(_)) if *options == QueueOptions::new() => {
-                    self.inner.remember(queue);
-                    return Ok(());
-                }
-                Err(error) => return Err(error),
-            }
-            Inner::lock(&self.inner.topology).queues.entry(queue.to_owned()).or_insert_with(|| options.clone());
-            self.inner.remember(queue);
-            Ok(())
-        })
-    }
-
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.publish_to("", queue, envelope)
-    }
-
-    fn publish_call<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+impl Amqp {
+    /// A call's request published without a confirm where that is safe ([`Confirm::ByReply`]).
+    fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         // One lookup on the way of most calls: a queue said to be unbounded is known.
         let unbounded = envelope.kind == Kind::Request && self.inner.is_unbounded(queue);
         if !unbounded {
@@ -1125,11 +1093,11 @@ impl Transport for Amqp {
                 // and the caller drops the check with the publish: a check of its own learns it.
                 self.inner.learn(queue);
             }
-            return self.publish(queue, envelope);
+            return self.inner.publish_to("", queue, envelope);
         }
         // A persistent request keeps its confirm: it says the request is on disk. Direct reply-to needs the
         // request on the channel that consumes the replies, which confirms.
-        let to_inbox = envelope.reply_to.as_deref().is_some_and(|reply_to| reply_to.starts_with(INBOX_PREFIX));
+        let to_inbox = envelope.reply_to.as_ref().is_some_and(ReplyTo::is_inbox) && !self.inner.options.direct_reply_to;
         let conn = match self.inner.current() {
             Ok(conn) => conn,
             Err(error) => return Box::pin(std::future::ready(Err(error))),
@@ -1141,7 +1109,7 @@ impl Transport for Amqp {
             || envelope.delay_ms.is_some()
             || !conn.unconfirmed.status().connected()
         {
-            return self.publish(queue, envelope);
+            return self.inner.publish_to("", queue, envelope);
         }
         // Quiet: the reply to the inbox proves the request arrived. A connection lost meanwhile takes the
         // reply queue with it, which fails the call with `ReplyLost`; an unroutable request comes back and
@@ -1176,13 +1144,11 @@ impl Transport for Amqp {
         })
     }
 
-    fn publish_reply<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        if !is_reply_queue(reply_to) {
-            return self.publish(reply_to, reply);
-        }
-        // A caller's reply queue is transient: a confirm adds no guarantee, only a round trip. Not mandatory,
-        // so a reply queue that is gone drops the reply, as a caller that gave up would. The message is made
-        // before the future, which holds only the publish.
+    /// An unconfirmed publish, for a reply to an inbox: a caller's reply queue is transient, and a confirm adds
+    /// no guarantee, only a round trip. Not mandatory, so a reply queue that is gone drops the reply, as a
+    /// caller that gave up would.
+    fn publish_unconfirmed<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        // The message is made before the future, which holds only the publish.
         let prepared = self.inner.current().and_then(|conn| {
             let (properties, body) = to_amqp(&reply, false)?;
             Ok((conn, properties, body, short(reply_to)?))
@@ -1203,6 +1169,46 @@ impl Transport for Amqp {
             // one.
             Ok(())
         })
+    }
+}
+
+impl Transport for Amqp {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .durable(true)
+            .acks(true)
+            .priority(!self.inner.options.quorum)
+            .max_length(true)
+            .dead_letter(true)
+            .requeue(true)
+            .subscriber_groups(true)
+            .queue_stats(true)
+    }
+
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let conn = self.inner.current()?;
+            match self.inner.declare_on(&conn, queue, options).await {
+                Ok(()) => {}
+                // Declaring with the defaults accepts the queue as it is.
+                Err(Error::InvalidArgument(_)) if *options == QueueOptions::new() => {
+                    self.inner.remember(queue);
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            }
+            Inner::lock(&self.inner.topology).queues.entry(queue.to_owned()).or_insert_with(|| options.clone());
+            self.inner.remember(queue);
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        match confirm {
+            Confirm::Broker => self.inner.publish_to("", queue, envelope),
+            Confirm::ByReply => self.publish_quiet(queue, envelope),
+            _ => self.publish_unconfirmed(queue, envelope),
+        }
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -1307,11 +1313,6 @@ fn text(value: &AMQPValue) -> Option<String> {
     }
 }
 
-/// Whether `address` is a caller's reply queue (this transport's kind, or direct reply-to), not a durable queue.
-fn is_reply_queue(address: &str) -> bool {
-    address.starts_with(INBOX_PREFIX) || address.starts_with(DIRECT_REPLY_TO)
-}
-
 fn string_value(value: impl Into<Vec<u8>>) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.into()))
 }
@@ -1366,7 +1367,10 @@ fn to_amqp_marked(
         properties = properties.with_correlation_id(short(&correlation_id.to_string())?);
     }
     if let Some(reply_to) = &envelope.reply_to {
-        properties = properties.with_reply_to(short(reply_to)?);
+        properties = properties.with_reply_to(short(reply_to.address())?);
+        if reply_to.is_inbox() {
+            table.insert(headers::REPLY_TO_INBOX.into(), AMQPValue::Boolean(true));
+        }
     }
     if !envelope.method.is_empty() {
         properties = properties.with_type(short(&envelope.method)?);
@@ -1408,7 +1412,12 @@ fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<Envelope, Err
             }
         }
     }
-    envelope.reply_to = reply_to;
+    // RabbitMQ's direct reply-to is an inbox by the broker's own definition.
+    let inbox = header(headers::REPLY_TO_INBOX).is_some_and(|flag| matches!(flag, AMQPValue::Boolean(true)));
+    envelope.reply_to = reply_to.map(|address| match inbox || address.starts_with(DIRECT_REPLY_TO) {
+        true => ReplyTo::Inbox(address),
+        false => ReplyTo::Queue(address),
+    });
     envelope.service = header(headers::SERVICE).and_then(text).unwrap_or_default();
     envelope.method = properties.kind().as_ref().map(|kind| kind.as_str().to_owned()).unwrap_or_default();
     envelope.attempt =
@@ -1492,7 +1501,7 @@ mod tests {
         envelope.correlation_id = Some(Uuid::new_v4());
         envelope.service = "Calculator".into();
         envelope.method = "add".into();
-        envelope.reply_to = Some("mqrpc.inbox.1".into());
+        envelope.reply_to = Some(ReplyTo::Inbox("mqrpc.inbox.1".into()));
         envelope.deadline_ms = Some(5_000);
         envelope.attempt = 3;
         envelope.idempotency_key = Some("key".into());

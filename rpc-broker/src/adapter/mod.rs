@@ -50,6 +50,9 @@ pub mod headers {
     pub const CORRELATION_ID: &str = "mqrpc-correlation-id";
     /// Where the reply goes, where the broker's reply subject is taken by the broker itself (NATS JetStream).
     pub const REPLY_TO: &str = "mqrpc-reply-to";
+    /// Set (true) when the reply address is the caller's inbox rather than a named queue: the reply may then go
+    /// unconfirmed. Absent: a named queue.
+    pub const REPLY_TO_INBOX: &str = "mqrpc-reply-inbox";
     /// A correlation id from a caller that is not a UUID, kept to be echoed verbatim on the reply.
     pub const RAW_CORRELATION_ID: &str = "mqrpc-raw-correlation-id";
     /// On a reply (AMQP): the request's queue, which the worker declared without a maximum length. A caller

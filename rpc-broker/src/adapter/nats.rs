@@ -26,7 +26,8 @@
 //! Otherwise headers carry the envelope (see [`crate::adapter::headers`]): `mqrpc-method` (required), `mqrpc-service`,
 //! `mqrpc-kind`, `mqrpc-correlation-id`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, `mqrpc-attempt`,
 //! `mqrpc-idempotency-key`, and `mqrpc-status` / `mqrpc-status-message` on replies; `Nats-Msg-Id` is the envelope
-//! id; in JetStream mode the reply address is `mqrpc-reply-to` (the reply subject carries the stream's ack).
+//! id; in JetStream mode the reply address is `mqrpc-reply-to`, with `mqrpc-reply-inbox: true` for an inbox (the reply
+//! subject carries the stream's ack).
 //! The payload is the MessagePack of the arguments or the result. A plain NATS client calls a service with
 //! `request_with_headers(subject, {mqrpc-method: add}, msgpack_args)` in core mode.
 //!
@@ -56,16 +57,16 @@ use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
+use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox, Outcome};
 use rpc_core::{
-    AckHandle, Acker, BoxFuture, Capabilities, Code, ConsumeOptions, Consumer, ConsumerControl, Delivery, Envelope,
-    Error, Inbox, Kind, Outcome, QueueOptions, QueueStats, Transport, codec, naming,
+    Capabilities, Code, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, ReplyTo, Transport, codec,
+    naming,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{CounterMap, Counters, headers};
-use crate::embedded::UnboundedStream;
 
 /// The header of the message id that JetStream deduplicates on.
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -276,14 +277,21 @@ impl Inner {
     /// [`Outbox`] (in core mode, a message without headers: every call and every reply to an mqrpc inbox) or in
     /// the client's queue, so that its future (one allocation per message) stays small; a JetStream publish,
     /// which waits for the stream's ack, has a future of its own.
-    fn publish<'a>(&'a self, queue: &'a str, mut envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+    /// Publishes `envelope` to `queue`: a reply to an inbox ([`Confirm::Sent`]) through core NATS in either
+    /// mode; anything else to the queue's stream in JetStream mode, acknowledged by the server.
+    fn publish<'a>(
+        &'a self,
+        queue: &'a str,
+        mut envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>> {
         let checked = self.check().and_then(|()| super::refuse_delay(&envelope)).and_then(|()| check_subject(queue));
         if let Err(error) = checked {
             return Box::pin(std::future::ready(Err(error)));
         }
         // Before the headers are made: the envelope's reply address becomes this subject.
         let reply = reply_subject(&mut envelope);
-        let to_inbox = queue.starts_with("_INBOX.");
+        let to_inbox = confirm == Confirm::Sent;
         if self.options.jetstream && !to_inbox {
             return Box::pin(async move {
                 let counters = self.counters.of(queue);
@@ -449,7 +457,7 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, 
     })();
     Some(decoded.map_err(Error::from).map(|mut envelope| {
         if let Some(reply) = &message.reply {
-            envelope.reply_to = Some(reply.as_str().to_owned());
+            envelope.reply_to = Some(ReplyTo::Inbox(reply.as_str().to_owned()));
         }
         envelope
     }))
@@ -459,18 +467,21 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, 
 /// server's no-responders status names the call), else the envelope's reply address. The envelope's reply
 /// address becomes that subject.
 fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subject> {
-    let reply_to = envelope.reply_to.as_mut()?;
-    if envelope.kind == Kind::Request
-        && reply_to.starts_with("_INBOX.")
-        && let Some(correlation_id) = envelope.correlation_id
-    {
-        let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
-        let id = correlation_id.simple().encode_lower(&mut buffer);
-        if !reply_to.ends_with(&*id) {
-            reply_to.push('.');
-            reply_to.push_str(id);
+    let call = (envelope.kind == Kind::Request).then_some(envelope.correlation_id).flatten();
+    let reply_to = match envelope.reply_to.as_mut()? {
+        ReplyTo::Inbox(inbox) => {
+            if let Some(correlation_id) = call {
+                let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+                let id = correlation_id.simple().encode_lower(&mut buffer);
+                if !inbox.ends_with(&*id) {
+                    inbox.push('.');
+                    inbox.push_str(id);
+                }
+            }
+            inbox
         }
-    }
+        ReplyTo::Queue(queue) => queue,
+    };
     // Copied at its exact size: a subject made from the `String` itself would cost a second allocation.
     Some(async_nats::Subject::from(reply_to.as_str()))
 }
@@ -547,7 +558,10 @@ fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
         header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?;
     }
     if stream && let Some(reply_to) = &envelope.reply_to {
-        header(&mut map, headers::REPLY_TO, reply_to)?;
+        header(&mut map, headers::REPLY_TO, reply_to.address())?;
+        if reply_to.is_inbox() {
+            header(&mut map, headers::REPLY_TO_INBOX, "true")?;
+        }
     }
     if envelope.attempt > 1 {
         header(&mut map, headers::ATTEMPT, &envelope.attempt.to_string())?;
@@ -592,6 +606,7 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
         let name: &str = name.as_ref();
         match name {
             headers::REPLY_TO => fields.reply_to = Some(value),
+            headers::REPLY_TO_INBOX => fields.reply_to_inbox = value == "true",
             headers::KIND => fields.kind = Some(value),
             MSG_ID => fields.id = Some(value),
             headers::CORRELATION_ID => fields.correlation_id = Some(value),
@@ -610,8 +625,12 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
             _ => {}
         }
     }
-    let reply_to =
-        fields.reply_to.map(str::to_owned).or_else(|| message.reply.as_ref().map(|reply| reply.as_str().to_owned()));
+    // A message's own reply subject is where its requester waits: an inbox, by NATS's definition.
+    let reply_to = match fields.reply_to {
+        Some(address) if fields.reply_to_inbox => Some(ReplyTo::Inbox(address.to_owned())),
+        Some(address) => Some(ReplyTo::Queue(address.to_owned())),
+        None => message.reply.as_ref().map(|reply| ReplyTo::Inbox(reply.as_str().to_owned())),
+    };
     let mut envelope = Envelope::new(super::kind_of(fields.kind, reply_to.is_some()));
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
         envelope.id = id;
@@ -642,6 +661,7 @@ fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Env
 #[derive(Default)]
 struct Fields<'a> {
     reply_to: Option<&'a str>,
+    reply_to_inbox: bool,
     kind: Option<&'a str>,
     id: Option<&'a str>,
     correlation_id: Option<&'a str>,
@@ -694,7 +714,7 @@ impl Nats {
                 if attempts <= 1 {
                     Duration::ZERO
                 } else {
-                    crate::remote::backoff(u32::try_from(attempts).unwrap_or(u32::MAX), max_backoff)
+                    rpc_core::retry::reconnect_backoff(u32::try_from(attempts).unwrap_or(u32::MAX), max_backoff)
                 }
             })
             .event_callback(move |event| {
@@ -769,7 +789,7 @@ impl Nats {
     }
 
     fn core_consumer(&self, subscriber: async_nats::Subscriber, options: ConsumeOptions) -> Consumer {
-        let acker = Arc::new(CoreAcker { client: self.inner.client.clone(), held: Mutex::new(HashMap::new()) });
+        let acker = Arc::new(CoreAcker { inner: Arc::clone(&self.inner), held: Mutex::new(HashMap::new()) });
         let cancel = CancellationToken::new();
         let stream = CoreStream {
             subscriber: Some(subscriber),
@@ -814,7 +834,7 @@ impl Nats {
         tokio::spawn(pull.run());
         tokio::spawn(keep_alive(Arc::downgrade(&acker), self.inner.options.ack_wait / 3));
         let control = CancelOnDrop { cancel, held_by: Some(acker) };
-        Consumer::new(UnboundedStream(receiver).boxed(), Some(Box::new(control)))
+        Consumer::from_channel(receiver, Some(Box::new(control)))
     }
 }
 
@@ -1043,7 +1063,7 @@ impl Drop for CancelOnDrop {
 /// Settles core NATS deliveries: there is nothing to ack, but a requeued or released message is published
 /// again to its subject and a dead-lettered one to `<subject>.dlq`.
 struct CoreAcker {
-    client: async_nats::Client,
+    inner: Arc<Inner>,
     held: Mutex<HashMap<u64, async_nats::Message>>,
 }
 
@@ -1058,7 +1078,7 @@ impl Acker for CoreAcker {
         if outcome == Outcome::Ack {
             // An ack (nearly every settle) is done here, without a future to wait on.
             Inner::lock(&self.held).remove(&tag);
-            return rpc_core::finished(Ok(()));
+            return rpc_core::transport::finished(Ok(()));
         }
         // The message is taken when the future runs: one dropped unpolled leaves it held.
         Box::pin(async move {
@@ -1070,12 +1090,23 @@ impl Acker for CoreAcker {
             let headers = message.headers.unwrap_or_default();
             let result = match message.reply {
                 Some(reply) => {
-                    self.client.publish_with_reply_and_headers(subject, reply, headers, message.payload).await
+                    self.inner.client.publish_with_reply_and_headers(subject, reply, headers, message.payload).await
                 }
-                None => self.client.publish_with_headers(subject, headers, message.payload).await,
+                None => self.inner.client.publish_with_headers(subject, headers, message.payload).await,
             };
             result.map_err(|_| Error::Disconnected)
         })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        // Core NATS holds no delivery that the server could take back: there is nothing to fence by.
+        self.inner.publish(queue, envelope, confirm)
     }
 }
 
@@ -1156,6 +1187,21 @@ impl Acker for StreamAcker {
             }
         })
     }
+
+    fn publish<'a>(
+        &'a self,
+        tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        // A delivery this consumer no longer holds was handed back (its consumer went away): JetStream
+        // redelivers it, and that delivery answers.
+        if !Inner::lock(&self.held).contains_key(&tag) {
+            return rpc_core::transport::finished(Err(Error::DeliveryLost));
+        }
+        self.inner.publish(queue, envelope, confirm)
+    }
 }
 
 /// Keeps a consumer's unsettled deliveries from being redelivered while their handlers run.
@@ -1214,7 +1260,7 @@ impl Pull {
                     drop(first);
                     tokio::select! {
                         () = self.cancel.cancelled() => return,
-                        () = tokio::time::sleep(crate::remote::backoff(failures, Duration::from_secs(2))) => {}
+                        () = tokio::time::sleep(rpc_core::retry::reconnect_backoff(failures, Duration::from_secs(2))) => {}
                     }
                     continue;
                 }
@@ -1309,18 +1355,18 @@ impl Pull {
 impl Transport for Nats {
     fn capabilities(&self) -> Capabilities {
         if self.inner.options.jetstream {
-            Capabilities {
-                durable: !self.inner.options.memory_storage,
-                acks: true,
-                priority: false,
-                delayed_delivery: false,
-                max_length: true,
-                dead_letter: true,
-                dedup_window: Some(DUPLICATE_WINDOW),
-                cancel: false,
-            }
+            Capabilities::none()
+                .durable(!self.inner.options.memory_storage)
+                .acks(true)
+                .max_length(true)
+                .dead_letter(true)
+                .dedup_window(Some(DUPLICATE_WINDOW))
+                .requeue(true)
+                .subscriber_groups(true)
+                .queue_stats(true)
         } else {
-            Capabilities::default()
+            // A requeue is a publish of a copy: core NATS holds no message to put back.
+            Capabilities::none().subscriber_groups(true)
         }
     }
 
@@ -1354,8 +1400,8 @@ impl Transport for Nats {
         })
     }
 
-    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        self.inner.publish(queue, envelope)
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.publish(queue, envelope, confirm)
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -1369,7 +1415,7 @@ impl Transport for Nats {
                     Inner::lock(&self.inner.streams).insert(topic.to_owned(), QueueOptions::new());
                 }
             }
-            self.inner.publish(topic, envelope).await
+            self.inner.publish(topic, envelope, Confirm::Broker).await
         })
     }
 
@@ -1566,7 +1612,7 @@ mod tests {
         envelope.correlation_id = Some(Uuid::new_v4());
         envelope.service = "Calculator".into();
         envelope.method = "add".into();
-        envelope.reply_to = Some("_INBOX.abc".into());
+        envelope.reply_to = Some(ReplyTo::Inbox("_INBOX.abc".into()));
         envelope.deadline_ms = Some(5_000);
         envelope.attempt = 2;
         envelope.idempotency_key = Some("key".into());
@@ -1616,7 +1662,7 @@ mod tests {
         envelope.correlation_id = Some(Uuid::new_v4());
         envelope.service = "Calculator".into();
         envelope.method = "add".into();
-        envelope.reply_to = Some("_INBOX.abc.mqrpc".into());
+        envelope.reply_to = Some(ReplyTo::Inbox("_INBOX.abc.mqrpc".into()));
         envelope.deadline_ms = Some(5_000);
         envelope.attempt = 2;
         envelope.idempotency_key = Some("key".into());
@@ -1632,7 +1678,7 @@ mod tests {
         let back = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
         assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
         let mut expected = envelope.clone();
-        expected.reply_to = Some(reply.to_string());
+        expected.reply_to = Some(ReplyTo::Inbox(reply.to_string()));
         expected.deadline_ms = back.deadline_ms;
         assert_eq!(back, expected);
     }

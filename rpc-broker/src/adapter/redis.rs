@@ -34,7 +34,8 @@ use ::redis::aio::ConnectionManager;
 use ::redis::{AsyncCommands, Script, SetExpiry, SetOptions};
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
-use rpc_core::{Begin, BoxFuture, Code, DedupStore, Error, Status, StoredReply};
+use rpc_core::transport::BoxFuture;
+use rpc_core::{Begin, Code, DedupStore, Error, Status, StoredReply};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
