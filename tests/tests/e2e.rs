@@ -1,4 +1,4 @@
-//! End-to-end tests: the scenario suite over every transport, and the macro's UI tests.
+//! End-to-end tests: the scenario suite over every transport.
 
 mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 mqrpc_tests::scenario_suite!(own_broker, mqrpc_tests::RemoteHarness::start().await);
@@ -42,13 +42,6 @@ ignore "core NATS holds no message: nothing is redelivered or waits for a worker
     graceful_shutdown_loses_nothing,
     forced_shutdown_requeues_running_calls,
 ]);
-
-#[test]
-fn macro_ui() {
-    let cases = trybuild::TestCases::new();
-    cases.pass("ui/pass/*.rs");
-    cases.compile_fail("ui/fail/*.rs");
-}
 
 /// Worker processes that really die: `kill -9` in the middle of calls, and load spread over several processes.
 mod processes {

@@ -1,0 +1,4 @@
+#[rpc_core::service]
+auto trait Calculator {}
+
+fn main() {}

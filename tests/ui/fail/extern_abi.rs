@@ -1,0 +1,6 @@
+#[rpc_core::service]
+trait Calculator {
+    async extern "C" fn add(&self, a: i64, b: i64) -> i64;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[rpc_core::service]
+trait Calculator {
+    async fn reset();
+}
+
+fn main() {}

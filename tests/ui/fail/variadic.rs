@@ -1,0 +1,6 @@
+#[rpc_core::service]
+trait Calculator {
+    async fn sum(&self, args: ...) -> i64;
+}
+
+fn main() {}
