@@ -4,11 +4,11 @@
 //! terminals:
 //!
 //! ```text
-//! cargo run --example nats -- worker        # start several: they form the queue group `Calculator`
-//! cargo run --example nats -- client
+//! cargo run --example nats --features nats -- worker        # start several: they form the queue group `Calculator`
+//! cargo run --example nats --features nats -- client
 //!
-//! MQRPC_NATS_JETSTREAM=1 cargo run --example nats -- worker   # the queue is a work-queue stream
-//! MQRPC_NATS_JETSTREAM=1 cargo run --example nats -- client   # calls made before a worker runs wait
+//! MQRPC_NATS_JETSTREAM=1 cargo run --example nats --features nats -- worker   # the queue is a work-queue stream
+//! MQRPC_NATS_JETSTREAM=1 cargo run --example nats --features nats -- client   # calls made before a worker runs wait
 //! ```
 //!
 //! The URL comes from `MQRPC_NATS_URL` (default `nats://127.0.0.1:4222`).

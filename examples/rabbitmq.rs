@@ -3,8 +3,8 @@
 //! With RabbitMQ on 127.0.0.1:5672 (guest/guest), from the repository root, in two terminals:
 //!
 //! ```text
-//! cargo run --example rabbitmq -- worker    # start several: they share the service's queue
-//! cargo run --example rabbitmq -- client
+//! cargo run --example rabbitmq --features amqp -- worker    # start several: they share the service's queue
+//! cargo run --example rabbitmq --features amqp -- client
 //! ```
 //!
 //! The URL comes from `MQRPC_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`). The service's

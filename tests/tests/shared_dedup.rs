@@ -1,4 +1,4 @@
-//! The Redis dedup store shared by workers (`rpc_broker::adapter::redis::RedisDedup`), against the Redis at
+//! The Redis dedup store shared by workers (`rpc_broker::adapter::redis_dedup::RedisDedup`), against the Redis at
 //! `MQRPC_REDIS_URL` (`.ci/run` sets it; without it the tests print that they are skipped).
 
 use std::future::IntoFuture;
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
 use mqrpc_tests::{broker_url, eventually_async, log_from_env};
-use rpc_broker::adapter::redis::RedisDedup;
+use rpc_broker::adapter::redis_dedup::RedisDedup;
 use rpc_core::{Begin, Client, Code, DedupStore, Server, Status};
 use uuid::Uuid;
 

@@ -16,7 +16,7 @@ pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
-pub mod redis;
+pub mod redis_dedup;
 
 /// Header names of the envelope fields that have no native place; every name the framework writes starts with
 /// [`headers::PREFIX`], so user headers are the others.

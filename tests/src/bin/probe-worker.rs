@@ -75,7 +75,7 @@ async fn main() -> Result<(), Error> {
         .concurrency(concurrency)
         .prefetch(concurrency as u32);
     if let Ok(redis) = std::env::var("MQRPC_PROBE_DEDUP_REDIS") {
-        let store = rpc_broker::adapter::redis::RedisDedup::connect(&redis)
+        let store = rpc_broker::adapter::redis_dedup::RedisDedup::connect(&redis)
             .await?
             .prefix(format!("mqrpc:probe:{namespace}:"))
             .lease(Duration::from_secs(1));

@@ -5,7 +5,7 @@
 //! # async fn run() -> Result<(), rpc_core::Error> {
 //! use std::time::Duration;
 //!
-//! use rpc_broker::adapter::redis::RedisDedup;
+//! use rpc_broker::adapter::redis_dedup::RedisDedup;
 //!
 //! let store = RedisDedup::connect("redis://127.0.0.1:6379").await?.window(Duration::from_secs(3_600));
 //! let server = rpc_core::Server::new(rpc_broker::Embedded::new()).dedup(store);

@@ -4,9 +4,9 @@
 //! repository root:
 //!
 //! ```text
-//! cargo run --release --example bench                       # 3 rounds, 20,000 calls per latency run
-//! cargo run --release --example bench -- --quick            # under 2 minutes
-//! cargo run --release --example bench -- --only own-broker,nats-raw --json bench.jsonl --svg bench.svg
+//! cargo run --release -p mqrpc-bench                       # 3 rounds, 20,000 calls per latency run
+//! cargo run --release -p mqrpc-bench -- --quick            # under 2 minutes
+//! cargo run --release -p mqrpc-bench -- --only own-broker,nats-raw --json bench.jsonl --svg bench.svg
 //! ```
 //!
 //! Each variant runs the same workload, `add(a: i64, b: i64) -> i64` with MessagePack arguments:
