@@ -83,43 +83,44 @@ impl Harness for RemoteHarness {
     }
 }
 
-/// A harness, or the reason it cannot run here: an external broker whose URL variable is unset. Tests print
-/// that they are skipped; `.ci/run` sets every variable, so in CI they always run (and a down broker fails them).
+/// A harness, or the reason it cannot run here: an external broker whose URL variable is unset. A test that
+/// needs one is ignored, with the reason, when the variable was unset as the tests were built (`build.rs`);
+/// `.ci/run` sets every variable, so in CI they always run (and a down broker fails them).
 pub trait Available {
     /// The harness.
     type Harness: Harness;
 
-    /// The harness, or `None` after printing why the test is skipped.
-    fn available(self) -> Option<Self::Harness>;
+    /// The harness.
+    ///
+    /// # Panics
+    /// When it cannot run: the test fails, it never passes without running.
+    fn available(self) -> Self::Harness;
 }
 
 impl Available for EmbeddedHarness {
     type Harness = EmbeddedHarness;
 
-    fn available(self) -> Option<EmbeddedHarness> {
-        Some(self)
+    fn available(self) -> EmbeddedHarness {
+        self
     }
 }
 
 impl Available for RemoteHarness {
     type Harness = RemoteHarness;
 
-    fn available(self) -> Option<RemoteHarness> {
-        Some(self)
+    fn available(self) -> RemoteHarness {
+        self
     }
 }
 
 impl<H: Harness> Available for Result<H, Skip> {
     type Harness = H;
 
-    fn available(self) -> Option<H> {
+    fn available(self) -> H {
         log_from_env();
         match self {
-            Ok(harness) => Some(harness),
-            Err(Skip(reason)) => {
-                eprintln!("skipped: {reason}");
-                None
-            }
+            Ok(harness) => harness,
+            Err(Skip(reason)) => panic!("cannot run: {reason}"),
         }
     }
 }
@@ -134,31 +135,23 @@ pub fn log_from_env() {
     }
 }
 
-/// A setting a test needs, or the reason it is skipped (printed).
-pub trait SkipOr<T> {
-    /// The value, or `None` after printing why the test is skipped.
-    fn available_value(self) -> Option<T>;
-}
-
-impl<T> SkipOr<T> for Result<Result<T, Skip>, Skip> {
-    fn available_value(self) -> Option<T> {
-        match self.and_then(|inner| inner) {
-            Ok(value) => Some(value),
-            Err(Skip(reason)) => {
-                eprintln!("skipped: {reason}");
-                None
-            }
-        }
-    }
-}
-
-/// Why a test against an external broker is skipped.
+/// Why a test against an external broker cannot run.
 #[derive(Debug)]
 pub struct Skip(pub String);
 
-/// The URL in environment variable `variable`, or why the tests that need it are skipped.
+/// The URL in environment variable `variable`, or why the tests that need it cannot run.
 pub fn broker_url(variable: &str) -> Result<String, Skip> {
-    std::env::var(variable).map_err(|_| Skip(format!("{variable} is not set (`.ci/run` sets it)")))
+    std::env::var(variable).map_err(|_| {
+        Skip(format!("{variable} is not set (it was when the tests were built): eval \"$(bash .ci/brokers)\""))
+    })
+}
+
+/// The URL in environment variable `variable`, for a test that is built only when it is set.
+///
+/// # Panics
+/// When it is not set now.
+pub fn required_url(variable: &str) -> String {
+    broker_url(variable).unwrap_or_else(|Skip(reason)| panic!("cannot run: {reason}"))
 }
 
 /// RabbitMQ at `MQRPC_AMQP_URL`, through [`rpc_broker::adapter::amqp::Amqp`]. Queues the tests declare expire a
@@ -323,70 +316,106 @@ where
 ///     run: [typed_results_and_typed_errors, ...],
 ///     ignore "core NATS holds no messages": [graceful_shutdown_loses_nothing, ...]);
 /// ```
+/// Every scenario of the suite ([`suite`]), listed once: `scenarios!(names)` is their names, and
+/// `scenarios!(each m)` calls macro `m!` with each. [`scenario_suite!`] makes each transport's tests of it.
+#[macro_export]
+macro_rules! scenarios {
+    ($($mode:tt)*) => {
+        $crate::__scenario_list! { [$($mode)*]
+            typed_results_and_typed_errors,
+            unknown_method,
+            timeout_leaves_no_pending_call,
+            late_reply_is_dropped_and_counted,
+            ten_thousand_concurrent_calls,
+            panicking_handler_becomes_an_error_reply,
+            redelivery_when_a_worker_disappears,
+            queue_full_from_a_bounded_queue,
+            dead_letter_after_max_deliveries,
+            broadcast_reaches_each_group_once,
+            competing_workers_share_the_load,
+            durable_callback_after_the_caller_restarted,
+            graceful_shutdown_loses_nothing,
+            forced_shutdown_requeues_running_calls,
+            expired_request_is_not_executed,
+            oneway_call_runs,
+            in_process_callback_receives_the_result,
+            nested_call_inherits_the_deadline,
+            priority_orders_calls_or_is_refused,
+            durable_callback_panic_is_dead_lettered,
+            closing_the_client_fails_waiting_calls,
+            call_to_a_missing_service_fails_at_once,
+            retries_until_the_handler_succeeds,
+            poison_request_is_dead_lettered_after_its_attempts,
+            retries_stop_before_the_deadline,
+            same_idempotency_key_executes_once,
+            in_flight_limit_holds_a_burst_in_the_caller,
+            cancelled_call_leaves_the_queue_and_stops_its_handler,
+            handler_reads_the_callers_identity,
+            dead_letters_are_listed_and_replayed_with_their_key,
+            delayed_call_waits_its_delay_or_is_refused,
+            retry_backoff_is_held_by_the_broker,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __scenario_list {
+    ([names] $($scenario:ident),* $(,)?) => { &[$(stringify!($scenario)),*] };
+    ([each $m:ident] $($scenario:ident),* $(,)?) => { $( $m!($scenario); )* };
+}
+
+/// The scenario suite over one transport: a module `$name` with a test per scenario, run against the harness
+/// `$harness`.
+///
+/// - `needs CFG = "reason"`: the tests are ignored with that reason unless `CFG` is on (`build.rs` turns on
+///   one per broker variable that is set, so that a missing broker is a visible skip, not a pass).
+/// - `ignore "reason": [scenario, ...]`: the scenarios this transport cannot run, ignored with the reason;
+///   every other scenario runs.
 #[macro_export]
 macro_rules! scenario_suite {
-    ($name:ident, $harness:expr) => {
-        $crate::scenario_suite!($name, $harness, run: [
-                typed_results_and_typed_errors,
-                unknown_method,
-                timeout_leaves_no_pending_call,
-                late_reply_is_dropped_and_counted,
-                ten_thousand_concurrent_calls,
-                panicking_handler_becomes_an_error_reply,
-                redelivery_when_a_worker_disappears,
-                queue_full_from_a_bounded_queue,
-                dead_letter_after_max_deliveries,
-                broadcast_reaches_each_group_once,
-                competing_workers_share_the_load,
-                durable_callback_after_the_caller_restarted,
-                graceful_shutdown_loses_nothing,
-                forced_shutdown_requeues_running_calls,
-                expired_request_is_not_executed,
-                oneway_call_runs,
-                in_process_callback_receives_the_result,
-                nested_call_inherits_the_deadline,
-                priority_orders_calls_or_is_refused,
-                durable_callback_panic_is_dead_lettered,
-                closing_the_client_fails_waiting_calls,
-                call_to_a_missing_service_fails_at_once,
-                retries_until_the_handler_succeeds,
-                poison_request_is_dead_lettered_after_its_attempts,
-                retries_stop_before_the_deadline,
-                same_idempotency_key_executes_once,
-                in_flight_limit_holds_a_burst_in_the_caller,
-                cancelled_call_leaves_the_queue_and_stops_its_handler,
-                handler_reads_the_callers_identity,
-                dead_letters_are_listed_and_replayed_with_their_key,
-                delayed_call_waits_its_delay_or_is_refused,
-                retry_backoff_is_held_by_the_broker,
-            ],
-            ignore "": []);
+    (
+        $name:ident, $harness:expr
+        $(, needs $cfg:ident = $needs:literal)?
+        $(, ignore $reason:literal: [$($ignored:ident),* $(,)?])?
+        $(,)?
+    ) => {
+        $crate::__scenario_suite! { ($) $name, ($harness), [$($cfg = $needs)?], [$($reason: $($ignored),*)?] }
     };
-    ($name:ident, $harness:expr, run: [$($run:ident),* $(,)?], ignore $reason:literal: [$($ignored:ident),* $(,)?]) => {
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __scenario_suite {
+    (($d:tt) $name:ident, ($harness:expr), [$($cfg:ident = $needs:literal)?], [$($reason:literal: $($ignored:ident),*)?]) => {
         mod $name {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $run() {
-                    let Some(harness) = $crate::Available::available($harness) else { return };
-                    $crate::suite::$run(&harness).await;
-                }
-            )*
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = $reason]
-                async fn $ignored() {
-                    let Some(harness) = $crate::Available::available($harness) else { return };
-                    $crate::suite::$ignored(&harness).await;
-                }
-            )*
+            macro_rules! scenario_test {
+                $($(
+                    ($ignored) => {
+                        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                        #[ignore = $reason]
+                        async fn $ignored() {
+                            $crate::suite::$ignored(&$crate::Available::available($harness)).await;
+                        }
+                    };
+                )*)?
+                ($d scenario:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    $(#[cfg_attr(not($cfg), ignore = $needs)])?
+                    async fn $d scenario() {
+                        $crate::suite::$d scenario(&$crate::Available::available($harness)).await;
+                    }
+                };
+            }
+
+            $crate::scenarios!(each scenario_test);
 
             #[test]
-            fn every_scenario_is_run_or_ignored() {
-                let mut listed = vec![$(stringify!($run),)* $(stringify!($ignored),)*];
-                listed.sort_unstable();
-                let mut all = $crate::suite::SCENARIOS.to_vec();
-                all.sort_unstable();
-                assert_eq!(listed, all);
+            fn the_scenarios_it_cannot_run_are_scenarios() {
+                let ignored: &[&str] = &[$($(stringify!($ignored)),*)?];
+                for name in ignored {
+                    assert!($crate::suite::SCENARIOS.contains(name), "`{name}` is not a scenario");
+                }
             }
         }
     };

@@ -19,40 +19,7 @@ use crate::service::{Events, MathError, ProbeClient, ProbeServer, Worker};
 use crate::{Harness, eventually, eventually_async};
 
 /// Every scenario of the suite, by name.
-pub const SCENARIOS: &[&str] = &[
-    "typed_results_and_typed_errors",
-    "unknown_method",
-    "timeout_leaves_no_pending_call",
-    "late_reply_is_dropped_and_counted",
-    "ten_thousand_concurrent_calls",
-    "panicking_handler_becomes_an_error_reply",
-    "redelivery_when_a_worker_disappears",
-    "queue_full_from_a_bounded_queue",
-    "dead_letter_after_max_deliveries",
-    "broadcast_reaches_each_group_once",
-    "competing_workers_share_the_load",
-    "durable_callback_after_the_caller_restarted",
-    "graceful_shutdown_loses_nothing",
-    "forced_shutdown_requeues_running_calls",
-    "expired_request_is_not_executed",
-    "oneway_call_runs",
-    "in_process_callback_receives_the_result",
-    "nested_call_inherits_the_deadline",
-    "priority_orders_calls_or_is_refused",
-    "durable_callback_panic_is_dead_lettered",
-    "closing_the_client_fails_waiting_calls",
-    "call_to_a_missing_service_fails_at_once",
-    "retries_until_the_handler_succeeds",
-    "poison_request_is_dead_lettered_after_its_attempts",
-    "retries_stop_before_the_deadline",
-    "same_idempotency_key_executes_once",
-    "in_flight_limit_holds_a_burst_in_the_caller",
-    "cancelled_call_leaves_the_queue_and_stops_its_handler",
-    "handler_reads_the_callers_identity",
-    "dead_letters_are_listed_and_replayed_with_their_key",
-    "delayed_call_waits_its_delay_or_is_refused",
-    "retry_backoff_is_held_by_the_broker",
-];
+pub const SCENARIOS: &[&str] = crate::scenarios!(names);
 
 const SERVICE: &str = "suite.Probe";
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
-use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness, Skip, SkipOr};
+use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -113,12 +113,14 @@ fn ctl(command: &str, argument: &str) {
 /// Confirmed calls (persistent requests), then calls published without confirms (transient requests), each
 /// through a restart of RabbitMQ; one after the other, as both restart the same broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(mqrpc_amqp, mqrpc_amqp_ctl)),
+    ignore = "needs CI's own RabbitMQ to restart: MQRPC_AMQP_URL and MQRPC_AMQP_CTL (bash .ci/brokers)"
+)]
 async fn rabbitmq_restart_during_calls() {
-    let Some(command) = mqrpc_tests::broker_url("MQRPC_AMQP_CTL").map(Ok::<_, Skip>).available_value() else {
-        return;
-    };
-    let Some(persistent) = AmqpHarness::from_env().available() else { return };
-    let Some(transient) = AmqpHarness::transient().available() else { return };
+    let command = mqrpc_tests::required_url("MQRPC_AMQP_CTL");
+    let persistent = AmqpHarness::from_env().available();
+    let transient = AmqpHarness::transient().available();
     for harness in [persistent, transient] {
         let command = command.clone();
         calls_survive(&harness, async {
@@ -227,9 +229,7 @@ impl Drop for PrivateNats {
 }
 
 async fn nats_restart(jetstream: bool) {
-    let Some(binary) = mqrpc_tests::broker_url("MQRPC_NATS_SERVER").map(Ok::<_, Skip>).available_value() else {
-        return;
-    };
+    let binary = mqrpc_tests::required_url("MQRPC_NATS_SERVER");
     let mut server = PrivateNats::start(&binary);
     let options = if jetstream {
         rpc_broker::adapter::nats::NatsOptions::jetstream()
@@ -247,11 +247,13 @@ async fn nats_restart(jetstream: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
 async fn nats_restart_during_calls() {
     nats_restart(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
 async fn jetstream_restart_during_calls() {
     nats_restart(true).await;
 }

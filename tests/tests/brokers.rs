@@ -1,7 +1,7 @@
 //! RabbitMQ and NATS beyond the shared suite: plain clients of each broker calling our workers with the
 //! documented properties and headers, durable mode (requests published while no worker runs are served once
 //! one starts), quorum queues and direct reply-to. Each test needs its broker's URL variable (`.ci/run` sets
-//! them) and prints that it is skipped without it.
+//! them); a build without it ignores them.
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
@@ -42,12 +42,13 @@ fn add_args(a: i64, b: i64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn a_plain_amqp_client_calls_a_service() {
     use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let harness = AmqpHarness::from_env().available();
     let namespace = namespace();
     let _worker = worker(harness.connect().await, &namespace).await;
 
@@ -90,8 +91,9 @@ async fn a_plain_amqp_client_calls_a_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn a_plain_nats_client_calls_a_service() {
-    let Some(harness) = NatsHarness::core().available() else { return };
+    let harness = NatsHarness::core().available();
     let namespace = namespace();
     let _worker = worker(harness.connect().await, &namespace).await;
     let client = async_nats::connect(harness.url()).await.expect("connects");
@@ -155,8 +157,9 @@ async fn next_envelope(received: &mut async_nats::Subscriber) -> rpc_core::Envel
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn nats_messages_published_before_close_all_reach_the_server() {
-    let Some(harness) = NatsHarness::core().available() else { return };
+    let harness = NatsHarness::core().available();
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "burst").await;
 
     // Published from many tasks at once, so that most wait in the transport's batches when it closes.
@@ -170,8 +173,9 @@ async fn nats_messages_published_before_close_all_reach_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
-    let Some(harness) = NatsHarness::core().available() else { return };
+    let harness = NatsHarness::core().available();
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "closes").await;
     const MESSAGES: usize = 4_000;
     let transport = Arc::new(rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects"));
@@ -192,8 +196,9 @@ async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_shutdown() {
-    let Some(harness) = NatsHarness::core().available() else { return };
+    let harness = NatsHarness::core().available();
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "late").await;
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
     transport.publish(&subject, oneway(0, 64), Confirm::Broker).await.expect("published");
@@ -210,8 +215,9 @@ async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_sh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
-    let Some(harness) = NatsHarness::core().available() else { return };
+    let harness = NatsHarness::core().available();
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "sizes").await;
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
     let max = transport.client().max_payload();
@@ -226,8 +232,9 @@ async fn nats_refuses_a_message_over_the_maximum_payload_and_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn a_plain_jetstream_client_calls_a_service() {
-    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let harness = NatsHarness::jetstream().available();
     let namespace = namespace();
     let _worker = worker(harness.connect().await, &namespace).await;
     let client = async_nats::connect(harness.url()).await.expect("connects");
@@ -276,37 +283,42 @@ async fn served_once_a_worker_starts(harness: &dyn Harness) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_durable_queue_serves_requests_made_before_any_worker() {
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let harness = AmqpHarness::from_env().available();
     served_once_a_worker_starts(&harness).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_quorum_queue_serves_requests_made_before_any_worker() {
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().quorum(true);
-    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let harness = AmqpHarness::with(options).available();
     served_once_a_worker_starts(&harness).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn jetstream_serves_requests_made_before_any_worker() {
-    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let harness = NatsHarness::jetstream().available();
     served_once_a_worker_starts(&harness).await;
 }
 
 /// Quorum queues count every delivery: a message requeued up to the limit is dead-lettered by count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_quorum_queue_dead_letters_by_delivery_count() {
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().quorum(true);
-    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let harness = AmqpHarness::with(options).available();
     mqrpc_tests::suite::dead_letter_after_max_deliveries(&harness).await;
     mqrpc_tests::suite::redelivery_when_a_worker_disappears(&harness).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_direct_reply_to_answers_calls() {
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().direct_reply_to(true);
-    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let harness = AmqpHarness::with(options).available();
     mqrpc_tests::suite::typed_results_and_typed_errors(&harness).await;
     mqrpc_tests::suite::ten_thousand_concurrent_calls(&harness).await;
     mqrpc_tests::suite::call_to_a_missing_service_fails_at_once(&harness).await;
@@ -316,12 +328,13 @@ async fn rabbitmq_direct_reply_to_answers_calls() {
 /// to a queue known to exist goes on the channel without confirms. Calls are answered, and once the queue is deleted the next call fails with `NoRoute`
 /// from RabbitMQ's return, well before its timeout; the call after it is checked again and fails the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_unconfirmed_call_to_a_deleted_queue_fails_with_no_route() {
     use lapin::options::QueueDeleteOptions;
     use lapin::{Connection, ConnectionProperties};
 
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
-    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let harness = AmqpHarness::with(options).available();
     let namespace = namespace();
     let server = worker(harness.connect().await, &namespace).await;
     let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("a client");
@@ -351,9 +364,10 @@ async fn rabbitmq_unconfirmed_call_to_a_deleted_queue_fails_with_no_route() {
 /// confirmed and a full queue still refuses one with `QueueFull` at once (an unconfirmed publish would be
 /// dropped without a word).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_calls_to_a_bounded_queue_stay_confirmed() {
     let options = rpc_broker::adapter::amqp::AmqpOptions::new().persistent(false);
-    let Some(harness) = AmqpHarness::with(options).available() else { return };
+    let harness = AmqpHarness::with(options).available();
     let namespace = namespace();
     let server = worker_with(harness.connect().await, &namespace, QueueOptions::new().max_len(3)).await;
     let transport = harness.connect().await;

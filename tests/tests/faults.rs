@@ -190,7 +190,10 @@ fn reexecutions(path: &Path) -> Vec<String> {
     text.lines().filter(|line| lines[line.split(' ').next().unwrap_or_default()] > 1).map(str::to_owned).collect()
 }
 
-fn assert_exactly_once(counts: &Counts) {
+/// Every call answered and its effect applied (no loss), and re-executions bounded by what the killed workers
+/// held: at-least-once with a bound, not exactly-once (a worker killed between its effect and its ack runs the
+/// call again elsewhere).
+fn assert_none_lost_and_reexecutions_bounded(counts: &Counts) {
     assert_eq!((counts.calls, counts.answered, counts.disrupted), (CALLS, CALLS, KILLS));
     assert_eq!((counts.lost, counts.applied), (0, CALLS), "{counts:?}");
     assert!(counts.reexecuted <= KILLS * 16, "more re-executions than the killed workers held: {counts:?}");
@@ -200,34 +203,34 @@ fn assert_exactly_once(counts: &Counts) {
 async fn own_broker_kill_9_of_workers_twenty_times() {
     let harness = RemoteHarness::start().await;
     let counts = kill_workers_during_calls(&harness, &harness.url(), Options::default()).await;
-    assert_exactly_once(&counts);
+    assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
 /// The same kills with the workers sharing one dedup store in Redis: a key whose outcome a killed worker had
 /// stored is answered from the store by the worker that gets it again, so only keys a worker was executing when
 /// it died run twice, and a dead worker's claims run out after their lease (1 s) instead of holding keys back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
 async fn own_broker_kill_9_of_workers_sharing_a_redis_dedup_store() {
-    let Ok(redis) = mqrpc_tests::broker_url("MQRPC_REDIS_URL") else {
-        eprintln!("skipped: MQRPC_REDIS_URL is not set (`.ci/run` sets it)");
-        return;
-    };
+    let redis = mqrpc_tests::required_url("MQRPC_REDIS_URL");
     let harness = RemoteHarness::start().await;
     let options = Options { shared_dedup: Some(&redis), ..Options::default() };
     let counts = kill_workers_during_calls(&harness, &harness.url(), options).await;
-    assert_exactly_once(&counts);
+    assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_kill_9_of_workers_twenty_times() {
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let harness = AmqpHarness::from_env().available();
     let counts = kill_workers_during_calls(&harness, harness.url(), Options::default()).await;
-    assert_exactly_once(&counts);
+    assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn jetstream_kill_9_of_workers_twenty_times() {
-    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let harness = NatsHarness::jetstream().available();
     let prefix = harness.stream_prefix().to_owned();
     let counts = kill_workers_during_calls(
         &harness,
@@ -235,7 +238,7 @@ async fn jetstream_kill_9_of_workers_twenty_times() {
         Options { stream_prefix: Some(&prefix), ..Options::default() },
     )
     .await;
-    assert_exactly_once(&counts);
+    assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
 /// SIGTERM under load: the worker stops taking requests, finishes those it runs, hands back those it holds and
@@ -254,15 +257,17 @@ async fn own_broker_sigterm_of_workers_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_sigterm_of_workers_under_load() {
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let harness = AmqpHarness::from_env().available();
     let counts = disrupt_workers_during_calls(&harness, harness.url(), Options::default(), Disruption::Terminate).await;
     assert_graceful(&counts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
 async fn jetstream_sigterm_of_workers_under_load() {
-    let Some(harness) = NatsHarness::jetstream().available() else { return };
+    let harness = NatsHarness::jetstream().available();
     let prefix = harness.stream_prefix().to_owned();
     let counts = disrupt_workers_during_calls(
         &harness,
@@ -322,8 +327,9 @@ async fn own_broker_paused_worker_cannot_answer_a_redelivered_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_paused_worker_cannot_answer_a_redelivered_request() {
-    let Some(harness) = AmqpHarness::from_env().available() else { return };
+    let harness = AmqpHarness::from_env().available();
     // Heartbeats every second: RabbitMQ closes a connection that misses two, and requeues its deliveries.
     let url = format!("{}?heartbeat=1", harness.url());
     paused_worker_is_fenced(&harness, &url, Duration::from_secs(8)).await;

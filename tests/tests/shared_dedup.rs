@@ -1,5 +1,5 @@
 //! The Redis dedup store shared by workers (`rpc_broker::adapter::redis_dedup::RedisDedup`), against the Redis at
-//! `MQRPC_REDIS_URL` (`.ci/run` sets it; without it the tests print that they are skipped).
+//! `MQRPC_REDIS_URL` (`.ci/run` sets it; a build without it ignores these tests).
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -8,25 +8,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
-use mqrpc_tests::{broker_url, eventually_async, log_from_env};
+use mqrpc_tests::{eventually_async, log_from_env, required_url};
 use rpc_broker::adapter::redis_dedup::RedisDedup;
 use rpc_core::{Begin, Client, Code, DedupStore, Server, Status};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A store on the test Redis with keys of its own, or `None` (printed) without `MQRPC_REDIS_URL`.
-async fn store(prefix: &str) -> Option<RedisDedup> {
+/// A store on the test Redis with keys of its own.
+async fn store(prefix: &str) -> RedisDedup {
     log_from_env();
-    let url = match broker_url("MQRPC_REDIS_URL") {
-        Ok(url) => url,
-        Err(skip) => {
-            eprintln!("skipped: {}", skip.0);
-            return None;
-        }
-    };
+    let url = required_url("MQRPC_REDIS_URL");
     let store = RedisDedup::connect(&url).await.expect("connects to Redis at MQRPC_REDIS_URL");
-    Some(store.prefix(prefix.to_owned()).window(Duration::from_secs(60)))
+    store.prefix(prefix.to_owned()).window(Duration::from_secs(60))
 }
 
 /// Keys of this test run only.
@@ -37,14 +31,14 @@ fn prefix() -> String {
 /// Three workers, each with its own connection to the store, take 300 calls: 100 keys, each sent three times
 /// at once. Every key runs once in all, and the duplicates get its reply wherever they land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
 async fn workers_sharing_the_store_run_each_key_once() {
     let prefix = prefix();
-    let Some(_) = store(&prefix).await else { return };
     let broker = rpc_broker::Embedded::new();
     let events = Arc::new(Events::default());
     let mut servers = Vec::new();
     for name in ["a", "b", "c"] {
-        let store = store(&prefix).await.expect("the store");
+        let store = store(&prefix).await;
         let worker = Worker { name: name.into(), events: Arc::clone(&events), client: None };
         let server = Server::new(broker.clone()).concurrency(8).prefetch(8).dedup(store);
         servers.push(server.serve(ProbeServer::new(worker)).await.expect("serves"));
@@ -65,10 +59,11 @@ async fn workers_sharing_the_store_run_each_key_once() {
 /// A claim holds other workers back until its outcome is stored; an abandoned claim frees the key at once; the
 /// claim of a worker that died (its store dropped, no more renewals) frees the key once its lease runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
 async fn claims_are_exclusive_and_run_out_with_their_worker() {
     let prefix = prefix();
-    let Some(first) = store(&prefix).await else { return };
-    let second = store(&prefix).await.expect("the store");
+    let first = store(&prefix).await;
+    let second = store(&prefix).await;
     assert!(matches!(first.begin("k").await, Ok(Begin::Execute)));
     assert!(matches!(second.begin("k").await, Ok(Begin::InProgress(_))));
     let failed = Status::new(Code::Application, "refused").with_details(Bytes::from_static(b"\x01"));
@@ -85,7 +80,7 @@ async fn claims_are_exclusive_and_run_out_with_their_worker() {
     assert!(matches!(first.begin("abandoned").await, Ok(Begin::Done(Ok(body))) if &body[..] == b"\x07"));
 
     // A worker with a short lease claims a key and dies before completing it.
-    let short = store(&prefix).await.expect("the store").lease(Duration::from_millis(300));
+    let short = store(&prefix).await.lease(Duration::from_millis(300));
     assert!(matches!(short.begin("orphan").await, Ok(Begin::Execute)));
     // While it lives, it renews the claim past its lease.
     let renewed = tokio::time::Instant::now() + Duration::from_millis(900);
