@@ -106,6 +106,7 @@ impl ClientBuilder {
         let shared = Arc::new(Shared {
             pending: DashMap::new(),
             late_replies: AtomicU64::new(0),
+            uncancelled: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             disconnected: AtomicBool::new(false),
             losses: inbox.losses.clone(),
@@ -167,6 +168,8 @@ struct Pending {
 struct Shared {
     pending: DashMap<Uuid, Pending>,
     late_replies: AtomicU64,
+    /// Calls ended before their reply whose request the transport could not cancel.
+    uncancelled: AtomicU64,
     closed: AtomicBool,
     /// The inbox's consumer ended: no reply can arrive any more.
     disconnected: AtomicBool,
@@ -215,6 +218,22 @@ pub struct ClientStats {
     pub pending: usize,
     /// Replies that arrived for no waiting call (it had timed out or been cancelled) and were dropped.
     pub late_replies: u64,
+    /// Calls ended before their reply (cancelled, or their future dropped) whose request the transport could
+    /// not cancel ([`Capabilities::cancel`](crate::Capabilities) is false): the request still runs unless its
+    /// deadline passes first.
+    pub uncancelled: u64,
+}
+
+/// What [`Client::cancel`] did to a waiting call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cancellation {
+    /// The call ended, and its request is cancelled at the broker: removed from its queue if no worker took
+    /// it yet, and the worker running it is signalled, which stops its handler.
+    Broker,
+    /// The call ended, but the transport cannot cancel a request ([`Capabilities::cancel`](crate::Capabilities)
+    /// is false): the request still runs unless its deadline passes first, and its reply is dropped as late.
+    WaitOnly,
 }
 
 async fn read_replies(
@@ -295,6 +314,7 @@ impl Client {
         ClientStats {
             pending: self.inner.shared.pending.len(),
             late_replies: self.inner.shared.late_replies.load(Ordering::Relaxed),
+            uncancelled: self.inner.shared.uncancelled.load(Ordering::Relaxed),
         }
     }
 
@@ -306,14 +326,11 @@ impl Client {
     /// Where the transport cannot cancel (RabbitMQ, NATS: [`Capabilities::cancel`](crate::Capabilities)
     /// is false), only the waiting ends: the request still runs unless its deadline passes first, and its
     /// reply is dropped as late.
-    pub fn cancel(&self, correlation_id: Uuid) -> bool {
-        match self.inner.shared.pending.remove(&correlation_id) {
-            Some((_, pending)) => {
-                let _ = pending.sender.send(Err(Error::Cancelled));
-                true
-            }
-            None => false,
-        }
+    /// Returns `None` when no such call waits.
+    pub fn cancel(&self, correlation_id: Uuid) -> Option<Cancellation> {
+        let (_, pending) = self.inner.shared.pending.remove(&correlation_id)?;
+        let _ = pending.sender.send(Err(Error::Cancelled));
+        Some(if self.inner.transport.capabilities().cancel { Cancellation::Broker } else { Cancellation::WaitOnly })
     }
 
     /// Stops the client: calls waiting for a reply fail with [`Error::Shutdown`] at once, new calls fail too.
@@ -618,7 +635,8 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
     let _pending = PendingGuard { shared: &inner.shared, correlation_id };
     // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
     // a call ended by `Client::cancel`, cancels it at the broker.
-    let mut cancel = CancelGuard { transport: &inner.transport, queue: &queue, correlation_id, armed: true };
+    let mut cancel =
+        CancelGuard { transport: &inner.transport, shared: &inner.shared, queue: &queue, correlation_id, armed: true };
     let mut resends = inner.resends;
     // Kept while it may be sent again; the last send takes it.
     let mut envelope = Some(envelope);
@@ -693,6 +711,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
 /// Cancels a call's request at the broker when dropped armed.
 struct CancelGuard<'a> {
     transport: &'a Arc<dyn Transport>,
+    shared: &'a Arc<Shared>,
     queue: &'a str,
     correlation_id: Uuid,
     armed: bool,
@@ -707,17 +726,26 @@ impl Drop for CancelGuard<'_> {
         // wait finishes in a task of its own.
         let mut cancel = self.transport.cancel(self.queue, self.correlation_id);
         match (&mut cancel).now_or_never() {
-            Some(Ok(()) | Err(Error::Unsupported(_))) => {}
+            Some(Ok(())) => {}
+            Some(Err(Error::Unsupported(_))) => {
+                self.shared.uncancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(correlation_id = %self.correlation_id, "the transport cannot cancel a call: it runs");
+            }
             Some(Err(error)) => tracing::debug!(%error, "could not cancel a call at the broker"),
             None => {
                 let transport = Arc::clone(self.transport);
+                let shared = Arc::clone(self.shared);
                 let queue = self.queue.to_owned();
                 let correlation_id = self.correlation_id;
                 drop(cancel);
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(async move {
-                        if let Err(error) = transport.cancel(&queue, correlation_id).await {
-                            tracing::debug!(%error, "could not cancel a call at the broker");
+                        match transport.cancel(&queue, correlation_id).await {
+                            Ok(()) => {}
+                            Err(Error::Unsupported(_)) => {
+                                shared.uncancelled.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(error) => tracing::debug!(%error, "could not cancel a call at the broker"),
                         }
                     });
                 }

@@ -151,7 +151,7 @@ pub fn encode_envelope_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<()
     envelope_codec::encode_into(out, envelope)
 }
 
-/// Checks and decodes an envelope, rejecting versions other than [`VERSION`]. The body is copied out of
+/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body is copied out of
 /// `bytes`; [`decode_envelope_bytes`] shares it instead.
 ///
 /// # Errors

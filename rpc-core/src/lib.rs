@@ -111,7 +111,7 @@ pub mod transport;
 pub mod __private;
 
 pub use callback::{CallbackHandle, CallbackReply, DurableCallbacks};
-pub use client::{Call, Client, ClientBuilder, ClientStats, DEFAULT_TIMEOUT, MAX_PRIORITY, Notify};
+pub use client::{Call, Cancellation, Client, ClientBuilder, ClientStats, DEFAULT_TIMEOUT, MAX_PRIORITY, Notify};
 pub use dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
 pub use envelope::{Envelope, Kind, ReplyTo, VERSION};
 pub use error::Error;

@@ -6,7 +6,7 @@
 //! exponential backoff with jitter: the broker holds the copy for the backoff where the transport has delayed
 //! delivery (our broker and the embedded one), so the worker is free meanwhile; elsewhere the worker waits it
 //! out before publishing the copy. After the last attempt the request goes to the dead-letter queue and the
-//! caller gets [`Code::DeadLettered`](crate::Code::DeadLettered) with the last failure in its message, before
+//! caller gets [`Code::DeadLettered`] with the last failure in its message, before
 //! its deadline: an attempt is not made when its backoff, plus as long as the failed attempt took from its
 //! delivery and 25 ms, would end past the deadline.
 //!

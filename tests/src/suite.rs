@@ -10,8 +10,8 @@ use std::future::IntoFuture;
 use futures::future::join_all;
 use rpc_core::transport::Confirm;
 use rpc_core::{
-    Client, Code, ConsumeOptions, DurableCallbacks, Envelope, Error, Kind, QueueOptions, RetryPolicy, Server,
-    ServerHandle, Transport, naming,
+    Cancellation, Client, Code, ConsumeOptions, DurableCallbacks, Envelope, Error, Kind, QueueOptions, RetryPolicy,
+    Server, ServerHandle, Transport, naming,
 };
 use uuid::Uuid;
 
@@ -703,12 +703,17 @@ pub async fn cancelled_call_leaves_the_queue_and_stops_its_handler(harness: &dyn
         })
         .await;
     }
-    assert!(client.cancel(second));
+    // The caller learns whether the broker can stop the request or only the waiting ends.
+    let cancellation = if cancels { Cancellation::Broker } else { Cancellation::WaitOnly };
+    assert_eq!(client.cancel(second), Some(cancellation));
     assert!(matches!(second_result.await, Ok(Err(Error::Cancelled))));
-    assert!(client.cancel(first));
+    assert_eq!(client.cancel(first), Some(cancellation));
     assert!(matches!(first_result.await, Ok(Err(Error::Cancelled))));
-    assert!(!client.cancel(first), "a call ends once");
+    assert_eq!(client.cancel(first), None, "a call ends once");
     assert_eq!(client.stats().pending, 0);
+    let uncancelled = if cancels { 0 } else { 2 };
+    eventually("the calls the broker cannot cancel to be counted", WAIT, || client.stats().uncancelled == uncancelled)
+        .await;
     if cancels {
         eventually("the running handler to stop", WAIT, || events.running.load(SeqCst) == 0).await;
         eventually("the worker to count the cancel", WAIT, || server.stats().cancelled == 1).await;
@@ -853,7 +858,7 @@ pub async fn delayed_call_waits_its_delay_or_is_refused(harness: &dyn Harness) {
         transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.delayed == 1)
     })
     .await;
-    assert!(client.cancel(id));
+    assert_eq!(client.cancel(id), Some(Cancellation::Broker));
     assert!(matches!(result.await, Ok(Err(Error::Cancelled))));
     // The cancel goes out on the client's connection, the stats come over another.
     eventually_async("the broker to remove the cancelled call", WAIT, || async {
