@@ -118,6 +118,6 @@ pub use error::Error;
 pub use method::{DecodeFn, Method, MethodInfo, MethodKind};
 pub use retry::RetryPolicy;
 pub use rpc_macros::service;
-pub use server::{Server, ServerHandle, ServerStats, Service, ShutdownReport};
+pub use server::{Layer, Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
 pub use transport::{Capabilities, ConsumeOptions, QueueOptions, QueueStats, Transport};

@@ -40,6 +40,46 @@ pub trait Service: Send + Sync + 'static {
     fn call(&self, method: &str, args: Bytes) -> BoxFuture<'static, Result<Bytes, Status>>;
 }
 
+/// Wraps a service with behaviour of its own, tower-style: [`Layer::layer`] takes the inner service and returns
+/// the wrapped one (tracing, metrics, authorisation, a per-method policy...). Added with [`Server::layer`].
+///
+/// A request goes through the server's pipeline (deadline check, dedup claim), then through the layers, the
+/// first added outermost, to the service the macro generated; what they return goes on to retry,
+/// dead-letter or answer. Layers run inside the request's [`context`](crate::context::current), its deadline
+/// and its panic guard, so a layer reads the caller, headers, attempt and deadline from there, and a layer
+/// that returns an error status without calling the inner service refuses the request.
+///
+/// Any `Fn(Box<dyn Service>) -> Box<dyn Service>` is a layer.
+pub trait Layer: Send + Sync + 'static {
+    /// `inner` wrapped.
+    fn layer(&self, inner: Box<dyn Service>) -> Box<dyn Service>;
+}
+
+impl<F> Layer for F
+where
+    F: Fn(Box<dyn Service>) -> Box<dyn Service> + Send + Sync + 'static,
+{
+    fn layer(&self, inner: Box<dyn Service>) -> Box<dyn Service> {
+        self(inner)
+    }
+}
+
+/// The layers of a server, the first added outermost.
+#[derive(Default)]
+struct Layers(Vec<Box<dyn Layer>>);
+
+impl Layers {
+    fn wrap(&self, service: Box<dyn Service>) -> Box<dyn Service> {
+        self.0.iter().rev().fold(service, |inner, layer| layer.layer(inner))
+    }
+}
+
+impl fmt::Debug for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} layers", self.0.len())
+    }
+}
+
 /// Configures how a service is served; [`Server::serve`] starts it.
 #[derive(Debug)]
 pub struct Server {
@@ -52,6 +92,7 @@ pub struct Server {
     retry: RetryPolicy,
     method_retry: HashMap<String, RetryPolicy>,
     dedup: Option<Arc<dyn DedupStore>>,
+    layers: Layers,
 }
 
 impl Server {
@@ -68,7 +109,80 @@ impl Server {
             retry: RetryPolicy::none(),
             method_retry: HashMap::new(),
             dedup: Some(Arc::new(MemoryDedup::default())),
+            layers: Layers::default(),
         }
+    }
+
+    /// Wraps the service in `layer` (see [`Layer`]); layers added first run first.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    ///
+    /// use bytes::Bytes;
+    /// use rpc_core::transport::BoxFuture;
+    /// use rpc_core::{Client, Code, MethodInfo, Server, Service, Status};
+    ///
+    /// #[rpc_core::service]
+    /// pub trait Greeter {
+    ///     async fn hello(&self, name: String) -> String;
+    /// }
+    ///
+    /// struct Hi;
+    /// impl Greeter for Hi {
+    ///     async fn hello(&self, name: String) -> String {
+    ///         format!("hello {name}")
+    ///     }
+    /// }
+    ///
+    /// /// Counts the requests it sees, and refuses callers without an identity.
+    /// struct Guard {
+    ///     inner: Box<dyn Service>,
+    ///     seen: Arc<AtomicUsize>,
+    /// }
+    ///
+    /// impl Service for Guard {
+    ///     fn name(&self) -> &'static str {
+    ///         self.inner.name()
+    ///     }
+    ///
+    ///     fn methods(&self) -> &'static [MethodInfo] {
+    ///         self.inner.methods()
+    ///     }
+    ///
+    ///     fn call(&self, method: &str, args: Bytes) -> BoxFuture<'static, Result<Bytes, Status>> {
+    ///         self.seen.fetch_add(1, Ordering::Relaxed);
+    ///         let caller = rpc_core::context::current().and_then(|context| context.caller);
+    ///         match caller {
+    ///             Some(_) => self.inner.call(method, args),
+    ///             None => Box::pin(async { Err(Status::new(Code::InvalidRequest, "say who you are")) }),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), rpc_core::Error> {
+    /// let broker = rpc_broker::Embedded::new();
+    /// let seen = Arc::new(AtomicUsize::new(0));
+    /// let counter = Arc::clone(&seen);
+    /// let server = Server::new(broker.clone())
+    ///     .layer(move |inner| Box::new(Guard { inner, seen: Arc::clone(&counter) }) as Box<dyn Service>)
+    ///     .serve(GreeterServer::new(Hi))
+    ///     .await?;
+    ///
+    /// let anonymous = Client::connect(broker.clone()).await?;
+    /// let refused = GreeterClient::new(&anonymous).hello("ann".into()).await;
+    /// assert!(matches!(refused, Err(rpc_core::Error::Remote(status)) if status.code() == Code::InvalidRequest));
+    /// let known = Client::builder(broker.clone()).identity("billing").connect().await?;
+    /// assert_eq!(GreeterClient::new(&known).hello("bob".into()).await?, "hello bob");
+    /// assert_eq!(seen.load(Ordering::Relaxed), 2);
+    /// # server.shutdown(std::time::Duration::from_secs(1)).await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn layer(mut self, layer: impl Layer) -> Server {
+        self.layers.0.push(Box::new(layer));
+        self
     }
 
     /// How the service's requests are retried when their handler fails (default [`RetryPolicy::none`]).
@@ -158,7 +272,7 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             transport: self.transport,
-            service: Box::new(service),
+            service: self.layers.wrap(Box::new(service)),
             stats: Counters::default(),
             queue,
             retry: self.retry,
