@@ -1,0 +1,120 @@
+//! The inline scheduler: a request's first poll runs in the server's own task, and slow first polls send
+//! the next requests straight to tasks of their own for a while.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+
+use super::outcome::panic_message;
+use crate::transport::BoxFuture;
+
+/// Runs requests in the server's own task while their handlers finish at once.
+///
+/// A request is first polled here, in the loop that takes deliveries: a handler that completes without waiting
+/// (most do: decode, compute, publish the reply, ack) costs no task and no wake-up, and the replies of a batch
+/// of deliveries leave in one write. One that waits (on I/O, a timer, a lock) is moved to a task of its own
+/// and runs in parallel with the next. A handler that computes for long in its first poll would hold the
+/// loop: after one first poll longer than [`Inline::LONG`], or [`Inline::STRIKES`] longer than
+/// [`Inline::SLOW`] in a row, every request goes straight to a task for [`Inline::BACKOFF`]. Slow polls between
+/// fast ones do not count: the thread was preempted (on a busy machine, at every end of its time slice), or a
+/// store grew its table, and a second of spawned tasks would cost more than the slow poll did.
+#[derive(Default)]
+pub(super) struct Inline {
+    /// Until when requests go straight to tasks.
+    spawn_until: Option<std::time::Instant>,
+    /// Slow first polls in a row.
+    strikes: u32,
+}
+
+impl Inline {
+    /// A first poll longer than this is slow.
+    pub(super) const SLOW: Duration = Duration::from_micros(500);
+    /// How many slow first polls in a row take the server off inline polling.
+    pub(super) const STRIKES: u32 = 3;
+    /// A first poll longer than this takes the server off inline polling at once: longer than a preemption
+    /// lasts even on a busy machine (a few time slices), it is a handler that computes.
+    pub(super) const LONG: Duration = Duration::from_millis(50);
+    /// How long the server stays off inline polling after that.
+    pub(super) const BACKOFF: Duration = Duration::from_secs(1);
+
+    /// Whether a request may be polled here now. The clock is read only while inline polling is off.
+    pub(super) fn allows(&mut self) -> bool {
+        self.spawn_until.is_none() || self.allows_at(std::time::Instant::now())
+    }
+
+    pub(super) fn allows_at(&mut self, now: std::time::Instant) -> bool {
+        match self.spawn_until {
+            Some(until) if now < until => false,
+            Some(_) => {
+                self.spawn_until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Polls `work` once; `true` when it finished (or panicked, which is logged and counts as finished).
+    pub(super) fn run(&mut self, work: &mut BoxFuture<'static, ()>) -> bool {
+        let started = std::time::Instant::now();
+        // A future polled here with a no-op waker and not ready is polled again by the task it moves to,
+        // which registers that task's waker.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().now_or_never()));
+        let took = started.elapsed();
+        self.polled(took, started + took);
+        match outcome {
+            Ok(done) => done.is_some(),
+            Err(panic) => {
+                tracing::error!(message = %panic_message(panic.as_ref()), "a request's handling panicked");
+                true
+            }
+        }
+    }
+
+    /// Counts a first poll that took `took` and ended at `now`.
+    pub(super) fn polled(&mut self, took: Duration, now: std::time::Instant) {
+        if took <= Self::SLOW {
+            self.strikes = 0;
+            return;
+        }
+        self.strikes += 1;
+        if self.strikes >= Self::STRIKES || took > Self::LONG {
+            self.strikes = 0;
+            self.spawn_until = now.checked_add(Self::BACKOFF);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_polling_stops_only_after_several_slow_polls_in_a_row() {
+        let start = std::time::Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let (slow, fast) = (Inline::SLOW * 10, Inline::SLOW / 10);
+        let mut inline = Inline::default();
+        // Slow polls between fast ones, however close together, never add up.
+        for step in 0..20 {
+            inline.polled(if step % 2 == 0 { slow } else { fast }, at(step));
+            assert!(inline.allows_at(at(step)), "a lone slow poll stopped inline polling");
+        }
+        let mut inline = Inline::default();
+        for strike in 1..Inline::STRIKES {
+            inline.polled(slow, at(u64::from(strike)));
+            assert!(inline.allows_at(at(u64::from(strike))));
+        }
+        inline.polled(slow, at(10));
+        assert!(!inline.allows_at(at(11)), "slow polls in a row left inline polling on");
+        assert!(!inline.allows_at(at(900)));
+        assert!(inline.allows_at(at(1011)), "inline polling did not resume after the backoff");
+        // The count starts again after a backoff.
+        inline.polled(slow, at(1012));
+        assert!(inline.allows_at(at(1013)));
+        // A handler that computes for long stops it at once, between fast ones too.
+        inline.polled(fast, at(1014));
+        inline.polled(Inline::LONG * 2, at(1040));
+        assert!(!inline.allows_at(at(1041)), "a long first poll left inline polling on");
+    }
+}

@@ -1,0 +1,279 @@
+//! What a request goes through on the worker: the deadline check, the dedup claim, the layers and the handler
+//! (within its deadline, its context and a panic guard), then one of the outcomes.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::context;
+use crate::dedup::{Begin, DedupStore, StoredReply};
+use crate::envelope::{Envelope, Kind};
+use crate::retry::RetryPolicy;
+use crate::status::{Code, Status};
+use crate::transport::{AckHandle, BoxFuture, Delivery};
+
+use super::outcome::{answer, dead_letter, panic_message, retry, settle};
+use super::{Shared, Source};
+
+/// The handling of one delivery, holding `permit` until it is done.
+///
+/// Not an `async fn`: the delivery is taken apart before the future is made, so that the future (one heap
+/// allocation per request) holds the request once, and stays under a kilobyte, which the allocator serves
+/// fastest.
+pub(super) fn handle(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    source: Source,
+    permit: OwnedSemaphorePermit,
+) -> BoxFuture<'static, ()> {
+    let Delivery { envelope, delivery_count, received_at, handle } = delivery;
+    if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
+        let kind = envelope.kind;
+        return Box::pin(async move {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?kind, "dead-lettering a message that is not a request");
+            settle(handle.dead_letter().await);
+            drop(permit);
+        });
+    }
+    let attempt = envelope.attempt.max(1).saturating_add(delivery_count.saturating_sub(1));
+    let span = tracing::info_span!(
+        "rpc.handle",
+        service = %envelope.service,
+        method = %envelope.method,
+        correlation_id = ?envelope.correlation_id,
+        attempt,
+    );
+    let deadline =
+        envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
+    let request = Request {
+        envelope: Arc::new(envelope),
+        attempt,
+        deadline,
+        received_at: Instant::from_std(received_at),
+        source,
+    };
+    Box::pin(handle_request(shared, request, handle, permit).instrument(span))
+}
+
+/// A request being handled.
+pub(super) struct Request {
+    /// Shared with the handler's context.
+    pub(super) envelope: Arc<Envelope>,
+    /// Which attempt this is, redeliveries included.
+    pub(super) attempt: u32,
+    pub(super) deadline: Option<Instant>,
+    /// When the delivery arrived.
+    pub(super) received_at: Instant,
+    pub(super) source: Source,
+}
+
+impl Request {
+    pub(super) fn expired(&self) -> bool {
+        self.envelope.deadline_ms == Some(0) || self.deadline.is_some_and(|deadline| deadline <= Instant::now())
+    }
+}
+
+/// Handles a request, holding `_permit` (a slot of the server's concurrency) until it is done.
+async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle, _permit: OwnedSemaphorePermit) {
+    let shared = &*shared;
+    let stats = &shared.stats;
+    let policy = if request.source == Source::Queue { shared.policy(&request.envelope.method) } else { &RETRY_NONE };
+    if !policy.is_none() && request.attempt > policy.max_attempts() {
+        // Delivered again after its last attempt: the workers that held it stopped before settling it.
+        let status =
+            Status::new(Code::Internal, "delivered again after its last attempt: the workers holding it stopped");
+        // Rare paths are boxed, so that the future of every request stays small.
+        Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
+        return;
+    }
+    let claim = match claim(shared, &request).await {
+        Claim::Execute(claim) => claim,
+        Claim::Answer(result) => {
+            stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            answer(shared, request, handle, result).await;
+            return;
+        }
+        Claim::Requeue => {
+            settle(handle.requeue().await);
+            return;
+        }
+        Claim::Expired => {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            Box::pin(answer(shared, request, handle, Err(expired_status()))).await;
+            return;
+        }
+    };
+    let Some(result) = execute(shared, &request, &handle).await else {
+        // The caller cancelled the call: nobody waits for a reply, and it must not run again.
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        settle(handle.ack().await);
+        return;
+    };
+    if let Err(status) = &result
+        && !policy.is_none()
+        && policy.retries(status.code())
+    {
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        if request.attempt < policy.max_attempts() {
+            let wait = policy.backoff_before(request.attempt + 1);
+            // After the backoff, the next attempt needs time before the deadline: as long as this one took from
+            // its delivery to now (its wait for a worker, and the attempt), and RETRY_MARGIN for the copy's way
+            // to a worker and the answer's back. A retry that would start just before the deadline would answer
+            // after the caller gave up, where dead-lettering now answers in time.
+            let now = Instant::now();
+            let took = now.saturating_duration_since(request.received_at);
+            if request.deadline.is_none_or(|deadline| now + wait + took + RETRY_MARGIN < deadline) {
+                Box::pin(retry(shared, request, handle, wait)).await;
+                return;
+            }
+        }
+        let status = status.clone();
+        Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
+        return;
+    }
+    if let Some((store, key)) = &claim {
+        match &result {
+            // Not an outcome to replay (a panic, a deadline, a shutdown): the next delivery runs it again.
+            Err(status) if status.code() != Code::Application => store.abandon(key).await,
+            _ => settle(store.complete_borrowed(key, &result).await),
+        }
+    }
+    answer(shared, request, handle, result).await;
+}
+
+/// The time a retry needs before the deadline past its backoff and the last attempt's time: for the copy's
+/// way to a worker and the answer's way back.
+const RETRY_MARGIN: Duration = Duration::from_millis(25);
+
+static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
+
+/// `future`'s output, or `None` once `deadline` passes, in an `async` body. The timer is made only for a future
+/// that is not ready at its first poll: most handlers and dedup stores finish at once, and a timer costs more
+/// than they do. A macro rather than an `async fn`, which would hold the future twice (as its argument and
+/// pinned).
+macro_rules! within {
+    ($deadline:expr, $future:expr) => {{
+        let mut future = std::pin::pin!($future);
+        match future.as_mut().now_or_never() {
+            Some(output) => Some(output),
+            None => match $deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, future).await.ok(),
+                None => Some(future.await),
+            },
+        }
+    }};
+}
+
+/// What the dedup store says about a request.
+enum Claim<'a> {
+    /// Run it; complete or abandon this claim afterwards.
+    Execute(Option<(&'a dyn DedupStore, &'a str)>),
+    /// Its key was executed: answer with this.
+    Answer(StoredReply),
+    /// The store failed: hand the request back rather than risk a second execution.
+    Requeue,
+    /// The deadline passed while another delivery of the key ran.
+    Expired,
+}
+
+async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
+    let (Some(store), Some(key)) = (shared.dedup.as_deref(), request.envelope.idempotency_key.as_deref()) else {
+        return Claim::Execute(None);
+    };
+    loop {
+        let begun = within!(request.deadline, store.begin(key)).ok_or(());
+        let wake = match begun {
+            Ok(Ok(Begin::Execute)) => return Claim::Execute(Some((store, key))),
+            Ok(Ok(Begin::Done(reply))) => return Claim::Answer(reply),
+            Ok(Ok(Begin::InProgress(wake))) => wake,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, key, "the dedup store failed; requeueing the request");
+                return Claim::Requeue;
+            }
+            Err(_) => return Claim::Expired,
+        };
+        // Another delivery of the same key runs now: its outcome is this one's. Rare: boxed, like the other rare
+        // paths.
+        let wait = async {
+            match wake {
+                Some(wake) => wake.await,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        match request.deadline {
+            Some(deadline) => {
+                if Box::pin(tokio::time::timeout_at(deadline, wait)).await.is_err() {
+                    return Claim::Expired;
+                }
+            }
+            None => Box::pin(wait).await,
+        }
+    }
+}
+
+fn expired_status() -> Status {
+    Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued")
+}
+
+/// Runs the handler, within the request's deadline, with its context; a panic becomes [`Code::Internal`].
+/// `None`: the caller cancelled the call and the handler was stopped (dropped at its next await).
+async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Option<Result<Bytes, Status>> {
+    let stats = &shared.stats;
+    let envelope = &request.envelope;
+    if request.expired() {
+        stats.expired.fetch_add(1, Ordering::Relaxed);
+        return Some(Err(expired_status()));
+    }
+    let context =
+        context::Current { envelope: Arc::clone(envelope), attempt: request.attempt, deadline: request.deadline };
+    let service = &shared.service;
+    let run = || {
+        // `call` runs at the first poll, inside the panic guard and the context: decoding the arguments is
+        // part of the handler.
+        let call =
+            AssertUnwindSafe(async { service.call(&envelope.method, envelope.body.clone()).await }).catch_unwind();
+        let call = context::scope(context, call);
+        async {
+            // Biased: the handler is polled first.
+            tokio::select! {
+                biased;
+                outcome = call => Some(outcome),
+                // Asked for only once the handler waits: no signal is made for one that finishes at once.
+                () = async {
+                    match handle.cancelled() {
+                        Some(cancelled) => cancelled.await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
+            }
+        }
+    };
+    let outcome = within!(request.deadline, run());
+    Some(match outcome {
+        Some(Some(Ok(result))) => result,
+        Some(Some(Err(panic))) => {
+            stats.panicked.fetch_add(1, Ordering::Relaxed);
+            let message = panic_message(panic.as_ref());
+            tracing::error!(%message, "handler panicked");
+            Err(Status::new(Code::Internal, format!("handler panicked: {message}")))
+        }
+        Some(None) => return None,
+        None => {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline"))
+        }
+    })
+}
