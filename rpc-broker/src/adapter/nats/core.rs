@@ -1,0 +1,327 @@
+//! Core NATS: the outbox that batches publishes, the consumer read straight from a subscription, and
+//! `CoreAcker`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{FutureExt, Stream, StreamExt};
+use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, Consumer, Delivery, Outcome};
+use rpc_core::{ConsumeOptions, Envelope, Error, naming};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::mapping::from_message;
+use super::{CancelOnDrop, Inner, Nats};
+
+/// Subjects kept in [`Inner::subjects`] at most; a publish to a queue past them makes its own subject.
+const SUBJECTS: usize = 1_024;
+
+/// The subject of `queue`, from `subjects` (kept there on first use, while they number under [`SUBJECTS`]).
+pub(super) fn shared_subject(
+    subjects: &dashmap::DashMap<String, async_nats::Subject>,
+    queue: &str,
+) -> async_nats::Subject {
+    if let Some(subject) = subjects.get(queue) {
+        return subject.clone();
+    }
+    let subject = async_nats::Subject::from(queue);
+    if subjects.len() < SUBJECTS {
+        // The clone makes the kept subject's buffer shared: from here on a clone only counts a reference.
+        subjects.insert(queue.to_owned(), subject.clone());
+    }
+    subject
+}
+
+impl Nats {
+    pub(super) fn core_consumer(&self, subscriber: async_nats::Subscriber, options: ConsumeOptions) -> Consumer {
+        let acker = Arc::new(CoreAcker { inner: Arc::clone(&self.inner), held: Mutex::new(HashMap::new()) });
+        let cancel = CancellationToken::new();
+        let stream = CoreStream {
+            subscriber: Some(subscriber),
+            cancel: cancel.clone(),
+            acker,
+            manual: !options.auto_ack,
+            next_tag: 0,
+        };
+        let control = CancelOnDrop { cancel, held_by: None };
+        Consumer::new(stream.boxed(), Some(Box::new(control)))
+    }
+}
+
+/// Publishes on their way to the client's connection handler, handed over by one task in batches.
+///
+/// async-nats writes what its connection task finds queued when it runs, and a publish wakes that task: from a
+/// runtime worker, into the slot that runs next. Calls publishing one by one from their own tasks would each
+/// be written alone, a system call and a read on the server per message. Here the first publish wakes the
+/// forwarding task, which yields once (tokio runs it again when its worker has nothing else ready, or after at
+/// most one maintenance interval of polls: by then the tasks ready on that worker have published too) and then
+/// hands over everything queued: the connection task writes the batch at once.
+///
+/// Used in core mode only (see [`Inner::publish`]). What goes to the client directly (a republished or
+/// dead-lettered delivery, a message with headers) may overtake what waits here; core NATS promises no order
+/// between publishers either.
+pub(super) struct Outbox {
+    sender: mpsc::Sender<Outgoing>,
+    /// For the server's maximum payload, as the client knows it now.
+    client: async_nats::Client,
+    /// Cancelled once the forwarding task has handed over everything it took and ended.
+    finished: CancellationToken,
+}
+
+/// What goes through the outbox.
+pub(super) enum Outgoing {
+    /// A message without headers.
+    Message { subject: async_nats::Subject, reply: Option<async_nats::Subject>, body: Bytes },
+    /// Answered once everything queued before it is with the client.
+    Drained(tokio::sync::oneshot::Sender<()>),
+    /// Closes the outbox: later sends fail. Answered once everything the outbox took before it closed is with
+    /// the client.
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Outbox {
+    /// Messages the outbox holds at most; a publish past it waits for room.
+    const CAPACITY: usize = 2_048;
+    /// The most messages handed to the client between two yields.
+    const BATCH: usize = 256;
+
+    /// An outbox forwarding to `client`, its task on the current runtime.
+    pub(super) fn start(client: async_nats::Client) -> Outbox {
+        let (sender, receiver) = mpsc::channel(Outbox::CAPACITY);
+        let finished = CancellationToken::new();
+        tokio::spawn(Outbox::forward(client.clone(), receiver, finished.clone()));
+        Outbox { sender, client, finished }
+    }
+
+    /// What the client would refuse, refused before the message is queued: the forwarding task has no one
+    /// to tell.
+    pub(super) fn check(&self, subject: &str, reply: Option<&str>, size: usize) -> Result<(), Error> {
+        if let Some(reply) = reply
+            && (reply.is_empty() || reply.contains([' ', '\t', '\r', '\n']))
+        {
+            return Err(Error::InvalidArgument(format!("`{reply}` is not a valid NATS reply subject")));
+        }
+        let max = self.client.max_payload();
+        if size > max {
+            return Err(Error::InvalidArgument(format!(
+                "a message of {size} bytes to `{subject}` is over the server's maximum payload of {max} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues `outgoing`; fails once the outbox is closed or its forwarding task is gone (its runtime shut
+    /// down).
+    pub(super) async fn send(&self, outgoing: Outgoing) -> Result<(), ()> {
+        self.sender.send(outgoing).await.map_err(|_| ())
+    }
+
+    /// Once everything queued so far is with the client (once the outbox is closed: everything it took).
+    pub(super) async fn drained(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.answered(Outgoing::Drained(done), wait).await;
+    }
+
+    /// Closes the outbox; returns once every message it took is with the client. A send still waiting for room
+    /// when it closes, or begun later, fails.
+    ///
+    /// The forwarding task waits for a sender that was given room to use it, so the task that closes must not
+    /// hold a publish of its own that waits for room (one polled once, then set aside): the close would wait for
+    /// it for ever.
+    pub(super) async fn close(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.answered(Outgoing::Close(done), wait).await;
+    }
+
+    /// Sends a barrier and waits for its answer; when the outbox is closed already, for the forwarding task to
+    /// finish what it took.
+    async fn answered(&self, barrier: Outgoing, wait: tokio::sync::oneshot::Receiver<()>) {
+        if self.sender.send(barrier).await.is_ok() {
+            let _ = wait.await;
+        } else {
+            self.finished.cancelled().await;
+        }
+    }
+
+    /// Hands the queued messages to `client` until the outbox is closed and empty, or every sender is gone;
+    /// then answers the closers and cancels `finished` (also when the task is dropped with its runtime).
+    async fn forward(client: async_nats::Client, mut receiver: mpsc::Receiver<Outgoing>, finished: CancellationToken) {
+        let _finished = finished.drop_guard();
+        let mut closers = Vec::new();
+        let mut batch = Vec::with_capacity(Outbox::BATCH);
+        // Once the outbox is closed, `recv_many` returns 0 only when it is empty and no sender holds room in it:
+        // what was let in before the close is forwarded like the rest.
+        while receiver.recv_many(&mut batch, Outbox::BATCH).await > 0 {
+            tokio::task::yield_now().await;
+            while batch.len() < Outbox::BATCH {
+                match receiver.try_recv() {
+                    Ok(outgoing) => batch.push(outgoing),
+                    Err(_) => break,
+                }
+            }
+            let mut refused = None;
+            for outgoing in batch.drain(..) {
+                match outgoing {
+                    Outgoing::Message { subject, reply, body } => {
+                        let sent = match reply {
+                            Some(reply) => client.publish_with_reply(subject, reply, body).await,
+                            None => client.publish(subject, body).await,
+                        };
+                        // A closed client refuses what `check` let through, and so does one that reconnected to
+                        // a server with a smaller maximum payload.
+                        if let Err(error) = sent {
+                            refused.get_or_insert((0usize, error)).0 += 1;
+                        }
+                    }
+                    Outgoing::Drained(done) => {
+                        let _ = done.send(());
+                    }
+                    Outgoing::Close(done) => {
+                        // No send is let in from here on; the closer hears once what was is with the client.
+                        receiver.close();
+                        closers.push(done);
+                    }
+                }
+            }
+            if let Some((count, error)) = refused {
+                tracing::warn!(count, %error, "the NATS client refused messages; they are lost");
+            }
+        }
+        for done in closers {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// The deliveries of a core NATS subscription, read straight from it (no task in between: a batch of messages
+/// reaches the server in one wake-up). A request whose deadline passed while it waited in the subscription's
+/// buffer is dropped, as a broker drops an expired message. Pausing hands out what the subscription already
+/// buffered, then unsubscribes; dropping it unsubscribes.
+struct CoreStream {
+    subscriber: Option<async_nats::Subscriber>,
+    cancel: CancellationToken,
+    acker: Arc<CoreAcker>,
+    manual: bool,
+    next_tag: u64,
+}
+
+impl Stream for CoreStream {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let this = self.get_mut();
+        loop {
+            let Some(subscriber) = this.subscriber.as_mut() else { return Poll::Ready(None) };
+            let message = if this.cancel.is_cancelled() {
+                // Paused: only what is already buffered, without waiting.
+                match subscriber.next().now_or_never().flatten() {
+                    Some(message) => message,
+                    None => {
+                        // Dropping the subscriber unsubscribes.
+                        this.subscriber = None;
+                        return Poll::Ready(None);
+                    }
+                }
+            } else {
+                match subscriber.poll_next_unpin(cx) {
+                    Poll::Ready(Some(message)) => message,
+                    Poll::Ready(None) => {
+                        this.subscriber = None;
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            let envelope = from_message(&message, None);
+            if envelope.deadline_ms == Some(0) {
+                continue;
+            }
+            this.next_tag += 1;
+            let handle = if this.manual {
+                Inner::lock(&this.acker.held).insert(this.next_tag, message);
+                AckHandle::new(Arc::clone(&this.acker) as Arc<dyn Acker>, this.next_tag)
+            } else {
+                AckHandle::auto()
+            };
+            return Poll::Ready(Some(Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle }));
+        }
+    }
+}
+
+/// Settles core NATS deliveries: there is nothing to ack, but a requeued or released message is published
+/// again to its subject and a dead-lettered one to `<subject>.dlq`.
+struct CoreAcker {
+    inner: Arc<Inner>,
+    held: Mutex<HashMap<u64, async_nats::Message>>,
+}
+
+impl fmt::Debug for CoreAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreAcker").finish_non_exhaustive()
+    }
+}
+
+impl Acker for CoreAcker {
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        if outcome == Outcome::Ack {
+            // An ack (nearly every settle) is done here, without a future to wait on.
+            Inner::lock(&self.held).remove(&tag);
+            return rpc_core::transport::finished(Ok(()));
+        }
+        // The message is taken when the future runs: one dropped unpolled leaves it held.
+        Box::pin(async move {
+            let Some(message) = Inner::lock(&self.held).remove(&tag) else { return Ok(()) };
+            let subject = match outcome {
+                Outcome::Requeue | Outcome::Release => message.subject.as_str().to_owned(),
+                Outcome::Ack | Outcome::DeadLetter => naming::dead_letter_queue(&message.subject),
+            };
+            let headers = message.headers.unwrap_or_default();
+            let result = match message.reply {
+                Some(reply) => {
+                    self.inner.client.publish_with_reply_and_headers(subject, reply, headers, message.payload).await
+                }
+                None => self.inner.client.publish_with_headers(subject, headers, message.payload).await,
+            };
+            result.map_err(|_| Error::Disconnected)
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        // Core NATS holds no delivery that the server could take back: there is nothing to fence by.
+        self.inner.publish(queue, envelope, confirm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subject_of_a_queue_is_made_once_and_shared_up_to_the_bound() {
+        let subjects = dashmap::DashMap::new();
+        let first = shared_subject(&subjects, "ns.Calculator");
+        let second = shared_subject(&subjects, "ns.Calculator");
+        assert_eq!((first.as_str(), second.as_str()), ("ns.Calculator", "ns.Calculator"));
+        assert_eq!(first.as_str().as_ptr(), second.as_str().as_ptr(), "not shared");
+        for n in 1..SUBJECTS + 10 {
+            assert_eq!(shared_subject(&subjects, &format!("q.{n}")).as_str(), format!("q.{n}"));
+        }
+        assert_eq!(subjects.len(), SUBJECTS);
+        let past = format!("q.{}", SUBJECTS + 5);
+        assert_ne!(
+            shared_subject(&subjects, &past).as_str().as_ptr(),
+            shared_subject(&subjects, &past).as_str().as_ptr()
+        );
+    }
+}

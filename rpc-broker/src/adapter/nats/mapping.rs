@@ -1,0 +1,438 @@
+//! Envelope <-> NATS message: the headers, the whole envelope in a body marked `0xc1`, subjects and reply
+//! subjects.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use rpc_core::{Envelope, Error, Kind, ReplyTo, codec};
+use uuid::Uuid;
+
+use crate::adapter::{self, headers};
+
+/// The header of the message id that JetStream deduplicates on.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The first byte of a body that carries a whole envelope: `0xc1` is never used in MessagePack, so no
+/// argument or result body (one MessagePack value) starts with it.
+const ENVELOPE_MARK: u8 = 0xc1;
+/// The bytes before the envelope in such a body: the mark and the sending time.
+const ENVELOPE_PREFIX: usize = 1 + 8;
+/// The last token of an mqrpc client's inbox address: replies to it carry the whole envelope.
+pub(super) const ENVELOPE_INBOX: &str = "mqrpc";
+
+/// Whether a reply subject `<inbox>.<correlation id>` belongs to an mqrpc inbox.
+pub(super) fn is_envelope_inbox(subject: &str) -> bool {
+    subject.rsplit('.').nth(1) == Some(ENVELOPE_INBOX)
+}
+
+/// A body carrying `envelope` whole (its reply address travels as the message's reply subject).
+pub(super) fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
+    let mut prefix = [0u8; ENVELOPE_PREFIX];
+    prefix[0] = ENVELOPE_MARK;
+    prefix[1..].copy_from_slice(&adapter::now_ms().to_be_bytes());
+    Ok(codec::encode_envelope_after(&prefix, envelope)?)
+}
+
+/// The envelope a message carries whole in its body, if it is such a message.
+fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, Error>> {
+    let payload = &message.payload;
+    let plain = message.headers.as_ref().is_none_or(HeaderMap::is_empty);
+    if !plain || payload.first() != Some(&ENVELOPE_MARK) {
+        return None;
+    }
+    let decoded = (|| {
+        let sent_at = payload
+            .get(1..ENVELOPE_PREFIX)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map(u64::from_be_bytes)
+            .ok_or(codec::CodecError::Malformed("a body marked as an envelope is shorter than its prefix"))?;
+        let mut envelope = codec::decode_envelope_bytes(&payload.slice(ENVELOPE_PREFIX..), &codec::Limits::default())?;
+        if let Some(budget) = envelope.deadline_ms {
+            envelope.deadline_ms = Some(adapter::remaining_ms(budget, Some(sent_at), adapter::now_ms()));
+        }
+        Ok::<_, codec::CodecError>(envelope)
+    })();
+    Some(decoded.map_err(Error::from).map(|mut envelope| {
+        if let Some(reply) = &message.reply {
+            envelope.reply_to = Some(ReplyTo::Inbox(reply.as_str().to_owned()));
+        }
+        envelope
+    }))
+}
+
+/// The reply subject of a request: `<inbox>.<correlation id>` for a call through an inbox (so that the
+/// server's no-responders status names the call), else the envelope's reply address. The envelope's reply
+/// address becomes that subject.
+pub(super) fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subject> {
+    let call = (envelope.kind == Kind::Request).then_some(envelope.correlation_id).flatten();
+    let reply_to = match envelope.reply_to.as_mut()? {
+        ReplyTo::Inbox(inbox) => {
+            if let Some(correlation_id) = call {
+                let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+                let id = correlation_id.simple().encode_lower(&mut buffer);
+                if !inbox.ends_with(&*id) {
+                    inbox.push('.');
+                    inbox.push_str(id);
+                }
+            }
+            inbox
+        }
+        ReplyTo::Queue(queue) => queue,
+    };
+    // Copied at its exact size: a subject made from the `String` itself would cost a second allocation.
+    Some(async_nats::Subject::from(reply_to.as_str()))
+}
+
+/// Refuses a subject NATS would not route as one: empty, an empty token, whitespace, or a wildcard. One pass
+/// over the bytes (every publish checks its subject).
+pub(super) fn check_subject(subject: &str) -> Result<(), Error> {
+    // The byte before the first counts as a dot: a leading dot is an empty first token.
+    let mut previous = b'.';
+    let mut valid = true;
+    for &byte in subject.as_bytes() {
+        let empty_token = byte == b'.' && previous == b'.';
+        valid &= !(empty_token || matches!(byte, b' ' | b'\t' | b'\r' | b'\n' | b'*' | b'>'));
+        previous = byte;
+    }
+    // Empty, or a trailing dot: an empty last token.
+    valid &= previous != b'.';
+    if valid { Ok(()) } else { Err(Error::InvalidArgument(format!("`{subject}` is not a valid NATS subject"))) }
+}
+
+fn header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), Error> {
+    let name = HeaderName::from_str(name).map_err(|_| Error::InvalidArgument(format!("bad header name `{name}`")))?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| Error::InvalidArgument(format!("the value of header `{name}` holds a line break")))?;
+    headers.insert(name, value);
+    Ok(())
+}
+
+/// How a message travels, which decides the headers it needs.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Mode {
+    /// Into a JetStream stream: every field in a header, the message id for deduplication.
+    Stream,
+    /// Core NATS: what the subjects already say is left out, since headers cost on every hop.
+    Core {
+        /// The message goes to a caller's inbox (a reply).
+        to_inbox: bool,
+        /// The subject the reply goes to (a request) or comes on (a reply) ends with the correlation id.
+        correlation_in_subject: bool,
+    },
+}
+
+/// The headers of an envelope.
+pub(super) fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, Error> {
+    let mut map = HeaderMap::new();
+    let (stream, to_inbox, correlation_in_subject) = match mode {
+        Mode::Stream => (true, false, false),
+        Mode::Core { to_inbox, correlation_in_subject } => (false, to_inbox, correlation_in_subject),
+    };
+    if stream {
+        header(&mut map, MSG_ID, &envelope.id.to_string())?;
+    }
+    // The receiver takes a message with a reply subject for a request, one without for a oneway call, and
+    // one on its inbox for a reply: the kind is written only where it says something else.
+    let implied = match envelope.kind {
+        Kind::Request => envelope.reply_to.is_some(),
+        Kind::Oneway => envelope.reply_to.is_none() && !to_inbox,
+        Kind::Reply => to_inbox,
+    };
+    if stream || !implied {
+        header(&mut map, headers::KIND, adapter::kind_name(envelope.kind))?;
+    }
+    // A reply on an inbox is matched by its correlation id alone: its service and method are not echoed.
+    let echo = !(to_inbox && envelope.kind == Kind::Reply);
+    if echo && !envelope.service.is_empty() {
+        header(&mut map, headers::SERVICE, &envelope.service)?;
+    }
+    if echo && !envelope.method.is_empty() {
+        header(&mut map, headers::METHOD, &envelope.method)?;
+    }
+    if let Some(correlation_id) = envelope.correlation_id
+        && !correlation_in_subject
+    {
+        header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?;
+    }
+    if stream && let Some(reply_to) = &envelope.reply_to {
+        header(&mut map, headers::REPLY_TO, reply_to.address())?;
+        if reply_to.is_inbox() {
+            header(&mut map, headers::REPLY_TO_INBOX, "true")?;
+        }
+    }
+    if envelope.attempt > 1 {
+        header(&mut map, headers::ATTEMPT, &envelope.attempt.to_string())?;
+    }
+    if let Some(budget) = envelope.deadline_ms {
+        header(&mut map, headers::DEADLINE_MS, &budget.to_string())?;
+        header(&mut map, headers::SENT_AT_MS, &adapter::now_ms().to_string())?;
+    }
+    if let Some(key) = &envelope.idempotency_key {
+        header(&mut map, headers::IDEMPOTENCY_KEY, key)?;
+    }
+    if let Some(caller) = &envelope.caller {
+        header(&mut map, headers::CALLER, caller)?;
+    }
+    if envelope.status != 0 {
+        header(&mut map, headers::STATUS, &envelope.status.to_string())?;
+    }
+    if let Some(message) = &envelope.status_message {
+        header(&mut map, headers::STATUS_MESSAGE, &message.replace(['\r', '\n'], " "))?;
+    }
+    for (name, value) in adapter::user_headers(&envelope.headers) {
+        header(&mut map, name, value)?;
+    }
+    Ok(map)
+}
+
+/// The envelope of a NATS message. `stored_at_ms`: when JetStream stored it (the time queued counts from there).
+pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Envelope {
+    match from_envelope_body(message) {
+        Some(Ok(envelope)) => return envelope,
+        // Handled as a message without an envelope: a request gets an error reply naming no method.
+        Some(Err(error)) => {
+            tracing::warn!(%error, subject = %message.subject, "a body marked as an envelope does not decode")
+        }
+        None => {}
+    }
+    // One pass over the headers: a lookup by name would build a header name per field.
+    let mut fields = Fields::default();
+    let mut user = BTreeMap::new();
+    for (name, values) in message.headers.iter().flat_map(HeaderMap::iter) {
+        let Some(value) = values.first().map(HeaderValue::as_str) else { continue };
+        let name: &str = name.as_ref();
+        match name {
+            headers::REPLY_TO => fields.reply_to = Some(value),
+            headers::REPLY_TO_INBOX => fields.reply_to_inbox = value == "true",
+            headers::KIND => fields.kind = Some(value),
+            MSG_ID => fields.id = Some(value),
+            headers::CORRELATION_ID => fields.correlation_id = Some(value),
+            headers::SERVICE => fields.service = Some(value),
+            headers::METHOD => fields.method = Some(value),
+            headers::ATTEMPT => fields.attempt = Some(value),
+            headers::DEADLINE_MS => fields.deadline_ms = Some(value),
+            headers::SENT_AT_MS => fields.sent_at_ms = Some(value),
+            headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
+            headers::CALLER => fields.caller = Some(value),
+            headers::STATUS => fields.status = Some(value),
+            headers::STATUS_MESSAGE => fields.status_message = Some(value),
+            name if adapter::is_user_header(name) => {
+                user.insert(name.to_owned(), value.to_owned());
+            }
+            _ => {}
+        }
+    }
+    // A message's own reply subject is where its requester waits: an inbox, by NATS's definition.
+    let reply_to = match fields.reply_to {
+        Some(address) if fields.reply_to_inbox => Some(ReplyTo::Inbox(address.to_owned())),
+        Some(address) => Some(ReplyTo::Queue(address.to_owned())),
+        None => message.reply.as_ref().map(|reply| ReplyTo::Inbox(reply.as_str().to_owned())),
+    };
+    let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
+    if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
+        envelope.id = id;
+    }
+    envelope.correlation_id = fields
+        .correlation_id
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .or_else(|| correlation_of_subject(&message.subject))
+        .or_else(|| message.reply.as_deref().and_then(correlation_of_subject));
+    envelope.reply_to = reply_to;
+    envelope.service = fields.service.unwrap_or_default().to_owned();
+    envelope.method = fields.method.unwrap_or_default().to_owned();
+    envelope.attempt = fields.attempt.and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
+    if let Some(budget) = fields.deadline_ms.and_then(|budget| budget.parse::<u64>().ok()) {
+        let sent_at = stored_at_ms.or_else(|| fields.sent_at_ms.and_then(|sent| sent.parse().ok()));
+        envelope.deadline_ms = Some(adapter::remaining_ms(budget, sent_at, adapter::now_ms()));
+    }
+    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
+    envelope.caller = fields.caller.map(str::to_owned);
+    envelope.status = fields.status.and_then(|code| code.parse().ok()).unwrap_or(0);
+    envelope.status_message = fields.status_message.map(str::to_owned);
+    envelope.headers = user;
+    envelope.body = message.payload.clone();
+    envelope
+}
+
+/// The envelope's fields among a message's headers.
+#[derive(Default)]
+struct Fields<'a> {
+    reply_to: Option<&'a str>,
+    reply_to_inbox: bool,
+    kind: Option<&'a str>,
+    id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    service: Option<&'a str>,
+    method: Option<&'a str>,
+    attempt: Option<&'a str>,
+    deadline_ms: Option<&'a str>,
+    sent_at_ms: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+    caller: Option<&'a str>,
+    status: Option<&'a str>,
+    status_message: Option<&'a str>,
+}
+
+/// Whether a reply is JetStream's publish ack rather than an answer (no envelope headers, a JSON ack body).
+pub(super) fn is_stream_ack(message: &async_nats::Message) -> bool {
+    let ours = message.headers.as_ref().is_some_and(|map| map.get(headers::KIND).is_some());
+    !ours && message.payload.starts_with(b"{\"stream\":")
+}
+
+/// The correlation id that ends an inbox subject `<inbox>.<correlation id>`.
+pub(super) fn correlation_of_subject(subject: &str) -> Option<Uuid> {
+    subject.rsplit('.').next().and_then(|last| Uuid::parse_str(last).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_round_trips_through_headers() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some(ReplyTo::Inbox("_INBOX.abc".into()));
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 2;
+        envelope.idempotency_key = Some("key".into());
+        envelope.caller = Some("billing".into());
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
+        let mut sent = envelope.clone();
+        let reply = reply_subject(&mut sent).expect("a reply subject");
+        assert_eq!(reply.as_str(), format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
+        for mode in [Mode::Stream, Mode::Core { to_inbox: false, correlation_in_subject: true }] {
+            let message = async_nats::Message {
+                subject: "ns.Calculator".into(),
+                reply: Some(reply.clone()),
+                payload: sent.body.clone(),
+                headers: Some(to_headers(&sent, mode).expect("maps")),
+                status: None,
+                description: None,
+                length: 0,
+            };
+            let back = from_message(&message, None);
+            assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+            let mut expected = sent.clone();
+            expected.deadline_ms = back.deadline_ms;
+            if matches!(mode, Mode::Core { .. }) {
+                // Core NATS has no deduplication: the message id is not sent, and the receiver makes its own.
+                expected.id = back.id;
+            }
+            assert_eq!(back, expected, "{mode:?}");
+        }
+    }
+
+    fn plain_message(subject: &str, reply: Option<&str>, payload: Bytes) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: reply.map(Into::into),
+            payload,
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn an_envelope_round_trips_whole_in_the_body() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some(ReplyTo::Inbox("_INBOX.abc.mqrpc".into()));
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 2;
+        envelope.idempotency_key = Some("key".into());
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
+        let mut sent = envelope.clone();
+        let reply = reply_subject(&mut sent).expect("a reply subject");
+        assert!(is_envelope_inbox(&reply), "{reply}");
+        assert!(!is_envelope_inbox("_INBOX.abc.0123"));
+        sent.reply_to = None;
+        let body = envelope_body(&sent).expect("encodes");
+        assert_eq!(body[0], ENVELOPE_MARK);
+        let back = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
+        assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+        let mut expected = envelope.clone();
+        expected.reply_to = Some(ReplyTo::Inbox(reply.to_string()));
+        expected.deadline_ms = back.deadline_ms;
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn a_damaged_envelope_body_is_an_error_not_a_panic() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.method = "add".into();
+        envelope.body = Bytes::from_static(b"\x92\x01\x02");
+        let body = envelope_body(&envelope).expect("encodes");
+        // Every cut, and every byte flipped: never a panic; a cut one is refused.
+        for cut in 0..body.len() {
+            let message = plain_message("ns.Calculator", None, body.slice(..cut));
+            match from_envelope_body(&message) {
+                None => assert_eq!(cut, 0),
+                Some(decoded) => assert!(decoded.is_err(), "cut at {cut} decoded"),
+            }
+        }
+        for at in 1..body.len() {
+            let mut flipped = body.to_vec();
+            flipped[at] ^= 0xff;
+            let _ = from_message(&plain_message("ns.Calculator", None, Bytes::from(flipped)), None);
+        }
+        // A body of a plain client's request that is not marked is left to the headers.
+        assert!(
+            from_envelope_body(&plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02"))).is_none()
+        );
+    }
+
+    #[test]
+    fn a_reply_on_an_inbox_carries_only_what_the_subject_does_not() {
+        let mut request = Envelope::new(Kind::Request);
+        request.correlation_id = Some(Uuid::new_v4());
+        request.service = "Calculator".into();
+        request.method = "add".into();
+        let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
+        let headers = to_headers(&reply, Mode::Core { to_inbox: true, correlation_in_subject: true }).expect("maps");
+        assert_eq!(headers.iter().count(), 0, "{headers:?}");
+        let subject = format!("_INBOX.abc.{}", request.correlation_id.expect("set").simple());
+        let message = async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: reply.body.clone(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let back = from_message(&message, None);
+        assert_eq!(back.correlation_id, request.correlation_id);
+        assert_eq!(back.status, 0);
+        assert_eq!(back.body, reply.body);
+    }
+
+    #[test]
+    fn line_breaks_in_header_values_are_refused_not_sent() {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.headers.insert("note".into(), "two\r\nlines".into());
+        assert!(matches!(to_headers(&envelope, Mode::Stream), Err(Error::InvalidArgument(_))));
+        assert!(matches!(check_subject("has space"), Err(Error::InvalidArgument(_))));
+        assert!(check_subject("ns.svc").is_ok());
+    }
+
+    #[test]
+    fn subjects_with_an_empty_token_whitespace_or_a_wildcard_are_refused() {
+        for bad in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a\tb", "a\rb", "a\nb", "a b", "\u{e9}.."] {
+            assert!(matches!(check_subject(bad), Err(Error::InvalidArgument(_))), "{bad:?} passed");
+        }
+        for good in ["a", "a.b", "_INBOX.x.mqrpc.0123abcd", "ns.svc.dlq", "\u{e9}t\u{e9}.caf\u{e9}", "a-b_c"] {
+            assert!(check_subject(good).is_ok(), "{good:?} refused");
+        }
+    }
+}
