@@ -11,31 +11,35 @@
 //! [`Journal::Removed`]. The driver drains it with [`Engine::drain_journal`] after each operation, in order,
 //! and reads it back into a new engine with [`Engine::restore`].
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, VecDeque};
+mod delayed;
+mod journal;
+mod queue;
+mod seen;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rpc_core::QueueStats;
 
+use delayed::Delayed;
+use journal::Books;
+use queue::{Expiry, Queue, Stored, dispatch_queue, mark_dirty};
+
+pub use journal::{Journal, Record};
+pub use queue::PRIORITY_LEVELS;
+pub use seen::{DEDUP_CAPACITY, DEDUP_WINDOW};
+
 /// The engine's maps: foldhash with a random seed per process (queue names and call keys come from clients),
 /// much cheaper than SipHash on the hot path.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
-
-/// Priority levels: 0 (default, last) to 9 (first).
-pub const PRIORITY_LEVELS: usize = 10;
 
 /// Names the messages of one call (its correlation id), so that [`Engine::cancel`] can find them.
 pub type Key = [u8; 16];
 
 /// A message's own id: a durable queue takes a message with an id it took within [`DEDUP_WINDOW`] once.
 pub type MessageId = [u8; 16];
-
-/// How long a durable queue remembers the ids of the messages it took.
-pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
-
-/// The most message ids a durable queue remembers; past it the oldest are forgotten before the window ends.
-pub const DEDUP_CAPACITY: usize = 1 << 20;
 
 /// Identifies a consumer for as long as the engine lives; ids are never reused, so a stale ack from a consumer
 /// that is gone cannot settle another consumer's delivery.
@@ -86,56 +90,6 @@ pub struct Props {
     pub delay: Option<Duration>,
     /// The message's own id, by which a durable queue drops a second copy (a publisher's retry).
     pub id: Option<MessageId>,
-}
-
-/// What a log keeps of a message besides its bytes and its sequence number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Record {
-    /// As [`Props::priority`].
-    pub priority: u8,
-    /// When its TTL ends.
-    pub expires_at: Option<Instant>,
-    /// When its delay ends.
-    pub due: Option<Instant>,
-    /// As [`Props::key`].
-    pub key: Option<Key>,
-    /// As [`Props::id`].
-    pub id: Option<MessageId>,
-}
-
-/// What the log of a durable queue must record, in the order the engine did it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Journal<M> {
-    /// `queue` was created durable, with `config`.
-    Declared {
-        /// The queue.
-        queue: Arc<str>,
-        /// Its configuration.
-        config: QueueConfig,
-    },
-    /// `queue` was deleted with its messages.
-    Deleted {
-        /// The queue.
-        queue: Arc<str>,
-    },
-    /// A message entered `queue` as number `seq` (numbers grow within a queue).
-    Stored {
-        /// The queue.
-        queue: Arc<str>,
-        /// Its number in the queue.
-        seq: u64,
-        /// The message.
-        message: M,
-        /// Its properties.
-        record: Record,
-    },
-    /// Message `seq` left `queue` for good: acked, expired, cancelled, dead-lettered or dropped.
-    Removed {
-        /// The queue.
-        queue: Arc<str>,
-        /// Its number in the queue.
-        seq: u64,
-    },
 }
 
 /// A message handed to a consumer.
@@ -197,366 +151,6 @@ impl std::fmt::Display for EngineError {
 }
 
 impl std::error::Error for EngineError {}
-
-/// When a stored message's TTL ends, in 8 bytes instead of an `Option<Instant>`'s 16 (a million queued messages
-/// hold 8 MB less): nanoseconds after an instant this process reads once, 0 for never.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Expiry(u64);
-
-impl Expiry {
-    const NEVER: Expiry = Expiry(0);
-
-    /// The instant the offsets count from.
-    fn epoch() -> Instant {
-        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *EPOCH.get_or_init(Instant::now)
-    }
-
-    /// `at`, or never. An instant before the epoch is 1 ns after it: passed as it was.
-    fn at(at: Option<Instant>) -> Expiry {
-        let Some(at) = at else { return Expiry::NEVER };
-        let nanos = at.saturating_duration_since(Expiry::epoch()).as_nanos();
-        Expiry(u64::try_from(nanos).unwrap_or(u64::MAX).max(1))
-    }
-
-    /// The instant, if any.
-    fn instant(self) -> Option<Instant> {
-        (self != Expiry::NEVER).then(|| Expiry::epoch() + Duration::from_nanos(self.0))
-    }
-
-    /// Whether it has come by `now`.
-    fn passed(self, now: Instant) -> bool {
-        self.instant().is_some_and(|at| at <= now)
-    }
-}
-
-struct Stored<M> {
-    message: M,
-    size: usize,
-    priority: u8,
-    expires_at: Expiry,
-    deliveries: u32,
-    key: Option<Key>,
-    /// Its number in a durable queue (0 elsewhere).
-    seq: u64,
-}
-
-/// What a queue knows of one call's messages.
-#[derive(Default)]
-struct Keyed {
-    /// Copies in `ready`, tombstones included.
-    ready: u32,
-    /// Copies waiting out a delay, tombstones included.
-    delayed: u32,
-    /// The first delivery of it not settled, as consumer and tag (most calls have at most one).
-    holder: Option<(ConsumerId, u64)>,
-    /// The others.
-    more_holders: Vec<(ConsumerId, u64)>,
-    /// The call was cancelled: its copies in `ready` are tombstones, and none of it is queued again.
-    cancelled: bool,
-}
-
-impl Keyed {
-    fn is_idle(&self) -> bool {
-        self.ready == 0 && self.delayed == 0 && self.holder.is_none() && self.more_holders.is_empty()
-    }
-
-    fn hold(&mut self, holder: (ConsumerId, u64)) {
-        if self.holder.is_none() {
-            self.holder = Some(holder);
-        } else {
-            self.more_holders.push(holder);
-        }
-    }
-
-    fn release(&mut self, holder: (ConsumerId, u64)) {
-        if self.holder == Some(holder) {
-            self.holder = self.more_holders.pop();
-        } else if let Some(at) = self.more_holders.iter().position(|other| *other == holder) {
-            self.more_holders.swap_remove(at);
-        }
-    }
-
-    /// The deliveries of it not settled.
-    fn holders(&self) -> impl Iterator<Item = (ConsumerId, u64)> + '_ {
-        self.holder.iter().chain(&self.more_holders).copied()
-    }
-}
-
-/// A ready copy of `key` leaves the queue; `true` if its call was cancelled (the copy was a tombstone).
-fn leave(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
-    let Some(keyed) = keys.get_mut(&key) else { return false };
-    keyed.ready = keyed.ready.saturating_sub(1);
-    let cancelled = keyed.cancelled;
-    if keyed.is_idle() {
-        keys.remove(&key);
-    }
-    cancelled
-}
-
-/// A delayed copy of `key` is due or swept; `true` if its call was cancelled.
-fn leave_delayed(keys: &mut HashMap<Key, Keyed>, key: Key) -> bool {
-    let Some(keyed) = keys.get_mut(&key) else { return false };
-    keyed.delayed = keyed.delayed.saturating_sub(1);
-    let cancelled = keyed.cancelled;
-    if keyed.is_idle() {
-        keys.remove(&key);
-    }
-    cancelled
-}
-
-/// A message waiting out its delay, ordered by when it is due (then by publish order).
-struct Delayed<M> {
-    due: Instant,
-    order: u64,
-    /// The queue it goes to, and that queue's incarnation: a queue deleted and declared again does not
-    /// receive the messages delayed for the one before.
-    queue: Arc<str>,
-    queue_id: u64,
-    stored: Stored<M>,
-}
-
-impl<M> PartialEq for Delayed<M> {
-    fn eq(&self, other: &Self) -> bool {
-        (self.due, self.order) == (other.due, other.order)
-    }
-}
-
-impl<M> Eq for Delayed<M> {}
-
-impl<M> PartialOrd for Delayed<M> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<M> Ord for Delayed<M> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.due, self.order).cmp(&(other.due, other.order))
-    }
-}
-
-/// The message ids a durable queue took lately, oldest first.
-#[derive(Default)]
-struct Seen {
-    ids: HashMap<MessageId, Instant>,
-    order: VecDeque<(MessageId, Instant)>,
-}
-
-impl Seen {
-    /// Records `id` at `now`; `false` if it was taken within the window already.
-    fn take(&mut self, id: MessageId, now: Instant) -> bool {
-        while let Some(&(oldest, at)) = self.order.front() {
-            if now.saturating_duration_since(at) < DEDUP_WINDOW && self.order.len() < DEDUP_CAPACITY {
-                break;
-            }
-            self.order.pop_front();
-            if self.ids.get(&oldest) == Some(&at) {
-                self.ids.remove(&oldest);
-            }
-        }
-        if self.ids.contains_key(&id) {
-            return false;
-        }
-        self.ids.insert(id, now);
-        self.order.push_back((id, now));
-        true
-    }
-}
-
-struct Queue<M> {
-    name: Arc<str>,
-    /// This incarnation of the name.
-    id: u64,
-    config: QueueConfig,
-    ready: [VecDeque<Stored<M>>; PRIORITY_LEVELS],
-    ready_len: usize,
-    consumers: Vec<ConsumerId>,
-    next_consumer: usize,
-    unacked: usize,
-    stats: QueueStats,
-    dirty: bool,
-    /// The calls with messages here, waiting or delivered.
-    keys: HashMap<Key, Keyed>,
-    /// Cancelled messages still in `ready`, not counted in `ready_len`.
-    tombstones: usize,
-    /// Live messages waiting out a delay (in the engine's heap), cancelled ones not counted.
-    delayed: usize,
-    /// The number the next message gets (durable queues).
-    next_seq: u64,
-    /// Message ids taken lately (durable queues).
-    seen: Seen,
-}
-
-impl<M> Queue<M> {
-    fn new(name: Arc<str>, id: u64, config: QueueConfig) -> Queue<M> {
-        Queue {
-            name,
-            id,
-            config,
-            ready: std::array::from_fn(|_| VecDeque::new()),
-            ready_len: 0,
-            consumers: Vec::new(),
-            next_consumer: 0,
-            unacked: 0,
-            stats: QueueStats::new(),
-            dirty: false,
-            keys: HashMap::default(),
-            tombstones: 0,
-            delayed: 0,
-            next_seq: 1,
-            seen: Seen::default(),
-        }
-    }
-
-    /// Messages that count against `max_len`: ready and delayed.
-    fn waiting(&self) -> usize {
-        self.ready_len + self.delayed
-    }
-
-    /// The next number, for a message entering a durable queue; 0 elsewhere.
-    fn number(&mut self) -> u64 {
-        if !self.config.durable {
-            return 0;
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
-    }
-
-    /// The next message to deliver. Tombstones on the way are dropped.
-    fn pop(&mut self, books: &mut Books<M>) -> Option<Stored<M>> {
-        loop {
-            let level = self.ready.iter_mut().rev().find(|level| !level.is_empty())?;
-            let stored = level.pop_front()?;
-            if let Some(key) = stored.key
-                && leave(&mut self.keys, key)
-            {
-                self.tombstones -= 1;
-                books.gone(&self.name, self.config.durable, &stored);
-                continue;
-            }
-            self.ready_len -= 1;
-            return Some(stored);
-        }
-    }
-
-    /// Whether `key`'s call was cancelled while some of it is still here.
-    fn is_cancelled(&self, key: Option<Key>) -> bool {
-        key.is_some_and(|key| self.keys.get(&key).is_some_and(|keyed| keyed.cancelled))
-    }
-
-    fn push_back(&mut self, stored: Stored<M>) {
-        self.push(stored, false);
-    }
-
-    fn push_front(&mut self, stored: Stored<M>) {
-        self.push(stored, true);
-    }
-
-    /// Puts a message in `ready`; callers drop messages of cancelled calls first.
-    fn push(&mut self, stored: Stored<M>, front: bool) {
-        if let Some(key) = stored.key {
-            self.keys.entry(key).or_default().ready += 1;
-        }
-        self.ready_len += 1;
-        let level = &mut self.ready[usize::from(stored.priority)];
-        if front {
-            level.push_front(stored);
-        } else {
-            level.push_back(stored);
-        }
-    }
-
-    /// A delivery of `key` to `consumer` as `tag`.
-    fn delivered(&mut self, key: Key, consumer: ConsumerId, tag: u64) {
-        self.keys.entry(key).or_default().hold((consumer, tag));
-    }
-
-    /// The delivery `tag` of `stored` to `consumer` was settled or taken back; `true` if its call was
-    /// cancelled, so that it must not be queued again.
-    fn settled(&mut self, stored: &Stored<M>, consumer: ConsumerId, tag: u64) -> bool {
-        let Some(key) = stored.key else { return false };
-        let Some(keyed) = self.keys.get_mut(&key) else { return false };
-        keyed.release((consumer, tag));
-        let cancelled = keyed.cancelled;
-        if keyed.is_idle() {
-            self.keys.remove(&key);
-        }
-        cancelled
-    }
-
-    /// Removes the tombstones and, given `now`, the messages whose TTL ran out.
-    fn sweep(&mut self, now: Option<Instant>, books: &mut Books<M>) {
-        let (mut expired, mut tombstones) = (0, 0);
-        let Queue { ready, keys, name, config, .. } = self;
-        for level in ready.iter_mut() {
-            level.retain(|stored| {
-                let cancelled = stored.key.is_some_and(|key| keys.get(&key).is_some_and(|keyed| keyed.cancelled));
-                let timed_out = now.is_some_and(|now| stored.expires_at.passed(now));
-                if !cancelled && !timed_out {
-                    return true;
-                }
-                if let Some(key) = stored.key {
-                    leave(keys, key);
-                }
-                books.gone(name, config.durable, stored);
-                if cancelled {
-                    tombstones += 1;
-                } else {
-                    expired += 1;
-                }
-                false
-            });
-        }
-        self.tombstones -= tombstones;
-        self.ready_len -= expired;
-        self.stats.expired += expired as u64;
-    }
-
-    /// The log's view of a message of this queue.
-    fn record(stored: &Stored<M>, due: Option<Instant>, id: Option<MessageId>) -> Record {
-        Record { priority: stored.priority, expires_at: stored.expires_at.instant(), due, key: stored.key, id }
-    }
-}
-
-/// Bytes held and the journal: what every message that leaves the engine updates.
-struct Books<M> {
-    /// Bytes of all messages held (ready, delayed, unacked and dead-lettered).
-    bytes: usize,
-    journal: Vec<Journal<M>>,
-}
-
-impl<M> Books<M> {
-    /// `stored` left queue `queue` for good.
-    fn gone(&mut self, queue: &Arc<str>, durable: bool, stored: &Stored<M>) {
-        self.bytes -= stored.size;
-        if durable {
-            self.journal.push(Journal::Removed { queue: Arc::clone(queue), seq: stored.seq });
-        }
-    }
-}
-
-impl<M: Clone> Books<M> {
-    /// `stored` entered queue `queue` (already counted in `bytes`).
-    fn entered(
-        &mut self,
-        queue: &Arc<str>,
-        durable: bool,
-        stored: &Stored<M>,
-        due: Option<Instant>,
-        id: Option<MessageId>,
-    ) {
-        if durable {
-            self.journal.push(Journal::Stored {
-                queue: Arc::clone(queue),
-                seq: stored.seq,
-                message: stored.message.clone(),
-                record: Queue::record(stored, due, id),
-            });
-        }
-    }
-}
 
 struct Consumer<M> {
     queue: String,
@@ -765,19 +359,6 @@ impl<M: Clone> Engine<M> {
         Ok(())
     }
 
-    /// Puts `stored` of `queue` (which exists) in the delay heap until `due`.
-    fn hold(&mut self, queue: &str, stored: Stored<M>, due: Instant) {
-        let Some(target) = self.queues.get_mut(queue) else { return };
-        target.delayed += 1;
-        if let Some(key) = stored.key {
-            target.keys.entry(key).or_default().delayed += 1;
-        }
-        let order = self.next_order;
-        self.next_order += 1;
-        let (queue, queue_id) = (Arc::clone(&target.name), target.id);
-        self.delayed.push(Reverse(Delayed { due, order, queue, queue_id, stored }));
-    }
-
     /// Puts a message read back from a log into durable `queue` as number `seq`, without journaling it: ready,
     /// or delayed until `record.due`; dropped (and journaled as removed) if its TTL ended meanwhile. Restore a
     /// queue's messages in the order of their numbers.
@@ -848,53 +429,6 @@ impl<M: Clone> Engine<M> {
     /// When the earliest delayed message is due: the driver calls [`Engine::dispatch`] then.
     pub fn next_due(&self) -> Option<Instant> {
         self.delayed.peek().map(|Reverse(delayed)| delayed.due)
-    }
-
-    /// Moves the delayed messages that are due to the back of their queues.
-    fn promote(&mut self, now: Instant) {
-        while self.delayed.peek().is_some_and(|Reverse(delayed)| delayed.due <= now) {
-            let Some(Reverse(delayed)) = self.delayed.pop() else { break };
-            let stored = delayed.stored;
-            let Some(queue) = self.queues.get_mut(&*delayed.queue).filter(|queue| queue.id == delayed.queue_id) else {
-                // Its queue was deleted (and journaled so) meanwhile.
-                self.books.bytes -= stored.size;
-                continue;
-            };
-            if let Some(key) = stored.key
-                && leave_delayed(&mut queue.keys, key)
-            {
-                // Cancelled while it waited: counted then.
-                self.delayed_tombstones = self.delayed_tombstones.saturating_sub(1);
-                self.books.gone(&queue.name, queue.config.durable, &stored);
-                continue;
-            }
-            queue.delayed -= 1;
-            if stored.expires_at.passed(now) {
-                queue.stats.expired += 1;
-                self.books.gone(&queue.name, queue.config.durable, &stored);
-                continue;
-            }
-            queue.push_back(stored);
-            mark_dirty(queue, &mut self.dirty);
-        }
-    }
-
-    /// Drops the delayed messages of cancelled calls.
-    fn sweep_delayed(&mut self) {
-        let Engine { delayed, queues, books, .. } = self;
-        delayed.retain(|Reverse(entry)| {
-            let Some(key) = entry.stored.key else { return true };
-            let Some(queue) = queues.get_mut(&*entry.queue).filter(|queue| queue.id == entry.queue_id) else {
-                return true;
-            };
-            if !queue.keys.get(&key).is_some_and(|keyed| keyed.cancelled) {
-                return true;
-            }
-            leave_delayed(&mut queue.keys, key);
-            books.gone(&queue.name, queue.config.durable, &entry.stored);
-            false
-        });
-        self.delayed_tombstones = 0;
     }
 
     /// Puts a copy of `message` in every subscriber group of `topic`; returns how many groups took it (0 for a
@@ -1137,103 +671,26 @@ impl<M: Clone> Engine<M> {
     }
 }
 
-fn mark_dirty<M>(queue: &mut Queue<M>, dirty: &mut Vec<Arc<str>>) {
-    if !queue.dirty {
-        queue.dirty = true;
-        dirty.push(Arc::clone(&queue.name));
-    }
-}
-
-/// Delivers what `queue` can deliver now, dropping expired messages (and, for auto-ack consumers, the
-/// messages handed out) from the books.
-fn dispatch_queue<M: Clone>(
-    queue: &mut Queue<M>,
-    consumers: &mut HashMap<ConsumerId, Consumer<M>>,
-    next_tag: &mut u64,
-    now: Instant,
-    out: &mut Vec<Delivery<M>>,
-    books: &mut Books<M>,
-) {
-    while queue.ready_len > 0 && !queue.consumers.is_empty() {
-        // The next consumer, round-robin, that has room.
-        let count = queue.consumers.len();
-        let Some(slot) = (0..count).map(|step| (queue.next_consumer + step) % count).find(|&slot| {
-            consumers.get(&queue.consumers[slot]).is_some_and(|consumer| {
-                !consumer.paused && (consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
-            })
-        }) else {
-            return;
-        };
-        queue.next_consumer = (slot + 1) % count;
-        let id = queue.consumers[slot];
-        let Some(mut stored) = queue.pop(books) else { return };
-        if stored.expires_at.passed(now) {
-            queue.stats.expired += 1;
-            books.gone(&queue.name, queue.config.durable, &stored);
-            continue;
-        }
-        let Some(consumer) = consumers.get_mut(&id) else {
-            queue.push_front(stored);
-            return;
-        };
-        stored.deliveries += 1;
-        let remaining_ttl = stored.expires_at.instant().map(|at| at.saturating_duration_since(now));
-        let delivery_count = stored.deliveries;
-        if consumer.auto_ack {
-            queue.stats.acked += 1;
-            books.gone(&queue.name, queue.config.durable, &stored);
-            out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
-        } else {
-            let tag = *next_tag;
-            *next_tag += 1;
-            out.push(Delivery { consumer: id, tag, message: stored.message.clone(), delivery_count, remaining_ttl });
-            if let Some(key) = stored.key {
-                queue.delivered(key, id, tag);
-            }
-            consumer.unacked.insert(tag, stored);
-            queue.unacked += 1;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
 
-    #[test]
-    fn a_queued_message_costs_at_most_80_bytes_besides_its_own() {
-        // The broker holds a million queued 100-byte messages within 300 MiB with a few MiB to spare.
-        assert!(std::mem::size_of::<Stored<bytes::Bytes>>() <= 80, "{}", std::mem::size_of::<Stored<bytes::Bytes>>());
-    }
-
-    #[test]
-    fn an_expiry_keeps_its_instant_to_the_nanosecond() {
-        let now = Instant::now();
-        assert_eq!(Expiry::at(None), Expiry::NEVER);
-        assert_eq!(Expiry::NEVER.instant(), None);
-        assert!(!Expiry::NEVER.passed(now + Duration::from_secs(3_600)));
-        let at = now + Duration::from_nanos(1_500_000_001);
-        assert_eq!(Expiry::at(Some(at)).instant(), Some(at));
-        assert!(!Expiry::at(Some(at)).passed(now));
-        assert!(Expiry::at(Some(at)).passed(at));
-        // Before the epoch: passed already.
-        let before = Expiry::epoch().checked_sub(Duration::from_secs(1)).unwrap_or_else(Expiry::epoch);
-        assert!(Expiry::at(Some(before)).passed(Expiry::epoch() + Duration::from_nanos(1)));
-    }
-
-    fn engine_with(queue: &str, config: QueueConfig) -> Engine<u32> {
+    // The helpers serve the tests of engine/ too.
+    pub(super) fn engine_with(queue: &str, config: QueueConfig) -> Engine<u32> {
         let mut engine = Engine::new();
         engine.declare_queue(queue, config).expect("declares");
         engine
     }
 
-    fn drain(engine: &mut Engine<u32>, now: Instant) -> Vec<Delivery<u32>> {
+    pub(super) fn drain(engine: &mut Engine<u32>, now: Instant) -> Vec<Delivery<u32>> {
         let mut out = Vec::new();
         engine.dispatch(now, &mut out);
         out
     }
 
-    fn messages(deliveries: &[Delivery<u32>]) -> Vec<u32> {
+    pub(super) fn messages(deliveries: &[Delivery<u32>]) -> Vec<u32> {
         deliveries.iter().map(|delivery| delivery.message).collect()
     }
 
@@ -1586,197 +1043,8 @@ mod tests {
         engine.remove_consumer(consumer, now);
     }
 
-    fn delayed(delay_ms: u64) -> Props {
-        Props { size: 10, delay: Some(Duration::from_millis(delay_ms)), ..Props::default() }
-    }
-
-    #[test]
-    fn a_delayed_message_waits_its_delay_then_joins_the_back_of_the_queue() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = engine_with("q", QueueConfig::default());
-        engine.add_consumer("q", 0, true).expect("consumes");
-        engine.publish("q", 1, delayed(200), now).expect("publishes");
-        engine.publish("q", 2, delayed(100), now).expect("publishes");
-        assert_eq!(engine.next_due(), Some(now + ms(100)));
-        assert!(drain(&mut engine, now + ms(99)).is_empty());
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.ready, stats.delayed, stats.published), (0, 2, 2));
-        assert_eq!(engine.bytes(), 20);
-        assert_eq!(messages(&drain(&mut engine, now + ms(100))), [2]);
-        assert_eq!(engine.next_due(), Some(now + ms(200)));
-        // Due, it queues behind what was published meanwhile without a delay.
-        engine.pause_consumer(ConsumerId(1));
-        engine.publish("q", 3, Props::default(), now + ms(150)).expect("publishes");
-        assert!(drain(&mut engine, now + ms(250)).is_empty());
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.ready, stats.delayed), (2, 0));
-        assert_eq!(engine.next_due(), None);
-        engine.add_consumer("q", 0, true).expect("consumes");
-        assert_eq!(messages(&drain(&mut engine, now + ms(250))), [3, 1]);
-        assert_eq!(engine.bytes(), 0);
-    }
-
-    #[test]
-    fn a_delayed_message_whose_ttl_ends_first_is_never_delivered() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = engine_with("q", QueueConfig::default());
-        engine.add_consumer("q", 0, true).expect("consumes");
-        let props = Props { ttl: Some(ms(50)), ..delayed(100) };
-        engine.publish("q", 1, props, now).expect("publishes");
-        assert!(drain(&mut engine, now + ms(100)).is_empty());
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.ready, stats.delayed, stats.expired), (0, 0, 1));
-        assert_eq!(engine.bytes(), 0);
-        // A TTL longer than the delay is what remains at delivery.
-        let props = Props { ttl: Some(ms(300)), ..delayed(100) };
-        engine.publish("q", 2, props, now).expect("publishes");
-        let out = drain(&mut engine, now + ms(100));
-        assert_eq!(out[0].remaining_ttl, Some(ms(200)));
-    }
-
-    #[test]
-    fn delayed_messages_count_against_the_maximum_length() {
-        let now = Instant::now();
-        let mut engine = engine_with("q", QueueConfig { max_len: Some(2), ..QueueConfig::default() });
-        engine.publish("q", 1, delayed(100), now).expect("publishes");
-        engine.publish("q", 2, Props::default(), now).expect("publishes");
-        assert_eq!(engine.publish("q", 3, delayed(100), now), Err(EngineError::QueueFull("q".into())));
-    }
-
-    #[test]
-    fn cancel_removes_a_delayed_message_and_a_flood_stays_bounded() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = engine_with("q", QueueConfig::default());
-        engine.add_consumer("q", 0, true).expect("consumes");
-        engine.publish("q", 1, Props { key: Some([1; 16]), ..delayed(100) }, now).expect("publishes");
-        engine.publish("q", 2, delayed(100), now).expect("publishes");
-        assert_eq!(engine.cancel("q", [1; 16]), Ok(Vec::new()));
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.delayed, stats.cancelled), (1, 1));
-        assert_eq!(messages(&drain(&mut engine, now + ms(100))), [2]);
-        assert_eq!(engine.bytes(), 0);
-        assert!(engine.queues["q"].keys.is_empty());
-        // 100,000 delayed calls published and cancelled: the cancelled ones are swept, not held until due.
-        let mut most = 0;
-        for n in 0..100_000u32 {
-            let mut key = [0; 16];
-            key[..4].copy_from_slice(&n.to_be_bytes());
-            engine.publish("q", n, Props { key: Some(key), ..delayed(60_000) }, now).expect("publishes");
-            engine.cancel("q", key).expect("cancels");
-            most = most.max(engine.delayed.len().max(engine.queues["q"].keys.len()));
-        }
-        assert!(most <= 2, "the engine held {most} delayed messages or keys");
-        assert_eq!(engine.stats("q").expect("exists").cancelled, 100_001);
-        assert_eq!(engine.next_due(), None);
-        assert_eq!(engine.bytes(), 0);
-    }
-
-    #[test]
-    fn a_queue_declared_again_does_not_receive_what_was_delayed_for_the_one_before() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = engine_with("q", QueueConfig::default());
-        engine.publish("q", 1, delayed(100), now).expect("publishes");
-        assert!(engine.delete_queue("q"));
-        engine.declare_queue("q", QueueConfig::default()).expect("declares");
-        engine.add_consumer("q", 0, true).expect("consumes");
-        assert!(drain(&mut engine, now + ms(100)).is_empty());
-        assert_eq!(engine.bytes(), 0);
-    }
-
-    fn durable_queue(engine: &mut Engine<u32>, queue: &str) {
+    pub(super) fn durable_queue(engine: &mut Engine<u32>, queue: &str) {
         let config = QueueConfig { durable: true, dead_letter: Some(format!("{queue}.dlq")), ..QueueConfig::default() };
         engine.declare_queue(queue, config).expect("declares");
-    }
-
-    fn journal(engine: &mut Engine<u32>) -> Vec<String> {
-        let mut entries = Vec::new();
-        engine.drain_journal(&mut entries);
-        entries
-            .into_iter()
-            .map(|entry| match entry {
-                Journal::Declared { queue, config } => format!("declared {queue} durable={}", config.durable),
-                Journal::Deleted { queue } => format!("deleted {queue}"),
-                Journal::Stored { queue, seq, message, .. } => format!("stored {queue} {seq} {message}"),
-                Journal::Removed { queue, seq } => format!("removed {queue} {seq}"),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_durable_queue_journals_every_message_in_and_out() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = Engine::new();
-        durable_queue(&mut engine, "q");
-        engine.declare_queue("mem", QueueConfig::default()).expect("declares");
-        assert_eq!(journal(&mut engine), ["declared q.dlq durable=true", "declared q durable=true"]);
-        engine.publish("mem", 0, Props::default(), now).expect("publishes");
-        for n in 1..=4 {
-            engine.publish("q", n, Props { size: 1, ..Props::default() }, now).expect("publishes");
-        }
-        engine.publish("q", 5, Props { ttl: Some(ms(10)), ..Props::default() }, now).expect("publishes");
-        assert_eq!(
-            journal(&mut engine),
-            ["stored q 1 1", "stored q 2 2", "stored q 3 3", "stored q 4 4", "stored q 5 5"]
-        );
-        let consumer = engine.add_consumer("q", 3, false).expect("consumes");
-        let held = drain(&mut engine, now + ms(20));
-        assert_eq!(messages(&held), [1, 2, 3]);
-        engine.settle(consumer, held[0].tag, Settle::Ack, now).expect("acks");
-        engine.settle(consumer, held[1].tag, Settle::DeadLetter, now).expect("dead-letters");
-        engine.settle(consumer, held[2].tag, Settle::Requeue, now).expect("requeues");
-        engine.remove_consumer(consumer, now);
-        engine.expire(now + ms(20));
-        assert_eq!(journal(&mut engine), ["removed q 1", "stored q.dlq 1 2", "removed q 2", "removed q 5"]);
-        let auto = engine.add_consumer("q", 0, true).expect("consumes");
-        assert_eq!(messages(&drain(&mut engine, now)), [3, 4]);
-        engine.remove_consumer(auto, now);
-        assert_eq!(journal(&mut engine), ["removed q 3", "removed q 4"]);
-        assert!(engine.delete_queue("q"));
-        assert_eq!(journal(&mut engine), ["deleted q"]);
-    }
-
-    #[test]
-    fn a_durable_queue_takes_a_message_id_once_within_the_window() {
-        let now = Instant::now();
-        let mut engine = Engine::new();
-        durable_queue(&mut engine, "q");
-        let with_id = |id: u8| Props { id: Some([id; 16]), ..Props::default() };
-        engine.publish("q", 1, with_id(1), now).expect("publishes");
-        engine.publish("q", 1, with_id(1), now + Duration::from_secs(1)).expect("a retry succeeds");
-        engine.publish("q", 2, with_id(2), now).expect("publishes");
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.ready, stats.published, stats.deduplicated), (2, 2, 1));
-        // Past the window the id is forgotten.
-        engine.publish("q", 1, with_id(1), now + DEDUP_WINDOW + Duration::from_secs(1)).expect("publishes");
-        assert_eq!(engine.stats("q").expect("exists").ready, 3);
-    }
-
-    #[test]
-    fn restored_messages_come_back_ready_delayed_or_expired() {
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        let mut engine = Engine::new();
-        durable_queue(&mut engine, "q");
-        journal(&mut engine);
-        let record = |expires_at, due| Record { priority: 0, expires_at, due, key: None, id: Some([9; 16]) };
-        engine.restore("q", 3, 30, 1, record(None, None), now).expect("restores");
-        engine.restore("q", 7, 70, 1, record(Some(now), None), now).expect("restores");
-        engine.restore("q", 9, 90, 1, record(None, Some(now + ms(50))), now).expect("restores");
-        assert_eq!(journal(&mut engine), ["removed q 7"], "an expired message is dropped, and the log told");
-        let stats = engine.stats("q").expect("exists");
-        assert_eq!((stats.ready, stats.delayed, stats.expired), (1, 1, 1));
-        engine.add_consumer("q", 0, true).expect("consumes");
-        assert_eq!(messages(&drain(&mut engine, now)), [30]);
-        assert_eq!(messages(&drain(&mut engine, now + ms(50))), [90]);
-        // Numbers go on after the highest restored, and a restored id still counts against duplicates.
-        journal(&mut engine);
-        engine.publish("q", 10, Props { id: Some([9; 16]), ..Props::default() }, now).expect("publishes");
-        engine.publish("q", 11, Props::default(), now).expect("publishes");
-        assert_eq!(journal(&mut engine), ["stored q 10 11"]);
     }
 }
