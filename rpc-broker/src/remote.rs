@@ -451,7 +451,7 @@ struct PublishProps {
     priority: u8,
     ttl_ms: Option<u64>,
     delay_ms: Option<u64>,
-    key: Option<crate::engine::Key>,
+    key: Option<[u8; 16]>,
     id: Option<[u8; 16]>,
 }
 
