@@ -13,11 +13,15 @@ use rpc_core::{Capabilities, Envelope, Kind, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
-/// The oldest client version the broker still accepts: version 4 differs only in lacking the quiet `Publish`
-/// (0x12), which a version-4 client never sends.
+/// The oldest client version the broker still accepts: version 5 differs only in a `Welcome` without its flags,
+/// which the broker leaves out for it, and version 4 also in lacking the quiet `Publish` (0x12), which a
+/// version-4 client never sends.
 pub const OLDEST_CLIENT_VERSION: u16 = 4;
+
+/// `Welcome` flag: the broker keeps durable queues on disk (it runs with a data directory).
+pub const WELCOME_DURABLE: u8 = 1;
 
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -403,6 +407,8 @@ pub enum ServerFrame {
         heartbeat_ms: u32,
         /// The largest frame the server accepts.
         max_frame: u32,
+        /// What the broker offers ([`WELCOME_DURABLE`]); sent from version 6 on, 0 before.
+        flags: u8,
     },
     /// A request succeeded; the body depends on the request (see `docs/protocol.md`).
     Ok {
@@ -786,8 +792,12 @@ impl ClientFrame {
 impl Frame for ServerFrame {
     fn encode(&self, dst: &mut BytesMut) {
         match self {
-            ServerFrame::Welcome { version, heartbeat_ms, max_frame } => {
-                Writer::new(dst, 0x81).u16(*version).u32(*heartbeat_ms).u32(*max_frame);
+            ServerFrame::Welcome { version, heartbeat_ms, max_frame, flags } => {
+                let mut writer = Writer::new(dst, 0x81);
+                writer.u16(*version).u32(*heartbeat_ms).u32(*max_frame);
+                if *version >= 6 {
+                    writer.u8(*flags);
+                }
             }
             ServerFrame::Ok { req, body } => {
                 Writer::new(dst, 0x82).u32(*req).bytes(body);
@@ -819,7 +829,11 @@ impl ServerFrame {
     pub fn parse(frame: Bytes) -> Result<ServerFrame, ProtocolError> {
         let mut r = Reader { buf: frame };
         let frame = match r.u8()? {
-            0x81 => ServerFrame::Welcome { version: r.u16()?, heartbeat_ms: r.u32()?, max_frame: r.u32()? },
+            0x81 => {
+                let (version, heartbeat_ms, max_frame) = (r.u16()?, r.u32()?, r.u32()?);
+                let flags = if version >= 6 { r.u8()? } else { 0 };
+                ServerFrame::Welcome { version, heartbeat_ms, max_frame, flags }
+            }
             0x82 => {
                 let req = r.u32()?;
                 return Ok(ServerFrame::Ok { req, body: r.rest() });
@@ -1065,7 +1079,13 @@ mod tests {
             ttl_ms: None,
             payload: payload.clone(),
         });
-        round_trip_server(ServerFrame::Welcome { version: 1, heartbeat_ms: 1000, max_frame: 1 << 24 });
+        round_trip_server(ServerFrame::Welcome { version: 5, heartbeat_ms: 1000, max_frame: 1 << 24, flags: 0 });
+        round_trip_server(ServerFrame::Welcome {
+            version: 6,
+            heartbeat_ms: 1000,
+            max_frame: 1 << 24,
+            flags: WELCOME_DURABLE,
+        });
         round_trip_server(ServerFrame::Ok { req: 1, body: consumer_body(42) });
         round_trip_server(ServerFrame::Error { req: 0, code: ErrorCode::Unauthorized, message: "no".into() });
         round_trip_server(ServerFrame::Deliver { consumer: 1, tag: 2, delivery_count: 3, ttl_ms: None, payload });

@@ -132,6 +132,8 @@ struct Inner {
     reconnected: Notify,
     /// Bumped whenever a connection is lost, and its inboxes with it.
     losses: watch::Sender<u64>,
+    /// The broker said it keeps durable queues on disk (at the last handshake).
+    durable: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -229,6 +231,7 @@ impl Remote {
             closed: AtomicBool::new(false),
             reconnected: Notify::new(),
             losses: watch::Sender::new(0),
+            durable: AtomicBool::new(false),
         });
         let conn = open(&inner).await?;
         *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
@@ -338,7 +341,7 @@ impl Remote {
 
 impl Transport for Remote {
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        CAPABILITIES.durable(self.inner.durable.load(Ordering::Relaxed))
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {

@@ -393,11 +393,12 @@ where
 
     let mut connection = Connection { state: Arc::clone(state), out: out.clone(), queued, consumers: HashSet::new() };
     match handshake(state, &mut frames).await {
-        Ok(()) => {
+        Ok(version) => {
             let welcome = ServerFrame::Welcome {
-                version: PROTOCOL_VERSION,
+                version,
                 heartbeat_ms: u32::try_from(state.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
                 max_frame: u32::try_from(state.config.max_frame).unwrap_or(u32::MAX),
+                flags: if state.log.is_some() { protocol::WELCOME_DURABLE } else { 0 },
             };
             let _ = out.send(Outbound::Frame(welcome));
             if let Err(closing) = connection.run(&mut frames, &drained).await {
@@ -419,7 +420,8 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
 }
 
-async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<(), ServerFrame>
+/// Reads and checks the client's `Hello`; returns the protocol version to speak with it.
+async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<u16, ServerFrame>
 where
     R: AsyncRead + Unpin,
 {
@@ -446,7 +448,7 @@ where
                 Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
                     Err(refuse(ErrorCode::Unauthorized, "wrong or missing token"))
                 }
-                _ => Ok(()),
+                _ => Ok(version),
             }
         }
         Ok(_) => Err(refuse(ErrorCode::Malformed, "the first frame must be a handshake (Hello)")),

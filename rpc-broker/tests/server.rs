@@ -667,6 +667,29 @@ async fn next(consumer: &mut rpc_core::transport::Consumer) -> rpc_core::transpo
     tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a delivery").expect("open")
 }
 
+/// A client learns at the handshake whether the broker keeps durable queues on disk: with a data directory it
+/// does, and its `Capabilities::durable` says so; a version-5 client still gets the `Welcome` it can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_says_whether_the_broker_is_durable() {
+    let plain = start(config()).await;
+    let remote = Remote::connect(&plain.url()).await.expect("connects");
+    assert!(!remote.capabilities().durable);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut logged = config();
+    logged.log = Some(rpc_broker::log::LogConfig::new(dir.path()));
+    let logged = start(logged).await;
+    let remote = Remote::connect(&logged.url()).await.expect("connects");
+    assert!(remote.capabilities().durable);
+    // An older client's Welcome has no flags byte, in its own version.
+    let mut stream = TcpStream::connect(logged.local_addr()).await.expect("connects");
+    let old = encode(&ClientFrame::Hello { version: 5, token: String::new(), name: "old".into() });
+    stream.write_all(&old).await.expect("writes");
+    let mut frames = FramedRead::new(stream, FrameCodec::new(MAX_FRAME));
+    let welcome = frames.next().await.expect("a frame").expect("a whole frame");
+    assert_eq!(welcome.len(), 1 + 2 + 4 + 4, "a version-5 Welcome is 11 bytes");
+    assert!(matches!(ServerFrame::parse(welcome), Ok(ServerFrame::Welcome { version: 5, flags: 0, .. })));
+}
+
 /// A durable queue keeps what its messages carry across a restart: priorities order them again, a TTL that ran
 /// out while the broker was down drops its message, a delay still holds its message back, a dead letter stays
 /// in the dead-letter queue, and a publisher's retry of a message it had published is taken once.

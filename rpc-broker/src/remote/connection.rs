@@ -260,14 +260,15 @@ pub(super) async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
         let first =
             frames.next().await.ok_or(Error::Disconnected)?.map_err(|error| Error::Transport(Box::new(error)))?;
         match ServerFrame::parse(first).map_err(|error| Error::Transport(Box::new(error)))? {
-            ServerFrame::Welcome { heartbeat_ms, .. } => Ok((frames, write, heartbeat_ms)),
+            ServerFrame::Welcome { heartbeat_ms, flags, .. } => Ok((frames, write, heartbeat_ms, flags)),
             ServerFrame::Error { code, message, .. } => Err(code.to_error("", message)),
             _ => Err(Error::Transport("the broker did not answer the handshake".into())),
         }
     };
-    let (frames, write, heartbeat_ms) = tokio::time::timeout(inner.options.connect_timeout, connect)
+    let (frames, write, heartbeat_ms, flags) = tokio::time::timeout(inner.options.connect_timeout, connect)
         .await
         .map_err(|_| Error::Timeout(inner.options.connect_timeout))??;
+    inner.durable.store(flags & protocol::WELCOME_DURABLE != 0, Ordering::Relaxed);
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn::new(out, inner.options.request_timeout));
