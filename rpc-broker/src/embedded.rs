@@ -52,13 +52,15 @@ struct ChannelSink {
 
 impl Sink<Envelope> for ChannelSink {
     fn deliver(&self, delivery: engine::Delivery<Envelope>, now: Instant) {
-        let mut envelope = delivery.message;
-        if let Some(remaining) = delivery.remaining_ttl {
-            envelope.deadline_ms = Some(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
-        }
+        let envelope = delivery.message;
+        // The engine counts the budget exactly; what it used up is the time queued.
+        let queued = match (envelope.deadline_ms, delivery.remaining_ttl) {
+            (Some(budget), Some(remaining)) => Duration::from_millis(budget).saturating_sub(remaining),
+            _ => Duration::ZERO,
+        };
         let handle =
             if delivery.tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&self.acker), delivery.tag) };
-        let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, received_at: now, handle };
+        let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, queued, received_at: now, handle };
         if let Some(sink) = self.direct.get() {
             sink(delivery);
             return;

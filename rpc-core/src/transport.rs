@@ -10,8 +10,10 @@
 //! - **capabilities**: [`Capabilities`]; what a broker lacks is reported as [`Error::Unsupported`], never
 //!   silently ignored. [`Transport::queue_stats`] and [`Transport::cancel`] are optional and default to it.
 //!
-//! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out: the transport
-//! takes the time it spent queued off (or drops it, if that is all of it).
+//! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out. A transport leaves
+//! it as the sender wrote it and says how long the message waited ([`Delivery::queued`]); the [`Consumer`] takes
+//! that off, once, as the delivery leaves it. A transport drops a delivery whose budget ran out while queued
+//! ([`Delivery::expired`]) instead of handing it out.
 //!
 //! For implementers: [`Acker`] settles and answers deliveries; [`reply_then_ack`], [`finished`] and
 //! [`answered`] build its futures; [`Cancellations`] tracks per-delivery cancel signals; [`Consumer::from_channel`]
@@ -625,10 +627,49 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// How many times it has been delivered, this time included (1 on the first delivery).
     pub delivery_count: u32,
+    /// How long the message waited between its publish and this delivery, as far as the transport can tell
+    /// (the broker's own count, or the sender's clock against ours; zero where it cannot tell). The
+    /// [`Consumer`] takes it off the envelope's `deadline_ms` and sets it to zero as the delivery leaves it.
+    pub queued: Duration,
     /// When the transport handed it out: the envelope's `deadline_ms` counts from here.
     pub received_at: Instant,
     /// Settles it.
     pub handle: AckHandle,
+}
+
+impl Delivery {
+    /// What remains of the message's time budget, in milliseconds: its `deadline_ms` less the time it was
+    /// queued. `None`: it has no deadline; `Some(0)`: the budget ran out while it was queued.
+    pub fn remaining_ms(&self) -> Option<u64> {
+        remaining_ms(self.envelope.deadline_ms, self.queued)
+    }
+
+    /// Whether the budget ran out while the message was queued: a transport drops such a delivery (and counts
+    /// it as expired) rather than handing it out.
+    pub fn expired(&self) -> bool {
+        ran_out(self.envelope.deadline_ms, self.queued)
+    }
+
+    /// The time queued, taken off the deadline: what a delivery looks like once it leaves its consumer.
+    fn dequeued(mut self) -> Delivery {
+        if !self.queued.is_zero() {
+            self.envelope.deadline_ms = self.remaining_ms();
+            self.queued = Duration::ZERO;
+        }
+        self
+    }
+}
+
+/// What remains of a budget of `deadline_ms` after `queued`, in milliseconds (see [`Delivery::remaining_ms`]).
+pub fn remaining_ms(deadline_ms: Option<u64>, queued: Duration) -> Option<u64> {
+    let queued = u64::try_from(queued.as_millis()).unwrap_or(u64::MAX);
+    deadline_ms.map(|budget| budget.saturating_sub(queued))
+}
+
+/// Whether a budget of `deadline_ms` ran out in `queued` (see [`Delivery::expired`]), for a transport that
+/// decides before it makes the delivery.
+pub fn ran_out(deadline_ms: Option<u64>, queued: Duration) -> bool {
+    remaining_ms(deadline_ms, queued) == Some(0)
 }
 
 /// A stream of deliveries from one queue or subscriber group. Dropping it cancels the consumer: its unacked
@@ -664,7 +705,9 @@ impl Consumer {
     /// then yields nothing more, and ends when the consumer does.
     pub fn direct(&mut self, sink: DeliverySink) -> bool {
         let Some(control) = &self.control else { return false };
-        if !control.direct(Arc::clone(&sink)) {
+        let outer = Arc::clone(&sink);
+        let dequeue: DeliverySink = Arc::new(move |delivery: Delivery| outer(delivery.dequeued()));
+        if !control.direct(dequeue) {
             return false;
         }
         // Deliveries queued before the switch.
@@ -676,7 +719,7 @@ impl Consumer {
 
     /// The next delivery if one is ready now, without waiting.
     pub fn try_next(&mut self) -> Option<Delivery> {
-        self.stream.next().now_or_never().flatten()
+        self.stream.next().now_or_never().flatten().map(Delivery::dequeued)
     }
 
     /// The next delivery, or `None` when the consumer was closed by the transport.
@@ -684,7 +727,7 @@ impl Consumer {
     /// # Cancel safety
     /// Cancel-safe: a delivery is either returned or stays in the consumer.
     pub async fn next(&mut self) -> Option<Delivery> {
-        self.stream.next().await
+        self.stream.next().await.map(Delivery::dequeued)
     }
 }
 
@@ -881,6 +924,34 @@ pub(crate) fn shared(transport: impl Transport) -> Arc<dyn Transport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_queued_comes_off_the_deadline_once_as_a_delivery_leaves_its_consumer() {
+        let delivery = |deadline_ms: Option<u64>, queued_ms: u64| {
+            let mut envelope = Envelope::new(crate::Kind::Request);
+            envelope.deadline_ms = deadline_ms;
+            Delivery {
+                envelope,
+                delivery_count: 1,
+                queued: Duration::from_millis(queued_ms),
+                received_at: Instant::now(),
+                handle: AckHandle::auto(),
+            }
+        };
+        assert!(delivery(Some(400), 400).expired());
+        assert!(!delivery(Some(401), 400).expired());
+        assert!(!delivery(None, 400).expired());
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut consumer = Consumer::from_channel(receiver, None);
+        for sent in [delivery(Some(1_000), 400), delivery(None, 400), delivery(Some(1_000), 0)] {
+            sender.send(sent).expect("the consumer is open");
+        }
+        let taken: Vec<_> = std::iter::from_fn(|| consumer.try_next()).collect();
+        let left: Vec<_> = taken.iter().map(|delivery| (delivery.envelope.deadline_ms, delivery.queued)).collect();
+        assert_eq!(left, [(Some(600), Duration::ZERO), (None, Duration::ZERO), (Some(1_000), Duration::ZERO)]);
+        // Taken off once: the remaining budget of a delivery that left the consumer is its deadline.
+        assert_eq!(taken[0].remaining_ms(), Some(600));
+    }
 
     #[test]
     fn finished_successes_are_zero_sized_and_failures_carry_their_error() {

@@ -75,11 +75,12 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// What remains of a budget of `budget_ms` sent at `sent_at_ms`: `Some(0)` when it ran out while queued. A sender
-/// clock ahead of ours counts as no time queued.
-pub(crate) fn remaining_ms(budget_ms: u64, sent_at_ms: Option<u64>, now_ms: u64) -> u64 {
-    let queued = sent_at_ms.map_or(0, |sent| now_ms.saturating_sub(sent));
-    budget_ms.saturating_sub(queued)
+/// How long a message sent at `sent_at_ms` has been on its way at `now_ms` ([`Delivery::queued`]); zero when
+/// the sending time is unknown, or when the sender's clock is ahead of ours.
+///
+/// [`Delivery::queued`]: rpc_core::transport::Delivery::queued
+pub(crate) fn queued_since(sent_at_ms: Option<u64>, now_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(sent_at_ms.map_or(0, |sent| now_ms.saturating_sub(sent)))
 }
 
 /// The name of the envelope kind in [`headers::KIND`].
@@ -162,11 +163,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn remaining_takes_queued_time_off_and_ignores_a_clock_ahead() {
-        assert_eq!(remaining_ms(1_000, Some(10_000), 10_400), 600);
-        assert_eq!(remaining_ms(1_000, Some(10_000), 12_000), 0);
-        assert_eq!(remaining_ms(1_000, Some(10_500), 10_000), 1_000);
-        assert_eq!(remaining_ms(1_000, None, 10_000), 1_000);
+    fn queued_time_counts_from_the_sending_time_and_ignores_a_clock_ahead() {
+        use std::time::Duration;
+        assert_eq!(queued_since(Some(10_000), 10_400), Duration::from_millis(400));
+        assert_eq!(queued_since(Some(10_500), 10_000), Duration::ZERO);
+        assert_eq!(queued_since(None, 10_000), Duration::ZERO);
     }
 
     #[test]

@@ -553,11 +553,12 @@ impl Transport for Nats {
                     );
                     reply
                 } else {
-                    let mut reply = from_message(&message, None);
+                    let (mut reply, _) = from_message(&message, None);
                     reply.kind = Kind::Reply;
                     reply
                 };
-                Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle: AckHandle::auto() }
+                let received_at = Instant::now();
+                Delivery { envelope, delivery_count: 1, queued: Duration::ZERO, received_at, handle: AckHandle::auto() }
             });
             let losses = Some(self.inner.losses.subscribe());
             Ok(Inbox { address, consumer: Consumer::new(replies.boxed(), None), losses })

@@ -371,10 +371,18 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                 let Some(route) = conn.routes.get(&consumer) else { continue };
                 match codec::decode_envelope_bytes(&payload, &limits) {
                     Ok(mut envelope) => {
-                        envelope.deadline_ms = ttl_ms;
+                        // The broker counts the budget it was given exactly (`ttl_ms` is what remains of it).
+                        let queued = match (envelope.deadline_ms, ttl_ms) {
+                            (Some(budget), Some(remaining)) => Duration::from_millis(budget.saturating_sub(remaining)),
+                            (None, remaining) => {
+                                envelope.deadline_ms = remaining;
+                                Duration::ZERO
+                            }
+                            (Some(_), None) => Duration::ZERO,
+                        };
                         let handle =
                             if tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&route.acker), tag) };
-                        let delivery = Delivery { envelope, delivery_count, received_at: now, handle };
+                        let delivery = Delivery { envelope, delivery_count, queued, received_at: now, handle };
                         match &route.direct {
                             Some(sink) => sink(delivery),
                             None => drop(route.sender.send(delivery)),

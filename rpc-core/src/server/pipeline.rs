@@ -33,7 +33,7 @@ pub(super) fn handle(
     source: Source,
     permit: OwnedSemaphorePermit,
 ) -> BoxFuture<'static, ()> {
-    let Delivery { envelope, delivery_count, received_at, handle } = delivery;
+    let Delivery { envelope, delivery_count, received_at, handle, .. } = delivery;
     if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
         let kind = envelope.kind;
         return Box::pin(async move {

@@ -201,8 +201,8 @@ impl Pump {
         {
             inner.mark_unbounded(&String::from_utf8_lossy(queue.as_bytes()));
         }
-        let envelope = match from_amqp(delivery.properties, delivery.data) {
-            Ok(envelope) => envelope,
+        let (envelope, queued) = match from_amqp(delivery.properties, delivery.data) {
+            Ok(mapped) => mapped,
             Err(error) => {
                 tracing::warn!(%error, "dead-lettering a message that is not an mqrpc message");
                 if self.manual {
@@ -212,7 +212,7 @@ impl Pump {
                 return true;
             }
         };
-        if envelope.deadline_ms == Some(0) {
+        if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
             Counters::bump(&self.counters.expired);
             if self.manual {
                 let _ = self.acker.channel.basic_ack(tag, BasicAckOptions::default()).await;
@@ -233,7 +233,7 @@ impl Pump {
         } else {
             AckHandle::auto()
         };
-        let delivery = Delivery { envelope, delivery_count, received_at: Instant::now(), handle };
+        let delivery = Delivery { envelope, delivery_count, queued, received_at: Instant::now(), handle };
         self.sender.send(delivery).is_ok()
     }
 }

@@ -237,8 +237,8 @@ impl Stream for CoreStream {
                     Poll::Pending => return Poll::Pending,
                 }
             };
-            let envelope = from_message(&message, None);
-            if envelope.deadline_ms == Some(0) {
+            let (envelope, queued) = from_message(&message, None);
+            if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
                 continue;
             }
             this.next_tag += 1;
@@ -248,7 +248,8 @@ impl Stream for CoreStream {
             } else {
                 AckHandle::auto()
             };
-            return Poll::Ready(Some(Delivery { envelope, delivery_count: 1, received_at: Instant::now(), handle }));
+            let received_at = Instant::now();
+            return Poll::Ready(Some(Delivery { envelope, delivery_count: 1, queued, received_at, handle }));
         }
     }
 }

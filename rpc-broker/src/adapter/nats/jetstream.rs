@@ -386,9 +386,9 @@ impl Pull {
             ),
             Err(_) => (1, None),
         };
-        let envelope = from_message(&message.message, stored_at);
+        let (envelope, queued) = from_message(&message.message, stored_at);
         let counters = &self.acker.counters;
-        if envelope.deadline_ms == Some(0) {
+        if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
             Counters::bump(&counters.expired);
             let _ = message.ack().await;
             return true;
@@ -408,7 +408,7 @@ impl Pull {
             Inner::lock(&self.acker.held).insert(tag, Held { message, delivered, _permit: permit });
             AckHandle::new(Arc::clone(&self.acker) as Arc<dyn Acker>, tag)
         };
-        let delivery = Delivery { envelope, delivery_count: delivered, received_at: Instant::now(), handle };
+        let delivery = Delivery { envelope, delivery_count: delivered, queued, received_at: Instant::now(), handle };
         match self.sender.send(delivery) {
             Ok(()) => true,
             Err(mpsc::error::SendError(delivery)) => {

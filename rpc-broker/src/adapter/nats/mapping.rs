@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -36,7 +37,8 @@ pub(super) fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
 }
 
 /// The envelope a message carries whole in its body, if it is such a message.
-fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, Error>> {
+/// Returns it with the time it was on its way, by the sender's clock.
+fn from_envelope_body(message: &async_nats::Message) -> Option<Result<(Envelope, Duration), Error>> {
     let payload = &message.payload;
     let plain = message.headers.as_ref().is_none_or(HeaderMap::is_empty);
     if !plain || payload.first() != Some(&ENVELOPE_MARK) {
@@ -48,17 +50,14 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<Envelope, 
             .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
             .map(u64::from_be_bytes)
             .ok_or(codec::CodecError::Malformed("a body marked as an envelope is shorter than its prefix"))?;
-        let mut envelope = codec::decode_envelope_bytes(&payload.slice(ENVELOPE_PREFIX..), &codec::Limits::default())?;
-        if let Some(budget) = envelope.deadline_ms {
-            envelope.deadline_ms = Some(adapter::remaining_ms(budget, Some(sent_at), adapter::now_ms()));
-        }
-        Ok::<_, codec::CodecError>(envelope)
+        let envelope = codec::decode_envelope_bytes(&payload.slice(ENVELOPE_PREFIX..), &codec::Limits::default())?;
+        Ok::<_, codec::CodecError>((envelope, adapter::queued_since(Some(sent_at), adapter::now_ms())))
     })();
-    Some(decoded.map_err(Error::from).map(|mut envelope| {
+    Some(decoded.map_err(Error::from).map(|(mut envelope, queued)| {
         if let Some(reply) = &message.reply {
             envelope.reply_to = Some(ReplyTo::Inbox(reply.as_str().to_owned()));
         }
-        envelope
+        (envelope, queued)
     }))
 }
 
@@ -187,10 +186,11 @@ pub(super) fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, E
     Ok(map)
 }
 
-/// The envelope of a NATS message. `stored_at_ms`: when JetStream stored it (the time queued counts from there).
-pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> Envelope {
+/// The envelope of a NATS message, and the time it was queued: from when JetStream stored it (`stored_at_ms`),
+/// else by the sender's clock.
+pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> (Envelope, Duration) {
     match from_envelope_body(message) {
-        Some(Ok(envelope)) => return envelope,
+        Some(Ok(mapped)) => return mapped,
         // Handled as a message without an envelope: a request gets an error reply naming no method.
         Some(Err(error)) => {
             tracing::warn!(%error, subject = %message.subject, "a body marked as an envelope does not decode")
@@ -243,9 +243,11 @@ pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u
     envelope.service = fields.service.unwrap_or_default().to_owned();
     envelope.method = fields.method.unwrap_or_default().to_owned();
     envelope.attempt = fields.attempt.and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
+    let mut queued = Duration::ZERO;
     if let Some(budget) = fields.deadline_ms.and_then(|budget| budget.parse::<u64>().ok()) {
         let sent_at = stored_at_ms.or_else(|| fields.sent_at_ms.and_then(|sent| sent.parse().ok()));
-        envelope.deadline_ms = Some(adapter::remaining_ms(budget, sent_at, adapter::now_ms()));
+        envelope.deadline_ms = Some(budget);
+        queued = adapter::queued_since(sent_at, adapter::now_ms());
     }
     envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
     envelope.caller = fields.caller.map(str::to_owned);
@@ -253,7 +255,7 @@ pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u
     envelope.status_message = fields.status_message.map(str::to_owned);
     envelope.headers = user;
     envelope.body = message.payload.clone();
-    envelope
+    (envelope, queued)
 }
 
 /// The envelope's fields among a message's headers.
@@ -316,10 +318,9 @@ mod tests {
                 description: None,
                 length: 0,
             };
-            let back = from_message(&message, None);
-            assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+            let (back, queued) = from_message(&message, None);
+            assert!(queued < Duration::from_secs(1), "{queued:?}");
             let mut expected = sent.clone();
-            expected.deadline_ms = back.deadline_ms;
             if matches!(mode, Mode::Core { .. }) {
                 // Core NATS has no deduplication: the message id is not sent, and the receiver makes its own.
                 expected.id = back.id;
@@ -359,11 +360,10 @@ mod tests {
         sent.reply_to = None;
         let body = envelope_body(&sent).expect("encodes");
         assert_eq!(body[0], ENVELOPE_MARK);
-        let back = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
-        assert!(back.deadline_ms.is_some_and(|left| left > 4_000 && left <= 5_000), "{:?}", back.deadline_ms);
+        let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
+        assert!(queued < Duration::from_secs(1), "{queued:?}");
         let mut expected = envelope.clone();
         expected.reply_to = Some(ReplyTo::Inbox(reply.to_string()));
-        expected.deadline_ms = back.deadline_ms;
         assert_eq!(back, expected);
     }
 
@@ -411,7 +411,7 @@ mod tests {
             description: None,
             length: 0,
         };
-        let back = from_message(&message, None);
+        let (back, _) = from_message(&message, None);
         assert_eq!(back.correlation_id, request.correlation_id);
         assert_eq!(back.status, 0);
         assert_eq!(back.body, reply.body);
