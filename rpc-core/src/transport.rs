@@ -526,9 +526,10 @@ impl AckHandle {
     /// [`Error::DeliveryLost`] when the broker took the delivery back; [`Error::Unsupported`] for an auto-acked
     /// delivery, which has no reply path; otherwise as [`Transport::publish`], but that a reply address that is
     /// gone is [`Answered::Undeliverable`].
-    pub async fn reply(&self, reply_to: &ReplyTo, reply: Envelope) -> Result<Answered, Error> {
-        let (acker, tag) = self.acker.as_ref().ok_or(Error::Unsupported(AUTO_ACKED))?;
-        Answered::of(acker.publish(*tag, reply_to.address(), reply, Confirm::for_reply(reply_to)).await)
+    pub fn reply<'a>(&'a self, reply_to: &'a ReplyTo, reply: Envelope) -> BoxFuture<'a, Result<Answered, Error>> {
+        let Some((acker, tag)) = self.acker.as_ref() else { return answered(Err(Error::Unsupported(AUTO_ACKED))) };
+        let published = acker.publish(*tag, reply_to.address(), reply, Confirm::for_reply(reply_to));
+        Box::pin(async move { Answered::of(published.await) })
     }
 
     /// Publishes the reply to this delivery's request and acks it, in one step where the transport can (see

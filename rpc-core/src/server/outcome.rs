@@ -13,7 +13,7 @@ use crate::envelope::{Envelope, Kind, ReplyTo};
 use crate::error::Error;
 use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
-use crate::transport::{AckHandle, Answered, Confirm, Transport};
+use crate::transport::{AckHandle, Answered, BoxFuture, Confirm, Transport};
 
 use super::Shared;
 use super::pipeline::Request;
@@ -164,9 +164,14 @@ async fn reply(
 }
 
 /// Publishes the reply to an auto-acked delivery, which has no reply path of its own, through the server's
-/// transport: unfenced.
-async fn publish_unfenced(shared: &Shared, reply_to: &ReplyTo, reply: Envelope) -> Result<Answered, Error> {
-    Answered::of(shared.transport.publish(reply_to.address(), reply, Confirm::for_reply(reply_to)).await)
+/// transport: unfenced. Boxed: a rare path, kept out of the size of every request's future.
+fn publish_unfenced<'a>(
+    shared: &'a Shared,
+    reply_to: &'a ReplyTo,
+    reply: Envelope,
+) -> BoxFuture<'a, Result<Answered, Error>> {
+    let published = shared.transport.publish(reply_to.address(), reply, Confirm::for_reply(reply_to));
+    Box::pin(async move { Answered::of(published.await) })
 }
 
 /// Counts a reply whose address is gone: the caller went with its inbox, and nobody is left to answer.
