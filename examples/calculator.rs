@@ -4,14 +4,14 @@ use serde::{Deserialize, Serialize};
 
 /// The error `div` returns.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum MathError {
+pub enum MathError {
     /// The divisor was zero.
     DivideByZero,
 }
 
 /// A calculator, served over a queue.
 #[rpc_core::service]
-pub(crate) trait Calculator {
+pub trait Calculator {
     /// Adds two numbers.
     async fn add(&self, a: i64, b: i64) -> i64;
     /// Divides `a` by `b`, or says why not.

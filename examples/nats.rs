@@ -13,10 +13,7 @@
 //!
 //! The URL comes from `MQRPC_NATS_URL` (default `nats://127.0.0.1:4222`).
 
-mod calculator;
-#[allow(dead_code, reason = "each example process plays one of the roles")]
-mod roles;
-
+use mqrpc_examples::roles;
 use rpc_broker::adapter::nats::{Nats, NatsOptions};
 use rpc_core::{QueueOptions, Transport};
 

@@ -11,10 +11,7 @@
 //! queue is the durable queue `Calculator`; `rabbitmqctl list_queues` shows it, and a plain AMQP client can
 //! call it (see `rpc_broker::adapter::amqp`).
 
-mod calculator;
-#[allow(dead_code, reason = "each example process plays one of the roles")]
-mod roles;
-
+use mqrpc_examples::roles;
 use rpc_broker::adapter::amqp::Amqp;
 
 #[tokio::main]

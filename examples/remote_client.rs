@@ -10,10 +10,7 @@
 //!
 //! The broker's URL comes from `MQRPC_BROKER` (default `mqrpc://127.0.0.1:7878`).
 
-mod calculator;
-#[allow(dead_code, reason = "each example process plays one of the roles")]
-mod roles;
-
+use mqrpc_examples::roles;
 use rpc_broker::Remote;
 
 #[tokio::main]

@@ -11,10 +11,7 @@
 //! The broker's URL comes from `MQRPC_BROKER` (default `mqrpc://127.0.0.1:7878`). Stop it with Ctrl-C: it
 //! finishes the calls it is running and hands the rest back to the broker.
 
-mod calculator;
-#[allow(dead_code, reason = "each example process plays one of the roles")]
-mod roles;
-
+use mqrpc_examples::roles;
 use rpc_broker::Remote;
 
 #[tokio::main]

@@ -19,7 +19,7 @@ impl Calculator for Calc {
 }
 
 /// Serves `Calculator` until Ctrl-C, then finishes what it runs and hands the rest back to the broker.
-pub(crate) async fn worker(transport: impl Transport, broker: &str) -> Result<(), rpc_core::Error> {
+pub async fn worker(transport: impl Transport, broker: &str) -> Result<(), rpc_core::Error> {
     let server = Server::new(transport).concurrency(64).serve(CalculatorServer::new(Calc)).await?;
     println!("worker serving Calculator on {broker}; Ctrl-C stops it");
     let _ = tokio::signal::ctrl_c().await;
@@ -29,7 +29,7 @@ pub(crate) async fn worker(transport: impl Transport, broker: &str) -> Result<()
 }
 
 /// Makes a few calls and 1,000 concurrent ones, and prints what came back.
-pub(crate) async fn client(transport: impl Transport) -> Result<(), rpc_core::Error> {
+pub async fn client(transport: impl Transport) -> Result<(), rpc_core::Error> {
     let client = Client::connect(transport).await?;
     let calc = CalculatorClient::new(&client);
     println!("add(2, 3) = {}", calc.add(2, 3).timeout(Duration::from_secs(5)).await?);
@@ -48,7 +48,7 @@ pub(crate) async fn client(transport: impl Transport) -> Result<(), rpc_core::Er
 }
 
 /// `worker` or `client`, from the first command-line argument.
-pub(crate) fn role() -> Result<String, rpc_core::Error> {
+pub fn role() -> Result<String, rpc_core::Error> {
     match std::env::args().nth(1).as_deref() {
         Some(role @ ("worker" | "client")) => Ok(role.to_owned()),
         _ => Err(rpc_core::Error::InvalidArgument("say `worker` or `client`".into())),
