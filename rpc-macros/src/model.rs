@@ -126,15 +126,16 @@ impl Method {
         let mut inputs = sig.inputs.iter();
         match inputs.next() {
             Some(FnArg::Receiver(receiver)) => {
-                if receiver.reference.is_none() {
+                // A typed receiver (`self: &Self`, `self: Arc<Self>`) has no shorthand reference: checked first.
+                if receiver.colon_token.is_some() {
+                    errors.spanned(receiver, "service methods take a plain `&self`, not a typed receiver");
+                } else if receiver.reference.is_none() {
                     errors.spanned(
                         receiver,
                         "service methods take `&self`, not `self` by value: one service value serves every call",
                     );
                 } else if receiver.mutability.is_some() {
                     errors.spanned(receiver, "service methods take `&self`, not `&mut self`: calls run concurrently; use interior mutability");
-                } else if receiver.colon_token.is_some() {
-                    errors.spanned(receiver, "service methods take a plain `&self`");
                 } else if let Some((_, Some(lifetime))) = &receiver.reference {
                     errors.spanned(lifetime, "service methods take `&self` without a lifetime");
                 }
