@@ -84,8 +84,8 @@ pub trait DedupStore: Send + Sync + fmt::Debug + 'static {
         self.complete(key, reply.clone())
     }
 
-    /// Gives up the claim on `key` without an outcome (the handler failed in a way worth retrying, or was
-    /// stopped): the next delivery executes it.
+    /// Gives up the claim on `key` without an outcome (the handler failed in a way its retry policy retries):
+    /// the next delivery executes it.
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
 }
 

@@ -92,6 +92,7 @@ pub struct Server {
     retry: RetryPolicy,
     method_retry: HashMap<String, RetryPolicy>,
     dedup: Option<Arc<dyn DedupStore>>,
+    overrun: Duration,
     layers: Layers,
 }
 
@@ -109,6 +110,7 @@ impl Server {
             retry: RetryPolicy::none(),
             method_retry: HashMap::new(),
             dedup: Some(Arc::new(MemoryDedup::default())),
+            overrun: Duration::from_secs(30),
             layers: Layers::default(),
         }
     }
@@ -212,6 +214,20 @@ impl Server {
         self
     }
 
+    /// How long a handler with a dedup claim may run past its caller's deadline (default 30 s).
+    ///
+    /// A handler that started may have made its effect, so with a dedup store it is not stopped at the
+    /// deadline: it runs to its end and its outcome is stored under the idempotency key, and the caller's retry
+    /// with the key gets that outcome (or waits for it, up to its own deadline) instead of running it again.
+    /// A handler still running `overrun` past the deadline is stopped, and its key's outcome stored as
+    /// [`Code::DeadlineExceeded`](crate::Code::DeadlineExceeded): it is not run again either. A request whose
+    /// deadline passed before it started is never started. Without a dedup store
+    /// ([`without_dedup`](Server::without_dedup)) handlers stop at the deadline.
+    pub fn overrun(mut self, overrun: Duration) -> Server {
+        self.overrun = overrun;
+        self
+    }
+
     /// How many handlers run at once (at least 1).
     ///
     /// Each request is first polled in the server's own task: a handler that finishes without waiting costs no
@@ -278,6 +294,7 @@ impl Server {
             retry: self.retry,
             method_retry: self.method_retry,
             dedup: self.dedup,
+            overrun: self.overrun,
         });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, self.concurrency, stop_rx));
@@ -294,6 +311,8 @@ struct Shared {
     retry: RetryPolicy,
     method_retry: HashMap<String, RetryPolicy>,
     dedup: Option<Arc<dyn DedupStore>>,
+    /// How long a handler with a dedup claim may run past its deadline.
+    overrun: Duration,
 }
 
 impl Shared {

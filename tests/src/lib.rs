@@ -348,6 +348,7 @@ macro_rules! scenarios {
             poison_request_is_dead_lettered_after_its_attempts,
             retries_stop_before_the_deadline,
             same_idempotency_key_executes_once,
+            handler_past_its_deadline_runs_once_per_key,
             in_flight_limit_holds_a_burst_in_the_caller,
             cancelled_call_leaves_the_queue_and_stops_its_handler,
             handler_reads_the_callers_identity,

@@ -45,6 +45,9 @@ pub trait Probe {
     async fn flaky(&self, failures: u32) -> u32;
     /// An effect: counts one more execution for `n` and returns the count.
     async fn count(&self, n: i64) -> u64;
+    /// The effect of `count`, then `millis` milliseconds of work before answering with the count: a handler
+    /// whose effect precedes a long tail.
+    async fn count_then_wait(&self, n: i64, millis: u64) -> u64;
     /// An effect on the worker's sink: takes a few milliseconds, appends the call's idempotency key, then
     /// takes a few more; returns `n`.
     async fn effect(&self, n: i64) -> i64;
@@ -201,6 +204,18 @@ impl Probe for Worker {
         let count = counts.entry(n).or_default();
         *count += 1;
         *count
+    }
+
+    async fn count_then_wait(&self, n: i64, millis: u64) -> u64 {
+        let count = {
+            let mut counts = self.events.counts.lock().expect("not poisoned");
+            let count = counts.entry(n).or_default();
+            *count += 1;
+            *count
+        };
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        self.events.finish("count_then_wait");
+        count
     }
 
     async fn effect(&self, n: i64) -> i64 {

@@ -648,6 +648,44 @@ pub async fn same_idempotency_key_executes_once(harness: &dyn Harness) {
     assert_eq!(server.stats().deduplicated, 11);
 }
 
+/// A handler whose effect comes first and which then runs past the caller's deadline is not stopped there: it
+/// runs to its end and its outcome is stored under the call's key. The caller, timing out, retries with the
+/// same key until it is answered; each retry made while the first execution runs waits for it (and times out),
+/// the first made after it ended gets its stored outcome. Each key's effect happens once.
+pub async fn handler_past_its_deadline_runs_once_per_key(harness: &dyn Harness) {
+    const KEYS: i64 = 20;
+    const TAIL_MS: u64 = 400;
+    const DEADLINE: Duration = Duration::from_millis(100);
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker("w").await;
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let calls = (0..KEYS).map(|n| {
+        let probe = probe.clone();
+        async move {
+            let key = format!("slow-{n}");
+            let mut timeouts = 0u32;
+            loop {
+                match probe.count_then_wait(n, TAIL_MS).idempotency_key(&key).timeout(DEADLINE).await {
+                    Ok(count) => return (count, timeouts),
+                    Err(Error::Timeout(_)) if timeouts < 100 => timeouts += 1,
+                    Err(error) => panic!("key {key}: {error:?} after {timeouts} timeouts"),
+                }
+            }
+        }
+    });
+    let answers = join_all(calls).await;
+    for (n, (count, timeouts)) in answers.iter().enumerate() {
+        assert_eq!(*count, 1, "key {n} answered with another execution's count");
+        assert!(*timeouts >= 1, "key {n}: the first call did not time out");
+    }
+    let counts = events.counts.lock().expect("not poisoned").clone();
+    assert_eq!(counts.len(), KEYS as usize, "{counts:?}");
+    assert!(counts.values().all(|&count| count == 1), "a key's effect happened more than once: {counts:?}");
+    assert_eq!(events.finished("count_then_wait"), KEYS as u64, "an execution was stopped at its deadline");
+    assert_eq!(client.stats().pending, 0);
+}
+
 /// A client limited to 3 calls in flight sends a burst of 30 to a worker that could run 16 at once: the worker
 /// never runs more than 3, every call is answered, and a call that cannot get a place before its deadline
 /// fails with `Timeout` without being sent.

@@ -97,3 +97,55 @@ mod processes {
         assert_eq!(client.stats().pending, 0);
     }
 }
+
+/// What the worker does with a handler that runs past its caller's deadline under a dedup claim.
+mod overrun {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
+    use rpc_broker::Embedded;
+    use rpc_core::{Client, Error, Server};
+
+    /// Past its overrun the handler is stopped, and its key's outcome is stored as `DeadlineExceeded`: a retry
+    /// with the key gets that outcome, and the handler does not run again.
+    #[tokio::test]
+    async fn a_handler_stopped_past_its_overrun_is_not_run_again() {
+        let broker = Embedded::new();
+        let events = Arc::new(Events::default());
+        let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+        let server = Server::new(broker.clone())
+            .overrun(Duration::from_millis(100))
+            .serve(ProbeServer::new(worker))
+            .await
+            .expect("serves");
+        let client = Client::builder(broker).connect().await.expect("connects");
+        let probe = ProbeClient::new(&client);
+        let first = probe.count_then_wait(1, 60_000).idempotency_key("stuck").timeout(Duration::from_millis(100)).await;
+        assert!(matches!(first, Err(Error::Timeout(_))), "{first:?}");
+        // The retry waits for the running execution until it is stopped, then gets its stored outcome (a
+        // `DeadlineExceeded` status, which the client reports as its timeout).
+        let retry = probe.count_then_wait(1, 0).idempotency_key("stuck").timeout(Duration::from_secs(5)).await;
+        assert!(matches!(retry, Err(Error::Timeout(_))), "{retry:?}");
+        assert_eq!(server.stats().deduplicated, 1, "the retry was not answered from the store");
+        assert_eq!(events.counts.lock().expect("not poisoned").get(&1), Some(&1), "the key ran again");
+        assert_eq!(events.finished("count_then_wait"), 0);
+    }
+
+    /// Without a dedup store nothing says whether a handler made its effect, and a handler stops at the
+    /// deadline as before.
+    #[tokio::test]
+    async fn without_a_dedup_store_a_handler_stops_at_the_deadline() {
+        let broker = Embedded::new();
+        let events = Arc::new(Events::default());
+        let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+        let server = Server::new(broker.clone()).without_dedup().serve(ProbeServer::new(worker)).await.expect("serves");
+        let client = Client::builder(broker).connect().await.expect("connects");
+        let probe = ProbeClient::new(&client);
+        let call = probe.count_then_wait(1, 60_000).timeout(Duration::from_millis(100)).await;
+        assert!(matches!(call, Err(Error::Timeout(_))), "{call:?}");
+        mqrpc_tests::eventually("the handler to be stopped", Duration::from_secs(5), || server.stats().expired == 1)
+            .await;
+        assert_eq!(events.finished("count_then_wait"), 0);
+    }
+}

@@ -105,17 +105,25 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
             settle(handle.requeue().await);
             return;
         }
-        Claim::Expired => {
+        Claim::Expired(status) => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
-            Box::pin(answer(shared, request, handle, Err(expired_status()))).await;
+            Box::pin(answer(shared, request, handle, Err(status))).await;
             return;
         }
     };
-    let Some(result) = execute(shared, &request, &handle).await else {
+    // Under a claim the handler is not stopped at the deadline: it may have made its effect already, so it runs
+    // to its end (up to the overrun) and its outcome is stored for the caller's retry, which would otherwise
+    // run it again.
+    let cut_at = match claim {
+        Some(_) => request.deadline.and_then(|deadline| deadline.checked_add(shared.overrun)),
+        None => request.deadline,
+    };
+    let Some(result) = execute(shared, &request, &handle, cut_at).await else {
         // The caller cancelled the call: nobody waits for a reply, and it must not run again.
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
         if let Some((store, key)) = &claim {
-            store.abandon(key).await;
+            let cancelled = Err(Status::new(Code::Cancelled, "an earlier call with this key was cancelled"));
+            settle(store.complete(key, cancelled).await);
         }
         settle(handle.ack().await);
         return;
@@ -145,11 +153,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         return;
     }
     if let Some((store, key)) = &claim {
-        match &result {
-            // Not an outcome to replay (a panic, a deadline, a shutdown): the next delivery runs it again.
-            Err(status) if status.code() != Code::Application => store.abandon(key).await,
-            _ => settle(store.complete_borrowed(key, &result).await),
-        }
+        // Every outcome of a started execution is stored, failures included: the next delivery of the key is
+        // answered with it rather than run again.
+        settle(store.complete_borrowed(key, &result).await);
     }
     answer(shared, request, handle, result).await;
 }
@@ -185,8 +191,8 @@ enum Claim<'a> {
     Answer(StoredReply),
     /// The store failed: hand the request back rather than risk a second execution.
     Requeue,
-    /// The deadline passed while another delivery of the key ran.
-    Expired,
+    /// The deadline passed before the store answered, or while another delivery of the key ran.
+    Expired(Status),
 }
 
 async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
@@ -203,7 +209,7 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
                 tracing::warn!(%error, key, "the dedup store failed; requeueing the request");
                 return Claim::Requeue;
             }
-            Err(_) => return Claim::Expired,
+            Err(_) => return Claim::Expired(expired_status()),
         };
         // Another delivery of the same key runs now: its outcome is this one's. Rare: boxed, like the other rare
         // paths.
@@ -216,7 +222,11 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
         match request.deadline {
             Some(deadline) => {
                 if Box::pin(tokio::time::timeout_at(deadline, wait)).await.is_err() {
-                    return Claim::Expired;
+                    return Claim::Expired(Status::new(
+                        Code::DeadlineExceeded,
+                        "the deadline passed while an earlier delivery of this key was still running; a retry \
+                         with the key gets its outcome once it ends",
+                    ));
                 }
             }
             None => Box::pin(wait).await,
@@ -228,9 +238,15 @@ fn expired_status() -> Status {
     Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued")
 }
 
-/// Runs the handler, within the request's deadline, with its context; a panic becomes [`Code::Internal`].
-/// `None`: the caller cancelled the call and the handler was stopped (dropped at its next await).
-async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Option<Result<Bytes, Status>> {
+/// Runs the handler with its context, stopped at `cut_at` if given; a panic becomes [`Code::Internal`]. A
+/// request whose deadline passed is not started. `None`: the caller cancelled the call and the handler was
+/// stopped (dropped at its next await).
+async fn execute(
+    shared: &Shared,
+    request: &Request,
+    handle: &AckHandle,
+    cut_at: Option<Instant>,
+) -> Option<Result<Bytes, Status>> {
     let stats = &shared.stats;
     let envelope = &request.envelope;
     if request.expired() {
@@ -261,7 +277,7 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
             }
         }
     };
-    let outcome = within!(request.deadline, run());
+    let outcome = within!(cut_at, run());
     Some(match outcome {
         Some(Some(Ok(result))) => result,
         Some(Some(Err(panic))) => {
@@ -273,7 +289,7 @@ async fn execute(shared: &Shared, request: &Request, handle: &AckHandle) -> Opti
         Some(None) => return None,
         None => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
-            Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline"))
+            Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline and was stopped"))
         }
     })
 }
