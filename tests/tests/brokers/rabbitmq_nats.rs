@@ -16,7 +16,7 @@ use rpc_core::transport::Confirm;
 use rpc_core::{Client, QueueOptions, Server, ServerHandle, Transport, naming};
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::WAIT;
 
 fn namespace() -> String {
     format!("b{}", Uuid::new_v4().simple())

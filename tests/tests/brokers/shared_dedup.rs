@@ -13,7 +13,7 @@ use rpc_broker::adapter::redis_dedup::RedisDedup;
 use rpc_core::{Begin, Client, Code, DedupStore, Server, Status};
 use uuid::Uuid;
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::WAIT;
 
 /// A store on the test Redis with keys of its own.
 async fn store(prefix: &str) -> RedisDedup {
