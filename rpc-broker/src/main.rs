@@ -121,7 +121,7 @@ struct Serve {
     /// Connections open at once.
     #[arg(long, env = "MQRPC_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
-    /// Unacked deliveries per connection.
+    /// Unacked deliveries per consumer (a larger prefetch is lowered to it).
     #[arg(long, env = "MQRPC_MAX_UNACKED", default_value_t = 10_000)]
     max_unacked: u32,
     /// Bytes waiting to be written to one connection before its frames stop being read.
@@ -130,6 +130,10 @@ struct Serve {
     /// Bytes of messages held past which publishes get QueueFull.
     #[arg(long, env = "MQRPC_MEMORY_HIGH_WATERMARK", default_value_t = 1024 * 1024 * 1024)]
     memory_high_watermark: usize,
+    /// Bytes of large frames (over 64 KiB) being received across connections, past which a connection starting
+    /// another is closed with the limit error.
+    #[arg(long, env = "MQRPC_RECEIVE_BUDGET", default_value_t = 256 * 1024 * 1024)]
+    receive_budget: usize,
     /// Keep durable queues in this directory: their messages survive a restart or a crash. Without it, every
     /// queue is in memory only.
     #[arg(long, env = "MQRPC_DATA_DIR")]
@@ -218,6 +222,7 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     config.max_unacked = serve.max_unacked;
     config.max_outbound = serve.max_outbound;
     config.memory_high_watermark = serve.memory_high_watermark;
+    config.receive_budget = serve.receive_budget;
     config.tls = tls;
     if let Some(dir) = serve.data_dir {
         let mut log = rpc_broker::log::LogConfig::new(dir);

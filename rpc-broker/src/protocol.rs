@@ -6,6 +6,8 @@
 //! the rest of the frame, forwarded by the broker without decoding.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rpc_core::transport::Outcome;
@@ -64,6 +66,11 @@ pub enum ProtocolError {
         /// The limit.
         max: usize,
     },
+    /// A frame that would take the frames being received over their budget.
+    OverBudget {
+        /// The announced length.
+        len: usize,
+    },
     /// A frame type this build does not know.
     UnknownType(u8),
     /// The body does not match its type.
@@ -77,6 +84,9 @@ impl fmt::Display for ProtocolError {
         match self {
             ProtocolError::Empty => f.write_str("a frame of length 0"),
             ProtocolError::TooLarge { len, max } => write!(f, "a frame of {len} bytes is over the {max}-byte limit"),
+            ProtocolError::OverBudget { len } => {
+                write!(f, "a frame of {len} bytes would take the frames being received over the broker's budget")
+            }
             ProtocolError::UnknownType(kind) => write!(f, "unknown frame type 0x{kind:02x}"),
             ProtocolError::Malformed(why) => write!(f, "malformed frame: {why}"),
             ProtocolError::Io(error) => write!(f, "i/o error: {error}"),
@@ -92,16 +102,85 @@ impl From<std::io::Error> for ProtocolError {
     }
 }
 
+/// The largest frame a peer may send before its handshake is accepted: a `Hello` with a token and a name of a
+/// few kilobytes fits. An unauthenticated peer cannot make the broker hold more than this for it.
+pub const HANDSHAKE_MAX_FRAME: usize = 8 * 1024;
+
+/// How much of a frame's announced length a decoder makes room for ahead of its bytes: room for the rest
+/// grows as they arrive, so a length prefix alone costs the broker nothing.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 /// Splits a byte stream into frames (type byte + body), checking the length before reading the body.
-#[derive(Debug, Clone, Copy)]
+///
+/// A frame longer than [`RESERVE_AHEAD`] is charged to its [`FrameBudget`] (if it has one) from its length
+/// prefix until it is whole: frames being received on every connection together stay within the budget.
+#[derive(Debug)]
 pub struct FrameCodec {
     max_frame: usize,
+    budget: Option<Arc<FrameBudget>>,
+    /// What the frame being received is charged to the budget.
+    charged: usize,
+}
+
+/// Bytes of frames being received, across the connections that share it, and their limit.
+#[derive(Debug)]
+pub struct FrameBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl FrameBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> FrameBudget {
+        FrameBudget { used: AtomicUsize::new(0), max }
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn charge(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 impl FrameCodec {
     /// A codec refusing frames longer than `max_frame`.
     pub fn new(max_frame: usize) -> FrameCodec {
-        FrameCodec { max_frame }
+        FrameCodec { max_frame, budget: None, charged: 0 }
+    }
+
+    /// A codec refusing frames longer than `max_frame`, its large frames charged to `budget` while they arrive.
+    pub fn with_budget(max_frame: usize, budget: Arc<FrameBudget>) -> FrameCodec {
+        FrameCodec { max_frame, budget: Some(budget), charged: 0 }
+    }
+
+    /// Changes the longest frame accepted from here on (after a handshake, say).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    fn release(&mut self) {
+        if let Some(budget) = &self.budget
+            && self.charged > 0
+        {
+            budget.release(std::mem::take(&mut self.charged));
+        }
+    }
+}
+
+impl Drop for FrameCodec {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -121,11 +200,29 @@ impl Decoder for FrameCodec {
             return Err(ProtocolError::TooLarge { len, max: self.max_frame });
         }
         if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
+            if len > RESERVE_AHEAD
+                && self.charged == 0
+                && let Some(budget) = &self.budget
+            {
+                if !budget.charge(len) {
+                    return Err(ProtocolError::OverBudget { len });
+                }
+                self.charged = len;
+            }
+            src.reserve((4 + len - src.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
+        self.release();
         src.advance(4);
         Ok(Some(src.split_to(len).freeze()))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(ProtocolError::Malformed("a frame cut off by the end of the stream")),
+        }
     }
 }
 
@@ -213,7 +310,7 @@ pub enum ClientFrame {
         req: u32,
         /// The queue.
         queue: String,
-        /// Unacked deliveries at most (0: the connection's limit).
+        /// Unacked deliveries at most (0: the broker's limit per consumer).
         prefetch: u32,
         /// Deliveries count as acked when sent.
         auto_ack: bool,
@@ -1117,6 +1214,48 @@ mod tests {
         assert!(matches!(codec.decode(&mut huge), Err(ProtocolError::TooLarge { len: 4_294_967_295, max: 1024 })));
         let mut partial = BytesMut::from(&[0u8, 0, 0, 5, 0x0d][..]);
         assert!(matches!(codec.decode(&mut partial), Ok(None)));
+    }
+
+    #[test]
+    fn a_length_prefix_alone_reserves_no_more_than_a_chunk() {
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+        let mut src = BytesMut::from(&(DEFAULT_MAX_FRAME as u32).to_be_bytes()[..]);
+        assert!(matches!(codec.decode(&mut src), Ok(None)));
+        assert!(src.capacity() <= 4 + RESERVE_AHEAD, "reserved {} bytes", src.capacity());
+    }
+
+    #[test]
+    fn large_frames_being_received_share_one_budget() {
+        let budget = Arc::new(FrameBudget::new(1 << 20));
+        let header = |len: u32| BytesMut::from(&len.to_be_bytes()[..]);
+        let mut first = FrameCodec::with_budget(DEFAULT_MAX_FRAME, Arc::clone(&budget));
+        let mut second = FrameCodec::with_budget(DEFAULT_MAX_FRAME, Arc::clone(&budget));
+        let mut first_src = header(800 << 10);
+        assert!(matches!(first.decode(&mut first_src), Ok(None)));
+        // Asked again as more bytes arrive, the frame is charged once.
+        first_src.extend_from_slice(&[0x0d; 1024]);
+        assert!(matches!(first.decode(&mut first_src), Ok(None)));
+        assert_eq!(budget.used(), 800 << 10);
+        assert!(matches!(second.decode(&mut header(800 << 10)), Err(ProtocolError::OverBudget { len: 819_200 })));
+        // Small frames are not charged.
+        assert!(matches!(second.decode(&mut header(1024)), Ok(None)));
+        // A whole frame gives its charge back; so does a codec dropped with a frame half received.
+        first_src.resize(4 + (800 << 10), 0x0d);
+        assert_eq!(first.decode(&mut first_src).expect("decodes").map(|frame| frame.len()), Some(800 << 10));
+        assert_eq!(budget.used(), 0);
+        let mut third = FrameCodec::with_budget(DEFAULT_MAX_FRAME, Arc::clone(&budget));
+        assert!(matches!(third.decode(&mut header(900 << 10)), Ok(None)));
+        assert_eq!(budget.used(), 900 << 10);
+        drop(third);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_frame_cut_off_by_the_end_of_the_stream_is_malformed() {
+        let mut codec = FrameCodec::new(1024);
+        let mut cut = BytesMut::from(&[0u8, 0, 0, 5, 0x0d][..]);
+        assert!(matches!(codec.decode_eof(&mut cut), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(codec.decode_eof(&mut BytesMut::new()), Ok(None)));
     }
 
     #[test]

@@ -29,8 +29,8 @@ use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink, declare, join_group, settle_of, to_error};
 use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
-    self, ClientFrame, ErrorCode, Frame, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION, PROTOCOL_VERSION,
-    ProtocolError, ServerFrame,
+    self, ClientFrame, ErrorCode, Frame, FrameBudget, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION,
+    PROTOCOL_VERSION, ProtocolError, ServerFrame,
 };
 
 /// How the server runs; every field has a sane default.
@@ -47,12 +47,18 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Connections open at once (default 1,024).
     pub max_connections: usize,
-    /// Unacked deliveries per connection, across its consumers (default 10,000).
+    /// Unacked deliveries per consumer (default 10,000): a larger prefetch, or an unlimited one (0), is
+    /// lowered to it.
     pub max_unacked: u32,
     /// Bytes queued for writing to one connection past which its frames are not read (default 64 MiB).
     pub max_outbound: usize,
     /// Bytes of messages the broker holds past which publishes are refused with `QueueFull` (default 1 GiB).
     pub memory_high_watermark: usize,
+    /// Bytes of large frames (over 64 KiB) being received, across all connections, past which a connection
+    /// that starts another one is closed with the `Limit` error (default 256 MiB). A frame is counted at its
+    /// announced length from its length prefix until its last byte arrives. Before its handshake a peer may
+    /// send frames of at most [`protocol::HANDSHAKE_MAX_FRAME`] bytes.
+    pub receive_budget: usize,
     /// TLS, if set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Where durable queues are kept; `None` keeps every queue in memory only.
@@ -70,6 +76,7 @@ impl Default for ServerConfig {
             max_unacked: 10_000,
             max_outbound: 64 * 1024 * 1024,
             memory_high_watermark: 1024 * 1024 * 1024,
+            receive_budget: 256 * 1024 * 1024,
             tls: None,
             log: None,
         }
@@ -87,6 +94,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_unacked", &self.max_unacked)
             .field("max_outbound", &self.max_outbound)
             .field("memory_high_watermark", &self.memory_high_watermark)
+            .field("receive_budget", &self.receive_budget)
             .field("tls", &self.tls.is_some())
             .field("log", &self.log)
             .finish()
@@ -107,6 +115,8 @@ pub struct BrokerStats {
     pub frames_in: u64,
     /// Bytes of messages held.
     pub bytes_held: usize,
+    /// Bytes of large frames being received (see [`ServerConfig::receive_budget`]).
+    pub receiving: usize,
 }
 
 struct State {
@@ -117,6 +127,8 @@ struct State {
     accepted: AtomicU64,
     rejected: AtomicU64,
     frames_in: AtomicU64,
+    /// Large frames being received, across connections.
+    receiving: Arc<FrameBudget>,
 }
 
 impl State {
@@ -181,8 +193,10 @@ impl BrokerServer {
         };
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
+        let receiving = Arc::new(FrameBudget::new(config.receive_budget));
         let state = Arc::new(State {
             hub: Mutex::new(hub),
+            receiving,
             config,
             log,
             connections: AtomicUsize::new(0),
@@ -224,6 +238,7 @@ impl BrokerServer {
             rejected: self.state.rejected.load(Ordering::Relaxed),
             frames_in: self.state.frames_in.load(Ordering::Relaxed),
             bytes_held: self.state.lock().engine.bytes(),
+            receiving: self.state.receiving.used(),
         }
     }
 
@@ -374,6 +389,7 @@ fn failure(req: u32, error: &Error) -> ServerFrame {
 fn protocol_failure(error: &ProtocolError) -> ServerFrame {
     let code = match error {
         ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+        ProtocolError::OverBudget { .. } => ErrorCode::Limit,
         ProtocolError::Io(_) => ErrorCode::Internal,
         _ => ErrorCode::Malformed,
     };
@@ -385,7 +401,9 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (read, write) = tokio::io::split(stream);
-    let mut frames = FramedRead::new(read, FrameCodec::new(state.config.max_frame));
+    // Until the handshake is accepted, frames are no larger than a handshake.
+    let codec = FrameCodec::with_budget(protocol::HANDSHAKE_MAX_FRAME, Arc::clone(&state.receiving));
+    let mut frames = FramedRead::new(read, codec);
     let (out, outbound) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(Notify::new());
@@ -394,6 +412,7 @@ where
     let mut connection = Connection { state: Arc::clone(state), out: out.clone(), queued, consumers: HashSet::new() };
     match handshake(state, &mut frames).await {
         Ok(version) => {
+            frames.decoder_mut().set_max_frame(state.config.max_frame);
             let welcome = ServerFrame::Welcome {
                 version,
                 heartbeat_ms: u32::try_from(state.config.heartbeat.as_millis()).unwrap_or(u32::MAX),

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! With `--broker` it runs our broker instead, on loopback port `PORT` (default 0: a free one), keeping durable
-//! queues in `DATA_DIR` if given, for tests that measure their own process alone or kill the broker: it prints
+//! queues in `DATA_DIR` if given, for tests that measure their own process alone or kill the broker or measure
+//! it (its token, receive budget, memory high-watermark and connection limit from `MQRPC_PROBE_BROKER_TOKEN`,
+//! `_RECEIVE_BUDGET`, `_WATERMARK` and `_MAX_CONNECTIONS` if set): it prints
 //! `ready`, then the broker's URL, then how many messages it read back from `DATA_DIR`, and serves until killed; on SIGTERM it stops gracefully (its log written and
 //! synced) and exits.
 //!
@@ -111,6 +113,17 @@ async fn broker() -> Result<(), Error> {
     let port = args.next().and_then(|port| port.parse().ok()).unwrap_or(0);
     let mut config = rpc_broker::server::ServerConfig::default();
     config.log = args.next().map(rpc_broker::log::LogConfig::new);
+    config.token = std::env::var("MQRPC_PROBE_BROKER_TOKEN").ok();
+    let number = |name: &str| std::env::var(name).ok().and_then(|value| value.parse::<usize>().ok());
+    if let Some(budget) = number("MQRPC_PROBE_BROKER_RECEIVE_BUDGET") {
+        config.receive_budget = budget;
+    }
+    if let Some(watermark) = number("MQRPC_PROBE_BROKER_WATERMARK") {
+        config.memory_high_watermark = watermark;
+    }
+    if let Some(connections) = number("MQRPC_PROBE_BROKER_MAX_CONNECTIONS") {
+        config.max_connections = connections;
+    }
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| Error::Transport(Box::new(error)))?;

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 mod durable;
+mod limits;
 mod rabbitmq_nats;
 mod shared_dedup;
 
