@@ -157,7 +157,16 @@ struct Consumer<M> {
     prefetch: u32,
     auto_ack: bool,
     paused: bool,
+    /// Held back while its connection is silent: it gets nothing new until it is heard from again.
+    held: bool,
     unacked: HashMap<u64, Stored<M>>,
+}
+
+impl<M> Consumer<M> {
+    /// Whether it may take another delivery now.
+    pub(super) fn has_room(&self) -> bool {
+        !self.paused && !self.held && (self.prefetch == 0 || self.unacked.len() < self.prefetch as usize)
+    }
 }
 
 /// The engine: queues, topics and consumers, for messages of type `M` (cloned on delivery, so make it cheap:
@@ -477,7 +486,14 @@ impl<M: Clone> Engine<M> {
         mark_dirty(target, &mut self.dirty);
         self.consumers.insert(
             id,
-            Consumer { queue: queue.to_owned(), prefetch, auto_ack, paused: false, unacked: HashMap::default() },
+            Consumer {
+                queue: queue.to_owned(),
+                prefetch,
+                auto_ack,
+                paused: false,
+                held: false,
+                unacked: HashMap::default(),
+            },
         );
         Ok(id)
     }
@@ -486,6 +502,16 @@ impl<M: Clone> Engine<M> {
     pub fn pause_consumer(&mut self, id: ConsumerId) {
         if let Some(consumer) = self.consumers.get_mut(&id) {
             consumer.paused = true;
+        }
+    }
+
+    /// Holds a consumer back (`held`: it gets nothing new, its deliveries stay settleable) or lets it take
+    /// deliveries again: for a consumer whose connection went silent, whom the broker may be about to drop.
+    pub fn hold_consumer(&mut self, id: ConsumerId, held: bool) {
+        let Some(consumer) = self.consumers.get_mut(&id) else { return };
+        consumer.held = held;
+        if !held && let Some(queue) = self.queues.get_mut(&consumer.queue) {
+            mark_dirty(queue, &mut self.dirty);
         }
     }
 
@@ -860,6 +886,25 @@ mod tests {
         engine.remove_consumer(consumer, now);
         assert!(!engine.has_queue("inbox"));
         assert_eq!(engine.publish("inbox", 1, Props::default(), now), Err(EngineError::NoQueue("inbox".into())));
+    }
+
+    #[test]
+    fn a_held_consumer_gets_nothing_new_until_let_go_and_others_take_its_share() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let silent = engine.add_consumer("q", 10, false).expect("consumes");
+        engine.hold_consumer(silent, true);
+        engine.publish("q", 1, Props::default(), now).expect("publishes");
+        assert!(drain(&mut engine, now).is_empty(), "a held consumer got a delivery");
+        let other = engine.add_consumer("q", 10, false).expect("consumes");
+        let taken = drain(&mut engine, now);
+        assert_eq!((messages(&taken), taken[0].consumer), (vec![1], other));
+        engine.publish("q", 2, Props::default(), now).expect("publishes");
+        engine.remove_consumer(other, now);
+        engine.hold_consumer(silent, false);
+        let after = drain(&mut engine, now);
+        assert_eq!(messages(&after), [1, 2], "let go, it takes what waits");
+        assert!(after.iter().all(|delivery| delivery.consumer == silent));
     }
 
     #[test]

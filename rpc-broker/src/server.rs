@@ -540,6 +540,8 @@ impl Connection {
         // a frame (three to four intervals of silence) close the connection.
         let mut heard = true;
         let mut silent_ticks = 0u32;
+        // Whether its consumers are held back for its silence.
+        let mut held = false;
         loop {
             // A peer that does not read its deliveries stops being read from, until its backlog drains.
             while self.queued.load(Ordering::Relaxed) > self.state.config.max_outbound {
@@ -560,6 +562,10 @@ impl Connection {
                         Some(Ok(frame)) => frame,
                     };
                     heard = true;
+                    if held {
+                        held = false;
+                        self.hold(false);
+                    }
                     self.state.frames_in.fetch_add(1, Ordering::Relaxed);
                     let frame = ClientFrame::parse(frame).map_err(|error| protocol_failure(&error))?;
                     if let Some(answer) = self.handle(frame)? {
@@ -568,6 +574,13 @@ impl Connection {
                 }
                 _ = ticks.tick() => {
                     silent_ticks = if std::mem::take(&mut heard) { 0 } else { silent_ticks + 1 };
+                    if silent_ticks == 1 && !held && !self.consumers.is_empty() {
+                        // Silent for an interval: nothing new goes to its consumers until it is heard from, so
+                        // that a peer that stopped (paused, starved) does not take in work that it may never
+                        // run and that the broker would hand to others only once it drops the connection.
+                        held = true;
+                        self.hold(true);
+                    }
                     if silent_ticks >= 3 {
                         return Err(ServerFrame::Error {
                             req: 0,
@@ -578,6 +591,17 @@ impl Connection {
                     let _ = self.out.send(Outbound::Frame(ServerFrame::Ping));
                 }
             }
+        }
+    }
+
+    /// Holds this connection's consumers back, or lets them take deliveries again.
+    fn hold(&self, held: bool) {
+        let mut hub = self.state.lock();
+        for &consumer in &self.consumers {
+            hub.engine.hold_consumer(consumer, held);
+        }
+        if !held {
+            hub.dispatch(Instant::now());
         }
     }
 

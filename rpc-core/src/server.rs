@@ -333,6 +333,7 @@ struct Counters {
     dead_lettered: AtomicU64,
     deduplicated: AtomicU64,
     fenced: AtomicU64,
+    revoked: AtomicU64,
     cancelled: AtomicU64,
 }
 
@@ -361,6 +362,9 @@ pub struct ServerStats {
     /// Replies not sent because the broker had taken their request back (this worker's connection was lost
     /// while the handler ran, and the request was redelivered): the delivery that has it now answers.
     pub fenced: u64,
+    /// Requests dropped unrun because the broker had taken them back before they started (this worker was
+    /// away past its heartbeats, or its connection was lost, and another worker has them now).
+    pub revoked: u64,
     /// Handlers stopped because their caller cancelled the call; the request is acked without a reply.
     pub cancelled: u64,
 }
@@ -378,6 +382,7 @@ impl ServerStats {
             dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
             deduplicated: stats.deduplicated.load(Ordering::Relaxed),
             fenced: stats.fenced.load(Ordering::Relaxed),
+            revoked: stats.revoked.load(Ordering::Relaxed),
             cancelled: stats.cancelled.load(Ordering::Relaxed),
         }
     }

@@ -395,6 +395,16 @@ pub trait Acker: Send + Sync + fmt::Debug {
         let _ = tag;
         None
     }
+
+    /// Whether the broker has taken delivery `tag` back, or may have: the link it came on is gone, or was
+    /// silent for longer than the broker waits before it hands a link's deliveries to other consumers (this
+    /// process was paused or starved past its heartbeats). A worker drops such a delivery unrun, since
+    /// another worker may be running it. Asked once per delivery, just before its handler starts; `false` (the
+    /// default) where the transport cannot tell.
+    fn revoked(&self, tag: u64) -> bool {
+        let _ = tag;
+        false
+    }
 }
 
 /// The cancellation signals of one consumer's deliveries, for transports whose broker tells a consumer that
@@ -511,6 +521,11 @@ impl AckHandle {
             Some((acker, tag)) => acker.settle(tag, outcome).await,
             None => Ok(()),
         }
+    }
+
+    /// Whether the broker has taken the delivery back (see [`Acker::revoked`]); an auto-acked delivery never is.
+    pub fn revoked(&self) -> bool {
+        self.acker.as_ref().is_some_and(|(acker, tag)| acker.revoked(*tag))
     }
 
     /// Whether the delivery was acked as it was handed out ([`ConsumeOptions::auto_ack`]): it has no reply

@@ -335,6 +335,77 @@ async fn rabbitmq_paused_worker_cannot_answer_a_redelivered_request() {
     paused_worker_is_fenced(&harness, &url, Duration::from_secs(8)).await;
 }
 
+/// A worker running one handler at a time holds 15 more requests it was handed (prefetch 16) when it is stopped
+/// with SIGSTOP past its heartbeats. The broker holds back new work from its silent connection, then drops the
+/// connection and hands its 16 requests to a second worker, which answers them all. Resumed, the first worker
+/// finds by the clock that it was away past the heartbeats: it runs none of the 15 it still holds (they are
+/// `revoked`; before, it ran each one again), its reply to the request it was in the middle of is fenced, and it
+/// reconnects and serves again. Each of the 15 keys' effects happened once; the interrupted request's effect
+/// happened on both workers, as no store per worker can prevent (its effect came before the pause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_paused_worker_runs_nothing_the_broker_took_back() {
+    const HELD: usize = 15;
+    let mut config = rpc_broker::server::ServerConfig::default();
+    config.heartbeat = Duration::from_millis(100);
+    let harness = RemoteHarness::start_with(config).await;
+    let url = harness.url();
+    let namespace = format!("r{}", Uuid::new_v4().simple());
+    let sink = sink_path();
+    let start = |name: &str, concurrency: &str, prefetch: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_probe-worker"));
+        command.args([url.as_str(), &namespace, name, concurrency, prefetch]).env("MQRPC_PROBE_SINK", &sink);
+        WorkerProcess::spawn(command)
+    };
+    let paused = start("paused", "1", "16");
+    let transport = harness.connect().await;
+    let client = Client::builder(Arc::clone(&transport)).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    let lines = |key: &str| read_sink(&sink).get(key).copied().unwrap_or(0);
+
+    // The worker's one handler is busy, past its effect.
+    let first = Uuid::new_v4().simple().to_string();
+    let busy = probe.effect_then_wait(0, 2_000).idempotency_key(&first).timeout(WAIT * 2).into_future();
+    let busy = tokio::spawn(busy);
+    mqrpc_tests::eventually("the first effect", WAIT, || lines(&first) == 1).await;
+    // Fifteen more requests, handed to the worker and waiting for its handler.
+    let keys: Vec<String> = (0..HELD).map(|_| Uuid::new_v4().simple().to_string()).collect();
+    let held: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, key)| tokio::spawn(probe.effect(n as i64 + 1).idempotency_key(key).timeout(WAIT * 2).into_future()))
+        .collect();
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    mqrpc_tests::eventually_async("the requests to be handed to the worker", WAIT, || async {
+        transport.queue_stats(&queue).await.is_ok_and(|stats| stats.unacked == HELD + 1 && stats.ready == 0)
+    })
+    .await;
+
+    paused.pause();
+    let second = start("second", "16", "16");
+    assert_eq!(busy.await.expect("joins").expect("answered by the second worker"), 0);
+    for (n, call) in held.into_iter().enumerate() {
+        assert_eq!(call.await.expect("joins").expect("answered by the second worker"), n as i64 + 1);
+    }
+    paused.resume();
+    // Only the first worker serves from here: a call it answers was read after the ones it held (one handler
+    // at a time, in order), so by then it has dropped them or run them.
+    let second = second.terminate();
+    let after = Uuid::new_v4().simple().to_string();
+    let answered = probe.effect(99).idempotency_key(&after).timeout(WAIT * 2).await;
+    assert_eq!(answered.expect("answered by the first worker once it is back"), 99);
+    let first_report = paused.terminate();
+    let effects = read_sink(&sink);
+    let _ = std::fs::remove_file(&sink);
+    eprintln!("paused worker {first_report:?}; second worker {second:?}");
+    let repeated: Vec<&String> = keys.iter().filter(|key| effects.get(*key).copied() != Some(1)).collect();
+    assert!(repeated.is_empty(), "effects of held requests repeated or missing: {repeated:?} in {effects:?}");
+    assert_eq!(first_report["revoked"], HELD as u64, "{first_report:?}");
+    assert_eq!(first_report["fenced"], 1, "{first_report:?}");
+    assert_eq!(first_report["handled"], 1, "the paused worker answered what it held: {first_report:?}");
+    assert_eq!(second["handled"], HELD as u64 + 1, "{second:?}");
+    assert_eq!(client.stats().pending, 0);
+}
+
 /// Calls in the lost-confirm test.
 const CONFIRM_CALLS: usize = 10_000;
 /// One confirm in this many is dropped.

@@ -297,11 +297,10 @@ pub(super) fn dispatch_queue<M: Clone>(
     while queue.ready_len > 0 && !queue.consumers.is_empty() {
         // The next consumer, round-robin, that has room.
         let count = queue.consumers.len();
-        let Some(slot) = (0..count).map(|step| (queue.next_consumer + step) % count).find(|&slot| {
-            consumers.get(&queue.consumers[slot]).is_some_and(|consumer| {
-                !consumer.paused && (consumer.prefetch == 0 || consumer.unacked.len() < consumer.prefetch as usize)
-            })
-        }) else {
+        let Some(slot) = (0..count)
+            .map(|step| (queue.next_consumer + step) % count)
+            .find(|&slot| consumers.get(&queue.consumers[slot]).is_some_and(Consumer::has_room))
+        else {
             return;
         };
         queue.next_consumer = (slot + 1) % count;

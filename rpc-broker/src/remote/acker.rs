@@ -9,7 +9,7 @@ use rpc_core::{Envelope, Error, ReplyTo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Conn, Waiter};
+use super::connection::{Conn, Liveness, Waiter};
 use super::{publish_frame, reply_frame};
 use crate::protocol::{ClientFrame, call_key};
 
@@ -19,6 +19,7 @@ pub(super) struct RemoteAcker {
     /// The connection the deliveries came on, for requests that only it may make ([`Acker::republish`]).
     pub(super) link: Weak<Conn>,
     pub(super) dead: CancellationToken,
+    pub(super) liveness: Arc<Liveness>,
     pub(super) consumer: u64,
     pub(super) cancellations: Arc<Cancellations>,
 }
@@ -29,10 +30,26 @@ impl fmt::Debug for RemoteAcker {
     }
 }
 
+impl RemoteAcker {
+    /// Whether the connection the deliveries came on is gone, or this process was away from it past the
+    /// heartbeats (then the broker has most likely dropped it, and whichever of this check and the writer
+    /// notices first closes it): its deliveries are the broker's again.
+    fn gone(&self) -> bool {
+        if self.dead.is_cancelled() {
+            return true;
+        }
+        if self.liveness.lapsed(std::time::Instant::now()) {
+            self.dead.cancel();
+            return true;
+        }
+        false
+    }
+}
+
 impl Acker for RemoteAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
         self.cancellations.forget(tag);
-        let result = if self.dead.is_cancelled() {
+        let result = if self.gone() {
             Err(Error::Disconnected)
         } else {
             self.conn
@@ -49,7 +66,7 @@ impl Acker for RemoteAcker {
         envelope: Envelope,
         confirm: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        if self.dead.is_cancelled() {
+        if self.gone() {
             // The broker requeued this connection's deliveries when it went.
             return rpc_core::transport::finished(Err(Error::DeliveryLost));
         }
@@ -79,7 +96,7 @@ impl Acker for RemoteAcker {
         reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        if self.dead.is_cancelled() {
+        if self.gone() {
             return Box::pin(std::future::ready(Err(Error::DeliveryLost)));
         }
         if !reply_to.is_inbox() {
@@ -141,5 +158,9 @@ impl Acker for RemoteAcker {
 
     fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
         Some(self.cancellations.watch(tag))
+    }
+
+    fn revoked(&self, _tag: u64) -> bool {
+        self.gone()
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,24 +75,61 @@ pub(super) enum Waiter {
     },
 }
 
+/// When this process last wrote to the broker, which tells whether the broker still counts the connection alive:
+/// it hands a connection's deliveries to other consumers once it has heard nothing on it for three heartbeat
+/// intervals. A process that was stopped (SIGSTOP, a VM paused, a long stall) finds out when it runs again, by
+/// the clock, before it starts a delivery it may have lost: the writer and [`Acker::revoked`] both look.
+pub(super) struct Liveness {
+    opened: Instant,
+    /// Milliseconds from `opened` to the end of the last write.
+    last_write_ms: AtomicU64,
+    /// Silence past which the broker may have closed the connection: two and a half intervals, half an
+    /// interval short of the broker's three for the way the bytes take.
+    lapse: Duration,
+}
+
+impl Liveness {
+    fn new(heartbeat: Duration) -> Liveness {
+        Liveness { opened: Instant::now(), last_write_ms: AtomicU64::new(0), lapse: heartbeat * 5 / 2 }
+    }
+
+    fn wrote(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.opened).as_millis()).unwrap_or(u64::MAX);
+        self.last_write_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long nothing was written, as of `now`.
+    fn silent(&self, now: Instant) -> Duration {
+        let last = self.opened + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
+    /// Whether the broker may have given up on the connection by `now`.
+    pub(super) fn lapsed(&self, now: Instant) -> bool {
+        self.silent(now) > self.lapse
+    }
+}
+
 pub(super) struct Conn {
     /// Frames for the writer, which encodes them into its buffer.
     out: mpsc::UnboundedSender<ClientFrame>,
     pending: DashMap<u32, Waiter>,
     pub(super) routes: DashMap<u64, Route>,
     pub(super) dead: CancellationToken,
+    pub(super) liveness: Arc<Liveness>,
     next_req: AtomicU32,
     /// How long a request on it waits for its answer.
     pub(super) request_timeout: Duration,
 }
 
 impl Conn {
-    fn new(out: mpsc::UnboundedSender<ClientFrame>, request_timeout: Duration) -> Conn {
+    fn new(out: mpsc::UnboundedSender<ClientFrame>, request_timeout: Duration, heartbeat: Duration) -> Conn {
         Conn {
             out,
             pending: DashMap::new(),
             routes: DashMap::new(),
             dead: CancellationToken::new(),
+            liveness: Arc::new(Liveness::new(heartbeat)),
             next_req: AtomicU32::new(1),
             request_timeout,
         }
@@ -271,9 +308,9 @@ pub(super) async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
     inner.durable.store(flags & protocol::WELCOME_DURABLE != 0, Ordering::Relaxed);
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn::new(out, inner.options.request_timeout));
+    let conn = Arc::new(Conn::new(out, inner.options.request_timeout, heartbeat));
     let heard = Arc::new(AtomicBool::new(true));
-    tokio::spawn(write_frames(write, outbound, conn.dead.clone()));
+    tokio::spawn(write_frames(write, outbound, conn.dead.clone(), Arc::clone(&conn.liveness)));
     tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&heard)));
     tokio::spawn(heartbeats(Arc::downgrade(&conn), heartbeat, heard));
     Ok(conn)
@@ -283,6 +320,7 @@ async fn write_frames(
     mut write: BoxWrite,
     mut outbound: mpsc::UnboundedReceiver<ClientFrame>,
     dead: CancellationToken,
+    liveness: Arc<Liveness>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -302,9 +340,18 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
+        if liveness.lapsed(Instant::now()) {
+            // This process was away longer than the broker waits: it has most likely closed the connection and
+            // handed its deliveries to other consumers. Nothing more goes out on it (a settle or a reply would
+            // be for a delivery it may no longer hold); the supervisor reconnects.
+            tracing::warn!(silent = ?liveness.silent(Instant::now()), "this process was silent past the heartbeats; reconnecting");
+            dead.cancel();
+            return;
+        }
         if write.write_all(&buf).await.is_err() || write.flush().await.is_err() {
             break;
         }
+        liveness.wrote(Instant::now());
         buf.clear();
     }
     dead.cancel();
@@ -427,6 +474,7 @@ fn answer(conn: &Arc<Conn>, req: u32, result: Result<Bytes, (ErrorCode, String)>
                             conn: conn.out.clone(),
                             link: Arc::downgrade(conn),
                             dead: conn.dead.clone(),
+                            liveness: Arc::clone(&conn.liveness),
                             consumer,
                             cancellations: Arc::clone(&cancellations),
                         });

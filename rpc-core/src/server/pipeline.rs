@@ -111,6 +111,15 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
             return;
         }
     };
+    if handle.revoked() {
+        // Another worker may be running it now: the broker took it back while this one was away.
+        stats.revoked.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("dropping a delivery the broker took back, unrun");
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        return;
+    }
     // Under a claim the handler is not stopped at the deadline: it may have made its effect already, so it runs
     // to its end (up to the overrun) and its outcome is stored for the caller's retry, which would otherwise
     // run it again.

@@ -1,7 +1,7 @@
 //! A worker process for the fault tests: serves the suite's `Probe` service through a broker.
 //!
 //! ```text
-//! probe-worker URL NAMESPACE NAME [CONCURRENCY]
+//! probe-worker URL NAMESPACE NAME [CONCURRENCY [PREFETCH]]
 //! probe-worker --broker [PORT [DATA_DIR]]
 //! ```
 //!
@@ -52,10 +52,11 @@ async fn main() -> Result<(), Error> {
         return broker().await;
     }
     let (Some(url), Some(namespace), Some(name)) = (args.next(), args.next(), args.next()) else {
-        eprintln!("usage: probe-worker URL NAMESPACE NAME [CONCURRENCY]");
+        eprintln!("usage: probe-worker URL NAMESPACE NAME [CONCURRENCY [PREFETCH]]");
         std::process::exit(2);
     };
     let concurrency = args.next().and_then(|n| n.parse().ok()).unwrap_or(16);
+    let prefetch = args.next().and_then(|n| n.parse().ok()).unwrap_or(concurrency as u32);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -75,7 +76,7 @@ async fn main() -> Result<(), Error> {
     let mut server = rpc_core::Server::new(transport(&url).await?)
         .namespace(namespace.clone())
         .concurrency(concurrency)
-        .prefetch(concurrency as u32);
+        .prefetch(prefetch);
     if let Ok(redis) = std::env::var("MQRPC_PROBE_DEDUP_REDIS") {
         let store = rpc_broker::adapter::redis_dedup::RedisDedup::connect(&redis)
             .await?
@@ -90,14 +91,15 @@ async fn main() -> Result<(), Error> {
     let report = server.shutdown(Duration::from_secs(10)).await;
     let stats = report.stats;
     println!(
-        "stopped released={} finished={} aborted={} handled={} failed={} fenced={} deduplicated={} expired={} \
-         work_started={} work_running={}",
+        "stopped released={} finished={} aborted={} handled={} failed={} fenced={} revoked={} deduplicated={} \
+         expired={} work_started={} work_running={}",
         report.released,
         report.finished,
         report.aborted,
         stats.handled,
         stats.failed,
         stats.fenced,
+        stats.revoked,
         stats.deduplicated,
         stats.expired,
         events.started.load(std::sync::atomic::Ordering::SeqCst),

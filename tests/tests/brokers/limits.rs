@@ -263,3 +263,45 @@ async fn publishes_past_the_memory_high_watermark_get_queue_full() {
     let envelope = message(body);
     remote.publish("heavy", envelope, Confirm::Broker).await.expect("accepted again");
 }
+
+/// A consumer whose connection goes silent for a heartbeat interval gets nothing new: the broker holds the
+/// queue's messages for others (or for it, once it is heard from again) instead of pushing them to a peer that
+/// may have stopped. Silent for three intervals, it is dropped and what it held goes back to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_consumer_gets_nothing_new_then_is_dropped() {
+    let mut config = ServerConfig::default();
+    config.token = Some(TOKEN.into());
+    config.heartbeat = Duration::from_millis(200);
+    let harness = RemoteHarness::start_with(config).await;
+    let remote = Remote::connect(&format!("mqrpc://{TOKEN}@{}", address(&harness.url()))).await.expect("connects");
+    remote.declare_queue("quiet", &QueueOptions::new()).await.expect("declares");
+    let (mut frames, mut write) = logged_in(&address(&harness.url())).await;
+    let consume = ClientFrame::Consume { req: 1, queue: "quiet".into(), prefetch: 0, auto_ack: false };
+    write.write_all(&encoded(&consume)).await.expect("consumes");
+    assert!(matches!(next_frame(&mut frames).await, ServerFrame::Ok { req: 1, .. }));
+
+    // Until the hold starts, each message goes to the consumer; from then on, one stays in the queue.
+    let mut published = 0;
+    mqrpc_tests::eventually_async("the silent consumer to be held back", WAIT, || {
+        published += 1;
+        let remote = &remote;
+        async move {
+            remote.publish("quiet", message(Bytes::from_static(b"m")), Confirm::Broker).await.expect("publishes");
+            remote.queue_stats("quiet").await.expect("stats").ready == 1
+        }
+    })
+    .await;
+    let stats = remote.queue_stats("quiet").await.expect("stats");
+    assert_eq!((stats.ready, stats.unacked), (1, published - 1), "{stats:?}");
+    // Heard from again, it takes the message that waited.
+    write.write_all(&encoded(&ClientFrame::Ping)).await.expect("pings");
+    mqrpc_tests::eventually_async("the waiting message to go out", WAIT, || async {
+        remote.queue_stats("quiet").await.expect("stats").ready == 0
+    })
+    .await;
+    // Silent again for three intervals: dropped, and everything it held is back in the queue.
+    mqrpc_tests::eventually("the silent peer to be dropped", WAIT, || harness.server().stats().connections == 1).await;
+    let stats = remote.queue_stats("quiet").await.expect("stats");
+    assert_eq!((stats.ready, stats.unacked), (published, 0), "{stats:?}");
+    drop(frames);
+}
