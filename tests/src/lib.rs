@@ -350,6 +350,7 @@ macro_rules! scenarios {
             same_idempotency_key_executes_once,
             handler_past_its_deadline_runs_once_per_key,
             in_flight_limit_holds_a_burst_in_the_caller,
+            rate_limit_spaces_a_burst_in_the_caller,
             cancelled_call_leaves_the_queue_and_stops_its_handler,
             handler_reads_the_callers_identity,
             dead_letters_are_listed_and_replayed_with_their_key,

@@ -686,6 +686,39 @@ pub async fn handler_past_its_deadline_runs_once_per_key(harness: &dyn Harness) 
     assert_eq!(client.stats().pending, 0);
 }
 
+/// A client limited to 20 calls a second (a burst of 1) spaces a burst of 11 calls over at least half a second,
+/// and a call whose turn would come after its deadline fails with `Timeout` at once, unsent.
+pub async fn rate_limit_spaces_a_burst_in_the_caller(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (_server, events) = setup.worker("w").await;
+    let client = Client::builder(setup.transport().await)
+        .namespace(&setup.namespace)
+        .rate_limit(20, 1)
+        .connect()
+        .await
+        .expect("client connects");
+    let probe = ProbeClient::new(&client);
+    let started = tokio::time::Instant::now();
+    let burst = join_all((0..11).map(|n| probe.add(n, 1).timeout(WAIT).into_future())).await;
+    let took = started.elapsed();
+    for (n, sum) in burst.into_iter().enumerate() {
+        assert_eq!(sum.expect("answered"), n as i64 + 1);
+    }
+    // The first goes at once, then one every 50 ms: the last cannot start before 500 ms (the bucket is measured
+    // to the millisecond, hence 490).
+    assert!(took >= Duration::from_millis(490), "11 calls at 20 a second took only {took:?}");
+    // Three calls take the next turns (at once, then 50 and 100 ms on): a call made after them with 1 ms to go
+    // cannot have a turn before its deadline.
+    let (queued, refused) =
+        tokio::join!(join_all((0..3).map(|n| probe.add(n, 2).timeout(WAIT).into_future())), async {
+            tokio::task::yield_now().await;
+            probe.add(1, 1).timeout(Duration::from_millis(1)).await
+        });
+    assert!(queued.iter().all(Result::is_ok), "{queued:?}");
+    assert!(matches!(refused, Err(Error::Timeout(_))), "{refused:?}");
+    assert_eq!(events.finished("add"), 14, "the refused call was sent");
+}
+
 /// A client limited to 3 calls in flight sends a burst of 30 to a worker that could run 16 at once: the worker
 /// never runs more than 3, every call is answered, and a call that cannot get a place before its deadline
 /// fails with `Timeout` without being sent.

@@ -1,9 +1,9 @@
 //! The broker restarts during a run of calls: every call made meanwhile resolves by its deadline (a reply or a
 //! typed error), and calls succeed again after the restart.
 //!
-//! RabbitMQ is the machine's shared broker, stopped with `rabbitmqctl stop_app`: this binary holds only that
-//! test (cargo runs test binaries one at a time), and it runs only where `MQRPC_AMQP_CTL` names the control
-//! command (`.ci/run` sets it), never against a broker it was not given. NATS runs as a private server on a
+//! RabbitMQ is the machine's shared broker, stopped with `rabbitmqctl stop_app`: only the tests of this binary
+//! restart it (cargo runs test binaries one at a time), one at a time ([`RABBITMQ`]), and only where
+//! `MQRPC_AMQP_CTL` names the control command (`.ci/run` sets it), never against a broker it was not given. NATS runs as a private server on a
 //! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again. Our own broker runs in
 //! the test, dropped and bound again on the same address.
 
@@ -18,6 +18,9 @@ use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
 use tokio::sync::watch;
 use uuid::Uuid;
+
+/// Held by each test that restarts RabbitMQ, for all of its run: the tests of a binary run at once.
+static RABBITMQ: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Each call's budget; a call must resolve by it plus this slack.
 const BUDGET: Duration = Duration::from_secs(1);
@@ -118,6 +121,7 @@ fn ctl(command: &str, argument: &str) {
     ignore = "needs CI's own RabbitMQ to restart: MQRPC_AMQP_URL and MQRPC_AMQP_CTL (bash .ci/brokers)"
 )]
 async fn rabbitmq_restart_during_calls() {
+    let _only = RABBITMQ.lock().await;
     let command = mqrpc_tests::required_url("MQRPC_AMQP_CTL");
     let persistent = AmqpHarness::from_env().available();
     let transient = AmqpHarness::transient().available();
@@ -260,16 +264,13 @@ async fn jetstream_restart_during_calls() {
 
 /// A broker that goes away takes the callers' inboxes with it: a call waiting for its reply fails at once with
 /// `ReplyLost`, not at its timeout. A client that resends lost calls gets its answer after the restart, from one
-/// execution: the worker's dedup store answers the resent request with the outcome of the first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn own_broker_restart_fails_waiting_calls_with_reply_lost() {
-    use rpc_broker::server::{BrokerServer, ServerConfig};
-    use rpc_broker::{Remote, RemoteOptions};
-
-    let broker = BrokerServer::bind(([127, 0, 0, 1], 0).into(), ServerConfig::default()).await.expect("binds");
-    let (address, url) = (broker.local_addr(), broker.url());
-    let options = || RemoteOptions::new().max_backoff(Duration::from_millis(200));
-    let connect = || async { Remote::connect_with(&url, options()).await.expect("connects") };
+/// execution: the worker's dedup store answers the resent request (and, on a broker that keeps it, the request
+/// redelivered after the restart) with the outcome of the first.
+async fn waiting_calls_fail_with_reply_lost(
+    connect: &(dyn Fn() -> futures::future::BoxFuture<'static, Arc<dyn Transport>> + Sync),
+    stop: impl std::future::Future<Output = ()>,
+    start: impl std::future::Future<Output = ()>,
+) {
     let namespace = format!("r{}", Uuid::new_v4().simple());
     let events = Arc::new(Events::default());
     let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
@@ -282,22 +283,170 @@ async fn own_broker_restart_fails_waiting_calls_with_reply_lost() {
 
     let timeout = Duration::from_secs(30);
     let lost = tokio::spawn(ProbeClient::new(&plain).work(1_500).timeout(timeout).into_future());
-    let resent = tokio::spawn(ProbeClient::new(&resending).work(1_501).timeout(timeout).into_future());
+    let key = Uuid::new_v4().simple().to_string();
+    let resent = ProbeClient::new(&resending).work(1_501).idempotency_key(&key).timeout(timeout).into_future();
+    let resent = tokio::spawn(resent);
     mqrpc_tests::eventually("both calls running", Duration::from_secs(10), || {
         events.started.load(std::sync::atomic::Ordering::SeqCst) == 2
     })
     .await;
-    drop(broker);
-    let dropped = Instant::now();
+    stop.await;
+    let stopped = Instant::now();
     match lost.await.expect("joins") {
         Err(Error::ReplyLost) => {}
         other => panic!("expected ReplyLost, got {other:?}"),
     }
-    let noticed = dropped.elapsed();
+    let noticed = stopped.elapsed();
     assert!(noticed < timeout / 10, "ReplyLost came after {noticed:?}, as late as a timeout");
-    let _broker = BrokerServer::bind(address, ServerConfig::default()).await.expect("binds again");
-    assert_eq!(resent.await.expect("joins").expect("answered after the restart"), 1_501);
+    start.await;
+    let mut answer = resent.await.expect("joins");
+    // Core NATS holds nothing: a resend that comes back before the worker has subscribed again finds no one, and
+    // the caller tries again with the same key.
+    while let Err(Error::NoResponders(_)) = answer {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer = ProbeClient::new(&resending).work(1_501).idempotency_key(&key).timeout(timeout).await;
+    }
+    assert_eq!(answer.expect("answered after the restart"), 1_501);
     assert_eq!(events.finished("work"), 2, "each call ran once: the resend was answered from the dedup store");
     assert_eq!((plain.stats().pending, resending.stats().pending), (0, 0));
     eprintln!("ReplyLost {noticed:?} after the broker went away");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_broker_restart_fails_waiting_calls_with_reply_lost() {
+    use rpc_broker::server::{BrokerServer, ServerConfig};
+    use rpc_broker::{Remote, RemoteOptions};
+
+    let broker = BrokerServer::bind(([127, 0, 0, 1], 0).into(), ServerConfig::default()).await.expect("binds");
+    let (address, url) = (broker.local_addr(), broker.url());
+    let connect = move || -> futures::future::BoxFuture<'static, Arc<dyn Transport>> {
+        let url = url.clone();
+        Box::pin(async move {
+            let options = RemoteOptions::new().max_backoff(Duration::from_millis(200));
+            Arc::new(Remote::connect_with(&url, options).await.expect("connects")) as Arc<dyn Transport>
+        })
+    };
+    let mut restarted = None;
+    waiting_calls_fail_with_reply_lost(&connect, async { drop(broker) }, async {
+        restarted = Some(BrokerServer::bind(address, ServerConfig::default()).await.expect("binds again"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(mqrpc_amqp, mqrpc_amqp_ctl)),
+    ignore = "needs CI's own RabbitMQ to restart: MQRPC_AMQP_URL and MQRPC_AMQP_CTL (bash .ci/brokers)"
+)]
+async fn rabbitmq_restart_fails_waiting_calls_with_reply_lost() {
+    let _only = RABBITMQ.lock().await;
+    let command = mqrpc_tests::required_url("MQRPC_AMQP_CTL");
+    let harness = Arc::new(AmqpHarness::from_env().available());
+    let connect = move || -> futures::future::BoxFuture<'static, Arc<dyn Transport>> {
+        let harness = Arc::clone(&harness);
+        Box::pin(async move { harness.connect().await })
+    };
+    let (stop, start) = (command.clone(), command);
+    waiting_calls_fail_with_reply_lost(
+        &connect,
+        async move { tokio::task::spawn_blocking(move || ctl(&stop, "stop_app")).await.expect("stops") },
+        async move { tokio::task::spawn_blocking(move || ctl(&start, "start_app")).await.expect("starts") },
+    )
+    .await;
+}
+
+async fn nats_reply_lost(jetstream: bool) {
+    let binary = mqrpc_tests::required_url("MQRPC_NATS_SERVER");
+    let server = std::sync::Mutex::new(PrivateNats::start(&binary));
+    let options = if jetstream {
+        rpc_broker::adapter::nats::NatsOptions::jetstream()
+    } else {
+        rpc_broker::adapter::nats::NatsOptions::new()
+    };
+    let harness = Arc::new(NatsHarness::at(
+        &server.lock().expect("not poisoned").url(),
+        options.max_backoff(Duration::from_millis(200)),
+    ));
+    let connect = move || -> futures::future::BoxFuture<'static, Arc<dyn Transport>> {
+        let harness = Arc::clone(&harness);
+        Box::pin(async move { harness.connect().await })
+    };
+    waiting_calls_fail_with_reply_lost(&connect, async { server.lock().expect("not poisoned").kill() }, async {
+        server.lock().expect("not poisoned").spawn().expect("nats-server starts again on its port");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn nats_restart_fails_waiting_calls_with_reply_lost() {
+    nats_reply_lost(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn jetstream_restart_fails_waiting_calls_with_reply_lost() {
+    nats_reply_lost(true).await;
+}
+
+/// Requests waiting in a durable queue, with no worker to take them, survive a restart of the broker: every
+/// one of them is run once a worker starts after it.
+async fn queued_requests_survive_a_restart(harness: &dyn Harness, restart: impl std::future::Future<Output = ()>) {
+    const MESSAGES: i64 = 200;
+    let namespace = format!("q{}", Uuid::new_v4().simple());
+    // A worker declares the service's queue, then goes: the requests wait for the next one.
+    worker(harness.connect().await, &namespace).await.shutdown(Duration::from_secs(5)).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    for n in 0..MESSAGES {
+        probe.record(n).await.expect("the broker confirms the request");
+    }
+    restart.await;
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "after".into(), events: Arc::clone(&events), client: None };
+    let _server = Server::new(harness.connect().await)
+        .namespace(&namespace)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("a worker starts after the restart");
+    mqrpc_tests::eventually("every queued request to run", Duration::from_secs(60), || {
+        events.recorded().len() >= MESSAGES as usize
+    })
+    .await;
+    let mut recorded = events.recorded();
+    recorded.sort_unstable();
+    assert_eq!(recorded, (0..MESSAGES).collect::<Vec<_>>(), "requests lost or run twice across the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(mqrpc_amqp, mqrpc_amqp_ctl)),
+    ignore = "needs CI's own RabbitMQ to restart: MQRPC_AMQP_URL and MQRPC_AMQP_CTL (bash .ci/brokers)"
+)]
+async fn rabbitmq_queued_requests_survive_a_restart() {
+    let _only = RABBITMQ.lock().await;
+    let command = mqrpc_tests::required_url("MQRPC_AMQP_CTL");
+    let harness = AmqpHarness::from_env().available();
+    queued_requests_survive_a_restart(&harness, async move {
+        let stop = command.clone();
+        tokio::task::spawn_blocking(move || ctl(&stop, "stop_app")).await.expect("stops");
+        tokio::task::spawn_blocking(move || ctl(&command, "start_app")).await.expect("starts");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn jetstream_queued_requests_survive_a_restart() {
+    let binary = mqrpc_tests::required_url("MQRPC_NATS_SERVER");
+    let server = std::sync::Mutex::new(PrivateNats::start(&binary));
+    let url = server.lock().expect("not poisoned").url();
+    let options = rpc_broker::adapter::nats::NatsOptions::jetstream().max_backoff(Duration::from_millis(200));
+    let harness = NatsHarness::at(&url, options);
+    queued_requests_survive_a_restart(&harness, async {
+        let mut server = server.lock().expect("not poisoned");
+        server.kill();
+        server.spawn().expect("nats-server starts again on its port");
+    })
+    .await;
 }
