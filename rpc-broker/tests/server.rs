@@ -226,8 +226,9 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
     stream.write_all(&[0, 0, 0, 100, 0x03, 1, 2, 3, 4, 5, 6, 7, 8, 9]).await.expect("writes");
     stream.shutdown().await.expect("half-closes");
     frames_sent += 2;
-    let (_, closed) = until_closed(stream, Duration::from_secs(5)).await;
+    let (frames, closed) = until_closed(stream, Duration::from_secs(5)).await;
     assert!(closed, "truncated frame: the connection stayed open");
+    assert_eq!(error_codes(&frames), [(0, ErrorCode::Malformed)], "a frame cut off by the end of the stream");
 
     // After a good handshake: an unknown frame type closes the connection with a typed error.
     let mut stream = TcpStream::connect(address).await.expect("connects");
