@@ -51,10 +51,15 @@ fn encoded(frame: &impl Frame) -> BytesMut {
     buf
 }
 
-/// The next frame the broker sends on `frames`, within [`WAIT`].
+/// The next frame other than a heartbeat the broker sends on `frames`, within [`WAIT`].
 async fn next_frame(frames: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> ServerFrame {
-    let frame = tokio::time::timeout(WAIT, frames.next()).await.expect("the broker answers in time");
-    ServerFrame::parse(frame.expect("a frame").expect("a whole frame")).expect("a frame this build knows")
+    loop {
+        let frame = tokio::time::timeout(WAIT, frames.next()).await.expect("the broker answers in time");
+        match ServerFrame::parse(frame.expect("a frame").expect("a whole frame")).expect("a frame this build knows") {
+            ServerFrame::Ping => {}
+            frame => return frame,
+        }
+    }
 }
 
 /// A connection that has logged in, split into the frames it reads and the half it writes.
