@@ -281,10 +281,9 @@ impl QueueLog {
     }
 }
 
-/// A queue's oldest segment still holding live messages is compacted once this many segments follow it and at
-/// most a quarter of the messages published in it are live: those are written again at the end of the log and
-/// it is deleted, so that a message left unacked does not keep every segment after it on disk (a backlog nobody
-/// consumes is not rewritten).
+/// A queue's oldest segment still holding live messages is compacted ([`Writer::compact`]) once this many
+/// segments follow it and at most a quarter of the messages published in it are live, so that a message left
+/// unacked does not keep every segment after it on disk (a backlog nobody consumes is not rewritten).
 const COMPACT_BEHIND: usize = 8;
 
 /// What a record appended to a queue's log is.

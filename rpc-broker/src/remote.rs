@@ -297,8 +297,7 @@ impl Remote {
 
     /// A request published quietly: the broker answers only a failure.
     fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        // Quiet: the broker answers only a failure, and the reply to the inbox proves the request arrived. A
-        // connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
+        // A connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
         // client sends it again if told to): nothing is sent again here.
         let payload = match codec::encode_envelope(&envelope) {
             Ok(payload) => payload,

@@ -138,7 +138,7 @@ impl State {
 }
 
 /// A running broker server. Dropping it stops accepting and closes every connection; its log, if it has one,
-/// is written and synced and closed once the last connection is gone.
+/// is written, synced and closed before the drop returns.
 pub struct BrokerServer {
     state: Arc<State>,
     local_addr: SocketAddr,
@@ -485,11 +485,11 @@ async fn write_frames<W>(
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = outbound.recv().await {
-        // Let the tasks that are ready now queue their frames too, so that they go out in this one write.
+        // Let the tasks that are ready now queue their frames too, so that they go out in this one write (a lone
+        // frame is not held back).
         tokio::task::yield_now().await;
         let mut written = 0;
         let mut next = Some(first);
-        // Everything queued right now goes out in one write; a lone frame is not held back.
         while let Some(item) = next {
             match item {
                 Outbound::Frame(frame) => frame.encode(&mut buf),

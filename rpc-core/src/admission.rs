@@ -41,13 +41,13 @@ impl Admission {
         self.rate = Some(RateLimit::new(per_second, burst));
     }
 
-    /// Waits for the call's turn: a slot of the rate limit, then room in flight. A call whose deadline would
-    /// pass first is refused without taking a slot. The permit is held until the call ends.
     /// `true` when no limit is set: every call is admitted at once.
     pub(crate) fn is_open(&self) -> bool {
         self.in_flight.is_none() && self.rate.is_none()
     }
 
+    /// Waits for the call's turn: a slot of the rate limit, then room in flight. A call whose deadline would
+    /// pass first is refused without taking a slot. The permit is held until the call ends.
     pub(crate) async fn admit(&self, deadline: Option<Instant>) -> Result<Option<OwnedSemaphorePermit>, Refused> {
         if let Some(rate) = &self.rate {
             let start = rate.reserve(Instant::now(), deadline).ok_or(Refused::Deadline)?;

@@ -232,14 +232,9 @@ impl Client {
     }
 
     /// Cancels the waiting call `correlation_id` (as [`Call::on_reply`] returns it): the call ends at once with
-    /// [`Error::Cancelled`], and its request is cancelled at the broker ([`Transport::cancel`]): removed from
-    /// the queue if no worker took it yet, and the worker running it is signalled, which stops its handler.
-    /// Dropping a call's future before its reply does the same. Returns `false` when no such call waits.
-    ///
-    /// Where the transport cannot cancel (RabbitMQ, NATS: [`Capabilities::cancel`](crate::Capabilities)
-    /// is false), only the waiting ends: the request still runs unless its deadline passes first, and its
-    /// reply is dropped as late.
-    /// Returns `None` when no such call waits.
+    /// [`Error::Cancelled`], and its request is cancelled at the broker ([`Transport::cancel`]) where the
+    /// transport can (not on RabbitMQ or NATS); the [`Cancellation`] returned says which. Dropping a call's
+    /// future before its reply does the same. Returns `None` when no such call waits.
     pub fn cancel(&self, correlation_id: Uuid) -> Option<Cancellation> {
         let (_, pending) = self.inner.shared.pending.remove(&correlation_id)?;
         let _ = pending.sender.send(Err(Error::Cancelled));

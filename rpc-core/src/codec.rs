@@ -151,8 +151,8 @@ pub fn encode_envelope_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<()
     envelope::encode_into(out, envelope)
 }
 
-/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body is copied out of
-/// `bytes`; [`decode_envelope_bytes`] shares it instead.
+/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body is copied
+/// out of `bytes`; [`decode_envelope_bytes`] shares it instead.
 ///
 /// # Errors
 /// [`CodecError::TooLarge`] first; then [`CodecError::Malformed`] or [`CodecError::TooDeep`] for bytes that are

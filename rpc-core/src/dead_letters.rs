@@ -122,11 +122,11 @@ impl DeadLetters {
     }
 
     /// Puts up to `limit` dead letters back on the queue, oldest first (as [`DeadLetters::list`] orders them),
-    /// and returns how many. A replayed
-    /// request keeps its idempotency key, so a worker that did run it answers with the stored reply instead of
-    /// running it twice; it starts over at attempt 1 (its retry policy applies afresh) and has no deadline (its
-    /// caller stopped waiting long ago; a reply to an inbox that is gone is dropped, one to a durable
-    /// callback queue is handled there). A dead letter is removed only once its copy is on the queue.
+    /// and returns how many. A replayed request keeps its idempotency key, so a worker that did run it answers
+    /// with the stored reply instead of running it twice; it starts over at attempt 1 (its retry policy applies
+    /// afresh) and has no deadline (its caller stopped waiting long ago; a reply to an inbox that is gone is
+    /// dropped, one to a durable callback queue is handled there). A dead letter is removed only once its copy
+    /// is on the queue.
     ///
     /// # Errors
     /// As [`DeadLetters::list`], and publishing errors; the dead letters not replayed stay where they are.

@@ -141,12 +141,11 @@ pub struct MemoryDedup {
     inner: Arc<Mutex<Memory>>,
 }
 
-/// The keys live in `slots`, each with its hash; the table maps a hash to the slot of its key and holds nothing
-/// but the slot's number. Under constant churn the table settles at about four buckets per kept key (hashbrown
-/// tidies its tombstones in place only while the keys fill at most half of it), so its entries' size is what
-/// decides whether a lookup misses the cache: 4 bytes each, the default store's table is about 1 MB, where
-/// (hash, slot) pairs made it 4 MB and a claim and outcome cost a third more. Growing or tidying the table reads
-/// each key's hash from its slot. Storing a new key makes no allocation once the slots are there (most keys fit
+/// The keys live in `slots`, each with its hash (which growing or tidying the table reads); the table maps a
+/// hash to the slot of its key and holds nothing but the slot's number. Under constant churn the table settles
+/// at about four buckets per kept key (hashbrown tidies its tombstones in place only while the keys fill at most
+/// half of it), so its entries' size decides whether a lookup misses the cache: at 4 bytes each, the default
+/// store's table is about 1 MB. Storing a new key makes no allocation once the slots are there (most keys fit
 /// inline), and forgetting the oldest outcome finds it by its slot and stamp without hashing or comparing its key.
 struct Memory {
     capacity: usize,
@@ -359,7 +358,7 @@ impl DedupStore for MemoryDedup {
             }
         };
         match begin {
-            // The common answer, as a zero-sized future: boxing it allocates nothing.
+            // The common answer: a zero-sized future (see `transport::finished`).
             Begin::Execute => Box::pin(std::future::poll_fn(|_| Poll::Ready(Ok(Begin::Execute)))),
             begin => Box::pin(std::future::ready(Ok(begin))),
         }

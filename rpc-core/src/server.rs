@@ -36,7 +36,8 @@ pub trait Service: Send + Sync + 'static {
     fn methods(&self) -> &'static [MethodInfo];
 
     /// Runs `method` with `args` (the MessagePack map of its arguments). `Ok` holds the encoded result; `Err`
-    /// a status, [`Code::Application`](crate::Code::Application) with the encoded error value in its details for the method's own error.
+    /// a status, [`Code::Application`](crate::Code::Application) with the encoded error value in its details
+    /// for the method's own error.
     fn call(&self, method: &str, args: Bytes) -> BoxFuture<'static, Result<Bytes, Status>>;
 }
 
@@ -232,9 +233,9 @@ impl Server {
     ///
     /// Each request is first polled in the server's own task: a handler that finishes without waiting costs no
     /// task of its own, and the replies of a batch of requests leave together. A handler that waits moves to a
-    /// task of its own and runs in parallel with the others. After a first poll that computes for longer than
-    /// half a millisecond, requests go straight to tasks for a second, so that a CPU-heavy service keeps every
-    /// core busy.
+    /// task of its own and runs in parallel with the others. After first polls that compute for longer than
+    /// half a millisecond (three in a row, or one over 50 ms), requests go straight to tasks for a second, so
+    /// that a CPU-heavy service keeps every core busy.
     pub fn concurrency(mut self, concurrency: usize) -> Server {
         self.concurrency = concurrency.max(1);
         self

@@ -494,8 +494,8 @@ impl Cancellations {
 /// What an auto-acked delivery's handle cannot do.
 const AUTO_ACKED: &str = "answering a delivery that was auto-acked";
 
-/// The right to settle one delivery, and its reply path. Dropping it unsettled leaves the delivery unacked until its consumer
-/// goes away, when it is redelivered.
+/// The right to settle one delivery, and its reply path. Dropping it unsettled leaves the delivery unacked until
+/// its consumer goes away, when it is redelivered.
 #[derive(Debug)]
 pub struct AckHandle {
     acker: Option<(Arc<dyn Acker>, u64)>,

@@ -495,9 +495,8 @@ impl Amqp {
         {
             return self.inner.publish_to("", queue, envelope);
         }
-        // Quiet: the reply to the inbox proves the request arrived. A connection lost meanwhile takes the
-        // reply queue with it, which fails the call with `ReplyLost`; an unroutable request comes back and
-        // fails it with `NoRoute`. Otherwise the future waits until the caller drops it.
+        // A connection lost meanwhile takes the reply queue with it, which fails the call with `ReplyLost`; an
+        // unroutable request comes back and fails it with `NoRoute`.
         let prepared = to_amqp(&envelope, false).and_then(|message| Ok((message, short(queue)?)));
         let ((properties, body), routing_key) = match prepared {
             Ok(prepared) => prepared,
@@ -532,7 +531,7 @@ impl Amqp {
     /// no guarantee, only a round trip. Not mandatory, so a reply queue that is gone drops the reply, as a
     /// caller that gave up would.
     fn publish_unconfirmed<'a>(&'a self, reply_to: &'a str, reply: Envelope) -> BoxFuture<'a, Result<(), Error>> {
-        // The message is made before the future, which holds only the publish.
+        // The message is made before the future, as in `publish_to`.
         let prepared = self.inner.current().and_then(|conn| {
             let (properties, body) = to_amqp(&reply, false)?;
             Ok((conn, properties, body, short(reply_to)?))

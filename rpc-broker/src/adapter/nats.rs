@@ -185,14 +185,14 @@ impl Inner {
         }
     }
 
-    /// Publishes an envelope to `queue` (a stream in JetStream mode, a subject in core mode, an inbox).
+    /// Publishes `envelope` to `queue`: a reply to an inbox ([`Confirm::Sent`]) through core NATS in either
+    /// mode; anything else to the queue's subject in core mode, or to its stream in JetStream mode,
+    /// acknowledged by the server.
     ///
     /// Not an `async fn`: the message is made before the future, and a core publish awaits only room in the
     /// [`Outbox`] (in core mode, a message without headers: every call and every reply to an mqrpc inbox) or in
     /// the client's queue, so that its future (one allocation per message) stays small; a JetStream publish,
     /// which waits for the stream's ack, has a future of its own.
-    /// Publishes `envelope` to `queue`: a reply to an inbox ([`Confirm::Sent`]) through core NATS in either
-    /// mode; anything else to the queue's stream in JetStream mode, acknowledged by the server.
     fn publish<'a>(
         &'a self,
         queue: &'a str,
@@ -241,7 +241,7 @@ impl Inner {
         // Not in JetStream mode: there a reply is followed by the ack of its request, which goes to the client
         // directly, and must not reach the server before the reply (a crash in between would lose the call).
         if headers.is_empty() && !self.options.jetstream {
-            // The whole envelope in the body: through the outbox, which hands the connection batches.
+            // The whole envelope in the body: through the outbox.
             let outbox = &self.outbox;
             let size_checked = outbox.check(queue, reply.as_deref(), body.len());
             return Box::pin(async move {
@@ -507,7 +507,6 @@ impl Transport for Nats {
                     .queue_subscribe(topic.to_owned(), group.to_owned())
                     .await
                     .map_err(|_| Error::Disconnected)?;
-                // The server has the subscription once the flush returns: a call made next finds the worker.
                 self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
                 return Ok(self.core_consumer(subscriber, options));
             }

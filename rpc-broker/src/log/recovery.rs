@@ -147,6 +147,7 @@ fn recover_queue(
                         }
                         Record::Ack(seq) => {
                             if let Some(id) = live.remove(&seq).and_then(|gone| gone.message.id) {
+                                // The most recent ones, as many as a queue remembers.
                                 if acked_ids.len() == engine::DEDUP_CAPACITY {
                                     acked_ids.pop_front();
                                 }
@@ -250,7 +251,6 @@ fn recover_queue(
         };
         messages.push(RecoveredMessage { seq, payload: message.payload, record });
     }
-    // The most recent ones, as many as a queue remembers.
     let queue = RecoveredQueue { name, config: queue_config.clone(), messages, acked_ids: acked_ids.into() };
     Ok(Some((queue, QueueLog::recovered(dir.to_owned(), queue_config, kept))))
 }

@@ -140,8 +140,8 @@ impl Acker for RemoteAcker {
                 id,
                 payload,
             };
-            // On the delivery's own connection: once the broker dropped it (and requeued the request), it reads
-            // nothing more from it; while it holds it, it publishes and acks in one step.
+            // On the delivery's own connection (see `publish`); while the broker holds the delivery, it publishes
+            // and acks in one step.
             match conn.request(frame, Waiter::Answer, conn.request_timeout).await {
                 Ok(Ok(_)) => {
                     self.cancellations.forget(tag);

@@ -159,7 +159,6 @@ impl Conn {
         let req = self.req();
         let (answer, answered) = oneshot::channel();
         self.pending.insert(req, waiter(answer));
-        // However this ends (answer, error, timeout, or the caller dropping the future), the entry goes.
         let _waiting = Waiting { conn: self, req };
         self.send(frame(req))?;
         match tokio::time::timeout(timeout, answered).await {

@@ -234,8 +234,7 @@ impl<O: Send + 'static> Call<O> {
     /// The call as a future, in its span.
     ///
     /// Not an `async fn`: the call is taken apart into its request first, so that the future (one heap
-    /// allocation per call) holds only what the exchange needs, and stays under a kilobyte, which the
-    /// allocator serves fastest.
+    /// allocation per call) holds only what the exchange needs and stays small.
     fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
         let span = tracing::debug_span!(
             "rpc.call",
@@ -420,8 +419,7 @@ async fn admit(
     deadline: Option<Instant>,
     budget: Duration,
 ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Error> {
-    // Without limits nothing waits; with them, the wait (timers, a semaphore) lives on the heap, so that the
-    // future of every call stays small.
+    // Without limits nothing waits; with them, the wait (timers, a semaphore) is boxed (see `Call::send`).
     if inner.admission.is_open() {
         return Ok(None);
     }

@@ -19,9 +19,9 @@ use super::Shared;
 use super::pipeline::Request;
 
 /// Puts a copy of the request carrying `attempt + 1` on the service's queue, due after the backoff `wait`, in
-/// place of this one (fenced: a worker that lost the request makes no copy). Where the transport has delayed delivery the broker holds the copy meanwhile; elsewhere the
-/// worker waits out the backoff first, holding the request. If the copy cannot be published, this one goes
-/// back to the queue instead.
+/// place of this one (fenced: a worker that lost the request makes no copy). Where the transport has delayed
+/// delivery the broker holds the copy meanwhile; elsewhere the worker waits out the backoff first, holding the
+/// request. If the copy cannot be published, this one goes back to the queue instead.
 pub(super) async fn retry(shared: &Shared, request: Request, handle: AckHandle, wait: Duration) {
     let delayed = shared.transport.capabilities().delayed_delivery && !wait.is_zero();
     if !delayed {
@@ -113,7 +113,6 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
         None => envelope.reply(result),
     };
     let Some(reply_to) = envelope.reply_to.as_ref() else { return };
-    // The reply and the ack in one step.
     let answered = if handle.is_auto() {
         publish_unfenced(shared, reply_to, reply).await
     } else {
@@ -164,7 +163,7 @@ async fn reply(
 }
 
 /// Publishes the reply to an auto-acked delivery, which has no reply path of its own, through the server's
-/// transport: unfenced. Boxed: a rare path, kept out of the size of every request's future.
+/// transport: unfenced. Boxed, as a rare path (see `pipeline::handle`).
 fn publish_unfenced<'a>(
     shared: &'a Shared,
     reply_to: &'a ReplyTo,

@@ -26,7 +26,7 @@ use super::{Shared, Source};
 ///
 /// Not an `async fn`: the delivery is taken apart before the future is made, so that the future (one heap
 /// allocation per request) holds the request once, and stays under a kilobyte, which the allocator serves
-/// fastest.
+/// fastest. The rare paths of [`handle_request`] are boxed to keep it there.
 pub(super) fn handle(
     shared: Arc<Shared>,
     delivery: Delivery,
@@ -90,7 +90,6 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         // Delivered again after its last attempt: the workers that held it stopped before settling it.
         let status =
             Status::new(Code::Internal, "delivered again after its last attempt: the workers holding it stopped");
-        // Rare paths are boxed, so that the future of every request stays small.
         Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
@@ -120,9 +119,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         return;
     }
-    // Under a claim the handler is not stopped at the deadline: it may have made its effect already, so it runs
-    // to its end (up to the overrun) and its outcome is stored for the caller's retry, which would otherwise
-    // run it again.
+    // Under a claim the handler runs past the deadline, up to the overrun (see `Server::overrun`).
     let cut_at = match claim {
         Some(_) => request.deadline.and_then(|deadline| deadline.checked_add(shared.overrun)),
         None => request.deadline,
@@ -146,10 +143,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
-            // After the backoff, the next attempt needs time before the deadline: as long as this one took from
-            // its delivery to now (its wait for a worker, and the attempt), and RETRY_MARGIN for the copy's way
-            // to a worker and the answer's back. A retry that would start just before the deadline would answer
-            // after the caller gave up, where dead-lettering now answers in time.
+            // After the backoff, the next attempt needs as long as this one took (its wait for a worker, and the
+            // attempt) plus `RETRY_MARGIN` before the deadline: a retry with less time left would answer after the
+            // caller gave up, where dead-lettering now answers in time.
             let now = Instant::now();
             let took = now.saturating_duration_since(request.received_at);
             if request.deadline.is_none_or(|deadline| now + wait + took + RETRY_MARGIN < deadline) {
@@ -220,8 +216,7 @@ async fn claim<'a>(shared: &'a Shared, request: &'a Request) -> Claim<'a> {
             }
             Err(_) => return Claim::Expired(expired_status()),
         };
-        // Another delivery of the same key runs now: its outcome is this one's. Rare: boxed, like the other rare
-        // paths.
+        // Another delivery of the same key runs now: its outcome is this one's.
         let wait = async {
             match wake {
                 Some(wake) => wake.await,
@@ -272,7 +267,6 @@ async fn execute(
             AssertUnwindSafe(async { service.call(&envelope.method, envelope.body.clone()).await }).catch_unwind();
         let call = context::scope(context, call);
         async {
-            // Biased: the handler is polled first.
             tokio::select! {
                 biased;
                 outcome = call => Some(outcome),

@@ -177,8 +177,8 @@ impl Pump {
                 }
             }
         }
-        // The stream ended: the connection went away (the supervisor restarts the consumer), we cancelled it
-        // (pause, drop), or RabbitMQ cancelled it (the queue was deleted): then the consumer ends.
+        // The stream ended: the connection went away (the supervisor restarts the consumer), this transport
+        // cancelled it (pause, drop), or RabbitMQ cancelled it (the queue was deleted): then the consumer ends.
         let Some(inner) = self.inner.upgrade() else { return };
         let current = inner.conn.borrow().as_ref().map(|conn| conn.generation);
         if lost_connection || current != Some(generation) {
