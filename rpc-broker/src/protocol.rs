@@ -226,6 +226,26 @@ impl Decoder for FrameCodec {
     }
 }
 
+/// The most a writer gathers into one write.
+const BATCH: usize = 1024 * 1024;
+
+/// Encodes `first` into `buf`, then whatever else is queued on `outbound` by then, up to [`BATCH`] bytes: the
+/// writers of both ends send a batch of frames with one write. The tasks that are ready run first, so that
+/// their frames join this write; a lone frame is not held back.
+pub(crate) async fn gather<T>(
+    first: T,
+    outbound: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    buf: &mut BytesMut,
+    mut encode: impl FnMut(T, &mut BytesMut),
+) {
+    tokio::task::yield_now().await;
+    let mut next = Some(first);
+    while let Some(item) = next {
+        encode(item, buf);
+        next = if buf.len() < BATCH { outbound.try_recv().ok() } else { None };
+    }
+}
+
 /// Frames encode themselves with their length prefix.
 pub trait Frame {
     /// Appends the frame, length prefix included, to `dst`.

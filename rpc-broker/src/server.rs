@@ -485,28 +485,22 @@ async fn write_frames<W>(
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = outbound.recv().await {
-        // Let the tasks that are ready now queue their frames too, so that they go out in this one write (a lone
-        // frame is not held back).
-        tokio::task::yield_now().await;
         let mut written = 0;
-        let mut next = Some(first);
-        while let Some(item) = next {
-            match item {
-                Outbound::Frame(frame) => frame.encode(&mut buf),
-                Outbound::Deliver(delivery) => {
-                    written += delivery.message.len();
-                    ServerFrame::Deliver {
-                        consumer: delivery.consumer.as_u64(),
-                        tag: delivery.tag,
-                        delivery_count: delivery.delivery_count,
-                        ttl_ms: delivery.remaining_ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
-                        payload: delivery.message,
-                    }
-                    .encode(&mut buf);
+        protocol::gather(first, &mut outbound, &mut buf, |item, buf| match item {
+            Outbound::Frame(frame) => frame.encode(buf),
+            Outbound::Deliver(delivery) => {
+                written += delivery.message.len();
+                ServerFrame::Deliver {
+                    consumer: delivery.consumer.as_u64(),
+                    tag: delivery.tag,
+                    delivery_count: delivery.delivery_count,
+                    ttl_ms: delivery.remaining_ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                    payload: delivery.message,
                 }
+                .encode(buf);
             }
-            next = if buf.len() < 1024 * 1024 { outbound.try_recv().ok() } else { None };
-        }
+        })
+        .await;
         if write.write_all(&buf).await.is_err() {
             return;
         }

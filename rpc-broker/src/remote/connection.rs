@@ -330,15 +330,7 @@ async fn write_frames(
                 None => break,
             },
         };
-        first.encode(&mut buf);
-        // Let the tasks that are ready now queue their frames too, so that they go out in this one write.
-        tokio::task::yield_now().await;
-        while buf.len() < 1024 * 1024 {
-            match outbound.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
-                Err(_) => break,
-            }
-        }
+        protocol::gather(first, &mut outbound, &mut buf, |frame, buf| frame.encode(buf)).await;
         if liveness.lapsed(Instant::now()) {
             // This process was away longer than the broker waits: it has most likely closed the connection and
             // handed its deliveries to other consumers. Nothing more goes out on it (a settle or a reply would
