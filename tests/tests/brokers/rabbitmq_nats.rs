@@ -112,6 +112,52 @@ async fn a_plain_nats_client_calls_a_service() {
     assert!(matches!(nobody.map_err(|error| error.kind()), Err(async_nats::RequestErrorKind::NoResponders)));
 }
 
+/// A hostile header from any NATS client (a value holding a lone `\r`, which async-nats 0.51 panicked its
+/// connection task on) reaches the worker's subscription: the worker drops or answers that message and goes on
+/// serving on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
+async fn a_header_value_holding_a_carriage_return_does_not_take_the_worker_down() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let harness = NatsHarness::core().available();
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    assert_eq!(probe.add(1, 1).timeout(WAIT).await.expect("answered before"), 2);
+
+    // The raw protocol: a plain TCP client publishing with headers (HPUB), one value cut by a `\r`.
+    let address = harness.url().trim_start_matches("nats://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let info = lines.next_line().await.expect("reads").expect("the server's INFO");
+    assert!(info.starts_with("INFO "), "{info}");
+    let subject = naming::service_queue(Some(&namespace), "suite.Probe");
+    let header = "NATS/1.0\r\nmqrpc-method: a\rdd\r\nX-Hostile: \r\r\n\r\n";
+    let payload = "\u{80}";
+    let hpub = format!(
+        "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nHPUB {subject} _INBOX.hostile {} {}\r\n{header}{payload}\r\nPING\r\n",
+        header.len(),
+        header.len() + payload.len(),
+    );
+    write.write_all(hpub.as_bytes()).await.expect("publishes");
+    loop {
+        let line =
+            tokio::time::timeout(WAIT, lines.next_line()).await.expect("in time").expect("reads").expect("a line");
+        assert!(!line.starts_with("-ERR"), "the server refused the message: {line}");
+        if line == "PONG" {
+            break;
+        }
+    }
+
+    // The same worker, on the same connection, answers the next calls.
+    for n in 0..10 {
+        assert_eq!(probe.add(n, 1).timeout(WAIT).await.expect("answered after the hostile header"), n + 1);
+    }
+}
+
 /// A oneway envelope of `size` body bytes, numbered `n` in its method name.
 fn oneway(n: usize, size: usize) -> rpc_core::Envelope {
     let mut envelope = rpc_core::Envelope::new(rpc_core::Kind::Oneway);
