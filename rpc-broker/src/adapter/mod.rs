@@ -154,6 +154,15 @@ impl CounterMap {
 }
 
 /// User headers of an envelope, for a broker that takes string pairs.
+/// The correlation id a plain client sent in a property or header, if it is one of ours: a UUID in the
+/// canonical lower-case hyphenated form this implementation writes. Any other string (an upper-case or simple
+/// UUID included) is the caller's own and goes back byte for byte, in [`headers::RAW_CORRELATION_ID`].
+pub(crate) fn canonical_correlation(text: &str) -> Option<uuid::Uuid> {
+    let id = uuid::Uuid::try_parse(text).ok()?;
+    let mut buffer = uuid::Uuid::encode_buffer();
+    (id.hyphenated().encode_lower(&mut buffer) == text).then_some(id)
+}
+
 pub(crate) fn user_headers(headers: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
     headers.iter().filter(|(name, _)| is_user_header(name)).map(|(name, value)| (name.as_str(), value.as_str()))
 }

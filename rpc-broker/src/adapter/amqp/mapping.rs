@@ -129,10 +129,10 @@ pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<(E
         envelope.id = id;
     }
     if let Some(correlation) = properties.correlation_id() {
-        match Uuid::parse_str(correlation.as_str()) {
-            Ok(id) => envelope.correlation_id = Some(id),
-            Err(_) => {
-                // A plain client's correlation id that is not a UUID: kept verbatim for the reply.
+        match adapter::canonical_correlation(correlation.as_str()) {
+            Some(id) => envelope.correlation_id = Some(id),
+            None => {
+                // A plain client's own correlation id: kept verbatim for the reply.
                 envelope.correlation_id = Some(Uuid::new_v4());
                 envelope.headers.insert(headers::RAW_CORRELATION_ID.to_owned(), correlation.as_str().to_owned());
             }
@@ -216,5 +216,27 @@ mod tests {
         let (properties, _) = to_amqp(&reply, true).expect("maps");
         assert_eq!(properties.correlation_id().as_ref().map(ShortString::as_str), Some("42"));
         assert_eq!(properties.delivery_mode(), &None, "replies are transient");
+    }
+
+    #[test]
+    fn a_uuid_in_another_form_than_ours_is_echoed_verbatim() {
+        for id in [
+            "6F9619FF-8B86-D011-B42D-00CF4FC964FF",
+            "6f9619ff8b86d011b42d00cf4fc964ff",
+            "{6f9619ff-8b86-d011-b42d-00cf4fc964ff}",
+        ] {
+            let properties = BasicProperties::default()
+                .with_correlation_id(id.into())
+                .with_reply_to("amq.gen-1".into())
+                .with_type("add".into());
+            let (request, _) = from_amqp(properties, b"\x80".to_vec()).expect("maps");
+            let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
+            let (properties, _) = to_amqp(&reply, true).expect("maps");
+            assert_eq!(properties.correlation_id().as_ref().map(ShortString::as_str), Some(id));
+        }
+        let ours = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
+        let properties = BasicProperties::default().with_correlation_id(ours.into()).with_reply_to("amq.gen-1".into());
+        let (request, _) = from_amqp(properties, b"\x80".to_vec()).expect("maps");
+        assert_eq!(request.correlation_id.map(|id| id.to_string()).as_deref(), Some(ours));
     }
 }

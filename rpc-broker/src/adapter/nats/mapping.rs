@@ -153,7 +153,10 @@ pub(super) fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, E
     if let Some(correlation_id) = envelope.correlation_id
         && !correlation_in_subject
     {
-        header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?;
+        match envelope.headers.get(headers::RAW_CORRELATION_ID) {
+            Some(raw) => header(&mut map, headers::CORRELATION_ID, raw)?,
+            None => header(&mut map, headers::CORRELATION_ID, &correlation_id.to_string())?,
+        }
     }
     if stream && let Some(reply_to) = &envelope.reply_to {
         header(&mut map, headers::REPLY_TO, reply_to.address())?;
@@ -234,11 +237,15 @@ pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
         envelope.id = id;
     }
-    envelope.correlation_id = fields
-        .correlation_id
-        .and_then(|id| Uuid::parse_str(id).ok())
-        .or_else(|| correlation_of_subject(&message.subject))
-        .or_else(|| message.reply.as_deref().and_then(correlation_of_subject));
+    envelope.correlation_id = match fields.correlation_id {
+        Some(text) => Some(adapter::canonical_correlation(text).unwrap_or_else(|| {
+            // A plain client's own correlation id: kept verbatim for the reply.
+            user.insert(headers::RAW_CORRELATION_ID.to_owned(), text.to_owned());
+            Uuid::new_v4()
+        })),
+        None => correlation_of_subject(&message.subject)
+            .or_else(|| message.reply.as_deref().and_then(correlation_of_subject)),
+    };
     envelope.reply_to = reply_to;
     envelope.service = fields.service.unwrap_or_default().to_owned();
     envelope.method = fields.method.unwrap_or_default().to_owned();
@@ -415,6 +422,29 @@ mod tests {
         assert_eq!(back.correlation_id, request.correlation_id);
         assert_eq!(back.status, 0);
         assert_eq!(back.body, reply.body);
+    }
+
+    #[test]
+    fn a_plain_clients_correlation_id_comes_back_byte_for_byte() {
+        for id in ["req-17", "6F9619FF-8B86-D011-B42D-00CF4FC964FF", "6f9619ff8b86d011b42d00cf4fc964ff"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(headers::METHOD, "add");
+            headers.insert(headers::CORRELATION_ID, id);
+            let message = async_nats::Message {
+                subject: "ns.Calculator".into(),
+                reply: Some("_INBOX.plain".into()),
+                payload: Bytes::from_static(b"\x80"),
+                headers: Some(headers),
+                status: None,
+                description: None,
+                length: 0,
+            };
+            let (request, _) = from_message(&message, None);
+            let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
+            let mode = Mode::Core { to_inbox: false, correlation_in_subject: false };
+            let back = to_headers(&reply, mode).expect("maps");
+            assert_eq!(back.get(headers::CORRELATION_ID).map(HeaderValue::as_str), Some(id));
+        }
     }
 
     #[test]
