@@ -114,7 +114,6 @@ pub(crate) struct Counters {
     pub(crate) published: std::sync::atomic::AtomicU64,
     pub(crate) acked: std::sync::atomic::AtomicU64,
     pub(crate) dead_lettered: std::sync::atomic::AtomicU64,
-    pub(crate) expired: std::sync::atomic::AtomicU64,
     pub(crate) rejected: std::sync::atomic::AtomicU64,
     pub(crate) unacked: std::sync::atomic::AtomicI64,
 }
@@ -134,7 +133,6 @@ impl Counters {
         stats.published = self.published.load(Relaxed);
         stats.acked = self.acked.load(Relaxed);
         stats.dead_lettered = self.dead_lettered.load(Relaxed);
-        stats.expired = self.expired.load(Relaxed);
         stats.rejected = self.rejected.load(Relaxed);
         stats
     }

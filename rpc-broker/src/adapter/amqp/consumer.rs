@@ -212,13 +212,6 @@ impl Pump {
                 return true;
             }
         };
-        if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
-            Counters::bump(&self.counters.expired);
-            if self.manual {
-                let _ = self.acker.channel.basic_ack(tag, BasicAckOptions::default()).await;
-            }
-            return true;
-        }
         if self.manual && self.acker.max_deliveries.is_some_and(|max| delivery_count > max) {
             Counters::bump(&self.counters.dead_lettered);
             let _ = self.acker.channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await;

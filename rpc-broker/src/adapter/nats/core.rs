@@ -238,9 +238,6 @@ impl Stream for CoreStream {
                 }
             };
             let (envelope, queued) = from_message(&message, None);
-            if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
-                continue;
-            }
             this.next_tag += 1;
             let handle = if this.manual {
                 Inner::lock(&this.acker.held).insert(this.next_tag, message);

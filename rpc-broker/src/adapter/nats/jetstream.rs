@@ -388,11 +388,6 @@ impl Pull {
         };
         let (envelope, queued) = from_message(&message.message, stored_at);
         let counters = &self.acker.counters;
-        if rpc_core::transport::ran_out(envelope.deadline_ms, queued) {
-            Counters::bump(&counters.expired);
-            let _ = message.ack().await;
-            return true;
-        }
         if self.acker.max_deliveries.is_some_and(|max| delivered > max) {
             if let Err(error) = self.acker.dead_letter(&message).await {
                 tracing::warn!(%error, "could not dead-letter a message past its maximum deliveries");
