@@ -62,8 +62,8 @@ use tokio_util::sync::CancellationToken;
 use self::core::{Outbox, Outgoing, shared_subject};
 use self::jetstream::{DUPLICATE_WINDOW, StreamAcker, is_not_found, stream_error, stream_name};
 use self::mapping::{
-    ENVELOPE_INBOX, Mode, check_subject, correlation_of_subject, envelope_body, from_message, is_envelope_inbox,
-    is_stream_ack, reply_subject, to_headers,
+    ENVELOPE_INBOX, Mode, Origin, check_subject, correlation_of_subject, envelope_body, from_message,
+    is_envelope_inbox, is_stream_ack, reply_subject, to_headers,
 };
 use super::{CounterMap, Counters};
 
@@ -552,7 +552,7 @@ impl Transport for Nats {
                     );
                     reply
                 } else {
-                    let (mut reply, _) = from_message(&message, None);
+                    let (mut reply, _) = from_message(&message, Origin::Core);
                     reply.kind = Kind::Reply;
                     reply
                 };

@@ -15,7 +15,7 @@ use rpc_core::{ConsumeOptions, Envelope, Error, naming};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mapping::from_message;
+use super::mapping::{Origin, from_message};
 use super::{CancelOnDrop, Inner, Nats};
 
 /// Subjects kept in [`Inner::subjects`] at most; a publish to a queue past them makes its own subject.
@@ -237,7 +237,7 @@ impl Stream for CoreStream {
                     Poll::Pending => return Poll::Pending,
                 }
             };
-            let (envelope, queued) = from_message(&message, None);
+            let (envelope, queued) = from_message(&message, Origin::Core);
             this.next_tag += 1;
             let handle = if this.manual {
                 Inner::lock(&this.acker.held).insert(this.next_tag, message);

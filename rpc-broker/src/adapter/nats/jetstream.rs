@@ -16,7 +16,7 @@ use rpc_core::{ConsumeOptions, Envelope, Error, QueueOptions, naming};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::mapping::from_message;
+use super::mapping::{Origin, from_message};
 use super::{CancelOnDrop, Inner, Nats, transport};
 use crate::adapter::Counters;
 
@@ -386,7 +386,7 @@ impl Pull {
             ),
             Err(_) => (1, None),
         };
-        let (envelope, queued) = from_message(&message.message, stored_at);
+        let (envelope, queued) = from_message(&message.message, Origin::Stream { stored_at_ms: stored_at });
         let counters = &self.acker.counters;
         if self.acker.max_deliveries.is_some_and(|max| delivered > max) {
             if let Err(error) = self.acker.dead_letter(&message).await {

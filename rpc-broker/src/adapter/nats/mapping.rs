@@ -189,9 +189,26 @@ pub(super) fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, E
     Ok(map)
 }
 
-/// The envelope of a NATS message, and the time it was queued: from when JetStream stored it (`stored_at_ms`),
-/// else by the sender's clock.
-pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u64>) -> (Envelope, Duration) {
+/// Where a message was read from.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Origin {
+    /// A core NATS subscription: the message's reply subject is where its requester waits.
+    Core,
+    /// A JetStream consumer: the message's reply subject is JetStream's ack subject, never a reply address; the
+    /// time queued counts from when the stream stored it.
+    Stream {
+        /// When the stream stored the message, if its metadata says.
+        stored_at_ms: Option<u64>,
+    },
+}
+
+/// The envelope of a NATS message, and the time it was queued: from when JetStream stored it, else by the
+/// sender's clock.
+pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (Envelope, Duration) {
+    let (own_reply, stored_at_ms) = match origin {
+        Origin::Core => (message.reply.as_deref(), None),
+        Origin::Stream { stored_at_ms } => (None, stored_at_ms),
+    };
     match from_envelope_body(message) {
         Some(Ok(mapped)) => return mapped,
         // Handled as a message without an envelope: a request gets an error reply naming no method.
@@ -231,7 +248,7 @@ pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u
     let reply_to = match fields.reply_to {
         Some(address) if fields.reply_to_inbox => Some(ReplyTo::Inbox(address.to_owned())),
         Some(address) => Some(ReplyTo::Queue(address.to_owned())),
-        None => message.reply.as_ref().map(|reply| ReplyTo::Inbox(reply.as_str().to_owned())),
+        None => own_reply.map(|reply| ReplyTo::Inbox(reply.to_owned())),
     };
     let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
@@ -243,8 +260,7 @@ pub(super) fn from_message(message: &async_nats::Message, stored_at_ms: Option<u
             user.insert(headers::RAW_CORRELATION_ID.to_owned(), text.to_owned());
             Uuid::new_v4()
         })),
-        None => correlation_of_subject(&message.subject)
-            .or_else(|| message.reply.as_deref().and_then(correlation_of_subject)),
+        None => correlation_of_subject(&message.subject).or_else(|| own_reply.and_then(correlation_of_subject)),
     };
     envelope.reply_to = reply_to;
     envelope.service = fields.service.unwrap_or_default().to_owned();
@@ -325,7 +341,7 @@ mod tests {
                 description: None,
                 length: 0,
             };
-            let (back, queued) = from_message(&message, None);
+            let (back, queued) = from_message(&message, Origin::Core);
             assert!(queued < Duration::from_secs(1), "{queued:?}");
             let mut expected = sent.clone();
             if matches!(mode, Mode::Core { .. }) {
@@ -367,7 +383,7 @@ mod tests {
         sent.reply_to = None;
         let body = envelope_body(&sent).expect("encodes");
         assert_eq!(body[0], ENVELOPE_MARK);
-        let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), None);
+        let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), Origin::Core);
         assert!(queued < Duration::from_secs(1), "{queued:?}");
         let mut expected = envelope.clone();
         expected.reply_to = Some(ReplyTo::Inbox(reply.to_string()));
@@ -391,7 +407,7 @@ mod tests {
         for at in 1..body.len() {
             let mut flipped = body.to_vec();
             flipped[at] ^= 0xff;
-            let _ = from_message(&plain_message("ns.Calculator", None, Bytes::from(flipped)), None);
+            let _ = from_message(&plain_message("ns.Calculator", None, Bytes::from(flipped)), Origin::Core);
         }
         // A body of a plain client's request that is not marked is left to the headers.
         assert!(
@@ -418,7 +434,7 @@ mod tests {
             description: None,
             length: 0,
         };
-        let (back, _) = from_message(&message, None);
+        let (back, _) = from_message(&message, Origin::Core);
         assert_eq!(back.correlation_id, request.correlation_id);
         assert_eq!(back.status, 0);
         assert_eq!(back.body, reply.body);
@@ -439,12 +455,31 @@ mod tests {
                 description: None,
                 length: 0,
             };
-            let (request, _) = from_message(&message, None);
+            let (request, _) = from_message(&message, Origin::Core);
             let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
             let mode = Mode::Core { to_inbox: false, correlation_in_subject: false };
             let back = to_headers(&reply, mode).expect("maps");
             assert_eq!(back.get(headers::CORRELATION_ID).map(HeaderValue::as_str), Some(id));
         }
+    }
+
+    #[test]
+    fn a_stream_message_without_a_reply_address_is_a_oneway_call() {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::METHOD, "record");
+        let message = async_nats::Message {
+            subject: "ns.Calculator".into(),
+            reply: Some("$JS.ACK.MQRPC_ns_Calculator.mqrpc.1.1.1.1700000000000000000.0".into()),
+            payload: Bytes::from_static(b"\x81\xa1n\x01"),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let (envelope, _) = from_message(&message, Origin::Stream { stored_at_ms: None });
+        assert_eq!((envelope.kind, envelope.reply_to), (Kind::Oneway, None));
+        let (envelope, _) = from_message(&message, Origin::Core);
+        assert_eq!(envelope.kind, Kind::Request, "on core NATS the reply subject is the requester's");
     }
 
     #[test]
