@@ -162,6 +162,13 @@ pub fn decode_envelope(bytes: &[u8], limits: &Limits) -> Result<Envelope, CodecE
     envelope::decode(bytes, limits, |range| Bytes::copy_from_slice(&bytes[range]))
 }
 
+/// The reply address and correlation id (`r`, `ri`, `c`) of a message that is not an envelope this build can
+/// decode (another version, a missing or mistyped field), so that its sender can be told so: `None` unless
+/// `bytes` are one well-formed MessagePack map within `limits` with a string `r`.
+pub fn reply_address_of(bytes: &[u8], limits: &Limits) -> Option<(crate::ReplyTo, Option<uuid::Uuid>)> {
+    envelope::reply_address(bytes, limits)
+}
+
 /// As [`decode_envelope`], with the body a slice of `bytes` rather than a copy.
 ///
 /// # Errors
@@ -330,12 +337,52 @@ mod tests {
         assert_eq!(decode_envelope(&bytes, &Limits::default()), Err(CodecError::Version(2)));
     }
 
+    #[test]
+    fn the_sender_of_what_is_not_an_envelope_is_found_where_it_says() {
+        let limits = Limits::default();
+        let correlation = uuid::Uuid::new_v4();
+        let mut envelope = Envelope::new(crate::envelope::Kind::Request);
+        envelope.version = 2;
+        envelope.correlation_id = Some(correlation);
+        envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox.7".into()));
+        let bytes = encode_envelope(&envelope).expect("encodes");
+        assert_eq!(
+            reply_address_of(&bytes, &limits),
+            Some((crate::ReplyTo::Inbox("inbox.7".into()), Some(correlation)))
+        );
+        // Fields of the wrong type, and fields this build does not know, are skipped; no `r`, no sender.
+        let odd = encode(&BTreeMap::from([
+            ("r", rmpv_like::Text("cb.q")),
+            ("c", rmpv_like::Int(5)),
+            ("x", rmpv_like::Int(1)),
+        ]))
+        .expect("encodes");
+        assert_eq!(reply_address_of(&odd, &limits), Some((crate::ReplyTo::Queue("cb.q".into()), None)));
+        let anonymous = encode(&BTreeMap::from([("v", 1), ("k", 0)])).expect("encodes");
+        assert_eq!(reply_address_of(&anonymous, &limits), None);
+        for garbage in [&b"\xc1"[..], b"\x92\x01\x02", b"", b"\x81\xa1r"] {
+            assert_eq!(reply_address_of(garbage, &limits), None, "{garbage:?}");
+        }
+    }
+
+    /// Values of mixed types for a test map.
+    mod rmpv_like {
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        pub(super) enum Value {
+            Text(&'static str),
+            Int(i64),
+        }
+        pub(super) use Value::{Int, Text};
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
 
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_envelope(&bytes, &Limits::default());
+            let _ = reply_address_of(&bytes, &Limits::default());
             let _ = decode::<Vec<BTreeMap<String, i64>>>(&bytes, &Limits::default());
         }
 

@@ -307,6 +307,19 @@ impl Answered {
     }
 }
 
+/// A request standing for a message the transport could not read but whose sender it can answer (the reply
+/// address and correlation id found by [`codec::reply_address_of`](crate::codec::reply_address_of), or in the
+/// broker's properties): the worker answers it with [`Code::InvalidRequest`](crate::Code::InvalidRequest) and
+/// `why`, and runs nothing. Hand it out in the message's place, with the message's ack handle.
+pub fn invalid_request(reply_to: ReplyTo, correlation_id: Option<Uuid>, why: impl Into<String>) -> Envelope {
+    let mut envelope = Envelope::new(crate::Kind::Request);
+    envelope.reply_to = Some(reply_to);
+    envelope.correlation_id = correlation_id;
+    envelope.status = crate::Code::InvalidRequest.as_u16();
+    envelope.status_message = Some(why.into());
+    envelope
+}
+
 /// [`Acker::answer`] in two steps, for transports that cannot do it in one: [`Acker::publish`] with
 /// [`Confirm::for_reply`], then [`Acker::settle`] with [`Outcome::Ack`] (an ack that fails is logged: the broker
 /// redelivers the request, whose key the dedup store answers).

@@ -426,12 +426,30 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                             None => drop(route.sender.send(delivery)),
                         }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
-                        if tag != 0 {
-                            let _ = conn.send(ClientFrame::Settle { consumer, tag, outcome: Outcome::DeadLetter });
+                    Err(error) => match codec::reply_address_of(&payload, &limits).filter(|_| tag != 0) {
+                        // Its sender can be told: the worker answers it with status 8 and acks it.
+                        Some((reply_to, correlation_id)) => {
+                            tracing::debug!(%error, "answering a delivery that is not an envelope this build reads");
+                            let envelope = rpc_core::transport::invalid_request(
+                                reply_to,
+                                correlation_id,
+                                format!("not an envelope this worker reads: {error}"),
+                            );
+                            let handle = AckHandle::new(Arc::clone(&route.acker), tag);
+                            let (queued, received_at) = (Duration::ZERO, now);
+                            let delivery = Delivery { envelope, delivery_count, queued, received_at, handle };
+                            match &route.direct {
+                                Some(sink) => sink(delivery),
+                                None => drop(route.sender.send(delivery)),
+                            }
                         }
-                    }
+                        None => {
+                            tracing::warn!(%error, "dead-lettering a delivery that is not an envelope");
+                            if tag != 0 {
+                                let _ = conn.send(ClientFrame::Settle { consumer, tag, outcome: Outcome::DeadLetter });
+                            }
+                        }
+                    },
                 }
             }
             ServerFrame::Cancelled { consumer } => {

@@ -305,6 +305,43 @@ pub(super) fn decode(
     Ok(envelope)
 }
 
+/// The reply address and correlation id of a map that has them (`r`, `ri`, `c`), whatever else is wrong with
+/// it; `None` for bytes that are not one well-formed map within the limits, or have no `r`.
+pub(super) fn reply_address(bytes: &[u8], limits: &Limits) -> Option<(ReplyTo, Option<Uuid>)> {
+    super::check(bytes, limits).ok()?;
+    let mut r = Reader { bytes, pos: 0, last_was_container: false };
+    let fields = match r.byte().ok()? {
+        marker @ 0x80..=0x8f => u64::from(marker & 0x0f),
+        0xde => r.uint(2).ok()?,
+        0xdf => r.uint(4).ok()?,
+        _ => return None,
+    };
+    let (mut address, mut inbox, mut correlation) = (None, false, None);
+    for _ in 0..fields {
+        let key = match r.str_bytes().ok()? {
+            Some(key) => key,
+            None => {
+                r.skip_one(limits.max_depth, 1).ok()?;
+                b""
+            }
+        };
+        let value = r.pos;
+        let read = match key {
+            b"r" => r.string("r").map(|text| address = Some(text)),
+            b"ri" => r.boolean("ri").map(|flag| inbox = flag),
+            b"c" => r.uuid("c").map(|id| correlation = Some(id)),
+            _ => Err(CodecError::Malformed("skipped")),
+        };
+        // Any other field, or one of these of another type, is skipped.
+        if read.is_err() {
+            r.pos = value;
+            r.skip_one(limits.max_depth, 1).ok()?;
+        }
+    }
+    let address = address?;
+    Some((if inbox { ReplyTo::Inbox(address) } else { ReplyTo::Queue(address) }, correlation))
+}
+
 impl<'a> Reader<'a> {
     fn byte(&mut self) -> Result<u8, CodecError> {
         Ok(self.take(1)?[0])

@@ -93,6 +93,13 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
+    if request.envelope.status != 0 {
+        // A request carries no status: a transport's stand-in for a message it could not read
+        // (`transport::invalid_request`), or a sender's mistake. Answered, never run.
+        let why = request.envelope.status_message.clone().unwrap_or_else(|| "a request carries no status".into());
+        Box::pin(answer(shared, request, handle, Err(Status::new(Code::InvalidRequest, why)))).await;
+        return;
+    }
     let claim = match claim(shared, &request).await {
         Claim::Execute(claim) => claim,
         Claim::Answer(result) => {

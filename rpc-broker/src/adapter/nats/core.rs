@@ -215,39 +215,37 @@ impl Stream for CoreStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = self.get_mut();
-        loop {
-            let Some(subscriber) = this.subscriber.as_mut() else { return Poll::Ready(None) };
-            let message = if this.cancel.is_cancelled() {
-                // Paused: only what is already buffered, without waiting.
-                match subscriber.next().now_or_never().flatten() {
-                    Some(message) => message,
-                    None => {
-                        // Dropping the subscriber unsubscribes.
-                        this.subscriber = None;
-                        return Poll::Ready(None);
-                    }
+        let Some(subscriber) = this.subscriber.as_mut() else { return Poll::Ready(None) };
+        let message = if this.cancel.is_cancelled() {
+            // Paused: only what is already buffered, without waiting.
+            match subscriber.next().now_or_never().flatten() {
+                Some(message) => message,
+                None => {
+                    // Dropping the subscriber unsubscribes.
+                    this.subscriber = None;
+                    return Poll::Ready(None);
                 }
-            } else {
-                match subscriber.poll_next_unpin(cx) {
-                    Poll::Ready(Some(message)) => message,
-                    Poll::Ready(None) => {
-                        this.subscriber = None;
-                        return Poll::Ready(None);
-                    }
-                    Poll::Pending => return Poll::Pending,
+            }
+        } else {
+            match subscriber.poll_next_unpin(cx) {
+                Poll::Ready(Some(message)) => message,
+                Poll::Ready(None) => {
+                    this.subscriber = None;
+                    return Poll::Ready(None);
                 }
-            };
-            let (envelope, queued) = from_message(&message, Origin::Core);
-            this.next_tag += 1;
-            let handle = if this.manual {
-                Inner::lock(&this.acker.held).insert(this.next_tag, message);
-                AckHandle::new(Arc::clone(&this.acker) as Arc<dyn Acker>, this.next_tag)
-            } else {
-                AckHandle::auto()
-            };
-            let received_at = Instant::now();
-            return Poll::Ready(Some(Delivery { envelope, delivery_count: 1, queued, received_at, handle }));
-        }
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        let (envelope, queued) = from_message(&message, Origin::Core);
+        this.next_tag += 1;
+        let handle = if this.manual {
+            Inner::lock(&this.acker.held).insert(this.next_tag, message);
+            AckHandle::new(Arc::clone(&this.acker) as Arc<dyn Acker>, this.next_tag)
+        } else {
+            AckHandle::auto()
+        };
+        let received_at = Instant::now();
+        Poll::Ready(Some(Delivery { envelope, delivery_count: 1, queued, received_at, handle }))
     }
 }
 

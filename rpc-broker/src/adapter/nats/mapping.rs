@@ -211,7 +211,19 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
     };
     match from_envelope_body(message) {
         Some(Ok(mapped)) => return mapped,
-        // Handled as a message without an envelope: a request gets an error reply naming no method.
+        // Its sender waits on the reply subject: the worker answers it with status 8.
+        Some(Err(error)) if own_reply.is_some() => {
+            tracing::debug!(%error, subject = %message.subject, "answering a body marked as an envelope that does not decode");
+            let reply = own_reply.unwrap_or_default();
+            let why = format!("not an envelope this worker reads: {error}");
+            let envelope = rpc_core::transport::invalid_request(
+                ReplyTo::Inbox(reply.to_owned()),
+                correlation_of_subject(reply),
+                why,
+            );
+            return (envelope, Duration::ZERO);
+        }
+        // Handled as a message without an envelope, from its headers.
         Some(Err(error)) => {
             tracing::warn!(%error, subject = %message.subject, "a body marked as an envelope does not decode")
         }
@@ -314,6 +326,7 @@ pub(super) fn correlation_of_subject(subject: &str) -> Option<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rpc_core::Code;
 
     #[test]
     fn an_envelope_round_trips_through_headers() {
@@ -461,6 +474,21 @@ mod tests {
             let back = to_headers(&reply, mode).expect("maps");
             assert_eq!(back.get(headers::CORRELATION_ID).map(HeaderValue::as_str), Some(id));
         }
+    }
+
+    #[test]
+    fn an_envelope_of_another_version_is_answered_as_an_invalid_request() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.version = 2;
+        envelope.method = "add".into();
+        let correlation = Uuid::new_v4();
+        let reply = format!("_INBOX.abc.mqrpc.{}", correlation.simple());
+        let message = plain_message("ns.Calculator", Some(&reply), envelope_body(&envelope).expect("encodes"));
+        let (request, _) = from_message(&message, Origin::Core);
+        assert_eq!((request.kind, request.status), (Kind::Request, Code::InvalidRequest.as_u16()));
+        assert_eq!(request.correlation_id, Some(correlation));
+        assert_eq!(request.reply_to, Some(ReplyTo::Inbox(reply)));
+        assert!(request.status_message.as_deref().is_some_and(|why| why.contains("version")), "{request:?}");
     }
 
     #[test]
