@@ -206,8 +206,9 @@ impl Remote {
     /// Connects to the broker at `url` (`mqrpc://[token@]host:port`, `mqrpcs://` for TLS).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a bad URL, [`Error::Unauthorized`] for a refused token, or
-    /// [`Error::Disconnected`] when the broker cannot be reached.
+    /// [`Error::InvalidArgument`] for a bad URL, [`Error::Unauthorized`] for a refused token,
+    /// [`Error::Transport`] naming the address and the cause when the broker cannot be reached, or
+    /// [`Error::Timeout`] when it does not answer the handshake in time.
     ///
     /// # Panics
     /// Outside a tokio runtime.

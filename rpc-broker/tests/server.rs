@@ -901,3 +901,18 @@ async fn frames_until_ok(raw: TcpStream, req: u32) -> Vec<ServerFrame> {
     }
     seen
 }
+
+/// A broker that is not there: the error names the address and the cause.
+#[tokio::test]
+async fn connecting_to_a_closed_port_names_the_address_and_the_cause() {
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a port").port();
+    match Remote::connect(&format!("mqrpc://127.0.0.1:{port}")).await {
+        Err(Error::Transport(error)) => {
+            let message = error.to_string();
+            assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+            assert!(message.to_lowercase().contains("refused"), "{message}");
+        }
+        other => panic!("expected a transport error, got {:?}", other.map(|_| ())),
+    }
+}

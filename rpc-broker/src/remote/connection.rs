@@ -256,10 +256,9 @@ type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 
 async fn dial(inner: &Inner) -> Result<(BoxRead, BoxWrite), Error> {
     let target = &inner.target;
-    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(|error| {
-        tracing::debug!(%error, "connect failed");
-        Error::Disconnected
-    })?;
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|error| Error::Transport(format!("cannot connect to the broker at {target:?}: {error}").into()))?;
     let _ = tcp.set_nodelay(true);
     if !target.tls {
         let (read, write) = tokio::io::split(tcp);
