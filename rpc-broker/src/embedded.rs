@@ -196,6 +196,15 @@ impl Transport for Embedded {
         Box::pin(std::future::ready(result))
     }
 
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        if queue.starts_with(crate::protocol::INBOX_PREFIX) {
+            let error = Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its consumer"));
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        self.shared.lock().delete_queue(queue);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
         let mut hub = self.shared.lock();
         let result = hub.cancel(queue, *correlation_id.as_bytes()).map_err(to_error);

@@ -290,6 +290,11 @@ impl<M: Clone> Engine<M> {
         self.queues.get(queue).is_some_and(|queue| queue.config.durable)
     }
 
+    /// The consumers attached to `queue`.
+    pub fn consumers_of(&self, queue: &str) -> Vec<ConsumerId> {
+        self.queues.get(queue).map(|queue| queue.consumers.clone()).unwrap_or_default()
+    }
+
     /// Deletes `queue` with its messages; its consumers are removed.
     pub fn delete_queue(&mut self, queue: &str) -> bool {
         let Some(removed) = self.queues.remove(queue) else { return false };

@@ -78,6 +78,9 @@ pub(crate) trait Sink<M>: Send {
 
     /// Tells the consumer that the call of its delivery `tag` was cancelled; must not block either.
     fn abort(&self, tag: u64);
+
+    /// Tells the consumer that its queue is gone; it is dropped right after (which ends an in-process consumer).
+    fn ended(&self) {}
 }
 
 pub(crate) struct Hub<M> {
@@ -115,6 +118,21 @@ impl<M> Drop for Hub<M> {
 }
 
 impl<M: Clone> Hub<M> {
+    /// Deletes `queue` with its messages, and ends its consumers; false if there was no such queue.
+    pub(crate) fn delete_queue(&mut self, queue: &str) -> bool {
+        let consumers = self.engine.consumers_of(queue);
+        if !self.engine.delete_queue(queue) {
+            return false;
+        }
+        for consumer in consumers {
+            if let Some(sink) = self.sinks.remove(&consumer) {
+                sink.ended();
+            }
+        }
+        self.flush_journal();
+        true
+    }
+
     /// Sends the journal of durable queues to `sink`, in order, after each operation.
     pub(crate) fn set_journal(&mut self, sink: JournalSink<M>) {
         self.journal = Some(sink);

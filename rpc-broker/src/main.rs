@@ -7,6 +7,7 @@
 //! rpc-broker call Calculator add '{"a": 2, "b": 3}'   # JSON in, MessagePack on the wire, JSON out
 //! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
 //! rpc-broker dlq replay QUEUE                         # put it back on QUEUE
+//! rpc-broker delete QUEUE...                          # delete queues with their messages and dead letters
 //! ```
 //!
 //! Every flag can also come from the environment (`MQRPC_LISTEN`, `MQRPC_TOKEN`, `MQRPC_BROKER`, ...: see
@@ -61,6 +62,14 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: Dlq,
+    },
+    /// Deletes each QUEUE with the messages it holds, and its dead-letter queue; consumers of them end.
+    Delete {
+        /// The queues to delete, e.g. `Calculator` or `staging.Calculator`.
+        #[arg(required = true)]
+        queues: Vec<String>,
+        #[command(flatten)]
+        connect: Connect,
     },
 }
 
@@ -191,6 +200,7 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Dlq { action: Dlq::List { queue, connect } } => dead_letters(&connect, &queue, false).await,
         Command::Dlq { action: Dlq::Replay { queue, connect } } => dead_letters(&connect, &queue, true).await,
+        Command::Delete { queues, connect } => delete(&connect, &queues).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -332,6 +342,18 @@ async fn call(
         }
         Err(error) => Err(format!("{service}.{method} failed: {error}")),
     }
+}
+
+async fn delete(target: &Connect, queues: &[String]) -> Result<(), String> {
+    use rpc_core::Transport;
+    let remote = connect(target).await?;
+    for queue in queues {
+        for name in [queue.clone(), naming::dead_letter_queue(queue)] {
+            remote.delete_queue(&name).await.map_err(|error| format!("deleting `{name}`: {error}"))?;
+        }
+        println!("deleted {queue} and {}", naming::dead_letter_queue(queue));
+    }
+    Ok(())
 }
 
 async fn dead_letters(target: &Connect, queue: &str, replay: bool) -> Result<(), String> {

@@ -15,7 +15,7 @@ use rpc_core::{Capabilities, Envelope, Kind, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The oldest client version the broker still accepts: version 5 differs only in a `Welcome` without its flags,
 /// which the broker leaves out for it, and version 4 also in lacking the quiet `Publish` (0x12), which a
@@ -378,6 +378,13 @@ pub enum ClientFrame {
     },
     /// A queue's counters.
     Stats {
+        /// Request id.
+        req: u32,
+        /// The queue.
+        queue: String,
+    },
+    /// Deletes a queue with its messages; its consumers end (`Cancelled`). From version 7.
+    DeleteQueue {
         /// Request id.
         req: u32,
         /// The queue.
@@ -772,6 +779,9 @@ impl Frame for ClientFrame {
             ClientFrame::ListQueues { req } => {
                 Writer::new(dst, 0x0c).u32(*req);
             }
+            ClientFrame::DeleteQueue { req, queue } => {
+                Writer::new(dst, 0x13).u32(*req).str(queue);
+            }
             ClientFrame::Ping => {
                 Writer::new(dst, 0x0d);
             }
@@ -852,6 +862,7 @@ impl ClientFrame {
             0x0a => ClientFrame::OpenInbox { req: r.u32()?, name: r.str()? },
             0x0b => ClientFrame::Stats { req: r.u32()?, queue: r.str()? },
             0x0c => ClientFrame::ListQueues { req: r.u32()? },
+            0x13 => ClientFrame::DeleteQueue { req: r.u32()?, queue: r.str()? },
             0x0d => ClientFrame::Ping,
             0x0e => ClientFrame::Sync { req: r.u32()? },
             0x0f => ClientFrame::CancelCall { queue: r.str()?, key: r.key16()? },
@@ -893,6 +904,7 @@ impl ClientFrame {
             | ClientFrame::Cancel { req, .. }
             | ClientFrame::OpenInbox { req, .. }
             | ClientFrame::Stats { req, .. }
+            | ClientFrame::DeleteQueue { req, .. }
             | ClientFrame::ListQueues { req }
             | ClientFrame::Sync { req }
             | ClientFrame::Republish { req, .. } => *req,
@@ -1166,6 +1178,7 @@ mod tests {
         round_trip_client(ClientFrame::Pause { consumer: 7 });
         round_trip_client(ClientFrame::OpenInbox { req: 7, name: "inbox.x".into() });
         round_trip_client(ClientFrame::Stats { req: 8, queue: "q".into() });
+        round_trip_client(ClientFrame::DeleteQueue { req: 8, queue: "q".into() });
         round_trip_client(ClientFrame::ListQueues { req: 9 });
         round_trip_client(ClientFrame::Ping);
         round_trip_client(ClientFrame::Sync { req: 10 });

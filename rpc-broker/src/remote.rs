@@ -420,6 +420,14 @@ impl Transport for Remote {
         })
     }
 
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            // Not declared again after a reconnect.
+            self.inner.declared.lock().unwrap_or_else(PoisonError::into_inner).remove(queue);
+            self.inner.request(queue, |req| ClientFrame::DeleteQueue { req, queue: queue.to_owned() }).await.map(drop)
+        })
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(self.sync())
     }

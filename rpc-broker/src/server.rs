@@ -365,6 +365,10 @@ impl Sink<Bytes> for ConnectionSink {
     fn abort(&self, tag: u64) {
         let _ = self.out.send(Outbound::Frame(ServerFrame::Abort { consumer: self.consumer, tag }));
     }
+
+    fn ended(&self) {
+        let _ = self.out.send(Outbound::Frame(ServerFrame::Cancelled { consumer: self.consumer }));
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -764,6 +768,23 @@ impl Connection {
                 match hub.engine.stats(&queue) {
                     Some(stats) => ok(protocol::stats_body(&stats)),
                     None => Some(failure(req, &Error::NoRoute(queue))),
+                }
+            }
+            ClientFrame::DeleteQueue { queue, .. } if queue.starts_with(INBOX_PREFIX) => Some(failure(
+                req,
+                &Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its connection")),
+            )),
+            ClientFrame::DeleteQueue { queue, .. } => {
+                let mut hub = self.state.lock();
+                let durable = hub.engine.is_durable(&queue);
+                hub.delete_queue(&queue);
+                drop(hub);
+                if durable && self.state.log.is_some() {
+                    // Answered once the deletion is in the log.
+                    self.confirm_when_durable(req);
+                    None
+                } else {
+                    ok(Bytes::new())
                 }
             }
             ClientFrame::ListQueues { .. } => {

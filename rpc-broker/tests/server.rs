@@ -500,6 +500,15 @@ async fn operator_commands_list_call_and_replay() {
     assert_eq!(again.envelope.idempotency_key.as_deref(), Some("job-7"));
     // A replay starts over: the retry policy applies afresh.
     assert_eq!(again.envelope.attempt, 1);
+
+    // Deleting the queue ends its consumer and takes its dead-letter queue with it.
+    let deleted = cli(&url, &["delete", "jobs"]).await;
+    assert!(deleted.contains("deleted jobs and jobs.dlq"), "{deleted}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("the consumer ends");
+    assert!(ended.is_none(), "a consumer of a deleted queue got {ended:?}");
+    for queue in ["jobs", "jobs.dlq"] {
+        assert!(matches!(remote.queue_stats(queue).await, Err(Error::NoRoute(_))), "{queue} is still there");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -870,6 +870,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         Box::pin(std::future::ready(Err(Error::Unsupported("queue stats"))))
     }
 
+    /// Deletes `queue` with the messages it holds (its stream, where the broker keeps one); its consumers end.
+    /// A queue that does not exist is deleted already. For operators and tests that remove a service's queues
+    /// and dead-letter queues from a shared broker; a worker declares its queue again when it starts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an inbox's name; [`Error::Unsupported`] (the default).
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = queue;
+        Box::pin(std::future::ready(Err(Error::Unsupported("deleting queues"))))
+    }
+
     /// Waits until the broker has taken every settle and unconfirmed publish this transport sent so far (they
     /// have no answer of their own). A server calls it at the end of a graceful shutdown, so that a process
     /// exiting right after does not leave the broker to redeliver work that was done. The default does nothing,
@@ -934,6 +945,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     // transport's own.
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         (**self).queue_stats(queue)
+    }
+
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        (**self).delete_queue(queue)
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {

@@ -338,6 +338,7 @@ macro_rules! scenarios {
             forced_shutdown_requeues_running_calls,
             expired_request_is_not_executed,
             oneway_call_runs,
+            deleted_queue_is_gone_with_its_messages,
             in_process_callback_receives_the_result,
             nested_call_inherits_the_deadline,
             priority_orders_calls_or_is_refused,

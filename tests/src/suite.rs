@@ -424,6 +424,33 @@ pub async fn expired_request_is_not_executed(harness: &dyn Harness) {
     assert_eq!(events.finished("add"), 1, "the expired request ran");
 }
 
+/// Deleting a service's queue removes it with the requests waiting in it; deleting it again, or a queue that
+/// never was, succeeds; a worker started afterwards declares it anew and serves, and the deleted requests never
+/// run. Core NATS holds no queue, so there deleting is all there is to it.
+pub async fn deleted_queue_is_gone_with_its_messages(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let transport = setup.transport().await;
+    transport.declare_queue(&setup.queue(), &QueueOptions::new()).await.expect("declares");
+    let probe = ProbeClient::new(&setup.client().await);
+    let holds = holds_messages(transport.as_ref());
+    if holds {
+        for n in 0..3 {
+            probe.record(n).await.expect("queued");
+        }
+    }
+    transport.delete_queue(&setup.queue()).await.expect("deletes");
+    transport.delete_queue(&setup.queue()).await.expect("deleting again is done already");
+    transport.delete_queue(&format!("{}.never", setup.namespace)).await.expect("a queue that never was");
+    if transport.capabilities().queue_stats {
+        let stats = transport.queue_stats(&setup.queue()).await;
+        assert!(matches!(stats, Err(Error::NoRoute(_))), "{stats:?}");
+    }
+    let (_server, events) = setup.worker("w").await;
+    assert_eq!(probe.add(2, 2).timeout(WAIT).await.expect("served after the deletion"), 4);
+    probe.record(7).await.expect("queued");
+    eventually("the new request to run", WAIT, || events.recorded() == [7]).await;
+}
+
 /// A oneway call returns once queued, and a worker runs it.
 pub async fn oneway_call_runs(harness: &dyn Harness) {
     let setup = Setup::new(harness);

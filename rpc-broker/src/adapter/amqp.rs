@@ -658,6 +658,14 @@ impl Transport for Amqp {
         })
     }
 
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let conn = self.inner.current()?;
+            self.inner.forget(queue);
+            self.inner.delete(&conn, queue).await
+        })
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         // Acks travel on their consumer's channel; a server drops its consumers before flushing, and the close
         // of each channel completes once RabbitMQ has handled the acks sent on it.

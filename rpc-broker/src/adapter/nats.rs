@@ -587,6 +587,22 @@ impl Transport for Nats {
         })
     }
 
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            // Core NATS holds no queue: there is nothing to delete.
+            if !self.inner.options.jetstream {
+                return Ok(());
+            }
+            Inner::lock(&self.inner.streams).remove(queue);
+            match self.inner.jetstream.delete_stream(self.inner.stream_name(queue)).await {
+                Ok(_) => Ok(()),
+                Err(error) if is_stream_missing(&error) => Ok(()),
+                Err(error) => Err(transport(error)),
+            }
+        })
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         // Acks are publishes buffered by the client: flushing it hands them to the server.
         Box::pin(async move {
@@ -599,6 +615,12 @@ impl Transport for Nats {
             })
         })
     }
+}
+
+/// Whether deleting a stream failed because there is no such stream.
+fn is_stream_missing(error: &async_nats::jetstream::context::DeleteStreamError) -> bool {
+    matches!(error.kind(), async_nats::jetstream::context::DeleteStreamErrorKind::JetStream(error)
+        if error.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 fn transport(error: impl std::error::Error + Send + Sync + 'static) -> Error {

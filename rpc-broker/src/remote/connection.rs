@@ -117,14 +117,22 @@ pub(super) struct Conn {
     pub(super) routes: DashMap<u64, Route>,
     pub(super) dead: CancellationToken,
     pub(super) liveness: Arc<Liveness>,
+    /// The transport, for what outlives the connection (consumers the broker ended).
+    transport: Weak<Inner>,
     next_req: AtomicU32,
     /// How long a request on it waits for its answer.
     pub(super) request_timeout: Duration,
 }
 
 impl Conn {
-    fn new(out: mpsc::UnboundedSender<ClientFrame>, request_timeout: Duration, heartbeat: Duration) -> Conn {
+    fn new(
+        out: mpsc::UnboundedSender<ClientFrame>,
+        request_timeout: Duration,
+        heartbeat: Duration,
+        transport: Weak<Inner>,
+    ) -> Conn {
         Conn {
+            transport,
             out,
             pending: DashMap::new(),
             routes: DashMap::new(),
@@ -280,7 +288,7 @@ async fn dial(inner: &Inner) -> Result<(BoxRead, BoxWrite), Error> {
 }
 
 /// Opens a connection: dial, handshake, then the reader, writer and heartbeat tasks.
-pub(super) async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
+pub(super) async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, Error> {
     let connect = async {
         let (read, mut write) = dial(inner).await?;
         let mut hello = BytesMut::new();
@@ -306,7 +314,7 @@ pub(super) async fn open(inner: &Inner) -> Result<Arc<Conn>, Error> {
     inner.durable.store(flags & protocol::WELCOME_DURABLE != 0, Ordering::Relaxed);
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn::new(out, inner.options.request_timeout, heartbeat));
+    let conn = Arc::new(Conn::new(out, inner.options.request_timeout, heartbeat, Arc::downgrade(inner)));
     let heard = Arc::new(AtomicBool::new(true));
     tokio::spawn(write_frames(write, outbound, conn.dead.clone(), Arc::clone(&conn.liveness)));
     tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&heard)));
@@ -452,7 +460,13 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                 }
             }
             ServerFrame::Cancelled { consumer } => {
-                conn.routes.remove(&consumer);
+                // The broker ended it (its queue was deleted): the application's consumer ends too, and is not
+                // started again on the next connection.
+                if let Some((_, route)) = conn.routes.remove(&consumer)
+                    && let Some(transport) = conn.transport.upgrade()
+                {
+                    transport.consumers().remove(&route.logical);
+                }
             }
             ServerFrame::Abort { consumer, tag } => {
                 if let Some(route) = conn.routes.get(&consumer) {

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Event, ExchangeKind};
@@ -125,6 +127,18 @@ impl Inner {
             Err(error) if soft_error(&error) == Some(AMQPSoftError::NOTFOUND) => Ok(None),
             // Another connection's exclusive queue (an inbox): it exists.
             Err(error) if soft_error(&error) == Some(AMQPSoftError::RESOURCELOCKED) => Ok(Some((0, 1))),
+            Err(error) => Err(from_lapin(error)),
+        }
+    }
+
+    /// Deletes `queue` with its messages; a queue that does not exist is deleted already.
+    pub(super) async fn delete(&self, conn: &Conn, queue: &str) -> Result<(), Error> {
+        let (channel, _permit) = self.admin_channel(conn).await?;
+        let result = channel.queue_delete(short(queue)?, QueueDeleteOptions::default()).await;
+        close_channel(channel).await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if soft_error(&error) == Some(AMQPSoftError::NOTFOUND) => Ok(()),
             Err(error) => Err(from_lapin(error)),
         }
     }
