@@ -1,0 +1,1058 @@
+#!/usr/bin/env python3
+"""Interoperability checks: a Python client calls the Rust `probe-worker` through each broker.
+
+Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md and the module docs of
+rpc-broker/src/adapter/{amqp,nats}.rs): where the worker does not do what they say, the check fails.
+
+    python3 tests/interop/run.py --worker target/debug/probe-worker [--known-gaps tests/interop/known-gaps.txt]
+
+Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
+nats://127.0.0.1:4222), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream).
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import os
+import random
+import signal
+import struct
+import sys
+import time
+import traceback
+import uuid
+
+import msgpack
+
+SERVICE = "suite.Probe"
+CALL_TIMEOUT = 10.0  # seconds to wait for a reply we expect
+SILENCE = 1.5  # seconds to wait to conclude that no reply comes
+CONCURRENT = 1000
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def expect(condition, why):
+    if not condition:
+        raise CheckFailed(why)
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def pack(value):
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class Reply:
+    """A reply as a caller sees it, whatever the transport."""
+
+    def __init__(self, status, message, body, correlation, raw=None):
+        self.status = status  # int, 0 when absent
+        self.message = message  # str or None
+        self.body = body  # bytes: the MessagePack of the result or error value
+        self.correlation = correlation  # bytes (envelope) or str (broker property / header)
+        self.raw = raw
+
+    def value(self):
+        return unpack(self.body) if self.body else None
+
+    def __repr__(self):
+        try:
+            value = self.value()
+        except Exception:
+            value = self.body
+        return f"Reply(status={self.status}, message={self.message!r}, value={value!r}, correlation={self.correlation!r})"
+
+
+class BrokerError(Exception):
+    """Our broker answered a frame with Error."""
+
+    def __init__(self, code, message):
+        super().__init__(f"broker error code {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def envelope(kind, method, body, *, correlation=None, reply_to=None, inbox=True, deadline=None, version=1, extra=None,
+             service=SERVICE):
+    """An envelope as docs/wire-format.md lays it out (absent optional fields left out)."""
+    env = {"v": version, "k": kind, "i": uuid.uuid4().bytes}
+    if correlation is not None:
+        env["c"] = correlation
+    env["s"] = service
+    env["m"] = method
+    if reply_to is not None:
+        env["r"] = reply_to
+        if inbox:
+            env["ri"] = True
+    if deadline is not None:
+        env["d"] = deadline
+    env["a"] = 1
+    env["b"] = body
+    if extra:
+        env.update(extra)
+    return env
+
+
+def reply_from_envelope(payload):
+    env = unpack(payload)
+    expect(isinstance(env, dict), f"the reply is not an envelope map: {env!r}")
+    expect(env.get("v") == 1, f"the reply's version is {env.get('v')!r}, not 1")
+    expect(env.get("k") == 1, f"the reply's kind is {env.get('k')!r}, not 1 (reply)")
+    body = env.get("b", b"")
+    return Reply(env.get("st", 0), env.get("sm"), body, env.get("c"), raw=env)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Our broker, over raw TCP (docs/protocol.md, version 6)
+# --------------------------------------------------------------------------------------------------------------
+
+def s16(text):
+    data = text.encode()
+    return struct.pack(">H", len(data)) + data
+
+
+def opt(value):
+    return struct.pack(">Q", 0xFFFFFFFFFFFFFFFF if value is None else value)
+
+
+def key16(value):
+    return b"\x00" if value is None else b"\x01" + value
+
+
+class MqrpcClient:
+    name = "broker"
+
+    def __init__(self, url, namespace):
+        self.url = url
+        self.queue = f"{namespace}.{SERVICE}"
+        self.next_req = 1
+        self.pending = {}  # req -> future of (ok body) or BrokerError
+        self.calls = {}  # correlation bytes -> future of Reply
+        self.stray = []  # replies nobody waited for
+        self.inbox_consumer = None
+        self.closed = None
+        self.tasks = []
+
+    async def start(self):
+        host, port = self.url.split("://", 1)[1].rsplit(":", 1)
+        self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+        self.writer.write(self.frame(0x01, struct.pack(">H", 6) + s16("") + s16("interop-python")))
+        kind, body = await asyncio.wait_for(self.read_frame(), 5)
+        if kind == 0x83:
+            req, code = struct.unpack(">IB", body[:5])
+            raise BrokerError(code, body[7:].decode(errors="replace"))
+        expect(kind == 0x81, f"expected Welcome, got frame type {kind:#x}")
+        version, self.heartbeat_ms, self.max_frame = struct.unpack(">HII", body[:10])
+        expect(version == 6, f"Welcome version {version}")
+        self.closed = asyncio.get_running_loop().create_future()
+        self.tasks = [asyncio.create_task(self.read_loop()), asyncio.create_task(self.ping_loop())]
+        self.inbox = f"inbox.interop-{uuid.uuid4().hex}"
+        ok = await self.request(0x0A, s16(self.inbox))
+        (self.inbox_consumer,) = struct.unpack(">Q", ok[:8])
+
+    async def stop(self):
+        for task in self.tasks:
+            task.cancel()
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except Exception:
+            pass
+
+    @staticmethod
+    def frame(kind, body):
+        return struct.pack(">IB", len(body) + 1, kind) + body
+
+    async def read_frame(self):
+        (length,) = struct.unpack(">I", await self.reader.readexactly(4))
+        data = await self.reader.readexactly(length)
+        return data[0], data[1:]
+
+    async def ping_loop(self):
+        while True:
+            await asyncio.sleep(self.heartbeat_ms / 1000 / 2)
+            self.writer.write(self.frame(0x0D, b""))
+
+    async def read_loop(self):
+        try:
+            while True:
+                kind, body = await self.read_frame()
+                if kind == 0x82:  # Ok
+                    (req,) = struct.unpack(">I", body[:4])
+                    future = self.pending.pop(req, None)
+                    if future and not future.done():
+                        future.set_result(body[4:])
+                elif kind == 0x83:  # Error
+                    req, code = struct.unpack(">IB", body[:5])
+                    (length,) = struct.unpack(">H", body[5:7])
+                    error = BrokerError(code, body[7:7 + length].decode(errors="replace"))
+                    if req == 0:
+                        raise error
+                    future = self.pending.pop(req, None)
+                    if future and not future.done():
+                        future.set_exception(error)
+                elif kind == 0x84:  # Deliver
+                    consumer, tag, _count = struct.unpack(">QQI", body[:20])
+                    payload = body[28:]
+                    if tag != 0:
+                        self.writer.write(self.frame(0x07, struct.pack(">QQB", consumer, tag, 0)))
+                    if consumer == self.inbox_consumer:
+                        self.deliver_reply(payload)
+                elif kind in (0x85, 0x86, 0x87):
+                    pass
+        except BaseException as error:  # noqa: BLE001 - the connection is gone, every waiter learns it
+            for future in list(self.pending.values()) + list(self.calls.values()):
+                if not future.done():
+                    future.set_exception(CheckFailed(f"connection to the broker lost: {error!r}"))
+            if self.closed and not self.closed.done():
+                self.closed.set_result(error)
+
+    def deliver_reply(self, payload):
+        try:
+            reply = reply_from_envelope(payload)
+        except Exception as error:  # noqa: BLE001
+            self.stray.append(("unreadable", payload, error))
+            return
+        future = self.calls.pop(bytes(reply.correlation or b""), None)
+        if future is None or future.done():
+            self.stray.append(reply)
+        else:
+            future.set_result(reply)
+
+    async def request(self, kind, body, timeout=5):
+        req = self.next_req
+        self.next_req += 1
+        future = asyncio.get_running_loop().create_future()
+        self.pending[req] = future
+        self.writer.write(self.frame(kind, struct.pack(">I", req) + body))
+        return await asyncio.wait_for(future, timeout)
+
+    async def publish(self, payload, *, correlation=None, message_id=None, queue=None):
+        body = (s16(queue or self.queue) + b"\x00" + opt(None) + opt(None) + key16(correlation) + key16(message_id)
+                + payload)
+        return await self.request(0x03, body)
+
+    def expect_reply(self, correlation):
+        future = asyncio.get_running_loop().create_future()
+        self.calls[bytes(correlation)] = future
+        return future
+
+    async def send_envelope(self, env):
+        """Publishes an envelope; returns the future of its reply (None when it asks for none)."""
+        correlation = env.get("c")
+        future = self.expect_reply(correlation) if correlation is not None and "r" in env else None
+        await self.publish(pack(env), correlation=correlation if isinstance(correlation, bytes) and len(correlation) == 16 else None,
+                           message_id=env.get("i") if isinstance(env.get("i"), bytes) else None)
+        return future
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   version=1, extra=None):
+        correlation = correlation or uuid.uuid4().bytes
+        body = raw_body if raw_body is not None else pack(args)
+        env = envelope(0, method, body, correlation=correlation, reply_to=self.inbox, deadline=deadline,
+                       version=version, extra=extra)
+        future = await self.send_envelope(env)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.calls.pop(bytes(correlation), None)
+            return None
+        expect(reply.correlation == correlation,
+               f"reply correlation {reply.correlation!r} != request's {correlation!r}")
+        return reply
+
+    async def oneway(self, method, args):
+        await self.publish(pack(envelope(2, method, pack(args))))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RabbitMQ through pika (module docs of rpc-broker/src/adapter/amqp.rs)
+# --------------------------------------------------------------------------------------------------------------
+
+class AmqpClient:
+    """A plain AMQP client: a blocking pika connection, driven from one thread of its own."""
+
+    name = "rabbitmq"
+
+    def __init__(self, url, namespace):
+        self.url = url
+        self.queue = f"{namespace}.{SERVICE}"
+        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.replies = {}  # correlation id -> Reply (direct reply-to)
+        self.named_replies = {}
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)
+
+    async def start(self):
+        await self.run(self._start)
+
+    def _start(self):
+        import pika
+        self.pika = pika
+        self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        self.channel.basic_consume("amq.rabbitmq.reply-to", self._on_reply, auto_ack=True)
+        result = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.named_queue = result.method.queue
+        self.channel.basic_consume(self.named_queue, self._on_named_reply, auto_ack=True)
+
+    def _reply(self, properties, body):
+        headers = properties.headers or {}
+        status = headers.get("mqrpc-status", 0)
+        if isinstance(status, bytes):
+            status = status.decode()
+        message = headers.get("mqrpc-status-message")
+        if isinstance(message, bytes):
+            message = message.decode(errors="replace")
+        return Reply(int(status), message, body, properties.correlation_id, raw=properties)
+
+    def _on_reply(self, _channel, _method, properties, body):
+        self.replies.setdefault(properties.correlation_id, []).append(self._reply(properties, body))
+
+    def _on_named_reply(self, _channel, _method, properties, body):
+        self.named_replies.setdefault(properties.correlation_id, []).append(self._reply(properties, body))
+
+    async def stop(self):
+        try:
+            await asyncio.wait_for(self.run(self.connection.close), 5)
+        except Exception:
+            pass
+        self.thread.shutdown(wait=False)
+
+    def _publish(self, body, properties, queue=None):
+        try:
+            self.channel.basic_publish("", queue or self.queue, body, properties, mandatory=True)
+        except self.pika.exceptions.UnroutableError as error:
+            raise CheckFailed(f"the request was returned unroutable: {error!r}")
+
+    def _wait(self, store, correlations, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(c in store for c in correlations):
+            self.connection.process_data_events(time_limit=min(0.1, max(0, deadline - time.monotonic())))
+        return {c: store.pop(c)[0] for c in correlations if c in store}
+
+    def _call(self, requests, timeout, named):
+        """requests: [(correlation, method, body, extra headers, extra properties)]."""
+        for correlation, method, body, headers, props in requests:
+            properties = self.pika.BasicProperties(
+                reply_to=self.named_queue if named else "amq.rabbitmq.reply-to",
+                correlation_id=correlation,
+                type=method,
+                content_type="application/msgpack",
+                headers=headers or None,
+                **(props or {}),
+            )
+            self._publish(body, properties)
+        return self._wait(self.named_replies if named else self.replies, [r[0] for r in requests], timeout)
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   headers=None, properties=None, named=False):
+        correlation = correlation if correlation is not None else str(uuid.uuid4())
+        headers = dict(headers or {})
+        if deadline is not None:
+            headers["mqrpc-deadline-ms"] = deadline
+        body = raw_body if raw_body is not None else pack(args)
+        replies = await self.run(self._call, [(correlation, method, body, headers, properties)], timeout, named)
+        reply = replies.get(correlation)
+        return reply
+
+    async def call_many(self, requests, timeout):
+        return await self.run(self._call, requests, timeout, False)
+
+    async def oneway(self, method, args, headers=None):
+        properties = self.pika.BasicProperties(type=method, content_type="application/msgpack", headers=headers)
+        await self.run(self._publish, pack(args), properties)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NATS through nats-py (module docs of rpc-broker/src/adapter/nats.rs): core mode and JetStream
+# --------------------------------------------------------------------------------------------------------------
+
+class NatsClient:
+    def __init__(self, url, namespace, jetstream=False, stream_prefix=None):
+        self.url = url
+        self.subject = f"{namespace}.{SERVICE}"
+        self.jetstream = jetstream
+        self.stream_prefix = stream_prefix
+        self.name = "jetstream" if jetstream else "nats"
+        self.waiters = {}  # reply subject -> future of Reply
+
+    async def start(self):
+        import nats
+        self.nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=0)
+        self.js = self.nc.jetstream() if self.jetstream else None
+        self.inbox = f"_INBOX.interop{uuid.uuid4().hex[:12]}"
+        self.sub = await self.nc.subscribe(f"{self.inbox}.>", cb=self.on_reply)
+
+    async def stop(self):
+        try:
+            await asyncio.wait_for(self.nc.close(), 5)
+        except Exception:
+            pass
+
+    async def on_reply(self, msg):
+        headers = msg.headers or {}
+        data = msg.data
+        if data[:1] == b"\xc1":  # the mqrpc form: marker, sending time, envelope
+            try:
+                reply = reply_from_envelope(data[9:])
+                reply.raw = msg
+            except Exception as error:  # noqa: BLE001
+                reply = Reply(-1, f"unreadable mqrpc-form reply: {error!r}", data, None, raw=msg)
+        elif headers.get("Status") == "503":
+            reply = Reply(10, "no responders", b"", None, raw=msg)
+        else:
+            status = int(headers.get("mqrpc-status", "0") or 0)
+            # "the correlation id is the last token of the reply subject <inbox>.<correlation id, 32 hex digits>
+            # (the header mqrpc-correlation-id only otherwise)"
+            token = msg.subject.rsplit(".", 1)[-1]
+            if len(token) == 32 and all(ch in "0123456789abcdefABCDEF" for ch in token):
+                correlation = token
+            else:
+                correlation = headers.get("mqrpc-correlation-id")
+            reply = Reply(status, headers.get("mqrpc-status-message"), data, correlation, raw=msg)
+        future = self.waiters.pop(msg.subject, None)
+        if future and not future.done():
+            future.set_result(reply)
+
+    def reply_subject(self, token):
+        return f"{self.inbox}.{token}"
+
+    async def send(self, payload, headers, reply=None):
+        if self.jetstream:
+            headers = dict(headers or {})
+            if reply:
+                headers["mqrpc-reply-to"] = reply
+                headers["mqrpc-reply-inbox"] = "true"
+            headers.setdefault("Nats-Msg-Id", str(uuid.uuid4()))
+            try:
+                await self.js.publish(self.subject, payload, headers=headers, timeout=5)
+            except Exception as error:  # noqa: BLE001
+                raise CheckFailed(f"the JetStream publish failed: {error!r}")
+        else:
+            await self.nc.publish(self.subject, payload, reply=reply or "", headers=headers or None)
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   headers=None, token=None):
+        """A plain client's call: reply subject `<inbox>.<token>`, `mqrpc-method` and the arguments."""
+        token = token or uuid.uuid4().hex
+        reply_to = self.reply_subject(token)
+        hdrs = {"mqrpc-method": method} if method is not None else {}
+        if correlation is not None:
+            hdrs["mqrpc-correlation-id"] = correlation
+        if deadline is not None:
+            hdrs["mqrpc-deadline-ms"] = str(deadline)
+        hdrs.update(headers or {})
+        future = asyncio.get_running_loop().create_future()
+        self.waiters[reply_to] = future
+        body = raw_body if raw_body is not None else pack(args)
+        await self.send(body, hdrs, reply_to)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.pop(reply_to, None)
+            return None
+
+    async def call_mqrpc_form(self, env_bytes, correlation_hex, timeout=CALL_TIMEOUT, sent_at=None):
+        """Core NATS between mqrpc processes: 0xc1, sending time (8 bytes BE), envelope; reply subject
+        `<inbox>.mqrpc.<correlation id>`."""
+        reply_to = f"{self.inbox}.mqrpc.{correlation_hex}"
+        future = asyncio.get_running_loop().create_future()
+        self.waiters[reply_to] = future
+        payload = b"\xc1" + struct.pack(">Q", now_ms() if sent_at is None else sent_at) + env_bytes
+        await self.nc.publish(self.subject, payload, reply=reply_to)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.pop(reply_to, None)
+            return None
+
+    async def oneway(self, method, args, headers=None):
+        hdrs = {"mqrpc-method": method}
+        hdrs.update(headers or {})
+        await self.send(pack(args), hdrs)
+
+    async def flush(self):
+        await self.nc.flush(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------------
+
+def ok_value(reply, expected, what):
+    expect(reply is not None, f"{what}: no reply within {CALL_TIMEOUT:.0f} s")
+    expect(reply.status == 0, f"{what}: status {reply.status} ({reply.message!r}), expected 0")
+    value = reply.value()
+    expect(value == expected, f"{what}: value {value!r}, expected {expected!r}")
+
+
+async def alive(client, what="the worker"):
+    reply = await client.call("add", {"a": 40, "b": 2})
+    ok_value(reply, 42, f"{what} answers add(40, 2) afterwards")
+
+
+async def check_result(client, ctx):
+    """add(2, 3) = 5, the reply matched by its correlation id."""
+    if isinstance(client, MqrpcClient):
+        correlation = uuid.uuid4().bytes
+    elif isinstance(client, AmqpClient):
+        correlation = str(uuid.uuid4())
+    else:
+        correlation = None
+    reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation)
+    ok_value(reply, 5, "add(2, 3)")
+    if correlation is not None:
+        expect(reply.correlation == correlation, f"correlation {reply.correlation!r} != {correlation!r}")
+
+
+async def check_result_named_reply_queue(client, ctx):
+    """RabbitMQ: the reply to a named (non-inbox) queue, the `reply_to` of a plain client."""
+    correlation = str(uuid.uuid4())
+    reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation, named=True)
+    ok_value(reply, 5, "add(2, 3) answered on a named reply queue")
+    expect(reply.correlation == correlation, f"correlation {reply.correlation!r} != {correlation!r}")
+
+
+async def check_result_mqrpc_form(client, ctx):
+    """Core NATS, the form between mqrpc processes: 0xc1 + sending time + envelope, reply in the same form."""
+    correlation = uuid.uuid4()
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=5000)
+    reply = await client.call_mqrpc_form(pack(env), correlation.hex)
+    expect(reply is not None, "no reply to an mqrpc-form request")
+    expect(reply.status != -1, reply.message or "")
+    ok_value(reply, 5, "add(2, 3) in the mqrpc form")
+    expect(reply.correlation == correlation.bytes, f"correlation {reply.correlation!r} != {correlation.bytes!r}")
+
+
+async def check_application_error(client, ctx):
+    """div(1, 0) -> status 1, "DivideByZero"; div(7, 2) -> status 1, {"NotExact": {"remainder": 1}}."""
+    for args, expected in (({"a": 1, "b": 0}, "DivideByZero"), ({"a": 7, "b": 2}, {"NotExact": {"remainder": 1}})):
+        reply = await client.call("div", args)
+        expect(reply is not None, f"div{tuple(args.values())}: no reply")
+        expect(reply.status == 1, f"div{tuple(args.values())}: status {reply.status} ({reply.message!r}), expected 1")
+        value = reply.value()
+        expect(value == expected, f"div{tuple(args.values())}: error value {value!r}, expected {expected!r}")
+    reply = await client.call("div", {"a": 8, "b": 2})
+    ok_value(reply, 4, "div(8, 2)")
+
+
+async def check_unknown_method(client, ctx):
+    reply = await client.call("no_such_method", {})
+    expect(reply is not None, "no reply to an unknown method")
+    expect(reply.status == 2, f"status {reply.status} ({reply.message!r}), expected 2 (unknown method)")
+
+
+async def check_bad_arguments(client, ctx):
+    cases = [("a string for an i64", {"a": "two", "b": 3}), ("a missing parameter", {"a": 2}),
+             ("a nil body", None), ("a bare integer", 5)]
+    for what, args in cases:
+        reply = await client.call("add", args)
+        expect(reply is not None, f"{what}: no reply")
+        expect(reply.status == 3, f"{what}: status {reply.status} ({reply.message!r}), expected 3 (invalid argument)")
+
+
+async def check_positional_arguments(client, ctx):
+    """wire-format.md: "Request arguments: a MessagePack map from parameter name to value". An array `[2, 3]` is
+    not that map, so the arguments do not decode into the parameters: status 3."""
+    reply = await client.call("add", [2, 3])
+    expect(reply is not None, "no reply to arguments sent as an array")
+    expect(reply.status == 3, f"status {reply.status}, value {reply.body!r}: the array [2, 3] was taken positionally "
+                              f"(expected 3, invalid argument)")
+
+
+async def check_deadline_propagates(client, ctx):
+    """A 5 s budget (`d`, or `mqrpc-deadline-ms`) reaches the handler: `remaining` answers at most 5000."""
+    reply = await client.call("remaining", {}, deadline=5000)
+    expect(reply is not None and reply.status == 0, f"remaining(): {reply!r}")
+    value = reply.value()
+    expect(isinstance(value, int) and 0 < value <= 5000, f"remaining() = {value!r}, expected 0 < ms <= 5000")
+
+
+async def check_deadline_from_expiration(client, ctx):
+    """RabbitMQ: `expiration` is "the time budget"; a plain client that sets only `expiration: "5000"` gives the
+    handler a budget of at most 5000 ms."""
+    reply = await client.call("remaining", {}, properties={"expiration": "5000"})
+    expect(reply is not None and reply.status == 0, f"remaining(): {reply!r}")
+    value = reply.value()
+    expect(isinstance(value, int) and 0 < value <= 5000, f"remaining() = {value!r}, expected 0 < ms <= 5000")
+
+
+async def check_garbage_body(client, ctx):
+    """Broker adapters: a body that is not MessagePack at all, where the arguments go: status 3."""
+    reply = await client.call("add", None, raw_body=b"\xc1\xff\x00garbage")
+    expect(reply is not None, "no reply to a body that is not MessagePack")
+    expect(reply.status == 3, f"status {reply.status} ({reply.message!r}), expected 3 (invalid argument)")
+    await alive(client)
+
+
+async def check_garbage_envelope(client, ctx):
+    """Our broker: a Publish payload that is not MessagePack is refused with Error{Invalid} (code 3), the
+    connection stays open; the worker never sees it."""
+    try:
+        await client.publish(b"\xc1\xff\x00garbage bytes")
+    except BrokerError as error:
+        expect(error.code == 3, f"the broker refused the garbage with code {error.code}, expected 3 (invalid)")
+    else:
+        raise CheckFailed("the broker accepted a payload that is not MessagePack")
+    await alive(client, "the connection and the worker")
+
+
+async def check_not_envelope(client, ctx):
+    """Our broker: valid MessagePack that is not an envelope (an array): no reply address, no answer; the worker
+    survives it."""
+    await client.publish(pack([1, 2, 3]))
+    await client.publish(pack({"hello": "world"}))
+    await alive(client)
+
+
+async def check_incomplete_envelope(client, ctx):
+    """A map with a readable reply address and correlation id but no `v`, `k`, `i`: status 8 expected."""
+    correlation = uuid.uuid4().bytes
+    future = client.expect_reply(correlation)
+    await client.publish(pack({"c": correlation, "s": SERVICE, "m": "add", "r": client.inbox, "ri": True,
+                               "b": pack({"a": 1, "b": 1})}), correlation=correlation)
+    try:
+        reply = await asyncio.wait_for(future, SILENCE * 2)
+    except asyncio.TimeoutError:
+        client.calls.pop(correlation, None)
+        await alive(client)
+        raise CheckFailed("no reply to an envelope without v/k/i whose reply address is readable "
+                          "(expected status 8, invalid request)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8 (invalid request)")
+    await alive(client)
+
+
+async def check_wrong_version(client, ctx):
+    """An envelope with `v: 2`: "A reader rejects other versions", status 8 where the reply address is readable."""
+    reply = await client.call("add", {"a": 2, "b": 3}, version=2, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a version-2 envelope (expected status 8, invalid request)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}) value {reply.body!r}, expected 8")
+
+
+async def check_missing_method(client, ctx):
+    """Broker adapters: a request without the method (`type` on AMQP, `mqrpc-method` on NATS) and a reply address:
+    not a request the worker can handle, status 8."""
+    reply = await client.call(None, {"a": 1, "b": 2}, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a request without a method (expected status 8, invalid request)")
+    # 2 (unknown method, the empty name) is a typed answer too; anything else is not.
+    expect(reply.status in (2, 8), f"status {reply.status} ({reply.message!r}), expected 8 (invalid request) or 2")
+
+
+async def check_mqrpc_form_garbage(client, ctx):
+    """Core NATS, mqrpc form: marker and time, then bytes that are not MessagePack; the reply subject is readable."""
+    correlation = uuid.uuid4().hex
+    reply = await client.call_mqrpc_form(b"\xc1\xc1garbage", correlation, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a garbage mqrpc-form message (expected status 8, invalid request)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8")
+
+
+async def check_mqrpc_form_not_envelope(client, ctx):
+    correlation = uuid.uuid4().hex
+    reply = await client.call_mqrpc_form(pack([1, 2, 3]), correlation, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to an mqrpc-form array (expected status 8, invalid request)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8")
+
+
+async def check_mqrpc_form_wrong_version(client, ctx):
+    correlation = uuid.uuid4()
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, version=2)
+    reply = await client.call_mqrpc_form(pack(env), correlation.hex, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a version-2 mqrpc-form envelope (expected status 8, invalid request)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8")
+
+
+async def check_expired_deadline(client, ctx):
+    """`d: 0` (or the deadline header 0): "0 means expired"; status 4, deadline exceeded."""
+    reply = await client.call("add", {"a": 2, "b": 3}, deadline=0, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a request with deadline 0 (expected status 4, deadline exceeded)")
+    expect(reply.status == 4, f"status {reply.status} ({reply.message!r}), expected 4 (deadline exceeded)")
+
+
+async def check_old_send_time(client, ctx):
+    """A 2 s budget sent a minute ago (`mqrpc-sent-at-ms`): the worker takes the time in transit off, status 4."""
+    headers = {"mqrpc-sent-at-ms": now_ms() - 60_000}
+    if not isinstance(client, AmqpClient):
+        headers = {k: str(v) for k, v in headers.items()}
+    reply = await client.call("add", {"a": 2, "b": 3}, deadline=2000, headers=headers, timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a request whose budget ran out in transit (expected status 4)")
+    expect(reply.status == 4, f"status {reply.status} ({reply.message!r}), expected 4 (deadline exceeded)")
+
+
+async def check_old_send_time_mqrpc_form(client, ctx):
+    """Core NATS, mqrpc form: a sending time a minute old against `d: 2000`: status 4."""
+    correlation = uuid.uuid4()
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=2000)
+    reply = await client.call_mqrpc_form(pack(env), correlation.hex, timeout=SILENCE * 2, sent_at=now_ms() - 60_000)
+    await alive(client)
+    expect(reply is not None, "no reply to an mqrpc-form request whose budget ran out in transit (expected 4)")
+    expect(reply.status == 4, f"status {reply.status} ({reply.message!r}), expected 4")
+
+
+async def check_expired_expiration(client, ctx):
+    """RabbitMQ: `expiration` "the time budget, so RabbitMQ drops a request that expired while queued"; with
+    `expiration: "0"` the request is dropped: no reply, the worker lives."""
+    reply = await client.call("add", {"a": 2, "b": 3}, properties={"expiration": "0"}, timeout=SILENCE)
+    await alive(client)
+    expect(reply is None or reply.status == 4, f"a reply with status {reply and reply.status} to an expired request")
+
+
+async def check_oneway(client, ctx):
+    """`record` (oneway) then `count`: the worker took the oneway calls and still answers."""
+    await client.oneway("record", {"n": 7})
+    await client.oneway("record", {"n": "not a number"})
+    await client.oneway("no_such_method", {})
+    first = await client.call("count", {"n": 99})
+    expect(first is not None and first.status == 0, f"count after oneway calls: {first!r}")
+    second = await client.call("count", {"n": 99})
+    ok_value(second, first.value() + 1, "count counts on after oneway calls")
+
+
+def correlation_ids(client, n, form="mixed"):
+    """The caller's own correlation ids, in forms the documents allow on this transport: `mixed` (all the forms
+    below), `canonical` (lower-case hyphenated UUIDs; random 16 bytes on our broker, where `c` is bin 16),
+    `upper` (upper-case UUIDs), `simple` (32 hex digits, no hyphens), `opaque` (not UUIDs: `req-17`)."""
+    ids = []
+    for i in range(n):
+        u = uuid.uuid4()
+        if form == "canonical":
+            ids.append(bytes(random.getrandbits(8) for _ in range(16)) if isinstance(client, MqrpcClient) else str(u))
+            continue
+        if form == "upper":
+            ids.append(str(u).upper())
+            continue
+        if form == "simple":
+            ids.append(u.hex)
+            continue
+        if form == "opaque":
+            ids.append(f"req-{i}")
+            continue
+        u = uuid.uuid4()
+        if isinstance(client, MqrpcClient):  # bin 16, not necessarily a UUID
+            ids.append(u.bytes if i % 2 else bytes(random.getrandbits(8) for _ in range(16)))
+        elif isinstance(client, NatsClient) and i % 5 == 4:
+            ids.append(u.hex.upper())  # 32 upper-case hex digits: the reply subject's last token
+        elif i % 4 == 0:
+            ids.append(str(u).upper())  # an upper-case UUID
+        elif i % 4 == 1:
+            ids.append(f"req-{i}")  # not a UUID
+        elif i % 4 == 2:
+            ids.append(u.hex)  # simple form
+        else:
+            ids.append(str(u))  # canonical
+    return ids
+
+
+async def run_concurrent(client, ids):
+    """Every id's call at once; every reply matched to its call byte for byte."""
+    args = {c: {"a": i, "b": 1000} for i, c in enumerate(ids)}
+    problems = []
+    if isinstance(client, MqrpcClient):
+        futures = {}
+        for c in ids:
+            env = envelope(0, "add", pack(args[c]), correlation=c, reply_to=client.inbox, deadline=30_000)
+            futures[c] = client.expect_reply(c)
+            client.writer.write(client.frame(0x03, struct.pack(">I", 0) + s16(client.queue) + b"\x00" + opt(None)
+                                             + opt(None) + key16(c) + key16(env["i"]) + pack(env)))
+        done, _ = await asyncio.wait(futures.values(), timeout=60)
+        replies = {c: f.result() for c, f in futures.items() if f in done and not f.exception()}
+        stray = list(client.stray)
+        client.stray.clear()
+    elif isinstance(client, AmqpClient):
+        requests = [(c, "add", pack(args[c]), {}, None) for c in ids]
+        replies = await client.call_many(requests, 60)
+        stray = sorted(client.replies)
+        client.replies.clear()
+    else:
+        # NATS: the correlation id travels in `mqrpc-correlation-id` (the reply subject's last token is not
+        # 32 hex digits), except for the simple-form ids, which are the reply subject's last token themselves.
+        async def one(i, c):
+            if len(c) == 32 and all(ch in "0123456789abcdefABCDEF" for ch in c):
+                reply = await client.call("add", args[c], token=c, timeout=60)
+            else:
+                reply = await client.call("add", args[c], correlation=c, token=f"t{i}", timeout=60)
+            return c, reply
+        results = await asyncio.gather(*(one(i, c) for i, c in enumerate(ids)))
+        replies = {c: r for c, r in results if r is not None}
+        stray = []
+    missing = [c for c in ids if c not in replies]
+    for c in ids:
+        reply = replies.get(c)
+        if reply is None:
+            continue
+        if reply.correlation != c:
+            problems.append(f"{c!r} came back as {reply.correlation!r}")
+        elif reply.status != 0 or reply.value() != args[c]["a"] + 1000:
+            problems.append(f"{c!r}: status {reply.status} value {reply.body!r}")
+    expect(not missing and not problems,
+           f"{len(missing)} of {len(ids)} calls without a reply (first: {missing[:3]!r}; {len(stray)} replies with "
+           f"ids nobody sent, first: {stray[:3]!r}), "
+           f"{len(problems)} mismatched (first: {problems[:3]})")
+
+
+async def check_concurrent(client, ctx):
+    """1,000 calls at once, correlation ids of the caller's own making in every form the documents allow on the
+    transport, mixed, every reply matched byte for byte."""
+    await run_concurrent(client, correlation_ids(client, CONCURRENT))
+
+
+async def check_concurrent_canonical_ids(client, ctx):
+    """1,000 calls at once with canonical UUIDs (random bin 16 on our broker): the concurrency alone."""
+    await run_concurrent(client, correlation_ids(client, CONCURRENT, "canonical"))
+
+
+async def check_correlation_upper_case_uuid(client, ctx):
+    """An upper-case UUID as the correlation id (AMQP `correlation_id`; NATS `mqrpc-correlation-id`): echoed as sent."""
+    await run_concurrent(client, correlation_ids(client, 20, "upper"))
+
+
+async def check_correlation_simple_uuid(client, ctx):
+    """RabbitMQ: a UUID without hyphens as `correlation_id`: echoed as sent."""
+    await run_concurrent(client, correlation_ids(client, 20, "simple"))
+
+
+async def check_correlation_non_uuid(client, ctx):
+    """A correlation id that is no UUID at all (`req-17`): echoed as sent."""
+    await run_concurrent(client, correlation_ids(client, 20, "opaque"))
+
+
+async def check_worker_alive(client, ctx):
+    expect(ctx["worker"].returncode is None, f"the worker exited with {ctx['worker'].returncode}")
+    await alive(client)
+
+
+CHECKS = {
+    "broker": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
+               check_positional_arguments, check_deadline_propagates,
+               check_garbage_envelope, check_not_envelope, check_incomplete_envelope, check_wrong_version,
+               check_expired_deadline, check_oneway, check_concurrent_canonical_ids, check_concurrent,
+               check_worker_alive],
+    "rabbitmq": [check_result, check_result_named_reply_queue, check_application_error, check_unknown_method,
+                 check_bad_arguments, check_positional_arguments, check_deadline_propagates,
+                 check_deadline_from_expiration, check_garbage_body, check_missing_method, check_expired_deadline,
+                 check_old_send_time, check_expired_expiration, check_oneway, check_concurrent_canonical_ids,
+                 check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
+                 check_concurrent, check_worker_alive],
+    "nats": [check_result, check_result_mqrpc_form, check_application_error, check_unknown_method,
+             check_bad_arguments, check_positional_arguments, check_deadline_propagates, check_garbage_body,
+             check_missing_method, check_mqrpc_form_garbage,
+             check_mqrpc_form_not_envelope, check_mqrpc_form_wrong_version, check_expired_deadline,
+             check_old_send_time, check_old_send_time_mqrpc_form, check_oneway, check_concurrent_canonical_ids,
+             check_correlation_upper_case_uuid, check_correlation_non_uuid, check_concurrent, check_worker_alive],
+    # JetStream: no old_send_time check; the adapter counts the time queued from the stream's storage time, which
+    # adapters.md allows ("the broker's storage time or the sender's mqrpc-sent-at-ms").
+    "jetstream": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
+                  check_positional_arguments, check_deadline_propagates, check_garbage_body, check_missing_method,
+                  check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
+                  check_correlation_upper_case_uuid, check_correlation_non_uuid, check_concurrent, check_worker_alive],
+}
+
+
+def check_name(function):
+    return function.__name__.removeprefix("check_")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Processes and the run
+# --------------------------------------------------------------------------------------------------------------
+
+async def read_line(stream, timeout):
+    line = await asyncio.wait_for(stream.readline(), timeout)
+    if not line:
+        raise CheckFailed("the process closed its stdout")
+    return line.decode().strip()
+
+
+async def start_process(args, env=None, log=None):
+    return await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=log or asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+async def terminate(process, timeout):
+    """SIGTERM, then wait; SIGKILL after `timeout`. Returns (returncode, rest of stdout, killed)."""
+    if process.returncode is not None:
+        return process.returncode, "", False
+    process.send_signal(signal.SIGTERM)
+    try:
+        out = await asyncio.wait_for(process.stdout.read(), timeout)
+        await asyncio.wait_for(process.wait(), 5)
+        return process.returncode, out.decode(errors="replace"), False
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        return process.returncode, "", True
+
+
+class Results:
+    def __init__(self, known_gaps):
+        self.known = known_gaps
+        self.passed = self.failed = self.gaps = 0
+        self.seen = set()
+
+    def record(self, transport, check, error):
+        name = f"{transport} {check}"
+        self.seen.add(name)
+        if name in self.known:
+            if error is None:
+                self.failed += 1
+                print(f"FAIL {name}: listed as a known gap, but it passes (remove it from the list)", flush=True)
+            else:
+                self.gaps += 1
+                print(f"known gap {name}: {error}", flush=True)
+        elif error is None:
+            self.passed += 1
+            print(f"ok {name}", flush=True)
+        else:
+            self.failed += 1
+            print(f"FAIL {name}: {error}", flush=True)
+
+
+async def run_transport(transport, args, results):
+    namespace = f"interop{uuid.uuid4().hex[:8]}"
+    broker = None
+    env = {}
+    logdir = args.log_dir
+    os.makedirs(logdir, exist_ok=True)
+    cleanup = []
+    try:
+        if transport == "broker":
+            broker = await start_process([args.worker, "--broker"], log=open(f"{logdir}/broker.log", "wb"))
+            expect(await read_line(broker.stdout, 15) == "ready", "our broker did not print ready")
+            url = await read_line(broker.stdout, 5)
+            await read_line(broker.stdout, 5)
+            client = MqrpcClient(url, namespace)
+        elif transport == "rabbitmq":
+            url = args.amqp_url
+            client = AmqpClient(url, namespace)
+        elif transport == "nats":
+            url = args.nats_url
+            client = NatsClient(url, namespace)
+        else:
+            url = args.nats_url
+            prefix = f"MQRPCI{uuid.uuid4().hex[:12]}"
+            env["MQRPC_PROBE_STREAM_PREFIX"] = prefix
+            client = NatsClient(url, namespace, jetstream=True, stream_prefix=prefix)
+            cleanup.append(lambda: delete_streams(url, prefix))
+        worker = await start_process([args.worker, url, namespace, "w1"], env=env,
+                                     log=open(f"{logdir}/worker-{transport}.log", "wb"))
+        ctx = {"worker": worker, "namespace": namespace}
+        try:
+            line = await read_line(worker.stdout, 30)
+            expect(line == "ready", f"the worker printed {line!r}, not ready")
+        except (asyncio.TimeoutError, CheckFailed) as error:
+            await terminate(worker, 5)
+            raise CheckFailed(f"the worker did not start: {error!r} (log: {logdir}/worker-{transport}.log)")
+        await asyncio.wait_for(client.start(), 15)
+        try:
+            for check in CHECKS[transport]:
+                error = None
+                try:
+                    await asyncio.wait_for(check(client, ctx), 120)
+                except CheckFailed as failure:
+                    error = str(failure)
+                except asyncio.TimeoutError:
+                    error = "the check timed out"
+                except Exception as failure:  # noqa: BLE001
+                    error = f"{type(failure).__name__}: {failure}"
+                    if args.verbose:
+                        traceback.print_exc()
+                results.record(transport, check_name(check), error)
+        finally:
+            await client.stop()
+        code, out, killed = await terminate(worker, 30)
+        stopped = [line for line in out.splitlines() if line.startswith("stopped")]
+        if killed:
+            error = "still running 30 s after SIGTERM (killed)"
+        elif code != 0:
+            error = f"exited with {code} after SIGTERM"
+        elif not stopped:
+            error = f"exited without a stopped line: {out!r}"
+        else:
+            error = None
+            if args.verbose:
+                print(f"  {transport}: {stopped[0]}", flush=True)
+        results.record(transport, "clean_exit", error)
+    except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
+        results.record(transport, "setup", f"{type(error).__name__}: {error}")
+    finally:
+        if broker is not None:
+            await terminate(broker, 10)
+        for step in cleanup:
+            try:
+                await asyncio.wait_for(step(), 10)
+            except Exception:
+                pass
+
+
+async def delete_streams(url, prefix):
+    import nats
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name.startswith(prefix):
+                await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+def read_known_gaps(path):
+    gaps = set()
+    if path:
+        with open(path) as file:
+            for line in file:
+                line = line.split("#", 1)[0].split()
+                if line:
+                    gaps.add(" ".join(line[:2]))
+    return gaps
+
+
+async def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", required=True, help="the probe-worker binary")
+    parser.add_argument("--known-gaps", help="file of `transport check` lines expected to fail")
+    parser.add_argument("--amqp-url", default=os.environ.get("MQRPC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+    parser.add_argument("--nats-url", default=os.environ.get("MQRPC_NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--transports", default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream"))
+    parser.add_argument("--log-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mqrpc-interop"),
+                        help="where the worker's and broker's stderr go")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    args.worker = os.path.abspath(args.worker)
+    known = read_known_gaps(args.known_gaps)
+    results = Results(known)
+    for transport in args.transports.split(","):
+        await run_transport(transport.strip(), args, results)
+    unseen = sorted(name for name in known if name not in results.seen
+                    and name.split()[0] in args.transports.split(","))
+    for name in unseen:
+        results.failed += 1
+        print(f"FAIL {name}: listed as a known gap, but no such check ran", flush=True)
+    summary = f"interop: {results.passed} passed, {results.failed} failed"
+    if known:
+        summary += f", {results.gaps} known gaps"
+    print(summary, flush=True)
+    return 1 if results.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
