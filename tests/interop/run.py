@@ -564,12 +564,14 @@ async def check_bad_arguments(client, ctx):
 
 
 async def check_positional_arguments(client, ctx):
-    """wire-format.md: "Request arguments: a MessagePack map from parameter name to value". An array `[2, 3]` is
-    not that map, so the arguments do not decode into the parameters: status 3."""
+    """wire-format.md, Bodies: the arguments may also be an array of the values in parameter order: `add` with
+    `[2, 3]` answers 5. An array of the wrong length does not decode into the parameters: status 3."""
     reply = await client.call("add", [2, 3])
-    expect(reply is not None, "no reply to arguments sent as an array")
-    expect(reply.status == 3, f"status {reply.status}, value {reply.body!r}: the array [2, 3] was taken positionally "
-                              f"(expected 3, invalid argument)")
+    expect(reply is not None and reply.status == 0, f"add([2, 3]): {reply!r}")
+    expect(reply.value() == 5, f"add([2, 3]) = {reply.value()!r}, expected 5")
+    short = await client.call("add", [2])
+    expect(short is not None, "no reply to an array of one argument for two parameters")
+    expect(short.status == 3, f"status {short.status} ({short.message!r}) for [2], expected 3 (invalid argument)")
 
 
 async def check_deadline_propagates(client, ctx):
