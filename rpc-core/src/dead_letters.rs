@@ -74,7 +74,7 @@ impl DeadLetters {
         &self.dead_letters
     }
 
-    /// How many dead letters wait.
+    /// How many dead letters there are, those a listing or a replay holds at the moment included.
     ///
     /// # Errors
     /// [`Error::Unsupported`] where the transport has no dead-letter queues; otherwise as
@@ -87,7 +87,8 @@ impl DeadLetters {
     async fn counted(&self) -> Result<Option<usize>, Error> {
         self.check()?;
         match self.transport.queue_stats(&self.dead_letters).await {
-            Ok(stats) => Ok(Some(stats.ready)),
+            // Those held by a consumer (a listing, a replay) are still there.
+            Ok(stats) => Ok(Some(stats.ready + stats.unacked)),
             Err(Error::NoRoute(_)) => Ok(None),
             Err(error) => Err(error),
         }
@@ -116,8 +117,10 @@ impl DeadLetters {
             handle.release().await?;
         }
         listed.sort_by_key(|envelope| envelope.id);
-        self.transport.flush().await?;
+        // The consumer goes first: a transport whose settles complete with their consumer's channel (RabbitMQ)
+        // has them all by the end of the flush, so that a count right after sees every letter back.
         drop(consumer);
+        self.transport.flush().await?;
         Ok(listed)
     }
 

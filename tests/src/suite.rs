@@ -893,6 +893,8 @@ pub async fn dead_letters_are_listed_and_replayed_with_their_key(harness: &dyn H
             let listed = dead.list(10).await.expect("lists");
             assert!(listed.iter().all(|envelope| envelope.method == "fragile" && envelope.attempt == 2));
             if keys(&listed) == ["order-1", "order-2", "order-3"] {
+                // Listing leaves them where they are, and the count says so at once.
+                assert_eq!(dead.count().await.expect("counts"), 3, "a count right after a listing");
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "the listing stayed {:?}", keys(&listed));

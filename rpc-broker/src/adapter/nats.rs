@@ -583,7 +583,11 @@ impl Transport for Nats {
                 Err(_) => 0,
             };
             let counters = self.inner.counters.of(queue);
-            Ok(counters.stats(messages.saturating_sub(pending), consumers))
+            let mut stats = counters.stats(messages.saturating_sub(pending), consumers);
+            // The server's count, for every consumer of the stream: messages handed out (or handed back a moment
+            // ago and not yet out again) and not acked.
+            stats.unacked = pending;
+            Ok(stats)
         })
     }
 

@@ -192,7 +192,10 @@ impl Inner {
             .iter_mut()
             .filter(|(_, logical)| !logical.paused)
             .map(|(id, logical)| {
-                logical.current = None;
+                // Its channel went with the connection, and RabbitMQ requeued what it held.
+                if let Some((_, _, held)) = logical.current.take() {
+                    held.returned();
+                }
                 *id
             })
             .collect();

@@ -46,8 +46,39 @@ pub(super) struct Logical {
     options: ConsumeOptions,
     sender: mpsc::UnboundedSender<Delivery>,
     pub(super) paused: bool,
-    /// The channel it consumes on now, and the consumer tag.
-    pub(super) current: Option<(Channel, ShortString)>,
+    /// The channel it consumes on now, the consumer tag, and the deliveries it holds there.
+    pub(super) current: Option<(Channel, ShortString, Arc<Held>)>,
+}
+
+/// The deliveries a consumer holds unsettled on one channel, counted into its queue's `unacked`: when the
+/// channel closes (RabbitMQ requeues them), they stop counting, and settling one later counts nothing.
+pub(super) struct Held {
+    count: std::sync::atomic::AtomicI64,
+    counters: Arc<Counters>,
+}
+
+impl Held {
+    fn new(counters: Arc<Counters>) -> Held {
+        Held { count: std::sync::atomic::AtomicI64::new(0), counters }
+    }
+
+    fn taken(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.counters.unacked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn settled(&self) {
+        let held = self.count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| (held > 0).then(|| held - 1));
+        if held.is_ok() {
+            self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The channel is gone, and what it held with it.
+    pub(super) fn returned(&self) {
+        let held = self.count.swap(0, Ordering::Relaxed);
+        self.counters.unacked.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 impl Inner {
@@ -82,14 +113,16 @@ impl Inner {
                 }
             };
         let tag = consumer.tag();
+        let counters = self.counters.of(&queue);
+        let held = Arc::new(Held::new(Arc::clone(&counters)));
         let sender = {
             let mut consumers = Inner::lock(&self.consumers);
             let Some(logical) = consumers.get_mut(&id) else {
                 drop(consumers);
-                self.cancel_consumer(channel, tag, !direct);
+                self.cancel_consumer(channel, tag, !direct, held);
                 return Ok(());
             };
-            logical.current = Some((channel.clone(), tag));
+            logical.current = Some((channel.clone(), tag, Arc::clone(&held)));
             logical.sender.clone()
         };
         let (max_deliveries, unbounded) = match &target {
@@ -101,10 +134,10 @@ impl Inner {
             }
             _ => (None, None),
         };
-        let counters = self.counters.of(&queue);
         let acker: Arc<AmqpAcker> = Arc::new(AmqpAcker {
             channel,
             counters: Arc::clone(&counters),
+            held,
             max_deliveries,
             counts: Mutex::new(HashMap::new()),
             unbounded,
@@ -116,14 +149,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Cancels a consumer, and closes its channel if `close` (which requeues what it held unacked), in the
+    /// Cancels a consumer, and closes its channel if `close` (which requeues what it `held` unacked), in the
     /// background; [`Transport::flush`](rpc_core::Transport::flush) waits for it.
-    fn cancel_consumer(&self, channel: Channel, tag: ShortString, close: bool) {
+    fn cancel_consumer(&self, channel: Channel, tag: ShortString, close: bool, held: Arc<Held>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let task = runtime.spawn(async move {
             let _ = channel.basic_cancel(tag, BasicCancelOptions::default()).await;
             if close {
                 let _ = channel.close(200, "done".into()).await;
+                held.returned();
             }
         });
         let mut closing = Inner::lock(&self.closing);
@@ -218,7 +252,7 @@ impl Pump {
             return true;
         }
         let handle = if self.manual {
-            self.counters.unacked.fetch_add(1, Ordering::Relaxed);
+            self.acker.held.taken();
             if self.acker.max_deliveries.is_some() {
                 Inner::lock(&self.acker.counts).insert(tag, delivery_count);
             }
@@ -252,6 +286,7 @@ fn delivery_count(delivery: &lapin::message::Delivery) -> u32 {
 struct AmqpAcker {
     channel: Channel,
     counters: Arc<Counters>,
+    held: Arc<Held>,
     max_deliveries: Option<u32>,
     /// Delivery counts of unsettled deliveries, kept when the queue has a maximum.
     counts: Mutex<HashMap<u64, u32>>,
@@ -282,7 +317,7 @@ impl Acker for AmqpAcker {
                 }
                 Outcome::DeadLetter => self.channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
             };
-            self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
+            self.held.settled();
             match result {
                 Ok(()) => {
                     match outcome {
@@ -347,9 +382,9 @@ impl ConsumerControl for ConsumerGuard {
         let mut consumers = Inner::lock(&self.inner.consumers);
         if let Some(logical) = consumers.get_mut(&self.id) {
             logical.paused = true;
-            if let Some((channel, tag)) = logical.current.clone() {
+            if let Some((channel, tag, held)) = logical.current.clone() {
                 // The channel stays open: the deliveries it holds stay settleable.
-                self.inner.cancel_consumer(channel, tag, false);
+                self.inner.cancel_consumer(channel, tag, false, held);
             }
         }
     }
@@ -361,10 +396,10 @@ impl Drop for ConsumerGuard {
         if let Target::Inbox(name) = &logical.target {
             Inner::lock(&self.inner.topology).inboxes.remove(name);
         }
-        if let Some((channel, tag)) = logical.current {
+        if let Some((channel, tag, held)) = logical.current {
             // Closing the consumer's channel requeues what it held unacked.
             let direct = matches!(logical.target, Target::DirectReply);
-            self.inner.cancel_consumer(channel, tag, !direct);
+            self.inner.cancel_consumer(channel, tag, !direct, held);
         }
     }
 }
