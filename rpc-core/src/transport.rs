@@ -201,7 +201,9 @@ impl Confirm {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueOptions {
-    /// Ready messages the queue holds at most; a publish beyond gets [`Error::QueueFull`].
+    /// Ready messages the queue holds at most; a publish beyond gets [`Error::QueueFull`]. On NATS JetStream
+    /// the messages handed out and not yet acked count too: a stream keeps a message until its ack, and its
+    /// limit is on what it keeps.
     pub max_len: Option<usize>,
     /// Deliveries after which a message that was not acked goes to the dead-letter queue instead.
     pub max_deliveries: Option<u32>,
