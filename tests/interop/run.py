@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Interoperability checks: a Python client calls the Rust `probe-worker` through each broker.
+"""Interoperability checks: a Python client calls the Rust `probe-worker` through each broker; then the Rust
+`probe-client` calls a Python worker (worker.py) through the same broker.
 
 Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md and the module docs of
 rpc-broker/src/adapter/{amqp,nats}.rs): where the worker does not do what they say, the check fails.
 
-    python3 tests/interop/run.py --worker target/debug/probe-worker [--known-gaps tests/interop/known-gaps.txt]
+    python3 tests/interop/run.py --worker target/debug/probe-worker --client target/debug/probe-client \
+        [--known-gaps tests/interop/known-gaps.txt]
 
 Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
 nats://127.0.0.1:4222), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream).
@@ -935,66 +937,73 @@ async def run_transport(transport, args, results):
     logdir = args.log_dir
     os.makedirs(logdir, exist_ok=True)
     cleanup = []
+    url = None
     try:
-        if transport == "broker":
-            broker = await start_process([args.worker, "--broker"], log=open(f"{logdir}/broker.log", "wb"))
-            expect(await read_line(broker.stdout, 15) == "ready", "our broker did not print ready")
-            url = await read_line(broker.stdout, 5)
-            await read_line(broker.stdout, 5)
-            client = MqrpcClient(url, namespace)
-        elif transport == "rabbitmq":
-            url = args.amqp_url
-            client = AmqpClient(url, namespace)
-        elif transport == "nats":
-            url = args.nats_url
-            client = NatsClient(url, namespace)
-        else:
-            url = args.nats_url
-            prefix = f"MQRPCI{uuid.uuid4().hex[:12]}"
-            env["MQRPC_PROBE_STREAM_PREFIX"] = prefix
-            client = NatsClient(url, namespace, jetstream=True, stream_prefix=prefix)
-            cleanup.append(lambda: delete_streams(url, prefix))
-        worker = await start_process([args.worker, url, namespace, "w1"], env=env,
-                                     log=open(f"{logdir}/worker-{transport}.log", "wb"))
-        ctx = {"worker": worker, "namespace": namespace}
         try:
-            line = await read_line(worker.stdout, 30)
-            expect(line == "ready", f"the worker printed {line!r}, not ready")
-        except (asyncio.TimeoutError, CheckFailed) as error:
-            await terminate(worker, 5)
-            raise CheckFailed(f"the worker did not start: {error!r} (log: {logdir}/worker-{transport}.log)")
-        await asyncio.wait_for(client.start(), 15)
-        try:
-            for check in CHECKS[transport]:
+            if transport == "broker":
+                broker = await start_process([args.worker, "--broker"], log=open(f"{logdir}/broker.log", "wb"))
+                expect(await read_line(broker.stdout, 15) == "ready", "our broker did not print ready")
+                url = await read_line(broker.stdout, 5)
+                await read_line(broker.stdout, 5)
+                client = MqrpcClient(url, namespace)
+            elif transport == "rabbitmq":
+                url = args.amqp_url
+                client = AmqpClient(url, namespace)
+            elif transport == "nats":
+                url = args.nats_url
+                client = NatsClient(url, namespace)
+            else:
+                url = args.nats_url
+                prefix = f"MQRPCI{uuid.uuid4().hex[:12]}"
+                env["MQRPC_PROBE_STREAM_PREFIX"] = prefix
+                client = NatsClient(url, namespace, jetstream=True, stream_prefix=prefix)
+                cleanup.append(lambda: delete_streams(url, prefix))
+            worker = await start_process([args.worker, url, namespace, "w1"], env=env,
+                                         log=open(f"{logdir}/worker-{transport}.log", "wb"))
+            ctx = {"worker": worker, "namespace": namespace}
+            try:
+                line = await read_line(worker.stdout, 30)
+                expect(line == "ready", f"the worker printed {line!r}, not ready")
+            except (asyncio.TimeoutError, CheckFailed) as error:
+                await terminate(worker, 5)
+                raise CheckFailed(f"the worker did not start: {error!r} (log: {logdir}/worker-{transport}.log)")
+            await asyncio.wait_for(client.start(), 15)
+            try:
+                for check in CHECKS[transport]:
+                    error = None
+                    try:
+                        await asyncio.wait_for(check(client, ctx), 120)
+                    except CheckFailed as failure:
+                        error = str(failure)
+                    except asyncio.TimeoutError:
+                        error = "the check timed out"
+                    except Exception as failure:  # noqa: BLE001
+                        error = f"{type(failure).__name__}: {failure}"
+                        if args.verbose:
+                            traceback.print_exc()
+                    results.record(transport, check_name(check), error)
+            finally:
+                await client.stop()
+            code, out, killed = await terminate(worker, 30)
+            stopped = [line for line in out.splitlines() if line.startswith("stopped")]
+            if killed:
+                error = "still running 30 s after SIGTERM (killed)"
+            elif code != 0:
+                error = f"exited with {code} after SIGTERM"
+            elif not stopped:
+                error = f"exited without a stopped line: {out!r}"
+            else:
                 error = None
-                try:
-                    await asyncio.wait_for(check(client, ctx), 120)
-                except CheckFailed as failure:
-                    error = str(failure)
-                except asyncio.TimeoutError:
-                    error = "the check timed out"
-                except Exception as failure:  # noqa: BLE001
-                    error = f"{type(failure).__name__}: {failure}"
-                    if args.verbose:
-                        traceback.print_exc()
-                results.record(transport, check_name(check), error)
-        finally:
-            await client.stop()
-        code, out, killed = await terminate(worker, 30)
-        stopped = [line for line in out.splitlines() if line.startswith("stopped")]
-        if killed:
-            error = "still running 30 s after SIGTERM (killed)"
-        elif code != 0:
-            error = f"exited with {code} after SIGTERM"
-        elif not stopped:
-            error = f"exited without a stopped line: {out!r}"
-        else:
-            error = None
-            if args.verbose:
-                print(f"  {transport}: {stopped[0]}", flush=True)
-        results.record(transport, "clean_exit", error)
-    except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
-        results.record(transport, "setup", f"{type(error).__name__}: {error}")
+                if args.verbose:
+                    print(f"  {transport}: {stopped[0]}", flush=True)
+            results.record(transport, "clean_exit", error)
+        except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
+            results.record(transport, "setup", f"{type(error).__name__}: {error}")
+        try:
+            if url is not None:
+                await run_rust_client(transport, url, env, args, results)
+        except Exception as error:  # noqa: BLE001 - the phase could not be set up: one failure for it
+            results.record(transport, "rust_client_setup", f"{type(error).__name__}: {error}")
     finally:
         if broker is not None:
             await terminate(broker, 10)
@@ -1003,6 +1012,84 @@ async def run_transport(transport, args, results):
                 await asyncio.wait_for(step(), 10)
             except Exception:
                 pass
+
+
+CLIENT_TIMEOUT = 180  # seconds for the whole run of probe-client
+
+
+async def run_rust_client(transport, url, env, args, results):
+    """The second phase: the Python worker (worker.py) serves, the Rust `probe-client` calls it.
+
+    Each `ok NAME` / `FAIL NAME: WHY` line of probe-client becomes the check `rust_client_NAME`; then the worker
+    gets SIGTERM and must exit with status 0 (`python_worker_clean_exit`).
+    """
+    namespace = f"interop{uuid.uuid4().hex[:8]}"
+    logdir = args.log_dir
+    worker_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+    worker = await start_process([sys.executable, worker_py, transport, url, namespace], env=env,
+                                 log=open(f"{logdir}/python-worker-{transport}.log", "wb"))
+    try:
+        try:
+            line = await read_line(worker.stdout, 30)
+            expect(line == "ready", f"worker.py printed {line!r}, not ready")
+        except (asyncio.TimeoutError, CheckFailed) as error:
+            await terminate(worker, 5)
+            raise CheckFailed(f"worker.py did not start: {error!r} (log: {logdir}/python-worker-{transport}.log)")
+        client = await start_process([args.client, url, namespace], env=env,
+                                     log=open(f"{logdir}/rust-client-{transport}.log", "wb"))
+        reported = 0
+        try:
+            while True:
+                raw = await asyncio.wait_for(client.stdout.readline(), CLIENT_TIMEOUT)
+                if not raw:
+                    break
+                line = raw.decode(errors="replace").strip()
+                if args.verbose:
+                    print(f"  {transport} probe-client: {line}", flush=True)
+                if line.startswith("ok "):
+                    results.record(transport, f"rust_client_{line[3:].strip()}", None)
+                    reported += 1
+                elif line.startswith("FAIL "):
+                    name, _, why = line[5:].partition(":")
+                    results.record(transport, f"rust_client_{name.strip()}", why.strip() or "failed")
+                    reported += 1
+            code = await asyncio.wait_for(client.wait(), 10)
+            if code not in (0, 1) or reported == 0:
+                results.record(transport, "rust_client_run",
+                               f"probe-client exited with {code} after {reported} checks "
+                               f"(log: {logdir}/rust-client-{transport}.log)")
+        except asyncio.TimeoutError:
+            client.kill()
+            await client.wait()
+            results.record(transport, "rust_client_run", f"probe-client still running after {CLIENT_TIMEOUT} s (killed)")
+    finally:
+        code, out, killed = await terminate(worker, 30)
+        if killed:
+            error = "still running 30 s after SIGTERM (killed)"
+        elif code != 0:
+            error = f"exited with {code} after SIGTERM (log: {logdir}/python-worker-{transport}.log)"
+        else:
+            error = None
+            if args.verbose:
+                print(f"  {transport}: worker.py {out.strip()}", flush=True)
+        results.record(transport, "python_worker_clean_exit", error)
+        if transport == "rabbitmq":
+            try:
+                await asyncio.wait_for(delete_amqp_queue(url, f"{namespace}.{SERVICE}"), 10)
+            except Exception:
+                pass
+
+
+async def delete_amqp_queue(url, queue):
+    """Deletes the durable queue worker.py declared (it has no expiry of its own)."""
+    def delete():
+        import pika
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            connection.channel().queue_delete(queue)
+        finally:
+            connection.close()
+    await asyncio.get_running_loop().run_in_executor(None, delete)
 
 
 async def delete_streams(url, prefix):
@@ -1031,6 +1118,7 @@ def read_known_gaps(path):
 async def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", required=True, help="the probe-worker binary")
+    parser.add_argument("--client", required=True, help="the probe-client binary (calls worker.py)")
     parser.add_argument("--known-gaps", help="file of `transport check` lines expected to fail")
     parser.add_argument("--amqp-url", default=os.environ.get("MQRPC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
     parser.add_argument("--nats-url", default=os.environ.get("MQRPC_NATS_URL", "nats://127.0.0.1:4222"))
@@ -1040,6 +1128,7 @@ async def main():
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     args.worker = os.path.abspath(args.worker)
+    args.client = os.path.abspath(args.client)
     known = read_known_gaps(args.known_gaps)
     results = Results(known)
     for transport in args.transports.split(","):
