@@ -112,7 +112,7 @@ const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// Splits a byte stream into frames (type byte + body), checking the length before reading the body.
 ///
-/// A frame longer than [`RESERVE_AHEAD`] is charged to its [`FrameBudget`] (if it has one) from its length
+/// A frame longer than 64 KiB is charged to its [`FrameBudget`] (if it has one) from its length
 /// prefix until it is whole: frames being received on every connection together stay within the budget.
 #[derive(Debug)]
 pub struct FrameCodec {

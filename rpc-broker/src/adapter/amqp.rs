@@ -12,8 +12,9 @@
 //! | inbox | an exclusive auto-delete queue `mqrpc.inbox.<uuid>` per client, or direct reply-to ([`AmqpOptions::direct_reply_to`]) |
 //!
 //! Message properties: `message_id` (the envelope id), `correlation_id`, `reply_to`, `type` (the method),
-//! `expiration` (the time budget, so RabbitMQ drops a request that expired while queued), `priority`,
-//! `content_type: application/msgpack`, `timestamp`, `delivery_mode` 2 (persistent) for requests; the other
+//! `expiration` (the time budget: RabbitMQ moves a request that expired while queued to its dead-letter queue),
+//! `priority`, `content_type: application/msgpack`, `timestamp`, `delivery_mode` 2 (persistent) for every
+//! message but a reply; the other
 //! envelope fields are the `mqrpc-*` headers of [`crate::adapter::headers`], and user headers travel as headers.
 //! The body is the MessagePack of the arguments or the result. A plain AMQP client calls a service by
 //! publishing the MessagePack map of the arguments to the service's queue with `reply_to`, `correlation_id` and

@@ -25,8 +25,8 @@
 //!
 //! Otherwise headers carry the envelope (see [`crate::adapter::headers`]): `mqrpc-method` (required), `mqrpc-service`,
 //! `mqrpc-kind`, `mqrpc-correlation-id`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, `mqrpc-attempt`,
-//! `mqrpc-idempotency-key`, and `mqrpc-status` / `mqrpc-status-message` on replies; `Nats-Msg-Id` is the envelope
-//! id; in JetStream mode the reply address is `mqrpc-reply-to`, with `mqrpc-reply-inbox: true` for an inbox (the reply
+//! `mqrpc-idempotency-key`, and `mqrpc-status` / `mqrpc-status-message` on replies; in JetStream mode
+//! `Nats-Msg-Id` is the envelope id (core NATS does not deduplicate, and it is not sent there), and the reply address is `mqrpc-reply-to`, with `mqrpc-reply-inbox: true` for an inbox (the reply
 //! subject carries the stream's ack).
 //! The payload is the MessagePack of the arguments or the result. A plain NATS client calls a service with
 //! `request_with_headers(subject, {mqrpc-method: add}, msgpack_args)` in core mode.

@@ -199,8 +199,8 @@ impl Outbox {
 }
 
 /// The deliveries of a core NATS subscription, read straight from it (no task in between: a batch of messages
-/// reaches the server in one wake-up). A request whose deadline passed while it waited in the subscription's
-/// buffer is dropped, as a broker drops an expired message. Pausing hands out what the subscription already
+/// reaches the server in one wake-up). A request whose deadline passed while it waited is handed out like any
+/// other: the worker answers it with status 4. Pausing hands out what the subscription already
 /// buffered, then unsubscribes; dropping it unsubscribes.
 struct CoreStream {
     subscriber: Option<async_nats::Subscriber>,

@@ -36,9 +36,13 @@ pub(super) fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
     Ok(codec::encode_envelope_after(&prefix, envelope)?)
 }
 
-/// The envelope a message carries whole in its body, if it is such a message.
+/// The envelope a message carries whole in its body, if it is such a message, its reply address the message's
+/// own reply subject (`own_reply`, none for a message read from a stream).
 /// Returns it with the time it was on its way, by the sender's clock.
-fn from_envelope_body(message: &async_nats::Message) -> Option<Result<(Envelope, Duration), Error>> {
+fn from_envelope_body(
+    message: &async_nats::Message,
+    own_reply: Option<&str>,
+) -> Option<Result<(Envelope, Duration), Error>> {
     let payload = &message.payload;
     let plain = message.headers.as_ref().is_none_or(HeaderMap::is_empty);
     if !plain || payload.first() != Some(&ENVELOPE_MARK) {
@@ -54,8 +58,8 @@ fn from_envelope_body(message: &async_nats::Message) -> Option<Result<(Envelope,
         Ok::<_, codec::CodecError>((envelope, adapter::queued_since(Some(sent_at), adapter::now_ms())))
     })();
     Some(decoded.map_err(Error::from).map(|(mut envelope, queued)| {
-        if let Some(reply) = &message.reply {
-            envelope.reply_to = Some(ReplyTo::Inbox(reply.as_str().to_owned()));
+        if let Some(reply) = own_reply {
+            envelope.reply_to = Some(ReplyTo::Inbox(reply.to_owned()));
         }
         (envelope, queued)
     }))
@@ -209,7 +213,7 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
         Origin::Core => (message.reply.as_deref(), None),
         Origin::Stream { stored_at_ms } => (None, stored_at_ms),
     };
-    match from_envelope_body(message) {
+    match from_envelope_body(message, own_reply) {
         Some(Ok(mapped)) => return mapped,
         // Its sender waits on the reply subject: the worker answers it with status 8.
         Some(Err(error)) if own_reply.is_some() => {
@@ -412,7 +416,7 @@ mod tests {
         // Every cut, and every byte flipped: never a panic; a cut one is refused.
         for cut in 0..body.len() {
             let message = plain_message("ns.Calculator", None, body.slice(..cut));
-            match from_envelope_body(&message) {
+            match from_envelope_body(&message, message.reply.as_deref()) {
                 None => assert_eq!(cut, 0),
                 Some(decoded) => assert!(decoded.is_err(), "cut at {cut} decoded"),
             }
@@ -424,7 +428,8 @@ mod tests {
         }
         // A body of a plain client's request that is not marked is left to the headers.
         assert!(
-            from_envelope_body(&plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02"))).is_none()
+            from_envelope_body(&plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02")), None)
+                .is_none()
         );
     }
 
