@@ -163,6 +163,8 @@ struct Inner {
     losses: watch::Sender<u64>,
     /// Queues (streams) this transport made sure of, with the options they were declared with.
     streams: Mutex<HashMap<String, QueueOptions>>,
+    /// Reply subjects found captured by a stream ([`Inner::stream_captures`]).
+    captured: Mutex<std::collections::HashSet<String>>,
     counters: CounterMap,
     /// The subjects of the queues published to, made once: a subject shared with the client costs no
     /// allocation per publish, where one made from the name costs a copy and the client's clone of it another.
@@ -208,6 +210,11 @@ impl Inner {
         let to_inbox = confirm == Confirm::Sent;
         if self.options.jetstream && !to_inbox {
             return Box::pin(async move {
+                if envelope.kind == Kind::Reply && !self.stream_captures(queue).await? {
+                    // A reply address that no stream captures is a plain subscriber's subject (a caller that
+                    // left out `mqrpc-reply-inbox`): answered on core NATS, as the inbox it is.
+                    return self.publish_core(queue, envelope, reply, true).await;
+                }
                 let counters = self.counters.of(queue);
                 let headers = to_headers(&envelope, Mode::Stream)?;
                 self.publish_stream(queue, headers, envelope.body).await?;
@@ -215,6 +222,17 @@ impl Inner {
                 Ok(())
             });
         }
+        self.publish_core(queue, envelope, reply, to_inbox)
+    }
+
+    /// Publishes on core NATS (in JetStream mode: replies to inboxes).
+    fn publish_core<'a>(
+        &'a self,
+        queue: &'a str,
+        mut envelope: Envelope,
+        reply: Option<async_nats::Subject>,
+        to_inbox: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
         // Not per inbox subject: a reply's subject names its call, and a counter per call would never be freed.
         let counters = (!to_inbox).then(|| self.counters.of(queue));
         let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
@@ -343,6 +361,7 @@ impl Nats {
             connected,
             losses,
             streams: Mutex::new(HashMap::new()),
+            captured: Mutex::new(std::collections::HashSet::new()),
             counters: CounterMap::default(),
             subjects: dashmap::DashMap::new(),
             closed: AtomicBool::new(false),

@@ -95,6 +95,26 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether a stream captures `subject`: a callback queue of a transport in JetStream mode does, a plain
+    /// subscriber's subject does not. Remembered once found.
+    pub(super) async fn stream_captures(&self, subject: &str) -> Result<bool, Error> {
+        if Inner::lock(&self.streams).contains_key(subject) || Inner::lock(&self.captured).contains(subject) {
+            return Ok(true);
+        }
+        match self.jetstream.stream_by_subject(subject).await {
+            Ok(_) => {
+                let mut captured = Inner::lock(&self.captured);
+                if captured.len() >= CAPTURED_MAX {
+                    captured.clear();
+                }
+                captured.insert(subject.to_owned());
+                Ok(true)
+            }
+            Err(error) if matches!(error.kind(), jetstream::context::GetStreamByNameErrorKind::NotFound) => Ok(false),
+            Err(error) => Err(transport(error)),
+        }
+    }
+
     /// The pull consumer of a queue's stream, shared by all its workers, and the queue's maximum deliveries.
     pub(super) async fn queue_consumer(&self, queue: &str) -> Result<(consumer::PullConsumer, Option<u32>), Error> {
         let mut found = match self.jetstream.get_stream(self.stream_name(queue)).await {
@@ -122,6 +142,9 @@ impl Inner {
         }
     }
 }
+
+/// Subjects found captured by a stream are remembered up to this many; past it the memory starts again.
+const CAPTURED_MAX: usize = 4_096;
 
 /// A stream name for a queue: its characters other than letters, digits and `-` escaped as `_XX`.
 pub(super) fn stream_name(prefix: &str, queue: &str) -> String {
