@@ -419,16 +419,17 @@ class NatsWorker:
         from nats.js.errors import NotFoundError
         js = self.nc.jetstream()
         self.js = js
-        # A work-queue stream (file storage) capturing the queue's subject; its name starts with the prefix
-        # (stream names cannot hold the queue's dots). The exact name and the durable consumer's are not in the
-        # documents: use the stream that captures the subject if there is one, else create one.
+        # A work-queue stream (file storage) capturing the queue's subject, named as docs/conformance.md says
+        # (the prefix, `_`, the queue with every byte but letters, digits and `-` as `_` and two hex digits), and
+        # the durable consumer every worker of the queue shares, `mqrpc`: a Rust worker can serve beside this one.
         try:
             stream = await js.find_stream_name_by_subject(self.subject)
         except NotFoundError:
-            stream = f"{self.stream_prefix}_{self.subject.replace('.', '_')}"
+            escaped = "".join(c if c.isascii() and (c.isalnum() or c == "-") else f"_{ord(c):02X}" for c in self.subject)
+            stream = f"{self.stream_prefix}_{escaped}"
             await js.add_stream(StreamConfig(name=stream, subjects=[self.subject], retention=RetentionPolicy.WORK_QUEUE,
                                              storage=StorageType.FILE))
-        durable = "workers"
+        durable = "mqrpc"
         self.psub = await js.pull_subscribe(self.subject, durable=durable, stream=stream,
                                             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
         self.task = asyncio.create_task(self.pull_loop())
