@@ -424,6 +424,29 @@ macro_rules! __scenario_suite {
     };
 }
 
+/// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
+/// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
+/// names the harness's stream prefix, with a 2 s ack wait), else our broker.
+///
+/// # Errors
+/// The transport's connection errors.
+pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core::Error> {
+    if url.starts_with("amqp") {
+        let options = rpc_broker::adapter::amqp::AmqpOptions::new().queue_expires(Duration::from_secs(60));
+        Ok(Arc::new(rpc_broker::adapter::amqp::Amqp::connect_with(url, options).await?))
+    } else if url.starts_with("nats") {
+        let options = match std::env::var("MQRPC_PROBE_STREAM_PREFIX") {
+            Ok(prefix) => rpc_broker::adapter::nats::NatsOptions::jetstream()
+                .stream_prefix(prefix)
+                .ack_wait(Duration::from_secs(2)),
+            Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
+        };
+        Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
+    } else {
+        Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
+    }
+}
+
 /// A worker process of the fault tests (the `probe-worker` binary), killed with SIGKILL when dropped.
 #[derive(Debug)]
 pub struct WorkerProcess {

@@ -14,34 +14,16 @@
 //! pending at the end. It prints one line per check, `ok NAME` or `FAIL NAME: WHY`, and exits with status 1 if
 //! any failed (2 for bad usage or a transport that cannot be set up).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
 use mqrpc_tests::service::{MathError, ProbeClient};
-use rpc_core::{Code, Error, Transport};
+use rpc_core::{Code, Error};
 
 /// How long a single call may take before its check fails.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many `add` calls run at once in the `concurrent` check.
 const CONCURRENT: i64 = 1000;
-
-async fn transport(url: &str) -> Result<Arc<dyn Transport>, Error> {
-    if url.starts_with("amqp") {
-        let options = rpc_broker::adapter::amqp::AmqpOptions::new().queue_expires(Duration::from_secs(60));
-        Ok(Arc::new(rpc_broker::adapter::amqp::Amqp::connect_with(url, options).await?))
-    } else if url.starts_with("nats") {
-        let options = match std::env::var("MQRPC_PROBE_STREAM_PREFIX") {
-            Ok(prefix) => rpc_broker::adapter::nats::NatsOptions::jetstream()
-                .stream_prefix(prefix)
-                .ack_wait(Duration::from_secs(2)),
-            Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
-        };
-        Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
-    } else {
-        Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
-    }
-}
 
 /// The outcome of one check: `Err` says why it failed.
 type Outcome = Result<(), String>;
@@ -116,7 +98,7 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let client = match transport(&url).await {
+    let client = match mqrpc_tests::process_transport(&url).await {
         Ok(transport) => rpc_core::Client::builder(transport).namespace(namespace).connect().await,
         Err(error) => Err(error),
     };

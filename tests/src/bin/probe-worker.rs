@@ -26,24 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqrpc_tests::service::{Events, ProbeServer, Worker};
-use rpc_core::{Error, Transport};
-
-async fn transport(url: &str) -> Result<Arc<dyn Transport>, Error> {
-    if url.starts_with("amqp") {
-        let options = rpc_broker::adapter::amqp::AmqpOptions::new().queue_expires(Duration::from_secs(60));
-        Ok(Arc::new(rpc_broker::adapter::amqp::Amqp::connect_with(url, options).await?))
-    } else if url.starts_with("nats") {
-        let options = match std::env::var("MQRPC_PROBE_STREAM_PREFIX") {
-            Ok(prefix) => rpc_broker::adapter::nats::NatsOptions::jetstream()
-                .stream_prefix(prefix)
-                .ack_wait(Duration::from_secs(2)),
-            Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
-        };
-        Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
-    } else {
-        Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
-    }
-}
+use rpc_core::Error;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
@@ -73,7 +56,7 @@ async fn main() -> Result<(), Error> {
     let worker = Worker { name, events: Arc::clone(&events), client: None };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| Error::Transport(Box::new(error)))?;
-    let mut server = rpc_core::Server::new(transport(&url).await?)
+    let mut server = rpc_core::Server::new(mqrpc_tests::process_transport(&url).await?)
         .namespace(namespace.clone())
         .concurrency(concurrency)
         .prefetch(prefetch);
