@@ -462,13 +462,14 @@ pub enum ErrorCode {
     NoRoute,
     /// The queue is full, or the broker is over its memory watermark.
     QueueFull,
-    /// An argument is invalid.
+    /// An argument is refused: a queue name, a priority, or a payload that is not one well-formed MessagePack
+    /// value within the limits.
     Invalid,
     /// Missing or wrong credentials.
     Unauthorized,
     /// A frame over the size limit.
     TooLarge,
-    /// A frame that does not parse, or a payload that is not well-formed MessagePack.
+    /// A frame that does not parse.
     Malformed,
     /// A protocol version the broker does not speak.
     Version,

@@ -426,7 +426,7 @@ mod tests {
         (
             (0u8..3, any::<u128>(), proptest::option::of(any::<u128>()), ".{0,300}", ".{0,12}", text()),
             (proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), any::<u32>(), text()),
-            (proptest::option::of(0u8..10), any::<u16>(), text(), text()),
+            (proptest::option::of(0u8..10), any::<u16>(), text(), text(), proptest::option::of(any::<u16>())),
             (
                 proptest::collection::btree_map(".{0,8}", ".{0,70}", 0..20),
                 proptest::collection::vec(any::<u8>(), 0..600),
@@ -436,7 +436,7 @@ mod tests {
             .prop_map(
                 |((kind, id, correlation, service, method, reply_to), numbers, reply, (headers, body, inbox))| {
                     let (deadline_ms, delay_ms, attempt, idempotency_key) = numbers;
-                    let (priority, status, status_message, caller) = reply;
+                    let (priority, status, status_message, caller, last_status) = reply;
                     let mut envelope = Envelope::new(crate::envelope::Kind::try_from(kind).expect("a kind"));
                     envelope.id = uuid::Uuid::from_u128(id);
                     envelope.correlation_id = correlation.map(uuid::Uuid::from_u128);
@@ -453,6 +453,7 @@ mod tests {
                     envelope.priority = priority;
                     envelope.status = status;
                     envelope.status_message = status_message;
+                    envelope.last_status = last_status;
                     envelope.caller = caller;
                     envelope.headers = headers;
                     envelope.body = Bytes::from(body);
@@ -491,6 +492,8 @@ mod tests {
         #[serde(skip_serializing_if = "Option::is_none")]
         sm: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        ls: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         cl: Option<&'a str>,
         #[serde(skip_serializing_if = "BTreeMap::is_empty")]
         h: &'a BTreeMap<String, String>,
@@ -515,6 +518,7 @@ mod tests {
                 p: e.priority,
                 st: Some(e.status).filter(|status| *status != 0),
                 sm: e.status_message.as_deref(),
+                ls: e.last_status,
                 cl: e.caller.as_deref(),
                 h: &e.headers,
                 b: &e.body,

@@ -115,6 +115,9 @@ pub struct Envelope {
     pub status: u16,
     /// Reply status message, for codes other than ok.
     pub status_message: Option<String>,
+    /// The code of the last failure, on a [`Code::DeadLettered`] reply: with [`Code::Application`], the body is
+    /// the method's error value.
+    pub last_status: Option<u16>,
     /// Who sent the call, as the caller declared it ([`ClientBuilder::identity`](crate::ClientBuilder::identity));
     /// requests only, not verified by the framework.
     pub caller: Option<String>,
@@ -158,6 +161,7 @@ impl Envelope {
             priority: None,
             status: 0,
             status_message: None,
+            last_status: None,
             caller: None,
             headers: BTreeMap::new(),
             body: Bytes::new(),
@@ -193,6 +197,7 @@ impl Envelope {
             Err(status) => {
                 self.status = status.code().as_u16();
                 self.status_message = Some(status.message().to_owned());
+                self.last_status = status.cause().map(Code::as_u16);
                 self.body = status.details().clone();
             }
         }
@@ -202,7 +207,11 @@ impl Envelope {
     pub fn status(&self) -> Status {
         let code = Code::from_u16(self.status);
         let message = self.status_message.clone().unwrap_or_default();
-        Status::new(code, message).with_details(self.body.clone())
+        let status = Status::new(code, message).with_details(self.body.clone());
+        match self.last_status {
+            Some(cause) => status.with_cause(Code::from_u16(cause)),
+            None => status,
+        }
     }
 }
 

@@ -100,17 +100,53 @@ impl fmt::Display for Code {
 }
 
 /// A reply's status: the code, a human-readable message and optional details (MessagePack).
+///
+/// A [`Code::DeadLettered`] status also carries the code of the last failure ([`Status::cause`]); when that
+/// was the method's own error, the details are its value, which [`Status::application_error`] decodes:
+///
+/// ```
+/// use rpc_core::{Code, Status};
+///
+/// let value = rmp_serde::to_vec_named(&"out of stock").expect("encodes");
+/// let status = Status::new(Code::DeadLettered, "gave up after attempt 3 of 3")
+///     .with_cause(Code::Application)
+///     .with_details(value.into());
+/// let error: Option<String> = status.application_error().transpose().expect("decodes");
+/// assert_eq!(error.as_deref(), Some("out of stock"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
     code: Code,
     message: String,
     details: Bytes,
+    cause: Option<Code>,
 }
 
 impl Status {
     /// A status with `code` and `message` and no details.
     pub fn new(code: Code, message: impl Into<String>) -> Status {
-        Status { code, message: message.into(), details: Bytes::new() }
+        Status { code, message: message.into(), details: Bytes::new(), cause: None }
+    }
+
+    /// The same status naming `cause`, the code of the failure that led to it (the last attempt's, for
+    /// [`Code::DeadLettered`]).
+    pub fn with_cause(mut self, cause: Code) -> Status {
+        self.cause = Some(cause);
+        self
+    }
+
+    /// The code of the failure that led to this status, where it says: for [`Code::DeadLettered`], what the
+    /// last attempt returned.
+    pub fn cause(&self) -> Option<Code> {
+        self.cause
+    }
+
+    /// The method's own error value `E`, where this status carries one: a [`Code::Application`] status, or a
+    /// [`Code::DeadLettered`] one whose last attempt returned the method's error. `None` for any other status;
+    /// `Some(Err(_))` when the details are not an `E`.
+    pub fn application_error<E: serde::de::DeserializeOwned>(&self) -> Option<Result<E, crate::codec::CodecError>> {
+        let carries = self.code == Code::Application || self.cause == Some(Code::Application);
+        carries.then(|| crate::codec::decode(&self.details, &crate::codec::Limits::default()))
     }
 
     /// The same status carrying `details`.

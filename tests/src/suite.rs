@@ -605,7 +605,13 @@ pub async fn retries_until_the_handler_succeeds(harness: &dyn Harness) {
 /// and the caller gets `DeadLettered`; other calls are served meanwhile.
 pub async fn poison_request_is_dead_lettered_after_its_attempts(harness: &dyn Harness) {
     let setup = Setup::new(harness);
-    let (server, _) = setup.worker_with("w", |server| server.retry_method("boom", quick_retries(3))).await;
+    let (server, _) = setup
+        .worker_with("w", |server| {
+            server
+                .retry_method("boom", quick_retries(3))
+                .retry_method("div", quick_retries(2).retry_on([Code::Application]))
+        })
+        .await;
     let client = setup.client().await;
     let probe = ProbeClient::new(&client);
     let poison = tokio::spawn(probe.boom().timeout(WAIT).into_future());
@@ -615,16 +621,26 @@ pub async fn poison_request_is_dead_lettered_after_its_attempts(harness: &dyn Ha
     }
     match poison.await.expect("joins") {
         Err(Error::Remote(status)) => {
-            assert_eq!(status.code(), Code::DeadLettered);
+            assert_eq!((status.code(), status.cause()), (Code::DeadLettered, Some(Code::Internal)));
             assert!(
                 status.message().contains("attempt 3 of 3") && status.message().contains("boom on purpose"),
                 "{status}"
             );
+            assert!(status.application_error::<MathError>().is_none(), "a panic carries no error value");
         }
         other => panic!("expected DeadLettered, got {other:?}"),
     }
+    // The method's own error, retried and dead-lettered: the caller still gets its typed value.
+    match probe.div(1, 0).timeout(WAIT).await {
+        Err(Error::Remote(status)) => {
+            assert_eq!((status.code(), status.cause()), (Code::DeadLettered, Some(Code::Application)));
+            let error = status.application_error::<MathError>().expect("carries the error").expect("decodes");
+            assert_eq!(error, MathError::DivideByZero);
+        }
+        other => panic!("expected DeadLettered with the error value, got {other:?}"),
+    }
     let stats = server.stats();
-    assert_eq!((stats.panicked, stats.retried, stats.dead_lettered), (3, 2, 1));
+    assert_eq!((stats.panicked, stats.retried, stats.dead_lettered), (3, 3, 2));
     let transport = setup.transport().await;
     if transport.capabilities().dead_letter {
         let dead_letters = naming::dead_letter_queue(&setup.queue());
@@ -646,7 +662,7 @@ pub async fn retries_stop_before_the_deadline(harness: &dyn Harness) {
     match probe.flaky(1_000).timeout(Duration::from_secs(2)).await {
         Err(Error::Remote(status)) => {
             assert_eq!(status.code(), Code::DeadLettered);
-            assert!(status.message().contains("deadline left no time"), "{status}");
+            assert!(status.message().contains("deadline leaving no time"), "{status}");
         }
         other => panic!("expected DeadLettered before the deadline, got {other:?}"),
     }

@@ -46,6 +46,8 @@ pub mod headers {
     pub const STATUS: &str = "mqrpc-status";
     /// A reply's status message.
     pub const STATUS_MESSAGE: &str = "mqrpc-status-message";
+    /// On a dead-lettered reply (status 11): the last failure's status code.
+    pub const LAST_STATUS: &str = "mqrpc-last-status";
     /// The correlation id (NATS; AMQP uses the `correlation_id` property).
     pub const CORRELATION_ID: &str = "mqrpc-correlation-id";
     /// Where the reply goes, where the broker's reply subject is taken by the broker itself (NATS JetStream).

@@ -32,6 +32,7 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
         + usize::from(e.priority.is_some())
         + usize::from(e.status != 0)
         + usize::from(e.status_message.is_some())
+        + usize::from(e.last_status.is_some())
         + usize::from(e.caller.is_some())
         + usize::from(!e.headers.is_empty());
     map_len(out, fields)?;
@@ -86,6 +87,10 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
     if let Some(message) = &e.status_message {
         str(out, "sm")?;
         str(out, message)?;
+    }
+    if let Some(last) = e.last_status {
+        str(out, "ls")?;
+        uint(out, u64::from(last));
     }
     if let Some(caller) = &e.caller {
         str(out, "cl")?;
@@ -185,8 +190,8 @@ fn wrong(what: &str) -> CodecError {
 }
 
 /// The keys of the envelope's fields, in the bit each takes in the set of fields seen.
-const KEYS: [&str; 18] =
-    ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b", "ri"];
+const KEYS: [&str; 19] =
+    ["v", "k", "i", "c", "s", "m", "r", "d", "dl", "a", "ik", "p", "st", "sm", "cl", "h", "b", "ri", "ls"];
 
 /// The slot in [`KEYS`] of the field named `key`: one comparison of the length and at most two bytes.
 fn slot_of(key: &[u8]) -> Option<usize> {
@@ -209,6 +214,7 @@ fn slot_of(key: &[u8]) -> Option<usize> {
         b"h" => 15,
         b"b" => 16,
         b"ri" => 17,
+        b"ls" => 18,
         _ => return None,
     })
 }
@@ -283,7 +289,8 @@ pub(super) fn decode(
             14 => envelope.caller = r.optional(|r| r.string(field))?,
             15 => envelope.headers = r.headers(limits)?,
             16 => body_range = r.binary(field)?,
-            _ => reply_inbox = r.optional(|r| r.boolean(field))?.unwrap_or(false),
+            17 => reply_inbox = r.optional(|r| r.boolean(field))?.unwrap_or(false),
+            _ => envelope.last_status = r.optional(|r| r.number(field))?,
         }
     }
     if r.remaining() != 0 {

@@ -72,15 +72,14 @@ pub(super) async fn dead_letter(
     let stats = &shared.stats;
     stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     stats.failed.fetch_add(1, Ordering::Relaxed);
-    let why = if request.attempt >= policy.max_attempts() {
-        "the last attempt"
+    let (attempt, of) = (request.attempt, policy.max_attempts());
+    let message = if attempt >= of {
+        format!("gave up after attempt {attempt} of {of}: {last}")
     } else {
-        "the deadline left no time for another attempt"
+        format!("gave up after attempt {attempt} of {of}, the deadline leaving no time for another: {last}")
     };
-    let message =
-        format!("attempt {} of {} failed and {why} was reached: {last}", request.attempt, policy.max_attempts());
     tracing::warn!(%message, "dead-lettering a request");
-    let status = Status::new(Code::DeadLettered, message).with_details(last.details().clone());
+    let status = Status::new(Code::DeadLettered, message).with_cause(last.code()).with_details(last.details().clone());
     match reply(shared, &request.envelope, &handle, Err(status)).await {
         Ok(()) => {}
         Err(Error::DeliveryLost) => {

@@ -235,17 +235,7 @@ impl Pump {
         {
             inner.mark_unbounded(&String::from_utf8_lossy(queue.as_bytes()));
         }
-        let (envelope, queued) = match from_amqp(delivery.properties, delivery.data) {
-            Ok(mapped) => mapped,
-            Err(error) => {
-                tracing::warn!(%error, "dead-lettering a message that is not an mqrpc message");
-                if self.manual {
-                    Counters::bump(&self.counters.dead_lettered);
-                    let _ = self.acker.channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await;
-                }
-                return true;
-            }
-        };
+        let (envelope, queued) = from_amqp(delivery.properties, delivery.data);
         if self.manual && self.acker.max_deliveries.is_some_and(|max| delivery_count > max) {
             Counters::bump(&self.counters.dead_lettered);
             let _ = self.acker.channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await;

@@ -78,6 +78,9 @@ pub(super) fn to_amqp_marked(
     if let Some(message) = &envelope.status_message {
         table.insert(headers::STATUS_MESSAGE.into(), string_value(message.as_str()));
     }
+    if let Some(last) = envelope.last_status {
+        table.insert(headers::LAST_STATUS.into(), AMQPValue::LongLongInt(last.into()));
+    }
     for (name, value) in adapter::user_headers(&envelope.headers) {
         table.insert(short(name)?, string_value(value));
     }
@@ -120,7 +123,9 @@ pub(super) fn to_amqp_marked(
 
 /// The envelope of an AMQP message: written by [`to_amqp`], or by a plain AMQP client.
 /// Returns it with the time it was queued, by the sender's clock (`deadline_ms` is left as the sender wrote it).
-pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<(Envelope, Duration), Error> {
+/// Every message maps: a missing property takes its default, and what the worker cannot serve it answers (a
+/// request without `type` gets status 2, a body that is not the arguments status 3).
+pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> (Envelope, Duration) {
     let header = |name: &str| properties.headers().as_ref().and_then(|table| table.inner().get(name));
     let reply_to = properties.reply_to().as_ref().map(|reply_to| reply_to.as_str().to_owned());
     let kind_name = header(headers::KIND).and_then(text);
@@ -166,6 +171,7 @@ pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<(E
     envelope.priority = properties.priority().filter(|priority| *priority > 0);
     envelope.status = header(headers::STATUS).and_then(integer).and_then(|code| u16::try_from(code).ok()).unwrap_or(0);
     envelope.status_message = header(headers::STATUS_MESSAGE).and_then(text);
+    envelope.last_status = header(headers::LAST_STATUS).and_then(integer).and_then(|code| u16::try_from(code).ok());
     for (name, value) in properties.headers().iter().flat_map(|table| table.inner()) {
         if adapter::is_user_header(name.as_str())
             && let Some(value) = text(value)
@@ -174,7 +180,7 @@ pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> Result<(E
         }
     }
     envelope.body = Bytes::from(body);
-    Ok((envelope, queued))
+    (envelope, queued)
 }
 
 #[cfg(test)]
@@ -198,7 +204,7 @@ mod tests {
         let (properties, body) = to_amqp(&envelope, true).expect("maps");
         assert_eq!(properties.delivery_mode(), &Some(2));
         assert_eq!(properties.expiration().as_ref().map(ShortString::as_str), Some("5000"));
-        let (back, queued) = from_amqp(properties, body).expect("maps back");
+        let (back, queued) = from_amqp(properties, body);
         assert!(queued < Duration::from_secs(1), "{queued:?}");
         assert_eq!(back, envelope);
     }
@@ -209,7 +215,7 @@ mod tests {
             .with_correlation_id("42".into())
             .with_reply_to("amq.gen-1".into())
             .with_type("add".into());
-        let (request, _) = from_amqp(properties, b"\x80".to_vec()).expect("maps");
+        let (request, _) = from_amqp(properties, b"\x80".to_vec());
         assert_eq!(request.kind, Kind::Request);
         assert_eq!(request.method, "add");
         let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
@@ -229,14 +235,14 @@ mod tests {
                 .with_correlation_id(id.into())
                 .with_reply_to("amq.gen-1".into())
                 .with_type("add".into());
-            let (request, _) = from_amqp(properties, b"\x80".to_vec()).expect("maps");
+            let (request, _) = from_amqp(properties, b"\x80".to_vec());
             let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
             let (properties, _) = to_amqp(&reply, true).expect("maps");
             assert_eq!(properties.correlation_id().as_ref().map(ShortString::as_str), Some(id));
         }
         let ours = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
         let properties = BasicProperties::default().with_correlation_id(ours.into()).with_reply_to("amq.gen-1".into());
-        let (request, _) = from_amqp(properties, b"\x80".to_vec()).expect("maps");
+        let (request, _) = from_amqp(properties, b"\x80".to_vec());
         assert_eq!(request.correlation_id.map(|id| id.to_string()).as_deref(), Some(ours));
     }
 }

@@ -187,6 +187,9 @@ pub(super) fn to_headers(envelope: &Envelope, mode: Mode) -> Result<HeaderMap, E
     if let Some(message) = &envelope.status_message {
         header(&mut map, headers::STATUS_MESSAGE, &message.replace(['\r', '\n'], " "))?;
     }
+    if let Some(last) = envelope.last_status {
+        header(&mut map, headers::LAST_STATUS, &last.to_string())?;
+    }
     for (name, value) in adapter::user_headers(&envelope.headers) {
         header(&mut map, name, value)?;
     }
@@ -254,6 +257,7 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
             headers::CALLER => fields.caller = Some(value),
             headers::STATUS => fields.status = Some(value),
             headers::STATUS_MESSAGE => fields.status_message = Some(value),
+            headers::LAST_STATUS => fields.last_status = Some(value),
             name if adapter::is_user_header(name) => {
                 user.insert(name.to_owned(), value.to_owned());
             }
@@ -292,6 +296,7 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
     envelope.caller = fields.caller.map(str::to_owned);
     envelope.status = fields.status.and_then(|code| code.parse().ok()).unwrap_or(0);
     envelope.status_message = fields.status_message.map(str::to_owned);
+    envelope.last_status = fields.last_status.and_then(|code| code.parse().ok());
     envelope.headers = user;
     envelope.body = message.payload.clone();
     (envelope, queued)
@@ -314,6 +319,7 @@ struct Fields<'a> {
     caller: Option<&'a str>,
     status: Option<&'a str>,
     status_message: Option<&'a str>,
+    last_status: Option<&'a str>,
 }
 
 /// Whether a reply is JetStream's publish ack rather than an answer (no envelope headers, a JSON ack body).
