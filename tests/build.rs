@@ -7,6 +7,8 @@ fn main() {
         ("MQRPC_AMQP_URL", "mqrpc_amqp"),
         ("MQRPC_NATS_URL", "mqrpc_nats"),
         ("MQRPC_REDIS_URL", "mqrpc_redis"),
+        ("MQRPC_KAFKA_URL", "mqrpc_kafka"),
+        ("MQRPC_TANSU", "mqrpc_tansu"),
         ("MQRPC_AMQP_CTL", "mqrpc_amqp_ctl"),
         ("MQRPC_NATS_SERVER", "mqrpc_nats_server"),
     ];

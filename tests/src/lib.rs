@@ -201,6 +201,48 @@ impl Harness for AmqpHarness {
     }
 }
 
+/// Kafka at `MQRPC_KAFKA_URL` (tansu in CI), through [`rpc_broker::adapter::kafka::Kafka`], with a 6 s group
+/// session: tansu holds a group's first join for about half of it.
+#[derive(Debug)]
+pub struct KafkaHarness {
+    url: String,
+    options: rpc_broker::adapter::kafka::KafkaOptions,
+}
+
+impl KafkaHarness {
+    /// The broker at `MQRPC_KAFKA_URL`.
+    pub fn from_env() -> Result<KafkaHarness, Skip> {
+        Ok(KafkaHarness::at(&broker_url("MQRPC_KAFKA_URL")?))
+    }
+
+    /// The broker at `url`.
+    pub fn at(url: &str) -> KafkaHarness {
+        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(6));
+        KafkaHarness { url: url.to_owned(), options }
+    }
+
+    /// The broker's address.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A transport of this harness, typed.
+    pub async fn kafka(&self) -> rpc_broker::adapter::kafka::Kafka {
+        rpc_broker::adapter::kafka::Kafka::connect_with(&self.url, self.options.clone())
+            .await
+            .expect("connects to Kafka at MQRPC_KAFKA_URL")
+    }
+}
+
+impl Harness for KafkaHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.kafka().await);
+            transport
+        })
+    }
+}
+
 /// NATS at `MQRPC_NATS_URL`, through [`rpc_broker::adapter::nats::Nats`], in core or JetStream mode. In
 /// JetStream mode the streams of one harness share a prefix of their own and are deleted when it is dropped.
 #[derive(Debug)]

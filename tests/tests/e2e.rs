@@ -18,6 +18,11 @@ mqrpc_tests::scenario_suite!(
     needs mqrpc_nats = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)",
 );
 mqrpc_tests::scenario_suite!(
+    kafka,
+    mqrpc_tests::KafkaHarness::from_env(),
+    needs mqrpc_kafka = "needs Kafka: MQRPC_KAFKA_URL (bash .ci/brokers)",
+);
+mqrpc_tests::scenario_suite!(
     nats_core,
     mqrpc_tests::NatsHarness::core(),
     needs mqrpc_nats = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)",

@@ -13,6 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]

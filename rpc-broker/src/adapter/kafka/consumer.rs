@@ -1,0 +1,587 @@
+//! Consumers: a consumer group per queue or subscriber group, with the offsets committed as deliveries are
+//! settled, and an inbox read without a group.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, ConsumerControl, Delivery, Inbox, Outcome};
+use rpc_core::{ConsumeOptions, Envelope, Error, QueueStats};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::{ADMIN_TIMEOUT, Kafka, broker_error, client_config, mapping, millis, transport_error};
+
+/// Where a group with no committed offsets starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum GroupStart {
+    /// At the beginning of the topic: a queue's group reads what was published before its first worker.
+    Committed,
+    /// At the end of the topic, as it is when the group is first joined: a subscriber group receives what is
+    /// published from then on.
+    End,
+}
+
+/// How long a consumer waits for its first assignment before its `consume` returns anyway.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// The pause after a failed read before the next.
+const READ_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The deliveries of one group consumer not settled yet, by partition, and what each partition may commit.
+#[derive(Debug, Default)]
+struct Tracker {
+    state: Mutex<TrackerState>,
+}
+
+#[derive(Debug, Default)]
+struct TrackerState {
+    /// Bumped at each assignment: a delivery made under an earlier one of its partition is revoked.
+    generation: u64,
+    partitions: HashMap<i32, Partition>,
+    held: HashMap<u64, Held>,
+    next_tag: u64,
+    /// The number of partitions assigned so far, over every assignment (a consumer that joined has 1 or more,
+    /// or an empty assignment in a group with more members than partitions).
+    assignments: u64,
+}
+
+#[derive(Debug)]
+struct Partition {
+    generation: u64,
+    /// Delivered and not settled.
+    outstanding: BTreeSet<i64>,
+    /// One past the highest offset delivered (-1: none yet).
+    next: i64,
+    /// The offset last committed by this consumer (-1: none).
+    committed: i64,
+}
+
+#[derive(Debug)]
+struct Held {
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    /// The message, for a requeue or a dead-lettering (none for auto-acked deliveries).
+    envelope: Option<Envelope>,
+    delivery_count: u32,
+}
+
+impl Tracker {
+    fn lock(&self) -> MutexGuard<'_, TrackerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a delivery; returns its tag.
+    fn deliver(&self, partition: i32, offset: i64, envelope: Option<Envelope>, delivery_count: u32) -> u64 {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let generation = state.generation;
+        let part = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation));
+        part.outstanding.insert(offset);
+        part.next = part.next.max(offset + 1);
+        let generation = part.generation;
+        state.next_tag += 1;
+        let tag = state.next_tag;
+        state.held.insert(tag, Held { partition, offset, generation, envelope, delivery_count });
+        tag
+    }
+
+    /// Whether delivery `tag` is still this consumer's.
+    fn holds(&self, tag: u64) -> bool {
+        let state = self.lock();
+        state.held.get(&tag).is_some_and(|held| state.is_current(held))
+    }
+
+    /// The message of delivery `tag` and its count, while the delivery is this consumer's.
+    fn message(&self, tag: u64) -> Option<(Envelope, u32)> {
+        let state = self.lock();
+        let held = state.held.get(&tag).filter(|held| state.is_current(held))?;
+        Some((held.envelope.clone()?, held.delivery_count))
+    }
+
+    /// Settles delivery `tag`: `Ok(Some((partition, offset)))` when the partition may now commit up to
+    /// `offset`, `Err` when the delivery is no longer this consumer's.
+    fn settle(&self, tag: u64) -> Result<Option<(i32, i64)>, Error> {
+        let mut state = self.lock();
+        let held = state.held.remove(&tag).ok_or(Error::DeliveryLost)?;
+        if !state.is_current(&held) {
+            return Err(Error::DeliveryLost);
+        }
+        let Some(part) = state.partitions.get_mut(&held.partition) else { return Err(Error::DeliveryLost) };
+        part.outstanding.remove(&held.offset);
+        Ok(part.advance().map(|offset| (held.partition, offset)))
+    }
+
+    /// Forgets delivery `tag` without committing past it: it comes again after the next rebalance.
+    fn release(&self, tag: u64) {
+        self.lock().held.remove(&tag);
+    }
+
+    /// Deliveries handed out, still this consumer's, and not settled.
+    fn outstanding(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// The partitions of `revoked` leave this consumer: returns what each may still commit.
+    fn revoke(&self, revoked: &[i32]) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        state.held.retain(|_, held| !revoked.contains(&held.partition));
+        let mut commits = Vec::new();
+        for partition in revoked {
+            if let Some(mut part) = state.partitions.remove(partition)
+                && let Some(offset) = part.advance()
+            {
+                commits.push((*partition, offset));
+            }
+        }
+        commits
+    }
+
+    fn assign(&self, assigned: &[i32]) {
+        let mut state = self.lock();
+        state.generation += 1;
+        let generation = state.generation;
+        for partition in assigned {
+            state.partitions.insert(*partition, Partition::new(generation));
+        }
+        state.assignments += 1;
+    }
+}
+
+impl TrackerState {
+    fn is_current(&self, held: &Held) -> bool {
+        self.partitions.get(&held.partition).is_some_and(|part| part.generation == held.generation)
+    }
+}
+
+impl Partition {
+    fn new(generation: u64) -> Partition {
+        Partition { generation, outstanding: BTreeSet::new(), next: -1, committed: -1 }
+    }
+
+    /// The offset this partition may commit now, if it is past the last commit.
+    fn advance(&mut self) -> Option<i64> {
+        let point = self.outstanding.first().copied().unwrap_or(self.next);
+        (point > self.committed).then(|| {
+            self.committed = point;
+            point
+        })
+    }
+}
+
+/// The context of a group consumer: commits what is settled before partitions go, and counts assignments.
+struct GroupContext {
+    topic: String,
+    tracker: Arc<Tracker>,
+    assigned: watch::Sender<u64>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
+            let commits = self.tracker.revoke(&partitions);
+            if !commits.is_empty() {
+                let tpl = offsets(&self.topic, &commits);
+                // Synchronous: the partitions' next owner starts from these offsets.
+                if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
+                    tracing::warn!(%error, topic = %self.topic, "could not commit before a rebalance; settled calls run again");
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
+                tracing::debug!(topic = %self.topic, ?partitions, "assigned");
+                self.tracker.assign(&partitions);
+                self.assigned.send_modify(|count| *count += 1);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::warn!(%error, topic = %self.topic, "rebalance failed"),
+        }
+    }
+}
+
+fn offsets(topic: &str, commits: &[(i32, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in commits {
+        // Only fails for an offset librdkafka cannot represent, which a delivered record's is not.
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// What a group consumer's task and its [`Consumer`](rpc_core::transport::Consumer) share.
+#[derive(Debug, Default)]
+struct Control {
+    /// The consumer was dropped: the task ends.
+    stopped: AtomicBool,
+    /// No more deliveries (a server shutting down).
+    paused: AtomicBool,
+    wake: Notify,
+}
+
+struct Handle(Arc<Control>);
+
+impl ConsumerControl for Handle {
+    fn pause(&self) {
+        self.0.paused.store(true, Ordering::Release);
+        self.0.wake.notify_waiters();
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+        self.0.wake.notify_waiters();
+        self.0.wake.notify_one();
+    }
+}
+
+/// Settles the deliveries of one group consumer.
+struct GroupAcker {
+    kafka: Kafka,
+    topic: String,
+    dead_letters: String,
+    consumer: Weak<GroupConsumer>,
+    tracker: Arc<Tracker>,
+    control: Arc<Control>,
+}
+
+impl fmt::Debug for GroupAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupAcker").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl GroupAcker {
+    /// Settles `tag` in the tracker and commits what that allows.
+    fn commit(&self, tag: u64) -> Result<(), Error> {
+        let settled = self.tracker.settle(tag);
+        self.control.wake.notify_one();
+        if let Some((partition, offset)) = settled? {
+            let Some(consumer) = self.consumer.upgrade() else { return Err(Error::DeliveryLost) };
+            consumer.commit(&offsets(&self.topic, &[(partition, offset)]), CommitMode::Async).map_err(broker_error)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a copy of delivery `tag` on `topic` (with `count` as its delivery count), then settles it.
+    async fn move_to(&self, tag: u64, topic: &str, count: impl FnOnce(u32) -> u32) -> Result<(), Error> {
+        let Some((envelope, delivery_count)) = self.tracker.message(tag) else { return Err(Error::DeliveryLost) };
+        self.kafka.produce(topic, &envelope, count(delivery_count)).await?;
+        self.commit(tag)
+    }
+}
+
+impl Acker for GroupAcker {
+    fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            match outcome {
+                Outcome::Ack => self.commit(tag),
+                Outcome::Requeue => self.move_to(tag, &self.topic, |count| count.saturating_add(1)).await,
+                Outcome::DeadLetter => {
+                    let dead_letters = self.dead_letters.clone();
+                    self.move_to(tag, &dead_letters, |count| count).await
+                }
+                Outcome::Release => {
+                    self.tracker.release(tag);
+                    self.control.wake.notify_one();
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        tag: u64,
+        queue: &'a str,
+        envelope: Envelope,
+        confirm: Confirm,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if !self.tracker.holds(tag) {
+                return Err(Error::DeliveryLost);
+            }
+            let _ = confirm;
+            self.kafka.publish_to(queue, envelope, 1).await
+        })
+    }
+
+    fn revoked(&self, tag: u64) -> bool {
+        !self.tracker.holds(tag)
+    }
+}
+
+/// Starts a consumer of `topic` in the group `group`, and returns once it has joined it.
+pub(super) async fn start_group(
+    kafka: Kafka,
+    topic: String,
+    group: String,
+    options: ConsumeOptions,
+    max_deliveries: Option<u32>,
+    start: GroupStart,
+) -> Result<rpc_core::transport::Consumer, Error> {
+    if start == GroupStart::End {
+        start_at_end(&kafka, &topic, &group).await?;
+    }
+    let tracker = Arc::new(Tracker::default());
+    let (assigned, mut joined) = watch::channel(0);
+    let context = GroupContext { topic: topic.clone(), tracker: Arc::clone(&tracker), assigned };
+    let session = kafka.inner.options.session_timeout;
+    let consumer: GroupConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", millis(session))
+        .set("heartbeat.interval.ms", millis(session / 3))
+        .set("fetch.wait.max.ms", "100")
+        .create_with_context(context)
+        .map_err(transport_error)?;
+    consumer.subscribe(&[&topic]).map_err(transport_error)?;
+    let consumer = Arc::new(consumer);
+    let control = Arc::new(Control::default());
+    let dead_letters = super::topic_name(&rpc_core::naming::dead_letter_queue(&topic))?;
+    let acker = Arc::new(GroupAcker {
+        kafka,
+        topic: topic.clone(),
+        dead_letters,
+        consumer: Arc::downgrade(&consumer),
+        tracker,
+        control: Arc::clone(&control),
+    });
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let task = GroupTask { consumer, acker, control: Arc::clone(&control), sender, options, max_deliveries };
+    tokio::spawn(task.run());
+    // A worker that returned serves: wait for the group to hand this consumer its share.
+    let joined = tokio::time::timeout(JOIN_WAIT, joined.wait_for(|count| *count > 0)).await;
+    if !matches!(joined, Ok(Ok(_))) {
+        tracing::warn!(%topic, %group, "no partitions assigned yet; consuming once the group has them");
+    }
+    Ok(rpc_core::transport::Consumer::from_channel(receiver, Some(Box::new(Handle(control)))))
+}
+
+/// Commits the end of `topic` for `group` where the group has no offset yet, so that it starts there.
+async fn start_at_end(kafka: &Kafka, topic: &str, group: &str) -> Result<(), Error> {
+    let partitions = kafka.partitions_of(topic).await?;
+    let config = client_config(&kafka.inner.brokers, &kafka.inner.options);
+    let (topic, group) = (topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config
+            .clone()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(transport_error)?;
+        let all = offsets(&topic, &partitions.iter().map(|partition| (*partition, 0)).collect::<Vec<_>>());
+        let committed = consumer.committed_offsets(all, ADMIN_TIMEOUT).map_err(broker_error)?;
+        let mut ends = Vec::new();
+        for element in committed.elements() {
+            if matches!(element.offset(), Offset::Invalid) {
+                let (_, high) =
+                    consumer.fetch_watermarks(&topic, element.partition(), ADMIN_TIMEOUT).map_err(broker_error)?;
+                ends.push((element.partition(), high));
+            }
+        }
+        if !ends.is_empty() {
+            consumer.commit(&offsets(&topic, &ends), CommitMode::Sync).map_err(broker_error)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|error| Error::Transport(error.into()))?
+}
+
+struct GroupTask {
+    consumer: Arc<GroupConsumer>,
+    acker: Arc<GroupAcker>,
+    control: Arc<Control>,
+    sender: mpsc::UnboundedSender<Delivery>,
+    options: ConsumeOptions,
+    max_deliveries: Option<u32>,
+}
+
+impl GroupTask {
+    async fn run(self) {
+        let mut paused = false;
+        loop {
+            if self.control.stopped.load(Ordering::Acquire) || self.sender.is_closed() {
+                break;
+            }
+            let full = self.options.prefetch > 0
+                && self.acker.tracker.outstanding() >= self.options.prefetch as usize;
+            let hold = full || self.control.paused.load(Ordering::Acquire);
+            if hold != paused {
+                // Paused partitions are still polled, so the consumer keeps taking part in rebalances.
+                if let Ok(assignment) = self.consumer.assignment() {
+                    let switched =
+                        if hold { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+                    if let Err(error) = switched {
+                        tracing::debug!(%error, "could not pause or resume partitions");
+                    }
+                }
+                paused = hold;
+            }
+            tokio::select! {
+                () = self.control.wake.notified() => {}
+                read = self.consumer.recv() => match read {
+                    Ok(record) => {
+                        if self.control.paused.load(Ordering::Acquire) {
+                            // Stopped: left uncommitted for the group's next owner of the partition.
+                            continue;
+                        }
+                        self.take(&record).await;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, topic = %self.acker.topic, "reading failed");
+                        tokio::time::sleep(READ_BACKOFF).await;
+                    }
+                },
+            }
+        }
+        self.close().await;
+    }
+
+    /// Hands `record` out, or dead-letters it unrun when it was delivered too often.
+    async fn take(&self, record: &BorrowedMessage<'_>) {
+        let (envelope, delivery_count, queued) = mapping::from_record(record);
+        let (partition, offset) = (record.partition(), record.offset());
+        let tracker = &self.acker.tracker;
+        if self.options.auto_ack {
+            let tag = tracker.deliver(partition, offset, None, delivery_count);
+            if let Err(error) = self.acker.commit(tag) {
+                tracing::debug!(%error, "could not commit an auto-acked delivery");
+            }
+            let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
+            return;
+        }
+        if self.max_deliveries.is_some_and(|max| delivery_count > max) {
+            let tag = tracker.deliver(partition, offset, Some(envelope), delivery_count);
+            let dead_letters = self.acker.dead_letters.clone();
+            if let Err(error) = self.acker.move_to(tag, &dead_letters, |count| count).await {
+                tracing::warn!(%error, "could not dead-letter a message delivered too often; it comes again");
+            }
+            return;
+        }
+        let tag = tracker.deliver(partition, offset, Some(envelope.clone()), delivery_count);
+        let acker: Arc<dyn Acker> = self.acker.clone();
+        let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::new(acker, tag)));
+    }
+
+    /// Leaves the group (committing what was settled), off the runtime: librdkafka's close blocks.
+    async fn close(self) {
+        let GroupTask { consumer, acker, .. } = self;
+        drop(acker);
+        let closed = tokio::task::spawn_blocking(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+        })
+        .await;
+        if let Err(error) = closed {
+            tracing::debug!(%error, "closing a consumer failed");
+        }
+    }
+}
+
+fn delivery(envelope: Envelope, delivery_count: u32, queued: Duration, handle: AckHandle) -> Delivery {
+    Delivery { envelope, delivery_count, queued, received_at: Instant::now(), handle }
+}
+
+/// Reads the inbox topic `topic` from its start, without a group; deletes the topic when the inbox goes.
+pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Error> {
+    let consumer: StreamConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+        .set("group.id", &topic)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .map_err(transport_error)?;
+    consumer.assign(&offsets(&topic, &[(0, 0)])).map_err(transport_error)?;
+    let control = Arc::new(Control::default());
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let stop = Arc::clone(&control);
+    let address = topic.clone();
+    tokio::spawn(async move {
+        loop {
+            if stop.stopped.load(Ordering::Acquire) || sender.is_closed() {
+                break;
+            }
+            tokio::select! {
+                () = stop.wake.notified() => {}
+                read = consumer.recv() => match read {
+                    Ok(record) => {
+                        let (envelope, delivery_count, queued) = mapping::from_record(&record);
+                        let _ = sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %topic, "reading the inbox failed");
+                        tokio::time::sleep(READ_BACKOFF).await;
+                    }
+                },
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if let Err(error) = kafka.delete_topic(&topic).await {
+            tracing::debug!(%error, %topic, "could not delete an inbox topic");
+        }
+    });
+    let consumer = rpc_core::transport::Consumer::from_channel(receiver, Some(Box::new(Handle(control))));
+    Ok(Inbox { address, consumer, losses: None })
+}
+
+/// The counters of the queue on `topic` (with its dead letters on `dead_letters`), from the broker.
+pub(super) async fn stats(
+    kafka: Kafka,
+    topic: String,
+    partitions: Vec<i32>,
+    dead_letters: String,
+    dead_partitions: Vec<i32>,
+) -> Result<QueueStats, Error> {
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+            .set("group.id", &topic)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(transport_error)?;
+        let mut stats = QueueStats::new();
+        let all = offsets(&topic, &partitions.iter().map(|partition| (*partition, 0)).collect::<Vec<_>>());
+        let committed = consumer.committed_offsets(all, ADMIN_TIMEOUT).map_err(broker_error)?;
+        let mut ready = 0i64;
+        for element in committed.elements() {
+            let (low, high) = consumer.fetch_watermarks(&topic, element.partition(), ADMIN_TIMEOUT).map_err(broker_error)?;
+            stats.published += u64::try_from(high).unwrap_or(0);
+            let from = match element.offset() {
+                Offset::Offset(offset) => offset.max(low),
+                _ => low,
+            };
+            ready += (high - from).max(0);
+        }
+        stats.ready = usize::try_from(ready).unwrap_or(0);
+        for partition in dead_partitions {
+            let (_, high) = consumer.fetch_watermarks(&dead_letters, partition, ADMIN_TIMEOUT).map_err(broker_error)?;
+            stats.dead_lettered += u64::try_from(high).unwrap_or(0);
+        }
+        stats.consumers = match consumer.fetch_group_list(Some(&topic), ADMIN_TIMEOUT) {
+            Ok(groups) => groups.groups().iter().map(|group| group.members().len()).sum(),
+            Err(error) => {
+                tracing::debug!(%error, "could not list the group's members");
+                0
+            }
+        };
+        Ok::<_, Error>(stats)
+    })
+    .await
+    .map_err(|error| Error::Transport(error.into()))?
+}
