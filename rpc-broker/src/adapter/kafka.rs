@@ -519,11 +519,12 @@ impl Transport for Kafka {
             let topic = topic_name(queue)?;
             self.delete_topic(&topic).await?;
             self.inner.max_deliveries.remove(&topic);
-            // The group's committed offsets would point into a topic made again later.
+            // The groups' committed offsets would point into a topic made again later.
+            let marker = consumer::marker_group(&topic);
             let deleted = self
                 .inner
                 .admin
-                .delete_groups(&[topic.as_str()], &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
+                .delete_groups(&[topic.as_str(), &marker], &AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)))
                 .await;
             if let Err(error) = deleted {
                 tracing::debug!(%error, group = %topic, "could not delete the consumer group");

@@ -28,6 +28,9 @@ pub(super) enum GroupStart {
 
 /// How long a consumer waits for its first assignment before its `consume` returns anyway.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// How often a consumer marks how far it handed records out (a worker killed within this much of a delivery
+/// leaves it to be counted as a first delivery).
+const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// The pause after a failed read before the next.
 const READ_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -44,9 +47,17 @@ struct TrackerState {
     partitions: HashMap<i32, Partition>,
     held: HashMap<u64, Held>,
     next_tag: u64,
-    /// The number of partitions assigned so far, over every assignment (a consumer that joined has 1 or more,
-    /// or an empty assignment in a group with more members than partitions).
-    assignments: u64,
+}
+
+/// An offset commit of one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Commit {
+    partition: i32,
+    /// The next record to read: every one below it is settled.
+    offset: i64,
+    /// One past the highest record handed out so far, by this consumer or an earlier owner: the commit's
+    /// metadata, from which the next owner counts a redelivery.
+    delivered: i64,
 }
 
 #[derive(Debug)]
@@ -58,6 +69,11 @@ struct Partition {
     next: i64,
     /// The offset last committed by this consumer (-1: none).
     committed: i64,
+    /// Records below this offset were handed out before, by an earlier owner of the partition (as it marked
+    /// in the group's marker group).
+    seen_before: i64,
+    /// How far this consumer marked records handed out, in the marker group.
+    marked: i64,
 }
 
 #[derive(Debug)]
@@ -75,19 +91,21 @@ impl Tracker {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a delivery; returns its tag.
-    fn deliver(&self, partition: i32, offset: i64, envelope: Option<Envelope>, delivery_count: u32) -> u64 {
+    /// Records a delivery of a record whose headers count `delivery_count`; returns its tag and its delivery
+    /// count, one more for a record an earlier owner of the partition handed out.
+    fn deliver(&self, partition: i32, offset: i64, envelope: Option<Envelope>, delivery_count: u32) -> (u64, u32) {
         let mut state = self.lock();
         let state = &mut *state;
         let generation = state.generation;
-        let part = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation));
+        let part = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation, -1, -1));
         part.outstanding.insert(offset);
         part.next = part.next.max(offset + 1);
+        let delivery_count = if offset < part.seen_before { delivery_count.saturating_add(1) } else { delivery_count };
         let generation = part.generation;
         state.next_tag += 1;
         let tag = state.next_tag;
         state.held.insert(tag, Held { partition, offset, generation, envelope, delivery_count });
-        tag
+        (tag, delivery_count)
     }
 
     /// Whether delivery `tag` is still this consumer's.
@@ -103,9 +121,9 @@ impl Tracker {
         Some((held.envelope.clone()?, held.delivery_count))
     }
 
-    /// Settles delivery `tag`: `Ok(Some((partition, offset)))` when the partition may now commit up to
-    /// `offset`, `Err` when the delivery is no longer this consumer's.
-    fn settle(&self, tag: u64) -> Result<Option<(i32, i64)>, Error> {
+    /// Settles delivery `tag`: `Ok(Some(commit))` when its partition may now commit further, `Err` when the
+    /// delivery is no longer this consumer's.
+    fn settle(&self, tag: u64) -> Result<Option<Commit>, Error> {
         let mut state = self.lock();
         let held = state.held.remove(&tag).ok_or(Error::DeliveryLost)?;
         if !state.is_current(&held) {
@@ -113,7 +131,7 @@ impl Tracker {
         }
         let Some(part) = state.partitions.get_mut(&held.partition) else { return Err(Error::DeliveryLost) };
         part.outstanding.remove(&held.offset);
-        Ok(part.advance().map(|offset| (held.partition, offset)))
+        Ok(part.advance().map(|offset| Commit { partition: held.partition, offset, delivered: part.delivered() }))
     }
 
     /// Forgets delivery `tag` without committing past it: it comes again after the next rebalance.
@@ -126,29 +144,46 @@ impl Tracker {
         self.lock().held.len()
     }
 
-    /// The partitions of `revoked` leave this consumer: returns what each may still commit.
-    fn revoke(&self, revoked: &[i32]) -> Vec<(i32, i64)> {
+    /// The partitions of `revoked` leave this consumer: returns what each commits, settled or not, so that
+    /// the next owner knows which records were handed out already.
+    fn revoke(&self, revoked: &[i32]) -> Vec<Commit> {
         let mut state = self.lock();
         state.held.retain(|_, held| !revoked.contains(&held.partition));
         let mut commits = Vec::new();
         for partition in revoked {
-            if let Some(mut part) = state.partitions.remove(partition)
-                && let Some(offset) = part.advance()
-            {
-                commits.push((*partition, offset));
+            if let Some(mut part) = state.partitions.remove(partition) {
+                part.advance();
+                if part.committed >= 0 {
+                    commits.push(Commit { partition: *partition, offset: part.committed, delivered: part.delivered() });
+                }
             }
         }
         commits
     }
 
-    fn assign(&self, assigned: &[i32]) {
+    /// The marks due: partitions `(partition, one past the last record handed out)` whose mark moved since it
+    /// was last taken.
+    fn marks(&self) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        let mut marks = Vec::new();
+        for (partition, part) in &mut state.partitions {
+            let delivered = part.delivered();
+            if delivered > part.marked {
+                part.marked = delivered;
+                marks.push((*partition, delivered));
+            }
+        }
+        marks
+    }
+
+    /// Partitions `(partition, committed offset, seen before)` are this consumer's now.
+    fn assign(&self, assigned: &[(i32, i64, i64)]) {
         let mut state = self.lock();
         state.generation += 1;
         let generation = state.generation;
-        for partition in assigned {
-            state.partitions.insert(*partition, Partition::new(generation));
+        for (partition, committed, seen_before) in assigned {
+            state.partitions.insert(*partition, Partition::new(generation, *committed, *seen_before));
         }
-        state.assignments += 1;
     }
 }
 
@@ -159,8 +194,8 @@ impl TrackerState {
 }
 
 impl Partition {
-    fn new(generation: u64) -> Partition {
-        Partition { generation, outstanding: BTreeSet::new(), next: -1, committed: -1 }
+    fn new(generation: u64, committed: i64, seen_before: i64) -> Partition {
+        Partition { generation, outstanding: BTreeSet::new(), next: -1, committed, seen_before, marked: seen_before }
     }
 
     /// The offset this partition may commit now, if it is past the last commit.
@@ -171,6 +206,10 @@ impl Partition {
             point
         })
     }
+
+    fn delivered(&self) -> i64 {
+        self.next.max(self.seen_before)
+    }
 }
 
 /// The context of a group consumer: commits what is settled before partitions go, and counts assignments.
@@ -178,6 +217,9 @@ struct GroupContext {
     topic: String,
     tracker: Arc<Tracker>,
     assigned: watch::Sender<u64>,
+    /// A consumer of the group's marker group, whose committed offsets say how far the group's members
+    /// handed records out: a record below its partition's mark was delivered before.
+    marker: Arc<BaseConsumer>,
 }
 
 impl ClientContext for GroupContext {}
@@ -188,19 +230,34 @@ impl ConsumerContext for GroupContext {
             let partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
             let commits = self.tracker.revoke(&partitions);
             if !commits.is_empty() {
-                let tpl = offsets(&self.topic, &commits);
+                let settled: Vec<(i32, i64)> = commits.iter().map(|commit| (commit.partition, commit.offset)).collect();
                 // Synchronous: the partitions' next owner starts from these offsets.
-                if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
+                if let Err(error) = consumer.commit(&offsets(&self.topic, &settled), CommitMode::Sync) {
                     tracing::warn!(%error, topic = %self.topic, "could not commit before a rebalance; settled calls run again");
                 }
             }
+            let marks: Vec<(i32, i64)> = commits
+                .iter()
+                .filter(|commit| commit.delivered >= 0)
+                .map(|commit| (commit.partition, commit.delivered))
+                .collect();
+            mark(&self.marker, &self.topic, &marks);
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
-                let partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
+                // What the partitions' earlier owners committed, and how far they handed records out.
+                let committed = committed_offsets(consumer, &self.topic, list);
+                let marked = committed_offsets(&self.marker, &self.topic, list);
+                let partitions: Vec<(i32, i64, i64)> = committed
+                    .iter()
+                    .map(|(partition, offset)| {
+                        let seen = marked.iter().find(|(other, _)| other == partition).map_or(-1, |(_, mark)| *mark);
+                        (*partition, *offset, seen)
+                    })
+                    .collect();
                 tracing::debug!(topic = %self.topic, ?partitions, "assigned");
                 self.tracker.assign(&partitions);
                 self.assigned.send_modify(|count| *count += 1);
@@ -208,6 +265,38 @@ impl ConsumerContext for GroupContext {
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, topic = %self.topic, "rebalance failed"),
         }
+    }
+}
+
+/// The marker group of consumer group `group`.
+pub(super) fn marker_group(group: &str) -> String {
+    format!("{group}.mqrpc-delivered")
+}
+
+/// The offsets `consumer`'s group committed for the partitions of `list` (-1: none).
+fn committed_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    list: &TopicPartitionList,
+) -> Vec<(i32, i64)> {
+    let committed = consumer.committed_offsets(list.clone(), ADMIN_TIMEOUT).unwrap_or_else(|error| {
+        tracing::warn!(%error, %topic, "could not read committed offsets");
+        list.clone()
+    });
+    committed
+        .elements()
+        .iter()
+        .map(|element| (element.partition(), element.offset().to_raw().filter(|offset| *offset >= 0).unwrap_or(-1)))
+        .collect()
+}
+
+/// Commits `marks` to the marker group of `marker`, blocking.
+fn mark(marker: &BaseConsumer, topic: &str, marks: &[(i32, i64)]) {
+    if marks.is_empty() {
+        return;
+    }
+    if let Err(error) = marker.commit(&offsets(topic, marks), CommitMode::Sync) {
+        tracing::debug!(%error, %topic, "could not mark records handed out; a redelivery may not count");
     }
 }
 
@@ -270,9 +359,10 @@ impl GroupAcker {
     fn commit(&self, tag: u64) -> Result<(), Error> {
         let settled = self.tracker.settle(tag);
         self.control.wake.notify_one();
-        if let Some((partition, offset)) = settled? {
+        if let Some(commit) = settled? {
             let Some(consumer) = self.consumer.upgrade() else { return Err(Error::DeliveryLost) };
-            consumer.commit(&offsets(&self.topic, &[(partition, offset)]), CommitMode::Async).map_err(broker_error)?;
+            let settled = offsets(&self.topic, &[(commit.partition, commit.offset)]);
+            consumer.commit(&settled, CommitMode::Async).map_err(broker_error)?;
         }
         Ok(())
     }
@@ -339,7 +429,14 @@ pub(super) async fn start_group(
     }
     let tracker = Arc::new(Tracker::default());
     let (assigned, mut joined) = watch::channel(0);
-    let context = GroupContext { topic: topic.clone(), tracker: Arc::clone(&tracker), assigned };
+    let marker: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+        .set("group.id", marker_group(&group))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(transport_error)?;
+    let marker = Arc::new(marker);
+    let context =
+        GroupContext { topic: topic.clone(), tracker: Arc::clone(&tracker), assigned, marker: Arc::clone(&marker) };
     let session = kafka.inner.options.session_timeout;
     let consumer: GroupConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
         .set("group.id", &group)
@@ -364,7 +461,7 @@ pub(super) async fn start_group(
         control: Arc::clone(&control),
     });
     let (sender, receiver) = mpsc::unbounded_channel();
-    let task = GroupTask { consumer, acker, control: Arc::clone(&control), sender, options, max_deliveries };
+    let task = GroupTask { consumer, acker, control: Arc::clone(&control), sender, options, max_deliveries, marker };
     tokio::spawn(task.run());
     // A worker that returned serves: wait for the group to hand this consumer its share.
     let joined = tokio::time::timeout(JOIN_WAIT, joined.wait_for(|count| *count > 0)).await;
@@ -412,12 +509,18 @@ struct GroupTask {
     sender: mpsc::UnboundedSender<Delivery>,
     options: ConsumeOptions,
     max_deliveries: Option<u32>,
+    marker: Arc<BaseConsumer>,
 }
 
 impl GroupTask {
     async fn run(self) {
         let mut paused = false;
+        let mut marked_at = Instant::now();
         loop {
+            if marked_at.elapsed() >= MARK_INTERVAL {
+                marked_at = Instant::now();
+                self.mark().await;
+            }
             if self.control.stopped.load(Ordering::Acquire) || self.sender.is_closed() {
                 break;
             }
@@ -437,6 +540,7 @@ impl GroupTask {
             }
             tokio::select! {
                 () = self.control.wake.notified() => {}
+                () = tokio::time::sleep_until((marked_at + MARK_INTERVAL).into()) => {}
                 read = self.consumer.recv() => match read {
                     Ok(record) => {
                         if self.control.paused.load(Ordering::Acquire) {
@@ -461,24 +565,35 @@ impl GroupTask {
         let (partition, offset) = (record.partition(), record.offset());
         let tracker = &self.acker.tracker;
         if self.options.auto_ack {
-            let tag = tracker.deliver(partition, offset, None, delivery_count);
+            let (tag, delivery_count) = tracker.deliver(partition, offset, None, delivery_count);
             if let Err(error) = self.acker.commit(tag) {
                 tracing::debug!(%error, "could not commit an auto-acked delivery");
             }
             let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
             return;
         }
+        let (tag, delivery_count) = tracker.deliver(partition, offset, Some(envelope.clone()), delivery_count);
         if self.max_deliveries.is_some_and(|max| delivery_count > max) {
-            let tag = tracker.deliver(partition, offset, Some(envelope), delivery_count);
             let dead_letters = self.acker.dead_letters.clone();
             if let Err(error) = self.acker.move_to(tag, &dead_letters, |count| count).await {
                 tracing::warn!(%error, "could not dead-letter a message delivered too often; it comes again");
             }
             return;
         }
-        let tag = tracker.deliver(partition, offset, Some(envelope.clone()), delivery_count);
         let acker: Arc<dyn Acker> = self.acker.clone();
         let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::new(acker, tag)));
+    }
+
+    /// Marks how far records were handed out, in the marker group, off the runtime.
+    async fn mark(&self) {
+        let marks = self.acker.tracker.marks();
+        if marks.is_empty() {
+            return;
+        }
+        let (marker, topic) = (Arc::clone(&self.marker), self.acker.topic.clone());
+        if let Err(error) = tokio::task::spawn_blocking(move || mark(&marker, &topic, &marks)).await {
+            tracing::debug!(%error, "marking failed");
+        }
     }
 
     /// Leaves the group (committing what was settled), off the runtime: librdkafka's close blocks.
