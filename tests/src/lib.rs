@@ -468,7 +468,8 @@ macro_rules! __scenario_suite {
 
 /// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
 /// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
-/// names the harness's stream prefix, with a 2 s ack wait), else our broker.
+/// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 6 s group session), else
+/// our broker.
 ///
 /// # Errors
 /// The transport's connection errors.
@@ -484,6 +485,9 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
             Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
         };
         Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
+    } else if let Some(brokers) = url.strip_prefix("kafka://") {
+        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(6));
+        Ok(Arc::new(rpc_broker::adapter::kafka::Kafka::connect_with(brokers, options).await?))
     } else {
         Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
     }
