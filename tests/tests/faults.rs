@@ -1,4 +1,4 @@
-//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ and NATS JetStream:
+//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ, NATS JetStream and Kafka:
 //! SIGKILL again and again, SIGTERM under load, and SIGSTOP past the heartbeats that hold a worker's
 //! deliveries. Every call is answered, and the effects, counted by an idempotent sink, are each applied once.
 //!
@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use mqrpc_tests::service::ProbeClient;
-use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness, RemoteHarness, WorkerProcess};
+use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RemoteHarness, WorkerProcess};
 use rpc_broker::protocol::{ClientFrame, DEFAULT_MAX_FRAME, FrameCodec, ServerFrame};
 use rpc_broker::{Remote, RemoteOptions};
 use rpc_core::{Client, ConsumeOptions, Error, QueueOptions, Transport, naming};
@@ -238,6 +238,18 @@ async fn jetstream_kill_9_of_workers_twenty_times() {
         Options { stream_prefix: Some(&prefix), ..Options::default() },
     )
     .await;
+    assert_none_lost_and_reexecutions_bounded(&counts);
+}
+
+/// Kafka: a killed worker's partitions go to the others once its group session (6 s here) runs out, and they
+/// read again from the offset below which everything was settled; the records the dead worker had handed out
+/// come again as a second delivery (attempt 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_kafka), ignore = "needs Kafka: MQRPC_KAFKA_URL (bash .ci/brokers)")]
+async fn kafka_kill_9_of_workers_twenty_times() {
+    let harness = KafkaHarness::from_env().available();
+    let url = format!("kafka://{}", harness.url());
+    let counts = kill_workers_during_calls(&harness, &url, Options::default()).await;
     assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
