@@ -201,7 +201,7 @@ impl Harness for AmqpHarness {
     }
 }
 
-/// Kafka at `MQRPC_KAFKA_URL` (tansu in CI), through [`rpc_broker::adapter::kafka::Kafka`], with a 6 s group
+/// Kafka at `MQRPC_KAFKA_URL` (tansu in CI), through [`rpc_broker::adapter::kafka::Kafka`], with a 2 s group
 /// session: tansu holds a group's first join for about half of it.
 #[derive(Debug)]
 pub struct KafkaHarness {
@@ -217,7 +217,7 @@ impl KafkaHarness {
 
     /// The broker at `url`.
     pub fn at(url: &str) -> KafkaHarness {
-        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(6));
+        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(2));
         KafkaHarness { url: url.to_owned(), options }
     }
 
@@ -468,7 +468,7 @@ macro_rules! __scenario_suite {
 
 /// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
 /// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
-/// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 6 s group session), else
+/// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 2 s group session), else
 /// our broker.
 ///
 /// # Errors
@@ -486,7 +486,7 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
         };
         Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
     } else if let Some(brokers) = url.strip_prefix("kafka://") {
-        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(6));
+        let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(2));
         Ok(Arc::new(rpc_broker::adapter::kafka::Kafka::connect_with(brokers, options).await?))
     } else {
         Ok(Arc::new(rpc_broker::Remote::connect(url).await?))

@@ -4,8 +4,9 @@
 //! RabbitMQ is the machine's shared broker, stopped with `rabbitmqctl stop_app`: only the tests of this binary
 //! restart it (cargo runs test binaries one at a time), one at a time ([`RABBITMQ`]), and only where
 //! `MQRPC_AMQP_CTL` names the control command (`.ci/run` sets it), never against a broker it was not given. NATS runs as a private server on a
-//! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again. Our own broker runs in
-//! the test, dropped and bound again on the same address.
+//! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again; so does Kafka (tansu,
+//! `MQRPC_TANSU`), whose memory storage comes back empty. Our own broker runs in the test, dropped and bound
+//! again on the same address.
 
 use std::future::IntoFuture;
 use std::net::TcpListener;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
-use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
+use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -229,6 +230,119 @@ impl Drop for PrivateNats {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// A tansu (Kafka) broker of the test's own, on a free port, with memory storage.
+struct PrivateTansu {
+    binary: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateTansu {
+    fn start(binary: &str) -> PrivateTansu {
+        let mut tries = Vec::new();
+        // As for nats-server: another process may take the free port first; then another is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free port")
+                .port();
+            let mut server = PrivateTansu { binary: binary.to_owned(), port, child: None };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(error) => tries.push(format!("port {port}: {error}")),
+            }
+        }
+        panic!("no private tansu came up: {tries:?}");
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker and waits until it says it is ready.
+    fn spawn(&mut self) -> std::io::Result<()> {
+        use std::io::{BufRead, BufReader};
+
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let mut child = Command::new(&self.binary)
+            .args(["broker", "--listener-url", &listener, "--advertised-listener-url", &listener])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let child = self.child.insert(child);
+        // It prints `ready in ...` once it listens, or exits (the port was taken).
+        for line in BufReader::new(stdout).lines() {
+            if line?.starts_with("ready in") {
+                return Ok(());
+            }
+        }
+        let status = child.wait()?;
+        Err(std::io::Error::other(format!("tansu exited before it was ready: {status}")))
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kafka (tansu with memory storage) restarts during calls: every call resolves by its deadline, answered or
+/// with a typed error, and a worker and client started on the broker that came back serve calls.
+///
+/// The broker comes back empty (memory storage), so the processes that ran before find their topics gone: their
+/// calls keep failing typed, by their deadline, and new processes make the topics again. A restart of a broker
+/// that keeps its topics (Apache Kafka) is a reconnection, which librdkafka makes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_tansu), ignore = "needs a tansu binary: MQRPC_TANSU (bash .ci/brokers)")]
+async fn kafka_restart_during_calls() {
+    mqrpc_tests::log_from_env();
+    let binary = mqrpc_tests::required_url("MQRPC_TANSU");
+    let mut server = PrivateTansu::start(&binary);
+    let harness = KafkaHarness::at(&server.address());
+    let namespace = format!("r{}", Uuid::new_v4().simple());
+    {
+        let _worker = worker(harness.connect().await, &namespace).await;
+        let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+        assert_eq!(ProbeClient::new(&client).add(1, 1).await.expect("works before"), 2);
+        let (stop, stopped) = watch::channel(false);
+        let calls = tokio::spawn(call_until(client.clone(), stopped));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server.spawn().expect("tansu starts again on its port");
+        // Calls go on for a while against the broker that came back without the topics.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.send_replace(true);
+        let tally = calls.await.expect("joins");
+        eprintln!(
+            "during the restart: {} answered, {} failed typed, slowest {:?}",
+            tally.ok,
+            tally.failed.len(),
+            tally.slowest
+        );
+        assert!(!tally.failed.is_empty(), "no call failed: the broker did not really go away");
+        assert_eq!(client.stats().pending, 0);
+    }
+    // A deployment started on the broker that came back.
+    let namespace = format!("r{}", Uuid::new_v4().simple());
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    for n in 0..20 {
+        assert_eq!(probe.add(n, 1).timeout(Duration::from_secs(10)).await.expect("served after the restart"), n + 1);
     }
 }
 

@@ -241,7 +241,7 @@ async fn jetstream_kill_9_of_workers_twenty_times() {
     assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
-/// Kafka: a killed worker's partitions go to the others once its group session (6 s here) runs out, and they
+/// Kafka: a killed worker's partitions go to the others once its group session (2 s here) runs out, and they
 /// read again from the offset below which everything was settled; the records the dead worker had handed out
 /// come again as a second delivery (attempt 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //!
 //! | contract | Kafka |
 //! |---|---|
-//! | queue | a topic of [`KafkaOptions::partitions`] partitions, named as the queue (bytes other than ASCII letters, digits, `.` and `-` become `_` and two hex digits) |
+//! | queue | a topic of [`KafkaOptions::partitions`] partitions, named as the queue (bytes other than ASCII letters, digits, `.`, `_` and `-` become `_` and two hex digits) |
 //! | workers | one consumer group per queue, its id the topic's name: competing consumers share the partitions |
 //! | publish | the idempotent producer with `acks=all`: confirmed once every in-sync replica has the record; a topic that does not exist is [`Error::NoRoute`] |
 //! | ack | an offset commit. Calls finish out of order within a partition, so each partition commits only the offset below which every delivery is settled: never past a call still running |
@@ -156,6 +156,8 @@ struct Inner {
     known: Mutex<HashSet<String>>,
     /// The maximum deliveries of the queues this process declared with one.
     max_deliveries: dashmap::DashMap<String, u32>,
+    /// Consumers dropped and still leaving their groups.
+    closing: Arc<consumer::Closing>,
 }
 
 impl fmt::Debug for Kafka {
@@ -199,6 +201,7 @@ impl Kafka {
                 admin,
                 known: Mutex::new(HashSet::new()),
                 max_deliveries: dashmap::DashMap::new(),
+                closing: Arc::default(),
             }),
         };
         let probe = kafka.clone();
@@ -374,15 +377,16 @@ fn refuse(envelope: &Envelope) -> Result<(), Error> {
     }
 }
 
-/// The topic of a queue: ASCII letters, digits, `.` and `-` as they are, any other byte as `_` and two hex
-/// digits (so that two queue names never share a topic).
+/// The topic of a queue or reply address: a legal Kafka topic name (ASCII letters, digits, `.`, `_`, `-`) is
+/// itself; in any other name, each other byte becomes `_` and two upper-case hex digits. Escaping a topic name
+/// again changes nothing.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an empty name, or one whose topic would be longer than Kafka allows.
 pub fn topic_name(queue: &str) -> Result<String, Error> {
     let mut topic = String::with_capacity(queue.len());
     for byte in queue.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'.' || byte == b'-' {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-') {
             topic.push(char::from(byte));
         } else {
             topic.push_str(&format!("_{byte:02X}"));
@@ -428,7 +432,9 @@ impl Transport for Kafka {
                 return Err(Error::Unsupported("queue length limits"));
             }
             if queue.starts_with(INBOX_PREFIX) {
-                return Err(Error::InvalidArgument(format!("`{queue}`: names starting with `{INBOX_PREFIX}` are inboxes'")));
+                return Err(Error::InvalidArgument(format!(
+                    "`{queue}`: names starting with `{INBOX_PREFIX}` are inboxes'"
+                )));
             }
             let topic = topic_name(queue)?;
             let dead_letters = topic_name(&rpc_core::naming::dead_letter_queue(queue))?;
@@ -533,13 +539,16 @@ impl Transport for Kafka {
         })
     }
 
+    /// Waits until the producer delivered what it was given, and the consumers dropped so far have left their
+    /// groups (each commits what was settled as it leaves).
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let kafka = self.clone();
             tokio::task::spawn_blocking(move || kafka.inner.producer.flush(ADMIN_TIMEOUT))
                 .await
                 .map_err(|error| Error::Transport(error.into()))?
-                .map_err(broker_error)
+                .map_err(broker_error)?;
+            if self.inner.closing.wait(ADMIN_TIMEOUT).await { Ok(()) } else { Err(Error::Timeout(ADMIN_TIMEOUT)) }
         })
     }
 }
@@ -549,11 +558,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queue_names_escape_into_distinct_topic_names() {
+    fn legal_topic_names_stay_and_others_are_escaped_once() {
         assert_eq!(topic_name("ns.Calc-1").expect("valid"), "ns.Calc-1");
-        assert_eq!(topic_name("a_b").expect("valid"), "a_5Fb");
-        assert_eq!(topic_name("a/b").expect("valid"), "a_2Fb");
-        assert_ne!(topic_name("a_2Fb").expect("valid"), topic_name("a/b").expect("valid"));
+        assert_eq!(topic_name("my_replies").expect("valid"), "my_replies");
+        assert_eq!(topic_name("a/b@c").expect("valid"), "a_2Fb_40c");
+        let escaped = topic_name("a/b@c").expect("valid");
+        assert_eq!(topic_name(&escaped).expect("valid"), escaped);
         assert!(matches!(topic_name(""), Err(Error::InvalidArgument(_))));
         assert!(matches!(topic_name(&"x".repeat(250)), Err(Error::InvalidArgument(_))));
     }

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, ConsumerControl, Delivery, Inbox, Outcome};
 use rpc_core::{ConsumeOptions, Envelope, Error, QueueStats};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::{ADMIN_TIMEOUT, Kafka, broker_error, client_config, mapping, millis, transport_error};
 
@@ -31,6 +31,10 @@ const JOIN_WAIT: Duration = Duration::from_secs(30);
 /// How often a consumer marks how far it handed records out (a worker killed within this much of a delivery
 /// leaves it to be counted as a first delivery).
 const MARK_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a consumer's thread waits for a record before it looks at its flags again.
+const POLL: Duration = Duration::from_millis(100);
+/// As [`POLL`], while the consumer holds its prefetch: room comes with a settle.
+const POLL_FULL: Duration = Duration::from_millis(5);
 /// The pause after a failed read before the next.
 const READ_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -227,6 +231,7 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            tracing::debug!(topic = %self.topic, "revoked");
             let partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
             let commits = self.tracker.revoke(&partitions);
             if !commits.is_empty() {
@@ -290,7 +295,7 @@ fn committed_offsets<C: ConsumerContext>(
         .collect()
 }
 
-/// Commits `marks` to the marker group of `marker`, blocking.
+/// Commits `marks` to the marker group of `marker`, waiting for the broker (before partitions go).
 fn mark(marker: &BaseConsumer, topic: &str, marks: &[(i32, i64)]) {
     if marks.is_empty() {
         return;
@@ -309,7 +314,7 @@ fn offsets(topic: &str, commits: &[(i32, i64)]) -> TopicPartitionList {
     tpl
 }
 
-type GroupConsumer = StreamConsumer<GroupContext>;
+type GroupConsumer = BaseConsumer<GroupContext>;
 
 /// What a group consumer's task and its [`Consumer`](rpc_core::transport::Consumer) share.
 #[derive(Debug, Default)]
@@ -318,7 +323,56 @@ struct Control {
     stopped: AtomicBool,
     /// No more deliveries (a server shutting down).
     paused: AtomicBool,
-    wake: Notify,
+    /// `(counted, left)`: whether the consumer counts among the transport's [`Closing`] ones, and whether
+    /// its thread has left the group.
+    exit: Mutex<(bool, bool)>,
+    closing: Arc<Closing>,
+}
+
+impl Control {
+    fn new(closing: &Arc<Closing>) -> Control {
+        Control {
+            stopped: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            exit: Mutex::new((false, false)),
+            closing: Arc::clone(closing),
+        }
+    }
+
+    /// The consumer's thread is done with the broker.
+    fn left(&self) {
+        let mut exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        exit.1 = true;
+        if exit.0 {
+            self.closing.count.fetch_sub(1, Ordering::AcqRel);
+            self.closing.done.notify_waiters();
+        }
+    }
+}
+
+/// The consumers a transport's user dropped whose threads are still leaving their groups (committing what was
+/// settled): [`Transport::flush`](rpc_core::Transport::flush) waits for them, so that a worker that stopped has
+/// left its group before it says so, and the next member's join does not meet its leaving.
+#[derive(Debug, Default)]
+pub(super) struct Closing {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Closing {
+    /// Waits until no consumer is leaving, up to `limit`; whether none is.
+    pub(super) async fn wait(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self.done.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, done).await.is_err() {
+                return self.count.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
 }
 
 struct Handle(Arc<Control>);
@@ -326,15 +380,17 @@ struct Handle(Arc<Control>);
 impl ConsumerControl for Handle {
     fn pause(&self) {
         self.0.paused.store(true, Ordering::Release);
-        self.0.wake.notify_waiters();
     }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        let mut exit = self.0.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        if !exit.1 && !exit.0 {
+            exit.0 = true;
+            self.0.closing.count.fetch_add(1, Ordering::AcqRel);
+        }
         self.0.stopped.store(true, Ordering::Release);
-        self.0.wake.notify_waiters();
-        self.0.wake.notify_one();
     }
 }
 
@@ -345,7 +401,6 @@ struct GroupAcker {
     dead_letters: String,
     consumer: Weak<GroupConsumer>,
     tracker: Arc<Tracker>,
-    control: Arc<Control>,
 }
 
 impl fmt::Debug for GroupAcker {
@@ -358,7 +413,6 @@ impl GroupAcker {
     /// Settles `tag` in the tracker and commits what that allows.
     fn commit(&self, tag: u64) -> Result<(), Error> {
         let settled = self.tracker.settle(tag);
-        self.control.wake.notify_one();
         if let Some(commit) = settled? {
             let Some(consumer) = self.consumer.upgrade() else { return Err(Error::DeliveryLost) };
             let settled = offsets(&self.topic, &[(commit.partition, commit.offset)]);
@@ -370,7 +424,12 @@ impl GroupAcker {
     /// Puts a copy of delivery `tag` on `topic` (with `count` as its delivery count), then settles it.
     async fn move_to(&self, tag: u64, topic: &str, count: impl FnOnce(u32) -> u32) -> Result<(), Error> {
         let Some((envelope, delivery_count)) = self.tracker.message(tag) else { return Err(Error::DeliveryLost) };
-        self.kafka.produce(topic, &envelope, count(delivery_count)).await?;
+        if let Err(error) = self.kafka.produce(topic, &envelope, count(delivery_count)).await {
+            // Not committed past: the record comes again once its partition changes owner. It stops taking a
+            // place in the prefetch meanwhile.
+            self.tracker.release(tag);
+            return Err(error);
+        }
         self.commit(tag)
     }
 }
@@ -387,7 +446,6 @@ impl Acker for GroupAcker {
                 }
                 Outcome::Release => {
                     self.tracker.release(tag);
-                    self.control.wake.notify_one();
                     Ok(())
                 }
             }
@@ -450,7 +508,7 @@ pub(super) async fn start_group(
         .map_err(transport_error)?;
     consumer.subscribe(&[&topic]).map_err(transport_error)?;
     let consumer = Arc::new(consumer);
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control::new(&kafka.inner.closing));
     let dead_letters = super::topic_name(&rpc_core::naming::dead_letter_queue(&topic))?;
     let acker = Arc::new(GroupAcker {
         kafka,
@@ -458,11 +516,15 @@ pub(super) async fn start_group(
         dead_letters,
         consumer: Arc::downgrade(&consumer),
         tracker,
-        control: Arc::clone(&control),
     });
     let (sender, receiver) = mpsc::unbounded_channel();
-    let task = GroupTask { consumer, acker, control: Arc::clone(&control), sender, options, max_deliveries, marker };
-    tokio::spawn(task.run());
+    let runtime = tokio::runtime::Handle::current();
+    let task =
+        GroupTask { consumer, acker, control: Arc::clone(&control), sender, options, max_deliveries, marker, runtime };
+    std::thread::Builder::new()
+        .name("mqrpc-kafka-group".into())
+        .spawn(move || task.run())
+        .map_err(|error| Error::Transport(error.into()))?;
     // A worker that returned serves: wait for the group to hand this consumer its share.
     let joined = tokio::time::timeout(JOIN_WAIT, joined.wait_for(|count| *count > 0)).await;
     if !matches!(joined, Ok(Ok(_))) {
@@ -510,22 +572,32 @@ struct GroupTask {
     options: ConsumeOptions,
     max_deliveries: Option<u32>,
     marker: Arc<BaseConsumer>,
+    /// For the publishes the thread makes (a dead-lettering).
+    runtime: tokio::runtime::Handle,
 }
 
 impl GroupTask {
-    async fn run(self) {
+    /// Reads and hands out records until the consumer is dropped. It runs on a thread of its own: librdkafka
+    /// calls the rebalance callbacks, which commit and read offsets and wait for the broker, from `poll`.
+    fn run(self) {
         let mut paused = false;
         let mut marked_at = Instant::now();
         loop {
             if marked_at.elapsed() >= MARK_INTERVAL {
                 marked_at = Instant::now();
-                self.mark().await;
+                let marks = self.acker.tracker.marks();
+                if !marks.is_empty()
+                    && let Err(error) = self.marker.commit(&offsets(&self.acker.topic, &marks), CommitMode::Async)
+                {
+                    tracing::debug!(%error, "could not mark records handed out; a redelivery may not count");
+                }
+                // Serves the marks' commit results.
+                let _ = self.marker.poll(Duration::ZERO);
             }
             if self.control.stopped.load(Ordering::Acquire) || self.sender.is_closed() {
                 break;
             }
-            let full = self.options.prefetch > 0
-                && self.acker.tracker.outstanding() >= self.options.prefetch as usize;
+            let full = self.options.prefetch > 0 && self.acker.tracker.outstanding() >= self.options.prefetch as usize;
             let hold = full || self.control.paused.load(Ordering::Acquire);
             if hold != paused {
                 // Paused partitions are still polled, so the consumer keeps taking part in rebalances.
@@ -538,29 +610,29 @@ impl GroupTask {
                 }
                 paused = hold;
             }
-            tokio::select! {
-                () = self.control.wake.notified() => {}
-                () = tokio::time::sleep_until((marked_at + MARK_INTERVAL).into()) => {}
-                read = self.consumer.recv() => match read {
-                    Ok(record) => {
-                        if self.control.paused.load(Ordering::Acquire) {
-                            // Stopped: left uncommitted for the group's next owner of the partition.
-                            continue;
-                        }
-                        self.take(&record).await;
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, topic = %self.acker.topic, "reading failed");
-                        tokio::time::sleep(READ_BACKOFF).await;
-                    }
-                },
+            // While full, look again soon for the room a settle makes.
+            let wait = if full { POLL_FULL } else { POLL };
+            match self.consumer.poll(wait) {
+                None => {}
+                // Stopped: left uncommitted for the group's next owner of the partition.
+                Some(Ok(_)) if self.control.paused.load(Ordering::Acquire) => {}
+                Some(Ok(record)) => self.take(&record),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, topic = %self.acker.topic, "reading failed");
+                    std::thread::sleep(READ_BACKOFF);
+                }
             }
         }
-        self.close().await;
+        // Leaving the group commits what was settled (the revoke callback) as the consumer is dropped.
+        let GroupTask { consumer, acker, control, .. } = self;
+        drop(acker);
+        consumer.unsubscribe();
+        drop(consumer);
+        control.left();
     }
 
     /// Hands `record` out, or dead-letters it unrun when it was delivered too often.
-    async fn take(&self, record: &BorrowedMessage<'_>) {
+    fn take(&self, record: &BorrowedMessage<'_>) {
         let (envelope, delivery_count, queued) = mapping::from_record(record);
         let (partition, offset) = (record.partition(), record.offset());
         let tracker = &self.acker.tracker;
@@ -575,39 +647,13 @@ impl GroupTask {
         let (tag, delivery_count) = tracker.deliver(partition, offset, Some(envelope.clone()), delivery_count);
         if self.max_deliveries.is_some_and(|max| delivery_count > max) {
             let dead_letters = self.acker.dead_letters.clone();
-            if let Err(error) = self.acker.move_to(tag, &dead_letters, |count| count).await {
+            if let Err(error) = self.runtime.block_on(self.acker.move_to(tag, &dead_letters, |count| count)) {
                 tracing::warn!(%error, "could not dead-letter a message delivered too often; it comes again");
             }
             return;
         }
         let acker: Arc<dyn Acker> = self.acker.clone();
         let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::new(acker, tag)));
-    }
-
-    /// Marks how far records were handed out, in the marker group, off the runtime.
-    async fn mark(&self) {
-        let marks = self.acker.tracker.marks();
-        if marks.is_empty() {
-            return;
-        }
-        let (marker, topic) = (Arc::clone(&self.marker), self.acker.topic.clone());
-        if let Err(error) = tokio::task::spawn_blocking(move || mark(&marker, &topic, &marks)).await {
-            tracing::debug!(%error, "marking failed");
-        }
-    }
-
-    /// Leaves the group (committing what was settled), off the runtime: librdkafka's close blocks.
-    async fn close(self) {
-        let GroupTask { consumer, acker, .. } = self;
-        drop(acker);
-        let closed = tokio::task::spawn_blocking(move || {
-            consumer.unsubscribe();
-            drop(consumer);
-        })
-        .await;
-        if let Err(error) = closed {
-            tracing::debug!(%error, "closing a consumer failed");
-        }
     }
 }
 
@@ -617,41 +663,42 @@ fn delivery(envelope: Envelope, delivery_count: u32, queued: Duration, handle: A
 
 /// Reads the inbox topic `topic` from its start, without a group; deletes the topic when the inbox goes.
 pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Error> {
-    let consumer: StreamConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+    let consumer: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
         .set("group.id", &topic)
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "100")
         .create()
         .map_err(transport_error)?;
     consumer.assign(&offsets(&topic, &[(0, 0)])).map_err(transport_error)?;
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control::new(&kafka.inner.closing));
     let (sender, receiver) = mpsc::unbounded_channel();
     let stop = Arc::clone(&control);
     let address = topic.clone();
-    tokio::spawn(async move {
-        loop {
-            if stop.stopped.load(Ordering::Acquire) || sender.is_closed() {
-                break;
-            }
-            tokio::select! {
-                () = stop.wake.notified() => {}
-                read = consumer.recv() => match read {
-                    Ok(record) => {
+    let runtime = tokio::runtime::Handle::current();
+    // A thread of its own, as for groups: librdkafka's poll blocks.
+    std::thread::Builder::new()
+        .name("mqrpc-kafka-inbox".into())
+        .spawn(move || {
+            while !stop.stopped.load(Ordering::Acquire) && !sender.is_closed() {
+                match consumer.poll(POLL) {
+                    None => {}
+                    Some(Ok(record)) => {
                         let (envelope, delivery_count, queued) = mapping::from_record(&record);
                         let _ = sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
                     }
-                    Err(error) => {
+                    Some(Err(error)) => {
                         tracing::debug!(%error, %topic, "reading the inbox failed");
-                        tokio::time::sleep(READ_BACKOFF).await;
+                        std::thread::sleep(READ_BACKOFF);
                     }
-                },
+                }
             }
-        }
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        if let Err(error) = kafka.delete_topic(&topic).await {
-            tracing::debug!(%error, %topic, "could not delete an inbox topic");
-        }
-    });
+            drop(consumer);
+            if let Err(error) = runtime.block_on(kafka.delete_topic(&topic)) {
+                tracing::debug!(%error, %topic, "could not delete an inbox topic");
+            }
+            stop.left();
+        })
+        .map_err(|error| Error::Transport(error.into()))?;
     let consumer = rpc_core::transport::Consumer::from_channel(receiver, Some(Box::new(Handle(control))));
     Ok(Inbox { address, consumer, losses: None })
 }
@@ -675,7 +722,8 @@ pub(super) async fn stats(
         let committed = consumer.committed_offsets(all, ADMIN_TIMEOUT).map_err(broker_error)?;
         let mut ready = 0i64;
         for element in committed.elements() {
-            let (low, high) = consumer.fetch_watermarks(&topic, element.partition(), ADMIN_TIMEOUT).map_err(broker_error)?;
+            let (low, high) =
+                consumer.fetch_watermarks(&topic, element.partition(), ADMIN_TIMEOUT).map_err(broker_error)?;
             stats.published += u64::try_from(high).unwrap_or(0);
             let from = match element.offset() {
                 Offset::Offset(offset) => offset.max(low),
