@@ -2,14 +2,16 @@
 """Interoperability checks: a Python client calls the Rust `probe-worker` through each broker; then the Rust
 `probe-client` calls a Python worker (worker.py) through the same broker.
 
-Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md and the module docs of
-rpc-broker/src/adapter/{amqp,nats}.rs): where the worker does not do what they say, the check fails.
+Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka}.rs): where the worker does not do what they say, the
+check fails.
 
     python3 tests/interop/run.py --worker target/debug/probe-worker --client target/debug/probe-client \
         [--known-gaps tests/interop/known-gaps.txt]
 
 Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
-nats://127.0.0.1:4222), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream).
+nats://127.0.0.1:4222), MQRPC_KAFKA_URL (default 127.0.0.1:9092), INTEROP_TRANSPORTS (comma-separated subset of
+broker,rabbitmq,nats,jetstream,kafka).
 """
 
 import argparse
@@ -20,6 +22,7 @@ import random
 import signal
 import struct
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -490,6 +493,226 @@ class NatsClient:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Kafka through kafka-python (module docs of rpc-broker/src/adapter/kafka.rs, docs/conformance.md)
+# --------------------------------------------------------------------------------------------------------------
+
+def kafka_topic(queue):
+    """The topic of a queue (module docs of kafka.rs): ASCII letters, digits, `.` and `-` as they are, any other
+    byte `_` and two hex digits."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ".-") else f"_{b:02X}"
+                   for b in queue.encode())
+
+
+def kafka_bootstrap(url):
+    """`kafka://host:port` (the probe processes' form) or `host:port` (MQRPC_KAFKA_URL) as host:port."""
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def kafka_headers(record):
+    """A record's headers as a dict of text (the last value of a repeated name, as the worker reads them;
+    values that are not UTF-8 as bytes)."""
+    headers = {}
+    for name, value in record.headers or []:
+        try:
+            headers[name] = None if value is None else value.decode()
+        except UnicodeDecodeError:
+            headers[name] = value
+    return headers
+
+
+class KafkaClient:
+    """A plain Kafka client: kafka-python's producer, and a consumer of a reply topic of its own (one partition,
+    assigned, no group) polled by a thread of its own; replies are matched by `mqrpc-correlation-id`."""
+
+    name = "kafka"
+
+    def __init__(self, url, namespace):
+        self.bootstrap = kafka_bootstrap(url)
+        self.queue = f"{namespace}.{SERVICE}"
+        self.topic = kafka_topic(self.queue)
+        self.reply_topic = f"interop-replies-{uuid.uuid4().hex}"
+        self.topics = [self.reply_topic]  # made here, deleted in stop()
+        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+        self.waiters = {}  # correlation id (str) -> future of Reply
+        self.stray = []  # replies nobody waited for
+        self.stopping = threading.Event()
+        self.poller = None
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)
+
+    async def start(self):
+        self.loop = asyncio.get_running_loop()
+        await self.run(self._start)
+        self.poller = threading.Thread(target=self._poll, daemon=True)
+        self.poller.start()
+
+    def _start(self):
+        import kafka
+        from kafka.admin import KafkaAdminClient
+        self.kafka = kafka
+        self.admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="interop-python")
+        self.create_topic(self.reply_topic)
+        # The idempotent producer with acks=all, as the adapter's own; a send is waited for where it matters.
+        self.producer = kafka.KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
+                                            max_block_ms=10_000, client_id="interop-python")
+        self.consumer = self.reader(self.reply_topic)
+
+    def create_topic(self, topic, partitions=1):
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+        try:
+            self.admin.create_topics([NewTopic(topic, partitions, 1)])
+        except TopicAlreadyExistsError:
+            pass
+        deadline = time.monotonic() + 10
+        while topic not in self.admin.list_topics():
+            expect(time.monotonic() < deadline, f"the topic {topic} was created but does not show")
+            time.sleep(0.05)
+
+    def reader(self, topic):
+        """A consumer of partition 0 of `topic` from its start, without a group."""
+        consumer = self.kafka.KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                            fetch_max_wait_ms=100, client_id="interop-python")
+        partition = self.kafka.TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek(partition, 0)
+        return consumer
+
+    def read_topic(self, topic, want, timeout):
+        """The records of `topic` (partition 0) for which `want(headers)` holds, read for up to `timeout` s
+        (returns as soon as one is found). A topic that does not exist has none."""
+        if topic not in self.admin.list_topics():
+            return []
+        consumer = self.reader(topic)
+        found = []
+        try:
+            deadline = time.monotonic() + timeout
+            while not found and time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=200).values():
+                    found.extend(record for record in records if want(kafka_headers(record)))
+        finally:
+            consumer.close()
+        return found
+
+    def _poll(self):
+        while not self.stopping.is_set():
+            try:
+                batches = self.consumer.poll(timeout_ms=100)
+            except Exception as error:  # noqa: BLE001
+                print(f"  kafka: polling the reply topic failed: {error!r}", file=sys.stderr, flush=True)
+                time.sleep(0.1)
+                continue
+            replies = [self._reply(record) for records in batches.values() for record in records]
+            if replies:
+                self.loop.call_soon_threadsafe(self._deliver, replies)
+
+    @staticmethod
+    def _reply(record):
+        headers = kafka_headers(record)
+        status = headers.get("mqrpc-status")
+        try:
+            status = int(status) if status is not None else 0
+        except (TypeError, ValueError):
+            status = -1
+        return Reply(status, headers.get("mqrpc-status-message"), record.value or b"",
+                     headers.get("mqrpc-correlation-id"), raw=record)
+
+    def _deliver(self, replies):
+        for reply in replies:
+            future = self.waiters.pop(reply.correlation, None) if isinstance(reply.correlation, str) else None
+            if future is None or future.done():
+                self.stray.append(reply)
+            else:
+                future.set_result(reply)
+
+    async def stop(self):
+        self.stopping.set()
+        if self.poller:
+            self.poller.join(5)
+
+        def close():
+            self.consumer.close()
+            self.producer.close(timeout=5)
+            try:
+                existing = set(self.admin.list_topics())
+                present = [topic for topic in set(self.topics) if topic in existing]
+                if present:
+                    self.admin.delete_topics(present)
+            except Exception:  # noqa: BLE001
+                pass
+            self.admin.close()
+        try:
+            await asyncio.wait_for(self.run(close), 15)
+        except Exception:
+            pass
+        self.thread.shutdown(wait=False)
+
+    def _send(self, requests, topic=None):
+        """requests: [(headers dict, value bytes or None, timestamp ms or None)]; every send confirmed."""
+        sends = []
+        for headers, value, timestamp in requests:
+            pairs = [(name, str(text).encode()) for name, text in headers.items()]
+            # kafka-python sends no record without a key or a value: a record without a value gets an empty key.
+            key = b"" if value is None else None
+            sends.append(self.producer.send(topic or self.topic, key=key, value=value, headers=pairs,
+                                            timestamp_ms=timestamp))
+        self.producer.flush(timeout=30)
+        for send in sends:
+            try:
+                send.get(timeout=10)
+            except Exception as error:  # noqa: BLE001
+                raise CheckFailed(f"the produce was not confirmed: {error!r}")
+
+    def request_headers(self, method, correlation, deadline=None, reply_topic=None, headers=None):
+        """The headers a plain Kafka client calls with (module docs of kafka.rs)."""
+        hdrs = {}
+        if method is not None:
+            hdrs["mqrpc-method"] = method
+        hdrs["mqrpc-reply-to"] = reply_topic or self.reply_topic
+        hdrs["mqrpc-reply-inbox"] = "true"
+        hdrs["mqrpc-correlation-id"] = correlation
+        if deadline is not None:
+            hdrs["mqrpc-deadline-ms"] = str(deadline)
+        hdrs.update(headers or {})
+        return hdrs
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   headers=None, timestamp=None, reply_topic=None, no_value=False):
+        correlation = correlation if correlation is not None else str(uuid.uuid4())
+        hdrs = self.request_headers(method, correlation, deadline, reply_topic, headers)
+        value = None if no_value else (raw_body if raw_body is not None else pack(args))
+        future = self.loop.create_future()
+        self.waiters[correlation] = future
+        await self.run(self._send, [(hdrs, value, timestamp)])
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.pop(correlation, None)
+            return None
+
+    async def call_many(self, requests, timeout):
+        """requests: [(correlation, method, args)]; returns {correlation: Reply} of those answered in time."""
+        futures = {}
+        sends = []
+        for correlation, method, args in requests:
+            futures[correlation] = self.waiters[correlation] = self.loop.create_future()
+            sends.append((self.request_headers(method, correlation, deadline=30_000), pack(args), None))
+        await self.run(self._send, sends)
+        done, _ = await asyncio.wait(futures.values(), timeout=timeout)
+        for correlation, future in futures.items():
+            if future not in done:
+                self.waiters.pop(correlation, None)
+        return {c: f.result() for c, f in futures.items() if f in done}
+
+    async def oneway(self, method, args, headers=None):
+        """No `mqrpc-reply-to`: a oneway call."""
+        hdrs = {"mqrpc-method": method}
+        hdrs.update(headers or {})
+        await self.run(self._send, [(hdrs, pack(args), None)])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------------
 
@@ -509,7 +732,7 @@ async def check_result(client, ctx):
     """add(2, 3) = 5, the reply matched by its correlation id."""
     if isinstance(client, MqrpcClient):
         correlation = uuid.uuid4().bytes
-    elif isinstance(client, AmqpClient):
+    elif isinstance(client, (AmqpClient, KafkaClient)):
         correlation = str(uuid.uuid4())
     else:
         correlation = None
@@ -785,6 +1008,10 @@ async def run_concurrent(client, ids):
         replies = await client.call_many(requests, 60)
         stray = sorted(client.replies)
         client.replies.clear()
+    elif isinstance(client, KafkaClient):
+        replies = await client.call_many([(c, "add", args[c]) for c in ids], 60)
+        stray = [reply.correlation for reply in client.stray]
+        client.stray.clear()
     else:
         # NATS: the correlation id travels in `mqrpc-correlation-id` (the reply subject's last token is not
         # 32 hex digits), except for the simple-form ids, which are the reply subject's last token themselves.
@@ -838,6 +1065,112 @@ async def check_correlation_non_uuid(client, ctx):
     await run_concurrent(client, correlation_ids(client, 20, "opaque"))
 
 
+async def check_null_value(client, ctx):
+    """Kafka: a record with no value at all (null, not an empty MessagePack value) where the arguments go: the
+    body is empty, the arguments do not decode, status 3."""
+    reply = await client.call("add", None, no_value=True)
+    expect(reply is not None, "no reply to a record without a value")
+    expect(reply.status == 3, f"status {reply.status} ({reply.message!r}), expected 3 (invalid argument)")
+
+
+async def check_status_on_request(client, ctx):
+    """conformance.md, What a worker answers: a request carrying a status other than 0 is answered with status 8,
+    not run."""
+    reply = await client.call("add", {"a": 2, "b": 3}, headers={"mqrpc-status": "1"})
+    expect(reply is not None, "no reply to a request carrying mqrpc-status: 1 (expected status 8)")
+    expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8 (invalid request)")
+
+
+async def check_old_record_timestamp(client, ctx):
+    """Kafka: "the time a request was queued counts from the record's timestamp"; a 2 s budget on a record whose
+    timestamp (CreateTime, set by the producer) is a minute old: status 4."""
+    reply = await client.call("add", {"a": 2, "b": 3}, deadline=2000, timestamp=now_ms() - 60_000,
+                              timeout=SILENCE * 2)
+    await alive(client)
+    expect(reply is not None, "no reply to a request whose budget ran out in transit (expected status 4)")
+    expect(reply.status == 4, f"status {reply.status} ({reply.message!r}), expected 4 (deadline exceeded)")
+
+
+async def expect_dead_lettered(client, queue, correlation, what):
+    """The record `correlation` reaches the dead-letter topic of `queue`, `<queue>.dlq` escaped as a queue name
+    (conformance.md); if not, says where it went instead."""
+    dlq = kafka_topic(f"{queue}.dlq")
+    want = lambda headers: headers.get("mqrpc-correlation-id") == correlation  # noqa: E731
+    found = await client.run(client.read_topic, dlq, want, 10)
+    if not found:
+        # Where it may have gone instead: the dead-letter name made from the already escaped topic name.
+        twice = kafka_topic(f"{kafka_topic(queue)}.dlq")
+        where = ""
+        if twice != dlq:
+            exists = twice in await client.run(client.admin.list_topics)
+            elsewhere = exists and await client.run(client.read_topic, twice, want, 2)
+            where = (f"; it is on {twice!r}, the topic of the queue's topic name plus `.dlq`" if elsewhere else
+                     f"; nor on {twice!r} (the topic of the topic name plus `.dlq`, which "
+                     f"{'exists' if exists else 'does not exist'})")
+        raise CheckFailed(f"{what}: not on the dead-letter topic {dlq!r} within 10 s{where}")
+
+
+async def check_reply_kind_dead_lettered(client, ctx):
+    """conformance.md: a message of kind reply (`mqrpc-kind: reply`) on a service queue is dead-lettered, no
+    answer; on Kafka the copy goes to the topic `<queue>.dlq` with its headers."""
+    correlation = str(uuid.uuid4())
+    reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation, headers={"mqrpc-kind": "reply"},
+                              timeout=SILENCE)
+    expect(reply is None, f"an answer to a message of kind reply: {reply!r}")
+    await expect_dead_lettered(client, client.queue, correlation, "the reply-kind message")
+    await alive(client)
+
+
+async def check_reply_topic_escaped(client, ctx):
+    """Kafka: `mqrpc-reply-to` is "a topic it reads"; a reply topic whose name has `_` (common in Kafka) gets the
+    reply, under that very name."""
+    topic = f"interop_replies_{uuid.uuid4().hex[:12]}"
+    client.topics.append(topic)
+    await client.run(client.create_topic, topic)
+    correlation = str(uuid.uuid4())
+    reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation, reply_topic=topic, timeout=0.1)
+    expect(reply is None, f"the reply came to the client's own reply topic: {reply!r}")
+    want = lambda headers: headers.get("mqrpc-correlation-id") == correlation  # noqa: E731
+    found = await client.run(client.read_topic, topic, want, CALL_TIMEOUT)
+    if not found:
+        escaped = kafka_topic(topic)
+        client.topics.append(escaped)
+        exists = escaped in await client.run(client.admin.list_topics)
+        elsewhere = exists and await client.run(client.read_topic, escaped, want, 2)
+        where = (f"; it went to {escaped!r}, the name escaped as a queue's" if elsewhere else
+                 f"; the name escaped as a queue's, {escaped!r}, {'exists' if exists else 'is no topic'}")
+        raise CheckFailed(f"no reply on the reply topic {topic!r} within {CALL_TIMEOUT:.0f} s{where}")
+    record = found[0]
+    status = kafka_headers(record).get("mqrpc-status")
+    expect(status is None and unpack(record.value) == 5, f"the reply: status {status!r}, value {record.value!r}")
+    await alive(client)
+
+
+async def check_dead_letter_escaped_queue(client, ctx):
+    """Kafka: a queue whose name has a byte the topic name escapes (`_`): its dead letters go to the topic of
+    `<queue>.dlq` (the one the worker declared with the queue). Runs a second probe-worker, in the namespace
+    `interop_<hex>`, and dead-letters a reply-kind message there."""
+    namespace = f"interop_{uuid.uuid4().hex[:8]}"
+    queue = f"{namespace}.{SERVICE}"
+    topics = [kafka_topic(queue), kafka_topic(f"{queue}.dlq"), kafka_topic(f"{kafka_topic(queue)}.dlq"),
+              kafka_topic(f"{queue}.broadcast")]
+    worker = await start_process([ctx["worker_path"], ctx["url"], namespace, "w2"],
+                                 log=open(f"{ctx['log_dir']}/worker-kafka-escaped.log", "wb"))
+    try:
+        line = await read_line(worker.stdout, 30)
+        expect(line == "ready", f"the second worker printed {line!r}, not ready")
+        correlation = str(uuid.uuid4())
+        headers = {"mqrpc-kind": "reply", "mqrpc-method": "add", "mqrpc-reply-to": client.reply_topic,
+                   "mqrpc-reply-inbox": "true", "mqrpc-correlation-id": correlation}
+        await client.run(client._send, [(headers, pack({"a": 2, "b": 3}), None)], topics[0])
+        await expect_dead_lettered(client, queue, correlation, "a reply-kind message on the queue " + repr(queue))
+    finally:
+        await terminate(worker, 30)
+        client.topics.extend(topics)
+        ctx["groups"].extend([topics[0], f"{topics[0]}.mqrpc-delivered", f"{topics[3]}@{SERVICE}",
+                              f"{topics[3]}@{SERVICE}.mqrpc-delivered"])
+
+
 async def check_worker_alive(client, ctx):
     expect(ctx["worker"].returncode is None, f"the worker exited with {ctx['worker'].returncode}")
     await alive(client)
@@ -867,6 +1200,14 @@ CHECKS = {
                   check_positional_arguments, check_deadline_propagates, check_garbage_body, check_missing_method,
                   check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
                   check_correlation_upper_case_uuid, check_correlation_non_uuid, check_concurrent, check_worker_alive],
+    # Kafka: the time queued counts from the record's timestamp (old_record_timestamp), `mqrpc-sent-at-ms` is not
+    # read; no header carries the envelope's version, so no wrong_version.
+    "kafka": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
+              check_positional_arguments, check_deadline_propagates, check_garbage_body, check_null_value,
+              check_missing_method, check_status_on_request, check_reply_kind_dead_lettered, check_expired_deadline,
+              check_old_record_timestamp, check_oneway, check_concurrent_canonical_ids,
+              check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
+              check_concurrent, check_reply_topic_escaped, check_dead_letter_escaped_queue, check_worker_alive],
 }
 
 
@@ -952,6 +1293,15 @@ async def run_transport(transport, args, results):
             elif transport == "nats":
                 url = args.nats_url
                 client = NatsClient(url, namespace)
+            elif transport == "kafka":
+                url = f"kafka://{kafka_bootstrap(args.kafka_url)}"
+                client = KafkaClient(url, namespace)
+                topic = kafka_topic(f"{namespace}.{SERVICE}")
+                broadcast = kafka_topic(f"{namespace}.{SERVICE}.broadcast")
+                groups = [topic, f"{topic}.mqrpc-delivered", f"{broadcast}@{SERVICE}",
+                          f"{broadcast}@{SERVICE}.mqrpc-delivered"]
+                topics = [topic, kafka_topic(f"{namespace}.{SERVICE}.dlq"), broadcast]
+                cleanup.append(lambda: delete_kafka(url, topics, groups))
             else:
                 url = args.nats_url
                 prefix = f"MQRPCI{uuid.uuid4().hex[:12]}"
@@ -960,7 +1310,8 @@ async def run_transport(transport, args, results):
                 cleanup.append(lambda: delete_streams(url, prefix))
             worker = await start_process([args.worker, url, namespace, "w1"], env=env,
                                          log=open(f"{logdir}/worker-{transport}.log", "wb"))
-            ctx = {"worker": worker, "namespace": namespace}
+            ctx = {"worker": worker, "namespace": namespace, "worker_path": args.worker, "url": url,
+                   "log_dir": logdir, "groups": groups if transport == "kafka" else []}
             try:
                 line = await read_line(worker.stdout, 30)
                 expect(line == "ready", f"the worker printed {line!r}, not ready")
@@ -1078,6 +1429,12 @@ async def run_rust_client(transport, url, env, args, results):
                 await asyncio.wait_for(delete_amqp_queue(url, f"{namespace}.{SERVICE}"), 10)
             except Exception:
                 pass
+        if transport == "kafka":
+            topic = kafka_topic(f"{namespace}.{SERVICE}")
+            try:
+                await asyncio.wait_for(delete_kafka(url, [topic, kafka_topic(f"{namespace}.{SERVICE}.dlq")], [topic]), 15)
+            except Exception:
+                pass
 
 
 async def delete_amqp_queue(url, queue):
@@ -1104,6 +1461,25 @@ async def delete_streams(url, prefix):
         await nc.close()
 
 
+async def delete_kafka(url, topics, groups):
+    """Deletes the topics and consumer groups a run made (the broker keeps them otherwise)."""
+    def delete():
+        from kafka.admin import KafkaAdminClient
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap(url), client_id="interop-python")
+        try:
+            existing = set(admin.list_topics())
+            present = [topic for topic in topics if topic in existing]
+            if present:
+                admin.delete_topics(present)
+            try:
+                admin.delete_groups(groups)
+            except Exception:  # noqa: BLE001 - a broker that cannot delete groups keeps them
+                pass
+        finally:
+            admin.close()
+    await asyncio.get_running_loop().run_in_executor(None, delete)
+
+
 def read_known_gaps(path):
     gaps = set()
     if path:
@@ -1122,7 +1498,10 @@ async def main():
     parser.add_argument("--known-gaps", help="file of `transport check` lines expected to fail")
     parser.add_argument("--amqp-url", default=os.environ.get("MQRPC_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
     parser.add_argument("--nats-url", default=os.environ.get("MQRPC_NATS_URL", "nats://127.0.0.1:4222"))
-    parser.add_argument("--transports", default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream"))
+    parser.add_argument("--kafka-url", default=os.environ.get("MQRPC_KAFKA_URL", "127.0.0.1:9092"),
+                        help="host:port (or kafka://host:port) of a Kafka-protocol broker")
+    parser.add_argument("--transports",
+                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka"))
     parser.add_argument("--log-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mqrpc-interop"),
                         help="where the worker's and broker's stderr go")
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """A Python worker for the suite's `suite.Probe` service, for the Rust client to call (run.py's second phase).
 
-Written from the documents only — docs/wire-format.md, docs/protocol.md, docs/adapters.md and the module docs of
-rpc-broker/src/adapter/{amqp,nats}.rs — the way a developer in another language would write a worker.
+Written from the documents only — docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka}.rs — the way a developer in another language would
+write a worker.
 
     worker.py TRANSPORT URL NAMESPACE
 
-TRANSPORT is `broker` (our broker over raw TCP), `rabbitmq` (pika), `nats` (core NATS, nats-py) or `jetstream`
-(nats-py; the stream names start with MQRPC_PROBE_STREAM_PREFIX, default `MQRPC`). The worker consumes the
+TRANSPORT is `broker` (our broker over raw TCP), `rabbitmq` (pika), `nats` (core NATS, nats-py), `jetstream`
+(nats-py; the stream names start with MQRPC_PROBE_STREAM_PREFIX, default `MQRPC`) or `kafka` (kafka-python; URL
+`kafka://host:port` or `host:port`). The worker consumes the
 service queue `NAMESPACE.suite.Probe`, prints `ready` once consuming and serves until SIGTERM, then prints
 `stopped handled=N` and exits 0.
 
@@ -551,6 +553,128 @@ class NatsWorker:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Kafka through kafka-python (module docs of rpc-broker/src/adapter/kafka.rs, docs/conformance.md)
+# --------------------------------------------------------------------------------------------------------------
+
+def kafka_topic(queue):
+    """The topic of a queue: ASCII letters, digits, `.` and `-` as they are, any other byte `_` and two hex digits."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ".-") else f"_{b:02X}"
+                   for b in queue.encode())
+
+
+class KafkaWorker:
+    """kafka-python, driven by a thread of its own: the queue's topic (6 partitions) and its `<queue>.dlq` (one)
+    made if missing, a member of the consumer group named as the topic, replies produced to `mqrpc-reply-to`,
+    then the batch's offsets committed."""
+
+    PARTITIONS = 6  # KafkaOptions::partitions' default, so that Rust workers can share the topic
+
+    def __init__(self, url, namespace, probe):
+        self.bootstrap = url.split("://", 1)[1] if "://" in url else url
+        self.queue = f"{namespace}.{SERVICE}"
+        self.topic = kafka_topic(self.queue)
+        self.dead_letters = kafka_topic(f"{self.queue}.dlq")
+        self.probe = probe
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.failure = None
+
+    def run(self):
+        try:
+            import kafka
+            from kafka.admin import KafkaAdminClient, NewTopic
+            from kafka.errors import TopicAlreadyExistsError
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="interop-python-worker")
+            for topic, partitions in ((self.dead_letters, 1), (self.topic, self.PARTITIONS)):
+                try:
+                    admin.create_topics([NewTopic(topic, partitions, 1)])
+                except TopicAlreadyExistsError:
+                    pass
+            deadline = time.monotonic() + 10
+            while not {self.topic, self.dead_letters} <= set(admin.list_topics()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the topics were created but do not show")
+                time.sleep(0.05)
+            admin.close()
+            self.producer = kafka.KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0,
+                                                max_block_ms=5_000, client_id="interop-python-worker")
+            consumer = kafka.KafkaConsumer(
+                self.topic, bootstrap_servers=self.bootstrap, group_id=self.topic, enable_auto_commit=False,
+                auto_offset_reset="earliest", session_timeout_ms=6_000, heartbeat_interval_ms=2_000,
+                max_poll_records=64, fetch_max_wait_ms=100, client_id="interop-python-worker")
+            # Ready once the group has handed this member its partitions: a call made before would wait.
+            deadline = time.monotonic() + 30
+            while not consumer.assignment():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no partitions assigned within 30 s")
+                self.serve(consumer, consumer.poll(timeout_ms=200))
+            self.ready.set()
+            while not self.stopping.is_set():
+                self.serve(consumer, consumer.poll(timeout_ms=200))
+            consumer.close(autocommit=False)
+            self.producer.close(timeout=5)
+        except Exception as error:  # noqa: BLE001
+            self.failure = error
+            log(f"kafka: {error!r}")
+            self.ready.set()
+
+    def serve(self, consumer, batches):
+        """Handles a poll's records, waits until every reply is confirmed, then commits past them."""
+        if not batches:
+            return
+        sends = []
+        for records in batches.values():
+            for record in records:
+                sends.extend(self.on_record(record))
+        self.producer.flush(timeout=10)
+        for send in sends:
+            try:
+                send.get(timeout=10)
+            except Exception as error:  # noqa: BLE001 - a reply topic that is gone: the reply is dropped
+                log(f"kafka: a reply was not delivered: {error!r}")
+        consumer.commit()
+
+    def on_record(self, record):
+        headers = {}
+        for name, value in record.headers or []:
+            try:
+                headers[name] = value.decode() if value is not None else None  # the last of a repeated name
+            except UnicodeDecodeError:
+                pass  # header values are UTF-8 text; another is not read
+        reply_to = headers.get("mqrpc-reply-to")
+        kind = KIND_NAMES.get(headers.get("mqrpc-kind"), REQUEST if reply_to else ONEWAY)
+        if kind == REPLY:
+            # Not a request: a copy, headers and all, to the dead-letter topic; no answer.
+            return [self.producer.send(self.dead_letters, value=record.value, headers=list(record.headers or []))]
+        deadline = header_int(headers.get("mqrpc-deadline-ms"))
+        # The time queued counts from the record's timestamp.
+        queued = now_ms() - record.timestamp if record.timestamp is not None and record.timestamp >= 0 else 0
+        if header_int(headers.get("mqrpc-status")):
+            status, message, body = INVALID_REQUEST, "a request carries no status", b""
+        else:
+            status, message, body = self.probe.handle(headers.get("mqrpc-method", ""), record.value or b"",
+                                                      remaining(deadline, queued))
+        if kind != REQUEST or not reply_to:
+            return []
+        reply = [("mqrpc-kind", "reply"), ("mqrpc-id", str(uuid.uuid4()))]
+        if "mqrpc-correlation-id" in headers:
+            reply.append(("mqrpc-correlation-id", headers["mqrpc-correlation-id"]))
+        for name in ("mqrpc-service", "mqrpc-method"):
+            if headers.get(name):
+                reply.append((name, headers[name]))
+        if status:
+            reply.append(("mqrpc-status", str(status)))
+            reply.append(("mqrpc-status-message", message or ""))
+        pairs = [(name, text.encode()) for name, text in reply]
+        try:
+            # The reply address is a topic's name, produced to as it is.
+            return [self.producer.send(reply_to, value=body, headers=pairs)]
+        except Exception as error:  # noqa: BLE001 - a reply topic that does not exist
+            log(f"kafka: no reply to {reply_to!r}: {error!r}")
+            return []
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 async def serve_async(worker):
     stop = asyncio.Event()
@@ -563,7 +687,7 @@ async def serve_async(worker):
     await worker.stop()
 
 
-def serve_amqp(worker):
+def serve_threaded(worker):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -581,13 +705,15 @@ def serve_amqp(worker):
 
 
 def main():
-    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream"):
-        print("usage: worker.py broker|rabbitmq|nats|jetstream URL NAMESPACE", file=sys.stderr)
+    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream", "kafka"):
+        print("usage: worker.py broker|rabbitmq|nats|jetstream|kafka URL NAMESPACE", file=sys.stderr)
         return 2
     transport, url, namespace = sys.argv[1:]
     probe = Probe()
     if transport == "rabbitmq":
-        serve_amqp(AmqpWorker(url, namespace, probe))
+        serve_threaded(AmqpWorker(url, namespace, probe))
+    elif transport == "kafka":
+        serve_threaded(KafkaWorker(url, namespace, probe))
     elif transport == "broker":
         asyncio.run(serve_async(BrokerWorker(url, namespace, probe)))
     else:
