@@ -497,9 +497,9 @@ class NatsClient:
 # --------------------------------------------------------------------------------------------------------------
 
 def kafka_topic(queue):
-    """The topic of a queue (module docs of kafka.rs): ASCII letters, digits, `.` and `-` as they are, any other
-    byte `_` and two hex digits."""
-    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ".-") else f"_{b:02X}"
+    """The topic of a queue (module docs of kafka.rs): ASCII letters, digits, `.`, `_` and `-` as they are, any
+    other byte `_` and two hex digits."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "._-") else f"_{b:02X}"
                    for b in queue.encode())
 
 
