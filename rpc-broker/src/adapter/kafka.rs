@@ -21,7 +21,8 @@
 //! `mqrpc-status`, absent when ok) from its topic. docs/conformance.md has the whole table.
 //!
 //! What Kafka has no place for is refused with [`Error::Unsupported`]: priorities, delayed delivery, a
-//! maximum queue length, cancelling a queued call. A delivery count is what this adapter counted: a requeue
+//! maximum queue length, cancelling a queued call. A record is at most the broker's `message.max.bytes` (1 MB by
+//! default, below the envelope's 16 MiB): a larger call or reply fails its publish with [`Error::Transport`]. A delivery count is what this adapter counted: a requeue
 //! raises it, but a record redelivered because its worker died starts again at the count it had, so
 //! [`QueueOptions::max_deliveries`] stops requeue loops, not crash loops (the dedup store absorbs the re-runs).
 //! The maximum is kept by the process that declared the queue with it: Kafka topics have no place for it.
