@@ -748,3 +748,63 @@ pub(super) async fn stats(
     .await
     .map_err(|error| Error::Transport(error.into()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_commits_only_below_its_lowest_unsettled_delivery() {
+        let tracker = Tracker::default();
+        tracker.assign(&[(0, -1, -1)]);
+        let tags: Vec<u64> = (10..14).map(|offset| tracker.deliver(0, offset, None, 1).0).collect();
+        // Offsets 11 and 12 finish first: 10 still runs, so nothing may be committed.
+        assert_eq!(tracker.settle(tags[1]).expect("held"), Some(Commit { partition: 0, offset: 10, delivered: 14 }));
+        assert_eq!(tracker.settle(tags[2]).expect("held"), None);
+        // 10 finishes: everything below 13 is settled.
+        assert_eq!(tracker.settle(tags[0]).expect("held"), Some(Commit { partition: 0, offset: 13, delivered: 14 }));
+        assert_eq!(tracker.settle(tags[3]).expect("held"), Some(Commit { partition: 0, offset: 14, delivered: 14 }));
+        assert_eq!(tracker.outstanding(), 0);
+    }
+
+    #[test]
+    fn deliveries_of_a_revoked_partition_are_lost_and_the_settled_offset_is_committed() {
+        let tracker = Tracker::default();
+        tracker.assign(&[(0, 5, -1), (1, -1, -1)]);
+        let (first, _) = tracker.deliver(0, 5, None, 1);
+        let (second, _) = tracker.deliver(0, 6, None, 1);
+        let (other, _) = tracker.deliver(1, 0, None, 1);
+        assert!(tracker.settle(second).is_ok());
+        let commits = tracker.revoke(&[0]);
+        assert_eq!(commits, [Commit { partition: 0, offset: 5, delivered: 7 }]);
+        assert!(!tracker.holds(first));
+        assert!(matches!(tracker.settle(first), Err(Error::DeliveryLost)));
+        assert!(tracker.holds(other), "the partition kept is still held");
+        // Assigned again: the earlier delivery of it stays lost.
+        tracker.assign(&[(0, 5, 7)]);
+        assert!(!tracker.holds(first));
+    }
+
+    #[test]
+    fn a_record_an_earlier_owner_handed_out_counts_one_more_delivery() {
+        let tracker = Tracker::default();
+        // The partition's earlier owner marked records below 7 as handed out.
+        tracker.assign(&[(0, 5, 7)]);
+        assert_eq!(tracker.deliver(0, 6, None, 1).1, 2);
+        assert_eq!(tracker.deliver(0, 7, None, 1).1, 1);
+        // The mark carries on past what this owner handed out.
+        assert_eq!(tracker.marks(), [(0, 8)]);
+        assert_eq!(tracker.marks(), [], "taken once until it moves");
+    }
+
+    #[test]
+    fn a_released_delivery_frees_its_place_but_holds_the_commit_back() {
+        let tracker = Tracker::default();
+        tracker.assign(&[(0, -1, -1)]);
+        let (released, _) = tracker.deliver(0, 0, None, 1);
+        let (acked, _) = tracker.deliver(0, 1, None, 1);
+        tracker.release(released);
+        assert_eq!(tracker.outstanding(), 1);
+        assert_eq!(tracker.settle(acked).expect("held"), Some(Commit { partition: 0, offset: 0, delivered: 2 }));
+    }
+}

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::Message;
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rpc_core::{Envelope, Kind, ReplyTo};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rpc_core::{Envelope, ReplyTo};
 use uuid::Uuid;
 
 use crate::adapter::{self, headers};
@@ -77,7 +77,7 @@ pub(super) fn to_headers(envelope: &Envelope, delivery_count: u32) -> OwnedHeade
 
 /// The envelope of a record, its delivery count, and how long it was queued (from the record's timestamp,
 /// the producer's clock unless the topic stamps the broker's).
-pub(super) fn from_record(record: &BorrowedMessage<'_>) -> (Envelope, u32, Duration) {
+pub(super) fn from_record<M: Message>(record: &M) -> (Envelope, u32, Duration) {
     let mut fields = Fields::default();
     let mut user = BTreeMap::new();
     if let Some(map) = record.headers() {
@@ -140,9 +140,6 @@ pub(super) fn from_record(record: &BorrowedMessage<'_>) -> (Envelope, u32, Durat
         }
         None => Duration::ZERO,
     };
-    if envelope.kind == Kind::Reply {
-        envelope.reply_to = None;
-    }
     (envelope, fields.delivery_count.unwrap_or(1).max(1), queued)
 }
 
@@ -164,4 +161,57 @@ struct Fields<'a> {
     status_message: Option<&'a str>,
     last_status: Option<u16>,
     delivery_count: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+    use rdkafka::message::OwnedMessage;
+    use rpc_core::Kind;
+
+    use super::*;
+
+    fn record(envelope: &Envelope, delivery_count: u32, timestamp: Timestamp) -> OwnedMessage {
+        let headers = to_headers(envelope, delivery_count);
+        OwnedMessage::new(Some(envelope.body.to_vec()), None, "q".into(), timestamp, 0, 0, Some(headers))
+    }
+
+    #[test]
+    fn an_envelope_round_trips_through_record_headers() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some(ReplyTo::Inbox("mqrpc.inbox.1".into()));
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 3;
+        envelope.idempotency_key = Some("key".into());
+        envelope.caller = Some("billing".into());
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x82\xa1a\x02\xa1b\x03");
+        let now = i64::try_from(adapter::now_ms()).expect("fits");
+        let (back, delivery_count, queued) = from_record(&record(&envelope, 2, Timestamp::CreateTime(now - 300)));
+        assert_eq!(back, envelope);
+        assert_eq!(delivery_count, 2);
+        assert!(queued >= Duration::from_millis(300) && queued < Duration::from_secs(5), "{queued:?}");
+    }
+
+    #[test]
+    fn a_reply_carries_its_status_and_a_foreign_correlation_id_verbatim() {
+        let mut request = Envelope::new(Kind::Request);
+        request.correlation_id = Some(Uuid::new_v4());
+        request.headers.insert(headers::RAW_CORRELATION_ID.into(), "ABC-1".into());
+        let status = rpc_core::Status::new(rpc_core::Code::DeadLettered, "gave up")
+            .with_cause(rpc_core::Code::Application)
+            .with_details(Bytes::from_static(b"\xa1x"));
+        let reply = request.reply(Err(status));
+        let owned = record(&reply, 1, Timestamp::NotAvailable);
+        let raw = owned.headers().and_then(|map| {
+            map.iter().find(|header| header.key == headers::CORRELATION_ID).and_then(|header| header.value)
+        });
+        assert_eq!(raw, Some(&b"ABC-1"[..]));
+        let (back, _, _) = from_record(&owned);
+        assert_eq!((back.status, back.last_status), (11, Some(1)));
+        assert_eq!(back.status().application_error::<String>().map(Result::ok), Some(Some("x".to_owned())));
+    }
 }
