@@ -1,7 +1,7 @@
 //! The benchmark: `add(a, b)` over mqrpc and over what a user would otherwise pick, side by side in one run.
 //!
-//! With RabbitMQ on 127.0.0.1:5672 and NATS on 127.0.0.1:4222 (`bash .ci/brokers` starts them), from the
-//! repository root:
+//! With RabbitMQ on 127.0.0.1:5672, NATS on 127.0.0.1:4222 and a Kafka-protocol broker on 127.0.0.1:9092
+//! (`bash .ci/brokers` starts them, Kafka as tansu), from the repository root:
 //!
 //! ```text
 //! cargo run --release -p mqrpc-bench                       # 3 rounds, 20,000 calls per latency run
@@ -21,6 +21,8 @@
 //! | `nats` | mqrpc on core NATS, worker in another process |
 //! | `rabbitmq-raw` | hand-written lapin RPC: exclusive reply queue, correlation ids, a plain consumer process |
 //! | `rabbitmq` | mqrpc on RabbitMQ, worker in another process |
+//! | `kafka-raw` | hand-written rdkafka RPC: a reply topic per client read without a group, correlation ids, a consumer-group process |
+//! | `kafka` | mqrpc on Kafka, worker in another process |
 //! | `tarpc` | tarpc over TCP, server in another process: direct RPC with no queue (reference) |
 //!
 //! For each: latency with one call in flight (p50, p99, p99.9), throughput with 64 and 256 calls in flight, and
@@ -87,6 +89,8 @@ pub(crate) struct Config {
     pub(crate) amqp_url: String,
     /// NATS URL.
     pub(crate) nats_url: String,
+    /// Kafka bootstrap servers (`host:port`, comma-separated; `kafka://` in front is allowed).
+    pub(crate) kafka_url: String,
     /// Worker threads of this process's runtime, which runs the callers of every variant and the responders
     /// of `inproc-floor` and `embedded`; tokio's default (one per core) when `None`.
     pub(crate) workers: Option<usize>,
@@ -95,8 +99,9 @@ pub(crate) struct Config {
 const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N] [--window SECS]
   --workers N: worker threads of this process's runtime (default: one per core)
   --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
-  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,tarpc
-  brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222)";
+  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,tarpc
+  brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222),
+    MQRPC_KAFKA_URL (default 127.0.0.1:9092)";
 
 fn parse(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
@@ -115,6 +120,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         restart_records: 100_000,
         amqp_url: std::env::var("MQRPC_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+        kafka_url: std::env::var("MQRPC_KAFKA_URL").unwrap_or_else(|_| "127.0.0.1:9092".into()),
         workers: None,
     };
     let mut rounds = None;

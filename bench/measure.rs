@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rpc_core::Server;
+use rpc_core::{Server, Transport};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::Config;
@@ -109,6 +109,40 @@ fn pids_named(names: &[&str]) -> Vec<u32> {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| names.contains(&comm.trim_end()))
         })
         .collect()
+}
+
+/// Process ids holding a TCP socket that listens on `port`, from `/proc/net/tcp{,6}` and `/proc/<pid>/fd`.
+fn pids_listening(port: u16) -> Vec<u32> {
+    let mut sockets = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(table) = std::fs::read_to_string(table) else { continue };
+        for line in table.lines().skip(1) {
+            // `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode`
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1).and_then(|local| u16::from_str_radix(local.rsplit(':').next()?, 16).ok());
+            if let (Some(local_port), Some(&"0A"), Some(inode)) = (local_port, fields.get(3), fields.get(9))
+                && local_port == port
+            {
+                sockets.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .any(|link| link.to_str().is_some_and(|link| sockets.iter().any(|socket| socket == link)))
+            })
+        })
+        .collect()
+}
+
+/// The port of the first broker of a Kafka URL (`[kafka://]host:port[,...]`).
+fn kafka_port(url: &str) -> Option<u16> {
+    let brokers = url.strip_prefix("kafka://").unwrap_or(url);
+    brokers.split(',').next()?.rsplit(':').next()?.parse().ok()
 }
 
 /// Which part of a variant a process plays, for the CPU split.
@@ -272,7 +306,13 @@ pub(crate) fn core_round_trip() -> Option<Duration> {
 /// Sets up `variant`, measures it and tears it down.
 async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) -> Result<Vec<Sample>, String> {
     let mut pids = vec![(Part::Client, std::process::id())];
-    pids.extend(pids_named(variant.broker_processes()).into_iter().map(|pid| (Part::Broker, pid)));
+    let mut brokers = pids_named(variant.broker_processes());
+    if matches!(variant, Variant::KafkaRaw | Variant::Kafka) {
+        // Tests start private tansu brokers beside the one the bench uses: only the one on its port counts.
+        let listening = kafka_port(&config.kafka_url).map(pids_listening).unwrap_or_default();
+        brokers.retain(|pid| listening.contains(pid));
+    }
+    pids.extend(brokers.into_iter().map(|pid| (Part::Broker, pid)));
     let mut processes = Vec::new();
     let mut cleanup = None;
     let start = |args: Vec<String>| async move {
@@ -337,6 +377,36 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
                     .map_err(|error| error.to_string())?;
                 let caller = variants::Mqrpc::connect(transport).await?;
                 measure(variant, Arc::new(caller), &pids, config, progress).await
+            }
+        }
+        Variant::KafkaRaw | Variant::Kafka => {
+            let transport = if variant == Variant::Kafka {
+                let transport =
+                    rpc_broker::adapter::kafka::Kafka::connect_with(&config.kafka_url, variants::kafka_options())
+                        .await
+                        .map_err(|error| error.to_string())?;
+                // A new service queue, as `kafka-raw`'s responder makes a new request topic: tansu reads a
+                // partition by listing every batch it holds, so the queue's history would slow this run down.
+                let queue = rpc_core::naming::service_queue(None, "Bench");
+                transport.delete_queue(&queue).await.map_err(|error| error.to_string())?;
+                Some(transport)
+            } else {
+                None
+            };
+            // The responder says it is ready once its consumer group has assigned it the request topic's
+            // partitions (the adapter's `consume` returns then).
+            let (worker, _) = start(responder(&config.kafka_url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            match transport {
+                None => {
+                    let caller = variants::KafkaRaw::connect(&config.kafka_url).await?;
+                    measure(variant, Arc::new(caller), &pids, config, progress).await
+                }
+                Some(transport) => {
+                    let caller = variants::Mqrpc::connect(transport).await?;
+                    measure(variant, Arc::new(caller), &pids, config, progress).await
+                }
             }
         }
         Variant::Tarpc => {

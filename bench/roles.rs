@@ -91,8 +91,15 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
             serve(rpc_broker::adapter::amqp::Amqp::connect(address).await.map_err(|error| error.to_string())?, false)
                 .await
         }
+        Variant::Kafka => {
+            let transport = rpc_broker::adapter::kafka::Kafka::connect_with(address, variants::kafka_options())
+                .await
+                .map_err(|error| error.to_string())?;
+            serve(transport, false).await
+        }
         Variant::NatsRaw => variants::nats_raw_responder(address).await,
         Variant::RabbitmqRaw => variants::rabbit_raw_responder(address).await,
+        Variant::KafkaRaw => variants::kafka_raw_responder(address).await,
         Variant::Tarpc => variants::tarpc_responder().await,
         Variant::InprocFloor | Variant::Embedded => Err(format!("{} runs in the benchmark's process", variant.name())),
     }

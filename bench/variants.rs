@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 /// How long one call may take before it counts as failed.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The subject (NATS) or queue (RabbitMQ) the raw responders listen on.
+/// The subject (NATS), queue (RabbitMQ) or topic (Kafka) the raw responders listen on.
 pub(crate) const RAW_QUEUE: &str = "mqrpc.bench.raw";
 
 /// The service every mqrpc variant serves.
@@ -52,13 +52,17 @@ pub(crate) enum Variant {
     RabbitmqRaw,
     /// mqrpc on RabbitMQ.
     Rabbitmq,
+    /// Hand-written rdkafka RPC.
+    KafkaRaw,
+    /// mqrpc on Kafka.
+    Kafka,
     /// tarpc over TCP.
     Tarpc,
 }
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 9] = [
+    pub(crate) const ALL: [Variant; 11] = [
         Variant::InprocFloor,
         Variant::Embedded,
         Variant::OwnBroker,
@@ -67,6 +71,8 @@ impl Variant {
         Variant::Nats,
         Variant::RabbitmqRaw,
         Variant::Rabbitmq,
+        Variant::KafkaRaw,
+        Variant::Kafka,
         Variant::Tarpc,
     ];
 
@@ -81,6 +87,8 @@ impl Variant {
             Variant::Nats => "nats",
             Variant::RabbitmqRaw => "rabbitmq-raw",
             Variant::Rabbitmq => "rabbitmq",
+            Variant::KafkaRaw => "kafka-raw",
+            Variant::Kafka => "kafka",
             Variant::Tarpc => "tarpc",
         }
     }
@@ -97,7 +105,8 @@ impl Variant {
             Variant::OwnBroker | Variant::Nats => Some(Variant::NatsRaw),
             Variant::OwnDurable => Some(Variant::OwnBroker),
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),
-            Variant::InprocFloor | Variant::NatsRaw | Variant::RabbitmqRaw | Variant::Tarpc => None,
+            Variant::Kafka => Some(Variant::KafkaRaw),
+            Variant::InprocFloor | Variant::NatsRaw | Variant::RabbitmqRaw | Variant::KafkaRaw | Variant::Tarpc => None,
         }
     }
 
@@ -106,6 +115,7 @@ impl Variant {
         match self {
             Variant::NatsRaw | Variant::Nats => &["nats-server"],
             Variant::RabbitmqRaw | Variant::Rabbitmq => &["beam.smp"],
+            Variant::KafkaRaw | Variant::Kafka => &["tansu"],
             _ => &[],
         }
     }
@@ -336,6 +346,312 @@ pub(crate) async fn rabbit_raw_responder(url: &str) -> Result<(), String> {
         delivery.ack(BasicAckOptions::default()).await.map_err(|error| error.to_string())?;
     }
     Ok(())
+}
+
+/// Partitions of the Kafka request topics: `kafka-raw`'s, and the service queue's of `kafka`.
+pub(crate) const KAFKA_PARTITIONS: i32 = 6;
+
+/// The group session timeout of both Kafka variants' responders. tansu holds a group's first join for about
+/// half of it: with the adapter's default of 10 s, each responder would wait 5 s for its first request.
+pub(crate) const KAFKA_SESSION: Duration = Duration::from_secs(6);
+
+/// How long a Kafka metadata or admin request may take.
+const KAFKA_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the broker may hold a fetch of `kafka-raw`'s consumers that finds nothing new: the value the
+/// adapter's consumers use (it sets it after the properties of its options, so the `kafka` variant cannot change
+/// it). On tansu it sets most of the latency at one call in flight, so a baseline with another value would
+/// measure the setting rather than the framework.
+const KAFKA_FETCH_WAIT_MS: &str = "100";
+
+/// The `kafka-raw` header naming the call a request or reply belongs to.
+const KAFKA_CORRELATION_ID: &str = "correlation-id";
+
+/// The `kafka-raw` header naming the topic a request's reply goes to.
+const KAFKA_REPLY_TO: &str = "reply-to";
+
+/// The options of the `kafka` variant's client and worker.
+pub(crate) fn kafka_options() -> rpc_broker::adapter::kafka::KafkaOptions {
+    rpc_broker::adapter::kafka::KafkaOptions::new().partitions(KAFKA_PARTITIONS).session_timeout(KAFKA_SESSION)
+}
+
+/// The `host:port` list of a Kafka URL, which may start with `kafka://`.
+fn kafka_brokers(url: &str) -> &str {
+    url.strip_prefix("kafka://").unwrap_or(url)
+}
+
+/// What every `kafka-raw` client is configured with.
+fn kafka_config(brokers: &str) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("allow.auto.create.topics", "false").set("log_level", "4");
+    config
+}
+
+/// A producer as the adapter makes one: idempotent, confirmed by every in-sync replica, sending at once.
+fn kafka_producer(brokers: &str) -> Result<rdkafka::producer::FutureProducer, String> {
+    kafka_config(brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()
+        .map_err(|error| error.to_string())
+}
+
+/// Creates `topic` with `partitions` unless it exists, and waits until the broker's metadata shows it.
+async fn create_kafka_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::error::RDKafkaErrorCode;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config(brokers).create().map_err(|error| error.to_string())?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().request_timeout(Some(KAFKA_ADMIN_TIMEOUT));
+    for result in admin.create_topics([&new], &options).await.map_err(|error| error.to_string())? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("creating topic `{name}`: {code}")),
+        }
+    }
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            kafka_config(&brokers).create().map_err(|error| error.to_string())?;
+        let deadline = std::time::Instant::now() + KAFKA_ADMIN_TIMEOUT;
+        while kafka_partitions(&consumer, &topic)?.is_empty() {
+            if std::time::Instant::now() >= deadline {
+                return Err(format!("topic `{topic}` was created but does not show"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|error| error.to_string())?
+}
+
+/// Deletes `topic` if it exists.
+async fn delete_kafka_topic(brokers: &str, topic: &str) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::error::RDKafkaErrorCode;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_config(brokers).create().map_err(|error| error.to_string())?;
+    let options = AdminOptions::new().request_timeout(Some(KAFKA_ADMIN_TIMEOUT));
+    for result in admin.delete_topics(&[topic], &options).await.map_err(|error| error.to_string())? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => return Err(format!("deleting topic `{name}`: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// The partitions of `topic` in the broker's metadata (none while it does not show), blocking.
+fn kafka_partitions(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Result<Vec<i32>, String> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::error::KafkaError;
+    use rdkafka::error::RDKafkaErrorCode;
+    match consumer.fetch_metadata(Some(topic), KAFKA_ADMIN_TIMEOUT) {
+        Ok(metadata) => Ok(metadata
+            .topics()
+            .iter()
+            .filter(|found| found.name() == topic && found.error().is_none())
+            .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+            .collect()),
+        Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(Vec::new()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// `kafka-raw`: a hand-written request-reply over rdkafka. Requests go to [`RAW_QUEUE`] with the correlation
+/// id and the reply topic in headers; replies come back on a topic of one partition per client, read without a
+/// group, and are matched to the waiting calls by correlation id.
+pub(crate) struct KafkaRaw {
+    producer: rdkafka::producer::FutureProducer,
+    reply_to: String,
+    waiting: Arc<DashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    next: AtomicU64,
+    /// Dropped with the client: the reply reader stops and deletes the reply topic, as the `kafka` variant's
+    /// client does with its inbox.
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for KafkaRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaRaw").field("reply_to", &self.reply_to).finish_non_exhaustive()
+    }
+}
+
+impl KafkaRaw {
+    /// Connects to `url`, makes the reply topic and starts reading it.
+    pub(crate) async fn connect(url: &str) -> Result<KafkaRaw, String> {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        let brokers = kafka_brokers(url);
+        let producer = kafka_producer(brokers)?;
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            kafka_config(brokers).create().map_err(|error| error.to_string())?;
+        let reply_to = format!("{RAW_QUEUE}.reply.{}", uuid::Uuid::new_v4().simple());
+        create_kafka_topic(brokers, &reply_to, 1).await?;
+        // librdkafka wants a group id for any consumer; this one is only assigned, never joins or commits.
+        let replies: StreamConsumer = kafka_config(brokers)
+            .set("group.id", &reply_to)
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", KAFKA_FETCH_WAIT_MS)
+            .create()
+            .map_err(|error| error.to_string())?;
+        let mut partition = rdkafka::TopicPartitionList::new();
+        partition.add_partition_offset(&reply_to, 0, rdkafka::Offset::Beginning).map_err(|error| error.to_string())?;
+        replies.assign(&partition).map_err(|error| error.to_string())?;
+        let waiting: Arc<DashMap<u64, oneshot::Sender<Vec<u8>>>> = Arc::new(DashMap::new());
+        let map = Arc::clone(&waiting);
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let topic = reply_to.clone();
+        tokio::spawn(async move {
+            loop {
+                let record = tokio::select! {
+                    _ = &mut stopped => break,
+                    record = replies.recv() => record,
+                };
+                let record = match record {
+                    Ok(record) => record,
+                    Err(error) => {
+                        eprintln!("kafka-raw: reading replies: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let id = record.headers().and_then(|headers| {
+                    let header = headers.iter().find(|header| header.key == KAFKA_CORRELATION_ID)?;
+                    std::str::from_utf8(header.value?).ok()?.parse::<u64>().ok()
+                });
+                if let Some((_, reply)) = id.and_then(|id| map.remove(&id)) {
+                    let _ = reply.send(record.payload().unwrap_or_default().to_vec());
+                }
+            }
+            // librdkafka's close blocks.
+            let _ = tokio::task::spawn_blocking(move || drop(replies)).await;
+            let options = AdminOptions::new().request_timeout(Some(KAFKA_ADMIN_TIMEOUT));
+            let _ = admin.delete_topics(&[topic.as_str()], &options).await;
+        });
+        Ok(KafkaRaw { producer, reply_to, waiting, next: AtomicU64::new(0), _stop: stop })
+    }
+}
+
+impl Caller for KafkaRaw {
+    async fn add(&self, a: i64, b: i64) -> Result<i64, String> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, receive) = oneshot::channel();
+        self.waiting.insert(id, reply);
+        let body = encode_args(a, b)?;
+        let id_text = id.to_string();
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header { key: KAFKA_CORRELATION_ID, value: Some(&id_text) })
+            .insert(Header { key: KAFKA_REPLY_TO, value: Some(&self.reply_to) });
+        let record: rdkafka::producer::FutureRecord<'_, (), [u8]> =
+            rdkafka::producer::FutureRecord::to(RAW_QUEUE).payload(body.as_slice()).headers(headers);
+        if let Err((error, _)) = self.producer.send(record, Duration::ZERO).await {
+            self.waiting.remove(&id);
+            return Err(error.to_string());
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, receive).await {
+            Ok(Ok(body)) => decode_sum(&body),
+            Ok(Err(_)) => Err("the reply reader stopped".into()),
+            Err(_) => {
+                self.waiting.remove(&id);
+                Err("timed out".into())
+            }
+        }
+    }
+}
+
+/// The consumer context of the `kafka-raw` responder: says `ready` once the group has assigned it partitions.
+#[derive(Debug, Default)]
+struct Joined {
+    said: std::sync::atomic::AtomicBool,
+}
+
+impl rdkafka::ClientContext for Joined {}
+
+impl rdkafka::consumer::ConsumerContext for Joined {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if matches!(rebalance, rdkafka::consumer::Rebalance::Assign(list) if list.count() > 0)
+            && !self.said.swap(true, Ordering::Relaxed)
+        {
+            crate::roles::ready("consuming");
+        }
+    }
+}
+
+/// The `kafka-raw` responder: a member of a consumer group on [`RAW_QUEUE`] that produces each reply to the
+/// topic its request names, and stores a request's offset for the next automatic commit once its reply (and
+/// every earlier one) is confirmed, holding at most [`PREFETCH`](crate::roles::PREFETCH) replies unconfirmed.
+///
+/// It starts on a new topic and a new group: the bench kills each responder, and the records an earlier one
+/// left are for callers that are gone; tansu reads a partition by listing every batch it holds, so an old
+/// topic's history would slow this run down; and a new group has no member left over from the responder killed
+/// last, whose session would hold up the join.
+pub(crate) async fn kafka_raw_responder(url: &str) -> Result<(), String> {
+    use futures::stream::FuturesOrdered;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    let brokers = kafka_brokers(url);
+    delete_kafka_topic(brokers, RAW_QUEUE).await?;
+    create_kafka_topic(brokers, RAW_QUEUE, KAFKA_PARTITIONS).await?;
+    let group = format!("{RAW_QUEUE}.{}", uuid::Uuid::new_v4().simple());
+    let producer = kafka_producer(brokers)?;
+    let requests: StreamConsumer<Joined> = kafka_config(brokers)
+        .set("group.id", &group)
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", KAFKA_SESSION.as_millis().to_string())
+        .set("heartbeat.interval.ms", (KAFKA_SESSION / 3).as_millis().to_string())
+        .set("fetch.wait.max.ms", KAFKA_FETCH_WAIT_MS)
+        .create_with_context(Joined::default())
+        .map_err(|error| error.to_string())?;
+    requests.subscribe(&[RAW_QUEUE]).map_err(|error| error.to_string())?;
+    let mut replies = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            Some((partition, offset, delivered)) = replies.next() => {
+                if let Err(error) = delivered {
+                    eprintln!("kafka-raw: a reply was not delivered: {error}");
+                }
+                requests.store_offset(RAW_QUEUE, partition, offset).map_err(|error| error.to_string())?;
+            }
+            record = requests.recv(), if replies.len() < crate::roles::PREFETCH as usize => {
+                let record = record.map_err(|error| error.to_string())?;
+                let header = |key: &str| {
+                    let headers = record.headers()?;
+                    let header = headers.iter().find(|header| header.key == key)?;
+                    std::str::from_utf8(header.value?).ok()
+                };
+                let sum = answer(record.payload().unwrap_or_default());
+                let reply = match (header(KAFKA_REPLY_TO), header(KAFKA_CORRELATION_ID), sum) {
+                    (Some(reply_to), Some(id), Some(sum)) => {
+                        let headers = OwnedHeaders::new_with_capacity(1)
+                            .insert(Header { key: KAFKA_CORRELATION_ID, value: Some(id) });
+                        let reply: rdkafka::producer::FutureRecord<'_, (), [u8]> =
+                            rdkafka::producer::FutureRecord::to(reply_to).payload(sum.as_slice()).headers(headers);
+                        Some(producer.send_result(reply).map_err(|(error, _)| error.to_string())?)
+                    }
+                    _ => None,
+                };
+                let (partition, offset) = (record.partition(), record.offset());
+                replies.push_back(async move {
+                    let delivered = match reply {
+                        Some(delivery) => match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((error, _))) => Err(error.to_string()),
+                            Err(_) => Err("the producer is gone".to_owned()),
+                        },
+                        None => Ok(()),
+                    };
+                    (partition, offset, delivered)
+                });
+            }
+        }
+    }
 }
 
 /// The tarpc service: the same `add`.
