@@ -5,7 +5,7 @@
 //! | queue | a topic of [`KafkaOptions::partitions`] partitions, named as the queue (bytes other than ASCII letters, digits, `.`, `_` and `-` become `_` and two hex digits) |
 //! | workers | one consumer group per queue, its id the topic's name: competing consumers share the partitions |
 //! | publish | the idempotent producer with `acks=all`: confirmed once every in-sync replica has the record; a topic that does not exist is [`Error::NoRoute`] |
-//! | ack | an offset commit. Calls finish out of order within a partition, so each partition commits only the offset below which every delivery is settled: never past a call still running |
+//! | ack | an offset stored, committed by librdkafka every 250 ms, by [`Transport::flush`], and by the consumer before its partitions go. Calls finish out of order within a partition, so each partition stores only the offset below which every delivery is settled: never past a call still running |
 //! | requeue | a copy at the end of the topic with its delivery count raised, then the commit |
 //! | dead letters | a copy on the topic `<queue>.dlq` (one partition), then the commit; after [`QueueOptions::max_deliveries`] deliveries a record goes there unrun |
 //! | topic | a topic of one partition (copies arrive in publish order); subscriber group `g` of topic `t` is the consumer group `t@g`, which starts at the end of the topic when it is first joined |
@@ -89,7 +89,8 @@ pub struct KafkaOptions {
     pub session_timeout: Duration,
     /// How long the producer tries to deliver a record before the publish fails.
     pub message_timeout: Duration,
-    /// Further librdkafka properties for every client (`security.protocol`, `sasl.mechanism`, ...).
+    /// Further librdkafka properties for every client (`security.protocol`, `sasl.mechanism`, ...), applied
+    /// after the adapter's own settings, which they override (`fetch.wait.max.ms`, `linger.ms`, ...).
     pub properties: Vec<(String, String)>,
 }
 
@@ -159,6 +160,8 @@ struct Inner {
     max_deliveries: dashmap::DashMap<String, u32>,
     /// Consumers dropped and still leaving their groups.
     closing: Arc<consumer::Closing>,
+    /// The group consumers, for [`Transport::flush`] to commit what their settles stored.
+    groups: consumer::Groups,
 }
 
 impl fmt::Debug for Kafka {
@@ -183,17 +186,18 @@ impl Kafka {
     /// configuration librdkafka refuses.
     pub async fn connect_with(brokers: &str, options: KafkaOptions) -> Result<Kafka, Error> {
         let brokers = brokers.strip_prefix("kafka://").unwrap_or(brokers).to_owned();
-        let producer: FutureProducer = client_config(&brokers, &options)
+        let producer: FutureProducer = client_config(&brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "0")
             // A record without a key goes to a random partition, so that competing workers share the load.
             .set("sticky.partitioning.linger.ms", "0")
             .set("message.timeout.ms", millis(options.message_timeout))
+            .user(&options)
             .create()
             .map_err(transport_error)?;
         let admin: AdminClient<DefaultClientContext> =
-            client_config(&brokers, &options).create().map_err(transport_error)?;
+            client_config(&brokers).user(&options).create().map_err(transport_error)?;
         let kafka = Kafka {
             inner: Arc::new(Inner {
                 brokers,
@@ -203,6 +207,7 @@ impl Kafka {
                 known: Mutex::new(HashSet::new()),
                 max_deliveries: dashmap::DashMap::new(),
                 closing: Arc::default(),
+                groups: consumer::Groups::default(),
             }),
         };
         let probe = kafka.clone();
@@ -355,14 +360,26 @@ impl Kafka {
     }
 }
 
-/// What every client of the transport is configured with.
-fn client_config(brokers: &str, options: &KafkaOptions) -> ClientConfig {
+/// What every client of the transport is configured with; the adapter's settings of each client follow, then
+/// [`UserProperties::user`] applies the user's.
+fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers).set("allow.auto.create.topics", "false").set("log_level", "4");
-    for (name, value) in &options.properties {
-        config.set(name, value);
-    }
     config
+}
+
+/// The user's librdkafka properties ([`KafkaOptions::properties`]), applied last: they override the adapter's.
+trait UserProperties {
+    fn user(&mut self, options: &KafkaOptions) -> &mut Self;
+}
+
+impl UserProperties for ClientConfig {
+    fn user(&mut self, options: &KafkaOptions) -> &mut ClientConfig {
+        for (name, value) in &options.properties {
+            self.set(name, value);
+        }
+        self
+    }
 }
 
 fn millis(duration: Duration) -> String {
@@ -540,8 +557,9 @@ impl Transport for Kafka {
         })
     }
 
-    /// Waits until the producer delivered what it was given, and the consumers dropped so far have left their
-    /// groups (each commits what was settled as it leaves).
+    /// Waits until the producer delivered what it was given, the group consumers committed the offsets their
+    /// settles stored, and the consumers dropped so far have left their groups (each commits what was settled
+    /// as it leaves).
     fn flush(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let kafka = self.clone();
@@ -549,6 +567,7 @@ impl Transport for Kafka {
                 .await
                 .map_err(|error| Error::Transport(error.into()))?
                 .map_err(broker_error)?;
+            self.inner.groups.commit().await?;
             if self.inner.closing.wait(ADMIN_TIMEOUT).await { Ok(()) } else { Err(Error::Timeout(ADMIN_TIMEOUT)) }
         })
     }

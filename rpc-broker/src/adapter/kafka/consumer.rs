@@ -14,7 +14,7 @@ use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, ConsumerControl,
 use rpc_core::{ConsumeOptions, Envelope, Error, QueueStats};
 use tokio::sync::{mpsc, watch};
 
-use super::{ADMIN_TIMEOUT, Kafka, broker_error, client_config, mapping, millis, transport_error};
+use super::{ADMIN_TIMEOUT, Kafka, UserProperties, broker_error, client_config, mapping, millis, transport_error};
 
 /// Where a group with no committed offsets starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +26,10 @@ pub(super) enum GroupStart {
     End,
 }
 
+/// How often a group consumer commits the offsets its settles stored.
+const COMMIT_INTERVAL: &str = "250";
+/// How long the broker may hold a fetch that finds no record (tansu holds every fetch this long).
+const FETCH_WAIT: &str = "100";
 /// How long a consumer waits for its first assignment before its `consume` returns anyway.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
 /// How often a consumer marks how far it handed records out (a worker killed within this much of a delivery
@@ -350,6 +354,39 @@ impl Control {
     }
 }
 
+/// A transport's group consumers, while they live.
+#[derive(Debug, Default)]
+pub(super) struct Groups(Mutex<Vec<Weak<GroupConsumer>>>);
+
+impl Groups {
+    fn add(&self, consumer: &Arc<GroupConsumer>) {
+        let mut groups = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        groups.retain(|group| group.strong_count() > 0);
+        groups.push(Arc::downgrade(consumer));
+    }
+
+    /// Commits the offsets the live consumers' settles stored, waiting for the broker.
+    pub(super) async fn commit(&self) -> Result<(), Error> {
+        let live: Vec<Arc<GroupConsumer>> =
+            self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let committed = tokio::task::spawn_blocking(move || {
+            for consumer in live {
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    // Nothing stored since the last commit.
+                    Ok(())
+                    | Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+                    Err(error) => return Err(broker_error(error)),
+                }
+            }
+            Ok(())
+        });
+        committed.await.map_err(|error| Error::Transport(error.into()))?
+    }
+}
+
 /// The consumers a transport's user dropped whose threads are still leaving their groups (committing what was
 /// settled): [`Transport::flush`](rpc_core::Transport::flush) waits for them, so that a worker that stopped has
 /// left its group before it says so, and the next member's join does not meet its leaving.
@@ -416,7 +453,10 @@ impl GroupAcker {
         if let Some(commit) = settled? {
             let Some(consumer) = self.consumer.upgrade() else { return Err(Error::DeliveryLost) };
             let settled = offsets(&self.topic, &[(commit.partition, commit.offset)]);
-            consumer.commit(&settled, CommitMode::Async).map_err(broker_error)?;
+            if let Err(error) = consumer.store_offsets(&settled) {
+                // The partition went meanwhile: its revoke committed what was settled then.
+                tracing::debug!(%error, topic = %self.topic, "could not store an offset");
+            }
         }
         Ok(())
     }
@@ -487,27 +527,33 @@ pub(super) async fn start_group(
     }
     let tracker = Arc::new(Tracker::default());
     let (assigned, mut joined) = watch::channel(0);
-    let marker: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+    let marker: BaseConsumer = client_config(&kafka.inner.brokers)
         .set("group.id", marker_group(&group))
         .set("enable.auto.commit", "false")
+        .user(&kafka.inner.options)
         .create()
         .map_err(transport_error)?;
     let marker = Arc::new(marker);
     let context =
         GroupContext { topic: topic.clone(), tracker: Arc::clone(&tracker), assigned, marker: Arc::clone(&marker) };
     let session = kafka.inner.options.session_timeout;
-    let consumer: GroupConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+    let consumer: GroupConsumer = client_config(&kafka.inner.brokers)
         .set("group.id", &group)
-        .set("enable.auto.commit", "false")
+        // A settle stores its partition's offset; librdkafka commits what is stored every 250 ms, this
+        // consumer commits it again before partitions go, and the transport's flush commits it at once.
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", COMMIT_INTERVAL)
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", millis(session))
         .set("heartbeat.interval.ms", millis(session / 3))
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", FETCH_WAIT)
+        .user(&kafka.inner.options)
         .create_with_context(context)
         .map_err(transport_error)?;
     consumer.subscribe(&[&topic]).map_err(transport_error)?;
     let consumer = Arc::new(consumer);
+    kafka.inner.groups.add(&consumer);
     let control = Arc::new(Control::new(&kafka.inner.closing));
     let dead_letters = super::topic_name(&rpc_core::naming::dead_letter_queue(&topic))?;
     let acker = Arc::new(GroupAcker {
@@ -536,7 +582,8 @@ pub(super) async fn start_group(
 /// Commits the end of `topic` for `group` where the group has no offset yet, so that it starts there.
 async fn start_at_end(kafka: &Kafka, topic: &str, group: &str) -> Result<(), Error> {
     let partitions = kafka.partitions_of(topic).await?;
-    let config = client_config(&kafka.inner.brokers, &kafka.inner.options);
+    let mut config = client_config(&kafka.inner.brokers);
+    config.user(&kafka.inner.options);
     let (topic, group) = (topic.to_owned(), group.to_owned());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config
@@ -663,10 +710,11 @@ fn delivery(envelope: Envelope, delivery_count: u32, queued: Duration, handle: A
 
 /// Reads the inbox topic `topic` from its start, without a group; deletes the topic when the inbox goes.
 pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Error> {
-    let consumer: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+    let consumer: BaseConsumer = client_config(&kafka.inner.brokers)
         .set("group.id", &topic)
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", FETCH_WAIT)
+        .user(&kafka.inner.options)
         .create()
         .map_err(transport_error)?;
     consumer.assign(&offsets(&topic, &[(0, 0)])).map_err(transport_error)?;
@@ -712,9 +760,10 @@ pub(super) async fn stats(
     dead_partitions: Vec<i32>,
 ) -> Result<QueueStats, Error> {
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client_config(&kafka.inner.brokers, &kafka.inner.options)
+        let consumer: BaseConsumer = client_config(&kafka.inner.brokers)
             .set("group.id", &topic)
             .set("enable.auto.commit", "false")
+            .user(&kafka.inner.options)
             .create()
             .map_err(transport_error)?;
         let mut stats = QueueStats::new();
