@@ -22,8 +22,13 @@
 //!
 //! What Kafka has no place for is refused with [`Error::Unsupported`]: priorities, delayed delivery, a
 //! maximum queue length, cancelling a queued call. A record is at most the broker's `message.max.bytes` (1 MB by
-//! default, below the envelope's 16 MiB): a larger call or reply fails its publish with [`Error::Transport`]. A delivery count is what this adapter counted: a requeue
-//! raises it, but a record redelivered because its worker died starts again at the count it had, so
+//! default, below the envelope's 16 MiB): a larger call or reply fails its publish with [`Error::Transport`].
+//!
+//! Kafka counts no deliveries; this adapter does. A requeue raises the count on its copy. A record that an
+//! earlier owner of its partition handed out (its worker died, or a rebalance moved the partition) counts one
+//! more: each consumer marks how far it handed records out in the marker group `<group>.mqrpc-delivered` (at
+//! once before its partitions go, every 100 ms otherwise, so a worker killed within 100 ms of a delivery leaves
+//! it counted as a first one). Crashes again and again do not raise it further, so
 //! [`QueueOptions::max_deliveries`] stops requeue loops, not crash loops (the dedup store absorbs the re-runs).
 //! The maximum is kept by the process that declared the queue with it: Kafka topics have no place for it.
 //!
