@@ -139,6 +139,22 @@ async fn rabbitmq_restart_during_calls() {
     }
 }
 
+/// Starts a private server of `what` with `start` on a free port. The free port is found by binding it and
+/// letting it go, so another process (a server of a test running alongside) may take it first: then the server
+/// exits, and another port is tried, five at most.
+fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> std::io::Result<T>) -> T {
+    let mut tries = Vec::new();
+    for _ in 0..5 {
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port();
+        match start(port) {
+            Ok(server) => return server,
+            Err(error) => tries.push(format!("port {port}: {error}")),
+        }
+    }
+    panic!("no private {what} came up: {tries:?}");
+}
+
 /// A nats-server of the test's own, on a free port, with JetStream storage in a directory of its own.
 struct PrivateNats {
     binary: String,
@@ -151,24 +167,13 @@ struct PrivateNats {
 
 impl PrivateNats {
     fn start(binary: &str) -> PrivateNats {
-        let mut tries = Vec::new();
-        // The free port is found by binding it and letting it go, so another process (a server of a test running
-        // alongside) may take it first: then this server exits, and another port is tried.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("a free port")
-                .port();
+        on_a_free_port("nats-server", |port| {
             let id = Uuid::new_v4().simple();
             let store = std::env::temp_dir().join(format!("mqrpc-nats-{id}"));
             let name = format!("mqrpc-test-{id}");
             let mut server = PrivateNats { binary: binary.to_owned(), name, port, store, child: None };
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(error) => tries.push(format!("port {port}: {error}")),
-            }
-        }
-        panic!("no private nats-server came up: {tries:?}");
+            server.spawn().map(|()| server)
+        })
     }
 
     fn url(&self) -> String {
@@ -242,20 +247,10 @@ struct PrivateTansu {
 
 impl PrivateTansu {
     fn start(binary: &str) -> PrivateTansu {
-        let mut tries = Vec::new();
-        // As for nats-server: another process may take the free port first; then another is tried.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("a free port")
-                .port();
+        on_a_free_port("tansu", |port| {
             let mut server = PrivateTansu { binary: binary.to_owned(), port, child: None };
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(error) => tries.push(format!("port {port}: {error}")),
-            }
-        }
-        panic!("no private tansu came up: {tries:?}");
+            server.spawn().map(|()| server)
+        })
     }
 
     fn address(&self) -> String {
