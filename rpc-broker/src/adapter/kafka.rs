@@ -45,6 +45,13 @@
 //! takes its first request seconds after it starts; a short [`KafkaOptions::session_timeout`] shortens that on
 //! tansu, and makes a dead worker's calls come back sooner, at the cost of more heartbeats.
 //!
+//! A broker that goes down and comes back with its log is a reconnection, which librdkafka makes by itself:
+//! calls meanwhile fail by their deadline, then go on. A broker that comes back without its topics (tansu with
+//! memory storage) is a new cluster: the processes that ran before must be started again. Do not delete a topic a
+//! process still reads: tansu answers a fetch of a topic it does not know with a zero topic id and a
+//! `CurrentLeader` tag, and librdkafka 2.12 then dereferences a NULL topic name in
+//! `rd_kafka_metadata_update_op` and crashes the process.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), rpc_core::Error> {
 //! let transport = rpc_broker::adapter::kafka::Kafka::connect("127.0.0.1:9092").await?;
