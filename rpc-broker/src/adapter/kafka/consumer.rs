@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -37,8 +37,10 @@ const JOIN_WAIT: Duration = Duration::from_secs(30);
 const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a consumer's thread waits for a record before it looks at its flags again.
 const POLL: Duration = Duration::from_millis(100);
-/// As [`POLL`], while the consumer holds its prefetch: room comes with a settle.
-const POLL_FULL: Duration = Duration::from_millis(5);
+/// How long a consumer that holds its prefetch waits for a settle before it pauses its partitions. Pausing drops
+/// the records librdkafka fetched ahead for them (they are fetched again on resume), so a consumer that is full
+/// only until its next settle waits instead; a longer wait would hold up a rebalance, served only by `poll`.
+const FULL_WAIT: Duration = Duration::from_millis(500);
 /// The pause after a failed read before the next.
 const READ_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -46,6 +48,8 @@ const READ_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 struct Tracker {
     state: Mutex<TrackerState>,
+    /// Notified when a delivery stops being held: room for another under the prefetch.
+    room: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +59,8 @@ struct TrackerState {
     partitions: HashMap<i32, Partition>,
     held: HashMap<u64, Held>,
     next_tag: u64,
+    /// The consumer is going: a wait for room ends at once.
+    stopping: bool,
 }
 
 /// An offset commit of one partition.
@@ -134,6 +140,7 @@ impl Tracker {
     fn settle(&self, tag: u64) -> Result<Option<Commit>, Error> {
         let mut state = self.lock();
         let held = state.held.remove(&tag).ok_or(Error::DeliveryLost)?;
+        self.room.notify_all();
         if !state.is_current(&held) {
             return Err(Error::DeliveryLost);
         }
@@ -145,6 +152,7 @@ impl Tracker {
     /// Forgets delivery `tag` without committing past it: it comes again after the next rebalance.
     fn release(&self, tag: u64) {
         self.lock().held.remove(&tag);
+        self.room.notify_all();
     }
 
     /// Deliveries handed out, still this consumer's, and not settled.
@@ -152,11 +160,29 @@ impl Tracker {
         self.lock().held.len()
     }
 
+    /// Waits up to `timeout` until fewer than `limit` deliveries are held, or the consumer is going; returns
+    /// whether there is room.
+    fn wait_for_room(&self, limit: usize, timeout: Duration) -> bool {
+        let state = self.lock();
+        let (state, _) = self
+            .room
+            .wait_timeout_while(state, timeout, |state| state.held.len() >= limit && !state.stopping)
+            .unwrap_or_else(PoisonError::into_inner);
+        state.held.len() < limit
+    }
+
+    /// The consumer is going: ends a wait for room.
+    fn stop(&self) {
+        self.lock().stopping = true;
+        self.room.notify_all();
+    }
+
     /// The partitions of `revoked` leave this consumer: returns what each commits, settled or not, so that
     /// the next owner knows which records were handed out already.
     fn revoke(&self, revoked: &[i32]) -> Vec<Commit> {
         let mut state = self.lock();
         state.held.retain(|_, held| !revoked.contains(&held.partition));
+        self.room.notify_all();
         let mut commits = Vec::new();
         for partition in revoked {
             if let Some(mut part) = state.partitions.remove(partition) {
@@ -331,15 +357,18 @@ struct Control {
     /// its thread has left the group.
     exit: Mutex<(bool, bool)>,
     closing: Arc<Closing>,
+    /// A group consumer's deliveries, whose wait for room a stop ends.
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl Control {
-    fn new(closing: &Arc<Closing>) -> Control {
+    fn new(closing: &Arc<Closing>, tracker: Option<Arc<Tracker>>) -> Control {
         Control {
             stopped: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             exit: Mutex::new((false, false)),
             closing: Arc::clone(closing),
+            tracker,
         }
     }
 
@@ -428,6 +457,9 @@ impl Drop for Handle {
             self.0.closing.count.fetch_add(1, Ordering::AcqRel);
         }
         self.0.stopped.store(true, Ordering::Release);
+        if let Some(tracker) = &self.0.tracker {
+            tracker.stop();
+        }
     }
 }
 
@@ -554,7 +586,7 @@ pub(super) async fn start_group(
     consumer.subscribe(&[&topic]).map_err(transport_error)?;
     let consumer = Arc::new(consumer);
     kafka.inner.groups.add(&consumer);
-    let control = Arc::new(Control::new(&kafka.inner.closing));
+    let control = Arc::new(Control::new(&kafka.inner.closing, Some(Arc::clone(&tracker))));
     let dead_letters = super::topic_name(&rpc_core::naming::dead_letter_queue(&topic))?;
     let acker = Arc::new(GroupAcker {
         kafka,
@@ -644,7 +676,16 @@ impl GroupTask {
             if self.control.stopped.load(Ordering::Acquire) || self.sender.is_closed() {
                 break;
             }
-            let full = self.options.prefetch > 0 && self.acker.tracker.outstanding() >= self.options.prefetch as usize;
+            let prefetch = self.options.prefetch as usize;
+            let tracker = &self.acker.tracker;
+            let mut full = prefetch > 0 && tracker.outstanding() >= prefetch;
+            if full && !paused {
+                // Full until the next settle, most often: wait for it rather than drop what was fetched ahead.
+                full = !tracker.wait_for_room(prefetch, FULL_WAIT);
+                if !full {
+                    continue;
+                }
+            }
             let hold = full || self.control.paused.load(Ordering::Acquire);
             if hold != paused {
                 // Paused partitions are still polled, so the consumer keeps taking part in rebalances.
@@ -657,8 +698,13 @@ impl GroupTask {
                 }
                 paused = hold;
             }
-            // While full, look again soon for the room a settle makes.
-            let wait = if full { POLL_FULL } else { POLL };
+            let wait = if full {
+                // Paused for want of room: wait for a settle, then serve the consumer's events (rebalances).
+                tracker.wait_for_room(prefetch, POLL);
+                Duration::ZERO
+            } else {
+                POLL
+            };
             match self.consumer.poll(wait) {
                 None => {}
                 // Stopped: left uncommitted for the group's next owner of the partition.
@@ -718,7 +764,7 @@ pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Er
         .create()
         .map_err(transport_error)?;
     consumer.assign(&offsets(&topic, &[(0, 0)])).map_err(transport_error)?;
-    let control = Arc::new(Control::new(&kafka.inner.closing));
+    let control = Arc::new(Control::new(&kafka.inner.closing, None));
     let (sender, receiver) = mpsc::unbounded_channel();
     let stop = Arc::clone(&control);
     let address = topic.clone();
@@ -814,6 +860,29 @@ mod tests {
         assert_eq!(tracker.settle(tags[0]).expect("held"), Some(Commit { partition: 0, offset: 13, delivered: 14 }));
         assert_eq!(tracker.settle(tags[3]).expect("held"), Some(Commit { partition: 0, offset: 14, delivered: 14 }));
         assert_eq!(tracker.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_full_consumer_finds_room_when_a_delivery_is_settled_elsewhere() {
+        let tracker = Arc::new(Tracker::default());
+        tracker.assign(&[(0, -1, -1)]);
+        let (first, _) = tracker.deliver(0, 0, None, 1);
+        tracker.deliver(0, 1, None, 1);
+        assert!(!tracker.wait_for_room(2, Duration::from_millis(10)), "two held, no room for a third");
+        assert!(tracker.wait_for_room(3, Duration::ZERO), "room under a higher limit");
+        let settler = {
+            let tracker = Arc::clone(&tracker);
+            std::thread::spawn(move || tracker.settle(first).map(|_| ()))
+        };
+        // The settle on another thread wakes the wait long before its bound.
+        assert!(tracker.wait_for_room(2, Duration::from_secs(60)));
+        assert!(settler.join().expect("the settler ran").is_ok());
+        // A consumer that is going waits for nothing.
+        tracker.deliver(0, 2, None, 1);
+        tracker.stop();
+        let started = std::time::Instant::now();
+        assert!(!tracker.wait_for_room(2, Duration::from_secs(60)));
+        assert!(started.elapsed() < Duration::from_secs(30), "the stop ended the wait");
     }
 
     #[test]
