@@ -37,8 +37,9 @@
 //! rebalance first commits what it settled; its deliveries from those partitions are then revoked
 //! ([`Acker::revoked`](rpc_core::transport::Acker::revoked)): a handler not started yet is not run, and a reply
 //! or settle for them fails with [`Error::DeliveryLost`], since the partition's new owner runs the call again.
-//! While a consumer holds its prefetch of unsettled deliveries, its partitions are paused, not left unread:
-//! it keeps taking part in rebalances.
+//! A consumer holding its prefetch of unsettled deliveries waits up to 500 ms for a settle; past that its
+//! partitions are paused, not left unread, so that it keeps taking part in rebalances. (Pausing at once would
+//! cost: librdkafka drops a paused partition's fetched-ahead records and fetches them again on resume.)
 //!
 //! A group's first join waits for the broker's initial rebalance delay (Apache Kafka's
 //! `group.initial.rebalance.delay.ms`, 3 s by default; tansu waits about half the session timeout), so a worker
