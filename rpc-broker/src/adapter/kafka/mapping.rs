@@ -196,6 +196,55 @@ mod tests {
         assert!(queued >= Duration::from_millis(300) && queued < Duration::from_secs(5), "{queued:?}");
     }
 
+    fn header_name() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let known = [
+            headers::KIND,
+            ID,
+            headers::CORRELATION_ID,
+            headers::SERVICE,
+            headers::METHOD,
+            headers::REPLY_TO,
+            headers::REPLY_TO_INBOX,
+            headers::ATTEMPT,
+            headers::DEADLINE_MS,
+            headers::IDEMPOTENCY_KEY,
+            headers::CALLER,
+            headers::STATUS,
+            headers::STATUS_MESSAGE,
+            headers::LAST_STATUS,
+            DELIVERY_COUNT,
+        ];
+        prop_oneof![proptest::sample::select(known.to_vec()).prop_map(str::to_owned), ".{0,12}"]
+    }
+
+    proptest::proptest! {
+        /// Any headers a foreign producer writes (names ours or not, values any bytes or none, repeated) read
+        /// as an envelope without a panic, and that envelope reads back the same from its own headers.
+        #[test]
+        fn any_record_headers_read_as_an_envelope_that_round_trips(
+            fields in proptest::collection::vec(
+                (header_name(), proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..24))),
+                0..20,
+            ),
+            timestamp in proptest::num::i64::ANY,
+        ) {
+            let mut owned = OwnedHeaders::new();
+            for (key, value) in &fields {
+                owned = owned.insert(Header { key: key.as_str(), value: value.as_deref() });
+            }
+            let message = OwnedMessage::new(None, None, "q".into(), Timestamp::CreateTime(timestamp), 0, 0, Some(owned));
+            let (envelope, delivery_count, _) = from_record(&message);
+            let (mut again, count_again, _) = from_record(&record(&envelope, delivery_count, Timestamp::NotAvailable));
+            if again.headers.contains_key(headers::RAW_CORRELATION_ID) {
+                // A foreign correlation id travels verbatim; the id the process goes by is drawn at each read.
+                again.correlation_id = envelope.correlation_id;
+            }
+            proptest::prop_assert_eq!(again, envelope);
+            proptest::prop_assert_eq!(count_again, delivery_count.max(1));
+        }
+    }
+
     #[test]
     fn a_reply_carries_its_status_and_a_foreign_correlation_id_verbatim() {
         let mut request = Envelope::new(Kind::Request);
