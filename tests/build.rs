@@ -11,6 +11,8 @@ fn main() {
         ("MQRPC_TANSU", "mqrpc_tansu"),
         ("MQRPC_AMQP_CTL", "mqrpc_amqp_ctl"),
         ("MQRPC_NATS_SERVER", "mqrpc_nats_server"),
+        ("MQRPC_STOMP_URL", "mqrpc_stomp"),
+        ("MQRPC_STOMP_RABBIT_URL", "mqrpc_stomp_rabbit"),
     ];
     for (variable, cfg) in settings {
         println!("cargo::rustc-check-cfg=cfg({cfg})");

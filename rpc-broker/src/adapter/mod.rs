@@ -19,6 +19,8 @@ pub mod kafka;
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis_dedup;
+#[cfg(feature = "stomp")]
+pub mod stomp;
 
 /// Header names of the envelope fields that have no native place; every name the framework writes starts with
 /// [`headers::PREFIX`], so user headers are the others.

@@ -1,0 +1,621 @@
+//! STOMP 1.2 frames on a byte stream: a [`tokio_util::codec`] decoder and encoder.
+//!
+//! A frame is a command line, header lines `name:value`, a blank line, the body and a NUL byte; lines end with
+//! LF or CR LF. A body with a `content-length` header is exactly that many bytes, NUL bytes included (binary
+//! MessagePack bodies have them); a body without one ends at the first NUL. End-of-lines between frames are
+//! heart-beats ([`Item::Heartbeat`]).
+//!
+//! The bytes come from a server, so nothing is allocated before it is checked against [`Limits`]: a header
+//! block that grows past [`Limits::max_header_bytes`] without its blank line fails as soon as it does, a
+//! `content-length` past [`Limits::max_frame_bytes`] fails before its body is read, and so does a body
+//! without one that grows past it without a NUL. Header names and values are UTF-8 and unescaped (`\r`, `\n`,
+//! `\c` for a colon, `\\`; any other escape is an error), except in CONNECT and CONNECTED frames, which the
+//! spec leaves unescaped. A repeated header keeps every occurrence; [`Frame::get`] returns the first, which
+//! is the one that counts.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// A STOMP 1.2 command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// Client: opens a session.
+    Connect,
+    /// Client: opens a session (the 1.2 name of CONNECT).
+    Stomp,
+    /// Client: a message for a destination.
+    Send,
+    /// Client: starts a subscription.
+    Subscribe,
+    /// Client: ends a subscription.
+    Unsubscribe,
+    /// Client: acknowledges a message.
+    Ack,
+    /// Client: gives a message back.
+    Nack,
+    /// Client: starts a transaction.
+    Begin,
+    /// Client: commits a transaction.
+    Commit,
+    /// Client: rolls a transaction back.
+    Abort,
+    /// Client: ends the session.
+    Disconnect,
+    /// Server: the session is open.
+    Connected,
+    /// Server: a message of a subscription.
+    Message,
+    /// Server: a frame with a `receipt` header was handled.
+    Receipt,
+    /// Server: something went wrong; the server closes the connection after it.
+    Error,
+}
+
+impl Command {
+    const ALL: [Command; 15] = [
+        Command::Connect,
+        Command::Stomp,
+        Command::Send,
+        Command::Subscribe,
+        Command::Unsubscribe,
+        Command::Ack,
+        Command::Nack,
+        Command::Begin,
+        Command::Commit,
+        Command::Abort,
+        Command::Disconnect,
+        Command::Connected,
+        Command::Message,
+        Command::Receipt,
+        Command::Error,
+    ];
+
+    /// The command as it is written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Connect => "CONNECT",
+            Command::Stomp => "STOMP",
+            Command::Send => "SEND",
+            Command::Subscribe => "SUBSCRIBE",
+            Command::Unsubscribe => "UNSUBSCRIBE",
+            Command::Ack => "ACK",
+            Command::Nack => "NACK",
+            Command::Begin => "BEGIN",
+            Command::Commit => "COMMIT",
+            Command::Abort => "ABORT",
+            Command::Disconnect => "DISCONNECT",
+            Command::Connected => "CONNECTED",
+            Command::Message => "MESSAGE",
+            Command::Receipt => "RECEIPT",
+            Command::Error => "ERROR",
+        }
+    }
+
+    fn parse(text: &[u8]) -> Option<Command> {
+        Command::ALL.into_iter().find(|command| command.as_str().as_bytes() == text)
+    }
+
+    /// Whether the frame's headers are escaped: all but CONNECT and CONNECTED (and STOMP, its alias).
+    fn escapes(self) -> bool {
+        !matches!(self, Command::Connect | Command::Stomp | Command::Connected)
+    }
+}
+
+/// One STOMP frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// The command.
+    pub command: Command,
+    /// The headers in their order, unescaped; a repeated name keeps each occurrence.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// A frame of `command` without headers or body.
+    pub fn new(command: Command) -> Frame {
+        Frame { command, headers: Vec::new(), body: Bytes::new() }
+    }
+
+    /// Adds header `name` with `value`.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Frame {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The value of header `name`: its first occurrence, the one the spec says counts.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// What the decoder reads and the encoder writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A frame.
+    Frame(Frame),
+    /// An end-of-line between frames: a heart-beat.
+    Heartbeat,
+}
+
+/// Size limits on the frames a [`StompCodec`] reads and writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest body, and the largest frame written. Default 16 MiB + 64 KiB: the envelope's limit and
+    /// room for its headers.
+    pub max_frame_bytes: usize,
+    /// The largest command line and header block read. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// The most header lines read. Default 128.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_frame_bytes: 16 * 1024 * 1024 + 64 * 1024, max_header_bytes: 64 * 1024, max_headers: 128 }
+    }
+}
+
+/// A frame that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A body (or a frame written) over [`Limits::max_frame_bytes`].
+    #[error("a frame body of {size} bytes is over the limit of {limit}")]
+    FrameTooLarge {
+        /// The size found, or at least reached.
+        size: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// A command line and headers over [`Limits::max_header_bytes`].
+    #[error("frame headers over the limit of {limit} bytes")]
+    HeadersTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// More header lines than [`Limits::max_headers`].
+    #[error("more than {limit} frame headers")]
+    TooManyHeaders {
+        /// The limit.
+        limit: usize,
+    },
+    /// A command line that is no STOMP 1.2 command.
+    #[error("unknown stomp command `{0}`")]
+    UnknownCommand(String),
+    /// A header line without a colon.
+    #[error("header line `{0}` has no colon")]
+    BadHeader(String),
+    /// A backslash not followed by `r`, `n`, `c` or a backslash.
+    #[error("undefined escape in header `{0}`")]
+    BadEscape(String),
+    /// A command or header that is not UTF-8.
+    #[error("a frame's command or header is not utf-8")]
+    NotUtf8,
+    /// A `content-length` that is not a decimal number.
+    #[error("content-length `{0}` is not a length")]
+    BadContentLength(String),
+    /// The `content-length` bytes of a body not followed by a NUL.
+    #[error("a body of content-length {0} is not followed by a nul byte")]
+    MissingNul(usize),
+    /// A header that a CONNECT or CONNECTED frame cannot carry (they are not escaped): a line break, or a
+    /// colon in a name.
+    #[error("header `{0}` cannot be written unescaped in a {1} frame")]
+    Unrepresentable(String, &'static str),
+    /// The stream failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A frame whose command line and headers are read, waiting for its body.
+#[derive(Debug)]
+struct Pending {
+    frame: Frame,
+    /// Bytes of the command line, the headers and the blank line.
+    head: usize,
+    /// The body's `content-length`, if it has one.
+    length: Option<usize>,
+    /// Body bytes already searched for a NUL (bodies without a length).
+    scanned: usize,
+}
+
+/// The STOMP 1.2 codec: decodes [`Item`]s from a server's bytes and encodes them for it.
+#[derive(Debug)]
+pub struct StompCodec {
+    limits: Limits,
+    pending: Option<Pending>,
+}
+
+impl StompCodec {
+    /// A codec that holds frames to `limits`.
+    pub fn new(limits: Limits) -> StompCodec {
+        StompCodec { limits, pending: None }
+    }
+
+    /// Reads a frame's command line and headers from `src`, once the blank line that ends them is there.
+    fn head(&self, src: &[u8]) -> Result<Option<Pending>, FrameError> {
+        let limit = self.limits.max_header_bytes;
+        let Some(head) = head_end(&src[..src.len().min(limit.saturating_add(1))]) else {
+            return if src.len() > limit { Err(FrameError::HeadersTooLarge { limit }) } else { Ok(None) };
+        };
+        if head > limit {
+            return Err(FrameError::HeadersTooLarge { limit });
+        }
+        let mut lines = src[..head].split(|byte| *byte == b'\n').map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+        let command_line = lines.next().unwrap_or_default();
+        let command = Command::parse(command_line)
+            .ok_or_else(|| FrameError::UnknownCommand(String::from_utf8_lossy(command_line).into_owned()))?;
+        let mut frame = Frame::new(command);
+        for line in lines.filter(|line| !line.is_empty()) {
+            if frame.headers.len() == self.limits.max_headers {
+                return Err(FrameError::TooManyHeaders { limit: self.limits.max_headers });
+            }
+            let line = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8)?;
+            let (name, value) = line.split_once(':').ok_or_else(|| FrameError::BadHeader(line.to_owned()))?;
+            let header = match command.escapes() {
+                true => (unescape(name)?, unescape(value)?),
+                false => (name.to_owned(), value.to_owned()),
+            };
+            frame.headers.push(header);
+        }
+        let length = match frame.get("content-length") {
+            Some(text) => {
+                let length: u64 = text.parse().map_err(|_| FrameError::BadContentLength(text.to_owned()))?;
+                if length > self.limits.max_frame_bytes as u64 {
+                    return Err(FrameError::FrameTooLarge { size: length, limit: self.limits.max_frame_bytes });
+                }
+                // Within the limit, which is a usize.
+                Some(length as usize)
+            }
+            None => None,
+        };
+        Ok(Some(Pending { frame, head, length, scanned: 0 }))
+    }
+}
+
+/// Where the header block of a frame at the start of `src` ends (one past its blank line), if it is there.
+fn head_end(src: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(end) = src[start..].iter().position(|byte| *byte == b'\n') {
+        let line = &src[start..start + end];
+        // The command line is never empty (heart-beats are taken off first), so an empty line ends the headers.
+        if start > 0 && (line.is_empty() || line == b"\r") {
+            return Some(start + end + 1);
+        }
+        start += end + 1;
+    }
+    None
+}
+
+fn unescape(text: &str) -> Result<String, FrameError> {
+    if !text.contains('\\') {
+        return Ok(text.to_owned());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next() {
+            Some('r') => '\r',
+            Some('n') => '\n',
+            Some('c') => ':',
+            Some('\\') => '\\',
+            _ => return Err(FrameError::BadEscape(text.to_owned())),
+        });
+    }
+    Ok(out)
+}
+
+fn escape(text: &str, out: &mut BytesMut) {
+    for c in text.chars() {
+        match c {
+            '\r' => out.put_slice(b"\\r"),
+            '\n' => out.put_slice(b"\\n"),
+            ':' => out.put_slice(b"\\c"),
+            '\\' => out.put_slice(b"\\\\"),
+            c => {
+                let mut buffer = [0; 4];
+                out.put_slice(c.encode_utf8(&mut buffer).as_bytes());
+            }
+        }
+    }
+}
+
+impl Decoder for StompCodec {
+    type Item = Item;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Item>, FrameError> {
+        if self.pending.is_none() {
+            if src.starts_with(b"\n") {
+                src.advance(1);
+                return Ok(Some(Item::Heartbeat));
+            }
+            if src.starts_with(b"\r\n") {
+                src.advance(2);
+                return Ok(Some(Item::Heartbeat));
+            }
+            if src.as_ref() == b"\r" {
+                return Ok(None);
+            }
+            match self.head(src)? {
+                Some(pending) => self.pending = Some(pending),
+                None => return Ok(None),
+            }
+        }
+        let Some(pending) = self.pending.as_mut() else { return Ok(None) };
+        let body_end = match pending.length {
+            Some(length) => {
+                let end = pending.head + length;
+                if src.len() <= end {
+                    src.reserve(end + 1 - src.len());
+                    return Ok(None);
+                }
+                if src[end] != 0 {
+                    return Err(FrameError::MissingNul(length));
+                }
+                end
+            }
+            None => {
+                let from = pending.head + pending.scanned;
+                match src[from..].iter().position(|byte| *byte == 0) {
+                    Some(at) => from + at,
+                    None => {
+                        pending.scanned = src.len() - pending.head;
+                        let limit = self.limits.max_frame_bytes;
+                        if pending.scanned > limit {
+                            return Err(FrameError::FrameTooLarge { size: pending.scanned as u64, limit });
+                        }
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let Some(Pending { mut frame, head, .. }) = self.pending.take() else { return Ok(None) };
+        src.advance(head);
+        frame.body = src.split_to(body_end - head).freeze();
+        src.advance(1);
+        Ok(Some(Item::Frame(frame)))
+    }
+}
+
+impl Encoder<Item> for StompCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Item, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match item {
+            Item::Heartbeat => {
+                dst.put_u8(b'\n');
+                Ok(())
+            }
+            Item::Frame(frame) => self.encode(&frame, dst),
+        }
+    }
+}
+
+impl Encoder<&Frame> for StompCodec {
+    type Error = FrameError;
+
+    /// Writes `frame`, with a `content-length` of its body when it has one (any `content-length` among its
+    /// headers is left out, so that it is never wrong).
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let limit = self.limits.max_frame_bytes;
+        if frame.body.len() > limit {
+            return Err(FrameError::FrameTooLarge { size: frame.body.len() as u64, limit });
+        }
+        let start = dst.len();
+        dst.put_slice(frame.command.as_str().as_bytes());
+        dst.put_u8(b'\n');
+        for (name, value) in frame.headers.iter().filter(|(name, _)| name != "content-length") {
+            if frame.command.escapes() {
+                escape(name, dst);
+                dst.put_u8(b':');
+                escape(value, dst);
+            } else {
+                let breaks = |text: &str| text.contains(['\r', '\n']);
+                if breaks(name) || breaks(value) || name.contains(':') {
+                    dst.truncate(start);
+                    return Err(FrameError::Unrepresentable(name.clone(), frame.command.as_str()));
+                }
+                dst.put_slice(name.as_bytes());
+                dst.put_u8(b':');
+                dst.put_slice(value.as_bytes());
+            }
+            dst.put_u8(b'\n');
+        }
+        if !frame.body.is_empty() {
+            dst.put_slice(format!("content-length:{}\n", frame.body.len()).as_bytes());
+        }
+        dst.put_u8(b'\n');
+        dst.put_slice(&frame.body);
+        dst.put_u8(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn decode_all(codec: &mut StompCodec, bytes: &[u8]) -> Result<Vec<Item>, FrameError> {
+        let mut src = BytesMut::from(bytes);
+        let mut items = Vec::new();
+        while let Some(item) = codec.decode(&mut src)? {
+            items.push(item);
+        }
+        Ok(items)
+    }
+
+    /// Feeds `bytes` one at a time, as a slow socket would.
+    fn decode_bytewise(bytes: &[u8]) -> Result<Vec<Item>, FrameError> {
+        let mut codec = StompCodec::new(Limits::default());
+        let mut src = BytesMut::new();
+        let mut items = Vec::new();
+        for byte in bytes {
+            src.put_u8(*byte);
+            while let Some(item) = codec.decode(&mut src)? {
+                items.push(item);
+            }
+        }
+        Ok(items)
+    }
+
+    fn encode(frame: &Frame) -> BytesMut {
+        let mut dst = BytesMut::new();
+        StompCodec::new(Limits::default()).encode(frame, &mut dst).expect("encodes");
+        dst
+    }
+
+    fn frame(item: &Item) -> &Frame {
+        match item {
+            Item::Frame(frame) => frame,
+            Item::Heartbeat => panic!("a heart-beat, not a frame"),
+        }
+    }
+
+    #[test]
+    fn the_specs_connected_and_message_frames_read_with_heart_beats_between() {
+        let bytes =
+            b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0\n\r\nMESSAGE\r\nsubscription:0\r\nmessage-id:007\r\n\
+destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
+        let items = decode_all(&mut StompCodec::new(Limits::default()), bytes).expect("reads");
+        assert_eq!(items.len(), 4);
+        assert_eq!(frame(&items[0]).command, Command::Connected);
+        assert_eq!(frame(&items[0]).get("version"), Some("1.2"));
+        assert_eq!(&items[1..3], [Item::Heartbeat, Item::Heartbeat]);
+        let message = frame(&items[3]);
+        assert_eq!((message.command, message.get("message-id")), (Command::Message, Some("007")));
+        assert_eq!(message.body, Bytes::from_static(b"hello queue a"));
+        assert_eq!(decode_bytewise(bytes).expect("reads byte by byte"), items);
+    }
+
+    #[test]
+    fn a_body_with_nul_bytes_travels_by_content_length() {
+        let mut send = Frame::new(Command::Send).header("destination", "/queue/q");
+        send.body = Bytes::from_static(b"\x82\xa1a\x00\x00\xa1b\0");
+        let bytes = encode(&send);
+        assert!(bytes.starts_with(b"SEND\ndestination:/queue/q\ncontent-length:8\n\n"));
+        let items = decode_all(&mut StompCodec::new(Limits::default()), &bytes).expect("reads");
+        let back = frame(&items[0]);
+        assert_eq!(back.body, send.body);
+        assert_eq!(back.get("content-length"), Some("8"), "kept as received");
+    }
+
+    #[test]
+    fn headers_are_escaped_except_in_connect_frames() {
+        let send = Frame::new(Command::Send).header("a:b", "line\none\r\\two:x");
+        let bytes = encode(&send);
+        assert!(bytes.starts_with(b"SEND\na\\cb:line\\none\\r\\\\two\\cx\n\n\0"), "{bytes:?}");
+        assert_eq!(decode_all(&mut StompCodec::new(Limits::default()), &bytes).expect("reads"), [Item::Frame(send)]);
+        // CONNECT is not escaped: a backslash is itself, and a value may hold a colon.
+        let items =
+            decode_all(&mut StompCodec::new(Limits::default()), b"CONNECT\npasscode:a\\c:b\n\n\0").expect("reads");
+        assert_eq!(frame(&items[0]).get("passcode"), Some("a\\c:b"));
+        let mut dst = BytesMut::new();
+        let refused =
+            StompCodec::new(Limits::default()).encode(&Frame::new(Command::Connect).header("login", "a\nb"), &mut dst);
+        assert!(matches!(refused, Err(FrameError::Unrepresentable(name, "CONNECT")) if name == "login"));
+        assert!(dst.is_empty(), "nothing written of a refused frame");
+    }
+
+    #[test]
+    fn the_first_of_a_repeated_header_counts() {
+        let items =
+            decode_all(&mut StompCodec::new(Limits::default()), b"MESSAGE\nfoo:World\nfoo:Hello\n\n\0").expect("reads");
+        assert_eq!(frame(&items[0]).get("foo"), Some("World"));
+        assert_eq!(frame(&items[0]).headers.len(), 2);
+    }
+
+    #[test]
+    fn bad_frames_are_typed_errors() {
+        type Check = fn(&FrameError) -> bool;
+        let cases: [(&[u8], Check); 6] = [
+            (b"SNED\n\n\0", |error| matches!(error, FrameError::UnknownCommand(command) if command == "SNED")),
+            (b"SEND\nno colon\n\n\0", |error| matches!(error, FrameError::BadHeader(_))),
+            (b"SEND\na:\\t\n\n\0", |error| matches!(error, FrameError::BadEscape(_))),
+            (b"SEND\na:b\\\n\n\0", |error| matches!(error, FrameError::BadEscape(_))),
+            (b"SEND\ncontent-length:x\n\n\0", |error| matches!(error, FrameError::BadContentLength(_))),
+            (b"SEND\ncontent-length:2\n\nabc\0", |error| matches!(error, FrameError::MissingNul(2))),
+        ];
+        for (bytes, expected) in cases {
+            let error = decode_all(&mut StompCodec::new(Limits::default()), bytes).expect_err("refused");
+            assert!(expected(&error), "{:?}: {error}", String::from_utf8_lossy(bytes));
+        }
+        let error = decode_all(&mut StompCodec::new(Limits::default()), b"SEND\na:\xff\n\n\0").expect_err("refused");
+        assert!(matches!(error, FrameError::NotUtf8));
+    }
+
+    #[test]
+    fn limits_are_checked_before_the_bytes_arrive() {
+        let limits = Limits { max_frame_bytes: 100, max_header_bytes: 64, max_headers: 2 };
+        // A content-length of a terabyte fails on its header alone.
+        let error = decode_all(&mut StompCodec::new(limits.clone()), b"SEND\ncontent-length:1000000000000\n\n")
+            .expect_err("refused");
+        assert!(matches!(error, FrameError::FrameTooLarge { size: 1_000_000_000_000, limit: 100 }), "{error}");
+        // A header block past its limit with no blank line yet.
+        let error = decode_all(&mut StompCodec::new(limits.clone()), &[b'a'; 65]).expect_err("refused");
+        assert!(matches!(error, FrameError::HeadersTooLarge { limit: 64 }));
+        let error =
+            decode_all(&mut StompCodec::new(limits.clone()), b"SEND\na:1\nb:2\nc:3\n\n\0").expect_err("refused");
+        assert!(matches!(error, FrameError::TooManyHeaders { limit: 2 }));
+        // A body without a length that grows past the limit with no NUL.
+        let mut unended = b"SEND\n\n".to_vec();
+        unended.extend([b'x'; 101]);
+        let error = decode_all(&mut StompCodec::new(limits.clone()), &unended).expect_err("refused");
+        assert!(matches!(error, FrameError::FrameTooLarge { size: 101, limit: 100 }));
+        // And nothing over the limit is written.
+        let mut big = Frame::new(Command::Send);
+        big.body = Bytes::from(vec![0; 101]);
+        assert!(matches!(
+            StompCodec::new(limits).encode(&big, &mut BytesMut::new()),
+            Err(FrameError::FrameTooLarge { size: 101, limit: 100 })
+        ));
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        proptest::sample::select(Command::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Any frame encodes and decodes back to itself, whole or byte by byte, with a heart-beat around it
+        /// (the content-length the encoder adds aside).
+        #[test]
+        fn frames_round_trip(
+            command in command(),
+            headers in proptest::collection::vec(("[^\r\n:]{0,8}|.{0,8}", ".{0,16}"), 0..8),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut frame = Frame::new(command);
+            for (name, value) in headers {
+                if name == "content-length" || (!command.escapes() && (name.contains([':', '\r', '\n']) || value.contains(['\r', '\n']))) {
+                    continue;
+                }
+                frame.headers.push((name, value));
+            }
+            frame.body = Bytes::from(body);
+            let mut bytes = BytesMut::from(&b"\n"[..]);
+            StompCodec::new(Limits::default()).encode(&frame, &mut bytes).expect("encodes");
+            bytes.put_slice(b"\r\n");
+            let strip = |items: Vec<Item>| -> Vec<Item> {
+                items.into_iter().map(|item| match item {
+                    Item::Frame(mut back) => {
+                        back.headers.retain(|(name, _)| name != "content-length");
+                        Item::Frame(back)
+                    }
+                    heartbeat => heartbeat,
+                }).collect()
+            };
+            let whole = decode_all(&mut StompCodec::new(Limits::default()), &bytes).expect("decodes");
+            let expected = vec![Item::Heartbeat, Item::Frame(frame), Item::Heartbeat];
+            prop_assert_eq!(strip(whole), expected.clone());
+            prop_assert_eq!(strip(decode_bytewise(&bytes).expect("decodes byte by byte")), expected);
+        }
+    }
+}

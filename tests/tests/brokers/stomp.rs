@@ -1,0 +1,116 @@
+//! The STOMP 1.2 connection (`rpc_broker::adapter::stomp::Connection`) against the two real STOMP servers
+//! `.ci/brokers` starts: ActiveMQ Classic (`MQRPC_STOMP_URL`) and RabbitMQ's STOMP plugin
+//! (`MQRPC_STOMP_RABBIT_URL`). A binary body with NUL bytes and headers that need escaping travel both ways
+//! unchanged; a message left unacknowledged when its subscription goes comes again; a refused login is a typed
+//! error. The queues made on RabbitMQ are deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ
+//! drops its idle test queues itself (`.ci/activemq.xml`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_broker::adapter::stomp::codec::{Command, Frame};
+use rpc_broker::adapter::stomp::connection::{ConnectOptions, Connection};
+use rpc_core::Error;
+use uuid::Uuid;
+
+use crate::WAIT;
+
+async fn connect(url: &str) -> Connection {
+    Connection::connect(url, &ConnectOptions::default()).await.expect("connects to the STOMP server")
+}
+
+/// A SEND with a body of every byte value and headers with the characters STOMP escapes comes back as one
+/// MESSAGE, byte for byte; left unacknowledged when its connection goes (a worker that died), it comes again to
+/// a subscription on another connection. (An UNSUBSCRIBE alone gives it back on ActiveMQ, not on RabbitMQ,
+/// which holds it for the connection until it closes.)
+async fn messages_travel_intact_and_come_again_unacked(url: &str, server: &str) -> String {
+    let prefetch = [("activemq.prefetchSize", "1"), ("prefetch-count", "1")];
+    let connection = connect(url).await;
+    assert!(connection.server().starts_with(server), "{} is not {server}", connection.server());
+    let queue = format!("/queue/mqrpc-test-{}", Uuid::new_v4().simple());
+    let body: Bytes = (0..=255u8).chain(*b"\0end\0").collect::<Vec<u8>>().into();
+    let odd = "a:b\\c\nd\re";
+    let mut subscription = connection.subscribe(&queue, "client-individual", &prefetch).await.expect("subscribes");
+    let mut frame = Frame::new(Command::Send)
+        .header("destination", &queue)
+        .header("persistent", "true")
+        .header("mqrpc-odd", odd)
+        .header("content-type", "application/msgpack");
+    frame.body = body.clone();
+    connection.send(frame).await.expect("the server has the message");
+
+    let message = tokio::time::timeout(WAIT, subscription.next()).await.expect("delivered").expect("open");
+    assert_eq!(message.command, Command::Message);
+    assert_eq!(message.body, body, "the body, NUL bytes and all");
+    assert_eq!(message.get("mqrpc-odd"), Some(odd), "the header, unescaped");
+    assert_eq!(message.get("subscription"), Some(subscription.id()));
+    let first_id = message.get("message-id").expect("a message id").to_owned();
+    // Not acknowledged: the connection goes, and the message waits for the next consumer.
+    drop(subscription);
+    drop(connection);
+    let connection = connect(url).await;
+    let mut again = connection.subscribe(&queue, "client-individual", &prefetch).await.expect("subscribes again");
+    let message = tokio::time::timeout(WAIT, again.next()).await.expect("delivered again").expect("open");
+    assert_eq!(message.body, body);
+    if server == "ActiveMQ/" {
+        assert_eq!(message.get("message-id"), Some(first_id.as_str()), "the same message");
+    }
+    connection.ack(message.get("ack").expect("an ack id")).expect("acks");
+    connection.sync().await.expect("the server took the ack");
+    drop(again);
+    drop(connection);
+    // Acknowledged: nothing comes to a subscription on a third connection.
+    let connection = connect(url).await;
+    let mut third = connection.subscribe(&queue, "client-individual", &[]).await.expect("subscribes a third time");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.next()).await.is_err(),
+        "an acknowledged message came again"
+    );
+    queue
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn activemq_carries_stomp_messages_intact_and_redelivers_unacked_ones() {
+    let url = mqrpc_tests::required_url("MQRPC_STOMP_URL");
+    messages_travel_intact_and_come_again_unacked(&url, "ActiveMQ/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(mqrpc_stomp_rabbit),
+    ignore = "needs RabbitMQ's STOMP plugin: MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)"
+)]
+async fn rabbitmq_carries_stomp_messages_intact_and_redelivers_unacked_ones() {
+    let url = mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL");
+    let queue = messages_travel_intact_and_come_again_unacked(&url, "RabbitMQ/").await;
+    let name = queue.trim_start_matches("/queue/");
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["delete_queue", name])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("runs rabbitmqctl");
+    assert!(status.success(), "the test's queue `{name}` is deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(mqrpc_stomp_rabbit),
+    ignore = "needs RabbitMQ's STOMP plugin: MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)"
+)]
+async fn a_refused_login_is_unauthorized_and_a_closed_connection_is_disconnected() {
+    let url = mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL");
+    let wrong = url.replacen("guest:guest@", "guest:wrong-passcode@", 1);
+    assert_ne!(wrong, url, "the URL carries guest's credentials");
+    match Connection::connect(&wrong, &ConnectOptions::default()).await {
+        Err(Error::Unauthorized(message)) => assert!(!message.contains("wrong-passcode"), "{message}"),
+        other => panic!("a wrong passcode connected: {other:?}"),
+    }
+    // A frame the server refuses (a SEND without a destination) is an ERROR: the send fails typed, and the
+    // connection, which the server closes after an ERROR, says so.
+    let connection = connect(&url).await;
+    let refused = connection.send(Frame::new(Command::Send)).await;
+    assert!(matches!(refused, Err(Error::Transport(_))), "{refused:?}");
+    mqrpc_tests::eventually("the connection closes", WAIT, || connection.is_closed()).await;
+    assert!(matches!(connection.send_unconfirmed(Frame::new(Command::Send)), Err(Error::Disconnected)));
+}
