@@ -1,8 +1,8 @@
 //! The STOMP 1.2 connection (`rpc_broker::adapter::stomp::Connection`) against the two real STOMP servers
 //! `.ci/brokers` starts: ActiveMQ Classic (`MQRPC_STOMP_URL`) and RabbitMQ's STOMP plugin
 //! (`MQRPC_STOMP_RABBIT_URL`). A binary body with NUL bytes and headers that need escaping travel both ways
-//! unchanged; a message left unacknowledged when its subscription goes comes again; a refused login is a typed
-//! error. The queues made on RabbitMQ are deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ
+//! unchanged; a message left unacknowledged when its connection goes comes again; a request is answered through
+//! the caller's temp queue, correlation id and all; a refused login is a typed error. The queues made on RabbitMQ are deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ
 //! drops its idle test queues itself (`.ci/activemq.xml`).
 
 use std::time::Duration;
@@ -84,7 +84,62 @@ async fn activemq_carries_stomp_messages_intact_and_redelivers_unacked_ones() {
 async fn rabbitmq_carries_stomp_messages_intact_and_redelivers_unacked_ones() {
     let url = mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL");
     let queue = messages_travel_intact_and_come_again_unacked(&url, "RabbitMQ/").await;
-    let name = queue.trim_start_matches("/queue/");
+    delete_rabbitmq_queue(&queue);
+}
+
+/// A request with a `reply-to` of the caller's private temp queue and a `correlation-id`, answered by a worker
+/// on another connection to the `reply-to` it sees (which the server rewrote): the reply reaches the caller with
+/// its correlation id. ActiveMQ wants a SUBSCRIBE to the temp queue; RabbitMQ makes it on the SEND and refuses
+/// a SUBSCRIBE to it.
+async fn a_request_is_answered_through_a_temp_queue(url: &str, subscribe_to_temp_queue: bool) -> String {
+    let caller = connect(url).await;
+    let temp = "/temp-queue/replies";
+    let mut replies = match subscribe_to_temp_queue {
+        true => caller.subscribe(temp, "auto", &[]).await.expect("subscribes to its temp queue"),
+        false => caller.listen(temp).expect("listens"),
+    };
+    let service = format!("/queue/mqrpc-test-{}", Uuid::new_v4().simple());
+    let worker = connect(url).await;
+    let mut requests = worker.subscribe(&service, "client-individual", &[]).await.expect("the worker subscribes");
+    let request = Frame::new(Command::Send)
+        .header("destination", &service)
+        .header("reply-to", temp)
+        .header("correlation-id", "call:1");
+    caller.send(request).await.expect("the request is queued");
+    let request = tokio::time::timeout(WAIT, requests.next()).await.expect("a request").expect("open");
+    let reply_to = request.get("reply-to").expect("a reply-to").to_owned();
+    assert_ne!(reply_to, temp, "the server names the caller's temp queue for the worker");
+    let mut reply = Frame::new(Command::Send)
+        .header("destination", &reply_to)
+        .header("correlation-id", request.get("correlation-id").expect("a correlation id"));
+    reply.body = Bytes::from_static(b"\x05");
+    worker.send(reply).await.expect("the reply is sent");
+    worker.ack(request.get("ack").expect("an ack id")).expect("acks");
+    let reply = tokio::time::timeout(WAIT, replies.next()).await.expect("a reply").expect("open");
+    assert_eq!((reply.get("correlation-id"), &reply.body[..]), (Some("call:1"), &b"\x05"[..]));
+    service
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn activemq_answers_a_request_through_a_temp_queue() {
+    a_request_is_answered_through_a_temp_queue(&mqrpc_tests::required_url("MQRPC_STOMP_URL"), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(mqrpc_stomp_rabbit),
+    ignore = "needs RabbitMQ's STOMP plugin: MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)"
+)]
+async fn rabbitmq_answers_a_request_through_a_temp_queue() {
+    let url = mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL");
+    let service = a_request_is_answered_through_a_temp_queue(&url, false).await;
+    delete_rabbitmq_queue(&service);
+}
+
+/// Deletes the queue a test's `/queue/X` destination made on RabbitMQ.
+fn delete_rabbitmq_queue(destination: &str) {
+    let name = destination.trim_start_matches("/queue/");
     let status = std::process::Command::new("rabbitmqctl")
         .args(["delete_queue", name])
         .stdout(std::process::Stdio::null())

@@ -355,7 +355,26 @@ impl Connection {
             self.shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
             return Err(error);
         }
-        Ok(Subscription { id, messages, connection: self.clone() })
+        Ok(Subscription { id, messages, connection: self.clone(), subscribed: true })
+    }
+
+    /// Takes the MESSAGE frames whose `subscription` header is `id` without sending a SUBSCRIBE: RabbitMQ's
+    /// replies to a `reply-to:/temp-queue/x` of this connection come so, with `subscription:/temp-queue/x`.
+    /// Dropping it sends no UNSUBSCRIBE.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`]; [`Error::InvalidArgument`] when `id` is taken already.
+    pub fn listen(&self, id: &str) -> Result<Subscription, Error> {
+        if self.is_closed() {
+            return Err(Error::Disconnected);
+        }
+        let (sender, messages) = mpsc::unbounded_channel();
+        let mut subscriptions = self.shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner);
+        if subscriptions.contains_key(id) {
+            return Err(Error::InvalidArgument(format!("subscription `{id}` is taken")));
+        }
+        subscriptions.insert(id.to_owned(), sender);
+        Ok(Subscription { id: id.to_owned(), messages, connection: self.clone(), subscribed: false })
     }
 
     /// Acknowledges the message whose MESSAGE frame carried `ack` as its `ack` header, without a receipt.
@@ -394,6 +413,8 @@ pub struct Subscription {
     id: String,
     messages: mpsc::UnboundedReceiver<Frame>,
     connection: Connection,
+    /// Made by a SUBSCRIBE, which an UNSUBSCRIBE ends.
+    subscribed: bool,
 }
 
 impl Subscription {
@@ -417,7 +438,8 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let shared = &self.connection.shared;
-        if shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id).is_some() {
+        let removed = shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        if removed.is_some() && self.subscribed {
             let _ = shared.send(Item::Frame(Frame::new(Command::Unsubscribe).header("id", &self.id)));
         }
     }
