@@ -418,7 +418,8 @@ impl Groups {
 
 /// The consumers a transport's user dropped whose threads are still leaving their groups (committing what was
 /// settled): [`Transport::flush`](rpc_core::Transport::flush) waits for them, so that a worker that stopped has
-/// left its group before it says so, and the next member's join does not meet its leaving.
+/// left its group before it says so, and so does a new group consumer of the transport, so that its join does
+/// not meet their leaving.
 #[derive(Debug, Default)]
 pub(super) struct Closing {
     count: std::sync::atomic::AtomicUsize,
@@ -554,6 +555,11 @@ pub(super) async fn start_group(
     max_deliveries: Option<u32>,
     start: GroupStart,
 ) -> Result<rpc_core::transport::Consumer, Error> {
+    // A consumer of this transport still leaving its group (one dropped just before) would meet this one's
+    // join, which tansu 0.6 then loses: let it go first.
+    if !kafka.inner.closing.wait(ADMIN_TIMEOUT).await {
+        tracing::debug!(%topic, "a consumer still leaving its group; joining anyway");
+    }
     if start == GroupStart::End {
         start_at_end(&kafka, &topic, &group).await?;
     }
