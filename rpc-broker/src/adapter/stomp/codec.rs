@@ -8,10 +8,12 @@
 //! The bytes come from a server, so nothing is allocated before it is checked against [`Limits`]: a header
 //! block that grows past [`Limits::max_header_bytes`] without its blank line fails as soon as it does, a
 //! `content-length` past [`Limits::max_frame_bytes`] fails before its body is read, and so does a body
-//! without one that grows past it without a NUL. Header names and values are UTF-8 and unescaped (`\r`, `\n`,
-//! `\c` for a colon, `\\`; any other escape is an error), except in CONNECT and CONNECTED frames, which the
-//! spec leaves unescaped. A repeated header keeps every occurrence; [`Frame::get`] returns the first, which
-//! is the one that counts.
+//! without one that grows past it without a NUL. Bytes that arrive a few at a time are each searched once.
+//! The encoder holds frames to the same limits, so that a codec with them reads what it writes.
+//!
+//! Header names and values are UTF-8 and unescaped (`\r`, `\n`, `\c` for a colon, `\\`; any other escape is
+//! an error), except in CONNECT and CONNECTED frames, which the spec leaves unescaped. A repeated header keeps
+//! every occurrence; [`Frame::get`] returns the first, which is the one that counts.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -143,12 +145,12 @@ pub enum Item {
 /// Size limits on the frames a [`StompCodec`] reads and writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// The largest body, and the largest frame written. Default 16 MiB + 64 KiB: the envelope's limit and
-    /// room for its headers.
+    /// The largest body read or written. Default 16 MiB + 64 KiB: the envelope's limit and room for what of
+    /// it travels in the body.
     pub max_frame_bytes: usize,
-    /// The largest command line and header block read. Default 64 KiB.
+    /// The largest command line and header block (its blank line included) read or written. Default 64 KiB.
     pub max_header_bytes: usize,
-    /// The most header lines read. Default 128.
+    /// The most header lines read or written, a `content-length` the encoder adds included. Default 128.
     pub max_headers: usize,
 }
 
@@ -162,7 +164,7 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
-    /// A body (or a frame written) over [`Limits::max_frame_bytes`].
+    /// A body read or written over [`Limits::max_frame_bytes`].
     #[error("a frame body of {size} bytes is over the limit of {limit}")]
     FrameTooLarge {
         /// The size found, or at least reached.
@@ -194,7 +196,7 @@ pub enum FrameError {
     /// A command or header that is not UTF-8.
     #[error("a frame's command or header is not utf-8")]
     NotUtf8,
-    /// A `content-length` that is not a decimal number.
+    /// A `content-length` that is not a decimal number (digits only) that fits in 64 bits.
     #[error("content-length `{0}` is not a length")]
     BadContentLength(String),
     /// The `content-length` bytes of a body not followed by a NUL.
@@ -221,23 +223,54 @@ struct Pending {
     scanned: usize,
 }
 
+/// How far the search for the blank line that ends a header block has gone, kept between calls so that
+/// bytes arriving one at a time are each looked at once.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Where the line being read starts.
+    line: usize,
+    /// Bytes already searched for a line feed.
+    scanned: usize,
+}
+
+impl HeadScan {
+    /// Where the header block at the start of `src` ends (one past its blank line), if it is there. `src` is
+    /// the same buffer as in the previous calls, grown at its end.
+    fn end(&mut self, src: &[u8]) -> Option<usize> {
+        while let Some(at) = src[self.scanned..].iter().position(|byte| *byte == b'\n') {
+            let feed = self.scanned + at;
+            let line = &src[self.line..feed];
+            // The command line is never empty (heart-beats are taken off first), so an empty line ends the headers.
+            if self.line > 0 && (line.is_empty() || line == b"\r") {
+                *self = HeadScan::default();
+                return Some(feed + 1);
+            }
+            self.line = feed + 1;
+            self.scanned = feed + 1;
+        }
+        self.scanned = src.len();
+        None
+    }
+}
+
 /// The STOMP 1.2 codec: decodes [`Item`]s from a server's bytes and encodes them for it.
 #[derive(Debug)]
 pub struct StompCodec {
     limits: Limits,
+    scan: HeadScan,
     pending: Option<Pending>,
 }
 
 impl StompCodec {
     /// A codec that holds frames to `limits`.
     pub fn new(limits: Limits) -> StompCodec {
-        StompCodec { limits, pending: None }
+        StompCodec { limits, scan: HeadScan::default(), pending: None }
     }
 
     /// Reads a frame's command line and headers from `src`, once the blank line that ends them is there.
-    fn head(&self, src: &[u8]) -> Result<Option<Pending>, FrameError> {
+    fn head(&mut self, src: &[u8]) -> Result<Option<Pending>, FrameError> {
         let limit = self.limits.max_header_bytes;
-        let Some(head) = head_end(&src[..src.len().min(limit.saturating_add(1))]) else {
+        let Some(head) = self.scan.end(&src[..src.len().min(limit.saturating_add(1))]) else {
             return if src.len() > limit { Err(FrameError::HeadersTooLarge { limit }) } else { Ok(None) };
         };
         if head > limit {
@@ -262,31 +295,22 @@ impl StompCodec {
         }
         let length = match frame.get("content-length") {
             Some(text) => {
-                let length: u64 = text.parse().map_err(|_| FrameError::BadContentLength(text.to_owned()))?;
-                if length > self.limits.max_frame_bytes as u64 {
-                    return Err(FrameError::FrameTooLarge { size: length, limit: self.limits.max_frame_bytes });
-                }
-                // Within the limit, which is a usize.
-                Some(length as usize)
+                let size = text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_digit())
+                    .then(|| text.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| FrameError::BadContentLength(text.to_owned()))?;
+                let limit = self.limits.max_frame_bytes;
+                let length = usize::try_from(size).ok().filter(|length| *length <= limit);
+                // The body's end and its NUL must also be indices, whatever the limits.
+                let length = length.filter(|length| head.checked_add(*length).is_some_and(|end| end < usize::MAX));
+                Some(length.ok_or(FrameError::FrameTooLarge { size, limit })?)
             }
             None => None,
         };
         Ok(Some(Pending { frame, head, length, scanned: 0 }))
     }
-}
-
-/// Where the header block of a frame at the start of `src` ends (one past its blank line), if it is there.
-fn head_end(src: &[u8]) -> Option<usize> {
-    let mut start = 0;
-    while let Some(end) = src[start..].iter().position(|byte| *byte == b'\n') {
-        let line = &src[start..start + end];
-        // The command line is never empty (heart-beats are taken off first), so an empty line ends the headers.
-        if start > 0 && (line.is_empty() || line == b"\r") {
-            return Some(start + end + 1);
-        }
-        start += end + 1;
-    }
-    None
 }
 
 fn unescape(text: &str) -> Result<String, FrameError> {
@@ -334,10 +358,12 @@ impl Decoder for StompCodec {
         if self.pending.is_none() {
             if src.starts_with(b"\n") {
                 src.advance(1);
+                self.scan = HeadScan::default();
                 return Ok(Some(Item::Heartbeat));
             }
             if src.starts_with(b"\r\n") {
                 src.advance(2);
+                self.scan = HeadScan::default();
                 return Ok(Some(Item::Heartbeat));
             }
             if src.as_ref() == b"\r" {
@@ -402,11 +428,16 @@ impl Encoder<&Frame> for StompCodec {
     type Error = FrameError;
 
     /// Writes `frame`, with a `content-length` of its body when it has one (any `content-length` among its
-    /// headers is left out, so that it is never wrong).
+    /// headers is left out, so that it is never wrong). A frame refused writes nothing.
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         let limit = self.limits.max_frame_bytes;
         if frame.body.len() > limit {
             return Err(FrameError::FrameTooLarge { size: frame.body.len() as u64, limit });
+        }
+        let written = frame.headers.iter().filter(|(name, _)| name != "content-length").count();
+        let lines = written + usize::from(!frame.body.is_empty());
+        if lines > self.limits.max_headers {
+            return Err(FrameError::TooManyHeaders { limit: self.limits.max_headers });
         }
         let start = dst.len();
         dst.put_slice(frame.command.as_str().as_bytes());
@@ -432,6 +463,10 @@ impl Encoder<&Frame> for StompCodec {
             dst.put_slice(format!("content-length:{}\n", frame.body.len()).as_bytes());
         }
         dst.put_u8(b'\n');
+        if dst.len() - start > self.limits.max_header_bytes {
+            dst.truncate(start);
+            return Err(FrameError::HeadersTooLarge { limit: self.limits.max_header_bytes });
+        }
         dst.put_slice(&frame.body);
         dst.put_u8(0);
         Ok(())
@@ -536,12 +571,17 @@ destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
     #[test]
     fn bad_frames_are_typed_errors() {
         type Check = fn(&FrameError) -> bool;
-        let cases: [(&[u8], Check); 6] = [
+        let cases: [(&[u8], Check); 9] = [
             (b"SNED\n\n\0", |error| matches!(error, FrameError::UnknownCommand(command) if command == "SNED")),
             (b"SEND\nno colon\n\n\0", |error| matches!(error, FrameError::BadHeader(_))),
             (b"SEND\na:\\t\n\n\0", |error| matches!(error, FrameError::BadEscape(_))),
             (b"SEND\na:b\\\n\n\0", |error| matches!(error, FrameError::BadEscape(_))),
             (b"SEND\ncontent-length:x\n\n\0", |error| matches!(error, FrameError::BadContentLength(_))),
+            (b"SEND\ncontent-length:+1\n\nx\0", |error| matches!(error, FrameError::BadContentLength(_))),
+            (b"SEND\ncontent-length: 1\n\nx\0", |error| matches!(error, FrameError::BadContentLength(_))),
+            (b"SEND\ncontent-length:99999999999999999999\n\n", |error| {
+                matches!(error, FrameError::BadContentLength(_))
+            }),
             (b"SEND\ncontent-length:2\n\nabc\0", |error| matches!(error, FrameError::MissingNul(2))),
         ];
         for (bytes, expected) in cases {
@@ -570,17 +610,101 @@ destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
         unended.extend([b'x'; 101]);
         let error = decode_all(&mut StompCodec::new(limits.clone()), &unended).expect_err("refused");
         assert!(matches!(error, FrameError::FrameTooLarge { size: 101, limit: 100 }));
-        // And nothing over the limit is written.
+        // Limits as large as they go: a content-length whose end is past any index still fails, not overflows.
+        let unlimited = Limits { max_frame_bytes: usize::MAX, max_header_bytes: usize::MAX, max_headers: usize::MAX };
+        let huge = format!("SEND\ncontent-length:{}\n\n", usize::MAX - 1);
+        let error = decode_all(&mut StompCodec::new(unlimited), huge.as_bytes()).expect_err("refused");
+        assert!(matches!(error, FrameError::FrameTooLarge { limit: usize::MAX, .. }), "{error}");
+    }
+
+    #[test]
+    fn nothing_is_written_that_the_limits_would_not_read() {
+        let limits = Limits { max_frame_bytes: 100, max_header_bytes: 64, max_headers: 2 };
+        let refused = |frame: &Frame| {
+            let mut dst = BytesMut::from(&b"\n"[..]);
+            let error = StompCodec::new(limits.clone()).encode(frame, &mut dst).expect_err("refused");
+            assert_eq!(dst, b"\n"[..], "nothing written of a refused frame");
+            error
+        };
         let mut big = Frame::new(Command::Send);
         big.body = Bytes::from(vec![0; 101]);
-        assert!(matches!(
-            StompCodec::new(limits).encode(&big, &mut BytesMut::new()),
-            Err(FrameError::FrameTooLarge { size: 101, limit: 100 })
-        ));
+        assert!(matches!(refused(&big), FrameError::FrameTooLarge { size: 101, limit: 100 }));
+        // Two headers and the content-length the encoder adds are three lines.
+        let mut three = Frame::new(Command::Send).header("a", "1").header("b", "2");
+        three.body = Bytes::from_static(b"x");
+        assert!(matches!(refused(&three), FrameError::TooManyHeaders { limit: 2 }));
+        // 60 bytes of value, escaped to 120.
+        let long = Frame::new(Command::Send).header("a", &":".repeat(60));
+        assert!(matches!(refused(&long), FrameError::HeadersTooLarge { limit: 64 }));
+        // "SEND\n", "a:" and 37 bytes and "\n", "content-length:100\n", "\n": 65 bytes of head.
+        let mut over = Frame::new(Command::Send).header("a", &"v".repeat(37));
+        over.body = Bytes::from(vec![7; 100]);
+        assert!(matches!(refused(&over), FrameError::HeadersTooLarge { limit: 64 }));
+        // Right at the limits: 64 bytes of head, two lines, a body of 100 bytes.
+        let mut edge = Frame::new(Command::Send).header("a", &"v".repeat(36));
+        edge.body = Bytes::from(vec![7; 100]);
+        let mut bytes = BytesMut::new();
+        StompCodec::new(limits.clone()).encode(&edge, &mut bytes).expect("encodes");
+        assert_eq!(bytes.len(), 64 + 100 + 1);
+        let items = decode_all(&mut StompCodec::new(limits), &bytes).expect("reads");
+        assert_eq!(frame(&items[0]).body, edge.body);
+    }
+
+    #[test]
+    fn a_header_block_arriving_byte_by_byte_is_searched_once() {
+        let bytes = b"MESSAGE\r\ndestination:/queue/a\r\nmessage-id:1\r\n\r\nbody\0";
+        let head = bytes.len() - b"body\0".len();
+        let mut codec = StompCodec::new(Limits::default());
+        let mut src = BytesMut::new();
+        for byte in &bytes[..head - 1] {
+            src.put_u8(*byte);
+            assert_eq!(codec.decode(&mut src).expect("reads"), None);
+            assert_eq!(codec.scan.scanned, src.len(), "every byte searched, none twice");
+        }
+        src.put_slice(&bytes[head - 1..]);
+        let items = decode_all(&mut codec, &src).expect("reads");
+        assert_eq!(frame(&items[0]).get("message-id"), Some("1"));
+        assert_eq!(frame(&items[0]).body, Bytes::from_static(b"body"));
     }
 
     fn command() -> impl Strategy<Value = Command> {
         proptest::sample::select(Command::ALL.to_vec())
+    }
+
+    /// Any bytes; a SEND frame's head of the bytes that matter to it; an encoded frame with bytes changed.
+    fn server_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let special = prop_oneof![Just(b'\n'), Just(b'\r'), Just(b':'), Just(b'\\'), Just(0), Just(b'a')];
+        let mutated = (
+            proptest::collection::vec(any::<u8>(), 0..32),
+            proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..4),
+        )
+            .prop_map(|(body, changes)| {
+                let mut message =
+                    Frame::new(Command::Message).header("destination", "/queue/a").header("subscription", "0");
+                message.body = Bytes::from(body);
+                let mut bytes = encode(&message).to_vec();
+                for (at, byte) in changes {
+                    let at = at.index(bytes.len());
+                    bytes[at] = byte;
+                }
+                bytes
+            });
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..96),
+            proptest::collection::vec(special, 0..48).prop_map(|tail| [&b"SEND\n"[..], &tail].concat()),
+            mutated,
+        ]
+    }
+
+    /// `item` without its `content-length` headers, which the encoder writes of its own.
+    fn without_length(item: Item) -> Item {
+        match item {
+            Item::Frame(mut frame) => {
+                frame.headers.retain(|(name, _)| name != "content-length");
+                Item::Frame(frame)
+            }
+            heartbeat => heartbeat,
+        }
     }
 
     proptest! {
@@ -589,12 +713,13 @@ destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
         #[test]
         fn frames_round_trip(
             command in command(),
-            headers in proptest::collection::vec(("[^\r\n:]{0,8}|.{0,8}", ".{0,16}"), 0..8),
+            headers in proptest::collection::vec(("[^\r\n:]{0,8}|(?s).{0,8}", "(?s).{0,16}"), 0..8),
             body in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let mut frame = Frame::new(command);
             for (name, value) in headers {
-                if name == "content-length" || (!command.escapes() && (name.contains([':', '\r', '\n']) || value.contains(['\r', '\n']))) {
+                let breaks = name.contains([':', '\r', '\n']) || value.contains(['\r', '\n']);
+                if name == "content-length" || (breaks && !command.escapes()) {
                     continue;
                 }
                 frame.headers.push((name, value));
@@ -603,19 +728,28 @@ destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
             let mut bytes = BytesMut::from(&b"\n"[..]);
             StompCodec::new(Limits::default()).encode(&frame, &mut bytes).expect("encodes");
             bytes.put_slice(b"\r\n");
-            let strip = |items: Vec<Item>| -> Vec<Item> {
-                items.into_iter().map(|item| match item {
-                    Item::Frame(mut back) => {
-                        back.headers.retain(|(name, _)| name != "content-length");
-                        Item::Frame(back)
-                    }
-                    heartbeat => heartbeat,
-                }).collect()
-            };
+            let strip = |items: Vec<Item>| items.into_iter().map(without_length).collect::<Vec<_>>();
             let whole = decode_all(&mut StompCodec::new(Limits::default()), &bytes).expect("decodes");
             let expected = vec![Item::Heartbeat, Item::Frame(frame), Item::Heartbeat];
             prop_assert_eq!(strip(whole), expected.clone());
             prop_assert_eq!(strip(decode_bytewise(&bytes).expect("decodes byte by byte")), expected);
+        }
+
+        /// Any bytes, or an encoded frame with some of its bytes changed: the same items or the same error
+        /// whole and byte by byte, and what reads writes back to itself (what a CONNECT frame cannot carry
+        /// aside).
+        #[test]
+        fn any_bytes_read_the_same_whole_and_byte_by_byte(bytes in server_bytes()) {
+            let whole = decode_all(&mut StompCodec::new(Limits::default()), &bytes).map_err(|error| error.to_string());
+            prop_assert_eq!(&whole, &decode_bytewise(&bytes).map_err(|error| error.to_string()));
+            for item in whole.unwrap_or_default() {
+                let mut again = BytesMut::new();
+                if StompCodec::new(Limits::default()).encode(item.clone(), &mut again).is_err() {
+                    continue;
+                }
+                let back = decode_all(&mut StompCodec::new(Limits::default()), &again).expect("what is written reads");
+                prop_assert_eq!(back.into_iter().map(without_length).collect::<Vec<_>>(), vec![without_length(item)]);
+            }
         }
     }
 }
