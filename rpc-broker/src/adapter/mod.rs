@@ -6,7 +6,7 @@
 //! place for them, else as headers named below. The mapping of each broker is documented on its transport.
 
 // The helpers below serve the adapters; a build with none of their features has no use for them.
-#![cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "amqp", feature = "nats", feature = "stomp")), allow(dead_code))]
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,6 +21,18 @@ pub mod nats;
 pub mod redis_dedup;
 #[cfg(feature = "stomp")]
 pub mod stomp;
+
+/// A broker URL without its password, for logs and error messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
 
 /// Header names of the envelope fields that have no native place; every name the framework writes starts with
 /// [`headers::PREFIX`], so user headers are the others.
@@ -174,6 +186,13 @@ pub(crate) fn user_headers(headers: &BTreeMap<String, String>) -> impl Iterator<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_not_logged() {
+        assert_eq!(redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("stomp://me:secret@host:61613/"), "stomp://me:***@host:61613/");
+        assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
 
     #[test]
     fn queued_time_counts_from_the_sending_time_and_ignores_a_clock_ahead() {

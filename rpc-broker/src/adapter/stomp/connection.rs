@@ -77,7 +77,8 @@ impl StompUrl {
     /// # Errors
     /// [`Error::InvalidArgument`] for another scheme, a missing host or a port that is not a number.
     pub fn parse(url: &str) -> Result<StompUrl, Error> {
-        let invalid = |why: &str| Error::InvalidArgument(format!("stomp url `{}`: {why}", redact(url)));
+        let invalid =
+            |why: &str| Error::InvalidArgument(format!("stomp url `{}`: {why}", crate::adapter::redact_url(url)));
         let rest = url.strip_prefix("stomp://").ok_or_else(|| invalid("it must start with stomp://"))?;
         let (authority, path) = rest.split_once('/').map_or((rest, ""), |(authority, path)| (authority, path));
         let (credentials, address) = match authority.rsplit_once('@') {
@@ -100,20 +101,6 @@ impl StompUrl {
         }
         let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
         Ok(StompUrl { host: host.to_owned(), port, login, passcode, vhost })
-    }
-}
-
-/// `url` with its passcode replaced, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((login, _)) => format!("{}{login}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
