@@ -6,7 +6,7 @@
 //! place for them, else as headers named below. The mapping of each broker is documented on its transport.
 
 // The helpers below serve the adapters; a build with none of their features has no use for them.
-#![cfg_attr(not(any(feature = "amqp", feature = "nats", feature = "stomp")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(dead_code))]
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
