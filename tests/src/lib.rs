@@ -201,6 +201,52 @@ impl Harness for AmqpHarness {
     }
 }
 
+/// A STOMP server through [`rpc_broker::adapter::stomp::Stomp`]: ActiveMQ at `MQRPC_STOMP_URL`, or RabbitMQ's
+/// STOMP plugin at `MQRPC_STOMP_RABBIT_URL`. Queues the tests declare on RabbitMQ expire a minute after their last
+/// use; ActiveMQ drops idle ones by the destination policy of `.ci/activemq.xml`.
+#[derive(Debug)]
+pub struct StompHarness {
+    url: String,
+}
+
+impl StompHarness {
+    /// ActiveMQ at `MQRPC_STOMP_URL`.
+    pub fn activemq() -> Result<StompHarness, Skip> {
+        Ok(StompHarness { url: broker_url("MQRPC_STOMP_URL")? })
+    }
+
+    /// RabbitMQ's STOMP plugin at `MQRPC_STOMP_RABBIT_URL`.
+    pub fn rabbitmq() -> Result<StompHarness, Skip> {
+        Ok(StompHarness { url: broker_url("MQRPC_STOMP_RABBIT_URL")? })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A transport of this harness, typed.
+    pub async fn stomp(&self) -> rpc_broker::adapter::stomp::Stomp {
+        rpc_broker::adapter::stomp::Stomp::connect_with(&self.url, stomp_options())
+            .await
+            .expect("connects to the STOMP server")
+    }
+}
+
+impl Harness for StompHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.stomp().await);
+            transport
+        })
+    }
+}
+
+/// The STOMP transport's options in the tests: queues declared on RabbitMQ expire a minute after their last use.
+fn stomp_options() -> rpc_broker::adapter::stomp::StompOptions {
+    rpc_broker::adapter::stomp::StompOptions::new().queue_expires(Duration::from_secs(60))
+}
+
 /// Kafka at `MQRPC_KAFKA_URL` (tansu in CI), through [`rpc_broker::adapter::kafka::Kafka`], with a 2 s group
 /// session: tansu holds a group's first join for about half of it.
 #[derive(Debug)]
@@ -468,8 +514,8 @@ macro_rules! __scenario_suite {
 
 /// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
 /// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
-/// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 2 s group session), else
-/// our broker.
+/// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 2 s group session),
+/// `stomp://` a STOMP server (ActiveMQ, RabbitMQ's plugin), else our broker.
 ///
 /// # Errors
 /// The transport's connection errors.
@@ -485,6 +531,8 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
             Err(_) => rpc_broker::adapter::nats::NatsOptions::new(),
         };
         Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
+    } else if url.starts_with("stomp://") {
+        Ok(Arc::new(rpc_broker::adapter::stomp::Stomp::connect_with(url, stomp_options()).await?))
     } else if let Some(brokers) = url.strip_prefix("kafka://") {
         let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(2));
         Ok(Arc::new(rpc_broker::adapter::kafka::Kafka::connect_with(brokers, options).await?))

@@ -23,6 +23,24 @@ mqrpc_tests::scenario_suite!(
     needs mqrpc_kafka = "needs Kafka: MQRPC_KAFKA_URL (bash .ci/brokers)",
 );
 mqrpc_tests::scenario_suite!(
+    activemq,
+    mqrpc_tests::StompHarness::activemq(),
+    needs mqrpc_stomp = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)",
+    ignore "ActiveMQ deletes a queue only through JMX or its web console; STOMP has no command for it": [
+        deleted_queue_is_gone_with_its_messages,
+    ],
+);
+mqrpc_tests::scenario_suite!(
+    rabbitmq_stomp,
+    mqrpc_tests::StompHarness::rabbitmq(),
+    needs mqrpc_stomp_rabbit = "needs RabbitMQ's STOMP plugin: MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)",
+    ignore "RabbitMQ gives a STOMP client no queue figures (queue_stats), which these read, and deletes a queue only through AMQP or its management API": [
+        deleted_queue_is_gone_with_its_messages,
+        dead_letter_after_max_deliveries,
+        dead_letters_are_listed_and_replayed_with_their_key,
+    ],
+);
+mqrpc_tests::scenario_suite!(
     nats_core,
     mqrpc_tests::NatsHarness::core(),
     needs mqrpc_nats = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)",

@@ -135,6 +135,8 @@ struct Shared {
     subscriptions: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// Set once the connection is closed, for [`Connection::closed`].
+    ended: tokio::sync::watch::Sender<bool>,
     server: String,
     receipt_timeout: Duration,
 }
@@ -151,6 +153,7 @@ impl Shared {
             return;
         }
         tracing::debug!(server = %self.server, why, "stomp connection closed");
+        self.ended.send_replace(true);
         for (_, waiter) in self.receipts.lock().unwrap_or_else(PoisonError::into_inner).drain() {
             let error = match server_error {
                 Some(text) => Error::Transport(format!("the server refused: {text}").into()),
@@ -283,6 +286,7 @@ impl Connection {
             subscriptions: Mutex::default(),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            ended: tokio::sync::watch::Sender::new(false),
             server,
             receipt_timeout: options.receipt_timeout,
         });
@@ -300,6 +304,23 @@ impl Connection {
     /// Whether the connection is closed; everything sent on it then fails with [`Error::Disconnected`].
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Completes once the connection is closed (at once if it is).
+    pub async fn closed(&self) {
+        let mut ended = self.shared.ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+
+    /// Ends the connection with a DISCONNECT and waits for its receipt: the server has handled every frame
+    /// sent before (acks included), and gives back the messages left unacknowledged.
+    ///
+    /// # Errors
+    /// As [`Connection::send`]; the connection is closed either way.
+    pub async fn disconnect(&self) -> Result<(), Error> {
+        let result = self.shared.send_with_receipt(Frame::new(Command::Disconnect)).await;
+        self.shared.close("disconnected", None);
+        result
     }
 
     /// Sends `frame` with a receipt and waits for it: for a SEND, the server has the message.
@@ -379,6 +400,20 @@ impl Connection {
     /// [`Error::Disconnected`].
     pub fn nack(&self, ack: &str) -> Result<(), Error> {
         self.shared.send(Item::Frame(Frame::new(Command::Nack).header("id", ack)))
+    }
+
+    /// Sends `frames` (SENDs, ACKs) in one transaction and waits for the COMMIT's receipt: the server applies
+    /// all of them or, if the connection goes first, none.
+    ///
+    /// # Errors
+    /// As [`Connection::send`].
+    pub async fn transaction(&self, frames: impl IntoIterator<Item = Frame>) -> Result<(), Error> {
+        let transaction = self.shared.id("t");
+        self.shared.send(Item::Frame(Frame::new(Command::Begin).header("transaction", &transaction)))?;
+        for frame in frames {
+            self.shared.send(Item::Frame(frame.header("transaction", &transaction)))?;
+        }
+        self.shared.send_with_receipt(Frame::new(Command::Commit).header("transaction", &transaction)).await
     }
 
     /// Waits until the server has taken every frame sent before (the ACKs and NACKs, which have no answer):

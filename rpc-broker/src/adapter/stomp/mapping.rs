@@ -1,0 +1,337 @@
+//! The envelope as a STOMP frame: `correlation-id`, `reply-to`, `priority` and `persistent` where STOMP and
+//! JMS have them, the other fields as `mqrpc-*` headers, the body as the frame's body.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rpc_core::{Envelope, Error, ReplyTo};
+use uuid::Uuid;
+
+use super::codec::{Command, Frame};
+use crate::adapter::{self, headers};
+
+/// The envelope id (the server writes its own `message-id`).
+pub(super) const ID: &str = "mqrpc-id";
+/// How many times the message was delivered before this copy was sent (a requeue sends a copy with it raised).
+pub(super) const DELIVERY_COUNT: &str = "mqrpc-delivery-count";
+/// The destination prefix of a queue.
+pub(super) const QUEUE_PREFIX: &str = "/queue/";
+
+/// Headers a server or the STOMP spec writes, never user headers.
+const PROTOCOL_HEADERS: &[&str] = &[
+    "destination",
+    "message-id",
+    "subscription",
+    "ack",
+    "receipt",
+    "transaction",
+    "session",
+    "content-type",
+    "content-length",
+    "correlation-id",
+    "reply-to",
+    "expires",
+    "expiration",
+    "priority",
+    "persistent",
+    "timestamp",
+    "redelivered",
+    "type",
+    "original-destination",
+    "transformation",
+];
+
+/// The destination of `queue`: a queue name becomes `/queue/<name>`; an address that is a destination already
+/// (a reply address as the server wrote it, `/remote-temp-queue/...`, `/reply-queue/...`) stays as it is.
+pub(super) fn destination(queue: &str) -> String {
+    if queue.starts_with('/') { queue.to_owned() } else { format!("{QUEUE_PREFIX}{queue}") }
+}
+
+/// How a message is sent: the parts of the mapping that depend on the server and the options.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Outgoing {
+    /// `persistent:true`: the server keeps it on disk (for a durable queue).
+    pub(super) persistent: bool,
+    /// The `priority` header is honoured (ActiveMQ, JMS priorities 0 to 9).
+    pub(super) priority: bool,
+    /// Deliveries made before this copy.
+    pub(super) delivery_count: u32,
+}
+
+/// The SEND frame carrying `envelope` to `destination`.
+///
+/// # Errors
+/// [`Error::Unsupported`] for a priority where the server has none, or a delay.
+pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -> Result<Frame, Error> {
+    adapter::refuse_delay(envelope)?;
+    let mut frame = Frame::new(Command::Send);
+    let pairs = &mut frame.headers;
+    pairs.reserve(16 + envelope.headers.len());
+    let mut push = |name: &str, value: String| pairs.push((name.to_owned(), value));
+    push("destination", destination.to_owned());
+    push(headers::KIND, adapter::kind_name(envelope.kind).to_owned());
+    push(ID, envelope.id.to_string());
+    if let Some(correlation_id) = envelope.correlation_id {
+        let text = match envelope.headers.get(headers::RAW_CORRELATION_ID) {
+            Some(raw) => raw.clone(),
+            None => correlation_id.to_string(),
+        };
+        push("correlation-id", text);
+    }
+    if let Some(reply_to) = &envelope.reply_to {
+        push("reply-to", self::destination(reply_to.address()));
+        if reply_to.is_inbox() {
+            push(headers::REPLY_TO_INBOX, "true".to_owned());
+        }
+    }
+    if !envelope.service.is_empty() {
+        push(headers::SERVICE, envelope.service.clone());
+    }
+    if !envelope.method.is_empty() {
+        push(headers::METHOD, envelope.method.clone());
+    }
+    if envelope.attempt > 1 {
+        push(headers::ATTEMPT, envelope.attempt.to_string());
+    }
+    if let Some(budget) = envelope.deadline_ms {
+        push(headers::DEADLINE_MS, budget.to_string());
+        push(headers::SENT_AT_MS, adapter::now_ms().to_string());
+    }
+    if let Some(key) = &envelope.idempotency_key {
+        push(headers::IDEMPOTENCY_KEY, key.clone());
+    }
+    if let Some(caller) = &envelope.caller {
+        push(headers::CALLER, caller.clone());
+    }
+    if envelope.status != 0 {
+        push(headers::STATUS, envelope.status.to_string());
+    }
+    if let Some(message) = &envelope.status_message {
+        push(headers::STATUS_MESSAGE, message.clone());
+    }
+    if let Some(last) = envelope.last_status {
+        push(headers::LAST_STATUS, last.to_string());
+    }
+    if send.delivery_count > 0 {
+        push(DELIVERY_COUNT, send.delivery_count.to_string());
+    }
+    if let Some(priority) = envelope.priority {
+        if !send.priority {
+            return Err(Error::Unsupported("priorities"));
+        }
+        push("priority", priority.to_string());
+    }
+    if send.persistent {
+        push("persistent", "true".to_owned());
+    }
+    if !envelope.body.is_empty() {
+        push("content-type", "application/msgpack".to_owned());
+    }
+    for (name, value) in adapter::user_headers(&envelope.headers) {
+        push(name, value.to_owned());
+    }
+    frame.body = envelope.body.clone();
+    Ok(frame)
+}
+
+/// What a MESSAGE frame carries: its envelope, how many times it was delivered (this time included), and how
+/// long it was queued (from the sender's clock).
+pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
+    let mut fields = Fields::default();
+    let mut user = BTreeMap::new();
+    for (name, value) in &frame.headers {
+        let value = value.as_str();
+        match name.as_str() {
+            headers::KIND => fields.kind = Some(value),
+            ID => fields.id = Some(value),
+            "correlation-id" => fields.correlation_id = Some(value),
+            "reply-to" => fields.reply_to = Some(value),
+            "redelivered" => fields.redelivered = value == "true",
+            headers::SERVICE => fields.service = Some(value),
+            headers::METHOD => fields.method = Some(value),
+            headers::REPLY_TO_INBOX => fields.reply_to_inbox = value == "true",
+            headers::ATTEMPT => fields.attempt = value.parse().ok(),
+            headers::DEADLINE_MS => fields.deadline_ms = value.parse().ok(),
+            headers::SENT_AT_MS => fields.sent_at_ms = value.parse().ok(),
+            headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
+            headers::CALLER => fields.caller = Some(value),
+            headers::STATUS => fields.status = value.parse().ok(),
+            headers::STATUS_MESSAGE => fields.status_message = Some(value),
+            headers::LAST_STATUS => fields.last_status = value.parse().ok(),
+            "priority" => fields.priority = value.parse().ok(),
+            DELIVERY_COUNT => fields.delivery_count = value.parse().ok(),
+            name if is_user_header(name) => {
+                // The first occurrence counts (STOMP 1.2).
+                user.entry(name.to_owned()).or_insert_with(|| value.to_owned());
+            }
+            _ => {}
+        }
+    }
+    let reply_to = fields.reply_to.map(|address| match address.strip_prefix(QUEUE_PREFIX) {
+        Some(queue) if !fields.reply_to_inbox => ReplyTo::Queue(queue.to_owned()),
+        // A temporary or reply queue of the caller's connection, named as the server wrote it.
+        _ => ReplyTo::Inbox(address.to_owned()),
+    });
+    let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
+    if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
+        envelope.id = id;
+    }
+    envelope.correlation_id = fields.correlation_id.map(|text| {
+        adapter::canonical_correlation(text).unwrap_or_else(|| {
+            // A plain client's own correlation id: kept verbatim for the reply.
+            user.insert(headers::RAW_CORRELATION_ID.to_owned(), text.to_owned());
+            Uuid::new_v4()
+        })
+    });
+    envelope.reply_to = reply_to;
+    envelope.service = fields.service.unwrap_or_default().to_owned();
+    envelope.method = fields.method.unwrap_or_default().to_owned();
+    envelope.attempt = fields.attempt.unwrap_or(1).max(1);
+    envelope.deadline_ms = fields.deadline_ms;
+    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
+    envelope.caller = fields.caller.map(str::to_owned);
+    envelope.status = fields.status.unwrap_or(0);
+    envelope.status_message = fields.status_message.map(str::to_owned);
+    envelope.last_status = fields.last_status;
+    // JMS gives every message a priority (4 by default); only one the sender chose is the envelope's.
+    envelope.priority = fields.priority.filter(|priority| *priority != DEFAULT_PRIORITY && *priority <= 9);
+    envelope.headers = user;
+    envelope.body = frame.body.clone();
+    let queued = match envelope.deadline_ms {
+        Some(_) => adapter::queued_since(fields.sent_at_ms, adapter::now_ms()),
+        None => Duration::ZERO,
+    };
+    let count = fields.delivery_count.unwrap_or(0).saturating_add(1).saturating_add(u32::from(fields.redelivered));
+    (envelope, count, queued)
+}
+
+/// JMS's default priority, which ActiveMQ writes on every message.
+const DEFAULT_PRIORITY: u8 = 4;
+
+/// Whether `name` is a user header: not the framework's, the protocol's, or a server's own.
+fn is_user_header(name: &str) -> bool {
+    adapter::is_user_header(name)
+        && !PROTOCOL_HEADERS.contains(&name)
+        && !name.starts_with("JMS")
+        && !name.starts_with("activemq.")
+        && !name.starts_with("AMQ_")
+        && !name.starts_with("amqp-")
+}
+
+/// The envelope's fields among a frame's headers.
+#[derive(Default)]
+struct Fields<'a> {
+    kind: Option<&'a str>,
+    id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    reply_to_inbox: bool,
+    redelivered: bool,
+    service: Option<&'a str>,
+    method: Option<&'a str>,
+    attempt: Option<u32>,
+    deadline_ms: Option<u64>,
+    sent_at_ms: Option<u64>,
+    idempotency_key: Option<&'a str>,
+    caller: Option<&'a str>,
+    status: Option<u16>,
+    status_message: Option<&'a str>,
+    last_status: Option<u16>,
+    priority: Option<u8>,
+    delivery_count: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use rpc_core::Kind;
+
+    use super::*;
+
+    /// The frame as the server hands it out: SEND becomes MESSAGE, with the server's headers added.
+    fn delivered(mut frame: Frame, redelivered: bool) -> Frame {
+        frame.command = Command::Message;
+        frame.headers.push(("message-id".into(), "ID:host-1".into()));
+        frame.headers.push(("subscription".into(), "s-1".into()));
+        frame.headers.push(("redelivered".into(), redelivered.to_string()));
+        frame
+    }
+
+    fn request() -> Envelope {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::new_v4());
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.reply_to = Some(ReplyTo::Inbox("/temp-queue/inbox-1".into()));
+        envelope.deadline_ms = Some(5_000);
+        envelope.attempt = 3;
+        envelope.idempotency_key = Some("key".into());
+        envelope.caller = Some("billing".into());
+        envelope.priority = Some(7);
+        envelope.headers.insert("order".into(), "7".into());
+        envelope.body = Bytes::from_static(b"\x82\xa1a\x02\xa1b\x03");
+        envelope
+    }
+
+    #[test]
+    fn an_envelope_round_trips_through_a_frame() {
+        let envelope = request();
+        let send = Outgoing { persistent: true, priority: true, delivery_count: 1 };
+        let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
+        assert_eq!(frame.get("persistent"), Some("true"));
+        assert_eq!(frame.body, envelope.body);
+        let (back, count, queued) = from_frame(&delivered(frame, true));
+        assert_eq!(back, envelope);
+        assert_eq!(count, 3, "one copy before, and a redelivery of this one");
+        assert!(queued < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_named_reply_queue_is_a_queue_and_a_server_address_an_inbox() {
+        let mut envelope = request();
+        envelope.reply_to = Some(ReplyTo::Queue("ns.callbacks.sums".into()));
+        envelope.priority = None;
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
+        assert_eq!(frame.get("reply-to"), Some("/queue/ns.callbacks.sums"));
+        assert_eq!(from_frame(&delivered(frame, false)).0.reply_to, envelope.reply_to);
+        let plain = delivered(Frame::new(Command::Send).header("reply-to", "/reply-queue/amq.gen-x"), false);
+        let (back, count, _) = from_frame(&plain);
+        assert_eq!(back.reply_to, Some(ReplyTo::Inbox("/reply-queue/amq.gen-x".into())));
+        assert_eq!((back.kind, count), (Kind::Request, 1));
+    }
+
+    #[test]
+    fn a_plain_clients_correlation_id_is_echoed_verbatim_and_server_headers_are_not_user_headers() {
+        let plain = delivered(
+            Frame::new(Command::Send)
+                .header("correlation-id", "order-7")
+                .header("reply-to", "/temp-queue/r")
+                .header("priority", "4")
+                .header("timestamp", "1")
+                .header("JMSXUserID", "x")
+                .header("tenant", "acme"),
+            false,
+        );
+        let (back, _, _) = from_frame(&plain);
+        assert_eq!(back.headers.get(headers::RAW_CORRELATION_ID).map(String::as_str), Some("order-7"));
+        assert_eq!(back.priority, None, "JMS's default priority is not a chosen one");
+        let user: Vec<_> = adapter::user_headers(&back.headers).collect();
+        assert_eq!(user, [("tenant", "acme")]);
+        let mut reply = Envelope::new(Kind::Reply);
+        reply.correlation_id = back.correlation_id;
+        reply.headers = back.headers.clone();
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        assert_eq!(to_frame(&reply, "/temp-queue/r", send).expect("maps").get("correlation-id"), Some("order-7"));
+    }
+
+    #[test]
+    fn what_the_server_cannot_do_is_refused() {
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        assert!(matches!(to_frame(&request(), "/queue/q", send), Err(Error::Unsupported("priorities"))));
+        let mut delayed = request();
+        delayed.priority = None;
+        delayed.delay_ms = Some(100);
+        assert!(matches!(to_frame(&delayed, "/queue/q", send), Err(Error::Unsupported("delayed delivery"))));
+    }
+}
