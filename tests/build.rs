@@ -13,6 +13,7 @@ fn main() {
         ("MQRPC_NATS_SERVER", "mqrpc_nats_server"),
         ("MQRPC_STOMP_URL", "mqrpc_stomp"),
         ("MQRPC_STOMP_RABBIT_URL", "mqrpc_stomp_rabbit"),
+        ("MQRPC_ACTIVEMQ", "mqrpc_activemq"),
     ];
     for (variable, cfg) in settings {
         println!("cargo::rustc-check-cfg=cfg({cfg})");

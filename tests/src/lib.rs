@@ -207,17 +207,23 @@ impl Harness for AmqpHarness {
 #[derive(Debug)]
 pub struct StompHarness {
     url: String,
+    options: rpc_broker::adapter::stomp::StompOptions,
 }
 
 impl StompHarness {
     /// ActiveMQ at `MQRPC_STOMP_URL`.
     pub fn activemq() -> Result<StompHarness, Skip> {
-        Ok(StompHarness { url: broker_url("MQRPC_STOMP_URL")? })
+        Ok(StompHarness::with(&broker_url("MQRPC_STOMP_URL")?, stomp_options()))
     }
 
     /// RabbitMQ's STOMP plugin at `MQRPC_STOMP_RABBIT_URL`.
     pub fn rabbitmq() -> Result<StompHarness, Skip> {
-        Ok(StompHarness { url: broker_url("MQRPC_STOMP_RABBIT_URL")? })
+        Ok(StompHarness::with(&broker_url("MQRPC_STOMP_RABBIT_URL")?, stomp_options()))
+    }
+
+    /// The server at `url`, with `options`.
+    pub fn with(url: &str, options: rpc_broker::adapter::stomp::StompOptions) -> StompHarness {
+        StompHarness { url: url.to_owned(), options }
     }
 
     /// The server's URL.
@@ -227,7 +233,7 @@ impl StompHarness {
 
     /// A transport of this harness, typed.
     pub async fn stomp(&self) -> rpc_broker::adapter::stomp::Stomp {
-        rpc_broker::adapter::stomp::Stomp::connect_with(&self.url, stomp_options())
+        rpc_broker::adapter::stomp::Stomp::connect_with(&self.url, self.options.clone())
             .await
             .expect("connects to the STOMP server")
     }

@@ -7,7 +7,8 @@
 //! port of its own (`MQRPC_NATS_SERVER` names the binary), killed and started again. Kafka (a private tansu,
 //! `MQRPC_TANSU`) goes down behind a relay that drops its connections, as tansu's memory storage cannot survive a
 //! restart (see [`kafka_restart_during_calls`]). Our own broker runs in the test, dropped and bound
-//! again on the same address.
+//! again on the same address. ActiveMQ runs as a private broker on a port and data directory of its own
+//! (`MQRPC_ACTIVEMQ`), killed with SIGKILL and started again on its journal.
 
 use std::future::IntoFuture;
 use std::net::TcpListener;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
-use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness};
+use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, StompHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -237,6 +238,175 @@ impl Drop for PrivateNats {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
     }
+}
+
+/// An ActiveMQ of the test's own (`MQRPC_ACTIVEMQ` names the `activemq` command, `MQRPC_ACTIVEMQ_CLASSPATH` the
+/// jars it needs besides its own), on a free port, with `.ci/activemq.xml` and a data directory of its own, run in
+/// the foreground (`activemq console`) in a process group of its own: killing the group kills the JVM (SIGKILL,
+/// no shutdown), and starting it again on the same directory recovers its persistent messages from its journal.
+struct PrivateActiveMq {
+    command: String,
+    classpath: String,
+    port: u16,
+    directory: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateActiveMq {
+    fn start() -> PrivateActiveMq {
+        let command = mqrpc_tests::required_url("MQRPC_ACTIVEMQ");
+        let classpath = std::env::var("MQRPC_ACTIVEMQ_CLASSPATH").unwrap_or_default();
+        on_a_free_port("ActiveMQ", |port| {
+            let directory = std::env::temp_dir().join(format!("mqrpc-activemq-{}", Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&directory)?;
+            let configuration = include_str!("../../.ci/activemq.xml")
+                .replace("DATA_DIR", &directory.join("data").to_string_lossy())
+                .replace("127.0.0.1:61623", &format!("127.0.0.1:{port}"))
+                .replace("brokerName=\"mqrpc\"", &format!("brokerName=\"mqrpc-{port}\""));
+            std::fs::write(directory.join("activemq.xml"), configuration)?;
+            let mut server = PrivateActiveMq {
+                command: command.clone(),
+                classpath: classpath.clone(),
+                port,
+                directory,
+                child: None,
+            };
+            server.spawn().map(|()| server)
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("stomp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker and waits until it answers a STOMP CONNECT.
+    fn spawn(&mut self) -> std::io::Result<()> {
+        use std::os::unix::process::CommandExt;
+
+        let user = Command::new("id").arg("-un").output()?;
+        let configuration = format!("xbean:file:{}", self.directory.join("activemq.xml").to_string_lossy());
+        let child = Command::new(&self.command)
+            .args(["console", &configuration])
+            .current_dir(&self.directory)
+            .env("ACTIVEMQ_USER", String::from_utf8_lossy(&user.stdout).trim())
+            .env("ACTIVEMQ_USER_CLASSPATH", &self.classpath)
+            .env("ACTIVEMQ_PIDFILE", self.directory.join("pid"))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let child = self.child.insert(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!("ActiveMQ exited: {status}")));
+            }
+            match stomp_handshake(self.port) {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!("ActiveMQ did not answer: {error}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Kills the broker's process group with SIGKILL and reaps it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = child.wait();
+            // The JVM is gone once nothing listens on its port any more.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Whether an ActiveMQ answers a STOMP CONNECT on `port`.
+fn stomp_handshake(port: u16) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"CONNECT\naccept-version:1.2\nhost:/\n\n\0")?;
+    let mut answer = [0u8; 256];
+    let read = stream.read(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    if answer.starts_with("CONNECTED") && answer.contains("server:ActiveMQ") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("not an ActiveMQ's answer: {answer:?}")))
+    }
+}
+
+impl Drop for PrivateActiveMq {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+/// ActiveMQ killed with SIGKILL and started again on its data directory, while calls run: the transports
+/// reconnect (the main connection, each consumer's own, the inboxes opened again on the new main connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_activemq), ignore = "needs the activemq command: MQRPC_ACTIVEMQ (bash .ci/brokers)")]
+async fn activemq_restart_during_calls() {
+    let server = std::sync::Mutex::new(PrivateActiveMq::start());
+    let harness = StompHarness::with(&server.lock().expect("not poisoned").url(), quick_reconnection());
+    calls_survive(&harness, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        restart_activemq(&server).await;
+    })
+    .await;
+}
+
+/// Requests waiting on ActiveMQ, persistent, survive its SIGKILL: its journal has each one whose receipt came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_activemq), ignore = "needs the activemq command: MQRPC_ACTIVEMQ (bash .ci/brokers)")]
+async fn activemq_queued_requests_survive_a_restart() {
+    let server = std::sync::Mutex::new(PrivateActiveMq::start());
+    let harness = StompHarness::with(&server.lock().expect("not poisoned").url(), quick_reconnection());
+    queued_requests_survive_a_restart(&harness, restart_activemq(&server)).await;
+}
+
+/// ActiveMQ killed while two calls run: the caller's inbox (a temporary queue of its connection) goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_activemq), ignore = "needs the activemq command: MQRPC_ACTIVEMQ (bash .ci/brokers)")]
+async fn activemq_restart_fails_waiting_calls_with_reply_lost() {
+    mqrpc_tests::log_from_env();
+    let server = std::sync::Mutex::new(PrivateActiveMq::start());
+    let url = server.lock().expect("not poisoned").url();
+    let connect = move || -> futures::future::BoxFuture<'static, Arc<dyn Transport>> {
+        let url = url.clone();
+        Box::pin(async move {
+            let transport = rpc_broker::adapter::stomp::Stomp::connect_with(&url, quick_reconnection()).await;
+            Arc::new(transport.expect("connects")) as Arc<dyn Transport>
+        })
+    };
+    let stop = async {
+        tokio::task::block_in_place(|| server.lock().expect("not poisoned").kill());
+    };
+    let start = async {
+        tokio::task::block_in_place(|| server.lock().expect("not poisoned").spawn().expect("starts again"));
+    };
+    waiting_calls_fail_with_reply_lost(&connect, stop, start).await;
+}
+
+fn quick_reconnection() -> rpc_broker::adapter::stomp::StompOptions {
+    rpc_broker::adapter::stomp::StompOptions::new().max_backoff(Duration::from_millis(500))
+}
+
+/// Kills the private ActiveMQ and starts it again on the same port and directory.
+async fn restart_activemq(server: &std::sync::Mutex<PrivateActiveMq>) {
+    tokio::task::block_in_place(|| {
+        let mut server = server.lock().expect("not poisoned");
+        server.kill();
+        std::thread::sleep(Duration::from_secs(1));
+        server.spawn().expect("ActiveMQ starts again on its port");
+    });
 }
 
 /// A tansu (Kafka) broker of the test's own, on a free port, with memory storage. It advertises `advertised` as its

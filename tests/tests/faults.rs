@@ -1,4 +1,5 @@
-//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ, NATS JetStream and Kafka:
+//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ, NATS JetStream, Kafka
+//! and ActiveMQ:
 //! SIGKILL again and again, SIGTERM under load, and SIGSTOP past the heartbeats that hold a worker's
 //! deliveries. Every call is answered, and the effects, counted by an idempotent sink, are each applied once.
 //!
@@ -22,7 +23,9 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use mqrpc_tests::service::ProbeClient;
-use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RemoteHarness, WorkerProcess};
+use mqrpc_tests::{
+    AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RemoteHarness, StompHarness, WorkerProcess,
+};
 use rpc_broker::protocol::{ClientFrame, DEFAULT_MAX_FRAME, FrameCodec, ServerFrame};
 use rpc_broker::{Remote, RemoteOptions};
 use rpc_core::{Client, ConsumeOptions, Error, QueueOptions, Transport, naming};
@@ -253,6 +256,16 @@ async fn kafka_kill_9_of_workers_twenty_times() {
     assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
+/// ActiveMQ over STOMP: a killed worker's connection drops, and ActiveMQ gives the messages it held unacked to
+/// the other workers' subscriptions, marked `redelivered` (attempt 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn activemq_kill_9_of_workers_twenty_times() {
+    let harness = StompHarness::activemq().available();
+    let counts = kill_workers_during_calls(&harness, harness.url(), Options::default()).await;
+    assert_none_lost_and_reexecutions_bounded(&counts);
+}
+
 /// SIGTERM under load: the worker stops taking requests, finishes those it runs, hands back those it holds and
 /// exits; nothing is lost and nothing runs twice.
 fn assert_graceful(counts: &Counts) {
@@ -272,6 +285,14 @@ async fn own_broker_sigterm_of_workers_under_load() {
 #[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn rabbitmq_sigterm_of_workers_under_load() {
     let harness = AmqpHarness::from_env().available();
+    let counts = disrupt_workers_during_calls(&harness, harness.url(), Options::default(), Disruption::Terminate).await;
+    assert_graceful(&counts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn activemq_sigterm_of_workers_under_load() {
+    let harness = StompHarness::activemq().available();
     let counts = disrupt_workers_during_calls(&harness, harness.url(), Options::default(), Disruption::Terminate).await;
     assert_graceful(&counts);
 }

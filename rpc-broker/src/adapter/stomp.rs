@@ -363,18 +363,11 @@ impl Stomp {
         let connection = self.inner.current()?;
         let counters = (!queue.starts_with('/')).then(|| self.inner.counters.of(queue));
         match confirm {
-            Confirm::Sent => connection.send_unconfirmed(frame)?,
             // No receipt, persistent or not: ActiveMQ handles a connection's frames one after another, and a
             // persistent SEND with a receipt holds the next ones until it is on disk. The reply proves the
-            // request arrived; a connection lost before takes the inbox with it.
-            Confirm::ByReply => {
-                connection.send_unconfirmed(frame)?;
-                if let Some(counters) = &counters {
-                    Counters::bump(&counters.published);
-                }
-                connection.closed().await;
-                return Err(Error::Disconnected);
-            }
+            // request arrived; a connection lost before takes the inbox with it, which fails the call with
+            // `ReplyLost`.
+            Confirm::Sent | Confirm::ByReply => connection.send_unconfirmed(frame)?,
             _ => connection.send(frame).await?,
         }
         if let Some(counters) = &counters {

@@ -2,9 +2,11 @@
 //! receipt, and subscriptions whose MESSAGE frames come on a channel of their own.
 //!
 //! A reader task takes the server's frames apart and a writer task sends the frames queued to it, coalescing
-//! them into as few writes as it can. When either side stops (the socket fails, the server sends an ERROR
-//! without a receipt, or its heart-beats stop), the connection is closed: every receipt waited for fails with
-//! [`Error::Disconnected`] and every subscription ends. Reconnecting is the caller's: a new [`Connection`].
+//! them into as few writes as it can. When either side stops (the socket fails, the server sends an ERROR, or its
+//! heart-beats stop), the connection is closed: every receipt waited for fails with [`Error::Disconnected`] (or
+//! the server's ERROR) and every subscription ends. Reconnecting is the caller's: a new [`Connection`]. ActiveMQ
+//! is the exception to the ERROR rule: it refuses a frame it cannot carry out (a SEND to a temporary queue that
+//! is gone) with an ERROR and keeps the connection, so there an ERROR fails only the receipt it names.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -291,7 +293,10 @@ impl Connection {
             receipt_timeout: options.receipt_timeout,
         });
         tokio::spawn(write_frames(writer, queued, send_every, Arc::downgrade(&shared)));
-        tokio::spawn(read_frames(reader, expect_every, Arc::downgrade(&shared)));
+        // ActiveMQ answers a frame it cannot carry out (a SEND to a temporary queue that is gone) with an ERROR and
+        // keeps the connection; other servers close it, as the spec says they must.
+        let errors_close = !shared.server.starts_with("ActiveMQ");
+        tokio::spawn(read_frames(reader, expect_every, errors_close, Arc::downgrade(&shared)));
         let guard = Arc::new(Guard(Arc::downgrade(&shared)));
         Ok(Connection { _guard: guard, shared })
     }
@@ -517,9 +522,9 @@ async fn write_frames(
     }
 }
 
-/// Reads the server's frames and hands them out, until the socket ends, an ERROR without a receipt comes, or
-/// nothing came for twice the server's heart-beat.
-async fn read_frames(mut reader: Reader, every: Option<Duration>, shared: Weak<Shared>) {
+/// Reads the server's frames and hands them out, until the socket ends, an ERROR comes from a server that closes
+/// the connection after one (`errors_close`), or nothing came for twice the server's heart-beat.
+async fn read_frames(mut reader: Reader, every: Option<Duration>, errors_close: bool, shared: Weak<Shared>) {
     let patience = every.map_or(Duration::MAX, |every| every.saturating_mul(2));
     let mut server_error = None;
     let why = loop {
@@ -552,13 +557,23 @@ async fn read_frames(mut reader: Reader, every: Option<Duration>, shared: Weak<S
             }
             Command::Error => {
                 let message = frame.get("message").unwrap_or("error").to_owned();
-                let detail = String::from_utf8_lossy(&frame.body).trim().to_owned();
+                // The first line: ActiveMQ puts a Java stack trace under it.
+                let body = String::from_utf8_lossy(&frame.body);
+                let detail = body.trim().lines().next().unwrap_or_default().to_owned();
                 let text = if detail.is_empty() { message } else { format!("{message}: {detail}") };
                 let waiter = frame
                     .get("receipt-id")
                     .and_then(|id| shared.receipts.lock().unwrap_or_else(PoisonError::into_inner).remove(id));
+                let named = waiter.is_some();
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(Err(Error::Transport(format!("the server refused: {text}").into())));
+                }
+                if !errors_close {
+                    if !named {
+                        // The frame it refused had no receipt: nobody waits to hear of it.
+                        tracing::warn!(server = %shared.server, error = %text, "the server refused a frame");
+                    }
+                    continue;
                 }
                 // The server closes the connection after an ERROR (the spec's rule); what waits for a receipt
                 // fails with it, as the frame that caused it is one of them, when the ERROR does not say which.
