@@ -167,10 +167,12 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
             _ => {}
         }
     }
-    let reply_to = fields.reply_to.map(|address| match address.strip_prefix(QUEUE_PREFIX) {
-        Some(queue) if !fields.reply_to_inbox => ReplyTo::Queue(queue.to_owned()),
+    // An empty `reply-to` names nothing to answer; a bare name is a queue's.
+    let reply_to = fields.reply_to.filter(|address| !address.is_empty()).map(destination);
+    let reply_to = reply_to.map(|address| match address.strip_prefix(QUEUE_PREFIX) {
+        Some(queue) if !fields.reply_to_inbox && !queue.is_empty() => ReplyTo::Queue(queue.to_owned()),
         // A temporary or reply queue of the caller's connection, named as the server wrote it.
-        _ => ReplyTo::Inbox(address.to_owned()),
+        _ => ReplyTo::Inbox(address),
     });
     let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
@@ -323,6 +325,70 @@ mod tests {
         reply.headers = back.headers.clone();
         let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
         assert_eq!(to_frame(&reply, "/temp-queue/r", send).expect("maps").get("correlation-id"), Some("order-7"));
+    }
+
+    fn header_name() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let known = [
+            headers::KIND,
+            ID,
+            "correlation-id",
+            "reply-to",
+            "redelivered",
+            "priority",
+            "destination",
+            headers::SERVICE,
+            headers::METHOD,
+            headers::REPLY_TO_INBOX,
+            headers::ATTEMPT,
+            headers::DEADLINE_MS,
+            headers::SENT_AT_MS,
+            headers::IDEMPOTENCY_KEY,
+            headers::CALLER,
+            headers::STATUS,
+            headers::STATUS_MESSAGE,
+            headers::LAST_STATUS,
+            DELIVERY_COUNT,
+        ];
+        prop_oneof![proptest::sample::select(known.to_vec()).prop_map(str::to_owned), ".{1,12}"]
+    }
+
+    /// `frame` written by the codec and read back, as the server would hand it out.
+    fn through_the_codec(frame: Frame) -> Frame {
+        use tokio_util::codec::{Decoder, Encoder};
+
+        use super::super::codec::{Item, Limits, StompCodec};
+        let mut codec = StompCodec::new(Limits::default());
+        let mut bytes = bytes::BytesMut::new();
+        codec.encode(Item::Frame(frame), &mut bytes).expect("encodes");
+        match codec.decode(&mut bytes).expect("decodes") {
+            Some(Item::Frame(frame)) => delivered(frame, false),
+            other => panic!("not a frame: {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Any headers a foreign sender writes (names ours or not, values any text, repeated) read as an
+        /// envelope without a panic, and that envelope, sent and read back through the codec, is the same.
+        #[test]
+        fn any_message_headers_read_as_an_envelope_that_round_trips(
+            fields in proptest::collection::vec((header_name(), ".{0,24}"), 0..20),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut frame = Frame::new(Command::Message);
+            frame.headers = fields;
+            frame.body = body.into();
+            let (envelope, delivery_count, _) = from_frame(&frame);
+            let send = Outgoing { persistent: true, priority: true, delivery_count: delivery_count - 1 };
+            let sent = to_frame(&envelope, "/queue/q", send).expect("maps");
+            let (mut again, count_again, _) = from_frame(&through_the_codec(sent));
+            if again.headers.contains_key(headers::RAW_CORRELATION_ID) {
+                // A foreign correlation id travels verbatim; the id the process goes by is drawn at each read.
+                again.correlation_id = envelope.correlation_id;
+            }
+            proptest::prop_assert_eq!(again, envelope);
+            proptest::prop_assert_eq!(count_again, delivery_count);
+        }
     }
 
     #[test]
