@@ -12,8 +12,9 @@
 //!
 //! A delivered envelope's `deadline_ms` is what remains of the budget when it is handed out. A transport leaves
 //! it as the sender wrote it and says how long the message waited ([`Delivery::queued`]); the [`Consumer`] takes
-//! that off, once, as the delivery leaves it. A transport drops a delivery whose budget ran out while queued
-//! ([`Delivery::expired`]) instead of handing it out.
+//! that off, once, as the delivery leaves it. A delivery whose budget ran out while queued
+//! ([`Delivery::expired`]) is handed out all the same, and the worker answers it with status 4 (deadline
+//! exceeded) unrun; only a broker that enforces a time to live takes it away while it is queued.
 //!
 //! For implementers: [`Acker`] settles and answers deliveries; [`reply_then_ack`], [`finished`] and
 //! [`answered`] build its futures; [`Cancellations`] tracks per-delivery cancel signals; [`Consumer::from_channel`]
@@ -675,8 +676,8 @@ impl Delivery {
         remaining_ms(self.envelope.deadline_ms, self.queued)
     }
 
-    /// Whether the budget ran out while the message was queued: a transport drops such a delivery (and counts
-    /// it as expired) rather than handing it out.
+    /// Whether the budget ran out while the message was queued: the worker answers such a delivery with status
+    /// 4 (deadline exceeded) and does not run it.
     pub fn expired(&self) -> bool {
         ran_out(self.envelope.deadline_ms, self.queued)
     }

@@ -93,7 +93,7 @@ impl State {
     }
 
     /// Hands out one MESSAGE frame of `connection`, or deals with it here: one that ran out of deliveries goes to
-    /// the dead-letter queue, one whose budget ran out while queued is acked and counted.
+    /// the dead-letter queue unrun.
     async fn take(self: &Arc<Self>, connection: &Connection, frame: Frame, auto_ack: bool) {
         let (envelope, delivery_count, queued) = mapping::from_frame(&frame);
         let received_at = Instant::now();
@@ -125,14 +125,8 @@ impl State {
             }
             return;
         }
+        // One whose budget ran out while queued is handed out all the same: the worker answers it with status 4.
         let delivery = Delivery { envelope, delivery_count, queued, received_at, handle: AckHandle::auto() };
-        if delivery.expired() {
-            if connection.ack(&ack).is_ok() {
-                Counters::bump(&self.counters.acked);
-            }
-            tracing::debug!(destination = %self.target.destination, "dropped a request whose budget ran out queued");
-            return;
-        }
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         self.held().insert(tag, Held { connection: connection.clone(), ack, frame, delivery_count });
         self.counters.unacked.fetch_add(1, Ordering::Relaxed);
