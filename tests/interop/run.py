@@ -3,15 +3,16 @@
 `probe-client` calls a Python worker (worker.py) through the same broker.
 
 Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
-the module docs of rpc-broker/src/adapter/{amqp,nats,kafka}.rs): where the worker does not do what they say, the
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp}.rs): where the worker does not do what they say, the
 check fails.
 
     python3 tests/interop/run.py --worker target/debug/probe-worker --client target/debug/probe-client \
         [--known-gaps tests/interop/known-gaps.txt]
 
 Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
-nats://127.0.0.1:4222), MQRPC_KAFKA_URL (default 127.0.0.1:9092), INTEROP_TRANSPORTS (comma-separated subset of
-broker,rabbitmq,nats,jetstream,kafka).
+nats://127.0.0.1:4222), MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ's STOMP, default
+stomp://127.0.0.1:61623), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,
+activemq).
 """
 
 import argparse
@@ -713,6 +714,200 @@ class KafkaClient:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ActiveMQ through stomp.py (module docs of rpc-broker/src/adapter/stomp.rs)
+# --------------------------------------------------------------------------------------------------------------
+
+def stomp_address(url):
+    """(host, port, login, passcode) of `stomp://[login:passcode@]host:port[/]`."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    login = urllib.parse.unquote(parts.username) if parts.username is not None else None
+    passcode = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return parts.hostname, parts.port or 61613, login, passcode
+
+
+class StompClient:
+    """A plain STOMP 1.2 client (stomp.py, `auto_decode=False` so that bodies stay bytes; stomp.py sends
+    `content-length` with every non-empty body): requests SENT to `/queue/<queue>` with `mqrpc-method`,
+    `reply-to` a `/temp-queue/...` this connection subscribes to, and `correlation-id`; replies matched by
+    `correlation-id`, `mqrpc-status` read from them. Frames are sent from one thread of its own; stomp.py's
+    receiver thread hands what arrives to the event loop."""
+
+    name = "activemq"
+
+    def __init__(self, url, namespace):
+        self.host, self.port, self.login, self.passcode = stomp_address(url)
+        self.queue = f"{namespace}.{SERVICE}"
+        self.destination = f"/queue/{self.queue}"
+        self.inbox = f"/temp-queue/interop-{uuid.uuid4().hex}"
+        self.named_queue = f"/queue/interop-replies-{uuid.uuid4().hex}"
+        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.waiters = {}  # correlation id (str) -> future of Reply
+        self.stray = []  # replies nobody waited for
+        self.receipts = {}  # receipt id -> future
+        self.readers = {}  # subscription id -> list of frames (read_queue)
+        self.errors = []  # ERROR frames that answered no receipt
+        self.next_receipt = 0
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.thread, function, *args)
+
+    async def start(self):
+        self.loop = asyncio.get_running_loop()
+        await self.run(self._start)
+
+    def _start(self):
+        import stomp
+        client = self
+
+        def hand_over(function, *args):
+            try:
+                client.loop.call_soon_threadsafe(function, *args)
+            except RuntimeError:  # the event loop is closed: the run is over
+                pass
+
+        class Listener(stomp.ConnectionListener):
+            def on_message(self, frame):
+                hand_over(client._on_message, frame)
+
+            def on_receipt(self, frame):
+                hand_over(client._on_receipt, frame.headers.get("receipt-id"), None)
+
+            def on_error(self, frame):
+                receipt = frame.headers.get("receipt-id")
+                why = f"ERROR {frame.headers.get('message')!r}: {frame.body[:200]!r}"
+                hand_over(client._on_receipt, receipt, why)
+
+        self.connection = stomp.Connection12([(self.host, self.port)], auto_decode=False, heartbeats=(0, 0),
+                                             reconnect_attempts_max=1, timeout=5)
+        expect(self.connection.auto_content_length, "stomp.py would send bodies without content-length")
+        self.connection.set_listener("interop", Listener())
+        self.connection.connect(self.login, self.passcode, wait=True, with_connect_command=True)
+        self.connection.subscribe(self.inbox, "inbox", ack="auto")
+        self.connection.subscribe(self.named_queue, "named", ack="auto")
+
+    def _on_message(self, frame):
+        subscription = frame.headers.get("subscription")
+        if subscription in self.readers:
+            self.readers[subscription].append(frame)
+            return
+        headers = frame.headers
+        status = headers.get("mqrpc-status")
+        try:
+            status = int(status) if status is not None else 0
+        except ValueError:
+            status = -1
+        reply = Reply(status, headers.get("mqrpc-status-message"), frame.body or b"", headers.get("correlation-id"),
+                      raw=frame)
+        future = self.waiters.pop(reply.correlation, None)
+        if future is None or future.done():
+            self.stray.append(reply)
+        else:
+            future.set_result(reply)
+
+    def _on_receipt(self, receipt, error):
+        future = self.receipts.pop(receipt, None) if receipt is not None else None
+        if future is None:
+            if error is not None:
+                self.errors.append(error)
+        elif not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(CheckFailed(f"the server refused a frame: {error}"))
+
+    async def stop(self):
+        try:
+            await asyncio.wait_for(self.run(self.connection.disconnect), 5)
+        except Exception:
+            pass
+        self.thread.shutdown(wait=False)
+
+    def _send(self, frames):
+        """frames: [(destination, body, headers)], sent in order."""
+        for destination, body, headers in frames:
+            self.connection.send(destination, body, content_type="application/msgpack", headers=dict(headers))
+
+    async def send(self, frames, confirm=False):
+        """Sends the frames; with `confirm`, the last asks for a receipt, which is waited for (the server handles
+        a connection's frames in order, so it confirms all of them)."""
+        future = None
+        if confirm and frames:
+            self.next_receipt += 1
+            receipt = f"interop-{self.next_receipt}"
+            future = self.receipts[receipt] = self.loop.create_future()
+            destination, body, headers = frames[-1]
+            frames = frames[:-1] + [(destination, body, {**headers, "receipt": receipt})]
+        await self.run(self._send, frames)
+        if future is not None:
+            try:
+                await asyncio.wait_for(future, CALL_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise CheckFailed(f"no receipt within {CALL_TIMEOUT:.0f} s")
+
+    def request_headers(self, method, correlation, deadline=None, named=False, headers=None):
+        """The headers a plain STOMP client calls with (module docs of stomp.rs)."""
+        hdrs = {}
+        if method is not None:
+            hdrs["mqrpc-method"] = method
+        hdrs["reply-to"] = self.named_queue if named else self.inbox
+        hdrs["correlation-id"] = correlation
+        if deadline is not None:
+            hdrs["mqrpc-deadline-ms"] = str(deadline)
+        hdrs.update({name: str(value) for name, value in (headers or {}).items()})
+        return hdrs
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   headers=None, named=False):
+        correlation = correlation if correlation is not None else str(uuid.uuid4())
+        hdrs = self.request_headers(method, correlation, deadline, named, headers)
+        body = raw_body if raw_body is not None else pack(args)
+        future = self.waiters[correlation] = self.loop.create_future()
+        await self.send([(self.destination, body, hdrs)])
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.pop(correlation, None)
+            return None
+
+    async def call_many(self, requests, timeout):
+        """requests: [(correlation, method, args)]; returns {correlation: Reply} of those answered in time."""
+        futures = {}
+        frames = []
+        for correlation, method, args in requests:
+            futures[correlation] = self.waiters[correlation] = self.loop.create_future()
+            frames.append((self.destination, pack(args), self.request_headers(method, correlation, deadline=30_000)))
+        await self.send(frames)
+        done, _ = await asyncio.wait(futures.values(), timeout=timeout)
+        for correlation, future in futures.items():
+            if future not in done:
+                self.waiters.pop(correlation, None)
+        return {c: f.result() for c, f in futures.items() if f in done}
+
+    async def oneway(self, method, args, headers=None):
+        """No `reply-to`: a oneway call, confirmed by a receipt."""
+        hdrs = {"mqrpc-method": method}
+        hdrs.update(headers or {})
+        await self.send([(self.destination, pack(args), hdrs)], confirm=True)
+
+    async def read_queue(self, destination, want, timeout):
+        """The messages of `destination` for which `want(headers)` holds, read (and so taken) by a subscription
+        of their own for up to `timeout` s; returns as soon as one is found."""
+        subscription = f"read-{uuid.uuid4().hex[:8]}"
+        frames = self.readers[subscription] = []
+        await self.run(lambda: self.connection.subscribe(destination, subscription, ack="auto"))
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not any(want(frame.headers) for frame in frames):
+                await asyncio.sleep(0.05)
+        finally:
+            await self.run(lambda: self.connection.unsubscribe(subscription))
+            await asyncio.sleep(0.2)
+            self.readers.pop(subscription, None)
+        return [frame for frame in frames if want(frame.headers)]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------------
 
@@ -732,7 +927,7 @@ async def check_result(client, ctx):
     """add(2, 3) = 5, the reply matched by its correlation id."""
     if isinstance(client, MqrpcClient):
         correlation = uuid.uuid4().bytes
-    elif isinstance(client, (AmqpClient, KafkaClient)):
+    elif isinstance(client, (AmqpClient, KafkaClient, StompClient)):
         correlation = str(uuid.uuid4())
     else:
         correlation = None
@@ -743,11 +938,15 @@ async def check_result(client, ctx):
 
 
 async def check_result_named_reply_queue(client, ctx):
-    """RabbitMQ: the reply to a named (non-inbox) queue, the `reply_to` of a plain client."""
+    """RabbitMQ: the reply to a named (non-inbox) queue, the `reply_to` of a plain client. ActiveMQ: `reply-to`
+    a `/queue/<name>` the client subscribes to."""
     correlation = str(uuid.uuid4())
     reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation, named=True)
     ok_value(reply, 5, "add(2, 3) answered on a named reply queue")
     expect(reply.correlation == correlation, f"correlation {reply.correlation!r} != {correlation!r}")
+    if isinstance(client, StompClient):
+        subscription = reply.raw.headers.get("subscription")
+        expect(subscription == "named", f"the reply came on the subscription {subscription!r}, not the named queue's")
 
 
 async def check_result_mqrpc_form(client, ctx):
@@ -1008,7 +1207,7 @@ async def run_concurrent(client, ids):
         replies = await client.call_many(requests, 60)
         stray = sorted(client.replies)
         client.replies.clear()
-    elif isinstance(client, KafkaClient):
+    elif isinstance(client, (KafkaClient, StompClient)):
         replies = await client.call_many([(c, "add", args[c]) for c in ids], 60)
         stray = [reply.correlation for reply in client.stray]
         client.stray.clear()
@@ -1121,6 +1320,30 @@ async def check_reply_kind_dead_lettered(client, ctx):
     await alive(client)
 
 
+async def check_reply_kind_dead_lettered_queue(client, ctx):
+    """ActiveMQ: a message of kind reply (`mqrpc-kind: reply`) on a service queue is dead-lettered (conformance.md,
+    What a worker answers), no answer; the module docs of stomp.rs: "a copy on `<queue>.dlq`"."""
+    correlation = str(uuid.uuid4())
+    reply = await client.call("add", {"a": 2, "b": 3}, correlation=correlation, headers={"mqrpc-kind": "reply"},
+                              timeout=SILENCE)
+    expect(reply is None, f"an answer to a message of kind reply: {reply!r}")
+    dlq = f"/queue/{client.queue}.dlq"
+    found = await client.read_queue(dlq, lambda headers: headers.get("correlation-id") == correlation, 10)
+    expect(found, f"the reply-kind message is not on {dlq} within 10 s")
+    await alive(client)
+
+
+async def check_user_headers(client, ctx):
+    """ActiveMQ: "user headers travel as headers" (module docs of stomp.rs), and "a reply echoes its request's
+    headers" (wire-format.md, `h`): two headers of the caller's own, one with a `:` and a `\\` (STOMP 1.2 escapes
+    them), come back on the reply with the same values."""
+    sent = {"interop-tag": f"tag-{uuid.uuid4().hex[:8]}", "interop-escaped": "a:b\\c"}
+    reply = await client.call("add", {"a": 2, "b": 3}, headers=sent)
+    ok_value(reply, 5, "add(2, 3) with user headers")
+    got = {name: reply.raw.headers.get(name) for name in sent}
+    expect(got == sent, f"the reply's user headers are {got!r}, expected {sent!r}")
+
+
 async def check_reply_topic_escaped(client, ctx):
     """Kafka: `mqrpc-reply-to` is "a topic it reads"; a reply topic whose name has `_` (common in Kafka) gets the
     reply, under that very name."""
@@ -1208,6 +1431,14 @@ CHECKS = {
               check_old_record_timestamp, check_oneway, check_concurrent_canonical_ids,
               check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
               check_concurrent, check_reply_topic_escaped, check_dead_letter_escaped_queue, check_worker_alive],
+    # ActiveMQ over STOMP: no header carries the envelope's version, so no wrong_version; the time budget is
+    # `mqrpc-deadline-ms` (STOMP's `expires` is not in the module docs), the time queued `mqrpc-sent-at-ms`.
+    "activemq": [check_result, check_result_named_reply_queue, check_application_error, check_unknown_method,
+                 check_bad_arguments, check_positional_arguments, check_deadline_propagates, check_garbage_body,
+                 check_missing_method, check_status_on_request, check_reply_kind_dead_lettered_queue,
+                 check_expired_deadline, check_old_send_time, check_user_headers, check_oneway,
+                 check_concurrent_canonical_ids, check_correlation_upper_case_uuid, check_correlation_simple_uuid,
+                 check_correlation_non_uuid, check_concurrent, check_worker_alive],
 }
 
 
@@ -1293,6 +1524,9 @@ async def run_transport(transport, args, results):
             elif transport == "nats":
                 url = args.nats_url
                 client = NatsClient(url, namespace)
+            elif transport == "activemq":
+                url = args.stomp_url
+                client = StompClient(url, namespace)
             elif transport == "kafka":
                 url = f"kafka://{kafka_bootstrap(args.kafka_url)}"
                 client = KafkaClient(url, namespace)
@@ -1500,8 +1734,11 @@ async def main():
     parser.add_argument("--nats-url", default=os.environ.get("MQRPC_NATS_URL", "nats://127.0.0.1:4222"))
     parser.add_argument("--kafka-url", default=os.environ.get("MQRPC_KAFKA_URL", "127.0.0.1:9092"),
                         help="host:port (or kafka://host:port) of a Kafka-protocol broker")
+    parser.add_argument("--stomp-url", default=os.environ.get("MQRPC_STOMP_URL", "stomp://127.0.0.1:61623"),
+                        help="stomp://[login:passcode@]host:port of ActiveMQ's STOMP connector")
     parser.add_argument("--transports",
-                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka"))
+                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka,activemq"),
+                        help="comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,activemq")
     parser.add_argument("--log-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mqrpc-interop"),
                         help="where the worker's and broker's stderr go")
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -2,14 +2,14 @@
 """A Python worker for the suite's `suite.Probe` service, for the Rust client to call (run.py's second phase).
 
 Written from the documents only — docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
-the module docs of rpc-broker/src/adapter/{amqp,nats,kafka}.rs — the way a developer in another language would
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp}.rs — the way a developer in another language would
 write a worker.
 
     worker.py TRANSPORT URL NAMESPACE
 
 TRANSPORT is `broker` (our broker over raw TCP), `rabbitmq` (pika), `nats` (core NATS, nats-py), `jetstream`
-(nats-py; the stream names start with MQRPC_PROBE_STREAM_PREFIX, default `MQRPC`) or `kafka` (kafka-python; URL
-`kafka://host:port` or `host:port`). The worker consumes the
+(nats-py; the stream names start with MQRPC_PROBE_STREAM_PREFIX, default `MQRPC`), `kafka` (kafka-python; URL
+`kafka://host:port` or `host:port`) or `activemq` (stomp.py; URL `stomp://[login:passcode@]host:port`). The worker consumes the
 service queue `NAMESPACE.suite.Probe`, prints `ready` once consuming and serves until SIGTERM, then prints
 `stopped handled=N` and exits 0.
 
@@ -675,6 +675,109 @@ class KafkaWorker:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ActiveMQ through stomp.py (module docs of rpc-broker/src/adapter/stomp.rs)
+# --------------------------------------------------------------------------------------------------------------
+
+class StompWorker:
+    """A stomp.py connection (STOMP 1.2, bodies as bytes) whose receiver thread serves: SUBSCRIBE to
+    `/queue/<queue>` with `ack:client-individual` and `activemq.prefetchSize:64`; each request answered by a SEND
+    to its `reply-to` with `correlation-id` echoed, then ACKed."""
+
+    def __init__(self, url, namespace, probe):
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        self.address = (parts.hostname, parts.port or 61613)
+        self.login = urllib.parse.unquote(parts.username) if parts.username is not None else None
+        self.passcode = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        self.queue = f"{namespace}.{SERVICE}"
+        self.probe = probe
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.failure = None
+        self.receipts = set()
+
+    def run(self):
+        try:
+            import stomp
+            worker = self
+
+            class Listener(stomp.ConnectionListener):
+                def on_message(self, frame):
+                    try:
+                        worker.on_message(frame)
+                    except Exception as error:  # noqa: BLE001
+                        log(f"stomp: {error!r}")
+
+                def on_receipt(self, frame):
+                    worker.receipts.add(frame.headers.get("receipt-id"))
+
+                def on_error(self, frame):
+                    log(f"stomp: ERROR {frame.headers.get('message')!r}")
+
+                def on_disconnected(self):
+                    if not worker.stopping.is_set():
+                        worker.failure = RuntimeError("disconnected")
+                        worker.stopping.set()
+
+            self.connection = stomp.Connection12([self.address], auto_decode=False, heartbeats=(0, 0),
+                                                 reconnect_attempts_max=1, timeout=5)
+            self.connection.set_listener("worker", Listener())
+            self.connection.connect(self.login, self.passcode, wait=True, with_connect_command=True)
+            self.connection.subscribe(f"/queue/{self.queue}", "service", ack="client-individual",
+                                      headers={"activemq.prefetchSize": "64"}, receipt="subscribed")
+            deadline = time.monotonic() + 10
+            while "subscribed" not in self.receipts:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no receipt for the SUBSCRIBE within 10 s")
+                time.sleep(0.05)
+            self.ready.set()
+            while not self.stopping.wait(0.2):
+                pass
+            if self.connection.is_connected():
+                self.connection.unsubscribe("service")
+                self.connection.disconnect()
+        except Exception as error:  # noqa: BLE001
+            self.failure = error
+            log(f"stomp: {error!r}")
+            self.ready.set()
+
+    def on_message(self, frame):
+        headers = frame.headers
+        body = frame.body or b""
+        reply_to = headers.get("reply-to")
+        kind = KIND_NAMES.get(headers.get("mqrpc-kind"), REQUEST if reply_to else ONEWAY)
+        if kind == REPLY:
+            # Not a request: a copy, headers and all, on `<queue>.dlq`; no answer.
+            copy = {name: value for name, value in headers.items()
+                    if name not in ("destination", "subscription", "message-id", "ack", "content-length")}
+            self.connection.send(f"/queue/{self.queue}.dlq", body, headers=copy)
+            self.connection.ack(headers["ack"])
+            return
+        deadline = header_int(headers.get("mqrpc-deadline-ms"))
+        sent_at = header_int(headers.get("mqrpc-sent-at-ms"))
+        if sent_at is None:
+            sent_at = header_int(headers.get("timestamp"))  # the JMS timestamp ActiveMQ sets, ms
+        queued = now_ms() - sent_at if sent_at else 0
+        if header_int(headers.get("mqrpc-status")):
+            status, message, result = INVALID_REQUEST, "a request carries no status", b""
+        else:
+            status, message, result = self.probe.handle(headers.get("mqrpc-method", ""), body,
+                                                        remaining(deadline, queued))
+        if kind == REQUEST and reply_to:
+            reply = {"mqrpc-kind": "reply", "mqrpc-id": str(uuid.uuid4())}
+            if "correlation-id" in headers:
+                reply["correlation-id"] = headers["correlation-id"]
+            for name in ("mqrpc-service", "mqrpc-method"):
+                if headers.get(name):
+                    reply[name] = headers[name]
+            if status:
+                reply["mqrpc-status"] = str(status)
+                reply["mqrpc-status-message"] = message or ""
+            self.connection.send(reply_to, result, content_type="application/msgpack", headers=reply)
+        self.connection.ack(headers["ack"])
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 async def serve_async(worker):
     stop = asyncio.Event()
@@ -705,8 +808,8 @@ def serve_threaded(worker):
 
 
 def main():
-    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream", "kafka"):
-        print("usage: worker.py broker|rabbitmq|nats|jetstream|kafka URL NAMESPACE", file=sys.stderr)
+    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream", "kafka", "activemq"):
+        print("usage: worker.py broker|rabbitmq|nats|jetstream|kafka|activemq URL NAMESPACE", file=sys.stderr)
         return 2
     transport, url, namespace = sys.argv[1:]
     probe = Probe()
@@ -714,6 +817,8 @@ def main():
         serve_threaded(AmqpWorker(url, namespace, probe))
     elif transport == "kafka":
         serve_threaded(KafkaWorker(url, namespace, probe))
+    elif transport == "activemq":
+        serve_threaded(StompWorker(url, namespace, probe))
     elif transport == "broker":
         asyncio.run(serve_async(BrokerWorker(url, namespace, probe)))
     else:
