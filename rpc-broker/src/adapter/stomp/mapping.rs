@@ -357,7 +357,7 @@ mod tests {
     fn through_the_codec(frame: Frame) -> Frame {
         use tokio_util::codec::{Decoder, Encoder};
 
-        use super::super::codec::{Item, Limits, StompCodec};
+        use crate::adapter::stomp::codec::{Item, Limits, StompCodec};
         let mut codec = StompCodec::new(Limits::default());
         let mut bytes = bytes::BytesMut::new();
         codec.encode(Item::Frame(frame), &mut bytes).expect("encodes");
