@@ -38,6 +38,12 @@
 //! and both mark a released one). [`QueueOptions::max_deliveries`] is kept by the process that declared the
 //! queue: STOMP has no place for it.
 //!
+//! A frame past the codec's [`codec::Limits`] (16 MiB and 64 KiB of body over, 128 headers, a 64 KiB header
+//! block) closes the connection that reads it, and the server then delivers the message again, to a consumer that
+//! cannot read it either. Hold senders to the same limits at the server: ActiveMQ's STOMP connector takes
+//! `?wireFormat.maxDataLength=16777216` (`.ci/activemq.xml` sets it), though its header limits (1,000 headers of
+//! 10 KiB) are fixed above ours.
+//!
 //! The main connection is supervised: when it is lost, publishes fail at once with [`Error::Disconnected`] while
 //! it reconnects with exponential backoff and jitter; inboxes are opened again on the new connection (replies on
 //! their way meanwhile are lost, which fails their calls with [`Error::ReplyLost`]). Each consumer reconnects and
