@@ -1,7 +1,8 @@
 //! The benchmark: `add(a, b)` over mqrpc and over what a user would otherwise pick, side by side in one run.
 //!
-//! With RabbitMQ on 127.0.0.1:5672, NATS on 127.0.0.1:4222 and a Kafka-protocol broker on 127.0.0.1:9092
-//! (`bash .ci/brokers` starts them, Kafka as tansu), from the repository root:
+//! With RabbitMQ on 127.0.0.1:5672, NATS on 127.0.0.1:4222, a Kafka-protocol broker on 127.0.0.1:9092 and
+//! ActiveMQ's STOMP connector on 127.0.0.1:61623 (`bash .ci/brokers` starts them, Kafka as tansu), from the
+//! repository root:
 //!
 //! ```text
 //! cargo run --release -p mqrpc-bench                       # 3 rounds, 20,000 calls per latency run
@@ -23,6 +24,8 @@
 //! | `rabbitmq` | mqrpc on RabbitMQ, worker in another process |
 //! | `kafka-raw` | hand-written rdkafka RPC: a reply topic per client read without a group, correlation ids, a consumer-group process |
 //! | `kafka` | mqrpc on Kafka, worker in another process |
+//! | `activemq-raw` | hand-written STOMP RPC on ActiveMQ: a temporary reply queue on the calling connection, correlation ids, a `client-individual` subscriber process with a prefetch; requests `persistent:true` without a receipt and replies not persistent, as the `activemq` variant sends them |
+//! | `activemq` | mqrpc on ActiveMQ over STOMP, worker in another process |
 //! | `tarpc` | tarpc over TCP, server in another process: direct RPC with no queue (reference) |
 //!
 //! For each: latency with one call in flight (p50, p99, p99.9), throughput with 64 and 256 calls in flight, and
@@ -91,6 +94,8 @@ pub(crate) struct Config {
     pub(crate) nats_url: String,
     /// Kafka bootstrap servers (`host:port`, comma-separated; `kafka://` in front is allowed).
     pub(crate) kafka_url: String,
+    /// ActiveMQ's STOMP URL.
+    pub(crate) stomp_url: String,
     /// Worker threads of this process's runtime, which runs the callers of every variant and the responders
     /// of `inproc-floor` and `embedded`; tokio's default (one per core) when `None`.
     pub(crate) workers: Option<usize>,
@@ -99,9 +104,10 @@ pub(crate) struct Config {
 const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N] [--window SECS]
   --workers N: worker threads of this process's runtime (default: one per core)
   --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
-  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,tarpc
+  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,
+    activemq-raw,activemq,tarpc
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222),
-    MQRPC_KAFKA_URL (default 127.0.0.1:9092)";
+    MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ, default stomp://127.0.0.1:61623)";
 
 fn parse(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
@@ -121,6 +127,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         amqp_url: std::env::var("MQRPC_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
         nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
         kafka_url: std::env::var("MQRPC_KAFKA_URL").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        stomp_url: std::env::var("MQRPC_STOMP_URL").unwrap_or_else(|_| "stomp://127.0.0.1:61623".into()),
         workers: None,
     };
     let mut rounds = None;

@@ -145,6 +145,11 @@ fn kafka_port(url: &str) -> Option<u16> {
     brokers.split(',').next()?.rsplit(':').next()?.parse().ok()
 }
 
+/// The port of a STOMP URL (`stomp://[login:passcode@]host[:port][/vhost]`).
+fn stomp_port(url: &str) -> Option<u16> {
+    rpc_broker::adapter::stomp::connection::StompUrl::parse(url).ok().map(|url| url.port)
+}
+
 /// Which part of a variant a process plays, for the CPU split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Part {
@@ -307,9 +312,15 @@ pub(crate) fn core_round_trip() -> Option<Duration> {
 async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) -> Result<Vec<Sample>, String> {
     let mut pids = vec![(Part::Client, std::process::id())];
     let mut brokers = pids_named(variant.broker_processes());
-    if matches!(variant, Variant::KafkaRaw | Variant::Kafka) {
-        // Tests start private tansu brokers beside the one the bench uses: only the one on its port counts.
-        let listening = kafka_port(&config.kafka_url).map(pids_listening).unwrap_or_default();
+    // Tests start private tansu brokers beside the one the bench uses, and `java` names any JVM: only the one
+    // on the broker's port counts.
+    let port = match variant {
+        Variant::KafkaRaw | Variant::Kafka => Some(kafka_port(&config.kafka_url)),
+        Variant::ActivemqRaw | Variant::Activemq => Some(stomp_port(&config.stomp_url)),
+        _ => None,
+    };
+    if let Some(port) = port {
+        let listening = port.map(pids_listening).unwrap_or_default();
         brokers.retain(|pid| listening.contains(pid));
     }
     pids.extend(brokers.into_iter().map(|pid| (Part::Broker, pid)));
@@ -407,6 +418,22 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
                     let caller = variants::Mqrpc::connect(transport).await?;
                     measure(variant, Arc::new(caller), &pids, config, progress).await
                 }
+            }
+        }
+        Variant::ActivemqRaw | Variant::Activemq => {
+            let (worker, _) = start(responder(&config.stomp_url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            if variant == Variant::ActivemqRaw {
+                let caller = variants::ActivemqRaw::connect(&config.stomp_url).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
+            } else {
+                // The transport's defaults: requests `persistent:true` without a receipt, replies not persistent.
+                let transport = rpc_broker::adapter::stomp::Stomp::connect(&config.stomp_url)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let caller = variants::Mqrpc::connect(transport).await?;
+                measure(variant, Arc::new(caller), &pids, config, progress).await
             }
         }
         Variant::Tarpc => {

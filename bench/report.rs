@@ -500,6 +500,8 @@ fn targets<'a>(
     versus(Variant::Nats, Variant::NatsRaw, 256, 0.95);
     versus(Variant::Rabbitmq, Variant::RabbitmqRaw, 64, 1.0);
     versus(Variant::Rabbitmq, Variant::RabbitmqRaw, 256, 1.0);
+    versus(Variant::Activemq, Variant::ActivemqRaw, 64, 1.0);
+    versus(Variant::Activemq, Variant::ActivemqRaw, 256, 1.0);
     if let (Some(ours), Some(theirs)) = (get(Variant::OwnBroker, 1), get(Variant::NatsRaw, 1)) {
         targets.push((
             ours.p50_us <= theirs.p50_us,

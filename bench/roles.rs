@@ -97,9 +97,14 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
                 .map_err(|error| error.to_string())?;
             serve(transport, false).await
         }
+        Variant::Activemq => {
+            serve(rpc_broker::adapter::stomp::Stomp::connect(address).await.map_err(|error| error.to_string())?, false)
+                .await
+        }
         Variant::NatsRaw => variants::nats_raw_responder(address).await,
         Variant::RabbitmqRaw => variants::rabbit_raw_responder(address).await,
         Variant::KafkaRaw => variants::kafka_raw_responder(address).await,
+        Variant::ActivemqRaw => variants::activemq_raw_responder(address).await,
         Variant::Tarpc => variants::tarpc_responder().await,
         Variant::InprocFloor | Variant::Embedded => Err(format!("{} runs in the benchmark's process", variant.name())),
     }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 /// How long one call may take before it counts as failed.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The subject (NATS), queue (RabbitMQ) or topic (Kafka) the raw responders listen on.
+/// The subject (NATS), queue (RabbitMQ, ActiveMQ) or topic (Kafka) the raw responders listen on.
 pub(crate) const RAW_QUEUE: &str = "mqrpc.bench.raw";
 
 /// The service every mqrpc variant serves.
@@ -56,13 +56,17 @@ pub(crate) enum Variant {
     KafkaRaw,
     /// mqrpc on Kafka.
     Kafka,
+    /// Hand-written STOMP RPC on ActiveMQ.
+    ActivemqRaw,
+    /// mqrpc on ActiveMQ, over STOMP.
+    Activemq,
     /// tarpc over TCP.
     Tarpc,
 }
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 11] = [
+    pub(crate) const ALL: [Variant; 13] = [
         Variant::InprocFloor,
         Variant::Embedded,
         Variant::OwnBroker,
@@ -73,6 +77,8 @@ impl Variant {
         Variant::Rabbitmq,
         Variant::KafkaRaw,
         Variant::Kafka,
+        Variant::ActivemqRaw,
+        Variant::Activemq,
         Variant::Tarpc,
     ];
 
@@ -89,6 +95,8 @@ impl Variant {
             Variant::Rabbitmq => "rabbitmq",
             Variant::KafkaRaw => "kafka-raw",
             Variant::Kafka => "kafka",
+            Variant::ActivemqRaw => "activemq-raw",
+            Variant::Activemq => "activemq",
             Variant::Tarpc => "tarpc",
         }
     }
@@ -106,7 +114,13 @@ impl Variant {
             Variant::OwnDurable => Some(Variant::OwnBroker),
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),
             Variant::Kafka => Some(Variant::KafkaRaw),
-            Variant::InprocFloor | Variant::NatsRaw | Variant::RabbitmqRaw | Variant::KafkaRaw | Variant::Tarpc => None,
+            Variant::Activemq => Some(Variant::ActivemqRaw),
+            Variant::InprocFloor
+            | Variant::NatsRaw
+            | Variant::RabbitmqRaw
+            | Variant::KafkaRaw
+            | Variant::ActivemqRaw
+            | Variant::Tarpc => None,
         }
     }
 
@@ -116,6 +130,7 @@ impl Variant {
             Variant::NatsRaw | Variant::Nats => &["nats-server"],
             Variant::RabbitmqRaw | Variant::Rabbitmq => &["beam.smp"],
             Variant::KafkaRaw | Variant::Kafka => &["tansu"],
+            Variant::ActivemqRaw | Variant::Activemq => &["java"],
             _ => &[],
         }
     }
@@ -652,6 +667,118 @@ pub(crate) async fn kafka_raw_responder(url: &str) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The `activemq-raw` destination of the requests.
+const STOMP_RAW_QUEUE: &str = "/queue/mqrpc.bench.raw";
+
+/// `activemq-raw`: a hand-written request-reply over one STOMP connection. Requests go to [`STOMP_RAW_QUEUE`]
+/// with a `correlation-id` and a `reply-to` naming a temporary queue the same connection subscribed to, sent
+/// `persistent:true` without a receipt as the `activemq` variant sends a call's request (the reply proves it
+/// arrived); replies come back on that subscription, `ack:auto`, and are matched to the waiting calls by
+/// correlation id.
+pub(crate) struct ActivemqRaw {
+    connection: rpc_broker::adapter::stomp::connection::Connection,
+    reply_to: String,
+    waiting: Arc<DashMap<u64, oneshot::Sender<Bytes>>>,
+    next: AtomicU64,
+    /// Dropped with the client: the reply reader stops and the connection ends, taking the temporary queue.
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for ActivemqRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivemqRaw").field("reply_to", &self.reply_to).finish_non_exhaustive()
+    }
+}
+
+impl ActivemqRaw {
+    /// Connects to `url`, subscribes to a temporary reply queue and starts reading it.
+    pub(crate) async fn connect(url: &str) -> Result<ActivemqRaw, String> {
+        use rpc_broker::adapter::stomp::connection::{ConnectOptions, Connection};
+        let connection =
+            Connection::connect(url, &ConnectOptions::default()).await.map_err(|error| error.to_string())?;
+        let reply_to = format!("/temp-queue/{RAW_QUEUE}.reply.{}", uuid::Uuid::new_v4().simple());
+        let mut replies = connection.subscribe(&reply_to, "auto", &[]).await.map_err(|error| error.to_string())?;
+        let waiting: Arc<DashMap<u64, oneshot::Sender<Bytes>>> = Arc::new(DashMap::new());
+        let map = Arc::clone(&waiting);
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    _ = &mut stopped => break,
+                    frame = replies.next() => frame,
+                };
+                let Some(frame) = frame else { break };
+                let id = frame.get("correlation-id").and_then(|id| id.parse::<u64>().ok());
+                if let Some((_, reply)) = id.and_then(|id| map.remove(&id)) {
+                    let _ = reply.send(frame.body);
+                }
+            }
+            let connection = replies.connection().clone();
+            drop(replies);
+            let _ = connection.disconnect().await;
+        });
+        Ok(ActivemqRaw { connection, reply_to, waiting, next: AtomicU64::new(0), _stop: stop })
+    }
+}
+
+impl Caller for ActivemqRaw {
+    async fn add(&self, a: i64, b: i64) -> Result<i64, String> {
+        use rpc_broker::adapter::stomp::codec::{Command, Frame};
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, receive) = oneshot::channel();
+        self.waiting.insert(id, reply);
+        let mut request = Frame::new(Command::Send)
+            .header("destination", STOMP_RAW_QUEUE)
+            .header("reply-to", &self.reply_to)
+            .header("correlation-id", &id.to_string())
+            .header("persistent", "true");
+        request.body = Bytes::from(encode_args(a, b)?);
+        if let Err(error) = self.connection.send_unconfirmed(request) {
+            self.waiting.remove(&id);
+            return Err(error.to_string());
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, receive).await {
+            Ok(Ok(body)) => decode_sum(&body),
+            Ok(Err(_)) => Err("the reply reader stopped".into()),
+            Err(_) => {
+                self.waiting.remove(&id);
+                Err("timed out".into())
+            }
+        }
+    }
+}
+
+/// The `activemq-raw` responder: a `client-individual` subscription to [`STOMP_RAW_QUEUE`] with a prefetch of
+/// [`PREFETCH`](crate::roles::PREFETCH), sending each reply (not persistent, without a receipt, as the
+/// `activemq` variant's worker replies to an inbox) to the request's `reply-to` with its `correlation-id`, then
+/// acking the request.
+pub(crate) async fn activemq_raw_responder(url: &str) -> Result<(), String> {
+    use rpc_broker::adapter::stomp::codec::{Command, Frame};
+    use rpc_broker::adapter::stomp::connection::{ConnectOptions, Connection};
+    let connection = Connection::connect(url, &ConnectOptions::default()).await.map_err(|error| error.to_string())?;
+    let prefetch = crate::roles::PREFETCH.to_string();
+    let mut requests = connection
+        .subscribe(STOMP_RAW_QUEUE, "client-individual", &[("activemq.prefetchSize", &prefetch)])
+        .await
+        .map_err(|error| error.to_string())?;
+    crate::roles::ready("subscribed");
+    while let Some(request) = requests.next().await {
+        if let (Some(reply_to), Some(sum)) = (request.get("reply-to"), answer(&request.body)) {
+            // No `persistent` header: ActiveMQ takes a STOMP message as non-persistent without one.
+            let mut reply = Frame::new(Command::Send).header("destination", reply_to);
+            if let Some(id) = request.get("correlation-id") {
+                reply = reply.header("correlation-id", id);
+            }
+            reply.body = Bytes::from(sum);
+            connection.send_unconfirmed(reply).map_err(|error| error.to_string())?;
+        }
+        if let Some(ack) = request.get("ack") {
+            connection.ack(ack).map_err(|error| error.to_string())?;
+        }
+    }
+    Err("the connection to the server closed".into())
 }
 
 /// The tarpc service: the same `add`.

@@ -335,19 +335,24 @@ fn unescape(text: &str) -> Result<String, FrameError> {
     Ok(out)
 }
 
+/// Writes `text` with STOMP's header escapes. The escaped characters are ASCII, which no byte of a longer UTF-8
+/// sequence equals, so the runs between them are copied as bytes, whole.
 fn escape(text: &str, out: &mut BytesMut) {
-    for c in text.chars() {
-        match c {
-            '\r' => out.put_slice(b"\\r"),
-            '\n' => out.put_slice(b"\\n"),
-            ':' => out.put_slice(b"\\c"),
-            '\\' => out.put_slice(b"\\\\"),
-            c => {
-                let mut buffer = [0; 4];
-                out.put_slice(c.encode_utf8(&mut buffer).as_bytes());
-            }
-        }
+    let bytes = text.as_bytes();
+    let mut run = 0;
+    for (at, byte) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'\r' => b"\\r",
+            b'\n' => b"\\n",
+            b':' => b"\\c",
+            b'\\' => b"\\\\",
+            _ => continue,
+        };
+        out.put_slice(&bytes[run..at]);
+        out.put_slice(escaped);
+        run = at + 1;
     }
+    out.put_slice(&bytes[run..]);
 }
 
 impl Decoder for StompCodec {
