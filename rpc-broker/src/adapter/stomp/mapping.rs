@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rpc_core::{Envelope, Error, ReplyTo};
+use rpc_core::{Envelope, Error, Kind, ReplyTo};
 use uuid::Uuid;
 
 use super::codec::{Command, Frame};
@@ -69,7 +69,11 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     pairs.reserve(16 + envelope.headers.len());
     let mut push = |name: &str, value: String| pairs.push((name.to_owned(), value));
     push("destination", destination.to_owned());
-    push(headers::KIND, adapter::kind_name(envelope.kind).to_owned());
+    // Every header is a property ActiveMQ stores with the message: what a reader infers is left out. The kind
+    // is written when `reply-to` does not say it (a request has one, a oneway call none): on every reply.
+    if adapter::kind_of(None, envelope.reply_to.is_some()) != envelope.kind {
+        push(headers::KIND, adapter::kind_name(envelope.kind).to_owned());
+    }
     push(ID, envelope.id.to_string());
     if let Some(correlation_id) = envelope.correlation_id {
         let text = match envelope.headers.get(headers::RAW_CORRELATION_ID) {
@@ -79,15 +83,22 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
         push("correlation-id", text);
     }
     if let Some(reply_to) = &envelope.reply_to {
-        push("reply-to", self::destination(reply_to.address()));
-        if reply_to.is_inbox() {
+        let address = self::destination(reply_to.address());
+        // An inbox is any destination but a queue's, unless it says otherwise.
+        if reply_to.is_inbox() && address.starts_with(QUEUE_PREFIX) {
             push(headers::REPLY_TO_INBOX, "true".to_owned());
         }
+        push("reply-to", address);
     }
-    if !envelope.service.is_empty() {
+    // A reply to an inbox is matched by its correlation id alone; one to a named queue (a durable callback) is
+    // handled by its method.
+    let to_inbox = envelope.kind == Kind::Reply
+        && !destination.starts_with(QUEUE_PREFIX)
+        && !destination.starts_with("/amq/queue/");
+    if !envelope.service.is_empty() && !to_inbox {
         push(headers::SERVICE, envelope.service.clone());
     }
-    if !envelope.method.is_empty() {
+    if !envelope.method.is_empty() && !to_inbox {
         push(headers::METHOD, envelope.method.clone());
     }
     if envelope.attempt > 1 {
@@ -246,7 +257,6 @@ struct Fields<'a> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use rpc_core::Kind;
 
     use super::*;
 
@@ -286,6 +296,22 @@ mod tests {
         assert_eq!(back, envelope);
         assert_eq!(count, 3, "one copy before, and a redelivery of this one");
         assert!(queued < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn what_a_reader_infers_is_not_sent() {
+        let send = Outgoing { persistent: false, priority: true, delivery_count: 0 };
+        let sent = to_frame(&request(), "/queue/calc", send).expect("maps");
+        assert_eq!((sent.get(headers::KIND), sent.get(headers::REPLY_TO_INBOX)), (None, None));
+        let mut reply = request().reply(Ok(Bytes::from_static(b"\x05")));
+        let to_inbox = to_frame(&reply, "/remote-temp-queue/ID:x", send).expect("maps");
+        assert_eq!(to_inbox.get(headers::KIND), Some("reply"));
+        assert_eq!((to_inbox.get(headers::SERVICE), to_inbox.get(headers::METHOD)), (None, None));
+        reply.priority = None;
+        let to_callbacks = to_frame(&reply, "/amq/queue/ns.callback.sums", send).expect("maps");
+        assert_eq!(to_callbacks.get(headers::METHOD), Some("add"));
+        let (back, _, _) = from_frame(&delivered(to_inbox, false));
+        assert_eq!((back.kind, back.correlation_id), (Kind::Reply, reply.correlation_id));
     }
 
     #[test]
