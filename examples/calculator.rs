@@ -1,4 +1,4 @@
-//! The `Calculator` service shared by the `remote_*`, `rabbitmq` and `nats` examples.
+//! The `Calculator` service shared by the `remote_*`, `rabbitmq`, `nats`, `kafka` and `activemq` examples.
 
 use serde::{Deserialize, Serialize};
 
