@@ -1,4 +1,5 @@
-//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka` and `activemq` examples: the same code on every transport.
+//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka` and `activemq` examples: the same code
+//! on every transport.
 
 use std::time::{Duration, Instant};
 
