@@ -256,13 +256,14 @@ impl Inner {
         tasks.push(tokio::spawn(closing));
     }
 
-    /// How `envelope` is sent: persistent unless it is a reply to an inbox, with priorities on ActiveMQ.
-    fn send_options(&self, envelope: &Envelope, delivery_count: u32) -> Outgoing {
-        let to_inbox = envelope.kind == Kind::Reply;
+    /// How `envelope` is sent to `destination`: persistent unless it is a reply to an inbox, with priorities on
+    /// ActiveMQ.
+    fn send_options(&self, envelope: &Envelope, destination: &str) -> Outgoing {
+        let to_inbox = envelope.kind == Kind::Reply && mapping::is_inbox(destination);
         Outgoing {
             persistent: self.options.persistent && !to_inbox,
             priority: self.flavour == Flavour::ActiveMq,
-            delivery_count,
+            delivery_count: 0,
         }
     }
 
@@ -361,7 +362,7 @@ impl Stomp {
 
     async fn send(&self, queue: &str, envelope: Envelope, confirm: Confirm) -> Result<(), Error> {
         let destination = self.inner.destination(queue);
-        let frame = mapping::to_frame(&envelope, &destination, self.inner.send_options(&envelope, 0))?;
+        let frame = mapping::to_frame(&envelope, &destination, self.inner.send_options(&envelope, &destination))?;
         drop(envelope);
         if !self.inner.exists(queue).await? {
             return Err(Error::NoRoute(queue.to_owned()));
@@ -590,7 +591,7 @@ impl Transport for Stomp {
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             let destination = self.topic_destination(topic);
-            let frame = mapping::to_frame(&envelope, &destination, self.inner.send_options(&envelope, 0))?;
+            let frame = mapping::to_frame(&envelope, &destination, self.inner.send_options(&envelope, &destination))?;
             self.inner.current()?.send(frame).await
         })
     }

@@ -161,7 +161,9 @@ impl State {
 
     /// The destination of `queue` and how `envelope` is sent there.
     fn outgoing(&self, queue: &str, envelope: &Envelope) -> Result<(String, Outgoing), Error> {
-        Ok((self.inner.destination(queue), self.inner.send_options(envelope, 0)))
+        let destination = self.inner.destination(queue);
+        let send = self.inner.send_options(envelope, &destination);
+        Ok((destination, send))
     }
 }
 

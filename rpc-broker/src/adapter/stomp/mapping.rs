@@ -47,6 +47,11 @@ pub(super) fn destination(queue: &str) -> String {
     if queue.starts_with('/') { queue.to_owned() } else { format!("{QUEUE_PREFIX}{queue}") }
 }
 
+/// Whether `destination` is an inbox's (a temporary or reply queue), not a named queue's.
+pub(super) fn is_inbox(destination: &str) -> bool {
+    !destination.starts_with(QUEUE_PREFIX) && !destination.starts_with("/amq/queue/")
+}
+
 /// How a message is sent: the parts of the mapping that depend on the server and the options.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Outgoing {
@@ -92,9 +97,7 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     }
     // A reply to an inbox is matched by its correlation id alone; one to a named queue (a durable callback) is
     // handled by its method.
-    let to_inbox = envelope.kind == Kind::Reply
-        && !destination.starts_with(QUEUE_PREFIX)
-        && !destination.starts_with("/amq/queue/");
+    let to_inbox = envelope.kind == Kind::Reply && is_inbox(destination);
     if !envelope.service.is_empty() && !to_inbox {
         push(headers::SERVICE, envelope.service.clone());
     }
@@ -310,6 +313,8 @@ mod tests {
         reply.priority = None;
         let to_callbacks = to_frame(&reply, "/amq/queue/ns.callback.sums", send).expect("maps");
         assert_eq!(to_callbacks.get(headers::METHOD), Some("add"));
+        assert!(is_inbox("/remote-temp-queue/ID:x") && is_inbox("/reply-queue/amq.gen-x"));
+        assert!(!is_inbox("/queue/ns.callback.sums") && !is_inbox("/amq/queue/ns.callback.sums"));
         let (back, _, _) = from_frame(&delivered(to_inbox, false));
         assert_eq!((back.kind, back.correlation_id), (Kind::Reply, reply.correlation_id));
     }
