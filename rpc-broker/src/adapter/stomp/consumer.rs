@@ -69,6 +69,26 @@ impl std::fmt::Debug for State {
 }
 
 impl State {
+    fn new(
+        inner: &Arc<Inner>,
+        target: Target,
+        options: ConsumeOptions,
+        sender: mpsc::UnboundedSender<Delivery>,
+    ) -> Arc<State> {
+        Arc::new(State {
+            inner: Arc::clone(inner),
+            counters: inner.counters.of(&target.queue),
+            target,
+            options,
+            held: Mutex::new(HashMap::new()),
+            next_tag: AtomicU64::new(1),
+            paused: AtomicBool::new(false),
+            sink: Mutex::new(None),
+            sender,
+            connection: watch::Sender::new(None),
+        })
+    }
+
     fn held(&self) -> MutexGuard<'_, HashMap<u64, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -292,8 +312,9 @@ impl Acker for StompAcker {
     }
 }
 
-/// Stops a consumer when dropped: its task ends and its connection is closed with a DISCONNECT, whose receipt
-/// [`Transport::flush`](rpc_core::Transport::flush) waits for.
+/// Stops a consumer when dropped: its task ends (an inbox's subscription, dropped with it, unsubscribes) and a
+/// connection of its own is closed with a DISCONNECT, whose receipt [`Transport::flush`](rpc_core::Transport::flush)
+/// waits for.
 struct Control {
     state: Arc<State>,
     task: tokio::task::AbortHandle,
@@ -322,28 +343,25 @@ impl Drop for Control {
     }
 }
 
+impl State {
+    /// Connects and subscribes to the target; the connection becomes the consumer's.
+    async fn subscribe(&self) -> Result<Subscription, Error> {
+        let connection = self.inner.connect().await?;
+        let headers = self.subscribe_headers(self.inner.flavour);
+        let borrowed: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+        let subscription = connection.subscribe(&self.target.destination, "client-individual", &borrowed).await?;
+        self.connection.send_replace(Some(connection));
+        Ok(subscription)
+    }
+}
+
 /// Starts a consumer of `target` on a connection of its own.
 pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOptions) -> Result<Consumer, Error> {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let state = Arc::new(State {
-        inner: Arc::clone(inner),
-        counters: inner.counters.of(&target.queue),
-        target,
-        options,
-        held: Mutex::new(HashMap::new()),
-        next_tag: AtomicU64::new(1),
-        paused: AtomicBool::new(false),
-        sink: Mutex::new(None),
-        sender,
-        connection: watch::Sender::new(None),
-    });
+    let state = State::new(inner, target, options, sender);
     inner.register(&state);
     // The first subscription is made here, so that a consumer that cannot start says so.
-    let connection = inner.connect().await?;
-    let headers = state.subscribe_headers(inner.flavour);
-    let borrowed: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-    let subscription = connection.subscribe(&state.target.destination, "client-individual", &borrowed).await?;
-    state.connection.send_replace(Some(connection));
+    let subscription = state.subscribe().await?;
     let task = tokio::spawn(run(Arc::clone(&state), Some(subscription))).abort_handle();
     Ok(Consumer::from_channel(receiver, Some(Box::new(Control { state, task }))))
 }
@@ -354,32 +372,19 @@ async fn run(state: Arc<State>, mut subscription: Option<Subscription>) {
     loop {
         let mut current = match subscription.take() {
             Some(current) => current,
-            None => {
-                let inner = &state.inner;
-                let subscribed = async {
-                    let connection = inner.connect().await?;
-                    let headers = state.subscribe_headers(inner.flavour);
-                    let borrowed: Vec<(&str, &str)> =
-                        headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-                    let subscription =
-                        connection.subscribe(&state.target.destination, "client-individual", &borrowed).await?;
-                    Ok::<_, Error>((connection, subscription))
-                };
-                match subscribed.await {
-                    Ok((connection, subscription)) => {
-                        state.connection.send_replace(Some(connection));
-                        attempt = 0;
-                        subscription
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, destination = %state.target.destination, "resubscribing failed");
-                        let max = inner.options.max_backoff;
-                        tokio::time::sleep(rpc_core::retry::reconnect_backoff(attempt, max)).await;
-                        attempt = attempt.saturating_add(1);
-                        continue;
-                    }
+            None => match state.subscribe().await {
+                Ok(subscription) => {
+                    attempt = 0;
+                    subscription
                 }
-            }
+                Err(error) => {
+                    tracing::debug!(%error, destination = %state.target.destination, "resubscribing failed");
+                    let max = state.inner.options.max_backoff;
+                    tokio::time::sleep(rpc_core::retry::reconnect_backoff(attempt, max)).await;
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            },
         };
         let connection = current.connection().clone();
         while let Some(frame) = current.next().await {
@@ -394,25 +399,15 @@ async fn run(state: Arc<State>, mut subscription: Option<Subscription>) {
 /// (or listens, on RabbitMQ) whenever the main connection is made again; [`Inner::losses`] counts the losses.
 pub(super) async fn start_inbox(inner: &Arc<Inner>, address: String) -> Result<Consumer, Error> {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let state = Arc::new(State {
-        inner: Arc::clone(inner),
-        counters: inner.counters.of(&address),
-        target: Target { queue: address.clone(), destination: address, headers: Vec::new(), max_deliveries: None },
-        options: ConsumeOptions::new().auto_ack(true),
-        held: Mutex::new(HashMap::new()),
-        next_tag: AtomicU64::new(1),
-        paused: AtomicBool::new(false),
-        sink: Mutex::new(None),
-        sender,
-        connection: watch::Sender::new(None),
-    });
+    let target = Target { queue: address.clone(), destination: address, headers: Vec::new(), max_deliveries: None };
+    let state = State::new(inner, target, ConsumeOptions::new().auto_ack(true), sender);
     let connection = inner.current()?;
     let first = listen(inner.flavour, &connection, &state.target.destination).await?;
     let mut main = inner.main.subscribe();
     main.mark_unchanged();
     let task = tokio::spawn(run_inbox(Arc::clone(&state), first, main)).abort_handle();
     // The main connection is the transport's: dropping the inbox leaves it open.
-    Ok(Consumer::from_channel(receiver, Some(Box::new(InboxControl { state, task }))))
+    Ok(Consumer::from_channel(receiver, Some(Box::new(Control { state, task }))))
 }
 
 async fn listen(flavour: Flavour, connection: &Connection, address: &str) -> Result<Subscription, Error> {
@@ -446,29 +441,6 @@ async fn run_inbox(state: Arc<State>, first: Subscription, mut main: watch::Rece
             Ok(subscription) => current = Some(subscription),
             Err(error) => tracing::debug!(%error, "could not open the inbox again"),
         }
-    }
-}
-
-struct InboxControl {
-    state: Arc<State>,
-    task: tokio::task::AbortHandle,
-}
-
-impl ConsumerControl for InboxControl {
-    fn pause(&self) {
-        self.state.paused.store(true, Ordering::Release);
-    }
-
-    fn direct(&self, sink: DeliverySink) -> bool {
-        *self.state.sink.lock().unwrap_or_else(PoisonError::into_inner) = Some(sink);
-        true
-    }
-}
-
-impl Drop for InboxControl {
-    fn drop(&mut self) {
-        // The subscription, dropped with the task, unsubscribes.
-        self.task.abort();
     }
 }
 
