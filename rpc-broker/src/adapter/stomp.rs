@@ -18,11 +18,14 @@
 //! | topic | SEND to `/topic/VirtualTopic.<topic>`; subscriber group `g` reads the queue `Consumer.<g>.VirtualTopic.<topic>` | SEND to `/topic/<topic>`; group `g` is the durable queue `<topic>@<g>` (`x-queue-name`) |
 //! | inbox | `/temp-queue/mqrpc.inbox.<uuid>` of the main connection, which sends the requests | the same, taken as RabbitMQ hands its replies to the connection that named it in `reply-to` |
 //! | priority | `priority` (JMS, 0 to 9; the queue must be prioritized, `prioritizedMessages`) | refused: [`Error::Unsupported`] |
-//! | queue stats | the statistics plugin: `ready` is `size` less `inflightCount` | refused |
+//! | queue stats | the statistics plugin: `ready` is `size` less `inflightCount`; `delayed` counts the scheduler's jobs due at the queue; `cancelled` is the count of messages `<queue>.cancelled` took | refused |
+//! | delayed delivery | `AMQ_SCHEDULED_DELAY`, held by the scheduler (when the broker runs with `schedulerSupport="true"`, which a probe at connect finds out; refused otherwise) | refused |
+//! | cancel | the consumers of the queue hear of it on `/topic/mqrpc.cancel.<queue>` (one running the request stops its handler; one that gets it later drops it unrun); the scheduler drops a delayed one; a consumer with a selector on `correlation-id` takes one waiting in the queue, for a moment | refused |
 //!
 //! Refused everywhere with [`Error::Unsupported`]: a maximum queue length (ActiveMQ has none per queue; RabbitMQ
-//! drops the oldest message instead of refusing the SEND, as its STOMP plugin ignores `x-overflow`), delayed
-//! delivery, cancelling a queued call, deleting a queue (STOMP has no command for it).
+//! drops the oldest message instead of refusing the SEND, as its STOMP plugin ignores `x-overflow`) and deleting
+//! a queue (STOMP has no command for it). `stomp/scheduler.rs` says how the scheduler is browsed and how cancels are
+//! told and counted.
 //!
 //! Message headers: `correlation-id` (the caller's own, byte for byte, when it is not one of our UUIDs),
 //! `reply-to` (`/queue/<name>` for a named queue, the inbox's destination otherwise, as the server rewrites it:
@@ -77,13 +80,14 @@ pub mod codec;
 pub mod connection;
 mod consumer;
 mod mapping;
+mod scheduler;
 mod statistics;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rpc_core::transport::{BoxFuture, Confirm, Consumer, Inbox};
 use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, Transport};
@@ -101,6 +105,12 @@ use super::{CounterMap, Counters};
 const KNOWN_QUEUES_MAX: usize = 4_096;
 /// The prefix of every inbox this transport opens.
 const INBOX_PREFIX: &str = "/temp-queue/mqrpc.inbox.";
+/// Calls sent with a delay are remembered, for a cancel to look for them in the scheduler, up to this many.
+const DELAYED_MAX: usize = 65_536;
+/// How long a cancel keeps a consumer on the queue that takes the call's request if it waits there.
+const CANCEL_WINDOW: Duration = Duration::from_secs(1);
+/// Cancels that hold such a consumer at once; past them, a cancel only tells the workers.
+const CANCELS_MAX: usize = 64;
 
 /// How a [`Stomp`] transport sends and reconnects.
 #[derive(Clone, Debug)]
@@ -221,6 +231,14 @@ pub(crate) struct Inner {
     checking: tokio::sync::Mutex<()>,
     /// ActiveMQ's statistics plugin answers: one query at a time.
     answers: tokio::sync::Mutex<Option<connection::Subscription>>,
+    /// ActiveMQ holds delayed messages (its scheduler is on).
+    scheduler: bool,
+    /// The scheduler's answers to browses: one at a time.
+    jobs: tokio::sync::Mutex<Option<connection::Subscription>>,
+    /// The calls sent with a delay, by correlation id, with when they are due.
+    delayed: Mutex<HashMap<Uuid, Instant>>,
+    /// Places for the cancels' consumers ([`CANCELS_MAX`]).
+    cancels: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -264,6 +282,7 @@ impl Inner {
             persistent: self.options.persistent && !to_inbox,
             priority: self.flavour == Flavour::ActiveMq,
             delivery_count: 0,
+            delay: self.scheduler,
         }
     }
 
@@ -315,10 +334,18 @@ impl Stomp {
     pub async fn connect_with(url: &str, options: StompOptions) -> Result<Stomp, Error> {
         let first = Connection::connect(url, &options.connect).await?;
         let server = first.server().to_owned();
+        let flavour = Flavour::of(&server);
+        let (scheduler, jobs) = match flavour {
+            Flavour::ActiveMq => {
+                let (on, answers) = scheduler::probe(&first, options.connect.receipt_timeout).await?;
+                (on, Some(answers))
+            }
+            Flavour::RabbitMq | Flavour::Other => (false, None),
+        };
         let inner = Arc::new(Inner {
             url: url.to_owned(),
             options,
-            flavour: Flavour::of(&server),
+            flavour,
             server,
             main: watch::Sender::new(Some(first)),
             closed: AtomicBool::new(false),
@@ -330,6 +357,10 @@ impl Stomp {
             closing: Mutex::new(Vec::new()),
             checking: tokio::sync::Mutex::new(()),
             answers: tokio::sync::Mutex::new(None),
+            scheduler,
+            jobs: tokio::sync::Mutex::new(jobs),
+            delayed: Mutex::new(HashMap::new()),
+            cancels: Arc::new(tokio::sync::Semaphore::new(CANCELS_MAX)),
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), inner.main.subscribe()));
         Ok(Stomp { inner })
@@ -363,11 +394,15 @@ impl Stomp {
     async fn send(&self, queue: &str, envelope: Envelope, confirm: Confirm) -> Result<(), Error> {
         let destination = self.inner.destination(queue);
         let frame = mapping::to_frame(&envelope, &destination, self.inner.send_options(&envelope, &destination))?;
+        let (envelope_delay, correlation_id) = (envelope.delay_ms, envelope.correlation_id);
         drop(envelope);
         if !self.inner.exists(queue).await? {
             return Err(Error::NoRoute(queue.to_owned()));
         }
         let connection = self.inner.current()?;
+        if let (Some(delay), Some(correlation_id)) = (envelope_delay, correlation_id) {
+            self.inner.sent_delayed(correlation_id, delay);
+        }
         let counters = (!queue.starts_with('/')).then(|| self.inner.counters.of(queue));
         match confirm {
             // No receipt, persistent or not: ActiveMQ handles a connection's frames one after another, and a
@@ -493,6 +528,82 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Remembers that the call `correlation_id` was sent with a delay of `delay_ms`.
+    fn sent_delayed(&self, correlation_id: Uuid, delay_ms: u64) {
+        let now = Instant::now();
+        let mut delayed = Inner::lock(&self.delayed);
+        if delayed.len() >= DELAYED_MAX {
+            delayed.retain(|_, due| *due > now);
+            if delayed.len() >= DELAYED_MAX {
+                delayed.clear();
+            }
+        }
+        delayed.insert(correlation_id, now + Duration::from_millis(delay_ms));
+    }
+
+    /// Whether the call `correlation_id` may wait in the scheduler (sent with a delay not yet over, by a margin).
+    fn may_be_scheduled(&self, correlation_id: Uuid) -> bool {
+        const MARGIN: Duration = Duration::from_secs(5);
+        let mut delayed = Inner::lock(&self.delayed);
+        match delayed.get(&correlation_id) {
+            Some(due) if *due + MARGIN > Instant::now() => true,
+            Some(_) => {
+                delayed.remove(&correlation_id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The jobs ActiveMQ's scheduler holds, browsed over the main connection.
+    async fn jobs(&self) -> Result<Vec<scheduler::Job>, Error> {
+        let mut answers = self.jobs.lock().await;
+        let connection = self.current()?;
+        if answers.as_ref().is_none_or(|answers| answers.connection().is_closed()) {
+            *answers = Some(connection.subscribe(scheduler::ANSWERS, "auto", &[]).await?);
+        }
+        let Some(answers) = answers.as_mut() else { return Err(Error::Disconnected) };
+        scheduler::jobs(&connection, answers, self.options.connect.receipt_timeout).await
+    }
+
+    /// See [`Transport::cancel`] on [`Stomp`].
+    async fn cancel(&self, queue: &str, correlation_id: Uuid) -> Result<(), Error> {
+        let correlation = correlation_id.to_string();
+        let destination = mapping::destination(queue);
+        let connection = self.current()?;
+        // First a consumer that takes the request if it waits in the queue: subscribed before the notice goes,
+        // so that a worker the notice frees does not take it first.
+        let taker = match Arc::clone(&self.cancels).try_acquire_owned() {
+            Ok(permit) => {
+                let selector = format!("JMSCorrelationID = '{correlation}'");
+                let headers = [("selector", selector.as_str()), ("activemq.prefetchSize", "1")];
+                Some((connection.subscribe(&destination, "client-individual", &headers).await?, permit))
+            }
+            Err(_) => None,
+        };
+        connection.send_unconfirmed(scheduler::notice(queue, &correlation))?;
+        if self.scheduler && self.may_be_scheduled(correlation_id) {
+            let jobs = self.jobs().await?;
+            let mine = |job: &&scheduler::Job| {
+                job.destination.as_deref() == Some(&destination) && job.correlation_id.as_deref() == Some(&correlation)
+            };
+            if let Some(job) = jobs.iter().find(mine) {
+                scheduler::remove(&connection, &job.id)?;
+                connection.send_unconfirmed(scheduler::marker(queue, &correlation))?;
+            }
+        }
+        if let Some((mut taker, _permit)) = taker
+            && let Ok(Some(frame)) = tokio::time::timeout(CANCEL_WINDOW, taker.next()).await
+            && let Some(ack) = frame.get("ack")
+        {
+            let ack = Frame::new(Command::Ack).header("id", ack);
+            connection.transaction([scheduler::marker(queue, &correlation), ack]).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Watches the main connection; when it is lost, counts the loss and connects again with backoff.
 async fn supervise(inner: Weak<Inner>, mut main: watch::Receiver<Option<Connection>>) {
     loop {
@@ -535,6 +646,7 @@ async fn supervise(inner: Weak<Inner>, mut main: watch::Receiver<Option<Connecti
                 Ok(connection) => {
                     tracing::info!(attempt, "reconnected to the STOMP server");
                     *strong.answers.lock().await = None;
+                    *strong.jobs.lock().await = None;
                     strong.main.send_replace(Some(connection));
                     break;
                 }
@@ -559,6 +671,8 @@ impl Transport for Stomp {
             .requeue(true)
             .subscriber_groups(true)
             .queue_stats(activemq)
+            .delayed_delivery(self.inner.scheduler)
+            .cancel(activemq)
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
@@ -606,6 +720,7 @@ impl Transport for Stomp {
                 destination: self.inner.destination(queue),
                 headers: Vec::new(),
                 max_deliveries: self.inner.max_deliveries.get(queue).map(|max| *max),
+                notices: (self.inner.flavour == Flavour::ActiveMq).then(|| scheduler::notices(queue)),
             };
             let consumer = match consumer::start(&self.inner, target, options).await {
                 Err(Error::Transport(refused)) if refused.to_string().contains("not_found") => {
@@ -640,6 +755,7 @@ impl Transport for Stomp {
                         .collect(),
                         queue,
                         max_deliveries: None,
+                        notices: None,
                     }
                 }
                 Flavour::ActiveMq | Flavour::Other => {
@@ -649,6 +765,7 @@ impl Transport for Stomp {
                         headers: Vec::new(),
                         queue,
                         max_deliveries: None,
+                        notices: None,
                     }
                 }
             };
@@ -670,8 +787,32 @@ impl Transport for Stomp {
             let counters = self.inner.counters.of(queue);
             let mut stats = counters.stats(figures.ready, figures.consumers);
             stats.unacked = figures.unacked;
+            let cancelled = self.inner.statistics(&scheduler::cancelled_queue(queue)).await?;
+            stats.cancelled = cancelled.map_or(0, |figures| figures.enqueued);
+            if self.inner.scheduler {
+                let destination = mapping::destination(queue);
+                let jobs = self.inner.jobs().await?;
+                stats.delayed = jobs.iter().filter(|job| job.destination.as_deref() == Some(&destination)).count();
+            }
             Ok(stats)
         })
+    }
+
+    /// Cancels the call `correlation_id` on ActiveMQ, in a task of its own: its consumers hear of it (one
+    /// running it stops, one that gets it later drops it unrun), the scheduler drops it if it was sent with a
+    /// delay, and a consumer on the queue takes it for [`CANCEL_WINDOW`] if it waits there.
+    /// [`Error::Unsupported`] elsewhere.
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        if self.inner.flavour != Flavour::ActiveMq {
+            return Box::pin(std::future::ready(Err(Error::Unsupported("cancelling a queued call"))));
+        }
+        let (inner, queue) = (Arc::clone(&self.inner), queue.to_owned());
+        tokio::spawn(async move {
+            if let Err(error) = inner.cancel(&queue, correlation_id).await {
+                tracing::debug!(%error, %correlation_id, "could not cancel a call at the server");
+            }
+        });
+        Box::pin(std::future::ready(Ok(())))
     }
 
     /// Waits until the server has handled what was sent without a receipt: the main connection's sends and

@@ -169,3 +169,45 @@ async fn a_refused_login_is_unauthorized_and_a_closed_connection_is_disconnected
     mqrpc_tests::eventually("the connection closes", WAIT, || connection.is_closed()).await;
     assert!(matches!(connection.send_unconfirmed(Frame::new(Command::Send)), Err(Error::Disconnected)));
 }
+
+/// A SUBSCRIBE whose future is dropped before the receipt comes (a caller that gave up) unsubscribes: the
+/// server does not keep a consumer nobody reads, which would hold the queue's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn a_subscription_dropped_before_its_receipt_unsubscribes() {
+    use futures::FutureExt;
+    let connection = connect(&mqrpc_tests::required_url("MQRPC_STOMP_URL")).await;
+    let queue = format!("/queue/mqrpc-test-{}", Uuid::new_v4().simple());
+    let subscribing = connection.subscribe(&queue, "client-individual", &[]);
+    assert!(subscribing.now_or_never().is_none(), "the receipt came before the first poll returned");
+    let mut frame = Frame::new(Command::Send).header("destination", &queue);
+    frame.body = Bytes::from_static(b"kept");
+    connection.send(frame).await.expect("the server has the message");
+    let other = connect(&mqrpc_tests::required_url("MQRPC_STOMP_URL")).await;
+    let mut subscription = other.subscribe(&queue, "auto", &[]).await.expect("subscribes");
+    let message = tokio::time::timeout(WAIT, subscription.next()).await.expect("the message comes").expect("open");
+    assert_eq!(message.body, Bytes::from_static(b"kept"));
+}
+
+/// The transport finds out what the server holds: ActiveMQ as `.ci/activemq.xml` runs it has its scheduler on
+/// (delayed delivery) and cancels calls; RabbitMQ's STOMP plugin does neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(mqrpc_stomp, mqrpc_stomp_rabbit)),
+    ignore = "needs ActiveMQ and RabbitMQ's STOMP plugin: MQRPC_STOMP_URL, MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)"
+)]
+async fn delayed_delivery_and_cancel_are_found_where_the_server_has_them() {
+    use rpc_core::Transport;
+    let activemq = rpc_broker::adapter::stomp::Stomp::connect(&mqrpc_tests::required_url("MQRPC_STOMP_URL"))
+        .await
+        .expect("connects");
+    let capabilities = activemq.capabilities();
+    assert!(capabilities.delayed_delivery && capabilities.cancel, "{capabilities:?}");
+    let rabbitmq = rpc_broker::adapter::stomp::Stomp::connect(&mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL"))
+        .await
+        .expect("connects");
+    let capabilities = rabbitmq.capabilities();
+    assert!(!capabilities.delayed_delivery && !capabilities.cancel, "{capabilities:?}");
+    let refused = rabbitmq.cancel("mqrpc-test", Uuid::new_v4()).await;
+    assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+}

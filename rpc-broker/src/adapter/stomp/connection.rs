@@ -346,7 +346,8 @@ impl Connection {
     }
 
     /// Subscribes to `destination` with `ack` mode (`auto`, `client` or `client-individual`) and further
-    /// headers (a prefetch, a selector), and waits for the server's receipt.
+    /// headers (a prefetch, a selector), and waits for the server's receipt. Dropped before the receipt comes,
+    /// it unsubscribes.
     ///
     /// # Errors
     /// As [`Connection::send`].
@@ -364,11 +365,16 @@ impl Connection {
         }
         let (sender, messages) = mpsc::unbounded_channel();
         self.shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), sender);
-        if let Err(error) = self.shared.send_with_receipt(frame).await {
-            self.shared.subscriptions.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-            return Err(error);
+        // Made now, so that a future dropped while it waits for the receipt unsubscribes (in its `Drop`).
+        let mut subscription = Subscription { id, messages, connection: self.clone(), subscribed: true };
+        match self.shared.send_with_receipt(frame).await {
+            Ok(()) => Ok(subscription),
+            Err(error) => {
+                // Refused, or the connection is gone: there is nothing to unsubscribe. After a timeout there may be.
+                subscription.subscribed = matches!(error, Error::Timeout(_));
+                Err(error)
+            }
         }
-        Ok(Subscription { id, messages, connection: self.clone(), subscribed: true })
     }
 
     /// Takes the MESSAGE frames whose `subscription` header is `id` without sending a SUBSCRIBE: RabbitMQ's

@@ -3,25 +3,29 @@
 //! UNSUBSCRIBE); and inboxes, on the transport's main connection, where the servers deliver the replies to
 //! the temporary queues named in the requests that connection sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use rpc_core::transport::{
-    AckHandle, Acker, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink, Outcome, finished,
+    AckHandle, Acker, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink, Outcome,
+    finished,
 };
 use rpc_core::{ConsumeOptions, Envelope, Error};
 use tokio::sync::{mpsc, watch};
 
 use super::codec::{Command, Frame};
 use super::connection::{Connection, Subscription};
-use super::mapping::{self, DELIVERY_COUNT, Outgoing};
-use super::{Flavour, Inner};
+use super::mapping::{self, DELIVERY_COUNT, Outgoing, SCHEDULED_JOB};
+use super::{Flavour, Inner, scheduler};
 use crate::adapter::Counters;
 
 /// ActiveMQ's prefetch for a consumer that asked for no limit (its own default).
 const UNLIMITED_PREFETCH: u32 = 1_000;
+/// Cancelled calls a consumer did not hold when it heard of them, remembered (to drop their requests unrun if
+/// they come later) up to this many.
+const EARLY_CANCELS_MAX: usize = 1_024;
 
 /// Where a consumer reads.
 pub(super) struct Target {
@@ -33,6 +37,8 @@ pub(super) struct Target {
     pub(super) headers: Vec<(String, String)>,
     /// Deliveries after which a message goes to the dead-letter queue unrun.
     pub(super) max_deliveries: Option<u32>,
+    /// The topic where the queue's cancelled calls are told (a service queue on ActiveMQ).
+    pub(super) notices: Option<String>,
 }
 
 /// One delivery held until it is settled.
@@ -60,6 +66,10 @@ pub(super) struct State {
     sender: mpsc::UnboundedSender<Delivery>,
     /// The consumer's current connection, for [`Transport::flush`](rpc_core::Transport::flush) and its end.
     connection: watch::Sender<Option<Connection>>,
+    /// The signals of cancelled calls whose requests are held.
+    cancellations: Arc<Cancellations>,
+    /// Cancelled calls whose requests were not held when the notice came, oldest first.
+    early: Mutex<VecDeque<String>>,
 }
 
 impl std::fmt::Debug for State {
@@ -86,6 +96,8 @@ impl State {
             sink: Mutex::new(None),
             sender,
             connection: watch::Sender::new(None),
+            cancellations: Arc::new(Cancellations::new()),
+            early: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -130,6 +142,15 @@ impl State {
             // Not handed out: it goes back to the queue when the consumer ends.
             return;
         }
+        if let Some(correlation) = frame.get("correlation-id").filter(|id| self.cancelled_early(id)) {
+            // Its call was cancelled before it came: dropped unrun, and counted as cancelled.
+            let marker = scheduler::marker(&self.target.queue, correlation);
+            let ack_frame = Frame::new(Command::Ack).header("id", &ack);
+            if let Err(error) = connection.transaction([marker, ack_frame]).await {
+                tracing::debug!(%error, "could not drop a cancelled call's request; the server redelivers it");
+            }
+            return;
+        }
         if self.target.max_deliveries.is_some_and(|max| delivery_count > max) {
             let inner = &self.inner;
             let dead_letters = rpc_core::naming::dead_letter_queue(&self.target.queue);
@@ -168,6 +189,7 @@ impl State {
     /// server gave it back to the queue).
     fn take_held(&self, tag: u64) -> Result<Held, Error> {
         let held = self.held().remove(&tag).ok_or(Error::DeliveryLost)?;
+        self.cancellations.forget(tag);
         self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
         if held.connection.is_closed() { Err(Error::DeliveryLost) } else { Ok(held) }
     }
@@ -177,6 +199,38 @@ impl State {
         let held = self.held();
         let connection = &held.get(&tag).ok_or(Error::DeliveryLost)?.connection;
         if connection.is_closed() { Err(Error::DeliveryLost) } else { Ok(connection.clone()) }
+    }
+
+    /// Hears that the call `correlation` was cancelled: the delivery holding its request is signalled, or, if
+    /// none does, the call is remembered for a request that comes later.
+    fn cancelled(&self, correlation: &str) {
+        let held = self
+            .held()
+            .iter()
+            .find(|(_, held)| held.frame.get("correlation-id") == Some(correlation))
+            .map(|(tag, _)| *tag);
+        match held {
+            Some(tag) => self.cancellations.cancel(tag),
+            None => {
+                let mut early = self.early.lock().unwrap_or_else(PoisonError::into_inner);
+                if early.len() >= EARLY_CANCELS_MAX {
+                    early.pop_front();
+                }
+                early.push_back(correlation.to_owned());
+            }
+        }
+    }
+
+    /// Whether the call `correlation` was cancelled before its request came (forgotten once asked).
+    fn cancelled_early(&self, correlation: &str) -> bool {
+        let mut early = self.early.lock().unwrap_or_else(PoisonError::into_inner);
+        match early.iter().position(|id| id == correlation) {
+            Some(at) => {
+                early.remove(at);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The destination of `queue` and how `envelope` is sent there.
@@ -200,6 +254,7 @@ fn copy_of(frame: &Frame, destination: &str, delivery_count: u32) -> Frame {
         "transaction",
         "timestamp",
         "expires",
+        SCHEDULED_JOB,
         DELIVERY_COUNT,
     ];
     let mut copy = Frame::new(Command::Send).header("destination", destination);
@@ -310,6 +365,10 @@ impl Acker for StompAcker {
     fn revoked(&self, tag: u64) -> bool {
         self.0.connection_of(tag).is_err()
     }
+
+    fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
+        self.0.target.notices.as_ref().map(|_| self.0.cancellations.watch(tag))
+    }
 }
 
 /// Stops a consumer when dropped: its task ends (an inbox's subscription, dropped with it, unsubscribes) and a
@@ -343,15 +402,26 @@ impl Drop for Control {
     }
 }
 
+/// A consumer's subscriptions on its connection: the queue's, and the topic of its cancelled calls.
+struct Subscribed {
+    messages: Subscription,
+    notices: Option<Subscription>,
+}
+
 impl State {
-    /// Connects and subscribes to the target; the connection becomes the consumer's.
-    async fn subscribe(&self) -> Result<Subscription, Error> {
+    /// Connects and subscribes to the target (to its notices first, so that none is missed for a message
+    /// delivered); the connection becomes the consumer's.
+    async fn subscribe(&self) -> Result<Subscribed, Error> {
         let connection = self.inner.connect().await?;
+        let notices = match &self.target.notices {
+            Some(topic) => Some(connection.subscribe(topic, "auto", &[]).await?),
+            None => None,
+        };
         let headers = self.subscribe_headers(self.inner.flavour);
         let borrowed: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-        let subscription = connection.subscribe(&self.target.destination, "client-individual", &borrowed).await?;
+        let messages = connection.subscribe(&self.target.destination, "client-individual", &borrowed).await?;
         self.connection.send_replace(Some(connection));
-        Ok(subscription)
+        Ok(Subscribed { messages, notices })
     }
 }
 
@@ -366,8 +436,9 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
     Ok(Consumer::from_channel(receiver, Some(Box::new(Control { state, task }))))
 }
 
-/// Reads the consumer's messages; when its connection goes, connects again with backoff and subscribes again.
-async fn run(state: Arc<State>, mut subscription: Option<Subscription>) {
+/// Reads the consumer's messages and notices; when its connection goes, connects again with backoff and
+/// subscribes again.
+async fn run(state: Arc<State>, mut subscription: Option<Subscribed>) {
     let mut attempt = 0u32;
     loop {
         let mut current = match subscription.take() {
@@ -386,9 +457,25 @@ async fn run(state: Arc<State>, mut subscription: Option<Subscription>) {
                 }
             },
         };
-        let connection = current.connection().clone();
-        while let Some(frame) = current.next().await {
-            state.take(&connection, frame, state.options.auto_ack).await;
+        let connection = current.messages.connection().clone();
+        loop {
+            let notice = async {
+                match current.notices.as_mut() {
+                    Some(notices) => notices.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                frame = current.messages.next() => match frame {
+                    Some(frame) => state.take(&connection, frame, state.options.auto_ack).await,
+                    None => break,
+                },
+                Some(notice) = notice => {
+                    if let Some(correlation) = notice.get("correlation-id") {
+                        state.cancelled(correlation);
+                    }
+                }
+            }
         }
         tracing::debug!(destination = %state.target.destination, "a consumer's connection ended; reconnecting");
         state.connection.send_replace(None);
@@ -399,7 +486,13 @@ async fn run(state: Arc<State>, mut subscription: Option<Subscription>) {
 /// (or listens, on RabbitMQ) whenever the main connection is made again; [`Inner::losses`] counts the losses.
 pub(super) async fn start_inbox(inner: &Arc<Inner>, address: String) -> Result<Consumer, Error> {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let target = Target { queue: address.clone(), destination: address, headers: Vec::new(), max_deliveries: None };
+    let target = Target {
+        queue: address.clone(),
+        destination: address,
+        headers: Vec::new(),
+        max_deliveries: None,
+        notices: None,
+    };
     let state = State::new(inner, target, ConsumeOptions::new().auto_ack(true), sender);
     let connection = inner.current()?;
     let first = listen(inner.flavour, &connection, &state.target.destination).await?;

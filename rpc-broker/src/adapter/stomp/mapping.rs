@@ -39,7 +39,13 @@ const PROTOCOL_HEADERS: &[&str] = &[
     "type",
     "original-destination",
     "transformation",
+    SCHEDULED_JOB,
 ];
+
+/// ActiveMQ's delay header: the scheduler holds the message this many milliseconds before it queues it.
+pub(super) const SCHEDULED_DELAY: &str = "AMQ_SCHEDULED_DELAY";
+/// The job id ActiveMQ's scheduler writes on a message it held.
+pub(super) const SCHEDULED_JOB: &str = "scheduledJobId";
 
 /// The destination of `queue`: a queue name becomes `/queue/<name>`; an address that is a destination already
 /// (a reply address as the server wrote it, `/remote-temp-queue/...`, `/reply-queue/...`) stays as it is.
@@ -61,14 +67,18 @@ pub(super) struct Outgoing {
     pub(super) priority: bool,
     /// Deliveries made before this copy.
     pub(super) delivery_count: u32,
+    /// A delay is sent as [`SCHEDULED_DELAY`] (ActiveMQ with its scheduler on).
+    pub(super) delay: bool,
 }
 
 /// The SEND frame carrying `envelope` to `destination`.
 ///
 /// # Errors
-/// [`Error::Unsupported`] for a priority where the server has none, or a delay.
+/// [`Error::Unsupported`] for a priority or a delay where the server has none.
 pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -> Result<Frame, Error> {
-    adapter::refuse_delay(envelope)?;
+    if !send.delay {
+        adapter::refuse_delay(envelope)?;
+    }
     let mut frame = Frame::new(Command::Send);
     let pairs = &mut frame.headers;
     pairs.reserve(16 + envelope.headers.len());
@@ -134,6 +144,9 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
             return Err(Error::Unsupported("priorities"));
         }
         push("priority", priority.to_string());
+    }
+    if let Some(delay) = envelope.delay_ms.filter(|_| send.delay) {
+        push(SCHEDULED_DELAY, delay.to_string());
     }
     if send.persistent {
         push("persistent", "true".to_owned());
@@ -291,7 +304,7 @@ mod tests {
     #[test]
     fn an_envelope_round_trips_through_a_frame() {
         let envelope = request();
-        let send = Outgoing { persistent: true, priority: true, delivery_count: 1 };
+        let send = Outgoing { persistent: true, priority: true, delivery_count: 1, delay: false };
         let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
         assert_eq!(frame.get("persistent"), Some("true"));
         assert_eq!(frame.body, envelope.body);
@@ -303,7 +316,7 @@ mod tests {
 
     #[test]
     fn what_a_reader_infers_is_not_sent() {
-        let send = Outgoing { persistent: false, priority: true, delivery_count: 0 };
+        let send = Outgoing { persistent: false, priority: true, delivery_count: 0, delay: false };
         let sent = to_frame(&request(), "/queue/calc", send).expect("maps");
         assert_eq!((sent.get(headers::KIND), sent.get(headers::REPLY_TO_INBOX)), (None, None));
         let mut reply = request().reply(Ok(Bytes::from_static(b"\x05")));
@@ -324,7 +337,7 @@ mod tests {
         let mut envelope = request();
         envelope.reply_to = Some(ReplyTo::Queue("ns.callbacks.sums".into()));
         envelope.priority = None;
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
         let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
         assert_eq!(frame.get("reply-to"), Some("/queue/ns.callbacks.sums"));
         assert_eq!(from_frame(&delivered(frame, false)).0.reply_to, envelope.reply_to);
@@ -354,7 +367,7 @@ mod tests {
         let mut reply = Envelope::new(Kind::Reply);
         reply.correlation_id = back.correlation_id;
         reply.headers = back.headers.clone();
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
         assert_eq!(to_frame(&reply, "/temp-queue/r", send).expect("maps").get("correlation-id"), Some("order-7"));
     }
 
@@ -410,7 +423,7 @@ mod tests {
             frame.headers = fields;
             frame.body = body.into();
             let (envelope, delivery_count, _) = from_frame(&frame);
-            let send = Outgoing { persistent: true, priority: true, delivery_count: delivery_count - 1 };
+            let send = Outgoing { persistent: true, priority: true, delivery_count: delivery_count - 1, delay: false };
             let sent = to_frame(&envelope, "/queue/q", send).expect("maps");
             let (mut again, count_again, _) = from_frame(&through_the_codec(sent));
             if again.headers.contains_key(headers::RAW_CORRELATION_ID) {
@@ -424,11 +437,18 @@ mod tests {
 
     #[test]
     fn what_the_server_cannot_do_is_refused() {
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0 };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
         assert!(matches!(to_frame(&request(), "/queue/q", send), Err(Error::Unsupported("priorities"))));
         let mut delayed = request();
         delayed.priority = None;
         delayed.delay_ms = Some(100);
         assert!(matches!(to_frame(&delayed, "/queue/q", send), Err(Error::Unsupported("delayed delivery"))));
+        let scheduled = to_frame(&delayed, "/queue/q", Outgoing { delay: true, ..send }).expect("maps");
+        assert_eq!(scheduled.get(SCHEDULED_DELAY), Some("100"));
+        // The scheduler's job id on the message it queued is the server's, not a user header.
+        let fired = delivered(scheduled.header(SCHEDULED_JOB, "ID:vm-1:2:-1:1:1"), false);
+        let (read, _, _) = from_frame(&fired);
+        let user: Vec<_> = adapter::user_headers(&read.headers).collect();
+        assert_eq!(user, [("order", "7")]);
     }
 }

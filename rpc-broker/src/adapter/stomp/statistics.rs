@@ -13,6 +13,8 @@ pub(super) struct Figures {
     pub(super) unacked: usize,
     /// Consumers subscribed.
     pub(super) consumers: usize,
+    /// Messages the queue took since the server started (or made the queue).
+    pub(super) enqueued: u64,
 }
 
 /// One answer.
@@ -37,7 +39,7 @@ pub(super) fn read(body: &[u8]) -> Answer {
         _ => return Answer::End,
     };
     let mut name = None;
-    let (mut size, mut inflight, mut consumers) = (0u64, 0u64, 0u64);
+    let (mut size, mut inflight, mut consumers, mut enqueued) = (0u64, 0u64, 0u64, 0u64);
     for entry in entries {
         match entry.get("string") {
             // A string value: ["key", "value"].
@@ -50,6 +52,7 @@ pub(super) fn read(body: &[u8]) -> Answer {
                     "size" => size = number,
                     "inflightCount" => inflight = number,
                     "consumerCount" => consumers = number,
+                    "enqueueCount" => enqueued = number,
                     _ => {}
                 }
             }
@@ -58,8 +61,12 @@ pub(super) fn read(body: &[u8]) -> Answer {
     }
     let Some(name) = name else { return Answer::Unreadable };
     let count = |number: u64| usize::try_from(number).unwrap_or(usize::MAX);
-    let figures =
-        Figures { ready: count(size.saturating_sub(inflight)), unacked: count(inflight), consumers: count(consumers) };
+    let figures = Figures {
+        ready: count(size.saturating_sub(inflight)),
+        unacked: count(inflight),
+        consumers: count(consumers),
+        enqueued,
+    };
     Answer::Queue(name.to_owned(), figures)
 }
 
@@ -73,7 +80,10 @@ mod tests {
         let body = br#"{"map":{"entry":[{"string":"dequeueCount","long":0},{"string":["brokerId","ID:vm-1"]},
             {"string":"consumerCount","long":1},{"string":"inflightCount","long":1},{"string":"size","long":3},
             {"string":["destinationName","queue:\/\/probe.q"]},{"string":"enqueueCount","long":3}]}}"#;
-        assert_eq!(read(body), Answer::Queue("probe.q".into(), Figures { ready: 2, unacked: 1, consumers: 1 }));
+        assert_eq!(
+            read(body),
+            Answer::Queue("probe.q".into(), Figures { ready: 2, unacked: 1, consumers: 1, enqueued: 3 })
+        );
         assert_eq!(read(br#"{"map":""}"#), Answer::End);
         assert_eq!(read(b"\x82\xa1a"), Answer::Unreadable);
         let topic = br#"{"map":{"entry":{"string":["destinationName","topic://t"]}}}"#;
