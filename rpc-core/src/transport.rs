@@ -69,6 +69,10 @@ pub struct Capabilities {
     pub priority: bool,
     /// Messages can be published with a delay.
     pub delayed_delivery: bool,
+    /// How late past its delay the broker may deliver a delayed message (its timer's granularity): a worker
+    /// leaves this much more before the deadline when it puts a retry's backoff in the broker. Zero for the
+    /// embedded and own broker; half a second on ActiveMQ, whose scheduler wakes every 500 ms when idle.
+    pub delay_slack: Duration,
     /// Queues can have a maximum length, rejecting publishes with [`Error::QueueFull`].
     pub max_length: bool,
     /// Messages are dead-lettered after a maximum number of deliveries.
@@ -95,6 +99,7 @@ impl Capabilities {
             acks: false,
             priority: false,
             delayed_delivery: false,
+            delay_slack: Duration::ZERO,
             max_length: false,
             dead_letter: false,
             dedup_window: None,
@@ -126,6 +131,12 @@ impl Capabilities {
     /// Sets [`Capabilities::delayed_delivery`].
     pub const fn delayed_delivery(mut self, yes: bool) -> Capabilities {
         self.delayed_delivery = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::delay_slack`].
+    pub const fn delay_slack(mut self, slack: Duration) -> Capabilities {
+        self.delay_slack = slack;
         self
     }
 

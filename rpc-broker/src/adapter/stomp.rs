@@ -29,9 +29,11 @@
 //!
 //! Message headers: `correlation-id` (the caller's own, byte for byte, when it is not one of our UUIDs),
 //! `reply-to` (`/queue/<name>` for a named queue, the inbox's destination otherwise, as the server rewrites it:
-//! `/remote-temp-queue/...` on ActiveMQ, `/reply-queue/...` on RabbitMQ), `persistent`, `priority`,
-//! `content-type: application/msgpack`, and the `mqrpc-*` headers of [`crate::adapter::headers`] with `mqrpc-id`
-//! (the envelope id) and `mqrpc-delivery-count`; user headers travel as headers. The body is the MessagePack of
+//! `/remote-temp-queue/...` on ActiveMQ, `/reply-queue/...` on RabbitMQ), `persistent`, `priority`, and the
+//! `mqrpc-*` headers of [`crate::adapter::headers`] with `mqrpc-id` (the envelope id) and
+//! `mqrpc-delivery-count`; user headers travel as headers. ActiveMQ stores each header with the message and
+//! converts it twice, so what a reader can infer is not sent: no `content-type`, and a reply to an inbox carries
+//! neither its kind nor its id (what arrives at an inbox is a reply). The body is the MessagePack of
 //! the arguments or the result. A plain STOMP client calls a service by sending the MessagePack map of the
 //! arguments to `/queue/<service queue>` with `mqrpc-method`, `reply-to` (a `/temp-queue/...` it reads) and
 //! `correlation-id`, and reads the reply's body (and `mqrpc-status`, absent when ok).
@@ -41,9 +43,12 @@
 //! and both mark a released one). [`QueueOptions::max_deliveries`] is kept by the process that declared the
 //! queue: STOMP has no place for it.
 //!
-//! A frame past the codec's [`codec::Limits`] (16 MiB and 64 KiB of body over, 128 headers, a 64 KiB header
-//! block) closes the connection that reads it, and the server then delivers the message again, to a consumer that
-//! cannot read it either. Hold senders to the same limits at the server: ActiveMQ's STOMP connector takes
+//! A message whose body is past the codec's [`codec::Limits`] (16 MiB and 64 KiB by default) comes without it
+//! ([`codec::Frame::oversized`]): a worker acks it and answers its caller [`rpc_core::Code::ResourceExhausted`],
+//! and a reply past a client's limit fails its call with that code, so that it is not delivered again and again
+//! to readers that cannot take it. A frame past the other limits (128 headers, a 64 KiB header block) closes the
+//! connection that reads it, and the server then delivers the message again, to a consumer that cannot read it
+//! either. Hold senders to the same limits at the server: ActiveMQ's STOMP connector takes
 //! `?wireFormat.maxDataLength=16777216` (`.ci/activemq.xml` sets it), though its header limits (1,000 headers of
 //! 10 KiB) are fixed above ours.
 //!
@@ -111,6 +116,9 @@ const DELAYED_MAX: usize = 65_536;
 const CANCEL_WINDOW: Duration = Duration::from_secs(1);
 /// Cancels that hold such a consumer at once; past them, a cancel only tells the workers.
 const CANCELS_MAX: usize = 64;
+/// How late ActiveMQ's scheduler may queue a delayed message: idle, it looks for due jobs every 500 ms and is not
+/// woken by a new one (measured on 5.17.2: a 50 ms delay came 250 to 500 ms late).
+const SCHEDULER_SLACK: Duration = Duration::from_millis(550);
 
 /// How a [`Stomp`] transport sends and reconnects.
 #[derive(Clone, Debug)]
@@ -283,6 +291,7 @@ impl Inner {
             priority: self.flavour == Flavour::ActiveMq,
             delivery_count: 0,
             delay: self.scheduler,
+            stamped: self.flavour == Flavour::ActiveMq,
         }
     }
 
@@ -672,6 +681,7 @@ impl Transport for Stomp {
             .subscriber_groups(true)
             .queue_stats(activemq)
             .delayed_delivery(self.inner.scheduler)
+            .delay_slack(SCHEDULER_SLACK)
             .cancel(activemq)
     }
 
@@ -721,6 +731,7 @@ impl Transport for Stomp {
                 headers: Vec::new(),
                 max_deliveries: self.inner.max_deliveries.get(queue).map(|max| *max),
                 notices: (self.inner.flavour == Flavour::ActiveMq).then(|| scheduler::notices(queue)),
+                inbox: false,
             };
             let consumer = match consumer::start(&self.inner, target, options).await {
                 Err(Error::Transport(refused)) if refused.to_string().contains("not_found") => {
@@ -756,6 +767,7 @@ impl Transport for Stomp {
                         queue,
                         max_deliveries: None,
                         notices: None,
+                        inbox: false,
                     }
                 }
                 Flavour::ActiveMq | Flavour::Other => {
@@ -766,6 +778,7 @@ impl Transport for Stomp {
                         queue,
                         max_deliveries: None,
                         notices: None,
+                        inbox: false,
                     }
                 }
             };

@@ -151,11 +151,14 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
             // After the backoff, the next attempt needs as long as this one took (its wait for a worker, and the
-            // attempt) plus `RETRY_MARGIN` before the deadline: a retry with less time left would answer after the
-            // caller gave up, where dead-lettering now answers in time.
+            // attempt) plus `RETRY_MARGIN` before the deadline, and the broker's lateness when it holds the
+            // backoff: a retry with less time left would answer after the caller gave up, where dead-lettering
+            // now answers in time.
             let now = Instant::now();
             let took = now.saturating_duration_since(request.received_at);
-            if request.deadline.is_none_or(|deadline| now + wait + took + RETRY_MARGIN < deadline) {
+            let capabilities = shared.transport.capabilities();
+            let late = if capabilities.delayed_delivery { capabilities.delay_slack } else { Duration::ZERO };
+            if request.deadline.is_none_or(|deadline| now + wait + late + took + RETRY_MARGIN < deadline) {
                 Box::pin(retry(shared, request, handle, wait)).await;
                 return;
             }

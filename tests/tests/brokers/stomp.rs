@@ -211,3 +211,69 @@ async fn delayed_delivery_and_cancel_are_found_where_the_server_has_them() {
     let refused = rabbitmq.cancel("mqrpc-test", Uuid::new_v4()).await;
     assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
 }
+
+/// A message past a reader's size limit is not a poison message: the worker acks it and answers its caller
+/// `ResourceExhausted` (it would otherwise close its connection, and the server deliver it again, forever), and
+/// goes on serving; a reply past the client's limit fails its call with the same code instead of its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn a_message_past_the_size_limit_is_refused_not_redelivered() {
+    use std::sync::Arc;
+
+    use mqrpc_tests::Harness;
+    use mqrpc_tests::service::{Events, ProbeServer, Worker};
+    use rpc_broker::adapter::stomp::StompOptions;
+    use rpc_broker::adapter::stomp::codec::Limits;
+    use rpc_core::{Client, Code, Server, Transport};
+
+    let url = mqrpc_tests::required_url("MQRPC_STOMP_URL");
+    let small = |limit: usize| {
+        let limits = Limits { max_frame_bytes: limit, ..Limits::default() };
+        mqrpc_tests::StompHarness::with(
+            &url,
+            StompOptions::new().connect(ConnectOptions { limits, ..ConnectOptions::default() }),
+        )
+    };
+    let namespace = format!("b{}", Uuid::new_v4().simple());
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+    let worker_transport: Arc<dyn Transport> = Arc::new(small(1_024).stomp().await);
+    let server = Server::new(worker_transport)
+        .namespace(&namespace)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("the worker starts");
+    let client = Client::builder(mqrpc_tests::StompHarness::activemq().expect("configured").stomp().await)
+        .namespace(&namespace)
+        .connect()
+        .await
+        .expect("connects");
+    // `count`'s argument is a MessagePack map; a 4 KiB one, past the worker's limit.
+    let big = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("n", "x".repeat(4_096))])).expect("encodes");
+    let refused = client.request("suite.Probe", "count", big.into()).timeout(WAIT).await;
+    match refused {
+        Err(Error::Remote(status)) => {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(status.message().contains("limit of 1024"), "{status:?}");
+        }
+        other => panic!("expected ResourceExhausted, got {other:?}"),
+    }
+    let small_args = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("a", 2), ("b", 3)])).expect("encodes");
+    let sum = client.request("suite.Probe", "add", small_args.clone().into()).timeout(WAIT).await.expect("answered");
+    assert_eq!(rmp_serde::from_slice::<i64>(&sum).expect("an integer"), 5);
+    mqrpc_tests::eventually("the add to be handled", WAIT, || server.stats().handled == 1).await;
+    assert!(events.counts.lock().expect("not poisoned").is_empty(), "the refused message reached its handler");
+    // A reply past the client's own limit (a worker whose name is 64 KiB answers `whoami`): the call fails at
+    // once with the reason.
+    let other = format!("b{}", Uuid::new_v4().simple());
+    let named = Worker { name: "w".repeat(65_536), events: Arc::new(Events::default()), client: None };
+    let _named = Server::new(mqrpc_tests::StompHarness::activemq().expect("configured").connect().await)
+        .namespace(&other)
+        .serve(ProbeServer::new(named))
+        .await
+        .expect("the worker starts");
+    let tight = Client::builder(small(16_384).stomp().await).namespace(&other).connect().await.expect("connects");
+    // No arguments: an empty MessagePack map.
+    let far = tight.request("suite.Probe", "whoami", Bytes::from_static(&[0x80])).timeout(WAIT).await;
+    assert!(matches!(&far, Err(Error::Remote(status)) if status.code() == Code::ResourceExhausted), "{far:?}");
+}

@@ -6,9 +6,11 @@
 //! heart-beats ([`Item::Heartbeat`]).
 //!
 //! The bytes come from a server, so nothing is allocated before it is checked against [`Limits`]: a header
-//! block that grows past [`Limits::max_header_bytes`] without its blank line fails as soon as it does, a
-//! `content-length` past [`Limits::max_frame_bytes`] fails before its body is read, and so does a body
-//! without one that grows past it without a NUL. Bytes that arrive a few at a time are each searched once.
+//! block that grows past [`Limits::max_header_bytes`] without its blank line fails as soon as it does; a body
+//! whose `content-length` is past [`Limits::max_frame_bytes`] is read and dropped as it comes, and the frame is
+//! handed out with its headers and no body ([`Frame::oversized`]), so that the message it carries can be
+//! settled rather than delivered again to a reader that cannot take it; a body without a `content-length` that
+//! grows past the limit without a NUL fails (its end cannot be found). Bytes that arrive a few at a time are each searched once.
 //! The encoder holds frames to the same limits, so that a codec with them reads what it writes.
 //!
 //! Header names and values are UTF-8 and unescaped (`\r`, `\n`, `\c` for a colon, `\\`; any other escape is
@@ -131,6 +133,13 @@ impl Frame {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
+
+    /// The `content-length` of a body the decoder dropped because it was past [`Limits::max_frame_bytes`]: the
+    /// frame came with its headers only. `None` for a frame read whole.
+    pub fn oversized(&self) -> Option<u64> {
+        let length = self.get("content-length")?.parse::<u64>().ok()?;
+        (length != self.body.len() as u64).then_some(length)
+    }
 }
 
 /// What the decoder reads and the encoder writes.
@@ -221,6 +230,8 @@ struct Pending {
     length: Option<usize>,
     /// Body bytes already searched for a NUL (bodies without a length).
     scanned: usize,
+    /// Bytes still to drop of a body past the limit.
+    skip: Option<u64>,
 }
 
 /// How far the search for the blank line that ends a header block has gone, kept between calls so that
@@ -293,7 +304,7 @@ impl StompCodec {
             };
             frame.headers.push(header);
         }
-        let length = match frame.get("content-length") {
+        let (length, skip) = match frame.get("content-length") {
             Some(text) => {
                 let size = text
                     .bytes()
@@ -302,14 +313,18 @@ impl StompCodec {
                     .flatten()
                     .ok_or_else(|| FrameError::BadContentLength(text.to_owned()))?;
                 let limit = self.limits.max_frame_bytes;
-                let length = usize::try_from(size).ok().filter(|length| *length <= limit);
-                // The body's end and its NUL must also be indices, whatever the limits.
-                let length = length.filter(|length| head.checked_add(*length).is_some_and(|end| end < usize::MAX));
-                Some(length.ok_or(FrameError::FrameTooLarge { size, limit })?)
+                match usize::try_from(size).ok().filter(|length| *length <= limit) {
+                    // The body's end and its NUL must also be indices, whatever the limits.
+                    Some(length) if head.checked_add(length).is_some_and(|end| end < usize::MAX) => {
+                        (Some(length), None)
+                    }
+                    Some(_) => return Err(FrameError::FrameTooLarge { size, limit }),
+                    None => (None, Some(size)),
+                }
             }
-            None => None,
+            None => (None, None),
         };
-        Ok(Some(Pending { frame, head, length, scanned: 0 }))
+        Ok(Some(Pending { frame, head, length, scanned: 0, skip }))
     }
 }
 
@@ -380,6 +395,23 @@ impl Decoder for StompCodec {
             }
         }
         let Some(pending) = self.pending.as_mut() else { return Ok(None) };
+        if let Some(left) = pending.skip {
+            // A body past the limit: dropped as it arrives, never held.
+            src.advance(std::mem::take(&mut pending.head));
+            let dropped = usize::try_from(left).unwrap_or(usize::MAX).min(src.len());
+            src.advance(dropped);
+            let left = left - dropped as u64;
+            pending.skip = Some(left);
+            if left > 0 || src.is_empty() {
+                return Ok(None);
+            }
+            if src[0] != 0 {
+                let size = pending.frame.oversized().unwrap_or(u64::MAX);
+                return Err(FrameError::MissingNul(usize::try_from(size).unwrap_or(usize::MAX)));
+            }
+            src.advance(1);
+            return Ok(self.pending.take().map(|pending| Item::Frame(pending.frame)));
+        }
         let body_end = match pending.length {
             Some(length) => {
                 let end = pending.head + length;
@@ -600,10 +632,32 @@ destination:/queue/a\r\ncontent-type:text/plain\r\n\r\nhello queue a\0";
     #[test]
     fn limits_are_checked_before_the_bytes_arrive() {
         let limits = Limits { max_frame_bytes: 100, max_header_bytes: 64, max_headers: 2 };
-        // A content-length of a terabyte fails on its header alone.
-        let error = decode_all(&mut StompCodec::new(limits.clone()), b"SEND\ncontent-length:1000000000000\n\n")
-            .expect_err("refused");
-        assert!(matches!(error, FrameError::FrameTooLarge { size: 1_000_000_000_000, limit: 100 }), "{error}");
+        // A body past the limit is dropped as it comes, bytes at a time; the frame comes with its headers only,
+        // and the next frame after it.
+        let mut oversized = b"MESSAGE\nack:1\ncontent-length:150\n\n".to_vec();
+        oversized.extend([7; 150]);
+        oversized.extend(b"\0MESSAGE\nack:2\n\nok\0");
+        let mut codec = StompCodec::new(limits.clone());
+        let mut src = BytesMut::new();
+        let mut items = Vec::new();
+        for chunk in oversized.chunks(7) {
+            src.extend_from_slice(chunk);
+            while let Some(item) = codec.decode(&mut src).expect("reads") {
+                items.push(item);
+            }
+            assert!(src.len() <= 64 + 7, "{} bytes held", src.len());
+        }
+        let [Item::Frame(first), Item::Frame(second)] = items.as_slice() else { panic!("{items:?}") };
+        assert_eq!((first.get("ack"), first.body.len(), first.oversized()), (Some("1"), 0, Some(150)));
+        assert_eq!((second.get("ack"), &second.body[..], second.oversized()), (Some("2"), &b"ok"[..], None));
+        // A terabyte is dropped the same way, without waiting for it to be held; its NUL must follow it.
+        let mut codec = StompCodec::new(limits.clone());
+        let mut src = BytesMut::from(&b"SEND\ncontent-length:1000000000000\n\nxyz"[..]);
+        assert_eq!(codec.decode(&mut src).expect("reads"), None);
+        assert!(src.is_empty());
+        let error = decode_all(&mut StompCodec::new(limits.clone()), b"SEND\ncontent-length:101\n\n")
+            .map(|items| items.is_empty());
+        assert!(matches!(error, Ok(true)));
         // A header block past its limit with no blank line yet.
         let error = decode_all(&mut StompCodec::new(limits.clone()), &[b'a'; 65]).expect_err("refused");
         assert!(matches!(error, FrameError::HeadersTooLarge { limit: 64 }));

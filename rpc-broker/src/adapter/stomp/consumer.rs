@@ -12,14 +12,14 @@ use rpc_core::transport::{
     AckHandle, Acker, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink, Outcome,
     finished,
 };
-use rpc_core::{ConsumeOptions, Envelope, Error};
+use rpc_core::{Code, ConsumeOptions, Envelope, Error, Kind, Status};
 use tokio::sync::{mpsc, watch};
 
 use super::codec::{Command, Frame};
 use super::connection::{Connection, Subscription};
 use super::mapping::{self, DELIVERY_COUNT, Outgoing, SCHEDULED_JOB};
 use super::{Flavour, Inner, scheduler};
-use crate::adapter::Counters;
+use crate::adapter::{Counters, headers};
 
 /// ActiveMQ's prefetch for a consumer that asked for no limit (its own default).
 const UNLIMITED_PREFETCH: u32 = 1_000;
@@ -39,6 +39,8 @@ pub(super) struct Target {
     pub(super) max_deliveries: Option<u32>,
     /// The topic where the queue's cancelled calls are told (a service queue on ActiveMQ).
     pub(super) notices: Option<String>,
+    /// A client's inbox, whose messages are replies.
+    pub(super) inbox: bool,
 }
 
 /// One delivery held until it is settled.
@@ -129,7 +131,29 @@ impl State {
     async fn take(self: &Arc<Self>, connection: &Connection, frame: Frame, auto_ack: bool) {
         let (envelope, delivery_count, queued) = mapping::from_frame(&frame);
         let received_at = Instant::now();
+        if let Some(size) = frame.oversized() {
+            let limit = self.inner.options.connect.limits.max_frame_bytes;
+            let status = Status::new(
+                Code::ResourceExhausted,
+                format!("a message body of {size} bytes is past this reader's limit of {limit}"),
+            );
+            tracing::warn!(destination = %self.target.destination, size, limit, "a message past the size limit");
+            if auto_ack {
+                // A reply the client cannot read: its call fails with the reason rather than waiting it out.
+                let envelope = envelope.reply(Err(status));
+                let handle = AckHandle::auto();
+                self.hand_out(Delivery { envelope, delivery_count, queued, received_at, handle });
+            } else if let Some(ack) = frame.get("ack") {
+                self.refuse(connection, &envelope, ack, status).await;
+            }
+            return;
+        }
         if auto_ack {
+            let mut envelope = envelope;
+            if self.target.inbox {
+                // What comes to an inbox is a reply, which says so only by arriving there.
+                envelope.kind = Kind::Reply;
+            }
             let handle = AckHandle::auto();
             self.hand_out(Delivery { envelope, delivery_count, queued, received_at, handle });
             return;
@@ -173,6 +197,28 @@ impl State {
         self.counters.unacked.fetch_add(1, Ordering::Relaxed);
         let acker: Arc<dyn Acker> = Arc::new(StompAcker(Arc::clone(self)));
         self.hand_out(Delivery { handle: AckHandle::new(acker, tag), ..delivery });
+    }
+
+    /// Acks a message that cannot be handled and answers its caller, if it has one, with `status`, in one
+    /// transaction: it is not delivered again.
+    async fn refuse(&self, connection: &Connection, request: &Envelope, ack: &str, status: Status) {
+        let mut frames = Vec::with_capacity(2);
+        if let Some(reply_to) = request.reply_to.as_ref().filter(|_| request.kind == Kind::Request) {
+            let reply = request.reply(Err(status));
+            let (destination, send) = match self.outgoing(reply_to.address(), &reply) {
+                Ok(outgoing) => outgoing,
+                Err(error) => return tracing::warn!(%error, "could not answer a message it refused"),
+            };
+            match mapping::to_frame(&reply, &destination, send) {
+                Ok(frame) => frames.push(frame),
+                Err(error) => tracing::warn!(%error, "could not answer a message it refused"),
+            }
+        }
+        frames.push(Frame::new(Command::Ack).header("id", ack));
+        match connection.transaction(frames).await {
+            Ok(()) => Counters::bump(&self.counters.rejected),
+            Err(error) => tracing::warn!(%error, "could not refuse a message; the server delivers it again"),
+        }
     }
 
     fn hand_out(&self, delivery: Delivery) {
@@ -265,6 +311,10 @@ fn copy_of(frame: &Frame, destination: &str, delivery_count: u32) -> Frame {
     }
     if delivery_count > 0 {
         copy = copy.header(DELIVERY_COUNT, &delivery_count.to_string());
+    }
+    // The copy is stamped anew by the server: the time the first was sent goes with it.
+    if let (None, Some(taken)) = (frame.get(headers::SENT_AT_MS), frame.get("timestamp")) {
+        copy = copy.header(headers::SENT_AT_MS, taken);
     }
     copy.body = frame.body.clone();
     copy
@@ -492,6 +542,7 @@ pub(super) async fn start_inbox(inner: &Arc<Inner>, address: String) -> Result<C
         headers: Vec::new(),
         max_deliveries: None,
         notices: None,
+        inbox: true,
     };
     let state = State::new(inner, target, ConsumeOptions::new().auto_ack(true), sender);
     let connection = inner.current()?;

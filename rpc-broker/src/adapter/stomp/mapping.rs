@@ -69,6 +69,9 @@ pub(super) struct Outgoing {
     pub(super) delivery_count: u32,
     /// A delay is sent as [`SCHEDULED_DELAY`] (ActiveMQ with its scheduler on).
     pub(super) delay: bool,
+    /// The server stamps each message with the time it took it (`timestamp`, ActiveMQ), which stands for
+    /// `mqrpc-sent-at-ms`.
+    pub(super) stamped: bool,
 }
 
 /// The SEND frame carrying `envelope` to `destination`.
@@ -84,12 +87,16 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     pairs.reserve(16 + envelope.headers.len());
     let mut push = |name: &str, value: String| pairs.push((name.to_owned(), value));
     push("destination", destination.to_owned());
-    // Every header is a property ActiveMQ stores with the message: what a reader infers is left out. The kind
-    // is written when `reply-to` does not say it (a request has one, a oneway call none): on every reply.
-    if adapter::kind_of(None, envelope.reply_to.is_some()) != envelope.kind {
+    // Every header is a property ActiveMQ stores, and converts twice, with the message: what a reader infers is
+    // left out. A reply to an inbox is one by where it arrives, and its id is never read; otherwise the kind is
+    // written when `reply-to` does not say it (a request has one, a oneway call none).
+    let to_inbox = envelope.kind == Kind::Reply && is_inbox(destination);
+    if adapter::kind_of(None, envelope.reply_to.is_some()) != envelope.kind && !to_inbox {
         push(headers::KIND, adapter::kind_name(envelope.kind).to_owned());
     }
-    push(ID, envelope.id.to_string());
+    if !to_inbox {
+        push(ID, envelope.id.to_string());
+    }
     if let Some(correlation_id) = envelope.correlation_id {
         let text = match envelope.headers.get(headers::RAW_CORRELATION_ID) {
             Some(raw) => raw.clone(),
@@ -107,7 +114,6 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     }
     // A reply to an inbox is matched by its correlation id alone; one to a named queue (a durable callback) is
     // handled by its method.
-    let to_inbox = envelope.kind == Kind::Reply && is_inbox(destination);
     if !envelope.service.is_empty() && !to_inbox {
         push(headers::SERVICE, envelope.service.clone());
     }
@@ -119,7 +125,9 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     }
     if let Some(budget) = envelope.deadline_ms {
         push(headers::DEADLINE_MS, budget.to_string());
-        push(headers::SENT_AT_MS, adapter::now_ms().to_string());
+        if !send.stamped {
+            push(headers::SENT_AT_MS, adapter::now_ms().to_string());
+        }
     }
     if let Some(key) = &envelope.idempotency_key {
         push(headers::IDEMPOTENCY_KEY, key.clone());
@@ -151,9 +159,6 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     if send.persistent {
         push("persistent", "true".to_owned());
     }
-    if !envelope.body.is_empty() {
-        push("content-type", "application/msgpack".to_owned());
-    }
     for (name, value) in adapter::user_headers(&envelope.headers) {
         push(name, value.to_owned());
     }
@@ -180,6 +185,7 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
             headers::ATTEMPT => fields.attempt = value.parse().ok(),
             headers::DEADLINE_MS => fields.deadline_ms = value.parse().ok(),
             headers::SENT_AT_MS => fields.sent_at_ms = value.parse().ok(),
+            "timestamp" => fields.timestamp = value.parse().ok(),
             headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
             headers::CALLER => fields.caller = Some(value),
             headers::STATUS => fields.status = value.parse().ok(),
@@ -227,7 +233,7 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
     envelope.headers = user;
     envelope.body = frame.body.clone();
     let queued = match envelope.deadline_ms {
-        Some(_) => adapter::queued_since(fields.sent_at_ms, adapter::now_ms()),
+        Some(_) => adapter::queued_since(fields.sent_at_ms.or(fields.timestamp), adapter::now_ms()),
         None => Duration::ZERO,
     };
     let count = fields.delivery_count.unwrap_or(0).saturating_add(1).saturating_add(u32::from(fields.redelivered));
@@ -261,6 +267,8 @@ struct Fields<'a> {
     attempt: Option<u32>,
     deadline_ms: Option<u64>,
     sent_at_ms: Option<u64>,
+    /// The server's (ActiveMQ's) time of taking the message, in ms since the epoch.
+    timestamp: Option<u64>,
     idempotency_key: Option<&'a str>,
     caller: Option<&'a str>,
     status: Option<u16>,
@@ -304,7 +312,7 @@ mod tests {
     #[test]
     fn an_envelope_round_trips_through_a_frame() {
         let envelope = request();
-        let send = Outgoing { persistent: true, priority: true, delivery_count: 1, delay: false };
+        let send = Outgoing { persistent: true, priority: true, delivery_count: 1, delay: false, stamped: false };
         let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
         assert_eq!(frame.get("persistent"), Some("true"));
         assert_eq!(frame.body, envelope.body);
@@ -312,24 +320,31 @@ mod tests {
         assert_eq!(back, envelope);
         assert_eq!(count, 3, "one copy before, and a redelivery of this one");
         assert!(queued < Duration::from_secs(5));
+        // Where the server stamps the time it took the message, that stands for the sending time.
+        let stamped = to_frame(&envelope, "/queue/calc", Outgoing { stamped: true, ..send }).expect("maps");
+        assert_eq!(stamped.get(headers::SENT_AT_MS), None);
+        let taken = (adapter::now_ms() - 3_000).to_string();
+        let (_, _, queued) = from_frame(&delivered(stamped.header("timestamp", &taken), false));
+        assert!(queued >= Duration::from_secs(3) && queued < Duration::from_secs(8), "{queued:?}");
     }
 
     #[test]
     fn what_a_reader_infers_is_not_sent() {
-        let send = Outgoing { persistent: false, priority: true, delivery_count: 0, delay: false };
+        let send = Outgoing { persistent: false, priority: true, delivery_count: 0, delay: false, stamped: false };
         let sent = to_frame(&request(), "/queue/calc", send).expect("maps");
         assert_eq!((sent.get(headers::KIND), sent.get(headers::REPLY_TO_INBOX)), (None, None));
         let mut reply = request().reply(Ok(Bytes::from_static(b"\x05")));
         let to_inbox = to_frame(&reply, "/remote-temp-queue/ID:x", send).expect("maps");
-        assert_eq!(to_inbox.get(headers::KIND), Some("reply"));
+        assert_eq!((to_inbox.get(headers::KIND), to_inbox.get(ID)), (None, None));
         assert_eq!((to_inbox.get(headers::SERVICE), to_inbox.get(headers::METHOD)), (None, None));
         reply.priority = None;
         let to_callbacks = to_frame(&reply, "/amq/queue/ns.callback.sums", send).expect("maps");
         assert_eq!(to_callbacks.get(headers::METHOD), Some("add"));
         assert!(is_inbox("/remote-temp-queue/ID:x") && is_inbox("/reply-queue/amq.gen-x"));
         assert!(!is_inbox("/queue/ns.callback.sums") && !is_inbox("/amq/queue/ns.callback.sums"));
+        // Read anywhere but an inbox, it is a oneway message; the inbox's consumer reads it as a reply.
         let (back, _, _) = from_frame(&delivered(to_inbox, false));
-        assert_eq!((back.kind, back.correlation_id), (Kind::Reply, reply.correlation_id));
+        assert_eq!((back.kind, back.correlation_id), (Kind::Oneway, reply.correlation_id));
     }
 
     #[test]
@@ -337,7 +352,7 @@ mod tests {
         let mut envelope = request();
         envelope.reply_to = Some(ReplyTo::Queue("ns.callbacks.sums".into()));
         envelope.priority = None;
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false, stamped: false };
         let frame = to_frame(&envelope, "/queue/calc", send).expect("maps");
         assert_eq!(frame.get("reply-to"), Some("/queue/ns.callbacks.sums"));
         assert_eq!(from_frame(&delivered(frame, false)).0.reply_to, envelope.reply_to);
@@ -367,7 +382,7 @@ mod tests {
         let mut reply = Envelope::new(Kind::Reply);
         reply.correlation_id = back.correlation_id;
         reply.headers = back.headers.clone();
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false, stamped: false };
         assert_eq!(to_frame(&reply, "/temp-queue/r", send).expect("maps").get("correlation-id"), Some("order-7"));
     }
 
@@ -423,7 +438,7 @@ mod tests {
             frame.headers = fields;
             frame.body = body.into();
             let (envelope, delivery_count, _) = from_frame(&frame);
-            let send = Outgoing { persistent: true, priority: true, delivery_count: delivery_count - 1, delay: false };
+            let send = Outgoing { persistent: true, priority: true, delivery_count: delivery_count - 1, delay: false, stamped: false };
             let sent = to_frame(&envelope, "/queue/q", send).expect("maps");
             let (mut again, count_again, _) = from_frame(&through_the_codec(sent));
             if again.headers.contains_key(headers::RAW_CORRELATION_ID) {
@@ -437,7 +452,7 @@ mod tests {
 
     #[test]
     fn what_the_server_cannot_do_is_refused() {
-        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false };
+        let send = Outgoing { persistent: false, priority: false, delivery_count: 0, delay: false, stamped: false };
         assert!(matches!(to_frame(&request(), "/queue/q", send), Err(Error::Unsupported("priorities"))));
         let mut delayed = request();
         delayed.priority = None;
