@@ -3,7 +3,7 @@
 //! UNSUBSCRIBE); and inboxes, on the transport's main connection, where the servers deliver the replies to
 //! the temporary queues named in the requests that connection sent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -70,8 +70,39 @@ pub(super) struct State {
     connection: watch::Sender<Option<Connection>>,
     /// The signals of cancelled calls whose requests are held.
     cancellations: Arc<Cancellations>,
-    /// Cancelled calls whose requests were not held when the notice came, oldest first.
-    early: Mutex<VecDeque<String>>,
+    /// Cancelled calls whose requests were not held when the notice came.
+    early: Mutex<EarlyCancels>,
+}
+
+/// Correlation ids of cancelled calls, the oldest forgotten past [`EARLY_CANCELS_MAX`].
+#[derive(Default)]
+struct EarlyCancels {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl EarlyCancels {
+    fn insert(&mut self, id: &str) {
+        if self.ids.contains(id) {
+            return;
+        }
+        if self.order.len() >= EARLY_CANCELS_MAX
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.ids.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+    }
+
+    /// Whether `id` is here; it is forgotten if so.
+    fn take(&mut self, id: &str) -> bool {
+        if !self.ids.remove(id) {
+            return false;
+        }
+        self.order.retain(|kept| kept != id);
+        true
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -99,7 +130,7 @@ impl State {
             sender,
             connection: watch::Sender::new(None),
             cancellations: Arc::new(Cancellations::new()),
-            early: Mutex::new(VecDeque::new()),
+            early: Mutex::new(EarlyCancels::default()),
         })
     }
 
@@ -138,14 +169,15 @@ impl State {
                 format!("a message body of {size} bytes is past this reader's limit of {limit}"),
             );
             tracing::warn!(destination = %self.target.destination, size, limit, "a message past the size limit");
-            if auto_ack {
+            if self.target.inbox {
                 // A reply the client cannot read: its call fails with the reason rather than waiting it out.
                 let envelope = envelope.reply(Err(status));
                 let handle = AckHandle::auto();
                 self.hand_out(Delivery { envelope, delivery_count, queued, received_at, handle });
-            } else if let Some(ack) = frame.get("ack") {
+            } else if let Some(ack) = frame.get("ack").filter(|_| !auto_ack) {
                 self.refuse(connection, &envelope, ack, status).await;
             }
+            // Taken by the server already (auto ack): nothing to settle.
             return;
         }
         if auto_ack {
@@ -257,26 +289,13 @@ impl State {
             .map(|(tag, _)| *tag);
         match held {
             Some(tag) => self.cancellations.cancel(tag),
-            None => {
-                let mut early = self.early.lock().unwrap_or_else(PoisonError::into_inner);
-                if early.len() >= EARLY_CANCELS_MAX {
-                    early.pop_front();
-                }
-                early.push_back(correlation.to_owned());
-            }
+            None => self.early.lock().unwrap_or_else(PoisonError::into_inner).insert(correlation),
         }
     }
 
     /// Whether the call `correlation` was cancelled before its request came (forgotten once asked).
     fn cancelled_early(&self, correlation: &str) -> bool {
-        let mut early = self.early.lock().unwrap_or_else(PoisonError::into_inner);
-        match early.iter().position(|id| id == correlation) {
-            Some(at) => {
-                early.remove(at);
-                true
-            }
-            None => false,
-        }
+        self.early.lock().unwrap_or_else(PoisonError::into_inner).take(correlation)
     }
 
     /// The destination of `queue` and how `envelope` is sent there.
@@ -592,5 +611,25 @@ impl State {
     /// The consumer's connection now, if it has one.
     pub(super) fn connection(&self) -> Option<Connection> {
         self.connection.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_cancels_are_taken_once_and_bounded() {
+        let mut early = EarlyCancels::default();
+        early.insert("a");
+        early.insert("a");
+        assert!(early.take("a"));
+        assert!(!early.take("a"), "taken once");
+        for n in 0..=EARLY_CANCELS_MAX {
+            early.insert(&n.to_string());
+        }
+        assert_eq!((early.ids.len(), early.order.len()), (EARLY_CANCELS_MAX, EARLY_CANCELS_MAX));
+        assert!(!early.take("0"), "the oldest is forgotten");
+        assert!(early.take(&EARLY_CANCELS_MAX.to_string()));
     }
 }
