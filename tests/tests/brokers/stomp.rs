@@ -1,9 +1,12 @@
-//! The STOMP 1.2 connection (`rpc_broker::adapter::stomp::Connection`) against the two real STOMP servers
-//! `.ci/brokers` starts: ActiveMQ Classic (`MQRPC_STOMP_URL`) and RabbitMQ's STOMP plugin
+//! The STOMP 1.2 connection (`rpc_broker::adapter::stomp::Connection`) and transport against the two real STOMP
+//! servers `.ci/brokers` starts: ActiveMQ Classic (`MQRPC_STOMP_URL`) and RabbitMQ's STOMP plugin
 //! (`MQRPC_STOMP_RABBIT_URL`). A binary body with NUL bytes and headers that need escaping travel both ways
 //! unchanged; a message left unacknowledged when its connection goes comes again; a request is answered through
-//! the caller's temp queue, correlation id and all; a refused login is a typed error. The queues made on RabbitMQ are deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ
-//! drops its idle test queues itself (`.ci/activemq.xml`).
+//! the caller's temp queue, correlation id and all; a refused login is a typed error; a subscription dropped
+//! before its receipt unsubscribes; the transport finds delayed delivery and cancel where the server has them, and
+//! refuses a message past its size limit instead of taking it again and again. The queues made on RabbitMQ are
+//! deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ drops its idle test queues itself
+//! (`.ci/activemq.xml`).
 
 use std::time::Duration;
 
