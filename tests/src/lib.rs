@@ -248,6 +248,61 @@ impl Harness for StompHarness {
     }
 }
 
+/// ZeroMQ nodes on loopback, brokerless: every connection is a node of its own with a ROUTER and a PUB socket on
+/// free ports, and the nodes of one harness form a mesh (each new node is added as a peer of every node, itself
+/// included), as a deployment would list its workers' endpoints. A new node's `connect` returns once every
+/// node has its READY and its subscriptions are synced with it. The harness keeps its nodes until it is dropped.
+#[derive(Debug, Default)]
+pub struct ZmqHarness {
+    nodes: tokio::sync::Mutex<Vec<rpc_broker::adapter::zmq::Zmq>>,
+}
+
+impl ZmqHarness {
+    /// A harness with no node yet.
+    pub fn new() -> ZmqHarness {
+        ZmqHarness::default()
+    }
+
+    /// A new node of the mesh, typed.
+    pub async fn node(&self) -> rpc_broker::adapter::zmq::Zmq {
+        use rpc_broker::adapter::zmq::{Zmq, ZmqOptions};
+        let mut nodes = self.nodes.lock().await;
+        let node = Zmq::start(ZmqOptions::new().bind("tcp://127.0.0.1:0")).await.expect("a ZeroMQ node binds");
+        let endpoint = node.endpoint().expect("bound").to_owned();
+        let mut joins = Vec::new();
+        for peer in nodes.iter().chain(std::iter::once(&node)) {
+            joins.push((peer.clone(), endpoint.clone()));
+            if peer.endpoint() != Some(endpoint.as_str()) {
+                joins.push((node.clone(), peer.endpoint().expect("bound").to_owned()));
+            }
+        }
+        let joined = futures::future::join_all(joins.iter().map(|(from, to)| from.add_peer(to))).await;
+        for result in joined {
+            result.expect("a ZeroMQ node answers its peers");
+        }
+        nodes.push(node.clone());
+        node
+    }
+}
+
+impl Available for ZmqHarness {
+    type Harness = ZmqHarness;
+
+    fn available(self) -> ZmqHarness {
+        log_from_env();
+        self
+    }
+}
+
+impl Harness for ZmqHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.node().await);
+            transport
+        })
+    }
+}
+
 /// The STOMP transport's options in the tests: queues declared on RabbitMQ expire a minute after their last use.
 fn stomp_options() -> rpc_broker::adapter::stomp::StompOptions {
     rpc_broker::adapter::stomp::StompOptions::new().queue_expires(Duration::from_secs(60))

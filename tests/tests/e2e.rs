@@ -40,6 +40,7 @@ mqrpc_tests::scenario_suite!(
         dead_letters_are_listed_and_replayed_with_their_key,
     ],
 );
+mqrpc_tests::scenario_suite!(zeromq, mqrpc_tests::ZmqHarness::new());
 mqrpc_tests::scenario_suite!(
     nats_core,
     mqrpc_tests::NatsHarness::core(),

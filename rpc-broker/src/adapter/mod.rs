@@ -21,6 +21,8 @@ pub mod nats;
 pub mod redis_dedup;
 #[cfg(feature = "stomp")]
 pub mod stomp;
+#[cfg(feature = "zmq")]
+pub mod zmq;
 
 /// A broker URL without its password, for logs and error messages.
 pub(crate) fn redact_url(url: &str) -> String {

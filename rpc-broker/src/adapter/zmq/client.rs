@@ -1,0 +1,534 @@
+//! The calling side of a node: a DEALER socket per worker, the requests this node holds until a worker settles
+//! them, the windows, and what happens when a worker dies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rpc_core::Error;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use uuid::Uuid;
+use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
+
+use super::wire::Command;
+use super::{Inner, Queues, ZmqOptions, lock};
+
+/// The workers this node calls and the requests it holds for them.
+pub(super) struct Routing {
+    state: Mutex<State>,
+    /// Woken when a worker registers.
+    changed: tokio::sync::Notify,
+    /// Endpoints with a connection loop running.
+    connecting: Mutex<HashSet<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    next_worker: u64,
+    workers: HashMap<u64, Worker>,
+    by_endpoint: HashMap<String, u64>,
+    /// Every request sent and not settled, or waiting for a window.
+    held: HashMap<u64, Held>,
+    /// Requests waiting for a window, by queue, oldest first.
+    waiting: HashMap<String, VecDeque<u64>>,
+    waiting_len: usize,
+}
+
+/// A worker that answered READY, on one connection.
+struct Worker {
+    endpoint: String,
+    node: Uuid,
+    publishes: String,
+    out: UnboundedSender<Vec<Bytes>>,
+    queues: Queues,
+    outstanding: HashMap<String, u32>,
+    /// Requests sent to it: ties between workers go to the one sent fewer.
+    sent: u64,
+}
+
+/// A request held until a worker settles it.
+struct Held {
+    queue: String,
+    envelope: Bytes,
+    delivery_count: u32,
+    /// When the envelope's deadline started counting.
+    since: Instant,
+    deadline: Option<Instant>,
+    /// The worker that has it, or none while it waits.
+    worker: Option<u64>,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl State {
+    fn serves(&self, queue: &str) -> bool {
+        self.workers.values().any(|worker| worker.queues.get(queue).is_some_and(|&window| window > 0))
+    }
+
+    /// The worker serving `queue` with room in its window and the fewest outstanding.
+    fn pick(&self, queue: &str, window: u32) -> Option<u64> {
+        let mut best: Option<(u32, u64, u64)> = None;
+        for (&id, worker) in &self.workers {
+            let Some(&theirs) = worker.queues.get(queue) else { continue };
+            let outstanding = worker.outstanding.get(queue).copied().unwrap_or(0);
+            if outstanding >= theirs.min(window) {
+                continue;
+            }
+            let better = best.is_none_or(|(fewest, sent, _)| (outstanding, worker.sent) < (fewest, sent));
+            if better {
+                best = Some((outstanding, worker.sent, id));
+            }
+        }
+        best.map(|(_, _, id)| id)
+    }
+
+    /// Sends request `seq` to a worker with room, or makes it wait for one.
+    fn place(&mut self, seq: u64, window: u32) {
+        let Some(held) = self.held.get(&seq) else { return };
+        match self.pick(&held.queue, window) {
+            Some(worker) => self.send(seq, worker),
+            None => {
+                let queue = held.queue.clone();
+                self.waiting.entry(queue).or_default().push_back(seq);
+                self.waiting_len += 1;
+            }
+        }
+    }
+
+    fn send(&mut self, seq: u64, id: u64) {
+        let (Some(held), Some(worker)) = (self.held.get_mut(&seq), self.workers.get_mut(&id)) else { return };
+        match worker.outstanding.get_mut(&held.queue) {
+            Some(outstanding) => *outstanding += 1,
+            None => {
+                worker.outstanding.insert(held.queue.clone(), 1);
+            }
+        }
+        worker.sent += 1;
+        held.worker = Some(id);
+        let request = Command::Request {
+            seq,
+            delivery_count: held.delivery_count,
+            queued_ms: millis(held.since.elapsed()),
+            queue: held.queue.clone(),
+            envelope: held.envelope.clone(),
+        };
+        // A closed channel is a connection ending: its end moves the request on.
+        let _ = worker.out.send(request.frames());
+    }
+
+    /// Frees the window place request `seq` had at worker `id`.
+    fn release(&mut self, id: u64, queue: &str) {
+        if let Some(outstanding) = self.workers.get_mut(&id).and_then(|worker| worker.outstanding.get_mut(queue)) {
+            *outstanding = outstanding.saturating_sub(1);
+        }
+    }
+
+    /// Whether worker `id` has request `seq`: a settle from a worker that does not (the request moved on when
+    /// it was taken for dead) is ignored.
+    fn holds(&self, id: u64, seq: u64) -> bool {
+        self.held.get(&seq).is_some_and(|held| held.worker == Some(id))
+    }
+
+    /// Sends what waits for `queue` while a worker has room; drops what waited past its deadline.
+    fn drain(&mut self, queue: &str, window: u32) {
+        let now = Instant::now();
+        loop {
+            let Some(&seq) = self.waiting.get(queue).and_then(VecDeque::front) else {
+                self.waiting.remove(queue);
+                return;
+            };
+            let expired = self.held.get(&seq).is_none_or(|held| held.deadline.is_some_and(|deadline| deadline <= now));
+            let worker = if expired { None } else { self.pick(queue, window) };
+            if !expired && worker.is_none() {
+                return;
+            }
+            if let Some(waiting) = self.waiting.get_mut(queue) {
+                waiting.pop_front();
+            }
+            self.waiting_len -= 1;
+            match worker {
+                Some(worker) => self.send(seq, worker),
+                None => {
+                    self.held.remove(&seq);
+                }
+            }
+        }
+    }
+}
+
+impl Routing {
+    pub(super) fn new() -> Routing {
+        Routing {
+            state: Mutex::new(State::default()),
+            changed: tokio::sync::Notify::new(),
+            connecting: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Holds a new request for `queue` and sends it to a worker, or makes it wait for a window.
+    pub(super) fn publish(
+        &self,
+        queue: &str,
+        envelope: Bytes,
+        deadline: Option<Instant>,
+        options: &ZmqOptions,
+    ) -> Result<(), Error> {
+        let mut state = lock(&self.state);
+        if !state.serves(queue) {
+            return Err(Error::NoResponders(queue.to_owned()));
+        }
+        let room = state.pick(queue, options.window);
+        if room.is_none() && state.waiting_len >= options.max_waiting {
+            return Err(Error::QueueFull(queue.to_owned()));
+        }
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        let held = Held {
+            queue: queue.to_owned(),
+            envelope,
+            delivery_count: 1,
+            since: Instant::now(),
+            deadline,
+            worker: None,
+        };
+        state.held.insert(seq, held);
+        match room {
+            Some(worker) => state.send(seq, worker),
+            None => state.place(seq, options.window),
+        }
+        Ok(())
+    }
+
+    /// Waits until a worker at `endpoint` has answered READY; its node and PUB endpoint when it publishes.
+    pub(super) async fn ready(&self, endpoint: &str) -> Option<(Uuid, String)> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = lock(&self.state);
+                if let Some(worker) = state.by_endpoint.get(endpoint).and_then(|id| state.workers.get(id)) {
+                    return (!worker.publishes.is_empty()).then(|| (worker.node, worker.publishes.clone()));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub(super) fn live_workers(&self) -> usize {
+        lock(&self.state).workers.len()
+    }
+
+    /// Drops the requests waiting for `queue`.
+    pub(super) fn delete(&self, queue: &str) {
+        let mut state = lock(&self.state);
+        if let Some(waiting) = state.waiting.remove(queue) {
+            state.waiting_len -= waiting.len();
+            for seq in waiting {
+                state.held.remove(&seq);
+            }
+        }
+    }
+
+    /// Sends `frames` to the worker of node `node`, if this node is connected to it.
+    pub(super) fn send_to_node(&self, node: Uuid, frames: Vec<Bytes>) -> bool {
+        let state = lock(&self.state);
+        state.workers.values().find(|worker| worker.node == node).is_some_and(|worker| worker.out.send(frames).is_ok())
+    }
+
+    fn register(
+        &self,
+        endpoint: &str,
+        node: Uuid,
+        publishes: String,
+        out: UnboundedSender<Vec<Bytes>>,
+        queues: Queues,
+        window: u32,
+    ) -> u64 {
+        let id = {
+            let mut state = lock(&self.state);
+            state.next_worker += 1;
+            let id = state.next_worker;
+            let served: Vec<String> = queues.keys().cloned().collect();
+            let worker = Worker {
+                endpoint: endpoint.to_owned(),
+                node,
+                publishes,
+                out,
+                queues,
+                outstanding: HashMap::new(),
+                sent: 0,
+            };
+            state.workers.insert(id, worker);
+            state.by_endpoint.insert(endpoint.to_owned(), id);
+            for queue in served {
+                state.drain(&queue, window);
+            }
+            id
+        };
+        self.changed.notify_waiters();
+        id
+    }
+
+    fn announce(&self, id: u64, queues: Queues, window: u32) {
+        let mut state = lock(&self.state);
+        let served: Vec<String> = queues.keys().cloned().collect();
+        if let Some(worker) = state.workers.get_mut(&id) {
+            worker.queues = queues;
+        }
+        for queue in served {
+            state.drain(&queue, window);
+        }
+    }
+
+    fn settled(&self, id: u64, seq: u64, window: u32) {
+        let mut state = lock(&self.state);
+        if !state.holds(id, seq) {
+            return;
+        }
+        if let Some(held) = state.held.remove(&seq) {
+            state.release(id, &held.queue);
+            state.drain(&held.queue, window);
+        }
+    }
+
+    fn requeue(&self, id: u64, seq: u64, counted: bool, window: u32) {
+        let mut state = lock(&self.state);
+        if !state.holds(id, seq) {
+            return;
+        }
+        let Some(held) = state.held.get_mut(&seq) else { return };
+        held.worker = None;
+        held.delivery_count = held.delivery_count.saturating_add(u32::from(counted));
+        let queue = held.queue.clone();
+        state.release(id, &queue);
+        state.place(seq, window);
+    }
+
+    fn republish(&self, id: u64, seq: u64, queue: String, envelope: Bytes, window: u32) {
+        let mut state = lock(&self.state);
+        if !state.holds(id, seq) {
+            return;
+        }
+        let Some(held) = state.held.get_mut(&seq) else { return };
+        let old = std::mem::replace(&mut held.queue, queue);
+        held.envelope = envelope;
+        held.delivery_count = 1;
+        held.since = Instant::now();
+        held.worker = None;
+        state.release(id, &old);
+        state.place(seq, window);
+        state.drain(&old, window);
+    }
+
+    fn refused(&self, id: u64, seq: u64, window: u32) {
+        {
+            let mut state = lock(&self.state);
+            let queue = state.held.get(&seq).filter(|held| held.worker == Some(id)).map(|held| held.queue.clone());
+            if let (Some(queue), Some(worker)) = (queue, state.workers.get_mut(&id)) {
+                worker.queues.remove(&queue);
+            }
+        }
+        self.requeue(id, seq, false, window);
+    }
+
+    /// Worker `id` is gone: what it had goes to the others, as a new delivery each, or waits for one.
+    fn dead(&self, id: u64, window: u32) {
+        let mut state = lock(&self.state);
+        let Some(worker) = state.workers.remove(&id) else { return };
+        if state.by_endpoint.get(&worker.endpoint) == Some(&id) {
+            state.by_endpoint.remove(&worker.endpoint);
+        }
+        let mut orphans: Vec<u64> = state
+            .held
+            .iter_mut()
+            .filter(|(_, held)| held.worker == Some(id))
+            .map(|(&seq, held)| {
+                held.worker = None;
+                held.delivery_count = held.delivery_count.saturating_add(1);
+                seq
+            })
+            .collect();
+        orphans.sort_unstable();
+        if !orphans.is_empty() {
+            tracing::info!(endpoint = %worker.endpoint, requests = orphans.len(), "a ZeroMQ worker is gone; sending its requests to the others");
+        }
+        for seq in orphans {
+            state.place(seq, window);
+        }
+    }
+
+    /// Drops requests that waited for a window past their deadline: their callers gave up.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let State { waiting, held, waiting_len, .. } = &mut *state;
+        waiting.retain(|_, seqs| {
+            seqs.retain(|seq| {
+                let keep = held.get(seq).is_some_and(|held| held.deadline.is_none_or(|deadline| deadline > now));
+                if !keep {
+                    held.remove(seq);
+                    *waiting_len -= 1;
+                }
+                keep
+            });
+            !seqs.is_empty()
+        });
+    }
+}
+
+/// Drops expired waiting requests every heartbeat, until the node shuts down.
+pub(super) fn start_sweeper(inner: &Arc<Inner>) {
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(inner.options.heartbeat);
+        loop {
+            tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                _ = ticks.tick() => inner.routing.sweep(),
+            }
+        }
+    });
+}
+
+/// Starts the connection loop to the worker at `endpoint`, unless one runs: connect, HELLO, serve the
+/// connection until it ends, then again after a backoff that doubles up to [`ZmqOptions::reconnect_max`].
+pub(super) fn connect(inner: &Arc<Inner>, endpoint: &str) {
+    if !lock(&inner.routing.connecting).insert(endpoint.to_owned()) {
+        return;
+    }
+    let inner = Arc::clone(inner);
+    let endpoint = endpoint.to_owned();
+    tokio::spawn(async move {
+        let first = inner.options.heartbeat.min(inner.options.reconnect_max);
+        let mut backoff = first;
+        loop {
+            let registered = tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                registered = session(&inner, &endpoint) => registered,
+            };
+            if registered {
+                backoff = first;
+            }
+            // Up to a quarter more, so that clients of a worker that restarts do not all come back at once.
+            let jitter = backoff.mul_f64(rand_fraction() / 4.0);
+            tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                () = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(inner.options.reconnect_max);
+        }
+    });
+}
+
+/// A number in [0, 1) that differs from call to call.
+fn rand_fraction() -> f64 {
+    let bits = Uuid::new_v4().as_u128() as u64 >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
+
+/// One connection to a worker, until it ends; whether the worker answered READY on it.
+async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
+    let mut socket_options = zeromq::SocketOptions::default();
+    socket_options.connect_timeout(inner.options.handshake_timeout);
+    let mut socket = zeromq::DealerSocket::with_options(socket_options);
+    let mut monitor = socket.monitor();
+    if let Err(error) = socket.connect(endpoint).await {
+        tracing::debug!(%endpoint, %error, "cannot connect to a ZeroMQ worker");
+        return false;
+    }
+    let (mut sender, mut receiver) = socket.split();
+    let (out, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<Bytes>>();
+    let publishes = inner.broadcast.endpoint().unwrap_or_default().to_owned();
+    let _ = out.send(Command::Hello { node: inner.node, publishes }.frames());
+    let writer = async move {
+        while let Some(frames) = outgoing.recv().await {
+            let Ok(message) = ZmqMessage::try_from(frames) else { continue };
+            if sender.send(message).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(writer);
+    let window = inner.options.window;
+    let silence = inner.options.silence();
+    let mut worker: Option<u64> = None;
+    let mut last_heard = Instant::now();
+    let mut ticks = tokio::time::interval(inner.options.heartbeat);
+    loop {
+        tokio::select! {
+            () = &mut writer => break,
+            event = monitor.next() => match event {
+                Some(SocketEvent::Disconnected(_)) | None => break,
+                Some(_) => {}
+            },
+            _ = ticks.tick() => {
+                if last_heard.elapsed() > silence {
+                    tracing::warn!(%endpoint, ?silence, "a ZeroMQ worker missed its heartbeats");
+                    break;
+                }
+                let _ = out.send(Command::Ping.frames());
+            }
+            received = receiver.recv() => {
+                let Ok(message) = received else { break };
+                last_heard = Instant::now();
+                match Command::parse(&message.into_vec(), &inner.options.limits) {
+                    Ok(command) => handle(inner, endpoint, &out, &mut worker, command, window),
+                    Err(error) => tracing::warn!(%endpoint, %error, "a malformed message from a ZeroMQ worker; dropped"),
+                }
+            }
+        }
+    }
+    if let Some(id) = worker {
+        inner.routing.dead(id, window);
+    }
+    worker.is_some()
+}
+
+/// What a worker sent on a connection.
+fn handle(
+    inner: &Arc<Inner>,
+    endpoint: &str,
+    out: &UnboundedSender<Vec<Bytes>>,
+    worker: &mut Option<u64>,
+    command: Command,
+    window: u32,
+) {
+    let routing = &inner.routing;
+    match (command, *worker) {
+        (Command::Ready { node, publishes, version, queues }, id) => {
+            match id {
+                None => {
+                    *worker = Some(routing.register(endpoint, node, publishes.clone(), out.clone(), queues, window));
+                    if !publishes.is_empty() {
+                        let inner = Arc::clone(inner);
+                        tokio::spawn(async move { super::broadcast::found_publisher(&inner, node, &publishes).await });
+                    }
+                }
+                Some(id) => routing.announce(id, queues, window),
+            }
+            let _ = out.send(Command::Seen { version }.frames());
+        }
+        (Command::Answer { seq, inbox, envelope }, id) => {
+            if let (Some(id), true) = (id, seq != 0) {
+                routing.settled(id, seq, window);
+            }
+            match rpc_core::codec::decode_envelope_bytes(&envelope, &inner.options.limits) {
+                Ok(reply) => inner.deliver_to_inbox(&inbox, reply),
+                Err(error) => tracing::warn!(%endpoint, %error, "an undecodable reply from a ZeroMQ worker; dropped"),
+            }
+        }
+        (Command::Ack { seq }, Some(id)) => routing.settled(id, seq, window),
+        (Command::Requeue { seq, counted }, Some(id)) => routing.requeue(id, seq, counted, window),
+        (Command::Republish { seq, queue, envelope }, Some(id)) => routing.republish(id, seq, queue, envelope, window),
+        (Command::Refused { seq }, Some(id)) => routing.refused(id, seq, window),
+        (Command::Pong, _) => {}
+        (command, _) => tracing::debug!(%endpoint, ?command, "an unexpected command from a ZeroMQ worker; ignored"),
+    }
+}
