@@ -576,7 +576,9 @@ macro_rules! __scenario_suite {
 /// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
 /// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
 /// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 2 s group session),
-/// `stomp://` a STOMP server (ActiveMQ, RabbitMQ's plugin), else our broker.
+/// `stomp://` a STOMP server (ActiveMQ, RabbitMQ's plugin), `zmq-worker://HOST:PORT` a ZeroMQ node bound there,
+/// `zmq://HOST:PORT,HOST:PORT` a ZeroMQ node calling those workers (both with [`zmq_test_options`]), else our
+/// broker.
 ///
 /// # Errors
 /// The transport's connection errors.
@@ -594,12 +596,26 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
         Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
     } else if url.starts_with("stomp://") {
         Ok(Arc::new(rpc_broker::adapter::stomp::Stomp::connect_with(url, stomp_options()).await?))
+    } else if let Some(endpoint) = url.strip_prefix("zmq-worker://") {
+        let options = zmq_test_options().bind(format!("tcp://{endpoint}"));
+        Ok(Arc::new(rpc_broker::adapter::zmq::Zmq::start(options).await?))
+    } else if let Some(endpoints) = url.strip_prefix("zmq://") {
+        let peers = endpoints.split(',').map(|endpoint| format!("tcp://{endpoint}"));
+        Ok(Arc::new(rpc_broker::adapter::zmq::Zmq::start(zmq_test_options().peers(peers)).await?))
     } else if let Some(brokers) = url.strip_prefix("kafka://") {
         let options = rpc_broker::adapter::kafka::KafkaOptions::new().session_timeout(Duration::from_secs(2));
         Ok(Arc::new(rpc_broker::adapter::kafka::Kafka::connect_with(brokers, options).await?))
     } else {
         Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
     }
+}
+
+/// ZeroMQ nodes in the fault and interop tests: heartbeats every 100 ms (a worker is dead after 300 ms of
+/// silence) and reconnects at most 200 ms apart, so that a killed worker's calls move on quickly.
+pub fn zmq_test_options() -> rpc_broker::adapter::zmq::ZmqOptions {
+    rpc_broker::adapter::zmq::ZmqOptions::new()
+        .heartbeat(Duration::from_millis(100), 3)
+        .reconnect_max(Duration::from_millis(200))
 }
 
 /// A worker process of the fault tests (the `probe-worker` binary), killed with SIGKILL when dropped.

@@ -60,6 +60,8 @@ struct Options<'a> {
     stream_prefix: Option<&'a str>,
     /// A Redis whose dedup store the workers share.
     shared_dedup: Option<&'a str>,
+    /// Brokerless: worker `n` serves at `endpoints[n]` (its URL) and comes back there after a kill.
+    endpoints: Option<&'a [String]>,
 }
 
 /// What a run came to.
@@ -98,7 +100,8 @@ async fn disrupt_workers_during_calls(
 ) -> Counts {
     let namespace = format!("k{}", Uuid::new_v4().simple());
     let sink = sink_path();
-    let start = |n: usize| start_worker(url, &namespace, &format!("w{n}"), &sink, &options);
+    let url_of = |n: usize| options.endpoints.map_or_else(|| url.to_owned(), |endpoints| endpoints[n].clone());
+    let start = |n: usize| start_worker(&url_of(n), &namespace, &format!("w{n}"), &sink, &options);
     let mut workers: Vec<WorkerProcess> = (0..WORKERS).map(start).collect();
     let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
     let answered = Arc::new(AtomicUsize::new(0));
@@ -130,6 +133,10 @@ async fn disrupt_workers_during_calls(
         })
         .await;
         let victim = kills % WORKERS;
+        if options.endpoints.is_some() && disruption == Disruption::Kill {
+            // A brokerless worker comes back on its own endpoint, which the killed process must free first.
+            workers[victim].kill();
+        }
         let replacement = start(victim);
         let stopped = std::mem::replace(&mut workers[victim], replacement);
         match disruption {
@@ -264,6 +271,39 @@ async fn activemq_kill_9_of_workers_twenty_times() {
     let harness = StompHarness::activemq().available();
     let counts = kill_workers_during_calls(&harness, harness.url(), Options::default()).await;
     assert_none_lost_and_reexecutions_bounded(&counts);
+}
+
+/// ZeroMQ, brokerless: three worker processes bound on their own ports and a client holding every request
+/// until a worker settles it. A killed worker's connection drops (or its heartbeats stop), and the client sends
+/// what it held there to the other two as a new delivery with the same idempotency key, then reconnects to the
+/// worker's endpoint once it is back. The workers share a dedup store in Redis, so a key whose outcome the
+/// killed worker stored is answered from the store; only keys it was executing run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
+async fn zeromq_kill_9_of_workers_twenty_times() {
+    let redis = mqrpc_tests::required_url("MQRPC_REDIS_URL");
+    let endpoints: Vec<String> = (0..WORKERS).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let worker_urls: Vec<String> = endpoints.iter().map(|endpoint| format!("zmq-worker://{endpoint}")).collect();
+    let client_url = format!("zmq://{}", endpoints.join(","));
+    let harness = ProcessHarness(client_url.clone());
+    let options = Options { shared_dedup: Some(&redis), endpoints: Some(&worker_urls), ..Options::default() };
+    let counts = kill_workers_during_calls(&harness, &client_url, options).await;
+    assert_none_lost_and_reexecutions_bounded(&counts);
+}
+
+/// A loopback port free at the moment of asking, for a worker process to bind.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds a free port");
+    listener.local_addr().expect("bound").port()
+}
+
+/// Connects as a test process would, through [`mqrpc_tests::process_transport`].
+struct ProcessHarness(String);
+
+impl Harness for ProcessHarness {
+    fn connect(&self) -> rpc_core::transport::BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move { mqrpc_tests::process_transport(&self.0).await.expect("connects") })
+    }
 }
 
 /// SIGTERM under load: the worker stops taking requests, finishes those it runs, hands back those it holds and
