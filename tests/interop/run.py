@@ -3,7 +3,7 @@
 `probe-client` calls a Python worker (worker.py) through the same broker.
 
 Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
-the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp}.rs): where the worker does not do what they say, the
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp,zmq}.rs): where the worker does not do what they say, the
 check fails.
 
     python3 tests/interop/run.py --worker target/debug/probe-worker --client target/debug/probe-client \
@@ -12,7 +12,7 @@ check fails.
 Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
 nats://127.0.0.1:4222), MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ's STOMP, default
 stomp://127.0.0.1:61623), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,
-activemq).
+activemq,zeromq; ZeroMQ needs no server: the worker binds a free loopback port).
 """
 
 import argparse
@@ -258,6 +258,159 @@ class MqrpcClient:
         future = self.expect_reply(correlation) if correlation is not None and "r" in env else None
         await self.publish(pack(env), correlation=correlation if isinstance(correlation, bytes) and len(correlation) == 16 else None,
                            message_id=env.get("i") if isinstance(env.get("i"), bytes) else None)
+        return future
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   version=1, extra=None):
+        correlation = correlation or uuid.uuid4().bytes
+        body = raw_body if raw_body is not None else pack(args)
+        env = envelope(0, method, body, correlation=correlation, reply_to=self.inbox, deadline=deadline,
+                       version=version, extra=extra)
+        future = await self.send_envelope(env)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.calls.pop(bytes(correlation), None)
+            return None
+        expect(reply.correlation == correlation,
+               f"reply correlation {reply.correlation!r} != request's {correlation!r}")
+        return reply
+
+    async def oneway(self, method, args):
+        await self.publish(pack(envelope(2, method, pack(args))))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ZeroMQ through pyzmq (docs/wire-format.md, "ZeroMQ"; module docs of rpc-broker/src/adapter/zmq.rs)
+# --------------------------------------------------------------------------------------------------------------
+
+ZMQ_PROTOCOL = b"MQRPC-ZMQ/1"
+
+
+class ZmqClient:
+    """A DEALER socket connected to the worker's ROUTER: HELLO, READY, then REQUEST frames; the client holds
+    each request until the worker settles it (ACK, or the reply's ANSWER), sends it again on REQUEUE and sends
+    the worker's new attempt on REPUBLISH."""
+
+    name = "zeromq"
+
+    def __init__(self, url, namespace):
+        self.endpoint = "tcp://" + url.split("://", 1)[1]
+        self.queue = f"{namespace}.{SERVICE}"
+        self.inbox = f"python-inbox-{uuid.uuid4().hex}"
+        self.node = uuid.uuid4().bytes
+        self.next_seq = 1
+        self.held = {}  # seq -> (queue, envelope bytes, delivery count)
+        self.calls = {}  # correlation bytes -> future of Reply
+        self.acks = {}  # seq -> future, for checks that wait for a settle
+        self.stray = []
+        self.ready = None
+        self.tasks = []
+
+    async def start(self):
+        import zmq
+        import zmq.asyncio
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.endpoint)
+        self.ready = asyncio.get_running_loop().create_future()
+        self.tasks = [asyncio.create_task(self.read_loop()), asyncio.create_task(self.ping_loop())]
+        await self.send([b"\x01", self.node, b""])
+        queues = await asyncio.wait_for(self.ready, 10)
+        expect(self.queue in queues, f"the worker's READY does not list {self.queue}: {queues!r}")
+
+    async def stop(self):
+        for task in self.tasks:
+            task.cancel()
+        self.socket.close(0)
+        self.context.term()
+
+    async def send(self, frames):
+        await self.socket.send_multipart([ZMQ_PROTOCOL] + frames)
+
+    async def ping_loop(self):
+        while True:
+            await asyncio.sleep(1)
+            await self.send([b"\x03"])
+
+    async def send_request(self, seq):
+        queue, payload, count = self.held[seq]
+        await self.send([b"\x02", struct.pack(">Q", seq), struct.pack(">I", count), struct.pack(">Q", 0),
+                         queue.encode(), payload])
+
+    async def read_loop(self):
+        while True:
+            frames = await self.socket.recv_multipart()
+            if len(frames) < 2 or frames[0] != ZMQ_PROTOCOL or len(frames[1]) != 1:
+                self.stray.append(("malformed", frames))
+                continue
+            command, rest = frames[1][0], frames[2:]
+            if command == 0x11:  # READY: node, PUB endpoint, version, queues
+                version = rest[2]
+                queues = unpack(rest[3])
+                await self.send([b"\x05", version])
+                if not self.ready.done():
+                    self.ready.set_result(queues)
+            elif command == 0x12:  # ANSWER: seq, inbox, envelope
+                (seq,) = struct.unpack(">Q", rest[0])
+                self.settled(seq)
+                self.deliver_reply(rest[2])
+            elif command == 0x13:  # ACK
+                self.settled(struct.unpack(">Q", rest[0])[0])
+            elif command == 0x14:  # REQUEUE: seq, counted
+                (seq,) = struct.unpack(">Q", rest[0])
+                if seq in self.held:
+                    queue, payload, count = self.held[seq]
+                    self.held[seq] = (queue, payload, count + rest[1][0])
+                    await self.send_request(seq)
+            elif command == 0x15:  # REPUBLISH: seq, queue, envelope
+                (seq,) = struct.unpack(">Q", rest[0])
+                if seq in self.held:
+                    self.held[seq] = (rest[1].decode(), rest[2], 1)
+                    await self.send_request(seq)
+            elif command == 0x16:  # REFUSED
+                self.stray.append(("refused", rest))
+            elif command == 0x17:  # PONG
+                pass
+
+    def settled(self, seq):
+        self.held.pop(seq, None)
+        future = self.acks.pop(seq, None)
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    def deliver_reply(self, payload):
+        try:
+            reply = reply_from_envelope(payload)
+        except Exception as error:  # noqa: BLE001
+            self.stray.append(("unreadable", payload, error))
+            return
+        future = self.calls.pop(bytes(reply.correlation or b""), None)
+        if future is None or future.done():
+            self.stray.append(reply)
+        else:
+            future.set_result(reply)
+
+    def expect_reply(self, correlation):
+        future = asyncio.get_running_loop().create_future()
+        self.calls[bytes(correlation)] = future
+        return future
+
+    async def publish(self, payload, *, correlation=None, queue=None):
+        """Sends a REQUEST; returns the future of the worker's settle of it."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self.held[seq] = (queue or self.queue, payload, 1)
+        settled = asyncio.get_running_loop().create_future()
+        self.acks[seq] = settled
+        await self.send_request(seq)
+        return settled
+
+    async def send_envelope(self, env):
+        correlation = env.get("c")
+        future = self.expect_reply(correlation) if correlation is not None and "r" in env else None
+        await self.publish(pack(env))
         return future
 
     async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
@@ -925,7 +1078,7 @@ async def alive(client, what="the worker"):
 
 async def check_result(client, ctx):
     """add(2, 3) = 5, the reply matched by its correlation id."""
-    if isinstance(client, MqrpcClient):
+    if isinstance(client, (MqrpcClient, ZmqClient)):
         correlation = uuid.uuid4().bytes
     elif isinstance(client, (AmqpClient, KafkaClient, StompClient)):
         correlation = str(uuid.uuid4())
@@ -1160,7 +1313,8 @@ def correlation_ids(client, n, form="mixed"):
     for i in range(n):
         u = uuid.uuid4()
         if form == "canonical":
-            ids.append(bytes(random.getrandbits(8) for _ in range(16)) if isinstance(client, MqrpcClient) else str(u))
+            ids.append(bytes(random.getrandbits(8) for _ in range(16)) if isinstance(client, (MqrpcClient, ZmqClient))
+                       else str(u))
             continue
         if form == "upper":
             ids.append(str(u).upper())
@@ -1172,7 +1326,7 @@ def correlation_ids(client, n, form="mixed"):
             ids.append(f"req-{i}")
             continue
         u = uuid.uuid4()
-        if isinstance(client, MqrpcClient):  # bin 16, not necessarily a UUID
+        if isinstance(client, (MqrpcClient, ZmqClient)):  # bin 16, not necessarily a UUID
             ids.append(u.bytes if i % 2 else bytes(random.getrandbits(8) for _ in range(16)))
         elif isinstance(client, NatsClient) and i % 5 == 4:
             ids.append(u.hex.upper())  # 32 upper-case hex digits: the reply subject's last token
@@ -1200,6 +1354,13 @@ async def run_concurrent(client, ids):
                                              + opt(None) + key16(c) + key16(env["i"]) + pack(env)))
         done, _ = await asyncio.wait(futures.values(), timeout=60)
         replies = {c: f.result() for c, f in futures.items() if f in done and not f.exception()}
+        stray = list(client.stray)
+        client.stray.clear()
+    elif isinstance(client, ZmqClient):
+        async def one(c):
+            return c, await client.call("add", args[c], correlation=c, deadline=30_000, timeout=60)
+        results = await asyncio.gather(*(one(c) for c in ids))
+        replies = {c: r for c, r in results if r is not None}
         stray = list(client.stray)
         client.stray.clear()
     elif isinstance(client, AmqpClient):
@@ -1394,6 +1555,40 @@ async def check_dead_letter_escaped_queue(client, ctx):
                               f"{topics[3]}@{SERVICE}.mqrpc-delivered"])
 
 
+async def check_zmq_undecodable_request(client, ctx):
+    """ZeroMQ: a REQUEST whose envelope is not MessagePack, or MessagePack that is no envelope and names no reply
+    address, is settled with ACK and dropped; the worker answers the next call."""
+    for payload in (b"\xc1\xff\x00garbage bytes", pack([1, 2, 3]), pack({"hello": "world"})):
+        settled = await client.publish(payload)
+        await asyncio.wait_for(settled, CALL_TIMEOUT)
+    await alive(client)
+
+
+async def check_zmq_malformed_messages(client, ctx):
+    """ZeroMQ: messages that are not the protocol's (another protocol frame, an unknown command, a command with
+    the wrong number of frames, a number frame of the wrong size, more than eight frames) are dropped; the
+    connection and the worker go on."""
+    await client.socket.send_multipart([b"MDPC02", b"\x02", b"x"])
+    await client.send([b"\x7f"])
+    await client.send([b"\x02", b"only one"])
+    await client.send([b"\x02", b"\x01", struct.pack(">I", 1), struct.pack(">Q", 0), client.queue.encode(), b"\x80"])
+    await client.send([b"\x03"] * 9)
+    await alive(client, "the connection and the worker")
+
+
+async def check_zmq_refused_for_an_unserved_queue(client, ctx):
+    """ZeroMQ: a REQUEST for a queue the worker does not serve is answered REFUSED, and nothing else."""
+    def refusals():
+        return len([entry for entry in client.stray if isinstance(entry, tuple) and entry[0] == "refused"])
+    before = refusals()
+    await client.publish(pack(envelope(2, "record", pack({"n": 1}))), queue="interop.nobody-serves-this")
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while refusals() == before:
+        expect(time.monotonic() < deadline, "no REFUSED for a request to a queue the worker does not serve")
+        await asyncio.sleep(0.01)
+    await alive(client)
+
+
 async def check_worker_alive(client, ctx):
     expect(ctx["worker"].returncode is None, f"the worker exited with {ctx['worker'].returncode}")
     await alive(client)
@@ -1431,6 +1626,13 @@ CHECKS = {
               check_old_record_timestamp, check_oneway, check_concurrent_canonical_ids,
               check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
               check_concurrent, check_reply_topic_escaped, check_dead_letter_escaped_queue, check_worker_alive],
+    # ZeroMQ: the envelope travels whole, as on our broker; a message the worker cannot read is dropped (and a
+    # request settled), since no broker stands between to refuse it.
+    "zeromq": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
+               check_positional_arguments, check_deadline_propagates, check_zmq_undecodable_request,
+               check_zmq_malformed_messages, check_zmq_refused_for_an_unserved_queue, check_incomplete_envelope,
+               check_wrong_version, check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
+               check_concurrent, check_worker_alive],
     # ActiveMQ over STOMP: no header carries the envelope's version, so no wrong_version; the time budget is
     # `mqrpc-deadline-ms` (STOMP's `expires` is not in the module docs), the time queued `mqrpc-sent-at-ms`.
     "activemq": [check_result, check_result_named_reply_queue, check_application_error, check_unknown_method,
@@ -1527,6 +1729,9 @@ async def run_transport(transport, args, results):
             elif transport == "activemq":
                 url = args.stomp_url
                 client = StompClient(url, namespace)
+            elif transport == "zeromq":
+                url = f"zmq-worker://127.0.0.1:{free_port()}"
+                client = ZmqClient(url, namespace)
             elif transport == "kafka":
                 url = f"kafka://{kafka_bootstrap(args.kafka_url)}"
                 client = KafkaClient(url, namespace)
@@ -1585,7 +1790,8 @@ async def run_transport(transport, args, results):
         except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
             results.record(transport, "setup", f"{type(error).__name__}: {error}")
         try:
-            if url is not None:
+            # ZeroMQ: worker.py has no ROUTER side; the Rust client against a Python worker is not run there.
+            if url is not None and transport != "zeromq":
                 await run_rust_client(transport, url, env, args, results)
         except Exception as error:  # noqa: BLE001 - the phase could not be set up: one failure for it
             results.record(transport, "rust_client_setup", f"{type(error).__name__}: {error}")
@@ -1671,6 +1877,13 @@ async def run_rust_client(transport, url, env, args, results):
                 pass
 
 
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 async def delete_amqp_queue(url, queue):
     """Deletes the durable queue worker.py declared (it has no expiry of its own)."""
     def delete():
@@ -1737,8 +1950,8 @@ async def main():
     parser.add_argument("--stomp-url", default=os.environ.get("MQRPC_STOMP_URL", "stomp://127.0.0.1:61623"),
                         help="stomp://[login:passcode@]host:port of ActiveMQ's STOMP connector")
     parser.add_argument("--transports",
-                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka,activemq"),
-                        help="comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,activemq")
+                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq"),
+                        help="comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq")
     parser.add_argument("--log-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mqrpc-interop"),
                         help="where the worker's and broker's stderr go")
     parser.add_argument("-v", "--verbose", action="store_true")
