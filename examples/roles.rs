@@ -1,4 +1,4 @@
-//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka` and `activemq` examples: the same code
+//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka`, `activemq` and `zeromq` examples: the same code
 //! on every transport.
 
 use std::time::{Duration, Instant};
