@@ -27,6 +27,7 @@
 //! | `activemq-raw` | hand-written STOMP RPC on ActiveMQ: a temporary reply queue on the calling connection, correlation ids, a `client-individual` subscriber process with a prefetch; requests `persistent:true` without a receipt and replies not persistent, as the `activemq` variant sends them |
 //! | `activemq` | mqrpc on ActiveMQ over STOMP, worker in another process |
 //! | `tarpc` | tarpc over TCP, server in another process: direct RPC with no queue (reference) |
+//! | `zeromq` | mqrpc over ZeroMQ, worker in another process: brokerless, against `tarpc` |
 //!
 //! For each: latency with one call in flight (p50, p99, p99.9), throughput with 64 and 256 calls in flight, and
 //! the CPU time per call of every process involved (this one, the responders and the broker, read from
@@ -105,7 +106,7 @@ const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--js
   --workers N: worker threads of this process's runtime (default: one per core)
   --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
   VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,
-    activemq-raw,activemq,tarpc
+    activemq-raw,activemq,tarpc,zeromq
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222),
     MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ, default stomp://127.0.0.1:61623)";
 

@@ -436,6 +436,15 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
                 measure(variant, Arc::new(caller), &pids, config, progress).await
             }
         }
+        Variant::Zeromq => {
+            let (worker, endpoint) = start(responder("-")).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            let options = rpc_broker::adapter::zmq::ZmqOptions::new().peers([endpoint]);
+            let transport = rpc_broker::adapter::zmq::Zmq::start(options).await.map_err(|error| error.to_string())?;
+            let caller = variants::Mqrpc::connect(transport).await?;
+            measure(variant, Arc::new(caller), &pids, config, progress).await
+        }
         Variant::Tarpc => {
             let (server, address) = start(responder("-")).await?;
             pids.push((Part::Responder, server.pid()));

@@ -106,6 +106,21 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
         Variant::KafkaRaw => variants::kafka_raw_responder(address).await,
         Variant::ActivemqRaw => variants::activemq_raw_responder(address).await,
         Variant::Tarpc => variants::tarpc_responder().await,
+        Variant::Zeromq => {
+            // Brokerless: the responder binds, and its ready line is where.
+            let options = rpc_broker::adapter::zmq::ZmqOptions::new().bind("tcp://127.0.0.1:0");
+            let transport = rpc_broker::adapter::zmq::Zmq::start(options).await.map_err(|error| error.to_string())?;
+            let endpoint = transport.endpoint().unwrap_or_default().to_owned();
+            let _server = Server::new(transport)
+                .concurrency(CONCURRENCY)
+                .prefetch(PREFETCH)
+                .serve(BenchServer::new(Adder))
+                .await
+                .map_err(|error| error.to_string())?;
+            ready(&endpoint);
+            std::future::pending::<()>().await;
+            Ok(())
+        }
         Variant::InprocFloor | Variant::Embedded => Err(format!("{} runs in the benchmark's process", variant.name())),
     }
 }

@@ -62,11 +62,13 @@ pub(crate) enum Variant {
     Activemq,
     /// tarpc over TCP.
     Tarpc,
+    /// mqrpc over ZeroMQ, brokerless.
+    Zeromq,
 }
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 13] = [
+    pub(crate) const ALL: [Variant; 14] = [
         Variant::InprocFloor,
         Variant::Embedded,
         Variant::OwnBroker,
@@ -80,6 +82,7 @@ impl Variant {
         Variant::ActivemqRaw,
         Variant::Activemq,
         Variant::Tarpc,
+        Variant::Zeromq,
     ];
 
     /// The name on the command line and in the table.
@@ -98,6 +101,7 @@ impl Variant {
             Variant::ActivemqRaw => "activemq-raw",
             Variant::Activemq => "activemq",
             Variant::Tarpc => "tarpc",
+            Variant::Zeromq => "zeromq",
         }
     }
 
@@ -115,6 +119,7 @@ impl Variant {
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),
             Variant::Kafka => Some(Variant::KafkaRaw),
             Variant::Activemq => Some(Variant::ActivemqRaw),
+            Variant::Zeromq => Some(Variant::Tarpc),
             Variant::InprocFloor
             | Variant::NatsRaw
             | Variant::RabbitmqRaw

@@ -316,7 +316,7 @@ class ZmqClient:
         self.socket.connect(self.endpoint)
         self.ready = asyncio.get_running_loop().create_future()
         self.tasks = [asyncio.create_task(self.read_loop()), asyncio.create_task(self.ping_loop())]
-        await self.send([b"\x01", self.node, b""])
+        await self.send([b"\x01" + self.node, b""])
         queues = await asyncio.wait_for(self.ready, 10)
         expect(self.queue in queues, f"the worker's READY does not list {self.queue}: {queues!r}")
 
@@ -336,41 +336,40 @@ class ZmqClient:
 
     async def send_request(self, seq):
         queue, payload, count = self.held[seq]
-        await self.send([b"\x02", struct.pack(">Q", seq), struct.pack(">I", count), struct.pack(">Q", 0),
-                         queue.encode(), payload])
+        await self.send([b"\x02" + struct.pack(">QIQ", seq, count, 0), queue.encode(), payload])
 
     async def read_loop(self):
         while True:
             frames = await self.socket.recv_multipart()
-            if len(frames) < 2 or frames[0] != ZMQ_PROTOCOL or len(frames[1]) != 1:
+            if len(frames) < 2 or frames[0] != ZMQ_PROTOCOL or not frames[1]:
                 self.stray.append(("malformed", frames))
                 continue
-            command, rest = frames[1][0], frames[2:]
-            if command == 0x11:  # READY: node, PUB endpoint, version, queues
-                version = rest[2]
-                queues = unpack(rest[3])
-                await self.send([b"\x05", version])
+            command, fields, rest = frames[1][0], frames[1][1:], frames[2:]
+            if command == 0x11:  # READY: node, version | PUB endpoint, queues
+                version = fields[16:24]
+                queues = unpack(rest[1])
+                await self.send([b"\x05" + version])
                 if not self.ready.done():
                     self.ready.set_result(queues)
-            elif command == 0x12:  # ANSWER: seq, inbox, envelope
-                (seq,) = struct.unpack(">Q", rest[0])
+            elif command == 0x12:  # ANSWER: seq | inbox, envelope
+                (seq,) = struct.unpack(">Q", fields)
                 self.settled(seq)
-                self.deliver_reply(rest[2])
-            elif command == 0x13:  # ACK
-                self.settled(struct.unpack(">Q", rest[0])[0])
+                self.deliver_reply(rest[1])
+            elif command == 0x13:  # ACK: seq
+                self.settled(struct.unpack(">Q", fields)[0])
             elif command == 0x14:  # REQUEUE: seq, counted
-                (seq,) = struct.unpack(">Q", rest[0])
+                seq, counted = struct.unpack(">QB", fields)
                 if seq in self.held:
                     queue, payload, count = self.held[seq]
-                    self.held[seq] = (queue, payload, count + rest[1][0])
+                    self.held[seq] = (queue, payload, count + counted)
                     await self.send_request(seq)
-            elif command == 0x15:  # REPUBLISH: seq, queue, envelope
-                (seq,) = struct.unpack(">Q", rest[0])
+            elif command == 0x15:  # REPUBLISH: seq | queue, envelope
+                (seq,) = struct.unpack(">Q", fields)
                 if seq in self.held:
-                    self.held[seq] = (rest[1].decode(), rest[2], 1)
+                    self.held[seq] = (rest[0].decode(), rest[1], 1)
                     await self.send_request(seq)
-            elif command == 0x16:  # REFUSED
-                self.stray.append(("refused", rest))
+            elif command == 0x16:  # REFUSED: seq
+                self.stray.append(("refused", fields))
             elif command == 0x17:  # PONG
                 pass
 
@@ -1570,8 +1569,8 @@ async def check_zmq_malformed_messages(client, ctx):
     connection and the worker go on."""
     await client.socket.send_multipart([b"MDPC02", b"\x02", b"x"])
     await client.send([b"\x7f"])
-    await client.send([b"\x02", b"only one"])
-    await client.send([b"\x02", b"\x01", struct.pack(">I", 1), struct.pack(">Q", 0), client.queue.encode(), b"\x80"])
+    await client.send([b"\x02" + struct.pack(">QIQ", 1, 1, 0), b"only the queue"])
+    await client.send([b"\x02" + struct.pack(">QI", 1, 1), client.queue.encode(), b"\x80"])
     await client.send([b"\x03"] * 9)
     await alive(client, "the connection and the worker")
 

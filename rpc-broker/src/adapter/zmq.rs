@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rpc_core::codec::Limits;
-use rpc_core::transport::{BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox};
+use rpc_core::transport::{BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink, Inbox};
 use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, Transport};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
@@ -186,11 +186,6 @@ impl ZmqOptions {
         self.reconnect_max = max.max(Duration::from_millis(10));
         self
     }
-
-    /// How long a peer may stay silent before it is taken for dead.
-    fn silence(&self) -> Duration {
-        self.heartbeat * self.liveness
-    }
 }
 
 /// A ZeroMQ node as a [`Transport`] (see the module documentation). Cloning shares it; its sockets close when
@@ -218,7 +213,7 @@ struct Inner {
     routing: Routing,
     serving: Option<Serving>,
     broadcast: Broadcast,
-    inboxes: dashmap::DashMap<String, tokio::sync::mpsc::UnboundedSender<Delivery>>,
+    inboxes: dashmap::DashMap<String, InboxSink>,
     next_inbox: AtomicU64,
 }
 
@@ -242,7 +237,7 @@ impl Zmq {
         let node = Uuid::new_v4();
         let (serving, endpoint, publisher) = match &options.bind {
             Some(bind) => {
-                let (serving, endpoint) = worker::bind(bind, &shutdown).await?;
+                let (serving, endpoint) = worker::bind(bind).await?;
                 let publish = options.publish.clone().unwrap_or_else(|| any_port(&endpoint));
                 let publisher = broadcast::bind(&publish, &shutdown).await?;
                 (Some(serving), Some(endpoint), Some(publisher))
@@ -344,9 +339,8 @@ impl Inner {
             return self.reply(node, queue, envelope);
         }
         check_name(queue)?;
-        let deadline = envelope.deadline_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         let bytes = rpc_core::codec::encode_envelope(&envelope)?;
-        self.routing.publish(queue, bytes, deadline, &self.options)
+        self.routing.publish(queue, bytes, envelope.deadline_ms, &self.options)
     }
 
     /// Sends a reply to the inbox `address` of `node`, outside of any delivery's settle.
@@ -370,9 +364,12 @@ impl Inner {
             handle: rpc_core::transport::AckHandle::auto(),
         };
         match self.inboxes.get(address) {
-            Some(inbox) => {
-                let _ = inbox.send(delivery);
-            }
+            Some(inbox) => match inbox.direct.get() {
+                Some(sink) => sink(delivery),
+                None => {
+                    let _ = inbox.channel.send(delivery);
+                }
+            },
             None => tracing::debug!(inbox = %address, "a reply for an inbox that is closed; dropped"),
         }
     }
@@ -446,9 +443,10 @@ impl Transport for Zmq {
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         let n = self.inner.next_inbox.fetch_add(1, Ordering::Relaxed);
         let address = format!("{INBOX_PREFIX}{}/{n}", self.inner.node.simple());
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        self.inner.inboxes.insert(address.clone(), sender);
-        let control = InboxControl { inner: Arc::clone(&self.inner), address: address.clone() };
+        let (channel, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let direct = Arc::new(std::sync::OnceLock::new());
+        self.inner.inboxes.insert(address.clone(), InboxSink { channel, direct: Arc::clone(&direct) });
+        let control = InboxControl { inner: Arc::clone(&self.inner), address: address.clone(), direct };
         let consumer = Consumer::from_channel(receiver, Some(Box::new(control)));
         Box::pin(std::future::ready(Ok(Inbox { address, consumer, losses: None })))
     }
@@ -465,14 +463,26 @@ impl Transport for Zmq {
     }
 }
 
+/// Where the replies to an inbox go: its consumer's channel, or the sink it asked for
+/// ([`Consumer::direct`]), called on the task that reads the worker's connection.
+struct InboxSink {
+    channel: tokio::sync::mpsc::UnboundedSender<Delivery>,
+    direct: Arc<std::sync::OnceLock<DeliverySink>>,
+}
+
 /// Closes an inbox with its consumer.
 struct InboxControl {
     inner: Arc<Inner>,
     address: String,
+    direct: Arc<std::sync::OnceLock<DeliverySink>>,
 }
 
 impl ConsumerControl for InboxControl {
     fn pause(&self) {}
+
+    fn direct(&self, sink: DeliverySink) -> bool {
+        self.direct.set(sink).is_ok()
+    }
 }
 
 impl Drop for InboxControl {

@@ -131,7 +131,9 @@ impl Subscription {
                 if node == inner.node {
                     inner.broadcast.publish_marker(&marker);
                 } else {
-                    inner.routing.send_to_node(node, Command::Sync { topic: marker.clone() }.frames());
+                    inner
+                        .routing
+                        .send_to_node(node, &Command::Sync { topic: Bytes::copy_from_slice(marker.as_bytes()) });
                 }
                 let _ = tokio::time::timeout(ASK_AGAIN, notified).await;
             }

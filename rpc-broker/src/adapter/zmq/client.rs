@@ -6,15 +6,36 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rpc_core::Error;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
-use super::wire::Command;
+use super::wire::{self, Command};
 use super::{Inner, Queues, ZmqOptions, lock};
+
+/// Queue names a client keeps one shared copy of, at most.
+const NAMES: usize = 4_096;
+
+/// The sending half of a connection to a worker, used in place by whoever sends: a send is one try into the
+/// socket's queue, with no task between. A send that cannot go at once (the socket's queue of 100,000 messages
+/// is full, or the worker is gone) breaks the connection: its requests move on as when the worker dies.
+pub(super) struct Link {
+    sender: Mutex<zeromq::DealerSendHalf>,
+    broken: CancellationToken,
+}
+
+impl Link {
+    fn send(&self, command: &Command) {
+        let Ok(message) = ZmqMessage::try_from(command.frames()) else { return };
+        let mut sender = lock(&self.sender);
+        if !matches!(sender.send(message).now_or_never(), Some(Ok(()))) {
+            self.broken.cancel();
+        }
+    }
+}
 
 /// The workers this node calls and the requests it holds for them.
 pub(super) struct Routing {
@@ -34,8 +55,10 @@ struct State {
     /// Every request sent and not settled, or waiting for a window.
     held: HashMap<u64, Held>,
     /// Requests waiting for a window, by queue, oldest first.
-    waiting: HashMap<String, VecDeque<u64>>,
+    waiting: HashMap<Bytes, VecDeque<u64>>,
     waiting_len: usize,
+    /// One shared copy of each queue's name.
+    names: HashMap<String, Bytes>,
 }
 
 /// A worker that answered READY, on one connection.
@@ -43,16 +66,16 @@ struct Worker {
     endpoint: String,
     node: Uuid,
     publishes: String,
-    out: UnboundedSender<Vec<Bytes>>,
+    link: Arc<Link>,
     queues: Queues,
-    outstanding: HashMap<String, u32>,
+    outstanding: HashMap<Bytes, u32>,
     /// Requests sent to it: ties between workers go to the one sent fewer.
     sent: u64,
 }
 
 /// A request held until a worker settles it.
 struct Held {
-    queue: String,
+    queue: Bytes,
     envelope: Bytes,
     delivery_count: u32,
     /// When the envelope's deadline started counting.
@@ -76,7 +99,7 @@ impl State {
         let mut best: Option<(u32, u64, u64)> = None;
         for (&id, worker) in &self.workers {
             let Some(&theirs) = worker.queues.get(queue) else { continue };
-            let outstanding = worker.outstanding.get(queue).copied().unwrap_or(0);
+            let outstanding = worker.outstanding.get(queue.as_bytes()).copied().unwrap_or(0);
             if outstanding >= theirs.min(window) {
                 continue;
             }
@@ -91,8 +114,8 @@ impl State {
     /// Sends request `seq` to a worker with room, or makes it wait for one.
     fn place(&mut self, seq: u64, window: u32) {
         let Some(held) = self.held.get(&seq) else { return };
-        match self.pick(&held.queue, window) {
-            Some(worker) => self.send(seq, worker),
+        match self.pick(wire::text(&held.queue), window) {
+            Some(worker) => self.send(seq, worker, false),
             None => {
                 let queue = held.queue.clone();
                 self.waiting.entry(queue).or_default().push_back(seq);
@@ -101,7 +124,7 @@ impl State {
         }
     }
 
-    fn send(&mut self, seq: u64, id: u64) {
+    fn send(&mut self, seq: u64, id: u64, fresh: bool) {
         let (Some(held), Some(worker)) = (self.held.get_mut(&seq), self.workers.get_mut(&id)) else { return };
         match worker.outstanding.get_mut(&held.queue) {
             Some(outstanding) => *outstanding += 1,
@@ -114,16 +137,28 @@ impl State {
         let request = Command::Request {
             seq,
             delivery_count: held.delivery_count,
-            queued_ms: millis(held.since.elapsed()),
+            // Sent as it was published, it waited for nothing.
+            queued_ms: if fresh { 0 } else { millis(held.since.elapsed()) },
             queue: held.queue.clone(),
             envelope: held.envelope.clone(),
         };
-        // A closed channel is a connection ending: its end moves the request on.
-        let _ = worker.out.send(request.frames());
+        worker.link.send(&request);
+    }
+
+    /// The shared copy of `queue`'s name.
+    fn name(&mut self, queue: &str) -> Bytes {
+        if let Some(name) = self.names.get(queue) {
+            return name.clone();
+        }
+        let name = Bytes::copy_from_slice(queue.as_bytes());
+        if self.names.len() < NAMES {
+            self.names.insert(queue.to_owned(), name.clone());
+        }
+        name
     }
 
     /// Frees the window place request `seq` had at worker `id`.
-    fn release(&mut self, id: u64, queue: &str) {
+    fn release(&mut self, id: u64, queue: &Bytes) {
         if let Some(outstanding) = self.workers.get_mut(&id).and_then(|worker| worker.outstanding.get_mut(queue)) {
             *outstanding = outstanding.saturating_sub(1);
         }
@@ -136,7 +171,10 @@ impl State {
     }
 
     /// Sends what waits for `queue` while a worker has room; drops what waited past its deadline.
-    fn drain(&mut self, queue: &str, window: u32) {
+    fn drain(&mut self, queue: &Bytes, window: u32) {
+        if !self.waiting.contains_key(queue) {
+            return;
+        }
         let now = Instant::now();
         loop {
             let Some(&seq) = self.waiting.get(queue).and_then(VecDeque::front) else {
@@ -144,7 +182,7 @@ impl State {
                 return;
             };
             let expired = self.held.get(&seq).is_none_or(|held| held.deadline.is_some_and(|deadline| deadline <= now));
-            let worker = if expired { None } else { self.pick(queue, window) };
+            let worker = if expired { None } else { self.pick(wire::text(queue), window) };
             if !expired && worker.is_none() {
                 return;
             }
@@ -153,7 +191,7 @@ impl State {
             }
             self.waiting_len -= 1;
             match worker {
-                Some(worker) => self.send(seq, worker),
+                Some(worker) => self.send(seq, worker, false),
                 None => {
                     self.held.remove(&seq);
                 }
@@ -176,7 +214,7 @@ impl Routing {
         &self,
         queue: &str,
         envelope: Bytes,
-        deadline: Option<Instant>,
+        deadline_ms: Option<u64>,
         options: &ZmqOptions,
     ) -> Result<(), Error> {
         let mut state = lock(&self.state);
@@ -189,17 +227,13 @@ impl Routing {
         }
         state.next_seq += 1;
         let seq = state.next_seq;
-        let held = Held {
-            queue: queue.to_owned(),
-            envelope,
-            delivery_count: 1,
-            since: Instant::now(),
-            deadline,
-            worker: None,
-        };
+        let queue = state.name(queue);
+        let since = Instant::now();
+        let deadline = deadline_ms.map(|ms| since + Duration::from_millis(ms));
+        let held = Held { queue, envelope, delivery_count: 1, since, deadline, worker: None };
         state.held.insert(seq, held);
         match room {
-            Some(worker) => state.send(seq, worker),
+            Some(worker) => state.send(seq, worker, true),
             None => state.place(seq, options.window),
         }
         Ok(())
@@ -228,7 +262,7 @@ impl Routing {
     /// Drops the requests waiting for `queue`.
     pub(super) fn delete(&self, queue: &str) {
         let mut state = lock(&self.state);
-        if let Some(waiting) = state.waiting.remove(queue) {
+        if let Some(waiting) = state.waiting.remove(queue.as_bytes()) {
             state.waiting_len -= waiting.len();
             for seq in waiting {
                 state.held.remove(&seq);
@@ -237,9 +271,14 @@ impl Routing {
     }
 
     /// Sends `frames` to the worker of node `node`, if this node is connected to it.
-    pub(super) fn send_to_node(&self, node: Uuid, frames: Vec<Bytes>) -> bool {
+    pub(super) fn send_to_node(&self, node: Uuid, command: &Command) -> bool {
         let state = lock(&self.state);
-        state.workers.values().find(|worker| worker.node == node).is_some_and(|worker| worker.out.send(frames).is_ok())
+        let link = state.workers.values().find(|worker| worker.node == node).map(|worker| Arc::clone(&worker.link));
+        drop(state);
+        link.is_some_and(|link| {
+            link.send(command);
+            true
+        })
     }
 
     fn register(
@@ -247,7 +286,7 @@ impl Routing {
         endpoint: &str,
         node: Uuid,
         publishes: String,
-        out: UnboundedSender<Vec<Bytes>>,
+        link: Arc<Link>,
         queues: Queues,
         window: u32,
     ) -> u64 {
@@ -255,12 +294,12 @@ impl Routing {
             let mut state = lock(&self.state);
             state.next_worker += 1;
             let id = state.next_worker;
-            let served: Vec<String> = queues.keys().cloned().collect();
+            let served: Vec<Bytes> = queues.keys().map(|queue| state.name(queue)).collect();
             let worker = Worker {
                 endpoint: endpoint.to_owned(),
                 node,
                 publishes,
-                out,
+                link,
                 queues,
                 outstanding: HashMap::new(),
                 sent: 0,
@@ -278,7 +317,7 @@ impl Routing {
 
     fn announce(&self, id: u64, queues: Queues, window: u32) {
         let mut state = lock(&self.state);
-        let served: Vec<String> = queues.keys().cloned().collect();
+        let served: Vec<Bytes> = queues.keys().map(|queue| state.name(queue)).collect();
         if let Some(worker) = state.workers.get_mut(&id) {
             worker.queues = queues;
         }
@@ -311,11 +350,12 @@ impl Routing {
         state.place(seq, window);
     }
 
-    fn republish(&self, id: u64, seq: u64, queue: String, envelope: Bytes, window: u32) {
+    fn republish(&self, id: u64, seq: u64, queue: &Bytes, envelope: Bytes, window: u32) {
         let mut state = lock(&self.state);
         if !state.holds(id, seq) {
             return;
         }
+        let queue = state.name(wire::text(queue));
         let Some(held) = state.held.get_mut(&seq) else { return };
         let old = std::mem::replace(&mut held.queue, queue);
         held.envelope = envelope;
@@ -332,7 +372,7 @@ impl Routing {
             let mut state = lock(&self.state);
             let queue = state.held.get(&seq).filter(|held| held.worker == Some(id)).map(|held| held.queue.clone());
             if let (Some(queue), Some(worker)) = (queue, state.workers.get_mut(&id)) {
-                worker.queues.remove(&queue);
+                worker.queues.remove(wire::text(&queue));
             }
         }
         self.requeue(id, seq, false, window);
@@ -443,48 +483,43 @@ async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
         tracing::debug!(%endpoint, %error, "cannot connect to a ZeroMQ worker");
         return false;
     }
-    let (mut sender, mut receiver) = socket.split();
-    let (out, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<Bytes>>();
-    let publishes = inner.broadcast.endpoint().unwrap_or_default().to_owned();
-    let _ = out.send(Command::Hello { node: inner.node, publishes }.frames());
-    let writer = async move {
-        while let Some(frames) = outgoing.recv().await {
-            let Ok(message) = ZmqMessage::try_from(frames) else { continue };
-            if sender.send(message).await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::pin!(writer);
+    let (sender, mut receiver) = socket.split();
+    let link = Arc::new(Link { sender: Mutex::new(sender), broken: CancellationToken::new() });
+    let publishes = Bytes::copy_from_slice(inner.broadcast.endpoint().unwrap_or_default().as_bytes());
+    link.send(&Command::Hello { node: inner.node, publishes });
     let window = inner.options.window;
-    let silence = inner.options.silence();
     let mut worker: Option<u64> = None;
-    let mut last_heard = Instant::now();
+    // Heartbeats: the worker is dead once `liveness` ticks pass with nothing heard from it.
+    let mut heard = true;
+    let mut silent_ticks = 0;
     let mut ticks = tokio::time::interval(inner.options.heartbeat);
     loop {
         tokio::select! {
-            () = &mut writer => break,
+            () = link.broken.cancelled() => break,
             event = monitor.next() => match event {
                 Some(SocketEvent::Disconnected(_)) | None => break,
                 Some(_) => {}
             },
             _ = ticks.tick() => {
-                if last_heard.elapsed() > silence {
-                    tracing::warn!(%endpoint, ?silence, "a ZeroMQ worker missed its heartbeats");
+                silent_ticks = if heard { 0 } else { silent_ticks + 1 };
+                heard = false;
+                if silent_ticks >= inner.options.liveness {
+                    tracing::warn!(%endpoint, "a ZeroMQ worker missed its heartbeats");
                     break;
                 }
-                let _ = out.send(Command::Ping.frames());
+                link.send(&Command::Ping);
             }
             received = receiver.recv() => {
                 let Ok(message) = received else { break };
-                last_heard = Instant::now();
+                heard = true;
                 match Command::parse(&message.into_vec(), &inner.options.limits) {
-                    Ok(command) => handle(inner, endpoint, &out, &mut worker, command, window),
+                    Ok(command) => handle(inner, endpoint, &link, &mut worker, command, window),
                     Err(error) => tracing::warn!(%endpoint, %error, "a malformed message from a ZeroMQ worker; dropped"),
                 }
             }
         }
     }
+    link.broken.cancel();
     if let Some(id) = worker {
         inner.routing.dead(id, window);
     }
@@ -495,17 +530,19 @@ async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
 fn handle(
     inner: &Arc<Inner>,
     endpoint: &str,
-    out: &UnboundedSender<Vec<Bytes>>,
+    link: &Arc<Link>,
     worker: &mut Option<u64>,
     command: Command,
     window: u32,
 ) {
     let routing = &inner.routing;
     match (command, *worker) {
-        (Command::Ready { node, publishes, version, queues }, id) => {
+        (Command::Ready { node, version, publishes, queues }, id) => {
             match id {
                 None => {
-                    *worker = Some(routing.register(endpoint, node, publishes.clone(), out.clone(), queues, window));
+                    let publishes = wire::text(&publishes).to_owned();
+                    *worker =
+                        Some(routing.register(endpoint, node, publishes.clone(), Arc::clone(link), queues, window));
                     if !publishes.is_empty() {
                         let inner = Arc::clone(inner);
                         tokio::spawn(async move { super::broadcast::found_publisher(&inner, node, &publishes).await });
@@ -513,20 +550,20 @@ fn handle(
                 }
                 Some(id) => routing.announce(id, queues, window),
             }
-            let _ = out.send(Command::Seen { version }.frames());
+            link.send(&Command::Seen { version });
         }
         (Command::Answer { seq, inbox, envelope }, id) => {
             if let (Some(id), true) = (id, seq != 0) {
                 routing.settled(id, seq, window);
             }
             match rpc_core::codec::decode_envelope_bytes(&envelope, &inner.options.limits) {
-                Ok(reply) => inner.deliver_to_inbox(&inbox, reply),
+                Ok(reply) => inner.deliver_to_inbox(wire::text(&inbox), reply),
                 Err(error) => tracing::warn!(%endpoint, %error, "an undecodable reply from a ZeroMQ worker; dropped"),
             }
         }
         (Command::Ack { seq }, Some(id)) => routing.settled(id, seq, window),
         (Command::Requeue { seq, counted }, Some(id)) => routing.requeue(id, seq, counted, window),
-        (Command::Republish { seq, queue, envelope }, Some(id)) => routing.republish(id, seq, queue, envelope, window),
+        (Command::Republish { seq, queue, envelope }, Some(id)) => routing.republish(id, seq, &queue, envelope, window),
         (Command::Refused { seq }, Some(id)) => routing.refused(id, seq, window),
         (Command::Pong, _) => {}
         (command, _) => tracing::debug!(%endpoint, ?command, "an unexpected command from a ZeroMQ worker; ignored"),

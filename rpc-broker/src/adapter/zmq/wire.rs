@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use rpc_core::codec::Limits;
 use uuid::Uuid;
 
@@ -40,8 +40,9 @@ mod code {
     pub(super) const SYNCED: u8 = 0x22;
 }
 
-/// One message of the protocol, parsed. Frames that carry an envelope keep it as the bytes that came (decoded
-/// later, by the codec, with its limits).
+/// One message of the protocol, parsed. Names (queues, inboxes, endpoints, topics) are kept as the bytes that
+/// came, checked to be UTF-8 ([`text`] reads them); envelopes as the bytes that came, decoded later by the
+/// codec with its limits.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Command {
     /// Client to worker, first on a connection: who the client is and where it publishes (empty: nowhere).
@@ -49,7 +50,7 @@ pub enum Command {
         /// The client's node id.
         node: Uuid,
         /// The client's PUB endpoint, or empty.
-        publishes: String,
+        publishes: Bytes,
     },
     /// Client to worker: a request (or oneway message) for `queue`.
     Request {
@@ -60,16 +61,16 @@ pub enum Command {
         /// How long the client held it before this send, in milliseconds.
         queued_ms: u64,
         /// The queue it is for.
-        queue: String,
+        queue: Bytes,
         /// The envelope's MessagePack.
         envelope: Bytes,
     },
-    /// Either way: a heartbeat. A client sends PING, a worker PONG.
+    /// Client to worker: a heartbeat.
     Ping,
-    /// Client to worker: publish the sync marker `topic` on your PUB socket (see [`Command::Synced`]).
+    /// Client to worker: publish the sync marker `topic` on your PUB socket (see [`Published::Synced`]).
     Sync {
         /// The marker's topic.
-        topic: String,
+        topic: Bytes,
     },
     /// Client to worker: the client has taken announcement `version`.
     Seen {
@@ -81,10 +82,10 @@ pub enum Command {
     Ready {
         /// The worker's node id.
         node: Uuid,
-        /// The worker's PUB endpoint, or empty.
-        publishes: String,
         /// Increases with every announcement; the client answers SEEN with it.
         version: u64,
+        /// The worker's PUB endpoint, or empty.
+        publishes: Bytes,
         /// Each queue served and how many of its requests this client may have outstanding here at once.
         queues: BTreeMap<String, u32>,
     },
@@ -94,7 +95,7 @@ pub enum Command {
         /// The request answered, or 0.
         seq: u64,
         /// The inbox it goes to.
-        inbox: String,
+        inbox: Bytes,
         /// The reply envelope's MessagePack.
         envelope: Bytes,
     },
@@ -115,7 +116,7 @@ pub enum Command {
         /// The request replaced.
         seq: u64,
         /// Where the new attempt goes.
-        queue: String,
+        queue: Bytes,
         /// The new attempt's envelope.
         envelope: Bytes,
     },
@@ -128,19 +129,24 @@ pub enum Command {
     Pong,
 }
 
+/// A name frame as text: names are checked to be UTF-8 as they are parsed.
+pub fn text(name: &Bytes) -> &str {
+    std::str::from_utf8(name).unwrap_or_default()
+}
+
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::Hello { node, .. } => write!(f, "Hello({node})"),
-            Command::Request { seq, queue, .. } => write!(f, "Request({seq}, {queue})"),
+            Command::Request { seq, queue, .. } => write!(f, "Request({seq}, {})", text(queue)),
             Command::Ping => f.write_str("Ping"),
-            Command::Sync { topic } => write!(f, "Sync({topic})"),
+            Command::Sync { topic } => write!(f, "Sync({})", text(topic)),
             Command::Seen { version } => write!(f, "Seen({version})"),
             Command::Ready { node, version, queues, .. } => write!(f, "Ready({node}, {version}, {queues:?})"),
-            Command::Answer { seq, inbox, .. } => write!(f, "Answer({seq}, {inbox})"),
+            Command::Answer { seq, inbox, .. } => write!(f, "Answer({seq}, {})", text(inbox)),
             Command::Ack { seq } => write!(f, "Ack({seq})"),
             Command::Requeue { seq, counted } => write!(f, "Requeue({seq}, {counted})"),
-            Command::Republish { seq, queue, .. } => write!(f, "Republish({seq}, {queue})"),
+            Command::Republish { seq, queue, .. } => write!(f, "Republish({seq}, {})", text(queue)),
             Command::Refused { seq } => write!(f, "Refused({seq})"),
             Command::Pong => f.write_str("Pong"),
         }
@@ -159,6 +165,33 @@ impl fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
+/// Reads the fixed fields after a command byte.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(WireError("the command frame is too short"))?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.take::<8>().map(u64::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.take::<4>().map(u32::from_be_bytes)
+    }
+
+    fn node(&mut self) -> Result<Uuid, WireError> {
+        self.take::<16>().map(Uuid::from_bytes)
+    }
+
+    fn end(self) -> Result<(), WireError> {
+        if self.0.is_empty() { Ok(()) } else { Err(WireError("the command frame is too long")) }
+    }
+}
+
 impl Command {
     /// Reads the frames of one message (a ROUTER's leading identity frame already taken off). Nothing is
     /// allocated for a message that is refused; an envelope longer than `limits.max_frame` is refused here.
@@ -173,7 +206,8 @@ impl Command {
         if protocol.as_ref() != PROTOCOL {
             return Err(WireError("not the MQRPC-ZMQ/1 protocol"));
         }
-        let &[code] = command.as_ref() else { return Err(WireError("the command frame is not one byte")) };
+        let Some((&code, fields)) = command.split_first() else { return Err(WireError("an empty command frame")) };
+        let mut fields = Fields(fields);
         let envelope = |frame: &Bytes| -> Result<Bytes, WireError> {
             if frame.len() > limits.max_frame {
                 Err(WireError("the envelope is over the size limit"))
@@ -181,38 +215,41 @@ impl Command {
                 Ok(frame.clone())
             }
         };
-        match (code, rest) {
-            (code::HELLO, [node, publishes]) => Ok(Command::Hello { node: uuid(node)?, publishes: name(publishes)? }),
-            (code::REQUEST, [seq, count, queued, queue, body]) => Ok(Command::Request {
-                seq: u64_of(seq)?,
-                delivery_count: u32_of(count)?,
-                queued_ms: u64_of(queued)?,
+        let command = match (code, rest) {
+            (code::HELLO, [publishes]) => Command::Hello { node: fields.node()?, publishes: name(publishes)? },
+            (code::REQUEST, [queue, body]) => Command::Request {
+                seq: fields.u64()?,
+                delivery_count: fields.u32()?,
+                queued_ms: fields.u64()?,
                 queue: nonempty(queue)?,
                 envelope: envelope(body)?,
-            }),
-            (code::PING, []) => Ok(Command::Ping),
-            (code::SYNC, [topic]) => Ok(Command::Sync { topic: nonempty(topic)? }),
-            (code::SEEN, [version]) => Ok(Command::Seen { version: u64_of(version)? }),
-            (code::READY, [node, publishes, version, queues]) => Ok(Command::Ready {
-                node: uuid(node)?,
-                publishes: name(publishes)?,
-                version: u64_of(version)?,
-                queues: queue_map(queues)?,
-            }),
-            (code::ANSWER, [seq, inbox, body]) => {
-                Ok(Command::Answer { seq: u64_of(seq)?, inbox: nonempty(inbox)?, envelope: envelope(body)? })
-            }
-            (code::ACK, [seq]) => Ok(Command::Ack { seq: u64_of(seq)? }),
-            (code::REQUEUE, [seq, counted]) => match counted.as_ref() {
-                [0] => Ok(Command::Requeue { seq: u64_of(seq)?, counted: false }),
-                [1] => Ok(Command::Requeue { seq: u64_of(seq)?, counted: true }),
-                _ => Err(WireError("the requeue flag is not 0 or 1")),
             },
-            (code::REPUBLISH, [seq, queue, body]) => {
-                Ok(Command::Republish { seq: u64_of(seq)?, queue: nonempty(queue)?, envelope: envelope(body)? })
+            (code::PING, []) => Command::Ping,
+            (code::SYNC, [topic]) => Command::Sync { topic: nonempty(topic)? },
+            (code::SEEN, []) => Command::Seen { version: fields.u64()? },
+            (code::READY, [publishes, queues]) => Command::Ready {
+                node: fields.node()?,
+                version: fields.u64()?,
+                publishes: name(publishes)?,
+                queues: queue_map(queues)?,
+            },
+            (code::ANSWER, [inbox, body]) => {
+                Command::Answer { seq: fields.u64()?, inbox: nonempty(inbox)?, envelope: envelope(body)? }
             }
-            (code::REFUSED, [seq]) => Ok(Command::Refused { seq: u64_of(seq)? }),
-            (code::PONG, []) => Ok(Command::Pong),
+            (code::ACK, []) => Command::Ack { seq: fields.u64()? },
+            (code::REQUEUE, []) => {
+                let seq = fields.u64()?;
+                match fields.take::<1>()? {
+                    [0] => Command::Requeue { seq, counted: false },
+                    [1] => Command::Requeue { seq, counted: true },
+                    _ => return Err(WireError("the requeue flag is not 0 or 1")),
+                }
+            }
+            (code::REPUBLISH, [queue, body]) => {
+                Command::Republish { seq: fields.u64()?, queue: nonempty(queue)?, envelope: envelope(body)? }
+            }
+            (code::REFUSED, []) => Command::Refused { seq: fields.u64()? },
+            (code::PONG, []) => Command::Pong,
             (
                 code::HELLO
                 | code::REQUEST
@@ -227,57 +264,80 @@ impl Command {
                 | code::REFUSED
                 | code::PONG,
                 _,
-            ) => Err(WireError("wrong number of frames for the command")),
-            _ => Err(WireError("unknown command")),
-        }
+            ) => return Err(WireError("wrong number of frames for the command")),
+            _ => return Err(WireError("unknown command")),
+        };
+        fields.end()?;
+        Ok(command)
     }
 
     /// The frames of this command, [`PROTOCOL`] first.
     pub fn frames(&self) -> Vec<Bytes> {
-        let mut frames = vec![Bytes::from_static(PROTOCOL)];
-        let byte = |code: u8| Bytes::copy_from_slice(&[code]);
-        let text = |text: &str| Bytes::copy_from_slice(text.as_bytes());
-        let number = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+        let mut frames = Vec::with_capacity(4);
+        self.frames_into(&mut frames);
+        frames
+    }
+
+    /// Appends the frames of this command, [`PROTOCOL`] first, to `frames` (after a ROUTER's identity frame).
+    pub fn frames_into(&self, frames: &mut Vec<Bytes>) {
+        frames.push(Bytes::from_static(PROTOCOL));
+        let mut head = BytesMut::with_capacity(32);
         match self {
             Command::Hello { node, publishes } => {
-                frames.extend([byte(code::HELLO), Bytes::copy_from_slice(node.as_bytes()), text(publishes)]);
+                head.put_u8(code::HELLO);
+                head.put_slice(node.as_bytes());
+                frames.extend([head.freeze(), publishes.clone()]);
             }
-            Command::Request { seq, delivery_count, queued_ms, queue, envelope } => frames.extend([
-                byte(code::REQUEST),
-                number(*seq),
-                Bytes::copy_from_slice(&delivery_count.to_be_bytes()),
-                number(*queued_ms),
-                text(queue),
-                envelope.clone(),
-            ]),
-            Command::Ping => frames.push(byte(code::PING)),
-            Command::Sync { topic } => frames.extend([byte(code::SYNC), text(topic)]),
-            Command::Seen { version } => frames.extend([byte(code::SEEN), number(*version)]),
-            Command::Ready { node, publishes, version, queues } => {
+            Command::Request { seq, delivery_count, queued_ms, queue, envelope } => {
+                head.put_u8(code::REQUEST);
+                head.put_u64(*seq);
+                head.put_u32(*delivery_count);
+                head.put_u64(*queued_ms);
+                frames.extend([head.freeze(), queue.clone(), envelope.clone()]);
+            }
+            Command::Ping => frames.push(Bytes::from_static(&[code::PING])),
+            Command::Sync { topic } => frames.extend([Bytes::from_static(&[code::SYNC]), topic.clone()]),
+            Command::Seen { version } => {
+                head.put_u8(code::SEEN);
+                head.put_u64(*version);
+                frames.push(head.freeze());
+            }
+            Command::Ready { node, version, publishes, queues } => {
+                head.put_u8(code::READY);
+                head.put_slice(node.as_bytes());
+                head.put_u64(*version);
                 // A map of strings to integers always encodes.
                 let queues = rpc_core::codec::encode(queues).unwrap_or_default();
-                frames.extend([
-                    byte(code::READY),
-                    Bytes::copy_from_slice(node.as_bytes()),
-                    text(publishes),
-                    number(*version),
-                    queues,
-                ]);
+                frames.extend([head.freeze(), publishes.clone(), queues]);
             }
             Command::Answer { seq, inbox, envelope } => {
-                frames.extend([byte(code::ANSWER), number(*seq), text(inbox), envelope.clone()]);
+                head.put_u8(code::ANSWER);
+                head.put_u64(*seq);
+                frames.extend([head.freeze(), inbox.clone(), envelope.clone()]);
             }
-            Command::Ack { seq } => frames.extend([byte(code::ACK), number(*seq)]),
+            Command::Ack { seq } => {
+                head.put_u8(code::ACK);
+                head.put_u64(*seq);
+                frames.push(head.freeze());
+            }
             Command::Requeue { seq, counted } => {
-                frames.extend([byte(code::REQUEUE), number(*seq), byte(u8::from(*counted))]);
+                head.put_u8(code::REQUEUE);
+                head.put_u64(*seq);
+                head.put_u8(u8::from(*counted));
+                frames.push(head.freeze());
             }
             Command::Republish { seq, queue, envelope } => {
-                frames.extend([byte(code::REPUBLISH), number(*seq), text(queue), envelope.clone()]);
+                head.put_u8(code::REPUBLISH);
+                head.put_u64(*seq);
+                frames.extend([head.freeze(), queue.clone(), envelope.clone()]);
             }
-            Command::Refused { seq } => frames.extend([byte(code::REFUSED), number(*seq)]),
-            Command::Pong => frames.push(byte(code::PONG)),
+            Command::Refused { seq } => {
+                head.put_u8(code::REFUSED);
+                head.put_u64(*seq);
+                frames.push(head.freeze());
+            }
+            Command::Pong => frames.push(Bytes::from_static(&[code::PONG])),
         }
-        frames
     }
 }
 
@@ -337,26 +397,15 @@ impl Published {
     }
 }
 
-fn u64_of(frame: &Bytes) -> Result<u64, WireError> {
-    <[u8; 8]>::try_from(frame.as_ref()).map(u64::from_be_bytes).map_err(|_| WireError("a number frame is not 8 bytes"))
-}
-
-fn u32_of(frame: &Bytes) -> Result<u32, WireError> {
-    <[u8; 4]>::try_from(frame.as_ref()).map(u32::from_be_bytes).map_err(|_| WireError("a count frame is not 4 bytes"))
-}
-
-fn uuid(frame: &Bytes) -> Result<Uuid, WireError> {
-    Uuid::from_slice(frame).map_err(|_| WireError("a node id is not 16 bytes"))
-}
-
-fn name(frame: &Bytes) -> Result<String, WireError> {
+fn name(frame: &Bytes) -> Result<Bytes, WireError> {
     if frame.len() > MAX_NAME {
         return Err(WireError("a name is too long"));
     }
-    std::str::from_utf8(frame).map(str::to_owned).map_err(|_| WireError("a name is not UTF-8"))
+    std::str::from_utf8(frame).map_err(|_| WireError("a name is not UTF-8"))?;
+    Ok(frame.clone())
 }
 
-fn nonempty(frame: &Bytes) -> Result<String, WireError> {
+fn nonempty(frame: &Bytes) -> Result<Bytes, WireError> {
     if frame.is_empty() { Err(WireError("an empty name")) } else { name(frame) }
 }
 
@@ -378,29 +427,30 @@ mod tests {
 
     fn every_command() -> Vec<Command> {
         let node = Uuid::new_v4();
+        let envelope = Bytes::from_static(b"\x80");
         vec![
-            Command::Hello { node, publishes: "tcp://127.0.0.1:5556".into() },
+            Command::Hello { node, publishes: Bytes::from_static(b"tcp://127.0.0.1:5556") },
             Command::Request {
                 seq: 7,
                 delivery_count: 2,
                 queued_ms: 15,
-                queue: "ns.Calculator".into(),
-                envelope: Bytes::from_static(b"\x80"),
+                queue: Bytes::from_static(b"ns.Calculator"),
+                envelope: envelope.clone(),
             },
             Command::Ping,
-            Command::Sync { topic: "mqrpc.sync/x".into() },
+            Command::Sync { topic: Bytes::from_static(b"mqrpc.sync/x") },
             Command::Seen { version: 3 },
             Command::Ready {
                 node,
-                publishes: String::new(),
                 version: 9,
+                publishes: Bytes::new(),
                 queues: BTreeMap::from([("ns.Calculator".into(), 64)]),
             },
-            Command::Answer { seq: 0, inbox: "zmq.inbox".into(), envelope: Bytes::from_static(b"\x80") },
+            Command::Answer { seq: 0, inbox: Bytes::from_static(b"zmq.inbox"), envelope: envelope.clone() },
             Command::Ack { seq: u64::MAX },
             Command::Requeue { seq: 1, counted: true },
             Command::Requeue { seq: 1, counted: false },
-            Command::Republish { seq: 5, queue: "q".into(), envelope: Bytes::from_static(b"\x80") },
+            Command::Republish { seq: 5, queue: Bytes::from_static(b"q"), envelope },
             Command::Refused { seq: 4 },
             Command::Pong,
         ]
@@ -414,36 +464,58 @@ mod tests {
     }
 
     #[test]
+    fn a_request_is_laid_out_as_documented() {
+        let request = Command::Request {
+            seq: 1,
+            delivery_count: 2,
+            queued_ms: 3,
+            queue: Bytes::from_static(b"q"),
+            envelope: Bytes::from_static(b"\x80"),
+        };
+        let frames = request.frames();
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[0].as_ref(), b"MQRPC-ZMQ/1");
+        assert_eq!(frames[1].as_ref(), b"\x02\0\0\0\0\0\0\0\x01\0\0\0\x02\0\0\0\0\0\0\0\x03");
+        assert_eq!((frames[2].as_ref(), frames[3].as_ref()), (&b"q"[..], &b"\x80"[..]));
+    }
+
+    #[test]
     fn a_malformed_message_is_refused_with_its_reason() {
         let limits = Limits::default();
-        let ping = Command::Ping.frames();
         let refused = |frames: &[Bytes]| Command::parse(frames, &limits).map_err(|WireError(why)| why);
+        let protocol = Bytes::from_static(PROTOCOL);
+        let ping = Command::Ping.frames();
         assert_eq!(refused(&ping[..1]), Err("fewer than two frames"));
         assert_eq!(refused(&[Bytes::from_static(b"MDPC02"), ping[1].clone()]), Err("not the MQRPC-ZMQ/1 protocol"));
-        assert_eq!(
-            refused(&[ping[0].clone(), Bytes::from_static(b"\x03\x03")]),
-            Err("the command frame is not one byte")
-        );
-        assert_eq!(refused(&[ping[0].clone(), Bytes::from_static(b"\x7f")]), Err("unknown command"));
+        assert_eq!(refused(&[protocol.clone(), Bytes::new()]), Err("an empty command frame"));
+        assert_eq!(refused(&[protocol.clone(), Bytes::from_static(b"\x03\x03")]), Err("the command frame is too long"));
+        assert_eq!(refused(&[protocol.clone(), Bytes::from_static(b"\x7f")]), Err("unknown command"));
         let mut extra = ping.clone();
         extra.push(Bytes::new());
         assert_eq!(refused(&extra), Err("wrong number of frames for the command"));
         assert_eq!(refused(&vec![Bytes::new(); MAX_FRAMES + 1]), Err("too many frames"));
-        let mut short_seq = Command::Ack { seq: 1 }.frames();
-        short_seq[2] = Bytes::from_static(b"\x01");
-        assert_eq!(refused(&short_seq), Err("a number frame is not 8 bytes"));
+        assert_eq!(
+            refused(&[protocol.clone(), Bytes::from_static(b"\x13\x01")]),
+            Err("the command frame is too short")
+        );
+        assert_eq!(
+            refused(&[protocol.clone(), Bytes::from_static(b"\x14\0\0\0\0\0\0\0\x01\x02")]),
+            Err("the requeue flag is not 0 or 1")
+        );
         let request = Command::Request {
             seq: 1,
             delivery_count: 1,
             queued_ms: 0,
-            queue: "q".into(),
+            queue: Bytes::from_static(b"q"),
             envelope: Bytes::from(vec![0u8; 100]),
         };
         let small = Limits { max_frame: 99, max_depth: 64 };
         assert_eq!(Command::parse(&request.frames(), &small), Err(WireError("the envelope is over the size limit")));
         let mut unnamed = request.frames();
-        unnamed[5] = Bytes::new();
+        unnamed[2] = Bytes::new();
         assert_eq!(refused(&unnamed), Err("an empty name"));
+        unnamed[2] = Bytes::from_static(b"\xff\xfe");
+        assert_eq!(refused(&unnamed), Err("a name is not UTF-8"));
     }
 
     #[test]
@@ -471,7 +543,7 @@ mod tests {
 
         #[test]
         fn requests_round_trip(seq in any::<u64>(), count in any::<u32>(), queued in any::<u64>(), queue in "[a-z.]{1,30}", body in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let command = Command::Request { seq, delivery_count: count, queued_ms: queued, queue, envelope: Bytes::from(body) };
+            let command = Command::Request { seq, delivery_count: count, queued_ms: queued, queue: Bytes::from(queue), envelope: Bytes::from(body) };
             prop_assert_eq!(Command::parse(&command.frames(), &Limits::default()), Ok(command));
         }
     }

@@ -15,12 +15,10 @@ use rpc_core::transport::{
 };
 use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo, naming};
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use zeromq::{RouterRecvHalf, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{RouterRecvHalf, RouterSendHalf, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
-use super::wire::Command;
+use super::wire::{self, Command};
 use super::{Inner, Queues, lock, zmq_error};
 
 /// What a consumer with no prefetch limit counts as, in the window a worker announces.
@@ -28,8 +26,10 @@ const UNLIMITED: u32 = 1_024;
 
 /// The ROUTER socket's tasks and what they share.
 pub(super) struct Serving {
-    /// Frames to send, the client's routing id first.
-    out: UnboundedSender<Vec<Bytes>>,
+    /// Sends to clients, in place (see [`Serving::send`]).
+    sender: RouterSendHalf,
+    /// Heartbeats sent so far: a client is heard at a beat, and forgotten `liveness` beats later.
+    beats: AtomicU64,
     state: Mutex<State>,
     /// Woken when a client says SEEN.
     seen: tokio::sync::Notify,
@@ -49,7 +49,8 @@ struct State {
 struct Client {
     node: Uuid,
     seen: u64,
-    last_heard: Instant,
+    /// The beat at which it was last heard.
+    heard: u64,
 }
 
 #[derive(Default)]
@@ -90,32 +91,15 @@ impl Served {
     }
 }
 
-/// Binds the ROUTER socket at `endpoint` and starts its writer; [`Serving::start`] starts the reader.
-pub(super) async fn bind(endpoint: &str, shutdown: &CancellationToken) -> Result<(Serving, String), Error> {
+/// Binds the ROUTER socket at `endpoint`; [`Serving::start`] starts reading it.
+pub(super) async fn bind(endpoint: &str) -> Result<(Serving, String), Error> {
     let mut socket = zeromq::RouterSocket::new();
     let monitor = socket.monitor();
     let bound = socket.bind(endpoint).await.map_err(zmq_error)?;
-    let (mut sender, receiver) = socket.split();
-    let (out, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<Bytes>>();
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            let frames = tokio::select! {
-                () = shutdown.cancelled() => break,
-                frames = outgoing.recv() => match frames {
-                    Some(frames) => frames,
-                    None => break,
-                },
-            };
-            let Ok(message) = ZmqMessage::try_from(frames) else { continue };
-            if let Err(error) = sender.send(message).await {
-                // A client that went away: what it held moved on with its own connection's end.
-                tracing::debug!(%error, "a ZeroMQ client is gone; a message to it is dropped");
-            }
-        }
-    });
+    let (sender, receiver) = socket.split();
     let serving = Serving {
-        out,
+        sender,
+        beats: AtomicU64::new(0),
         state: Mutex::new(State::default()),
         seen: tokio::sync::Notify::new(),
         next_tag: AtomicU64::new(0),
@@ -161,22 +145,44 @@ impl Serving {
             loop {
                 tokio::select! {
                     () = beating.shutdown.cancelled() => break,
-                    _ = ticks.tick() => serving.beat(beating.options.silence()),
+                    _ = ticks.tick() => serving.beat(beating.options.liveness),
                 }
             }
         });
     }
 
+    /// Sends `command` to the client at `routing`, in place: the socket's send is tried once here, and only
+    /// one that cannot complete at once (the client's queue of 100,000 messages is full) goes on in a task of
+    /// its own. A message to a client that is gone is dropped: what that client held moved on when its
+    /// connection ended.
     fn send(&self, routing: &Bytes, command: &Command) {
-        let mut frames = command.frames();
-        frames.insert(0, routing.clone());
-        let _ = self.out.send(frames);
+        let mut frames = Vec::with_capacity(5);
+        frames.push(routing.clone());
+        command.frames_into(&mut frames);
+        let Ok(message) = ZmqMessage::try_from(frames) else { return };
+        let mut sender = self.sender.clone();
+        let mut sending = Box::pin(async move { sender.send(message).await });
+        let waker = futures::task::noop_waker();
+        match sending.as_mut().poll(&mut std::task::Context::from_waker(&waker)) {
+            std::task::Poll::Ready(Ok(())) => {}
+            std::task::Poll::Ready(Err(error)) => {
+                tracing::debug!(%error, "a ZeroMQ client is gone; a message to it is dropped");
+            }
+            std::task::Poll::Pending => {
+                tokio::spawn(async move {
+                    if let Err(error) = sending.await {
+                        tracing::debug!(%error, "a ZeroMQ client is gone; a message to it is dropped");
+                    }
+                });
+            }
+        }
     }
 
-    /// PONG to every client; forgets those silent for longer than `silence`.
-    fn beat(&self, silence: Duration) {
+    /// PONG to every client; forgets those not heard for `liveness` beats.
+    fn beat(&self, liveness: u32) {
+        let beat = self.beats.fetch_add(1, Ordering::Relaxed) + 1;
         let mut state = lock(&self.state);
-        state.clients.retain(|_, client| client.last_heard.elapsed() <= silence);
+        state.clients.retain(|_, client| beat.saturating_sub(client.heard) <= u64::from(liveness));
         for routing in state.clients.keys() {
             self.send(routing, &Command::Pong);
         }
@@ -194,8 +200,8 @@ impl Serving {
             .map(|(queue, served)| (queue.clone(), served.window()))
             .filter(|(_, window)| *window > 0)
             .collect();
-        let publishes = inner.broadcast.endpoint().unwrap_or_default().to_owned();
-        Command::Ready { node: inner.node, publishes, version: state.version, queues }
+        let publishes = Bytes::copy_from_slice(inner.broadcast.endpoint().unwrap_or_default().as_bytes());
+        Command::Ready { node: inner.node, version: state.version, publishes, queues }
     }
 
     /// Tells every client what this node serves now; the announcement's version.
@@ -209,65 +215,86 @@ impl Serving {
     }
 
     fn handle(&self, inner: &Inner, routing: Bytes, command: Command) {
+        if let Command::Request { seq, delivery_count, queued_ms, queue, envelope } = command {
+            self.request(inner, routing, seq, delivery_count, queued_ms, &queue, envelope);
+            return;
+        }
         let mut state = lock(&self.state);
-        let now = Instant::now();
+        let now = self.beats.load(Ordering::Relaxed);
         match command {
             Command::Hello { node, .. } => {
-                state.clients.insert(routing.clone(), Client { node, seen: 0, last_heard: now });
+                state.clients.insert(routing.clone(), Client { node, seen: 0, heard: now });
                 let ready = Serving::ready(inner, &state);
                 self.send(&routing, &ready);
             }
-            Command::Request { seq, delivery_count, queued_ms, queue, envelope } => {
-                // A client that sent no HELLO is served all the same.
-                state
-                    .clients
-                    .entry(routing.clone())
-                    .or_insert(Client { node: Uuid::nil(), seen: 0, last_heard: now })
-                    .last_heard = now;
-                let decoded = match rpc_core::codec::decode_envelope_bytes(&envelope, &inner.options.limits) {
-                    Ok(decoded) => decoded,
-                    Err(error) => match rpc_core::codec::reply_address_of(&envelope, &inner.options.limits) {
-                        Some((reply_to, correlation_id)) => {
-                            rpc_core::transport::invalid_request(reply_to, correlation_id, error.to_string())
-                        }
-                        None => {
-                            tracing::warn!(%error, %queue, "an undecodable request with no reply address; dropped");
-                            self.send(&routing, &Command::Ack { seq });
-                            return;
-                        }
-                    },
-                };
-                let incoming = Incoming {
-                    routing,
-                    seq,
-                    delivery_count: delivery_count.max(1),
-                    queued: Duration::from_millis(queued_ms),
-                    envelope: decoded,
-                    raw: envelope,
-                };
-                match state.queues.get_mut(&queue) {
-                    Some(served) if served.window() > 0 => {
-                        served.backlog.push_back(incoming);
-                        self.drain(&queue, served);
-                    }
-                    _ => self.send(&incoming.routing, &Command::Refused { seq }),
-                }
-            }
             Command::Ping => {
                 if let Some(client) = state.clients.get_mut(&routing) {
-                    client.last_heard = now;
+                    client.heard = now;
                 }
             }
-            Command::Sync { topic } => inner.broadcast.publish_marker(&topic),
+            Command::Sync { topic } => inner.broadcast.publish_marker(wire::text(&topic)),
             Command::Seen { version } => {
                 if let Some(client) = state.clients.get_mut(&routing) {
                     client.seen = client.seen.max(version);
-                    client.last_heard = now;
+                    client.heard = now;
                 }
                 drop(state);
                 self.seen.notify_waiters();
             }
-            command => tracing::debug!(?command, "a ZeroMQ client sent a worker's command; ignored"),
+            command => tracing::debug!(?command, "a ZeroMQ client sent a worker's command here; ignored"),
+        }
+    }
+
+    /// A request from the client at `routing`: decoded (outside the lock), then handed to a consumer of its
+    /// queue or queued for one; refused when nobody here serves the queue.
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &self,
+        inner: &Inner,
+        routing: Bytes,
+        seq: u64,
+        delivery_count: u32,
+        queued_ms: u64,
+        queue: &Bytes,
+        envelope: Bytes,
+    ) {
+        let queue = wire::text(queue);
+        let decoded = match rpc_core::codec::decode_envelope_bytes(&envelope, &inner.options.limits) {
+            Ok(decoded) => decoded,
+            Err(error) => match rpc_core::codec::reply_address_of(&envelope, &inner.options.limits) {
+                Some((reply_to, correlation_id)) => {
+                    rpc_core::transport::invalid_request(reply_to, correlation_id, error.to_string())
+                }
+                None => {
+                    tracing::warn!(%error, %queue, "an undecodable request with no reply address; dropped");
+                    self.send(&routing, &Command::Ack { seq });
+                    return;
+                }
+            },
+        };
+        let now = self.beats.load(Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        // A client that sent no HELLO is served all the same.
+        match state.clients.get_mut(&routing) {
+            Some(client) => client.heard = now,
+            None => {
+                state.clients.insert(routing.clone(), Client { node: Uuid::nil(), seen: 0, heard: now });
+            }
+        }
+        let incoming = Incoming {
+            routing,
+            seq,
+            delivery_count: delivery_count.max(1),
+            queued: Duration::from_millis(queued_ms),
+            envelope: decoded,
+            raw: envelope,
+        };
+        match state.queues.get_mut(queue) {
+            Some(served) if served.window() > 0 => {
+                served.backlog.push_back(incoming);
+                self.drain(queue, served);
+            }
+            _ => self.send(&incoming.routing, &Command::Refused { seq }),
         }
     }
 
@@ -421,7 +448,8 @@ impl Serving {
         drop(state);
         match routing {
             Some(routing) => {
-                self.send(&routing, &Command::Answer { seq: 0, inbox: address.to_owned(), envelope });
+                let inbox = Bytes::copy_from_slice(address.as_bytes());
+                self.send(&routing, &Command::Answer { seq: 0, inbox, envelope });
                 Ok(())
             }
             None => Err(Error::NoRoute(address.to_owned())),
@@ -516,7 +544,8 @@ impl Acker for ZmqAcker {
         }
         let sent = self.client_of(tag).and_then(|routing| {
             let bytes = rpc_core::codec::encode_envelope(&envelope)?;
-            self.tell(&routing, &Command::Answer { seq: 0, inbox: queue.to_owned(), envelope: bytes });
+            let inbox = Bytes::copy_from_slice(queue.as_bytes());
+            self.tell(&routing, &Command::Answer { seq: 0, inbox, envelope: bytes });
             Ok(())
         });
         finished(sent)
@@ -540,7 +569,11 @@ impl Acker for ZmqAcker {
         let answered = routing.map(|routing| {
             self.tell(
                 &routing,
-                &Command::Answer { seq: held.seq, inbox: reply_to.address().to_owned(), envelope: bytes },
+                &Command::Answer {
+                    seq: held.seq,
+                    inbox: Bytes::copy_from_slice(reply_to.address().as_bytes()),
+                    envelope: bytes,
+                },
             );
             Answered::Sent
         });
@@ -566,7 +599,8 @@ impl Acker for ZmqAcker {
             }
         };
         let Some(held) = self.take(tag) else { return finished(Err(Error::DeliveryLost)) };
-        self.tell(&routing, &Command::Republish { seq: held.seq, queue: queue.to_owned(), envelope: bytes });
+        let queue = Bytes::copy_from_slice(queue.as_bytes());
+        self.tell(&routing, &Command::Republish { seq: held.seq, queue, envelope: bytes });
         finished(Ok(()))
     }
 }
