@@ -291,6 +291,45 @@ async fn zeromq_kill_9_of_workers_twenty_times() {
     assert_none_lost_and_reexecutions_bounded(&counts);
 }
 
+/// ZeroMQ heartbeats (Paranoid Pirate): a worker process stopped with SIGSTOP keeps its TCP connection but
+/// answers nothing. The client, with 100 ms heartbeats, takes it for dead after three silent ones and sends what
+/// it held to the other worker; every call made while it is stopped is answered there, well within a 2 s
+/// timeout. Resumed, the worker is connected to again and takes calls again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeromq_worker_whose_heartbeats_stop_is_dropped_from_rotation_and_taken_back() {
+    use rpc_broker::adapter::zmq::Zmq;
+    let namespace = format!("hb{}", Uuid::new_v4().simple());
+    let endpoints: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let sink = sink_path();
+    let options = Options::default();
+    let start =
+        |n: usize| start_worker(&format!("zmq-worker://{}", endpoints[n]), &namespace, ["a", "b"][n], &sink, &options);
+    let (stopped, _running) = (start(0), start(1));
+    let peers = endpoints.iter().map(|endpoint| format!("tcp://{endpoint}"));
+    let node = Zmq::start(mqrpc_tests::zmq_test_options().peers(peers)).await.expect("connects");
+    assert_eq!(node.live_workers(), 2);
+    let client = Client::builder(node.clone()).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    stopped.pause();
+    let calls = (0..40).map(|_| probe.whoami().timeout(Duration::from_secs(2)).into_future());
+    for answer in futures::future::join_all(calls).await {
+        let (name, _) = answer.expect("answered by the worker still beating");
+        assert_eq!(name, "b");
+    }
+    assert_eq!(node.live_workers(), 1, "the stopped worker is still in rotation");
+    stopped.resume();
+    mqrpc_tests::eventually("the resumed worker to be connected again", Duration::from_secs(20), || {
+        node.live_workers() == 2
+    })
+    .await;
+    let calls = (0..200).map(|_| probe.whoami().timeout(Duration::from_secs(5)).into_future());
+    let names: HashSet<String> =
+        futures::future::join_all(calls).await.into_iter().map(|answer| answer.expect("answered").0).collect();
+    assert_eq!(names, HashSet::from(["a".to_owned(), "b".to_owned()]), "the resumed worker takes no calls");
+    assert_eq!(client.stats().pending, 0);
+    let _ = std::fs::remove_file(&sink);
+}
+
 /// A loopback port free at the moment of asking, for a worker process to bind.
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds a free port");

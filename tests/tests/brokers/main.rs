@@ -1,7 +1,7 @@
 //! Brokers beyond the shared suite, in one test binary: RabbitMQ and NATS called by their own clients
 //! (`rabbitmq_nats`), workers sharing a Redis dedup store (`shared_dedup`), and our broker with a data
 //! directory killed and restarted under load (`durable`), and the STOMP connection on ActiveMQ and RabbitMQ
-//! (`stomp`). A test that needs an external broker is ignored, with
+//! (`stomp`), and ZeroMQ's windows and refusals (`zeromq`). A test that needs an external broker is ignored, with
 //! the variable it needs, in a build without that broker's URL (`build.rs`; `.ci/run` sets them all).
 //!
 //! `memory.rs` stays a binary of its own: it measures its process's resident set, which other tests in the
@@ -14,6 +14,7 @@ mod limits;
 mod rabbitmq_nats;
 mod shared_dedup;
 mod stomp;
+mod zeromq;
 
 /// How long a test waits for a reply, a message or a state it expects.
 const WAIT: Duration = Duration::from_secs(20);

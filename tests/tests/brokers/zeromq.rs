@@ -1,0 +1,76 @@
+//! ZeroMQ, brokerless, beyond the shared suite: the caller's windows and its bound on waiting calls.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use mqrpc_tests::eventually;
+use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
+use rpc_broker::adapter::zmq::{Zmq, ZmqOptions};
+use rpc_core::{Client, Error, Server, naming};
+
+use super::WAIT;
+
+/// A worker that runs one call at a time (its window is 1): the next two calls wait in the caller, which holds
+/// at most two, and the one after them is refused at once with `QueueFull`, unsent. The waiting calls are
+/// answered once the window frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_every_window_wait_in_the_caller_then_are_refused_with_queue_full() {
+    let namespace = format!("zq{}", uuid::Uuid::new_v4().simple());
+    let node = Zmq::start(ZmqOptions::new().bind("tcp://127.0.0.1:0")).await.expect("binds");
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+    let _server = Server::new(node.clone())
+        .namespace(&namespace)
+        .concurrency(1)
+        .prefetch(1)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("serves");
+    let endpoint = node.endpoint().expect("bound").to_owned();
+    let caller = Zmq::start(ZmqOptions::new().peers([endpoint]).max_waiting(2)).await.expect("connects");
+    assert_eq!(caller.live_workers(), 1);
+    let client = Client::builder(caller).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    let calls: Vec<_> = (0..3).map(|_| tokio::spawn(probe.work(200).timeout(WAIT).into_future())).collect();
+    eventually("one call to run and two to wait", WAIT, || {
+        client.stats().pending == 3 && events.started.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    match probe.work(1).timeout(WAIT).await {
+        Err(Error::QueueFull(full)) => assert_eq!(full, queue),
+        other => panic!("expected QueueFull past the waiting calls, got {other:?}"),
+    }
+    for call in calls {
+        assert_eq!(call.await.expect("joins").expect("answered once the window frees"), 200);
+    }
+    assert_eq!(events.started.load(std::sync::atomic::Ordering::SeqCst), 3, "the refused call was sent");
+    assert_eq!(events.most_running.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(client.stats().pending, 0);
+}
+
+/// What has no meaning without a broker is refused with `Unsupported`, never faked; a node that binds nothing
+/// cannot serve or publish to a topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_needs_a_broker_is_refused() {
+    use rpc_core::{ConsumeOptions, Envelope, Kind, QueueOptions, Transport};
+    let caller = Zmq::start(ZmqOptions::new()).await.expect("starts");
+    for options in
+        [QueueOptions::new().durable(true), QueueOptions::new().max_len(3), QueueOptions::new().max_deliveries(2)]
+    {
+        let refused = caller.declare_queue("q", &options).await;
+        assert!(matches!(refused, Err(Error::Unsupported(_))), "{options:?}: {refused:?}");
+    }
+    assert!(matches!(caller.queue_stats("q").await, Err(Error::Unsupported(_))));
+    assert!(matches!(caller.cancel("q", uuid::Uuid::new_v4()).await, Err(Error::Unsupported(_))));
+    assert!(matches!(caller.consume("q", ConsumeOptions::new()).await, Err(Error::Unsupported(_))));
+    let refused = caller.publish_topic("t", Envelope::new(Kind::Oneway)).await;
+    assert!(matches!(refused, Err(Error::Unsupported(_))), "{refused:?}");
+    let mut delayed = Envelope::new(Kind::Oneway);
+    delayed.delay_ms = Some(10);
+    let refused = caller.publish("q", delayed, rpc_core::transport::Confirm::Broker).await;
+    assert!(matches!(refused, Err(Error::Unsupported("delayed delivery"))), "{refused:?}");
+    // Nobody serves `q`: a call fails at once.
+    let refused = caller.publish("q", Envelope::new(Kind::Oneway), rpc_core::transport::Confirm::Broker).await;
+    assert!(matches!(refused, Err(Error::NoResponders(ref queue)) if queue == "q"), "{refused:?}");
+}
