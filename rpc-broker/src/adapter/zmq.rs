@@ -11,7 +11,9 @@
 //!   live worker serving its queue with the fewest outstanding, within that worker's window and at most
 //!   [`ZmqOptions::window`]. Past every window it waits in the client, at most [`ZmqOptions::max_waiting`]
 //!   requests, then [`Error::QueueFull`]; memory never grows without bound. A call to a queue no live worker
-//!   serves fails at once with [`Error::NoResponders`].
+//!   serves fails at once with [`Error::NoResponders`]. High-water marks: the `zeromq` crate has no setting for
+//!   them and queues up to 100,000 messages per connection; the windows keep a connection far below that, and a
+//!   send that finds that queue full breaks the connection (its requests move on, as when the worker dies).
 //! - **The client holds each request until a worker settles it** (Lazy Pirate with the worker's help): the
 //!   worker's ACK drops it; REQUEUE sends it again to a live worker (counting a delivery); REPUBLISH replaces it
 //!   with the next attempt of a retry. Replies come back on the same socket, by inbox and correlation id.
@@ -19,8 +21,8 @@
 //!   from workers; a worker silent for [`ZmqOptions::liveness`] heartbeats, or whose connection drops, is dead.
 //!   Its outstanding requests go to the other workers as new deliveries, with the same idempotency key, and wait
 //!   in the client for one until their deadline: with a dedup store on the workers each call takes effect once,
-//!   and at least once without one. The client reconnects to it with exponential backoff (1 s up to
-//!   [`ZmqOptions::reconnect_max`]). A worker whose consumer goes away hands its requests back the same way.
+//!   and at least once without one. The client reconnects to it with exponential backoff (from one heartbeat
+//!   up to [`ZmqOptions::reconnect_max`], with jitter). A worker whose consumer goes away hands its requests back the same way.
 //! - **Broadcast over PUB/SUB**: [`Transport::publish_topic`] publishes on the node's PUB socket, and each
 //!   [`Transport::subscribe`] is a SUB socket of its own, connected to the PUB socket of every peer (so each SUB
 //!   is a subscriber group of one). ZeroMQ's slow joiner: a subscriber gets only what is published after its
@@ -100,10 +102,14 @@ pub struct ZmqOptions {
     /// Requests a client holds waiting for a worker's window at most; a publish past it gets
     /// [`Error::QueueFull`].
     pub max_waiting: usize,
+    /// Requests a worker keeps waiting for a consumer of one queue at most. A client that keeps to the windows
+    /// never reaches it; one that sends past them has what is past the bound answered
+    /// [`Code::ResourceExhausted`](rpc_core::Code::ResourceExhausted), unrun.
+    pub max_backlog: usize,
     /// Limits on what peers send.
     pub limits: Limits,
-    /// How long [`Zmq::start`] and [`Zmq::add_peer`] wait for a worker to answer HELLO, and a new subscription
-    /// for a publisher's sync marker.
+    /// How long [`Zmq::start`] and [`Zmq::add_peer`] wait for a worker to answer HELLO, a new subscription for
+    /// a publisher's sync marker, and a new consumer for its connected clients' SEEN.
     pub handshake_timeout: Duration,
     /// The longest wait between two attempts to reconnect to a worker.
     pub reconnect_max: Duration,
@@ -119,6 +125,7 @@ impl Default for ZmqOptions {
             liveness: 3,
             window: 1_024,
             max_waiting: 65_536,
+            max_backlog: 65_536,
             limits: Limits::default(),
             handshake_timeout: Duration::from_secs(5),
             reconnect_max: Duration::from_secs(32),
@@ -166,6 +173,12 @@ impl ZmqOptions {
     /// Sets [`ZmqOptions::max_waiting`].
     pub fn max_waiting(mut self, max_waiting: usize) -> ZmqOptions {
         self.max_waiting = max_waiting;
+        self
+    }
+
+    /// Sets [`ZmqOptions::max_backlog`].
+    pub fn max_backlog(mut self, max_backlog: usize) -> ZmqOptions {
+        self.max_backlog = max_backlog;
         self
     }
 

@@ -1,4 +1,5 @@
-//! ZeroMQ, brokerless, beyond the shared suite: the caller's windows and its bound on waiting calls.
+//! ZeroMQ, brokerless, beyond the shared suite: the caller's windows and its bound on waiting calls, the
+//! worker's bound on what a caller sends past them, and the typed refusals.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -73,4 +74,67 @@ async fn what_needs_a_broker_is_refused() {
     // Nobody serves `q`: a call fails at once.
     let refused = caller.publish("q", Envelope::new(Kind::Oneway), rpc_core::transport::Confirm::Broker).await;
     assert!(matches!(refused, Err(Error::NoResponders(ref queue)) if queue == "q"), "{refused:?}");
+}
+
+/// A caller that ignores the windows (a raw DEALER socket): the worker keeps `max_backlog` requests waiting for
+/// its consumer and answers the next one `ResourceExhausted`, unrun, so that such a caller cannot grow its memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_workers_backlog_bound_are_answered_resource_exhausted() {
+    use bytes::Bytes;
+    use rpc_broker::adapter::zmq::wire::{self, Command};
+    use rpc_core::{Envelope, Kind, ReplyTo, codec};
+    use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+    let namespace = format!("zb{}", uuid::Uuid::new_v4().simple());
+    let node = Zmq::start(ZmqOptions::new().bind("tcp://127.0.0.1:0").max_backlog(2)).await.expect("binds");
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+    let _server = Server::new(node.clone())
+        .namespace(&namespace)
+        .concurrency(1)
+        .prefetch(1)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("serves");
+    let mut socket = zeromq::DealerSocket::new();
+    socket.connect(node.endpoint().expect("bound")).await.expect("connects");
+    let send = |command: Command| ZmqMessage::try_from(command.frames()).expect("frames");
+    socket.send(send(Command::Hello { node: uuid::Uuid::new_v4(), publishes: Bytes::new() })).await.expect("sends");
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    for seq in 1..=4u64 {
+        let mut request = Envelope::new(Kind::Request);
+        request.method = "gate".into();
+        request.body = codec::encode(&std::collections::BTreeMap::<String, i64>::new()).expect("encodes");
+        request.reply_to = Some(ReplyTo::Inbox("raw".into()));
+        request.correlation_id = Some(uuid::Uuid::new_v4());
+        request.deadline_ms = Some(20_000);
+        let envelope = codec::encode_envelope(&request).expect("encodes");
+        let queue = Bytes::copy_from_slice(queue.as_bytes());
+        let command = Command::Request { seq, delivery_count: 1, queued_ms: 0, queue, envelope };
+        socket.send(send(command)).await.expect("sends");
+    }
+    let answer = tokio::time::timeout(WAIT, async {
+        loop {
+            let message = socket.recv().await.expect("receives");
+            match Command::parse(&message.into_vec(), &codec::Limits::default()).expect("parses") {
+                Command::Answer { seq, inbox, envelope } => {
+                    return (
+                        seq,
+                        wire::text(&inbox).to_owned(),
+                        codec::decode_envelope_bytes(&envelope, &codec::Limits::default()),
+                    );
+                }
+                Command::Ready { .. } | Command::Pong => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    let (seq, inbox, reply) = answer;
+    assert_eq!((seq, inbox.as_str()), (4, "raw"));
+    let reply = reply.expect("decodes");
+    assert_eq!(reply.status().code(), rpc_core::Code::ResourceExhausted, "{:?}", reply.status());
+    assert_eq!(events.finished("gate"), 0);
+    events.gate.notify_waiters();
 }

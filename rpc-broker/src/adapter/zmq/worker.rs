@@ -290,11 +290,40 @@ impl Serving {
             raw: envelope,
         };
         match state.queues.get_mut(queue) {
+            Some(served) if served.backlog.len() >= inner.options.max_backlog => {
+                drop(state);
+                self.overflow(queue, incoming);
+            }
             Some(served) if served.window() > 0 => {
                 served.backlog.push_back(incoming);
                 self.drain(queue, served);
             }
             _ => self.send(&incoming.routing, &Command::Refused { seq }),
+        }
+    }
+
+    /// A request past the queue's backlog bound (its caller sent more than its window): settled unrun, and its
+    /// caller answered `ResourceExhausted` where it gave a reply address.
+    fn overflow(&self, queue: &str, incoming: Incoming) {
+        tracing::warn!(%queue, "a ZeroMQ client sent past its window and the backlog's bound; the request is refused");
+        let Some(reply_to) =
+            incoming.envelope.reply_to.clone().filter(|_| incoming.envelope.kind == rpc_core::Kind::Request)
+        else {
+            self.send(&incoming.routing, &Command::Ack { seq: incoming.seq });
+            return;
+        };
+        let status = rpc_core::Status::new(
+            rpc_core::Code::ResourceExhausted,
+            format!(
+                "the worker holds the most requests it keeps waiting for `{queue}`; the caller sent past its window"
+            ),
+        );
+        match rpc_core::codec::encode_envelope(&incoming.envelope.reply(Err(status))) {
+            Ok(reply) => {
+                let inbox = Bytes::copy_from_slice(reply_to.address().as_bytes());
+                self.send(&incoming.routing, &Command::Answer { seq: incoming.seq, inbox, envelope: reply });
+            }
+            Err(_) => self.send(&incoming.routing, &Command::Ack { seq: incoming.seq }),
         }
     }
 
