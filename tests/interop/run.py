@@ -1789,8 +1789,7 @@ async def run_transport(transport, args, results):
         except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
             results.record(transport, "setup", f"{type(error).__name__}: {error}")
         try:
-            # ZeroMQ: worker.py has no ROUTER side; the Rust client against a Python worker is not run there.
-            if url is not None and transport != "zeromq":
+            if url is not None:
                 await run_rust_client(transport, url, env, args, results)
         except Exception as error:  # noqa: BLE001 - the phase could not be set up: one failure for it
             results.record(transport, "rust_client_setup", f"{type(error).__name__}: {error}")
@@ -1816,6 +1815,11 @@ async def run_rust_client(transport, url, env, args, results):
     namespace = f"interop{uuid.uuid4().hex[:8]}"
     logdir = args.log_dir
     worker_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+    client_url = url
+    if transport == "zeromq":
+        # Brokerless: worker.py binds a port of its own, which the Rust client is given to connect to.
+        endpoint = f"127.0.0.1:{free_port()}"
+        url, client_url = f"zmq-worker://{endpoint}", f"zmq://{endpoint}"
     worker = await start_process([sys.executable, worker_py, transport, url, namespace], env=env,
                                  log=open(f"{logdir}/python-worker-{transport}.log", "wb"))
     try:
@@ -1825,7 +1829,7 @@ async def run_rust_client(transport, url, env, args, results):
         except (asyncio.TimeoutError, CheckFailed) as error:
             await terminate(worker, 5)
             raise CheckFailed(f"worker.py did not start: {error!r} (log: {logdir}/python-worker-{transport}.log)")
-        client = await start_process([args.client, url, namespace], env=env,
+        client = await start_process([args.client, client_url, namespace], env=env,
                                      log=open(f"{logdir}/rust-client-{transport}.log", "wb"))
         reported = 0
         try:

@@ -2,14 +2,15 @@
 """A Python worker for the suite's `suite.Probe` service, for the Rust client to call (run.py's second phase).
 
 Written from the documents only — docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
-the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp}.rs — the way a developer in another language would
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp,zmq}.rs — the way a developer in another language would
 write a worker.
 
     worker.py TRANSPORT URL NAMESPACE
 
 TRANSPORT is `broker` (our broker over raw TCP), `rabbitmq` (pika), `nats` (core NATS, nats-py), `jetstream`
 (nats-py; the stream names start with MQRPC_PROBE_STREAM_PREFIX, default `MQRPC`), `kafka` (kafka-python; URL
-`kafka://host:port` or `host:port`) or `activemq` (stomp.py; URL `stomp://[login:passcode@]host:port`). The worker consumes the
+`kafka://host:port` or `host:port`), `activemq` (stomp.py; URL `stomp://[login:passcode@]host:port`) or `zeromq`
+(pyzmq; it binds a ROUTER socket where the URL `zmq-worker://host:port` says). The worker consumes the
 service queue `NAMESPACE.suite.Probe`, prints `ready` once consuming and serves until SIGTERM, then prints
 `stopped handled=N` and exits 0.
 
@@ -778,6 +779,88 @@ class StompWorker:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# ZeroMQ through pyzmq (docs/wire-format.md, "ZeroMQ"; docs/conformance.md, "ZeroMQ")
+# --------------------------------------------------------------------------------------------------------------
+
+ZMQ_PROTOCOL = b"MQRPC-ZMQ/1"
+
+
+class ZmqWorker:
+    """A ROUTER socket bound where the URL says (`zmq-worker://host:port`): READY to every HELLO, an ANSWER (or an
+    ACK for what needs none) to every REQUEST, PONG to every client each second."""
+
+    def __init__(self, url, namespace, probe):
+        self.endpoint = "tcp://" + url.split("://", 1)[1]
+        self.queue = f"{namespace}.{SERVICE}"
+        self.probe = probe
+        self.node = uuid.uuid4().bytes
+        self.clients = set()
+        self.tasks = []
+
+    async def start(self):
+        import zmq
+        import zmq.asyncio
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(self.endpoint)
+        self.tasks = [asyncio.create_task(self.read_loop()), asyncio.create_task(self.pong_loop())]
+
+    async def stop(self):
+        for task in self.tasks:
+            task.cancel()
+        self.socket.close(0)
+        self.context.term()
+
+    async def send(self, routing, frames):
+        await self.socket.send_multipart([routing, ZMQ_PROTOCOL] + frames)
+
+    async def pong_loop(self):
+        while True:
+            await asyncio.sleep(1)
+            for routing in list(self.clients):
+                await self.send(routing, [b"\x17"])
+
+    async def read_loop(self):
+        while True:
+            routing, *frames = await self.socket.recv_multipart()
+            if len(frames) < 2 or frames[0] != ZMQ_PROTOCOL or not frames[1]:
+                log(f"dropped a message that is not the protocol's: {frames[:2]!r}")
+                continue
+            command, fields, rest = frames[1][0], frames[1][1:], frames[2:]
+            if command == 0x01:  # HELLO: node | PUB endpoint
+                self.clients.add(routing)
+                ready = b"\x11" + self.node + struct.pack(">Q", 1)
+                await self.send(routing, [ready, b"", pack({self.queue: 64})])
+            elif command == 0x02 and len(fields) == 20 and len(rest) == 2:  # REQUEST: seq, count, held ms | queue, env
+                seq, _count, queued_ms = struct.unpack(">QIQ", fields)
+                await self.request(routing, seq, queued_ms, rest[0].decode(errors="replace"), rest[1])
+            elif command in (0x03, 0x04, 0x05):  # PING, SYNC (no PUB socket here), SEEN
+                pass
+            else:
+                log(f"dropped command {command:#x}")
+
+    async def request(self, routing, seq, queued_ms, queue, payload):
+        if queue != self.queue:
+            await self.send(routing, [b"\x16" + struct.pack(">Q", seq)])  # REFUSED
+            return
+        env, error = read_envelope(payload)
+        if error is not None:
+            reply_to, reply = error_reply(env, error)
+            if reply_to is not None:
+                await self.send(routing, [b"\x12" + struct.pack(">Q", seq), reply_to.encode(), reply])
+            else:
+                await self.send(routing, [b"\x13" + struct.pack(">Q", seq)])  # ACK: dropped
+            return
+        status, message, body = self.probe.handle(env["m"], env["b"], remaining(env.get("d"), queued_ms))
+        if env["k"] == REQUEST and isinstance(env.get("r"), str):
+            reply = pack(reply_envelope(env, status, message, body))
+            await self.send(routing, [b"\x12" + struct.pack(">Q", seq), env["r"].encode(), reply])
+        else:
+            await self.send(routing, [b"\x13" + struct.pack(">Q", seq)])  # ACK
+
+
+# --------------------------------------------------------------------------------------------------------------
 
 async def serve_async(worker):
     stop = asyncio.Event()
@@ -808,8 +891,9 @@ def serve_threaded(worker):
 
 
 def main():
-    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream", "kafka", "activemq"):
-        print("usage: worker.py broker|rabbitmq|nats|jetstream|kafka|activemq URL NAMESPACE", file=sys.stderr)
+    if len(sys.argv) != 4 or sys.argv[1] not in ("broker", "rabbitmq", "nats", "jetstream", "kafka", "activemq",
+                                                  "zeromq"):
+        print("usage: worker.py broker|rabbitmq|nats|jetstream|kafka|activemq|zeromq URL NAMESPACE", file=sys.stderr)
         return 2
     transport, url, namespace = sys.argv[1:]
     probe = Probe()
@@ -821,6 +905,8 @@ def main():
         serve_threaded(StompWorker(url, namespace, probe))
     elif transport == "broker":
         asyncio.run(serve_async(BrokerWorker(url, namespace, probe)))
+    elif transport == "zeromq":
+        asyncio.run(serve_async(ZmqWorker(url, namespace, probe)))
     else:
         import os
         prefix = os.environ.get("MQRPC_PROBE_STREAM_PREFIX", "MQRPC")
