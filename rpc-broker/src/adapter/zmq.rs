@@ -1,4 +1,6 @@
-//! ZeroMQ, brokerless: feature `zmq`, on the pure-Rust `zeromq` crate (it interoperates with libzmq 4.3).
+//! ZeroMQ, brokerless: feature `zmq`. DEALER and ROUTER speak ZMTP 3 (NULL security) through a connection of
+//! this module's own (`zmq/zmtp.rs`: limits checked before memory is reserved, writes gathered into one system call);
+//! PUB and SUB are the pure-Rust `zeromq` crate's. Both interoperate with libzmq 4.3 (pyzmq).
 //!
 //! No broker sits between a caller and a worker, so each process is a node that does a broker's part itself,
 //! after the reliable request-reply patterns of the ZeroMQ guide:
@@ -11,9 +13,10 @@
 //!   live worker serving its queue with the fewest outstanding, within that worker's window and at most
 //!   [`ZmqOptions::window`]. Past every window it waits in the client, at most [`ZmqOptions::max_waiting`]
 //!   requests, then [`Error::QueueFull`]; memory never grows without bound. A call to a queue no live worker
-//!   serves fails at once with [`Error::NoResponders`]. High-water marks: the `zeromq` crate has no setting for
-//!   them and queues up to 100,000 messages per connection; the windows keep a connection far below that, and a
-//!   send that finds that queue full breaks the connection (its requests move on, as when the worker dies).
+//!   serves fails at once with [`Error::NoResponders`]. High-water marks: what a connection queues for its
+//!   writer is bounded by these windows on the client and by the requests it holds on the worker, whose backlog
+//!   per queue is capped too ([`ZmqOptions::max_backlog`]); PUB/SUB is the crate's, whose publisher drops what a
+//!   slow subscriber cannot take.
 //! - **The client holds each request until a worker settles it** (Lazy Pirate with the worker's help): the
 //!   worker's ACK drops it; REQUEUE sends it again to a live worker (counting a delivery); REPUBLISH replaces it
 //!   with the next attempt of a retry. Replies come back on the same socket, by inbox and correlation id.
@@ -40,10 +43,11 @@
 //! The frames are in `docs/wire-format.md` ("ZeroMQ") and in [`wire`]: every message starts with the frame
 //! `MQRPC-ZMQ/1` and a command byte, and a request carries the envelope's MessagePack as its last frame, so a
 //! client or worker in another language needs only a ZeroMQ library and MessagePack. What a peer sends is
-//! untrusted: the frame count and sizes are checked before anything is decoded ([`wire::Command::parse`]), then
-//! the envelope by rpc-core's codec ([`ZmqOptions::limits`]). One limit is the `zeromq` crate's and cannot be
-//! set here: it reserves memory for a frame's declared length as the frame starts to arrive, so bind workers
-//! only where their peers are trusted (ZeroMQ's NULL security has no authentication either).
+//! untrusted: a frame's declared length is checked against [`ZmqOptions::limits`] before anything is read into
+//! memory, a message of more than 8 frames is skipped, and the frames are checked before anything is decoded
+//! ([`wire::Command::parse`]), then the envelope by rpc-core's codec. The PUB socket is the `zeromq` crate's, which
+//! reserves memory for a frame's declared length as it starts to arrive (a subscriber sends only subscriptions);
+//! ZeroMQ's NULL security has no authentication: bind where the peers are trusted.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), rpc_core::Error> {
@@ -77,6 +81,7 @@ mod broadcast;
 mod client;
 pub mod wire;
 mod worker;
+mod zmtp;
 
 /// Where a reply to an inbox of this transport goes: `zmq-inbox/<node id>/<n>`.
 const INBOX_PREFIX: &str = "zmq-inbox/";

@@ -6,34 +6,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
 use rpc_core::Error;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 use super::wire::{self, Command};
+use super::zmtp::{self, Outgoing, SocketType};
 use super::{Inner, Queues, ZmqOptions, lock};
 
 /// Queue names a client keeps one shared copy of, at most.
 const NAMES: usize = 4_096;
 
-/// The sending half of a connection to a worker, used in place by whoever sends: a send is one try into the
-/// socket's queue, with no task between. A send that cannot go at once (the socket's queue of 100,000 messages
-/// is full, or the worker is gone) breaks the connection: its requests move on as when the worker dies.
+/// The sending side of a connection to a worker: what is sent goes to the connection's writer task, which
+/// gathers it into one write with whatever else was sent meanwhile.
 pub(super) struct Link {
-    sender: Mutex<zeromq::DealerSendHalf>,
-    broken: CancellationToken,
+    outgoing: Outgoing,
 }
 
 impl Link {
     fn send(&self, command: &Command) {
-        let Ok(message) = ZmqMessage::try_from(command.frames()) else { return };
-        let mut sender = lock(&self.sender);
-        if !matches!(sender.send(message).now_or_never(), Some(Ok(()))) {
-            self.broken.cancel();
-        }
+        // A connection that is gone ends its session, which moves its requests on.
+        self.outgoing.send(command.frames());
     }
 }
 
@@ -475,16 +468,29 @@ fn rand_fraction() -> f64 {
 
 /// One connection to a worker, until it ends; whether the worker answered READY on it.
 async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
-    let mut socket_options = zeromq::SocketOptions::default();
-    socket_options.connect_timeout(inner.options.handshake_timeout);
-    let mut socket = zeromq::DealerSocket::with_options(socket_options);
-    let mut monitor = socket.monitor();
-    if let Err(error) = socket.connect(endpoint).await {
-        tracing::debug!(%endpoint, %error, "cannot connect to a ZeroMQ worker");
+    let Some(address) = endpoint.strip_prefix("tcp://") else {
+        tracing::warn!(%endpoint, "a ZeroMQ endpoint other than tcp://host:port; not connected");
         return false;
-    }
-    let (sender, mut receiver) = socket.split();
-    let link = Arc::new(Link { sender: Mutex::new(sender), broken: CancellationToken::new() });
+    };
+    let timeout = inner.options.handshake_timeout;
+    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%endpoint, %error, "cannot connect to a ZeroMQ worker");
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let limits = zmtp::Limits { max_frame: inner.options.limits.max_frame.max(wire::MAX_NAME) };
+    let (mut read, write) = match zmtp::handshake(stream, SocketType::Dealer, limits, timeout).await {
+        Ok(halves) => halves,
+        Err(error) => {
+            tracing::warn!(%endpoint, %error, "no ZMTP handshake with a ZeroMQ worker");
+            return false;
+        }
+    };
+    let link = Arc::new(Link { outgoing: Outgoing::start(write) });
+    let closed = link.outgoing.closed.clone();
     let publishes = Bytes::copy_from_slice(inner.broadcast.endpoint().unwrap_or_default().as_bytes());
     link.send(&Command::Hello { node: inner.node, publishes });
     let window = inner.options.window;
@@ -495,11 +501,7 @@ async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
     let mut ticks = tokio::time::interval(inner.options.heartbeat);
     loop {
         tokio::select! {
-            () = link.broken.cancelled() => break,
-            event = monitor.next() => match event {
-                Some(SocketEvent::Disconnected(_)) | None => break,
-                Some(_) => {}
-            },
+            () = closed.cancelled() => break,
             _ = ticks.tick() => {
                 silent_ticks = if heard { 0 } else { silent_ticks + 1 };
                 heard = false;
@@ -509,17 +511,17 @@ async fn session(inner: &Arc<Inner>, endpoint: &str) -> bool {
                 }
                 link.send(&Command::Ping);
             }
-            received = receiver.recv() => {
-                let Ok(message) = received else { break };
+            received = zmtp::next(&mut read) => {
+                let Some(frames) = received else { break };
                 heard = true;
-                match Command::parse(&message.into_vec(), &inner.options.limits) {
+                match Command::parse(&frames, &inner.options.limits) {
                     Ok(command) => handle(inner, endpoint, &link, &mut worker, command, window),
                     Err(error) => tracing::warn!(%endpoint, %error, "a malformed message from a ZeroMQ worker; dropped"),
                 }
             }
         }
     }
-    link.broken.cancel();
+    closed.cancel();
     if let Some(id) = worker {
         inner.routing.dead(id, window);
     }

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::wire::{self, Command};
+use super::zmtp::{self, Outgoing, SocketType};
+use super::{Inner, Queues, lock};
 use bytes::Bytes;
-use futures::StreamExt;
 use rpc_core::transport::{
     AckHandle, Acker, Answered, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Outcome, finished,
     reply_then_ack,
@@ -16,26 +18,23 @@ use rpc_core::transport::{
 use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo, naming};
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
-use zeromq::{RouterRecvHalf, RouterSendHalf, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
-
-use super::wire::{self, Command};
-use super::{Inner, Queues, lock, zmq_error};
 
 /// What a consumer with no prefetch limit counts as, in the window a worker announces.
 const UNLIMITED: u32 = 1_024;
 
 /// The ROUTER socket's tasks and what they share.
 pub(super) struct Serving {
-    /// Sends to clients, in place (see [`Serving::send`]).
-    sender: RouterSendHalf,
+    /// Each connected client's sending side, by the routing id this node gave its connection.
+    links: dashmap::DashMap<Bytes, Outgoing>,
+    next_routing: AtomicU64,
     /// Heartbeats sent so far: a client is heard at a beat, and forgotten `liveness` beats later.
     beats: AtomicU64,
     state: Mutex<State>,
     /// Woken when a client says SEEN.
     seen: tokio::sync::Notify,
     next_tag: AtomicU64,
-    /// The receiving half and the monitor, until [`Serving::start`] takes them.
-    receiving: Mutex<Option<(RouterRecvHalf, futures::channel::mpsc::Receiver<SocketEvent>)>>,
+    /// The listener, until [`Serving::start`] takes it.
+    listener: Mutex<Option<tokio::net::TcpListener>>,
 }
 
 #[derive(Default)]
@@ -91,49 +90,78 @@ impl Served {
     }
 }
 
-/// Binds the ROUTER socket at `endpoint`; [`Serving::start`] starts reading it.
+/// Binds the ROUTER side at `endpoint` (`tcp://host:port`); [`Serving::start`] starts accepting.
 pub(super) async fn bind(endpoint: &str) -> Result<(Serving, String), Error> {
-    let mut socket = zeromq::RouterSocket::new();
-    let monitor = socket.monitor();
-    let bound = socket.bind(endpoint).await.map_err(zmq_error)?;
-    let (sender, receiver) = socket.split();
+    let address = endpoint
+        .strip_prefix("tcp://")
+        .ok_or_else(|| Error::InvalidArgument(format!("{endpoint}: a ZeroMQ endpoint is tcp://host:port")))?;
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|error| Error::Transport(Box::new(error)))?;
+    let bound = listener.local_addr().map_err(|error| Error::Transport(Box::new(error)))?;
     let serving = Serving {
-        sender,
+        links: dashmap::DashMap::new(),
+        next_routing: AtomicU64::new(0),
         beats: AtomicU64::new(0),
         state: Mutex::new(State::default()),
         seen: tokio::sync::Notify::new(),
         next_tag: AtomicU64::new(0),
-        receiving: Mutex::new(Some((receiver, monitor))),
+        listener: Mutex::new(Some(listener)),
     };
-    Ok((serving, bound.to_string()))
+    Ok((serving, format!("tcp://{bound}")))
+}
+
+/// Serves one client's connection: the handshake, then every message it sends, until it ends.
+async fn connection(inner: Arc<Inner>, stream: tokio::net::TcpStream) {
+    let Some(serving) = inner.serving.as_ref() else { return };
+    let limits = zmtp::Limits { max_frame: inner.options.limits.max_frame.max(wire::MAX_NAME) };
+    let (mut read, write) =
+        match zmtp::handshake(stream, SocketType::Router, limits, inner.options.handshake_timeout).await {
+            Ok(halves) => halves,
+            Err(error) => {
+                tracing::warn!(%error, "no ZMTP handshake with a ZeroMQ client");
+                return;
+            }
+        };
+    let routing = Bytes::copy_from_slice(&serving.next_routing.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    let outgoing = Outgoing::start(write);
+    let closed = outgoing.closed.clone();
+    serving.links.insert(routing.clone(), outgoing);
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => break,
+            () = closed.cancelled() => break,
+            received = zmtp::next(&mut read) => {
+                let Some(frames) = received else { break };
+                match Command::parse(&frames, &inner.options.limits) {
+                    Ok(command) => serving.handle(&inner, routing.clone(), command),
+                    Err(error) => tracing::warn!(%error, "a malformed message from a ZeroMQ client; dropped"),
+                }
+            }
+        }
+    }
+    closed.cancel();
+    serving.links.remove(&routing);
+    serving.forget(&routing);
 }
 
 impl Serving {
-    /// Starts reading the ROUTER socket and sending heartbeats to clients.
+    /// Starts accepting clients and sending them heartbeats.
     pub(super) fn start(&self, inner: &Arc<Inner>) {
-        let Some((mut receiver, mut monitor)) = lock(&self.receiving).take() else { return };
-        let reader = Arc::clone(inner);
+        let Some(listener) = lock(&self.listener).take() else { return };
+        let accepting = Arc::clone(inner);
         tokio::spawn(async move {
-            let Some(serving) = reader.serving.as_ref() else { return };
             loop {
-                tokio::select! {
-                    () = reader.shutdown.cancelled() => break,
-                    event = monitor.next() => match event {
-                        Some(SocketEvent::Disconnected(peer)) => serving.forget(&Bytes::from(peer)),
-                        Some(_) => {}
-                        None => break,
-                    },
-                    received = receiver.recv() => {
-                        let Ok(message) = received else { break };
-                        let mut frames = message.into_vec();
-                        if frames.is_empty() {
-                            continue;
-                        }
-                        let routing = frames.remove(0);
-                        match Command::parse(&frames, &reader.options.limits) {
-                            Ok(command) => serving.handle(&reader, routing, command),
-                            Err(error) => tracing::warn!(%error, "a malformed message from a ZeroMQ client; dropped"),
-                        }
+                let accepted = tokio::select! {
+                    () = accepting.shutdown.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        tokio::spawn(connection(Arc::clone(&accepting), stream));
+                    }
+                    Err(error) => {
+                        // Out of descriptors, say: wait a moment rather than spin.
+                        tracing::warn!(%error, "a ZeroMQ connection could not be accepted");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }
@@ -151,30 +179,11 @@ impl Serving {
         });
     }
 
-    /// Sends `command` to the client at `routing`, in place: the socket's send is tried once here, and only
-    /// one that cannot complete at once (the client's queue of 100,000 messages is full) goes on in a task of
-    /// its own. A message to a client that is gone is dropped: what that client held moved on when its
-    /// connection ended.
+    /// Sends `command` to the client at `routing`, through its connection's writer task. A message to a client
+    /// that is gone is dropped: what that client held moved on when its connection ended.
     fn send(&self, routing: &Bytes, command: &Command) {
-        let mut frames = Vec::with_capacity(5);
-        frames.push(routing.clone());
-        command.frames_into(&mut frames);
-        let Ok(message) = ZmqMessage::try_from(frames) else { return };
-        let mut sender = self.sender.clone();
-        let mut sending = Box::pin(async move { sender.send(message).await });
-        let waker = futures::task::noop_waker();
-        match sending.as_mut().poll(&mut std::task::Context::from_waker(&waker)) {
-            std::task::Poll::Ready(Ok(())) => {}
-            std::task::Poll::Ready(Err(error)) => {
-                tracing::debug!(%error, "a ZeroMQ client is gone; a message to it is dropped");
-            }
-            std::task::Poll::Pending => {
-                tokio::spawn(async move {
-                    if let Err(error) = sending.await {
-                        tracing::debug!(%error, "a ZeroMQ client is gone; a message to it is dropped");
-                    }
-                });
-            }
+        if let Some(link) = self.links.get(routing) {
+            link.send(command.frames());
         }
     }
 
