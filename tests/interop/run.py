@@ -134,7 +134,48 @@ def key16(value):
     return b"\x00" if value is None else b"\x01" + value
 
 
-class MqrpcClient:
+class EnvelopeCaller:
+    """Calls whose request and reply are whole envelopes (our broker, ZeroMQ): replies matched to calls by `c`.
+    The class using it has `calls`, `stray`, `inbox`, `publish(payload)` and `send_envelope(env)`."""
+
+    def deliver_reply(self, payload):
+        try:
+            reply = reply_from_envelope(payload)
+        except Exception as error:  # noqa: BLE001
+            self.stray.append(("unreadable", payload, error))
+            return
+        future = self.calls.pop(bytes(reply.correlation or b""), None)
+        if future is None or future.done():
+            self.stray.append(reply)
+        else:
+            future.set_result(reply)
+
+    def expect_reply(self, correlation):
+        future = asyncio.get_running_loop().create_future()
+        self.calls[bytes(correlation)] = future
+        return future
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   version=1, extra=None):
+        correlation = correlation or uuid.uuid4().bytes
+        body = raw_body if raw_body is not None else pack(args)
+        env = envelope(0, method, body, correlation=correlation, reply_to=self.inbox, deadline=deadline,
+                       version=version, extra=extra)
+        future = await self.send_envelope(env)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.calls.pop(bytes(correlation), None)
+            return None
+        expect(reply.correlation == correlation,
+               f"reply correlation {reply.correlation!r} != request's {correlation!r}")
+        return reply
+
+    async def oneway(self, method, args):
+        await self.publish(pack(envelope(2, method, pack(args))))
+
+
+class MqrpcClient(EnvelopeCaller):
     name = "broker"
 
     def __init__(self, url, namespace):
@@ -222,18 +263,6 @@ class MqrpcClient:
             if self.closed and not self.closed.done():
                 self.closed.set_result(error)
 
-    def deliver_reply(self, payload):
-        try:
-            reply = reply_from_envelope(payload)
-        except Exception as error:  # noqa: BLE001
-            self.stray.append(("unreadable", payload, error))
-            return
-        future = self.calls.pop(bytes(reply.correlation or b""), None)
-        if future is None or future.done():
-            self.stray.append(reply)
-        else:
-            future.set_result(reply)
-
     async def request(self, kind, body, timeout=5):
         req = self.next_req
         self.next_req += 1
@@ -247,11 +276,6 @@ class MqrpcClient:
                 + payload)
         return await self.request(0x03, body)
 
-    def expect_reply(self, correlation):
-        future = asyncio.get_running_loop().create_future()
-        self.calls[bytes(correlation)] = future
-        return future
-
     async def send_envelope(self, env):
         """Publishes an envelope; returns the future of its reply (None when it asks for none)."""
         correlation = env.get("c")
@@ -259,25 +283,6 @@ class MqrpcClient:
         await self.publish(pack(env), correlation=correlation if isinstance(correlation, bytes) and len(correlation) == 16 else None,
                            message_id=env.get("i") if isinstance(env.get("i"), bytes) else None)
         return future
-
-    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
-                   version=1, extra=None):
-        correlation = correlation or uuid.uuid4().bytes
-        body = raw_body if raw_body is not None else pack(args)
-        env = envelope(0, method, body, correlation=correlation, reply_to=self.inbox, deadline=deadline,
-                       version=version, extra=extra)
-        future = await self.send_envelope(env)
-        try:
-            reply = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            self.calls.pop(bytes(correlation), None)
-            return None
-        expect(reply.correlation == correlation,
-               f"reply correlation {reply.correlation!r} != request's {correlation!r}")
-        return reply
-
-    async def oneway(self, method, args):
-        await self.publish(pack(envelope(2, method, pack(args))))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class MqrpcClient:
 ZMQ_PROTOCOL = b"MQRPC-ZMQ/1"
 
 
-class ZmqClient:
+class ZmqClient(EnvelopeCaller):
     """A DEALER socket connected to the worker's ROUTER: HELLO, READY, then REQUEST frames; the client holds
     each request until the worker settles it (ACK, or the reply's ANSWER), sends it again on REQUEUE and sends
     the worker's new attempt on REPUBLISH."""
@@ -379,23 +384,6 @@ class ZmqClient:
         if future is not None and not future.done():
             future.set_result(True)
 
-    def deliver_reply(self, payload):
-        try:
-            reply = reply_from_envelope(payload)
-        except Exception as error:  # noqa: BLE001
-            self.stray.append(("unreadable", payload, error))
-            return
-        future = self.calls.pop(bytes(reply.correlation or b""), None)
-        if future is None or future.done():
-            self.stray.append(reply)
-        else:
-            future.set_result(reply)
-
-    def expect_reply(self, correlation):
-        future = asyncio.get_running_loop().create_future()
-        self.calls[bytes(correlation)] = future
-        return future
-
     async def publish(self, payload, *, correlation=None, queue=None):
         """Sends a REQUEST; returns the future of the worker's settle of it."""
         seq = self.next_seq
@@ -411,25 +399,6 @@ class ZmqClient:
         future = self.expect_reply(correlation) if correlation is not None and "r" in env else None
         await self.publish(pack(env))
         return future
-
-    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
-                   version=1, extra=None):
-        correlation = correlation or uuid.uuid4().bytes
-        body = raw_body if raw_body is not None else pack(args)
-        env = envelope(0, method, body, correlation=correlation, reply_to=self.inbox, deadline=deadline,
-                       version=version, extra=extra)
-        future = await self.send_envelope(env)
-        try:
-            reply = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            self.calls.pop(bytes(correlation), None)
-            return None
-        expect(reply.correlation == correlation,
-               f"reply correlation {reply.correlation!r} != request's {correlation!r}")
-        return reply
-
-    async def oneway(self, method, args):
-        await self.publish(pack(envelope(2, method, pack(args))))
 
 
 # --------------------------------------------------------------------------------------------------------------

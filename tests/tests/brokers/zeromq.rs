@@ -11,6 +11,20 @@ use rpc_core::{Client, Error, Server, naming};
 
 use super::WAIT;
 
+/// Serves the probe service on `node` one call at a time (concurrency and prefetch 1: a window of 1).
+async fn serve_one_at_a_time(node: &Zmq, namespace: &str) -> (rpc_core::ServerHandle, Arc<Events>) {
+    let events = Arc::new(Events::default());
+    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
+    let server = Server::new(node.clone())
+        .namespace(namespace)
+        .concurrency(1)
+        .prefetch(1)
+        .serve(ProbeServer::new(worker))
+        .await
+        .expect("serves");
+    (server, events)
+}
+
 /// A worker that runs one call at a time (its window is 1): the next two calls wait in the caller, which holds
 /// at most two, and the one after them is refused at once with `QueueFull`, unsent. The waiting calls are
 /// answered once the window frees.
@@ -18,15 +32,7 @@ use super::WAIT;
 async fn calls_past_every_window_wait_in_the_caller_then_are_refused_with_queue_full() {
     let namespace = format!("zq{}", uuid::Uuid::new_v4().simple());
     let node = Zmq::start(ZmqOptions::new().bind("tcp://127.0.0.1:0")).await.expect("binds");
-    let events = Arc::new(Events::default());
-    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
-    let _server = Server::new(node.clone())
-        .namespace(&namespace)
-        .concurrency(1)
-        .prefetch(1)
-        .serve(ProbeServer::new(worker))
-        .await
-        .expect("serves");
+    let (_server, events) = serve_one_at_a_time(&node, &namespace).await;
     let endpoint = node.endpoint().expect("bound").to_owned();
     let caller = Zmq::start(ZmqOptions::new().peers([endpoint]).max_waiting(2)).await.expect("connects");
     assert_eq!(caller.live_workers(), 1);
@@ -87,15 +93,7 @@ async fn requests_past_the_workers_backlog_bound_are_answered_resource_exhausted
 
     let namespace = format!("zb{}", uuid::Uuid::new_v4().simple());
     let node = Zmq::start(ZmqOptions::new().bind("tcp://127.0.0.1:0").max_backlog(2)).await.expect("binds");
-    let events = Arc::new(Events::default());
-    let worker = Worker { name: "w".into(), events: Arc::clone(&events), client: None };
-    let _server = Server::new(node.clone())
-        .namespace(&namespace)
-        .concurrency(1)
-        .prefetch(1)
-        .serve(ProbeServer::new(worker))
-        .await
-        .expect("serves");
+    let (_server, events) = serve_one_at_a_time(&node, &namespace).await;
     let mut socket = zeromq::DealerSocket::new();
     socket.connect(node.endpoint().expect("bound")).await.expect("connects");
     let send = |command: Command| ZmqMessage::try_from(command.frames()).expect("frames");

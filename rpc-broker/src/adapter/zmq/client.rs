@@ -211,12 +211,15 @@ impl Routing {
         options: &ZmqOptions,
     ) -> Result<(), Error> {
         let mut state = lock(&self.state);
-        if !state.serves(queue) {
-            return Err(Error::NoResponders(queue.to_owned()));
-        }
+        // A worker with room serves the queue; only without one is it asked whether any does.
         let room = state.pick(queue, options.window);
-        if room.is_none() && state.waiting_len >= options.max_waiting {
-            return Err(Error::QueueFull(queue.to_owned()));
+        if room.is_none() {
+            if !state.serves(queue) {
+                return Err(Error::NoResponders(queue.to_owned()));
+            }
+            if state.waiting_len >= options.max_waiting {
+                return Err(Error::QueueFull(queue.to_owned()));
+            }
         }
         state.next_seq += 1;
         let seq = state.next_seq;
