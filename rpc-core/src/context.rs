@@ -68,6 +68,11 @@ pub fn current() -> Option<RequestContext> {
     CURRENT.try_with(Current::context).ok()
 }
 
+/// Runs `f` with the request the current task is handling; not at all outside a handler.
+pub(crate) fn with_request(f: impl FnOnce(&Envelope)) {
+    let _ = CURRENT.try_with(|current| f(&current.envelope));
+}
+
 /// The deadline of the request the current task is handling.
 pub(crate) fn deadline() -> Option<Instant> {
     CURRENT.try_with(|context| context.deadline).ok().flatten()

@@ -62,6 +62,31 @@ pub enum Error {
     Transport(Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl Error {
+    /// A short snake-case name of the error's kind, stable across versions: for metric labels and span
+    /// attributes (`timeout`, `queue_full`, ...). A remote error is its status code's
+    /// [`label`](crate::Code::label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Timeout(_) => "timeout",
+            Error::NoRoute(_) => "no_route",
+            Error::QueueFull(_) => "queue_full",
+            Error::Remote(status) => status.code().label(),
+            Error::Codec(_) => "codec",
+            Error::Cancelled => "cancelled",
+            Error::Shutdown => "shutdown",
+            Error::Disconnected => "disconnected",
+            Error::ReplyLost => "reply_lost",
+            Error::DeliveryLost => "delivery_lost",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::NoResponders(_) => "no_responders",
+            Error::Unsupported(_) => "unsupported",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Transport(_) => "transport",
+        }
+    }
+}
+
 impl From<Status> for Error {
     fn from(status: Status) -> Error {
         Error::Remote(status)

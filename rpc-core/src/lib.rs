@@ -104,6 +104,7 @@ mod method;
 pub mod retry;
 mod server;
 mod status;
+pub mod trace;
 pub mod transport;
 
 #[doc(hidden)]

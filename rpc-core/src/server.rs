@@ -280,8 +280,8 @@ impl Server {
         self.transport.declare_queue(&queue, &self.queue_options).await?;
         let options = ConsumeOptions::new().prefetch(self.prefetch);
         let requests = self.transport.consume(&queue, options).await?;
+        let topic = naming::service_topic(namespace, service.name());
         let broadcasts = if service.methods().iter().any(|method| method.kind == MethodKind::Broadcast) {
-            let topic = naming::service_topic(namespace, service.name());
             let group = self.group.as_deref().unwrap_or(service.name());
             Some(self.transport.subscribe(&topic, group, options).await?)
         } else {
@@ -292,6 +292,7 @@ impl Server {
             service: self.layers.wrap(Box::new(service)),
             stats: Counters::default(),
             queue,
+            topic,
             retry: self.retry,
             method_retry: self.method_retry,
             dedup: self.dedup,
@@ -309,6 +310,8 @@ struct Shared {
     stats: Counters,
     /// The service's queue, where retries go.
     queue: String,
+    /// The service's broadcast topic.
+    topic: String,
     retry: RetryPolicy,
     method_retry: HashMap<String, RetryPolicy>,
     dedup: Option<Arc<dyn DedupStore>>,

@@ -78,6 +78,28 @@ impl Code {
     }
 }
 
+impl Code {
+    /// A short snake-case name, stable across versions: for metric labels and span attributes. A code this
+    /// build does not know is `other`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Code::Ok => "ok",
+            Code::Application => "application_error",
+            Code::UnknownMethod => "unknown_method",
+            Code::InvalidArgument => "invalid_argument",
+            Code::DeadlineExceeded => "deadline_exceeded",
+            Code::Internal => "internal",
+            Code::Unavailable => "unavailable",
+            Code::ResourceExhausted => "resource_exhausted",
+            Code::InvalidRequest => "invalid_request",
+            Code::Cancelled => "cancelled",
+            Code::NoResponders => "no_responders",
+            Code::DeadLettered => "dead_lettered",
+            Code::Other(_) => "other",
+        }
+    }
+}
+
 impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {

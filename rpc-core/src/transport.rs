@@ -845,6 +845,13 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// What this transport can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// The messaging system, as OpenTelemetry's `messaging.system` names it (`rabbitmq`, `kafka`, `activemq`,
+    /// `nats`, `zeromq`...): the spans of calls over this transport carry it (see [`trace`](crate::trace)).
+    /// The default, `mqrpc`, is the framework's own broker, embedded or served.
+    fn system(&self) -> &'static str {
+        "mqrpc"
+    }
+
     /// Makes sure a queue exists. Declaring an existing queue with default options succeeds whatever its
     /// options; declaring it with other options than it has is an error.
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>>;
@@ -924,6 +931,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 impl<T: Transport + ?Sized> Transport for Arc<T> {
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()
+    }
+
+    fn system(&self) -> &'static str {
+        (**self).system()
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {

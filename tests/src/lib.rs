@@ -7,6 +7,7 @@
 //! mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 //! ```
 
+pub mod otel;
 pub mod service;
 pub mod suite;
 
@@ -506,6 +507,7 @@ macro_rules! scenarios {
             dead_letters_are_listed_and_replayed_with_their_key,
             delayed_call_waits_its_delay_or_is_refused,
             retry_backoff_is_held_by_the_broker,
+            trace_context_goes_on_with_nested_calls,
         }
     };
 }

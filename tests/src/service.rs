@@ -41,6 +41,11 @@ pub trait Probe {
     async fn remaining(&self) -> Option<u64>;
     /// Calls `remaining` on the same service, with the client's default timeout, and returns its answer.
     async fn nested(&self) -> Option<u64>;
+    /// The `traceparent` header of the request being handled.
+    async fn trace_parent(&self) -> Option<String>;
+    /// Its own request's `traceparent`, and the one that `trace_parent` on the same service sees when called from
+    /// here.
+    async fn nested_trace(&self) -> (Option<String>, Option<String>);
     /// Panics on attempts up to `failures`, then returns the attempt it succeeded on.
     async fn flaky(&self, failures: u32) -> u32;
     /// An effect: counts one more execution for `n` and returns the count.
@@ -189,6 +194,19 @@ impl Probe for Worker {
     async fn nested(&self) -> Option<u64> {
         let client = self.client.as_ref()?;
         ProbeClient::new(client).remaining().await.ok().flatten()
+    }
+
+    async fn trace_parent(&self) -> Option<String> {
+        rpc_core::context::current()?.headers.remove(rpc_core::trace::TRACEPARENT)
+    }
+
+    async fn nested_trace(&self) -> (Option<String>, Option<String>) {
+        let own = self.trace_parent().await;
+        let nested = match &self.client {
+            Some(client) => ProbeClient::new(client).trace_parent().await.ok().flatten(),
+            None => None,
+        };
+        (own, nested)
     }
 
     async fn flaky(&self, failures: u32) -> u32 {

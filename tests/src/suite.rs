@@ -1017,3 +1017,112 @@ pub async fn retry_backoff_is_held_by_the_broker(harness: &dyn Harness) {
     assert!(sent.elapsed() >= BACKOFF / 2, "the retry came after {:?}", sent.elapsed());
     assert_eq!(server.stats().retried, 1);
 }
+
+/// A call's W3C trace context reaches its handler, and calls made inside the handler carry it on: unchanged
+/// where no OpenTelemetry layer records spans (as here), so that the next service that records continues the
+/// trace. A call made outside any trace carries none.
+pub async fn trace_context_goes_on_with_nested_calls(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let client = setup.client().await;
+    let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: Some(client.clone()) };
+    let _server = setup.server(setup.transport().await).serve(ProbeServer::new(worker)).await.expect("serves");
+    let probe = ProbeClient::new(&client);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (own, nested) = probe
+        .nested_trace()
+        .header(rpc_core::trace::TRACEPARENT, parent)
+        .header(rpc_core::trace::TRACESTATE, "vendor=opaque")
+        .timeout(WAIT)
+        .await
+        .expect("answered");
+    assert_eq!(own.as_deref(), Some(parent), "the handler did not see its caller's traceparent");
+    assert_eq!(nested.as_deref(), Some(parent), "a nested call did not carry the trace on");
+    let (own, nested) = probe.nested_trace().timeout(WAIT).await.expect("answered");
+    assert_eq!((own, nested), (None, None), "a call outside any trace carried a trace context");
+}
+
+/// With an OpenTelemetry layer installed ([`crate::otel::install`]; not a scenario of the suite, which runs
+/// without one): a call's span is the parent of the worker's span, a call made in the handler is its child, a
+/// retry's span links to the attempt before it, and a oneway call's send span is the parent of its process
+/// span; every span names the transport's messaging system and the queue.
+pub async fn spans_of_a_call_form_one_trace(harness: &dyn Harness) {
+    use opentelemetry::trace::{SpanId, SpanKind};
+    use tracing::Instrument;
+
+    use crate::otel::{SpanIdExt, attribute, span_id_in, trace_id, wait_for_spans};
+
+    crate::otel::install();
+    let setup = Setup::new(harness);
+    let client = setup.client().await;
+    let system = client.transport().system();
+    let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: Some(client.clone()) };
+    let server = setup.server(setup.transport().await).retry(quick_retries(3));
+    let _server = server.serve(ProbeServer::new(worker)).await.expect("serves");
+    let probe = ProbeClient::new(&client);
+    let root = tracing::info_span!("test.root");
+    let trace = trace_id(&root);
+    let (own, nested) = async {
+        let seen = probe.nested_trace().timeout(WAIT).await.expect("answered");
+        assert_eq!(probe.flaky(1).timeout(WAIT).await.expect("succeeds on its second attempt"), 2);
+        probe.record(7).await.expect("queued");
+        seen
+    }
+    .instrument(root.clone())
+    .await;
+    let root_id = root.context_id();
+    drop(root);
+    // The root, 3 calls and a send; 5 process spans: nested_trace, trace_parent, flaky twice, record.
+    let spans = wait_for_spans(trace, 10, WAIT).await;
+    let queue = setup.queue();
+    let find = |name: &str, method: &str, parent: SpanId| {
+        let found: Vec<_> = spans
+            .iter()
+            .filter(|span| {
+                span.name == name
+                    && attribute(span, "rpc.method").as_deref() == Some(method)
+                    && span.parent_span_id == parent
+            })
+            .collect();
+        assert!(!found.is_empty(), "no span {name} of {method} under {parent}: {spans:#?}");
+        found
+    };
+    let call_name = |method: &str| format!("{SERVICE}/{method}");
+    let process = format!("process {queue}");
+
+    let outer = find(&call_name("nested_trace"), "nested_trace", root_id)[0];
+    assert_eq!(outer.span_kind, SpanKind::Client);
+    for (key, value) in [
+        ("messaging.system", system),
+        ("messaging.destination.name", queue.as_str()),
+        ("rpc.system", "mqrpc"),
+        ("rpc.service", SERVICE),
+    ] {
+        assert_eq!(attribute(outer, key).as_deref(), Some(value), "{key} of the call span");
+    }
+    assert!(attribute(outer, "messaging.message.id").is_some());
+    let outer_id = outer.span_context.span_id();
+    assert_eq!(own.as_deref().and_then(span_id_in), Some(outer_id), "the request did not carry its call span");
+    let handled = find(&process, "nested_trace", outer_id)[0];
+    assert_eq!(handled.span_kind, SpanKind::Server);
+    assert_eq!(attribute(handled, "messaging.system").as_deref(), Some(system));
+    assert_eq!(attribute(handled, "messaging.destination.name"), Some(queue.clone()));
+    let inner = find(&call_name("trace_parent"), "trace_parent", handled.span_context.span_id())[0];
+    assert_eq!(nested.as_deref().and_then(span_id_in), Some(inner.span_context.span_id()));
+    find(&process, "trace_parent", inner.span_context.span_id());
+
+    let flaky = find(&call_name("flaky"), "flaky", root_id)[0];
+    let mut attempts = find(&process, "flaky", flaky.span_context.span_id());
+    attempts.sort_by_key(|span| attribute(span, "mqrpc.attempt"));
+    assert_eq!(attempts.len(), 2, "one process span per attempt: {attempts:#?}");
+    let (first, second) = (attempts[0], attempts[1]);
+    assert_eq!(attribute(first, "mqrpc.attempt").as_deref(), Some("1"));
+    assert_eq!(attribute(first, "error.type").as_deref(), Some("internal"));
+    assert_eq!(attribute(second, "mqrpc.attempt").as_deref(), Some("2"));
+    let links: Vec<_> = second.links.iter().map(|link| link.span_context.span_id()).collect();
+    assert_eq!(links, [first.span_context.span_id()], "the retry does not link to the attempt it follows");
+
+    let send = find(&format!("send {queue}"), "record", root_id)[0];
+    assert_eq!(send.span_kind, SpanKind::Producer);
+    let recorded = find(&process, "record", send.span_context.span_id())[0];
+    assert_eq!(recorded.span_kind, SpanKind::Consumer);
+}

@@ -545,6 +545,10 @@ impl Amqp {
 }
 
 impl Transport for Amqp {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .durable(true)

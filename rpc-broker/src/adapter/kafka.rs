@@ -453,6 +453,10 @@ fn broker_error(error: KafkaError) -> Error {
 }
 
 impl Transport for Kafka {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::none().durable(true).acks(true).dead_letter(true).subscriber_groups(true).queue_stats(true)
     }

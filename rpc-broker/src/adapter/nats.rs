@@ -424,6 +424,10 @@ impl Drop for CancelOnDrop {
 }
 
 impl Transport for Nats {
+    fn system(&self) -> &'static str {
+        "nats"
+    }
+
     fn capabilities(&self) -> Capabilities {
         if self.inner.options.jetstream {
             Capabilities::none()

@@ -670,6 +670,14 @@ async fn supervise(inner: Weak<Inner>, mut main: watch::Receiver<Option<Connecti
 const STATISTICS_INBOX: &str = "/temp-queue/mqrpc.statistics";
 
 impl Transport for Stomp {
+    fn system(&self) -> &'static str {
+        match self.inner.flavour {
+            Flavour::ActiveMq => "activemq",
+            Flavour::RabbitMq => "rabbitmq",
+            Flavour::Other => "stomp",
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         let activemq = self.inner.flavour == Flavour::ActiveMq;
         Capabilities::none()

@@ -406,6 +406,10 @@ fn check_name(name: &str) -> Result<(), Error> {
 }
 
 impl Transport for Zmq {
+    fn system(&self) -> &'static str {
+        "zeromq"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::none().requeue(true)
     }

@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::method::{DecodeFn, Method, MethodKind};
 use crate::naming;
 use crate::status::Code;
+use crate::trace;
 use crate::transport::{BoxFuture, Confirm, QueueOptions, Transport};
 
 use super::pending::{Pending, PendingGuard, Shared};
@@ -225,9 +226,16 @@ impl<O: Send + 'static> Call<O> {
         }
         envelope.body = args;
         let destination = naming::service_queue(self.client.namespace(), &envelope.service);
+        let span = trace::send_span(transport.as_ref(), &envelope.service, &envelope.method, &destination);
+        trace::inject(&span, &mut envelope.headers);
+        trace::sending(&span, &envelope, &destination);
         let limit = self.options.timeout.unwrap_or_default();
-        let _admitted = admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
-        transport.publish(&destination, envelope, Confirm::Broker).await?;
+        let sent = async {
+            let _admitted =
+                admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
+            transport.publish(&destination, envelope, Confirm::Broker).await
+        };
+        traced(sent, span).await?;
         Ok(correlation_id)
     }
 
@@ -236,17 +244,20 @@ impl<O: Send + 'static> Call<O> {
     /// Not an `async fn`: the call is taken apart into its request first, so that the future (one heap
     /// allocation per call) holds only what the exchange needs and stays small.
     fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
-        let span = tracing::debug_span!(
-            "rpc.call",
-            service = %self.service,
-            method = %self.method,
-            correlation_id = %correlation_id,
-        );
-        exchange(self.prepare(correlation_id)).instrument(span)
+        let span = trace::call_span(self.client.transport().as_ref(), &self.service, &self.method, correlation_id);
+        let prepared = self.prepare(correlation_id, &span);
+        async move {
+            let result = exchange(prepared).await;
+            if let Err(error) = &result {
+                trace::failed(&tracing::Span::current(), error.kind());
+            }
+            result
+        }
+        .instrument(span)
     }
 
     /// The request of the call, or why it cannot be sent.
-    fn prepare(self, correlation_id: Uuid) -> Result<Prepared<O>, Error> {
+    fn prepare(self, correlation_id: Uuid, span: &tracing::Span) -> Result<Prepared<O>, Error> {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
@@ -261,8 +272,10 @@ impl<O: Send + 'static> Call<O> {
         let mut envelope = Box::new(Envelope::new(Kind::Request));
         let inbox = ReplyTo::Inbox(inner.inbox.clone());
         self.options.fill_call(&mut envelope, inner.identity.as_deref(), correlation_id, inbox);
+        trace::inject(span, &mut envelope.headers);
         envelope.body = args;
         let queue = naming::service_queue_of(inner.namespace.as_deref(), self.service.clone());
+        trace::sending(span, &envelope, &queue);
         envelope.service = self.service.into_owned();
         envelope.method = self.method.into_owned();
         Ok(Prepared { client: self.client, decode: self.decode, envelope, queue, budget, deadline })
@@ -365,6 +378,16 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
         Some(Err(error)) => Err(error),
         None => Err(Error::Timeout(budget)),
     }
+}
+
+/// `sent` in `span`, which is marked failed if it fails.
+async fn traced(sent: impl Future<Output = Result<(), Error>>, span: tracing::Span) -> Result<(), Error> {
+    let marks = span.clone();
+    let result = sent.instrument(span).await;
+    if let Err(error) = &result {
+        trace::failed(&marks, error.kind());
+    }
+    result
 }
 
 /// Cancels a call's request at the broker when dropped armed.
@@ -517,13 +540,26 @@ impl Notify {
         envelope.body = self.args?;
         let namespace = self.client.namespace();
         let transport = self.client.transport();
-        let limit = self.options.timeout.unwrap_or_default();
-        let _admitted = admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
-        if self.kind == MethodKind::Broadcast {
-            transport.publish_topic(&naming::service_topic(namespace, self.service), envelope).await
+        let broadcast = self.kind == MethodKind::Broadcast;
+        let destination = if broadcast {
+            naming::service_topic(namespace, self.service)
         } else {
-            transport.publish(&naming::service_queue(namespace, self.service), envelope, Confirm::Broker).await
-        }
+            naming::service_queue(namespace, self.service)
+        };
+        let span = trace::send_span(transport.as_ref(), self.service, self.method, &destination);
+        trace::inject(&span, &mut envelope.headers);
+        trace::sending(&span, &envelope, &destination);
+        let limit = self.options.timeout.unwrap_or_default();
+        let sent = async {
+            let _admitted =
+                admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
+            if broadcast {
+                transport.publish_topic(&destination, envelope).await
+            } else {
+                transport.publish(&destination, envelope, Confirm::Broker).await
+            }
+        };
+        traced(sent, span).await
     }
 }
 

@@ -35,6 +35,9 @@ pub(super) async fn retry(shared: &Shared, request: Request, handle: AckHandle, 
         let left = deadline.saturating_duration_since(Instant::now());
         copy.deadline_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1));
     }
+    if let Some(link) = crate::trace::current_for_link() {
+        copy.headers.insert(crate::trace::RETRY_TRACEPARENT.to_owned(), link);
+    }
     tracing::debug!(attempt = copy.attempt, ?wait, delayed, "retrying a failed request");
     // Counted before the publish: a worker can take the copy, and its caller read the stats, before this
     // publish's confirm comes back.

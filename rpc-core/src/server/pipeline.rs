@@ -17,6 +17,7 @@ use crate::dedup::{Begin, DedupStore, StoredReply};
 use crate::envelope::{Envelope, Kind};
 use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
+use crate::trace;
 use crate::transport::{AckHandle, BoxFuture, Delivery};
 
 use super::outcome::{answer, dead_letter, panic_message, retry, settle};
@@ -44,13 +45,8 @@ pub(super) fn handle(
         });
     }
     let attempt = envelope.attempt.max(1).saturating_add(delivery_count.saturating_sub(1));
-    let span = tracing::info_span!(
-        "rpc.handle",
-        service = %envelope.service,
-        method = %envelope.method,
-        correlation_id = ?envelope.correlation_id,
-        attempt,
-    );
+    let destination = if source == Source::Queue { &shared.queue } else { &shared.topic };
+    let span = trace::process_span(shared.transport.as_ref(), &envelope, destination, attempt);
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
     let request = Request {
@@ -141,6 +137,9 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         settle(handle.ack().await);
         return;
     };
+    if let Err(status) = &result {
+        trace::failed(&tracing::Span::current(), status.code().label());
+    }
     if let Err(status) = &result
         && !policy.is_none()
         && policy.retries(status.code())
