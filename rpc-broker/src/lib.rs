@@ -26,6 +26,8 @@
 pub mod adapter;
 pub mod engine;
 pub mod log;
+#[cfg(feature = "monitoring")]
+pub mod monitoring;
 
 mod hub;
 pub mod protocol;

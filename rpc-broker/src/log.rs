@@ -508,6 +508,8 @@ impl Writer {
         }
         let touched = std::mem::take(&mut self.touched);
         if self.config.fsync == FsyncPolicy::Always {
+            #[cfg(feature = "monitoring")]
+            let started = std::time::Instant::now();
             let mut synced: Vec<&PathBuf> = Vec::new();
             for (path, file) in &touched {
                 if synced.contains(&path) {
@@ -522,6 +524,10 @@ impl Writer {
                     self.fail(&error);
                     return Err(self.failed.clone().unwrap_or_default());
                 }
+            }
+            #[cfg(feature = "monitoring")]
+            if !synced.is_empty() {
+                metrics::histogram!("mqrpc_broker_log_fsync_seconds").record(started.elapsed());
             }
         }
         Ok(())

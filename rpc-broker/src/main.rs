@@ -158,6 +158,10 @@ struct Serve {
     /// with the records around them, instead of refusing to start.
     #[arg(long, env = "MQRPC_QUARANTINE")]
     quarantine: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics: the queues, connections, memory and log fsync time
+    /// (port 0 picks a free port; the address is printed).
+    #[arg(long, env = "MQRPC_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Threads serving connections. One engine serves every queue, so 1 (the default) spends the least CPU
     /// per message: no wake-ups across threads. More help with many TLS connections.
     #[arg(long, env = "MQRPC_THREADS", default_value_t = 1)]
@@ -246,6 +250,13 @@ async fn run_server(serve: Serve) -> Result<(), String> {
         .map_err(|error| format!("cannot start on {}: {error}", serve.listen))?;
     tracing::info!(address = %server.local_addr(), "rpc-broker listening");
     println!("listening on {}", server.local_addr());
+    if let Some(address) = serve.metrics {
+        let metrics = rpc_broker::monitoring::Metrics::install(server.monitor())?;
+        let bound =
+            metrics.spawn(address).await.map_err(|error| format!("cannot serve metrics on {address}: {error}"))?;
+        tracing::info!(address = %bound, "metrics at /metrics");
+        println!("metrics on http://{bound}/metrics");
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| format!("cannot watch for SIGTERM: {error}"))?;
     let result = tokio::select! {

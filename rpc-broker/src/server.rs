@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use rpc_core::codec::{self, Limits};
-use rpc_core::{Error, QueueOptions};
+use rpc_core::{Error, QueueOptions, QueueStats};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -135,6 +135,53 @@ impl State {
     fn lock(&self) -> MutexGuard<'_, Hub<Bytes>> {
         self.hub.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            frames_in: self.frames_in.load(Ordering::Relaxed),
+            bytes_held: self.lock().engine.bytes(),
+            receiving: self.receiving.used(),
+        }
+    }
+
+    /// Every queue with its counters, by name.
+    fn queues(&self) -> Vec<(String, QueueStats)> {
+        let hub = self.lock();
+        let mut queues: Vec<_> = hub
+            .engine
+            .queue_names()
+            .filter_map(|name| hub.engine.stats(name).map(|stats| (name.to_owned(), stats)))
+            .collect();
+        queues.sort_by(|a, b| a.0.cmp(&b.0));
+        queues
+    }
+}
+
+/// The figures of a running [`BrokerServer`] ([`BrokerServer::monitor`]), read while it runs.
+#[derive(Clone)]
+pub struct Monitor {
+    state: Arc<State>,
+}
+
+impl Monitor {
+    /// The server's counters.
+    pub fn stats(&self) -> BrokerStats {
+        self.state.stats()
+    }
+
+    /// Every queue with its counters, by name (as [`BrokerServer::queues`]).
+    pub fn queues(&self) -> Vec<(String, QueueStats)> {
+        self.state.queues()
+    }
+}
+
+impl fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Monitor").field("stats", &self.stats()).finish()
+    }
 }
 
 /// A running broker server. Dropping it stops accepting and closes every connection; its log, if it has one,
@@ -232,14 +279,19 @@ impl BrokerServer {
 
     /// The server's counters.
     pub fn stats(&self) -> BrokerStats {
-        BrokerStats {
-            connections: self.state.connections.load(Ordering::Relaxed),
-            accepted: self.state.accepted.load(Ordering::Relaxed),
-            rejected: self.state.rejected.load(Ordering::Relaxed),
-            frames_in: self.state.frames_in.load(Ordering::Relaxed),
-            bytes_held: self.state.lock().engine.bytes(),
-            receiving: self.state.receiving.used(),
-        }
+        self.state.stats()
+    }
+
+    /// A handle to the server's figures, for metrics and monitoring: it can be cloned and sent to other tasks,
+    /// and reads what the server reads while the server runs.
+    pub fn monitor(&self) -> Monitor {
+        Monitor { state: Arc::clone(&self.state) }
+    }
+
+    /// Every queue with its counters, by name: service queues, dead-letter queues, subscriber groups and
+    /// callers' inboxes (`inbox.` names) alike.
+    pub fn queues(&self) -> Vec<(String, QueueStats)> {
+        self.state.queues()
     }
 
     /// Runs until the task serving it ends (it does not, unless the listener fails).
@@ -787,16 +839,7 @@ impl Connection {
                     ok(Bytes::new())
                 }
             }
-            ClientFrame::ListQueues { .. } => {
-                let hub = self.state.lock();
-                let mut queues: Vec<_> = hub
-                    .engine
-                    .queue_names()
-                    .filter_map(|name| hub.engine.stats(name).map(|stats| (name.to_owned(), stats)))
-                    .collect();
-                queues.sort_by(|a, b| a.0.cmp(&b.0));
-                ok(protocol::list_body(&queues))
-            }
+            ClientFrame::ListQueues { .. } => ok(protocol::list_body(&self.state.queues())),
         };
         Ok(answer)
     }

@@ -925,3 +925,53 @@ async fn connecting_to_a_closed_port_names_the_address_and_the_cause() {
         other => panic!("expected a transport error, got {:?}", other.map(|_| ())),
     }
 }
+
+/// `GET /metrics` from `address`: the body.
+async fn scrape(address: &str) -> String {
+    let mut stream = TcpStream::connect(address).await.expect("the metrics endpoint accepts");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.expect("sent");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_metrics_answers_a_scrape_that_follows_the_queues() {
+    use tokio::io::AsyncBufReadExt;
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary runs");
+    let mut lines = tokio::io::BufReader::new(process.stdout.take().expect("stdout")).lines();
+    let mut next = async || tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.expect("prints");
+    let listening = next().await.expect("reads").expect("a line");
+    let broker = listening.strip_prefix("listening on ").expect("the broker's address first").to_owned();
+    let metrics = next().await.expect("reads").expect("a line");
+    let metrics = metrics.strip_prefix("metrics on http://").and_then(|rest| rest.strip_suffix("/metrics"));
+    let metrics = metrics.expect("then the metrics address").to_owned();
+
+    let remote = Remote::connect(&format!("mqrpc://{broker}")).await.expect("connects");
+    remote.declare_queue("metered", &QueueOptions::new()).await.expect("declares");
+    let ready = |body: &str| {
+        body.lines()
+            .find(|line| line.starts_with(r#"mqrpc_broker_queue_messages{queue="metered",state="ready"}"#))
+            .and_then(|line| line.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    let body = scrape(&metrics).await;
+    assert!(body.contains("# TYPE mqrpc_broker_connections gauge"), "{body}");
+    assert_eq!(ready(&body).as_deref(), Some("0"), "{body}");
+    for n in 0..3 {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.method = format!("m{n}");
+        remote.publish("metered", envelope, rpc_core::transport::Confirm::Broker).await.expect("publishes");
+    }
+    let body = scrape(&metrics).await;
+    assert_eq!(ready(&body).as_deref(), Some("3"), "{body}");
+    assert!(body.contains(r#"mqrpc_broker_queue_published_total{queue="metered"} 3"#), "{body}");
+    process.kill().await.expect("stops");
+}

@@ -107,6 +107,7 @@ impl ClientBuilder {
             closed: AtomicBool::new(false),
             disconnected: AtomicBool::new(false),
             losses: inbox.losses.clone(),
+            metrics: crate::metrics::ClientMetrics::new(),
         });
         let mut consumer = inbox.consumer;
         // Replies go straight from the transport's reader to the waiting calls where it can do that.

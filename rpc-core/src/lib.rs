@@ -101,6 +101,7 @@ pub mod dedup;
 mod envelope;
 mod error;
 mod method;
+pub mod metrics;
 pub mod retry;
 mod server;
 mod status;

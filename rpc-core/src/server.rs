@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::dedup::{DedupStore, MemoryDedup};
 use crate::error::Error;
 use crate::method::{MethodInfo, MethodKind};
+use crate::metrics::ServerMetrics;
 use crate::naming;
 use crate::retry::RetryPolicy;
 use crate::status::Status;
@@ -288,6 +289,7 @@ impl Server {
             None
         };
         let shared = Arc::new(Shared {
+            metrics: ServerMetrics::new(service.name(), service.methods()),
             transport: self.transport,
             service: self.layers.wrap(Box::new(service)),
             stats: Counters::default(),
@@ -306,6 +308,7 @@ impl Server {
 
 struct Shared {
     transport: Arc<dyn Transport>,
+    metrics: ServerMetrics,
     service: Box<dyn Service>,
     stats: Counters,
     /// The service's queue, where retries go.

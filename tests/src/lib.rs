@@ -8,6 +8,7 @@
 //! ```
 
 pub mod otel;
+pub mod prometheus;
 pub mod service;
 pub mod suite;
 

@@ -21,6 +21,7 @@ use crate::context;
 use crate::envelope::{Envelope, Kind, ReplyTo};
 use crate::error::Error;
 use crate::method::{DecodeFn, Method, MethodKind};
+use crate::metrics::CallMeter;
 use crate::naming;
 use crate::status::Code;
 use crate::trace;
@@ -245,9 +246,11 @@ impl<O: Send + 'static> Call<O> {
     /// allocation per call) holds only what the exchange needs and stays small.
     fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
         let span = trace::call_span(self.client.transport().as_ref(), &self.service, &self.method, correlation_id);
+        let meter = CallMeter::start(&self.client.inner.shared.metrics, &self.service, &self.method);
         let prepared = self.prepare(correlation_id, &span);
         async move {
             let result = exchange(prepared).await;
+            meter.finish(&result);
             if let Err(error) = &result {
                 trace::failed(&tracing::Span::current(), error.kind());
             }
@@ -346,6 +349,9 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
         let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
         // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
         // nothing has it again once the workers reconnect and declare it.
+        if matches!(outcome, Some(Err(Error::ReplyLost))) {
+            inner.shared.metrics.lost_reply();
+        }
         let resending = resends < inner.resends;
         let lost = match &outcome {
             Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),

@@ -28,6 +28,7 @@ pub(super) struct Shared {
     pub(super) disconnected: AtomicBool,
     /// The inbox's loss count, where the transport can lose replies.
     pub(super) losses: Option<watch::Receiver<u64>>,
+    pub(super) metrics: crate::metrics::ClientMetrics,
 }
 
 impl Shared {
@@ -42,10 +43,12 @@ impl Shared {
             Some((_, pending)) => {
                 if pending.sender.send(Ok(reply)).is_err() {
                     self.late_replies.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.late_reply();
                 }
             }
             None => {
                 self.late_replies.fetch_add(1, Ordering::Relaxed);
+                self.metrics.late_reply();
                 tracing::debug!(correlation_id = ?reply.correlation_id, "dropped a late reply");
             }
         }

@@ -49,7 +49,7 @@ pub(super) async fn retry(shared: &Shared, request: Request, handle: AckHandle, 
         handle.republish(&shared.queue, copy).await
     };
     match republished {
-        Ok(()) => {}
+        Ok(()) => shared.metrics.retries.increment(1),
         Err((Error::DeliveryLost, _)) => {
             // Another worker has the request now, and decides on its next attempt.
             shared.stats.retried.fetch_sub(1, Ordering::Relaxed);
@@ -74,6 +74,8 @@ pub(super) async fn dead_letter(
 ) {
     let stats = &shared.stats;
     stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.dead_lettered.increment(1);
+    shared.metrics.handled_dead_lettered(&request.envelope.method);
     stats.failed.fetch_add(1, Ordering::Relaxed);
     let (attempt, of) = (request.attempt, policy.max_attempts());
     let message = if attempt >= of {
@@ -98,6 +100,7 @@ pub(super) async fn dead_letter(
 /// Publishes the reply (for requests) and acks the request; a reply that cannot be published requeues it.
 pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle, result: Result<Bytes, Status>) {
     let stats = &shared.stats;
+    shared.metrics.handled(&request.envelope.method, &result);
     if result.is_err() {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
@@ -140,6 +143,7 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
 /// lost while the handler ran) and redelivers it: the delivery that has it now answers.
 fn fenced(shared: &Shared) {
     shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.fenced.increment(1);
     tracing::debug!("reply dropped: the broker took the request back and redelivers it");
 }
 

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::context;
 use crate::dedup::{Begin, DedupStore, StoredReply};
 use crate::envelope::{Envelope, Kind};
+use crate::metrics;
 use crate::retry::RetryPolicy;
 use crate::status::{Code, Status};
 use crate::trace;
@@ -100,6 +101,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         Claim::Execute(claim) => claim,
         Claim::Answer(result) => {
             stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.dedup_hits.increment(1);
             answer(shared, request, handle, result).await;
             return;
         }
@@ -109,6 +111,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         Claim::Expired(status) => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.expired.increment(1);
             Box::pin(answer(shared, request, handle, Err(status))).await;
             return;
         }
@@ -127,9 +130,15 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         Some(_) => request.deadline.and_then(|deadline| deadline.checked_add(shared.overrun)),
         None => request.deadline,
     };
-    let Some(result) = execute(shared, &request, &handle, cut_at).await else {
+    let started = metrics::now();
+    let outcome = execute(shared, &request, &handle, cut_at).await;
+    if let Some(started) = started {
+        shared.metrics.ran(&request.envelope.method, started.elapsed());
+    }
+    let Some(result) = outcome else {
         // The caller cancelled the call: nobody waits for a reply, and it must not run again.
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.cancelled.increment(1);
         if let Some((store, key)) = &claim {
             let cancelled = Err(Status::new(Code::Cancelled, "an earlier call with this key was cancelled"));
             settle(store.complete(key, cancelled).await);
@@ -264,6 +273,7 @@ async fn execute(
     let envelope = &request.envelope;
     if request.expired() {
         stats.expired.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.expired.increment(1);
         return Some(Err(expired_status()));
     }
     let context =
@@ -294,6 +304,7 @@ async fn execute(
         Some(Some(Ok(result))) => result,
         Some(Some(Err(panic))) => {
             stats.panicked.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.panics.increment(1);
             let message = panic_message(panic.as_ref());
             tracing::error!(%message, "handler panicked");
             Err(Status::new(Code::Internal, format!("handler panicked: {message}")))
@@ -301,6 +312,7 @@ async fn execute(
         Some(None) => return None,
         None => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.expired.increment(1);
             Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline and was stopped"))
         }
     })
