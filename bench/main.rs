@@ -16,6 +16,7 @@
 //! |---|---|
 //! | `inproc-floor` | a tokio mpsc request channel and a oneshot reply, in this process (the floor) |
 //! | `embedded` | mqrpc on the embedded broker, in this process |
+//! | `embedded-otel` | the same with an OpenTelemetry layer recording every span of every call (see [`tracing`]), against `embedded` |
 //! | `own-broker` | mqrpc through the `rpc-broker` server; broker and worker are two more processes |
 //! | `own-durable` | the same with the service queue durable: the broker has a data directory and confirms each request after the fsync that covers it |
 //! | `nats-raw` | async-nats `request()` to a plain subscriber process |
@@ -53,6 +54,7 @@ mod measure;
 mod memory;
 mod report;
 mod roles;
+mod tracing;
 mod variants;
 
 use std::path::PathBuf;
@@ -105,7 +107,7 @@ pub(crate) struct Config {
 const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--json FILE] [--svg FILE] [--no-memory] [--workers N] [--window SECS]
   --workers N: worker threads of this process's runtime (default: one per core)
   --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
-  VARIANTS: comma-separated, from inproc-floor,embedded,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,
+  VARIANTS: comma-separated, from inproc-floor,embedded,embedded-otel,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,
     activemq-raw,activemq,tarpc,zeromq
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222),
     MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ, default stomp://127.0.0.1:61623)";
@@ -226,6 +228,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if config.variants.contains(&Variant::EmbeddedOtel)
+        && let Err(error) = tracing::install()
+    {
+        eprintln!("{error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = config.workers {
         runtime.worker_threads(workers);

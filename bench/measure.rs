@@ -333,7 +333,8 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
     let responder = |address: &str| vec!["responder".to_owned(), variant.name().to_owned(), address.to_owned()];
     let samples = match variant {
         Variant::InprocFloor => measure(variant, Arc::new(variants::Floor::start()), &pids, config, progress).await,
-        Variant::Embedded => {
+        Variant::Embedded | Variant::EmbeddedOtel => {
+            crate::tracing::record(variant == Variant::EmbeddedOtel)?;
             let transport = rpc_broker::Embedded::new();
             let _server = Server::new(transport.clone())
                 .concurrency(CONCURRENCY)
@@ -342,7 +343,9 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
                 .await
                 .map_err(|error| error.to_string())?;
             let caller = variants::Mqrpc::connect(transport).await?;
-            measure(variant, Arc::new(caller), &pids, config, progress).await
+            let samples = measure(variant, Arc::new(caller), &pids, config, progress).await;
+            crate::tracing::record(false)?;
+            samples
         }
         Variant::OwnBroker | Variant::OwnDurable => {
             let dir = data_dir();

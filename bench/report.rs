@@ -513,6 +513,18 @@ fn targets<'a>(
             ),
         ));
     }
+    if let (Some(traced), Some(untraced)) = (throughput(Variant::EmbeddedOtel, 256), throughput(Variant::Embedded, 256))
+    {
+        targets.push((
+            true,
+            format!(
+                "reported: embedded with an OpenTelemetry layer recording every span, at 256 in flight: {} calls/s, \
+                 {} of embedded",
+                number(traced),
+                ratio(traced, untraced)
+            ),
+        ));
+    }
     if let Some(embedded) = throughput(Variant::Embedded, 256) {
         targets.push((
             embedded >= 1_000_000.0,

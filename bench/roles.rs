@@ -121,7 +121,9 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
             std::future::pending::<()>().await;
             Ok(())
         }
-        Variant::InprocFloor | Variant::Embedded => Err(format!("{} runs in the benchmark's process", variant.name())),
+        Variant::InprocFloor | Variant::Embedded | Variant::EmbeddedOtel => {
+            Err(format!("{} runs in the benchmark's process", variant.name()))
+        }
     }
 }
 

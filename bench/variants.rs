@@ -40,6 +40,8 @@ pub(crate) enum Variant {
     InprocFloor,
     /// mqrpc on the embedded broker.
     Embedded,
+    /// The same with an OpenTelemetry layer recording every span.
+    EmbeddedOtel,
     /// mqrpc through the `rpc-broker` server.
     OwnBroker,
     /// mqrpc through the `rpc-broker` server, the service queue durable (the broker with a data directory).
@@ -68,9 +70,10 @@ pub(crate) enum Variant {
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 14] = [
+    pub(crate) const ALL: [Variant; 15] = [
         Variant::InprocFloor,
         Variant::Embedded,
+        Variant::EmbeddedOtel,
         Variant::OwnBroker,
         Variant::OwnDurable,
         Variant::NatsRaw,
@@ -90,6 +93,7 @@ impl Variant {
         match self {
             Variant::InprocFloor => "inproc-floor",
             Variant::Embedded => "embedded",
+            Variant::EmbeddedOtel => "embedded-otel",
             Variant::OwnBroker => "own-broker",
             Variant::OwnDurable => "own-durable",
             Variant::NatsRaw => "nats-raw",
@@ -114,6 +118,7 @@ impl Variant {
     pub(crate) fn baseline(self) -> Option<Variant> {
         match self {
             Variant::Embedded => Some(Variant::InprocFloor),
+            Variant::EmbeddedOtel => Some(Variant::Embedded),
             Variant::OwnBroker | Variant::Nats => Some(Variant::NatsRaw),
             Variant::OwnDurable => Some(Variant::OwnBroker),
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),

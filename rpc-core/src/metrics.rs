@@ -46,7 +46,8 @@ fn outcome<T>(result: &Result<T, Error>) -> &'static str {
 #[cfg(feature = "metrics")]
 mod enabled {
     use std::borrow::Cow;
-    use std::sync::{Arc, PoisonError, RwLock};
+    use std::cell::RefCell;
+    use std::sync::{LazyLock, Mutex, PoisonError};
     use std::time::Instant;
 
     use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -57,75 +58,18 @@ mod enabled {
 
     type Name = Cow<'static, str>;
 
-    /// A client's metrics: handles per (service, method), registered at their first call.
+    /// A client's own metrics; those of its calls are per (service, method), shared by every client.
     pub(crate) struct ClientMetrics {
-        methods: RwLock<hashbrown::HashMap<(Name, Name), Arc<MethodCalls>>>,
         late: Counter,
         lost: Counter,
-    }
-
-    struct MethodCalls {
-        service: Name,
-        method: Name,
-        ok: Counter,
-        timeouts: Counter,
-        duration: Histogram,
-        in_flight: Gauge,
-    }
-
-    /// `(service, method)` borrowed, to look a pair up without making its key.
-    #[derive(Hash)]
-    struct Pair<'a>(&'a str, &'a str);
-
-    impl hashbrown::Equivalent<(Name, Name)> for Pair<'_> {
-        fn equivalent(&self, key: &(Name, Name)) -> bool {
-            self.0 == key.0 && self.1 == key.1
-        }
     }
 
     impl ClientMetrics {
         pub(crate) fn new() -> ClientMetrics {
             ClientMetrics {
-                methods: RwLock::default(),
                 late: counter!("mqrpc_client_late_replies_total"),
                 lost: counter!("mqrpc_client_lost_replies_total"),
             }
-        }
-    }
-
-    impl ClientMetrics {
-        fn method(&self, service: &Name, method: &Name) -> Arc<MethodCalls> {
-            // `Pair` hashes as the tuple of names does: a `Cow<str>` hashes as its `str`.
-            let pair = Pair(service, method);
-            if let Some(found) = self.methods.read().unwrap_or_else(PoisonError::into_inner).get(&pair) {
-                return Arc::clone(found);
-            }
-            let mut methods = self.methods.write().unwrap_or_else(PoisonError::into_inner);
-            let calls = methods.entry((service.clone(), method.clone())).or_insert_with(|| {
-                let (service_label, method_label) = (service.to_string(), method.to_string());
-                Arc::new(MethodCalls {
-                    service: service.clone(),
-                    method: method.clone(),
-                    ok: counter!(
-                        "mqrpc_client_calls_total",
-                        "service" => service_label.clone(),
-                        "method" => method_label.clone(),
-                        "outcome" => "ok"
-                    ),
-                    timeouts: counter!(
-                        "mqrpc_client_timeouts_total",
-                        "service" => service_label.clone(),
-                        "method" => method_label.clone()
-                    ),
-                    duration: histogram!(
-                        "mqrpc_client_call_duration_seconds",
-                        "service" => service_label.clone(),
-                        "method" => method_label
-                    ),
-                    in_flight: gauge!("mqrpc_client_calls_in_flight", "service" => service_label),
-                })
-            });
-            Arc::clone(calls)
         }
 
         /// Counts a reply that came for no waiting call.
@@ -139,35 +83,42 @@ mod enabled {
         }
     }
 
-    /// One call, metered from its send to its end; a call whose future is dropped first counts as `dropped`.
-    pub(crate) struct CallMeter {
-        calls: Option<Arc<MethodCalls>>,
-        started: Instant,
-    }
-
-    impl CallMeter {
-        pub(crate) fn start(metrics: &ClientMetrics, service: &Name, method: &Name) -> CallMeter {
-            let calls = metrics.method(service, method);
-            calls.in_flight.increment(1.0);
-            CallMeter { calls: Some(calls), started: Instant::now() }
-        }
-
-        pub(crate) fn finish<T>(mut self, result: &Result<T, Error>) {
-            if let Some(calls) = self.calls.take() {
-                calls.record(self.started, super::outcome(result));
-            }
-        }
-    }
-
-    impl Drop for CallMeter {
-        fn drop(&mut self) {
-            if let Some(calls) = self.calls.take() {
-                calls.record(self.started, "dropped");
-            }
-        }
+    /// The handles of one (service, method).
+    struct MethodCalls {
+        service: Name,
+        method: Name,
+        ok: Counter,
+        timeouts: Counter,
+        duration: Histogram,
+        in_flight: Gauge,
     }
 
     impl MethodCalls {
+        fn new(service: &Name, method: &Name) -> MethodCalls {
+            let (service_label, method_label) = (service.to_string(), method.to_string());
+            MethodCalls {
+                service: service.clone(),
+                method: method.clone(),
+                ok: counter!(
+                    "mqrpc_client_calls_total",
+                    "service" => service_label.clone(),
+                    "method" => method_label.clone(),
+                    "outcome" => "ok"
+                ),
+                timeouts: counter!(
+                    "mqrpc_client_timeouts_total",
+                    "service" => service_label.clone(),
+                    "method" => method_label.clone()
+                ),
+                duration: histogram!(
+                    "mqrpc_client_call_duration_seconds",
+                    "service" => service_label.clone(),
+                    "method" => method_label
+                ),
+                in_flight: gauge!("mqrpc_client_calls_in_flight", "service" => service_label),
+            }
+        }
+
         fn record(&self, started: Instant, outcome: &'static str) {
             self.in_flight.decrement(1.0);
             self.duration.record(started.elapsed());
@@ -185,6 +136,100 @@ mod enabled {
                     )
                     .increment(1);
                 }
+            }
+        }
+    }
+
+    /// How many (service, method) pairs keep their handles for the life of the process; calls of pairs past
+    /// it (names made up at run time) register theirs at each call.
+    const KEPT: usize = 4_096;
+
+    type Kept = hashbrown::HashMap<(Name, Name), &'static MethodCalls>;
+
+    /// The handles kept, for the process.
+    static KEPT_CALLS: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
+
+    thread_local! {
+        /// The handles this thread has looked up: a call looks its method up without a lock or a shared write.
+        static LOOKED_UP: RefCell<Kept> = RefCell::new(Kept::default());
+    }
+
+    /// `(service, method)` borrowed, to look a pair up without making its key; it hashes as the tuple of
+    /// names does (a `Cow<str>` hashes as its `str`).
+    #[derive(Hash)]
+    struct Pair<'a>(&'a str, &'a str);
+
+    impl hashbrown::Equivalent<(Name, Name)> for Pair<'_> {
+        fn equivalent(&self, key: &(Name, Name)) -> bool {
+            self.0 == key.0 && self.1 == key.1
+        }
+    }
+
+    /// The kept handles of `(service, method)`; `None` past [`KEPT`] pairs.
+    fn kept(service: &Name, method: &Name) -> Option<&'static MethodCalls> {
+        LOOKED_UP.with(|looked_up| {
+            if let Some(calls) = looked_up.borrow().get(&Pair(service, method)) {
+                return Some(*calls);
+            }
+            let calls = {
+                let mut kept = KEPT_CALLS.lock().unwrap_or_else(PoisonError::into_inner);
+                match kept.get(&Pair(service, method)) {
+                    Some(calls) => *calls,
+                    None if kept.len() >= KEPT => return None,
+                    None => {
+                        // Leaked on purpose: at most `KEPT` of them, each kept for the life of the process.
+                        let calls: &'static MethodCalls = Box::leak(Box::new(MethodCalls::new(service, method)));
+                        kept.insert((service.clone(), method.clone()), calls);
+                        calls
+                    }
+                }
+            };
+            looked_up.borrow_mut().insert((service.clone(), method.clone()), calls);
+            Some(calls)
+        })
+    }
+
+    enum Calls {
+        Kept(&'static MethodCalls),
+        Own(Box<MethodCalls>),
+    }
+
+    impl Calls {
+        fn get(&self) -> &MethodCalls {
+            match self {
+                Calls::Kept(calls) => calls,
+                Calls::Own(calls) => calls,
+            }
+        }
+    }
+
+    /// One call, metered from its send to its end; a call whose future is dropped first counts as `dropped`.
+    pub(crate) struct CallMeter {
+        calls: Option<Calls>,
+        started: Instant,
+    }
+
+    impl CallMeter {
+        pub(crate) fn start(_: &ClientMetrics, service: &Name, method: &Name) -> CallMeter {
+            let calls = match kept(service, method) {
+                Some(calls) => Calls::Kept(calls),
+                None => Calls::Own(Box::new(MethodCalls::new(service, method))),
+            };
+            calls.get().in_flight.increment(1.0);
+            CallMeter { calls: Some(calls), started: Instant::now() }
+        }
+
+        pub(crate) fn finish<T>(mut self, result: &Result<T, Error>) {
+            if let Some(calls) = self.calls.take() {
+                calls.get().record(self.started, super::outcome(result));
+            }
+        }
+    }
+
+    impl Drop for CallMeter {
+        fn drop(&mut self) {
+            if let Some(calls) = self.calls.take() {
+                calls.get().record(self.started, "dropped");
             }
         }
     }
@@ -262,15 +307,19 @@ mod enabled {
                 .increment(1);
         }
 
-        /// Records how long a handler of `method` ran.
-        pub(crate) fn ran(&self, method: &str, took: std::time::Duration) {
-            self.method(method).duration.record(took);
+        /// Records how long a handler of `method` ran, from `started`.
+        pub(crate) fn ran(&self, method: &str, started: Started) {
+            self.method(method).duration.record(started.0.elapsed());
         }
     }
 
-    /// The clock, read only where metrics are recorded.
-    pub(crate) fn now() -> Option<Instant> {
-        Some(Instant::now())
+    /// When something timed began.
+    pub(crate) struct Started(Instant);
+
+    impl Started {
+        pub(crate) fn now() -> Started {
+            Started(Instant::now())
+        }
     }
 }
 
@@ -340,11 +389,15 @@ mod disabled {
 
         pub(crate) fn handled_dead_lettered(&self, _: &str) {}
 
-        pub(crate) fn ran(&self, _: &str, _: std::time::Duration) {}
+        pub(crate) fn ran(&self, _: &str, _: Started) {}
     }
 
-    /// No clock is read without the `metrics` feature.
-    pub(crate) fn now() -> Option<std::time::Instant> {
-        None
+    /// Nothing, without the `metrics` feature: no clock is read, and a future that holds it is no larger.
+    pub(crate) struct Started;
+
+    impl Started {
+        pub(crate) fn now() -> Started {
+            Started
+        }
     }
 }

@@ -247,16 +247,17 @@ impl<O: Send + 'static> Call<O> {
     fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
         let span = trace::call_span(self.client.transport().as_ref(), &self.service, &self.method, correlation_id);
         let meter = CallMeter::start(&self.client.inner.shared.metrics, &self.service, &self.method);
-        let prepared = self.prepare(correlation_id, &span);
-        async move {
-            let result = exchange(prepared).await;
-            meter.finish(&result);
-            if let Err(error) = &result {
-                trace::failed(&tracing::Span::current(), error.kind());
-            }
-            result
-        }
-        .instrument(span)
+        // A combinator rather than an `async` block, which would hold the exchange twice (captured, and
+        // awaited).
+        exchange(self.prepare(correlation_id, &span))
+            .map(move |result| {
+                meter.finish(&result);
+                if let Err(error) = &result {
+                    trace::failed(&tracing::Span::current(), error.kind());
+                }
+                result
+            })
+            .instrument(span)
     }
 
     /// The request of the call, or why it cannot be sent.

@@ -130,12 +130,7 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         Some(_) => request.deadline.and_then(|deadline| deadline.checked_add(shared.overrun)),
         None => request.deadline,
     };
-    let started = metrics::now();
-    let outcome = execute(shared, &request, &handle, cut_at).await;
-    if let Some(started) = started {
-        shared.metrics.ran(&request.envelope.method, started.elapsed());
-    }
-    let Some(result) = outcome else {
+    let Some(result) = execute(shared, &request, &handle, cut_at).await else {
         // The caller cancelled the call: nobody waits for a reply, and it must not run again.
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
         shared.metrics.cancelled.increment(1);
@@ -299,7 +294,9 @@ async fn execute(
             }
         }
     };
+    let started = metrics::Started::now();
     let outcome = within!(cut_at, run());
+    shared.metrics.ran(&envelope.method, started);
     Some(match outcome {
         Some(Some(Ok(result))) => result,
         Some(Some(Err(panic))) => {
