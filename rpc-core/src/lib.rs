@@ -83,6 +83,14 @@
 //! # }
 //! ```
 //!
+//! # Traces and metrics
+//!
+//! Every call carries its W3C trace context in its headers and makes `tracing` spans named after
+//! OpenTelemetry's conventions ([`trace`]); with the `opentelemetry` feature and a `tracing-opentelemetry`
+//! layer, the worker's span is a child of the caller's, across the queue. With the `metrics` feature, clients
+//! and servers record calls, outcomes and durations through the `metrics` facade ([`metrics`]) into the
+//! recorder the program installs (Prometheus, or another). `examples/observability.rs` does both.
+//!
 //! # What travels
 //!
 //! Every message is an [`Envelope`], a MessagePack map described in `docs/wire-format.md`; arguments travel as
