@@ -10,12 +10,14 @@ use std::sync::Arc;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
 use crate::method::Method;
 use crate::naming;
+use crate::trace;
 use crate::transport::{self, BoxFuture, ConsumeOptions, QueueOptions, Transport};
 
 /// The reply a durable callback receives.
@@ -117,9 +119,11 @@ impl DurableCallbacks {
                 let Some(delivery) = delivery else { break };
                 let envelope = delivery.envelope;
                 let key = (envelope.service.clone(), envelope.method.clone());
+                // A child of the durable call's span: the reply echoes the request's trace context.
+                let span = trace::process_span(transport.as_ref(), &envelope, &queue, delivery.delivery_count.max(1));
                 let outcome = match handlers.get(&key) {
                     Some(handler) if envelope.kind == Kind::Reply => {
-                        match AssertUnwindSafe(handler(envelope)).catch_unwind().await {
+                        match AssertUnwindSafe(handler(envelope)).catch_unwind().instrument(span).await {
                             Ok(()) => delivery.handle.ack().await,
                             Err(_) => {
                                 tracing::error!(

@@ -12,7 +12,7 @@
 //! |---|---|---|---|
 //! | `rpc.call` | a call, as it is awaited | `client` | `<service>/<method>` |
 //! | `rpc.send` | a oneway call, a broadcast, a durable call | `producer` | `send <queue or topic>` |
-//! | `rpc.handle` | a worker, for each delivery it runs | `server` (requests), `consumer` (oneway) | `process <queue>` |
+//! | `rpc.handle` | a worker, for each delivery it runs; durable callbacks, for each reply | `server` (requests), `consumer` (oneway calls, replies) | `process <queue>` |
 //!
 //! With attributes `rpc.system` (`mqrpc`), `rpc.service`, `rpc.method`, `messaging.system` (the transport's
 //! [`system`](crate::Transport::system)), `messaging.operation.type` (`send`, `process`),
@@ -24,7 +24,8 @@
 //! layer installed, a call's `traceparent` is its span's own context, and a worker's span takes the one it
 //! receives as its parent: the client's call span is the parent of the worker's span, calls made inside a
 //! handler are children of the handler's span, and each retry's span carries a link to the span of the attempt
-//! before it (the retry's copy carries that attempt's context as [`RETRY_TRACEPARENT`]). A redelivery after a
+//! before it (the retry's copy carries that attempt's context as [`RETRY_TRACEPARENT`]); a durable callback's
+//! span is a child of the durable call's, whose context the reply echoes. A redelivery after a
 //! worker died is another child of the same call span, with a higher `mqrpc.attempt`.
 //!
 //! **Without it**, or without such a layer, calls made inside a handler forward the trace context the handler's

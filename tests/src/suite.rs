@@ -1125,4 +1125,39 @@ pub async fn spans_of_a_call_form_one_trace(harness: &dyn Harness) {
     assert_eq!(send.span_kind, SpanKind::Producer);
     let recorded = find(&process, "record", send.span_context.span_id())[0];
     assert_eq!(recorded.span_kind, SpanKind::Consumer);
+
+    if !holds_messages(client.transport().as_ref()) {
+        return;
+    }
+    // A durable call's reply, handled by a callback: a child of the durable call's send span.
+    let root = tracing::info_span!("test.durable");
+    let trace = trace_id(&root);
+    probe.add(1, 2).durable("traced").instrument(root.clone()).await.expect("the request is queued");
+    let (sender, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let callbacks = DurableCallbacks::new("traced")
+        .namespace(&setup.namespace)
+        .on(ProbeClient::ADD, move |reply| {
+            let sender = sender.clone();
+            async move {
+                let _ = sender.send(reply.result);
+            }
+        })
+        .start(setup.transport().await)
+        .await
+        .expect("callbacks start");
+    let sum = tokio::time::timeout(WAIT, replies.recv()).await.expect("a reply").expect("open");
+    assert_eq!(sum.expect("ok"), 3);
+    callbacks.shutdown().await;
+    let root_id = root.context_id();
+    drop(root);
+    // The root, the send, the worker's span and the callback's.
+    let spans = wait_for_spans(trace, 4, WAIT).await;
+    let callback_queue = naming::callback_queue(Some(&setup.namespace), "traced");
+    let send = spans.iter().find(|span| span.name == format!("send {queue}") && span.parent_span_id == root_id);
+    let send = send.unwrap_or_else(|| panic!("no send span of the durable call: {spans:#?}"));
+    let handled = format!("process {callback_queue}");
+    assert!(
+        spans.iter().any(|span| span.name == handled && span.parent_span_id == send.span_context.span_id()),
+        "the callback's span is not a child of the durable call's: {spans:#?}"
+    );
 }
