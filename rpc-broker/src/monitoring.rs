@@ -10,6 +10,7 @@
 //! | `mqrpc_broker_queue_messages` | gauge | queue, state (`ready`, `delayed`, `unacked`) | messages the queue holds |
 //! | `mqrpc_broker_queue_consumers` | gauge | queue | consumers attached |
 //! | `mqrpc_broker_queue_published_total` | counter | queue | messages published (a rate is `rate(...)`) |
+//! | `mqrpc_broker_queue_delivered_total` | counter | queue | messages handed to consumers, redeliveries included |
 //! | `mqrpc_broker_queue_acked_total` | counter | queue | messages acked |
 //! | `mqrpc_broker_queue_dead_lettered_total` | counter | queue | messages moved to the dead-letter queue |
 //! | `mqrpc_broker_queue_expired_total` | counter | queue | messages dropped at their deadline while queued |
@@ -98,6 +99,7 @@ impl Metrics {
             gauge!("mqrpc_broker_queue_consumers", "queue" => queue.clone()).set(stats.consumers as f64);
             for (name, value) in [
                 ("mqrpc_broker_queue_published_total", stats.published),
+                ("mqrpc_broker_queue_delivered_total", stats.delivered),
                 ("mqrpc_broker_queue_acked_total", stats.acked),
                 ("mqrpc_broker_queue_dead_lettered_total", stats.dead_lettered),
                 ("mqrpc_broker_queue_expired_total", stats.expired),

@@ -818,6 +818,9 @@ pub struct QueueStats {
     pub consumers: usize,
     /// Messages published.
     pub published: u64,
+    /// Messages handed to consumers, redeliveries included (where the transport counts them: the embedded
+    /// broker and our broker's own figures; 0 where it does not, our broker's protocol included).
+    pub delivered: u64,
     /// Messages acked.
     pub acked: u64,
     /// Messages moved to the dead-letter queue.

@@ -90,6 +90,8 @@ async fn a_scrape_parses_and_moves_with_the_calls() {
     let published_after =
         second.value("mqrpc_broker_queue_published_total", &[("queue", &queue)]).expect("the queue's");
     assert_eq!(published_after - published, 5.0);
+    let delivered = |scrape: &Scrape| scrape.value("mqrpc_broker_queue_delivered_total", &[("queue", &queue)]);
+    assert_eq!(delivered(&second).zip(delivered(&first)).map(|(after, before)| after - before), Some(5.0));
     let acked = |scrape: &Scrape| scrape.value("mqrpc_broker_queue_acked_total", &[("queue", &queue)]);
     assert!(acked(&second) > acked(&first));
     assert_eq!(second.value("mqrpc_client_calls_in_flight", &[("service", SERVICE)]), Some(0.0));

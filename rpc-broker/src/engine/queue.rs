@@ -316,6 +316,7 @@ pub(super) fn dispatch_queue<M: Clone>(
             return;
         };
         stored.deliveries += 1;
+        queue.stats.delivered += 1;
         let remaining_ttl = stored.expires_at.instant().map(|at| at.saturating_duration_since(now));
         let delivery_count = stored.deliveries;
         if consumer.auto_ack {
