@@ -18,7 +18,7 @@
 //! `Calculator/add` with its own worker span. `OTEL_EXPORTER_OTLP_ENDPOINT` names another collector (default
 //! `http://localhost:4318`). The metrics come last: the scrape a Prometheus server would read.
 
-use mqrpc_examples::calculator::{Calculator, CalculatorClient, CalculatorServer, MathError};
+use mqrpc_examples::calculator::{Calc, CalculatorClient, CalculatorServer};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -50,18 +50,6 @@ impl Shop for Shopkeeper {
             total = calculator.add(total, price).await.unwrap_or(total);
         }
         total
-    }
-}
-
-struct Calc;
-
-impl Calculator for Calc {
-    async fn add(&self, a: i64, b: i64) -> i64 {
-        a + b
-    }
-
-    async fn div(&self, a: f64, b: f64) -> Result<f64, MathError> {
-        if b == 0.0 { Err(MathError::DivideByZero) } else { Ok(a / b) }
     }
 }
 

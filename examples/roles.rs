@@ -5,19 +5,7 @@ use std::time::{Duration, Instant};
 
 use rpc_core::{Client, Server, Transport};
 
-use crate::calculator::{Calculator, CalculatorClient, CalculatorServer, MathError};
-
-struct Calc;
-
-impl Calculator for Calc {
-    async fn add(&self, a: i64, b: i64) -> i64 {
-        a + b
-    }
-
-    async fn div(&self, a: f64, b: f64) -> Result<f64, MathError> {
-        if b == 0.0 { Err(MathError::DivideByZero) } else { Ok(a / b) }
-    }
-}
+use crate::calculator::{Calc, CalculatorClient, CalculatorServer};
 
 /// Serves `Calculator` until Ctrl-C, then finishes what it runs and hands the rest back to the broker.
 pub async fn worker(transport: impl Transport, broker: &str) -> Result<(), rpc_core::Error> {

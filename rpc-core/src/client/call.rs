@@ -227,16 +227,7 @@ impl<O: Send + 'static> Call<O> {
         }
         envelope.body = args;
         let destination = naming::service_queue(self.client.namespace(), &envelope.service);
-        let span = trace::send_span(transport.as_ref(), &envelope.service, &envelope.method, &destination);
-        trace::inject(&span, &mut envelope.headers);
-        trace::sending(&span, &envelope, &destination);
-        let limit = self.options.timeout.unwrap_or_default();
-        let sent = async {
-            let _admitted =
-                admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
-            transport.publish(&destination, envelope, Confirm::Broker).await
-        };
-        traced(sent, span).await?;
+        send_unawaited(&self.client, envelope, &destination, self.options.timeout, false).await?;
         Ok(correlation_id)
     }
 
@@ -387,12 +378,30 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
     }
 }
 
-/// `sent` in `span`, which is marked failed if it fails.
-async fn traced(sent: impl Future<Output = Result<(), Error>>, span: tracing::Span) -> Result<(), Error> {
-    let marks = span.clone();
-    let result = sent.instrument(span).await;
+/// Sends a message whose reply nobody awaits (a oneway call, a broadcast to the topic `destination` when
+/// `broadcast`, a durable call) in its span, once the client's admission limits let it, confirmed by the broker.
+async fn send_unawaited(
+    client: &Client,
+    mut envelope: Envelope,
+    destination: &str,
+    ttl: Option<Duration>,
+    broadcast: bool,
+) -> Result<(), Error> {
+    let transport = client.transport();
+    let span = trace::send_span(transport.as_ref(), &envelope.service, &envelope.method, destination);
+    trace::inject(&span, &mut envelope.headers);
+    trace::sending(&span, &envelope, destination);
+    let sent = async {
+        let _admitted = admit(&client.inner, ttl.map(|ttl| Instant::now() + ttl), ttl.unwrap_or_default()).await?;
+        if broadcast {
+            transport.publish_topic(destination, envelope).await
+        } else {
+            transport.publish(destination, envelope, Confirm::Broker).await
+        }
+    };
+    let result = sent.instrument(span.clone()).await;
     if let Err(error) = &result {
-        trace::failed(&marks, error.kind());
+        trace::failed(&span, error.kind());
     }
     result
 }
@@ -546,27 +555,13 @@ impl Notify {
         envelope.deadline_ms = self.options.timeout.map(|ttl| millis(ttl).max(1));
         envelope.body = self.args?;
         let namespace = self.client.namespace();
-        let transport = self.client.transport();
         let broadcast = self.kind == MethodKind::Broadcast;
         let destination = if broadcast {
             naming::service_topic(namespace, self.service)
         } else {
             naming::service_queue(namespace, self.service)
         };
-        let span = trace::send_span(transport.as_ref(), self.service, self.method, &destination);
-        trace::inject(&span, &mut envelope.headers);
-        trace::sending(&span, &envelope, &destination);
-        let limit = self.options.timeout.unwrap_or_default();
-        let sent = async {
-            let _admitted =
-                admit(&self.client.inner, self.options.timeout.map(|ttl| Instant::now() + ttl), limit).await?;
-            if broadcast {
-                transport.publish_topic(&destination, envelope).await
-            } else {
-                transport.publish(&destination, envelope, Confirm::Broker).await
-            }
-        };
-        traced(sent, span).await
+        send_unawaited(&self.client, envelope, &destination, self.options.timeout, broadcast).await
     }
 }
 
