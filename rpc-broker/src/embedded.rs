@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::engine::{self, ConsumerId, Props, QueueConfig, Settle};
-use crate::hub::{Hub, Sink, declare, join_group, settle_of, to_error};
+use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::protocol::{CAPABILITIES, call_key};
 
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
@@ -173,6 +173,15 @@ impl Transport for Embedded {
     ) -> BoxFuture<'a, Result<Consumer, Error>> {
         let mut hub = self.shared.lock();
         let result = join_group(&mut hub.engine, topic, group).and_then(|queue| self.attach(&mut hub, &queue, options));
+        Box::pin(std::future::ready(result))
+    }
+
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        let group = format!("{}{}", crate::protocol::INBOX_PREFIX, Uuid::new_v4().simple());
+        let mut hub = self.shared.lock();
+        let options = ConsumeOptions::new().prefetch(0).auto_ack(true);
+        let result =
+            join_private(&mut hub.engine, topic, &group).and_then(|queue| self.attach(&mut hub, &queue, options));
         Box::pin(std::future::ready(result))
     }
 

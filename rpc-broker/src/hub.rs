@@ -71,6 +71,23 @@ pub(crate) fn join_group<M: Clone>(engine: &mut engine::Engine<M>, topic: &str, 
     Ok(engine.subscribe_group(topic, group))
 }
 
+/// Creates the private subscriber group `group` of `topic`: a group queue that goes with its consumer (see
+/// [`Transport::subscribe_private`](rpc_core::Transport::subscribe_private)); returns its queue. A group of
+/// that name that exists already is another's, and refused.
+pub(crate) fn join_private<M: Clone>(
+    engine: &mut engine::Engine<M>,
+    topic: &str,
+    group: &str,
+) -> Result<String, Error> {
+    let queue = engine::group_queue(topic, group);
+    if engine.has_queue(&queue) {
+        return Err(Error::InvalidArgument(format!("the private subscription `{group}` is in use")));
+    }
+    let config = engine::QueueConfig { auto_delete: true, ..engine::QueueConfig::default() };
+    engine.declare_queue(&queue, config).map_err(to_error)?;
+    Ok(engine.subscribe_group(topic, group))
+}
+
 /// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.
 pub(crate) trait Sink<M>: Send {
     /// Takes one delivery; must not block (it runs under the hub's lock).

@@ -15,7 +15,7 @@ use rpc_core::{Capabilities, Envelope, Kind, QueueStats};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The oldest client version the broker still accepts: version 5 differs only in a `Welcome` without its flags,
 /// which the broker leaves out for it, and version 4 also in lacking the quiet `Publish` (0x12), which a

@@ -404,6 +404,13 @@ impl Transport for Remote {
         Box::pin(self.inner.consumer(kind, options))
     }
 
+    /// A subscriber group named like an inbox (`inbox.<uuid>`), which the server makes private: it goes with
+    /// the consumer (docs/protocol.md, `Subscribe`).
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        let kind = LogicalKind::Group { topic: topic.to_owned(), group: format!("{INBOX_PREFIX}{}", Uuid::new_v4()) };
+        Box::pin(self.inner.consumer(kind, ConsumeOptions::new().prefetch(0).auto_ack(true)))
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             let address = format!("{INBOX_PREFIX}{}", Uuid::new_v4());

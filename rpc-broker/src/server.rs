@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
-use crate::hub::{Hub, Sink, declare, join_group, settle_of, to_error};
+use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
     self, ClientFrame, ErrorCode, Frame, FrameBudget, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION,
@@ -765,10 +765,15 @@ impl Connection {
                 }
             }
             ClientFrame::Subscribe { topic, group, prefetch, auto_ack, .. } => {
-                let joined = self
-                    .check_name(&topic)
-                    .and_then(|()| self.check_name(&group))
-                    .and_then(|()| join_group(&mut self.state.lock().engine, &topic, &group));
+                let joined = self.check_name(&topic).and_then(|()| self.check_name(&group)).and_then(|()| {
+                    let engine = &mut self.state.lock().engine;
+                    // A group named like an inbox is private: it goes with this consumer.
+                    if group.starts_with(INBOX_PREFIX) {
+                        join_private(engine, &topic, &group)
+                    } else {
+                        join_group(engine, &topic, &group)
+                    }
+                });
                 match joined.and_then(|queue| self.attach(req, &queue, prefetch, auto_ack)) {
                     Ok(()) => None,
                     Err(error) => Some(failure(req, &error)),

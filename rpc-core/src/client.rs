@@ -250,6 +250,13 @@ impl Client {
         self.inner.shared.pending.clear();
     }
 
+    /// Pings the workers of `service` in this client's namespace: which are alive, with their identity,
+    /// version, uptime and load (see [`health`](crate::health)). Awaiting the [`Ping`](crate::health::Ping)
+    /// sends it; it collects answers for one second unless told otherwise.
+    pub fn ping(&self, service: &str) -> crate::health::Ping {
+        crate::health::Ping::new(Arc::clone(&self.inner.transport), self.namespace(), service)
+    }
+
     /// A call of `method` on `service` with `args` already encoded as MessagePack; the reply body comes back
     /// as it is. For tools and gateways that do not have the service's types.
     pub fn request(

@@ -108,6 +108,7 @@ pub mod dead_letters;
 pub mod dedup;
 mod envelope;
 mod error;
+pub mod health;
 mod method;
 pub mod metrics;
 pub mod retry;

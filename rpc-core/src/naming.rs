@@ -21,6 +21,12 @@ pub fn service_topic(namespace: Option<&str>, service: &str) -> String {
     qualify(namespace, &format!("{service}.broadcast"))
 }
 
+/// The topic a service's workers answer pings on (see [`health`](crate::health)):
+/// `<namespace>.<service>.ping`.
+pub fn ping_topic(namespace: Option<&str>, service: &str) -> String {
+    qualify(namespace, &format!("{service}.ping"))
+}
+
 /// The queue that holds the replies for durable callbacks named `name`: `<namespace>.callback.<name>`.
 pub fn callback_queue(namespace: Option<&str>, name: &str) -> String {
     qualify(namespace, &format!("callback.{name}"))

@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::dedup::{DedupStore, MemoryDedup};
 use crate::error::Error;
@@ -96,6 +97,7 @@ pub struct Server {
     dedup: Option<Arc<dyn DedupStore>>,
     overrun: Duration,
     layers: Layers,
+    version: Option<String>,
 }
 
 impl Server {
@@ -114,6 +116,7 @@ impl Server {
             dedup: Some(Arc::new(MemoryDedup::default())),
             overrun: Duration::from_secs(30),
             layers: Layers::default(),
+            version: None,
         }
     }
 
@@ -261,6 +264,13 @@ impl Server {
         self
     }
 
+    /// The application's version, told to whoever pings the service's workers
+    /// ([`health`](crate::health)); none by default.
+    pub fn version(mut self, version: impl Into<String>) -> Server {
+        self.version = Some(version.into());
+        self
+    }
+
     /// Options for declaring the service's queue (default: none, which accepts the queue as it exists).
     pub fn queue_options(mut self, options: QueueOptions) -> Server {
         self.queue_options = options;
@@ -268,10 +278,11 @@ impl Server {
     }
 
     /// Declares the service's queue, starts consuming it (and the broadcast topic if the service has
-    /// broadcast methods) and returns a handle to the running server.
+    /// broadcast methods), subscribes to its ping topic to answer pings ([`health`](crate::health), where the
+    /// transport has private subscriptions) and returns a handle to the running server.
     ///
     /// # Errors
-    /// Whatever the transport reports when declaring or consuming.
+    /// Whatever the transport reports when declaring, consuming or subscribing.
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -288,6 +299,15 @@ impl Server {
         } else {
             None
         };
+        let pings = match self.transport.subscribe_private(&naming::ping_topic(namespace, service.name())).await {
+            Ok(pings) => Some(pings),
+            Err(Error::Unsupported(what)) => {
+                tracing::debug!(service = service.name(), what, "the transport cannot subscribe privately: no pings");
+                None
+            }
+            Err(error) => return Err(error),
+        };
+        let permits = Arc::new(Semaphore::new(self.concurrency));
         let shared = Arc::new(Shared {
             metrics: ServerMetrics::new(service.name(), service.methods()),
             transport: self.transport,
@@ -299,9 +319,18 @@ impl Server {
             method_retry: self.method_retry,
             dedup: self.dedup,
             overrun: self.overrun,
+            identity: Identity {
+                id: Uuid::new_v4(),
+                version: self.version,
+                started: Instant::now(),
+                concurrency: self.concurrency,
+                permits: Arc::clone(&permits),
+                waiting: AtomicBool::new(false),
+            },
         });
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, self.concurrency, stop_rx));
+        let pings = pings.map(|pings| Pings(tokio::spawn(answer_pings(Arc::clone(&shared), pings))));
+        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, pings, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
     }
 }
@@ -320,6 +349,70 @@ struct Shared {
     dedup: Option<Arc<dyn DedupStore>>,
     /// How long a handler with a dedup claim may run past its deadline.
     overrun: Duration,
+    /// Who this server is, for pings.
+    identity: Identity,
+}
+
+/// What a server tells whoever pings it, beyond its counters.
+struct Identity {
+    id: Uuid,
+    version: Option<String>,
+    started: Instant,
+    concurrency: usize,
+    /// The handlers' permits: those taken are the requests in flight, but the one the server holds while it
+    /// waits for a delivery.
+    permits: Arc<Semaphore>,
+    /// Whether the server holds a permit and waits for a delivery.
+    waiting: AtomicBool,
+}
+
+/// The task answering pings; it stops with the server.
+struct Pings(JoinHandle<()>);
+
+impl Drop for Pings {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Answers each ping on `pings` with this worker's [`WorkerInfo`](crate::health::WorkerInfo), until the
+/// subscription ends or the server stops.
+async fn answer_pings(shared: Arc<Shared>, mut pings: Consumer) {
+    let host = crate::health::host_name();
+    while let Some(ping) = pings.next().await {
+        let ping = ping.envelope;
+        let Some(reply_to) = ping.reply_to.as_ref().filter(|_| ping.method == crate::health::PING_METHOD) else {
+            tracing::debug!(method = %ping.method, "not a ping on a ping topic; dropped");
+            continue;
+        };
+        let identity = &shared.identity;
+        let stats = ServerStats::of(&shared.stats);
+        let waiting = usize::from(identity.waiting.load(Ordering::Relaxed));
+        let in_flight = identity.concurrency.saturating_sub(identity.permits.available_permits() + waiting);
+        let info = crate::health::WorkerInfo {
+            id: identity.id.to_string(),
+            service: shared.service.name().to_owned(),
+            queue: shared.queue.clone(),
+            version: identity.version.clone(),
+            mqrpc: env!("CARGO_PKG_VERSION").to_owned(),
+            host: host.clone(),
+            pid: std::process::id(),
+            uptime_ms: u64::try_from(identity.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            concurrency: u32::try_from(identity.concurrency).unwrap_or(u32::MAX),
+            handled: stats.handled,
+            failed: stats.failed,
+            system: shared.transport.system().to_owned(),
+        };
+        let answer = match crate::codec::encode(&info) {
+            Ok(body) => ping.reply(Ok(body)),
+            Err(error) => ping.reply(Err(Status::new(crate::Code::Internal, error.to_string()))),
+        };
+        let confirm = transport::Confirm::for_reply(reply_to);
+        if let Err(error) = shared.transport.publish(reply_to.address(), answer, confirm).await {
+            tracing::debug!(%error, "an answer to a ping was not sent");
+        }
+    }
 }
 
 impl Shared {
@@ -457,10 +550,10 @@ async fn run(
     shared: Arc<Shared>,
     mut requests: Consumer,
     mut broadcasts: Option<Consumer>,
-    concurrency: usize,
+    permits: Arc<Semaphore>,
+    pings: Option<Pings>,
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
-    let permits = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let mut inline = Inline::default();
     let grace = loop {
@@ -472,12 +565,14 @@ async fn run(
                 Err(_) => break Duration::ZERO,
             },
         };
+        shared.identity.waiting.store(true, Ordering::Relaxed);
         let delivery = tokio::select! {
             biased;
             grace = &mut stop => break grace.unwrap_or_default(),
             delivery = requests.next() => delivery.map(|delivery| (delivery, Source::Queue)),
             Some(delivery) = next(&mut broadcasts) => Some((delivery, Source::Topic)),
         };
+        shared.identity.waiting.store(false, Ordering::Relaxed);
         let Some((delivery, source)) = delivery else {
             tracing::warn!(service = shared.service.name(), "the request consumer closed; the server stops");
             break Duration::ZERO;
@@ -520,6 +615,7 @@ async fn run(
     // Dropping the consumers after the handlers are done hands every unsettled delivery back to the broker.
     drop(requests);
     drop(broadcasts);
+    drop(pings);
     if let Err(error) = shared.transport.flush().await {
         tracing::warn!(%error, "the broker may not have the last settles; it redelivers what it did not see");
     }

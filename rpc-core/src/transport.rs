@@ -885,6 +885,18 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Opens a private reply address; it goes away with its consumer.
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>>;
 
+    /// Subscribes to `topic` privately: the consumer (auto-acked) receives a copy of everything published to
+    /// the topic while it exists, and nothing of it stays behind once it is dropped (no queue, group or
+    /// offset left on the broker), so a process may open one for each run. Workers answer pings
+    /// ([`health`](crate::health)) through one. The default is [`Error::Unsupported`].
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`]; the transport's errors for subscribing.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        let _ = topic;
+        Box::pin(std::future::ready(Err(Error::Unsupported("private subscriptions"))))
+    }
+
     /// The counters of `queue` (see [`Capabilities::queue_stats`]). The default is [`Error::Unsupported`].
     ///
     /// # Errors
@@ -967,6 +979,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         (**self).open_inbox()
+    }
+
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        (**self).subscribe_private(topic)
     }
 
     // Every method forwards, those with a default included: the default would silently replace the

@@ -509,6 +509,7 @@ macro_rules! scenarios {
             delayed_call_waits_its_delay_or_is_refused,
             retry_backoff_is_held_by_the_broker,
             trace_context_goes_on_with_nested_calls,
+            ping_finds_every_live_worker,
         }
     };
 }

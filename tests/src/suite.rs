@@ -1041,6 +1041,60 @@ pub async fn trace_context_goes_on_with_nested_calls(harness: &dyn Harness) {
     assert_eq!((own, nested), (None, None), "a call outside any trace carried a trace context");
 }
 
+/// A ping finds every live worker of a service, whatever it consumes, with its identity, version, system and
+/// load; a worker that stopped no longer answers.
+pub async fn ping_finds_every_live_worker(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let events = Arc::new(Events::default());
+    let mut servers = Vec::new();
+    for name in ["a", "b"] {
+        let worker = Worker { name: name.into(), events: Arc::clone(&events), client: None };
+        let server = setup.server(setup.transport().await).version("7.1.0").concurrency(3);
+        servers.push(server.serve(ProbeServer::new(worker)).await.expect("serves"));
+    }
+    let client = setup.client().await;
+    let probe = ProbeClient::new(&client);
+    let workers = client.ping(SERVICE).wait(WAIT).at_least(2).await.expect("pings");
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    assert!(workers.iter().all(|worker| worker.in_flight == 0), "{workers:?}");
+    assert_ne!(workers[0].id, workers[1].id);
+    let system = client.transport().system();
+    for worker in &workers {
+        assert_eq!(worker.service, SERVICE);
+        assert_eq!(worker.queue, setup.queue());
+        assert_eq!(worker.version.as_deref(), Some("7.1.0"));
+        assert_eq!(worker.mqrpc, env!("CARGO_PKG_VERSION"));
+        assert_eq!(worker.system, system);
+        assert_eq!(worker.pid, std::process::id());
+        assert_eq!(worker.concurrency, 3);
+    }
+    // A call held by a worker: its ping says so.
+    let held = tokio::spawn(probe.gate().timeout(WAIT).into_future());
+    eventually_async("a ping to count the held call", WAIT, || async {
+        let workers = client.ping(SERVICE).wait(WAIT).at_least(2).await.expect("pings");
+        workers.iter().map(|worker| worker.in_flight).sum::<u32>() == 1
+    })
+    .await;
+    // Counted from when its worker took it, which may be before its handler waits at the gate.
+    eventually("the held call to be let go", WAIT, || {
+        events.gate.notify_waiters();
+        held.is_finished()
+    })
+    .await;
+    held.await.expect("joins").expect("the held call is answered");
+
+    let kept = servers.remove(0);
+    let stopped = servers.remove(0).shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stopped.aborted, 0);
+    let left = client.ping(SERVICE).wait(Duration::from_secs(2)).await.expect("pings");
+    assert_eq!(left.len(), 1, "only the worker still running answers: {left:?}");
+    assert!(workers.iter().any(|worker| worker.id == left[0].id));
+    assert_eq!(left[0].handled, kept.stats().handled);
+    // A service nobody runs: no answer, and no error.
+    let nobody = client.ping("suite.Nobody").wait(Duration::from_millis(300)).await.expect("pings");
+    assert!(nobody.is_empty(), "{nobody:?}");
+}
+
 /// With an OpenTelemetry layer installed ([`crate::otel::install`]; not a scenario of the suite, which runs
 /// without one): a call's span is the parent of the worker's span, a call made in the handler is its child, a
 /// retry's span links to the attempt before it, and a oneway call's send span is the parent of its process

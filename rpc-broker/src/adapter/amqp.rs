@@ -625,6 +625,25 @@ impl Transport for Amqp {
         })
     }
 
+    /// An exclusive, auto-delete queue bound to the topic's fanout exchange: RabbitMQ deletes it with its
+    /// connection, and this transport with its consumer.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let conn = self.inner.current()?;
+            let name = format!("{INBOX_PREFIX}{}", Uuid::new_v4().simple());
+            self.inner.declare_exchange(&conn, topic).await?;
+            self.inner.declare_inbox(&conn, &name).await?;
+            self.inner.bind(&conn, &name, topic).await?;
+            {
+                let mut topology = Inner::lock(&self.inner.topology);
+                topology.exchanges.insert(topic.to_owned());
+                topology.inboxes.insert(name.clone());
+                topology.bindings.insert((name.clone(), topic.to_owned()));
+            }
+            self.consumer(Target::Inbox(name), ConsumeOptions::new().auto_ack(true)).await
+        })
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             let conn = self.inner.current()?;

@@ -531,6 +531,16 @@ impl Transport for Kafka {
         })
     }
 
+    /// A reader of the topic's partition without a group, from its end: it commits nothing, so nothing of it
+    /// stays on the broker.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let name = topic_name(topic)?;
+            self.create_topic(&name, 1).await?;
+            consumer::start_reader(self.clone(), name, consumer::Reader::Private).await
+        })
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             let topic = format!("{INBOX_PREFIX}{}", uuid::Uuid::new_v4().simple());

@@ -547,6 +547,18 @@ impl Transport for Nats {
         })
     }
 
+    /// A plain core subscription to the topic's subject, in JetStream mode too (a stream's publish reaches
+    /// core subscribers of its subject): nothing stays on the server once it is dropped.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            check_subject(topic)?;
+            let subscriber = self.inner.client.subscribe(topic.to_owned()).await.map_err(|_| Error::Disconnected)?;
+            self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+            Ok(self.core_consumer(subscriber, ConsumeOptions::new().auto_ack(true)))
+        })
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             self.inner.check()?;

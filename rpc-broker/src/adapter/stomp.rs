@@ -794,6 +794,23 @@ impl Transport for Stomp {
         })
     }
 
+    /// A plain subscription to the topic (`/topic/<topic>` on RabbitMQ, whose queue for it is exclusive and
+    /// auto-delete; `/topic/VirtualTopic.<topic>` on ActiveMQ, a non-durable topic subscriber), auto-acked:
+    /// it ends with its connection and leaves nothing behind.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let target = Target {
+                destination: self.topic_destination(topic),
+                headers: Vec::new(),
+                queue: format!("{topic}@private"),
+                max_deliveries: None,
+                notices: None,
+                inbox: false,
+            };
+            consumer::start(&self.inner, target, ConsumeOptions::new().auto_ack(true)).await
+        })
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         Box::pin(async move {
             let address = format!("{INBOX_PREFIX}{}", Uuid::new_v4().simple());

@@ -462,6 +462,14 @@ impl Transport for Zmq {
         })
     }
 
+    /// A SUB socket of its own, as every subscription here: nothing outlives it.
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            check_name(topic)?;
+            broadcast::subscribe(&self.inner, topic).await
+        })
+    }
+
     fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
         let n = self.inner.next_inbox.fetch_add(1, Ordering::Relaxed);
         let address = format!("{INBOX_PREFIX}{}/{n}", self.inner.node.simple());

@@ -182,11 +182,12 @@ impl Inner {
         for exchange in &exchanges {
             self.declare_exchange(conn, exchange).await?;
         }
-        for (queue, exchange) in &bindings {
-            self.bind(conn, queue, exchange).await?;
-        }
+        // Inboxes before bindings: a private subscription's inbox is bound to its topic.
         for inbox in &inboxes {
             self.declare_inbox(conn, inbox).await?;
+        }
+        for (queue, exchange) in &bindings {
+            self.bind(conn, queue, exchange).await?;
         }
         let ids: Vec<u64> = Inner::lock(&self.consumers)
             .iter_mut()

@@ -384,7 +384,9 @@ impl Drop for ConsumerGuard {
     fn drop(&mut self) {
         let Some(logical) = Inner::lock(&self.inner.consumers).remove(&self.id) else { return };
         if let Target::Inbox(name) = &logical.target {
-            Inner::lock(&self.inner.topology).inboxes.remove(name);
+            let mut topology = Inner::lock(&self.inner.topology);
+            topology.inboxes.remove(name);
+            topology.bindings.retain(|(queue, _)| queue != name);
         }
         if let Some((channel, tag, held)) = logical.current {
             // Closing the consumer's channel requeues what it held unacked.

@@ -762,6 +762,26 @@ fn delivery(envelope: Envelope, delivery_count: u32, queued: Duration, handle: A
 
 /// Reads the inbox topic `topic` from its start, without a group; deletes the topic when the inbox goes.
 pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Error> {
+    let address = topic.clone();
+    let consumer = start_reader(kafka, topic, Reader::Inbox).await?;
+    Ok(Inbox { address, consumer, losses: None })
+}
+
+/// What a reader without a group reads, and what it leaves behind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reader {
+    /// A client's inbox topic, from its start; the topic is deleted with the reader.
+    Inbox,
+    /// A private subscription: what the topic takes from now on; the topic stays.
+    Private,
+}
+
+/// Reads partition 0 of `topic` without a group, auto-acked, on a thread of its own.
+pub(super) async fn start_reader(
+    kafka: Kafka,
+    topic: String,
+    reader: Reader,
+) -> Result<rpc_core::transport::Consumer, Error> {
     let consumer: BaseConsumer = client_config(&kafka.inner.brokers)
         .set("group.id", &topic)
         .set("enable.auto.commit", "false")
@@ -769,15 +789,26 @@ pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Er
         .user(&kafka.inner.options)
         .create()
         .map_err(transport_error)?;
-    consumer.assign(&offsets(&topic, &[(0, 0)])).map_err(transport_error)?;
+    let consumer = tokio::task::spawn_blocking(move || {
+        let start = match reader {
+            Reader::Inbox => 0,
+            // The end as it is now, asked for rather than left to the first fetch: a publish right after this
+            // returns is read.
+            Reader::Private => consumer.fetch_watermarks(&topic, 0, ADMIN_TIMEOUT).map_err(broker_error)?.1,
+        };
+        consumer.assign(&offsets(&topic, &[(0, start)])).map_err(transport_error)?;
+        Ok::<_, Error>((consumer, topic))
+    })
+    .await
+    .map_err(|error| Error::Transport(error.into()))??;
+    let (consumer, topic) = consumer;
     let control = Arc::new(Control::new(&kafka.inner.closing, None));
     let (sender, receiver) = mpsc::unbounded_channel();
     let stop = Arc::clone(&control);
-    let address = topic.clone();
     let runtime = tokio::runtime::Handle::current();
     // A thread of its own, as for groups: librdkafka's poll blocks.
     std::thread::Builder::new()
-        .name("mqrpc-kafka-inbox".into())
+        .name("mqrpc-kafka-reader".into())
         .spawn(move || {
             while !stop.stopped.load(Ordering::Acquire) && !sender.is_closed() {
                 match consumer.poll(POLL) {
@@ -787,20 +818,21 @@ pub(super) async fn start_inbox(kafka: Kafka, topic: String) -> Result<Inbox, Er
                         let _ = sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
                     }
                     Some(Err(error)) => {
-                        tracing::debug!(%error, %topic, "reading the inbox failed");
+                        tracing::debug!(%error, %topic, "reading a topic without a group failed");
                         std::thread::sleep(READ_BACKOFF);
                     }
                 }
             }
             drop(consumer);
-            if let Err(error) = runtime.block_on(kafka.delete_topic(&topic)) {
+            if reader == Reader::Inbox
+                && let Err(error) = runtime.block_on(kafka.delete_topic(&topic))
+            {
                 tracing::debug!(%error, %topic, "could not delete an inbox topic");
             }
             stop.left();
         })
         .map_err(|error| Error::Transport(error.into()))?;
-    let consumer = rpc_core::transport::Consumer::from_channel(receiver, Some(Box::new(Handle(control))));
-    Ok(Inbox { address, consumer, losses: None })
+    Ok(rpc_core::transport::Consumer::from_channel(receiver, Some(Box::new(Handle(control)))))
 }
 
 /// The counters of the queue on `topic` (with its dead letters on `dead_letters`), from the broker.

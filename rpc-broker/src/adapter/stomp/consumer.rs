@@ -488,7 +488,9 @@ impl State {
         };
         let headers = self.subscribe_headers(self.inner.flavour);
         let borrowed: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
-        let messages = connection.subscribe(&self.target.destination, "client-individual", &borrowed).await?;
+        // An auto-acked consumer is settled by the server as it sends: nothing it takes holds its prefetch.
+        let ack = if self.options.auto_ack { "auto" } else { "client-individual" };
+        let messages = connection.subscribe(&self.target.destination, ack, &borrowed).await?;
         self.connection.send_replace(Some(connection));
         Ok(Subscribed { messages, notices })
     }
