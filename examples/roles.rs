@@ -9,7 +9,11 @@ use crate::calculator::{Calc, CalculatorClient, CalculatorServer};
 
 /// Serves `Calculator` until Ctrl-C, then finishes what it runs and hands the rest back to the broker.
 pub async fn worker(transport: impl Transport, broker: &str) -> Result<(), rpc_core::Error> {
-    let server = Server::new(transport).concurrency(64).serve(CalculatorServer::new(Calc)).await?;
+    let server = Server::new(transport)
+        .concurrency(64)
+        .version(env!("CARGO_PKG_VERSION"))
+        .serve(CalculatorServer::new(Calc))
+        .await?;
     println!("worker serving Calculator on {broker}; Ctrl-C stops it");
     let _ = tokio::signal::ctrl_c().await;
     let report = server.shutdown(Duration::from_secs(5)).await;

@@ -8,7 +8,13 @@
 //! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
 //! rpc-broker dlq replay QUEUE                         # put it back on QUEUE
 //! rpc-broker delete QUEUE...                          # delete queues with their messages and dead letters
+//! rpc-broker ping Calculator [--wait-ms 1000]         # the live workers of a service: who, version, load
 //! ```
+//!
+//! `call` and `ping` also take the URL of another broker in `--broker`, for the adapters this binary was built
+//! with (`--features amqp,nats,kafka,stomp,zmq`): `amqp://`, `nats://`, `kafka://HOST:PORT`, `stomp://`, and
+//! `zmq://HOST:PORT,...` (the workers' endpoints; `call` only: a ZeroMQ worker hears broadcasts, pings
+//! included, from the nodes it lists as peers, and it does not list this command's).
 //!
 //! Every flag can also come from the environment (`MQRPC_LISTEN`, `MQRPC_TOKEN`, `MQRPC_BROKER`, ...: see
 //! `rpc-broker help serve`). Run it from the repository root with `cargo run -p rpc-broker -- serve`.
@@ -62,6 +68,20 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: Dlq,
+    },
+    /// Lists the live workers of SERVICE: id, version, host, pid, uptime, requests in flight, handled, failed.
+    /// Fails when none answers.
+    Ping {
+        /// The service's name.
+        service: String,
+        /// How long to wait for answers, in milliseconds.
+        #[arg(long, default_value_t = 1_000)]
+        wait_ms: u64,
+        /// The namespace the service runs in, if any.
+        #[arg(long, env = "MQRPC_NAMESPACE")]
+        namespace: Option<String>,
+        #[command(flatten)]
+        connect: Connect,
     },
     /// Deletes each QUEUE with the messages it holds, and its dead-letter queue; consumers of them end.
     Delete {
@@ -205,6 +225,9 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Dlq { action: Dlq::List { queue, connect } } => dead_letters(&connect, &queue, false).await,
         Command::Dlq { action: Dlq::Replay { queue, connect } } => dead_letters(&connect, &queue, true).await,
         Command::Delete { queues, connect } => delete(&connect, &queues).await,
+        Command::Ping { service, wait_ms, namespace, connect } => {
+            ping(&connect, &service, Duration::from_millis(wait_ms), namespace).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -294,12 +317,97 @@ async fn connect(connect: &Connect) -> Result<Remote, String> {
         .map_err(|error| format!("cannot connect to {}: {error}", connect.broker))
 }
 
+/// A transport to the broker `--broker` names: ours, or another through the adapters built in.
+async fn transport(target: &Connect) -> Result<Arc<dyn rpc_core::Transport>, String> {
+    let url = target.broker.as_str();
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    match scheme {
+        "mqrpc" | "mqrpcs" => Ok(Arc::new(connect(target).await?)),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => {
+            Ok(Arc::new(rpc_broker::adapter::amqp::Amqp::connect(url).await.map_err(|error| unreachable(url, &error))?))
+        }
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => {
+            Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect(url).await.map_err(|error| unreachable(url, &error))?))
+        }
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            let brokers = url.trim_start_matches("kafka://");
+            Ok(Arc::new(
+                rpc_broker::adapter::kafka::Kafka::connect(brokers).await.map_err(|error| unreachable(url, &error))?,
+            ))
+        }
+        #[cfg(feature = "stomp")]
+        "stomp" => Ok(Arc::new(
+            rpc_broker::adapter::stomp::Stomp::connect(url).await.map_err(|error| unreachable(url, &error))?,
+        )),
+        #[cfg(feature = "zmq")]
+        "zmq" => {
+            use rpc_broker::adapter::zmq::{Zmq, ZmqOptions};
+            let peers = url.trim_start_matches("zmq://").split(',').map(|endpoint| format!("tcp://{endpoint}"));
+            Ok(Arc::new(Zmq::start(ZmqOptions::new().peers(peers)).await.map_err(|error| unreachable(url, &error))?))
+        }
+        _ => Err(format!(
+            "`{url}`: this rpc-broker speaks mqrpc:// and mqrpcs://, and the schemes of the adapters it was built \
+             with (amqp://, nats://, kafka://, stomp://, zmq://; cargo install with --features amqp,nats,...)"
+        )),
+    }
+}
+
+#[cfg_attr(
+    not(any(feature = "amqp", feature = "nats", feature = "kafka", feature = "stomp", feature = "zmq")),
+    allow(dead_code)
+)]
+fn unreachable(url: &str, error: &Error) -> String {
+    format!("cannot connect to {url}: {error}")
+}
+
+async fn ping(target: &Connect, service: &str, wait: Duration, namespace: Option<String>) -> Result<(), String> {
+    if target.broker.starts_with("zmq://") {
+        return Err("a ZeroMQ worker hears pings only from the nodes it lists as peers: ping from one of those, \
+                    with `Client::ping`"
+            .into());
+    }
+    let transport = transport(target).await?;
+    let workers = rpc_core::health::Ping::new(transport, namespace.as_deref(), service)
+        .wait(wait)
+        .await
+        .map_err(|error| format!("pinging {service}: {error}"))?;
+    if workers.is_empty() {
+        return Err(format!("no worker of {service} answered within {} ms", wait.as_millis()));
+    }
+    println!(
+        "{:<36} {:<10} {:<16} {:>8} {:>10} {:>9} {:>10} {:>8}",
+        "worker", "version", "host", "pid", "uptime", "in flight", "handled", "failed"
+    );
+    for worker in &workers {
+        println!(
+            "{:<36} {:<10} {:<16} {:>8} {:>9}s {:>4}/{:<4} {:>10} {:>8}",
+            worker.id,
+            worker.version.as_deref().unwrap_or("-"),
+            worker.host,
+            worker.pid,
+            worker.uptime_ms / 1_000,
+            worker.in_flight,
+            worker.concurrency,
+            worker.handled,
+            worker.failed,
+        );
+    }
+    println!("{} worker(s) of {service} on {}", workers.len(), workers[0].system);
+    Ok(())
+}
+
 async fn list_queues(target: &Connect) -> Result<(), String> {
     let remote = connect(target).await?;
     let queues = remote.list_queues().await.map_err(|error| error.to_string())?;
     let depth_of = |name: &str| queues.iter().find(|(queue, _)| queue == name).map(|(_, stats)| stats.ready);
     println!("{:<48} {:>10} {:>10} {:>10} {:>10} {:>10}", "queue", "depth", "delayed", "unacked", "consumers", "dlq");
-    for (name, stats) in queues.iter().filter(|(name, _)| !name.ends_with(".dlq") && !name.starts_with("inbox.")) {
+    for (name, stats) in queues
+        .iter()
+        .filter(|(name, _)| !name.ends_with(".dlq") && !name.starts_with("inbox.") && !name.contains("@inbox."))
+    {
         let dlq = depth_of(&naming::dead_letter_queue(name)).map_or_else(|| "-".to_owned(), |depth| depth.to_string());
         println!(
             "{name:<48} {:>10} {:>10} {:>10} {:>10} {dlq:>10}",
@@ -337,8 +445,7 @@ async fn call(
     namespace: Option<String>,
 ) -> Result<(), String> {
     let args = json_to_msgpack(args)?;
-    let remote = connect(target).await?;
-    let mut builder = Client::builder(remote);
+    let mut builder = Client::builder(transport(target).await?);
     if let Some(namespace) = namespace {
         builder = builder.namespace(namespace);
     }

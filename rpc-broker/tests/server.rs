@@ -511,6 +511,40 @@ async fn operator_commands_list_call_and_replay() {
     }
 }
 
+/// `rpc-broker ping` lists each live worker of a service and fails when none answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_lists_the_live_workers_and_fails_without_one() {
+    let broker = start(config()).await;
+    let url = broker.url();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let transport = Remote::connect(&url).await.expect("connects");
+        servers.push(Server::new(transport).version("2.0.1").serve(EchoServer::new(EchoImpl)).await.expect("serves"));
+    }
+    let listed = cli(&url, &["ping", "Echo", "--wait-ms", "500"]).await;
+    let rows: Vec<Vec<&str>> =
+        listed.lines().skip(1).filter(|line| line.contains("2.0.1")).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    let pid = std::process::id().to_string();
+    for row in &rows {
+        assert_eq!(row[1], "2.0.1");
+        assert_eq!(row[3], pid, "{listed}");
+    }
+    assert!(listed.ends_with("2 worker(s) of Echo on mqrpc\n"), "{listed}");
+    // Nothing of the pings stays: the queue list shows no private group.
+    assert!(!cli(&url, &["queues"]).await.contains('@'));
+
+    let none = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
+        .args(["ping", "Nobody", "--wait-ms", "200"])
+        .env("MQRPC_BROKER", &url)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert!(!none.status.success());
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert!(stderr.contains("no worker of Nobody answered within 200 ms"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfirmed_and_quiet_publishes_are_answered_only_as_documented_and_inbox_names_are_reserved() {
     let broker = start(config()).await;
@@ -974,4 +1008,46 @@ async fn serve_with_metrics_answers_a_scrape_that_follows_the_queues() {
     assert_eq!(ready(&body).as_deref(), Some("3"), "{body}");
     assert!(body.contains(r#"mqrpc_broker_queue_published_total{queue="metered"} 3"#), "{body}");
     process.kill().await.expect("stops");
+}
+
+/// A private subscription gets every copy published to its topic while it exists, each subscription its own,
+/// and leaves nothing behind: on both faces of the engine, and on the server its queue is gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_subscriptions_get_every_copy_and_go_with_their_consumer() {
+    private_subscriptions(Arc::new(rpc_broker::Embedded::new())).await;
+    let server = start(config()).await;
+    private_subscriptions(Arc::new(Remote::connect(&server.url()).await.expect("connects"))).await;
+    // The last consumer's cancel is on its way as the transport drops.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> =
+            server.queues().into_iter().map(|(name, _)| name).filter(|name| name.contains('@')).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "private groups outlived their consumers: {left:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn private_subscriptions(transport: Arc<dyn Transport>) {
+    let marked = |n: u32| {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.attempt = n;
+        envelope
+    };
+    let mut first = transport.subscribe_private("news").await.expect("subscribes");
+    let mut second = transport.subscribe_private("news").await.expect("subscribes");
+    transport.publish_topic("news", marked(1)).await.expect("publishes");
+    assert_eq!(next(&mut first).await.envelope.attempt, 1);
+    assert_eq!(next(&mut second).await.envelope.attempt, 1);
+    drop(second);
+    transport.publish_topic("news", marked(2)).await.expect("publishes");
+    assert_eq!(next(&mut first).await.envelope.attempt, 2);
+    drop(first);
+    // Nobody subscribes now: the copy has nowhere to go, and a subscription made later does not see it.
+    transport.publish_topic("news", marked(3)).await.expect("publishes");
+    let mut late = transport.subscribe_private("news").await.expect("subscribes");
+    transport.publish_topic("news", marked(4)).await.expect("publishes");
+    assert_eq!(next(&mut late).await.envelope.attempt, 4);
 }

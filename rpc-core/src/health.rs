@@ -3,7 +3,8 @@
 //! Every [`Server`](crate::Server) subscribes privately ([`Transport::subscribe_private`]) to its service's
 //! ping topic, `<namespace>.<service>.ping` ([`naming::ping_topic`]), and answers each ping on the pinger's
 //! inbox with a [`WorkerInfo`]. A ping is a broadcast, so every live worker answers, whichever queue or
-//! subscriber group it consumes; the pinger collects the answers for as long as it waits. The envelope and body
+//! subscriber group it consumes; the pinger collects the answers for as long as it waits. (Over ZeroMQ, where
+//! no broker carries a broadcast, a worker hears the pings of the nodes it lists as peers.) The envelope and body
 //! are in `docs/wire-format.md` ("Ping"), so a tool in another language can ping too.
 //!
 //! ```

@@ -838,7 +838,7 @@ impl Transport for Stomp {
 
     /// Cancels the call `correlation_id` on ActiveMQ, in a task of its own: its consumers hear of it (one
     /// running it stops, one that gets it later drops it unrun), the scheduler drops it if it was sent with a
-    /// delay, and a consumer on the queue takes it for [`CANCEL_WINDOW`] if it waits there.
+    /// delay, and a consumer on the queue takes it for a second if it waits there.
     /// [`Error::Unsupported`] elsewhere.
     fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
         if self.inner.flavour != Flavour::ActiveMq {

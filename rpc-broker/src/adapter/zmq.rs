@@ -32,7 +32,8 @@
 //!   subscription reached the publisher, and a publish that found no subscriber is gone. A new SUB, and a SUB
 //!   meeting a new publisher, syncs first (the guide's node coordination: it asks the publisher over its
 //!   DEALER to publish a marker, and waits for the marker), so that a peer added with [`Zmq::add_peer`] misses
-//!   nothing published after that returns.
+//!   nothing published after that returns. A ping ([`rpc_core::health`]) is a broadcast too: a worker
+//!   answers the pings of the nodes whose PUB socket it knows, those it lists as peers.
 //!
 //! Refused with [`Error::Unsupported`], since without a broker nothing could keep them: durable queues and
 //! durable callbacks (a request lives in its caller's memory), a maximum queue length, dead-letter queues and
