@@ -84,6 +84,8 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// Milliseconds since its server started.
     pub uptime_ms: u64,
+    /// When its server started, in milliseconds since the Unix epoch (by its host's clock).
+    pub started_ms: u64,
     /// Requests it is running now.
     pub in_flight: u32,
     /// Requests it runs at most at once.
@@ -92,6 +94,10 @@ pub struct WorkerInfo {
     pub handled: u64,
     /// Handled requests whose reply was not ok.
     pub failed: u64,
+    /// Nanoseconds from deliveries to the end of their handling, summed over the requests handled.
+    pub processing_ns: u64,
+    /// The last failure, `<status code>:<message>`; none before the first.
+    pub last_error: Option<String>,
     /// The message system it is connected to ([`Transport::system`]).
     pub system: String,
 }
@@ -175,6 +181,58 @@ impl IntoFuture for Ping {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())
+    }
+}
+
+/// A running server, as a transport may announce it to its broker's own discovery tools
+/// ([`Transport::announce`]): on NATS, the service API of `nats micro`.
+#[non_exhaustive]
+pub struct Announcement {
+    /// The service's name.
+    pub service: String,
+    /// The queue its requests come on.
+    pub queue: String,
+    /// The methods it serves.
+    pub methods: Vec<String>,
+    /// What the worker says of itself at the moment it is called.
+    pub info: Arc<dyn Fn() -> WorkerInfo + Send + Sync>,
+}
+
+impl Announcement {
+    /// An announcement of `service` on `queue` with `methods`, whose figures `info` gives.
+    pub fn new(
+        service: impl Into<String>,
+        queue: impl Into<String>,
+        methods: Vec<String>,
+        info: Arc<dyn Fn() -> WorkerInfo + Send + Sync>,
+    ) -> Announcement {
+        Announcement { service: service.into(), queue: queue.into(), methods, info }
+    }
+}
+
+impl std::fmt::Debug for Announcement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announcement")
+            .field("service", &self.service)
+            .field("queue", &self.queue)
+            .field("methods", &self.methods)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An announcement in force: dropping it withdraws it.
+pub struct Announced(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl Announced {
+    /// Holds `guard` (subscriptions, a task's abort handle...) for as long as the announcement stands.
+    pub fn new(guard: impl Send + Sync + 'static) -> Announced {
+        Announced(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for Announced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Announced")
     }
 }
 

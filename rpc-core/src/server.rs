@@ -326,10 +326,18 @@ impl Server {
                 concurrency: self.concurrency,
                 permits: Arc::clone(&permits),
                 waiting: AtomicBool::new(false),
+                started_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX)),
+                last_error: std::sync::Mutex::new(None),
             },
         });
         let (stop, stop_rx) = oneshot::channel();
-        let pings = pings.map(|pings| Pings(tokio::spawn(answer_pings(Arc::clone(&shared), pings))));
+        let announced = announce(&shared).await;
+        let pings = Presence {
+            pings: pings.map(|pings| tokio::spawn(answer_pings(Arc::clone(&shared), pings))),
+            _announced: announced,
+        };
         let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, pings, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
     }
@@ -364,14 +372,40 @@ struct Identity {
     permits: Arc<Semaphore>,
     /// Whether the server holds a permit and waits for a delivery.
     waiting: AtomicBool,
+    /// When it started, in milliseconds since the Unix epoch.
+    started_ms: u64,
+    /// The last failure, `<code>:<message>`.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
-/// The task answering pings; it stops with the server.
-struct Pings(JoinHandle<()>);
+/// How a running server is found: the task answering pings and the transport's announcement, both ended with
+/// the server.
+struct Presence {
+    pings: Option<JoinHandle<()>>,
+    _announced: Option<crate::health::Announced>,
+}
 
-impl Drop for Pings {
+impl Drop for Presence {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(pings) = &self.pings {
+            pings.abort();
+        }
+    }
+}
+
+/// Announces the server through its transport (see [`Transport::announce`]); a failure leaves it unannounced.
+async fn announce(shared: &Arc<Shared>) -> Option<crate::health::Announced> {
+    let weak = Arc::downgrade(shared);
+    let host = crate::health::host_name();
+    let info = Arc::new(move || weak.upgrade().map(|shared| shared.worker_info(&host)).unwrap_or_default());
+    let methods = shared.service.methods().iter().map(|method| method.name.to_owned()).collect();
+    let announcement = crate::health::Announcement::new(shared.service.name(), shared.queue.clone(), methods, info);
+    match shared.transport.announce(announcement).await {
+        Ok(announced) => announced,
+        Err(error) => {
+            tracing::warn!(%error, service = shared.service.name(), "the server could not be announced; it serves");
+            None
+        }
     }
 }
 
@@ -385,25 +419,7 @@ async fn answer_pings(shared: Arc<Shared>, mut pings: Consumer) {
             tracing::debug!(method = %ping.method, "not a ping on a ping topic; dropped");
             continue;
         };
-        let identity = &shared.identity;
-        let stats = ServerStats::of(&shared.stats);
-        let waiting = usize::from(identity.waiting.load(Ordering::Relaxed));
-        let in_flight = identity.concurrency.saturating_sub(identity.permits.available_permits() + waiting);
-        let info = crate::health::WorkerInfo {
-            id: identity.id.to_string(),
-            service: shared.service.name().to_owned(),
-            queue: shared.queue.clone(),
-            version: identity.version.clone(),
-            mqrpc: env!("CARGO_PKG_VERSION").to_owned(),
-            host: host.clone(),
-            pid: std::process::id(),
-            uptime_ms: u64::try_from(identity.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
-            concurrency: u32::try_from(identity.concurrency).unwrap_or(u32::MAX),
-            handled: stats.handled,
-            failed: stats.failed,
-            system: shared.transport.system().to_owned(),
-        };
+        let info = shared.worker_info(&host);
         let answer = match crate::codec::encode(&info) {
             Ok(body) => ping.reply(Ok(body)),
             Err(error) => ping.reply(Err(Status::new(crate::Code::Internal, error.to_string()))),
@@ -416,6 +432,40 @@ async fn answer_pings(shared: Arc<Shared>, mut pings: Consumer) {
 }
 
 impl Shared {
+    /// Remembers the last failure, for pings and discovery: `<code>:<message>`, as the NATS service API
+    /// writes an endpoint's last error.
+    fn failed_with(&self, code: crate::Code, message: &str) {
+        let last = format!("{}:{message}", code.as_u16());
+        *self.identity.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(last);
+    }
+
+    /// What this worker says of itself when pinged.
+    fn worker_info(&self, host: &str) -> crate::health::WorkerInfo {
+        let identity = &self.identity;
+        let stats = ServerStats::of(&self.stats);
+        let waiting = usize::from(identity.waiting.load(Ordering::Relaxed));
+        let in_flight = identity.concurrency.saturating_sub(identity.permits.available_permits() + waiting);
+        let last_error = identity.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        crate::health::WorkerInfo {
+            id: identity.id.to_string(),
+            service: self.service.name().to_owned(),
+            queue: self.queue.clone(),
+            version: identity.version.clone(),
+            mqrpc: env!("CARGO_PKG_VERSION").to_owned(),
+            host: host.to_owned(),
+            pid: std::process::id(),
+            uptime_ms: u64::try_from(identity.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            started_ms: identity.started_ms,
+            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            concurrency: u32::try_from(identity.concurrency).unwrap_or(u32::MAX),
+            handled: stats.handled,
+            failed: stats.failed,
+            processing_ns: self.stats.processing_ns.load(Ordering::Relaxed),
+            last_error,
+            system: self.transport.system().to_owned(),
+        }
+    }
+
     fn policy(&self, method: &str) -> &RetryPolicy {
         self.method_retry.get(method).unwrap_or(&self.retry)
     }
@@ -424,6 +474,8 @@ impl Shared {
 #[derive(Default)]
 struct Counters {
     handled: AtomicU64,
+    /// Nanoseconds from deliveries to the end of their handling, summed over those handled.
+    processing_ns: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
     expired: AtomicU64,
@@ -467,6 +519,15 @@ pub struct ServerStats {
     pub revoked: u64,
     /// Handlers stopped because their caller cancelled the call; the request is acked without a reply.
     pub cancelled: u64,
+}
+
+impl Counters {
+    /// Counts a request handled, received at `received_at`.
+    fn handled(&self, received_at: Instant) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        let took = u64::try_from(received_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.processing_ns.fetch_add(took, Ordering::Relaxed);
+    }
 }
 
 impl ServerStats {
@@ -551,7 +612,7 @@ async fn run(
     mut requests: Consumer,
     mut broadcasts: Option<Consumer>,
     permits: Arc<Semaphore>,
-    pings: Option<Pings>,
+    pings: Presence,
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
     let mut tasks = JoinSet::new();

@@ -897,6 +897,20 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         Box::pin(std::future::ready(Err(Error::Unsupported("private subscriptions"))))
     }
 
+    /// Tells the broker's own discovery tools of a running server, for as long as the returned guard is held
+    /// (on NATS, the service API that `nats micro` reads). Servers call it as they start. The default announces
+    /// nothing (`Ok(None)`): pings ([`health`](crate::health)) work without it.
+    ///
+    /// # Errors
+    /// The transport's errors for subscribing; the server goes on without the announcement.
+    fn announce(
+        &self,
+        announcement: crate::health::Announcement,
+    ) -> BoxFuture<'_, Result<Option<crate::health::Announced>, Error>> {
+        let _ = announcement;
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
     /// The counters of `queue` (see [`Capabilities::queue_stats`]). The default is [`Error::Unsupported`].
     ///
     /// # Errors
@@ -987,6 +1001,13 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     // Every method forwards, those with a default included: the default would silently replace the
     // transport's own.
+    fn announce(
+        &self,
+        announcement: crate::health::Announcement,
+    ) -> BoxFuture<'_, Result<Option<crate::health::Announced>, Error>> {
+        (**self).announce(announcement)
+    }
+
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         (**self).queue_stats(queue)
     }

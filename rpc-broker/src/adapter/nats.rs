@@ -31,6 +31,10 @@
 //! The payload is the MessagePack of the arguments or the result. A plain NATS client calls a service with
 //! `request_with_headers(subject, {mqrpc-method: add}, msgpack_args)` in core mode.
 //!
+//! Discovery: each server answers the NATS service API (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`, with the
+//! service named after its queue, `.` made `_`), so `nats micro ls` lists mqrpc workers; pings
+//! ([`rpc_core::health`]) go through a plain subscription to `<service>.ping`.
+//!
 //! Connection loss: the client reconnects with exponential backoff and jitter and resubscribes; while it is
 //! disconnected, publishes fail at once with [`Error::Disconnected`] and calls resolve by their deadline.
 //!
@@ -70,6 +74,7 @@ use super::{CounterMap, Counters};
 mod core;
 mod jetstream;
 mod mapping;
+mod micro;
 
 /// How a [`Nats`] transport maps queues.
 #[derive(Clone, Debug)]
@@ -556,6 +561,20 @@ impl Transport for Nats {
             let subscriber = self.inner.client.subscribe(topic.to_owned()).await.map_err(|_| Error::Disconnected)?;
             self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
             Ok(self.core_consumer(subscriber, ConsumeOptions::new().auto_ack(true)))
+        })
+    }
+
+    /// Answers the NATS service API for the server (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`; see the `micro`
+    /// module), so that `nats micro ls` and the other NATS tools list it.
+    fn announce(
+        &self,
+        announcement: rpc_core::health::Announcement,
+    ) -> BoxFuture<'_, Result<Option<rpc_core::health::Announced>, Error>> {
+        Box::pin(async move {
+            self.inner.check()?;
+            // Core mode's workers share a queue group named after the queue; JetStream's pull from a stream.
+            let queue_group = (!self.inner.options.jetstream).then(|| announcement.queue.clone());
+            Ok(Some(micro::announce(&self.inner.client, announcement, queue_group).await?))
         })
     }
 

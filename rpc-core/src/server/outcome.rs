@@ -84,6 +84,7 @@ pub(super) async fn dead_letter(
         format!("gave up after attempt {attempt} of {of}, the deadline leaving no time for another: {last}")
     };
     tracing::warn!(%message, "dead-lettering a request");
+    shared.failed_with(Code::DeadLettered, &message);
     let status = Status::new(Code::DeadLettered, message).with_cause(last.code()).with_details(last.details().clone());
     match reply(shared, &request.envelope, &handle, Err(status)).await {
         Ok(()) => {}
@@ -101,13 +102,15 @@ pub(super) async fn dead_letter(
 pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle, result: Result<Bytes, Status>) {
     let stats = &shared.stats;
     shared.metrics.handled(&request.envelope.method, &result);
-    if result.is_err() {
+    if let Err(status) = &result {
         stats.failed.fetch_add(1, Ordering::Relaxed);
+        shared.failed_with(status.code(), status.message());
     }
+    let received_at = request.received_at;
     let mut envelope = request.envelope;
     if envelope.kind != Kind::Request || envelope.reply_to.is_none() {
         // Nobody waits for a reply.
-        stats.handled.fetch_add(1, Ordering::Relaxed);
+        stats.handled(received_at);
         settle(handle.ack().await);
         return;
     }
@@ -136,7 +139,7 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
             return;
         }
     }
-    stats.handled.fetch_add(1, Ordering::Relaxed);
+    stats.handled(received_at);
 }
 
 /// Counts a reply not sent because the broker took its request back from this worker (its connection was

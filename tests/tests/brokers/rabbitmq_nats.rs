@@ -442,3 +442,94 @@ async fn rabbitmq_calls_to_a_bounded_queue_stay_confirmed() {
         call.abort();
     }
 }
+
+/// Workers on NATS answer the NATS service API (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`) as `nats micro` and
+/// async-nats's `service` module define it: a plain NATS client finds them and reads their figures, parsed here
+/// with async-nats's own types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
+async fn workers_answer_the_nats_service_api() {
+    use async_nats::service::{Info, PingResponse, Stats};
+    let harness = NatsHarness::core().available();
+    let namespace = namespace();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let worker = Worker { name: "w".into(), events: Arc::new(Events::default()), client: None };
+        let server = Server::new(harness.connect().await).namespace(&namespace).version("3.2.1");
+        workers.push(server.serve(ProbeServer::new(worker)).await.expect("the worker starts"));
+    }
+    let caller = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("connects");
+    let mut ids: Vec<String> =
+        caller.ping("suite.Probe").at_least(2).await.expect("pings").into_iter().map(|worker| worker.id).collect();
+    ids.sort();
+    let name = format!("{namespace}_suite_Probe");
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+
+    let nats = async_nats::connect(harness.url()).await.expect("connects");
+    let answer = tokio::time::timeout(WAIT, nats.request(format!("$SRV.PING.{name}"), "".into()))
+        .await
+        .expect("in time")
+        .expect("answered");
+    let pong: PingResponse = serde_json::from_slice(&answer.payload).expect("a ping response");
+    assert_eq!(
+        (pong.kind.as_str(), pong.name.as_str(), pong.version.as_str()),
+        ("io.nats.micro.v1.ping_response", name.as_str(), "3.2.1")
+    );
+    assert!(ids.contains(&pong.id), "{} is not one of {ids:?}", pong.id);
+
+    // Every instance answers a request on the service's subject, as `nats micro info` gathers them.
+    let infos: Vec<Info> = gather(&nats, &format!("$SRV.INFO.{name}"), 2).await;
+    let mut answered: Vec<String> = infos.iter().map(|info| info.id.clone()).collect();
+    answered.sort();
+    assert_eq!(answered, ids);
+    for info in &infos {
+        assert_eq!(info.endpoints.len(), 1);
+        assert_eq!(info.endpoints[0].subject, queue);
+        assert_eq!(info.endpoints[0].queue_group, queue);
+        let methods = info.endpoints[0].metadata.get("mqrpc.methods").expect("the methods");
+        assert!(methods.split(',').any(|method| method == "add"), "{methods}");
+    }
+    // Also found by the API's catch-all subject, with the others there may be.
+    let everyone: Vec<PingResponse> = gather(&nats, "$SRV.PING", 2).await;
+    assert!(everyone.iter().filter(|pong| pong.name == name).count() >= 1);
+
+    // Figures move with traffic: a call answered, and one the method failed.
+    let probe = ProbeClient::new(&caller);
+    assert_eq!(probe.add(2, 3).await.expect("answered"), 5);
+    assert!(probe.div(1, 0).await.expect("answered").is_err());
+    let mut requests = 0;
+    let mut errors = 0;
+    for id in &ids {
+        let answer = tokio::time::timeout(WAIT, nats.request(format!("$SRV.STATS.{name}.{id}"), "".into()))
+            .await
+            .expect("in time")
+            .expect("answered");
+        let stats: Stats = serde_json::from_slice(&answer.payload).expect("a stats response");
+        assert_eq!(&stats.id, id);
+        let endpoint = &stats.endpoints[0];
+        requests += endpoint.requests;
+        errors += endpoint.errors;
+        if endpoint.errors == 1 {
+            let last = endpoint.last_error.as_ref().expect("the last error");
+            assert_eq!(last.code, 1, "{last:?}");
+        }
+        if endpoint.requests > 0 {
+            assert!(endpoint.processing_time > Duration::ZERO);
+        }
+    }
+    assert_eq!((requests, errors), (2, 1));
+    drop(workers);
+}
+
+/// Publishes an empty request to `subject` and gathers `count` JSON answers of type `T`.
+async fn gather<T: serde::de::DeserializeOwned>(nats: &async_nats::Client, subject: &str, count: usize) -> Vec<T> {
+    let inbox = nats.new_inbox();
+    let mut answers = nats.subscribe(inbox.clone()).await.expect("subscribes");
+    nats.publish_with_reply(subject.to_owned(), inbox, "".into()).await.expect("publishes");
+    let mut gathered = Vec::new();
+    while gathered.len() < count {
+        let answer = tokio::time::timeout(WAIT, answers.next()).await.expect("in time").expect("open");
+        gathered.push(serde_json::from_slice(&answer.payload).expect("JSON of the API"));
+    }
+    gathered
+}
