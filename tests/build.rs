@@ -14,6 +14,7 @@ fn main() {
         ("MQRPC_STOMP_URL", "mqrpc_stomp"),
         ("MQRPC_STOMP_RABBIT_URL", "mqrpc_stomp_rabbit"),
         ("MQRPC_ACTIVEMQ", "mqrpc_activemq"),
+        ("MQRPC_CHROMEDRIVER", "mqrpc_chromedriver"),
     ];
     for (variable, cfg) in settings {
         println!("cargo::rustc-check-cfg=cfg({cfg})");

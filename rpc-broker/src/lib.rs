@@ -24,6 +24,8 @@
 //! ```
 
 pub mod adapter;
+#[cfg(feature = "monitoring")]
+pub mod dashboard;
 pub mod engine;
 pub mod log;
 #[cfg(feature = "monitoring")]

@@ -3,6 +3,7 @@
 //! ```text
 //! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--tls-cert FILE --tls-key FILE] [--insecure]
 //!                  [--data-dir DIR [--fsync always|never] [--quarantine]]
+//!                  [--metrics 127.0.0.1:9464] [--dashboard 127.0.0.1:8080]
 //! rpc-broker queues                                   # name, depth, delayed, unacked, consumers, DLQ depth
 //! rpc-broker call Calculator add '{"a": 2, "b": 3}'   # JSON in, MessagePack on the wire, JSON out
 //! rpc-broker dlq list QUEUE                           # what the dead-letter queue of QUEUE holds
@@ -182,6 +183,10 @@ struct Serve {
     /// (port 0 picks a free port; the address is printed).
     #[arg(long, env = "MQRPC_METRICS")]
     metrics: Option<SocketAddr>,
+    /// Serve the live dashboard at http://ADDR/: queues, rates, dead letters (inspect, replay) and connections,
+    /// behind --token when one is set (port 0 picks a free port; the address is printed).
+    #[arg(long, env = "MQRPC_DASHBOARD")]
+    dashboard: Option<SocketAddr>,
     /// Threads serving connections. One engine serves every queue, so 1 (the default) spends the least CPU
     /// per message: no wake-ups across threads. More help with many TLS connections.
     #[arg(long, env = "MQRPC_THREADS", default_value_t = 1)]
@@ -246,6 +251,15 @@ async fn run_server(serve: Serve) -> Result<(), String> {
             serve.listen
         ));
     }
+    // The dashboard reaches dead letters through a connection of its own, trusting the server's certificate.
+    let dashboard_options = match &serve.tls_cert {
+        Some(cert) => {
+            let pem = std::fs::read(cert).map_err(|error| format!("cannot read {}: {error}", cert.display()))?;
+            RemoteOptions::new().tls_roots_pem(&pem).map_err(|error| error.to_string())?
+        }
+        None => RemoteOptions::new(),
+    };
+    let dashboard_token = serve.token.clone();
     let tls = match (&serve.tls_cert, &serve.tls_key) {
         (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
         _ => None,
@@ -279,6 +293,16 @@ async fn run_server(serve: Serve) -> Result<(), String> {
             metrics.spawn(address).await.map_err(|error| format!("cannot serve metrics on {address}: {error}"))?;
         tracing::info!(address = %bound, "metrics at /metrics");
         println!("metrics on http://{bound}/metrics");
+    }
+    if let Some(address) = serve.dashboard {
+        let dashboard =
+            rpc_broker::dashboard::Dashboard::new(server.monitor(), server.url(), dashboard_options, dashboard_token);
+        let bound = dashboard
+            .spawn(address)
+            .await
+            .map_err(|error| format!("cannot serve the dashboard on {address}: {error}"))?;
+        tracing::info!(address = %bound, "dashboard at /");
+        println!("dashboard on http://{bound}/");
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| format!("cannot watch for SIGTERM: {error}"))?;

@@ -119,8 +119,38 @@ pub struct BrokerStats {
     pub receiving: usize,
 }
 
+/// One open connection, as [`Monitor::connections`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// The broker's number for it, in the order connections were accepted.
+    pub id: u64,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The name the client gave in its `Hello` (empty if none).
+    pub name: String,
+    /// The protocol version it speaks.
+    pub version: u16,
+    /// When its handshake was accepted, in milliseconds since the Unix epoch.
+    pub connected_ms: u64,
+    /// Bytes waiting to be written to it.
+    pub outbound_bytes: usize,
+}
+
+/// A connection past its handshake.
+struct Session {
+    peer: SocketAddr,
+    name: String,
+    version: u16,
+    connected_ms: u64,
+    queued: Arc<AtomicUsize>,
+}
+
 struct State {
     hub: Mutex<Hub<Bytes>>,
+    /// The connections past their handshake, by id.
+    sessions: Mutex<std::collections::BTreeMap<u64, Session>>,
+    next_session: AtomicU64,
     config: ServerConfig,
     log: Option<Arc<Log>>,
     connections: AtomicUsize,
@@ -145,6 +175,24 @@ impl State {
             bytes_held: self.lock().engine.bytes(),
             receiving: self.receiving.used(),
         }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, std::collections::BTreeMap<u64, Session>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn connections(&self) -> Vec<ConnectionInfo> {
+        self.sessions()
+            .iter()
+            .map(|(id, session)| ConnectionInfo {
+                id: *id,
+                peer: session.peer,
+                name: session.name.clone(),
+                version: session.version,
+                connected_ms: session.connected_ms,
+                outbound_bytes: session.queued.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Every queue with its counters, by name.
@@ -175,6 +223,11 @@ impl Monitor {
     /// Every queue with its counters, by name (as [`BrokerServer::queues`]).
     pub fn queues(&self) -> Vec<(String, QueueStats)> {
         self.state.queues()
+    }
+
+    /// The open connections past their handshake, oldest first.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.state.connections()
     }
 }
 
@@ -247,6 +300,8 @@ impl BrokerServer {
             config,
             log,
             connections: AtomicUsize::new(0),
+            sessions: Mutex::new(std::collections::BTreeMap::new()),
+            next_session: AtomicU64::new(1),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
@@ -465,9 +520,18 @@ where
     let drained = Arc::new(Notify::new());
     let writer = tokio::spawn(write_frames(write, outbound, Arc::clone(&queued), Arc::clone(&drained)));
 
-    let mut connection = Connection { state: Arc::clone(state), out: out.clone(), queued, consumers: HashSet::new() };
+    let mut connection = Connection {
+        state: Arc::clone(state),
+        out: out.clone(),
+        queued: Arc::clone(&queued),
+        consumers: HashSet::new(),
+    };
     match handshake(state, &mut frames).await {
-        Ok(version) => {
+        Ok((version, name)) => {
+            let id = state.next_session.fetch_add(1, Ordering::Relaxed);
+            let session = Session { peer, name, version, connected_ms: unix_ms(), queued };
+            state.sessions().insert(id, session);
+            let _session = Unregister { state, id };
             frames.decoder_mut().set_max_frame(state.config.max_frame);
             let welcome = ServerFrame::Welcome {
                 version,
@@ -495,8 +559,27 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
 }
 
-/// Reads and checks the client's `Hello`; returns the protocol version to speak with it.
-async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<u16, ServerFrame>
+/// Removes a session from the list as its connection ends.
+struct Unregister<'a> {
+    state: &'a State,
+    id: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.state.sessions().remove(&self.id);
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this host's clock.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Reads and checks the client's `Hello`; returns the protocol version to speak with it and the client's name.
+async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<(u16, String), ServerFrame>
 where
     R: AsyncRead + Unpin,
 {
@@ -509,7 +592,7 @@ where
     };
     state.frames_in.fetch_add(1, Ordering::Relaxed);
     match ClientFrame::parse(first) {
-        Ok(ClientFrame::Hello { version, token, .. }) => {
+        Ok(ClientFrame::Hello { version, token, name }) => {
             if !(OLDEST_CLIENT_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 return Err(refuse(
                     ErrorCode::Version,
@@ -523,7 +606,7 @@ where
                 Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
                     Err(refuse(ErrorCode::Unauthorized, "wrong or missing token"))
                 }
-                _ => Ok(version),
+                _ => Ok((version, name)),
             }
         }
         Ok(_) => Err(refuse(ErrorCode::Malformed, "the first frame must be a handshake (Hello)")),
