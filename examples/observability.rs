@@ -1,5 +1,5 @@
 //! Observability: one trace across a client and two services, exported over OTLP/HTTP to Jaeger or any
-//! OpenTelemetry collector, and the calls' metrics in the Prometheus text format.
+//! OpenTelemetry collector, a ping of a service's workers, and the calls' metrics in the Prometheus text format.
 //!
 //! Start Jaeger, which takes OTLP/HTTP on port 4318 and shows traces on port 16686:
 //!
@@ -16,7 +16,8 @@
 //! and open <http://localhost:16686>: service `mqrpc-observability`, the trace id it printed. The trace holds the
 //! example's root span, the call `shop.Shop/order` and the worker's `process shop.Shop`, and in it the nested call
 //! `Calculator/add` with its own worker span. `OTEL_EXPORTER_OTLP_ENDPOINT` names another collector (default
-//! `http://localhost:4318`). The metrics come last: the scrape a Prometheus server would read.
+//! `http://localhost:4318`). Then the calculator's workers as a ping finds them, and last the metrics: the scrape
+//! a Prometheus server would read.
 
 use mqrpc_examples::calculator::{Calc, CalculatorClient, CalculatorServer};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -74,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::subscriber::set_global_default(subscriber)?;
 
     let broker = Embedded::new();
-    let _calculator = Server::new(broker.clone()).serve(CalculatorServer::new(Calc)).await?;
+    let _calculator = Server::new(broker.clone()).version("1.0.0").serve(CalculatorServer::new(Calc)).await?;
     let client = Client::connect(broker.clone()).await?;
     let _shop = Server::new(broker).serve(ShopServer::new(Shopkeeper { calculator: client.clone() })).await?;
 
@@ -84,6 +85,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = async { shop.order(250, 3).await }.instrument(root).await?;
     println!("order total: {total}");
     println!("trace id: {trace_id}");
+
+    // Which workers of a service are alive, and how busy: every worker answers a ping.
+    for worker in client.ping("Calculator").wait(std::time::Duration::from_millis(200)).await? {
+        println!(
+            "Calculator worker {} version {} on {} (pid {}): {} handled, {} in flight",
+            worker.id,
+            worker.version.as_deref().unwrap_or("-"),
+            worker.host,
+            worker.pid,
+            worker.handled,
+            worker.in_flight
+        );
+    }
 
     // Sends what the batch processor holds before the process ends.
     provider.shutdown()?;

@@ -334,11 +334,11 @@ impl Server {
         });
         let (stop, stop_rx) = oneshot::channel();
         let announced = announce(&shared).await;
-        let pings = Presence {
+        let presence = Presence {
             pings: pings.map(|pings| tokio::spawn(answer_pings(Arc::clone(&shared), pings))),
             _announced: announced,
         };
-        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, pings, stop_rx));
+        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, presence, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
     }
 }
@@ -474,7 +474,7 @@ impl Shared {
 #[derive(Default)]
 struct Counters {
     handled: AtomicU64,
-    /// Nanoseconds from deliveries to the end of their handling, summed over those handled.
+    /// Nanoseconds from deliveries to their outcomes (before the reply's publish), summed over those answered.
     processing_ns: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
@@ -522,9 +522,8 @@ pub struct ServerStats {
 }
 
 impl Counters {
-    /// Counts a request handled, received at `received_at`.
-    fn handled(&self, received_at: Instant) {
-        self.handled.fetch_add(1, Ordering::Relaxed);
+    /// Counts the time from a request's delivery, at `received_at`, to its outcome.
+    fn processed(&self, received_at: Instant) {
         let took = u64::try_from(received_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.processing_ns.fetch_add(took, Ordering::Relaxed);
     }
@@ -612,7 +611,7 @@ async fn run(
     mut requests: Consumer,
     mut broadcasts: Option<Consumer>,
     permits: Arc<Semaphore>,
-    pings: Presence,
+    presence: Presence,
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
     let mut tasks = JoinSet::new();
@@ -676,7 +675,7 @@ async fn run(
     // Dropping the consumers after the handlers are done hands every unsettled delivery back to the broker.
     drop(requests);
     drop(broadcasts);
-    drop(pings);
+    drop(presence);
     if let Err(error) = shared.transport.flush().await {
         tracing::warn!(%error, "the broker may not have the last settles; it redelivers what it did not see");
     }
