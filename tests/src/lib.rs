@@ -352,6 +352,57 @@ impl Harness for KafkaHarness {
     }
 }
 
+/// Redis at `MQRPC_REDIS_URL`, through [`rpc_broker::adapter::redis_streams::RedisStreams`], with a key prefix
+/// of the harness's own (its keys are deleted when it is dropped) and a 2 s visibility timeout, so that a
+/// worker that went away has its calls claimed by another quickly.
+#[derive(Debug)]
+pub struct RedisStreamsHarness {
+    url: String,
+    options: rpc_broker::adapter::redis_streams::RedisStreamsOptions,
+}
+
+impl RedisStreamsHarness {
+    /// The Redis at `MQRPC_REDIS_URL`.
+    pub fn from_env() -> Result<RedisStreamsHarness, Skip> {
+        let options = rpc_broker::adapter::redis_streams::RedisStreamsOptions::new()
+            .prefix(format!("mqrpc-test:{}:", uuid::Uuid::new_v4().simple()))
+            .visibility(Duration::from_secs(2));
+        Ok(RedisStreamsHarness { url: broker_url("MQRPC_REDIS_URL")?, options })
+    }
+
+    /// A transport of this harness, typed.
+    pub async fn redis(&self) -> rpc_broker::adapter::redis_streams::RedisStreams {
+        rpc_broker::adapter::redis_streams::RedisStreams::connect_with(&self.url, self.options.clone())
+            .await
+            .expect("connects to Redis at MQRPC_REDIS_URL")
+    }
+}
+
+impl Harness for RedisStreamsHarness {
+    fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
+        Box::pin(async move {
+            let transport: Arc<dyn Transport> = Arc::new(self.redis().await);
+            transport
+        })
+    }
+}
+
+impl Drop for RedisStreamsHarness {
+    fn drop(&mut self) {
+        let (url, pattern) = (self.url.clone(), format!("{}*", self.options.prefix));
+        // The test's runtime may be shutting down: the keys are deleted on a thread of their own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(url) else { return };
+            let Ok(mut connection) = client.get_connection() else { return };
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut connection).unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query(&mut connection);
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
 /// NATS at `MQRPC_NATS_URL`, through [`rpc_broker::adapter::nats::Nats`], in core or JetStream mode. In
 /// JetStream mode the streams of one harness share a prefix of their own and are deleted when it is dropped.
 #[derive(Debug)]

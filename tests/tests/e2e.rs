@@ -42,6 +42,11 @@ mqrpc_tests::scenario_suite!(
 );
 mqrpc_tests::scenario_suite!(zeromq, mqrpc_tests::ZmqHarness::new());
 mqrpc_tests::scenario_suite!(
+    redis_streams,
+    mqrpc_tests::RedisStreamsHarness::from_env(),
+    needs mqrpc_redis = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)",
+);
+mqrpc_tests::scenario_suite!(
     nats_core,
     mqrpc_tests::NatsHarness::core(),
     needs mqrpc_nats = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)",

@@ -13,12 +13,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(any(feature = "kafka", feature = "redis"))]
+pub(crate) mod fields;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis_dedup;
+#[cfg(feature = "redis")]
+pub mod redis_streams;
 #[cfg(feature = "stomp")]
 pub mod stomp;
 #[cfg(feature = "zmq")]

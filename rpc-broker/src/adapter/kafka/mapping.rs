@@ -1,76 +1,22 @@
 //! The envelope as a Kafka record: `mqrpc-*` headers (UTF-8 text) and the body as the record's value.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rpc_core::{Envelope, ReplyTo};
-use uuid::Uuid;
+use rpc_core::Envelope;
 
-use crate::adapter::{self, headers};
+use crate::adapter;
 
-/// The envelope id (Kafka has no message id of its own).
-pub(super) const ID: &str = "mqrpc-id";
-/// How many times this adapter delivered the message before (a requeue publishes a copy with it raised).
-pub(super) const DELIVERY_COUNT: &str = "mqrpc-delivery-count";
+use crate::adapter::fields::{self, Fields};
 
 /// The headers of a record carrying `envelope`, with `delivery_count` when above 1.
 pub(super) fn to_headers(envelope: &Envelope, delivery_count: u32) -> OwnedHeaders {
-    let mut pairs: Vec<(&str, String)> = Vec::with_capacity(12);
-    pairs.push((headers::KIND, adapter::kind_name(envelope.kind).to_owned()));
-    pairs.push((ID, envelope.id.to_string()));
-    if let Some(correlation_id) = envelope.correlation_id {
-        let text = match envelope.headers.get(headers::RAW_CORRELATION_ID) {
-            Some(raw) => raw.clone(),
-            None => correlation_id.to_string(),
-        };
-        pairs.push((headers::CORRELATION_ID, text));
-    }
-    if !envelope.service.is_empty() {
-        pairs.push((headers::SERVICE, envelope.service.clone()));
-    }
-    if !envelope.method.is_empty() {
-        pairs.push((headers::METHOD, envelope.method.clone()));
-    }
-    if let Some(reply_to) = &envelope.reply_to {
-        pairs.push((headers::REPLY_TO, reply_to.address().to_owned()));
-        if reply_to.is_inbox() {
-            pairs.push((headers::REPLY_TO_INBOX, "true".to_owned()));
-        }
-    }
-    if envelope.attempt > 1 {
-        pairs.push((headers::ATTEMPT, envelope.attempt.to_string()));
-    }
-    if let Some(budget) = envelope.deadline_ms {
-        pairs.push((headers::DEADLINE_MS, budget.to_string()));
-    }
-    if let Some(key) = &envelope.idempotency_key {
-        pairs.push((headers::IDEMPOTENCY_KEY, key.clone()));
-    }
-    if let Some(caller) = &envelope.caller {
-        pairs.push((headers::CALLER, caller.clone()));
-    }
-    if envelope.status != 0 {
-        pairs.push((headers::STATUS, envelope.status.to_string()));
-    }
-    if let Some(message) = &envelope.status_message {
-        pairs.push((headers::STATUS_MESSAGE, message.clone()));
-    }
-    if let Some(last) = envelope.last_status {
-        pairs.push((headers::LAST_STATUS, last.to_string()));
-    }
-    if delivery_count > 1 {
-        pairs.push((DELIVERY_COUNT, delivery_count.to_string()));
-    }
-    let user = adapter::user_headers(&envelope.headers);
-    let mut owned = OwnedHeaders::new_with_capacity(pairs.len() + envelope.headers.len());
+    let pairs = fields::to_pairs(envelope, delivery_count);
+    let mut owned = OwnedHeaders::new_with_capacity(pairs.len());
     for (key, value) in &pairs {
         owned = owned.insert(Header { key, value: Some(value.as_str()) });
-    }
-    for (key, value) in user {
-        owned = owned.insert(Header { key, value: Some(value) });
     }
     owned
 }
@@ -78,61 +24,12 @@ pub(super) fn to_headers(envelope: &Envelope, delivery_count: u32) -> OwnedHeade
 /// The envelope of a record, its delivery count, and how long it was queued (from the record's timestamp,
 /// the producer's clock unless the topic stamps the broker's).
 pub(super) fn from_record<M: Message>(record: &M) -> (Envelope, u32, Duration) {
-    let mut fields = Fields::default();
-    let mut user = BTreeMap::new();
-    if let Some(map) = record.headers() {
-        for header in map.iter() {
-            let Some(value) = header.value.and_then(|value| std::str::from_utf8(value).ok()) else { continue };
-            match header.key {
-                headers::KIND => fields.kind = Some(value),
-                ID => fields.id = Some(value),
-                headers::CORRELATION_ID => fields.correlation_id = Some(value),
-                headers::SERVICE => fields.service = Some(value),
-                headers::METHOD => fields.method = Some(value),
-                headers::REPLY_TO => fields.reply_to = Some(value),
-                headers::REPLY_TO_INBOX => fields.reply_to_inbox = value == "true",
-                headers::ATTEMPT => fields.attempt = value.parse().ok(),
-                headers::DEADLINE_MS => fields.deadline_ms = value.parse().ok(),
-                headers::IDEMPOTENCY_KEY => fields.idempotency_key = Some(value),
-                headers::CALLER => fields.caller = Some(value),
-                headers::STATUS => fields.status = value.parse().ok(),
-                headers::STATUS_MESSAGE => fields.status_message = Some(value),
-                headers::LAST_STATUS => fields.last_status = value.parse().ok(),
-                DELIVERY_COUNT => fields.delivery_count = value.parse().ok(),
-                name if adapter::is_user_header(name) => {
-                    user.insert(name.to_owned(), value.to_owned());
-                }
-                _ => {}
-            }
-        }
-    }
-    let reply_to = fields.reply_to.map(|address| match fields.reply_to_inbox {
-        true => ReplyTo::Inbox(address.to_owned()),
-        false => ReplyTo::Queue(address.to_owned()),
+    let pairs = record.headers().into_iter().flat_map(|map| map.iter()).filter_map(|header| {
+        let value = header.value.and_then(|value| std::str::from_utf8(value).ok())?;
+        Some((header.key, value))
     });
-    let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
-    if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
-        envelope.id = id;
-    }
-    envelope.correlation_id = fields.correlation_id.map(|text| {
-        adapter::canonical_correlation(text).unwrap_or_else(|| {
-            // A plain client's own correlation id: kept verbatim for the reply.
-            user.insert(headers::RAW_CORRELATION_ID.to_owned(), text.to_owned());
-            Uuid::new_v4()
-        })
-    });
-    envelope.reply_to = reply_to;
-    envelope.service = fields.service.unwrap_or_default().to_owned();
-    envelope.method = fields.method.unwrap_or_default().to_owned();
-    envelope.attempt = fields.attempt.unwrap_or(1).max(1);
-    envelope.deadline_ms = fields.deadline_ms;
-    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
-    envelope.caller = fields.caller.map(str::to_owned);
-    envelope.status = fields.status.unwrap_or(0);
-    envelope.status_message = fields.status_message.map(str::to_owned);
-    envelope.last_status = fields.last_status;
-    envelope.headers = user;
-    envelope.body = record.payload().map(Bytes::copy_from_slice).unwrap_or_default();
+    let body = record.payload().map(Bytes::copy_from_slice).unwrap_or_default();
+    let (envelope, delivery_count) = Fields::read(pairs).envelope(body);
     let queued = match envelope.deadline_ms {
         Some(_) => {
             let sent_at = record.timestamp().to_millis().and_then(|millis| u64::try_from(millis).ok());
@@ -140,27 +37,7 @@ pub(super) fn from_record<M: Message>(record: &M) -> (Envelope, u32, Duration) {
         }
         None => Duration::ZERO,
     };
-    (envelope, fields.delivery_count.unwrap_or(1).max(1), queued)
-}
-
-/// The envelope's fields among a record's headers.
-#[derive(Default)]
-struct Fields<'a> {
-    kind: Option<&'a str>,
-    id: Option<&'a str>,
-    correlation_id: Option<&'a str>,
-    service: Option<&'a str>,
-    method: Option<&'a str>,
-    reply_to: Option<&'a str>,
-    reply_to_inbox: bool,
-    attempt: Option<u32>,
-    deadline_ms: Option<u64>,
-    idempotency_key: Option<&'a str>,
-    caller: Option<&'a str>,
-    status: Option<u16>,
-    status_message: Option<&'a str>,
-    last_status: Option<u16>,
-    delivery_count: Option<u32>,
+    (envelope, delivery_count, queued)
 }
 
 #[cfg(test)]
@@ -169,7 +46,12 @@ mod tests {
     use rdkafka::message::OwnedMessage;
     use rpc_core::Kind;
 
+    use rpc_core::ReplyTo;
+    use uuid::Uuid;
+
     use super::*;
+    use crate::adapter::fields::{DELIVERY_COUNT, ID};
+    use crate::adapter::headers;
 
     fn record(envelope: &Envelope, delivery_count: u32, timestamp: Timestamp) -> OwnedMessage {
         let headers = to_headers(envelope, delivery_count);

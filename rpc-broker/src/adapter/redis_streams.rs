@@ -1,0 +1,624 @@
+//! Redis Streams: feature `redis` (redis 1.8 with `streams`; Redis 6.2 or later).
+//!
+//! # The mapping
+//!
+//! - **A service queue** is the stream `<prefix>q:<queue>` (prefix `mqrpc:` by default) read by the consumer
+//!   group `mqrpc`: workers compete with `XREADGROUP ... COUNT <prefetch room>`. Its options live in the hash
+//!   `<prefix>meta:<queue>` (`max_len`, `max_deliveries`), so that every process sees them; a queue without it
+//!   was never declared, and a publish there is [`Error::NoRoute`].
+//! - **An entry** is the envelope as `mqrpc-*` text fields (as Kafka's record headers: `mqrpc-kind`,
+//!   `mqrpc-method`, `mqrpc-correlation-id`, `mqrpc-reply-to`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, ...)
+//!   and the field `body`, the MessagePack of the arguments or the result. A plain Redis client calls a service
+//!   with `XADD mqrpc:q:Calculator * mqrpc-method add mqrpc-reply-to <its stream> mqrpc-reply-inbox true
+//!   mqrpc-correlation-id <id> body <msgpack>`, and reads the reply from its stream.
+//! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), after the reply, in one script
+//!   that first checks with `XPENDING` that this consumer still holds the entry: a worker whose entry another
+//!   worker claimed cannot answer for it ([`Error::DeliveryLost`]).
+//! - **A worker that died** leaves its entries pending; once idle past [`RedisStreamsOptions::visibility`]
+//!   (30 s by default) another consumer claims them (`XPENDING IDLE` then `XCLAIM`), the delivery count being
+//!   Redis's own. A consumer renews the lease of the entries it holds every third of it, so that a long
+//!   handler keeps its entry.
+//! - **A requeue** adds a copy at the end of the stream (its `mqrpc-delivery-count` raised) and acks and
+//!   deletes the entry in one script: a copy is never lost nor doubled. A release is the same without the
+//!   count; both join the back of the queue, not the front. **Dead letters** go to `<queue>.dlq` the same way;
+//!   an entry delivered more than `max_deliveries` times goes there unrun.
+//! - **A maximum length** is checked by the publish script before `XADD`: ready entries (the stream's length
+//!   less those handed out) at `max_len` give [`Error::QueueFull`]. Nothing is trimmed.
+//! - **Replies** go to the caller's inbox, a stream `<prefix>i:<uuid>` that expires
+//!   ([`RedisStreamsOptions::inbox_ttl`]) unless its client, which reads it with `XREAD` and deletes what it
+//!   read, keeps renewing it: a reply to an inbox that is gone is dropped (a script checks it exists), so a
+//!   dead caller leaves nothing. Streams rather than Pub/Sub: a reply written while the caller reconnects waits
+//!   for it.
+//! - **Broadcast**: a topic is the stream `<prefix>t:<topic>`, trimmed to about
+//!   [`RedisStreamsOptions::topic_max_len`] entries; each subscriber group is a consumer group on it. A private
+//!   subscription reads it with `XREAD` from its end.
+//!
+//! Refused with [`Error::Unsupported`]: priorities, delayed delivery, cancelling a queued call.
+//!
+//! **Durability** is Redis's: without persistence a restart loses every stream. With `appendonly yes` and
+//! `appendfsync always`, what a publish returned for is on disk; `appendfsync everysec` may lose the last
+//! second on a crash of the machine (not of Redis alone).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::StreamReadReply;
+use redis::{Script, Value};
+use rpc_core::codec::Limits;
+use rpc_core::transport::{AckHandle, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox};
+use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, ReplyTo, Transport};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::adapter::{self, CounterMap, Counters, fields, headers};
+
+mod consumer;
+mod scripts;
+
+/// The entry field that holds the body.
+pub const BODY: &str = "body";
+
+/// How a [`RedisStreams`] transport names its keys and how long it waits.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisStreamsOptions {
+    /// The prefix of every key (default `mqrpc:`).
+    pub prefix: String,
+    /// How long an entry handed out stays with its consumer without the consumer renewing it; past it, another
+    /// consumer claims it (the consumer died).
+    pub visibility: Duration,
+    /// How long an inbox lives without its client renewing it.
+    pub inbox_ttl: Duration,
+    /// About how many entries a topic's stream keeps (`XADD MAXLEN ~`): a subscriber group further behind loses
+    /// the oldest.
+    pub topic_max_len: usize,
+    /// Limits on what entries hold.
+    pub limits: Limits,
+}
+
+impl Default for RedisStreamsOptions {
+    fn default() -> RedisStreamsOptions {
+        RedisStreamsOptions {
+            prefix: "mqrpc:".into(),
+            visibility: Duration::from_secs(30),
+            inbox_ttl: Duration::from_secs(60),
+            topic_max_len: 10_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl RedisStreamsOptions {
+    /// The defaults.
+    pub fn new() -> RedisStreamsOptions {
+        RedisStreamsOptions::default()
+    }
+
+    /// Sets [`RedisStreamsOptions::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> RedisStreamsOptions {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`RedisStreamsOptions::visibility`] (at least 100 ms).
+    pub fn visibility(mut self, visibility: Duration) -> RedisStreamsOptions {
+        self.visibility = visibility.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Sets [`RedisStreamsOptions::inbox_ttl`] (at least a second).
+    pub fn inbox_ttl(mut self, ttl: Duration) -> RedisStreamsOptions {
+        self.inbox_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+}
+
+/// The Redis Streams transport. Clones share the connections.
+#[derive(Clone)]
+pub struct RedisStreams {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    client: redis::Client,
+    /// For everything but blocking reads.
+    commands: ConnectionManager,
+    options: RedisStreamsOptions,
+    /// This process's part of consumer names.
+    node: Uuid,
+    next_consumer: AtomicU64,
+    counters: CounterMap,
+    closing: CancellationToken,
+    publish: Script,
+    reply: Script,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreams").field("options", &self.options).field("node", &self.node).finish()
+    }
+}
+
+impl std::fmt::Debug for RedisStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closing.cancel();
+    }
+}
+
+pub(crate) fn redis_error(error: redis::RedisError) -> Error {
+    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+        Error::Disconnected
+    } else {
+        Error::Transport(Box::new(error))
+    }
+}
+
+/// Whether `address` names an inbox: a reply to it goes there only while it exists.
+fn is_inbox(address: &str, envelope: &Envelope) -> bool {
+    envelope.kind == Kind::Reply && !matches!(&envelope.reply_to, Some(ReplyTo::Queue(_))) && address.contains(":i:")
+}
+
+/// An entry's fields: the envelope's, when it was sent, and its body.
+fn entry_fields(envelope: &Envelope) -> Result<Vec<(String, bytes::Bytes)>, Error> {
+    let mut out: Vec<(String, bytes::Bytes)> = fields::to_pairs(envelope, 1)
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), bytes::Bytes::from(value)))
+        .collect();
+    out.push((headers::SENT_AT_MS.to_owned(), bytes::Bytes::from(adapter::now_ms().to_string())));
+    out.push((BODY.to_owned(), envelope.body.clone()));
+    Ok(out)
+}
+
+impl Inner {
+    fn queue_key(&self, queue: &str) -> String {
+        format!("{}q:{queue}", self.options.prefix)
+    }
+
+    fn meta_key(&self, queue: &str) -> String {
+        format!("{}meta:{queue}", self.options.prefix)
+    }
+
+    fn topic_key(&self, topic: &str) -> String {
+        format!("{}t:{topic}", self.options.prefix)
+    }
+
+    /// A connection of its own, for a reader that blocks.
+    async fn dedicated(&self) -> Result<ConnectionManager, Error> {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        ConnectionManager::new_with_config(self.client.clone(), config).await.map_err(redis_error)
+    }
+
+    /// Creates consumer group `group` on `stream` (and the stream), starting at `start`; one that exists is
+    /// left as it is.
+    async fn create_group(&self, stream: &str, group: &str, start: &str) -> Result<(), Error> {
+        let mut connection = self.commands.clone();
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(&mut connection)
+            .await;
+        match created {
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            other => other.map_err(redis_error),
+        }
+    }
+
+    /// An empty stream at `key` if there is none; returns the id to read after (its last).
+    async fn open_stream(&self, key: &str) -> Result<String, Error> {
+        let mut connection = self.commands.clone();
+        let (id,): (String,) = redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("mqrpc-open")
+            .arg("1")
+            .query_async(&mut connection)
+            .await
+            .map_err(redis_error)?;
+        let _: i64 = redis::cmd("XDEL").arg(key).arg(&id).query_async(&mut connection).await.map_err(redis_error)?;
+        Ok(id)
+    }
+
+    async fn publish_entry(&self, queue: &str, envelope: &Envelope) -> Result<(), Error> {
+        adapter::refuse_delay(envelope)?;
+        if envelope.priority.is_some_and(|priority| priority > 0) {
+            return Err(Error::Unsupported("priorities on Redis Streams"));
+        }
+        let fields = entry_fields(envelope)?;
+        let mut connection = self.commands.clone();
+        if queue.contains(":i:") {
+            let mut invocation = self.reply.key(queue);
+            for (name, value) in &fields {
+                invocation.arg(name.as_bytes()).arg(value.as_ref());
+            }
+            let sent: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+            return if sent == 1 { Ok(()) } else { Err(Error::NoRoute(queue.to_owned())) };
+        }
+        let mut invocation = self.publish.key(self.queue_key(queue));
+        invocation.key(self.meta_key(queue));
+        for (name, value) in &fields {
+            invocation.arg(name.as_bytes()).arg(value.as_ref());
+        }
+        let added: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+        let counters = self.counters.of(queue);
+        match added {
+            1 => {
+                Counters::bump(&counters.published);
+                Ok(())
+            }
+            0 => {
+                Counters::bump(&counters.rejected);
+                Err(Error::QueueFull(queue.to_owned()))
+            }
+            _ => Err(Error::NoRoute(queue.to_owned())),
+        }
+    }
+}
+
+impl RedisStreams {
+    /// Connects to the Redis at `url` (`redis://host:port/db`) with the default options.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] when Redis cannot be reached; [`Error::InvalidArgument`] for a bad URL.
+    pub async fn connect(url: &str) -> Result<RedisStreams, Error> {
+        RedisStreams::connect_with(url, RedisStreamsOptions::new()).await
+    }
+
+    /// Connects to the Redis at `url` with `options`.
+    ///
+    /// # Errors
+    /// As [`RedisStreams::connect`].
+    pub async fn connect_with(url: &str, options: RedisStreamsOptions) -> Result<RedisStreams, Error> {
+        let client = redis::Client::open(url)
+            .map_err(|error| Error::InvalidArgument(format!("{}: {error}", adapter::redact_url(url))))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let commands = ConnectionManager::new_with_config(client.clone(), config).await.map_err(redis_error)?;
+        Ok(RedisStreams {
+            inner: Arc::new(Inner {
+                client,
+                commands,
+                options,
+                node: Uuid::new_v4(),
+                next_consumer: AtomicU64::new(1),
+                counters: CounterMap::default(),
+                closing: CancellationToken::new(),
+                publish: Script::new(scripts::PUBLISH),
+                reply: Script::new(scripts::REPLY),
+            }),
+        })
+    }
+
+    async fn group_consumer(
+        &self,
+        name: &str,
+        stream: String,
+        group: &str,
+        queue: bool,
+        max_deliveries: Option<u32>,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, Error> {
+        let target = consumer::Target { name: name.to_owned(), stream, group: group.to_owned(), queue, max_deliveries };
+        consumer::start(&self.inner, target, options).await
+    }
+
+    /// A reader of `key` without a group, from after `after`, auto-acked; it deletes what it read when
+    /// `delete` (an inbox's replies), and ends with its consumer.
+    fn reader(&self, key: String, after: String, delete: bool, kind: Option<Kind>) -> Result<Consumer, Error> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = self.inner.closing.child_token();
+        let inner = Arc::clone(&self.inner);
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            let mut connection = match inner.dedicated().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%error, %key, "a Redis stream reader could not connect");
+                    return;
+                }
+            };
+            let mut last = after;
+            let mut renewed = std::time::Instant::now();
+            let ttl = u64::try_from(inner.options.inbox_ttl.as_millis()).unwrap_or(u64::MAX);
+            while !stop.is_cancelled() && !sender.is_closed() {
+                if delete && renewed.elapsed() >= inner.options.inbox_ttl / 3 {
+                    renewed = std::time::Instant::now();
+                    let mut commands = inner.commands.clone();
+                    let _: Result<i64, _> = redis::cmd("PEXPIRE").arg(&key).arg(ttl).query_async(&mut commands).await;
+                }
+                let mut command = redis::cmd("XREAD");
+                command.arg("COUNT").arg(256).arg("BLOCK").arg(200).arg("STREAMS").arg(&key).arg(&last);
+                let read = command.query_async::<Option<StreamReadReply>>(&mut connection);
+                let reply = tokio::select! {
+                    () = stop.cancelled() => break,
+                    reply = read => reply,
+                };
+                let entries = match reply {
+                    Ok(reply) => {
+                        reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect::<Vec<_>>()
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, %key, "reading a Redis stream failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let mut read_ids = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    last.clone_from(&entry.id);
+                    read_ids.push(entry.id.clone());
+                    let (envelope, delivery_count, sent_at) = consumer::decode(&entry, &inner.options.limits);
+                    let Ok(mut envelope) = envelope else {
+                        tracing::warn!(%key, "an entry that is not an envelope; dropped");
+                        continue;
+                    };
+                    if let Some(kind) = kind {
+                        envelope.kind = kind;
+                    }
+                    let queued = match envelope.deadline_ms {
+                        Some(_) => adapter::queued_since(sent_at, adapter::now_ms()),
+                        None => Duration::ZERO,
+                    };
+                    let delivery = Delivery {
+                        envelope,
+                        delivery_count,
+                        queued,
+                        received_at: std::time::Instant::now(),
+                        handle: AckHandle::auto(),
+                    };
+                    let _ = sender.send(delivery);
+                }
+                if delete && !read_ids.is_empty() {
+                    let mut commands = inner.commands.clone();
+                    let _: Result<i64, _> =
+                        redis::cmd("XDEL").arg(&key).arg(&read_ids).query_async(&mut commands).await;
+                }
+            }
+            if delete {
+                let mut commands = inner.commands.clone();
+                let _: Result<i64, _> = redis::cmd("DEL").arg(&key).query_async(&mut commands).await;
+            }
+        });
+        Ok(Consumer::from_channel(receiver, Some(Box::new(StopReader(cancel)))))
+    }
+}
+
+/// Stops a reader without a group when its consumer drops.
+struct StopReader(CancellationToken);
+
+impl ConsumerControl for StopReader {
+    fn pause(&self) {
+        self.0.cancel();
+    }
+}
+
+impl Drop for StopReader {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl Transport for RedisStreams {
+    fn system(&self) -> &'static str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .acks(true)
+            .requeue(true)
+            .dead_letter(true)
+            .max_length(true)
+            .subscriber_groups(true)
+            .queue_stats(true)
+    }
+
+    fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if queue.is_empty() {
+                return Err(Error::InvalidArgument("an empty queue name".into()));
+            }
+            self.inner.create_group(&self.inner.queue_key(queue), scripts::QUEUE_GROUP, "0").await?;
+            let mut connection = self.inner.commands.clone();
+            // Every queue but an inbox has a dead-letter queue, declared with it.
+            if !queue.ends_with(".dlq") {
+                let dead_letters = rpc_core::naming::dead_letter_queue(queue);
+                self.inner.create_group(&self.inner.queue_key(&dead_letters), scripts::QUEUE_GROUP, "0").await?;
+                let _: i64 = redis::cmd("HSET")
+                    .arg(self.inner.meta_key(&dead_letters))
+                    .arg("declared")
+                    .arg(1)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(redis_error)?;
+            }
+            let mut set = redis::cmd("HSET");
+            set.arg(self.inner.meta_key(queue)).arg("declared").arg(1);
+            if let Some(max_len) = options.max_len {
+                set.arg("max_len").arg(max_len);
+            }
+            if let Some(max) = options.max_deliveries {
+                set.arg("max_deliveries").arg(max);
+            }
+            let _: i64 = set.query_async(&mut connection).await.map_err(redis_error)?;
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = confirm;
+        Box::pin(async move { self.inner.publish_entry(queue, &envelope).await })
+    }
+
+    fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            adapter::refuse_delay(&envelope)?;
+            let fields = entry_fields(&envelope)?;
+            let mut add = redis::cmd("XADD");
+            add.arg(self.inner.topic_key(topic)).arg("MAXLEN").arg("~").arg(self.inner.options.topic_max_len).arg("*");
+            for (name, value) in &fields {
+                add.arg(name.as_bytes()).arg(value.as_ref());
+            }
+            let mut connection = self.inner.commands.clone();
+            let _: String = add.query_async(&mut connection).await.map_err(redis_error)?;
+            Ok(())
+        })
+    }
+
+    fn consume<'a>(&'a self, queue: &'a str, options: ConsumeOptions) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let mut connection = self.inner.commands.clone();
+            let meta: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.inner.meta_key(queue))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            if meta.is_empty() {
+                return Err(Error::NoRoute(queue.to_owned()));
+            }
+            let max_deliveries = meta.get("max_deliveries").and_then(|max| max.parse().ok());
+            let stream = self.inner.queue_key(queue);
+            self.inner.create_group(&stream, scripts::QUEUE_GROUP, "0").await?;
+            self.group_consumer(queue, stream, scripts::QUEUE_GROUP, true, max_deliveries, options).await
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let stream = self.inner.topic_key(topic);
+            self.inner.create_group(&stream, group, "$").await?;
+            let name = format!("{topic}@{group}");
+            self.group_consumer(&name, stream, group, false, None, options).await
+        })
+    }
+
+    fn subscribe_private<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Consumer, Error>> {
+        Box::pin(async move {
+            let key = self.inner.topic_key(topic);
+            let after = self.inner.open_stream(&key).await?;
+            self.reader(key, after, false, None)
+        })
+    }
+
+    fn open_inbox(&self) -> BoxFuture<'_, Result<Inbox, Error>> {
+        Box::pin(async move {
+            let address = format!("{}i:{}", self.inner.options.prefix, Uuid::new_v4().simple());
+            let after = self.inner.open_stream(&address).await?;
+            let ttl = u64::try_from(self.inner.options.inbox_ttl.as_millis()).unwrap_or(u64::MAX);
+            let mut connection = self.inner.commands.clone();
+            let _: i64 =
+                redis::cmd("PEXPIRE").arg(&address).arg(ttl).query_async(&mut connection).await.map_err(redis_error)?;
+            let consumer = self.reader(address.clone(), after, true, Some(Kind::Reply))?;
+            Ok(Inbox { address, consumer, losses: None })
+        })
+    }
+
+    fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
+        Box::pin(async move {
+            let mut connection = self.inner.commands.clone();
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(self.inner.meta_key(queue))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            if exists == 0 {
+                return Err(Error::NoRoute(queue.to_owned()));
+            }
+            let stream = self.inner.queue_key(queue);
+            let length: usize =
+                redis::cmd("XLEN").arg(&stream).query_async(&mut connection).await.map_err(redis_error)?;
+            let pending: Value = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(scripts::QUEUE_GROUP)
+                .query_async(&mut connection)
+                .await
+                .unwrap_or(Value::Nil);
+            let held = match &pending {
+                Value::Array(summary) => {
+                    summary.first().and_then(|count| redis::from_redis_value::<usize>(count.clone()).ok()).unwrap_or(0)
+                }
+                _ => 0,
+            };
+            let consumers: Value = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&stream)
+                .arg(scripts::QUEUE_GROUP)
+                .query_async(&mut connection)
+                .await
+                .unwrap_or(Value::Nil);
+            let live = live_consumers(&consumers, self.inner.options.visibility.max(Duration::from_secs(2)));
+            let counters = self.inner.counters.of(queue);
+            let mut stats = counters.stats(length.saturating_sub(held), live);
+            stats.unacked = held;
+            Ok(stats)
+        })
+    }
+
+    fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if queue.contains(":i:") {
+                return Err(Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its client")));
+            }
+            let mut connection = self.inner.commands.clone();
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.inner.queue_key(queue))
+                .arg(self.inner.meta_key(queue))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(())
+        })
+    }
+}
+
+/// How many consumers in an `XINFO CONSUMERS` reply were active within `window`: a consumer that died stays
+/// listed until it is deleted.
+fn live_consumers(reply: &Value, window: Duration) -> usize {
+    let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let Value::Array(consumers) = reply else { return 0 };
+    consumers
+        .iter()
+        .filter(|consumer| {
+            let pairs: Vec<(String, Value)> = match consumer {
+                Value::Array(items) => items
+                    .chunks(2)
+                    .filter_map(|pair| {
+                        Some((redis::from_redis_value::<String>(pair.first()?.clone()).ok()?, pair.get(1)?.clone()))
+                    })
+                    .collect(),
+                Value::Map(items) => items
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        Some((redis::from_redis_value::<String>(name.clone()).ok()?, value.clone()))
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            pairs
+                .iter()
+                .find(|(name, _)| name == "idle")
+                .and_then(|(_, idle)| redis::from_redis_value::<u64>(idle.clone()).ok())
+                .is_some_and(|idle| idle < window)
+        })
+        .count()
+}
