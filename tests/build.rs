@@ -15,6 +15,7 @@ fn main() {
         ("MQRPC_STOMP_RABBIT_URL", "mqrpc_stomp_rabbit"),
         ("MQRPC_ACTIVEMQ", "mqrpc_activemq"),
         ("MQRPC_CHROMEDRIVER", "mqrpc_chromedriver"),
+        ("MQRPC_REDIS_SERVER", "mqrpc_redis_server"),
     ];
     for (variable, cfg) in settings {
         println!("cargo::rustc-check-cfg=cfg({cfg})");

@@ -364,10 +364,23 @@ pub struct RedisStreamsHarness {
 impl RedisStreamsHarness {
     /// The Redis at `MQRPC_REDIS_URL`.
     pub fn from_env() -> Result<RedisStreamsHarness, Skip> {
-        let options = rpc_broker::adapter::redis_streams::RedisStreamsOptions::new()
-            .prefix(format!("mqrpc-test:{}:", uuid::Uuid::new_v4().simple()))
-            .visibility(Duration::from_secs(2));
-        Ok(RedisStreamsHarness { url: broker_url("MQRPC_REDIS_URL")?, options })
+        Ok(RedisStreamsHarness::at(&broker_url("MQRPC_REDIS_URL")?))
+    }
+
+    /// The Redis at `url`.
+    pub fn at(url: &str) -> RedisStreamsHarness {
+        let options = redis_streams_options().prefix(format!("mqrpc-test:{}:", uuid::Uuid::new_v4().simple()));
+        RedisStreamsHarness { url: url.to_owned(), options }
+    }
+
+    /// The prefix of the harness's keys, for worker processes to use the same.
+    pub fn prefix(&self) -> &str {
+        &self.options.prefix
+    }
+
+    /// Redis's URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// A transport of this harness, typed.
@@ -631,7 +644,8 @@ macro_rules! __scenario_suite {
 /// The transport a test process (`probe-worker`, `probe-client`) connects with, picked by `url`: `amqp://`
 /// RabbitMQ (queues expire after a minute unused), `nats://` NATS (JetStream when `MQRPC_PROBE_STREAM_PREFIX`
 /// names the harness's stream prefix, with a 2 s ack wait), `kafka://HOST:PORT` Kafka (a 2 s group session),
-/// `stomp://` a STOMP server (ActiveMQ, RabbitMQ's plugin), `zmq-worker://HOST:PORT` a ZeroMQ node bound there,
+/// `stomp://` a STOMP server (ActiveMQ, RabbitMQ's plugin), `redis://` Redis Streams (keys prefixed with
+/// `MQRPC_PROBE_STREAM_PREFIX` when it is set, a 2 s visibility timeout), `zmq-worker://HOST:PORT` a ZeroMQ node bound there,
 /// `zmq://HOST:PORT,HOST:PORT` a ZeroMQ node calling those workers (both with [`zmq_test_options`]), else our
 /// broker.
 ///
@@ -651,6 +665,12 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
         Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect_with(url, options).await?))
     } else if url.starts_with("stomp://") {
         Ok(Arc::new(rpc_broker::adapter::stomp::Stomp::connect_with(url, stomp_options()).await?))
+    } else if url.starts_with("redis://") {
+        let mut options = redis_streams_options();
+        if let Ok(prefix) = std::env::var("MQRPC_PROBE_STREAM_PREFIX") {
+            options = options.prefix(prefix);
+        }
+        Ok(Arc::new(rpc_broker::adapter::redis_streams::RedisStreams::connect_with(url, options).await?))
     } else if let Some(endpoint) = url.strip_prefix("zmq-worker://") {
         let options = zmq_test_options().bind(format!("tcp://{endpoint}"));
         Ok(Arc::new(rpc_broker::adapter::zmq::Zmq::start(options).await?))
@@ -663,6 +683,12 @@ pub async fn process_transport(url: &str) -> Result<Arc<dyn Transport>, rpc_core
     } else {
         Ok(Arc::new(rpc_broker::Remote::connect(url).await?))
     }
+}
+
+/// Redis Streams in the tests: a visibility timeout of 2 s, so that a dead worker's calls are claimed by
+/// another quickly.
+pub fn redis_streams_options() -> rpc_broker::adapter::redis_streams::RedisStreamsOptions {
+    rpc_broker::adapter::redis_streams::RedisStreamsOptions::new().visibility(Duration::from_secs(2))
 }
 
 /// ZeroMQ nodes in the fault and interop tests: heartbeats every 100 ms (a worker is dead after 300 ms of

@@ -8,7 +8,8 @@
 //! `MQRPC_TANSU`) goes down behind a relay that drops its connections, as tansu's memory storage cannot survive a
 //! restart (see [`kafka_restart_during_calls`]). Our own broker runs in the test, dropped and bound
 //! again on the same address. ActiveMQ runs as a private broker on a port and data directory of its own
-//! (`MQRPC_ACTIVEMQ`), killed with SIGKILL and started again on its journal.
+//! (`MQRPC_ACTIVEMQ`), killed with SIGKILL and started again on its journal. Redis runs as a private
+//! `redis-server` (`MQRPC_REDIS_SERVER`) with its append-only file, killed with SIGKILL and started again on it.
 
 use std::future::IntoFuture;
 use std::net::TcpListener;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
-use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, StompHarness};
+use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RedisStreamsHarness, StompHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -747,4 +748,109 @@ async fn jetstream_queued_requests_survive_a_restart() {
         server.spawn().expect("nats-server starts again on its port");
     })
     .await;
+}
+
+/// A redis-server of the test's own, on a free port, with its append-only file (`appendfsync always`) in a
+/// directory of its own when `persistent`: killed with SIGKILL and started again, it has every stream and group
+/// back. Without it, it comes back empty.
+struct PrivateRedis {
+    binary: String,
+    persistent: bool,
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start(binary: &str, persistent: bool) -> PrivateRedis {
+        on_a_free_port("redis-server", |port| {
+            let dir = std::env::temp_dir().join(format!("mqrpc-redis-{}", Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir)?;
+            let mut server = PrivateRedis { binary: binary.to_owned(), persistent, port, dir, child: None };
+            server.spawn().map(|()| server)
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server and waits until it answers `PING` on its port.
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let child = Command::new(&self.binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }, "--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let child = self.child.insert(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!("redis-server exited: {status}")));
+            }
+            match redis_ping(self.port) {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!("redis-server did not answer: {error}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether a Redis answers `PING` on `port`.
+fn redis_ping(port: u16) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"PING\r\n")?;
+    let mut answer = [0u8; 7];
+    stream.read_exact(&mut answer)?;
+    if &answer == b"+PONG\r\n" { Ok(()) } else { Err(std::io::Error::other("not a PONG")) }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Redis killed with SIGKILL and started again on its append-only file while calls run: the transports'
+/// connections come back, the queue, its group and the caller's inbox with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
+async fn redis_streams_restart_during_calls() {
+    redis_restart(true).await;
+}
+
+/// The same with a Redis that keeps nothing: it comes back empty, and the worker declares its queue again and
+/// the client makes its inbox again, so calls are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
+async fn redis_streams_restart_without_persistence_during_calls() {
+    redis_restart(false).await;
+}
+
+async fn redis_restart(persistent: bool) {
+    let binary = mqrpc_tests::required_url("MQRPC_REDIS_SERVER");
+    let mut server = PrivateRedis::start(&binary, persistent);
+    let harness = RedisStreamsHarness::at(&server.url());
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server.spawn().expect("redis-server starts again on its port");
+    };
+    calls_survive(&harness, restart).await;
 }

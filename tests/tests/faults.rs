@@ -1,5 +1,5 @@
-//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ, NATS JetStream, Kafka
-//! and ActiveMQ:
+//! Faults that really happen to worker processes while calls run, on our broker, RabbitMQ, NATS JetStream, Kafka,
+//! ActiveMQ, Redis Streams and ZeroMQ:
 //! SIGKILL again and again, SIGTERM under load, and SIGSTOP past the heartbeats that hold a worker's
 //! deliveries. Every call is answered, and the effects, counted by an idempotent sink, are each applied once.
 //!
@@ -24,7 +24,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use mqrpc_tests::service::ProbeClient;
 use mqrpc_tests::{
-    AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RemoteHarness, StompHarness, WorkerProcess,
+    AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RedisStreamsHarness, RemoteHarness, StompHarness,
+    WorkerProcess,
 };
 use rpc_broker::protocol::{ClientFrame, DEFAULT_MAX_FRAME, FrameCodec, ServerFrame};
 use rpc_broker::{Remote, RemoteOptions};
@@ -56,7 +57,7 @@ fn start_worker(url: &str, namespace: &str, name: &str, sink: &Path, options: &O
 /// How the worker processes run.
 #[derive(Clone, Copy, Debug, Default)]
 struct Options<'a> {
-    /// JetStream mode, with the harness's stream prefix.
+    /// JetStream mode, with the harness's stream prefix (Redis Streams: its key prefix).
     stream_prefix: Option<&'a str>,
     /// A Redis whose dedup store the workers share.
     shared_dedup: Option<&'a str>,
@@ -270,6 +271,18 @@ async fn kafka_kill_9_of_workers_twenty_times() {
 async fn activemq_kill_9_of_workers_twenty_times() {
     let harness = StompHarness::activemq().available();
     let counts = kill_workers_during_calls(&harness, harness.url(), Options::default()).await;
+    assert_none_lost_and_reexecutions_bounded(&counts);
+}
+
+/// Redis Streams: a killed worker's entries stay pending in the group until they are idle past the visibility
+/// timeout (2 s here), then another worker claims them (a second delivery, attempt 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
+async fn redis_streams_kill_9_of_workers_twenty_times() {
+    let harness = RedisStreamsHarness::from_env().available();
+    let prefix = harness.prefix().to_owned();
+    let options = Options { stream_prefix: Some(&prefix), ..Options::default() };
+    let counts = kill_workers_during_calls(&harness, harness.url(), options).await;
     assert_none_lost_and_reexecutions_bounded(&counts);
 }
 

@@ -57,6 +57,9 @@ use crate::adapter::{self, CounterMap, Counters, fields, headers};
 mod consumer;
 mod scripts;
 
+/// How often an inbox's reader renews its expiry and checks that it is still there.
+const RENEW_INBOX: Duration = Duration::from_secs(1);
+
 /// The entry field that holds the body.
 pub const BODY: &str = "body";
 
@@ -216,6 +219,18 @@ impl Inner {
         }
     }
 
+    /// Writes the declaration of `queue` with `options` (`name`, value) pairs: its meta hash.
+    async fn declare_meta(&self, queue: &str, options: &[(&str, u64)]) -> Result<(), Error> {
+        let mut set = redis::cmd("HSET");
+        set.arg(self.meta_key(queue)).arg("declared").arg(1);
+        for (name, value) in options {
+            set.arg(*name).arg(*value);
+        }
+        let mut connection = self.commands.clone();
+        let _: i64 = set.query_async(&mut connection).await.map_err(redis_error)?;
+        Ok(())
+    }
+
     /// An empty stream at `key` if there is none; returns the id to read after (its last).
     async fn open_stream(&self, key: &str) -> Result<String, Error> {
         let mut connection = self.commands.clone();
@@ -317,9 +332,18 @@ impl RedisStreams {
         consumer::start(&self.inner, target, options).await
     }
 
-    /// A reader of `key` without a group, from after `after`, auto-acked; it deletes what it read when
-    /// `delete` (an inbox's replies), and ends with its consumer.
-    fn reader(&self, key: String, after: String, delete: bool, kind: Option<Kind>) -> Result<Consumer, Error> {
+    /// A reader of `key` without a group, from after `after`, auto-acked, ending with its consumer. An inbox's
+    /// reader (`losses` given) deletes what it read, renews the inbox's expiry, and makes it again if it is gone
+    /// (Redis restarted without persistence, or the client was away past the expiry), bumping `losses`: replies
+    /// sent meanwhile were dropped.
+    fn reader(
+        &self,
+        key: String,
+        after: String,
+        losses: Option<tokio::sync::watch::Sender<u64>>,
+        kind: Option<Kind>,
+    ) -> Result<Consumer, Error> {
+        let delete = losses.is_some();
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         let cancel = self.inner.closing.child_token();
         let inner = Arc::clone(&self.inner);
@@ -336,10 +360,22 @@ impl RedisStreams {
             let mut renewed = std::time::Instant::now();
             let ttl = u64::try_from(inner.options.inbox_ttl.as_millis()).unwrap_or(u64::MAX);
             while !stop.is_cancelled() && !sender.is_closed() {
-                if delete && renewed.elapsed() >= inner.options.inbox_ttl / 3 {
+                if let Some(losses) = &losses
+                    && renewed.elapsed() >= RENEW_INBOX.min(inner.options.inbox_ttl / 3)
+                {
                     renewed = std::time::Instant::now();
                     let mut commands = inner.commands.clone();
-                    let _: Result<i64, _> = redis::cmd("PEXPIRE").arg(&key).arg(ttl).query_async(&mut commands).await;
+                    let kept: Result<i64, _> =
+                        redis::cmd("PEXPIRE").arg(&key).arg(ttl).query_async(&mut commands).await;
+                    if kept == Ok(0) {
+                        tracing::warn!(%key, "the inbox was gone; replies sent to it meanwhile were lost");
+                        if let Ok(id) = inner.open_stream(&key).await {
+                            last = id;
+                            let _: Result<i64, _> =
+                                redis::cmd("PEXPIRE").arg(&key).arg(ttl).query_async(&mut commands).await;
+                        }
+                        losses.send_modify(|lost| *lost += 1);
+                    }
                 }
                 let mut command = redis::cmd("XREAD");
                 command.arg("COUNT").arg(256).arg("BLOCK").arg(200).arg("STREAMS").arg(&key).arg(&last);
@@ -434,29 +470,20 @@ impl Transport for RedisStreams {
                 return Err(Error::InvalidArgument("an empty queue name".into()));
             }
             self.inner.create_group(&self.inner.queue_key(queue), scripts::QUEUE_GROUP, "0").await?;
-            let mut connection = self.inner.commands.clone();
             // Every queue but an inbox has a dead-letter queue, declared with it.
             if !queue.ends_with(".dlq") {
                 let dead_letters = rpc_core::naming::dead_letter_queue(queue);
                 self.inner.create_group(&self.inner.queue_key(&dead_letters), scripts::QUEUE_GROUP, "0").await?;
-                let _: i64 = redis::cmd("HSET")
-                    .arg(self.inner.meta_key(&dead_letters))
-                    .arg("declared")
-                    .arg(1)
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(redis_error)?;
+                self.inner.declare_meta(&dead_letters, &[]).await?;
             }
-            let mut set = redis::cmd("HSET");
-            set.arg(self.inner.meta_key(queue)).arg("declared").arg(1);
+            let mut limits = Vec::new();
             if let Some(max_len) = options.max_len {
-                set.arg("max_len").arg(max_len);
+                limits.push(("max_len", u64::try_from(max_len).unwrap_or(u64::MAX)));
             }
             if let Some(max) = options.max_deliveries {
-                set.arg("max_deliveries").arg(max);
+                limits.push(("max_deliveries", u64::from(max)));
             }
-            let _: i64 = set.query_async(&mut connection).await.map_err(redis_error)?;
-            Ok(())
+            self.inner.declare_meta(queue, &limits).await
         })
     }
 
@@ -516,7 +543,7 @@ impl Transport for RedisStreams {
         Box::pin(async move {
             let key = self.inner.topic_key(topic);
             let after = self.inner.open_stream(&key).await?;
-            self.reader(key, after, false, None)
+            self.reader(key, after, None, None)
         })
     }
 
@@ -528,8 +555,9 @@ impl Transport for RedisStreams {
             let mut connection = self.inner.commands.clone();
             let _: i64 =
                 redis::cmd("PEXPIRE").arg(&address).arg(ttl).query_async(&mut connection).await.map_err(redis_error)?;
-            let consumer = self.reader(address.clone(), after, true, Some(Kind::Reply))?;
-            Ok(Inbox { address, consumer, losses: None })
+            let (losses, lost) = tokio::sync::watch::channel(0);
+            let consumer = self.reader(address.clone(), after, Some(losses), Some(Kind::Reply))?;
+            Ok(Inbox { address, consumer, losses: Some(lost) })
         })
     }
 

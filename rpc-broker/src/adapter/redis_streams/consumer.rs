@@ -155,6 +155,9 @@ impl Reader {
             };
             if let Err(error) = result {
                 tracing::debug!(%error, stream = %self.target.stream, "reading a Redis stream failed; trying again");
+                if error.to_string().contains("NOGROUP") {
+                    self.declare_again().await;
+                }
                 tokio::time::sleep(TICK).await;
             }
         }
@@ -183,7 +186,7 @@ impl Reader {
             .arg(">")
             .query_async(&mut self.connection)
             .await
-            .map_err(|error| self.missing_group(error))?;
+            .map_err(redis_error)?;
         for key in reply.into_iter().flat_map(|reply| reply.keys) {
             for entry in key.ids {
                 self.hand_out(entry, 1).await;
@@ -192,14 +195,23 @@ impl Reader {
         Ok(())
     }
 
-    /// A group that is gone (its stream deleted) is made again, empty, so that the consumer goes on.
-    fn missing_group(&self, error: redis::RedisError) -> Error {
-        if error.to_string().contains("NOGROUP") {
-            let (inner, stream, group) =
-                (Arc::clone(&self.inner), self.target.stream.clone(), self.target.group.clone());
-            tokio::spawn(async move { inner.create_group(&stream, &group, "$").await });
+    /// Makes the group again when it is gone (its stream deleted, or a Redis without persistence restarted),
+    /// with a queue's declaration, so that the consumer goes on and callers find the queue. What it held is gone
+    /// with the stream.
+    async fn declare_again(&self) {
+        let start = if self.target.queue { "0" } else { "$" };
+        let mut made = self.inner.create_group(&self.target.stream, &self.target.group, start).await;
+        if self.target.queue && made.is_ok() {
+            made = self.inner.declare_meta(&self.target.name, &[]).await;
         }
-        redis_error(error)
+        match made {
+            Ok(()) => {
+                tracing::warn!(stream = %self.target.stream, "the consumer group was gone; it was made again");
+                let lost: Vec<u64> = self.held.entries().keys().copied().collect();
+                self.held.lost().extend(lost);
+            }
+            Err(error) => tracing::debug!(%error, "could not make the consumer group again"),
+        }
     }
 
     /// Claims entries idle past the visibility timeout (their consumer died or went away), with their counts.
@@ -373,11 +385,22 @@ impl std::fmt::Debug for Held {
 }
 
 impl StreamAcker {
+    /// The entry of delivery `tag`, while this consumer holds it; one another consumer claimed is let go.
     fn entry(&self, tag: u64) -> Result<(String, u32), Error> {
         if self.held.lost().contains(&tag) {
+            self.forget(tag);
+            self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::DeliveryLost);
         }
         self.held.entries().get(&tag).cloned().ok_or(Error::DeliveryLost)
+    }
+
+    /// A settle of `tag` that Redis did not take: the entry stays pending there, and once idle past the
+    /// visibility timeout another consumer (or this one) claims it. This consumer lets it go, renewing it no more.
+    fn failed(&self, tag: u64, error: redis::RedisError) -> Error {
+        self.forget(tag);
+        self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
+        redis_error(error)
     }
 
     fn forget(&self, tag: u64) {
@@ -416,7 +439,7 @@ impl StreamAcker {
             .arg(count)
             .invoke_async(&mut connection)
             .await
-            .map_err(redis_error)?;
+            .map_err(|error| self.failed(tag, error))?;
         self.forget(tag);
         self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
         if done < 0 {
@@ -449,7 +472,7 @@ impl StreamAcker {
         for (name, value) in &fields {
             invocation.arg(name.as_bytes()).arg(value.as_ref());
         }
-        let sent: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+        let sent: i64 = invocation.invoke_async(&mut connection).await.map_err(|error| self.failed(tag, error))?;
         if ack || sent < 0 {
             self.forget(tag);
             if ack {
