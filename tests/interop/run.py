@@ -3,7 +3,7 @@
 `probe-client` calls a Python worker (worker.py) through the same broker.
 
 Written from the documents only (docs/wire-format.md, docs/protocol.md, docs/adapters.md, docs/conformance.md and
-the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp,zmq}.rs): where the worker does not do what they say, the
+the module docs of rpc-broker/src/adapter/{amqp,nats,kafka,stomp,zmq,redis_streams}.rs): where the worker does not do what they say, the
 check fails.
 
     python3 tests/interop/run.py --worker target/debug/probe-worker --client target/debug/probe-client \
@@ -11,8 +11,9 @@ check fails.
 
 Environment: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default
 nats://127.0.0.1:4222), MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ's STOMP, default
-stomp://127.0.0.1:61623), INTEROP_TRANSPORTS (comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,
-activemq,zeromq; ZeroMQ needs no server: the worker binds a free loopback port).
+stomp://127.0.0.1:61623), MQRPC_REDIS_URL (default redis://127.0.0.1:6379), INTEROP_TRANSPORTS (comma-separated
+subset of broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq,redis; ZeroMQ needs no server: the worker binds a
+free loopback port). On Redis, Python only calls the Rust worker.
 """
 
 import argparse
@@ -835,6 +836,137 @@ class KafkaClient:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Redis Streams through redis-py (module docs of rpc-broker/src/adapter/redis_streams.rs)
+# --------------------------------------------------------------------------------------------------------------
+
+class RedisClient:
+    """A plain Redis client (redis-py, asyncio): `XADD` to the queue's stream, the reply read with `XREAD` from a
+    stream of its own, made before the first call (a worker answers an inbox only while it exists); replies are
+    matched by `mqrpc-correlation-id`."""
+
+    name = "redis"
+
+    def __init__(self, url, namespace, prefix="mqrpc:"):
+        self.url = url
+        self.queue = f"{namespace}.{SERVICE}"
+        self.stream = f"{prefix}q:{self.queue}"
+        self.reply_stream = f"interop:replies:{uuid.uuid4().hex}"
+        self.waiters = {}  # correlation id (str) -> future of Reply
+        self.stray = []  # replies nobody waited for
+        self.reader = None
+
+    async def start(self):
+        import redis.asyncio as aioredis
+        self.loop = asyncio.get_running_loop()
+        self.redis = aioredis.from_url(self.url)
+        # XREAD with BLOCK holds its connection: a client of its own.
+        self.blocking = aioredis.from_url(self.url)
+        opened = await self.redis.xadd(self.reply_stream, {"open": "1"})
+        await self.redis.xdel(self.reply_stream, opened)
+        await self.redis.pexpire(self.reply_stream, 600_000)
+        self.last = opened
+        self.reader = asyncio.create_task(self.read_loop())
+
+    async def read_loop(self):
+        while True:
+            try:
+                answer = await self.blocking.xread({self.reply_stream: self.last}, count=256, block=200)
+            except Exception as error:  # noqa: BLE001
+                print(f"  redis: reading the reply stream failed: {error!r}", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.1)
+                continue
+            for _stream, entries in answer or []:
+                for entry_id, fields in entries:
+                    self.last = entry_id
+                    self._deliver(self._reply(fields))
+
+    @staticmethod
+    def _reply(fields):
+        named = {name.decode(errors="replace"): value for name, value in fields.items()}
+
+        def text(name):
+            value = named.get(name)
+            return value.decode(errors="replace") if value is not None else None
+        status = text("mqrpc-status")
+        try:
+            status = int(status) if status is not None else 0
+        except ValueError:
+            status = -1
+        return Reply(status, text("mqrpc-status-message"), named.get("body", b""), text("mqrpc-correlation-id"),
+                     raw=fields)
+
+    def _deliver(self, reply):
+        future = self.waiters.pop(reply.correlation, None) if isinstance(reply.correlation, str) else None
+        if future is None or future.done():
+            self.stray.append(reply)
+        else:
+            future.set_result(reply)
+
+    async def stop(self):
+        if self.reader:
+            self.reader.cancel()
+            try:
+                await self.reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        try:
+            await self.redis.delete(self.reply_stream)
+        except Exception:  # noqa: BLE001
+            pass
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    def request_fields(self, method, correlation, deadline=None, headers=None):
+        """The fields a plain Redis client calls with (module docs of redis_streams.rs)."""
+        fields = {}
+        if method is not None:
+            fields["mqrpc-method"] = method
+        fields["mqrpc-reply-to"] = self.reply_stream
+        fields["mqrpc-reply-inbox"] = "true"
+        fields["mqrpc-correlation-id"] = correlation
+        if deadline is not None:
+            fields["mqrpc-deadline-ms"] = str(deadline)
+        fields.update(headers or {})
+        return fields
+
+    async def call(self, method, args, *, correlation=None, deadline=None, timeout=CALL_TIMEOUT, raw_body=None,
+                   headers=None):
+        correlation = correlation if correlation is not None else str(uuid.uuid4())
+        fields = self.request_fields(method, correlation, deadline, headers)
+        fields["body"] = raw_body if raw_body is not None else pack(args)
+        future = self.loop.create_future()
+        self.waiters[correlation] = future
+        await self.redis.xadd(self.stream, fields)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            self.waiters.pop(correlation, None)
+            return None
+
+    async def call_many(self, requests, timeout):
+        """requests: [(correlation, method, args)]; returns {correlation: Reply} of those answered in time."""
+        futures = {}
+        pipeline = self.redis.pipeline(transaction=False)
+        for correlation, method, args in requests:
+            futures[correlation] = self.waiters[correlation] = self.loop.create_future()
+            fields = self.request_fields(method, correlation, deadline=30_000)
+            fields["body"] = pack(args)
+            pipeline.xadd(self.stream, fields)
+        await pipeline.execute()
+        done, _ = await asyncio.wait(futures.values(), timeout=timeout)
+        for correlation, future in futures.items():
+            if future not in done:
+                self.waiters.pop(correlation, None)
+        return {c: f.result() for c, f in futures.items() if f in done}
+
+    async def oneway(self, method, args, headers=None):
+        """No `mqrpc-reply-to`: a oneway call."""
+        fields = {"mqrpc-method": method, "body": pack(args)}
+        fields.update(headers or {})
+        await self.redis.xadd(self.stream, fields)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # ActiveMQ through stomp.py (module docs of rpc-broker/src/adapter/stomp.rs)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -1048,7 +1180,7 @@ async def check_result(client, ctx):
     """add(2, 3) = 5, the reply matched by its correlation id."""
     if isinstance(client, (MqrpcClient, ZmqClient)):
         correlation = uuid.uuid4().bytes
-    elif isinstance(client, (AmqpClient, KafkaClient, StompClient)):
+    elif isinstance(client, (AmqpClient, KafkaClient, StompClient, RedisClient)):
         correlation = str(uuid.uuid4())
     else:
         correlation = None
@@ -1336,7 +1468,7 @@ async def run_concurrent(client, ids):
         replies = await client.call_many(requests, 60)
         stray = sorted(client.replies)
         client.replies.clear()
-    elif isinstance(client, (KafkaClient, StompClient)):
+    elif isinstance(client, (KafkaClient, StompClient, RedisClient)):
         replies = await client.call_many([(c, "add", args[c]) for c in ids], 60)
         stray = [reply.correlation for reply in client.stray]
         client.stray.clear()
@@ -1601,6 +1733,12 @@ CHECKS = {
                check_zmq_malformed_messages, check_zmq_refused_for_an_unserved_queue, check_incomplete_envelope,
                check_wrong_version, check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
                check_concurrent, check_worker_alive],
+    # Redis Streams: entry fields as Kafka's record headers; the time queued counts from `mqrpc-sent-at-ms`.
+    "redis": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
+              check_positional_arguments, check_deadline_propagates, check_garbage_body, check_missing_method,
+              check_status_on_request, check_expired_deadline, check_old_send_time, check_oneway,
+              check_concurrent_canonical_ids, check_correlation_upper_case_uuid, check_correlation_simple_uuid,
+              check_correlation_non_uuid, check_concurrent, check_worker_alive],
     # ActiveMQ over STOMP: no header carries the envelope's version, so no wrong_version; the time budget is
     # `mqrpc-deadline-ms` (STOMP's `expires` is not in the module docs), the time queued `mqrpc-sent-at-ms`.
     "activemq": [check_result, check_result_named_reply_queue, check_application_error, check_unknown_method,
@@ -1700,6 +1838,10 @@ async def run_transport(transport, args, results):
             elif transport == "zeromq":
                 url = f"zmq-worker://127.0.0.1:{free_port()}"
                 client = ZmqClient(url, namespace)
+            elif transport == "redis":
+                url = args.redis_url
+                client = RedisClient(url, namespace)
+                cleanup.append(lambda: delete_redis(url, namespace))
             elif transport == "kafka":
                 url = f"kafka://{kafka_bootstrap(args.kafka_url)}"
                 client = KafkaClient(url, namespace)
@@ -1758,7 +1900,8 @@ async def run_transport(transport, args, results):
         except Exception as error:  # noqa: BLE001 - the transport could not be set up: one failure for it
             results.record(transport, "setup", f"{type(error).__name__}: {error}")
         try:
-            if url is not None:
+            # worker.py has no Redis Streams worker: on Redis, Python calls the Rust worker only.
+            if url is not None and transport != "redis":
                 await run_rust_client(transport, url, env, args, results)
         except Exception as error:  # noqa: BLE001 - the phase could not be set up: one failure for it
             results.record(transport, "rust_client_setup", f"{type(error).__name__}: {error}")
@@ -1868,6 +2011,20 @@ async def delete_amqp_queue(url, queue):
     await asyncio.get_running_loop().run_in_executor(None, delete)
 
 
+async def delete_redis(url, namespace):
+    """The run's keys: its queues' streams and declarations (`mqrpc:q:<namespace>.*`, `mqrpc:meta:...`) and
+    topics."""
+    import redis.asyncio as aioredis
+    client = aioredis.from_url(url)
+    try:
+        for pattern in (f"mqrpc:q:{namespace}.*", f"mqrpc:meta:{namespace}.*", f"mqrpc:t:{namespace}.*"):
+            keys = [key async for key in client.scan_iter(match=pattern)]
+            if keys:
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 async def delete_streams(url, prefix):
     import nats
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
@@ -1919,10 +2076,11 @@ async def main():
     parser.add_argument("--nats-url", default=os.environ.get("MQRPC_NATS_URL", "nats://127.0.0.1:4222"))
     parser.add_argument("--kafka-url", default=os.environ.get("MQRPC_KAFKA_URL", "127.0.0.1:9092"),
                         help="host:port (or kafka://host:port) of a Kafka-protocol broker")
+    parser.add_argument("--redis-url", default=os.environ.get("MQRPC_REDIS_URL", "redis://127.0.0.1:6379"))
     parser.add_argument("--stomp-url", default=os.environ.get("MQRPC_STOMP_URL", "stomp://127.0.0.1:61623"),
                         help="stomp://[login:passcode@]host:port of ActiveMQ's STOMP connector")
     parser.add_argument("--transports",
-                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq"),
+                        default=os.environ.get("INTEROP_TRANSPORTS", "broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq,redis"),
                         help="comma-separated subset of broker,rabbitmq,nats,jetstream,kafka,activemq,zeromq")
     parser.add_argument("--log-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "mqrpc-interop"),
                         help="where the worker's and broker's stderr go")

@@ -48,7 +48,7 @@ use redis::streams::StreamReadReply;
 use redis::{Script, Value};
 use rpc_core::codec::Limits;
 use rpc_core::transport::{AckHandle, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox};
-use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, ReplyTo, Transport};
+use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, Kind, QueueOptions, QueueStats, Transport};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -164,11 +164,6 @@ pub(crate) fn redis_error(error: redis::RedisError) -> Error {
     }
 }
 
-/// Whether `address` names an inbox: a reply to it goes there only while it exists.
-fn is_inbox(address: &str, envelope: &Envelope) -> bool {
-    envelope.kind == Kind::Reply && !matches!(&envelope.reply_to, Some(ReplyTo::Queue(_))) && address.contains(":i:")
-}
-
 /// An entry's fields: the envelope's, when it was sent, and its body.
 fn entry_fields(envelope: &Envelope) -> Result<Vec<(String, bytes::Bytes)>, Error> {
     let mut out: Vec<(String, bytes::Bytes)> = fields::to_pairs(envelope, 1)
@@ -248,14 +243,16 @@ impl Inner {
         Ok(id)
     }
 
-    async fn publish_entry(&self, queue: &str, envelope: &Envelope) -> Result<(), Error> {
+    /// Adds `envelope` to `queue`'s stream, or, for `inbox`, to the stream `queue` names (a caller's reply
+    /// address, used as it is) if it exists.
+    async fn publish_entry(&self, queue: &str, envelope: &Envelope, inbox: bool) -> Result<(), Error> {
         adapter::refuse_delay(envelope)?;
         if envelope.priority.is_some_and(|priority| priority > 0) {
             return Err(Error::Unsupported("priorities on Redis Streams"));
         }
         let fields = entry_fields(envelope)?;
         let mut connection = self.commands.clone();
-        if queue.contains(":i:") {
+        if inbox {
             let mut invocation = self.reply.key(queue);
             for (name, value) in &fields {
                 invocation.arg(name.as_bytes()).arg(value.as_ref());
@@ -488,8 +485,8 @@ impl Transport for RedisStreams {
     }
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
-        let _ = confirm;
-        Box::pin(async move { self.inner.publish_entry(queue, &envelope).await })
+        // A reply to an inbox is sent unconfirmed (`Confirm::for_reply`): its address is the stream itself.
+        Box::pin(async move { self.inner.publish_entry(queue, &envelope, confirm == Confirm::Sent).await })
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -604,7 +601,7 @@ impl Transport for RedisStreams {
 
     fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            if queue.contains(":i:") {
+            if queue.starts_with(&format!("{}i:", self.inner.options.prefix)) {
                 return Err(Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its client")));
             }
             let mut connection = self.inner.commands.clone();

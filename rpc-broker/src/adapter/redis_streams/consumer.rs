@@ -329,8 +329,9 @@ impl Reader {
     }
 }
 
-/// An entry's envelope (or what could be read of it, and why it is not a call), the deliveries before this
-/// copy (1 when none), and when it was sent by the sender's clock.
+/// An entry's envelope (or what could be read of it, and why it is not a call: it is larger than the limits
+/// allow), the deliveries before this copy (1 when none), and when it was sent by the sender's clock. The body
+/// is the arguments' bytes as they are: the worker decodes them, checked, and answers status 3 when they do not.
 pub(super) fn decode(
     entry: &StreamId,
     limits: &rpc_core::codec::Limits,
@@ -352,12 +353,6 @@ pub(super) fn decode(
     let (envelope, before) = fields.envelope(body);
     if size > limits.max_frame {
         let why = format!("an entry of {size} bytes is past the limit of {}", limits.max_frame);
-        return (Err((envelope, why)), before, sent_at);
-    }
-    if !envelope.body.is_empty()
-        && let Err(error) = rpc_core::codec::check(&envelope.body, limits)
-    {
-        let why = format!("the body is not MessagePack within the limits: {error}");
         return (Err((envelope, why)), before, sent_at);
     }
     (Ok(envelope), before, sent_at)
@@ -453,10 +448,17 @@ impl StreamAcker {
         Ok(())
     }
 
-    /// Publishes `envelope` to `queue` for delivery `tag`, acking it too when `ack`; fenced by the delivery.
-    async fn publish_fenced(&self, tag: u64, queue: &str, envelope: Envelope, ack: bool) -> Result<Answered, Error> {
+    /// Publishes `envelope` to `queue` (for `inbox`, the stream it names, if it exists) for delivery `tag`,
+    /// acking it too when `ack`; fenced by the delivery.
+    async fn publish_fenced(
+        &self,
+        tag: u64,
+        queue: &str,
+        inbox: bool,
+        envelope: Envelope,
+        ack: bool,
+    ) -> Result<Answered, Error> {
         let (id, _) = self.entry(tag)?;
-        let inbox = super::is_inbox(queue, &envelope);
         let target = if inbox { queue.to_owned() } else { self.inner.queue_key(queue) };
         let fields = super::entry_fields(&envelope)?;
         let mut connection = self.inner.commands.clone();
@@ -509,9 +511,8 @@ impl Acker for StreamAcker {
         envelope: Envelope,
         confirm: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        let _ = confirm;
         Box::pin(async move {
-            match self.publish_fenced(tag, queue, envelope, false).await? {
+            match self.publish_fenced(tag, queue, confirm == Confirm::Sent, envelope, false).await? {
                 Answered::Sent => Ok(()),
                 Answered::Undeliverable => Err(Error::NoRoute(queue.to_owned())),
             }
@@ -524,7 +525,7 @@ impl Acker for StreamAcker {
         reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        Box::pin(self.publish_fenced(tag, reply_to.address(), reply, true))
+        Box::pin(self.publish_fenced(tag, reply_to.address(), reply_to.is_inbox(), reply, true))
     }
 
     fn revoked(&self, tag: u64) -> bool {
