@@ -1,5 +1,5 @@
-//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka`, `activemq` and `zeromq` examples: the same code
-//! on every transport.
+//! The worker and the client of the `remote_*`, `rabbitmq`, `nats`, `kafka`, `redis`, `activemq` and `zeromq`
+//! examples: the same code on every transport.
 
 use std::time::{Duration, Instant};
 

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! `call` and `ping` also take the URL of another broker in `--broker`, for the adapters this binary was built
-//! with (`--features amqp,nats,kafka,stomp,zmq`): `amqp://`, `nats://`, `kafka://HOST:PORT`, `stomp://`, and
+//! with (`--features amqp,nats,kafka,redis,stomp,zmq`): `amqp://`, `nats://`, `kafka://HOST:PORT`, `redis://`,
+//! `stomp://`, and
 //! `zmq://HOST:PORT,...` (the workers' endpoints; `call` only: a ZeroMQ worker hears broadcasts, pings
 //! included, from the nodes it lists as peers, and it does not list this command's).
 //!
@@ -362,6 +363,11 @@ async fn transport(target: &Connect) -> Result<Arc<dyn rpc_core::Transport>, Str
                 rpc_broker::adapter::kafka::Kafka::connect(brokers).await.map_err(|error| unreachable(url, &error))?,
             ))
         }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => {
+            let transport = rpc_broker::adapter::redis_streams::RedisStreams::connect(url);
+            Ok(Arc::new(transport.await.map_err(|error| unreachable(url, &error))?))
+        }
         #[cfg(feature = "stomp")]
         "stomp" => Ok(Arc::new(
             rpc_broker::adapter::stomp::Stomp::connect(url).await.map_err(|error| unreachable(url, &error))?,
@@ -374,7 +380,7 @@ async fn transport(target: &Connect) -> Result<Arc<dyn rpc_core::Transport>, Str
         }
         _ => Err(format!(
             "`{url}`: this rpc-broker speaks mqrpc:// and mqrpcs://, and the schemes of the adapters it was built \
-             with (amqp://, nats://, kafka://, stomp://, zmq://; cargo install with --features amqp,nats,...)"
+             with (amqp://, nats://, kafka://, redis://, stomp://, zmq://; cargo install with --features amqp,nats,...)"
         )),
     }
 }

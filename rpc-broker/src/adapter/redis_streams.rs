@@ -10,7 +10,8 @@
 //!   `mqrpc-method`, `mqrpc-correlation-id`, `mqrpc-reply-to`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, ...)
 //!   and the field `body`, the MessagePack of the arguments or the result. A plain Redis client calls a service
 //!   with `XADD mqrpc:q:Calculator * mqrpc-method add mqrpc-reply-to <its stream> mqrpc-reply-inbox true
-//!   mqrpc-correlation-id <id> body <msgpack>`, and reads the reply from its stream.
+//!   mqrpc-correlation-id <id> body <msgpack>`, and reads the reply from its stream, which must exist first
+//!   (`XADD` then `XDEL` makes an empty one): a worker answers an inbox only while it exists.
 //! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), after the reply, in one script
 //!   that first checks with `XPENDING` that this consumer still holds the entry: a worker whose entry another
 //!   worker claimed cannot answer for it ([`Error::DeliveryLost`]).
