@@ -27,6 +27,8 @@
 //! | `kafka` | mqrpc on Kafka, worker in another process |
 //! | `activemq-raw` | hand-written STOMP RPC on ActiveMQ: a temporary reply queue on the calling connection, correlation ids, a `client-individual` subscriber process with a prefetch; requests `persistent:true` without a receipt and replies not persistent, as the `activemq` variant sends them |
 //! | `activemq` | mqrpc on ActiveMQ over STOMP, worker in another process |
+//! | `redis-raw` | hand-written Redis Streams RPC: `XADD` with a correlation id and a reply stream, a consumer-group process acking and deleting each batch in one pipeline, replies read with `XREAD BLOCK` |
+//! | `redis` | mqrpc on Redis Streams, worker in another process |
 //! | `tarpc` | tarpc over TCP, server in another process: direct RPC with no queue (reference) |
 //! | `zeromq` | mqrpc over ZeroMQ, worker in another process: brokerless, against `tarpc` |
 //!
@@ -99,6 +101,8 @@ pub(crate) struct Config {
     pub(crate) kafka_url: String,
     /// ActiveMQ's STOMP URL.
     pub(crate) stomp_url: String,
+    /// Redis's URL.
+    pub(crate) redis_url: String,
     /// Worker threads of this process's runtime, which runs the callers of every variant and the responders
     /// of `inproc-floor` and `embedded`; tokio's default (one per core) when `None`.
     pub(crate) workers: Option<usize>,
@@ -108,9 +112,10 @@ const USAGE: &str = "usage: bench [--quick] [--only VARIANTS] [--rounds N] [--js
   --workers N: worker threads of this process's runtime (default: one per core)
   --window SECS: how long each throughput measurement runs (default 3, 0.7 with --quick); longer to profile one
   VARIANTS: comma-separated, from inproc-floor,embedded,embedded-otel,own-broker,own-durable,nats-raw,nats,rabbitmq-raw,rabbitmq,kafka-raw,kafka,
-    activemq-raw,activemq,tarpc,zeromq
+    activemq-raw,activemq,redis-raw,redis,tarpc,zeromq
   brokers: MQRPC_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), MQRPC_NATS_URL (default nats://127.0.0.1:4222),
-    MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ, default stomp://127.0.0.1:61623)";
+    MQRPC_KAFKA_URL (default 127.0.0.1:9092), MQRPC_STOMP_URL (ActiveMQ, default stomp://127.0.0.1:61623),
+    MQRPC_REDIS_URL (default redis://127.0.0.1:6379)";
 
 fn parse(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
@@ -131,6 +136,7 @@ fn parse(args: &[String]) -> Result<Config, String> {
         nats_url: std::env::var("MQRPC_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
         kafka_url: std::env::var("MQRPC_KAFKA_URL").unwrap_or_else(|_| "127.0.0.1:9092".into()),
         stomp_url: std::env::var("MQRPC_STOMP_URL").unwrap_or_else(|_| "stomp://127.0.0.1:61623".into()),
+        redis_url: std::env::var("MQRPC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         workers: None,
     };
     let mut rounds = None;

@@ -439,6 +439,32 @@ async fn run_variant(variant: Variant, config: &Config, progress: &ProgressBar) 
                 measure(variant, Arc::new(caller), &pids, config, progress).await
             }
         }
+        Variant::RedisRaw | Variant::Redis => {
+            let transport = if variant == Variant::Redis {
+                let transport = rpc_broker::adapter::redis_streams::RedisStreams::connect(&config.redis_url)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                // A new service queue, as `redis-raw`'s responder makes a new request stream.
+                let queue = rpc_core::naming::service_queue(None, "Bench");
+                transport.delete_queue(&queue).await.map_err(|error| error.to_string())?;
+                Some(transport)
+            } else {
+                None
+            };
+            let (worker, _) = start(responder(&config.redis_url)).await?;
+            pids.push((Part::Responder, worker.pid()));
+            processes.push(worker);
+            match transport {
+                None => {
+                    let caller = variants::RedisRaw::connect(&config.redis_url).await?;
+                    measure(variant, Arc::new(caller), &pids, config, progress).await
+                }
+                Some(transport) => {
+                    let caller = variants::Mqrpc::connect(transport).await?;
+                    measure(variant, Arc::new(caller), &pids, config, progress).await
+                }
+            }
+        }
         Variant::Zeromq => {
             let (worker, endpoint) = start(responder("-")).await?;
             pids.push((Part::Responder, worker.pid()));

@@ -502,6 +502,8 @@ fn targets<'a>(
     versus(Variant::Rabbitmq, Variant::RabbitmqRaw, 256, 1.0);
     versus(Variant::Activemq, Variant::ActivemqRaw, 64, 1.0);
     versus(Variant::Activemq, Variant::ActivemqRaw, 256, 1.0);
+    versus(Variant::Redis, Variant::RedisRaw, 64, 1.0);
+    versus(Variant::Redis, Variant::RedisRaw, 256, 1.0);
     if let (Some(ours), Some(theirs)) = (get(Variant::OwnBroker, 1), get(Variant::NatsRaw, 1)) {
         targets.push((
             ours.p50_us <= theirs.p50_us,

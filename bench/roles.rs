@@ -101,6 +101,13 @@ async fn responder(variant: Variant, address: &str) -> Result<(), String> {
             serve(rpc_broker::adapter::stomp::Stomp::connect(address).await.map_err(|error| error.to_string())?, false)
                 .await
         }
+        Variant::Redis => {
+            let transport = rpc_broker::adapter::redis_streams::RedisStreams::connect(address)
+                .await
+                .map_err(|error| error.to_string())?;
+            serve(transport, false).await
+        }
+        Variant::RedisRaw => variants::redis_raw_responder(address).await,
         Variant::NatsRaw => variants::nats_raw_responder(address).await,
         Variant::RabbitmqRaw => variants::rabbit_raw_responder(address).await,
         Variant::KafkaRaw => variants::kafka_raw_responder(address).await,

@@ -62,6 +62,10 @@ pub(crate) enum Variant {
     ActivemqRaw,
     /// mqrpc on ActiveMQ, over STOMP.
     Activemq,
+    /// Hand-written Redis Streams RPC.
+    RedisRaw,
+    /// mqrpc on Redis Streams.
+    Redis,
     /// tarpc over TCP.
     Tarpc,
     /// mqrpc over ZeroMQ, brokerless.
@@ -70,7 +74,7 @@ pub(crate) enum Variant {
 
 impl Variant {
     /// Every variant, in the order of the table.
-    pub(crate) const ALL: [Variant; 15] = [
+    pub(crate) const ALL: [Variant; 17] = [
         Variant::InprocFloor,
         Variant::Embedded,
         Variant::EmbeddedOtel,
@@ -84,6 +88,8 @@ impl Variant {
         Variant::Kafka,
         Variant::ActivemqRaw,
         Variant::Activemq,
+        Variant::RedisRaw,
+        Variant::Redis,
         Variant::Tarpc,
         Variant::Zeromq,
     ];
@@ -104,6 +110,8 @@ impl Variant {
             Variant::Kafka => "kafka",
             Variant::ActivemqRaw => "activemq-raw",
             Variant::Activemq => "activemq",
+            Variant::RedisRaw => "redis-raw",
+            Variant::Redis => "redis",
             Variant::Tarpc => "tarpc",
             Variant::Zeromq => "zeromq",
         }
@@ -124,12 +132,14 @@ impl Variant {
             Variant::Rabbitmq => Some(Variant::RabbitmqRaw),
             Variant::Kafka => Some(Variant::KafkaRaw),
             Variant::Activemq => Some(Variant::ActivemqRaw),
+            Variant::Redis => Some(Variant::RedisRaw),
             Variant::Zeromq => Some(Variant::Tarpc),
             Variant::InprocFloor
             | Variant::NatsRaw
             | Variant::RabbitmqRaw
             | Variant::KafkaRaw
             | Variant::ActivemqRaw
+            | Variant::RedisRaw
             | Variant::Tarpc => None,
         }
     }
@@ -141,6 +151,7 @@ impl Variant {
             Variant::RabbitmqRaw | Variant::Rabbitmq => &["beam.smp"],
             Variant::KafkaRaw | Variant::Kafka => &["tansu"],
             Variant::ActivemqRaw | Variant::Activemq => &["java"],
+            Variant::RedisRaw | Variant::Redis => &["redis-server"],
             _ => &[],
         }
     }
@@ -850,4 +861,159 @@ pub(crate) async fn tarpc_responder() -> Result<(), String> {
         }));
     }
     Ok(())
+}
+
+/// The stream `redis-raw`'s requests go to, read by the consumer group [`RAW_GROUP`].
+pub(crate) const RAW_STREAM: &str = "mqrpc-bench:raw";
+/// `redis-raw`'s consumer group.
+const RAW_GROUP: &str = "bench";
+
+/// `redis-raw`: a hand-written request-reply over Redis Streams, as redis-rs's users write it: `XADD` to
+/// [`RAW_STREAM`] with the correlation id (`c`), the reply stream (`r`) and the arguments (`b`); the replies read
+/// with `XREAD BLOCK` from a stream of the client's own, on a connection of its own; a map of waiting calls.
+pub(crate) struct RedisRaw {
+    commands: redis::aio::MultiplexedConnection,
+    reply_to: String,
+    waiting: Arc<DashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    next: AtomicU64,
+    /// Dropped with the client: the reply reader stops and deletes the reply stream.
+    _stop: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for RedisRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRaw").field("reply_to", &self.reply_to).finish_non_exhaustive()
+    }
+}
+
+/// A field's bytes in a stream entry.
+fn field<'a>(entry: &'a redis::streams::StreamId, name: &str) -> Option<&'a [u8]> {
+    match entry.map.get(name)? {
+        redis::Value::BulkString(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
+impl RedisRaw {
+    /// Connects to `url` and starts reading replies.
+    pub(crate) async fn connect(url: &str) -> Result<RedisRaw, String> {
+        let client = redis::Client::open(url).map_err(|error| error.to_string())?;
+        let commands = client.get_multiplexed_async_connection().await.map_err(|error| error.to_string())?;
+        let mut reader = client.get_multiplexed_async_connection().await.map_err(|error| error.to_string())?;
+        let reply_to = format!("mqrpc-bench:replies:{}", uuid::Uuid::new_v4().simple());
+        let waiting: Arc<DashMap<u64, oneshot::Sender<Vec<u8>>>> = Arc::new(DashMap::new());
+        let (map, key) = (Arc::clone(&waiting), reply_to.clone());
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let mut cleanup = commands.clone();
+        tokio::spawn(async move {
+            let mut last = "$".to_owned();
+            loop {
+                let mut read = redis::cmd("XREAD");
+                read.arg("COUNT").arg(1024).arg("BLOCK").arg(1000).arg("STREAMS").arg(&key).arg(&last);
+                let reply = tokio::select! {
+                    _ = &mut stopped => break,
+                    reply = read.query_async::<Option<redis::streams::StreamReadReply>>(&mut reader) => reply,
+                };
+                let Ok(reply) = reply else { continue };
+                let mut read_ids = Vec::new();
+                for entry in reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids) {
+                    last.clone_from(&entry.id);
+                    read_ids.push(entry.id.clone());
+                    let id = field(&entry, "c").and_then(|id| std::str::from_utf8(id).ok()?.parse::<u64>().ok());
+                    if let (Some((_, reply)), Some(body)) = (id.and_then(|id| map.remove(&id)), field(&entry, "b")) {
+                        let _ = reply.send(body.to_vec());
+                    }
+                }
+                if !read_ids.is_empty() {
+                    let _: Result<i64, _> = redis::cmd("XDEL").arg(&key).arg(&read_ids).query_async(&mut cleanup).await;
+                }
+            }
+            let _: Result<i64, _> = redis::cmd("DEL").arg(&key).query_async(&mut cleanup).await;
+        });
+        Ok(RedisRaw { commands, reply_to, waiting, next: AtomicU64::new(0), _stop: stop })
+    }
+}
+
+impl Caller for RedisRaw {
+    async fn add(&self, a: i64, b: i64) -> Result<i64, String> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, receive) = oneshot::channel();
+        self.waiting.insert(id, reply);
+        let mut commands = self.commands.clone();
+        let added: Result<String, _> = redis::cmd("XADD")
+            .arg(RAW_STREAM)
+            .arg("*")
+            .arg("c")
+            .arg(id)
+            .arg("r")
+            .arg(&self.reply_to)
+            .arg("b")
+            .arg(encode_args(a, b)?)
+            .query_async(&mut commands)
+            .await;
+        if let Err(error) = added {
+            self.waiting.remove(&id);
+            return Err(error.to_string());
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, receive).await {
+            Ok(Ok(body)) => decode_sum(&body),
+            Ok(Err(_)) => Err("the reply reader stopped".into()),
+            Err(_) => {
+                self.waiting.remove(&id);
+                Err("timed out".into())
+            }
+        }
+    }
+}
+
+/// The `redis-raw` responder: a member of the consumer group on [`RAW_STREAM`] reading up to 256 entries at a
+/// time, answering each on its reply stream, then acking and deleting the batch in one pipeline.
+pub(crate) async fn redis_raw_responder(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|error| error.to_string())?;
+    let mut reader = client.get_multiplexed_async_connection().await.map_err(|error| error.to_string())?;
+    let mut commands = client.get_multiplexed_async_connection().await.map_err(|error| error.to_string())?;
+    let _: Result<i64, _> = redis::cmd("DEL").arg(RAW_STREAM).query_async(&mut commands).await;
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(RAW_STREAM)
+        .arg(RAW_GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async::<()>(&mut commands)
+        .await
+        .map_err(|error| error.to_string())?;
+    crate::roles::ready("reading");
+    loop {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(RAW_GROUP)
+            .arg("responder")
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(RAW_STREAM)
+            .arg(">")
+            .query_async(&mut reader)
+            .await
+            .map_err(|error| error.to_string())?;
+        let entries: Vec<_> = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let mut pipeline = redis::pipe();
+        for entry in &entries {
+            let (Some(reply_to), Some(id), Some(sum)) =
+                (field(entry, "r"), field(entry, "c"), field(entry, "b").and_then(answer))
+            else {
+                continue;
+            };
+            pipeline.cmd("XADD").arg(reply_to).arg("*").arg("c").arg(id).arg("b").arg(sum).ignore();
+        }
+        let ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();
+        pipeline.cmd("XACK").arg(RAW_STREAM).arg(RAW_GROUP).arg(&ids).ignore();
+        pipeline.cmd("XDEL").arg(RAW_STREAM).arg(&ids).ignore();
+        pipeline.query_async::<()>(&mut commands).await.map_err(|error| error.to_string())?;
+    }
 }
