@@ -12,9 +12,12 @@
 //!   with `XADD mqrpc:q:Calculator * mqrpc-method add mqrpc-reply-to <its stream> mqrpc-reply-inbox true
 //!   mqrpc-correlation-id <id> body <msgpack>`, and reads the reply from its stream, which must exist first
 //!   (`XADD` then `XDEL` makes an empty one): a worker answers an inbox only while it exists.
-//! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), after the reply, in one script
-//!   that first checks with `XPENDING` that this consumer still holds the entry: a worker whose entry another
-//!   worker claimed cannot answer for it ([`Error::DeliveryLost`]).
+//! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), sent with the reply in one
+//!   transaction. A worker sends the answers ready at once together (one `MULTI`/`EXEC`, one `XACK` and one
+//!   `XDEL` for the batch). An answer whose lease is older than half the visibility timeout (below) goes instead
+//!   through a script that first checks with `XPENDING` that this consumer still holds the entry: a worker whose
+//!   entry another worker claimed cannot answer for it ([`Error::DeliveryLost`]). Every process on a queue must
+//!   use the same visibility timeout for that to hold.
 //! - **A worker that died** leaves its entries pending; once idle past [`RedisStreamsOptions::visibility`]
 //!   (30 s by default) another consumer claims them (`XPENDING IDLE` then `XCLAIM`), the delivery count being
 //!   Redis's own. A consumer renews the lease of the entries it holds every third of it, so that a long
@@ -24,10 +27,13 @@
 //!   count; both join the back of the queue, not the front. **Dead letters** go to `<queue>.dlq` the same way;
 //!   an entry delivered more than `max_deliveries` times goes there unrun.
 //! - **A maximum length** is checked by the publish script before `XADD`: ready entries (the stream's length
-//!   less those handed out) at `max_len` give [`Error::QueueFull`]. Nothing is trimmed.
+//!   less those handed out) at `max_len` give [`Error::QueueFull`]. Nothing is trimmed. A queue the script
+//!   found declared without one is published to with a plain `XADD ... NOMKSTREAM` for the next second (a
+//!   queue deleted meanwhile is still [`Error::NoRoute`]; a maximum length another process declares holds
+//!   within that second).
 //! - **Replies** go to the caller's inbox, a stream `<prefix>i:<uuid>` that expires
 //!   ([`RedisStreamsOptions::inbox_ttl`]) unless its client, which reads it with `XREAD` and deletes what it
-//!   read, keeps renewing it: a reply to an inbox that is gone is dropped (a script checks it exists), so a
+//!   read, keeps renewing it: a reply to an inbox that is gone is dropped (`XADD ... NOMKSTREAM`), so a
 //!   dead caller leaves nothing. Streams rather than Pub/Sub: a reply written while the caller reconnects waits
 //!   for it.
 //! - **Broadcast**: a topic is the stream `<prefix>t:<topic>`, trimmed to about
@@ -45,7 +51,6 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::StreamReadReply;
 use redis::{Script, Value};
 use rpc_core::codec::Limits;
 use rpc_core::transport::{AckHandle, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Inbox};
@@ -136,8 +141,16 @@ pub(crate) struct Inner {
     counters: CounterMap,
     closing: CancellationToken,
     publish: Script,
-    reply: Script,
+    /// Queues known to be declared without a maximum length, and since when: a publish to one is a plain
+    /// `XADD NOMKSTREAM` for [`DECLARATION_CACHE`], without the script that checks the length.
+    unbounded: dashmap::DashMap<String, std::time::Instant>,
 }
+
+/// How long a queue's declaration without a maximum length is taken as known: a maximum length given to the
+/// queue by another process's declaration holds within it.
+const DECLARATION_CACHE: Duration = Duration::from_secs(1);
+/// Queues remembered at most in [`Inner::unbounded`].
+const DECLARATION_CACHE_SIZE: usize = 4096;
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -253,13 +266,24 @@ impl Inner {
         }
         let fields = entry_fields(envelope)?;
         let mut connection = self.commands.clone();
-        if inbox {
-            let mut invocation = self.reply.key(queue);
+        let known = !inbox && self.unbounded.get(queue).is_some_and(|since| since.elapsed() < DECLARATION_CACHE);
+        if inbox || known {
+            // An inbox, or a queue without a maximum length: exists when its stream does.
+            let key = if inbox { queue.to_owned() } else { self.queue_key(queue) };
+            let mut add = redis::cmd("XADD");
+            add.arg(&key).arg("NOMKSTREAM").arg("*");
             for (name, value) in &fields {
-                invocation.arg(name.as_bytes()).arg(value.as_ref());
+                add.arg(name.as_bytes()).arg(value.as_ref());
             }
-            let sent: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
-            return if sent == 1 { Ok(()) } else { Err(Error::NoRoute(queue.to_owned())) };
+            let added: Option<String> = add.query_async(&mut connection).await.map_err(redis_error)?;
+            if added.is_none() {
+                self.unbounded.remove(queue);
+                return Err(Error::NoRoute(queue.to_owned()));
+            }
+            if !inbox {
+                Counters::bump(&self.counters.of(queue).published);
+            }
+            return Ok(());
         }
         let mut invocation = self.publish.key(self.queue_key(queue));
         invocation.key(self.meta_key(queue));
@@ -269,7 +293,15 @@ impl Inner {
         let added: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
         let counters = self.counters.of(queue);
         match added {
-            1 => {
+            1 | 2 => {
+                if added == 2 {
+                    if self.unbounded.len() >= DECLARATION_CACHE_SIZE {
+                        self.unbounded.clear();
+                    }
+                    self.unbounded.insert(queue.to_owned(), std::time::Instant::now());
+                } else {
+                    self.unbounded.remove(queue);
+                }
                 Counters::bump(&counters.published);
                 Ok(())
             }
@@ -312,7 +344,7 @@ impl RedisStreams {
                 counters: CounterMap::default(),
                 closing: CancellationToken::new(),
                 publish: Script::new(scripts::PUBLISH),
-                reply: Script::new(scripts::REPLY),
+                unbounded: dashmap::DashMap::new(),
             }),
         })
     }
@@ -355,6 +387,8 @@ impl RedisStreams {
                 }
             };
             let mut last = after;
+            // Entries read and not yet deleted (an inbox's).
+            let mut read: Vec<String> = Vec::new();
             let mut renewed = std::time::Instant::now();
             let ttl = u64::try_from(inner.options.inbox_ttl.as_millis()).unwrap_or(u64::MAX);
             while !stop.is_cancelled() && !sender.is_closed() {
@@ -375,16 +409,20 @@ impl RedisStreams {
                         losses.send_modify(|lost| *lost += 1);
                     }
                 }
-                let mut command = redis::cmd("XREAD");
-                command.arg("COUNT").arg(256).arg("BLOCK").arg(200).arg("STREAMS").arg(&key).arg(&last);
-                let read = command.query_async::<Option<StreamReadReply>>(&mut connection);
+                // What the last read took leaves the inbox with the next read, in one round trip.
+                let mut pipeline = redis::pipe();
+                if !read.is_empty() {
+                    pipeline.cmd("XDEL").arg(&key).arg(&read).ignore();
+                }
+                pipeline.cmd("XREAD").arg("COUNT").arg(256).arg("BLOCK").arg(200).arg("STREAMS").arg(&key).arg(&last);
                 let reply = tokio::select! {
                     () = stop.cancelled() => break,
-                    reply = read => reply,
+                    reply = pipeline.query_async::<(Value,)>(&mut connection) => reply,
                 };
                 let entries = match reply {
-                    Ok(reply) => {
-                        reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect::<Vec<_>>()
+                    Ok((reply,)) => {
+                        read.clear();
+                        consumer::read_reply(reply)
                     }
                     Err(error) => {
                         tracing::debug!(%error, %key, "reading a Redis stream failed; trying again");
@@ -392,11 +430,12 @@ impl RedisStreams {
                         continue;
                     }
                 };
-                let mut read_ids = Vec::with_capacity(entries.len());
                 for entry in entries {
                     last.clone_from(&entry.id);
-                    read_ids.push(entry.id.clone());
-                    let (envelope, delivery_count, sent_at) = consumer::decode(&entry, &inner.options.limits);
+                    if delete {
+                        read.push(entry.id);
+                    }
+                    let (envelope, delivery_count, sent_at) = consumer::decode(entry.fields, &inner.options.limits);
                     let Ok(mut envelope) = envelope else {
                         tracing::warn!(%key, "an entry that is not an envelope; dropped");
                         continue;
@@ -416,11 +455,6 @@ impl RedisStreams {
                         handle: AckHandle::auto(),
                     };
                     let _ = sender.send(delivery);
-                }
-                if delete && !read_ids.is_empty() {
-                    let mut commands = inner.commands.clone();
-                    let _: Result<i64, _> =
-                        redis::cmd("XDEL").arg(&key).arg(&read_ids).query_async(&mut commands).await;
                 }
             }
             if delete {
@@ -467,6 +501,7 @@ impl Transport for RedisStreams {
             if queue.is_empty() {
                 return Err(Error::InvalidArgument("an empty queue name".into()));
             }
+            self.inner.unbounded.remove(queue);
             self.inner.create_group(&self.inner.queue_key(queue), scripts::QUEUE_GROUP, "0").await?;
             // Every queue but an inbox has a dead-letter queue, declared with it.
             if !queue.ends_with(".dlq") {
@@ -605,6 +640,7 @@ impl Transport for RedisStreams {
             if queue.starts_with(&format!("{}i:", self.inner.options.prefix)) {
                 return Err(Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its client")));
             }
+            self.inner.unbounded.remove(queue);
             let mut connection = self.inner.commands.clone();
             let _: i64 = redis::cmd("DEL")
                 .arg(self.inner.queue_key(queue))

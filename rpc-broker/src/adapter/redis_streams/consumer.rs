@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamId, StreamReadReply};
 use redis::{Script, Value};
 use rpc_core::transport::{
     AckHandle, Acker, Answered, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Outcome,
 };
 use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, redis_error, scripts};
@@ -26,6 +25,10 @@ use crate::adapter::{self, Counters};
 const TICK: Duration = Duration::from_millis(200);
 /// Entries claimed at most per look.
 const CLAIM_BATCH: usize = 64;
+/// Entries read at most at once.
+const READ_BATCH: usize = 256;
+/// Answers sent at most in one script call.
+const ANSWER_BATCH: usize = 128;
 
 /// What a consumer reads.
 pub(super) struct Target {
@@ -41,16 +44,28 @@ pub(super) struct Target {
     pub(super) max_deliveries: Option<u32>,
 }
 
-/// The deliveries a consumer holds, by tag: entry id and delivery count.
+/// A delivery a consumer holds.
+#[derive(Clone)]
+struct Lease {
+    /// The entry's id.
+    id: String,
+    /// Its delivery count.
+    count: u32,
+    /// When the command that handed it to this consumer, or last renewed it, was sent: Redis's idle time for
+    /// the entry is at most the time since.
+    since: Instant,
+}
+
+/// The deliveries a consumer holds, by tag.
 struct Held {
-    entries: Mutex<HashMap<u64, (String, u32)>>,
+    entries: Mutex<HashMap<u64, Lease>>,
     /// Tags whose entry another consumer claimed.
     lost: Mutex<HashSet<u64>>,
     settled: Notify,
 }
 
 impl Held {
-    fn entries(&self) -> MutexGuard<'_, HashMap<u64, (String, u32)>> {
+    fn entries(&self) -> MutexGuard<'_, HashMap<u64, Lease>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -68,6 +83,15 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         lost: Mutex::new(HashSet::new()),
         settled: Notify::new(),
     });
+    let (answers, queued) = mpsc::unbounded_channel();
+    tokio::spawn(send_answers(
+        Arc::clone(inner),
+        target.stream.clone(),
+        target.group.clone(),
+        name.clone(),
+        target.queue,
+        queued,
+    ));
     let acker = Arc::new(StreamAcker {
         inner: Arc::clone(inner),
         stream: target.stream.clone(),
@@ -77,7 +101,7 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         dead_letters: inner.queue_key(&rpc_core::naming::dead_letter_queue(&target.name)),
         counters: inner.counters.of(&target.name),
         held: Arc::clone(&held),
-        answer: scripts::answer(),
+        answers,
         settle: scripts::settle(),
     });
     let (sender, receiver) = mpsc::unbounded_channel();
@@ -140,7 +164,7 @@ impl Reader {
                 }
                 if room > 0 && last_claim.elapsed() >= TICK {
                     last_claim = Instant::now();
-                    self.claim_idle(room).await?;
+                    self.claim_idle(room.min(CLAIM_BATCH)).await?;
                 }
                 let room = self.room();
                 if room == 0 {
@@ -167,13 +191,14 @@ impl Reader {
     fn room(&self) -> usize {
         let held = self.held.entries().len();
         match self.options.prefetch {
-            0 => CLAIM_BATCH,
-            prefetch => usize::try_from(prefetch).unwrap_or(usize::MAX).saturating_sub(held).min(CLAIM_BATCH),
+            0 => READ_BATCH,
+            prefetch => usize::try_from(prefetch).unwrap_or(usize::MAX).saturating_sub(held).min(READ_BATCH),
         }
     }
 
     async fn read_new(&mut self, room: usize) -> Result<(), Error> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let asked = Instant::now();
+        let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.target.group)
             .arg(&self.consumer)
@@ -187,10 +212,8 @@ impl Reader {
             .query_async(&mut self.connection)
             .await
             .map_err(redis_error)?;
-        for key in reply.into_iter().flat_map(|reply| reply.keys) {
-            for entry in key.ids {
-                self.hand_out(entry, 1).await;
-            }
+        for entry in read_reply(reply) {
+            self.hand_out(entry, 1, asked).await;
         }
         Ok(())
     }
@@ -248,13 +271,14 @@ impl Reader {
         for id in counts.keys() {
             claim.arg(id);
         }
+        let asked = Instant::now();
         let claimed: Value = claim.query_async(&mut self.connection).await.map_err(redis_error)?;
-        let claimed: redis::streams::StreamClaimReply =
-            redis::from_redis_value(claimed).map_err(|error| redis_error(error.into()))?;
-        for entry in claimed.ids {
+        let mut entries = Vec::new();
+        stream_entries(claimed, &mut entries);
+        for entry in entries {
             // Claimed: this delivery counts too.
             let count = counts.get(&entry.id).copied().unwrap_or(0).saturating_add(1);
-            self.hand_out(entry, count).await;
+            self.hand_out(entry, count, asked).await;
         }
         Ok(())
     }
@@ -262,7 +286,8 @@ impl Reader {
     /// Resets the idle time of the entries this consumer holds, so that nobody claims them while they run;
     /// those another consumer claimed already are marked lost.
     async fn renew_leases(&mut self) -> Result<(), Error> {
-        let held: Vec<(u64, String)> = self.held.entries().iter().map(|(tag, (id, _))| (*tag, id.clone())).collect();
+        let held: Vec<(u64, String)> =
+            self.held.entries().iter().map(|(tag, lease)| (*tag, lease.id.clone())).collect();
         if held.is_empty() {
             return Ok(());
         }
@@ -271,7 +296,18 @@ impl Reader {
         for (_, id) in &held {
             invocation.arg(id);
         }
+        let asked = Instant::now();
         let lost: Vec<String> = invocation.invoke_async(&mut self.connection).await.map_err(redis_error)?;
+        {
+            let mut entries = self.held.entries();
+            for (tag, id) in &held {
+                if !lost.contains(id)
+                    && let Some(lease) = entries.get_mut(tag)
+                {
+                    lease.since = asked;
+                }
+            }
+        }
         if !lost.is_empty() {
             let mut marked = self.held.lost();
             for (tag, id) in &held {
@@ -283,13 +319,14 @@ impl Reader {
         Ok(())
     }
 
-    /// Hands out one entry delivered `redis_count` times by Redis (copies carry the deliveries before them).
-    async fn hand_out(&mut self, entry: StreamId, redis_count: u32) {
+    /// Hands out one entry delivered `redis_count` times by Redis (copies carry the deliveries before them), by a
+    /// command sent at `asked`.
+    async fn hand_out(&mut self, entry: Entry, redis_count: u32, asked: Instant) {
         let received_at = Instant::now();
-        let (envelope, before, sent_at) = decode(&entry, &self.inner.options.limits);
+        let (envelope, before, sent_at) = decode(entry.fields, &self.inner.options.limits);
         let delivery_count = before.saturating_sub(1).saturating_add(redis_count.max(1));
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        self.held.entries().insert(tag, (entry.id.clone(), delivery_count));
+        self.held.entries().insert(tag, Lease { id: entry.id, count: delivery_count, since: asked });
         if self.target.max_deliveries.is_some_and(|max| delivery_count > max) {
             // Delivered too often: to the dead-letter queue, unrun.
             if let Err(error) = self.acker.settle_now(tag, Outcome::DeadLetter).await {
@@ -329,26 +366,82 @@ impl Reader {
     }
 }
 
+/// One entry of a stream, as read: its id and its field names and values, taken out of the reply as they are.
+pub(super) struct Entry {
+    pub(super) id: String,
+    pub(super) fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The entries of an `XREAD` or `XREADGROUP` reply (streams and their entries, RESP2 or RESP3); none for a
+/// read that timed out.
+pub(super) fn read_reply(reply: Value) -> Vec<Entry> {
+    let mut out = Vec::new();
+    match reply {
+        Value::Array(streams) => {
+            for stream in streams {
+                if let Value::Array(mut pair) = stream
+                    && let Some(entries) = pair.pop()
+                {
+                    stream_entries(entries, &mut out);
+                }
+            }
+        }
+        Value::Map(streams) => {
+            for (_, entries) in streams {
+                stream_entries(entries, &mut out);
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Appends a list of entries (`XCLAIM`'s reply, or one stream's in a read) to `out`. An entry without fields
+/// (deleted while pending) comes out empty; names or values that are not strings are dropped.
+pub(super) fn stream_entries(entries: Value, out: &mut Vec<Entry>) {
+    let Value::Array(entries) = entries else { return };
+    out.reserve(entries.len());
+    for entry in entries {
+        let Value::Array(parts) = entry else { continue };
+        let mut parts = parts.into_iter();
+        let id = match parts.next() {
+            Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
+            Some(Value::SimpleString(id)) => Some(id),
+            _ => None,
+        };
+        let Some(id) = id else { continue };
+        let mut fields = Vec::new();
+        if let Some(Value::Array(values)) = parts.next() {
+            fields.reserve(values.len() / 2);
+            let mut values = values.into_iter();
+            while let (Some(name), Some(value)) = (values.next(), values.next()) {
+                if let (Value::BulkString(name), Value::BulkString(value)) = (name, value) {
+                    fields.push((name, value));
+                }
+            }
+        }
+        out.push(Entry { id, fields });
+    }
+}
+
 /// An entry's envelope (or what could be read of it, and why it is not a call: it is larger than the limits
 /// allow), the deliveries before this copy (1 when none), and when it was sent by the sender's clock. The body
 /// is the arguments' bytes as they are: the worker decodes them, checked, and answers status 3 when they do not.
 pub(super) fn decode(
-    entry: &StreamId,
+    mut fields: Vec<(Vec<u8>, Vec<u8>)>,
     limits: &rpc_core::codec::Limits,
 ) -> (Result<Envelope, (Envelope, String)>, u32, Option<u64>) {
-    let mut body = bytes::Bytes::new();
-    let mut texts: Vec<(&str, String)> = Vec::with_capacity(entry.map.len());
-    let mut size = 0usize;
-    for (name, value) in &entry.map {
-        let Value::BulkString(bytes) = value else { continue };
-        size = size.saturating_add(name.len() + bytes.len());
-        if name == super::BODY {
-            body = bytes::Bytes::copy_from_slice(bytes);
-        } else if let Ok(text) = std::str::from_utf8(bytes) {
-            texts.push((name.as_str(), text.to_owned()));
-        }
-    }
-    let fields = Fields::read(texts.iter().map(|(name, value)| (*name, value.as_str())));
+    let size = fields.iter().fold(0usize, |size, (name, value)| size.saturating_add(name.len() + value.len()));
+    let body = fields
+        .iter_mut()
+        .find(|(name, _)| name.as_slice() == super::BODY.as_bytes())
+        .map(|(_, body)| bytes::Bytes::from(std::mem::take(body)))
+        .unwrap_or_default();
+    let texts = fields
+        .iter()
+        .filter(|(name, _)| name.as_slice() != super::BODY.as_bytes())
+        .filter_map(|(name, value)| Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?)));
+    let fields = Fields::read(texts);
     let sent_at = fields.sent_at_ms;
     let (envelope, before) = fields.envelope(body);
     if size > limits.max_frame {
@@ -356,6 +449,144 @@ pub(super) fn decode(
         return (Err((envelope, why)), before, sent_at);
     }
     (Ok(envelope), before, sent_at)
+}
+
+/// An answer (or a publish) for a delivery, waiting for the next batch.
+struct Answer {
+    /// The delivery's entry.
+    id: String,
+    /// Where it goes: a queue's stream, or an inbox's.
+    target: String,
+    inbox: bool,
+    /// Ack the delivery with it.
+    ack: bool,
+    /// Check first that the consumer still holds the delivery (its lease is old enough that another consumer
+    /// may have claimed it).
+    check: bool,
+    fields: Vec<(String, bytes::Bytes)>,
+    /// 1 sent, 0 the inbox is gone, -1 the delivery is not the consumer's.
+    done: oneshot::Sender<Result<i64, Error>>,
+}
+
+/// Sends a consumer's answers, as many as are waiting (up to [`ANSWER_BATCH`]) at once, one batch at a time:
+/// while one is at Redis, the next gathers. Answers whose delivery nobody else can hold yet go in one
+/// `MULTI`/`EXEC` (their entries acked and deleted with one `XACK` and one `XDEL`); the others through the script
+/// that checks each delivery is still the consumer's. Ends with the consumer's acker.
+async fn send_answers(
+    inner: Arc<Inner>,
+    stream: String,
+    group: String,
+    consumer: String,
+    queue: bool,
+    mut queued: mpsc::UnboundedReceiver<Answer>,
+) {
+    let script = Script::new(scripts::ANSWERS);
+    let target = Batch { stream: &stream, group: &group, consumer: &consumer, queue };
+    let mut batch = Vec::with_capacity(ANSWER_BATCH);
+    while queued.recv_many(&mut batch, ANSWER_BATCH).await > 0 {
+        let (checked, unchecked): (Vec<Answer>, Vec<Answer>) = batch.drain(..).partition(|answer| answer.check);
+        let mut connection = inner.commands.clone();
+        if !unchecked.is_empty() {
+            let results = target.send(&mut connection, &unchecked).await;
+            finish(unchecked, results);
+        }
+        if !checked.is_empty() {
+            let results = target.send_checked(&mut connection, &script, &checked).await;
+            finish(checked, results);
+        }
+    }
+}
+
+/// Where a consumer's answers come from.
+struct Batch<'a> {
+    stream: &'a str,
+    group: &'a str,
+    consumer: &'a str,
+    /// A queue's stream: entries are deleted once acked.
+    queue: bool,
+}
+
+impl Batch<'_> {
+    /// Sends `answers` in one transaction: 1 per answer sent, 0 for one to an inbox that is gone.
+    async fn send(
+        &self,
+        connection: &mut redis::aio::ConnectionManager,
+        answers: &[Answer],
+    ) -> Result<Vec<i64>, redis::RedisError> {
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for answer in answers {
+            let add = pipeline.cmd("XADD").arg(&answer.target);
+            if answer.inbox {
+                add.arg("NOMKSTREAM");
+            }
+            add.arg("*");
+            for (name, value) in &answer.fields {
+                add.arg(name.as_bytes()).arg(value.as_ref());
+            }
+        }
+        let acked: Vec<&str> = answers.iter().filter(|answer| answer.ack).map(|answer| answer.id.as_str()).collect();
+        if !acked.is_empty() {
+            pipeline.cmd("XACK").arg(self.stream).arg(self.group).arg(&acked).ignore();
+            if self.queue {
+                pipeline.cmd("XDEL").arg(self.stream).arg(&acked).ignore();
+            }
+        }
+        let added: Vec<Value> = pipeline.query_async(connection).await?;
+        Ok(added.iter().map(|id| if matches!(id, Value::Nil) { 0 } else { 1 }).collect())
+    }
+
+    /// Sends `answers` through the script that checks each delivery: 1 sent, 0 the inbox is gone, -1 the
+    /// delivery is not the consumer's.
+    async fn send_checked(
+        &self,
+        connection: &mut redis::aio::ConnectionManager,
+        script: &Script,
+        answers: &[Answer],
+    ) -> Result<Vec<i64>, redis::RedisError> {
+        let flag = |on: bool| if on { "1" } else { "0" };
+        let mut invocation = script.key(self.stream);
+        for answer in answers {
+            invocation.key(&answer.target);
+        }
+        invocation.arg(self.group).arg(self.consumer).arg(flag(self.queue));
+        for answer in answers {
+            invocation.arg(&answer.id).arg(flag(answer.inbox)).arg(flag(answer.ack)).arg(answer.fields.len() * 2);
+            for (name, value) in &answer.fields {
+                invocation.arg(name.as_bytes()).arg(value.as_ref());
+            }
+        }
+        invocation.invoke_async(connection).await
+    }
+}
+
+/// Gives each of `answers` its result.
+fn finish(answers: Vec<Answer>, results: Result<Vec<i64>, redis::RedisError>) {
+    match results {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for answer in answers {
+                let result = results
+                    .next()
+                    .ok_or_else(|| Error::Transport("Redis returned fewer results than answers sent".into()));
+                let _ = answer.done.send(result);
+            }
+        }
+        Err(error) => {
+            for answer in answers {
+                let _ = answer.done.send(Err(shared_error(&error)));
+            }
+        }
+    }
+}
+
+/// [`redis_error`] for an error that fails many answers.
+fn shared_error(error: &redis::RedisError) -> Error {
+    if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+        Error::Disconnected
+    } else {
+        Error::Transport(error.to_string().into())
+    }
 }
 
 /// Settles deliveries of one consumer, each through a script that checks the consumer still holds it.
@@ -369,7 +600,8 @@ pub(super) struct StreamAcker {
     dead_letters: String,
     counters: Arc<Counters>,
     held: Arc<Held>,
-    answer: Script,
+    /// To [`send_answers`].
+    answers: mpsc::UnboundedSender<Answer>,
     settle: Script,
 }
 
@@ -381,7 +613,7 @@ impl std::fmt::Debug for Held {
 
 impl StreamAcker {
     /// The entry of delivery `tag`, while this consumer holds it; one another consumer claimed is let go.
-    fn entry(&self, tag: u64) -> Result<(String, u32), Error> {
+    fn entry(&self, tag: u64) -> Result<Lease, Error> {
         if self.held.lost().contains(&tag) {
             self.forget(tag);
             self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
@@ -392,10 +624,10 @@ impl StreamAcker {
 
     /// A settle of `tag` that Redis did not take: the entry stays pending there, and once idle past the
     /// visibility timeout another consumer (or this one) claims it. This consumer lets it go, renewing it no more.
-    fn failed(&self, tag: u64, error: redis::RedisError) -> Error {
+    fn failed(&self, tag: u64, error: Error) -> Error {
         self.forget(tag);
         self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
-        redis_error(error)
+        error
     }
 
     fn forget(&self, tag: u64) {
@@ -405,7 +637,7 @@ impl StreamAcker {
     }
 
     async fn settle_now(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
-        let (id, delivery_count) = self.entry(tag)?;
+        let Lease { id, count: delivery_count, .. } = self.entry(tag)?;
         let (operation, copy_to, count) = match (outcome, self.queue) {
             (Outcome::Ack, _) => ("ack", self.stream.as_str(), 0),
             // The copy carries the count its next delivery has: one more for a requeue, the same for a release
@@ -434,7 +666,7 @@ impl StreamAcker {
             .arg(count)
             .invoke_async(&mut connection)
             .await
-            .map_err(|error| self.failed(tag, error))?;
+            .map_err(|error| self.failed(tag, redis_error(error)))?;
         self.forget(tag);
         self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
         if done < 0 {
@@ -458,23 +690,21 @@ impl StreamAcker {
         envelope: Envelope,
         ack: bool,
     ) -> Result<Answered, Error> {
-        let (id, _) = self.entry(tag)?;
+        let Lease { id, since, .. } = self.entry(tag)?;
+        // Nobody can have claimed an entry whose lease is younger than half the visibility timeout.
+        let check = since.elapsed() >= self.inner.options.visibility / 2;
         let target = if inbox { queue.to_owned() } else { self.inner.queue_key(queue) };
         let fields = super::entry_fields(&envelope)?;
-        let mut connection = self.inner.commands.clone();
-        let mut invocation = self.answer.key(&self.stream);
-        invocation
-            .key(&target)
-            .arg(&self.group)
-            .arg(&id)
-            .arg(&self.consumer)
-            .arg(if self.queue { "1" } else { "0" })
-            .arg(if inbox { "1" } else { "0" })
-            .arg(if ack { "1" } else { "0" });
-        for (name, value) in &fields {
-            invocation.arg(name.as_bytes()).arg(value.as_ref());
+        let (done, result) = oneshot::channel();
+        let answer = Answer { id, target, inbox, ack, check, fields, done };
+        if self.answers.send(answer).is_err() {
+            return Err(self.failed(tag, Error::Disconnected));
         }
-        let sent: i64 = invocation.invoke_async(&mut connection).await.map_err(|error| self.failed(tag, error))?;
+        let sent = match result.await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(error)) => return Err(self.failed(tag, error)),
+            Err(_) => return Err(self.failed(tag, Error::Disconnected)),
+        };
         if ack || sent < 0 {
             self.forget(tag);
             if ack {

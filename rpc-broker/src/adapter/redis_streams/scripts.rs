@@ -9,9 +9,9 @@ use redis::Script;
 /// The group of a service queue's stream.
 pub(super) const QUEUE_GROUP: &str = "mqrpc";
 
-/// `KEYS[1]` the stream, `KEYS[2]` the queue's meta hash; `ARGV` the entry's fields. 1 when added, 0 when the
-/// queue is full (ready entries, the stream's length less those handed out, at `max_len`), -1 when the queue
-/// was never declared.
+/// `KEYS[1]` the stream, `KEYS[2]` the queue's meta hash; `ARGV` the entry's fields. 1 when added to a queue
+/// with a maximum length, 2 when added to one without, 0 when the queue is full (ready entries, the stream's
+/// length less those handed out, at `max_len`), -1 when the queue was never declared.
 pub(super) const PUBLISH: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local max = redis.call('HGET', KEYS[2], 'max_len')
@@ -20,7 +20,8 @@ if max then
   if redis.call('XLEN', KEYS[1]) - held >= tonumber(max) then return 0 end
 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV))
-return 1
+if max then return 1 end
+return 2
 ";
 
 /// Checks that `ARGV[3]` holds entry `ARGV[2]` of group `ARGV[1]` on stream `KEYS[1]`.
@@ -35,24 +36,38 @@ local function settle()
 end
 ";
 
-/// `KEYS[1]` the stream, `KEYS[2]` the reply's stream; `ARGV[1]` group, `ARGV[2]` entry id, `ARGV[3]` consumer,
-/// `ARGV[4]` '1' to delete the entry once acked (a queue's), `ARGV[5]` '1' when the reply goes to an inbox
-/// (sent only if it exists), `ARGV[6]` '1' to ack; then the reply's fields. 1 sent, 0 the inbox is gone,
-/// -1 the delivery is not this consumer's.
-pub(super) fn answer() -> Script {
-    Script::new(&format!(
-        "{OWNED}
-if not owned() then return -1 end
-local sent = 1
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
-  sent = 0
-else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
+/// Answers a batch of deliveries of one consumer: `KEYS[1]` the stream, `KEYS[1 + n]` where answer n goes;
+/// `ARGV[1]` group, `ARGV[2]` consumer, `ARGV[3]` '1' to delete entries once acked (a queue's); then per answer
+/// the entry id, '1' when the answer goes to an inbox (sent only if it exists), '1' to ack the entry, the number
+/// of the answer's field names and values, and those. Per answer, in order: 1 sent, 0 the inbox is gone, -1 the
+/// delivery is not this consumer's (nothing done).
+pub(super) const ANSWERS: &str = r"
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local results = {}
+local at = 4
+for n = 2, #KEYS do
+  local id, inbox, ack, count = ARGV[at], ARGV[at + 1], ARGV[at + 2], tonumber(ARGV[at + 3])
+  local first = at + 4
+  at = first + count
+  local pending = redis.call('XPENDING', stream, group, id, id, 1)
+  if #pending == 1 and pending[1][2] == consumer then
+    local sent = 1
+    if inbox == '1' and redis.call('EXISTS', KEYS[n]) == 0 then
+      sent = 0
+    else
+      redis.call('XADD', KEYS[n], '*', unpack(ARGV, first, at - 1))
+    end
+    if ack == '1' then
+      redis.call('XACK', stream, group, id)
+      if ARGV[3] == '1' then redis.call('XDEL', stream, id) end
+    end
+    results[#results + 1] = sent
+  else
+    results[#results + 1] = -1
+  end
 end
-if ARGV[6] == '1' then settle() end
-return sent"
-    ))
-}
+return results
+";
 
 /// `KEYS[1]` the stream, `KEYS[2]` where a copy goes (the stream itself to requeue, its dead-letter queue's);
 /// `ARGV[1]` group, `ARGV[2]` entry id, `ARGV[3]` consumer, `ARGV[4]` '1' to delete the entry once acked,
@@ -108,11 +123,4 @@ for i = 3, #ARGV do
   end
 end
 return lost
-";
-
-/// `KEYS[1]` an inbox's stream; `ARGV` the reply's fields: added only while the inbox exists. 1 sent, 0 gone.
-pub(super) const REPLY: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV))
-return 1
 ";
