@@ -69,6 +69,10 @@ const RENEW_INBOX: Duration = Duration::from_secs(1);
 /// The entry field that holds the body.
 pub const BODY: &str = "body";
 
+/// The entry field that holds the whole envelope (docs/wire-format.md), in entries written by mqrpc (see
+/// [`RedisStreamsOptions::compact`]).
+pub const ENVELOPE: &str = "mqrpc-envelope";
+
 /// How a [`RedisStreams`] transport names its keys and how long it waits.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -85,6 +89,11 @@ pub struct RedisStreamsOptions {
     pub topic_max_len: usize,
     /// Limits on what entries hold.
     pub limits: Limits,
+    /// Write requests, broadcasts and replies to mqrpc inboxes as one field, [`ENVELOPE`], the envelope whole,
+    /// rather than one field per envelope field and `body` (default true). Readers read both; a reply to an
+    /// address that is not an mqrpc inbox always goes as fields. Fields are readable with `redis-cli`; one field
+    /// costs both ends and Redis less to write and parse.
+    pub compact: bool,
 }
 
 impl Default for RedisStreamsOptions {
@@ -95,6 +104,7 @@ impl Default for RedisStreamsOptions {
             inbox_ttl: Duration::from_secs(60),
             topic_max_len: 10_000,
             limits: Limits::default(),
+            compact: true,
         }
     }
 }
@@ -114,6 +124,12 @@ impl RedisStreamsOptions {
     /// Sets [`RedisStreamsOptions::visibility`] (at least 100 ms).
     pub fn visibility(mut self, visibility: Duration) -> RedisStreamsOptions {
         self.visibility = visibility.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Sets [`RedisStreamsOptions::compact`].
+    pub fn compact(mut self, compact: bool) -> RedisStreamsOptions {
+        self.compact = compact;
         self
     }
 
@@ -178,8 +194,15 @@ pub(crate) fn redis_error(error: redis::RedisError) -> Error {
     }
 }
 
-/// An entry's fields: the envelope's, when it was sent, and its body.
-fn entry_fields(envelope: &Envelope) -> Result<Vec<(String, bytes::Bytes)>, Error> {
+/// An entry's fields: the envelope whole in [`ENVELOPE`] when `compact`, else its fields and its body; and when
+/// it was sent.
+fn entry_fields(envelope: &Envelope, compact: bool) -> Result<Vec<(String, bytes::Bytes)>, Error> {
+    if compact {
+        return Ok(vec![
+            (ENVELOPE.to_owned(), rpc_core::codec::encode_envelope(envelope)?),
+            (headers::SENT_AT_MS.to_owned(), bytes::Bytes::from(adapter::now_ms().to_string())),
+        ]);
+    }
     let mut out: Vec<(String, bytes::Bytes)> = fields::to_pairs(envelope, 1)
         .into_iter()
         .map(|(name, value)| (name.to_owned(), bytes::Bytes::from(value)))
@@ -190,6 +213,13 @@ fn entry_fields(envelope: &Envelope) -> Result<Vec<(String, bytes::Bytes)>, Erro
 }
 
 impl Inner {
+    /// Whether `address` is an mqrpc inbox (`<prefix>i:<32 hex digits>`), whose reader is mqrpc's.
+    fn is_inbox(&self, address: &str) -> bool {
+        address.strip_prefix(self.options.prefix.as_str()).and_then(|rest| rest.strip_prefix("i:")).is_some_and(|id| {
+            id.len() == 32 && id.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+        })
+    }
+
     fn queue_key(&self, queue: &str) -> String {
         format!("{}q:{queue}", self.options.prefix)
     }
@@ -264,7 +294,8 @@ impl Inner {
         if envelope.priority.is_some_and(|priority| priority > 0) {
             return Err(Error::Unsupported("priorities on Redis Streams"));
         }
-        let fields = entry_fields(envelope)?;
+        let compact = self.options.compact && (!inbox || self.is_inbox(queue));
+        let fields = entry_fields(envelope, compact)?;
         let mut connection = self.commands.clone();
         let known = !inbox && self.unbounded.get(queue).is_some_and(|since| since.elapsed() < DECLARATION_CACHE);
         if inbox || known {
@@ -528,7 +559,7 @@ impl Transport for RedisStreams {
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             adapter::refuse_delay(&envelope)?;
-            let fields = entry_fields(&envelope)?;
+            let fields = entry_fields(&envelope, self.inner.options.compact)?;
             let mut add = redis::cmd("XADD");
             add.arg(self.inner.topic_key(topic)).arg("MAXLEN").arg("~").arg(self.inner.options.topic_max_len).arg("*");
             for (name, value) in &fields {

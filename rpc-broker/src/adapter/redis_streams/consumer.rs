@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Inner, redis_error, scripts};
 use crate::adapter::fields::Fields;
-use crate::adapter::{self, Counters};
+use crate::adapter::{self, Counters, headers};
 
 /// How often a consumer looks for entries left idle, and how long one read blocks at most.
 const TICK: Duration = Duration::from_millis(200);
@@ -432,6 +432,37 @@ pub(super) fn decode(
     limits: &rpc_core::codec::Limits,
 ) -> (Result<Envelope, (Envelope, String)>, u32, Option<u64>) {
     let size = fields.iter().fold(0usize, |size, (name, value)| size.saturating_add(name.len() + value.len()));
+    let text = |name: &str| {
+        fields
+            .iter()
+            .find(|(field, _)| field.as_slice() == name.as_bytes())
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+    };
+    if let Some(at) = fields.iter().position(|(name, _)| name.as_slice() == super::ENVELOPE.as_bytes()) {
+        // Written by mqrpc: the envelope whole, checked before it is decoded.
+        let sent_at = text(headers::SENT_AT_MS);
+        let before = text(crate::adapter::fields::DELIVERY_COUNT)
+            .and_then(|count| u32::try_from(count).ok())
+            .unwrap_or(1)
+            .max(1);
+        let bytes = bytes::Bytes::from(std::mem::take(&mut fields[at].1));
+        let decoded = if size > limits.max_frame {
+            Err(format!("an entry of {size} bytes is past the limit of {}", limits.max_frame))
+        } else {
+            rpc_core::codec::decode_envelope_bytes(&bytes, limits).map_err(|error| error.to_string())
+        };
+        return match decoded {
+            Ok(envelope) => (Ok(envelope), before, sent_at),
+            Err(why) => {
+                let mut envelope = Envelope::new(rpc_core::Kind::Request);
+                if let Some((reply_to, correlation_id)) = rpc_core::codec::reply_address_of(&bytes, limits) {
+                    envelope.reply_to = Some(reply_to);
+                    envelope.correlation_id = correlation_id;
+                }
+                (Err((envelope, why)), before, sent_at)
+            }
+        };
+    }
     let body = fields
         .iter_mut()
         .find(|(name, _)| name.as_slice() == super::BODY.as_bytes())
@@ -694,7 +725,8 @@ impl StreamAcker {
         // Nobody can have claimed an entry whose lease is younger than half the visibility timeout.
         let check = since.elapsed() >= self.inner.options.visibility / 2;
         let target = if inbox { queue.to_owned() } else { self.inner.queue_key(queue) };
-        let fields = super::entry_fields(&envelope)?;
+        let compact = self.inner.options.compact && (!inbox || self.inner.is_inbox(&target));
+        let fields = super::entry_fields(&envelope, compact)?;
         let (done, result) = oneshot::channel();
         let answer = Answer { id, target, inbox, ack, check, fields, done };
         if self.answers.send(answer).is_err() {
