@@ -6,7 +6,9 @@
 //!   group `mqrpc`: workers compete with `XREADGROUP ... COUNT <prefetch room>`. Its options live in the hash
 //!   `<prefix>meta:<queue>` (`max_len`, `max_deliveries`), so that every process sees them; a queue without it
 //!   was never declared, and a publish there is [`Error::NoRoute`].
-//! - **An entry** is the envelope as `mqrpc-*` text fields (as Kafka's record headers: `mqrpc-kind`,
+//! - **An entry** written by mqrpc is the envelope whole (docs/wire-format.md) in the field [`ENVELOPE`]
+//!   beside `mqrpc-sent-at-ms`. Readers also take, and replies to an address that is not an mqrpc inbox are
+//!   written as, the envelope as `mqrpc-*` text fields (as Kafka's record headers: `mqrpc-kind`,
 //!   `mqrpc-method`, `mqrpc-correlation-id`, `mqrpc-reply-to`, `mqrpc-deadline-ms`, `mqrpc-sent-at-ms`, ...)
 //!   and the field `body`, the MessagePack of the arguments or the result. A plain Redis client calls a service
 //!   with `XADD mqrpc:q:Calculator * mqrpc-method add mqrpc-reply-to <its stream> mqrpc-reply-inbox true

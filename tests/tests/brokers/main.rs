@@ -1,8 +1,9 @@
 //! Brokers beyond the shared suite, in one test binary: RabbitMQ and NATS called by their own clients
 //! (`rabbitmq_nats`), workers sharing a Redis dedup store (`shared_dedup`), and our broker with a data
 //! directory killed and restarted under load (`durable`), and the STOMP connection on ActiveMQ and RabbitMQ
-//! (`stomp`), and ZeroMQ's windows and refusals (`zeromq`). A test that needs an external broker is ignored, with
-//! the variable it needs, in a build without that broker's URL (`build.rs`; `.ci/run` sets them all).
+//! (`stomp`), ZeroMQ's windows and refusals (`zeromq`), and the two forms of a Redis Streams entry
+//! (`redis_streams`). A test that needs an external broker is ignored, with the variable it needs, in a build
+//! without that broker's URL (`build.rs`; `.ci/run` sets them all).
 //!
 //! `memory.rs` stays a binary of its own: it measures its process's resident set, which other tests in the
 //! same process would grow.
@@ -12,6 +13,7 @@ use std::time::Duration;
 mod durable;
 mod limits;
 mod rabbitmq_nats;
+mod redis_streams;
 mod shared_dedup;
 mod stomp;
 mod zeromq;
