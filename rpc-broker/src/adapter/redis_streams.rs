@@ -15,8 +15,8 @@
 //!   mqrpc-correlation-id <id> body <msgpack>`, and reads the reply from its stream, which must exist first
 //!   (`XADD` then `XDEL` makes an empty one): a worker answers an inbox only while it exists.
 //! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), sent with the reply in one
-//!   transaction. A worker sends the answers ready at once together (one `MULTI`/`EXEC`, one `XACK` and one
-//!   `XDEL` for the batch). An answer whose lease is older than half the visibility timeout (below) goes instead
+//!   transaction. An answer that finds none out goes at once; those that come while one is out go together
+//!   in the next (one `MULTI`/`EXEC`, one `XACK` and one `XDEL` for the batch). An answer whose lease is older than half the visibility timeout (below) goes instead
 //!   through a script that first checks with `XPENDING` that this consumer still holds the entry: a worker whose
 //!   entry another worker claimed cannot answer for it ([`Error::DeliveryLost`]). Every process on a queue must
 //!   use the same visibility timeout for that to hold.

@@ -83,15 +83,15 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         lost: Mutex::new(HashSet::new()),
         settled: Notify::new(),
     });
-    let (answers, queued) = mpsc::unbounded_channel();
-    tokio::spawn(send_answers(
-        Arc::clone(inner),
-        target.stream.clone(),
-        target.group.clone(),
-        name.clone(),
-        target.queue,
-        queued,
-    ));
+    let outbox = Arc::new(Outbox {
+        waiting: Mutex::new(Waiting { answers: Vec::new(), sending: false }),
+        inner: Arc::clone(inner),
+        stream: target.stream.clone(),
+        group: target.group.clone(),
+        consumer: name.clone(),
+        queue: target.queue,
+        script: Script::new(scripts::ANSWERS),
+    });
     let acker = Arc::new(StreamAcker {
         inner: Arc::clone(inner),
         stream: target.stream.clone(),
@@ -101,7 +101,7 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         dead_letters: inner.queue_key(&rpc_core::naming::dead_letter_queue(&target.name)),
         counters: inner.counters.of(&target.name),
         held: Arc::clone(&held),
-        answers,
+        outbox,
         settle: scripts::settle(),
     });
     let (sender, receiver) = mpsc::unbounded_channel();
@@ -499,30 +499,110 @@ struct Answer {
     done: oneshot::Sender<Result<i64, Error>>,
 }
 
-/// Sends a consumer's answers, as many as are waiting (up to [`ANSWER_BATCH`]) at once, one batch at a time:
-/// while one is at Redis, the next gathers. Answers whose delivery nobody else can hold yet go in one
+/// A consumer's answers on their way to Redis. An answer that finds no batch out is sent at once from its
+/// handler's own task; those that come while a batch is out wait, and go together (up to [`ANSWER_BATCH`]) in
+/// the next, sent by a task of their own. Answers whose delivery nobody else can hold yet go in one
 /// `MULTI`/`EXEC` (their entries acked and deleted with one `XACK` and one `XDEL`); the others through the script
-/// that checks each delivery is still the consumer's. Ends with the consumer's acker.
-async fn send_answers(
+/// that checks each delivery is still the consumer's.
+struct Outbox {
+    waiting: Mutex<Waiting>,
     inner: Arc<Inner>,
     stream: String,
     group: String,
     consumer: String,
+    /// A queue's stream: entries are deleted once acked.
     queue: bool,
-    mut queued: mpsc::UnboundedReceiver<Answer>,
-) {
-    let script = Script::new(scripts::ANSWERS);
-    let target = Batch { stream: &stream, group: &group, consumer: &consumer, queue };
-    let mut batch = Vec::with_capacity(ANSWER_BATCH);
-    while queued.recv_many(&mut batch, ANSWER_BATCH).await > 0 {
-        let (checked, unchecked): (Vec<Answer>, Vec<Answer>) = batch.drain(..).partition(|answer| answer.check);
-        let mut connection = inner.commands.clone();
+    script: Script,
+}
+
+struct Waiting {
+    answers: Vec<Answer>,
+    /// A batch is out; while it is, nothing else sends (and `answers` is empty whenever it is false).
+    sending: bool,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("stream", &self.stream).field("consumer", &self.consumer).finish()
+    }
+}
+
+/// Hands the sending on when the batch it guards is done, or its task dropped it.
+struct Sending(Arc<Outbox>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.hand_on();
+    }
+}
+
+impl Outbox {
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `answer`, or leaves it for the batch after the one out; its result comes on its `done`.
+    async fn send(self: &Arc<Self>, answer: Answer) {
+        let batch = {
+            let mut waiting = self.waiting();
+            waiting.answers.push(answer);
+            if waiting.sending {
+                return;
+            }
+            waiting.sending = true;
+            std::mem::take(&mut waiting.answers)
+        };
+        let sending = Sending(Arc::clone(self));
+        self.send_batch(batch).await;
+        drop(sending);
+    }
+
+    /// After a batch: what came meanwhile goes next, from a task of its own.
+    fn hand_on(self: &Arc<Self>) {
+        let mut waiting = self.waiting();
+        if waiting.answers.is_empty() {
+            waiting.sending = false;
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                drop(waiting);
+                runtime.spawn(Arc::clone(self).drain());
+            }
+            Err(_) => {
+                // No runtime left to send them: their callers get `Disconnected`, and Redis keeps the entries
+                // pending for another consumer.
+                waiting.answers.clear();
+                waiting.sending = false;
+            }
+        }
+    }
+
+    async fn drain(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut waiting = self.waiting();
+                if waiting.answers.is_empty() {
+                    waiting.sending = false;
+                    return;
+                }
+                let take = waiting.answers.len().min(ANSWER_BATCH);
+                waiting.answers.drain(..take).collect::<Vec<_>>()
+            };
+            self.send_batch(batch).await;
+        }
+    }
+
+    async fn send_batch(&self, batch: Vec<Answer>) {
+        let target = Batch { stream: &self.stream, group: &self.group, consumer: &self.consumer, queue: self.queue };
+        let (checked, unchecked): (Vec<Answer>, Vec<Answer>) = batch.into_iter().partition(|answer| answer.check);
+        let mut connection = self.inner.commands.clone();
         if !unchecked.is_empty() {
             let results = target.send(&mut connection, &unchecked).await;
             finish(unchecked, results);
         }
         if !checked.is_empty() {
-            let results = target.send_checked(&mut connection, &script, &checked).await;
+            let results = target.send_checked(&mut connection, &self.script, &checked).await;
             finish(checked, results);
         }
     }
@@ -631,8 +711,7 @@ pub(super) struct StreamAcker {
     dead_letters: String,
     counters: Arc<Counters>,
     held: Arc<Held>,
-    /// To [`send_answers`].
-    answers: mpsc::UnboundedSender<Answer>,
+    outbox: Arc<Outbox>,
     settle: Script,
 }
 
@@ -729,9 +808,7 @@ impl StreamAcker {
         let fields = super::entry_fields(&envelope, compact)?;
         let (done, result) = oneshot::channel();
         let answer = Answer { id, target, inbox, ack, check, fields, done };
-        if self.answers.send(answer).is_err() {
-            return Err(self.failed(tag, Error::Disconnected));
-        }
+        self.outbox.send(answer).await;
         let sent = match result.await {
             Ok(Ok(sent)) => sent,
             Ok(Err(error)) => return Err(self.failed(tag, error)),
