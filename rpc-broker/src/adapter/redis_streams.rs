@@ -23,7 +23,9 @@
 //! - **A worker that died** leaves its entries pending; once idle past [`RedisStreamsOptions::visibility`]
 //!   (30 s by default) another consumer claims them (`XPENDING IDLE` then `XCLAIM`), the delivery count being
 //!   Redis's own. A consumer renews the lease of the entries it holds every third of it, so that a long
-//!   handler keeps its entry.
+//!   handler keeps its entry. Consumers that hold nothing and have been given nothing for twice the
+//!   visibility timeout are deleted from the group (`XGROUP DELCONSUMER`), so that the names of processes
+//!   that went away do not pile up; Redis lists a live one again with its next entry.
 //! - **A requeue** adds a copy at the end of the stream (its `mqrpc-delivery-count` raised) and acks and
 //!   deletes the entry in one script: a copy is never lost nor doubled. A release is the same without the
 //!   count; both join the back of the queue, not the front. **Dead letters** go to `<queue>.dlq` the same way;

@@ -1,7 +1,8 @@
 //! The two forms of a Redis Streams entry: the envelope whole in one field (`mqrpc-envelope`, what mqrpc writes by
 //! default) and one field per envelope field beside `body` (`RedisStreamsOptions::compact(false)`, and every reply
 //! to an address that is not an mqrpc inbox). A client and a worker that write different forms understand each
-//! other, and each form is what lands in the stream.
+//! other, and each form is what lands in the stream. And the names of consumers that went away do not pile up in
+//! a queue's group.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use mqrpc_tests::RedisStreamsHarness;
 use mqrpc_tests::service::{Events, MathError, ProbeClient, ProbeServer, Worker};
 use rpc_broker::adapter::redis_streams::{BODY, ENVELOPE, RedisStreams, RedisStreamsOptions};
 use rpc_core::transport::Confirm;
-use rpc_core::{Client, Envelope, Kind, QueueOptions, Server, Transport};
+use rpc_core::{Client, ConsumeOptions, Envelope, Kind, QueueOptions, Server, Transport};
 
 use crate::WAIT;
 
@@ -92,4 +93,53 @@ async fn each_form_is_what_lands_in_the_stream() {
         let _: i64 =
             redis::cmd("XTRIM").arg(&stream).arg("MAXLEN").arg(0).query_async(&mut connection).await.expect("emptied");
     }
+}
+
+/// How many consumers the group of `stream` lists.
+async fn consumers(connection: &mut redis::aio::MultiplexedConnection, stream: &str) -> usize {
+    let listed: Vec<redis::Value> =
+        redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg("mqrpc").query_async(connection).await.expect("listed");
+    listed.len()
+}
+
+/// A consumer whose process went away leaves its name in the group; once it has held nothing for twice the
+/// visibility timeout (2 s here), a live consumer deletes it. The live one, idle as long, goes too (Redis before
+/// 7.2 does not count a read that returns nothing), and is listed again with its next delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_redis), ignore = "needs Redis: MQRPC_REDIS_URL (bash .ci/brokers)")]
+async fn consumers_that_went_away_are_deleted_from_the_group() {
+    let harness = RedisStreamsHarness::from_env().expect("MQRPC_REDIS_URL");
+    let queue = format!("sweep.{}", uuid::Uuid::new_v4().simple());
+    let stream = format!("{}q:{queue}", harness.prefix());
+    let redis = redis::Client::open(harness.url()).expect("a Redis URL");
+    let mut connection = redis.get_multiplexed_async_connection().await.expect("connects");
+    let transport = transport(&harness, true).await;
+    transport.declare_queue(&queue, &QueueOptions::default()).await.expect("declared");
+    let oneway = || {
+        let mut envelope = Envelope::new(Kind::Oneway);
+        envelope.method = "add".into();
+        envelope
+    };
+    // Each consumer takes and acks one entry, so that the group knows it.
+    let mut gone = transport.consume(&queue, ConsumeOptions::default()).await.expect("consumes");
+    transport.publish(&queue, oneway(), Confirm::Broker).await.expect("published");
+    let delivery = tokio::time::timeout(WAIT, gone.next()).await.expect("delivered").expect("open");
+    delivery.handle.ack().await.expect("acked");
+    drop(gone);
+    let mut live = transport.consume(&queue, ConsumeOptions::default()).await.expect("consumes");
+    transport.publish(&queue, oneway(), Confirm::Broker).await.expect("published");
+    let delivery = tokio::time::timeout(WAIT, live.next()).await.expect("delivered").expect("open");
+    delivery.handle.ack().await.expect("acked");
+    assert_eq!(consumers(&mut connection, &stream).await, 2, "both consumers listed");
+
+    mqrpc_tests::eventually_async("the consumers that hold nothing to be deleted", WAIT, || {
+        let mut connection = connection.clone();
+        let stream = stream.clone();
+        async move { consumers(&mut connection, &stream).await == 0 }
+    })
+    .await;
+    transport.publish(&queue, oneway(), Confirm::Broker).await.expect("published");
+    let delivery = tokio::time::timeout(WAIT, live.next()).await.expect("the live consumer goes on").expect("open");
+    delivery.handle.ack().await.expect("acked");
+    assert_eq!(consumers(&mut connection, &stream).await, 1);
 }

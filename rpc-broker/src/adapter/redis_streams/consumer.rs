@@ -117,6 +117,7 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         sender,
         next_tag: AtomicU64::new(1),
         renew: Script::new(scripts::RENEW),
+        sweep: Script::new(scripts::SWEEP),
     };
     tokio::spawn(reader.run(cancel.clone()));
     Ok(Consumer::from_channel(receiver, Some(Box::new(Stop(cancel)))))
@@ -148,12 +149,14 @@ struct Reader {
     sender: mpsc::UnboundedSender<Delivery>,
     next_tag: AtomicU64,
     renew: Script,
+    sweep: Script,
 }
 
 impl Reader {
     async fn run(mut self, cancel: CancellationToken) {
         let visibility = self.inner.options.visibility;
         let mut last_claim = Instant::now();
+        let mut last_sweep = Instant::now();
         let mut last_renew = Instant::now();
         while !cancel.is_cancelled() && !self.sender.is_closed() {
             let room = self.room();
@@ -161,6 +164,10 @@ impl Reader {
                 if last_renew.elapsed() >= visibility / 3 {
                     last_renew = Instant::now();
                     self.renew_leases().await?;
+                }
+                if last_sweep.elapsed() >= visibility {
+                    last_sweep = Instant::now();
+                    self.sweep_consumers().await?;
                 }
                 if room > 0 && last_claim.elapsed() >= TICK {
                     last_claim = Instant::now();
@@ -235,6 +242,25 @@ impl Reader {
             }
             Err(error) => tracing::debug!(%error, "could not make the consumer group again"),
         }
+    }
+
+    /// Deletes the group's consumers that hold nothing and have been given nothing for twice the visibility
+    /// timeout: the names of consumers whose process went away would otherwise pile up in the group. A live one
+    /// among them is listed again with its next delivery.
+    async fn sweep_consumers(&mut self) -> Result<(), Error> {
+        let idle = u64::try_from(self.inner.options.visibility.as_millis()).unwrap_or(u64::MAX / 2).saturating_mul(2);
+        let removed: i64 = self
+            .sweep
+            .key(&self.target.stream)
+            .arg(&self.target.group)
+            .arg(idle)
+            .invoke_async(&mut self.connection)
+            .await
+            .map_err(redis_error)?;
+        if removed > 0 {
+            tracing::debug!(removed, stream = %self.target.stream, "deleted consumers that went away");
+        }
+        Ok(())
     }
 
     /// Claims entries idle past the visibility timeout (their consumer died or went away), with their counts.

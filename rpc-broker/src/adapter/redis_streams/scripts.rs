@@ -124,3 +124,20 @@ for i = 3, #ARGV do
 end
 return lost
 ";
+
+/// `KEYS[1]` the stream; `ARGV[1]` group, `ARGV[2]` milliseconds: deletes the group's consumers that hold
+/// nothing and have been given nothing for that long: their process went away, or they are idle (Redis before
+/// 7.2 counts a read that returns nothing as no interaction), and Redis makes an idle one again with the next
+/// entry it reads. Returns how many it deleted.
+pub(super) const SWEEP: &str = r"
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['pending'] == 0 and fields['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], fields['name'])
+    removed = removed + 1
+  end
+end
+return removed
+";
