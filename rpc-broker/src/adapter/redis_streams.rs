@@ -73,6 +73,17 @@ const RENEW_INBOX: Duration = Duration::from_secs(1);
 /// The entry field that holds the body.
 pub const BODY: &str = "body";
 
+/// Reads a stream entry's fields (names and values as Redis returns them) as a worker and an inbox's reader do:
+/// the envelope whole from [`ENVELOPE`], or from the `mqrpc-*` fields and [`BODY`]; checked against `limits`
+/// before anything is decoded. Returns the envelope and the delivery count the entry carries (1 when none).
+///
+/// # Errors
+/// Why the entry is not a call: it is past the limits, or its envelope does not decode.
+pub fn read_entry(fields: Vec<(Vec<u8>, Vec<u8>)>, limits: &Limits) -> Result<(Envelope, u32), String> {
+    let (envelope, delivery_count, _) = consumer::decode(fields, limits);
+    envelope.map(|envelope| (envelope, delivery_count)).map_err(|(_, why)| why)
+}
+
 /// The entry field that holds the whole envelope (docs/wire-format.md), in entries written by mqrpc (see
 /// [`RedisStreamsOptions::compact`]).
 pub const ENVELOPE: &str = "mqrpc-envelope";
@@ -718,4 +729,86 @@ fn live_consumers(reply: &Value, window: Duration) -> usize {
                 .is_some_and(|idle| idle < window)
         })
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use rpc_core::{Envelope, Kind, ReplyTo};
+
+    use super::{Limits, entry_fields, read_entry};
+
+    fn owned(fields: Vec<(String, Bytes)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        fields.into_iter().map(|(name, value)| (name.into_bytes(), value.to_vec())).collect()
+    }
+
+    fn request() -> Envelope {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.service = "Calculator".into();
+        envelope.method = "add".into();
+        envelope.correlation_id = Some(uuid::Uuid::new_v4());
+        envelope.reply_to = Some(ReplyTo::Inbox("mqrpc:i:0123456789abcdef0123456789abcdef".into()));
+        envelope.deadline_ms = Some(5_000);
+        envelope.idempotency_key = Some("k1".into());
+        envelope.headers.insert("tenant".into(), "blue".into());
+        envelope.body = Bytes::from_static(b"\x92\x01\x02");
+        envelope
+    }
+
+    #[test]
+    fn both_forms_read_back_as_the_envelope_written() {
+        let envelope = request();
+        let (compact, count) = read_entry(owned(entry_fields(&envelope, true).expect("encodes")), &Limits::default())
+            .expect("the compact form reads");
+        assert_eq!((compact, count), (envelope.clone(), 1));
+        let (fields, count) = read_entry(owned(entry_fields(&envelope, false).expect("encodes")), &Limits::default())
+            .expect("the fields read");
+        assert_eq!(count, 1);
+        assert_eq!(fields.id, envelope.id);
+        assert_eq!(fields.correlation_id, envelope.correlation_id);
+        assert_eq!((fields.service.as_str(), fields.method.as_str()), ("Calculator", "add"));
+        assert_eq!(fields.reply_to, envelope.reply_to);
+        assert_eq!((fields.deadline_ms, fields.idempotency_key.as_deref()), (Some(5_000), Some("k1")));
+        assert_eq!(fields.headers.get("tenant").map(String::as_str), Some("blue"));
+        assert_eq!(fields.body, envelope.body);
+    }
+
+    #[test]
+    fn entries_past_the_limits_or_not_envelopes_are_refused_with_the_reason() {
+        let envelope = request();
+        let small = Limits { max_frame: 64, ..Limits::default() };
+        for compact in [true, false] {
+            let why = read_entry(owned(entry_fields(&envelope, compact).expect("encodes")), &small)
+                .expect_err("past the limit");
+            assert!(why.contains("past the limit"), "{why}");
+        }
+        let why = read_entry(vec![(b"mqrpc-envelope".to_vec(), b"\x81\xa1v\x07".to_vec())], &Limits::default())
+            .expect_err("another version");
+        assert!(!why.is_empty());
+    }
+
+    proptest! {
+        /// Any names and values: an envelope or the reason it is not one, never a panic.
+        #[test]
+        fn any_fields_read_or_are_refused(
+            fields in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just(b"mqrpc-envelope".to_vec()),
+                        Just(b"body".to_vec()),
+                        Just(b"mqrpc-delivery-count".to_vec()),
+                        Just(b"mqrpc-reply-to".to_vec()),
+                        Just(b"mqrpc-correlation-id".to_vec()),
+                        proptest::collection::vec(any::<u8>(), 0..24),
+                    ],
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                ),
+                0..12,
+            )
+        ) {
+            let small = Limits { max_frame: 256, ..Limits::default() };
+            let _ = read_entry(fields, &small);
+        }
+    }
 }
