@@ -175,6 +175,8 @@ pub(crate) struct Inner {
     /// Queues known to be declared without a maximum length, and since when: a publish to one is a plain
     /// `XADD NOMKSTREAM` for [`DECLARATION_CACHE`], without the script that checks the length.
     unbounded: dashmap::DashMap<String, std::time::Instant>,
+    delay: Script,
+    cancel: Script,
 }
 
 /// How long a queue's declaration without a maximum length is taken as known: a maximum length given to the
@@ -182,6 +184,14 @@ pub(crate) struct Inner {
 const DECLARATION_CACHE: Duration = Duration::from_secs(1);
 /// Queues remembered at most in [`Inner::unbounded`].
 const DECLARATION_CACHE_SIZE: usize = 4096;
+/// Ready entries a cancel looks through at most for its call's request.
+const CANCEL_LOOK: usize = 10_000;
+/// About how many cancels a queue's stream of cancels keeps, and how long it lives after the last.
+const CANCELS_KEPT: usize = 1_000;
+const CANCELS_TTL: Duration = Duration::from_secs(60);
+/// How late a delayed entry may reach its queue: a consumer looks for due ones at least this often (and at
+/// its due time, for those it knows of).
+const DELAY_SLACK: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +251,21 @@ impl Inner {
 
     fn meta_key(&self, queue: &str) -> String {
         format!("{}meta:{queue}", self.options.prefix)
+    }
+
+    /// The sorted set of `queue`'s delayed entries, by due time.
+    fn delayed_key(&self, queue: &str) -> String {
+        format!("{}d:{queue}", self.options.prefix)
+    }
+
+    /// The hash of `queue`'s delayed entries' fields, by member of [`Inner::delayed_key`].
+    fn delayed_entries_key(&self, queue: &str) -> String {
+        format!("{}dm:{queue}", self.options.prefix)
+    }
+
+    /// The stream on which `queue`'s consumers hear of cancelled calls.
+    fn cancels_key(&self, queue: &str) -> String {
+        format!("{}x:{queue}", self.options.prefix)
     }
 
     fn topic_key(&self, topic: &str) -> String {
@@ -304,11 +329,17 @@ impl Inner {
 
     /// Adds `envelope` to `queue`'s stream, or, for `inbox`, to the stream `queue` names (a caller's reply
     /// address, used as it is) if it exists.
-    async fn publish_entry(&self, queue: &str, envelope: &Envelope, inbox: bool) -> Result<(), Error> {
-        adapter::refuse_delay(envelope)?;
+    async fn publish_entry(&self, queue: &str, mut envelope: Envelope, inbox: bool) -> Result<(), Error> {
         if envelope.priority.is_some_and(|priority| priority > 0) {
             return Err(Error::Unsupported("priorities on Redis Streams"));
         }
+        if inbox {
+            adapter::refuse_delay(&envelope)?;
+        }
+        if let Some(delay) = envelope.delay_ms.take().filter(|delay| *delay > 0) {
+            return self.publish_delayed(queue, &envelope, delay).await;
+        }
+        let envelope = &envelope;
         let compact = self.options.compact && (!inbox || self.is_inbox(queue));
         let fields = entry_fields(envelope, compact)?;
         let mut connection = self.commands.clone();
@@ -332,7 +363,7 @@ impl Inner {
             return Ok(());
         }
         let mut invocation = self.publish.key(self.queue_key(queue));
-        invocation.key(self.meta_key(queue));
+        invocation.key(self.meta_key(queue)).key(self.delayed_key(queue));
         for (name, value) in &fields {
             invocation.arg(name.as_bytes()).arg(value.as_ref());
         }
@@ -357,6 +388,66 @@ impl Inner {
             }
             _ => Err(Error::NoRoute(queue.to_owned())),
         }
+    }
+
+    /// Holds `envelope` in `queue`'s delayed set for `delay` milliseconds (by Redis's clock); the queue's
+    /// consumers move it to the stream when it is due.
+    async fn publish_delayed(&self, queue: &str, envelope: &Envelope, delay: u64) -> Result<(), Error> {
+        let fields = entry_fields(envelope, self.options.compact)?;
+        let mut invocation = self.delay.key(self.delayed_key(queue));
+        invocation
+            .key(self.delayed_entries_key(queue))
+            .key(self.queue_key(queue))
+            .key(self.meta_key(queue))
+            .arg(delay)
+            .arg(delayed_member(envelope));
+        for (name, value) in &fields {
+            invocation.arg(name.as_bytes()).arg(value.as_ref());
+        }
+        let mut connection = self.commands.clone();
+        let held: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+        let counters = self.counters.of(queue);
+        match held {
+            1 => {
+                Counters::bump(&counters.published);
+                Ok(())
+            }
+            0 => {
+                Counters::bump(&counters.rejected);
+                Err(Error::QueueFull(queue.to_owned()))
+            }
+            _ => Err(Error::NoRoute(queue.to_owned())),
+        }
+    }
+
+    /// See [`Transport::cancel`] on [`RedisStreams`].
+    async fn cancel(&self, queue: &str, correlation_id: Uuid) -> Result<(), Error> {
+        let mut invocation = self.cancel.key(self.queue_key(queue));
+        invocation
+            .key(self.meta_key(queue))
+            .key(self.delayed_key(queue))
+            .key(self.delayed_entries_key(queue))
+            .key(self.cancels_key(queue))
+            .arg(correlation_id.simple().to_string())
+            .arg(correlation_id.as_bytes().as_slice())
+            .arg(correlation_id.hyphenated().to_string())
+            .arg(CANCEL_LOOK)
+            .arg(CANCELS_KEPT)
+            .arg(u64::try_from(CANCELS_TTL.as_millis()).unwrap_or(u64::MAX));
+        let mut connection = self.commands.clone();
+        let removed: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
+        tracing::debug!(%correlation_id, queue, removed, "cancelled a call");
+        Ok(())
+    }
+}
+
+/// A delayed entry's member in its queue's sorted set: its call's correlation id (32 hex digits, `-` for none),
+/// for a cancel to find it, and a unique part.
+pub(super) fn delayed_member(envelope: &Envelope) -> String {
+    let unique = Uuid::new_v4().simple();
+    match envelope.correlation_id {
+        Some(correlation_id) => format!("{}:{unique}", correlation_id.simple()),
+        None => format!("-:{unique}"),
     }
 }
 
@@ -391,6 +482,8 @@ impl RedisStreams {
                 closing: CancellationToken::new(),
                 publish: Script::new(scripts::PUBLISH),
                 unbounded: dashmap::DashMap::new(),
+                delay: scripts::delay(),
+                cancel: scripts::cancel(),
             }),
         })
     }
@@ -540,6 +633,9 @@ impl Transport for RedisStreams {
             .max_length(true)
             .subscriber_groups(true)
             .queue_stats(true)
+            .delayed_delivery(true)
+            .delay_slack(DELAY_SLACK)
+            .cancel(true)
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {
@@ -568,7 +664,7 @@ impl Transport for RedisStreams {
 
     fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
         // A reply to an inbox is sent unconfirmed (`Confirm::for_reply`): its address is the stream itself.
-        Box::pin(async move { self.inner.publish_entry(queue, &envelope, confirm == Confirm::Sent).await })
+        Box::pin(async move { self.inner.publish_entry(queue, envelope, confirm == Confirm::Sent).await })
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
@@ -674,11 +770,30 @@ impl Transport for RedisStreams {
                 .await
                 .unwrap_or(Value::Nil);
             let live = live_consumers(&consumers, self.inner.options.visibility.max(Duration::from_secs(2)));
+            let (delayed, cancelled): (usize, Option<u64>) = redis::pipe()
+                .cmd("ZCARD")
+                .arg(self.inner.delayed_key(queue))
+                .cmd("HGET")
+                .arg(self.inner.meta_key(queue))
+                .arg("cancelled")
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
             let counters = self.inner.counters.of(queue);
             let mut stats = counters.stats(length.saturating_sub(held), live);
             stats.unacked = held;
+            stats.delayed = delayed;
+            stats.cancelled = cancelled.unwrap_or(0);
             Ok(stats)
         })
+    }
+
+    /// Removes the call's request if it is delayed or waits in the queue (looking through the first
+    /// 10,000 ready entries), counted in the queue's `cancelled`; otherwise tells the queue's consumers, on the
+    /// stream `<prefix>x:<queue>`: one running the call stops its handler, one that reads it later drops it
+    /// unrun.
+    fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.inner.cancel(queue, correlation_id))
     }
 
     fn delete_queue<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<(), Error>> {
@@ -691,6 +806,9 @@ impl Transport for RedisStreams {
             let _: i64 = redis::cmd("DEL")
                 .arg(self.inner.queue_key(queue))
                 .arg(self.inner.meta_key(queue))
+                .arg(self.inner.delayed_key(queue))
+                .arg(self.inner.delayed_entries_key(queue))
+                .arg(self.inner.cancels_key(queue))
                 .query_async(&mut connection)
                 .await
                 .map_err(redis_error)?;

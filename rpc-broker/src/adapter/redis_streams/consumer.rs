@@ -2,8 +2,12 @@
 //! `XREADGROUP` holds its connection), which reads new entries within the prefetch, claims entries other
 //! consumers left idle past the visibility timeout, renews the lease of the entries it holds, and hands each
 //! out with an acker whose every settle goes through a script that checks the delivery is still its own.
+//!
+//! A service queue's consumer also moves the queue's delayed entries to its stream when they are due, and reads
+//! the queue's stream of cancels with each read: the delivery of a cancelled call it holds is signalled
+//! ([`Acker::cancelled`]), one that comes later is dropped unrun.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -11,11 +15,12 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use rpc_core::transport::{
-    AckHandle, Acker, Answered, BoxFuture, Confirm, Consumer, ConsumerControl, Delivery, Outcome,
+    AckHandle, Acker, Answered, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, Outcome,
 };
 use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::{Inner, redis_error, scripts};
 use crate::adapter::fields::Fields;
@@ -29,6 +34,14 @@ const CLAIM_BATCH: usize = 64;
 const READ_BATCH: usize = 256;
 /// Answers sent at most in one script call.
 const ANSWER_BATCH: usize = 128;
+/// Delayed entries moved to the stream at most at once.
+const PROMOTE_BATCH: usize = 256;
+/// Cancels read at most at once.
+const CANCELS_BATCH: usize = 64;
+/// How often a consumer that holds all its prefetch allows reads the cancels (otherwise it does with each read).
+const CANCELS_POLL: Duration = Duration::from_millis(100);
+/// Cancelled calls a consumer remembers for requests that come after their cancel.
+const EARLY_CANCELS: usize = 1_024;
 
 /// What a consumer reads.
 pub(super) struct Target {
@@ -51,6 +64,8 @@ struct Lease {
     id: String,
     /// Its delivery count.
     count: u32,
+    /// Its call's correlation id, for a cancel to find it.
+    correlation: Option<Uuid>,
     /// When the command that handed it to this consumer, or last renewed it, was sent: Redis's idle time for
     /// the entry is at most the time since.
     since: Instant,
@@ -62,6 +77,10 @@ struct Held {
     /// Tags whose entry another consumer claimed.
     lost: Mutex<HashSet<u64>>,
     settled: Notify,
+    /// The signals of cancelled calls whose requests are held.
+    cancellations: Arc<Cancellations>,
+    /// The earliest due time of a delayed entry this process put on the queue since the consumer last looked.
+    due: Mutex<Option<Instant>>,
 }
 
 impl Held {
@@ -71,6 +90,41 @@ impl Held {
 
     fn lost(&self) -> MutexGuard<'_, HashSet<u64>> {
         self.lost.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn due(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.due.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Correlation ids of cancelled calls whose requests the consumer did not hold when it heard of the cancel,
+/// the oldest forgotten past [`EARLY_CANCELS`].
+#[derive(Default)]
+struct EarlyCancels {
+    ids: HashSet<Uuid>,
+    order: VecDeque<Uuid>,
+}
+
+impl EarlyCancels {
+    fn insert(&mut self, id: Uuid) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > EARLY_CANCELS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+    }
+
+    /// Whether `id` is here; it is forgotten if so.
+    fn take(&mut self, id: Uuid) -> bool {
+        if !self.ids.remove(&id) {
+            return false;
+        }
+        self.order.retain(|kept| *kept != id);
+        true
     }
 }
 
@@ -82,7 +136,12 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         entries: Mutex::new(HashMap::new()),
         lost: Mutex::new(HashSet::new()),
         settled: Notify::new(),
+        cancellations: Arc::new(Cancellations::new()),
+        due: Mutex::new(None),
     });
+    let cancels = inner.cancels_key(&target.name);
+    // Cancels are read from those after the consumer starts.
+    let cancels_after = if target.queue { last_id(inner, &cancels).await? } else { String::new() };
     let outbox = Arc::new(Outbox {
         waiting: Mutex::new(Waiting { answers: Vec::new(), sending: false }),
         inner: Arc::clone(inner),
@@ -103,6 +162,8 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         held: Arc::clone(&held),
         outbox,
         settle: scripts::settle(),
+        hold: scripts::hold_fenced(),
+        name: target.name.clone(),
     });
     let (sender, receiver) = mpsc::unbounded_channel();
     let cancel = inner.closing.child_token();
@@ -118,9 +179,32 @@ pub(super) async fn start(inner: &Arc<Inner>, target: Target, options: ConsumeOp
         next_tag: AtomicU64::new(1),
         renew: Script::new(scripts::RENEW),
         sweep: Script::new(scripts::SWEEP),
+        promote: scripts::promote(),
+        next_promote: Instant::now(),
+        cancels,
+        cancels_after,
+        cancels_read: Instant::now(),
+        early: EarlyCancels::default(),
     };
     tokio::spawn(reader.run(cancel.clone()));
     Ok(Consumer::from_channel(receiver, Some(Box::new(Stop(cancel)))))
+}
+
+/// The id of the last entry of `stream`, or `0-0` when it has none.
+async fn last_id(inner: &Inner, stream: &str) -> Result<String, Error> {
+    let mut connection = inner.commands.clone();
+    let last: Value = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .map_err(redis_error)?;
+    let mut entries = Vec::new();
+    stream_entries(last, &mut entries);
+    Ok(entries.pop().map_or_else(|| "0-0".to_owned(), |entry| entry.id))
 }
 
 /// Stops the consumer's task when dropped; what it holds unsettled is claimed by others once idle.
@@ -150,6 +234,14 @@ struct Reader {
     next_tag: AtomicU64,
     renew: Script,
     sweep: Script,
+    promote: Script,
+    /// When to look next for delayed entries that are due (a service queue's).
+    next_promote: Instant,
+    /// The queue's stream of cancels, read after `cancels_after`, last at `cancels_read`.
+    cancels: String,
+    cancels_after: String,
+    cancels_read: Instant,
+    early: EarlyCancels,
 }
 
 impl Reader {
@@ -169,6 +261,9 @@ impl Reader {
                     last_sweep = Instant::now();
                     self.sweep_consumers().await?;
                 }
+                if self.target.queue {
+                    self.promote_due().await?;
+                }
                 if room > 0 && last_claim.elapsed() >= TICK {
                     last_claim = Instant::now();
                     self.claim_idle(room.min(CLAIM_BATCH)).await?;
@@ -176,6 +271,9 @@ impl Reader {
                 let room = self.room();
                 if room == 0 {
                     let _ = tokio::time::timeout(TICK, self.held.settled.notified()).await;
+                    if self.target.queue && self.cancels_read.elapsed() >= CANCELS_POLL {
+                        self.read_cancels().await?;
+                    }
                     return Ok(());
                 }
                 self.read_new(room).await
@@ -203,25 +301,107 @@ impl Reader {
         }
     }
 
+    /// Reads new entries, waiting until one comes, a tick passes, or a delayed entry is due; a service
+    /// queue's consumer reads the cancels first, in the same round trip.
     async fn read_new(&mut self, room: usize) -> Result<(), Error> {
         let asked = Instant::now();
-        let reply: Value = redis::cmd("XREADGROUP")
+        let mut wait = TICK;
+        if self.target.queue {
+            wait = wait.min(self.next_promote.saturating_duration_since(asked));
+        }
+        let block = u64::try_from(wait.as_millis()).unwrap_or(200).max(1);
+        let mut pipeline = redis::pipe();
+        if self.target.queue {
+            self.cancels_read = asked;
+            pipeline.cmd("XREAD").arg("COUNT").arg(CANCELS_BATCH).arg("STREAMS").arg(&self.cancels).arg(&self.cancels_after);
+        }
+        pipeline
+            .cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.target.group)
             .arg(&self.consumer)
             .arg("COUNT")
             .arg(room)
             .arg("BLOCK")
-            .arg(u64::try_from(TICK.as_millis()).unwrap_or(200))
+            .arg(block)
             .arg("STREAMS")
             .arg(&self.target.stream)
-            .arg(">")
-            .query_async(&mut self.connection)
-            .await
-            .map_err(redis_error)?;
+            .arg(">");
+        let mut replies: Vec<Value> = pipeline.query_async(&mut self.connection).await.map_err(redis_error)?;
+        let reply = replies.pop().unwrap_or(Value::Nil);
+        if let Some(cancels) = replies.pop() {
+            self.heard_cancels(cancels);
+        }
         for entry in read_reply(reply) {
             self.hand_out(entry, 1, asked).await;
         }
+        Ok(())
+    }
+
+    /// Reads the cancels that came since the last read, without waiting.
+    async fn read_cancels(&mut self) -> Result<(), Error> {
+        self.cancels_read = Instant::now();
+        let cancels: Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(CANCELS_BATCH)
+            .arg("STREAMS")
+            .arg(&self.cancels)
+            .arg(&self.cancels_after)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(redis_error)?;
+        self.heard_cancels(cancels);
+        Ok(())
+    }
+
+    /// Hears of the cancelled calls in an `XREAD` reply of the stream of cancels: the delivery holding a
+    /// call's request is signalled, or, if none does, the call is remembered for a request read later.
+    fn heard_cancels(&mut self, reply: Value) {
+        for entry in read_reply(reply) {
+            self.cancels_after = entry.id;
+            let Some(correlation) = entry
+                .fields
+                .iter()
+                .find(|(name, _)| name.as_slice() == b"c")
+                .and_then(|(_, id)| Uuid::try_parse_ascii(id).ok())
+            else {
+                continue;
+            };
+            let held = self
+                .held
+                .entries()
+                .iter()
+                .find(|(_, lease)| lease.correlation == Some(correlation))
+                .map(|(tag, _)| *tag);
+            match held {
+                Some(tag) => self.held.cancellations.cancel(tag),
+                None => self.early.insert(correlation),
+            }
+        }
+    }
+
+    /// Moves the queue's delayed entries that are due to its stream, when it is time to look: at the due time
+    /// of the next one, or a tick after the last look (other processes add delayed entries too).
+    async fn promote_due(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        if let Some(due) = self.held.due().take() {
+            self.next_promote = self.next_promote.min(due);
+        }
+        if now < self.next_promote {
+            return Ok(());
+        }
+        let next: i64 = self
+            .promote
+            .key(self.inner.delayed_key(&self.target.name))
+            .key(self.inner.delayed_entries_key(&self.target.name))
+            .key(&self.target.stream)
+            .key(self.inner.meta_key(&self.target.name))
+            .arg(PROMOTE_BATCH)
+            .invoke_async(&mut self.connection)
+            .await
+            .map_err(redis_error)?;
+        let wait = u64::try_from(next).map_or(TICK, |millis| Duration::from_millis(millis).min(TICK));
+        self.next_promote = now + wait;
         Ok(())
     }
 
@@ -352,7 +532,16 @@ impl Reader {
         let (envelope, before, sent_at) = decode(entry.fields, &self.inner.options.limits);
         let delivery_count = before.saturating_sub(1).saturating_add(redis_count.max(1));
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        self.held.entries().insert(tag, Lease { id: entry.id, count: delivery_count, since: asked });
+        let correlation = match &envelope {
+            Ok(envelope) => envelope.correlation_id,
+            Err((envelope, _)) => envelope.correlation_id,
+        };
+        self.held.entries().insert(tag, Lease { id: entry.id, count: delivery_count, correlation, since: asked });
+        if let Some(correlation) = correlation.filter(|id| self.target.queue && self.early.take(*id)) {
+            // Its call was cancelled before it came: dropped unrun, and counted as cancelled.
+            self.drop_cancelled(tag, correlation).await;
+            return;
+        }
         if self.target.max_deliveries.is_some_and(|max| delivery_count > max) {
             // Delivered too often: to the dead-letter queue, unrun.
             if let Err(error) = self.acker.settle_now(tag, Outcome::DeadLetter).await {
@@ -389,6 +578,26 @@ impl Reader {
         };
         let delivery = Delivery { envelope, delivery_count, queued, received_at, handle };
         let _ = self.sender.send(delivery);
+    }
+}
+
+impl Reader {
+    /// Acks the delivery `tag` of a cancelled call unrun, and counts it in the queue's `cancelled`.
+    async fn drop_cancelled(&self, tag: u64, correlation: Uuid) {
+        if let Err(error) = self.acker.settle_now(tag, Outcome::Ack).await {
+            tracing::debug!(%error, %correlation, "could not drop a cancelled call's request; it is delivered again");
+            return;
+        }
+        let mut connection = self.inner.commands.clone();
+        let counted: Result<i64, _> = redis::cmd("HINCRBY")
+            .arg(self.inner.meta_key(&self.target.name))
+            .arg("cancelled")
+            .arg(1)
+            .query_async(&mut connection)
+            .await;
+        if let Err(error) = counted {
+            tracing::debug!(%error, "could not count a cancelled call");
+        }
     }
 }
 
@@ -739,6 +948,9 @@ pub(super) struct StreamAcker {
     held: Arc<Held>,
     outbox: Arc<Outbox>,
     settle: Script,
+    hold: Script,
+    /// The queue's or topic's name.
+    name: String,
 }
 
 impl std::fmt::Debug for Held {
@@ -769,6 +981,7 @@ impl StreamAcker {
     fn forget(&self, tag: u64) {
         self.held.entries().remove(&tag);
         self.held.lost().remove(&tag);
+        self.held.cancellations.forget(tag);
         self.held.settled.notify_waiters();
     }
 
@@ -864,6 +1077,45 @@ impl StreamAcker {
     }
 }
 
+impl StreamAcker {
+    /// Holds `envelope` in `queue`'s delayed set for `delay` milliseconds in place of delivery `tag`, which is
+    /// acked: a worker's retry, its backoff waited out in Redis. Fenced by the delivery, in one script.
+    async fn hold_fenced(&self, tag: u64, queue: &str, mut envelope: Envelope, delay: u64) -> Result<(), Error> {
+        let Lease { id, .. } = self.entry(tag)?;
+        envelope.delay_ms = None;
+        let fields = super::entry_fields(&envelope, self.inner.options.compact)?;
+        let mut invocation = self.hold.key(self.inner.delayed_key(queue));
+        invocation
+            .key(self.inner.delayed_entries_key(queue))
+            .key(&self.stream)
+            .arg(&self.group)
+            .arg(&id)
+            .arg(&self.consumer)
+            .arg(if self.queue { "1" } else { "0" })
+            .arg(delay)
+            .arg(super::delayed_member(&envelope));
+        for (name, value) in &fields {
+            invocation.arg(name.as_bytes()).arg(value.as_ref());
+        }
+        let mut connection = self.inner.commands.clone();
+        let done: i64 =
+            invocation.invoke_async(&mut connection).await.map_err(|error| self.failed(tag, redis_error(error)))?;
+        self.forget(tag);
+        self.counters.unacked.fetch_sub(1, Ordering::Relaxed);
+        if done < 0 {
+            return Err(Error::DeliveryLost);
+        }
+        Counters::bump(&self.counters.acked);
+        if queue == self.name {
+            // This consumer moves it to the stream when it is due.
+            let due = Instant::now() + Duration::from_millis(delay);
+            let mut next = self.held.due();
+            *next = Some(next.map_or(due, |earlier| earlier.min(due)));
+        }
+        Ok(())
+    }
+}
+
 impl Acker for StreamAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(self.settle_now(tag, outcome))
@@ -891,6 +1143,23 @@ impl Acker for StreamAcker {
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         Box::pin(self.publish_fenced(tag, reply_to.address(), reply_to.is_inbox(), reply, true))
+    }
+
+    fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            match envelope.delay_ms {
+                Some(delay) if delay > 0 => self.hold_fenced(tag, queue, envelope, delay).await,
+                // The copy and the ack in one step.
+                _ => match self.publish_fenced(tag, queue, false, envelope, true).await? {
+                    Answered::Sent => Ok(()),
+                    Answered::Undeliverable => Err(Error::NoRoute(queue.to_owned())),
+                },
+            }
+        })
+    }
+
+    fn cancelled(&self, tag: u64) -> Option<BoxFuture<'static, ()>> {
+        self.queue.then(|| self.held.cancellations.watch(tag))
     }
 
     fn revoked(&self, tag: u64) -> bool {
