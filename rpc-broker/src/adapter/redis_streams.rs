@@ -44,7 +44,18 @@
 //!   [`RedisStreamsOptions::topic_max_len`] entries; each subscriber group is a consumer group on it. A private
 //!   subscription reads it with `XREAD` from its end.
 //!
-//! Refused with [`Error::Unsupported`]: priorities, delayed delivery, cancelling a queued call.
+//! - **Delayed delivery**: a request published with a delay waits in the sorted set `<prefix>d:<queue>`,
+//!   scored by its due time on Redis's clock, its fields in the hash `<prefix>dm:<queue>`; the queue's consumers
+//!   move due entries to the stream with a script, at the due time of those their process delayed (a worker's
+//!   retry backoff) and at least every 200 ms for the others, so a delayed call comes at most about 250 ms late.
+//!   Delayed entries count against a maximum length. Nothing moves them while the queue has no consumer.
+//! - **Cancelling** ([`Transport::cancel`]) removes the call's delayed entries, else its request if it waits in
+//!   the stream among the first 10,000 ready entries, counting it in the meta hash's `cancelled`; otherwise the
+//!   correlation id goes on the stream `<prefix>x:<queue>`, which the queue's consumers read with each read: one
+//!   holding the request signals its handler ([`Acker::cancelled`](rpc_core::transport::Acker::cancelled)),
+//!   one that takes it later (claimed from a consumer that died) drops it unrun.
+//!
+//! Refused with [`Error::Unsupported`]: priorities; delayed broadcasts and replies.
 //!
 //! **Durability** is Redis's: without persistence a restart loses every stream. With `appendonly yes` and
 //! `appendfsync always`, what a publish returned for is on disk; `appendfsync everysec` may lose the last

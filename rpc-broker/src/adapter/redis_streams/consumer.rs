@@ -313,7 +313,13 @@ impl Reader {
         let mut pipeline = redis::pipe();
         if self.target.queue {
             self.cancels_read = asked;
-            pipeline.cmd("XREAD").arg("COUNT").arg(CANCELS_BATCH).arg("STREAMS").arg(&self.cancels).arg(&self.cancels_after);
+            pipeline
+                .cmd("XREAD")
+                .arg("COUNT")
+                .arg(CANCELS_BATCH)
+                .arg("STREAMS")
+                .arg(&self.cancels)
+                .arg(&self.cancels_after);
         }
         pipeline
             .cmd("XREADGROUP")
