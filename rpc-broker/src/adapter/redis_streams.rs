@@ -16,10 +16,10 @@
 //!   (`XADD` then `XDEL` makes an empty one): a worker answers an inbox only while it exists.
 //! - **Acks** are `XACK` then `XDEL` (the group is the stream's only reader), sent with the reply in one
 //!   transaction. An answer that finds none out goes at once; those that come while one is out go together
-//!   in the next (one `MULTI`/`EXEC`, one `XACK` and one `XDEL` for the batch). An answer whose lease is older than half the visibility timeout (below) goes instead
-//!   through a script that first checks with `XPENDING` that this consumer still holds the entry: a worker whose
-//!   entry another worker claimed cannot answer for it ([`Error::DeliveryLost`]). Every process on a queue must
-//!   use the same visibility timeout for that to hold.
+//!   in the next (one `MULTI`/`EXEC`, one `XACK` and one `XDEL` for the batch). An answer whose lease is older
+//!   than half the visibility timeout (below) goes instead through a script that first checks with `XPENDING`
+//!   that this consumer still holds the entry: a worker whose entry another worker claimed cannot answer for it
+//!   ([`Error::DeliveryLost`]). Every process on a queue must use the same visibility timeout for that to hold.
 //! - **A worker that died** leaves its entries pending; once idle past [`RedisStreamsOptions::visibility`]
 //!   (30 s by default) another consumer claims them (`XPENDING IDLE` then `XCLAIM`), the delivery count being
 //!   Redis's own. A consumer renews the lease of the entries it holds every third of it, so that a long
@@ -51,7 +51,7 @@
 //!   Delayed entries count against a maximum length. Nothing moves them while the queue has no consumer.
 //! - **Cancelling** ([`Transport::cancel`]) removes the call's delayed entries, else its request if it waits in
 //!   the stream among the first 10,000 ready entries, counting it in the meta hash's `cancelled`; otherwise the
-//!   correlation id goes on the stream `<prefix>x:<queue>`, which the queue's consumers read with each read: one
+//!   correlation id goes on the stream `<prefix>x:<queue>`, which the queue's consumers read every 100 to 300 ms: one
 //!   holding the request signals its handler ([`Acker::cancelled`](rpc_core::transport::Acker::cancelled)),
 //!   one that takes it later (claimed from a consumer that died) drops it unrun.
 //!

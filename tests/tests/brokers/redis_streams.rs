@@ -315,7 +315,7 @@ async fn a_held_request_hears_of_its_cancel_and_is_dropped_unrun_when_claimed() 
     assert_eq!(first.queue_stats(&queue).await.expect("stats").cancelled, 0, "held, so not removed");
 
     // The holder goes away without settling: the other consumer claims the request past the visibility timeout
-    // (2 s; it read the cancel with its reads meanwhile, every 200 ms at most) and drops it.
+    // (2 s; it read the cancel with its reads meanwhile, every 300 ms at most) and drops it.
     drop(delivery);
     drop(holder);
     first.publish(&queue, call("add", kept), Confirm::Broker).await.expect("published");

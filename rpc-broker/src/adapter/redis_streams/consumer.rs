@@ -4,8 +4,8 @@
 //! out with an acker whose every settle goes through a script that checks the delivery is still its own.
 //!
 //! A service queue's consumer also moves the queue's delayed entries to its stream when they are due, and reads
-//! the queue's stream of cancels with each read: the delivery of a cancelled call it holds is signalled
-//! ([`Acker::cancelled`]), one that comes later is dropped unrun.
+//! the queue's stream of cancels every 100 to 300 ms, with its reads: the delivery of a cancelled call it holds
+//! is signalled ([`Acker::cancelled`]), one that comes later is dropped unrun.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +38,8 @@ const ANSWER_BATCH: usize = 128;
 const PROMOTE_BATCH: usize = 256;
 /// Cancels read at most at once.
 const CANCELS_BATCH: usize = 64;
-/// How often a consumer that holds all its prefetch allows reads the cancels (otherwise it does with each read).
+/// How often a consumer reads the cancels: with its next read once this long has passed since the last (a read
+/// that waits takes a tick at most), or on its own when it holds all its prefetch allows and does not read.
 const CANCELS_POLL: Duration = Duration::from_millis(100);
 /// Cancelled calls a consumer remembers for requests that come after their cancel.
 const EARLY_CANCELS: usize = 1_024;
@@ -302,7 +303,7 @@ impl Reader {
     }
 
     /// Reads new entries, waiting until one comes, a tick passes, or a delayed entry is due; a service
-    /// queue's consumer reads the cancels first, in the same round trip.
+    /// queue's consumer reads the cancels first, in the same round trip, every [`CANCELS_POLL`].
     async fn read_new(&mut self, room: usize) -> Result<(), Error> {
         let asked = Instant::now();
         let mut wait = TICK;
@@ -311,7 +312,8 @@ impl Reader {
         }
         let block = u64::try_from(wait.as_millis()).unwrap_or(200).max(1);
         let mut pipeline = redis::pipe();
-        if self.target.queue {
+        let cancels = self.target.queue && self.cancels_read.elapsed() >= CANCELS_POLL;
+        if cancels {
             self.cancels_read = asked;
             pipeline
                 .cmd("XREAD")
@@ -335,8 +337,8 @@ impl Reader {
             .arg(">");
         let mut replies: Vec<Value> = pipeline.query_async(&mut self.connection).await.map_err(redis_error)?;
         let reply = replies.pop().unwrap_or(Value::Nil);
-        if let Some(cancels) = replies.pop() {
-            self.heard_cancels(cancels);
+        if let Some(heard) = replies.pop().filter(|_| cancels) {
+            self.heard_cancels(heard);
         }
         for entry in read_reply(reply) {
             self.hand_out(entry, 1, asked).await;

@@ -263,8 +263,9 @@ return results
 /// `KEYS[1]` the stream, `KEYS[2]` where a copy goes (the stream itself to requeue, its dead-letter queue's);
 /// `ARGV[1]` group, `ARGV[2]` entry id, `ARGV[3]` consumer, `ARGV[4]` '1' to delete the entry once acked,
 /// `ARGV[5]` the operation: `ack`; `copy` (a requeue, release or dead-letter: a copy of the entry, its field
-/// `mqrpc-delivery-count` set to `ARGV[6]`, the count of the copy's first delivery, then the ack); `idle` (a topic group's requeue: the entry stays
-/// pending and is made idle, for the next claim). 1 done, -1 the delivery is not this consumer's.
+/// `mqrpc-delivery-count` set to `ARGV[6]`, the count of the copy's first delivery, then the ack); `idle` (a
+/// topic group's requeue: the entry stays pending and is made idle, for the next claim). 1 done, -1 the delivery
+/// is not this consumer's.
 pub(super) fn settle() -> Script {
     Script::new(&format!(
         "{OWNED}
