@@ -23,6 +23,7 @@
 //! # }
 //! ```
 
+pub mod access;
 pub mod adapter;
 #[cfg(feature = "monitoring")]
 pub mod dashboard;

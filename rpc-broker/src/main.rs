@@ -1,7 +1,8 @@
 //! `rpc-broker`: the mqrpc broker server and the commands to operate it.
 //!
 //! ```text
-//! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--tls-cert FILE --tls-key FILE] [--insecure]
+//! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--users FILE] [--tls-cert FILE --tls-key FILE]
+//!                  [--insecure]
 //!                  [--data-dir DIR [--fsync always|never] [--quarantine]]
 //!                  [--metrics 127.0.0.1:9464] [--dashboard 127.0.0.1:8080]
 //! rpc-broker queues                                   # name, depth, delayed, unacked, consumers, DLQ depth
@@ -128,9 +129,13 @@ struct Serve {
     /// The address to listen on.
     #[arg(long, env = "MQRPC_LISTEN", default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
-    /// Clients must present this token.
+    /// Clients must present this token (with --users, a credential with every right).
     #[arg(long, env = "MQRPC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Users and their rights on queues and topics, as JSON (see the `access` module's docs): a client
+    /// presents a user's token and may do what that user's grants allow.
+    #[arg(long, env = "MQRPC_USERS")]
+    users: Option<PathBuf>,
     /// The TLS certificate chain (PEM).
     #[arg(long, env = "MQRPC_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -245,10 +250,10 @@ async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_server(serve: Serve) -> Result<(), String> {
-    if !serve.listen.ip().is_loopback() && serve.token.is_none() && !serve.insecure {
+    if !serve.listen.ip().is_loopback() && serve.token.is_none() && serve.users.is_none() && !serve.insecure {
         return Err(format!(
-            "refusing to listen on {} without --token: anyone who can reach it could read and publish; pass \
-             --token, or --insecure to do it anyway",
+            "refusing to listen on {} without --token or --users: anyone who can reach it could read and \
+             publish; pass --token or --users, or --insecure to do it anyway",
             serve.listen
         ));
     }
@@ -267,6 +272,11 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     };
     let mut config = ServerConfig::default();
     config.token = serve.token;
+    if let Some(path) = &serve.users {
+        let users = rpc_broker::access::Users::load(path)?;
+        tracing::info!(users = users.len(), file = %path.display(), "users loaded");
+        config.users = Some(std::sync::Arc::new(users));
+    }
     config.max_frame = serve.max_frame;
     config.handshake_timeout = Duration::from_millis(serve.handshake_timeout_ms);
     config.heartbeat = Duration::from_millis(serve.heartbeat_ms.max(10));

@@ -481,6 +481,8 @@ pub enum ErrorCode {
     Internal,
     /// The delivery a frame names is no longer held by the connection.
     Gone,
+    /// The connection's user lacks the right for the operation on the queue or topic it names.
+    Forbidden,
     /// A code this build does not know.
     Other(u8),
 }
@@ -499,6 +501,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 9,
             ErrorCode::Internal => 10,
             ErrorCode::Gone => 11,
+            ErrorCode::Forbidden => 12,
             ErrorCode::Other(code) => code,
         }
     }
@@ -516,6 +519,7 @@ impl ErrorCode {
             9 => ErrorCode::Timeout,
             10 => ErrorCode::Internal,
             11 => ErrorCode::Gone,
+            12 => ErrorCode::Forbidden,
             other => ErrorCode::Other(other),
         }
     }
@@ -1089,6 +1093,7 @@ impl ErrorCode {
             ErrorCode::NoRoute => Error::NoRoute(what.to_owned()),
             ErrorCode::QueueFull => Error::QueueFull(what.to_owned()),
             ErrorCode::Unauthorized => Error::Unauthorized(message),
+            ErrorCode::Forbidden => Error::Forbidden(message),
             ErrorCode::Invalid => Error::InvalidArgument(message),
             ErrorCode::Gone => Error::DeliveryLost,
             _ => Error::Transport(format!("broker error {self:?}: {message}").into()),

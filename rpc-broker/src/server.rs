@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 
+use crate::access::{Access, Right, Users};
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::log::{Log, LogConfig, Recovery};
@@ -37,8 +38,12 @@ use crate::protocol::{
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Clients must present this token in their handshake; `None` accepts any.
+    /// Clients must present this token in their handshake; `None` accepts any. With [`ServerConfig::users`]
+    /// set too, it is a credential with every right.
     pub token: Option<String>,
+    /// Users and what each may do ([`crate::access`]): a client presents a user's token in its handshake and
+    /// may then do what that user's grants allow. `None`: every connection may do everything.
+    pub users: Option<Arc<Users>>,
     /// Largest frame accepted (default 16 MiB).
     pub max_frame: usize,
     /// Time a new connection has to complete its handshake (default 10 s).
@@ -69,6 +74,7 @@ impl Default for ServerConfig {
     fn default() -> ServerConfig {
         ServerConfig {
             token: None,
+            users: None,
             max_frame: protocol::DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
@@ -87,6 +93,7 @@ impl fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerConfig")
             .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("users", &self.users.as_ref().map(|users| users.len()))
             .field("max_frame", &self.max_frame)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("heartbeat", &self.heartbeat)
@@ -111,6 +118,8 @@ pub struct BrokerStats {
     pub accepted: u64,
     /// Connections closed because of a protocol, auth or limit error.
     pub rejected: u64,
+    /// Operations refused because the connection's user lacked the right ([`ServerConfig::users`]).
+    pub denied: u64,
     /// Frames read.
     pub frames_in: u64,
     /// Bytes of messages held.
@@ -156,6 +165,7 @@ struct State {
     connections: AtomicUsize,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    denied: AtomicU64,
     frames_in: AtomicU64,
     /// Large frames being received, across connections.
     receiving: Arc<FrameBudget>,
@@ -171,6 +181,7 @@ impl State {
             connections: self.connections.load(Ordering::Relaxed),
             accepted: self.accepted.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            denied: self.denied.load(Ordering::Relaxed),
             frames_in: self.frames_in.load(Ordering::Relaxed),
             bytes_held: self.lock().engine.bytes(),
             receiving: self.receiving.used(),
@@ -304,6 +315,7 @@ impl BrokerServer {
             next_session: AtomicU64::new(1),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
         });
         let wake = state.lock().timer_started();
@@ -489,6 +501,7 @@ fn error_code(error: &Error) -> ErrorCode {
         Error::QueueFull(_) => ErrorCode::QueueFull,
         Error::InvalidArgument(_) => ErrorCode::Invalid,
         Error::DeliveryLost => ErrorCode::Gone,
+        Error::Forbidden(_) => ErrorCode::Forbidden,
         _ => ErrorCode::Internal,
     }
 }
@@ -525,9 +538,11 @@ where
         out: out.clone(),
         queued: Arc::clone(&queued),
         consumers: HashSet::new(),
+        access: Access::Everything,
     };
     match handshake(state, &mut frames).await {
-        Ok((version, name)) => {
+        Ok((version, name, access)) => {
+            connection.access = access;
             let id = state.next_session.fetch_add(1, Ordering::Relaxed);
             let session = Session { peer, name, version, connected_ms: unix_ms(), queued };
             state.sessions().insert(id, session);
@@ -578,8 +593,12 @@ fn unix_ms() -> u64 {
         .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Reads and checks the client's `Hello`; returns the protocol version to speak with it and the client's name.
-async fn handshake<R>(state: &State, frames: &mut FramedRead<R, FrameCodec>) -> Result<(u16, String), ServerFrame>
+/// Reads and checks the client's `Hello`; returns the protocol version to speak with it, the client's name and
+/// what it may do.
+async fn handshake<R>(
+    state: &State,
+    frames: &mut FramedRead<R, FrameCodec>,
+) -> Result<(u16, String, Access), ServerFrame>
 where
     R: AsyncRead + Unpin,
 {
@@ -602,11 +621,16 @@ where
                     ),
                 ));
             }
-            match &state.config.token {
-                Some(expected) if !constant_time_eq(expected.as_bytes(), token.as_bytes()) => {
-                    Err(refuse(ErrorCode::Unauthorized, "wrong or missing token"))
-                }
-                _ => Ok((version, name)),
+            let shared =
+                state.config.token.as_ref().map(|expected| constant_time_eq(expected.as_bytes(), token.as_bytes()));
+            let access = match (shared, &state.config.users) {
+                (Some(true), _) | (None, None) => Some(Access::Everything),
+                (_, Some(users)) => users.find(&token).map(Access::User),
+                (Some(false), None) => None,
+            };
+            match access {
+                Some(access) => Ok((version, name, access)),
+                None => Err(refuse(ErrorCode::Unauthorized, "wrong or missing token")),
             }
         }
         Ok(_) => Err(refuse(ErrorCode::Malformed, "the first frame must be a handshake (Hello)")),
@@ -658,6 +682,8 @@ struct Connection {
     out: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicUsize>,
     consumers: HashSet<ConsumerId>,
+    /// What the connection's user may do.
+    access: Access,
 }
 
 impl Connection {
@@ -738,10 +764,50 @@ impl Connection {
         }
     }
 
+    /// Whether the connection's user may do what `frame` asks: `Err` with the denial (logged) if not.
+    fn permit(&self, frame: &ClientFrame) -> Result<(), Error> {
+        let Access::User(user) = &self.access else { return Ok(()) };
+        let (right, name, what): (Right, &str, &str) = match frame {
+            ClientFrame::Declare { queue, .. } => (Right::Consume, queue, "declare"),
+            // An unconfirmed publish to an inbox is a reply: every user may answer a caller.
+            ClientFrame::Publish { queue, .. } if queue.starts_with(INBOX_PREFIX) => return Ok(()),
+            ClientFrame::Publish { queue, .. } | ClientFrame::CancelCall { queue, .. } => {
+                (Right::Publish, queue, "publish to")
+            }
+            ClientFrame::Republish { queue, .. } => (Right::Publish, queue, "publish to"),
+            ClientFrame::PublishTopic { topic, .. } => (Right::Publish, topic, "broadcast to"),
+            ClientFrame::Consume { queue, .. } if queue.ends_with(".dlq") => {
+                (Right::Admin, queue, "read the dead letters of")
+            }
+            ClientFrame::Consume { queue, .. } => (Right::Consume, queue, "consume"),
+            ClientFrame::Subscribe { topic, .. } => (Right::Consume, topic, "subscribe to"),
+            ClientFrame::Stats { queue, .. } => (Right::Admin, queue, "read the stats of"),
+            ClientFrame::DeleteQueue { queue, .. } => (Right::Admin, queue, "delete"),
+            _ => return Ok(()),
+        };
+        if user.may(right, name) {
+            return Ok(());
+        }
+        tracing::info!(user = user.name(), right = right.name(), name, "denied");
+        self.state.denied.fetch_add(1, Ordering::Relaxed);
+        Err(Error::Forbidden(format!("user `{}` may not {what} `{name}` (it needs `{}`)", user.name(), right.name())))
+    }
+
     /// Runs one frame; returns the answer to send, or `Err` to close the connection.
     fn handle(&mut self, frame: ClientFrame) -> Result<Option<ServerFrame>, ServerFrame> {
         let req = frame.req();
         let ok = |body: Bytes| Some(ServerFrame::Ok { req, body });
+        if let ClientFrame::Consume { queue, .. } = &frame
+            && queue.starts_with(INBOX_PREFIX)
+        {
+            // An inbox is consumed by the connection that opened it, through `OpenInbox` only.
+            let why = format!("`{queue}` is an inbox: only the connection that opened it reads it");
+            return Ok(Some(failure(req, &Error::Forbidden(why))));
+        }
+        if let Err(denied) = self.permit(&frame) {
+            // Refused, the connection kept; an unconfirmed publish (request id 0) is answered neither way.
+            return Ok((req != 0).then(|| failure(req, &denied)));
+        }
         let answer = match frame {
             ClientFrame::Hello { .. } => {
                 return Err(ServerFrame::Error {
@@ -927,7 +993,11 @@ impl Connection {
                     ok(Bytes::new())
                 }
             }
-            ClientFrame::ListQueues { .. } => ok(protocol::list_body(&self.state.queues())),
+            ClientFrame::ListQueues { .. } => {
+                let mut queues = self.state.queues();
+                queues.retain(|(name, _)| self.access.may(Right::Admin, name));
+                ok(protocol::list_body(&queues))
+            }
         };
         Ok(answer)
     }

@@ -48,6 +48,10 @@ pub enum Error {
     /// The broker refused the credentials.
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// The broker knows who this is, and refuses them this operation on the queue or topic named: ask its
+    /// operator for the right (our broker's users file; a broker's own permissions).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// Nobody consumes the destination.
     #[error("no responders for `{0}`: start a server for the service")]
     NoResponders(String),
@@ -79,6 +83,7 @@ impl Error {
             Error::ReplyLost => "reply_lost",
             Error::DeliveryLost => "delivery_lost",
             Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
             Error::NoResponders(_) => "no_responders",
             Error::Unsupported(_) => "unsupported",
             Error::InvalidArgument(_) => "invalid_argument",

@@ -1,0 +1,172 @@
+//! Users and their rights on the broker: two tenants, each with its own service, on one broker. Every operation
+//! one tenant tries on the other's queues, topics, dead letters and inboxes is refused with `Forbidden`, counted,
+//! and leaves the connection open; each tenant's own calls go on; a token nobody holds is refused at the handshake.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_broker::Remote;
+use rpc_broker::access::{Users, sha256};
+use rpc_broker::server::{BrokerServer, ServerConfig};
+use rpc_core::transport::Confirm;
+use rpc_core::{Client, ConsumeOptions, Envelope, Error, Kind, QueueOptions, Server, Transport};
+
+#[rpc_core::service]
+trait Echo {
+    async fn echo(&self, n: u64) -> u64;
+}
+
+struct EchoImpl;
+
+impl Echo for EchoImpl {
+    async fn echo(&self, n: u64) -> u64 {
+        n
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+const BLUE: &str = "blue-token-0123456789abcdef0123456789abcdef";
+const RED: &str = "red-token-0123456789abcdef0123456789abcdef";
+const OPERATOR: &str = "operator-token-0123456789abcdef0123456789";
+
+fn hex(token: &str) -> String {
+    sha256(token.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// A broker with the users `blue` and `red`, each with every right on its own names, and the shared token.
+async fn broker() -> BrokerServer {
+    let json = format!(
+        r#"{{"users": [
+            {{"name": "blue", "token_sha256": "{}", "grants": [{{"names": "blue.*", "rights": ["publish", "consume", "admin"]}}]}},
+            {{"name": "red", "token_sha256": "{}", "grants": [{{"names": "red.*", "rights": ["publish", "consume", "admin"]}}]}}
+        ]}}"#,
+        hex(BLUE),
+        hex(RED),
+    );
+    let mut config = ServerConfig::default();
+    config.users = Some(Arc::new(Users::parse(&json).expect("a valid users file")));
+    config.token = Some(OPERATOR.into());
+    BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("the broker starts")
+}
+
+async fn connect(server: &BrokerServer, token: &str) -> Result<Remote, Error> {
+    Remote::connect(&format!("mqrpc://{token}@{}", server.local_addr())).await
+}
+
+fn oneway() -> Envelope {
+    let mut envelope = Envelope::new(Kind::Oneway);
+    envelope.method = "echo".into();
+    envelope
+}
+
+/// `Ok` when `result` is the `Forbidden` refusal naming `name`.
+fn forbidden<T: std::fmt::Debug>(what: &str, name: &str, result: Result<T, Error>) -> Result<(), String> {
+    match result {
+        Err(Error::Forbidden(message)) if message.contains(name) => Ok(()),
+        other => Err(format!("{what}: expected Forbidden naming `{name}`, got {other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_can_do_nothing_with_another_tenants_queues_topics_dead_letters_or_inboxes() {
+    let server = broker().await;
+    let blue = Arc::new(connect(&server, BLUE).await.expect("blue connects"));
+    let red = Arc::new(connect(&server, RED).await.expect("red connects"));
+
+    // Each tenant serves and calls its own service.
+    let mut servers = Vec::new();
+    for (tenant, transport) in [("blue", &blue), ("red", &red)] {
+        let serving = Server::new(Arc::clone(transport))
+            .namespace(tenant)
+            .serve(EchoServer::new(EchoImpl))
+            .await
+            .unwrap_or_else(|error| panic!("{tenant} serves: {error}"));
+        servers.push(serving);
+    }
+    let blue_client = Client::builder(Arc::clone(&blue)).namespace("blue").connect().await.expect("client");
+    assert_eq!(EchoClient::new(&blue_client).echo(7).timeout(WAIT).await.expect("blue calls its own"), 7);
+    let blue_inbox = blue.open_inbox().await.expect("blue opens an inbox");
+    blue.publish("blue.Echo.dlq", oneway(), Confirm::Broker).await.expect("a dead letter of blue's");
+    let before = server.stats().denied;
+
+    // Every operation red tries on blue's names.
+    let queue = "blue.Echo";
+    let red_client = Client::builder(Arc::clone(&red)).namespace("blue").connect().await.expect("client");
+    let mut refusals = vec![
+        forbidden("call", queue, EchoClient::new(&red_client).echo(1).timeout(WAIT).await),
+        forbidden("publish", queue, red.publish(queue, oneway(), Confirm::Broker).await),
+        forbidden("consume", queue, red.consume(queue, ConsumeOptions::default()).await.map(drop)),
+        forbidden("declare", "blue.Other", red.declare_queue("blue.Other", &QueueOptions::default()).await),
+        forbidden("stats", queue, red.queue_stats(queue).await),
+        forbidden("delete", queue, red.delete_queue(queue).await),
+        forbidden(
+            "read dead letters",
+            "blue.Echo.dlq",
+            red.consume("blue.Echo.dlq", ConsumeOptions::default()).await.map(drop),
+        ),
+        forbidden("replay a dead letter", queue, red.publish(queue, oneway(), Confirm::Broker).await),
+        forbidden("broadcast", "blue.Echo.broadcast", red.publish_topic("blue.Echo.broadcast", oneway()).await),
+        forbidden(
+            "subscribe",
+            "blue.Echo.broadcast",
+            red.subscribe("blue.Echo.broadcast", "spy", ConsumeOptions::default()).await.map(drop),
+        ),
+        forbidden("ping's topic", "blue.Echo.ping", red.subscribe_private("blue.Echo.ping").await.map(drop)),
+        forbidden(
+            "read an inbox",
+            &blue_inbox.address,
+            red.consume(&blue_inbox.address, ConsumeOptions::default()).await.map(drop),
+        ),
+    ];
+    let tried = refusals.len();
+    // Blue's own queue listing shows its queues; red's shows none of blue's.
+    let listed = red.list_queues().await.expect("red lists");
+    refusals.push(if listed.iter().any(|(name, _)| name.starts_with("blue.")) {
+        Err(format!("red's listing shows blue's queues: {listed:?}"))
+    } else {
+        Ok(())
+    });
+    let failures: Vec<String> = refusals.into_iter().filter_map(Result::err).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cross-tenant operations were not refused:\n{}",
+        failures.len(),
+        tried + 1,
+        failures.join("\n")
+    );
+    // The inbox refusal is not a right anybody could hold: every other one is counted as denied.
+    assert_eq!(server.stats().denied - before, u64::try_from(tried - 1).expect("small"));
+    assert!(blue.list_queues().await.expect("blue lists").iter().any(|(name, _)| name == queue));
+
+    // Red's connection is still open and serves red; blue's queue and dead letters are untouched.
+    let own = Client::builder(Arc::clone(&red)).namespace("red").connect().await.expect("client");
+    assert_eq!(EchoClient::new(&own).echo(3).timeout(WAIT).await.expect("red calls its own"), 3);
+    assert_eq!(blue.queue_stats("blue.Echo.dlq").await.expect("stats").ready, 1);
+    assert_eq!(EchoClient::new(&blue_client).echo(8).timeout(WAIT).await.expect("blue still calls"), 8);
+    drop(servers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tokens_are_refused_and_the_shared_token_may_do_everything() {
+    let server = broker().await;
+    for token in ["", "nobody", &BLUE[..BLUE.len() - 1], &format!("{BLUE}x")] {
+        match connect(&server, token).await {
+            Err(Error::Unauthorized(_)) => {}
+            other => panic!("token `{token}`: expected Unauthorized, got {other:?}"),
+        }
+    }
+    let operator = connect(&server, OPERATOR).await.expect("the shared token connects");
+    for queue in ["blue.Jobs", "red.Jobs", "anything"] {
+        operator.declare_queue(queue, &QueueOptions::default()).await.expect("declares anything");
+        operator.publish(queue, oneway(), Confirm::Broker).await.expect("publishes anywhere");
+        assert_eq!(operator.queue_stats(queue).await.expect("reads any stats").ready, 1);
+        operator.delete_queue(queue).await.expect("deletes anything");
+    }
+    // A user's rights stop at its names, on the same connection that holds them.
+    let blue = connect(&server, BLUE).await.expect("blue connects");
+    blue.declare_queue("blue.Jobs", &QueueOptions::default()).await.expect("declared");
+    blue.publish("blue.Jobs", oneway(), Confirm::Broker).await.expect("published");
+    assert!(matches!(blue.publish("anything", oneway(), Confirm::Broker).await, Err(Error::Forbidden(_))));
+    assert_eq!(blue.queue_stats("blue.Jobs").await.expect("stats").ready, 1);
+}
