@@ -25,6 +25,11 @@
 //! - `token_sha256` is the SHA-256 of the user's token, in hex (`printf %s "$TOKEN" | sha256sum`): the file
 //!   holds no token. Tokens must be random and long (32 bytes from a good generator, say): a hash of a short or
 //!   guessable one is no protection.
+//! - `cert_sha256`, instead or as well, is the SHA-256 of the user's TLS client certificate (its DER bytes:
+//!   `openssl x509 -in client.pem -outform der | sha256sum`), for a broker that verifies client certificates
+//!   (mutual TLS, `serve --tls-client-ca FILE`): a client presenting that certificate is that user, whatever
+//!   token it sends. The certificate itself is pinned, not its subject: a new certificate for the same subject
+//!   is a new entry.
 //! - `names` is a queue or topic name, a prefix ending in `*` (`billing.*` matches `billing.Invoices`), or `*`
 //!   for every name. A queue's dead-letter queue (`<queue>.dlq`) is covered by its queue's grants.
 //! - The rights:
@@ -127,10 +132,12 @@ impl User {
     }
 }
 
-/// The users of a broker, by the SHA-256 of their tokens.
+/// The users of a broker, by the SHA-256 of their tokens and of their client certificates.
 #[derive(Debug, Default)]
 pub struct Users {
     by_hash: HashMap<[u8; 32], Arc<User>>,
+    by_cert: HashMap<[u8; 32], Arc<User>>,
+    count: usize,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +150,10 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct UserEntry {
     name: String,
-    token_sha256: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    #[serde(default)]
+    cert_sha256: Option<String>,
     #[serde(default)]
     grants: Vec<GrantEntry>,
 }
@@ -178,8 +188,17 @@ impl Users {
             if name.is_empty() || !names.insert(name.clone()) {
                 return Err(format!("user `{name}`: names are unique and not empty"));
             }
-            let hash = hex32(&entry.token_sha256)
-                .ok_or_else(|| format!("user `{name}`: token_sha256 is 64 hex digits, the SHA-256 of the token"))?;
+            let digest = |field: &Option<String>, what: &str| {
+                field
+                    .as_deref()
+                    .map(|text| hex32(text).ok_or_else(|| format!("user `{name}`: {what} is 64 hex digits, a SHA-256")))
+                    .transpose()
+            };
+            let token = digest(&entry.token_sha256, "token_sha256")?;
+            let cert = digest(&entry.cert_sha256, "cert_sha256")?;
+            if token.is_none() && cert.is_none() {
+                return Err(format!("user `{name}`: give token_sha256, cert_sha256 or both"));
+            }
             let mut grants = Vec::with_capacity(entry.grants.len());
             for grant in entry.grants {
                 let covered = Names::parse(&grant.names).map_err(|why| format!("user `{name}`: {why}"))?;
@@ -191,9 +210,18 @@ impl Users {
                 }
                 grants.push((covered, rights));
             }
-            if users.by_hash.insert(hash, Arc::new(User { name: name.clone(), grants })).is_some() {
+            let user = Arc::new(User { name: name.clone(), grants });
+            if let Some(hash) = token
+                && users.by_hash.insert(hash, Arc::clone(&user)).is_some()
+            {
                 return Err(format!("user `{name}`: another user has the same token"));
             }
+            if let Some(hash) = cert
+                && users.by_cert.insert(hash, user).is_some()
+            {
+                return Err(format!("user `{name}`: another user has the same certificate"));
+            }
+            users.count += 1;
         }
         Ok(users)
     }
@@ -203,14 +231,19 @@ impl Users {
         self.by_hash.get(&sha256(token.as_bytes())).cloned()
     }
 
+    /// The user whose client certificate (DER) has the SHA-256 `fingerprint`, if any.
+    pub fn find_certificate(&self, fingerprint: &[u8; 32]) -> Option<Arc<User>> {
+        self.by_cert.get(fingerprint).cloned()
+    }
+
     /// How many users there are.
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.count
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.count == 0
     }
 }
 
@@ -309,6 +342,13 @@ mod tests {
         let good = hash_hex("t");
         for (json, expected) in [
             (r#"{"users": [{"name": "a", "token_sha256": "00"}]}"#.to_owned(), "64 hex digits"),
+            (r#"{"users": [{"name": "a"}]}"#.to_owned(), "token_sha256, cert_sha256 or both"),
+            (
+                format!(
+                    r#"{{"users": [{{"name": "a", "cert_sha256": "{good}"}}, {{"name": "b", "cert_sha256": "{good}"}}]}}"#
+                ),
+                "same certificate",
+            ),
             (
                 format!(
                     r#"{{"users": [{{"name": "a", "token_sha256": "{good}", "grants": [{{"names": "a*b", "rights": []}}]}}]}}"#

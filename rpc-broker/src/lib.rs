@@ -40,4 +40,4 @@ mod embedded;
 mod remote;
 
 pub use embedded::Embedded;
-pub use remote::{Remote, RemoteOptions};
+pub use remote::{Remote, RemoteOptions, TlsIdentity};

@@ -1,8 +1,8 @@
 //! `rpc-broker`: the mqrpc broker server and the commands to operate it.
 //!
 //! ```text
-//! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--users FILE] [--tls-cert FILE --tls-key FILE]
-//!                  [--insecure]
+//! rpc-broker serve --listen 127.0.0.1:7878 [--token TOKEN] [--users FILE] [--tls-cert FILE --tls-key FILE
+//!                  [--tls-client-ca FILE]] [--insecure]
 //!                  [--data-dir DIR [--fsync always|never] [--quarantine]]
 //!                  [--metrics 127.0.0.1:9464] [--dashboard 127.0.0.1:8080]
 //! rpc-broker queues                                   # name, depth, delayed, unacked, consumers, DLQ depth
@@ -142,6 +142,11 @@ struct Serve {
     /// The TLS private key (PEM).
     #[arg(long, env = "MQRPC_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Verify clients' certificates against the CA certificates in this file (PEM): mutual TLS. A client
+    /// without a certificate signed by one of them cannot connect; with --users, a certificate listed there
+    /// (`cert_sha256`) is that user.
+    #[arg(long, env = "MQRPC_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Listen on a non-loopback address without a token.
     #[arg(long, env = "MQRPC_INSECURE")]
     insecure: bool,
@@ -267,7 +272,7 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     };
     let dashboard_token = serve.token.clone();
     let tls = match (&serve.tls_cert, &serve.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls_config(cert, key, serve.tls_client_ca.as_deref())?),
         _ => None,
     };
     let mut config = ServerConfig::default();
@@ -326,7 +331,7 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     result
 }
 
-fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -334,8 +339,26 @@ fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Stri
         .map_err(|error| format!("cannot read the certificates in {}: {error}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|error| format!("cannot read the private key in {}: {error}", key.display()))?;
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|error| format!("cannot read the certificates in {}: {error}", path.display()))?
+            {
+                roots
+                    .add(certificate)
+                    .map_err(|error| format!("a bad CA certificate in {}: {error}", path.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(|error| format!("cannot verify clients with {}: {error}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
         .with_single_cert(chain, key)
         .map_err(|error| format!("the certificate and key do not make a TLS configuration: {error}"))?;
     Ok(Arc::new(config))

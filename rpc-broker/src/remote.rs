@@ -29,12 +29,27 @@ use crate::protocol::{self, CAPABILITIES, ClientFrame, ErrorCode, INBOX_PREFIX, 
 use connection::{Conn, Target, Waiter, open, parse_url, supervise};
 use consumer::{Logical, LogicalKind};
 
+/// A certificate chain and its private key, presented by a client in TLS handshakes.
+pub struct TlsIdentity {
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity").field("chain", &self.chain.len()).finish_non_exhaustive()
+    }
+}
+
 /// How a [`Remote`] connects.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RemoteOptions {
     /// Certificates to trust for `mqrpcs://` (default: none, so TLS needs this).
     pub tls_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The certificate chain and key this client presents in a TLS handshake, for a broker that verifies
+    /// clients (mutual TLS; see [`RemoteOptions::tls_client_pem`]).
+    pub tls_client: Option<Arc<TlsIdentity>>,
     /// Time to open a connection and complete the handshake (default 5 s).
     pub connect_timeout: Duration,
     /// Time to wait for the broker's answer to one request (default 10 s).
@@ -49,6 +64,7 @@ impl Default for RemoteOptions {
     fn default() -> RemoteOptions {
         RemoteOptions {
             tls_roots: Vec::new(),
+            tls_client: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(5),
@@ -61,6 +77,7 @@ impl fmt::Debug for RemoteOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteOptions")
             .field("tls_roots", &self.tls_roots.len())
+            .field("tls_client", &self.tls_client.is_some())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_backoff", &self.max_backoff)
@@ -88,6 +105,25 @@ impl RemoteOptions {
             return Err(Error::InvalidArgument("no certificate in the PEM".into()));
         }
         self.tls_roots.extend(certificates);
+        Ok(self)
+    }
+
+    /// Presents the certificate chain in `cert_pem` and the private key in `key_pem` (PEM text) in TLS
+    /// handshakes: a broker that verifies clients (mutual TLS) knows this client by its certificate.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the PEM holds no certificate or no key.
+    pub fn tls_client_pem(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Result<RemoteOptions, Error> {
+        use rustls_pki_types::pem::PemObject;
+        let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|error| Error::InvalidArgument(format!("cannot read the certificates: {error}")))?;
+        if chain.is_empty() {
+            return Err(Error::InvalidArgument("no certificate in the PEM".into()));
+        }
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|error| Error::InvalidArgument(format!("cannot read the private key: {error}")))?;
+        self.tls_client = Some(Arc::new(TlsIdentity { chain, key }));
         Ok(self)
     }
 

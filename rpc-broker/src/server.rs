@@ -441,14 +441,20 @@ async fn accept(listener: TcpListener, state: Arc<State>) {
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                     match tokio::time::timeout(state.config.handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(&state, stream, peer).await,
+                        Ok(Ok(stream)) => {
+                            // A client certificate, verified by the TLS configuration, names a user.
+                            let certificate = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+                            let fingerprint =
+                                certificate.map(|certificate| crate::access::sha256(certificate.as_ref()));
+                            serve(&state, stream, peer, fingerprint).await;
+                        }
                         _ => {
                             state.rejected.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%peer, "TLS handshake failed or timed out");
                         }
                     }
                 }
-                None => serve(&state, stream, peer).await,
+                None => serve(&state, stream, peer, None).await,
             }
             state.connections.fetch_sub(1, Ordering::Relaxed);
         });
@@ -520,7 +526,8 @@ fn protocol_failure(error: &ProtocolError) -> ServerFrame {
     ServerFrame::Error { req: 0, code, message: error.to_string() }
 }
 
-async fn serve<S>(state: &Arc<State>, stream: S, peer: SocketAddr)
+/// Serves one connection; `certificate` is the SHA-256 of the client certificate its TLS handshake verified.
+async fn serve<S>(state: &Arc<State>, stream: S, peer: SocketAddr, certificate: Option<[u8; 32]>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -540,7 +547,7 @@ where
         consumers: HashSet::new(),
         access: Access::Everything,
     };
-    match handshake(state, &mut frames).await {
+    match handshake(state, &mut frames, certificate).await {
         Ok((version, name, access)) => {
             connection.access = access;
             let id = state.next_session.fetch_add(1, Ordering::Relaxed);
@@ -598,6 +605,7 @@ fn unix_ms() -> u64 {
 async fn handshake<R>(
     state: &State,
     frames: &mut FramedRead<R, FrameCodec>,
+    certificate: Option<[u8; 32]>,
 ) -> Result<(u16, String, Access), ServerFrame>
 where
     R: AsyncRead + Unpin,
@@ -623,10 +631,15 @@ where
             }
             let shared =
                 state.config.token.as_ref().map(|expected| constant_time_eq(expected.as_bytes(), token.as_bytes()));
-            let access = match (shared, &state.config.users) {
-                (Some(true), _) | (None, None) => Some(Access::Everything),
-                (_, Some(users)) => users.find(&token).map(Access::User),
-                (Some(false), None) => None,
+            // A user's certificate first, whatever the token; then the shared token, then a user's token.
+            let by_certificate = certificate
+                .zip(state.config.users.as_ref())
+                .and_then(|(fingerprint, users)| users.find_certificate(&fingerprint));
+            let access = match (by_certificate, shared, &state.config.users) {
+                (Some(user), _, _) => Some(Access::User(user)),
+                (None, Some(true), _) | (None, None, None) => Some(Access::Everything),
+                (None, _, Some(users)) => users.find(&token).map(Access::User),
+                (None, Some(false), None) => None,
             };
             match access {
                 Some(access) => Ok((version, name, access)),

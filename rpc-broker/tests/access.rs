@@ -170,3 +170,93 @@ async fn unknown_tokens_are_refused_and_the_shared_token_may_do_everything() {
     assert!(matches!(blue.publish("anything", oneway(), Confirm::Broker).await, Err(Error::Forbidden(_))));
     assert_eq!(blue.queue_stats("blue.Jobs").await.expect("stats").ready, 1);
 }
+
+/// A certificate authority for the mutual-TLS test, and certificates it signs.
+struct Authority {
+    certificate: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Authority {
+    fn new(name: &str) -> Authority {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        Authority { certificate: params.self_signed(&key).expect("a CA"), key }
+    }
+
+    /// A certificate for `name` (PEM), its key (PEM) and its DER bytes.
+    fn sign(&self, name: &str, client: bool) -> (String, String, Vec<u8>) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let certificate = params.signed_by(&key, &self.certificate, &self.key).expect("signed");
+        (certificate.pem(), key.serialize_pem(), certificate.der().to_vec())
+    }
+}
+
+/// With mutual TLS, a client's certificate is its user: `blue`'s certificate serves and calls `blue.*` and may
+/// not touch `red.*`, whatever token it sends; a certificate the CA signed that no user has is refused at the
+/// handshake, and a client without a certificate, or with one from another CA, does not get through TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_a_client_certificate_is_its_user() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let authority = Authority::new("mqrpc test CA");
+    let (server_pem, server_key, _) = authority.sign("localhost", false);
+    let (blue_pem, blue_key, blue_der) = authority.sign("blue", true);
+    let (stray_pem, stray_key, _) = authority.sign("stray", true);
+    let (foreign_pem, foreign_key, foreign_der) = Authority::new("another CA").sign("blue", true);
+
+    let json = format!(
+        r#"{{"users": [
+            {{"name": "blue", "cert_sha256": "{}", "grants": [{{"names": "blue.*", "rights": ["publish", "consume"]}}]}},
+            {{"name": "foreign", "cert_sha256": "{}", "grants": [{{"names": "*", "rights": ["publish", "consume", "admin"]}}]}}
+        ]}}"#,
+        sha256(&blue_der).iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+        sha256(&foreign_der).iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(authority.certificate.der().to_vec())).expect("a root");
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().expect("a verifier");
+    let chain = vec![CertificateDer::from_pem_slice(server_pem.as_bytes()).expect("parses")];
+    let key = PrivateKeyDer::from_pem_slice(server_key.as_bytes()).expect("parses");
+    let tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("a TLS configuration");
+    let mut config = ServerConfig::default();
+    config.tls = Some(Arc::new(tls));
+    config.users = Some(Arc::new(Users::parse(&json).expect("a valid users file")));
+    let server = BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("the broker starts");
+    let url = format!("mqrpcs://localhost:{}", server.local_addr().port());
+    let trusting =
+        rpc_broker::RemoteOptions::new().tls_roots_pem(authority.certificate.pem().as_bytes()).expect("trusts the CA");
+    let as_identity = |cert: &str, key: &str| trusting.clone().tls_client_pem(cert.as_bytes(), key.as_bytes());
+
+    let blue = Arc::new(
+        Remote::connect_with(&url, as_identity(&blue_pem, &blue_key).expect("an identity"))
+            .await
+            .expect("blue's certificate connects"),
+    );
+    let _serving =
+        Server::new(Arc::clone(&blue)).namespace("blue").serve(EchoServer::new(EchoImpl)).await.expect("serves");
+    let client = Client::builder(Arc::clone(&blue)).namespace("blue").connect().await.expect("client");
+    assert_eq!(EchoClient::new(&client).echo(5).timeout(WAIT).await.expect("blue calls over mutual TLS"), 5);
+    assert!(matches!(blue.publish("red.Echo", oneway(), Confirm::Broker).await, Err(Error::Forbidden(_))));
+    assert!(matches!(blue.queue_stats("blue.Echo").await, Err(Error::Forbidden(_))), "blue has no admin right");
+
+    // A certificate the CA signed that no user has: refused at the handshake.
+    let stray = Remote::connect_with(&url, as_identity(&stray_pem, &stray_key).expect("an identity")).await;
+    assert!(matches!(stray, Err(Error::Unauthorized(_))), "{stray:?}");
+    // No certificate, or one from another CA (even one listed in the users file): TLS itself refuses.
+    assert!(Remote::connect_with(&url, trusting.clone()).await.is_err());
+    let foreign = Remote::connect_with(&url, as_identity(&foreign_pem, &foreign_key).expect("an identity")).await;
+    assert!(foreign.is_err(), "a certificate from another CA got through: {foreign:?}");
+}

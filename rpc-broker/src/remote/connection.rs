@@ -276,7 +276,13 @@ async fn dial(inner: &Inner) -> Result<(BoxRead, BoxWrite), Error> {
     for certificate in &inner.options.tls_roots {
         roots.add(certificate.clone()).map_err(|error| Error::InvalidArgument(format!("bad TLS root: {error}")))?;
     }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match &inner.options.tls_client {
+        Some(identity) => builder
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .map_err(|error| Error::InvalidArgument(format!("bad TLS client certificate or key: {error}")))?,
+        None => builder.with_no_client_auth(),
+    };
     let name = rustls_pki_types::ServerName::try_from(target.host.clone())
         .map_err(|_| Error::InvalidArgument(format!("`{}` is not a TLS server name", target.host)))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
