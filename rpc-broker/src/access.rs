@@ -42,7 +42,8 @@
 //!
 //! Every user may open inboxes, which are private to the connection that opened them: nobody consumes another
 //! connection's inbox. A worker answers only on the deliveries it holds. A denied operation fails with
-//! `Forbidden`, naming the queue or topic; the connection stays open.
+//! `Forbidden`, naming the queue or topic; the connection stays open. `rpc-broker serve` reads the file again on
+//! SIGHUP ([`Monitor::replace_users`](crate::server::Monitor::replace_users)).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -120,6 +121,12 @@ pub struct User {
 }
 
 impl User {
+    /// A user named `name` who may do nothing: what a connection's user becomes once the users file no longer
+    /// has it.
+    pub fn without_grants(name: &str) -> User {
+        User { name: name.to_owned(), grants: Vec::new() }
+    }
+
     /// The user's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -137,7 +144,7 @@ impl User {
 pub struct Users {
     by_hash: HashMap<[u8; 32], Arc<User>>,
     by_cert: HashMap<[u8; 32], Arc<User>>,
-    count: usize,
+    by_name: HashMap<String, Arc<User>>,
 }
 
 #[derive(Deserialize)]
@@ -211,6 +218,7 @@ impl Users {
                 grants.push((covered, rights));
             }
             let user = Arc::new(User { name: name.clone(), grants });
+            users.by_name.insert(name.clone(), Arc::clone(&user));
             if let Some(hash) = token
                 && users.by_hash.insert(hash, Arc::clone(&user)).is_some()
             {
@@ -221,7 +229,6 @@ impl Users {
             {
                 return Err(format!("user `{name}`: another user has the same certificate"));
             }
-            users.count += 1;
         }
         Ok(users)
     }
@@ -236,14 +243,19 @@ impl Users {
         self.by_cert.get(fingerprint).cloned()
     }
 
+    /// The user named `name`, if any.
+    pub fn by_name(&self, name: &str) -> Option<Arc<User>> {
+        self.by_name.get(name).cloned()
+    }
+
     /// How many users there are.
     pub fn len(&self) -> usize {
-        self.count
+        self.by_name.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.by_name.is_empty()
     }
 }
 

@@ -322,13 +322,38 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| format!("cannot watch for SIGTERM: {error}"))?;
-    let result = tokio::select! {
-        () = server.run() => Err("the listener stopped".into()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = terminate.recv() => Ok(()),
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| format!("cannot watch for SIGHUP: {error}"))?;
+    let monitor = server.monitor();
+    let result = loop {
+        tokio::select! {
+            () = server.run() => break Err("the listener stopped".into()),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+            _ = hangup.recv() => reload_users(&monitor, serve.users.as_deref()),
+        }
     };
     tracing::info!("rpc-broker stopping");
     result
+}
+
+/// Reads the users file again (on SIGHUP); a file that does not read leaves the users as they were.
+fn reload_users(monitor: &rpc_broker::server::Monitor, path: Option<&Path>) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: no users file to reload");
+        return;
+    };
+    match rpc_broker::access::Users::load(path) {
+        Ok(users) => {
+            tracing::info!(users = users.len(), file = %path.display(), "users reloaded");
+            println!("users reloaded from {}: {}", path.display(), users.len());
+            monitor.replace_users(users);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "SIGHUP: the users file does not read; the users stay as they were");
+            println!("users not reloaded, they stay as they were: {error}");
+        }
+    }
 }
 
 fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<rustls::ServerConfig>, String> {

@@ -25,7 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 
-use crate::access::{Access, Right, Users};
+use crate::access::{Access, Right, User, Users};
 use crate::engine::{self, ConsumerId, EngineError, Props, QueueConfig};
 use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::log::{Log, LogConfig, Recovery};
@@ -167,6 +167,10 @@ struct State {
     rejected: AtomicU64,
     denied: AtomicU64,
     frames_in: AtomicU64,
+    /// The users now (see [`Monitor::replace_users`]); starts as the configuration's.
+    users: std::sync::RwLock<Option<Arc<Users>>>,
+    /// Bumped at each replacement of the users: a connection sees it and takes its user's new grants.
+    users_generation: AtomicU64,
     /// Large frames being received, across connections.
     receiving: Arc<FrameBudget>,
 }
@@ -240,6 +244,18 @@ impl Monitor {
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         self.state.connections()
     }
+
+    /// Replaces the users (a reloaded users file): new connections are checked against `users`, and each open
+    /// connection of a user takes that user's new grants with its next frame (none, if the user is gone: every
+    /// operation it tries is then refused). Connections of the shared token are not affected. A server started
+    /// without users stays without: this changes only a server that has them.
+    pub fn replace_users(&self, users: Users) {
+        let mut current = self.state.users.write().unwrap_or_else(PoisonError::into_inner);
+        if current.is_some() {
+            *current = Some(Arc::new(users));
+            self.state.users_generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl fmt::Debug for Monitor {
@@ -305,6 +321,7 @@ impl BrokerServer {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let receiving = Arc::new(FrameBudget::new(config.receive_budget));
+        let users = std::sync::RwLock::new(config.users.clone());
         let state = Arc::new(State {
             hub: Mutex::new(hub),
             receiving,
@@ -317,6 +334,8 @@ impl BrokerServer {
             rejected: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
+            users,
+            users_generation: AtomicU64::new(0),
         });
         let wake = state.lock().timer_started();
         tokio::spawn(crate::hub::run_timer(Arc::downgrade(&state), State::lock, wake));
@@ -546,6 +565,7 @@ where
         queued: Arc::clone(&queued),
         consumers: HashSet::new(),
         access: Access::Everything,
+        users_generation: state.users_generation.load(Ordering::Acquire),
     };
     match handshake(state, &mut frames, certificate).await {
         Ok((version, name, access)) => {
@@ -632,10 +652,10 @@ where
             let shared =
                 state.config.token.as_ref().map(|expected| constant_time_eq(expected.as_bytes(), token.as_bytes()));
             // A user's certificate first, whatever the token; then the shared token, then a user's token.
-            let by_certificate = certificate
-                .zip(state.config.users.as_ref())
-                .and_then(|(fingerprint, users)| users.find_certificate(&fingerprint));
-            let access = match (by_certificate, shared, &state.config.users) {
+            let users = state.users.read().unwrap_or_else(PoisonError::into_inner).clone();
+            let by_certificate =
+                certificate.zip(users.as_ref()).and_then(|(fingerprint, users)| users.find_certificate(&fingerprint));
+            let access = match (by_certificate, shared, &users) {
                 (Some(user), _, _) => Some(Access::User(user)),
                 (None, Some(true), _) | (None, None, None) => Some(Access::Everything),
                 (None, _, Some(users)) => users.find(&token).map(Access::User),
@@ -697,6 +717,8 @@ struct Connection {
     consumers: HashSet<ConsumerId>,
     /// What the connection's user may do.
     access: Access,
+    /// The generation of the users its `access` was taken from.
+    users_generation: u64,
 }
 
 impl Connection {
@@ -778,7 +800,20 @@ impl Connection {
     }
 
     /// Whether the connection's user may do what `frame` asks: `Err` with the denial (logged) if not.
-    fn permit(&self, frame: &ClientFrame) -> Result<(), Error> {
+    fn permit(&mut self, frame: &ClientFrame) -> Result<(), Error> {
+        if matches!(self.access, Access::Everything) {
+            return Ok(());
+        }
+        let generation = self.state.users_generation.load(Ordering::Acquire);
+        if generation != self.users_generation {
+            // The users were replaced: this user's grants now, or none if it is gone.
+            self.users_generation = generation;
+            if let Access::User(user) = &self.access {
+                let users = self.state.users.read().unwrap_or_else(PoisonError::into_inner).clone();
+                let now = users.and_then(|users| users.by_name(user.name()));
+                self.access = Access::User(now.unwrap_or_else(|| Arc::new(User::without_grants(user.name()))));
+            }
+        }
         let Access::User(user) = &self.access else { return Ok(()) };
         let (right, name, what): (Right, &str, &str) = match frame {
             ClientFrame::Declare { queue, .. } => (Right::Consume, queue, "declare"),

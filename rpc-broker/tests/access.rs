@@ -260,3 +260,66 @@ async fn with_mutual_tls_a_client_certificate_is_its_user() {
     let foreign = Remote::connect_with(&url, as_identity(&foreign_pem, &foreign_key).expect("an identity")).await;
     assert!(foreign.is_err(), "a certificate from another CA got through: {foreign:?}");
 }
+
+/// The users file of a broker process is read again on SIGHUP: an open connection takes its user's new grants
+/// with its next frame, a user taken out of the file can do nothing more, and a file that does not read leaves
+/// the users as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_users_file_for_open_connections() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().expect("a directory");
+    let path = dir.path().join("users.json");
+    let file = |names: &[&str]| {
+        let grants: Vec<String> = names
+            .iter()
+            .map(|names| format!(r#"{{"names": "{names}", "rights": ["publish", "consume", "admin"]}}"#))
+            .collect();
+        format!(
+            r#"{{"users": [{{"name": "blue", "token_sha256": "{}", "grants": [{}]}}]}}"#,
+            hex(BLUE),
+            grants.join(", ")
+        )
+    };
+    std::fs::write(&path, file(&["blue.*"])).expect("written");
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--users"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary runs");
+    let pid = process.id().expect("running");
+    let mut lines = tokio::io::BufReader::new(process.stdout.take().expect("stdout")).lines();
+    let mut next = async || tokio::time::timeout(WAIT, lines.next_line()).await.expect("prints").expect("reads");
+    let listening = next().await.expect("a line");
+    let broker = listening.strip_prefix("listening on ").expect("the broker's address first").to_owned();
+    let blue = Remote::connect(&format!("mqrpc://{BLUE}@{broker}")).await.expect("blue connects");
+    blue.declare_queue("blue.Jobs", &QueueOptions::default()).await.expect("its own queue");
+    let green = blue.declare_queue("green.Jobs", &QueueOptions::default()).await;
+    assert!(matches!(green, Err(Error::Forbidden(_))), "{green:?}");
+
+    let hangup = |file: String| {
+        std::fs::write(&path, file).expect("written");
+        let sent = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("kill runs");
+        assert!(sent.success());
+    };
+    // Granted `green.*` too: the same connection may use it once the broker has read the file.
+    hangup(file(&["blue.*", "green.*"]));
+    let reloaded = format!("users reloaded from {}: 1", path.display());
+    assert_eq!(next().await, Some(reloaded));
+    blue.declare_queue("green.Jobs", &QueueOptions::default()).await.expect("granted by the reloaded file");
+
+    // A file that does not read: nothing changes.
+    hangup("{ not json".to_owned());
+    assert!(next().await.is_some_and(|line| line.starts_with("users not reloaded")));
+    blue.publish("green.Jobs", oneway(), Confirm::Broker).await.expect("still granted");
+
+    // Blue taken out of the file: its open connection can do nothing more, and its token no longer connects.
+    hangup(r#"{"users": []}"#.to_owned());
+    assert!(next().await.is_some_and(|line| line.ends_with(": 0")));
+    let refused = blue.publish("blue.Jobs", oneway(), Confirm::Broker).await;
+    assert!(matches!(refused, Err(Error::Forbidden(_))), "{refused:?}");
+    let again = Remote::connect(&format!("mqrpc://{BLUE}@{broker}")).await;
+    assert!(matches!(again, Err(Error::Unauthorized(_))), "{again:?}");
+    process.kill().await.expect("stops");
+}
