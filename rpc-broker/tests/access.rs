@@ -323,3 +323,98 @@ async fn sighup_reloads_the_users_file_for_open_connections() {
     assert!(matches!(again, Err(Error::Unauthorized(_))), "{again:?}");
     process.kill().await.expect("stops");
 }
+
+/// A little generator of pseudo-random numbers (xorshift), seeded, so that a failure can be run again.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % u64::try_from(n).expect("small")).expect("small")
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next().to_le_bytes()[0]).collect()
+    }
+}
+
+/// What a raw connection gets back: `true` when the broker welcomed it.
+async fn welcomed(address: SocketAddr, bytes: &[u8]) -> bool {
+    use futures::StreamExt;
+    use rpc_broker::protocol::{FrameCodec, ServerFrame};
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connects");
+    // The broker may close before it has read everything: a failed write is a refusal too.
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.shutdown().await;
+    let mut frames = tokio_util::codec::FramedRead::new(stream, FrameCodec::new(1024 * 1024));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::time::timeout_at(deadline, frames.next()).await {
+            Ok(Some(Ok(frame))) => {
+                if matches!(ServerFrame::parse(frame), Ok(ServerFrame::Welcome { .. })) {
+                    return true;
+                }
+            }
+            // Closed, broken, or silent: not welcomed.
+            _ => return false,
+        }
+    }
+}
+
+/// The handshake against random credentials, truncated and garbled handshakes: none gets in, and the broker
+/// goes on serving its users. Seeded; the seed is in the failure message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_credentials_and_broken_handshakes_never_get_in() {
+    use bytes::BytesMut;
+    use rpc_broker::protocol::{ClientFrame, Frame, PROTOCOL_VERSION};
+    let server = broker().await;
+    let address = server.local_addr();
+    let seed = 0x5eed_0a11_u64 ^ u64::from(std::process::id());
+    let mut random = Random(seed | 1);
+    let hello = |token: String| {
+        let mut buf = BytesMut::new();
+        ClientFrame::Hello { version: PROTOCOL_VERSION, token, name: "fuzz".into() }.encode(&mut buf);
+        buf.to_vec()
+    };
+    let mut tried = 0;
+    for round in 0..300 {
+        let bytes = match round % 4 {
+            // A random token: printable, or cut from a real one, or a real one with a byte changed.
+            0 => hello(
+                (0..random.below(80))
+                    .map(|_| char::from(b' ' + u8::try_from(random.below(95)).expect("small")))
+                    .collect(),
+            ),
+            1 => hello(BLUE[..random.below(BLUE.len())].to_owned()),
+            2 => {
+                let mut token = BLUE.as_bytes().to_vec();
+                let at = random.below(token.len());
+                token[at] = if token[at] == b'x' { b'y' } else { b'x' };
+                hello(String::from_utf8(token).expect("ascii"))
+            }
+            // A real handshake cut short, or random bytes.
+            _ if round % 8 == 3 => {
+                let whole = hello(BLUE.to_owned());
+                whole[..random.below(whole.len())].to_vec()
+            }
+            _ => {
+                let n = random.below(64);
+                random.bytes(n)
+            }
+        };
+        tried += 1;
+        assert!(!welcomed(address, &bytes).await, "seed {seed}, round {round}: welcomed {bytes:?}");
+    }
+    assert_eq!(tried, 300);
+    // The broker goes on: blue still connects and works.
+    let blue = connect(&server, BLUE).await.expect("blue connects");
+    blue.declare_queue("blue.After", &QueueOptions::default()).await.expect("declares");
+    assert!(server.stats().rejected >= 250, "{:?}", server.stats());
+}
