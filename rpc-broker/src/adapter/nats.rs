@@ -91,6 +91,12 @@ pub struct NatsOptions {
     pub memory_storage: bool,
     /// The longest wait between two reconnection attempts.
     pub max_backoff: Duration,
+    /// How many servers of a JetStream cluster keep each stream this transport creates (default 1; at most 5).
+    /// With 3, a stream survives the loss of one server: its leader moves to another, and publishes and
+    /// deliveries go on after a pause. The servers are given as a list in the URL
+    /// (`nats://a:4222,nats://b:4222`), and the client learns the others from the cluster. With more than one,
+    /// a publish that no stream leader answers (an election under way) is tried again, for up to 10 s.
+    pub replicas: usize,
 }
 
 impl Default for NatsOptions {
@@ -101,6 +107,7 @@ impl Default for NatsOptions {
             ack_wait: Duration::from_secs(30),
             memory_storage: false,
             max_backoff: Duration::from_secs(5),
+            replicas: 1,
         }
     }
 }
@@ -131,6 +138,12 @@ impl NatsOptions {
     /// Sets [`NatsOptions::memory_storage`].
     pub fn memory_storage(mut self, memory: bool) -> NatsOptions {
         self.memory_storage = memory;
+        self
+    }
+
+    /// Sets [`NatsOptions::replicas`] (1 to 5).
+    pub fn replicas(mut self, replicas: usize) -> NatsOptions {
+        self.replicas = replicas.clamp(1, 5);
         self
     }
 
@@ -306,6 +319,9 @@ impl Inner {
 impl Nats {
     /// Connects to NATS at `url` (`nats://host:port`, several separated by commas) in core mode.
     ///
+    /// `url` is one server's (`nats://host:4222`), or a cluster's servers separated by commas: the client connects
+    /// to one of them, and to another when it goes.
+    ///
     /// # Errors
     /// [`Error::Transport`] when the server cannot be reached, [`Error::Unauthorized`] when it refuses.
     pub async fn connect(url: &str) -> Result<Nats, Error> {
@@ -318,6 +334,8 @@ impl Nats {
     /// As [`Nats::connect`]. In JetStream mode, a server without JetStream makes declaring a queue fail with
     /// [`Error::Unsupported`].
     pub async fn connect_with(url: &str, options: NatsOptions) -> Result<Nats, Error> {
+        // A cluster's servers as a list: `nats://a:4222,nats://b:4222`.
+        let servers: Vec<&str> = url.split(',').map(str::trim).filter(|server| !server.is_empty()).collect();
         let connected = Arc::new(AtomicBool::new(true));
         let state = Arc::clone(&connected);
         let losses = watch::Sender::new(0u64);
@@ -348,7 +366,7 @@ impl Nats {
                 }
                 async {}
             })
-            .connect(url)
+            .connect(servers.as_slice())
             .await
             .map_err(|error| match error.kind() {
                 async_nats::ConnectErrorKind::Authentication | async_nats::ConnectErrorKind::AuthorizationViolation => {

@@ -29,6 +29,9 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Unsettled deliveries a JetStream consumer without a prefetch limit holds at most.
 const UNLIMITED_PREFETCH: usize = 4_096;
 
+/// How long a publish to a replicated stream is tried again while the cluster elects a new stream leader.
+pub(super) const FAILOVER: Duration = Duration::from_secs(10);
+
 /// How long a JetStream stream remembers message ids to drop duplicates.
 pub(super) const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -65,6 +68,7 @@ impl Inner {
             max_messages: options.max_len.map_or(-1, |max| i64::try_from(max).unwrap_or(i64::MAX)),
             discard: stream::DiscardPolicy::New,
             storage: self.storage(),
+            num_replicas: self.options.replicas,
             description: Some(description),
             duplicate_window: DUPLICATE_WINDOW,
             ..stream::Config::default()
@@ -77,6 +81,7 @@ impl Inner {
             subjects: vec![topic.to_owned()],
             retention: stream::RetentionPolicy::Interest,
             storage: self.storage(),
+            num_replicas: self.options.replicas,
             description: Some(format!("mqrpc topic {topic}")),
             duplicate_window: DUPLICATE_WINDOW,
             ..stream::Config::default()
@@ -84,15 +89,34 @@ impl Inner {
         self.jetstream.get_or_create_stream(config).await.map_err(|error| stream_error(topic, &error))
     }
 
-    /// Publishes to a JetStream subject and waits for the stream's ack.
+    /// Publishes to a JetStream subject and waits for the stream's ack. With replicated streams
+    /// ([`NatsOptions::replicas`](super::NatsOptions::replicas) above 1), a publish that finds no stream (no
+    /// leader answers while the cluster elects a new one) or times out is sent again, the same message id
+    /// (deduplicated by the stream), for up to [`FAILOVER`].
     pub(super) async fn publish_stream(&self, subject: &str, headers: HeaderMap, body: Bytes) -> Result<(), Error> {
-        let ack = self
-            .jetstream
-            .publish_with_headers(subject.to_owned(), headers, body)
-            .await
-            .map_err(|error| publish_error(subject, &error))?;
-        ack.await.map_err(|error| publish_error(subject, &error))?;
-        Ok(())
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let sent = async {
+                let ack = self
+                    .jetstream
+                    .publish_with_headers(subject.to_owned(), headers.clone(), body.clone())
+                    .await
+                    .map_err(|error| publish_error(subject, &error))?;
+                ack.await.map_err(|error| publish_error(subject, &error))
+            };
+            match sent.await {
+                Ok(_) => return Ok(()),
+                Err(Error::NoRoute(_) | Error::Transport(_))
+                    if self.options.replicas > 1 && started.elapsed() + pause < FAILOVER =>
+                {
+                    tracing::debug!(subject, "no stream leader answered the publish; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Whether a stream captures `subject`: a callback queue of a transport in JetStream mode does, a plain
