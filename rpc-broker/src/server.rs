@@ -822,6 +822,8 @@ impl Connection {
             ClientFrame::Publish { queue, .. } | ClientFrame::CancelCall { queue, .. } => {
                 (Right::Publish, queue, "publish to")
             }
+            // A worker's retry of a delivery it holds: serving the queue is enough.
+            ClientFrame::Republish { queue, .. } if user.may(Right::Consume, queue) => return Ok(()),
             ClientFrame::Republish { queue, .. } => (Right::Publish, queue, "publish to"),
             ClientFrame::PublishTopic { topic, .. } => (Right::Publish, topic, "broadcast to"),
             ClientFrame::Consume { queue, .. } if queue.ends_with(".dlq") => {

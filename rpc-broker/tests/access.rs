@@ -418,3 +418,36 @@ async fn random_credentials_and_broken_handshakes_never_get_in() {
     blue.declare_queue("blue.After", &QueueOptions::default()).await.expect("declares");
     assert!(server.stats().rejected >= 250, "{:?}", server.stats());
 }
+
+/// A worker that may only serve a queue retries the deliveries it holds there (a `Republish`), but cannot
+/// publish a call of its own to it; a caller that may only publish cannot serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_a_queue_lets_a_worker_retry_what_it_holds_but_not_call() {
+    const WORKER: &str = "worker-token-0123456789abcdef0123456789abcdef";
+    const CALLER: &str = "caller-token-0123456789abcdef0123456789abcdef";
+    let json = format!(
+        r#"{{"users": [
+            {{"name": "worker", "token_sha256": "{}", "grants": [{{"names": "jobs.*", "rights": ["consume"]}}]}},
+            {{"name": "caller", "token_sha256": "{}", "grants": [{{"names": "jobs.*", "rights": ["publish"]}}]}}
+        ]}}"#,
+        hex(WORKER),
+        hex(CALLER),
+    );
+    let mut config = ServerConfig::default();
+    config.users = Some(Arc::new(Users::parse(&json).expect("a valid users file")));
+    let server = BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("the broker starts");
+    let (worker, caller) =
+        (connect(&server, WORKER).await.expect("connects"), connect(&server, CALLER).await.expect("connects"));
+    worker.declare_queue("jobs.Q", &QueueOptions::default()).await.expect("the worker declares its queue");
+    assert!(matches!(caller.consume("jobs.Q", ConsumeOptions::default()).await.map(drop), Err(Error::Forbidden(_))));
+    assert!(matches!(worker.publish("jobs.Q", oneway(), Confirm::Broker).await, Err(Error::Forbidden(_))));
+    caller.publish("jobs.Q", oneway(), Confirm::Broker).await.expect("the caller calls");
+    let mut consumer = worker.consume("jobs.Q", ConsumeOptions::default()).await.expect("the worker serves");
+    let first = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
+    let mut copy = first.envelope.clone();
+    copy.attempt = 2;
+    first.handle.republish("jobs.Q", copy).await.map_err(|(error, _)| error).expect("the retry goes back");
+    let second = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered again").expect("open");
+    assert_eq!(second.envelope.attempt, 2);
+    second.handle.ack().await.expect("acked");
+}
