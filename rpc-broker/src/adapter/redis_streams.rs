@@ -379,17 +379,26 @@ impl Inner {
             invocation.arg(name.as_bytes()).arg(value.as_ref());
         }
         let added: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
-        let counters = self.counters.of(queue);
         match added {
-            1 | 2 => {
-                if added == 2 {
-                    if self.unbounded.len() >= DECLARATION_CACHE_SIZE {
-                        self.unbounded.clear();
-                    }
-                    self.unbounded.insert(queue.to_owned(), std::time::Instant::now());
-                } else {
-                    self.unbounded.remove(queue);
+            2 => {
+                if self.unbounded.len() >= DECLARATION_CACHE_SIZE {
+                    self.unbounded.clear();
                 }
+                self.unbounded.insert(queue.to_owned(), std::time::Instant::now());
+            }
+            1 => {
+                self.unbounded.remove(queue);
+            }
+            _ => {}
+        }
+        self.counted(queue, added)
+    }
+
+    /// What a publish script's answer means, counted: 1 or 2 published, 0 the queue is full, -1 not declared.
+    fn counted(&self, queue: &str, answer: i64) -> Result<(), Error> {
+        let counters = self.counters.of(queue);
+        match answer {
+            1 | 2 => {
                 Counters::bump(&counters.published);
                 Ok(())
             }
@@ -417,18 +426,7 @@ impl Inner {
         }
         let mut connection = self.commands.clone();
         let held: i64 = invocation.invoke_async(&mut connection).await.map_err(redis_error)?;
-        let counters = self.counters.of(queue);
-        match held {
-            1 => {
-                Counters::bump(&counters.published);
-                Ok(())
-            }
-            0 => {
-                Counters::bump(&counters.rejected);
-                Err(Error::QueueFull(queue.to_owned()))
-            }
-            _ => Err(Error::NoRoute(queue.to_owned())),
-        }
+        self.counted(queue, held)
     }
 
     /// See [`Transport::cancel`] on [`RedisStreams`].
@@ -491,7 +489,7 @@ impl RedisStreams {
                 next_consumer: AtomicU64::new(1),
                 counters: CounterMap::default(),
                 closing: CancellationToken::new(),
-                publish: Script::new(scripts::PUBLISH),
+                publish: scripts::publish(),
                 unbounded: dashmap::DashMap::new(),
                 delay: scripts::delay(),
                 cancel: scripts::cancel(),

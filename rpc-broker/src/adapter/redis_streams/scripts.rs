@@ -13,17 +13,29 @@ pub(super) const QUEUE_GROUP: &str = "mqrpc";
 /// entry's fields. 1 when added to a queue with a maximum length, 2 when added to one without, 0 when the queue
 /// is full (ready entries, the stream's length less those handed out, and delayed ones at `max_len`), -1 when
 /// the queue was never declared.
-pub(super) const PUBLISH: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-local max = redis.call('HGET', KEYS[2], 'max_len')
-if max then
-  local held = redis.call('XPENDING', KEYS[1], 'mqrpc')[1]
-  local waiting = redis.call('XLEN', KEYS[1]) - held + redis.call('ZCARD', KEYS[3])
-  if waiting >= tonumber(max) then return 0 end
-end
+pub(super) fn publish() -> Script {
+    Script::new(&format!(
+        "{ROOM}
+local max = room(KEYS[1], KEYS[2], KEYS[3])
+if max == -1 or max == 0 then return max end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV))
-if max then return 1 end
-return 2
+return max"
+    ))
+}
+
+/// `room(stream, meta, delayed)`: -1 when the queue was never declared, 0 when it is full (ready entries, the
+/// stream's length less those handed out, and delayed ones at its `max_len`), 1 when it has room below a maximum
+/// length, 2 when it has none.
+const ROOM: &str = r"
+local function room(stream, meta, delayed)
+  if redis.call('EXISTS', meta) == 0 then return -1 end
+  local max = redis.call('HGET', meta, 'max_len')
+  if not max then return 2 end
+  local held = redis.call('XPENDING', stream, 'mqrpc')[1]
+  local waiting = redis.call('XLEN', stream) - held + redis.call('ZCARD', delayed)
+  if waiting >= tonumber(max) then return 0 end
+  return 1
+end
 ";
 
 /// Redis's clock in milliseconds, as `now`.
@@ -46,17 +58,12 @@ end
 
 /// A publish with a delay: `KEYS[1]` the sorted set, `KEYS[2]` the hash of delayed entries, `KEYS[3]` the
 /// stream, `KEYS[4]` the queue's meta hash; `ARGV[1]` the delay in milliseconds, `ARGV[2]` the member (unique),
-/// then the entry's fields. 1 held, 0 the queue is full (as [`PUBLISH`]), -1 the queue was never declared.
+/// then the entry's fields. 1 held, 0 the queue is full (as [`publish`]), -1 the queue was never declared.
 pub(super) fn delay() -> Script {
     Script::new(&format!(
-        "{NOW}{HOLD}
-if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
-local max = redis.call('HGET', KEYS[4], 'max_len')
-if max then
-  local held = redis.call('XPENDING', KEYS[3], 'mqrpc')[1]
-  local waiting = redis.call('XLEN', KEYS[3]) - held + redis.call('ZCARD', KEYS[1])
-  if waiting >= tonumber(max) then return 0 end
-end
+        "{NOW}{HOLD}{ROOM}
+local max = room(KEYS[3], KEYS[4], KEYS[1])
+if max == -1 or max == 0 then return max end
 hold(1)
 return 1"
     ))
