@@ -2,10 +2,6 @@
 //! service stream with three replicas. The stream's leader is killed (`kill -9`) in the middle of 2,000 calls:
 //! every call is answered before its deadline, each key runs once (the dedup store absorbs the copies that come
 //! again), and the stream gets a new leader on another server.
-//!
-//! Not yet run by CI: in about one run of five, the calls in flight when the leader dies are answered status 4
-//! (deadline exceeded) at once on every try, for a minute. `cargo test -p mqrpc-tests --test replicated --
-//! --ignored` with `MQRPC_NATS_SERVER` set runs it.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -129,10 +125,9 @@ async fn leader(nats: &async_nats::Client, subject: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "in about one run of five, calls in flight at the kill get status 4 (deadline exceeded) at once on \
-            every try for a minute; run it with --ignored (it needs MQRPC_NATS_SERVER)"]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
 async fn calls_survive_the_kill_of_the_stream_leader_in_a_three_server_cluster() {
-    let binary = std::env::var("MQRPC_NATS_SERVER").expect("MQRPC_NATS_SERVER");
+    let binary = mqrpc_tests::required_url("MQRPC_NATS_SERVER");
     let mut cluster = Cluster::start(&binary);
     let url = cluster.url();
     let options = || NatsOptions::jetstream().replicas(3).ack_wait(Duration::from_secs(5));
