@@ -35,6 +35,13 @@
 //! service named after its queue, `.` made `_`), so `nats micro ls` lists mqrpc workers; pings
 //! ([`rpc_core::health`]) go through a plain subscription to `<service>.ping`.
 //!
+//! Credentials and TLS: [`NatsOptions::auth`] (a user and password, a token, an NKey seed or a `.creds` file)
+//! and [`NatsOptions::tls`] (the authorities to trust, a client certificate; TLS is required once set). No
+//! secret is printed: `Debug` shows the kind only. A user the server limits to its own subjects needs, in core
+//! mode, publish and subscribe on its namespace's subjects (`<namespace>.>`), on `_INBOX.>` (replies, and the
+//! private subject a new subscription waits on until the server has it) and on `$SRV.>` (the service API);
+//! JetStream mode also uses `$JS.API.>` and the stream's ack subjects (`$JS.ACK.>`).
+//!
 //! Connection loss: the client reconnects with exponential backoff and jitter and resubscribes; while it is
 //! disconnected, publishes fail at once with [`Error::Disconnected`] and calls resolve by their deadline.
 //!
@@ -97,6 +104,81 @@ pub struct NatsOptions {
     /// (`nats://a:4222,nats://b:4222`), and the client learns the others from the cluster. With more than one,
     /// a publish that no stream leader answers (an election under way) is tried again, for up to 10 s.
     pub replicas: usize,
+    /// How this client proves who it is to the server (default: nothing, or what the URL carries:
+    /// `nats://user:password@host`, `nats://token@host`).
+    pub auth: NatsAuth,
+    /// TLS to the server: required, with these certificates. `tls://` URLs require it too, with the system's roots.
+    pub tls: Option<NatsTls>,
+}
+
+/// A NATS credential. `Debug` shows the user and the kind, never a secret.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// None beyond what the URL carries.
+    #[default]
+    None,
+    /// A user and its password (`authorization { users = [{user, password}] }` on the server).
+    UserPassword {
+        /// The user's name.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+    /// A token (`authorization { token }`).
+    Token(String),
+    /// An NKey seed (`SU...`): the client signs the server's nonce, the seed never leaves the process.
+    NKey(String),
+    /// A `.creds` file (a user JWT and its NKey seed), as an operator-mode server issues them.
+    CredentialsFile(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => {
+                f.debug_struct("UserPassword").field("user", user).field("password", &"***").finish()
+            }
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::NKey(_) => f.write_str("NKey(***)"),
+            NatsAuth::CredentialsFile(path) => f.debug_tuple("CredentialsFile").field(path).finish(),
+        }
+    }
+}
+
+/// TLS to a NATS server, required once set.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct NatsTls {
+    /// PEM file of the certificate authorities that sign the server's certificate (the system's roots when
+    /// `None`).
+    pub root_certificates: Option<std::path::PathBuf>,
+    /// PEM files of this client's certificate and key, for a server that verifies clients (`verify: true`).
+    pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl NatsTls {
+    /// TLS with the system's roots and no client certificate.
+    pub fn new() -> NatsTls {
+        NatsTls::default()
+    }
+
+    /// Trusts the authorities in the PEM file at `path` for the server's certificate.
+    pub fn root_certificates(mut self, path: impl Into<std::path::PathBuf>) -> NatsTls {
+        self.root_certificates = Some(path.into());
+        self
+    }
+
+    /// Presents the certificate and key in these PEM files.
+    pub fn client_certificate(
+        mut self,
+        certificate: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> NatsTls {
+        self.client_certificate = Some((certificate.into(), key.into()));
+        self
+    }
 }
 
 impl Default for NatsOptions {
@@ -108,6 +190,8 @@ impl Default for NatsOptions {
             memory_storage: false,
             max_backoff: Duration::from_secs(5),
             replicas: 1,
+            auth: NatsAuth::None,
+            tls: None,
         }
     }
 }
@@ -152,7 +236,22 @@ impl NatsOptions {
         self.max_backoff = backoff;
         self
     }
+
+    /// Sets [`NatsOptions::auth`].
+    pub fn auth(mut self, auth: NatsAuth) -> NatsOptions {
+        self.auth = auth;
+        self
+    }
+
+    /// Sets [`NatsOptions::tls`].
+    pub fn tls(mut self, tls: NatsTls) -> NatsOptions {
+        self.tls = Some(tls);
+        self
+    }
 }
+
+/// How long [`Inner::settle`] waits for its message to come back.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// A transport on NATS. Cheap to clone: clones share one connection.
 #[derive(Clone)]
@@ -191,6 +290,22 @@ struct Inner {
 }
 
 impl Inner {
+    /// Returns once the server has processed what this connection sent before (its subscriptions above all):
+    /// a message to a private subject of its own comes back only after them, as a server handles one
+    /// connection's operations in order. The client's `flush` only writes them out, and another connection's
+    /// publish handled before them finds no subscriber (a call answered "no responders", or a reply lost).
+    /// Past [`SETTLE_WAIT`] (a user whose permissions deny it the inbox subjects) it goes on, as a flush would.
+    async fn settle(&self) -> Result<(), Error> {
+        let subject = self.client.new_inbox();
+        let mut probe = self.client.subscribe(subject.clone()).await.map_err(|_| Error::Disconnected)?;
+        self.client.publish(subject, bytes::Bytes::new()).await.map_err(|_| Error::Disconnected)?;
+        self.client.flush().await.map_err(|_| Error::Disconnected)?;
+        if tokio::time::timeout(SETTLE_WAIT, probe.next()).await.is_err() {
+            tracing::warn!("the NATS server did not echo a message to a private inbox; going on without it");
+        }
+        Ok(())
+    }
+
     fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         mutex.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -341,7 +456,29 @@ impl Nats {
         let losses = watch::Sender::new(0u64);
         let lost = losses.clone();
         let max_backoff = options.max_backoff;
-        let client = async_nats::ConnectOptions::new()
+        let mut connect = match &options.auth {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+            NatsAuth::NKey(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            NatsAuth::CredentialsFile(path) => {
+                async_nats::ConnectOptions::with_credentials_file(path).await.map_err(|error| {
+                    Error::InvalidArgument(format!("NATS credentials file {}: {error}", path.display()))
+                })?
+            }
+        };
+        if let Some(tls) = &options.tls {
+            connect = connect.require_tls(true);
+            if let Some(roots) = &tls.root_certificates {
+                connect = connect.add_root_certificates(roots.clone());
+            }
+            if let Some((certificate, key)) = &tls.client_certificate {
+                connect = connect.add_client_certificate(certificate.clone(), key.clone());
+            }
+        }
+        let client = connect
             .name("mqrpc")
             .max_reconnects(None)
             .reconnect_delay_callback(move |attempts| {
@@ -528,8 +665,8 @@ impl Transport for Nats {
                     .queue_subscribe(queue.to_owned(), queue.to_owned())
                     .await
                     .map_err(|_| Error::Disconnected)?;
-                // The server has the subscription once the flush returns: a call made next finds the worker.
-                self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+                // A call made next finds the worker.
+                self.inner.settle().await?;
                 return Ok(self.core_consumer(subscriber, options));
             }
             let (puller, max_deliveries) = self.inner.queue_consumer(queue).await?;
@@ -553,7 +690,7 @@ impl Transport for Nats {
                     .queue_subscribe(topic.to_owned(), group.to_owned())
                     .await
                     .map_err(|_| Error::Disconnected)?;
-                self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+                self.inner.settle().await?;
                 return Ok(self.core_consumer(subscriber, options));
             }
             let found = self.inner.ensure_topic(topic).await?;
@@ -577,7 +714,7 @@ impl Transport for Nats {
             self.inner.check()?;
             check_subject(topic)?;
             let subscriber = self.inner.client.subscribe(topic.to_owned()).await.map_err(|_| Error::Disconnected)?;
-            self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+            self.inner.settle().await?;
             Ok(self.core_consumer(subscriber, ConsumeOptions::new().auto_ack(true)))
         })
     }
@@ -603,7 +740,7 @@ impl Transport for Nats {
             let address = format!("{}.{ENVELOPE_INBOX}", self.inner.client.new_inbox());
             let subscriber =
                 self.inner.client.subscribe(format!("{address}.*")).await.map_err(|_| Error::Disconnected)?;
-            self.inner.client.flush().await.map_err(|_| Error::Disconnected)?;
+            self.inner.settle().await?;
             let replies = subscriber.map(|message| {
                 let envelope = if message.status == Some(StatusCode::NO_RESPONDERS) {
                     // The server's answer to a request nobody consumes: the call fails at once.

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Event, ExchangeKind};
 use rpc_core::{Error, QueueOptions, naming};
@@ -331,7 +331,13 @@ fn declare_error(name: &str, error: lapin::Error) -> Error {
 
 pub(super) fn from_lapin(error: lapin::Error) -> Error {
     match error.kind() {
-        ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
+        // ACCESS_REFUSED: no right on the resource; NOT_ALLOWED (on opening): no right on the virtual host.
+        ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+            ) =>
+        {
             Error::Unauthorized(error.to_string())
         }
         ErrorKind::InvalidConnectionState(_) | ErrorKind::IOError(_) | ErrorKind::MissingHeartbeatError => {

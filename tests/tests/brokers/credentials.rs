@@ -1,0 +1,346 @@
+//! Credentials and TLS on the brokers users run, given through each adapter's own options: a RabbitMQ user of
+//! its own virtual host (over AMQP and over STOMP), and NATS users with passwords and NKeys, a least-privilege
+//! user (only its own subjects), tokens, and TLS with client certificates, each on a private nats-server with a
+//! configuration of its own. The right credential serves and answers calls; a wrong or missing one is refused
+//! with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an error or a `Debug`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rpc_broker::adapter::amqp::Amqp;
+use rpc_broker::adapter::nats::{Nats, NatsAuth, NatsOptions, NatsTls};
+use rpc_broker::adapter::stomp::Stomp;
+use rpc_core::transport::Transport;
+use rpc_core::{Client, Error, Server};
+use uuid::Uuid;
+
+use crate::WAIT;
+
+#[rpc_core::service]
+trait Adder {
+    /// `a + b`.
+    async fn add(&self, a: i64, b: i64) -> i64;
+}
+
+struct Add;
+
+impl Adder for Add {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        a + b
+    }
+}
+
+/// Serves `Adder` in `namespace` on `worker` and calls it through `caller`.
+async fn call_through(worker: Arc<dyn Transport>, caller: Arc<dyn Transport>, namespace: &str) -> i64 {
+    let server = Server::new(worker).namespace(namespace).serve(AdderServer::new(Add)).await.expect("serves");
+    let client = Client::builder(caller).namespace(namespace).connect().await.expect("client");
+    let sum = AdderClient::new(&client).add(2, 3).timeout(WAIT).await.expect("answered");
+    server.shutdown(Duration::from_secs(5)).await;
+    sum
+}
+
+/// Asserts that `result` is a refusal that names none of `secrets`.
+fn refused<T>(result: Result<T, Error>, secrets: &[&str]) -> Error {
+    let Err(error) = result else { panic!("connected with a wrong credential") };
+    let text = format!("{error} {error:?}");
+    for secret in secrets {
+        assert!(!text.contains(secret), "the error shows a secret: {text}");
+    }
+    error
+}
+
+// ---- RabbitMQ --------------------------------------------------------------------------------------------------
+
+/// `rabbitmqctl` with `args`, which must succeed.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let command = mqrpc_tests::required_url("MQRPC_AMQP_CTL");
+    let output = Command::new(&command).args(args).output().expect("rabbitmqctl runs");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `host:port` of a URL such as `amqp://user:password@host:port/vhost`.
+fn address_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority.rsplit_once('@').map_or(authority, |(_, address)| address).to_owned()
+}
+
+/// A virtual host and users made for one test, deleted when it ends.
+struct RabbitTenant {
+    vhost: String,
+    users: Vec<String>,
+}
+
+impl Drop for RabbitTenant {
+    fn drop(&mut self) {
+        let command = std::env::var("MQRPC_AMQP_CTL").unwrap_or_default();
+        let _ = Command::new(&command).args(["delete_vhost", &self.vhost]).output();
+        for user in &self.users {
+            let _ = Command::new(&command).args(["delete_user", user]).output();
+        }
+    }
+}
+
+/// A RabbitMQ user with every right on a virtual host of its own serves and calls there, over AMQP and over
+/// STOMP, and its queues are made in that virtual host only; a wrong password, a user without rights on the
+/// virtual host and a user that may only read are refused, typed, without the password in the error.
+#[tokio::test]
+#[cfg_attr(
+    not(all(mqrpc_amqp, mqrpc_amqp_ctl, mqrpc_stomp_rabbit)),
+    ignore = "needs RabbitMQ and its control command: MQRPC_AMQP_URL, MQRPC_AMQP_CTL, MQRPC_STOMP_RABBIT_URL \
+              (bash .ci/brokers)"
+)]
+async fn rabbitmq_user_of_its_own_vhost() {
+    let amqp = address_of(&mqrpc_tests::required_url("MQRPC_AMQP_URL"));
+    let stomp = address_of(&mqrpc_tests::required_url("MQRPC_STOMP_RABBIT_URL"));
+    let id = Uuid::new_v4().simple().to_string();
+    let tenant = RabbitTenant {
+        vhost: format!("mqrpc-tenant-{}", &id[..8]),
+        users: vec![format!("mqrpc-owner-{}", &id[..8]), format!("mqrpc-reader-{}", &id[..8])],
+    };
+    let (owner, reader) = (&tenant.users[0], &tenant.users[1]);
+    let (password, reader_password) = (format!("pw-{id}"), format!("rpw-{id}"));
+    rabbitmqctl(&["add_vhost", &tenant.vhost]);
+    rabbitmqctl(&["add_user", owner, &password]);
+    rabbitmqctl(&["add_user", reader, &reader_password]);
+    rabbitmqctl(&["set_permissions", "-p", &tenant.vhost, owner, ".*", ".*", ".*"]);
+    rabbitmqctl(&["set_permissions", "-p", &tenant.vhost, reader, "^$", "^$", ".*"]);
+
+    let url = format!("amqp://{owner}:{password}@{amqp}/{}", tenant.vhost);
+    let worker = Amqp::connect(&url).await.expect("the owner connects");
+    assert!(!format!("{worker:?}").contains(&password), "Debug shows the password: {worker:?}");
+    let worker: Arc<dyn Transport> = Arc::new(worker);
+    let caller: Arc<dyn Transport> = Arc::new(Amqp::connect(&url).await.expect("the owner connects"));
+    assert_eq!(call_through(worker, caller, "tenant").await, 5);
+    let queues = rabbitmqctl(&["list_queues", "-q", "-p", &tenant.vhost, "name"]);
+    assert!(queues.lines().any(|queue| queue.trim() == "tenant.Adder"), "the tenant's queues: {queues}");
+    let elsewhere = rabbitmqctl(&["list_queues", "-q", "-p", "/", "name"]);
+    assert!(!elsewhere.lines().any(|queue| queue.trim() == "tenant.Adder"), "made in `/` too: {elsewhere}");
+
+    // Over STOMP, the virtual host is the URL's path.
+    let stomp_url = format!("stomp://{owner}:{password}@{stomp}/{}", tenant.vhost);
+    let worker: Arc<dyn Transport> = Arc::new(Stomp::connect(&stomp_url).await.expect("the owner connects"));
+    let caller: Arc<dyn Transport> = Arc::new(Stomp::connect(&stomp_url).await.expect("the owner connects"));
+    assert_eq!(call_through(worker, caller, "stomptenant").await, 5);
+    let wrong = Stomp::connect(&format!("stomp://{owner}:not-{password}@{stomp}/{}", tenant.vhost)).await;
+    let error = refused(wrong, &[&password]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+
+    let wrong = Amqp::connect(&format!("amqp://{owner}:not-{password}@{amqp}/{}", tenant.vhost)).await;
+    let error = refused(wrong, &[&password]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+    // The owner has no rights on `/`.
+    let elsewhere = Amqp::connect(&format!("amqp://{owner}:{password}@{amqp}/%2f")).await;
+    let error = refused(elsewhere, &[&password]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+    // The reader connects but may not declare (serve) or publish (call).
+    let reader_url = format!("amqp://{reader}:{reader_password}@{amqp}/{}", tenant.vhost);
+    let transport: Arc<dyn Transport> = Arc::new(Amqp::connect(&reader_url).await.expect("the reader connects"));
+    let serving = Server::new(Arc::clone(&transport)).namespace("readonly").serve(AdderServer::new(Add)).await;
+    let error = refused(serving, &[&reader_password]);
+    assert!(matches!(error, Error::Unauthorized(_) | Error::Forbidden(_)), "{error:?}");
+}
+
+// ---- NATS ------------------------------------------------------------------------------------------------------
+
+/// A nats-server of the test's own, with the configuration it was given.
+struct PrivateNats {
+    child: Child,
+    port: u16,
+    _directory: tempfile::TempDir,
+}
+
+impl PrivateNats {
+    /// Starts nats-server with `configuration` (which has `PORT` where its port goes) and waits for its port.
+    fn start(configuration: &str, directory: tempfile::TempDir) -> PrivateNats {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let file = directory.path().join("nats.conf");
+        std::fs::write(&file, configuration.replace("PORT", &port.to_string())).expect("writes the configuration");
+        let mut child = Command::new(mqrpc_tests::required_url("MQRPC_NATS_SERVER"))
+            .arg("-c")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().expect("polls").is_none(), "nats-server exited: is the configuration right?");
+            assert!(Instant::now() < deadline, "nats-server did not listen within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PrivateNats { child, port, _directory: directory }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn nats(url: &str, options: NatsOptions) -> Result<Arc<dyn Transport>, Error> {
+    Ok(Arc::new(Nats::connect_with(url, options).await?))
+}
+
+/// Users with passwords and an NKey user: each serves or calls with its own credential; a least-privilege
+/// user allowed only its namespace's subjects, the inboxes and the service API serves and calls there; a wrong
+/// password, a missing credential and an NKey the server does not know are refused with `Unauthorized`.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn nats_users_passwords_and_nkeys() {
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().expect("a seed");
+    let stranger = nkeys::KeyPair::new_user().seed().expect("a seed");
+    let configuration = format!(
+        r#"listen: "127.0.0.1:PORT"
+authorization {{
+  users = [
+    {{ user: "operator", password: "operator-secret" }}
+    {{ user: "alpha", password: "alpha-secret",
+       permissions: {{
+         publish: ["alpha.>", "_INBOX.>", "$SRV.>"]
+         subscribe: ["alpha.>", "_INBOX.>", "$SRV.>"]
+       }} }}
+    {{ nkey: "{}" }}
+  ]
+}}
+"#,
+        key.public_key()
+    );
+    let server = PrivateNats::start(&configuration, tempfile::tempdir().expect("a directory"));
+    let url = server.url();
+    let password = |user: &str, password: &str| {
+        NatsOptions::new().auth(NatsAuth::UserPassword { user: user.into(), password: password.into() })
+    };
+
+    // An NKey user calls a service an operator serves.
+    let worker = nats(&url, password("operator", "operator-secret")).await.expect("the operator connects");
+    let with_key = NatsOptions::new().auth(NatsAuth::NKey(seed.clone()));
+    assert!(!format!("{with_key:?}").contains(&seed), "Debug shows the seed: {with_key:?}");
+    let caller = nats(&url, with_key).await.expect("the NKey user connects");
+    assert_eq!(call_through(worker, caller, "beta").await, 5);
+
+    // The least-privilege user serves and calls in its own namespace.
+    let alpha = password("alpha", "alpha-secret");
+    assert!(!format!("{alpha:?}").contains("alpha-secret"), "Debug shows the password: {alpha:?}");
+    let worker = nats(&url, alpha.clone()).await.expect("alpha connects");
+    let caller = nats(&url, alpha).await.expect("alpha connects");
+    assert_eq!(call_through(worker, caller, "alpha").await, 5);
+
+    for (options, secret) in [
+        (password("alpha", "not-alpha-secret"), "not-alpha-secret"),
+        (NatsOptions::new(), "-"),
+        (NatsOptions::new().auth(NatsAuth::NKey(stranger.clone())), stranger.as_str()),
+    ] {
+        let error = refused(nats(&url, options).await, &[secret]);
+        assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+    }
+}
+
+/// A server that takes a token: the token serves and calls, a wrong one is refused with `Unauthorized`.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn nats_token() {
+    let token = format!("token-{}", Uuid::new_v4().simple());
+    let configuration = format!("listen: \"127.0.0.1:PORT\"\nauthorization {{ token: \"{token}\" }}\n");
+    let server = PrivateNats::start(&configuration, tempfile::tempdir().expect("a directory"));
+    let with_token = NatsOptions::new().auth(NatsAuth::Token(token.clone()));
+    assert!(!format!("{with_token:?}").contains(&token), "Debug shows the token: {with_token:?}");
+    let worker = nats(&server.url(), with_token.clone()).await.expect("connects");
+    let caller = nats(&server.url(), with_token).await.expect("connects");
+    assert_eq!(call_through(worker, caller, "tokens").await, 5);
+    let wrong = nats(&server.url(), NatsOptions::new().auth(NatsAuth::Token(format!("not-{token}")))).await;
+    let error = refused(wrong, &[&token]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+}
+
+/// A certificate authority of the test's own, which signs the server's and the clients' certificates.
+struct Authority {
+    certificate: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Authority {
+    fn new() -> Authority {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "mqrpc test authority");
+        let key = rcgen::KeyPair::generate().expect("a key");
+        Authority { certificate: params.self_signed(&key).expect("a CA"), key }
+    }
+
+    /// Writes a certificate for `name` signed by this authority, and its key, as `<stem>.pem` and
+    /// `<stem>.key` in `directory`.
+    fn issue(&self, directory: &Path, stem: &str, name: &str, client: bool) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let certificate = params.signed_by(&key, &self.certificate, &self.key).expect("signed");
+        let (certificate_file, key_file) =
+            (directory.join(format!("{stem}.pem")), directory.join(format!("{stem}.key")));
+        std::fs::write(&certificate_file, certificate.pem()).expect("writes");
+        std::fs::write(&key_file, key.serialize_pem()).expect("writes");
+        (certificate_file, key_file)
+    }
+}
+
+/// A server that requires TLS and verifies client certificates: a client that trusts the server's authority
+/// and presents a certificate it signed serves and calls; one without a client certificate, one that does not
+/// trust the server's authority, and one without TLS are refused.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
+async fn nats_tls_with_client_certificates() {
+    let directory = tempfile::tempdir().expect("a directory");
+    let authority = Authority::new();
+    let ca_file = directory.path().join("ca.pem");
+    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
+    let (server_certificate, server_key) = authority.issue(directory.path(), "server", "127.0.0.1", false);
+    let (client_certificate, client_key) = authority.issue(directory.path(), "client", "worker-1", true);
+    let other = Authority::new();
+    let other_ca = directory.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.certificate.pem()).expect("writes");
+    let configuration = format!(
+        "listen: \"127.0.0.1:PORT\"\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: \
+         true\n  timeout: 2\n}}\n",
+        server_certificate.display(),
+        server_key.display(),
+        ca_file.display()
+    );
+    let server = PrivateNats::start(&configuration, directory);
+    let url = server.url();
+    let tls = NatsTls::new().root_certificates(&ca_file);
+
+    let with_certificate = NatsOptions::new().tls(tls.clone().client_certificate(&client_certificate, &client_key));
+    let worker = nats(&url, with_certificate.clone()).await.expect("connects with its certificate");
+    let caller = nats(&url, with_certificate).await.expect("connects with its certificate");
+    assert_eq!(call_through(worker, caller, "tls").await, 5);
+
+    let refusals = [
+        ("no client certificate", NatsOptions::new().tls(tls)),
+        (
+            "a server it does not trust",
+            NatsOptions::new()
+                .tls(NatsTls::new().root_certificates(&other_ca).client_certificate(&client_certificate, &client_key)),
+        ),
+        ("no TLS", NatsOptions::new()),
+    ];
+    for (case, options) in refusals {
+        let attempt = tokio::time::timeout(WAIT, nats(&url, options)).await.expect("refused in time");
+        assert!(attempt.is_err(), "{case}: connected");
+    }
+}
