@@ -12,7 +12,9 @@
 //! | `POST /api/dlq/{queue}/replay` | moves them back onto `queue` with their idempotency keys (header `X-Mqrpc: replay` required) |
 //!
 //! With a token set on the broker, the dashboard asks for the same token: as `Authorization: Bearer <token>`, or
-//! once as `/?token=<token>`, which sets a cookie (`HttpOnly`, `SameSite=Strict`) for the rest. The figures are
+//! once as `/?token=<token>`, which sets a cookie (`HttpOnly`, `SameSite=Strict`) for the rest. A broker with
+//! users (`--users`) also lets in the token of a user with the `admin` right on every name (`"names": "*"`),
+//! and nobody else: the dashboard shows and replays every queue's. The figures are
 //! read from the server's [`Monitor`]; dead letters go through a connection of the dashboard's own to the broker
 //! ([`Remote`]), under the broker's own rules. Everything a page shows from the broker (queue names, arguments)
 //! is set as text, never as markup, and the page's content security policy admits only its own script.
@@ -83,6 +85,13 @@ impl Dashboard {
         token: Option<String>,
     ) -> Dashboard {
         Dashboard { monitor, broker: broker.into(), options, token, interval: Duration::from_secs(1) }
+    }
+
+    /// Whether the dashboard lets in a visitor presenting `token`: the dashboard's token, or the token of a user
+    /// of the broker with the `admin` right on every name (checked against the users as they are now, so a
+    /// reloaded users file applies to the next request).
+    fn admits(&self, token: &str) -> bool {
+        self.token.as_deref().is_some_and(|expected| same(token, expected)) || self.monitor.is_admin_token(token)
     }
 
     /// How often the page is sent new figures (default one second, at least 50 ms).
@@ -199,21 +208,27 @@ async fn remote(shared: &Shared) -> Result<Remote, rpc_core::Error> {
     connected.await.cloned()
 }
 
-/// Lets a request through with the broker's token (a bearer header or the cookie), turns `/?token=` into the
-/// cookie, and answers the rest 401 (the sign-in page for `/`).
+/// Lets a request through with a token the dashboard takes (a bearer header or the cookie), turns `/?token=`
+/// into the cookie, and answers the rest 401 (the sign-in page for `/`).
 async fn authorize(State(shared): State<Shared>, request: Request, next: Next) -> Response {
-    let Some(expected) = shared.0.token.as_deref() else { return next.run(request).await };
+    let dashboard = &shared.0;
+    if dashboard.token.is_none() && !dashboard.monitor.has_users() {
+        return next.run(request).await;
+    }
     let headers = request.headers();
     let bearer = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
     let presented =
         bearer.and_then(|value| value.strip_prefix("Bearer ")).map(str::to_owned).or_else(|| cookie(headers));
-    if presented.is_some_and(|token| same(&token, expected)) {
+    if presented.is_some_and(|token| dashboard.admits(&token)) {
         return next.run(request).await;
     }
     let is_page = request.uri().path() == "/";
     let offered = request.uri().query().and_then(|query| query_value(query, "token"));
-    if is_page && request.method() == Method::GET && offered.as_deref().is_some_and(|token| same(token, expected)) {
-        let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", hex(expected));
+    if is_page
+        && request.method() == Method::GET
+        && let Some(offered) = offered.filter(|token| dashboard.admits(token))
+    {
+        let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", hex(&offered));
         return Response::builder()
             .status(StatusCode::SEE_OTHER)
             .header(header::LOCATION, "/")
@@ -226,7 +241,7 @@ async fn authorize(State(shared): State<Shared>, request: Request, next: Next) -
         secure(response.headers_mut(), "text/html; charset=utf-8");
         return response;
     }
-    (StatusCode::UNAUTHORIZED, "the dashboard needs the broker's token").into_response()
+    (StatusCode::UNAUTHORIZED, "the dashboard needs the broker's token, or an admin user's").into_response()
 }
 
 /// The token in the dashboard's cookie, if any.

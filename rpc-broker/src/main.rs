@@ -277,6 +277,11 @@ async fn run_server(serve: Serve) -> Result<(), String> {
     };
     let mut config = ServerConfig::default();
     config.token = serve.token;
+    if serve.users.is_some() && config.token.is_none() && serve.dashboard.is_some() {
+        // The dashboard's own connection (dead letters) needs a credential with every right; with users and no
+        // shared token, it gets one nobody else knows. Its visitors sign in as admin users.
+        config.token = Some(uuid::Uuid::new_v4().simple().to_string());
+    }
     if let Some(path) = &serve.users {
         let users = rpc_broker::access::Users::load(path)?;
         tracing::info!(users = users.len(), file = %path.display(), "users loaded");

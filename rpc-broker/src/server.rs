@@ -245,6 +245,18 @@ impl Monitor {
         self.state.connections()
     }
 
+    /// Whether the server has users ([`ServerConfig::users`]).
+    pub fn has_users(&self) -> bool {
+        self.state.users.read().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
+    /// Whether `token` is a user's with the `admin` right on every name (`"names": "*"`), as the users are now:
+    /// such a user may see and act on the whole broker, as the dashboard lets its visitors.
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        let users = self.state.users.read().unwrap_or_else(PoisonError::into_inner).clone();
+        users.and_then(|users| users.find(token)).is_some_and(|user| user.may(crate::access::Right::Admin, "*"))
+    }
+
     /// Replaces the users (a reloaded users file): new connections are checked against `users`, and each open
     /// connection of a user takes that user's new grants with its next frame (none, if the user is gone: every
     /// operation it tries is then refused). Connections of the shared token are not affected. A server started

@@ -274,3 +274,39 @@ async fn http(
     let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// On a broker with users and no shared token, the dashboard lets in an admin user's token only: no token and a
+/// tenant's token get 401, and an admin's is refused from the request after a users reload takes its right away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_users_the_dashboard_takes_admin_users_only() {
+    let users = |ops_rights: &str| {
+        let hash = |token: &str| {
+            rpc_broker::access::sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let json = format!(
+            r#"{{"users": [
+                {{"name": "ops", "token_sha256": "{}", "grants": [{{"names": "*", "rights": [{ops_rights}]}}]}},
+                {{"name": "billing", "token_sha256": "{}",
+                  "grants": [{{"names": "billing.*", "rights": ["publish", "consume", "admin"]}}]}}
+            ]}}"#,
+            hash("ops-token"),
+            hash("billing-token")
+        );
+        rpc_broker::access::Users::parse(&json).expect("a users file")
+    };
+    let mut config = ServerConfig::default();
+    config.users = Some(Arc::new(users(r#""admin""#)));
+    let broker = BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("the broker starts");
+    let dashboard = Dashboard::new(broker.monitor(), broker.url(), RemoteOptions::new(), None);
+    let address = dashboard.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("the dashboard serves");
+    for authorization in [None, Some("Bearer billing-token"), Some("Bearer wrong")] {
+        let (status, body) = http(address, "GET", "/api/snapshot", authorization, &[]).await;
+        assert_eq!(status, 401, "{authorization:?}: {body}");
+        assert!(!body.contains("queues"), "{body}");
+    }
+    let (status, body) = http(address, "GET", "/api/snapshot", Some("Bearer ops-token"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    broker.monitor().replace_users(users(r#""publish""#));
+    let (status, _) = http(address, "GET", "/api/snapshot", Some("Bearer ops-token"), &[]).await;
+    assert_eq!(status, 401, "the admin right was taken away");
+}
