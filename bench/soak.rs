@@ -248,7 +248,11 @@ async fn soak(
                             Ok(answer) if answer == n + 1 => &tally.answered,
                             Ok(_) => &tally.wrong,
                             Err(Error::QueueFull(_)) => &tally.refused,
-                            Err(Error::Timeout(_)) => &tally.timed_out,
+                            Err(Error::Timeout(_)) => {
+                                let sent_at = started.elapsed().saturating_sub(CALL_TIMEOUT);
+                                eprintln!("call {n}, sent at about {:.1} s, timed out", sent_at.as_secs_f64());
+                                &tally.timed_out
+                            }
                             Err(error) => {
                                 tracing::warn!(%error, "a call failed");
                                 &tally.other
@@ -298,12 +302,13 @@ async fn soak(
     let [offered, answered, refused, timed_out, wrong, other, held_back] = tally.snapshot();
     let unresolved = offered - answered - refused - timed_out - wrong - other - held_back;
     let ran = ran.load(Ordering::Relaxed);
+    let late = client.stats().late_replies;
     let first = samples.range(60..).next().or_else(|| samples.iter().next()).map(|(_, sample)| *sample);
     let end = samples.values().next_back().copied();
     println!(
         "\n{name}: offered {offered}, answered {answered} ({:.1}%), refused with QueueFull {refused}, lost (timed \
          out) {timed_out}, wrong answers {wrong}, other errors {other}, held back by the producer {held_back}, \
-         unresolved {unresolved}; the handler ran {ran} times",
+         unresolved {unresolved}; the handler ran {ran} times; replies that found no call waiting {late}",
         100.0 * answered as f64 / offered.max(1) as f64
     );
     if let (Some((broker_first, own_first)), Some((broker_end, own_end))) = (first, end) {

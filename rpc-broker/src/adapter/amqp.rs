@@ -36,8 +36,10 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -293,11 +295,20 @@ impl Inner {
         drop(envelope);
         let options = BasicPublishOptions { mandatory: !topic, ..BasicPublishOptions::default() };
         Box::pin(async move {
-            let confirm = conn
-                .publisher
-                .basic_publish(exchange_name, routing_key, options, &body, properties)
-                .await
-                .map_err(|error| conn.publish_error(error))?;
+            let mut publish =
+                std::pin::pin!(conn.publisher.basic_publish(exchange_name, routing_key, options, &body, properties));
+            // Its first poll takes the delivery tag and queues the frames; under `publish_order`, no other
+            // publish comes between (see `Conn::publish_order`).
+            let first = std::future::poll_fn(|context| {
+                let _order = conn.publish_order.lock().unwrap_or_else(PoisonError::into_inner);
+                Poll::Ready(publish.as_mut().poll(context))
+            })
+            .await;
+            let sent = match first {
+                Poll::Ready(sent) => sent,
+                Poll::Pending => publish.await,
+            };
+            let confirm = sent.map_err(|error| conn.publish_error(error))?;
             let confirmation = confirm.await.map_err(|error| conn.publish_error(error))?;
             let name = if topic { exchange } else { queue };
             match confirmation {

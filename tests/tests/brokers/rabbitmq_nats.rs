@@ -533,3 +533,60 @@ async fn gather<T: serde::de::DeserializeOwned>(nats: &async_nats::Client, subje
     }
     gathered
 }
+
+/// Publishes from many tasks on two threads to a bounded queue that a consumer drains meanwhile, so that
+/// RabbitMQ acks some and nacks others: the messages whose publish returned `Ok` are exactly the ones the
+/// consumer gets, and every other publish failed with `QueueFull`. (lapin takes a confirm's delivery tag and
+/// queues the frames under two locks: without the adapter's own order, two publishes could swap confirms, a
+/// refused one reported taken and a taken one refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
+async fn amqp_confirms_go_to_their_own_publishes_when_a_bounded_queue_refuses_some() {
+    const MESSAGES: usize = 20_000;
+    let harness = AmqpHarness::from_env().available();
+    let transport = harness.connect().await;
+    let queue = format!("{}.bounded", namespace());
+    transport.declare_queue(&queue, &QueueOptions::new().max_len(20)).await.expect("declares");
+    let mut consumer = transport.consume(&queue, rpc_core::ConsumeOptions::new().prefetch(4)).await.expect("consumes");
+    let received = tokio::spawn(async move {
+        let mut ids = std::collections::HashSet::new();
+        while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
+            ids.insert(delivery.envelope.id);
+            delivery.handle.ack().await.expect("acks");
+        }
+        ids
+    });
+    let publisher = Arc::clone(&transport);
+    let outcomes: Vec<(Uuid, Result<(), rpc_core::Error>)> = futures::stream::iter(0..MESSAGES)
+        .map(|n| {
+            let (transport, queue) = (Arc::clone(&publisher), queue.clone());
+            async move {
+                let envelope = oneway(n, 16);
+                let id = envelope.id;
+                let sent = tokio::spawn(async move { transport.publish(&queue, envelope, Confirm::Broker).await });
+                (id, sent.await.expect("joins"))
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let received = received.await.expect("joins");
+    let taken: std::collections::HashSet<Uuid> =
+        outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).map(|(id, _)| *id).collect();
+    let other: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, outcome)| !matches!(outcome, Ok(()) | Err(rpc_core::Error::QueueFull(_))))
+        .collect();
+    assert!(other.is_empty(), "publishes that failed otherwise: {:?}", &other[..other.len().min(5)]);
+    assert!(taken.len() < MESSAGES && !taken.is_empty(), "{} of {MESSAGES} taken: no refusals to test", taken.len());
+    let reported_but_dropped = taken.difference(&received).count();
+    let refused_but_delivered = received.difference(&taken).count();
+    assert_eq!(
+        (reported_but_dropped, refused_but_delivered),
+        (0, 0),
+        "{} taken, {} received",
+        taken.len(),
+        received.len()
+    );
+    transport.delete_queue(&queue).await.expect("deletes");
+}

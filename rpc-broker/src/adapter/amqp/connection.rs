@@ -36,6 +36,12 @@ pub(super) struct Conn {
     /// Publishes without confirms: calls' requests, whose reply proves arrival, and replies to reply queues.
     pub(super) unconfirmed: Channel,
     pub(super) generation: u64,
+    /// Held while a publish on `publisher` takes its confirm's delivery tag and queues its frames: lapin takes
+    /// the tag and queues the frames under two locks, one after the other, so two publishes from two threads
+    /// can take tags in one order and reach the wire in the other. RabbitMQ numbers them in wire order, and
+    /// the confirms then go to the wrong publishes: invisible while all are acks, a call reported refused
+    /// (`QueueFull`) that ran and a call reported taken that was dropped once a bounded queue nacks.
+    pub(super) publish_order: std::sync::Mutex<()>,
 }
 
 impl Conn {
@@ -216,7 +222,7 @@ impl Inner {
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(from_lapin)?;
         let unconfirmed = connection.create_channel().await.map_err(from_lapin)?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Conn { connection, publisher, unconfirmed, generation })
+        Ok(Conn { connection, publisher, unconfirmed, generation, publish_order: std::sync::Mutex::new(()) })
     }
 }
 
