@@ -11,8 +11,8 @@
 //! producer offers ten times that, paced by a 1 ms ticker, and each call waits at most `CALL_TIMEOUT`. The
 //! queue holds at most `MAX_LEN` requests. Every ten seconds a row: what was offered, answered and refused in
 //! those ten seconds, the queue's depth, and the resident memory of the broker and of this process (the
-//! client and the worker). Our broker runs as a child process (this program with `--role broker`); RabbitMQ's
-//! memory is its `beam.smp` process's.
+//! client and the worker, whose dedup store keeps each answered call's outcome for `DEDUP_WINDOW`). Our broker
+//! runs as a child process (this program with `--role broker`); RabbitMQ's memory is its `beam.smp` process's.
 
 use std::collections::BTreeMap;
 use std::process::{ExitCode, Stdio};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use rpc_broker::Remote;
 use rpc_broker::adapter::amqp::Amqp;
+use rpc_core::dedup::MemoryDedup;
 use rpc_core::{Client, Error, QueueOptions, Server, Transport};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -37,6 +38,8 @@ const MAX_LEN: usize = 500;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Calls the producer has in flight at most; past it, it counts the calls it held back.
 const MAX_IN_FLIGHT: usize = 20_000;
+/// How long the worker's dedup store keeps an outcome.
+const DEDUP_WINDOW: Duration = Duration::from_secs(60);
 /// How often a row is printed.
 const ROW: Duration = Duration::from_secs(10);
 
@@ -202,6 +205,9 @@ async fn soak(
         .concurrency(WORKER_SLOTS)
         .prefetch(u32::try_from(WORKER_SLOTS).unwrap_or(1))
         .queue_options(QueueOptions::new().max_len(MAX_LEN))
+        // Every call carries an idempotency key, and the store keeps each answered call's outcome for its
+        // window: a minute here (the default, ten), so that the worker's memory levels off within the run.
+        .dedup(MemoryDedup::new(65_536, DEDUP_WINDOW))
         .serve(SlowServer::new(Worker { ran: Arc::clone(&ran) }))
         .await
         .map_err(|error| format!("{name}: the worker: {error}"))?;

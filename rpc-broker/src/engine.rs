@@ -275,6 +275,16 @@ impl<M: Clone> Engine<M> {
         self.consumers.get(&id).is_some_and(|consumer| consumer.unacked.contains_key(&tag))
     }
 
+    /// The message consumer `id` holds under `tag`, if it holds it.
+    pub fn held(&self, id: ConsumerId, tag: u64) -> Option<&M> {
+        self.consumers.get(&id)?.unacked.get(&tag).map(|stored| &stored.message)
+    }
+
+    /// The messages consumer `id` holds (none for a consumer that does not exist).
+    pub fn held_by(&self, id: ConsumerId) -> impl Iterator<Item = &M> {
+        self.consumers.get(&id).into_iter().flat_map(|consumer| consumer.unacked.values().map(|stored| &stored.message))
+    }
+
     /// Whether `queue` exists.
     pub fn has_queue(&self, queue: &str) -> bool {
         self.queues.contains_key(queue)

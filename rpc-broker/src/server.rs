@@ -576,6 +576,7 @@ where
         out: out.clone(),
         queued: Arc::clone(&queued),
         consumers: HashSet::new(),
+        inboxes: HashSet::new(),
         access: Access::Everything,
         users_generation: state.users_generation.load(Ordering::Acquire),
     };
@@ -727,6 +728,8 @@ struct Connection {
     out: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicUsize>,
     consumers: HashSet<ConsumerId>,
+    /// The inboxes it opened: the only ones its requests may name as their reply address, under users.
+    inboxes: HashSet<String>,
     /// What the connection's user may do.
     access: Access,
     /// The generation of the users its `access` was taken from.
@@ -829,8 +832,18 @@ impl Connection {
         let Access::User(user) = &self.access else { return Ok(()) };
         let (right, name, what): (Right, &str, &str) = match frame {
             ClientFrame::Declare { queue, .. } => (Right::Consume, queue, "declare"),
-            // An unconfirmed publish to an inbox is a reply: every user may answer a caller.
-            ClientFrame::Publish { queue, .. } if queue.starts_with(INBOX_PREFIX) => return Ok(()),
+            // A publish to an inbox is a reply: allowed to a connection that holds a request naming that inbox.
+            ClientFrame::Publish { queue, .. } if queue.starts_with(INBOX_PREFIX) => {
+                if self.holds_request_for(queue) {
+                    return Ok(());
+                }
+                tracing::info!(user = user.name(), inbox = %queue, "denied: a reply to an inbox no request it holds names");
+                self.state.denied.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Forbidden(format!(
+                    "user `{}` may not publish to the inbox `{queue}`: it holds no request that names it",
+                    user.name()
+                )));
+            }
             ClientFrame::Publish { queue, .. } | ClientFrame::CancelCall { queue, .. } => {
                 (Right::Publish, queue, "publish to")
             }
@@ -848,11 +861,45 @@ impl Connection {
             _ => return Ok(()),
         };
         if user.may(right, name) {
-            return Ok(());
+            return match frame {
+                ClientFrame::Publish { payload, .. } | ClientFrame::PublishTopic { payload, .. } => {
+                    self.check_reply_address(user.name(), payload)
+                }
+                _ => Ok(()),
+            };
         }
         tracing::info!(user = user.name(), right = right.name(), name, "denied");
         self.state.denied.fetch_add(1, Ordering::Relaxed);
         Err(Error::Forbidden(format!("user `{}` may not {what} `{name}` (it needs `{}`)", user.name(), right.name())))
+    }
+
+    /// A user's request or broadcast may name as its reply address only an inbox this connection opened: a
+    /// caller cannot have a worker answer into another caller's inbox.
+    fn check_reply_address(&self, user: &str, payload: &Bytes) -> Result<(), Error> {
+        let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
+        let Some((reply_to, _)) = codec::reply_address_of(payload, &limits) else { return Ok(()) };
+        let address = reply_to.address();
+        if !address.starts_with(INBOX_PREFIX) || self.inboxes.contains(address) {
+            return Ok(());
+        }
+        tracing::info!(user, reply_to = address, "denied: a request naming an inbox of another connection");
+        self.state.denied.fetch_add(1, Ordering::Relaxed);
+        Err(Error::Forbidden(format!(
+            "user `{user}` may not name `{address}` as a reply address: only the inboxes this connection opened"
+        )))
+    }
+
+    /// Whether one of this connection's consumers holds a request whose reply address is `inbox`: a worker
+    /// answers only the callers whose requests it took. A scan of what the connection holds, made only for a
+    /// user's publish to an inbox (replies go in `Answer` frames, checked against their own request).
+    fn holds_request_for(&self, inbox: &str) -> bool {
+        let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
+        let hub = self.state.lock();
+        self.consumers.iter().any(|consumer| {
+            hub.engine.held_by(*consumer).any(|request| {
+                codec::reply_address_of(request, &limits).is_some_and(|(address, _)| address.address() == inbox)
+            })
+        })
     }
 
     /// Runs one frame; returns the answer to send, or `Err` to close the connection.
@@ -1147,6 +1194,20 @@ impl Connection {
             tracing::debug!(reply_to, "dropped the reply of a delivery no longer held");
             return;
         }
+        let checked = checked.and_then(|()| match &self.access {
+            // A user answers only on the inbox its request names.
+            Access::User(user) => {
+                let named =
+                    hub.engine.held(consumer, tag).and_then(|request| codec::reply_address_of(request, &limits));
+                if named.is_some_and(|(address, _)| address.address() == reply_to) {
+                    return Ok(());
+                }
+                tracing::info!(user = user.name(), reply_to, "denied: an answer to an inbox its request does not name");
+                self.state.denied.fetch_add(1, Ordering::Relaxed);
+                Err(Error::Forbidden(format!("`{reply_to}` is not the inbox the request names")))
+            }
+            Access::Everything => Ok(()),
+        });
         let published = checked.and_then(|()| {
             if hub.engine.bytes().saturating_add(payload.len()) > self.state.config.memory_high_watermark {
                 return Err(Error::QueueFull(format!("{reply_to} (the broker is at its memory high-watermark)")));
@@ -1200,7 +1261,9 @@ impl Connection {
             }
             hub.engine.declare_queue(name, config).map_err(|error: EngineError| to_error(error))?;
         }
-        self.attach_with(req, name, 0, true)
+        self.attach_with(req, name, 0, true)?;
+        self.inboxes.insert(name.to_owned());
+        Ok(())
     }
 
     fn detach_all(&mut self) {

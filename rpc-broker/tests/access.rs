@@ -60,6 +60,24 @@ fn oneway() -> Envelope {
     envelope
 }
 
+/// A reply, as a worker would send one.
+fn reply() -> Envelope {
+    let mut envelope = Envelope::new(Kind::Reply);
+    envelope.correlation_id = Some(uuid::Uuid::new_v4());
+    envelope
+}
+
+/// A request to `Echo` whose reply is to go to `inbox`.
+fn request_answered_at(inbox: &str) -> Envelope {
+    let mut envelope = Envelope::new(Kind::Request);
+    envelope.service = "Echo".into();
+    envelope.method = "echo".into();
+    envelope.correlation_id = Some(uuid::Uuid::new_v4());
+    envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.to_owned()));
+    envelope.body = rpc_core::codec::encode(&(1u64,)).expect("encodes");
+    envelope
+}
+
 /// `Ok` when `result` is the `Forbidden` refusal naming `name`.
 fn forbidden<T: std::fmt::Debug>(what: &str, name: &str, result: Result<T, Error>) -> Result<(), String> {
     match result {
@@ -117,6 +135,16 @@ async fn a_tenant_can_do_nothing_with_another_tenants_queues_topics_dead_letters
             "read an inbox",
             &blue_inbox.address,
             red.consume(&blue_inbox.address, ConsumeOptions::default()).await.map(drop),
+        ),
+        forbidden(
+            "answer on an inbox no request it holds names",
+            &blue_inbox.address,
+            red.publish(&blue_inbox.address, reply(), Confirm::Broker).await,
+        ),
+        forbidden(
+            "name another's inbox as a request's reply address",
+            &blue_inbox.address,
+            red.publish("red.Echo", request_answered_at(&blue_inbox.address), Confirm::Broker).await,
         ),
     ];
     let tried = refusals.len();
@@ -450,4 +478,65 @@ async fn serving_a_queue_lets_a_worker_retry_what_it_holds_but_not_call() {
     let second = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered again").expect("open");
     assert_eq!(second.envelope.attempt, 2);
     second.handle.ack().await.expect("acked");
+}
+
+/// A worker's `Answer` goes only to the inbox its request names: a worker of red's that holds a request of
+/// red's and answers it into blue's inbox has its reply dropped and counted as denied, and the request acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_goes_only_to_the_inbox_its_request_names() {
+    use bytes::BytesMut;
+    use futures::StreamExt;
+    use rpc_broker::protocol::{ClientFrame, DEFAULT_MAX_FRAME, Frame, FrameCodec, PROTOCOL_VERSION, ServerFrame};
+    use tokio::io::AsyncWriteExt;
+
+    let server = broker().await;
+    let blue = connect(&server, BLUE).await.expect("blue connects");
+    let red = connect(&server, RED).await.expect("red connects");
+    let blue_inbox = blue.open_inbox().await.expect("blue opens an inbox");
+    let red_inbox = red.open_inbox().await.expect("red opens an inbox");
+
+    // Red's worker, frame by frame.
+    let stream = tokio::net::TcpStream::connect(server.local_addr()).await.expect("connects");
+    let (read, mut write) = stream.into_split();
+    let mut frames = tokio_util::codec::FramedRead::new(read, FrameCodec::new(DEFAULT_MAX_FRAME));
+    let mut send = async |frame: ClientFrame| {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf);
+        write.write_all(&buf).await.expect("sends");
+    };
+    let mut next = async || loop {
+        let frame = tokio::time::timeout(WAIT, frames.next()).await.expect("in time").expect("open").expect("whole");
+        match ServerFrame::parse(frame).expect("a frame") {
+            ServerFrame::Ping => {}
+            frame => return frame,
+        }
+    };
+    send(ClientFrame::Hello { version: PROTOCOL_VERSION, token: RED.into(), name: "forger".into() }).await;
+    assert!(matches!(next().await, ServerFrame::Welcome { .. }));
+    send(ClientFrame::Declare {
+        req: 1,
+        queue: "red.Jobs".into(),
+        max_len: None,
+        max_deliveries: None,
+        durable: false,
+    })
+    .await;
+    assert!(matches!(next().await, ServerFrame::Ok { req: 1, .. }));
+    send(ClientFrame::Consume { req: 2, queue: "red.Jobs".into(), prefetch: 1, auto_ack: false }).await;
+    assert!(matches!(next().await, ServerFrame::Ok { req: 2, .. }));
+
+    red.publish("red.Jobs", request_answered_at(&red_inbox.address), Confirm::Broker).await.expect("red calls");
+    let ServerFrame::Deliver { consumer, tag, .. } = next().await else { panic!("a delivery") };
+    let before = server.stats().denied;
+    let payload = rpc_core::codec::encode_envelope(&reply()).expect("encodes");
+    send(ClientFrame::Answer { consumer, tag, reply_to: blue_inbox.address.clone(), ttl_ms: None, payload }).await;
+    // Frames are handled in order: once `Sync` is answered, the answer was.
+    send(ClientFrame::Sync { req: 3 }).await;
+    assert!(matches!(next().await, ServerFrame::Ok { req: 3, .. }));
+    assert_eq!(server.stats().denied - before, 1, "the forged answer is counted");
+    let stats = red.queue_stats("red.Jobs").await.expect("red reads its stats");
+    assert_eq!((stats.ready, stats.unacked), (0, 0), "the request was acked");
+    let queues = server.queues();
+    let inbox = queues.iter().find(|(name, _)| *name == blue_inbox.address).map(|(_, stats)| stats.published);
+    assert_eq!(inbox, Some(0), "blue's inbox got the forged reply");
 }
