@@ -16,6 +16,7 @@ fn main() {
         ("MQRPC_ACTIVEMQ", "mqrpc_activemq"),
         ("MQRPC_CHROMEDRIVER", "mqrpc_chromedriver"),
         ("MQRPC_REDIS_SERVER", "mqrpc_redis_server"),
+        ("MQRPC_RABBITMQ_BIN", "mqrpc_rabbitmq_bin"),
     ];
     for (variable, cfg) in settings {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
