@@ -862,7 +862,11 @@ impl Connection {
         };
         if user.may(right, name) {
             return match frame {
-                ClientFrame::Publish { payload, .. } | ClientFrame::PublishTopic { payload, .. } => {
+                // An admin of the name may send what names any reply address: a replay of dead letters, whose
+                // callers' inboxes are not its own.
+                ClientFrame::Publish { payload, .. } | ClientFrame::PublishTopic { payload, .. }
+                    if !user.may(Right::Admin, name) =>
+                {
                     self.check_reply_address(user.name(), payload)
                 }
                 _ => Ok(()),

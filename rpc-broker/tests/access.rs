@@ -141,11 +141,6 @@ async fn a_tenant_can_do_nothing_with_another_tenants_queues_topics_dead_letters
             &blue_inbox.address,
             red.publish(&blue_inbox.address, reply(), Confirm::Broker).await,
         ),
-        forbidden(
-            "name another's inbox as a request's reply address",
-            &blue_inbox.address,
-            red.publish("red.Echo", request_answered_at(&blue_inbox.address), Confirm::Broker).await,
-        ),
     ];
     let tried = refusals.len();
     // Blue's own queue listing shows its queues; red's shows none of blue's.
@@ -539,4 +534,37 @@ async fn an_answer_goes_only_to_the_inbox_its_request_names() {
     let queues = server.queues();
     let inbox = queues.iter().find(|(name, _)| *name == blue_inbox.address).map(|(_, stats)| stats.published);
     assert_eq!(inbox, Some(0), "blue's inbox got the forged reply");
+}
+
+/// A request may name as its reply address only an inbox its own connection opened: a caller without `admin`
+/// on the queue that names another connection's inbox is refused, so no worker answers into it; with `admin`
+/// (a replay of dead letters, whose callers' inboxes are not the replayer's) it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_names_only_its_own_connections_inbox_unless_its_sender_is_an_admin() {
+    const CALLER: &str = "caller-token-0123456789abcdef0123456789abc";
+    let json = format!(
+        r#"{{"users": [
+            {{"name": "caller", "token_sha256": "{}", "grants": [{{"names": "jobs.*", "rights": ["publish", "consume"]}}]}},
+            {{"name": "blue", "token_sha256": "{}", "grants": [{{"names": "jobs.*", "rights": ["publish", "consume", "admin"]}}]}}
+        ]}}"#,
+        hex(CALLER),
+        hex(BLUE),
+    );
+    let mut config = ServerConfig::default();
+    config.users = Some(Arc::new(Users::parse(&json).expect("a valid users file")));
+    let server = BrokerServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("the broker starts");
+    let caller = connect(&server, CALLER).await.expect("the caller connects");
+    let admin = connect(&server, BLUE).await.expect("the admin connects");
+    caller.declare_queue("jobs.Echo", &QueueOptions::default()).await.expect("declares");
+    let own = caller.open_inbox().await.expect("an inbox");
+    let others = admin.open_inbox().await.expect("another connection's inbox");
+
+    caller.publish("jobs.Echo", request_answered_at(&own.address), Confirm::Broker).await.expect("its own inbox");
+    let before = server.stats().denied;
+    let forged = caller.publish("jobs.Echo", request_answered_at(&others.address), Confirm::Broker).await;
+    forbidden("name another's inbox", &others.address, forged).expect("refused");
+    assert_eq!(server.stats().denied - before, 1);
+    admin.publish("jobs.Echo", request_answered_at(&own.address), Confirm::Broker).await.expect("an admin replays");
+    let stats = admin.queue_stats("jobs.Echo").await.expect("stats");
+    assert_eq!(stats.ready, 2, "the caller's own request and the replay");
 }
