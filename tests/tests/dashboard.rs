@@ -184,13 +184,18 @@ async fn the_dashboard_shows_queues_live_and_replays_a_dead_letter_with_a_click(
     save_screenshot(&browser).await;
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     traffic.await.expect("the calls went on");
-    browser
-        .find(Locator::Css("button[data-action=replay][data-queue=jobs]"))
-        .await
-        .expect("a replay button")
-        .click()
-        .await
-        .expect("replays");
+    // The rows are redrawn at every update: a button found just before one is gone when clicked, and is
+    // looked up again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let button =
+            browser.find(Locator::Css("button[data-action=replay][data-queue=jobs]")).await.expect("a replay button");
+        match button.click().await {
+            Ok(()) => break,
+            Err(error) if error.is_stale_element_reference() && tokio::time::Instant::now() < deadline => {}
+            Err(error) => panic!("replays: {error}"),
+        }
+    }
     until_cell(&browser, "jobs", "dlq", "0").await;
     until_cell(&browser, "jobs", "depth", "1").await;
     let notice = browser.find(Locator::Id("notice")).await.expect("the notice").text().await.expect("its text");
