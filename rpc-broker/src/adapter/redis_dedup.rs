@@ -98,8 +98,10 @@ impl fmt::Debug for RedisDedup {
     }
 }
 
+/// `error` as the framework's: a refusal as the transport's ([`Error::Unauthorized`], [`Error::Forbidden`]),
+/// any other failure [`Error::Transport`] (the store reconnects by itself).
 fn redis_error(error: ::redis::RedisError) -> Error {
-    Error::Transport(Box::new(error))
+    super::redis_streams::refusal(&error).unwrap_or_else(|| Error::Transport(Box::new(error)))
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -113,7 +115,13 @@ impl RedisDedup {
     /// [`Error::InvalidArgument`] for a bad URL, [`Error::Transport`] when Redis cannot be reached.
     pub async fn connect(url: &str) -> Result<RedisDedup, Error> {
         let client = ::redis::Client::open(url)
-            .map_err(|error| Error::InvalidArgument(format!("redis url `{url}`: {error}")))?;
+            .map_err(|error| Error::InvalidArgument(format!("redis url `{}`: {error}", super::redact_url(url))))?;
+        // One plain connection first: the manager retries a refused credential with backoff, for seconds.
+        if let Err(error) = client.get_multiplexed_async_connection().await
+            && let Some(refused) = super::redis_streams::refusal(&error)
+        {
+            return Err(refused);
+        }
         let connection = ConnectionManager::new(client).await.map_err(redis_error)?;
         Ok(RedisDedup {
             connection,

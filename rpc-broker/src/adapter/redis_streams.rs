@@ -222,7 +222,24 @@ impl Drop for Inner {
     }
 }
 
+/// A refused credential as [`Error::Unauthorized`], a command or key the user's ACL does not allow as
+/// [`Error::Forbidden`] (Redis's own text, which names neither password nor token); `None` for any other error.
+pub(crate) fn refusal(error: &redis::RedisError) -> Option<Error> {
+    if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        return Some(Error::Unauthorized(format!("Redis: {error}")));
+    }
+    // A refused command inside a transaction or pipeline aborts it: its own error is among the aborted ones.
+    let no_perm = error
+        .clone()
+        .into_server_errors()
+        .is_some_and(|errors| errors.iter().any(|(_, error)| error.kind() == Some(redis::ServerErrorKind::NoPerm)));
+    no_perm.then(|| Error::Forbidden(format!("Redis: {error}")))
+}
+
 pub(crate) fn redis_error(error: redis::RedisError) -> Error {
+    if let Some(refused) = refusal(&error) {
+        return refused;
+    }
     if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
         Error::Disconnected
     } else {
@@ -461,10 +478,14 @@ pub(super) fn delayed_member(envelope: &Envelope) -> String {
 }
 
 impl RedisStreams {
-    /// Connects to the Redis at `url` (`redis://host:port/db`) with the default options.
+    /// Connects to the Redis at `url` (`redis://host:port/db`; `redis://:password@host:port` for a password,
+    /// `redis://user:password@host:port` for an ACL user) with the default options. An ACL user limited to some
+    /// keys works under a [`RedisStreamsOptions::prefix`] its key patterns allow.
     ///
     /// # Errors
-    /// [`Error::Disconnected`] when Redis cannot be reached; [`Error::InvalidArgument`] for a bad URL.
+    /// [`Error::Disconnected`] when Redis cannot be reached; [`Error::InvalidArgument`] for a bad URL;
+    /// [`Error::Unauthorized`] for a refused password. A command or key the user may not use fails with
+    /// [`Error::Forbidden`].
     pub async fn connect(url: &str) -> Result<RedisStreams, Error> {
         RedisStreams::connect_with(url, RedisStreamsOptions::new()).await
     }
@@ -479,6 +500,12 @@ impl RedisStreams {
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_connection_timeout(Some(Duration::from_secs(5)));
+        // One plain connection first: the manager retries a refused credential with backoff, for seconds.
+        if let Err(error) = client.get_multiplexed_async_connection().await
+            && let Some(refused) = refusal(&error)
+        {
+            return Err(refused);
+        }
         let commands = ConnectionManager::new_with_config(client.clone(), config).await.map_err(redis_error)?;
         Ok(RedisStreams {
             inner: Arc::new(Inner {

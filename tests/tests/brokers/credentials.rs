@@ -1,7 +1,7 @@
 //! Credentials and TLS on the brokers users run, given through each adapter's own options: a RabbitMQ user of
 //! its own virtual host (over AMQP and over STOMP), and NATS users with passwords and NKeys, a least-privilege
 //! user (only its own subjects), tokens, and TLS with client certificates, each on a private nats-server with a
-//! configuration of its own. The right credential serves and answers calls; a wrong or missing one is refused
+//! configuration of its own; a Redis with a password and an ACL user limited to its own keys. The right credential serves and answers calls; a wrong or missing one is refused
 //! with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an error or a `Debug`.
 
 use std::net::TcpListener;
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use rpc_broker::adapter::amqp::Amqp;
 use rpc_broker::adapter::nats::{Nats, NatsAuth, NatsOptions, NatsTls};
+use rpc_broker::adapter::redis_dedup::RedisDedup;
+use rpc_broker::adapter::redis_streams::{RedisStreams, RedisStreamsOptions};
 use rpc_broker::adapter::stomp::Stomp;
 use rpc_core::transport::Transport;
 use rpc_core::{Client, Error, Server};
@@ -342,5 +344,95 @@ async fn nats_tls_with_client_certificates() {
     for (case, options) in refusals {
         let attempt = tokio::time::timeout(WAIT, nats(&url, options)).await.expect("refused in time");
         assert!(attempt.is_err(), "{case}: connected");
+    }
+}
+
+// ---- Redis -----------------------------------------------------------------------------------------------------
+
+/// A redis-server of the test's own, without persistence, with `arguments` (configuration directives).
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+    _directory: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start(arguments: &[&str]) -> PrivateRedis {
+        let directory = tempfile::tempdir().expect("a directory");
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let mut child = Command::new(mqrpc_tests::required_url("MQRPC_REDIS_SERVER"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(directory.path())
+            .args(arguments)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().expect("polls").is_none(), "redis-server exited: are the arguments right?");
+            assert!(Instant::now() < deadline, "redis-server did not listen within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PrivateRedis { child, port, _directory: directory }
+    }
+
+    /// The URL with `user` and `password` (an empty user is Redis's `default`).
+    fn url(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn redis(url: &str, options: RedisStreamsOptions) -> Result<Arc<dyn Transport>, Error> {
+    Ok(Arc::new(RedisStreams::connect_with(url, options).await?))
+}
+
+/// A Redis with a password for its default user and an ACL user allowed only the keys under `tenant:`: the
+/// password serves and calls; the ACL user serves and calls with its keys under its prefix, and is refused with
+/// `Forbidden` under the default prefix; a wrong password is `Unauthorized`, for the transport and for the
+/// dedup store; no error shows a password.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
+async fn redis_password_and_an_acl_user_of_its_own_keys() {
+    let server = PrivateRedis::start(&[
+        "--requirepass",
+        "default-secret",
+        "--user",
+        "tenant",
+        "on",
+        ">tenant-secret",
+        "~tenant:*",
+        "&*",
+        "+@all",
+    ]);
+    let operator = server.url("", "default-secret");
+    let worker = redis(&operator, RedisStreamsOptions::new()).await.expect("the default user connects");
+    let caller = redis(&operator, RedisStreamsOptions::new()).await.expect("the default user connects");
+    assert_eq!(call_through(worker, caller, "redis").await, 5);
+
+    let tenant = server.url("tenant", "tenant-secret");
+    let own_keys = || RedisStreamsOptions::new().prefix("tenant:");
+    let worker = redis(&tenant, own_keys()).await.expect("the tenant connects");
+    let caller = redis(&tenant, own_keys()).await.expect("the tenant connects");
+    assert_eq!(call_through(worker, caller, "tenant").await, 5);
+
+    // Under the default prefix every key is another's: the client's inbox is refused.
+    let elsewhere = redis(&tenant, RedisStreamsOptions::new()).await.expect("the tenant connects");
+    let error = refused(Client::builder(elsewhere).connect().await, &["tenant-secret"]);
+    assert!(matches!(error, Error::Forbidden(_)), "{error:?}");
+
+    for url in [server.url("", "not-the-secret"), server.url("tenant", "default-secret")] {
+        let error = refused(redis(&url, RedisStreamsOptions::new()).await, &["not-the-secret", "default-secret"]);
+        assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+        let error = refused(RedisDedup::connect(&url).await, &["not-the-secret", "default-secret"]);
+        assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
     }
 }
