@@ -54,6 +54,16 @@ fn refused<T>(result: Result<T, Error>, secrets: &[&str]) -> Error {
     error
 }
 
+/// Waits up to 20 s for the server `child`, named `what`, to listen on `port`; fails if it exits first.
+fn wait_for_port(child: &mut Child, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().expect("polls").is_none(), "{what} exited: is its configuration right?");
+        assert!(Instant::now() < deadline, "{what} did not listen within 20 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---- RabbitMQ --------------------------------------------------------------------------------------------------
 
 /// `rabbitmqctl` with `args`, which must succeed.
@@ -169,12 +179,7 @@ impl PrivateNats {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server runs");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().expect("polls").is_none(), "nats-server exited: is the configuration right?");
-            assert!(Instant::now() < deadline, "nats-server did not listen within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(&mut child, port, "nats-server");
         PrivateNats { child, port, _directory: directory }
     }
 
@@ -369,12 +374,7 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server runs");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().expect("polls").is_none(), "redis-server exited: are the arguments right?");
-            assert!(Instant::now() < deadline, "redis-server did not listen within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(&mut child, port, "redis-server");
         PrivateRedis { child, port, _directory: directory }
     }
 
