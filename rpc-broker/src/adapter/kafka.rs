@@ -41,6 +41,10 @@
 //! partitions are paused, not left unread, so that it keeps taking part in rebalances. (Pausing at once would
 //! cost: librdkafka drops a paused partition's fetched-ahead records and fetches them again on resume.)
 //!
+//! Every partition is read strictly in offset order: tansu gives a record its offset before it stores
+//! it, and a fetch made in between skips it for good; a record read past a missing offset is dropped and the
+//! partition read again from the missing one until it is there (for at most 2 s).
+//!
 //! A group's first join waits for the broker's initial rebalance delay (Apache Kafka's
 //! `group.initial.rebalance.delay.ms`, 3 s by default; tansu waits about half the session timeout), so a worker
 //! takes its first request seconds after it starts; a short [`KafkaOptions::session_timeout`] shortens that on
@@ -79,6 +83,7 @@ use self::consumer::{GroupStart, start_group, start_inbox};
 
 mod consumer;
 mod mapping;
+mod order;
 
 /// Every inbox topic starts with this.
 const INBOX_PREFIX: &str = "mqrpc.inbox.";

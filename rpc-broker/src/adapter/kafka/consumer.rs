@@ -14,6 +14,7 @@ use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, ConsumerControl,
 use rpc_core::{ConsumeOptions, Envelope, Error, QueueStats};
 use tokio::sync::{mpsc, watch};
 
+use super::order::{Admit, GAP_RETRY, InOrder};
 use super::{ADMIN_TIMEOUT, Kafka, UserProperties, broker_error, client_config, mapping, millis, transport_error};
 
 /// Where a group with no committed offsets starts.
@@ -88,6 +89,8 @@ struct Partition {
     seen_before: i64,
     /// How far this consumer marked records handed out, in the marker group.
     marked: i64,
+    /// The order the partition's records are handed out in, across the broker's gaps.
+    order: InOrder,
 }
 
 #[derive(Debug)]
@@ -120,6 +123,29 @@ impl Tracker {
         let tag = state.next_tag;
         state.held.insert(tag, Held { partition, offset, generation, envelope, delivery_count });
         (tag, delivery_count)
+    }
+
+    /// Whether the record at `offset` of `partition`, just read, is handed out (see [`InOrder`]).
+    fn admit(&self, partition: i32, offset: i64, now: Instant) -> Admit {
+        let mut state = self.lock();
+        let generation = state.generation;
+        let part = state.partitions.entry(partition).or_insert_with(|| Partition::new(generation, -1, -1));
+        part.order.admit(offset, now)
+    }
+
+    /// The partitions `(partition, offset)` to read again from a missing offset now.
+    fn rereads_due(&self, now: Instant) -> Vec<(i32, i64)> {
+        let mut state = self.lock();
+        state
+            .partitions
+            .iter_mut()
+            .filter_map(|(partition, part)| part.order.reread_due(now).map(|offset| (*partition, offset)))
+            .collect()
+    }
+
+    /// Whether a partition waits for a missing offset.
+    fn waiting(&self) -> bool {
+        self.lock().partitions.values().any(|part| part.order.waiting())
     }
 
     /// Whether delivery `tag` is still this consumer's.
@@ -229,7 +255,15 @@ impl TrackerState {
 
 impl Partition {
     fn new(generation: u64, committed: i64, seen_before: i64) -> Partition {
-        Partition { generation, outstanding: BTreeSet::new(), next: -1, committed, seen_before, marked: seen_before }
+        Partition {
+            generation,
+            outstanding: BTreeSet::new(),
+            next: -1,
+            committed,
+            seen_before,
+            marked: seen_before,
+            order: InOrder::starting_at(Some(committed)),
+        }
     }
 
     /// The offset this partition may commit now, if it is past the last commit.
@@ -704,10 +738,13 @@ impl GroupTask {
                 }
                 paused = hold;
             }
+            let waiting = tracker.waiting();
             let wait = if full {
                 // Paused for want of room: wait for a settle, then serve the consumer's events (rebalances).
-                tracker.wait_for_room(prefetch, POLL);
+                tracker.wait_for_room(prefetch, if waiting { GAP_RETRY } else { POLL });
                 Duration::ZERO
+            } else if waiting {
+                GAP_RETRY
             } else {
                 POLL
             };
@@ -715,10 +752,19 @@ impl GroupTask {
                 None => {}
                 // Stopped: left uncommitted for the group's next owner of the partition.
                 Some(Ok(_)) if self.control.paused.load(Ordering::Acquire) => {}
-                Some(Ok(record)) => self.take(&record),
+                Some(Ok(record)) => match tracker.admit(record.partition(), record.offset(), Instant::now()) {
+                    Admit::Take => self.take(&record),
+                    Admit::Skip => {}
+                    Admit::Reread(offset) => reread(&*self.consumer, &self.acker.topic, record.partition(), offset),
+                },
                 Some(Err(error)) => {
                     tracing::debug!(%error, topic = %self.acker.topic, "reading failed");
                     std::thread::sleep(READ_BACKOFF);
+                }
+            }
+            if waiting {
+                for (partition, offset) in tracker.rereads_due(Instant::now()) {
+                    reread(&*self.consumer, &self.acker.topic, partition, offset);
                 }
             }
         }
@@ -753,6 +799,15 @@ impl GroupTask {
         }
         let acker: Arc<dyn Acker> = self.acker.clone();
         let _ = self.sender.send(delivery(envelope, delivery_count, queued, AckHandle::new(acker, tag)));
+    }
+}
+
+/// Reads `partition` of `topic` again from `offset`, the first one missing (see [`InOrder`]).
+fn reread<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32, offset: i64) {
+    tracing::trace!(%topic, partition, offset, "reading again from a missing offset");
+    // Asynchronous: the fetches from the offset come with the next polls.
+    if let Err(error) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::ZERO) {
+        tracing::debug!(%error, %topic, partition, offset, "could not read a partition again from a missing offset");
     }
 }
 
@@ -797,11 +852,11 @@ pub(super) async fn start_reader(
             Reader::Private => consumer.fetch_watermarks(&topic, 0, ADMIN_TIMEOUT).map_err(broker_error)?.1,
         };
         consumer.assign(&offsets(&topic, &[(0, start)])).map_err(transport_error)?;
-        Ok::<_, Error>((consumer, topic))
+        Ok::<_, Error>((consumer, topic, start))
     })
     .await
     .map_err(|error| Error::Transport(error.into()))??;
-    let (consumer, topic) = consumer;
+    let (consumer, topic, start) = consumer;
     let control = Arc::new(Control::new(&kafka.inner.closing, None));
     let (sender, receiver) = mpsc::unbounded_channel();
     let stop = Arc::clone(&control);
@@ -810,17 +865,25 @@ pub(super) async fn start_reader(
     std::thread::Builder::new()
         .name("mqrpc-kafka-reader".into())
         .spawn(move || {
+            let mut order = InOrder::starting_at(Some(start));
             while !stop.stopped.load(Ordering::Acquire) && !sender.is_closed() {
-                match consumer.poll(POLL) {
+                match consumer.poll(if order.waiting() { GAP_RETRY } else { POLL }) {
                     None => {}
-                    Some(Ok(record)) => {
-                        let (envelope, delivery_count, queued) = mapping::from_record(&record);
-                        let _ = sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
-                    }
+                    Some(Ok(record)) => match order.admit(record.offset(), Instant::now()) {
+                        Admit::Take => {
+                            let (envelope, delivery_count, queued) = mapping::from_record(&record);
+                            let _ = sender.send(delivery(envelope, delivery_count, queued, AckHandle::auto()));
+                        }
+                        Admit::Skip => {}
+                        Admit::Reread(offset) => reread(&consumer, &topic, 0, offset),
+                    },
                     Some(Err(error)) => {
                         tracing::debug!(%error, %topic, "reading a topic without a group failed");
                         std::thread::sleep(READ_BACKOFF);
                     }
+                }
+                if let Some(offset) = order.reread_due(Instant::now()) {
+                    reread(&consumer, &topic, 0, offset);
                 }
             }
             drop(consumer);
