@@ -552,6 +552,7 @@ macro_rules! scenarios {
             graceful_shutdown_loses_nothing,
             forced_shutdown_requeues_running_calls,
             expired_request_is_not_executed,
+            expired_request_does_not_answer_for_its_key,
             oneway_call_runs,
             deleted_queue_is_gone_with_its_messages,
             in_process_callback_receives_the_result,

@@ -393,7 +393,8 @@ pub async fn forced_shutdown_requeues_running_calls(harness: &dyn Harness) {
     assert_eq!(second_events.finished("work"), 8);
 }
 
-/// A request whose deadline passed while it was queued is not executed.
+/// A request whose deadline passed while it was queued is not executed, and it does not answer for its
+/// idempotency key: the caller's next try with the key, sent with time to spare, runs.
 ///
 /// Budgets are relative (no clocks are compared across hosts), so a request's budget starts when the broker
 /// takes it; the time on the wire before that is not counted. The expired request is therefore published
@@ -416,12 +417,36 @@ pub async fn expired_request_is_not_executed(harness: &dyn Harness) {
     request.method = "add".into();
     request.body = rpc_core::codec::encode(&BTreeMap::from([("a", 1), ("b", 1)])).expect("encodes");
     request.deadline_ms = Some(u64::try_from(budget.as_millis()).expect("fits"));
+    request.idempotency_key = Some("expired-then-sent-again".into());
     transport.publish(&setup.queue(), request, Confirm::Broker).await.expect("publishes");
     // The budget running out in the queue is what this scenario is about, so it waits for exactly that.
     tokio::time::sleep(budget).await;
     let (_server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(1)).await;
     assert_eq!(probe.add(2, 2).await.expect("answered"), 4);
     assert_eq!(events.finished("add"), 1, "the expired request ran");
+    let again = probe.add(1, 1).idempotency_key("expired-then-sent-again").timeout(WAIT).await;
+    assert_eq!(again.expect("the key's next try runs"), 2);
+    assert_eq!(events.finished("add"), 2);
+}
+
+/// A request that expires in the worker, waiting behind a slow call for the worker's one slot, is answered
+/// "deadline exceeded" unrun, and that answer is not kept for its idempotency key: the caller's next try with
+/// the key, sent with time to spare, runs once.
+pub async fn expired_request_does_not_answer_for_its_key(harness: &dyn Harness) {
+    let setup = Setup::new(harness);
+    let (server, events) = setup.worker_with("w", |server| server.concurrency(1).prefetch(4)).await;
+    let probe = ProbeClient::new(&setup.client().await);
+    let slow = tokio::spawn(probe.work(600).timeout(WAIT).into_future());
+    eventually("the slow call to start", WAIT, || events.started.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    let late = probe.add(1, 1).idempotency_key("expired-in-the-worker").timeout(Duration::from_millis(150)).await;
+    assert!(matches!(late, Err(Error::Timeout(_))), "{late:?}");
+    assert_eq!(slow.await.expect("joins").expect("answered"), 600);
+    let again = probe.add(1, 1).idempotency_key("expired-in-the-worker").timeout(WAIT).await;
+    assert_eq!(again.expect("the key's next try runs"), 2);
+    assert_eq!(events.finished("add"), 1);
+    // Whether the first try reached the worker (and was answered unrun) or left the queue with the caller's
+    // cancel or its budget, it never ran.
+    assert!(server.stats().expired <= 1);
 }
 
 /// Deleting a service's queue removes it with the requests waiting in it; deleting it again, or a queue that

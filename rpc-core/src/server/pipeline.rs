@@ -125,6 +125,17 @@ async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle
         }
         return;
     }
+    if request.expired() {
+        // Never started: the claim is given up, not completed, so a retry of the key (sent again with more
+        // time) runs rather than being answered with this delivery's lateness for as long as the store keeps it.
+        if let Some((store, key)) = &claim {
+            store.abandon(key).await;
+        }
+        stats.expired.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.expired.increment(1);
+        Box::pin(answer(shared, request, handle, Err(expired_status()))).await;
+        return;
+    }
     // Under a claim the handler runs past the deadline, up to the overrun (see `Server::overrun`).
     let cut_at = match claim {
         Some(_) => request.deadline.and_then(|deadline| deadline.checked_add(shared.overrun)),
@@ -255,8 +266,8 @@ fn expired_status() -> Status {
     Status::new(Code::DeadlineExceeded, "the deadline passed while the request was queued")
 }
 
-/// Runs the handler with its context, stopped at `cut_at` if given; a panic becomes [`Code::Internal`]. A
-/// request whose deadline passed is not started. `None`: the caller cancelled the call and the handler was
+/// Runs the handler with its context, stopped at `cut_at` if given; a panic becomes [`Code::Internal`]. The
+/// caller has checked that the request's deadline has not passed. `None`: the caller cancelled the call and the handler was
 /// stopped (dropped at its next await).
 async fn execute(
     shared: &Shared,
@@ -266,11 +277,6 @@ async fn execute(
 ) -> Option<Result<Bytes, Status>> {
     let stats = &shared.stats;
     let envelope = &request.envelope;
-    if request.expired() {
-        stats.expired.fetch_add(1, Ordering::Relaxed);
-        shared.metrics.expired.increment(1);
-        return Some(Err(expired_status()));
-    }
     let context =
         context::Current { envelope: Arc::clone(envelope), attempt: request.attempt, deadline: request.deadline };
     let service = &shared.service;
