@@ -9,6 +9,7 @@
 
 pub mod otel;
 pub mod prometheus;
+pub mod rabbit;
 pub mod service;
 pub mod suite;
 
@@ -135,6 +136,11 @@ pub fn log_from_env() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// A port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port()
 }
 
 /// Why a test against an external broker cannot run.

@@ -5,13 +5,14 @@
 //! the stream or queue gets a new leader on another server.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use mqrpc_tests::free_port;
+use mqrpc_tests::rabbit::RabbitNodes;
 use rpc_broker::adapter::amqp::{Amqp, AmqpOptions};
 use rpc_broker::adapter::nats::{Nats, NatsOptions};
 use rpc_core::dedup::MemoryDedup;
@@ -53,10 +54,6 @@ struct Node {
 struct Cluster {
     nodes: Vec<Node>,
     store: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port()
 }
 
 impl Cluster {
@@ -250,118 +247,10 @@ async fn calls_survive_the_kill_of_the_stream_leader_in_a_three_server_cluster()
     );
 }
 
-/// Three RabbitMQ nodes of the test's own (names `mqrpc<id>-a@localhost` and so on, ports of their own, no
-/// plugins, a cookie in a home directory of their own), joined into one cluster.
-struct RabbitCluster {
-    directory: tempfile::TempDir,
-    bin: std::path::PathBuf,
-    nodes: Vec<(String, u16)>,
-    /// The `rabbitmq-server` scripts that started the nodes.
-    scripts: Vec<Child>,
-}
-
-impl RabbitCluster {
-    fn start(bin: &str) -> RabbitCluster {
-        let directory = tempfile::tempdir().expect("a directory");
-        let bin = std::path::PathBuf::from(bin);
-        let home = directory.path().join("home");
-        std::fs::create_dir_all(&home).expect("a home");
-        let cookie = home.join(".erlang.cookie");
-        std::fs::write(&cookie, Uuid::new_v4().simple().to_string().to_uppercase()).expect("a cookie");
-        std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400)).expect("private");
-        let id = &Uuid::new_v4().simple().to_string()[..8];
-        let mut cluster = RabbitCluster { directory, bin, nodes: Vec::new(), scripts: Vec::new() };
-        for name in ["a", "b", "c"] {
-            let (port, distribution) = (free_port(), free_port());
-            let node = format!("mqrpc{id}-{name}@localhost");
-            let dir = cluster.directory.path().join(name);
-            std::fs::create_dir_all(&dir).expect("a node directory");
-            std::fs::write(dir.join("enabled_plugins"), "").expect("writes");
-            let config = format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n");
-            std::fs::write(dir.join("rabbitmq.conf"), config).expect("writes");
-            let script = Command::new(cluster.bin.join("rabbitmq-server"))
-                .env("HOME", &home)
-                .env("RABBITMQ_NODENAME", &node)
-                .env("RABBITMQ_NODE_PORT", port.to_string())
-                .env("RABBITMQ_DIST_PORT", distribution.to_string())
-                .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-                .env("RABBITMQ_LOG_BASE", dir.join("log"))
-                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-                .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
-                .env("RABBITMQ_PID_FILE", dir.join("pid"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("rabbitmq-server runs");
-            cluster.scripts.push(script);
-            cluster.nodes.push((node, port));
-        }
-        for (n, name) in ["a", "b", "c"].iter().enumerate() {
-            let pid = cluster.directory.path().join(name).join("pid");
-            let node = cluster.nodes[n].0.clone();
-            cluster.ctl(&node, &["wait", &pid.to_string_lossy(), "--timeout", "120"]);
-        }
-        let first = cluster.nodes[0].0.clone();
-        for (node, _) in &cluster.nodes[1..] {
-            cluster.ctl(node, &["stop_app"]);
-            cluster.ctl(node, &["join_cluster", &first]);
-            cluster.ctl(node, &["start_app"]);
-        }
-        cluster
-    }
-
-    /// `rabbitmqctl -n node args`, which must succeed; its output.
-    fn ctl(&self, node: &str, args: &[&str]) -> String {
-        let output = Command::new(self.bin.join("rabbitmqctl"))
-            .env("HOME", self.directory.path().join("home"))
-            .args(["-n", node])
-            .args(args)
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(output.status.success(), "rabbitmqctl -n {node} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    fn url(&self, n: usize) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.nodes[n].1)
-    }
-
-    /// The node that leads quorum queue `queue`, asked of node `n`.
-    fn leader(&self, n: usize, queue: &str) -> Option<String> {
-        let listed = self.ctl(&self.nodes[n].0, &["list_queues", "-q", "--no-table-headers", "name", "leader"]);
-        listed.lines().find_map(|line| {
-            let mut columns = line.split_whitespace();
-            (columns.next() == Some(queue)).then(|| columns.next().map(str::to_owned)).flatten()
-        })
-    }
-
-    /// Kills node `node`'s Erlang VM with SIGKILL.
-    fn kill(&self, node: &str) {
-        let n = self.nodes.iter().position(|(name, _)| name == node).expect("a node of the cluster");
-        let pid = std::fs::read_to_string(self.directory.path().join(["a", "b", "c"][n]).join("pid")).expect("its pid");
-        let killed = Command::new("kill").args(["-9", pid.trim()]).status().expect("kill runs");
-        assert!(killed.success(), "kill -9 {pid}");
-    }
-}
-
-impl Drop for RabbitCluster {
-    fn drop(&mut self) {
-        for name in ["a", "b", "c"] {
-            if let Ok(pid) = std::fs::read_to_string(self.directory.path().join(name).join("pid")) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).stderr(Stdio::null()).status();
-            }
-        }
-        for script in &mut self.scripts {
-            let _ = script.kill();
-            let _ = script.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(mqrpc_rabbitmq_bin), ignore = "needs RabbitMQ's own scripts: MQRPC_RABBITMQ_BIN (bash .ci/brokers)")]
 async fn calls_survive_the_kill_of_a_quorum_queues_leader_in_a_three_node_cluster() {
-    let cluster = RabbitCluster::start(&mqrpc_tests::required_url("MQRPC_RABBITMQ_BIN"));
+    let cluster = RabbitNodes::cluster(&mqrpc_tests::required_url("MQRPC_RABBITMQ_BIN"));
     let options = || AmqpOptions::new().quorum(true);
     let namespace = format!("replicated{}", &Uuid::new_v4().simple().to_string()[..8]);
     let queue = rpc_core::naming::service_queue(Some(&namespace), "Ledger");
@@ -369,7 +258,7 @@ async fn calls_survive_the_kill_of_a_quorum_queues_leader_in_a_three_node_cluste
     let declaring = Amqp::connect_with(&cluster.url(0), options()).await.expect("connects to node a");
     rpc_core::Transport::declare_queue(&declaring, &queue, &rpc_core::QueueOptions::new()).await.expect("declares");
     let first = cluster.leader(1, &queue).expect("the queue has a leader");
-    assert_eq!(first, cluster.nodes[0].0, "declared through node a");
+    assert_eq!(first, cluster.nodes[0].name, "declared through node a");
 
     let book = Book::default();
     let server = Server::new(Amqp::connect_with(&cluster.url(1), options()).await.expect("connects to node b"))

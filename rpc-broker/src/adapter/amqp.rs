@@ -20,6 +20,11 @@
 //! publishing the MessagePack map of the arguments to the service's queue with `reply_to`, `correlation_id` and
 //! `type` set, and reads the reply's body (and `mqrpc-status`, absent when ok) from its reply queue.
 //!
+//! Credentials and TLS: the URL's user, password and virtual host (`amqp://user:password@host:port/vhost`;
+//! refusals are [`Error::Unauthorized`], and no error or `Debug` output shows the password); `amqps://` for TLS,
+//! trusting the system's roots and those of [`AmqpOptions::tls_roots_pem`], presenting the client certificate
+//! of [`AmqpOptions::tls_client_pem`] to a broker that verifies clients.
+//!
 //! The connection is supervised: when it is lost, publishes fail at once with [`Error::Disconnected`] while it
 //! reconnects with exponential backoff and jitter; then it declares its queues, exchanges, bindings and inboxes
 //! again (an inbox keeps its name) and restarts its consumers, whose streams go on. Deliveries handed out
@@ -88,6 +93,26 @@ pub struct AmqpOptions {
     pub persistent: bool,
     /// The longest wait between two reconnection attempts.
     pub max_backoff: Duration,
+    /// What an `amqps://` connection trusts and presents beyond the system's roots.
+    tls: AmqpTls,
+}
+
+/// The TLS settings of an `amqps://` connection. Its `Debug` shows no key.
+#[derive(Clone, Default)]
+struct AmqpTls {
+    /// PEM certificates trusted as roots, besides the system's.
+    roots: Option<String>,
+    /// The client's certificate chain and private key, both PEM.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for AmqpTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpTls")
+            .field("roots", &self.roots.is_some())
+            .field("client", &self.client.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Default for AmqpOptions {
@@ -98,6 +123,7 @@ impl Default for AmqpOptions {
             queue_expires: None,
             persistent: true,
             max_backoff: Duration::from_secs(5),
+            tls: AmqpTls::default(),
         }
     }
 }
@@ -137,6 +163,46 @@ impl AmqpOptions {
         self.max_backoff = backoff;
         self
     }
+
+    /// Trusts the certificates in `pem` (PEM text), besides the system's roots, for an `amqps://` URL: a
+    /// broker whose certificate a private authority signed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `pem` holds no certificate.
+    pub fn tls_roots_pem(mut self, pem: &[u8]) -> Result<AmqpOptions, Error> {
+        certificates(pem)?;
+        let text = std::str::from_utf8(pem)
+            .map_err(|_| Error::InvalidArgument("the certificates' PEM is not UTF-8 text".into()))?;
+        let roots = self.tls.roots.get_or_insert_with(String::new);
+        roots.push_str(text);
+        roots.push('\n');
+        Ok(self)
+    }
+
+    /// Presents the certificate chain in `cert_pem` and the private key in `key_pem` (PEM text) when the
+    /// broker verifies clients (RabbitMQ's `ssl_options.verify = verify_peer`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the PEM holds no certificate or no key.
+    pub fn tls_client_pem(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Result<AmqpOptions, Error> {
+        use rustls_pki_types::pem::PemObject;
+        certificates(cert_pem)?;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|error| Error::InvalidArgument(format!("cannot read the private key: {error}")))?;
+        self.tls.client = Some((cert_pem.to_vec(), key_pem.to_vec()));
+        Ok(self)
+    }
+}
+
+/// Checks that `pem` holds at least one certificate, all readable.
+fn certificates(pem: &[u8]) -> Result<(), Error> {
+    use rustls_pki_types::pem::PemObject;
+    let mut found = false;
+    for certificate in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        certificate.map_err(|error| Error::InvalidArgument(format!("cannot read the certificates: {error}")))?;
+        found = true;
+    }
+    if found { Ok(()) } else { Err(Error::InvalidArgument("no certificate in the PEM".into())) }
 }
 
 /// A transport on RabbitMQ. Cheap to clone: clones share one supervised connection.

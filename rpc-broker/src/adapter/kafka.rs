@@ -95,7 +95,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const KNOWN_TOPICS_MAX: usize = 4_096;
 
 /// How a [`Kafka`] transport makes topics and joins groups.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KafkaOptions {
     /// Partitions of a queue's topic: the most workers of one queue that run at once.
@@ -121,6 +121,26 @@ impl Default for KafkaOptions {
             message_timeout: Duration::from_secs(30),
             properties: Vec::new(),
         }
+    }
+}
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // librdkafka's secrets are the properties named for one: `sasl.password`, `ssl.key.password`,
+        // `ssl.key.pem`, `sasl.oauthbearer.client.secret`, ...
+        let secret = |name: &str| ["password", "secret", "key", "jaas"].iter().any(|part| name.contains(part));
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(name, value)| (name.as_str(), if secret(name) { "***" } else { value.as_str() }))
+            .collect();
+        f.debug_struct("KafkaOptions")
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("session_timeout", &self.session_timeout)
+            .field("message_timeout", &self.message_timeout)
+            .field("properties", &properties)
+            .finish()
     }
 }
 
@@ -200,8 +220,8 @@ impl Kafka {
     /// Connects to the brokers `brokers` with `options`, and checks that they answer.
     ///
     /// # Errors
-    /// [`Error::Disconnected`] naming the brokers when none answers within 10 s; [`Error::Transport`] for a
-    /// configuration librdkafka refuses.
+    /// [`Error::Disconnected`] when no broker answers within 10 s (the log names them); [`Error::Unauthorized`]
+    /// when the broker refuses the SASL credentials; [`Error::Transport`] for a configuration librdkafka refuses.
     pub async fn connect_with(brokers: &str, options: KafkaOptions) -> Result<Kafka, Error> {
         let brokers = brokers.strip_prefix("kafka://").unwrap_or(brokers).to_owned();
         let producer: FutureProducer = client_config(&brokers)
@@ -236,10 +256,13 @@ impl Kafka {
         .map_err(|error| Error::Transport(error.into()))?;
         match answered {
             Ok(_) => Ok(kafka),
-            Err(error) => {
-                tracing::warn!(%error, brokers = %kafka.inner.brokers, "Kafka does not answer");
-                Err(Error::Disconnected)
-            }
+            Err(error) => match broker_error(error) {
+                Error::Unauthorized(refusal) => Err(Error::Unauthorized(refusal)),
+                error => {
+                    tracing::warn!(%error, brokers = %kafka.inner.brokers, "Kafka does not answer");
+                    Err(Error::Disconnected)
+                }
+            },
         }
     }
 
@@ -450,9 +473,11 @@ fn broker_error(error: KafkaError) -> Error {
             | RDKafkaErrorCode::OperationTimedOut
             | RDKafkaErrorCode::RequestTimedOut,
         ) => Error::Disconnected,
-        Some(RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::TopicAuthorizationFailed) => {
-            Error::Unauthorized(error.to_string())
-        }
+        Some(
+            RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed,
+        ) => Error::Unauthorized(error.to_string()),
         _ => Error::Transport(Box::new(error)),
     }
 }
@@ -608,6 +633,18 @@ impl Transport for Kafka {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_secret_property() {
+        let options = KafkaOptions::new()
+            .property("sasl.username", "tenant")
+            .property("sasl.password", "pw-1")
+            .property("ssl.key.password", "pw-2")
+            .property("sasl.oauthbearer.client.secret", "pw-3");
+        let shown = format!("{options:?}");
+        assert!(shown.contains("tenant"), "{shown}");
+        assert!(!shown.contains("pw-"), "{shown}");
+    }
 
     #[test]
     fn legal_topic_names_stay_and_others_are_escaped_once() {

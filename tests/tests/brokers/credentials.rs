@@ -1,8 +1,10 @@
 //! Credentials and TLS on the brokers users run, given through each adapter's own options: a RabbitMQ user of
-//! its own virtual host (over AMQP and over STOMP), and NATS users with passwords and NKeys, a least-privilege
-//! user (only its own subjects), tokens, and TLS with client certificates, each on a private nats-server with a
-//! configuration of its own; a Redis with a password and an ACL user limited to its own keys. The right credential serves and answers calls; a wrong or missing one is refused
-//! with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an error or a `Debug`.
+//! its own virtual host (over AMQP and over STOMP) and `amqps://` with client certificates on a RabbitMQ node of
+//! the test's own; NATS users with passwords and NKeys, a least-privilege user (only its own subjects), tokens,
+//! and TLS with client certificates, each on a private nats-server with a configuration of its own; a Redis with
+//! a password and an ACL user limited to its own keys. The right credential serves and answers calls; a wrong
+//! or missing one is refused with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an
+//! error or a `Debug`.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rpc_broker::adapter::amqp::Amqp;
+use rpc_broker::adapter::amqp::{Amqp, AmqpOptions};
 use rpc_broker::adapter::nats::{Nats, NatsAuth, NatsOptions, NatsTls};
 use rpc_broker::adapter::redis_dedup::RedisDedup;
 use rpc_broker::adapter::redis_streams::{RedisStreams, RedisStreamsOptions};
@@ -155,6 +157,70 @@ async fn rabbitmq_user_of_its_own_vhost() {
     let serving = Server::new(Arc::clone(&transport)).namespace("readonly").serve(AdderServer::new(Add)).await;
     let error = refused(serving, &[&reader_password]);
     assert!(matches!(error, Error::Unauthorized(_) | Error::Forbidden(_)), "{error:?}");
+}
+
+/// A RabbitMQ node of the test's own with a TLS listener that verifies client certificates: a client that
+/// trusts the node's authority and presents a certificate it signed serves and calls over `amqps://`; one
+/// without a client certificate, one that does not trust the node's authority and one with a wrong password are
+/// refused, and neither an error nor the options' `Debug` shows the key or the password.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_rabbitmq_bin), ignore = "needs RabbitMQ's own scripts: MQRPC_RABBITMQ_BIN (bash .ci/brokers)")]
+async fn rabbitmq_amqps_with_client_certificates() {
+    let certificates = tempfile::tempdir().expect("a directory");
+    let authority = Authority::new();
+    let ca_file = certificates.path().join("ca.pem");
+    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
+    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
+    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let tls_port = mqrpc_tests::free_port();
+    let configuration = format!(
+        "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true",
+        ca_file.display(),
+        server_certificate.display(),
+        server_key.display()
+    );
+    let _node =
+        mqrpc_tests::rabbit::RabbitNodes::start(&mqrpc_tests::required_url("MQRPC_RABBITMQ_BIN"), 1, &configuration);
+    let url = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
+    let read = |path: &Path| std::fs::read(path).expect("reads");
+    let (ca, certificate, key) = (read(&ca_file), read(&client_certificate), read(&client_key));
+    let trusted = AmqpOptions::new().tls_roots_pem(&ca).expect("a certificate");
+    let with_certificate = trusted.clone().tls_client_pem(&certificate, &key).expect("a certificate and a key");
+    let key_text = String::from_utf8_lossy(&key).into_owned();
+    let body = key_text.lines().nth(1).expect("the key's first line");
+    assert!(!format!("{with_certificate:?}").contains(body), "Debug shows the key: {with_certificate:?}");
+
+    let worker: Arc<dyn Transport> =
+        Arc::new(Amqp::connect_with(&url, with_certificate.clone()).await.expect("connects with its certificate"));
+    let caller: Arc<dyn Transport> =
+        Arc::new(Amqp::connect_with(&url, with_certificate.clone()).await.expect("connects with its certificate"));
+    assert_eq!(call_through(worker, caller, "amqps").await, 5);
+
+    let other = Authority::new();
+    let refusals = [
+        ("no client certificate", url.clone(), trusted),
+        (
+            "a node it does not trust",
+            url.clone(),
+            AmqpOptions::new()
+                .tls_roots_pem(other.certificate.pem().as_bytes())
+                .and_then(|options| options.tls_client_pem(&certificate, &key))
+                .expect("a certificate and a key"),
+        ),
+        ("a wrong password", url.replace("guest:guest", "guest:not-guest"), with_certificate),
+    ];
+    for (case, url, options) in refusals {
+        let attempt = tokio::time::timeout(WAIT, Amqp::connect_with(&url, options)).await.expect("refused in time");
+        let error = refused(attempt, &["not-guest", body]);
+        if case == "a wrong password" {
+            assert!(matches!(error, Error::Unauthorized(_)), "{case}: {error:?}");
+        }
+    }
+    let no_certificate = AmqpOptions::new().tls_roots_pem(b"not a certificate");
+    assert!(matches!(no_certificate, Err(Error::InvalidArgument(_))), "{no_certificate:?}");
+    let no_key = AmqpOptions::new().tls_client_pem(&certificate, b"not a key");
+    assert!(matches!(no_key, Err(Error::InvalidArgument(_))), "{no_key:?}");
 }
 
 // ---- NATS ------------------------------------------------------------------------------------------------------

@@ -217,7 +217,18 @@ impl Inner {
 
     pub(super) async fn open(&self) -> Result<Conn, Error> {
         let properties = ConnectionProperties::default().with_connection_name("mqrpc".into());
-        let connection = Connection::connect(&self.url, properties).await.map_err(from_lapin)?;
+        let tls = &self.options.tls;
+        let connection = if tls.roots.is_none() && tls.client.is_none() {
+            Connection::connect(&self.url, properties).await
+        } else {
+            let config = lapin::tcp::OwnedTLSConfig {
+                identity: tls.client.clone().map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+                cert_chain: tls.roots.clone(),
+            };
+            let runtime = lapin::runtime::default_runtime().map_err(from_lapin)?;
+            Connection::connect_with_config(&self.url, properties, config, runtime).await
+        }
+        .map_err(from_lapin)?;
         let publisher = connection.create_channel().await.map_err(from_lapin)?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(from_lapin)?;
         let unconfirmed = connection.create_channel().await.map_err(from_lapin)?;
