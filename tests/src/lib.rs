@@ -7,6 +7,7 @@
 //! mqrpc_tests::scenario_suite!(embedded, mqrpc_tests::EmbeddedHarness::new());
 //! ```
 
+pub mod activemq;
 pub mod otel;
 pub mod prometheus;
 pub mod rabbit;
@@ -136,6 +137,21 @@ pub fn log_from_env() {
             .with_test_writer()
             .try_init();
     }
+}
+
+/// Starts a private server of `what` with `start` on a free port. The free port is found by binding it and
+/// letting it go, so another process (a server of a test running alongside) may take it first: then the server
+/// exits, and another port is tried, five at most.
+pub fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> std::io::Result<T>) -> T {
+    let mut tries = Vec::new();
+    for _ in 0..5 {
+        let port = free_port();
+        match start(port) {
+            Ok(server) => return server,
+            Err(error) => tries.push(format!("port {port}: {error}")),
+        }
+    }
+    panic!("no private {what} came up: {tries:?}");
 }
 
 /// A port free on loopback now.

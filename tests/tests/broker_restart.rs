@@ -12,11 +12,12 @@
 //! `redis-server` (`MQRPC_REDIS_SERVER`) with its append-only file, killed with SIGKILL and started again on it.
 
 use std::future::IntoFuture;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mqrpc_tests::activemq::PrivateActiveMq;
+use mqrpc_tests::on_a_free_port;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
 use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RedisStreamsHarness, StompHarness};
 use rpc_core::{Client, Error, Server, ServerHandle, Transport};
@@ -142,22 +143,6 @@ async fn rabbitmq_restart_during_calls() {
     }
 }
 
-/// Starts a private server of `what` with `start` on a free port. The free port is found by binding it and
-/// letting it go, so another process (a server of a test running alongside) may take it first: then the server
-/// exits, and another port is tried, five at most.
-fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> std::io::Result<T>) -> T {
-    let mut tries = Vec::new();
-    for _ in 0..5 {
-        let port =
-            TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port();
-        match start(port) {
-            Ok(server) => return server,
-            Err(error) => tries.push(format!("port {port}: {error}")),
-        }
-    }
-    panic!("no private {what} came up: {tries:?}");
-}
-
 /// A nats-server of the test's own, on a free port, with JetStream storage in a directory of its own.
 struct PrivateNats {
     binary: String,
@@ -238,115 +223,6 @@ impl Drop for PrivateNats {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store);
-    }
-}
-
-/// An ActiveMQ of the test's own (`MQRPC_ACTIVEMQ` names the `activemq` command, `MQRPC_ACTIVEMQ_CLASSPATH` the
-/// jars it needs besides its own), on a free port, with `.ci/activemq.xml` and a data directory of its own, run in
-/// the foreground (`activemq console`) in a process group of its own: killing the group kills the JVM (SIGKILL,
-/// no shutdown), and starting it again on the same directory recovers its persistent messages from its journal.
-struct PrivateActiveMq {
-    command: String,
-    classpath: String,
-    port: u16,
-    directory: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl PrivateActiveMq {
-    fn start() -> PrivateActiveMq {
-        let command = mqrpc_tests::required_url("MQRPC_ACTIVEMQ");
-        let classpath = std::env::var("MQRPC_ACTIVEMQ_CLASSPATH").unwrap_or_default();
-        on_a_free_port("ActiveMQ", |port| {
-            let directory = std::env::temp_dir().join(format!("mqrpc-activemq-{}", Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&directory)?;
-            let configuration = include_str!("../../.ci/activemq.xml")
-                .replace("DATA_DIR", &directory.join("data").to_string_lossy())
-                .replace("127.0.0.1:61623", &format!("127.0.0.1:{port}"))
-                .replace("brokerName=\"mqrpc\"", &format!("brokerName=\"mqrpc-{port}\""));
-            std::fs::write(directory.join("activemq.xml"), configuration)?;
-            let mut server = PrivateActiveMq {
-                command: command.clone(),
-                classpath: classpath.clone(),
-                port,
-                directory,
-                child: None,
-            };
-            server.spawn().map(|()| server)
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("stomp://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the broker and waits until it answers a STOMP CONNECT.
-    fn spawn(&mut self) -> std::io::Result<()> {
-        use std::os::unix::process::CommandExt;
-
-        let user = Command::new("id").arg("-un").output()?;
-        let configuration = format!("xbean:file:{}", self.directory.join("activemq.xml").to_string_lossy());
-        let child = Command::new(&self.command)
-            .args(["console", &configuration])
-            .current_dir(&self.directory)
-            .env("ACTIVEMQ_USER", String::from_utf8_lossy(&user.stdout).trim())
-            .env("ACTIVEMQ_USER_CLASSPATH", &self.classpath)
-            .env("ACTIVEMQ_PIDFILE", self.directory.join("pid"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let child = self.child.insert(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Err(std::io::Error::other(format!("ActiveMQ exited: {status}")));
-            }
-            match stomp_handshake(self.port) {
-                Ok(()) => return Ok(()),
-                Err(error) if Instant::now() >= deadline => {
-                    return Err(std::io::Error::other(format!("ActiveMQ did not answer: {error}")));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-
-    /// Kills the broker's process group with SIGKILL and reaps it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status();
-            let _ = child.wait();
-            // The JVM is gone once nothing listens on its port any more.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-/// Whether an ActiveMQ answers a STOMP CONNECT on `port`.
-fn stomp_handshake(port: u16) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(b"CONNECT\naccept-version:1.2\nhost:/\n\n\0")?;
-    let mut answer = [0u8; 256];
-    let read = stream.read(&mut answer)?;
-    let answer = String::from_utf8_lossy(&answer[..read]);
-    if answer.starts_with("CONNECTED") && answer.contains("server:ActiveMQ") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("not an ActiveMQ's answer: {answer:?}")))
-    }
-}
-
-impl Drop for PrivateActiveMq {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.directory);
     }
 }
 

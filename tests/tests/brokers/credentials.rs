@@ -2,7 +2,8 @@
 //! its own virtual host (over AMQP and over STOMP) and `amqps://` with client certificates on a RabbitMQ node of
 //! the test's own; NATS users with passwords and NKeys, a least-privilege user (only its own subjects), tokens,
 //! and TLS with client certificates, each on a private nats-server with a configuration of its own; a Redis with
-//! a password and an ACL user limited to its own keys. The right credential serves and answers calls; a wrong
+//! a password and an ACL user limited to its own keys; an ActiveMQ of the test's own that requires a STOMP
+//! login. The right credential serves and answers calls; a wrong
 //! or missing one is refused with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an
 //! error or a `Debug`.
 
@@ -221,6 +222,32 @@ async fn rabbitmq_amqps_with_client_certificates() {
     assert!(matches!(no_certificate, Err(Error::InvalidArgument(_))), "{no_certificate:?}");
     let no_key = AmqpOptions::new().tls_client_pem(&certificate, b"not a key");
     assert!(matches!(no_key, Err(Error::InvalidArgument(_))), "{no_key:?}");
+}
+
+/// An ActiveMQ that requires a login (its simple authentication plugin, anonymous access off): the STOMP login
+/// and passcode in the URL serve and call; a wrong passcode and no login at all are refused with
+/// `Unauthorized`, and no error shows the passcode.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_activemq), ignore = "needs the activemq command: MQRPC_ACTIVEMQ (bash .ci/brokers)")]
+async fn activemq_stomp_login() {
+    let passcode = format!("pc-{}", Uuid::new_v4().simple());
+    let plugins = format!(
+        "<simpleAuthenticationPlugin anonymousAccessAllowed=\"false\"><users><authenticationUser \
+         username=\"tenant\" password=\"{passcode}\" groups=\"tenants\"/></users></simpleAuthenticationPlugin>"
+    );
+    let server = mqrpc_tests::activemq::PrivateActiveMq::start_with(&plugins, Some(("tenant", &passcode)));
+    let address = address_of(&server.url());
+    let url = format!("stomp://tenant:{passcode}@{address}/");
+    let worker: Arc<dyn Transport> = Arc::new(Stomp::connect(&url).await.expect("the tenant connects"));
+    let caller: Arc<dyn Transport> = Arc::new(Stomp::connect(&url).await.expect("the tenant connects"));
+    assert_eq!(call_through(worker, caller, "amqlogin").await, 5);
+
+    let wrong = Stomp::connect(&format!("stomp://tenant:not-{passcode}@{address}/")).await;
+    let error = refused(wrong, &[&passcode]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
+    let anonymous = Stomp::connect(&format!("stomp://{address}/")).await;
+    let error = refused(anonymous, &[&passcode]);
+    assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
 }
 
 // ---- NATS ------------------------------------------------------------------------------------------------------
