@@ -214,14 +214,18 @@ pub struct Amqp {
 impl fmt::Debug for Amqp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Amqp")
-            .field("url", &super::redact_url(&self.inner.url))
+            .field("urls", &self.inner.urls.iter().map(|url| super::redact_url(url)).collect::<Vec<_>>())
             .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
-    url: String,
+    /// The nodes' URLs: one node's, or a cluster's nodes to try in turn.
+    urls: Vec<String>,
+    /// The index in `urls` of the node to try first: the one last connected to, or the next after it once that
+    /// connection is lost.
+    first_url: AtomicUsize,
     options: AmqpOptions,
     conn: watch::Sender<Option<Arc<Conn>>>,
     topology: Mutex<Topology>,
@@ -430,9 +434,13 @@ impl Amqp {
     /// Connects to RabbitMQ at `url` (`amqp://user:password@host:port/vhost`, or `amqps://` for TLS) with the
     /// default options.
     ///
+    /// `url` is one node's, or a cluster's nodes separated by commas: the transport connects to the first that
+    /// answers, and after a connection is lost tries the next node first (the lost one may be down), going round
+    /// the list until one answers.
+    ///
     /// # Errors
-    /// [`Error::Transport`] when the broker cannot be reached, [`Error::Unauthorized`] when it refuses the
-    /// credentials.
+    /// [`Error::InvalidArgument`] for a `url` that names no node, [`Error::Transport`] when no node can be
+    /// reached, [`Error::Unauthorized`] when a node refuses the credentials.
     pub async fn connect(url: &str) -> Result<Amqp, Error> {
         Amqp::connect_with(url, AmqpOptions::default()).await
     }
@@ -442,9 +450,15 @@ impl Amqp {
     /// # Errors
     /// As [`Amqp::connect`].
     pub async fn connect_with(url: &str, options: AmqpOptions) -> Result<Amqp, Error> {
+        let urls: Vec<String> =
+            url.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect();
+        if urls.is_empty() {
+            return Err(Error::InvalidArgument("no RabbitMQ URL given".into()));
+        }
         let (conn, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            url: url.to_owned(),
+            urls,
+            first_url: AtomicUsize::new(0),
             options,
             conn,
             topology: Mutex::new(Topology::default()),

@@ -41,6 +41,27 @@ fn add_args(a: i64, b: i64) -> Vec<u8> {
     rmp_serde::to_vec_named(&BTreeMap::from([("a", a), ("b", b)])).expect("encodes")
 }
 
+/// A cluster's nodes as a URL list: a node that does not answer is passed over for the next, a worker and a
+/// caller given the list serve and call, and a list that names no node is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
+async fn an_amqp_url_list_skips_a_node_that_does_not_answer() {
+    use rpc_broker::adapter::amqp::Amqp;
+
+    let harness = AmqpHarness::from_env().available();
+    let namespace = namespace();
+    // Nothing listens on port 1.
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", harness.url());
+    let transport = Amqp::connect(&nodes).await.expect("connects to the node that answers");
+    assert!(!format!("{transport:?}").contains("guest:guest"), "Debug shows a password: {transport:?}");
+    let _worker = worker(Arc::new(transport), &namespace).await;
+    let caller = Client::builder(Amqp::connect(&nodes).await.expect("connects")).namespace(&namespace).connect().await;
+    let probe = ProbeClient::new(&caller.expect("a client"));
+    assert_eq!(probe.add(2, 3).timeout(WAIT).await.expect("answered"), 5);
+    let none = Amqp::connect(" , ").await;
+    assert!(matches!(none, Err(rpc_core::Error::InvalidArgument(_))), "{none:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
 async fn a_plain_amqp_client_calls_a_service() {

@@ -215,18 +215,49 @@ impl Inner {
         Ok(())
     }
 
+    /// Connects to the first node of [`Inner::urls`] that answers, from [`Inner::first_url`] on; the error of
+    /// the last node tried when none does (a refusal of the credentials before any other error).
     pub(super) async fn open(&self) -> Result<Conn, Error> {
+        let count = self.urls.len();
+        let first = self.first_url.load(Ordering::Relaxed) % count;
+        let mut failure = None;
+        for index in (first..count).chain(0..first) {
+            match self.open_at(&self.urls[index]).await {
+                Ok(conn) => {
+                    self.first_url.store(index, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(error) => {
+                    if count > 1 {
+                        tracing::debug!(%error, url = %super::super::redact_url(&self.urls[index]), "a RabbitMQ node did not take the connection");
+                    }
+                    if !matches!(failure, Some(Error::Unauthorized(_))) {
+                        failure = Some(error);
+                    }
+                }
+            }
+        }
+        Err(failure.unwrap_or(Error::Disconnected))
+    }
+
+    /// After the connection is lost: the next node is tried first.
+    pub(super) fn lost(&self) {
+        let count = self.urls.len();
+        let _ = self.first_url.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |index| Some((index + 1) % count));
+    }
+
+    async fn open_at(&self, url: &str) -> Result<Conn, Error> {
         let properties = ConnectionProperties::default().with_connection_name("mqrpc".into());
         let tls = &self.options.tls;
         let connection = if tls.roots.is_none() && tls.client.is_none() {
-            Connection::connect(&self.url, properties).await
+            Connection::connect(url, properties).await
         } else {
             let config = lapin::tcp::OwnedTLSConfig {
                 identity: tls.client.clone().map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
                 cert_chain: tls.roots.clone(),
             };
             let runtime = lapin::runtime::default_runtime().map_err(from_lapin)?;
-            Connection::connect_with_config(&self.url, properties, config, runtime).await
+            Connection::connect_with_config(url, properties, config, runtime).await
         }
         .map_err(from_lapin)?;
         let publisher = connection.create_channel().await.map_err(from_lapin)?;
@@ -284,6 +315,7 @@ pub(super) async fn supervise(inner: Weak<Inner>, mut events: futures::stream::B
         }
         strong.conn.send_replace(None);
         strong.losses.send_modify(|losses| *losses += 1);
+        strong.lost();
         let max_backoff = strong.options.max_backoff;
         drop(strong);
         let mut attempt = 0;
