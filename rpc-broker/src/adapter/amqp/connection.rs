@@ -229,7 +229,7 @@ impl Inner {
                 }
                 Err(error) => {
                     if count > 1 {
-                        tracing::debug!(%error, url = %super::super::redact_url(&self.urls[index]), "a RabbitMQ node did not take the connection");
+                        tracing::debug!(%error, url = %crate::adapter::redact_url(&self.urls[index]), "a RabbitMQ node did not take the connection");
                     }
                     if !matches!(failure, Some(Error::Unauthorized(_))) {
                         failure = Some(error);
