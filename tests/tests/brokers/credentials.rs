@@ -7,7 +7,6 @@
 //! or missing one is refused with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an
 //! error or a `Debug`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -57,13 +56,34 @@ fn refused<T>(result: Result<T, Error>, secrets: &[&str]) -> Error {
     error
 }
 
-/// Waits up to 20 s for the server `child`, named `what`, to listen on `port`; fails if it exits first.
-fn wait_for_port(child: &mut Child, port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(child.try_wait().expect("polls").is_none(), "{what} exited: is its configuration right?");
-        assert!(Instant::now() < deadline, "{what} did not listen within 20 s");
-        std::thread::sleep(Duration::from_millis(20));
+/// A server process of the test's own on a port of its own, with the directory it keeps its files in; killed
+/// when dropped.
+struct PrivateServer {
+    child: Child,
+    port: u16,
+    _directory: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    /// Spawns `command` (named `what`), its output dropped, and waits up to 20 s for it to listen on `port`;
+    /// fails if it exits first.
+    fn spawn(mut command: Command, port: u16, directory: tempfile::TempDir, what: &str) -> PrivateServer {
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("the server runs");
+        let mut server = PrivateServer { child, port, _directory: directory };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(server.child.try_wait().expect("polls").is_none(), "{what} exited: is its configuration right?");
+            assert!(Instant::now() < deadline, "{what} did not listen within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -252,40 +272,18 @@ async fn activemq_stomp_login() {
 
 // ---- NATS ------------------------------------------------------------------------------------------------------
 
-/// A nats-server of the test's own, with the configuration it was given.
-struct PrivateNats {
-    child: Child,
-    port: u16,
-    _directory: tempfile::TempDir,
+/// Starts a nats-server of the test's own with `configuration` (which has `PORT` where its port goes).
+fn private_nats(configuration: &str, directory: tempfile::TempDir) -> PrivateServer {
+    let port = mqrpc_tests::free_port();
+    let file = directory.path().join("nats.conf");
+    std::fs::write(&file, configuration.replace("PORT", &port.to_string())).expect("writes the configuration");
+    let mut command = Command::new(mqrpc_tests::required_url("MQRPC_NATS_SERVER"));
+    command.arg("-c").arg(&file);
+    PrivateServer::spawn(command, port, directory, "nats-server")
 }
 
-impl PrivateNats {
-    /// Starts nats-server with `configuration` (which has `PORT` where its port goes) and waits for its port.
-    fn start(configuration: &str, directory: tempfile::TempDir) -> PrivateNats {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let file = directory.path().join("nats.conf");
-        std::fs::write(&file, configuration.replace("PORT", &port.to_string())).expect("writes the configuration");
-        let mut child = Command::new(mqrpc_tests::required_url("MQRPC_NATS_SERVER"))
-            .arg("-c")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server runs");
-        wait_for_port(&mut child, port, "nats-server");
-        PrivateNats { child, port, _directory: directory }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn nats_url(server: &PrivateServer) -> String {
+    format!("nats://127.0.0.1:{}", server.port)
 }
 
 async fn nats(url: &str, options: NatsOptions) -> Result<Arc<dyn Transport>, Error> {
@@ -317,8 +315,8 @@ authorization {{
 "#,
         key.public_key()
     );
-    let server = PrivateNats::start(&configuration, tempfile::tempdir().expect("a directory"));
-    let url = server.url();
+    let server = private_nats(&configuration, tempfile::tempdir().expect("a directory"));
+    let url = nats_url(&server);
     let password = |user: &str, password: &str| {
         NatsOptions::new().auth(NatsAuth::UserPassword { user: user.into(), password: password.into() })
     };
@@ -353,13 +351,13 @@ authorization {{
 async fn nats_token() {
     let token = format!("token-{}", Uuid::new_v4().simple());
     let configuration = format!("listen: \"127.0.0.1:PORT\"\nauthorization {{ token: \"{token}\" }}\n");
-    let server = PrivateNats::start(&configuration, tempfile::tempdir().expect("a directory"));
+    let server = private_nats(&configuration, tempfile::tempdir().expect("a directory"));
     let with_token = NatsOptions::new().auth(NatsAuth::Token(token.clone()));
     assert!(!format!("{with_token:?}").contains(&token), "Debug shows the token: {with_token:?}");
-    let worker = nats(&server.url(), with_token.clone()).await.expect("connects");
-    let caller = nats(&server.url(), with_token).await.expect("connects");
+    let worker = nats(&nats_url(&server), with_token.clone()).await.expect("connects");
+    let caller = nats(&nats_url(&server), with_token).await.expect("connects");
     assert_eq!(call_through(worker, caller, "tokens").await, 5);
-    let wrong = nats(&server.url(), NatsOptions::new().auth(NatsAuth::Token(format!("not-{token}")))).await;
+    let wrong = nats(&nats_url(&server), NatsOptions::new().auth(NatsAuth::Token(format!("not-{token}")))).await;
     let error = refused(wrong, &[&token]);
     assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
 }
@@ -421,8 +419,8 @@ async fn nats_tls_with_client_certificates() {
         server_key.display(),
         ca_file.display()
     );
-    let server = PrivateNats::start(&configuration, directory);
-    let url = server.url();
+    let server = private_nats(&configuration, directory);
+    let url = nats_url(&server);
     let tls = NatsTls::new().root_certificates(&ca_file);
 
     let with_certificate = NatsOptions::new().tls(tls.clone().client_certificate(&client_certificate, &client_key));
@@ -447,41 +445,22 @@ async fn nats_tls_with_client_certificates() {
 
 // ---- Redis -----------------------------------------------------------------------------------------------------
 
-/// A redis-server of the test's own, without persistence, with `arguments` (configuration directives).
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-    _directory: tempfile::TempDir,
+/// Starts a redis-server of the test's own, without persistence, with `arguments` (configuration directives).
+fn private_redis(arguments: &[&str]) -> PrivateServer {
+    let directory = tempfile::tempdir().expect("a directory");
+    let port = mqrpc_tests::free_port();
+    let mut command = Command::new(mqrpc_tests::required_url("MQRPC_REDIS_SERVER"));
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(directory.path())
+        .args(arguments);
+    PrivateServer::spawn(command, port, directory, "redis-server")
 }
 
-impl PrivateRedis {
-    fn start(arguments: &[&str]) -> PrivateRedis {
-        let directory = tempfile::tempdir().expect("a directory");
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut child = Command::new(mqrpc_tests::required_url("MQRPC_REDIS_SERVER"))
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(directory.path())
-            .args(arguments)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        wait_for_port(&mut child, port, "redis-server");
-        PrivateRedis { child, port, _directory: directory }
-    }
-
-    /// The URL with `user` and `password` (an empty user is Redis's `default`).
-    fn url(&self, user: &str, password: &str) -> String {
-        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The URL of `server` with `user` and `password` (an empty user is Redis's `default`).
+fn redis_url(server: &PrivateServer, user: &str, password: &str) -> String {
+    format!("redis://{user}:{password}@127.0.0.1:{}", server.port)
 }
 
 async fn redis(url: &str, options: RedisStreamsOptions) -> Result<Arc<dyn Transport>, Error> {
@@ -495,7 +474,7 @@ async fn redis(url: &str, options: RedisStreamsOptions) -> Result<Arc<dyn Transp
 #[tokio::test]
 #[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
 async fn redis_password_and_an_acl_user_of_its_own_keys() {
-    let server = PrivateRedis::start(&[
+    let server = private_redis(&[
         "--requirepass",
         "default-secret",
         "--user",
@@ -506,12 +485,12 @@ async fn redis_password_and_an_acl_user_of_its_own_keys() {
         "&*",
         "+@all",
     ]);
-    let operator = server.url("", "default-secret");
+    let operator = redis_url(&server, "", "default-secret");
     let worker = redis(&operator, RedisStreamsOptions::new()).await.expect("the default user connects");
     let caller = redis(&operator, RedisStreamsOptions::new()).await.expect("the default user connects");
     assert_eq!(call_through(worker, caller, "redis").await, 5);
 
-    let tenant = server.url("tenant", "tenant-secret");
+    let tenant = redis_url(&server, "tenant", "tenant-secret");
     let own_keys = || RedisStreamsOptions::new().prefix("tenant:");
     let worker = redis(&tenant, own_keys()).await.expect("the tenant connects");
     let caller = redis(&tenant, own_keys()).await.expect("the tenant connects");
@@ -522,7 +501,7 @@ async fn redis_password_and_an_acl_user_of_its_own_keys() {
     let error = refused(Client::builder(elsewhere).connect().await, &["tenant-secret"]);
     assert!(matches!(error, Error::Forbidden(_)), "{error:?}");
 
-    for url in [server.url("", "not-the-secret"), server.url("tenant", "default-secret")] {
+    for url in [redis_url(&server, "", "not-the-secret"), redis_url(&server, "tenant", "default-secret")] {
         let error = refused(redis(&url, RedisStreamsOptions::new()).await, &["not-the-secret", "default-secret"]);
         assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
         let error = refused(RedisDedup::connect(&url).await, &["not-the-secret", "default-secret"]);
