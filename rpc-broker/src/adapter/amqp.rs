@@ -170,7 +170,7 @@ impl AmqpOptions {
     /// # Errors
     /// [`Error::InvalidArgument`] when `pem` holds no certificate.
     pub fn tls_roots_pem(mut self, pem: &[u8]) -> Result<AmqpOptions, Error> {
-        certificates(pem)?;
+        super::check_certificates(pem)?;
         let text = std::str::from_utf8(pem)
             .map_err(|_| Error::InvalidArgument("the certificates' PEM is not UTF-8 text".into()))?;
         let roots = self.tls.roots.get_or_insert_with(String::new);
@@ -185,24 +185,10 @@ impl AmqpOptions {
     /// # Errors
     /// [`Error::InvalidArgument`] when the PEM holds no certificate or no key.
     pub fn tls_client_pem(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Result<AmqpOptions, Error> {
-        use rustls_pki_types::pem::PemObject;
-        certificates(cert_pem)?;
-        rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|error| Error::InvalidArgument(format!("cannot read the private key: {error}")))?;
+        super::check_client_pem(cert_pem, key_pem)?;
         self.tls.client = Some((cert_pem.to_vec(), key_pem.to_vec()));
         Ok(self)
     }
-}
-
-/// Checks that `pem` holds at least one certificate, all readable.
-fn certificates(pem: &[u8]) -> Result<(), Error> {
-    use rustls_pki_types::pem::PemObject;
-    let mut found = false;
-    for certificate in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-        certificate.map_err(|error| Error::InvalidArgument(format!("cannot read the certificates: {error}")))?;
-        found = true;
-    }
-    if found { Ok(()) } else { Err(Error::InvalidArgument("no certificate in the PEM".into())) }
 }
 
 /// A transport on RabbitMQ. Cheap to clone: clones share one supervised connection.

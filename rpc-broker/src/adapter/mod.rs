@@ -85,6 +85,29 @@ pub mod headers {
     pub const UNBOUNDED_QUEUE: &str = "mqrpc-unbounded-queue";
 }
 
+/// Checks that `pem` holds at least one certificate, all readable.
+#[cfg(any(feature = "amqp", feature = "redis"))]
+pub(crate) fn check_certificates(pem: &[u8]) -> Result<(), rpc_core::Error> {
+    use rustls_pki_types::pem::PemObject;
+    let mut found = false;
+    for certificate in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        certificate
+            .map_err(|error| rpc_core::Error::InvalidArgument(format!("cannot read the certificates: {error}")))?;
+        found = true;
+    }
+    if found { Ok(()) } else { Err(rpc_core::Error::InvalidArgument("no certificate in the PEM".into())) }
+}
+
+/// Checks that `cert_pem` holds a certificate chain and `key_pem` a private key, both readable.
+#[cfg(any(feature = "amqp", feature = "redis"))]
+pub(crate) fn check_client_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), rpc_core::Error> {
+    use rustls_pki_types::pem::PemObject;
+    check_certificates(cert_pem)?;
+    rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|error| rpc_core::Error::InvalidArgument(format!("cannot read the private key: {error}")))?;
+    Ok(())
+}
+
 /// Refuses a message published with a delay: the broker has no delayed delivery of its own, and sending it
 /// at once would ignore what the caller asked.
 pub(crate) fn refuse_delay(envelope: &rpc_core::Envelope) -> Result<(), rpc_core::Error> {

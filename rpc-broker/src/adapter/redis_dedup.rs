@@ -30,6 +30,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::redis_streams::RedisTls;
 use ::redis::aio::ConnectionManager;
 use ::redis::{AsyncCommands, Script, SetExpiry, SetOptions};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -109,19 +110,23 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl RedisDedup {
-    /// Connects to the Redis at `url` (`redis://host:port/db`); the connection reconnects by itself.
+    /// Connects to the Redis at `url` (`redis://host:port/db`, `redis://user:password@host:port/db`, `rediss://`
+    /// for TLS trusting the system's roots); the connection reconnects by itself.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a bad URL, [`Error::Transport`] when Redis cannot be reached.
+    /// [`Error::InvalidArgument`] for a bad URL, [`Error::Transport`] naming the address and the cause when Redis
+    /// cannot be reached, [`Error::Unauthorized`] for a refused password.
     pub async fn connect(url: &str) -> Result<RedisDedup, Error> {
-        let client = ::redis::Client::open(url)
-            .map_err(|error| Error::InvalidArgument(format!("redis url `{}`: {error}", super::redact_url(url))))?;
-        // One plain connection first: the manager retries a refused credential with backoff, for seconds.
-        if let Err(error) = client.get_multiplexed_async_connection().await
-            && let Some(refused) = super::redis_streams::refusal(&error)
-        {
-            return Err(refused);
-        }
+        RedisDedup::connect_with_tls(url, &RedisTls::new()).await
+    }
+
+    /// Connects to the Redis at a `rediss://` `url` with the TLS settings `tls`.
+    ///
+    /// # Errors
+    /// As [`RedisDedup::connect`]; [`Error::InvalidArgument`] also for TLS settings with a `redis://` URL.
+    pub async fn connect_with_tls(url: &str, tls: &RedisTls) -> Result<RedisDedup, Error> {
+        let client = tls.client(url)?;
+        super::redis_streams::first_connection(&client, url).await?;
         let connection = ConnectionManager::new(client).await.map_err(redis_error)?;
         Ok(RedisDedup {
             connection,

@@ -57,6 +57,11 @@
 //!
 //! Refused with [`Error::Unsupported`]: priorities; delayed broadcasts and replies.
 //!
+//! **Credentials and TLS**: the URL's password or ACL user (`redis://user:password@host:port`); `rediss://`
+//! for TLS, trusting the system's roots or, instead, those of [`RedisTls::roots_pem`], and presenting the client
+//! certificate of [`RedisTls::client_pem`] to a Redis that verifies clients (`tls-auth-clients yes`). Refusals
+//! are [`Error::Unauthorized`] and [`Error::Forbidden`]; no error or `Debug` output shows a password or key.
+//!
 //! **Durability** is Redis's: without persistence a restart loses every stream. With `appendonly yes` and
 //! `appendfsync always`, what a publish returned for is on disk; `appendfsync everysec` may lose the last
 //! second on a crash of the machine (not of Redis alone).
@@ -120,6 +125,82 @@ pub struct RedisStreamsOptions {
     /// address that is not an mqrpc inbox always goes as fields. Fields are readable with `redis-cli`; one field
     /// costs both ends and Redis less to write and parse.
     pub compact: bool,
+    /// The TLS settings of a `rediss://` URL.
+    pub tls: RedisTls,
+}
+
+/// The TLS settings of a `rediss://` connection, for [`RedisStreamsOptions::tls`] and
+/// [`RedisDedup::connect_with_tls`](super::redis_dedup::RedisDedup::connect_with_tls). Without any, a
+/// `rediss://` connection trusts the system's roots. Its `Debug` shows no key.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// PEM certificates trusted as roots, instead of the system's.
+    roots: Option<Vec<u8>>,
+    /// The client's certificate chain and private key, both PEM.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("roots", &self.roots.is_some())
+            .field("client", &self.client.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl RedisTls {
+    /// No settings: the system's roots, no client certificate.
+    pub fn new() -> RedisTls {
+        RedisTls::default()
+    }
+
+    /// Trusts the certificates in `pem` (PEM text, one or more) as roots, instead of the system's: a Redis
+    /// whose certificate a private authority issued.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `pem` holds no certificate.
+    pub fn roots_pem(mut self, pem: &[u8]) -> Result<RedisTls, Error> {
+        adapter::check_certificates(pem)?;
+        let roots = self.roots.get_or_insert_with(Vec::new);
+        roots.extend_from_slice(pem);
+        roots.push(b'\n');
+        Ok(self)
+    }
+
+    /// Presents the certificate chain in `cert_pem` and the private key in `key_pem` (PEM text) when Redis
+    /// verifies clients (`tls-auth-clients yes`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the PEM holds no certificate or no key.
+    pub fn client_pem(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Result<RedisTls, Error> {
+        adapter::check_client_pem(cert_pem, key_pem)?;
+        self.client = Some((cert_pem.to_vec(), key_pem.to_vec()));
+        Ok(self)
+    }
+
+    /// A client of the Redis at `url` with these settings.
+    pub(crate) fn client(&self, url: &str) -> Result<redis::Client, Error> {
+        let invalid =
+            |error: redis::RedisError| Error::InvalidArgument(format!("{}: {error}", adapter::redact_url(url)));
+        if self.roots.is_none() && self.client.is_none() {
+            return redis::Client::open(url).map_err(invalid);
+        }
+        if !url.starts_with("rediss://") {
+            return Err(Error::InvalidArgument(format!(
+                "{}: TLS settings need a `rediss://` URL",
+                adapter::redact_url(url)
+            )));
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig { client_cert: cert.clone(), client_key: key.clone() }),
+            root_cert: self.roots.clone(),
+        };
+        redis::Client::build_with_tls(url, certificates).map_err(invalid)
+    }
 }
 
 impl Default for RedisStreamsOptions {
@@ -131,6 +212,7 @@ impl Default for RedisStreamsOptions {
             topic_max_len: 10_000,
             limits: Limits::default(),
             compact: true,
+            tls: RedisTls::default(),
         }
     }
 }
@@ -156,6 +238,12 @@ impl RedisStreamsOptions {
     /// Sets [`RedisStreamsOptions::compact`].
     pub fn compact(mut self, compact: bool) -> RedisStreamsOptions {
         self.compact = compact;
+        self
+    }
+
+    /// Sets [`RedisStreamsOptions::tls`].
+    pub fn tls(mut self, tls: RedisTls) -> RedisStreamsOptions {
+        self.tls = tls;
         self
     }
 
@@ -234,6 +322,19 @@ pub(crate) fn refusal(error: &redis::RedisError) -> Option<Error> {
         .into_server_errors()
         .is_some_and(|errors| errors.iter().any(|(_, error)| error.kind() == Some(redis::ServerErrorKind::NoPerm)));
     no_perm.then(|| Error::Forbidden(format!("Redis: {error}")))
+}
+
+/// One plain connection to Redis before the supervised ones, whose manager retries any failure with backoff for
+/// seconds: a refused credential is [`Error::Unauthorized`] or [`Error::Forbidden`] at once, and any other
+/// failure (nothing listening, a TLS handshake refused either way) an [`Error::Transport`] naming the address
+/// and the cause.
+pub(crate) async fn first_connection(client: &redis::Client, url: &str) -> Result<(), Error> {
+    match client.get_multiplexed_async_connection().await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(refusal(&error).unwrap_or_else(|| {
+            Error::Transport(format!("cannot connect to Redis at {}: {error}", adapter::redact_url(url)).into())
+        })),
+    }
 }
 
 pub(crate) fn redis_error(error: redis::RedisError) -> Error {
@@ -479,11 +580,12 @@ pub(super) fn delayed_member(envelope: &Envelope) -> String {
 
 impl RedisStreams {
     /// Connects to the Redis at `url` (`redis://host:port/db`; `redis://:password@host:port` for a password,
-    /// `redis://user:password@host:port` for an ACL user) with the default options. An ACL user limited to some
-    /// keys works under a [`RedisStreamsOptions::prefix`] its key patterns allow.
+    /// `redis://user:password@host:port` for an ACL user, `rediss://` for TLS) with the default options. An ACL
+    /// user limited to some keys works under a [`RedisStreamsOptions::prefix`] its key patterns allow.
     ///
     /// # Errors
-    /// [`Error::Disconnected`] when Redis cannot be reached; [`Error::InvalidArgument`] for a bad URL;
+    /// [`Error::Transport`] naming the address and the cause when Redis cannot be reached or the TLS handshake
+    /// fails; [`Error::InvalidArgument`] for a bad URL, or TLS settings with a `redis://` one;
     /// [`Error::Unauthorized`] for a refused password. A command or key the user may not use fails with
     /// [`Error::Forbidden`].
     pub async fn connect(url: &str) -> Result<RedisStreams, Error> {
@@ -495,17 +597,11 @@ impl RedisStreams {
     /// # Errors
     /// As [`RedisStreams::connect`].
     pub async fn connect_with(url: &str, options: RedisStreamsOptions) -> Result<RedisStreams, Error> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Error::InvalidArgument(format!("{}: {error}", adapter::redact_url(url))))?;
+        let client = options.tls.client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_connection_timeout(Some(Duration::from_secs(5)));
-        // One plain connection first: the manager retries a refused credential with backoff, for seconds.
-        if let Err(error) = client.get_multiplexed_async_connection().await
-            && let Some(refused) = refusal(&error)
-        {
-            return Err(refused);
-        }
+        first_connection(&client, url).await?;
         let commands = ConnectionManager::new_with_config(client.clone(), config).await.map_err(redis_error)?;
         Ok(RedisStreams {
             inner: Arc::new(Inner {

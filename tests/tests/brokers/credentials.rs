@@ -2,7 +2,7 @@
 //! its own virtual host (over AMQP and over STOMP) and `amqps://` with client certificates on a RabbitMQ node of
 //! the test's own; NATS users with passwords and NKeys, a least-privilege user (only its own subjects), tokens,
 //! and TLS with client certificates, each on a private nats-server with a configuration of its own; a Redis with
-//! a password and an ACL user limited to its own keys; an ActiveMQ of the test's own that requires a STOMP
+//! a password and an ACL user limited to its own keys, and one that takes only TLS with client certificates; an ActiveMQ of the test's own that requires a STOMP
 //! login. The right credential serves and answers calls; a wrong
 //! or missing one is refused with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an
 //! error or a `Debug`.
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rpc_broker::adapter::amqp::{Amqp, AmqpOptions};
 use rpc_broker::adapter::nats::{Nats, NatsAuth, NatsOptions, NatsTls};
 use rpc_broker::adapter::redis_dedup::RedisDedup;
-use rpc_broker::adapter::redis_streams::{RedisStreams, RedisStreamsOptions};
+use rpc_broker::adapter::redis_streams::{RedisStreams, RedisStreamsOptions, RedisTls};
 use rpc_broker::adapter::stomp::Stomp;
 use rpc_core::transport::Transport;
 use rpc_core::{Client, Error, Server};
@@ -447,14 +447,19 @@ async fn nats_tls_with_client_certificates() {
 
 /// Starts a redis-server of the test's own, without persistence, with `arguments` (configuration directives).
 fn private_redis(arguments: &[&str]) -> PrivateServer {
-    let directory = tempfile::tempdir().expect("a directory");
     let port = mqrpc_tests::free_port();
+    let mut all = vec!["--port".to_owned(), port.to_string()];
+    all.extend(arguments.iter().map(|argument| (*argument).to_owned()));
+    private_redis_on(port, &all)
+}
+
+/// Starts a redis-server of the test's own, without persistence, with `arguments`, which make it listen on
+/// `port`.
+fn private_redis_on(port: u16, arguments: &[String]) -> PrivateServer {
+    let directory = tempfile::tempdir().expect("a directory");
     let mut command = Command::new(mqrpc_tests::required_url("MQRPC_REDIS_SERVER"));
-    command
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(directory.path())
-        .args(arguments);
+    command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(directory.path());
+    command.args(arguments);
     PrivateServer::spawn(command, port, directory, "redis-server")
 }
 
@@ -507,4 +512,86 @@ async fn redis_password_and_an_acl_user_of_its_own_keys() {
         let error = refused(RedisDedup::connect(&url).await, &["not-the-secret", "default-secret"]);
         assert!(matches!(error, Error::Unauthorized(_)), "{error:?}");
     }
+}
+
+/// A Redis that takes only TLS and verifies client certificates (`tls-auth-clients yes`), with a password: a
+/// client that trusts its authority and presents a certificate it signed serves and calls, and so does the dedup
+/// store; one without a client certificate, one that does not trust the server's authority and one without TLS
+/// are refused at once with the address and the cause; TLS settings with a `redis://` URL are an `InvalidArgument`; no error or `Debug` shows the key or
+/// the password.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
+async fn redis_tls_with_client_certificates() {
+    let certificates = tempfile::tempdir().expect("a directory");
+    let authority = Authority::new();
+    let ca_file = certificates.path().join("ca.pem");
+    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
+    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
+    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let port = mqrpc_tests::free_port();
+    let path = |path: &Path| path.display().to_string();
+    let arguments = [
+        "--port".to_owned(),
+        "0".to_owned(),
+        "--tls-port".to_owned(),
+        port.to_string(),
+        "--tls-cert-file".to_owned(),
+        path(&server_certificate),
+        "--tls-key-file".to_owned(),
+        path(&server_key),
+        "--tls-ca-cert-file".to_owned(),
+        path(&ca_file),
+        "--tls-auth-clients".to_owned(),
+        "yes".to_owned(),
+        "--requirepass".to_owned(),
+        "tls-secret".to_owned(),
+    ];
+    let _server = private_redis_on(port, &arguments);
+    let url = format!("rediss://:tls-secret@127.0.0.1:{port}");
+    let read = |path: &Path| std::fs::read(path).expect("reads");
+    let (ca, certificate, key) = (read(&ca_file), read(&client_certificate), read(&client_key));
+    let trusted = RedisTls::new().roots_pem(&ca).expect("a certificate");
+    let with_certificate = trusted.clone().client_pem(&certificate, &key).expect("a certificate and a key");
+    let key_text = String::from_utf8_lossy(&key).into_owned();
+    let body = key_text.lines().nth(1).expect("the key's first line");
+    assert!(!format!("{with_certificate:?}").contains(body), "Debug shows the key: {with_certificate:?}");
+
+    let options = || RedisStreamsOptions::new().tls(with_certificate.clone());
+    let worker = redis(&url, options()).await.expect("connects with its certificate");
+    let caller = redis(&url, options()).await.expect("connects with its certificate");
+    assert_eq!(call_through(worker, caller, "redis-tls").await, 5);
+    RedisDedup::connect_with_tls(&url, &with_certificate).await.expect("the dedup store connects with its certificate");
+
+    let other = Authority::new();
+    let untrusting = RedisTls::new()
+        .roots_pem(other.certificate.pem().as_bytes())
+        .and_then(|tls| tls.client_pem(&certificate, &key))
+        .expect("a certificate and a key");
+    let plain = format!("redis://:tls-secret@127.0.0.1:{port}");
+    let refusals = [
+        ("no client certificate", url.clone(), trusted),
+        ("a server it does not trust", url.clone(), untrusting),
+        ("no TLS", plain.clone(), RedisTls::new()),
+    ];
+    for (case, url, tls) in refusals {
+        let attempt = tokio::time::timeout(WAIT, redis(&url, RedisStreamsOptions::new().tls(tls.clone())))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: not refused in time"));
+        let transport = refused(attempt, &["tls-secret", body]);
+        let attempt = tokio::time::timeout(WAIT, RedisDedup::connect_with_tls(&url, &tls))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the dedup store not refused in time"));
+        let dedup = refused(attempt, &["tls-secret", body]);
+        for error in [transport, dedup] {
+            let named =
+                matches!(&error, Error::Transport(cause) if cause.to_string().contains(&format!("127.0.0.1:{port}")));
+            assert!(named, "{case}: not a transport error naming the address: {error:?}");
+        }
+    }
+    let mismatched = redis(&plain, options()).await;
+    assert!(matches!(refused(mismatched, &["tls-secret"]), Error::InvalidArgument(_)), "TLS settings with redis://");
+    let no_certificate = RedisTls::new().roots_pem(b"not a certificate");
+    assert!(matches!(no_certificate, Err(Error::InvalidArgument(_))), "{no_certificate:?}");
+    let no_key = RedisTls::new().client_pem(&certificate, b"not a key");
+    assert!(matches!(no_key, Err(Error::InvalidArgument(_))), "{no_key:?}");
 }
