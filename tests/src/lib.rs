@@ -8,6 +8,7 @@
 //! ```
 
 pub mod activemq;
+pub mod kafka;
 pub mod otel;
 pub mod prometheus;
 pub mod rabbit;

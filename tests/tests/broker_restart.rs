@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqrpc_tests::activemq::PrivateActiveMq;
+use mqrpc_tests::kafka::PrivateTansu;
 use mqrpc_tests::on_a_free_port;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
 use mqrpc_tests::{AmqpHarness, Available, Harness, KafkaHarness, NatsHarness, RedisStreamsHarness, StompHarness};
@@ -284,49 +285,6 @@ async fn restart_activemq(server: &std::sync::Mutex<PrivateActiveMq>) {
         std::thread::sleep(Duration::from_secs(1));
         server.spawn().expect("ActiveMQ starts again on its port");
     });
-}
-
-/// A tansu (Kafka) broker of the test's own, on a free port, with memory storage. It advertises `advertised` as its
-/// address, where clients reach it through a [`Relay`].
-struct PrivateTansu {
-    port: u16,
-    child: Child,
-}
-
-impl PrivateTansu {
-    fn start(binary: &str, advertised: u16) -> PrivateTansu {
-        on_a_free_port("tansu", |port| PrivateTansu::spawn(binary, port, advertised))
-    }
-
-    /// Starts the broker and waits until it says it is ready.
-    fn spawn(binary: &str, port: u16, advertised: u16) -> std::io::Result<PrivateTansu> {
-        use std::io::{BufRead, BufReader};
-
-        let child = Command::new(binary)
-            .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
-            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{advertised}")])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut server = PrivateTansu { port, child };
-        let stdout = server.child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?;
-        // It prints `ready in ...` once it listens, or exits (the port was taken).
-        for line in BufReader::new(stdout).lines() {
-            if line?.starts_with("ready in") {
-                return Ok(server);
-            }
-        }
-        let status = server.child.wait()?;
-        Err(std::io::Error::other(format!("tansu exited before it was ready: {status}")))
-    }
-}
-
-impl Drop for PrivateTansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A TCP relay in front of a broker on loopback. [`Relay::cut`] drops every connection through it and refuses new

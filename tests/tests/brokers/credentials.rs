@@ -3,7 +3,7 @@
 //! the test's own; NATS users with passwords and NKeys, a least-privilege user (only its own subjects), tokens,
 //! and TLS with client certificates, each on a private nats-server with a configuration of its own; a Redis with
 //! a password and an ACL user limited to its own keys, and one that takes only TLS with client certificates; an ActiveMQ of the test's own that requires a STOMP
-//! login. The right credential serves and answers calls; a wrong
+//! login; a Kafka (tansu) behind a TLS terminator that verifies client certificates. The right credential serves and answers calls; a wrong
 //! or missing one is refused with `Unauthorized` (or, for TLS, a connection error), and no secret appears in an
 //! error or a `Debug`.
 
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rpc_broker::adapter::amqp::{Amqp, AmqpOptions};
+use rpc_broker::adapter::kafka::{Kafka, KafkaOptions};
 use rpc_broker::adapter::nats::{Nats, NatsAuth, NatsOptions, NatsTls};
 use rpc_broker::adapter::redis_dedup::RedisDedup;
 use rpc_broker::adapter::redis_streams::{RedisStreams, RedisStreamsOptions, RedisTls};
@@ -594,4 +595,107 @@ async fn redis_tls_with_client_certificates() {
     assert!(matches!(no_certificate, Err(Error::InvalidArgument(_))), "{no_certificate:?}");
     let no_key = RedisTls::new().client_pem(&certificate, b"not a key");
     assert!(matches!(no_key, Err(Error::InvalidArgument(_))), "{no_key:?}");
+}
+
+// ---- Kafka -----------------------------------------------------------------------------------------------------
+
+/// A TLS terminator in front of a broker that speaks plain TCP on loopback: it takes TLS on its own port,
+/// requires a client certificate its authority signed, and relays the bytes to the broker's port. What a
+/// Kafka with an `SSL` listener is to its clients, for a broker (tansu 0.6) that has none.
+struct TlsTerminator {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsTerminator {
+    /// Serves `listener` with the certificate and key in `certificate` and `key`, verifying clients against the
+    /// authority in `client_ca`, relaying to 127.0.0.1:`target`.
+    fn start(listener: tokio::net::TcpListener, certificate: &Path, key: &Path, client_ca: &Path, target: u16) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for authority in CertificateDer::pem_file_iter(client_ca).expect("reads") {
+            roots.add(authority.expect("a certificate")).expect("a root");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .expect("a verifier");
+        let chain = CertificateDer::pem_file_iter(certificate).expect("reads").map(|c| c.expect("a certificate"));
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.collect(), PrivateKeyDer::from_pem_file(key).expect("a key"))
+            .expect("a server configuration");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A refused handshake ends the connection, as the broker's own TLS listener would.
+                    let Ok(mut tls) = acceptor.accept(socket).await else { return };
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                    }
+                });
+            }
+        });
+        TlsTerminator { task }
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Kafka over TLS with client certificates, through librdkafka's own properties (`security.protocol=SSL`, the
+/// authority and the client's certificate and key as PEM): a worker and a client that present a certificate
+/// the listener's authority signed serve and call; one without a client certificate and one that does not
+/// trust the listener's authority are refused; `Debug` shows no key. tansu 0.6 has no TLS listener of its own
+/// (its `--cert` is read and never used), so the listener is a TLS terminator in front of a private tansu that
+/// advertises the terminator's port, as a Kafka's `SSL` listener is in front of its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_tansu), ignore = "needs a tansu binary: MQRPC_TANSU (bash .ci/brokers)")]
+async fn kafka_tls_with_client_certificates() {
+    let certificates = tempfile::tempdir().expect("a directory");
+    let authority = Authority::new();
+    let ca_file = certificates.path().join("ca.pem");
+    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
+    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
+    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let port = listener.local_addr().expect("an address").port();
+    let tansu = mqrpc_tests::kafka::PrivateTansu::start(&mqrpc_tests::required_url("MQRPC_TANSU"), port);
+    let _terminator = TlsTerminator::start(listener, &server_certificate, &server_key, &ca_file, tansu.port);
+    let brokers = format!("127.0.0.1:{port}");
+    let read = |path: &Path| std::fs::read_to_string(path).expect("reads");
+    let (ca, certificate, key) = (read(&ca_file), read(&client_certificate), read(&client_key));
+    let tls = |ca: &str| KafkaOptions::new().property("security.protocol", "SSL").property("ssl.ca.pem", ca);
+    let with_certificate =
+        tls(&ca).property("ssl.certificate.pem", certificate.as_str()).property("ssl.key.pem", key.as_str());
+    let body = key.lines().nth(1).expect("the key's first line");
+    assert!(!format!("{with_certificate:?}").contains(body), "Debug shows the key: {with_certificate:?}");
+
+    let worker: Arc<dyn Transport> =
+        Arc::new(Kafka::connect_with(&brokers, with_certificate.clone()).await.expect("connects with its certificate"));
+    let caller: Arc<dyn Transport> =
+        Arc::new(Kafka::connect_with(&brokers, with_certificate).await.expect("connects with its certificate"));
+    assert_eq!(call_through(worker, caller, "kafka-tls").await, 5);
+
+    let other = Authority::new().certificate.pem();
+    let refusals = [
+        ("no client certificate", tls(&ca)),
+        (
+            "a listener it does not trust",
+            tls(&other).property("ssl.certificate.pem", certificate.as_str()).property("ssl.key.pem", key.as_str()),
+        ),
+    ];
+    for (case, options) in refusals {
+        let attempt = tokio::time::timeout(WAIT, Kafka::connect_with(&brokers, options))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: not refused in time"));
+        refused(attempt, &[body]);
+    }
 }
