@@ -116,12 +116,17 @@ enum Dlq {
 
 #[derive(clap::Args)]
 struct Connect {
-    /// The broker's URL: mqrpc://[token@]host:port, or mqrpcs:// for TLS.
+    /// The broker's URL: mqrpc://[token@]host:port, or mqrpcs:// for TLS; `call`, `ping`, `dlq` and `delete`
+    /// also take the schemes of the adapters built in (amqp://, nats://, kafka://, redis://, stomp://, zmq://).
     #[arg(long, env = "MQRPC_BROKER", default_value = "mqrpc://127.0.0.1:7878")]
     broker: String,
     /// A PEM file of certificates to trust for mqrpcs://.
     #[arg(long, env = "MQRPC_CA")]
     ca: Option<PathBuf>,
+    /// With nats://, the services' JetStream streams (servers made with `NatsOptions::jetstream()`) rather
+    /// than core NATS, which holds no queue.
+    #[arg(long, env = "MQRPC_JETSTREAM")]
+    jetstream: bool,
 }
 
 #[derive(clap::Args)]
@@ -417,7 +422,9 @@ async fn transport(target: &Connect) -> Result<Arc<dyn rpc_core::Transport>, Str
         }
         #[cfg(feature = "nats")]
         "nats" | "tls" => {
-            Ok(Arc::new(rpc_broker::adapter::nats::Nats::connect(url).await.map_err(|error| unreachable(url, &error))?))
+            use rpc_broker::adapter::nats::{Nats, NatsOptions};
+            let options = if target.jetstream { NatsOptions::jetstream() } else { NatsOptions::new() };
+            Ok(Arc::new(Nats::connect_with(url, options).await.map_err(|error| unreachable(url, &error))?))
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
@@ -556,11 +563,10 @@ async fn call(
 }
 
 async fn delete(target: &Connect, queues: &[String]) -> Result<(), String> {
-    use rpc_core::Transport;
-    let remote = connect(target).await?;
+    let transport = transport(target).await?;
     for queue in queues {
         for name in [queue.clone(), naming::dead_letter_queue(queue)] {
-            remote.delete_queue(&name).await.map_err(|error| format!("deleting `{name}`: {error}"))?;
+            transport.delete_queue(&name).await.map_err(|error| format!("deleting `{name}`: {error}"))?;
         }
         println!("deleted {queue} and {}", naming::dead_letter_queue(queue));
     }
@@ -570,8 +576,7 @@ async fn delete(target: &Connect, queues: &[String]) -> Result<(), String> {
 async fn dead_letters(target: &Connect, queue: &str, replay: bool) -> Result<(), String> {
     /// Dead letters handled per run: a listing holds them all unacked until it is done.
     const MOST: usize = 10_000;
-    let remote = connect(target).await?;
-    let dead = DeadLetters::of_queue(remote, queue);
+    let dead = DeadLetters::of_queue(transport(target).await?, queue);
     if replay {
         let count = dead.replay(MOST).await.map_err(|error| format!("replaying onto {queue}: {error}"))?;
         println!("replayed {count} message(s) from {} onto {queue}", dead.dead_letter_queue());
