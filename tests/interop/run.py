@@ -1702,13 +1702,14 @@ CHECKS = {
                check_worker_alive],
     "rabbitmq": [check_result, check_result_named_reply_queue, check_application_error, check_unknown_method,
                  check_bad_arguments, check_positional_arguments, check_deadline_propagates,
-                 check_deadline_from_expiration, check_garbage_body, check_missing_method, check_expired_deadline,
+                 check_deadline_from_expiration, check_garbage_body, check_missing_method, check_status_on_request,
+                 check_expired_deadline,
                  check_old_send_time, check_expired_expiration, check_oneway, check_concurrent_canonical_ids,
                  check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
                  check_concurrent, check_worker_alive],
     "nats": [check_result, check_result_mqrpc_form, check_application_error, check_unknown_method,
              check_bad_arguments, check_positional_arguments, check_deadline_propagates, check_garbage_body,
-             check_missing_method, check_mqrpc_form_garbage,
+             check_missing_method, check_status_on_request, check_mqrpc_form_garbage,
              check_mqrpc_form_not_envelope, check_mqrpc_form_wrong_version, check_expired_deadline,
              check_old_send_time, check_old_send_time_mqrpc_form, check_oneway, check_concurrent_canonical_ids,
              check_correlation_upper_case_uuid, check_correlation_non_uuid, check_concurrent, check_worker_alive],
@@ -1716,7 +1717,7 @@ CHECKS = {
     # adapters.md allows ("the broker's storage time or the sender's mqrpc-sent-at-ms").
     "jetstream": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
                   check_positional_arguments, check_deadline_propagates, check_garbage_body, check_missing_method,
-                  check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
+                  check_status_on_request, check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
                   check_correlation_upper_case_uuid, check_correlation_non_uuid, check_concurrent, check_worker_alive],
     # Kafka: the time queued counts from the record's timestamp (old_record_timestamp), `mqrpc-sent-at-ms` is not
     # read; no header carries the envelope's version, so no wrong_version.

@@ -332,6 +332,59 @@ async fn a_plain_jetstream_client_calls_a_service() {
     mqrpc_tests::eventually("the request to be handled", WAIT, || server.stats().handled == 1).await;
 }
 
+/// What a plain client meets on JetStream (docs/conformance.md): a stream message without `mqrpc-reply-to` is a
+/// oneway call, run and acked (nothing stays pending); a plain core-NATS request to a subject a stream captures
+/// gets the stream's PubAck as its reply; and a bounded queue counts a message handed out and not yet acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
+async fn a_jetstream_message_without_a_reply_address_is_a_oneway_call_and_acked() {
+    let harness = NatsHarness::jetstream().available();
+    let namespace = namespace();
+    let transport = harness.connect().await;
+    let server = worker(Arc::clone(&transport), &namespace).await;
+    let subject = naming::service_queue(Some(&namespace), "suite.Probe");
+    let client = async_nats::connect(harness.url()).await.expect("connects");
+    let jetstream = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("mqrpc-method", "record");
+    let arguments = rmp_serde::to_vec_named(&BTreeMap::from([("n", 7)])).expect("encodes");
+    jetstream
+        .publish_with_headers(subject.clone(), headers, arguments.into())
+        .await
+        .expect("publishes")
+        .await
+        .expect("stored");
+    mqrpc_tests::eventually("the oneway call to be handled", WAIT, || server.stats().handled == 1).await;
+    mqrpc_tests::eventually_async("the stream to hold nothing pending or unacked", WAIT, || async {
+        transport.queue_stats(&subject).await.is_ok_and(|stats| stats.ready == 0 && stats.unacked == 0)
+    })
+    .await;
+
+    // A core request to the captured subject: the stream stores it and answers with its PubAck.
+    let reply = client.request(subject.clone(), add_args(1, 2).into()).await.expect("a reply");
+    assert!(reply.payload.starts_with(b"{\"stream\":"), "not the stream's PubAck: {:?}", reply.payload);
+    mqrpc_tests::eventually("the stored request to run too", WAIT, || server.stats().handled == 2).await;
+    server.shutdown(Duration::from_secs(5)).await;
+
+    // A queue of at most 2: one message handed out and unacked, one ready, and the third is refused.
+    let queue = format!("{namespace}.bounded");
+    transport.declare_queue(&queue, &QueueOptions::new().max_len(2)).await.expect("declares");
+    let message = |n: u32| {
+        let mut envelope = rpc_core::Envelope::new(rpc_core::Kind::Oneway);
+        envelope.method = format!("m{n}");
+        envelope
+    };
+    transport.publish(&queue, message(1), Confirm::Broker).await.expect("the first is taken");
+    let mut consumer = transport.consume(&queue, rpc_core::ConsumeOptions::new()).await.expect("consumes");
+    let held = tokio::time::timeout(WAIT, consumer.next()).await.expect("a delivery").expect("open");
+    transport.publish(&queue, message(2), Confirm::Broker).await.expect("the second is taken");
+    let third = transport.publish(&queue, message(3), Confirm::Broker).await;
+    assert!(matches!(third, Err(rpc_core::Error::QueueFull(_))), "the unacked message is not counted: {third:?}");
+    held.handle.ack().await.expect("acks");
+    drop(consumer);
+    transport.delete_queue(&queue).await.expect("deletes");
+}
+
 /// Requests made while no worker runs wait in the broker and are all answered once one starts.
 async fn served_once_a_worker_starts(harness: &dyn Harness) {
     let namespace = namespace();
