@@ -220,7 +220,8 @@ impl Kafka {
     /// Connects to the brokers `brokers` with `options`, and checks that they answer.
     ///
     /// # Errors
-    /// [`Error::Disconnected`] when no broker answers within 10 s (the log names them); [`Error::Unauthorized`]
+    /// [`Error::Transport`] naming the brokers when none answers within 10 s (nothing listens, or the TLS
+    /// handshake fails: librdkafka's log says which); [`Error::Unauthorized`]
     /// when the broker refuses the SASL credentials; [`Error::Transport`] for a configuration librdkafka refuses.
     pub async fn connect_with(brokers: &str, options: KafkaOptions) -> Result<Kafka, Error> {
         let brokers = brokers.strip_prefix("kafka://").unwrap_or(brokers).to_owned();
@@ -258,10 +259,10 @@ impl Kafka {
             Ok(_) => Ok(kafka),
             Err(error) => match broker_error(error) {
                 Error::Unauthorized(refusal) => Err(Error::Unauthorized(refusal)),
-                error => {
-                    tracing::warn!(%error, brokers = %kafka.inner.brokers, "Kafka does not answer");
-                    Err(Error::Disconnected)
-                }
+                error => Err(Error::Transport(
+                    format!("no Kafka broker of `{}` answered within {ADMIN_TIMEOUT:?}: {error}", kafka.inner.brokers)
+                        .into(),
+                )),
             },
         }
     }

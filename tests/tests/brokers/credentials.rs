@@ -696,6 +696,8 @@ async fn kafka_tls_with_client_certificates() {
         let attempt = tokio::time::timeout(WAIT, Kafka::connect_with(&brokers, options))
             .await
             .unwrap_or_else(|_| panic!("{case}: not refused in time"));
-        refused(attempt, &[body]);
+        let error = refused(attempt, &[body]);
+        let named = matches!(&error, Error::Transport(cause) if cause.to_string().contains(&brokers));
+        assert!(named, "{case}: not a transport error naming the brokers: {error:?}");
     }
 }
