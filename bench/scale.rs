@@ -13,13 +13,14 @@
 //! (one client; one worker) included: compare within a run. Each client is a connection and its inbox (a
 //! `Client`), which heartbeats every second as every client does.
 
-use std::process::{ExitCode, Stdio};
+mod child;
+
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rpc_broker::Remote;
 use rpc_core::{Client, QueueOptions, Server, Transport};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Calls in flight at once in every throughput row.
 const IN_FLIGHT: usize = 256;
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         if broker {
-            return broker_role().await;
+            return child::broker_role(100_000).await;
         }
         let mut settings = Settings { clients: 10_000, queues: 10_000, calls: 50_000 };
         let mut rest = args.iter();
@@ -90,46 +91,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--role broker`: our broker on a single-threaded runtime, as `rpc-broker serve` runs, taking as many
-/// connections as the run opens; prints its URL.
-async fn broker_role() -> Result<(), String> {
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = rpc_broker::server::ServerConfig::default();
-    config.max_connections = 100_000;
-    let mut server =
-        rpc_broker::server::BrokerServer::bind(address, config).await.map_err(|error| error.to_string())?;
-    println!("ready {}", server.url());
-    server.run().await;
-    Ok(())
-}
-
-/// Starts our broker as a child process; the child, its URL and its pid.
-async fn start_broker() -> Result<(tokio::process::Child, String, u32), String> {
-    let exe = std::env::current_exe().map_err(|error| format!("cannot find this program: {error}"))?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["--role", "broker"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|error| format!("cannot start the broker: {error}"))?;
-    let pid = child.id().ok_or("the broker exited at once")?;
-    let stdout = child.stdout.take().ok_or("the broker has no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| "the broker did not start within 30 s".to_owned())?
-        .map_err(|error| error.to_string())?
-        .ok_or("the broker exited")?;
-    let url = line.strip_prefix("ready ").ok_or(format!("the broker said `{line}`"))?.to_owned();
-    Ok((child, url, pid))
-}
-
-/// A process's resident set in KiB, from `/proc/<pid>/status`.
+/// A process's resident set in KiB.
 fn rss_kib(pid: u32) -> Result<f64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|error| error.to_string())?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:")).ok_or("no VmRSS line")?;
-    line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).ok_or_else(|| format!("cannot read `{line}`"))
+    child::rss_kib(pid).ok_or_else(|| format!("cannot read the resident set of process {pid}"))
 }
 
 /// A process's CPU time (user and system), from `/proc/<pid>/stat`.
@@ -211,7 +175,7 @@ fn micros(duration: Duration) -> u128 {
 }
 
 async fn run(settings: &Settings) -> Result<(), String> {
-    let (_child, url, pid) = start_broker().await?;
+    let (_child, url, pid) = child::start_broker().await?;
     let namespace = format!("scale{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     println!("mqrpc scale, {}", std::env::var("MQRPC_BENCH_MACHINE").unwrap_or_else(|_| machine()));
     println!("our broker: a child process, one thread; clients and workers: this process\n");

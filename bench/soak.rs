@@ -14,8 +14,10 @@
 //! client and the worker, whose dedup store keeps each answered call's outcome for `DEDUP_WINDOW`). Our broker
 //! runs as a child process (this program with `--role broker`); RabbitMQ's memory is its `beam.smp` process's.
 
+mod child;
+
 use std::collections::BTreeMap;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,7 +26,6 @@ use rpc_broker::Remote;
 use rpc_broker::adapter::amqp::Amqp;
 use rpc_core::dedup::MemoryDedup;
 use rpc_core::{Client, Error, QueueOptions, Server, Transport};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The worker's handlers at once.
 const WORKER_SLOTS: usize = 2;
@@ -98,7 +99,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         if args.first().map(String::as_str) == Some("--role") {
-            return broker_role().await;
+            return child::broker_role(rpc_broker::server::ServerConfig::default().max_connections).await;
         }
         let mut seconds = 300u64;
         let mut only: Option<String> = None;
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
         let duration = Duration::from_secs(seconds);
         let mut failed = false;
         if only.as_deref().is_none_or(|only| only == "own-broker") {
-            let (child, url, pid) = start_broker().await?;
+            let (child, url, pid) = child::start_broker().await?;
             let transport: Arc<dyn Transport> =
                 Arc::new(Remote::connect(&url).await.map_err(|error| error.to_string())?);
             failed |= !soak("own-broker", transport, Some(pid), duration).await?;
@@ -139,51 +140,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--role broker`: our broker on a single-threaded runtime, as `rpc-broker serve` runs; prints its URL.
-async fn broker_role() -> Result<(), String> {
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let config = rpc_broker::server::ServerConfig::default();
-    let mut server =
-        rpc_broker::server::BrokerServer::bind(address, config).await.map_err(|error| error.to_string())?;
-    println!("ready {}", server.url());
-    server.run().await;
-    Ok(())
-}
-
-/// Starts our broker as a child process; the child, its URL and its pid.
-async fn start_broker() -> Result<(tokio::process::Child, String, u32), String> {
-    let exe = std::env::current_exe().map_err(|error| format!("cannot find this program: {error}"))?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["--role", "broker"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|error| format!("cannot start the broker: {error}"))?;
-    let pid = child.id().ok_or("the broker exited at once")?;
-    let stdout = child.stdout.take().ok_or("the broker has no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| "the broker did not start within 30 s".to_owned())?
-        .map_err(|error| error.to_string())?
-        .ok_or("the broker exited")?;
-    let url = line.strip_prefix("ready ").ok_or(format!("the broker said `{line}`"))?.to_owned();
-    Ok((child, url, pid))
-}
-
 /// The pid of RabbitMQ's Erlang VM on this machine, if one runs.
 fn beam_pid() -> Option<u32> {
     let output = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output().ok()?;
     String::from_utf8_lossy(&output.stdout).trim().parse().ok()
 }
 
-/// A process's resident set in MiB, from `/proc/<pid>/status`.
+/// A process's resident set in MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    child::rss_kib(pid).map(|kib| kib / 1024.0)
 }
 
 fn mib(value: Option<f64>) -> String {

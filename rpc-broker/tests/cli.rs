@@ -1,25 +1,15 @@
-//! The `rpc-broker` command line on the brokers users run, through the adapters it is built with. In a test
-//! binary of its own: its RabbitMQ and NATS clients would count in the memory ceiling of server.rs's
-//! malformed-input test, which measures its whole process.
+//! The `rpc-broker` command line on the brokers users run, through the adapters it is built with; apart from
+//! server.rs, whose tests need no external broker.
 
 #![cfg(all(feature = "amqp", feature = "nats"))]
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rpc_core::{ConsumeOptions, Envelope, Error, Kind, QueueOptions, Transport};
-
-/// Runs the `rpc-broker` binary with `args` against `url`; returns its stdout, or panics with its stderr.
-async fn cli(url: &str, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
-        .args(args)
-        .env("MQRPC_BROKER", url)
-        .output()
-        .await
-        .expect("the binary runs");
-    assert!(output.status.success(), "rpc-broker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use support::cli;
 
 /// `rpc-broker dlq list` and `rpc-broker delete` on the brokers users run, through the adapters: a dead letter
 /// of a RabbitMQ queue and of a JetStream stream is listed, then the queue and its dead-letter queue are deleted

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
-use support::{EchoClient, EchoImpl, EchoServer, MAX_FRAME, config, encode, error_codes, hello, start};
+use support::{EchoClient, EchoImpl, EchoServer, MAX_FRAME, cli, config, encode, error_codes, hello, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_and_wrong_token_connections_are_rejected() {
@@ -131,19 +131,6 @@ async fn clients_and_workers_come_back_after_a_broker_restart() {
         }
     }
     assert_eq!(client.stats().pending, 0);
-}
-
-/// Runs the `rpc-broker` binary with `args` against `url`; returns its stdout, or panics with its stderr.
-async fn cli(url: &str, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
-        .args(args)
-        .env("MQRPC_BROKER", url)
-        .output()
-        .await
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "rpc-broker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,8 @@
 //! What the broker server's test binaries share: a service to call, a broker on loopback with small limits, and
-//! the frames of a peer that speaks the protocol by hand.
+//! the frames of a peer that speaks the protocol by hand; the `rpc-broker` binary.
+
+// Each test binary uses a part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,4 +56,16 @@ pub(crate) fn error_codes(frames: &[ServerFrame]) -> Vec<(u32, ErrorCode)> {
             _ => None,
         })
         .collect()
+}
+
+/// Runs the `rpc-broker` binary with `args` against `url`; returns its stdout, or panics with its stderr.
+pub(crate) async fn cli(url: &str, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rpc-broker"))
+        .args(args)
+        .env("MQRPC_BROKER", url)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert!(output.status.success(), "rpc-broker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

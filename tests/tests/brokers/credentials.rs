@@ -189,11 +189,8 @@ async fn rabbitmq_user_of_its_own_vhost() {
 #[cfg_attr(not(mqrpc_rabbitmq_bin), ignore = "needs RabbitMQ's own scripts: MQRPC_RABBITMQ_BIN (bash .ci/brokers)")]
 async fn rabbitmq_amqps_with_client_certificates() {
     let certificates = tempfile::tempdir().expect("a directory");
-    let authority = Authority::new();
-    let ca_file = certificates.path().join("ca.pem");
-    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
-    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
-    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let Issued { ca_file, server: (server_certificate, server_key), client: (client_certificate, client_key) } =
+        Issued::in_directory(certificates.path());
     let tls_port = mqrpc_tests::free_port();
     let configuration = format!(
         "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
@@ -398,6 +395,25 @@ impl Authority {
     }
 }
 
+/// An authority's certificate (`ca.pem`), a server certificate for 127.0.0.1 and a client certificate it signed,
+/// with their keys, written into a directory.
+struct Issued {
+    ca_file: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+impl Issued {
+    fn in_directory(directory: &Path) -> Issued {
+        let authority = Authority::new();
+        let ca_file = directory.join("ca.pem");
+        std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
+        let server = authority.issue(directory, "server", "127.0.0.1", false);
+        let client = authority.issue(directory, "client", "worker-1", true);
+        Issued { ca_file, server, client }
+    }
+}
+
 /// A server that requires TLS and verifies client certificates: a client that trusts the server's authority
 /// and presents a certificate it signed serves and calls; one without a client certificate, one that does not
 /// trust the server's authority, and one without TLS are refused.
@@ -405,11 +421,8 @@ impl Authority {
 #[cfg_attr(not(mqrpc_nats_server), ignore = "needs a nats-server binary: MQRPC_NATS_SERVER (bash .ci/brokers)")]
 async fn nats_tls_with_client_certificates() {
     let directory = tempfile::tempdir().expect("a directory");
-    let authority = Authority::new();
-    let ca_file = directory.path().join("ca.pem");
-    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
-    let (server_certificate, server_key) = authority.issue(directory.path(), "server", "127.0.0.1", false);
-    let (client_certificate, client_key) = authority.issue(directory.path(), "client", "worker-1", true);
+    let Issued { ca_file, server: (server_certificate, server_key), client: (client_certificate, client_key) } =
+        Issued::in_directory(directory.path());
     let other = Authority::new();
     let other_ca = directory.path().join("other-ca.pem");
     std::fs::write(&other_ca, other.certificate.pem()).expect("writes");
@@ -524,11 +537,8 @@ async fn redis_password_and_an_acl_user_of_its_own_keys() {
 #[cfg_attr(not(mqrpc_redis_server), ignore = "needs a redis-server binary: MQRPC_REDIS_SERVER (bash .ci/brokers)")]
 async fn redis_tls_with_client_certificates() {
     let certificates = tempfile::tempdir().expect("a directory");
-    let authority = Authority::new();
-    let ca_file = certificates.path().join("ca.pem");
-    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
-    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
-    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let Issued { ca_file, server: (server_certificate, server_key), client: (client_certificate, client_key) } =
+        Issued::in_directory(certificates.path());
     let port = mqrpc_tests::free_port();
     let path = |path: &Path| path.display().to_string();
     let arguments = [
@@ -660,11 +670,8 @@ impl Drop for TlsTerminator {
 #[cfg_attr(not(mqrpc_tansu), ignore = "needs a tansu binary: MQRPC_TANSU (bash .ci/brokers)")]
 async fn kafka_tls_with_client_certificates() {
     let certificates = tempfile::tempdir().expect("a directory");
-    let authority = Authority::new();
-    let ca_file = certificates.path().join("ca.pem");
-    std::fs::write(&ca_file, authority.certificate.pem()).expect("writes");
-    let (server_certificate, server_key) = authority.issue(certificates.path(), "server", "127.0.0.1", false);
-    let (client_certificate, client_key) = authority.issue(certificates.path(), "client", "worker-1", true);
+    let Issued { ca_file, server: (server_certificate, server_key), client: (client_certificate, client_key) } =
+        Issued::in_directory(certificates.path());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
     let port = listener.local_addr().expect("an address").port();
     let tansu = mqrpc_tests::kafka::PrivateTansu::start(&mqrpc_tests::required_url("MQRPC_TANSU"), port);
