@@ -311,6 +311,7 @@ class ZmqClient(EnvelopeCaller):
         self.acks = {}  # seq -> future, for checks that wait for a settle
         self.stray = []
         self.ready = None
+        self.publishes = b""  # the worker's PUB endpoint, from READY
         self.tasks = []
 
     async def start(self):
@@ -353,6 +354,7 @@ class ZmqClient(EnvelopeCaller):
             command, fields, rest = frames[1][0], frames[1][1:], frames[2:]
             if command == 0x11:  # READY: node, version | PUB endpoint, queues
                 version = fields[16:24]
+                self.publishes = rest[0]
                 queues = unpack(rest[1])
                 await self.send([b"\x05" + version])
                 if not self.ready.done():
@@ -1689,6 +1691,35 @@ async def check_zmq_refused_for_an_unserved_queue(client, ctx):
     await alive(client)
 
 
+async def check_zmq_sync_marker_on_pub(client, ctx):
+    """ZeroMQ: a libzmq SUB connected to the worker's PUB socket (its endpoint from READY) gets the marker a
+    SYNC asks for, `[topic, MQRPC-ZMQ/1, 0x22]`, and only what matches its subscription."""
+    import zmq
+    import zmq.asyncio
+    expect(client.publishes.startswith(b"tcp://"), f"READY names no PUB endpoint: {client.publishes!r}")
+    mine = f"mqrpc.sync/py{uuid.uuid4().hex}/".encode()
+    other = f"mqrpc.sync/other{uuid.uuid4().hex}/".encode()
+    sub = client.context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, mine)
+    sub.connect(client.publishes.decode())
+    try:
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while True:
+            expect(time.monotonic() < deadline, "no marker on the worker's PUB socket for a SYNC")
+            # A marker nobody here subscribed to, then ours: the publisher filters, so ours comes first.
+            await client.send([b"\x04", other + b"x"])
+            await client.send([b"\x04", mine + b"x"])
+            # Asked again until the subscription reaches the publisher (ZeroMQ's slow joiner).
+            if await sub.poll(100):
+                frames = await sub.recv_multipart()
+                break
+        expect(frames == [mine + b"x", ZMQ_PROTOCOL, b"\x22"], f"the marker read {frames!r}")
+    finally:
+        sub.close(0)
+    await alive(client)
+
+
 async def check_worker_alive(client, ctx):
     expect(ctx["worker"].returncode is None, f"the worker exited with {ctx['worker'].returncode}")
     await alive(client)
@@ -1733,7 +1764,7 @@ CHECKS = {
                check_positional_arguments, check_deadline_propagates, check_zmq_undecodable_request,
                check_zmq_malformed_messages, check_zmq_refused_for_an_unserved_queue, check_incomplete_envelope,
                check_wrong_version, check_expired_deadline, check_oneway, check_concurrent_canonical_ids,
-               check_concurrent, check_worker_alive],
+               check_concurrent, check_zmq_sync_marker_on_pub, check_worker_alive],
     # Redis Streams: entry fields as Kafka's record headers; the time queued counts from `mqrpc-sent-at-ms`.
     "redis": [check_result, check_application_error, check_unknown_method, check_bad_arguments,
               check_positional_arguments, check_deadline_propagates, check_garbage_body, check_missing_method,

@@ -1,6 +1,6 @@
-//! ZeroMQ, brokerless: feature `zmq`. DEALER and ROUTER speak ZMTP 3 (NULL security) through a connection of
-//! this module's own (`zmq/zmtp.rs`: limits checked before memory is reserved, writes gathered into one system call);
-//! PUB and SUB are the pure-Rust `zeromq` crate's. Both interoperate with libzmq 4.3 (pyzmq).
+//! ZeroMQ, brokerless: feature `zmq`. DEALER, ROUTER, PUB and SUB speak ZMTP 3 (NULL security) through a
+//! connection of this module's own (`zmq/zmtp.rs`: limits checked before memory is reserved, writes gathered into
+//! one system call), which interoperates with libzmq 4.3 (pyzmq).
 //!
 //! No broker sits between a caller and a worker, so each process is a node that does a broker's part itself,
 //! after the reliable request-reply patterns of the ZeroMQ guide:
@@ -15,8 +15,8 @@
 //!   requests, then [`Error::QueueFull`]; memory never grows without bound. A call to a queue no live worker
 //!   serves fails at once with [`Error::NoResponders`]. High-water marks: what a connection queues for its
 //!   writer is bounded by these windows on the client and by the requests it holds on the worker, whose backlog
-//!   per queue is capped too ([`ZmqOptions::max_backlog`]); PUB/SUB is the crate's, whose publisher drops what a
-//!   slow subscriber cannot take.
+//!   per queue is capped too ([`ZmqOptions::max_backlog`]); the PUB socket drops what a slow subscriber cannot
+//!   take past 1,000 messages queued for it, as libzmq's does past its high-water mark.
 //! - **The client holds each request until a worker settles it** (Lazy Pirate with the worker's help): the
 //!   worker's ACK drops it; REQUEUE sends it again to a live worker (counting a delivery); REPUBLISH replaces it
 //!   with the next attempt of a retry. Replies come back on the same socket, by inbox and correlation id.
@@ -46,9 +46,9 @@
 //! client or worker in another language needs only a ZeroMQ library and MessagePack. What a peer sends is
 //! untrusted: a frame's declared length is checked against [`ZmqOptions::limits`] before anything is read into
 //! memory, a message of more than 8 frames is skipped, and the frames are checked before anything is decoded
-//! ([`wire::Command::parse`]), then the envelope by rpc-core's codec. The PUB socket is the `zeromq` crate's, which
-//! reserves memory for a frame's declared length as it starts to arrive (a subscriber sends only subscriptions);
-//! ZeroMQ's NULL security has no authentication: bind where the peers are trusted.
+//! ([`wire::Command::parse`]), then the envelope by rpc-core's codec; a subscriber may send only subscriptions
+//! (a frame of at most 1 KiB), 1,024 of them at most. ZeroMQ's NULL security has no authentication: bind where
+//! the peers are trusted.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), rpc_core::Error> {
@@ -240,10 +240,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn zmq_error(error: zeromq::ZmqError) -> Error {
-    Error::Transport(Box::new(error))
-}
-
 impl Zmq {
     /// Starts a node: binds what [`ZmqOptions::bind`] says and connects to every peer, waiting up to
     /// [`ZmqOptions::handshake_timeout`] for them to answer (a peer that does not is retried in the
@@ -258,7 +254,7 @@ impl Zmq {
             Some(bind) => {
                 let (serving, endpoint) = worker::bind(bind).await?;
                 let publish = options.publish.clone().unwrap_or_else(|| any_port(&endpoint));
-                let publisher = broadcast::bind(&publish, &shutdown).await?;
+                let publisher = broadcast::bind(&publish, &shutdown, options.handshake_timeout).await?;
                 (Some(serving), Some(endpoint), Some(publisher))
             }
             None => (None, None, None),

@@ -1,9 +1,14 @@
-//! ZMTP 3 (the ZeroMQ wire protocol, RFC 23/ZMTP and 37/ZMTP) for the DEALER and ROUTER connections: the
-//! greeting, the NULL mechanism's READY, and multipart messages. Ours rather than the `zeromq` crate's for two
-//! reasons: a frame's declared length is checked against the limit before anything is reserved for it (the crate
-//! reserves it as the frame starts to arrive), and writes are gathered: the writer task writes everything queued
-//! with one system call, and senders hand it messages without a lock or a boxed future. With the crate's sockets
-//! the system calls took two thirds of a worker's CPU (docs/performance.md, "ZeroMQ").
+//! ZMTP 3 (the ZeroMQ wire protocol, RFC 23/ZMTP and 37/ZMTP) for every connection of a node (DEALER, ROUTER,
+//! PUB, SUB): the greeting, the NULL mechanism's READY, and multipart messages. Ours rather than the `zeromq`
+//! crate's for three reasons:
+//! - a frame's declared length is checked against the limit before anything is reserved for it (the crate
+//!   reserves it as the frame starts to arrive);
+//! - writes are gathered: the writer task writes everything queued with one system call, and senders hand it
+//!   messages without a lock or a boxed future. With the crate's sockets the system calls took two thirds of a
+//!   worker's CPU (docs/performance.md, "ZeroMQ");
+//! - the crate's PUB socket can deadlock a runtime: its fan-out task holds a lock of its subscriber map across
+//!   an `.await` while the subscriber tasks and the socket's drop wait for that lock, blocking their threads; with
+//!   every worker thread so blocked the fan-out task never runs again (seen as a test process hung for an hour).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::StreamExt;
@@ -24,6 +29,8 @@ pub(super) type Message = Vec<Bytes>;
 pub(super) enum SocketType {
     Dealer,
     Router,
+    Pub,
+    Sub,
 }
 
 impl SocketType {
@@ -31,15 +38,19 @@ impl SocketType {
         match self {
             SocketType::Dealer => b"DEALER",
             SocketType::Router => b"ROUTER",
+            SocketType::Pub => b"PUB",
+            SocketType::Sub => b"SUB",
         }
     }
 
     /// Whether a peer of type `peer` may talk to this one (RFC 28: DEALER and ROUTER with each other and with
-    /// REQ, REP).
+    /// REQ, REP; RFC 29: PUB with SUB and XSUB, SUB with PUB and XPUB).
     fn accepts(self, peer: &[u8]) -> bool {
         match self {
             SocketType::Dealer => matches!(peer, b"ROUTER" | b"DEALER" | b"REP"),
             SocketType::Router => matches!(peer, b"DEALER" | b"ROUTER" | b"REQ"),
+            SocketType::Pub => matches!(peer, b"SUB" | b"XSUB"),
+            SocketType::Sub => matches!(peer, b"PUB" | b"XPUB"),
         }
     }
 }
@@ -250,26 +261,22 @@ fn encode(message: &[Bytes], out: &mut BytesMut) {
 /// everything queued with it (up to 256 KiB) and writes it with one system call. It does not yield first to let
 /// more gather: measured, that cost more latency at low load than it saved at high load.
 /// Cancels `closed` when it ends.
-pub(super) async fn write_messages(
-    mut write: OwnedWriteHalf,
-    mut outgoing: UnboundedReceiver<Message>,
-    closed: CancellationToken,
-) {
+pub(super) async fn write_messages(mut write: OwnedWriteHalf, mut outgoing: impl Queued, closed: CancellationToken) {
     const BATCH: usize = 256 * 1024;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let first = tokio::select! {
             () = closed.cancelled() => break,
-            first = outgoing.recv() => match first {
+            first = outgoing.next() => match first {
                 Some(first) => first,
                 None => break,
             },
         };
         encode(&first, &mut buf);
         while buf.len() < BATCH {
-            match outgoing.try_recv() {
-                Ok(message) => encode(&message, &mut buf),
-                Err(_) => break,
+            match outgoing.try_next() {
+                Some(message) => encode(&message, &mut buf),
+                None => break,
             }
         }
         if write.write_all(&buf).await.is_err() {
@@ -279,6 +286,35 @@ pub(super) async fn write_messages(
     }
     closed.cancel();
     let _ = write.shutdown().await;
+}
+
+/// The receiving end of a connection's outgoing messages: unbounded (DEALER, ROUTER: the windows bound them) or
+/// bounded (PUB: its high-water mark).
+pub(super) trait Queued: Send + 'static {
+    /// The next message; `None` when every sender is gone.
+    fn next(&mut self) -> impl Future<Output = Option<Message>> + Send;
+    /// A message queued now, if there is one.
+    fn try_next(&mut self) -> Option<Message>;
+}
+
+impl Queued for UnboundedReceiver<Message> {
+    fn next(&mut self) -> impl Future<Output = Option<Message>> + Send {
+        self.recv()
+    }
+
+    fn try_next(&mut self) -> Option<Message> {
+        self.try_recv().ok()
+    }
+}
+
+impl Queued for tokio::sync::mpsc::Receiver<Message> {
+    fn next(&mut self) -> impl Future<Output = Option<Message>> + Send {
+        self.recv()
+    }
+
+    fn try_next(&mut self) -> Option<Message> {
+        self.try_recv().ok()
+    }
 }
 
 /// A connection's sending side: messages go to its writer task.
