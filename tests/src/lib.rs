@@ -543,6 +543,34 @@ where
     }
 }
 
+/// How long one scenario may run before [`Watchdog`] ends the test process.
+pub const SCENARIO_LIMIT: Duration = Duration::from_secs(300);
+
+/// Ends the test process, naming the test, if it is still running after a limit: a test that hangs fails the run
+/// in minutes instead of holding CI until its own timeout. It watches from an OS thread of its own, so it fires
+/// even when every thread of the test's runtime is blocked (a deadlock), where a timer of that runtime would not.
+#[derive(Debug)]
+pub struct Watchdog {
+    /// Dropped with the watchdog (the test ended, passed or panicked), which ends the watching thread's wait.
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Starts watching test `name` until the watchdog is dropped.
+    pub fn start(name: &'static str, limit: Duration) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+                // Written to stderr itself: the test harness captures what `eprintln!` prints, and would lose it.
+                let _ = writeln!(std::io::stderr(), "{name} ran past {limit:?}: a hang; ending the test process");
+                std::process::exit(124);
+            }
+        });
+        Watchdog { _done: done }
+    }
+}
+
 /// One `#[tokio::test]` per scenario of [`suite`] for the transport that `$harness` connects to.
 ///
 /// A broker that cannot express some scenarios names the ones it runs and the ones it cannot, with the reason;
@@ -639,6 +667,7 @@ macro_rules! __scenario_suite {
                         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                         #[ignore = $reason]
                         async fn $ignored() {
+                            let _watchdog = $crate::Watchdog::start(concat!(module_path!(), "::", stringify!($ignored)), $crate::SCENARIO_LIMIT);
                             $crate::suite::$ignored(&$crate::Available::available($harness)).await;
                         }
                     };
@@ -647,6 +676,7 @@ macro_rules! __scenario_suite {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     $(#[cfg_attr(not($cfg), ignore = $needs)])?
                     async fn $d scenario() {
+                        let _watchdog = $crate::Watchdog::start(concat!(module_path!(), "::", stringify!($d scenario)), $crate::SCENARIO_LIMIT);
                         $crate::suite::$d scenario(&$crate::Available::available($harness)).await;
                     }
                 };
