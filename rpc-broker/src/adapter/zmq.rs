@@ -16,7 +16,8 @@
 //!   serves fails at once with [`Error::NoResponders`]. High-water marks: what a connection queues for its
 //!   writer is bounded by these windows on the client and by the requests it holds on the worker, whose backlog
 //!   per queue is capped too ([`ZmqOptions::max_backlog`]); the PUB socket drops what a slow subscriber cannot
-//!   take past 1,000 messages queued for it, as libzmq's does past its high-water mark.
+//!   take past 1,000 messages queued for it, and a subscription what its consumer has not taken past 1,000, as
+//!   libzmq's sockets do past their high-water marks.
 //! - **The client holds each request until a worker settles it** (Lazy Pirate with the worker's help): the
 //!   worker's ACK drops it; REQUEUE sends it again to a live worker (counting a delivery); REPUBLISH replaces it
 //!   with the next attempt of a retry. Replies come back on the same socket, by inbox and correlation id.

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use rpc_core::Error;
 use rpc_core::codec::Limits;
 use rpc_core::transport::{AckHandle, Consumer, ConsumerControl, Delivery};
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
@@ -34,6 +33,10 @@ const ASK_AGAIN: Duration = Duration::from_millis(100);
 /// Messages queued for one subscriber at most; past it what is published is dropped for that subscriber (libzmq's
 /// default send high-water mark).
 pub(super) const SEND_HWM: usize = 1_000;
+
+/// Broadcasts a subscription holds for its consumer at most; past it what arrives is dropped (libzmq's default
+/// receive high-water mark), so that a consumer slower than its publishers does not grow the memory without bound.
+pub(super) const RECV_HWM: usize = 1_000;
 
 /// Topic prefixes one subscriber may hold at most; further subscriptions are ignored.
 const MAX_PREFIXES: usize = 1_024;
@@ -224,7 +227,8 @@ struct Feed {
     wanted: Bytes,
     /// What each connection subscribes to: the topic, and this subscription's sync markers.
     prefixes: [Bytes; 2],
-    sink: UnboundedSender<Delivery>,
+    /// To the consumer, bounded by [`RECV_HWM`].
+    sink: tokio::sync::mpsc::Sender<Delivery>,
     synced: Synced,
     limits: Limits,
     handshake: Duration,
@@ -354,7 +358,15 @@ impl Feed {
                             received_at: std::time::Instant::now(),
                             handle: AckHandle::auto(),
                         };
-                        return self.sink.send(delivery).is_ok();
+                        match self.sink.try_send(delivery) {
+                            Ok(()) => {}
+                            Err(TrySendError::Full(_)) => {
+                                tracing::debug!(
+                                    "a ZeroMQ subscription is past its high-water mark; a broadcast is dropped"
+                                );
+                            }
+                            Err(TrySendError::Closed(_)) => return false,
+                        }
                     }
                     Err(error) => tracing::warn!(%error, "an undecodable ZeroMQ broadcast; dropped"),
                 }
@@ -393,7 +405,7 @@ pub(super) async fn found_publisher(inner: &Arc<Inner>, node: Uuid, endpoint: &s
 /// included) and synced with each before it is handed out.
 pub(super) async fn subscribe(inner: &Arc<Inner>, topic: &str) -> Result<Consumer, Error> {
     let id = Uuid::new_v4();
-    let (sink, receiver) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
+    let (sink, mut receiver) = tokio::sync::mpsc::channel::<Delivery>(RECV_HWM);
     let wanted = Bytes::copy_from_slice(topic.as_bytes());
     let markers = Bytes::from(format!("{MARKER}{}/", id.simple()));
     let feed = Arc::new(Feed {
@@ -426,7 +438,8 @@ pub(super) async fn subscribe(inner: &Arc<Inner>, topic: &str) -> Result<Consume
             tracing::warn!(%endpoint, "a ZeroMQ publisher did not answer a new subscription's sync in time");
         }
     }
-    Ok(Consumer::from_channel(receiver, Some(Box::new(SubscriptionControl { _subscription: subscription }))))
+    let deliveries = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+    Ok(Consumer::new(Box::pin(deliveries), Some(Box::new(SubscriptionControl { _subscription: subscription }))))
 }
 
 /// A subscription's consumer: dropping it closes the SUB socket.
@@ -436,4 +449,47 @@ struct SubscriptionControl {
 
 impl ConsumerControl for SubscriptionControl {
     fn pause(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SUB connection to `publisher`, subscribed to `prefix`, and its reader.
+    async fn subscriber(
+        publisher: &Publisher,
+        prefix: &[u8],
+    ) -> (tokio_util::codec::FramedRead<tokio::net::tcp::OwnedReadHalf, zmtp::Codec>, Outgoing) {
+        let address = publisher.endpoint.strip_prefix("tcp://").expect("tcp");
+        let stream = tokio::net::TcpStream::connect(address).await.expect("connects");
+        let limits = zmtp::Limits { max_frame: 1_024 };
+        let (read, write) =
+            zmtp::handshake(stream, SocketType::Sub, limits, Duration::from_secs(5)).await.expect("handshake");
+        let outgoing = Outgoing::start(write);
+        outgoing.send(vec![Bytes::from([&[1u8][..], prefix].concat())]);
+        (read, outgoing)
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_what_matches_its_prefixes_and_nothing_else() {
+        let shutdown = CancellationToken::new();
+        let publisher = bind("tcp://127.0.0.1:0", &shutdown, Duration::from_secs(5)).await.expect("binds");
+        let (mut read, _outgoing) = subscriber(&publisher, b"ns.events").await;
+        let wanted = wire::broadcast("ns.events", Bytes::from_static(b"\x80"));
+        // Published until the subscription has reached the publisher (the slow joiner), each after one that
+        // matches no prefix: what arrives first is the matching one.
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                publisher.send(&wire::broadcast("other.events", Bytes::from_static(b"\x80")));
+                publisher.send(&wanted);
+                if let Ok(received) = tokio::time::timeout(Duration::from_millis(20), zmtp::next(&mut read)).await {
+                    return received;
+                }
+            }
+        })
+        .await
+        .expect("a broadcast arrives");
+        assert_eq!(first, Some(wanted));
+        shutdown.cancel();
+    }
 }
