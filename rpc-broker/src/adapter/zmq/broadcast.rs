@@ -8,7 +8,6 @@
 //! a libzmq PUB socket drops past its high-water mark; the others are not held back.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -92,7 +91,7 @@ pub(super) async fn bind(
     let accepting = Arc::clone(&subscribers);
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
-        let next = AtomicU64::new(0);
+        let mut next = 0u64;
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -100,7 +99,8 @@ pub(super) async fn bind(
             };
             match accepted {
                 Ok((stream, _)) => {
-                    let id = next.fetch_add(1, Ordering::Relaxed);
+                    next += 1;
+                    let id = next;
                     tokio::spawn(serve_subscriber(stream, id, Arc::clone(&accepting), shutdown.clone(), handshake));
                 }
                 Err(error) => {
@@ -147,8 +147,8 @@ async fn serve_subscriber(
             tracing::debug!(frames = frames.len(), "a ZeroMQ subscriber sent what is not a subscription; ignored");
             continue;
         };
-        let mut subscribers = lock(&subscribers);
-        let Some(subscriber) = subscribers.get_mut(&id) else { break };
+        let mut held = lock(&subscribers);
+        let Some(subscriber) = held.get_mut(&id) else { break };
         match frame.first() {
             Some(1) if subscriber.prefixes.len() < MAX_PREFIXES => subscriber.prefixes.push(frame.slice(1..)),
             Some(1) => tracing::warn!(
