@@ -32,11 +32,15 @@
 //! `/remote-temp-queue/...` on ActiveMQ, `/reply-queue/...` on RabbitMQ), `persistent`, `priority`, and the
 //! `mqrpc-*` headers of [`crate::adapter::headers`] with `mqrpc-id` (the envelope id) and
 //! `mqrpc-delivery-count`; user headers travel as headers. ActiveMQ stores each header with the message and
-//! converts it twice, so what a reader can infer is not sent: no `content-type`, and a reply to an inbox carries
-//! neither its kind nor its id (what arrives at an inbox is a reply). The body is the MessagePack of
-//! the arguments or the result. A plain STOMP client calls a service by sending the MessagePack map of the
-//! arguments to `/queue/<service queue>` with `mqrpc-method`, `reply-to` (a `/temp-queue/...` it reads) and
-//! `correlation-id`, and reads the reply's body (and `mqrpc-status`, absent when ok).
+//! converts it twice, so what a reader can infer is not sent: no `content-type`; a reply to an inbox carries
+//! neither its kind nor its id (what arrives at an inbox is a reply); a call's request carries no id (it is the
+//! correlation id, which a reader takes for it), no `mqrpc-service` when it is the queue's name, and no
+//! `mqrpc-idempotency-key` when it is the call's default, its correlation id in 32 hex digits (an empty value says
+//! it has none). The body is the MessagePack of the arguments or the result. A plain STOMP client calls a
+//! service by sending the MessagePack map of the arguments to `/queue/<service queue>` with `mqrpc-method`,
+//! `reply-to` (a `/temp-queue/...` it reads) and `correlation-id`, and reads the reply's body (and
+//! `mqrpc-status`, absent when ok); a worker with a dedup store runs it once per correlation id when that is a
+//! UUID and no `mqrpc-idempotency-key` says otherwise.
 //!
 //! A delivery counts the copies a requeue made before it, plus one when the server says `redelivered:true` (its
 //! consumer went before acking it; RabbitMQ also marks a message a queue-existence check took for a moment,

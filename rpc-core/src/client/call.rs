@@ -80,9 +80,11 @@ impl Options {
         envelope.caller = identity.map(str::to_owned);
     }
 
-    /// As [`Options::fill`], for a call: its key defaults to its correlation id, and its reply goes to `reply_to`.
+    /// As [`Options::fill`], for a call: its request's id is its correlation id (a transport that carries both in
+    /// text sends one), its key defaults to it, and its reply goes to `reply_to`.
     fn fill_call(&self, envelope: &mut Envelope, identity: Option<&str>, correlation_id: Uuid, reply_to: ReplyTo) {
         self.fill(envelope, identity, || default_key(correlation_id));
+        envelope.id = correlation_id;
         envelope.correlation_id = Some(correlation_id);
         envelope.reply_to = Some(reply_to);
     }
@@ -190,7 +192,7 @@ impl<O: Send + 'static> Call<O> {
     where
         F: FnOnce(Result<O, Error>) + Send + 'static,
     {
-        let correlation_id = Uuid::new_v4();
+        let correlation_id = crate::envelope::new_id();
         tokio::spawn(async move { callback(self.send(correlation_id).await) });
         correlation_id
     }
@@ -212,7 +214,7 @@ impl<O: Send + 'static> Call<O> {
         let queue = naming::callback_queue(self.client.namespace(), callback);
         let transport = self.client.transport();
         transport.declare_queue(&queue, &QueueOptions::new().durable(true)).await?;
-        let correlation_id = Uuid::new_v4();
+        let correlation_id = crate::envelope::new_id();
         let mut envelope = Envelope::new(Kind::Request);
         self.options.fill_call(&mut envelope, self.client.identity(), correlation_id, ReplyTo::Queue(queue));
         envelope.service = self.service.into_owned();
@@ -473,7 +475,7 @@ impl<O: Send + 'static> IntoFuture for Call<O> {
     type IntoFuture = BoxFuture<'static, Result<O, Error>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.send(Uuid::new_v4()))
+        Box::pin(self.send(crate::envelope::new_id()))
     }
 }
 

@@ -53,6 +53,22 @@ pub(super) fn destination(queue: &str) -> String {
     if queue.starts_with('/') { queue.to_owned() } else { format!("{QUEUE_PREFIX}{queue}") }
 }
 
+/// The queue `destination` names (`/queue/<name>`, or `/amq/queue/<name>` on RabbitMQ); none for a topic or an
+/// inbox.
+fn queue_of(destination: &str) -> Option<&str> {
+    destination
+        .strip_prefix(QUEUE_PREFIX)
+        .or_else(|| destination.strip_prefix("/amq/queue/"))
+        .filter(|queue| !queue.is_empty())
+}
+
+/// The idempotency key a request or oneway message to a queue with our `correlation_id` goes by when it names
+/// none: the correlation id in 32 lowercase hex digits, as an mqrpc client gives a call.
+fn default_key(kind: Kind, correlation_id: Option<Uuid>, queue: Option<&str>) -> Option<String> {
+    let correlation_id = correlation_id.filter(|_| kind != Kind::Reply && queue.is_some())?;
+    Some(String::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer())))
+}
+
 /// Whether `destination` is an inbox's (a temporary or reply queue), not a named queue's.
 pub(super) fn is_inbox(destination: &str) -> bool {
     !destination.starts_with(QUEUE_PREFIX) && !destination.starts_with("/amq/queue/")
@@ -94,11 +110,15 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     if adapter::kind_of(None, envelope.reply_to.is_some()) != envelope.kind && !to_inbox {
         push(headers::KIND, adapter::kind_name(envelope.kind).to_owned());
     }
-    if !to_inbox {
+    let queue = queue_of(destination);
+    let raw_correlation = envelope.headers.get(headers::RAW_CORRELATION_ID);
+    // A call's request goes by its correlation id, which a reader takes for a missing id.
+    let id_is_correlation = raw_correlation.is_none() && envelope.correlation_id == Some(envelope.id);
+    if !to_inbox && !id_is_correlation {
         push(ID, envelope.id.to_string());
     }
     if let Some(correlation_id) = envelope.correlation_id {
-        let text = match envelope.headers.get(headers::RAW_CORRELATION_ID) {
+        let text = match raw_correlation {
             Some(raw) => raw.clone(),
             None => correlation_id.to_string(),
         };
@@ -113,8 +133,13 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
         push("reply-to", address);
     }
     // A reply to an inbox is matched by its correlation id alone; one to a named queue (a durable callback) is
-    // handled by its method.
-    if !envelope.service.is_empty() && !to_inbox {
+    // handled by its method. A message to a queue other than a reply names its service only where the queue
+    // does not (a reader takes the queue's name for it), an empty one with an empty value.
+    let service_written = match queue.filter(|_| envelope.kind != Kind::Reply) {
+        Some(queue) => envelope.service != queue,
+        None => !envelope.service.is_empty() && !to_inbox,
+    };
+    if service_written {
         push(headers::SERVICE, envelope.service.clone());
     }
     if !envelope.method.is_empty() && !to_inbox {
@@ -129,8 +154,14 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
             push(headers::SENT_AT_MS, adapter::now_ms().to_string());
         }
     }
-    if let Some(key) = &envelope.idempotency_key {
-        push(headers::IDEMPOTENCY_KEY, key.clone());
+    // A call's key is by default its correlation id in 32 hex digits, which a reader infers; an empty value
+    // says there is none.
+    let default_key = default_key(envelope.kind, envelope.correlation_id.filter(|_| raw_correlation.is_none()), queue);
+    match (&envelope.idempotency_key, default_key) {
+        (Some(key), Some(default)) if *key == default => {}
+        (Some(key), _) => push(headers::IDEMPOTENCY_KEY, key.clone()),
+        (None, Some(_)) => push(headers::IDEMPOTENCY_KEY, String::new()),
+        (None, None) => {}
     }
     if let Some(caller) = &envelope.caller {
         push(headers::CALLER, caller.clone());
@@ -178,6 +209,7 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
             ID => fields.id = Some(value),
             "correlation-id" => fields.correlation_id = Some(value),
             "reply-to" => fields.reply_to = Some(value),
+            "destination" => fields.destination = Some(value),
             "redelivered" => fields.redelivered = value == "true",
             headers::SERVICE => fields.service = Some(value),
             headers::METHOD => fields.method = Some(value),
@@ -208,22 +240,31 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
         _ => ReplyTo::Inbox(address),
     });
     let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
-    if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
-        envelope.id = id;
-    }
+    let ours = fields.correlation_id.and_then(adapter::canonical_correlation);
     envelope.correlation_id = fields.correlation_id.map(|text| {
-        adapter::canonical_correlation(text).unwrap_or_else(|| {
+        ours.unwrap_or_else(|| {
             // A plain client's own correlation id: kept verbatim for the reply.
             user.insert(headers::RAW_CORRELATION_ID.to_owned(), text.to_owned());
             Uuid::new_v4()
         })
     });
+    match fields.id {
+        // Text that is not a UUID is no id: the envelope keeps the fresh one it was made with.
+        Some(id) => envelope.id = Uuid::parse_str(id).unwrap_or(envelope.id),
+        None => envelope.id = ours.unwrap_or(envelope.id),
+    }
     envelope.reply_to = reply_to;
-    envelope.service = fields.service.unwrap_or_default().to_owned();
+    let queue = fields.destination.and_then(queue_of);
+    envelope.service = fields.service.or(queue.filter(|_| envelope.kind != Kind::Reply)).unwrap_or_default().to_owned();
     envelope.method = fields.method.unwrap_or_default().to_owned();
     envelope.attempt = fields.attempt.unwrap_or(1).max(1);
     envelope.deadline_ms = fields.deadline_ms;
-    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
+    envelope.idempotency_key = match fields.idempotency_key {
+        Some("") => None,
+        Some(key) => Some(key.to_owned()),
+        None if user.contains_key(headers::RAW_CORRELATION_ID) => None,
+        None => default_key(envelope.kind, envelope.correlation_id, queue),
+    };
     envelope.caller = fields.caller.map(str::to_owned);
     envelope.status = fields.status.unwrap_or(0);
     envelope.status_message = fields.status_message.map(str::to_owned);
@@ -260,6 +301,7 @@ struct Fields<'a> {
     id: Option<&'a str>,
     correlation_id: Option<&'a str>,
     reply_to: Option<&'a str>,
+    destination: Option<&'a str>,
     reply_to_inbox: bool,
     redelivered: bool,
     service: Option<&'a str>,
@@ -345,6 +387,55 @@ mod tests {
         // Read anywhere but an inbox, it is a oneway message; the inbox's consumer reads it as a reply.
         let (back, _, _) = from_frame(&delivered(to_inbox, false));
         assert_eq!((back.kind, back.correlation_id), (Kind::Oneway, reply.correlation_id));
+    }
+
+    #[test]
+    fn what_the_queue_and_the_correlation_id_say_is_not_sent_again() {
+        let send = Outgoing { persistent: true, priority: true, delivery_count: 0, delay: false, stamped: true };
+        let mut envelope = request();
+        envelope.service = "ns.calc".into();
+        envelope.idempotency_key = default_key(Kind::Request, envelope.correlation_id, Some("ns.calc"));
+        // A call's request: its id is its correlation id.
+        envelope.id = envelope.correlation_id.expect("a call");
+        let sent = to_frame(&envelope, "/queue/ns.calc", send).expect("maps");
+        assert_eq!((sent.get(ID), sent.get(headers::SERVICE), sent.get(headers::IDEMPOTENCY_KEY)), (None, None, None));
+        let (back, _, _) = from_frame(&delivered(sent, false));
+        assert_eq!(back, envelope);
+        // RabbitMQ's name of the same queue.
+        let sent = to_frame(&envelope, "/amq/queue/ns.calc", send).expect("maps");
+        assert_eq!(from_frame(&delivered(sent, false)).0.service, "ns.calc");
+        // A copy with an id of its own (a dead letter, say) carries it; and the service, where it is not the
+        // queue's.
+        let mut letter = envelope.clone();
+        letter.id = Uuid::now_v7();
+        let sent = to_frame(&letter, "/queue/ns.calc.dlq", send).expect("maps");
+        assert_eq!(sent.get(headers::SERVICE), Some("ns.calc"));
+        assert_eq!(from_frame(&delivered(sent, false)).0, letter);
+        // No key at all, or an empty service, is said with an empty value.
+        envelope.idempotency_key = None;
+        envelope.service.clear();
+        let sent = to_frame(&envelope, "/queue/ns.calc", send).expect("maps");
+        assert_eq!((sent.get(headers::SERVICE), sent.get(headers::IDEMPOTENCY_KEY)), (Some(""), Some("")));
+        let (back, _, _) = from_frame(&delivered(sent, false));
+        assert_eq!((back.service.as_str(), back.idempotency_key), ("", None));
+        // A plain client's request that names neither: the queue's service, and its correlation id as its key.
+        let correlation = Uuid::new_v4();
+        let plain = Frame::new(Command::Send)
+            .header("destination", "/queue/ns.calc")
+            .header("correlation-id", &correlation.to_string())
+            .header("reply-to", "/temp-queue/r");
+        let (back, _, _) = from_frame(&delivered(plain.clone(), false));
+        assert_eq!((back.id, back.service.as_str()), (correlation, "ns.calc"));
+        assert_eq!(back.idempotency_key, Some(correlation.simple().to_string()));
+        // Its own correlation id, not one of ours, gives no key; nor does a reply.
+        let own = Frame::new(Command::Send)
+            .header("destination", "/queue/ns.calc")
+            .header("correlation-id", "order-7")
+            .header("reply-to", "/temp-queue/r");
+        assert_eq!(from_frame(&delivered(own, false)).0.idempotency_key, None);
+        let reply = plain.header(headers::KIND, "reply");
+        let (back, _, _) = from_frame(&delivered(reply, false));
+        assert_eq!((back.service.as_str(), back.idempotency_key), ("", None));
     }
 
     #[test]
