@@ -118,7 +118,14 @@ impl State {
     }
 
     fn send(&mut self, seq: u64, id: u64, fresh: bool) {
-        let (Some(held), Some(worker)) = (self.held.get_mut(&seq), self.workers.get_mut(&id)) else { return };
+        if let Some((link, request)) = self.assign(seq, id, fresh) {
+            link.send(&request);
+        }
+    }
+
+    /// Gives request `seq` to worker `id`: the request to send it, and the connection to send it on.
+    fn assign(&mut self, seq: u64, id: u64, fresh: bool) -> Option<(Arc<Link>, Command)> {
+        let (Some(held), Some(worker)) = (self.held.get_mut(&seq), self.workers.get_mut(&id)) else { return None };
         match worker.outstanding.get_mut(&held.queue) {
             Some(outstanding) => *outstanding += 1,
             None => {
@@ -135,7 +142,7 @@ impl State {
             queue: held.queue.clone(),
             envelope: held.envelope.clone(),
         };
-        worker.link.send(&request);
+        Some((Arc::clone(&worker.link), request))
     }
 
     /// The shared copy of `queue`'s name.
@@ -229,7 +236,14 @@ impl Routing {
         let held = Held { queue, envelope, delivery_count: 1, since, deadline, worker: None };
         state.held.insert(seq, held);
         match room {
-            Some(worker) => state.send(seq, worker, true),
+            Some(worker) => {
+                let assigned = state.assign(seq, worker, true);
+                // Encoded and handed to the writer (which may wake a thread) with the lock let go.
+                drop(state);
+                if let Some((link, request)) = assigned {
+                    link.send(&request);
+                }
+            }
             None => state.place(seq, options.window),
         }
         Ok(())
