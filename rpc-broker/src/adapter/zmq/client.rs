@@ -26,7 +26,7 @@ pub(super) struct Link {
 impl Link {
     fn send(&self, command: &Command) {
         // A connection that is gone ends its session, which moves its requests on.
-        self.outgoing.send(command.frames());
+        self.outgoing.send_with(|frames| command.frames_into(frames));
     }
 }
 

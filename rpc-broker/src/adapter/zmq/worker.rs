@@ -183,7 +183,7 @@ impl Serving {
     /// that is gone is dropped: what that client held moved on when its connection ended.
     fn send(&self, routing: &Bytes, command: &Command) {
         if let Some(link) = self.links.get(routing) {
-            link.send(command.frames());
+            link.send_with(|frames| command.frames_into(frames));
         }
     }
 

@@ -3,9 +3,10 @@
 //! crate's for three reasons:
 //! - a frame's declared length is checked against the limit before anything is reserved for it (the crate
 //!   reserves it as the frame starts to arrive);
-//! - writes are gathered: the writer task writes everything queued with one system call, and senders hand it
-//!   messages without a lock or a boxed future. With the crate's sockets the system calls took two thirds of a
-//!   worker's CPU (docs/performance.md, "ZeroMQ");
+//! - writes are gathered: a sender encodes its message into the connection's buffer (a short lock, no
+//!   allocation of its own), and the writer task writes the buffer whole with one system call, yielding once
+//!   first when the connection is busy so that concurrent calls share it. With the crate's sockets the system
+//!   calls took two thirds of a worker's CPU (docs/performance.md, "ZeroMQ");
 //! - the crate's PUB socket can deadlock a runtime: its fan-out task holds a lock of its subscriber map across
 //!   an `.await` while the subscriber tasks and the socket's drop wait for that lock, blocking their threads; with
 //!   every worker thread so blocked the fan-out task never runs again (seen as a test process hung for an hour).
@@ -15,7 +16,6 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
@@ -257,15 +257,10 @@ fn encode(message: &[Bytes], out: &mut BytesMut) {
     }
 }
 
-/// How soon after a write a message finds a connection busy: well under the round trip of a lone call over
-/// loopback (about 100 µs), well over the time between the messages of concurrent calls.
-const BUSY: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// Writes what `outgoing` gets to `write` until it closes or `closed` is cancelled: it takes everything queued
-/// (up to 256 KiB) and writes it with one system call. Woken by a message after a pause, it writes at once (for
-/// the latency of a lone call); woken soon after its last write ([`BUSY`]: the connection is busy), it yields once
-/// first, so that what the tasks of this thread are about to send joins the write instead of taking a system
-/// call each. Cancels `closed` when it ends.
+/// (up to 256 KiB) and writes it with one system call, after [`gather`]. Cancels `closed` when it ends. The
+/// writer of a PUB socket, whose queue per subscriber is bounded by its high-water mark; DEALER and ROUTER
+/// connections write from a buffer ([`Outgoing`]).
 pub(super) async fn write_messages(mut write: OwnedWriteHalf, mut outgoing: impl Queued, closed: CancellationToken) {
     const BATCH: usize = 256 * 1024;
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -278,9 +273,7 @@ pub(super) async fn write_messages(mut write: OwnedWriteHalf, mut outgoing: impl
                 None => break,
             },
         };
-        if written.elapsed() < BUSY {
-            tokio::task::yield_now().await;
-        }
+        gather(written).await;
         encode(&first, &mut buf);
         while buf.len() < BATCH {
             match outgoing.try_next() {
@@ -298,23 +291,25 @@ pub(super) async fn write_messages(mut write: OwnedWriteHalf, mut outgoing: impl
     let _ = write.shutdown().await;
 }
 
-/// The receiving end of a connection's outgoing messages: unbounded (DEALER, ROUTER: the windows bound them) or
-/// bounded (PUB: its high-water mark).
+/// How soon after a write a message finds a connection busy: well under the round trip of a lone call over
+/// loopback (about 100 µs), well over the time between the messages of concurrent calls.
+const BUSY: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Before a writer woken by a message writes: after a pause (its last write ended at `written`), nothing, for the
+/// latency of a lone call; within [`BUSY`] of it (the connection is busy), one yield, so that what the tasks of
+/// this thread are about to send joins the write instead of taking a system call each.
+async fn gather(written: std::time::Instant) {
+    if written.elapsed() < BUSY {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The receiving end of a PUB connection's outgoing messages, bounded by its high-water mark.
 pub(super) trait Queued: Send + 'static {
     /// The next message; `None` when every sender is gone.
     fn next(&mut self) -> impl Future<Output = Option<Message>> + Send;
     /// A message queued now, if there is one.
     fn try_next(&mut self) -> Option<Message>;
-}
-
-impl Queued for UnboundedReceiver<Message> {
-    fn next(&mut self) -> impl Future<Output = Option<Message>> + Send {
-        self.recv()
-    }
-
-    fn try_next(&mut self) -> Option<Message> {
-        self.try_recv().ok()
-    }
 }
 
 impl Queued for tokio::sync::mpsc::Receiver<Message> {
@@ -327,27 +322,99 @@ impl Queued for tokio::sync::mpsc::Receiver<Message> {
     }
 }
 
-/// A connection's sending side: messages go to its writer task.
+/// A connection's sending side: a message is encoded into the connection's buffer at once, and its writer task
+/// writes everything buffered with one system call. Unbounded: the windows bound what DEALER and ROUTER send.
 #[derive(Debug)]
 pub(super) struct Outgoing {
-    sender: UnboundedSender<Message>,
+    buffered: std::sync::Arc<Buffered>,
     /// Cancelled when the connection ends.
     pub(super) closed: CancellationToken,
+}
+
+/// What a connection's senders and its writer share.
+#[derive(Debug, Default)]
+struct Buffered {
+    pending: std::sync::Mutex<BytesMut>,
+    /// Told when `pending` was empty and is not.
+    wake: tokio::sync::Notify,
 }
 
 impl Outgoing {
     /// Starts the writer task of `write`.
     pub(super) fn start(write: OwnedWriteHalf) -> Outgoing {
-        let (sender, outgoing) = tokio::sync::mpsc::unbounded_channel();
+        let buffered = std::sync::Arc::new(Buffered::default());
         let closed = CancellationToken::new();
-        tokio::spawn(write_messages(write, outgoing, closed.clone()));
-        Outgoing { sender, closed }
+        tokio::spawn(write_buffered(write, std::sync::Arc::clone(&buffered), closed.clone()));
+        Outgoing { buffered, closed }
     }
 
-    /// Queues `message`; false when the connection is gone.
-    pub(super) fn send(&self, message: Message) -> bool {
-        !self.closed.is_cancelled() && self.sender.send(message).is_ok()
+    /// Queues the message that `fill` puts together (in a vector of this thread's, kept for the next one);
+    /// false when the connection is gone.
+    pub(super) fn send_with(&self, fill: impl FnOnce(&mut Vec<Bytes>)) -> bool {
+        thread_local! {
+            static FRAMES: std::cell::RefCell<Vec<Bytes>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        FRAMES.with(|frames| match frames.try_borrow_mut() {
+            Ok(mut frames) => {
+                frames.clear();
+                fill(&mut frames);
+                let sent = self.send(&frames);
+                frames.clear();
+                sent
+            }
+            // Not reached: nothing sends while it sends.
+            Err(_) => {
+                let mut frames = Vec::new();
+                fill(&mut frames);
+                self.send(&frames)
+            }
+        })
     }
+
+    /// Queues the message `frames`; false when the connection is gone.
+    pub(super) fn send(&self, frames: &[Bytes]) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        let was_empty = {
+            let mut pending = self.buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let was_empty = pending.is_empty();
+            encode(frames, &mut pending);
+            was_empty
+        };
+        if was_empty {
+            self.buffered.wake.notify_one();
+        }
+        true
+    }
+}
+
+/// The writer of an [`Outgoing`]: woken when its buffer fills, it takes the buffer whole (after [`gather`]) and
+/// writes it, until `closed` is cancelled or a write fails; then it cancels `closed`.
+async fn write_buffered(mut write: OwnedWriteHalf, buffered: std::sync::Arc<Buffered>, closed: CancellationToken) {
+    let mut taken = BytesMut::with_capacity(64 * 1024);
+    let mut written = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => break,
+            () = buffered.wake.notified() => {}
+        }
+        gather(written).await;
+        {
+            let mut pending = buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::swap(&mut *pending, &mut taken);
+        }
+        if taken.is_empty() {
+            continue;
+        }
+        if write.write_all(&taken).await.is_err() {
+            break;
+        }
+        written = std::time::Instant::now();
+        taken.clear();
+    }
+    closed.cancel();
+    let _ = write.shutdown().await;
 }
 
 /// Reads the next message, or `None` when the connection ended or sent what is not ZMTP within the limits.
