@@ -4,7 +4,8 @@
 //! unchanged; a message left unacknowledged when its connection goes comes again; a request is answered through
 //! the caller's temp queue, correlation id and all; a refused login is a typed error; a subscription dropped
 //! before its receipt unsubscribes; the transport finds delayed delivery and cancel where the server has them, and
-//! refuses a message past its size limit instead of taking it again and again. The queues made on RabbitMQ are
+//! refuses a message past its size limit instead of taking it again and again; a request read back is the one
+//! published, though it goes without what its reader infers. The queues made on RabbitMQ are
 //! deleted (a SEND to `/queue/X` declares a durable queue there); ActiveMQ drops its idle test queues itself
 //! (`.ci/activemq.xml`).
 
@@ -279,4 +280,74 @@ async fn a_message_past_the_size_limit_is_refused_not_redelivered() {
     // No arguments: an empty MessagePack map.
     let far = tight.request("suite.Probe", "whoami", Bytes::from_static(&[0x80])).timeout(WAIT).await;
     assert!(matches!(&far, Err(Error::Remote(status)) if status.code() == Code::ResourceExhausted), "{far:?}");
+}
+
+/// A call's request and two other messages reach a consumer of the queue as they were published, though the
+/// request goes without what its reader infers (its id, which is its correlation id; its service, which is the
+/// queue's name; its key, which is the correlation id's: docs/conformance.md, "STOMP 1.2").
+async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHarness) -> Vec<String> {
+    use rpc_core::transport::Confirm;
+    use rpc_core::{ConsumeOptions, Envelope, Kind, QueueOptions, ReplyTo, Transport};
+
+    let transport = harness.stomp().await;
+    let queue = format!("mqrpc-test-{}", Uuid::new_v4().simple());
+    let callbacks = format!("{queue}.callbacks");
+    for name in [&queue, &callbacks] {
+        transport.declare_queue(name, &QueueOptions::new()).await.expect("declares");
+    }
+    let mut consumer = transport.consume(&queue, ConsumeOptions::new().prefetch(4)).await.expect("consumes");
+    let correlation_id = Uuid::now_v7();
+    let mut request = Envelope::new(Kind::Request);
+    request.id = correlation_id;
+    request.correlation_id = Some(correlation_id);
+    request.service.clone_from(&queue);
+    request.method = "add".into();
+    request.reply_to = Some(ReplyTo::Queue(callbacks.clone()));
+    request.deadline_ms = Some(30_000);
+    request.idempotency_key = Some(correlation_id.simple().to_string());
+    request.headers.insert("tenant".into(), "acme".into());
+    request.body = Bytes::from_static(b"\x82\xa1a\x02\xa1b\x03");
+    // An id of its own, another service, no key.
+    let mut other = request.clone();
+    other.id = Uuid::now_v7();
+    other.service = "Other".into();
+    other.idempotency_key = None;
+    let mut oneway = Envelope::new(Kind::Oneway);
+    oneway.service.clone_from(&queue);
+    oneway.method = "record".into();
+    for envelope in [&request, &other, &oneway] {
+        transport.publish(&queue, envelope.clone(), Confirm::Broker).await.expect("publishes");
+    }
+    for sent in [request, other, oneway] {
+        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
+        let mut read = delivery.envelope.clone();
+        // What is left of the deadline: less the time the message was queued.
+        if let (Some(left), Some(budget)) = (read.deadline_ms, sent.deadline_ms) {
+            assert!(left <= budget && left + 5_000 > budget, "{left} ms left of {budget}");
+            read.deadline_ms = sent.deadline_ms;
+        }
+        assert_eq!(read, sent);
+        delivery.handle.ack().await.expect("acks");
+    }
+    vec![queue, callbacks]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_stomp), ignore = "needs ActiveMQ: MQRPC_STOMP_URL (bash .ci/brokers)")]
+async fn activemq_reads_back_what_a_request_goes_without() {
+    what_a_request_goes_without_is_read_back(&mqrpc_tests::StompHarness::activemq().expect("configured")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(mqrpc_stomp_rabbit),
+    ignore = "needs RabbitMQ's STOMP plugin: MQRPC_STOMP_RABBIT_URL (bash .ci/brokers)"
+)]
+async fn rabbitmq_reads_back_what_a_request_goes_without() {
+    let harness = mqrpc_tests::StompHarness::rabbitmq().expect("configured");
+    // Each with the dead-letter queue its declaration made.
+    for queue in what_a_request_goes_without_is_read_back(&harness).await {
+        delete_rabbitmq_queue(&rpc_core::naming::dead_letter_queue(&queue));
+        delete_rabbitmq_queue(&queue);
+    }
 }
