@@ -318,17 +318,29 @@ async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHa
     for envelope in [&request, &other, &oneway] {
         transport.publish(&queue, envelope.clone(), Confirm::Broker).await.expect("publishes");
     }
-    for sent in [request, other, oneway] {
-        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
-        let mut read = delivery.envelope.clone();
-        // What is left of the deadline: less the time the message was queued.
+    // What is left of the deadline: less the time the message was queued.
+    let as_sent = |mut read: Envelope, sent: &Envelope| {
         if let (Some(left), Some(budget)) = (read.deadline_ms, sent.deadline_ms) {
             assert!(left <= budget && left + 5_000 > budget, "{left} ms left of {budget}");
             read.deadline_ms = sent.deadline_ms;
         }
-        assert_eq!(read, sent);
-        delivery.handle.ack().await.expect("acks");
+        read
+    };
+    for sent in [&request, &other, &oneway] {
+        let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
+        assert_eq!(&as_sent(delivery.envelope.clone(), sent), sent);
+        if sent.id == request.id {
+            // Its dead letter, on another queue, still names the service its first queue stood for.
+            delivery.handle.dead_letter().await.expect("dead-letters");
+        } else {
+            delivery.handle.ack().await.expect("acks");
+        }
     }
+    let dead_letters = rpc_core::naming::dead_letter_queue(&queue);
+    let mut letters = transport.consume(&dead_letters, ConsumeOptions::new()).await.expect("consumes the DLQ");
+    let letter = tokio::time::timeout(WAIT, letters.next()).await.expect("dead-lettered").expect("open");
+    assert_eq!(as_sent(letter.envelope.clone(), &request), request);
+    letter.handle.ack().await.expect("acks");
     vec![queue, callbacks]
 }
 

@@ -328,6 +328,9 @@ fn copy_of(frame: &Frame, destination: &str, delivery_count: u32) -> Frame {
             copy.headers.push((name.clone(), value.clone()));
         }
     }
+    if let Some(service) = mapping::service_of_copy(frame, destination) {
+        copy = copy.header(headers::SERVICE, service);
+    }
     if delivery_count > 0 {
         copy = copy.header(DELIVERY_COUNT, &delivery_count.to_string());
     }

@@ -62,6 +62,16 @@ fn queue_of(destination: &str) -> Option<&str> {
         .filter(|queue| !queue.is_empty())
 }
 
+/// The `mqrpc-service` a copy of the delivered `frame` sent to `destination` (a requeue's, a dead letter's)
+/// must carry: the name of the queue the frame came from, where the frame left its service to it and the copy
+/// goes to another queue.
+pub(super) fn service_of_copy<'a>(frame: &'a Frame, destination: &str) -> Option<&'a str> {
+    if frame.get(headers::SERVICE).is_some() || frame.get(headers::KIND) == Some(adapter::kind_name(Kind::Reply)) {
+        return None;
+    }
+    frame.get("destination").and_then(queue_of).filter(|&queue| Some(queue) != queue_of(destination))
+}
+
 /// The idempotency key a request or oneway message to a queue with our `correlation_id` goes by when it names
 /// none: the correlation id in 32 lowercase hex digits, as an mqrpc client gives a call.
 fn default_key(kind: Kind, correlation_id: Option<Uuid>, queue: Option<&str>) -> Option<String> {
@@ -418,6 +428,11 @@ mod tests {
         assert_eq!((sent.get(headers::SERVICE), sent.get(headers::IDEMPOTENCY_KEY)), (Some(""), Some("")));
         let (back, _, _) = from_frame(&delivered(sent, false));
         assert_eq!((back.service.as_str(), back.idempotency_key), ("", None));
+        // Its copy on another queue (a dead letter) names the service the first queue stood for.
+        envelope.service = "ns.calc".into();
+        let first = delivered(to_frame(&envelope, "/queue/ns.calc", send).expect("maps"), false);
+        assert_eq!(service_of_copy(&first, "/queue/ns.calc.dlq"), Some("ns.calc"));
+        assert_eq!(service_of_copy(&first, "/queue/ns.calc"), None, "a requeue stays on its queue");
         // A plain client's request that names neither: the queue's service, and its correlation id as its key.
         let correlation = Uuid::new_v4();
         let plain = Frame::new(Command::Send)
