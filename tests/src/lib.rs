@@ -14,6 +14,7 @@ pub mod prometheus;
 pub mod rabbit;
 pub mod service;
 pub mod suite;
+pub mod tidy;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,12 +180,14 @@ pub fn required_url(variable: &str) -> String {
     broker_url(variable).unwrap_or_else(|Skip(reason)| panic!("cannot run: {reason}"))
 }
 
-/// RabbitMQ at `MQRPC_AMQP_URL`, through [`rpc_broker::adapter::amqp::Amqp`]. Queues the tests declare expire a
-/// minute after their last use, so that test runs do not pile them up in the broker.
+/// RabbitMQ at `MQRPC_AMQP_URL`, through [`rpc_broker::adapter::amqp::Amqp`]. The queues and exchanges its
+/// connections name are deleted when the harness is dropped ([`tidy`]); queues a test's worker processes declare
+/// expire a minute after their last use, so that test runs do not pile them up in the broker.
 #[derive(Debug)]
 pub struct AmqpHarness {
     url: String,
     options: rpc_broker::adapter::amqp::AmqpOptions,
+    named: Arc<tidy::Named>,
 }
 
 impl AmqpHarness {
@@ -201,12 +204,17 @@ impl AmqpHarness {
     /// With `options` (queues still expire a minute after their last use).
     pub fn with(options: rpc_broker::adapter::amqp::AmqpOptions) -> Result<AmqpHarness, Skip> {
         let url = broker_url("MQRPC_AMQP_URL")?;
-        Ok(AmqpHarness { url, options: options.queue_expires(Duration::from_secs(60)) })
+        Ok(AmqpHarness { url, options: options.queue_expires(Duration::from_secs(60)), named: Arc::default() })
     }
 
     /// The broker's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// What the connections of this harness named so far, deleted when it is dropped.
+    pub fn named(&self) -> &Arc<tidy::Named> {
+        &self.named
     }
 
     /// A transport of this harness, typed.
@@ -220,19 +228,29 @@ impl AmqpHarness {
 impl Harness for AmqpHarness {
     fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
         Box::pin(async move {
-            let transport: Arc<dyn Transport> = Arc::new(self.amqp().await);
+            let transport: Arc<dyn Transport> =
+                Arc::new(tidy::Recording::new(Arc::new(self.amqp().await), Arc::clone(&self.named)));
             transport
         })
     }
 }
 
+impl Drop for AmqpHarness {
+    fn drop(&mut self) {
+        self.named.delete_from(&self.url);
+    }
+}
+
 /// A STOMP server through [`rpc_broker::adapter::stomp::Stomp`]: ActiveMQ at `MQRPC_STOMP_URL`, or RabbitMQ's
-/// STOMP plugin at `MQRPC_STOMP_RABBIT_URL`. Queues the tests declare on RabbitMQ expire a minute after their last
+/// STOMP plugin at `MQRPC_STOMP_RABBIT_URL`. On RabbitMQ the queues its connections name are deleted through AMQP
+/// (`MQRPC_AMQP_URL`) when the harness is dropped ([`tidy`]), and the others expire a minute after their last
 /// use; ActiveMQ drops idle ones by the destination policy of `.ci/activemq.xml`.
 #[derive(Debug)]
 pub struct StompHarness {
     url: String,
     options: rpc_broker::adapter::stomp::StompOptions,
+    /// On RabbitMQ: its AMQP URL, and what the connections named.
+    tidy: Option<(String, Arc<tidy::Named>)>,
 }
 
 impl StompHarness {
@@ -243,12 +261,14 @@ impl StompHarness {
 
     /// RabbitMQ's STOMP plugin at `MQRPC_STOMP_RABBIT_URL`.
     pub fn rabbitmq() -> Result<StompHarness, Skip> {
-        Ok(StompHarness::with(&broker_url("MQRPC_STOMP_RABBIT_URL")?, stomp_options()))
+        let mut harness = StompHarness::with(&broker_url("MQRPC_STOMP_RABBIT_URL")?, stomp_options());
+        harness.tidy = broker_url("MQRPC_AMQP_URL").ok().map(|url| (url, Arc::default()));
+        Ok(harness)
     }
 
     /// The server at `url`, with `options`.
     pub fn with(url: &str, options: rpc_broker::adapter::stomp::StompOptions) -> StompHarness {
-        StompHarness { url: url.to_owned(), options }
+        StompHarness { url: url.to_owned(), options, tidy: None }
     }
 
     /// The server's URL.
@@ -268,8 +288,19 @@ impl Harness for StompHarness {
     fn connect(&self) -> BoxFuture<'_, Arc<dyn Transport>> {
         Box::pin(async move {
             let transport: Arc<dyn Transport> = Arc::new(self.stomp().await);
-            transport
+            match &self.tidy {
+                Some((_, named)) => Arc::new(tidy::Recording::new(transport, Arc::clone(named))),
+                None => transport,
+            }
         })
+    }
+}
+
+impl Drop for StompHarness {
+    fn drop(&mut self) {
+        if let Some((amqp_url, named)) = &self.tidy {
+            named.delete_from(amqp_url);
+        }
     }
 }
 

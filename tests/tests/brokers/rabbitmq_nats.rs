@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::join_all;
 use mqrpc_tests::service::{Events, ProbeClient, ProbeServer, Worker};
+use mqrpc_tests::tidy::Recording;
 use mqrpc_tests::{AmqpHarness, Available, Harness, NatsHarness};
 use rpc_core::transport::Confirm;
 use rpc_core::{Client, QueueOptions, Server, ServerHandle, Transport, naming};
@@ -54,8 +55,11 @@ async fn an_amqp_url_list_skips_a_node_that_does_not_answer() {
     let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f, {}", harness.url());
     let transport = Amqp::connect(&nodes).await.expect("connects to the node that answers");
     assert!(!format!("{transport:?}").contains("guest:guest"), "Debug shows a password: {transport:?}");
-    let _worker = worker(Arc::new(transport), &namespace).await;
-    let caller = Client::builder(Amqp::connect(&nodes).await.expect("connects")).namespace(&namespace).connect().await;
+    // The harness deletes the queues these connections make.
+    let tidy = |transport: Amqp| Arc::new(Recording::new(Arc::new(transport), Arc::clone(harness.named())));
+    let _worker = worker(tidy(transport), &namespace).await;
+    let caller =
+        Client::builder(tidy(Amqp::connect(&nodes).await.expect("connects"))).namespace(&namespace).connect().await;
     let probe = ProbeClient::new(&caller.expect("a client"));
     assert_eq!(probe.add(2, 3).timeout(WAIT).await.expect("answered"), 5);
     let none = Amqp::connect(" , ").await;
@@ -663,4 +667,62 @@ async fn amqp_confirms_go_to_their_own_publishes_when_a_bounded_queue_refuses_so
         received.len()
     );
     transport.delete_queue(&queue).await.expect("deletes");
+}
+
+/// A harness deletes what its connections made when it is dropped: the service queue and its dead-letter queue,
+/// a subscriber group's queue and the broadcast exchange, so that test runs leave a shared RabbitMQ as they
+/// found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(mqrpc_amqp), ignore = "needs RabbitMQ: MQRPC_AMQP_URL (bash .ci/brokers)")]
+async fn a_harness_deletes_the_queues_and_exchanges_its_connections_made() {
+    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+    let harness = AmqpHarness::from_env().available();
+    let url = harness.url().to_owned();
+    let namespace = namespace();
+    let worker = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    assert_eq!(probe.add(2, 3).timeout(WAIT).await.expect("answered"), 5);
+    probe.announce(7).await.expect("broadcast");
+    worker.shutdown(WAIT).await;
+    drop(client);
+
+    let queue = naming::service_queue(Some(&namespace), "suite.Probe");
+    let (queues, topics) = (harness.named().queues(), harness.named().topics());
+    assert!(queues.contains(&queue), "the service queue is noted: {queues:?}");
+    assert!(queues.iter().any(|name| name.contains('@')), "a subscriber group's queue is noted: {queues:?}");
+    assert!(!topics.is_empty(), "the broadcast topic is noted");
+
+    let connection = Connection::connect(&url, ConnectionProperties::default()).await.expect("connects");
+    let exists = |queue: String| {
+        let connection = &connection;
+        async move {
+            let channel = connection.create_channel().await.expect("a channel");
+            let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+            channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.is_ok()
+        }
+    };
+    let exchange_exists = |topic: String| {
+        let connection = &connection;
+        async move {
+            let channel = connection.create_channel().await.expect("a channel");
+            let passive = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+            let kind = ExchangeKind::Fanout;
+            channel.exchange_declare(topic.as_str().into(), kind, passive, FieldTable::default()).await.is_ok()
+        }
+    };
+    assert!(exists(queue.clone()).await, "the service queue is there before the harness goes");
+    assert!(exists(format!("{queue}.dlq")).await, "and its dead-letter queue");
+
+    drop(harness);
+    for name in &queues {
+        assert!(!exists(name.clone()).await, "`{name}` is deleted");
+        assert!(!exists(format!("{name}.dlq")).await, "`{name}.dlq` is deleted");
+    }
+    for topic in &topics {
+        assert!(!exchange_exists(topic.clone()).await, "the exchange `{topic}` is deleted");
+    }
 }
