@@ -77,7 +77,8 @@ pub mod headers {
     /// Set (true) when the reply address is the caller's inbox rather than a named queue: the reply may then go
     /// unconfirmed. Absent: a named queue.
     pub const REPLY_TO_INBOX: &str = "mqrpc-reply-inbox";
-    /// A correlation id from a caller that is not a UUID, kept to be echoed verbatim on the reply.
+    /// A correlation id from a caller in any form but the canonical lower-case hyphenated UUID (another text,
+    /// or a UUID written otherwise), kept to be echoed verbatim on the reply.
     pub const RAW_CORRELATION_ID: &str = "mqrpc-raw-correlation-id";
     /// On a reply (AMQP): the request's queue, which the worker declared without a maximum length. A caller
     /// publishes its later calls to that queue without publisher confirms: no full queue can drop them

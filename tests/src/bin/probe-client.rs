@@ -9,7 +9,9 @@
 //! (JetStream mode when `MQRPC_PROBE_STREAM_PREFIX` names the harness's stream prefix). It runs a fixed list of
 //! checks with the typed client (`ProbeClient`) against the service queue `NAMESPACE.suite.Probe`: `add`'s
 //! result; `div`'s application errors arriving typed (`MathError`); a method the worker does not serve
-//! (`whoami`, which the Python worker of `tests/interop` leaves out) answered as `UnknownMethod`; a oneway
+//! (`whoami`, which the Python worker of `tests/interop` leaves out) answered as `UnknownMethod`; arguments
+//! as an array accepted and ill-typed, missing or undecodable ones answered as `InvalidArgument` (through the
+//! untyped `Client::request`); a 1 ms budget ending the call typed, the worker serving the next; a oneway
 //! `record`, then `count` counting on; 1,000 concurrent `add` calls all answered correctly; and no call left
 //! pending at the end. It prints one line per check, `ok NAME` or `FAIL NAME: WHY`, and exits with status 1 if
 //! any failed (2 for bad usage or a transport that cannot be set up).
@@ -55,6 +57,41 @@ async fn check_unknown_method(probe: &ProbeClient) -> Outcome {
         Err(Error::Remote(status)) if status.code() == Code::UnknownMethod => Ok(()),
         other => Err(format!("whoami() gave {other:?}, not Err(Remote(UnknownMethod))")),
     }
+}
+
+async fn check_bad_arguments(client: &rpc_core::Client) -> Outcome {
+    let service = "suite.Probe";
+    // Arguments as an array of the values in parameter order are accepted.
+    let array = rmp_serde::to_vec(&(2i64, 3i64)).map_err(|error| error.to_string())?;
+    match client.request(service, "add", array.into()).timeout(CALL_TIMEOUT).await {
+        Ok(body) if rmp_serde::from_slice::<i64>(&body).ok() == Some(5) => {}
+        other => return Err(format!("add([2, 3]) gave {other:?}, not 5")),
+    }
+    // A string where an i64 belongs, a missing parameter, and a body that is not MessagePack.
+    let wrong_type = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("a", "two"), ("b", "three")]))
+        .map_err(|error| error.to_string())?;
+    let missing =
+        rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("a", 2i64)])).map_err(|error| error.to_string())?;
+    for (what, args) in [("a string argument", wrong_type), ("a missing one", missing), ("not MessagePack", vec![0xc1])]
+    {
+        match client.request(service, "add", args.into()).timeout(CALL_TIMEOUT).await {
+            Err(Error::Remote(status)) if status.code() == Code::InvalidArgument => {}
+            other => return Err(format!("add with {what} gave {other:?}, not Err(Remote(InvalidArgument))")),
+        }
+    }
+    Ok(())
+}
+
+async fn check_short_deadline(probe: &ProbeClient) -> Outcome {
+    // Its budget runs out on the way or in the queue: the caller's own deadline ends it, typed, whatever the
+    // worker makes of it, and the worker serves the next call.
+    match probe.add(1, 1).timeout(Duration::from_millis(1)).await {
+        Err(Error::Timeout(_)) => {}
+        Err(Error::Remote(status)) if status.code() == Code::DeadlineExceeded => {}
+        Ok(2) => {}
+        other => return Err(format!("add(1, 1) with 1 ms gave {other:?}, not Timeout, DeadlineExceeded or 2")),
+    }
+    check_add(probe).await
 }
 
 async fn check_oneway(probe: &ProbeClient) -> Outcome {
@@ -121,6 +158,8 @@ async fn main() {
     report("add", check_add(&probe).await);
     report("div", check_div(&probe).await);
     report("unknown_method", check_unknown_method(&probe).await);
+    report("bad_arguments", check_bad_arguments(&client).await);
+    report("short_deadline", check_short_deadline(&probe).await);
     report("oneway", check_oneway(&probe).await);
     report("concurrent", check_concurrent(&probe).await);
     let pending = client.stats().pending;

@@ -522,6 +522,30 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_message_is_queued_since_the_stream_stored_it_not_since_its_sender_says() {
+        let now = adapter::now_ms();
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::METHOD, "add");
+        headers.insert(headers::DEADLINE_MS, "60000");
+        // The sender's clock claims an hour ago; the stream stored it 5 s ago.
+        headers.insert(headers::SENT_AT_MS, (now - 3_600_000).to_string().as_str());
+        let message = async_nats::Message {
+            subject: "ns.Calculator".into(),
+            reply: None,
+            payload: Bytes::new(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let (envelope, queued) = from_message(&message, Origin::Stream { stored_at_ms: Some(now - 5_000) });
+        assert_eq!(envelope.deadline_ms, Some(60_000), "the budget travels as sent");
+        assert!((5_000..60_000).contains(&queued.as_millis()), "queued since it was stored: {queued:?}");
+        let (_, queued) = from_message(&message, Origin::Stream { stored_at_ms: None });
+        assert!(queued.as_millis() >= 3_600_000, "without a storage time, the sender's clock: {queued:?}");
+    }
+
+    #[test]
     fn line_breaks_in_header_values_are_refused_not_sent() {
         let mut envelope = Envelope::new(Kind::Oneway);
         envelope.headers.insert("note".into(), "two\r\nlines".into());
