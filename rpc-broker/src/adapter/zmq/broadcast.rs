@@ -327,7 +327,7 @@ impl Feed {
             let mut subscription = Vec::with_capacity(prefix.len() + 1);
             subscription.push(1);
             subscription.extend_from_slice(prefix);
-            outgoing.send(&[Bytes::from(subscription)]);
+            outgoing.send(&[Bytes::from(subscription)], false);
         }
         loop {
             let message = tokio::select! {
@@ -466,7 +466,7 @@ mod tests {
         let (read, write) =
             zmtp::handshake(stream, SocketType::Sub, limits, Duration::from_secs(5)).await.expect("handshake");
         let outgoing = Outgoing::start(write);
-        outgoing.send(&[Bytes::from([&[1u8][..], prefix].concat())]);
+        outgoing.send(&[Bytes::from([&[1u8][..], prefix].concat())], false);
         (read, outgoing)
     }
 

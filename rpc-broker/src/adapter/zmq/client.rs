@@ -26,7 +26,13 @@ pub(super) struct Link {
 impl Link {
     fn send(&self, command: &Command) {
         // A connection that is gone ends its session, which moves its requests on.
-        self.outgoing.send_with(|frames| command.frames_into(frames));
+        self.outgoing.send_with(false, |frames| command.frames_into(frames));
+    }
+
+    /// Sends a request the worker holds no other of this node's beside: written at once if the connection is
+    /// idle.
+    fn send_alone(&self, command: &Command) {
+        self.outgoing.send_with(true, |frames| command.frames_into(frames));
     }
 }
 
@@ -118,14 +124,16 @@ impl State {
     }
 
     fn send(&mut self, seq: u64, id: u64, fresh: bool) {
-        if let Some((link, request)) = self.assign(seq, id, fresh) {
+        if let Some((link, request, _)) = self.assign(seq, id, fresh) {
             link.send(&request);
         }
     }
 
-    /// Gives request `seq` to worker `id`: the request to send it, and the connection to send it on.
-    fn assign(&mut self, seq: u64, id: u64, fresh: bool) -> Option<(Arc<Link>, Command)> {
+    /// Gives request `seq` to worker `id`: the request to send it, the connection to send it on, and whether
+    /// the worker holds no other request of this node's.
+    fn assign(&mut self, seq: u64, id: u64, fresh: bool) -> Option<(Arc<Link>, Command, bool)> {
         let (Some(held), Some(worker)) = (self.held.get_mut(&seq), self.workers.get_mut(&id)) else { return None };
+        let alone = worker.outstanding.values().all(|&outstanding| outstanding == 0);
         match worker.outstanding.get_mut(&held.queue) {
             Some(outstanding) => *outstanding += 1,
             None => {
@@ -142,7 +150,7 @@ impl State {
             queue: held.queue.clone(),
             envelope: held.envelope.clone(),
         };
-        Some((Arc::clone(&worker.link), request))
+        Some((Arc::clone(&worker.link), request, alone))
     }
 
     /// The shared copy of `queue`'s name.
@@ -240,8 +248,10 @@ impl Routing {
                 let assigned = state.assign(seq, worker, true);
                 // Encoded and handed to the writer (which may wake a thread) with the lock let go.
                 drop(state);
-                if let Some((link, request)) = assigned {
-                    link.send(&request);
+                match assigned {
+                    Some((link, request, true)) => link.send_alone(&request),
+                    Some((link, request, false)) => link.send(&request),
+                    None => {}
                 }
             }
             None => state.place(seq, options.window),

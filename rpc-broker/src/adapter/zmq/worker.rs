@@ -182,8 +182,14 @@ impl Serving {
     /// Sends `command` to the client at `routing`, through its connection's writer task. A message to a client
     /// that is gone is dropped: what that client held moved on when its connection ended.
     fn send(&self, routing: &Bytes, command: &Command) {
+        self.send_to(routing, command, false);
+    }
+
+    /// Sends `command` to the client at `routing`, written at once if `alone` (the worker is busy with nothing
+    /// else) and the connection is idle.
+    fn send_to(&self, routing: &Bytes, command: &Command, alone: bool) {
         if let Some(link) = self.links.get(routing) {
-            link.send_with(|frames| command.frames_into(frames));
+            link.send_with(alone, |frames| command.frames_into(frames));
         }
     }
 
@@ -604,15 +610,17 @@ impl Acker for ZmqAcker {
         };
         let routing = self.client_of(tag);
         let Some(held) = self.take(tag) else { return rpc_core::transport::answered(Err(Error::DeliveryLost)) };
+        // The consumer's only delivery: its answer is written at once if the connection is idle.
+        let alone = lock(&self.held).is_empty();
         let answered = routing.map(|routing| {
-            self.tell(
-                &routing,
-                &Command::Answer {
-                    seq: held.seq,
-                    inbox: Bytes::copy_from_slice(reply_to.address().as_bytes()),
-                    envelope: bytes,
-                },
-            );
+            let answer = Command::Answer {
+                seq: held.seq,
+                inbox: Bytes::copy_from_slice(reply_to.address().as_bytes()),
+                envelope: bytes,
+            };
+            if let Some(serving) = self.serving() {
+                serving.send_to(&routing, &answer, alone);
+            }
             Answered::Sent
         });
         rpc_core::transport::answered(answered)

@@ -322,8 +322,12 @@ impl Queued for tokio::sync::mpsc::Receiver<Message> {
     }
 }
 
-/// A connection's sending side: a message is encoded into the connection's buffer at once, and its writer task
-/// writes everything buffered with one system call. Unbounded: the windows bound what DEALER and ROUTER send.
+/// A connection's sending side. A message its sender knows to be alone (a request to a worker that holds no
+/// other of this node's, the answer of a worker's only delivery) is written at once by the sender when nothing
+/// is buffered or being written, with one non-blocking system call and no task woken: a lone call pays for no
+/// hand-off. Otherwise, and for what that call could not take, it is encoded into the connection's buffer, and
+/// its writer task writes everything buffered with one system call, so that concurrent calls share it.
+/// Unbounded: the windows bound what DEALER and ROUTER send.
 #[derive(Debug)]
 pub(super) struct Outgoing {
     buffered: std::sync::Arc<Buffered>,
@@ -332,25 +336,43 @@ pub(super) struct Outgoing {
 }
 
 /// What a connection's senders and its writer share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Buffered {
-    pending: std::sync::Mutex<BytesMut>,
+    pending: std::sync::Mutex<Pending>,
     /// Told when `pending` was empty and is not.
     wake: tokio::sync::Notify,
+    /// Written by the writer task, and by a sender that finds the connection idle (under `pending`'s lock, so
+    /// that bytes go out in the order they were sent).
+    write: OwnedWriteHalf,
+}
+
+/// What waits to be written, and whether the connection is busy.
+#[derive(Debug)]
+struct Pending {
+    bytes: BytesMut,
+    /// The writer holds bytes it took and has not written yet: a sender must not write before them.
+    writing: bool,
+    /// When the last write ended.
+    written: std::time::Instant,
 }
 
 impl Outgoing {
     /// Starts the writer task of `write`.
     pub(super) fn start(write: OwnedWriteHalf) -> Outgoing {
-        let buffered = std::sync::Arc::new(Buffered::default());
+        let pending = Pending { bytes: BytesMut::new(), writing: false, written: std::time::Instant::now() };
+        let buffered = std::sync::Arc::new(Buffered {
+            pending: std::sync::Mutex::new(pending),
+            wake: tokio::sync::Notify::new(),
+            write,
+        });
         let closed = CancellationToken::new();
-        tokio::spawn(write_buffered(write, std::sync::Arc::clone(&buffered), closed.clone()));
+        tokio::spawn(write_buffered(std::sync::Arc::clone(&buffered), closed.clone()));
         Outgoing { buffered, closed }
     }
 
-    /// Queues the message that `fill` puts together (in a vector of this thread's, kept for the next one);
-    /// false when the connection is gone.
-    pub(super) fn send_with(&self, fill: impl FnOnce(&mut Vec<Bytes>)) -> bool {
+    /// Sends the message that `fill` puts together (in a vector of this thread's, kept for the next one),
+    /// written at once if `alone` and the connection is idle; false when the connection is gone.
+    pub(super) fn send_with(&self, alone: bool, fill: impl FnOnce(&mut Vec<Bytes>)) -> bool {
         thread_local! {
             static FRAMES: std::cell::RefCell<Vec<Bytes>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -358,7 +380,7 @@ impl Outgoing {
             Ok(mut frames) => {
                 frames.clear();
                 fill(&mut frames);
-                let sent = self.send(&frames);
+                let sent = self.send(&frames, alone);
                 frames.clear();
                 sent
             }
@@ -366,21 +388,38 @@ impl Outgoing {
             Err(_) => {
                 let mut frames = Vec::new();
                 fill(&mut frames);
-                self.send(&frames)
+                self.send(&frames, alone)
             }
         })
     }
 
-    /// Queues the message `frames`; false when the connection is gone.
-    pub(super) fn send(&self, frames: &[Bytes]) -> bool {
+    /// Sends the message `frames`: written at once if `alone` and the connection is idle, else queued for the
+    /// writer; false when the connection is gone.
+    pub(super) fn send(&self, frames: &[Bytes], alone: bool) -> bool {
         if self.closed.is_cancelled() {
             return false;
         }
         let was_empty = {
             let mut pending = self.buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let was_empty = pending.is_empty();
-            encode(frames, &mut pending);
-            was_empty
+            let was_empty = pending.bytes.is_empty();
+            encode(frames, &mut pending.bytes);
+            if alone && was_empty && !pending.writing {
+                match self.buffered.write.try_write(&pending.bytes) {
+                    Ok(written) => {
+                        pending.bytes.advance(written);
+                        pending.written = std::time::Instant::now();
+                    }
+                    // The socket's buffer is full: the writer waits for room.
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        pending.bytes.clear();
+                        drop(pending);
+                        self.closed.cancel();
+                        return false;
+                    }
+                }
+            }
+            was_empty && !pending.bytes.is_empty()
         };
         if was_empty {
             self.buffered.wake.notify_one();
@@ -390,31 +429,56 @@ impl Outgoing {
 }
 
 /// The writer of an [`Outgoing`]: woken when its buffer fills, it takes the buffer whole (after [`gather`]) and
-/// writes it, until `closed` is cancelled or a write fails; then it cancels `closed`.
-async fn write_buffered(mut write: OwnedWriteHalf, buffered: std::sync::Arc<Buffered>, closed: CancellationToken) {
+/// writes it, until `closed` is cancelled or a write fails; then it cancels `closed` and shuts the connection's
+/// sending side.
+async fn write_buffered(buffered: std::sync::Arc<Buffered>, closed: CancellationToken) {
     let mut taken = BytesMut::with_capacity(64 * 1024);
-    let mut written = std::time::Instant::now();
     loop {
         tokio::select! {
             () = closed.cancelled() => break,
             () = buffered.wake.notified() => {}
         }
+        // The last write, its own or a sender's.
+        let written = buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).written;
         gather(written).await;
         {
             let mut pending = buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            std::mem::swap(&mut *pending, &mut taken);
+            std::mem::swap(&mut pending.bytes, &mut taken);
+            pending.writing = !taken.is_empty();
         }
         if taken.is_empty() {
             continue;
         }
-        if write.write_all(&taken).await.is_err() {
+        let result = tokio::select! {
+            () = closed.cancelled() => break,
+            result = write_all(&buffered.write, &mut taken) => result,
+        };
+        {
+            let mut pending = buffered.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.writing = false;
+            pending.written = std::time::Instant::now();
+        }
+        if result.is_err() {
             break;
         }
-        written = std::time::Instant::now();
-        taken.clear();
     }
     closed.cancel();
-    let _ = write.shutdown().await;
+    let stream: &TcpStream = buffered.write.as_ref();
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
+/// Writes `bytes` whole to `write`, which senders share, waiting for room as needed; `bytes` is empty after.
+async fn write_all(write: &OwnedWriteHalf, bytes: &mut BytesMut) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        write.writable().await?;
+        match write.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes.advance(written),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Reads the next message, or `None` when the connection ended or sent what is not ZMTP within the limits.
@@ -452,6 +516,33 @@ mod tests {
         let mut huge = BytesMut::from(&[0x02u8, 0, 0, 0, 0, 0x40, 0, 0, 0][..]);
         assert!(codec.decode(&mut huge).is_err());
         assert!(huge.capacity() < 1_024);
+    }
+
+    /// Messages written at once by their senders and messages left to the writer arrive in the order sent,
+    /// a message too large for one non-blocking write included, and a closed connection refuses sending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_written_at_once_and_by_the_writer_arrive_in_the_order_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let address = listener.local_addr().expect("an address");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (read, write) = connected.expect("connects").into_split();
+        let (peer, _) = accepted.expect("accepts");
+        let outgoing = Outgoing::start(write);
+        let message = |n: u32, size: usize| vec![Bytes::from(n.to_be_bytes().to_vec()), Bytes::from(vec![7u8; size])];
+        let sent: Vec<(u32, usize)> = (0..200u32)
+            .map(|n| (n, if n % 50 == 7 { 8 * 1024 * 1024 } else { usize::try_from(n).unwrap_or(0) * 10 }))
+            .collect();
+        for &(n, size) in &sent {
+            assert!(outgoing.send(&message(n, size), n % 3 != 0), "the connection is open");
+        }
+        let mut frames = FramedRead::new(peer, Codec::new(Limits { max_frame: 16 * 1024 * 1024 }));
+        for &(n, size) in &sent {
+            let received = frames.next().await.expect("a message").expect("well formed");
+            assert_eq!(received, message(n, size), "message {n} arrives whole and in order");
+        }
+        drop((frames, read));
+        outgoing.closed.cancel();
+        assert!(!outgoing.send(&message(0, 1), true), "a closed connection refuses");
     }
 
     #[test]
