@@ -1,6 +1,7 @@
 //! ZeroMQ, brokerless: feature `zmq`. DEALER, ROUTER, PUB and SUB speak ZMTP 3 (NULL security) through a
-//! connection of this module's own (`zmq/zmtp.rs`: limits checked before memory is reserved, writes gathered into
-//! one system call), which interoperates with libzmq 4.3 (pyzmq).
+//! connection of this module's own (`zmq/zmtp.rs`: limits checked before memory is reserved, concurrent writes
+//! gathered into one system call, a lone call's message written by its sender), which interoperates with libzmq
+//! 4.3 (pyzmq).
 //!
 //! No broker sits between a caller and a worker, so each process is a node that does a broker's part itself,
 //! after the reliable request-reply patterns of the ZeroMQ guide:

@@ -5,8 +5,9 @@
 //!   reserves it as the frame starts to arrive);
 //! - writes are gathered: a sender encodes its message into the connection's buffer (a short lock, no
 //!   allocation of its own), and the writer task writes the buffer whole with one system call, yielding once
-//!   first when the connection is busy so that concurrent calls share it. With the crate's sockets the system
-//!   calls took two thirds of a worker's CPU (docs/performance.md, "ZeroMQ");
+//!   first when the connection is busy so that concurrent calls share it; a message its sender knows to be alone
+//!   on an idle connection is written by the sender itself, with no task woken. With the crate's sockets the
+//!   system calls took two thirds of a worker's CPU (docs/performance.md, "ZeroMQ");
 //! - the crate's PUB socket can deadlock a runtime: its fan-out task holds a lock of its subscriber map across
 //!   an `.await` while the subscriber tasks and the socket's drop wait for that lock, blocking their threads; with
 //!   every worker thread so blocked the fan-out task never runs again (seen as a test process hung for an hour).
