@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::engine::{self, ConsumerId, Props, QueueConfig, Settle};
-use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_error};
+use crate::hub::{Handoff, Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::protocol::{CAPABILITIES, call_key};
 
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
@@ -24,14 +24,59 @@ pub struct Embedded {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
+/// The hub, and its deliveries on their way to their consumers: they are handed out after the lock is let go
+/// (see [`Handoff`]), since a client and its workers take it from every thread of the runtime, for every call.
 struct Shared {
     hub: Mutex<Hub<Envelope>>,
+    handoff: Arc<Handoff<Envelope>>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        let handoff = Arc::new(Handoff::default());
+        let mut hub = Hub::default();
+        hub.hand_off(Arc::clone(&handoff));
+        Shared { hub: Mutex::new(hub), handoff }
+    }
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Hub<Envelope>> {
-        self.hub.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The hub, until the guard is dropped; then what its operations made deliverable is handed out.
+    fn lock(&self) -> Locked<'_> {
+        Locked { hub: Some(self.hub.lock().unwrap_or_else(PoisonError::into_inner)), handoff: &self.handoff }
+    }
+
+    /// Dispatches the delayed messages due now ([`Hub::tick`]).
+    fn tick(&self) -> Option<Instant> {
+        self.lock().tick(Instant::now())
+    }
+}
+
+/// The hub's lock; dropping it lets go of the hub, then hands out the deliveries made meanwhile.
+struct Locked<'a> {
+    /// `Some` until dropped.
+    hub: Option<MutexGuard<'a, Hub<Envelope>>>,
+    handoff: &'a Handoff<Envelope>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Hub<Envelope>;
+
+    fn deref(&self) -> &Hub<Envelope> {
+        self.hub.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Hub<Envelope> {
+        self.hub.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        drop(self.hub.take());
+        self.handoff.deliver();
     }
 }
 
@@ -120,7 +165,7 @@ fn start_timer(shared: &Arc<Shared>, hub: &mut Hub<Envelope>) {
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
         let wake = hub.timer_started();
-        runtime.spawn(crate::hub::run_timer(Arc::downgrade(shared), Shared::lock, wake));
+        runtime.spawn(crate::hub::run_timer(Arc::downgrade(shared), Shared::tick, wake));
     }
 }
 

@@ -2,7 +2,8 @@
 //! faces of one broker. Callers hold it behind a mutex and keep each critical section short.
 
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
-use std::sync::{Arc, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
 use rpc_core::transport::Outcome;
@@ -89,8 +90,9 @@ pub(crate) fn join_private<M: Clone>(
 }
 
 /// Where a consumer's deliveries go: a channel to an in-process consumer, or a connection's writer.
-pub(crate) trait Sink<M>: Send {
-    /// Takes one delivery; must not block (it runs under the hub's lock).
+pub(crate) trait Sink<M>: Send + Sync {
+    /// Takes one delivery; must not block (it runs under the hub's lock, or right after it with a
+    /// [`Handoff`]).
     fn deliver(&self, delivery: engine::Delivery<M>, now: Instant);
 
     /// Tells the consumer that the call of its delivery `tag` was cancelled; must not block either.
@@ -102,8 +104,10 @@ pub(crate) trait Sink<M>: Send {
 
 pub(crate) struct Hub<M> {
     pub(crate) engine: Engine<M>,
-    sinks: HashMap<ConsumerId, Box<dyn Sink<M>>>,
+    sinks: HashMap<ConsumerId, Arc<dyn Sink<M>>>,
     out: Vec<engine::Delivery<M>>,
+    /// Where deliveries wait for their sinks until the lock is let go, if the host hands them out after it.
+    handoff: Option<Arc<Handoff<M>>>,
     /// Wakes the delay timer ([`run_timer`]) when a delayed message is due before the time it sleeps until.
     wake: Arc<Notify>,
     /// When the delay timer wakes up next, if it sleeps until a due message.
@@ -119,6 +123,7 @@ impl<M> Default for Hub<M> {
             engine: Engine::default(),
             sinks: HashMap::default(),
             out: Vec::new(),
+            handoff: None,
             wake: Arc::new(Notify::new()),
             armed_for: None,
             timer_started: false,
@@ -181,7 +186,7 @@ impl<M: Clone> Hub<M> {
         make_sink: impl FnOnce(ConsumerId) -> Box<dyn Sink<M>>,
     ) -> Result<ConsumerId, EngineError> {
         let id = self.engine.add_consumer(queue, prefetch, auto_ack)?;
-        self.sinks.insert(id, make_sink(id));
+        self.sinks.insert(id, Arc::from(make_sink(id)));
         Ok(id)
     }
 
@@ -202,13 +207,31 @@ impl<M: Clone> Hub<M> {
         Ok(())
     }
 
-    /// Hands every delivery the last operation made possible to its sink.
+    /// Deliveries go to `handoff` from now on, for the host to hand to their sinks once it lets go of the hub
+    /// ([`Handoff::deliver`]), instead of to the sinks under the lock.
+    pub(crate) fn hand_off(&mut self, handoff: Arc<Handoff<M>>) {
+        self.handoff = Some(handoff);
+    }
+
+    /// Hands every delivery the last operation made possible to its sink, or to the handoff.
     pub(crate) fn dispatch(&mut self, now: Instant) {
         let mut out = std::mem::take(&mut self.out);
         self.engine.dispatch(now, &mut out);
-        for delivery in out.drain(..) {
-            if let Some(sink) = self.sinks.get(&delivery.consumer) {
-                sink.deliver(delivery, now);
+        match &self.handoff {
+            Some(handoff) if !out.is_empty() => {
+                let mut ready = handoff.lock();
+                for delivery in out.drain(..) {
+                    if let Some(sink) = self.sinks.get(&delivery.consumer) {
+                        ready.push(Ready { sink: Arc::clone(sink), delivery, now });
+                    }
+                }
+            }
+            _ => {
+                for delivery in out.drain(..) {
+                    if let Some(sink) = self.sinks.get(&delivery.consumer) {
+                        sink.deliver(delivery, now);
+                    }
+                }
             }
         }
         self.out = out;
@@ -234,7 +257,7 @@ impl<M: Clone> Hub<M> {
     }
 
     /// Dispatches what is due at `now`; returns when the next delayed message is due.
-    fn tick(&mut self, now: Instant) -> Option<Instant> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Option<Instant> {
         // Nothing is due before `now` after this dispatch, so it does not wake the timer that runs it.
         self.armed_for = Some(now);
         self.dispatch(now);
@@ -243,18 +266,13 @@ impl<M: Clone> Hub<M> {
     }
 }
 
-/// A hub's delay timer: dispatches delayed messages when they are due, until `host` is gone. `lock` reaches the
-/// hub inside its host; `wake` is what [`Hub::timer_started`] returned.
-pub(crate) async fn run_timer<H, M: Clone>(
-    host: Weak<H>,
-    lock: for<'a> fn(&'a H) -> MutexGuard<'a, Hub<M>>,
-    wake: Arc<Notify>,
-) {
+/// A hub's delay timer: dispatches delayed messages when they are due, until `host` is gone. `tick` runs
+/// [`Hub::tick`] on the hub inside its host, now; `wake` is what [`Hub::timer_started`] returned.
+pub(crate) async fn run_timer<H>(host: Weak<H>, tick: fn(&H) -> Option<Instant>, wake: Arc<Notify>) {
     loop {
         let due = {
             let Some(host) = host.upgrade() else { return };
-            let mut hub = lock(&host);
-            hub.tick(Instant::now())
+            tick(&host)
         };
         match due {
             Some(due) => {
@@ -265,5 +283,131 @@ pub(crate) async fn run_timer<H, M: Clone>(
             }
             None => wake.notified().await,
         }
+    }
+}
+
+/// Deliveries made under a hub's lock, handed to their sinks after it, in the order they were made, by the first
+/// thread to let go of the hub while none does it: a sink wakes a task, and a wake may unpark a thread with a
+/// system call, which must not lengthen the turns of a lock that several threads take for every call.
+pub(crate) struct Handoff<M> {
+    ready: Mutex<Vec<Ready<M>>>,
+    /// The emptied batch of the thread handing out, kept for the next.
+    spare: Mutex<Vec<Ready<M>>>,
+    /// A thread hands out: the others leave what they add to it.
+    draining: AtomicBool,
+}
+
+/// A delivery waiting for its sink.
+struct Ready<M> {
+    sink: Arc<dyn Sink<M>>,
+    delivery: engine::Delivery<M>,
+    now: Instant,
+}
+
+impl<M> Default for Handoff<M> {
+    fn default() -> Self {
+        Handoff { ready: Mutex::new(Vec::new()), spare: Mutex::new(Vec::new()), draining: AtomicBool::new(false) }
+    }
+}
+
+impl<M> Handoff<M> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Ready<M>>> {
+        self.ready.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands what waits to its sinks, unless another thread is doing that; then that thread hands out what
+    /// waits when it sees it, this call's included. Call it after letting go of the hub.
+    pub(crate) fn deliver(&self) {
+        loop {
+            if self.draining.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            {
+                // Let go also if a sink panics, or nothing would be handed out again.
+                let _draining = Draining(&self.draining);
+                let mut batch = std::mem::take(&mut *self.spare.lock().unwrap_or_else(PoisonError::into_inner));
+                loop {
+                    std::mem::swap(&mut *self.lock(), &mut batch);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for ready in batch.drain(..) {
+                        ready.sink.deliver(ready.delivery, ready.now);
+                    }
+                }
+                *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = batch;
+            }
+            // What another thread added after the last batch, while this one still handed out.
+            if self.lock().is_empty() {
+                return;
+            }
+        }
+    }
+}
+
+/// Ends a thread's turn at handing out.
+struct Draining<'a>(&'a AtomicBool);
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::engine::Props;
+
+    /// Records the messages it is handed.
+    struct Recorder(Arc<Mutex<Vec<u64>>>);
+
+    impl Sink<u64> for Recorder {
+        fn deliver(&self, delivery: engine::Delivery<u64>, _now: Instant) {
+            self.0.lock().expect("not poisoned").push(delivery.message);
+        }
+
+        fn abort(&self, _tag: u64) {}
+    }
+
+    #[test]
+    fn deliveries_handed_off_by_several_threads_reach_their_sink_in_the_order_they_were_made() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 5_000;
+        let handoff = Arc::new(Handoff::default());
+        let mut hub = Hub::default();
+        hub.hand_off(Arc::clone(&handoff));
+        hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        hub.attach("q", 0, true, move |_| Box::new(Recorder(sink))).expect("attaches");
+        // The message is the order in which the engine took it: the hub's lock numbers them.
+        let hub = Arc::new(Mutex::new((hub, 0u64)));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (hub, handoff) = (Arc::clone(&hub), Arc::clone(&handoff));
+                std::thread::spawn(move || {
+                    for _ in 0..EACH {
+                        {
+                            let mut locked = hub.lock().expect("not poisoned");
+                            let (hub, next) = &mut *locked;
+                            let now = Instant::now();
+                            hub.engine.publish("q", *next, Props::default(), now).expect("publishes");
+                            *next += 1;
+                            hub.dispatch(now);
+                        }
+                        handoff.deliver();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("the thread ran");
+        }
+        let received = received.lock().expect("not poisoned");
+        assert_eq!(*received, (0..THREADS * EACH).collect::<Vec<u64>>());
+        assert!(handoff.lock().is_empty(), "nothing left waiting");
     }
 }

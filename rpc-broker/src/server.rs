@@ -180,6 +180,11 @@ impl State {
         self.hub.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Dispatches the delayed messages due now ([`Hub::tick`]).
+    fn tick(&self) -> Option<Instant> {
+        self.lock().tick(Instant::now())
+    }
+
     fn stats(&self) -> BrokerStats {
         BrokerStats {
             connections: self.connections.load(Ordering::Relaxed),
@@ -350,7 +355,7 @@ impl BrokerServer {
             users_generation: AtomicU64::new(0),
         });
         let wake = state.lock().timer_started();
-        tokio::spawn(crate::hub::run_timer(Arc::downgrade(&state), State::lock, wake));
+        tokio::spawn(crate::hub::run_timer(Arc::downgrade(&state), State::tick, wake));
         let task = tokio::spawn(accept(listener, Arc::clone(&state)));
         Ok(BrokerServer { state, local_addr, task, recovery })
     }
@@ -693,9 +698,10 @@ async fn write_frames<W>(
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut last_write = Instant::now();
     while let Some(first) = outbound.recv().await {
         let mut written = 0;
-        protocol::gather(first, &mut outbound, &mut buf, |item, buf| match item {
+        protocol::gather(first, &mut outbound, &mut buf, last_write, |item, buf| match item {
             Outbound::Frame(frame) => frame.encode(buf),
             Outbound::Deliver(delivery) => {
                 written += delivery.message.len();
@@ -713,6 +719,7 @@ async fn write_frames<W>(
         if write.write_all(&buf).await.is_err() {
             return;
         }
+        last_write = Instant::now();
         buf.clear();
         queued.fetch_sub(written, Ordering::Relaxed);
         drained.notify_waiters();

@@ -335,6 +335,7 @@ async fn write_frames(
     liveness: Arc<Liveness>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut written = Instant::now();
     loop {
         let first = tokio::select! {
             _ = dead.cancelled() => break,
@@ -343,7 +344,7 @@ async fn write_frames(
                 None => break,
             },
         };
-        protocol::gather(first, &mut outbound, &mut buf, |frame, buf| frame.encode(buf)).await;
+        protocol::gather(first, &mut outbound, &mut buf, written, |frame, buf| frame.encode(buf)).await;
         if liveness.lapsed(Instant::now()) {
             // This process was away longer than the broker waits: it has most likely closed the connection and
             // handed its deliveries to other consumers. Nothing more goes out on it (a settle or a reply would
@@ -355,7 +356,8 @@ async fn write_frames(
         if write.write_all(&buf).await.is_err() || write.flush().await.is_err() {
             break;
         }
-        liveness.wrote(Instant::now());
+        written = Instant::now();
+        liveness.wrote(written);
         buf.clear();
     }
     dead.cancel();
