@@ -182,7 +182,8 @@ fn props(envelope: &Envelope) -> Props {
 
 impl Transport for Embedded {
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        // Deliveries are handed out after the hub's lock, on the publisher's thread (see `Handoff`).
+        CAPABILITIES.in_process(true)
     }
 
     fn declare_queue<'a>(&'a self, queue: &'a str, options: &'a QueueOptions) -> BoxFuture<'a, Result<(), Error>> {

@@ -21,10 +21,12 @@ use crate::retry::RetryPolicy;
 use crate::status::Status;
 use crate::transport::{self, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport};
 
+mod direct;
 mod inline;
 mod outcome;
 mod pipeline;
 
+use direct::Direct;
 use inline::Inline;
 use outcome::settle;
 use pipeline::handle;
@@ -615,7 +617,10 @@ async fn run(
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
     let mut tasks = JoinSet::new();
-    let mut inline = Inline::default();
+    let inline = Arc::new(Inline::default());
+    // Where the transport is in process, requests are handled on the threads that publish them; this loop takes
+    // those that find every permit taken.
+    let mut direct = Direct::start(&shared, &permits, &inline, &mut requests);
     let grace = loop {
         let permit = tokio::select! {
             biased;
@@ -630,7 +635,8 @@ async fn run(
             biased;
             grace = &mut stop => break grace.unwrap_or_default(),
             delivery = requests.next() => delivery.map(|delivery| (delivery, Source::Queue)),
-            Some(delivery) = next(&mut broadcasts) => Some((delivery, Source::Topic)),
+            Some(delivery) = next(direct.as_mut().map(|direct| &mut direct.overflow)) => Some((delivery, Source::Queue)),
+            Some(delivery) = next(broadcasts.as_mut()) => Some((delivery, Source::Topic)),
         };
         shared.identity.waiting.store(false, Ordering::Relaxed);
         let Some((delivery, source)) = delivery else {
@@ -645,11 +651,18 @@ async fn run(
         while tasks.try_join_next().is_some() {}
     };
 
-    // Handlers that are done already are not counted as finishing within the grace period.
-    while tasks.try_join_next().is_some() {}
     // No new deliveries from here on; those buffered and not started go back to the queue for other workers.
+    if let Some(direct) = &direct {
+        direct.stop();
+    }
+    let mut direct_tasks = direct.as_ref().map(Direct::take_tasks).unwrap_or_default();
+    // Handlers that are done already are not counted as finishing within the grace period.
+    for tasks in [&mut tasks, &mut direct_tasks] {
+        while tasks.try_join_next().is_some() {}
+    }
     let mut report = ShutdownReport::default();
-    for consumer in std::iter::once(&mut requests).chain(broadcasts.as_mut()) {
+    let overflow = direct.as_mut().map(|direct| &mut direct.overflow);
+    for consumer in std::iter::once(&mut requests).chain(broadcasts.as_mut()).chain(overflow) {
         consumer.pause();
         while let Some(delivery) = consumer.try_next() {
             report.released += 1;
@@ -657,18 +670,20 @@ async fn run(
         }
     }
     let deadline = Instant::now().checked_add(grace);
-    loop {
-        let joined = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, tasks.join_next()).await,
-            None => Ok(tasks.join_next().await),
-        };
-        match joined {
-            Ok(Some(_)) => report.finished += 1,
-            Ok(None) => break,
-            Err(_) => {
-                report.aborted = tasks.len();
-                tasks.shutdown().await;
-                break;
+    for tasks in [&mut tasks, &mut direct_tasks] {
+        loop {
+            let joined = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, tasks.join_next()).await,
+                None => Ok(tasks.join_next().await),
+            };
+            match joined {
+                Ok(Some(_)) => report.finished += 1,
+                Ok(None) => break,
+                Err(_) => {
+                    report.aborted += tasks.len();
+                    tasks.shutdown().await;
+                    break;
+                }
             }
         }
     }
@@ -683,7 +698,7 @@ async fn run(
     report
 }
 
-async fn next(consumer: &mut Option<Consumer>) -> Option<Delivery> {
+async fn next(consumer: Option<&mut Consumer>) -> Option<Delivery> {
     match consumer {
         Some(consumer) => consumer.next().await,
         None => std::future::pending().await,

@@ -175,7 +175,10 @@ pub(crate) fn process_span(
     destination: &str,
     attempt: u32,
 ) -> tracing::Span {
+    // A root in this process: a request handled on the thread that published it (an in-process transport)
+    // is not a child of the call's span there, but continues its trace from the headers, as anywhere else.
     let span = tracing::info_span!(
+        parent: None,
         "rpc.handle",
         otel.name = %format_args!("process {destination}"),
         otel.kind = if envelope.kind == Kind::Request { "server" } else { "consumer" },

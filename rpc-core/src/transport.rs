@@ -89,6 +89,10 @@ pub struct Capabilities {
     pub subscriber_groups: bool,
     /// [`Transport::queue_stats`] answers.
     pub queue_stats: bool,
+    /// Deliveries are handed out in this process, on the thread that published them, outside the broker's locks,
+    /// to a consumer that takes them directly ([`Consumer::direct`]): a server then starts handling a request
+    /// right there, and a call that stays in the process does not go from thread to thread.
+    pub in_process: bool,
 }
 
 impl Capabilities {
@@ -107,6 +111,7 @@ impl Capabilities {
             requeue: false,
             subscriber_groups: false,
             queue_stats: false,
+            in_process: false,
         }
     }
 
@@ -179,6 +184,12 @@ impl Capabilities {
     /// Sets [`Capabilities::queue_stats`].
     pub const fn queue_stats(mut self, yes: bool) -> Capabilities {
         self.queue_stats = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::in_process`].
+    pub const fn in_process(mut self, yes: bool) -> Capabilities {
+        self.in_process = yes;
         self
     }
 }

@@ -2,6 +2,7 @@
 //! the next requests straight to tasks of their own for a while.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -19,12 +20,22 @@ use crate::transport::BoxFuture;
 /// [`Inline::SLOW`] in a row, every request goes straight to a task for [`Inline::BACKOFF`]. Slow polls between
 /// fast ones do not count: the thread was preempted (on a busy machine, at every end of its time slice), or a
 /// store grew its table, and a second of spawned tasks would cost more than the slow poll did.
-#[derive(Default)]
+///
+/// Shared by the server's loop and, on an in-process transport, by the threads that hand it requests as they
+/// publish them: its state is atomics, written only when a poll is slow or the backoff ends.
 pub(super) struct Inline {
-    /// Until when requests go straight to tasks.
-    spawn_until: Option<std::time::Instant>,
+    /// What `spawn_until` counts from.
+    epoch: std::time::Instant,
+    /// Until when requests go straight to tasks: microseconds after `epoch`, plus one; 0 when they do not.
+    spawn_until: AtomicU64,
     /// Slow first polls in a row.
-    strikes: u32,
+    strikes: AtomicU32,
+}
+
+impl Default for Inline {
+    fn default() -> Inline {
+        Inline { epoch: std::time::Instant::now(), spawn_until: AtomicU64::new(0), strikes: AtomicU32::new(0) }
+    }
 }
 
 impl Inline {
@@ -39,23 +50,25 @@ impl Inline {
     pub(super) const BACKOFF: Duration = Duration::from_secs(1);
 
     /// Whether a request may be polled here now. The clock is read only while inline polling is off.
-    pub(super) fn allows(&mut self) -> bool {
-        self.spawn_until.is_none() || self.allows_at(std::time::Instant::now())
+    pub(super) fn allows(&self) -> bool {
+        self.spawn_until.load(Ordering::Relaxed) == 0 || self.allows_at(std::time::Instant::now())
     }
 
-    pub(super) fn allows_at(&mut self, now: std::time::Instant) -> bool {
-        match self.spawn_until {
-            Some(until) if now < until => false,
-            Some(_) => {
-                self.spawn_until = None;
-                true
-            }
-            None => true,
+    pub(super) fn allows_at(&self, now: std::time::Instant) -> bool {
+        let until = self.spawn_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
         }
+        if self.micros(now) < until {
+            return false;
+        }
+        // Over: back on (unless another thread started a new backoff meanwhile).
+        let _ = self.spawn_until.compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        true
     }
 
     /// Polls `work` once; `true` when it finished (or panicked, which is logged and counts as finished).
-    pub(super) fn run(&mut self, work: &mut BoxFuture<'static, ()>) -> bool {
+    pub(super) fn run(&self, work: &mut BoxFuture<'static, ()>) -> bool {
         let started = std::time::Instant::now();
         // A future polled here with a no-op waker and not ready is polled again by the task it moves to,
         // which registers that task's waker.
@@ -72,16 +85,25 @@ impl Inline {
     }
 
     /// Counts a first poll that took `took` and ended at `now`.
-    pub(super) fn polled(&mut self, took: Duration, now: std::time::Instant) {
+    pub(super) fn polled(&self, took: Duration, now: std::time::Instant) {
         if took <= Self::SLOW {
-            self.strikes = 0;
+            // Written only when there is something to reset: the threads that share it keep reading it.
+            if self.strikes.load(Ordering::Relaxed) != 0 {
+                self.strikes.store(0, Ordering::Relaxed);
+            }
             return;
         }
-        self.strikes += 1;
-        if self.strikes >= Self::STRIKES || took > Self::LONG {
-            self.strikes = 0;
-            self.spawn_until = now.checked_add(Self::BACKOFF);
+        let strikes = self.strikes.fetch_add(1, Ordering::Relaxed) + 1;
+        if strikes >= Self::STRIKES || took > Self::LONG {
+            self.strikes.store(0, Ordering::Relaxed);
+            let until = now.checked_add(Self::BACKOFF).map_or(u64::MAX, |until| self.micros(until).max(1));
+            self.spawn_until.store(until, Ordering::Relaxed);
         }
+    }
+
+    /// Microseconds from the epoch to `at`, plus one.
+    fn micros(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX - 1) + 1
     }
 }
 
@@ -94,13 +116,13 @@ mod tests {
         let start = std::time::Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let (slow, fast) = (Inline::SLOW * 10, Inline::SLOW / 10);
-        let mut inline = Inline::default();
+        let inline = Inline::default();
         // Slow polls between fast ones, however close together, never add up.
         for step in 0..20 {
             inline.polled(if step % 2 == 0 { slow } else { fast }, at(step));
             assert!(inline.allows_at(at(step)), "a lone slow poll stopped inline polling");
         }
-        let mut inline = Inline::default();
+        let inline = Inline::default();
         for strike in 1..Inline::STRIKES {
             inline.polled(slow, at(u64::from(strike)));
             assert!(inline.allows_at(at(u64::from(strike))));

@@ -1,0 +1,81 @@
+//! The embedded broker's in-process path: a request is handled on the thread that publishes it, within the
+//! server's concurrency limit.
+
+use std::future::IntoFuture;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rpc_broker::Embedded;
+use rpc_core::{Client, Server};
+
+#[rpc_core::service]
+trait Probe {
+    /// `n` plus one.
+    async fn next(&self, n: u64) -> u64;
+    /// Waits `ms` milliseconds, counting the handlers running meanwhile.
+    async fn hold(&self, ms: u64) -> u64;
+}
+
+#[derive(Clone, Default)]
+struct Probing {
+    running: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl Probe for Probing {
+    async fn next(&self, n: u64) -> u64 {
+        n + 1
+    }
+
+    async fn hold(&self, ms: u64) -> u64 {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        ms
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_the_embedded_broker_is_answered_within_its_first_poll() {
+    use futures::FutureExt;
+
+    let broker = Embedded::new();
+    let _server = Server::new(broker.clone()).serve(ProbeServer::new(Probing::default())).await.expect("serves");
+    let client = Client::connect(broker).await.expect("client");
+    for n in 0..50 {
+        // The call's first poll publishes; the broker hands the request to the server right there, whose handler
+        // answers at once, and the reply is in before the poll returns: no thread or task in between.
+        let answered = ProbeClient::new(&client).next(n).into_future().now_or_never();
+        assert_eq!(answered.map(|answer| answer.expect("answered")), Some(n + 1), "call {n} waited");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_handled_where_they_are_published_keep_to_the_servers_concurrency() {
+    let broker = Embedded::new();
+    let probing = Probing::default();
+    let server = Server::new(broker.clone())
+        .concurrency(3)
+        .prefetch(16)
+        .serve(ProbeServer::new(probing.clone()))
+        .await
+        .expect("serves");
+    let client = Client::connect(broker).await.expect("client");
+    let calls: Vec<_> = (0..24)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { ProbeClient::new(&client).hold(20).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.expect("the call ran").expect("answered"), 20);
+    }
+    let most = probing.most.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} handlers ran at once under a concurrency of 3");
+    assert!(most >= 2, "the handlers ran one at a time ({most}): the limit was not what held them");
+    let report = server.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((report.aborted, report.stats.handled), (0, 24), "{report:?}");
+}
