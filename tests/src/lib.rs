@@ -827,9 +827,17 @@ impl WorkerProcess {
         assert!(status.success(), "kill -{signal} failed");
     }
 
-    /// Stops the process where it is (SIGSTOP): it neither runs nor answers heartbeats until resumed.
+    /// Stops the process where it is (SIGSTOP): it neither runs nor answers heartbeats until resumed. Returns once
+    /// every thread of it is stopped: `kill` returns when the signal is queued, and a thread running on another
+    /// core at that moment goes on for a little while, long enough to answer a request sent right after.
     pub fn pause(&self) {
         self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !every_thread_stopped(&tasks) {
+            assert!(std::time::Instant::now() < deadline, "process {} did not stop within 5 s", self.child.id());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Resumes a paused process (SIGCONT).
@@ -877,4 +885,16 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether every thread under `tasks` (a process's `/proc/<pid>/task`) is stopped by a signal (state `T`).
+fn every_thread_stopped(tasks: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else { return false };
+    entries.flatten().all(|task| {
+        // `<tid> (<name>) <state> ...`: the name may hold spaces and parentheses, the state follows the last `)`.
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(false)
+    })
 }
