@@ -293,7 +293,7 @@ impl Server {
         let queue = naming::service_queue(namespace, service.name());
         self.transport.declare_queue(&queue, &self.queue_options).await?;
         let options = ConsumeOptions::new().prefetch(self.prefetch);
-        let requests = self.transport.consume(&queue, options).await?;
+        let mut requests = self.transport.consume(&queue, options).await?;
         let topic = naming::service_topic(namespace, service.name());
         let broadcasts = if service.methods().iter().any(|method| method.kind == MethodKind::Broadcast) {
             let group = self.group.as_deref().unwrap_or(service.name());
@@ -340,7 +340,12 @@ impl Server {
             pings: pings.map(|pings| tokio::spawn(answer_pings(Arc::clone(&shared), pings))),
             _announced: announced,
         };
-        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, presence, stop_rx));
+        let inline = Arc::new(Inline::default());
+        // Where the transport is in process, requests are handled on the threads that publish them, from the
+        // moment `serve` returns; the loop takes those that find every permit taken.
+        let direct = Direct::start(&shared, &permits, &inline, &mut requests);
+        let task =
+            tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, (inline, direct), presence, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
     }
 }
@@ -613,14 +618,11 @@ async fn run(
     mut requests: Consumer,
     mut broadcasts: Option<Consumer>,
     permits: Arc<Semaphore>,
+    (inline, mut direct): (Arc<Inline>, Option<Direct>),
     presence: Presence,
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
     let mut tasks = JoinSet::new();
-    let inline = Arc::new(Inline::default());
-    // Where the transport is in process, requests are handled on the threads that publish them; this loop takes
-    // those that find every permit taken.
-    let mut direct = Direct::start(&shared, &permits, &inline, &mut requests);
     let grace = loop {
         let permit = tokio::select! {
             biased;
