@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rpc_core::transport::Outcome;
-use rpc_core::{Capabilities, Envelope, Kind, QueueStats};
+use rpc_core::{Capabilities, Envelope, Kind, QueueStats, Text};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
@@ -454,12 +454,82 @@ pub enum ClientFrame {
         /// The delivery.
         tag: u64,
         /// The inbox.
-        reply_to: String,
+        reply_to: Text,
         /// As in `Publish`.
         ttl_ms: Option<u64>,
         /// The encoded reply envelope.
         payload: Bytes,
     },
+    /// A frame written ahead, length prefix included, such as a publish written with its envelope in one buffer
+    /// ([`PublishHeader::with_envelope`]). Only sent: it is read as the frame it holds.
+    Encoded {
+        /// The request id of the frame it holds.
+        req: u32,
+        /// The frame.
+        frame: Bytes,
+    },
+}
+
+/// A publish frame's fields before its payload, to write the frame and its envelope at once.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishHeader<'a> {
+    /// As in [`ClientFrame::Publish`].
+    pub req: u32,
+    /// The queue.
+    pub queue: &'a str,
+    /// As in [`ClientFrame::Publish`].
+    pub priority: u8,
+    /// As in [`ClientFrame::Publish`].
+    pub ttl_ms: Option<u64>,
+    /// As in [`ClientFrame::Publish`].
+    pub delay_ms: Option<u64>,
+    /// As in [`ClientFrame::Publish`].
+    pub key: Option<[u8; 16]>,
+    /// As in [`ClientFrame::Publish`].
+    pub id: Option<[u8; 16]>,
+    /// As in [`ClientFrame::Publish`].
+    pub quiet: bool,
+}
+
+impl PublishHeader<'_> {
+    /// The publish frame with `envelope` as its payload, written in one allocation of its exact size (a
+    /// [`ClientFrame::Publish`] holds its queue's name and its payload in two more).
+    ///
+    /// # Errors
+    /// As [`codec::encode_envelope`](rpc_core::codec::encode_envelope).
+    pub fn with_envelope(&self, envelope: &Envelope) -> Result<ClientFrame, rpc_core::codec::CodecError> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let write = |out: &mut Vec<u8>| {
+            out.clear();
+            Writer::new(out, if self.quiet { 0x12 } else { 0x03 })
+                .u32(self.req)
+                .str(self.queue)
+                .u8(self.priority)
+                .opt(self.ttl_ms)
+                .opt(self.delay_ms)
+                .key(self.key.as_ref())
+                .key(self.id.as_ref());
+            rpc_core::codec::encode_envelope_into(out, envelope)?;
+            // The prefix counts the payload too.
+            let len = u32::try_from(out.len() - 4)
+                .map_err(|_| rpc_core::codec::CodecError::TooLarge { len: out.len(), max: u32::MAX as usize })?;
+            out[..4].copy_from_slice(&len.to_be_bytes());
+            Ok(ClientFrame::Encoded { req: self.req, frame: Bytes::copy_from_slice(out) })
+        };
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut out) => {
+                let frame = write(&mut out);
+                // A large one is not kept.
+                if out.capacity() > 64 * 1024 {
+                    *out = Vec::new();
+                }
+                frame
+            }
+            Err(_) => write(&mut Vec::new()),
+        })
+    }
 }
 
 /// Error codes in [`ServerFrame::Error`].
@@ -593,13 +663,15 @@ pub enum ServerFrame {
     },
 }
 
-struct Writer<'a> {
-    dst: &'a mut BytesMut,
+/// Writes a frame's fields after its length prefix, which it fills in when dropped; into the codec's buffer, or
+/// into a buffer of its own for a frame written ahead ([`PublishHeader::with_envelope`]).
+struct Writer<'a, D: BufMut + std::ops::DerefMut<Target = [u8]>> {
+    dst: &'a mut D,
     start: usize,
 }
 
-impl<'a> Writer<'a> {
-    fn new(dst: &'a mut BytesMut, kind: u8) -> Writer<'a> {
+impl<'a, D: BufMut + std::ops::DerefMut<Target = [u8]>> Writer<'a, D> {
+    fn new(dst: &'a mut D, kind: u8) -> Writer<'a, D> {
         let start = dst.len();
         dst.put_u32(0);
         dst.put_u8(kind);
@@ -659,7 +731,7 @@ impl<'a> Writer<'a> {
     }
 }
 
-impl Drop for Writer<'_> {
+impl<D: BufMut + std::ops::DerefMut<Target = [u8]>> Drop for Writer<'_, D> {
     fn drop(&mut self) {
         let len = (self.dst.len() - self.start - 4) as u32;
         self.dst[self.start..self.start + 4].copy_from_slice(&len.to_be_bytes());
@@ -723,6 +795,13 @@ impl Reader {
         self.need(len)?;
         let bytes = self.buf.split_to(len);
         String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::Malformed("a string that is not UTF-8"))
+    }
+
+    /// As [`Reader::str`], a slice of the frame rather than a copy.
+    fn text(&mut self) -> Result<Text, ProtocolError> {
+        let len = usize::from(self.u16()?);
+        self.need(len)?;
+        Text::from_utf8(self.buf.split_to(len)).map_err(|_| ProtocolError::Malformed("a string that is not UTF-8"))
     }
 
     fn rest(&mut self) -> Bytes {
@@ -804,6 +883,7 @@ impl Frame for ClientFrame {
             ClientFrame::CancelCall { queue, key } => {
                 Writer::new(dst, 0x0f).str(queue).bytes(key);
             }
+            ClientFrame::Encoded { frame, .. } => dst.put_slice(frame),
             ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload } => {
                 Writer::new(dst, 0x11).u64(*consumer).u64(*tag).str(reply_to).opt(*ttl_ms).bytes(payload);
             }
@@ -897,7 +977,7 @@ impl ClientFrame {
                 });
             }
             0x11 => {
-                let (consumer, tag, reply_to, ttl_ms) = (r.u64()?, r.u64()?, r.str()?, r.opt()?);
+                let (consumer, tag, reply_to, ttl_ms) = (r.u64()?, r.u64()?, r.text()?, r.opt()?);
                 return Ok(ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload: r.rest() });
             }
             other => return Err(ProtocolError::UnknownType(other)),
@@ -920,7 +1000,8 @@ impl ClientFrame {
             | ClientFrame::DeleteQueue { req, .. }
             | ClientFrame::ListQueues { req }
             | ClientFrame::Sync { req }
-            | ClientFrame::Republish { req, .. } => *req,
+            | ClientFrame::Republish { req, .. }
+            | ClientFrame::Encoded { req, .. } => *req,
             ClientFrame::Hello { .. }
             | ClientFrame::Settle { .. }
             | ClientFrame::Pause { .. }
@@ -1120,6 +1201,44 @@ mod tests {
         let raw = codec.decode(&mut dst).expect("decodes").expect("a whole frame");
         assert!(dst.is_empty());
         assert_eq!(ClientFrame::parse(raw).expect("parses"), frame);
+    }
+
+    #[test]
+    fn a_publish_written_with_its_envelope_reads_as_the_publish_frame() {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.service = Text::from_static("Calculator");
+        envelope.method = Text::from_static("add");
+        envelope.body = Bytes::from_static(b"\x92\x01\x02");
+        for (quiet, ttl_ms, key) in [(true, Some(900), Some([5; 16])), (false, None, None)] {
+            let header = PublishHeader {
+                req: 7,
+                queue: "mqrpc.Calculator",
+                priority: 3,
+                ttl_ms,
+                delay_ms: None,
+                key,
+                id: Some(*envelope.id.as_bytes()),
+                quiet,
+            };
+            let written = header.with_envelope(&envelope).expect("encodes");
+            assert_eq!(written.req(), 7);
+            let mut dst = BytesMut::new();
+            written.encode(&mut dst);
+            let raw = FrameCodec::new(DEFAULT_MAX_FRAME).decode(&mut dst).expect("decodes").expect("a whole frame");
+            assert!(dst.is_empty());
+            let expected = ClientFrame::Publish {
+                req: 7,
+                queue: "mqrpc.Calculator".into(),
+                priority: 3,
+                ttl_ms,
+                delay_ms: None,
+                key,
+                id: header.id,
+                payload: rpc_core::codec::encode_envelope(&envelope).expect("encodes"),
+                quiet,
+            };
+            assert_eq!(ClientFrame::parse(raw).expect("parses"), expected);
+        }
     }
 
     fn round_trip_server(frame: ServerFrame) {

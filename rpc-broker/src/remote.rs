@@ -24,7 +24,7 @@ use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, Queu
 use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
-use crate::protocol::{self, CAPABILITIES, ClientFrame, ErrorCode, INBOX_PREFIX, call_key};
+use crate::protocol::{self, CAPABILITIES, ClientFrame, ErrorCode, INBOX_PREFIX, PublishHeader, call_key};
 
 use connection::{Conn, Target, Waiter, open, parse_url, supervise};
 use consumer::{Logical, LogicalKind};
@@ -336,12 +336,11 @@ impl Remote {
     fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         // A connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
         // client sends it again if told to): nothing is sent again here.
-        let payload = match codec::encode_envelope(&envelope) {
-            Ok(payload) => payload,
+        let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
+        let frame = match PublishProps::of(&envelope).header(conn.req(), queue, true).with_envelope(&envelope) {
+            Ok(frame) => frame,
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
-        let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = PublishProps::of(&envelope).frame(conn.req(), queue, payload, true);
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),
@@ -518,6 +517,12 @@ impl PublishProps {
             key: call_key(envelope),
             id: Some(*envelope.id.as_bytes()),
         }
+    }
+
+    /// The frame's header, for a frame written with its envelope at once.
+    fn header(self, req: u32, queue: &str, quiet: bool) -> PublishHeader<'_> {
+        let PublishProps { priority, ttl_ms, delay_ms, key, id } = self;
+        PublishHeader { req, queue, priority, ttl_ms, delay_ms, key, id, quiet }
     }
 
     /// The frame, taking `payload`: a publish sent once passes its own, where a clone of it would turn it into

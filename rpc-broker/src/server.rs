@@ -1018,6 +1018,8 @@ impl Connection {
                     Err(error) => Some(failure(req, &error)),
                 }
             }
+            // Never decoded: only sent.
+            ClientFrame::Encoded { .. } => None,
             ClientFrame::Answer { consumer, tag, reply_to, ttl_ms, payload } => {
                 let consumer = ConsumerId::from_u64(consumer);
                 // Only the connection's own consumers' deliveries; a stale one (requeued already) is ignored,

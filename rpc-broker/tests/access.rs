@@ -73,7 +73,7 @@ fn request_answered_at(inbox: &str) -> Envelope {
     envelope.service = "Echo".into();
     envelope.method = "echo".into();
     envelope.correlation_id = Some(uuid::Uuid::new_v4());
-    envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.to_owned()));
+    envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.into()));
     envelope.body = rpc_core::codec::encode(&(1u64,)).expect("encodes");
     envelope
 }
@@ -524,7 +524,8 @@ async fn an_answer_goes_only_to_the_inbox_its_request_names() {
     let ServerFrame::Deliver { consumer, tag, .. } = next().await else { panic!("a delivery") };
     let before = server.stats().denied;
     let payload = rpc_core::codec::encode_envelope(&reply()).expect("encodes");
-    send(ClientFrame::Answer { consumer, tag, reply_to: blue_inbox.address.clone(), ttl_ms: None, payload }).await;
+    send(ClientFrame::Answer { consumer, tag, reply_to: blue_inbox.address.clone().into(), ttl_ms: None, payload })
+        .await;
     // Frames are handled in order: once `Sync` is answered, the answer was.
     send(ClientFrame::Sync { req: 3 }).await;
     assert!(matches!(next().await, ServerFrame::Ok { req: 3, .. }));

@@ -504,7 +504,7 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     let request = || {
         let mut envelope = Envelope::new(Kind::Request);
         envelope.correlation_id = Some(uuid::Uuid::new_v4());
-        envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.address.clone()));
+        envelope.reply_to = Some(rpc_core::ReplyTo::Inbox(inbox.address.clone().into()));
         envelope
     };
     worker.declare_queue("answers", &QueueOptions::new()).await.expect("declares");
@@ -514,7 +514,8 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     worker.publish("answers", request(), rpc_core::transport::Confirm::Broker).await.expect("publishes");
     let first = next(&mut consumer).await;
     let reply = first.envelope.reply(Ok(Bytes::from_static(b"\x2a")));
-    let answered = first.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone()), reply).await.expect("answers");
+    let answered =
+        first.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone().into()), reply).await.expect("answers");
     assert_eq!(answered, rpc_core::transport::Answered::Sent);
     let got = next(&mut inbox.consumer).await;
     assert_eq!(got.envelope.correlation_id, first.envelope.correlation_id);
@@ -536,7 +537,7 @@ async fn answer_is_fenced(worker: Arc<dyn Transport>, observer: Arc<dyn Transpor
     let third = next(&mut consumer).await;
     drop(consumer);
     let reply = third.envelope.reply(Ok(Bytes::from_static(b"\x02")));
-    match third.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone()), reply).await {
+    match third.handle.answer(&rpc_core::ReplyTo::Inbox(inbox.address.clone().into()), reply).await {
         // The embedded broker knows at once; the server drops the frame of a delivery it no longer holds.
         Err(Error::DeliveryLost) | Ok(rpc_core::transport::Answered::Sent) => {}
         other => panic!("{other:?}"),
@@ -676,7 +677,7 @@ async fn serve_with_metrics_answers_a_scrape_that_follows_the_queues() {
     assert_eq!(ready(&body).as_deref(), Some("0"), "{body}");
     for n in 0..3 {
         let mut envelope = Envelope::new(Kind::Oneway);
-        envelope.method = format!("m{n}");
+        envelope.method = format!("m{n}").into();
         remote.publish("metered", envelope, rpc_core::transport::Confirm::Broker).await.expect("publishes");
     }
     let body = scrape(&metrics).await;

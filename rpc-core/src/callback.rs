@@ -17,6 +17,7 @@ use crate::envelope::{Envelope, Kind};
 use crate::error::Error;
 use crate::method::Method;
 use crate::naming;
+use crate::text::Text;
 use crate::trace;
 use crate::transport::{self, BoxFuture, ConsumeOptions, QueueOptions, Transport};
 
@@ -48,7 +49,7 @@ type Handler = Box<dyn Fn(Envelope) -> BoxFuture<'static, ()> + Send + Sync>;
 pub struct DurableCallbacks {
     name: String,
     namespace: Option<String>,
-    handlers: HashMap<(String, String), Handler>,
+    handlers: HashMap<(Text, Text), Handler>,
 }
 
 impl fmt::Debug for DurableCallbacks {
@@ -89,7 +90,7 @@ impl DurableCallbacks {
             };
             Box::pin(handler(reply))
         });
-        self.handlers.insert((method.service.to_owned(), method.name.to_owned()), handler);
+        self.handlers.insert((Text::from_static(method.service), Text::from_static(method.name)), handler);
         self
     }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::admission::Admission;
 use crate::envelope::Envelope;
 use crate::error::Error;
+use crate::text::Text;
 use crate::transport::{self, Transport};
 
 mod call;
@@ -37,7 +38,7 @@ pub struct ClientBuilder {
     namespace: Option<String>,
     resends: u32,
     admission: Admission,
-    identity: Option<Arc<str>>,
+    identity: Option<Text>,
 }
 
 impl ClientBuilder {
@@ -46,7 +47,7 @@ impl ClientBuilder {
     /// by the framework: use it for logs, metrics and routing, and the broker's own authentication (a token,
     /// TLS, broker users) to keep callers out. Default: none.
     pub fn identity(mut self, identity: impl Into<String>) -> ClientBuilder {
-        self.identity = Some(identity.into().into());
+        self.identity = Some(Text::from(identity.into()));
         self
     }
 
@@ -117,7 +118,7 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 transport: self.transport,
-                inbox: inbox.address,
+                inbox: Text::from(inbox.address),
                 default_timeout: self.default_timeout,
                 namespace: self.namespace,
                 resends: self.resends,
@@ -140,12 +141,12 @@ pub struct Client {
 
 struct Inner {
     transport: Arc<dyn Transport>,
-    inbox: String,
+    inbox: Text,
     default_timeout: Duration,
     namespace: Option<String>,
     resends: u32,
     admission: Admission,
-    identity: Option<Arc<str>>,
+    identity: Option<Text>,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
 }

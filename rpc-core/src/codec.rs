@@ -151,8 +151,8 @@ pub fn encode_envelope_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<()
     envelope::encode_into(out, envelope)
 }
 
-/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body is copied
-/// out of `bytes`; [`decode_envelope_bytes`] shares it instead.
+/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body and the
+/// strings are copied out of `bytes`; [`decode_envelope_bytes`] shares them instead.
 ///
 /// # Errors
 /// [`CodecError::TooLarge`] first; then [`CodecError::Malformed`] or [`CodecError::TooDeep`] for bytes that are
@@ -169,7 +169,8 @@ pub fn reply_address_of(bytes: &[u8], limits: &Limits) -> Option<(crate::ReplyTo
     envelope::reply_address(bytes, limits)
 }
 
-/// As [`decode_envelope`], with the body a slice of `bytes` rather than a copy.
+/// As [`decode_envelope`], with the body and the strings slices of `bytes` rather than copies: they keep
+/// `bytes` alive.
 ///
 /// # Errors
 /// As [`decode_envelope`].
@@ -440,21 +441,21 @@ mod tests {
                     let mut envelope = Envelope::new(crate::envelope::Kind::try_from(kind).expect("a kind"));
                     envelope.id = uuid::Uuid::from_u128(id);
                     envelope.correlation_id = correlation.map(uuid::Uuid::from_u128);
-                    envelope.service = service;
-                    envelope.method = method;
+                    envelope.service = service.into();
+                    envelope.method = method.into();
                     envelope.reply_to = reply_to.map(|address| match inbox {
-                        true => crate::ReplyTo::Inbox(address),
-                        false => crate::ReplyTo::Queue(address),
+                        true => crate::ReplyTo::Inbox(address.into()),
+                        false => crate::ReplyTo::Queue(address.into()),
                     });
                     envelope.deadline_ms = deadline_ms;
                     envelope.delay_ms = delay_ms;
                     envelope.attempt = attempt;
-                    envelope.idempotency_key = idempotency_key;
+                    envelope.idempotency_key = idempotency_key.map(Into::into);
                     envelope.priority = priority;
                     envelope.status = status;
                     envelope.status_message = status_message;
                     envelope.last_status = last_status;
-                    envelope.caller = caller;
+                    envelope.caller = caller.map(Into::into);
                     envelope.headers = headers;
                     envelope.body = Bytes::from(body);
                     envelope

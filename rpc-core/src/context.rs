@@ -30,12 +30,12 @@ impl Current {
         let envelope = &self.envelope;
         RequestContext {
             correlation_id: envelope.correlation_id,
-            service: envelope.service.clone(),
-            method: envelope.method.clone(),
+            service: envelope.service.to_string(),
+            method: envelope.method.to_string(),
             attempt: self.attempt,
             deadline: self.deadline,
-            idempotency_key: envelope.idempotency_key.clone(),
-            caller: envelope.caller.clone(),
+            idempotency_key: envelope.idempotency_key.as_deref().map(str::to_owned),
+            caller: envelope.caller.as_deref().map(str::to_owned),
             headers: envelope.headers.clone(),
         }
     }

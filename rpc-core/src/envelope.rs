@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::status::{Code, Status};
+use crate::text::Text;
 
 /// The envelope version this build writes and reads.
 pub const VERSION: u8 = 1;
@@ -57,14 +58,19 @@ impl TryFrom<u8> for Kind {
 pub enum ReplyTo {
     /// A caller's private inbox, which a caller waits on now: the reply may go unconfirmed, and an inbox that is
     /// gone (its caller with it) drops it.
-    Inbox(String),
+    Inbox(Text),
     /// A named queue, such as a durable callback queue: the reply is published like any message, confirmed.
-    Queue(String),
+    Queue(Text),
 }
 
 impl ReplyTo {
     /// The address: the inbox's or the queue's name.
     pub fn address(&self) -> &str {
+        self.text()
+    }
+
+    /// The address, shared.
+    pub fn text(&self) -> &Text {
         match self {
             ReplyTo::Inbox(address) | ReplyTo::Queue(address) => address,
         }
@@ -93,9 +99,9 @@ pub struct Envelope {
     /// The call this message belongs to: set by the caller on a request, echoed on the reply.
     pub correlation_id: Option<Uuid>,
     /// The service's name (requests; echoed on replies).
-    pub service: String,
+    pub service: Text,
     /// The method's name (requests; echoed on replies).
-    pub method: String,
+    pub method: Text,
     /// Where the reply goes: the caller's inbox or a named queue (a durable callback queue).
     pub reply_to: Option<ReplyTo>,
     /// Remaining time budget in milliseconds, relative so that clock skew between hosts does not matter.
@@ -108,7 +114,7 @@ pub struct Envelope {
     /// Which attempt this is, from 1.
     pub attempt: u32,
     /// The key under which a worker executes the call at most once in effect.
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<Text>,
     /// Priority 0 (default) to 9 (first), where the transport has priorities.
     pub priority: Option<u8>,
     /// Reply status code (0, absent, is ok).
@@ -120,7 +126,7 @@ pub struct Envelope {
     pub last_status: Option<u16>,
     /// Who sent the call, as the caller declared it ([`ClientBuilder::identity`](crate::ClientBuilder::identity));
     /// requests only, not verified by the framework.
-    pub caller: Option<String>,
+    pub caller: Option<Text>,
     /// Free-form headers; a reply echoes its request's headers.
     pub headers: BTreeMap<String, String>,
     /// The arguments (request), the result or the application error (reply), as MessagePack.
@@ -131,6 +137,10 @@ pub struct Envelope {
 /// millisecond, then random bits). Each thread keeps its own counter, so that threads making ids at once do
 /// not wait on one lock: ids are ordered within a thread and unique across threads; across threads they are
 /// ordered to the millisecond.
+///
+/// Never inlined: profiles count calls by it (each process of a call makes one id per call; see
+/// docs/performance.md, Profiling).
+#[inline(never)]
 pub(crate) fn new_id() -> Uuid {
     thread_local! {
         static IDS: uuid::timestamp::context::ContextV7 = const { uuid::timestamp::context::ContextV7::new() };
@@ -151,8 +161,8 @@ impl Envelope {
             kind,
             id,
             correlation_id: None,
-            service: String::new(),
-            method: String::new(),
+            service: Text::new(),
+            method: Text::new(),
             reply_to: None,
             deadline_ms: None,
             delay_ms: None,

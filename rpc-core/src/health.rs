@@ -49,6 +49,7 @@ use crate::codec::{self, Limits};
 use crate::envelope::{Envelope, Kind, ReplyTo};
 use crate::error::Error;
 use crate::naming;
+use crate::text::Text;
 use crate::transport::{BoxFuture, Transport};
 
 /// The method name of a ping: `$ping`. No method of a service can have it (method names are Rust
@@ -148,9 +149,9 @@ impl Ping {
         let correlation_id = Uuid::new_v4();
         let mut ping = Envelope::new(Kind::Request);
         ping.correlation_id = Some(correlation_id);
-        ping.service.clone_from(&self.service);
-        PING_METHOD.clone_into(&mut ping.method);
-        ping.reply_to = Some(ReplyTo::Inbox(inbox.address.clone()));
+        ping.service = Text::from(&self.service);
+        ping.method = Text::from_static(PING_METHOD);
+        ping.reply_to = Some(ReplyTo::Inbox(Text::from(&inbox.address)));
         ping.deadline_ms = Some(u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX));
         let topic = naming::ping_topic(self.namespace.as_deref(), &self.service);
         let deadline = tokio::time::Instant::now() + self.wait;

@@ -114,6 +114,7 @@ pub mod metrics;
 pub mod retry;
 mod server;
 mod status;
+mod text;
 pub mod trace;
 pub mod transport;
 
@@ -131,4 +132,5 @@ pub use retry::RetryPolicy;
 pub use rpc_macros::service;
 pub use server::{Layer, Server, ServerHandle, ServerStats, Service, ShutdownReport};
 pub use status::{Code, Status};
+pub use text::Text;
 pub use transport::{Capabilities, ConsumeOptions, QueueOptions, QueueStats, Transport};

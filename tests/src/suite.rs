@@ -928,7 +928,7 @@ pub async fn dead_letters_are_listed_and_replayed_with_their_key(harness: &dyn H
     // Listing leaves them in place, in order. On JetStream a released message can take up to the consumer's
     // ack wait to be deliverable again, so a listing right after another may come up short for a moment.
     let keys = |listed: &[Envelope]| -> Vec<String> {
-        listed.iter().map(|envelope| envelope.idempotency_key.clone().unwrap_or_default()).collect()
+        listed.iter().map(|envelope| envelope.idempotency_key.as_deref().unwrap_or_default().to_owned()).collect()
     };
     for _ in 0..2 {
         let deadline = tokio::time::Instant::now() + WAIT;

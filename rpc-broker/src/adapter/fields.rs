@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use rpc_core::{Envelope, ReplyTo};
+use rpc_core::{Envelope, ReplyTo, Text};
 use uuid::Uuid;
 
 use super::headers;
@@ -27,10 +27,10 @@ pub(crate) fn to_pairs(envelope: &Envelope, delivery_count: u32) -> Vec<(&str, S
         pairs.push((headers::CORRELATION_ID, text));
     }
     if !envelope.service.is_empty() {
-        pairs.push((headers::SERVICE, envelope.service.clone()));
+        pairs.push((headers::SERVICE, envelope.service.to_string()));
     }
     if !envelope.method.is_empty() {
-        pairs.push((headers::METHOD, envelope.method.clone()));
+        pairs.push((headers::METHOD, envelope.method.to_string()));
     }
     if let Some(reply_to) = &envelope.reply_to {
         pairs.push((headers::REPLY_TO, reply_to.address().to_owned()));
@@ -45,10 +45,10 @@ pub(crate) fn to_pairs(envelope: &Envelope, delivery_count: u32) -> Vec<(&str, S
         pairs.push((headers::DEADLINE_MS, budget.to_string()));
     }
     if let Some(key) = &envelope.idempotency_key {
-        pairs.push((headers::IDEMPOTENCY_KEY, key.clone()));
+        pairs.push((headers::IDEMPOTENCY_KEY, key.to_string()));
     }
     if let Some(caller) = &envelope.caller {
-        pairs.push((headers::CALLER, caller.clone()));
+        pairs.push((headers::CALLER, caller.to_string()));
     }
     if envelope.status != 0 {
         pairs.push((headers::STATUS, envelope.status.to_string()));
@@ -126,8 +126,8 @@ impl<'a> Fields<'a> {
     pub(crate) fn envelope(self, body: Bytes) -> (Envelope, u32) {
         let mut user = self.user;
         let reply_to = self.reply_to.map(|address| match self.reply_to_inbox {
-            true => ReplyTo::Inbox(address.to_owned()),
-            false => ReplyTo::Queue(address.to_owned()),
+            true => ReplyTo::Inbox(Text::from(address)),
+            false => ReplyTo::Queue(Text::from(address)),
         });
         let mut envelope = Envelope::new(super::kind_of(self.kind, reply_to.is_some()));
         if let Some(id) = self.id.and_then(|id| Uuid::parse_str(id).ok()) {
@@ -141,12 +141,12 @@ impl<'a> Fields<'a> {
             })
         });
         envelope.reply_to = reply_to;
-        envelope.service = self.service.unwrap_or_default().to_owned();
-        envelope.method = self.method.unwrap_or_default().to_owned();
+        envelope.service = self.service.map(Text::from).unwrap_or_default();
+        envelope.method = self.method.map(Text::from).unwrap_or_default();
         envelope.attempt = self.attempt.unwrap_or(1).max(1);
         envelope.deadline_ms = self.deadline_ms;
-        envelope.idempotency_key = self.idempotency_key.map(str::to_owned);
-        envelope.caller = self.caller.map(str::to_owned);
+        envelope.idempotency_key = self.idempotency_key.map(Text::from);
+        envelope.caller = self.caller.map(Text::from);
         envelope.status = self.status.unwrap_or(0);
         envelope.status_message = self.status_message.map(str::to_owned);
         envelope.last_status = self.last_status;

@@ -110,7 +110,7 @@ impl Acker for RemoteAcker {
             let frame = ClientFrame::Answer {
                 consumer: self.consumer,
                 tag,
-                reply_to: reply_to.address().to_owned(),
+                reply_to: reply_to.text().clone(),
                 ttl_ms: reply.deadline_ms,
                 payload,
             };

@@ -24,6 +24,7 @@ use crate::method::{DecodeFn, Method, MethodKind};
 use crate::metrics::CallMeter;
 use crate::naming;
 use crate::status::Code;
+use crate::text::Text;
 use crate::trace;
 use crate::transport::{BoxFuture, Confirm, QueueOptions, Transport};
 
@@ -34,7 +35,7 @@ use super::{Client, Inner, MAX_PRIORITY};
 #[derive(Clone, Debug, Default)]
 struct Options {
     timeout: Option<Duration>,
-    idempotency_key: Option<String>,
+    idempotency_key: Option<Text>,
     priority: Option<u8>,
     delay: Option<Duration>,
     headers: BTreeMap<String, String>,
@@ -72,17 +73,17 @@ impl Options {
 
     /// Fills a request's envelope with these options and the caller's `identity`, and gives it an idempotency
     /// key: the one set, else `key()` (every request carries one). Calls, durable calls and notifications alike.
-    fn fill(&self, envelope: &mut Envelope, identity: Option<&str>, key: impl FnOnce() -> String) {
+    fn fill(&self, envelope: &mut Envelope, identity: Option<&Text>, key: impl FnOnce() -> Text) {
         envelope.idempotency_key = Some(self.idempotency_key.clone().unwrap_or_else(key));
         envelope.priority = self.priority;
         envelope.delay_ms = self.delay.filter(|delay| !delay.is_zero()).map(|delay| millis(delay).max(1));
         envelope.headers.clone_from(&self.headers);
-        envelope.caller = identity.map(str::to_owned);
+        envelope.caller = identity.cloned();
     }
 
     /// As [`Options::fill`], for a call: its request's id is its correlation id (a transport that carries both in
     /// text sends one), its key defaults to it, and its reply goes to `reply_to`.
-    fn fill_call(&self, envelope: &mut Envelope, identity: Option<&str>, correlation_id: Uuid, reply_to: ReplyTo) {
+    fn fill_call(&self, envelope: &mut Envelope, identity: Option<&Text>, correlation_id: Uuid, reply_to: ReplyTo) {
         self.fill(envelope, identity, || default_key(correlation_id));
         envelope.id = correlation_id;
         envelope.correlation_id = Some(correlation_id);
@@ -103,8 +104,8 @@ fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
 }
 
 /// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
-fn default_key(correlation_id: Uuid) -> String {
-    String::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer()))
+fn default_key(correlation_id: Uuid) -> Text {
+    Text::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer()))
 }
 
 fn millis(budget: Duration) -> u64 {
@@ -157,7 +158,7 @@ impl<O: Send + 'static> Call<O> {
     /// Calls with the same key are one call in effect: a worker that executed the key answers a later call
     /// with the stored reply.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Call<O> {
-        self.options.idempotency_key = Some(key.into());
+        self.options.idempotency_key = Some(Text::from(key.into()));
         self
     }
 
@@ -215,10 +216,11 @@ impl<O: Send + 'static> Call<O> {
         let transport = self.client.transport();
         transport.declare_queue(&queue, &QueueOptions::new().durable(true)).await?;
         let correlation_id = crate::envelope::new_id();
-        let mut envelope = Envelope::new(Kind::Request);
-        self.options.fill_call(&mut envelope, self.client.identity(), correlation_id, ReplyTo::Queue(queue));
-        envelope.service = self.service.into_owned();
-        envelope.method = self.method.into_owned();
+        let mut envelope = Envelope::with_id(Kind::Request, correlation_id);
+        let identity = self.client.inner.identity.as_ref();
+        self.options.fill_call(&mut envelope, identity, correlation_id, ReplyTo::Queue(Text::from(queue)));
+        envelope.service = Text::from(self.service);
+        envelope.method = Text::from(self.method);
         if let Some(timeout) = self.options.timeout {
             let (budget, _) = budget(Some(timeout), timeout);
             if budget.is_zero() {
@@ -266,15 +268,16 @@ impl<O: Send + 'static> Call<O> {
             return Err(Error::Timeout(budget));
         }
         self.options.check_delay(Some(budget))?;
-        let mut envelope = Box::new(Envelope::new(Kind::Request));
+        // Its id is the correlation id (`fill_call`): no fresh one to make and overwrite.
+        let mut envelope = Envelope::with_id(Kind::Request, correlation_id);
         let inbox = ReplyTo::Inbox(inner.inbox.clone());
-        self.options.fill_call(&mut envelope, inner.identity.as_deref(), correlation_id, inbox);
+        self.options.fill_call(&mut envelope, inner.identity.as_ref(), correlation_id, inbox);
         trace::inject(span, &mut envelope.headers);
         envelope.body = args;
         let queue = naming::service_queue_of(inner.namespace.as_deref(), self.service.clone());
         trace::sending(span, &envelope, &queue);
-        envelope.service = self.service.into_owned();
-        envelope.method = self.method.into_owned();
+        envelope.service = Text::from(self.service);
+        envelope.method = Text::from(self.method);
         Ok(Prepared { client: self.client, decode: self.decode, envelope, queue, budget, deadline })
     }
 }
@@ -283,8 +286,9 @@ impl<O: Send + 'static> Call<O> {
 struct Prepared<O> {
     client: Client,
     decode: DecodeFn<O>,
-    /// Without its `deadline_ms`, set once the call is admitted.
-    envelope: Box<Envelope>,
+    /// Without its `deadline_ms`, set once the call is admitted. Held in the call's future, which is one heap
+    /// allocation already, rather than boxed on its own.
+    envelope: Envelope,
     queue: Cow<'static, str>,
     budget: Duration,
     deadline: Instant,
@@ -320,7 +324,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
         if inner.shared.disconnected.load(Ordering::Acquire) {
             return Err(Error::Disconnected);
         }
-        let sent = if resends > 0 { envelope.as_deref().cloned() } else { envelope.take().map(|boxed| *boxed) };
+        let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
         let answer = |reply: Result<Result<Envelope, Error>, oneshot::error::RecvError>| match reply {
             Ok(reply) => reply,
             Err(_) if client.is_closed() => Err(Error::Shutdown),
@@ -521,7 +525,7 @@ impl Notify {
 
     /// Sets the key under which the call is executed at most once in effect.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Notify {
-        self.options.idempotency_key = Some(key.into());
+        self.options.idempotency_key = Some(Text::from(key.into()));
         self
     }
 
@@ -551,9 +555,10 @@ impl Notify {
         self.options.check(self.client.transport().as_ref())?;
         self.options.check_delay(self.options.timeout)?;
         let mut envelope = Envelope::new(Kind::Oneway);
-        self.options.fill(&mut envelope, self.client.identity(), || Uuid::new_v4().simple().to_string());
-        envelope.service = self.service.to_owned();
-        envelope.method = self.method.to_owned();
+        let identity = self.client.inner.identity.as_ref();
+        self.options.fill(&mut envelope, identity, || Text::from(Uuid::new_v4().simple().to_string()));
+        envelope.service = Text::from_static(self.service);
+        envelope.method = Text::from_static(self.method);
         envelope.deadline_ms = self.options.timeout.map(|ttl| millis(ttl).max(1));
         envelope.body = self.args?;
         let namespace = self.client.namespace();

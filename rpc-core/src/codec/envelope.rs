@@ -1,5 +1,5 @@
-//! The envelope's MessagePack, by hand: one pass, no serde, the body shared rather than copied where the input
-//! allows. The tests check it against serde writing the document's field table.
+//! The envelope's MessagePack, by hand: one pass, no serde, the body and the strings shared rather than copied
+//! where the input allows. The tests check it against serde writing the document's field table.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -9,14 +9,15 @@ use uuid::Uuid;
 
 use super::{CodecError, Limits, Reader};
 use crate::envelope::{Envelope, Kind, ReplyTo, VERSION};
+use crate::text::Text;
 
 pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
     let strings = envelope.service.len()
         + envelope.method.len()
         + envelope.reply_to.as_ref().map_or(0, |reply_to| reply_to.address().len())
-        + envelope.idempotency_key.as_ref().map_or(0, String::len)
+        + envelope.idempotency_key.as_ref().map_or(0, |key| key.len())
         + envelope.status_message.as_ref().map_or(0, String::len)
-        + envelope.caller.as_ref().map_or(0, String::len)
+        + envelope.caller.as_ref().map_or(0, |caller| caller.len())
         + envelope.headers.iter().map(|(name, value)| name.len() + value.len() + 10).sum::<usize>();
     out.reserve(128 + strings + envelope.body.len());
     let e = envelope;
@@ -219,11 +220,11 @@ fn slot_of(key: &[u8]) -> Option<usize> {
     })
 }
 
-/// Decodes an envelope from `bytes`, taking the body with `body` (a copy, or a shared slice).
+/// Decodes an envelope from `bytes`, taking its body and strings with `share` (copies, or shared slices).
 pub(super) fn decode(
     bytes: &[u8],
     limits: &Limits,
-    body: impl FnOnce(Range<usize>) -> Bytes,
+    share: impl Fn(Range<usize>) -> Bytes,
 ) -> Result<Envelope, CodecError> {
     if bytes.len() > limits.max_frame {
         return Err(CodecError::TooLarge { len: bytes.len(), max: limits.max_frame });
@@ -276,17 +277,17 @@ pub(super) fn decode(
             }
             2 => envelope.id = r.uuid(field)?,
             3 => envelope.correlation_id = r.optional(|r| r.uuid(field))?,
-            4 => envelope.service = r.string(field)?,
-            5 => envelope.method = r.string(field)?,
-            6 => reply_address = r.optional(|r| r.string(field))?,
+            4 => envelope.service = r.text(field, &share)?,
+            5 => envelope.method = r.text(field, &share)?,
+            6 => reply_address = r.optional(|r| r.text(field, &share))?,
             7 => envelope.deadline_ms = r.optional(|r| r.number(field))?,
             8 => envelope.delay_ms = r.optional(|r| r.number(field))?,
             9 => envelope.attempt = r.number(field)?,
-            10 => envelope.idempotency_key = r.optional(|r| r.string(field))?,
+            10 => envelope.idempotency_key = r.optional(|r| r.text(field, &share))?,
             11 => envelope.priority = r.optional(|r| r.number(field))?,
             12 => envelope.status = r.number(field)?,
             13 => envelope.status_message = r.optional(|r| r.string(field))?,
-            14 => envelope.caller = r.optional(|r| r.string(field))?,
+            14 => envelope.caller = r.optional(|r| r.text(field, &share))?,
             15 => envelope.headers = r.headers(limits)?,
             16 => body_range = r.binary(field)?,
             17 => reply_inbox = r.optional(|r| r.boolean(field))?.unwrap_or(false),
@@ -308,7 +309,7 @@ pub(super) fn decode(
         true => ReplyTo::Inbox(address),
         false => ReplyTo::Queue(address),
     });
-    envelope.body = if body_range.is_empty() { Bytes::new() } else { body(body_range) };
+    envelope.body = if body_range.is_empty() { Bytes::new() } else { share(body_range) };
     Ok(envelope)
 }
 
@@ -345,7 +346,7 @@ pub(super) fn reply_address(bytes: &[u8], limits: &Limits) -> Option<(ReplyTo, O
             r.skip_one(limits.max_depth, 1).ok()?;
         }
     }
-    let address = address?;
+    let address = Text::from(address?);
     Some((if inbox { ReplyTo::Inbox(address) } else { ReplyTo::Queue(address) }, correlation))
 }
 
@@ -392,6 +393,16 @@ impl<'a> Reader<'a> {
         match self.str_bytes()? {
             Some(bytes) => std::str::from_utf8(bytes)
                 .map(str::to_owned)
+                .map_err(|_| CodecError::Decode(format!("invalid utf-8 in field `{field}`"))),
+            None => Err(CodecError::Decode(format!("invalid type for field `{field}`: expected a string"))),
+        }
+    }
+
+    /// The string value of `field`, taken with `share`.
+    fn text(&mut self, field: &str, share: &impl Fn(Range<usize>) -> Bytes) -> Result<Text, CodecError> {
+        match self.str_bytes()? {
+            Some([]) => Ok(Text::new()),
+            Some(bytes) => Text::from_utf8(share(self.pos - bytes.len()..self.pos))
                 .map_err(|_| CodecError::Decode(format!("invalid utf-8 in field `{field}`"))),
             None => Err(CodecError::Decode(format!("invalid type for field `{field}`: expected a string"))),
         }

@@ -186,7 +186,7 @@ async fn a_header_value_holding_a_carriage_return_does_not_take_the_worker_down(
 /// A oneway envelope of `size` body bytes, numbered `n` in its method name.
 fn oneway(n: usize, size: usize) -> rpc_core::Envelope {
     let mut envelope = rpc_core::Envelope::new(rpc_core::Kind::Oneway);
-    envelope.method = format!("m{n}");
+    envelope.method = format!("m{n}").into();
     envelope.body = vec![7; size].into();
     envelope
 }
@@ -375,7 +375,7 @@ async fn a_jetstream_message_without_a_reply_address_is_a_oneway_call_and_acked(
     transport.declare_queue(&queue, &QueueOptions::new().max_len(2)).await.expect("declares");
     let message = |n: u32| {
         let mut envelope = rpc_core::Envelope::new(rpc_core::Kind::Oneway);
-        envelope.method = format!("m{n}");
+        envelope.method = format!("m{n}").into();
         envelope
     };
     transport.publish(&queue, message(1), Confirm::Broker).await.expect("the first is taken");

@@ -190,7 +190,7 @@ async fn a_cancel_removes_its_own_request_from_the_queue_and_no_other() {
         let mut filler = call("add", uuid::Uuid::new_v4());
         filler.headers.insert(format!("h{n}"), "v".repeat(n));
         filler.deadline_ms = Some(u64::MAX >> (n % 64));
-        filler.idempotency_key = Some(format!("key-{n}"));
+        filler.idempotency_key = Some(format!("key-{n}").into());
         filler.body = Bytes::from(vec![0xa1; [3, 300, 70_000][n % 3]]);
         expected.extend(filler.correlation_id);
         compact.publish(&queue, filler, Confirm::Broker).await.expect("published");

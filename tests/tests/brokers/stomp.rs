@@ -300,11 +300,11 @@ async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHa
     let mut request = Envelope::new(Kind::Request);
     request.id = correlation_id;
     request.correlation_id = Some(correlation_id);
-    request.service.clone_from(&queue);
+    request.service = queue.as_str().into();
     request.method = "add".into();
-    request.reply_to = Some(ReplyTo::Queue(callbacks.clone()));
+    request.reply_to = Some(ReplyTo::Queue(callbacks.as_str().into()));
     request.deadline_ms = Some(30_000);
-    request.idempotency_key = Some(correlation_id.simple().to_string());
+    request.idempotency_key = Some(correlation_id.simple().to_string().into());
     request.headers.insert("tenant".into(), "acme".into());
     request.body = Bytes::from_static(b"\x82\xa1a\x02\xa1b\x03");
     // An id of its own, another service, no key.
@@ -313,7 +313,7 @@ async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHa
     other.service = "Other".into();
     other.idempotency_key = None;
     let mut oneway = Envelope::new(Kind::Oneway);
-    oneway.service.clone_from(&queue);
+    oneway.service = queue.as_str().into();
     oneway.method = "record".into();
     for envelope in [&request, &other, &oneway] {
         transport.publish(&queue, envelope.clone(), Confirm::Broker).await.expect("publishes");

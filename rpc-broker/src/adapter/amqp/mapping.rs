@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use rpc_core::{Envelope, Error, Kind, ReplyTo};
+use rpc_core::{Envelope, Error, Kind, ReplyTo, Text};
 use uuid::Uuid;
 
 use super::DIRECT_REPLY_TO;
@@ -146,11 +146,11 @@ pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> (Envelope
     // RabbitMQ's direct reply-to is an inbox by the broker's own definition.
     let inbox = header(headers::REPLY_TO_INBOX).is_some_and(|flag| matches!(flag, AMQPValue::Boolean(true)));
     envelope.reply_to = reply_to.map(|address| match inbox || address.starts_with(DIRECT_REPLY_TO) {
-        true => ReplyTo::Inbox(address),
-        false => ReplyTo::Queue(address),
+        true => ReplyTo::Inbox(Text::from(address)),
+        false => ReplyTo::Queue(Text::from(address)),
     });
-    envelope.service = header(headers::SERVICE).and_then(text).unwrap_or_default();
-    envelope.method = properties.kind().as_ref().map(|kind| kind.as_str().to_owned()).unwrap_or_default();
+    envelope.service = header(headers::SERVICE).and_then(text).map(Text::from).unwrap_or_default();
+    envelope.method = properties.kind().as_ref().map(|kind| Text::from(kind.as_str())).unwrap_or_default();
     envelope.attempt =
         header(headers::ATTEMPT).and_then(integer).and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1);
     let budget = header(headers::DEADLINE_MS)
@@ -166,8 +166,8 @@ pub(super) fn from_amqp(properties: BasicProperties, body: Vec<u8>) -> (Envelope
         envelope.deadline_ms = Some(budget);
         queued = adapter::queued_since(sent_at, adapter::now_ms());
     }
-    envelope.idempotency_key = header(headers::IDEMPOTENCY_KEY).and_then(text);
-    envelope.caller = properties.app_id().as_ref().map(|caller| caller.as_str().to_owned());
+    envelope.idempotency_key = header(headers::IDEMPOTENCY_KEY).and_then(text).map(Text::from);
+    envelope.caller = properties.app_id().as_ref().map(|caller| Text::from(caller.as_str()));
     envelope.priority = properties.priority().filter(|priority| *priority > 0);
     envelope.status = header(headers::STATUS).and_then(integer).and_then(|code| u16::try_from(code).ok()).unwrap_or(0);
     envelope.status_message = header(headers::STATUS_MESSAGE).and_then(text);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
-use rpc_core::{Envelope, Error, Kind, ReplyTo, codec};
+use rpc_core::{Envelope, Error, Kind, ReplyTo, Text, codec};
 use uuid::Uuid;
 
 use crate::adapter::{self, headers};
@@ -59,7 +59,7 @@ fn from_envelope_body(
     })();
     Some(decoded.map_err(Error::from).map(|(mut envelope, queued)| {
         if let Some(reply) = own_reply {
-            envelope.reply_to = Some(ReplyTo::Inbox(reply.to_owned()));
+            envelope.reply_to = Some(ReplyTo::Inbox(Text::from(reply)));
         }
         (envelope, queued)
     }))
@@ -76,15 +76,18 @@ pub(super) fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subje
                 let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
                 let id = correlation_id.simple().encode_lower(&mut buffer);
                 if !inbox.ends_with(&*id) {
-                    inbox.push('.');
-                    inbox.push_str(id);
+                    let mut subject = String::with_capacity(inbox.len() + 1 + id.len());
+                    subject.push_str(inbox);
+                    subject.push('.');
+                    subject.push_str(id);
+                    *inbox = Text::from(subject);
                 }
             }
             inbox
         }
         ReplyTo::Queue(queue) => queue,
     };
-    // Copied at its exact size: a subject made from the `String` itself would cost a second allocation.
+    // Copied at its exact size.
     Some(async_nats::Subject::from(reply_to.as_str()))
 }
 
@@ -224,7 +227,7 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
             let reply = own_reply.unwrap_or_default();
             let why = format!("not an envelope this worker reads: {error}");
             let envelope = rpc_core::transport::invalid_request(
-                ReplyTo::Inbox(reply.to_owned()),
+                ReplyTo::Inbox(Text::from(reply)),
                 correlation_of_subject(reply),
                 why,
             );
@@ -266,9 +269,9 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
     }
     // A message's own reply subject is where its requester waits: an inbox, by NATS's definition.
     let reply_to = match fields.reply_to {
-        Some(address) if fields.reply_to_inbox => Some(ReplyTo::Inbox(address.to_owned())),
-        Some(address) => Some(ReplyTo::Queue(address.to_owned())),
-        None => own_reply.map(|reply| ReplyTo::Inbox(reply.to_owned())),
+        Some(address) if fields.reply_to_inbox => Some(ReplyTo::Inbox(Text::from(address))),
+        Some(address) => Some(ReplyTo::Queue(Text::from(address))),
+        None => own_reply.map(|reply| ReplyTo::Inbox(Text::from(reply))),
     };
     let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
     if let Some(id) = fields.id.and_then(|id| Uuid::parse_str(id).ok()) {
@@ -283,8 +286,8 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
         None => correlation_of_subject(&message.subject).or_else(|| own_reply.and_then(correlation_of_subject)),
     };
     envelope.reply_to = reply_to;
-    envelope.service = fields.service.unwrap_or_default().to_owned();
-    envelope.method = fields.method.unwrap_or_default().to_owned();
+    envelope.service = Text::from(fields.service.unwrap_or_default());
+    envelope.method = Text::from(fields.method.unwrap_or_default());
     envelope.attempt = fields.attempt.and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
     let mut queued = Duration::ZERO;
     if let Some(budget) = fields.deadline_ms.and_then(|budget| budget.parse::<u64>().ok()) {
@@ -292,8 +295,8 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
         envelope.deadline_ms = Some(budget);
         queued = adapter::queued_since(sent_at, adapter::now_ms());
     }
-    envelope.idempotency_key = fields.idempotency_key.map(str::to_owned);
-    envelope.caller = fields.caller.map(str::to_owned);
+    envelope.idempotency_key = fields.idempotency_key.map(Text::from);
+    envelope.caller = fields.caller.map(Text::from);
     envelope.status = fields.status.and_then(|code| code.parse().ok()).unwrap_or(0);
     envelope.status_message = fields.status_message.map(str::to_owned);
     envelope.last_status = fields.last_status.and_then(|code| code.parse().ok());
@@ -409,7 +412,7 @@ mod tests {
         let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), Origin::Core);
         assert!(queued < Duration::from_secs(1), "{queued:?}");
         let mut expected = envelope.clone();
-        expected.reply_to = Some(ReplyTo::Inbox(reply.to_string()));
+        expected.reply_to = Some(ReplyTo::Inbox(reply.as_str().into()));
         assert_eq!(back, expected);
     }
 
@@ -498,7 +501,7 @@ mod tests {
         let (request, _) = from_message(&message, Origin::Core);
         assert_eq!((request.kind, request.status), (Kind::Request, Code::InvalidRequest.as_u16()));
         assert_eq!(request.correlation_id, Some(correlation));
-        assert_eq!(request.reply_to, Some(ReplyTo::Inbox(reply)));
+        assert_eq!(request.reply_to, Some(ReplyTo::Inbox(reply.into())));
         assert!(request.status_message.as_deref().is_some_and(|why| why.contains("version")), "{request:?}");
     }
 

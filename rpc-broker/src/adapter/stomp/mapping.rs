@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rpc_core::{Envelope, Error, Kind, ReplyTo};
+use rpc_core::{Envelope, Error, Kind, ReplyTo, Text};
 use uuid::Uuid;
 
 use super::codec::{Command, Frame};
@@ -74,9 +74,9 @@ pub(super) fn service_of_copy<'a>(frame: &'a Frame, destination: &str) -> Option
 
 /// The idempotency key a request or oneway message to a queue with our `correlation_id` goes by when it names
 /// none: the correlation id in 32 lowercase hex digits, as an mqrpc client gives a call.
-fn default_key(kind: Kind, correlation_id: Option<Uuid>, queue: Option<&str>) -> Option<String> {
+fn default_key(kind: Kind, correlation_id: Option<Uuid>, queue: Option<&str>) -> Option<Text> {
     let correlation_id = correlation_id.filter(|_| kind != Kind::Reply && queue.is_some())?;
-    Some(String::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer())))
+    Some(Text::from(&*correlation_id.simple().encode_lower(&mut Uuid::encode_buffer())))
 }
 
 /// Whether `destination` is an inbox's (a temporary or reply queue), not a named queue's.
@@ -150,10 +150,10 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
         None => !envelope.service.is_empty() && !to_inbox,
     };
     if service_written {
-        push(headers::SERVICE, envelope.service.clone());
+        push(headers::SERVICE, envelope.service.to_string());
     }
     if !envelope.method.is_empty() && !to_inbox {
-        push(headers::METHOD, envelope.method.clone());
+        push(headers::METHOD, envelope.method.to_string());
     }
     if envelope.attempt > 1 {
         push(headers::ATTEMPT, envelope.attempt.to_string());
@@ -169,12 +169,12 @@ pub(super) fn to_frame(envelope: &Envelope, destination: &str, send: Outgoing) -
     let default_key = default_key(envelope.kind, envelope.correlation_id.filter(|_| raw_correlation.is_none()), queue);
     match (&envelope.idempotency_key, default_key) {
         (Some(key), Some(default)) if *key == default => {}
-        (Some(key), _) => push(headers::IDEMPOTENCY_KEY, key.clone()),
+        (Some(key), _) => push(headers::IDEMPOTENCY_KEY, key.to_string()),
         (None, Some(_)) => push(headers::IDEMPOTENCY_KEY, String::new()),
         (None, None) => {}
     }
     if let Some(caller) = &envelope.caller {
-        push(headers::CALLER, caller.clone());
+        push(headers::CALLER, caller.to_string());
     }
     if envelope.status != 0 {
         push(headers::STATUS, envelope.status.to_string());
@@ -245,9 +245,9 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
     // An empty `reply-to` names nothing to answer; a bare name is a queue's.
     let reply_to = fields.reply_to.filter(|address| !address.is_empty()).map(destination);
     let reply_to = reply_to.map(|address| match address.strip_prefix(QUEUE_PREFIX) {
-        Some(queue) if !fields.reply_to_inbox && !queue.is_empty() => ReplyTo::Queue(queue.to_owned()),
+        Some(queue) if !fields.reply_to_inbox && !queue.is_empty() => ReplyTo::Queue(Text::from(queue)),
         // A temporary or reply queue of the caller's connection, named as the server wrote it.
-        _ => ReplyTo::Inbox(address),
+        _ => ReplyTo::Inbox(Text::from(address)),
     });
     let mut envelope = Envelope::new(adapter::kind_of(fields.kind, reply_to.is_some()));
     let ours = fields.correlation_id.and_then(adapter::canonical_correlation);
@@ -265,17 +265,18 @@ pub(super) fn from_frame(frame: &Frame) -> (Envelope, u32, Duration) {
     }
     envelope.reply_to = reply_to;
     let queue = fields.destination.and_then(queue_of);
-    envelope.service = fields.service.or(queue.filter(|_| envelope.kind != Kind::Reply)).unwrap_or_default().to_owned();
-    envelope.method = fields.method.unwrap_or_default().to_owned();
+    envelope.service =
+        fields.service.or(queue.filter(|_| envelope.kind != Kind::Reply)).map(Text::from).unwrap_or_default();
+    envelope.method = fields.method.map(Text::from).unwrap_or_default();
     envelope.attempt = fields.attempt.unwrap_or(1).max(1);
     envelope.deadline_ms = fields.deadline_ms;
     envelope.idempotency_key = match fields.idempotency_key {
         Some("") => None,
-        Some(key) => Some(key.to_owned()),
+        Some(key) => Some(Text::from(key)),
         None if user.contains_key(headers::RAW_CORRELATION_ID) => None,
         None => default_key(envelope.kind, envelope.correlation_id, queue),
     };
-    envelope.caller = fields.caller.map(str::to_owned);
+    envelope.caller = fields.caller.map(Text::from);
     envelope.status = fields.status.unwrap_or(0);
     envelope.status_message = fields.status_message.map(str::to_owned);
     envelope.last_status = fields.last_status;
@@ -423,7 +424,7 @@ mod tests {
         assert_eq!(from_frame(&delivered(sent, false)).0, letter);
         // No key at all, or an empty service, is said with an empty value.
         envelope.idempotency_key = None;
-        envelope.service.clear();
+        envelope.service = rpc_core::Text::new();
         let sent = to_frame(&envelope, "/queue/ns.calc", send).expect("maps");
         assert_eq!((sent.get(headers::SERVICE), sent.get(headers::IDEMPOTENCY_KEY)), (Some(""), Some("")));
         let (back, _, _) = from_frame(&delivered(sent, false));
@@ -441,7 +442,7 @@ mod tests {
             .header("reply-to", "/temp-queue/r");
         let (back, _, _) = from_frame(&delivered(plain.clone(), false));
         assert_eq!((back.id, back.service.as_str()), (correlation, "ns.calc"));
-        assert_eq!(back.idempotency_key, Some(correlation.simple().to_string()));
+        assert_eq!(back.idempotency_key, Some(correlation.simple().to_string().into()));
         // Its own correlation id, not one of ours, gives no key; nor does a reply.
         let own = Frame::new(Command::Send)
             .header("destination", "/queue/ns.calc")
