@@ -498,11 +498,7 @@ impl PublishHeader<'_> {
     /// # Errors
     /// As [`codec::encode_envelope`](rpc_core::codec::encode_envelope).
     pub fn with_envelope(&self, envelope: &Envelope) -> Result<ClientFrame, rpc_core::codec::CodecError> {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let write = |out: &mut Vec<u8>| {
-            out.clear();
+        let frame = rpc_core::codec::encode_with(|out| {
             Writer::new(out, if self.quiet { 0x12 } else { 0x03 })
                 .u32(self.req)
                 .str(self.queue)
@@ -516,19 +512,9 @@ impl PublishHeader<'_> {
             let len = u32::try_from(out.len() - 4)
                 .map_err(|_| rpc_core::codec::CodecError::TooLarge { len: out.len(), max: u32::MAX as usize })?;
             out[..4].copy_from_slice(&len.to_be_bytes());
-            Ok(ClientFrame::Encoded { req: self.req, frame: Bytes::copy_from_slice(out) })
-        };
-        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut out) => {
-                let frame = write(&mut out);
-                // A large one is not kept.
-                if out.capacity() > 64 * 1024 {
-                    *out = Vec::new();
-                }
-                frame
-            }
-            Err(_) => write(&mut Vec::new()),
-        })
+            Ok(())
+        })?;
+        Ok(ClientFrame::Encoded { req: self.req, frame })
     }
 }
 

@@ -142,6 +142,16 @@ pub fn encode_envelope_after(prefix: &[u8], envelope: &Envelope) -> Result<Bytes
     })
 }
 
+/// What `write` writes, returned in one allocation of its exact size: `write` gets an empty buffer that this
+/// thread reuses (as every encoding here does), to write a transport's frame around an envelope
+/// ([`encode_envelope_into`]), say.
+///
+/// # Errors
+/// Whatever `write` returns.
+pub fn encode_with(write: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>) -> Result<Bytes, CodecError> {
+    with_scratch(write)
+}
+
 /// Appends the encoding of `envelope` to `out` (as [`encode_envelope`]), after whatever `out` holds: a frame
 /// header, say.
 ///
