@@ -445,6 +445,11 @@ impl<M: Clone> Engine<M> {
         out.append(&mut self.books.journal);
     }
 
+    /// The journal entries waiting to be drained, for a sink that takes them out (the vector keeps its room).
+    pub fn journal_mut(&mut self) -> &mut Vec<Journal<M>> {
+        &mut self.books.journal
+    }
+
     /// Whether journal entries wait to be drained.
     pub fn has_journal(&self) -> bool {
         !self.books.journal.is_empty()

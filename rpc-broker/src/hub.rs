@@ -12,8 +12,8 @@ use tokio::sync::Notify;
 
 use crate::engine::{self, ConsumerId, Engine, EngineError, Journal, QueueConfig, Settle};
 
-/// Where the journal of durable queues goes: the server's log.
-pub(crate) type JournalSink<M> = Box<dyn Fn(Vec<Journal<M>>) + Send>;
+/// Where the journal of durable queues goes: the server's log, which takes the entries out of the vector.
+pub(crate) type JournalSink<M> = Box<dyn Fn(&mut Vec<Journal<M>>) + Send>;
 
 /// Engine refusals as the framework's typed errors.
 pub(crate) fn to_error(error: EngineError) -> Error {
@@ -168,10 +168,9 @@ impl<M: Clone> Hub<M> {
     /// Hands what the last operations journaled to the sink.
     pub(crate) fn flush_journal(&mut self) {
         if self.engine.has_journal() {
-            let mut entries = Vec::new();
-            self.engine.drain_journal(&mut entries);
-            if let Some(sink) = &self.journal {
-                sink(entries);
+            match &self.journal {
+                Some(sink) => sink(self.engine.journal_mut()),
+                None => self.engine.journal_mut().clear(),
             }
         }
     }

@@ -12,7 +12,9 @@
 //!
 //! One writer thread takes the engine's journal in order and appends it; a publish to a durable queue is
 //! confirmed only after the fsync that covers its record (group commit: one fsync for everything that arrived
-//! meanwhile, [`FsyncPolicy::Always`]). A segment is deleted once every message it holds is acked and every
+//! meanwhile, [`FsyncPolicy::Always`]). Records that no confirm waits for are written to the system within
+//! about a millisecond and synced within [`SYNC_INTERVAL`], so that a busy broker whose publishes are calls
+//! (answered by their replies, not by the broker) does not sync thousands of times a second for nobody. A segment is deleted once every message it holds is acked and every
 //! segment before it is gone (acks always follow their publishes, so this never loses an ack that matters). An
 //! oldest segment that holds few live messages while many segments follow it is compacted: its live messages are
 //! written again at the end of the log, and it is deleted.
@@ -32,8 +34,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -49,7 +50,8 @@ pub const MAX_MESSAGE: usize = record::MAX_BODY - 64;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FsyncPolicy {
     /// Before every confirm: a confirmed publish survives a crash of the machine. Group commit: one fsync
-    /// covers every record written since the last.
+    /// covers every record written since the last. A record no confirm waits for (a call's quiet request, an
+    /// ack) is synced within [`SYNC_INTERVAL`].
     #[default]
     Always,
     /// Never: a publish is confirmed once written to the operating system. It survives a crash of the broker
@@ -141,14 +143,73 @@ pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> LogError +
 /// Called once the records before it are durable, or with why they may not be.
 pub(crate) type Barrier = Box<dyn FnOnce(Result<(), String>) + Send>;
 
-enum Op {
-    Entries(Vec<Journal<Bytes>>),
-    Barrier(Barrier),
+/// How long the writer waits after a round before it writes entries that no barrier waits for: a busy broker's
+/// appends are written together rather than each waking the writer.
+const PACE: Duration = Duration::from_millis(1);
+
+/// How soon after it is written a record that no barrier waits for is synced (under [`FsyncPolicy::Always`]).
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(25);
+
+/// What waits for the writer: taken whole at the start of each of its rounds.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<Journal<Bytes>>,
+    barriers: Vec<Barrier>,
+    /// What wakes the writer (a busy writer takes what arrived when its round ends, without a system call on
+    /// the appending thread).
+    wake_on: Wake,
+    /// Appends are refused; the writer finishes what it took and stops.
+    closed: bool,
+}
+
+/// What wakes a waiting writer.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Wake {
+    /// Nothing: it is not waiting.
+    #[default]
+    Busy,
+    /// An append, a barrier or the close.
+    Anything,
+    /// A barrier or the close: it waits for its pace to end before it writes the entries it has.
+    Barrier,
+}
+
+/// The writer's queue, shared with the [`Log`] that fills it.
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    work: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes the writer once `pending` is let go, if it waits for `what` (an append: `Wake::Anything`).
+    fn woken(&self, mut pending: MutexGuard<'_, Pending>, what: Wake) {
+        let wake = match pending.wake_on {
+            Wake::Busy => false,
+            Wake::Anything => true,
+            Wake::Barrier => what == Wake::Barrier,
+        };
+        if wake {
+            pending.wake_on = Wake::Busy;
+        }
+        drop(pending);
+        if wake {
+            self.work.notify_one();
+        }
+    }
 }
 
 /// The log of a running broker: hands the engine's journal to the writer thread.
+///
+/// The journal goes to the writer through one buffer that it takes whole at each round (its group commit),
+/// not as a message per operation: the broker's thread allocates nothing per append, and the writer frees
+/// nothing the broker allocated but the entries themselves, so the two threads seldom meet in the allocator.
 pub struct Log {
-    sender: Mutex<Option<mpsc::Sender<Op>>>,
+    shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -179,51 +240,58 @@ impl Log {
             Err(std::fs::TryLockError::Error(error)) => return Err(LogError::Io { path: lock_path, error }),
         }
         let (recovery, queues) = recovery::recover(&config)?;
-        let (sender, receiver) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
         let writer = Writer {
             config,
             queues,
             next_dir: 0,
             failed: None,
             _lock: lock,
-            touched: Vec::new(),
+            dirs: Vec::new(),
             deferred_acks: Vec::new(),
         };
+        let taken = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("mqrpc-log".into())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || writer.run(&taken))
             .map_err(|error| LogError::Io { path: PathBuf::from("mqrpc-log thread"), error })?;
-        let log = Log { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) };
+        let log = Log { shared, thread: Mutex::new(Some(thread)) };
         Ok((log, recovery))
     }
 
-    fn send(&self, op: Op) {
-        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        let refused = match sender.as_ref() {
-            Some(sender) => sender.send(op).err().map(|error| error.0),
-            None => Some(op),
-        };
-        if let Some(Op::Barrier(barrier)) = refused {
-            barrier(Err("the log is closed".into()));
+    /// Moves `entries` to the log, in order after everything appended before; `entries` is left empty, with
+    /// its room. Once the log is closed they are dropped.
+    pub(crate) fn append(&self, entries: &mut Vec<Journal<Bytes>>) {
+        if entries.is_empty() {
+            return;
         }
-    }
-
-    /// Appends journal entries, in order after everything appended before.
-    pub(crate) fn append(&self, entries: Vec<Journal<Bytes>>) {
-        if !entries.is_empty() {
-            self.send(Op::Entries(entries));
+        let mut pending = self.shared.lock();
+        if pending.closed {
+            entries.clear();
+            return;
         }
+        pending.entries.append(entries);
+        self.shared.woken(pending, Wake::Anything);
     }
 
     /// Calls `done` once everything appended before is durable (written, and fsynced under
     /// [`FsyncPolicy::Always`]), or with the error that prevents it.
     pub(crate) fn barrier(&self, done: Barrier) {
-        self.send(Op::Barrier(done));
+        let mut pending = self.shared.lock();
+        if pending.closed {
+            drop(pending);
+            done(Err("the log is closed".into()));
+            return;
+        }
+        pending.barriers.push(done);
+        self.shared.woken(pending, Wake::Barrier);
     }
 
     /// Writes and syncs what is pending and stops the writer; appends after it are refused.
     pub fn close(&self) {
-        drop(self.sender.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let mut pending = self.shared.lock();
+        pending.closed = true;
+        self.shared.woken(pending, Wake::Barrier);
         if let Some(thread) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
             let _ = thread.join();
         }
@@ -256,6 +324,8 @@ pub(crate) struct QueueLog {
     active: Option<(File, u64)>,
     /// Records encoded and not written yet.
     buffer: BytesMut,
+    /// Records were written to the active segment since it was last synced.
+    unsynced: bool,
 }
 
 impl QueueLog {
@@ -268,7 +338,12 @@ impl QueueLog {
             .into_iter()
             .map(|(number, path, live, published)| Segment { number, path, live, published })
             .collect();
-        QueueLog { dir, config, segments, active: None, buffer: BytesMut::new() }
+        QueueLog { dir, config, segments, active: None, buffer: BytesMut::new(), unsynced: false }
+    }
+
+    /// The file of the segment appended to.
+    fn active_path(&self) -> PathBuf {
+        self.segments.back().map(|segment| segment.path.clone()).unwrap_or_default()
     }
 
     /// Message `seq` was acked.
@@ -308,8 +383,8 @@ struct Writer {
     next_dir: u64,
     failed: Option<String>,
     _lock: File,
-    /// Files and directories written since the last sync.
-    touched: Vec<(PathBuf, Option<File>)>,
+    /// Directories written since the last sync (the segments written are each queue's `unsynced`).
+    dirs: Vec<PathBuf>,
     /// Acks taken since the last sync, written only after it: the publish a dead-lettering or a `Republish`
     /// makes in another queue's file must be on disk before the ack that goes with it, whatever order the
     /// system writes files back in.
@@ -317,35 +392,68 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, receiver: mpsc::Receiver<Op>) {
+    /// Takes the journal and the barriers in rounds. A round with a barrier to answer (a confirm waits) syncs
+    /// at once (group commit: one sync for everything taken); entries alone are written to the system after a
+    /// pace of [`PACE`] (so that a busy broker's appends do not wake the writer one by one), and synced within
+    /// [`SYNC_INTERVAL`] of being written, whether or not a barrier comes.
+    fn run(mut self, shared: &Shared) {
         self.next_dir = self.queues.values().filter_map(|queue| dir_number(&queue.dir)).max().map_or(0, |n| n + 1);
+        let always = self.config.fsync == FsyncPolicy::Always;
+        // Swapped with the shared ones at each round: their room goes back and forth, nothing is allocated.
+        let mut entries = Vec::new();
         let mut barriers = Vec::new();
-        while let Ok(first) = receiver.recv() {
-            let mut op = Some(first);
-            let mut taken = 0;
-            // Everything that arrived meanwhile shares one sync.
-            while let Some(next) = op.take() {
-                taken += 1;
-                match next {
-                    Op::Entries(entries) => {
-                        for entry in entries {
-                            self.apply(entry);
-                        }
+        // When the last round ended, and when what was written since the last sync must be synced by.
+        let mut paced_until = Instant::now();
+        let mut sync_by: Option<Instant> = None;
+        loop {
+            let closed = {
+                let mut pending = shared.lock();
+                loop {
+                    let now = Instant::now();
+                    let due = sync_by.is_some_and(|by| by <= now);
+                    let has_entries = !pending.entries.is_empty();
+                    if pending.closed || !pending.barriers.is_empty() || due || (has_entries && paced_until <= now) {
+                        break;
                     }
-                    Op::Barrier(barrier) => barriers.push(barrier),
+                    let deadline = [sync_by, has_entries.then_some(paced_until)].into_iter().flatten().min();
+                    pending.wake_on = if has_entries { Wake::Barrier } else { Wake::Anything };
+                    pending = match deadline {
+                        Some(deadline) => {
+                            shared.work.wait_timeout(pending, deadline - now).unwrap_or_else(PoisonError::into_inner).0
+                        }
+                        None => shared.work.wait(pending).unwrap_or_else(PoisonError::into_inner),
+                    };
                 }
-                if taken < 65_536 {
-                    op = receiver.try_recv().ok();
+                pending.wake_on = Wake::Busy;
+                if pending.closed && pending.entries.is_empty() && pending.barriers.is_empty() {
+                    break;
                 }
+                std::mem::swap(&mut entries, &mut pending.entries);
+                std::mem::swap(&mut barriers, &mut pending.barriers);
+                pending.closed
+            };
+            for entry in entries.drain(..) {
+                self.apply(entry);
             }
-            let result = self.sync();
-            for barrier in barriers.drain(..) {
-                barrier(result.clone());
+            let due = sync_by.is_some_and(|by| by <= Instant::now());
+            if !always || closed || due || !barriers.is_empty() {
+                let result = self.sync();
+                for barrier in barriers.drain(..) {
+                    barrier(result.clone());
+                }
+                sync_by = None;
+                if result.is_ok() {
+                    self.write_deferred_acks();
+                    self.delete_acked();
+                }
+            } else if let Err(error) = self.queues.values_mut().try_for_each(flush) {
+                self.fail(&error);
             }
-            if result.is_ok() {
-                self.write_deferred_acks();
-                self.delete_acked();
+            // Deferred acks appended after the sync, or entries written without one.
+            if always && sync_by.is_none() && self.has_unsynced() {
+                sync_by = Some(Instant::now() + SYNC_INTERVAL);
             }
+            paced_until = Instant::now() + PACE;
         }
         // Stopping: the deferred acks go out too, after the sync that covers what they follow.
         if self.sync().is_ok() {
@@ -354,14 +462,24 @@ impl Writer {
         }
     }
 
+    /// Whether records were encoded or written since the last sync.
+    fn has_unsynced(&self) -> bool {
+        !self.deferred_acks.is_empty()
+            || !self.dirs.is_empty()
+            || self.queues.values().any(|log| log.unsynced || !log.buffer.is_empty())
+    }
+
     /// Appends the acks deferred past the last sync; the next sync writes them.
     fn write_deferred_acks(&mut self) {
-        for (queue, seq) in std::mem::take(&mut self.deferred_acks) {
+        let mut acks = std::mem::take(&mut self.deferred_acks);
+        for (queue, seq) in acks.drain(..) {
             if let Err(error) = self.append(&queue, Appended::Ack, |buffer| record::put_ack(buffer, seq)) {
                 self.fail(&error);
                 return;
             }
         }
+        // Its room, for the next round's.
+        self.deferred_acks = acks;
     }
 
     fn fail(&mut self, error: &LogError) {
@@ -423,7 +541,7 @@ impl Writer {
 
     fn delete(&mut self, queue: &str) -> Result<(), LogError> {
         let Some(log) = self.queues.remove(queue) else { return Ok(()) };
-        self.touched.retain(|(path, _)| !path.starts_with(&log.dir));
+        self.dirs.retain(|path| !path.starts_with(&log.dir));
         self.deferred_acks.retain(|(name, _)| &**name != queue);
         // Renamed first, in one step: a crash while its files go never brings back half a queue.
         let gone = log.dir.with_extension("deleted");
@@ -455,11 +573,11 @@ impl Writer {
             // The records before this one go to the segment they were meant for, synced now: only the last
             // segment can end in a record cut short. This one starts a new segment.
             let record = log.buffer.split_off(before);
-            for (path, file) in flush(log)? {
-                if let (Some(file), FsyncPolicy::Always) = (&file, fsync) {
-                    file.sync_data().map_err(io_error(&path))?;
-                }
+            flush(log)?;
+            if let (Some((file, _)), true, FsyncPolicy::Always) = (&log.active, log.unsynced, fsync) {
+                file.sync_data().map_err(|error| LogError::Io { path: log.active_path(), error })?;
             }
+            log.unsynced = false;
             let number = match log.segments.back() {
                 Some(last) => last.number.checked_add(1).ok_or_else(|| LogError::Io {
                     path: last.path.clone(),
@@ -472,7 +590,7 @@ impl Writer {
             log.segments.push_back(Segment { number, path, live: HashSet::new(), published: 0 });
             log.active = Some((file, 0));
             log.buffer = record;
-            self.touched.push((log.dir.clone(), None));
+            self.dirs.push(log.dir.clone());
         }
         // A copy made by compaction counts in the segment it goes to; the original's segment lets go of it
         // once the copy is synced.
@@ -492,45 +610,45 @@ impl Writer {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
-        let mut result = Ok(());
-        for log in self.queues.values_mut() {
-            match flush(log) {
-                Ok(touched) => self.touched.extend(touched),
-                Err(error) => {
-                    result = Err(error);
-                    break;
+        let written = self.queues.values_mut().try_for_each(flush);
+        #[cfg(feature = "monitoring")]
+        let started = std::time::Instant::now();
+        match written.and_then(|()| self.sync_written()) {
+            Ok(_synced) => {
+                #[cfg(feature = "monitoring")]
+                if _synced > 0 {
+                    metrics::histogram!("mqrpc_broker_log_fsync_seconds").record(started.elapsed());
                 }
+                Ok(())
+            }
+            Err(error) => {
+                self.fail(&error);
+                Err(self.failed.clone().unwrap_or_default())
             }
         }
-        if let Err(error) = result {
-            self.fail(&error);
-            return Err(self.failed.clone().unwrap_or_default());
-        }
-        let touched = std::mem::take(&mut self.touched);
-        if self.config.fsync == FsyncPolicy::Always {
-            #[cfg(feature = "monitoring")]
-            let started = std::time::Instant::now();
-            let mut synced: Vec<&PathBuf> = Vec::new();
-            for (path, file) in &touched {
-                if synced.contains(&path) {
-                    continue;
-                }
-                synced.push(path);
-                let outcome = match file {
-                    Some(file) => file.sync_data().map_err(io_error(path)),
-                    None => sync_dir(path),
-                };
-                if let Err(error) = outcome {
-                    self.fail(&error);
-                    return Err(self.failed.clone().unwrap_or_default());
-                }
+    }
+
+    /// Syncs the segments written to since the last sync, then the directories; says how many it synced.
+    fn sync_written(&mut self) -> Result<usize, LogError> {
+        let always = self.config.fsync == FsyncPolicy::Always;
+        let mut synced = 0;
+        for log in self.queues.values_mut().filter(|log| log.unsynced) {
+            if let (Some((file, _)), true) = (&log.active, always) {
+                file.sync_data().map_err(|error| LogError::Io { path: log.active_path(), error })?;
+                synced += 1;
             }
-            #[cfg(feature = "monitoring")]
-            if !synced.is_empty() {
-                metrics::histogram!("mqrpc_broker_log_fsync_seconds").record(started.elapsed());
-            }
+            log.unsynced = false;
         }
-        Ok(())
+        let mut dirs = std::mem::take(&mut self.dirs);
+        dirs.sort_unstable();
+        dirs.dedup();
+        if always {
+            dirs.iter().try_for_each(|dir| sync_dir(dir))?;
+            synced += dirs.len();
+        }
+        dirs.clear();
+        self.dirs = dirs;
+        Ok(synced)
     }
 
     /// Deletes, per queue, the oldest segments whose messages were all acked (never the one appended to); then
@@ -618,18 +736,19 @@ impl Writer {
     }
 }
 
-/// Writes a queue's buffered records to its active segment; returns the file to sync.
-fn flush(log: &mut QueueLog) -> Result<Vec<(PathBuf, Option<File>)>, LogError> {
+/// Writes a queue's buffered records to its active segment, which is then `unsynced`.
+fn flush(log: &mut QueueLog) -> Result<(), LogError> {
     if log.buffer.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let Some((file, size)) = log.active.as_mut() else { return Ok(Vec::new()) };
-    let path = log.segments.back().map(|segment| segment.path.clone()).unwrap_or_default();
-    file.write_all(&log.buffer).map_err(io_error(&path))?;
+    let Some((file, size)) = log.active.as_mut() else { return Ok(()) };
+    if let Err(error) = file.write_all(&log.buffer) {
+        return Err(LogError::Io { path: log.active_path(), error });
+    }
     *size += log.buffer.len() as u64;
     log.buffer.clear();
-    let file = file.try_clone().map_err(io_error(&path))?;
-    Ok(vec![(path, Some(file))])
+    log.unsynced = true;
+    Ok(())
 }
 
 fn dir_number(dir: &Path) -> Option<u64> {
@@ -731,7 +850,7 @@ mod tests {
             let mut entries = vec![declared()];
             entries.extend((1..=10).map(|seq| stored(seq, format!("m{seq}").as_bytes())));
             entries.extend([removed(2), removed(4)]);
-            log.append(entries);
+            log.append(&mut entries);
             settle(&log).expect("durable");
         }
         let (log, recovery) = Log::open(LogConfig::new(dir.path())).expect("opens again");
@@ -745,15 +864,42 @@ mod tests {
         assert!(Log::open(LogConfig::new(dir.path())).is_ok());
     }
 
+    /// What no barrier waits for is written, and synced, all the same: an ack is written only after the sync
+    /// that covers the publish before it, so its record in the file shows that sync.
+    #[test]
+    fn records_no_barrier_waits_for_are_written_and_synced_without_one() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
+        log.append(&mut vec![declared(), stored(1, b"one"), stored(2, b"two"), removed(1)]);
+        let segment = dir.path().join("queues").join("0").join(segment_name(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let bytes = std::fs::read(&segment).map(Bytes::from).unwrap_or_default();
+            let found: Vec<Record> = records(&bytes).into_iter().map(|(_, record)| record).collect();
+            if found.len() == 3 || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            matches!(found.as_slice(), [Record::Publish(one), Record::Publish(two), Record::Ack(1)]
+                if one.seq == 1 && two.seq == 2),
+            "{found:?}"
+        );
+        drop(log);
+        let (_, recovery) = Log::open(LogConfig::new(dir.path())).expect("opens again");
+        assert_eq!(messages(&recovery), [(2, b"two".to_vec())]);
+    }
+
     #[test]
     fn acked_segments_are_deleted_and_a_deleted_queue_leaves_nothing() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut config = LogConfig::new(dir.path());
         config.segment_size = 256;
         let (log, _) = Log::open(config.clone()).expect("opens");
-        log.append(vec![declared()]);
+        log.append(&mut vec![declared()]);
         for seq in 1..=200u64 {
-            log.append(vec![stored(seq, &[7; 40])]);
+            log.append(&mut vec![stored(seq, &[7; 40])]);
         }
         settle(&log).expect("durable");
         let written = segments(dir.path()).len();
@@ -767,7 +913,7 @@ mod tests {
             })
         };
         let first_live = holding(199).expect("a segment holds message 199");
-        log.append((1..=198).map(removed).collect());
+        log.append(&mut (1..=198).map(removed).collect());
         settle(&log).expect("durable");
         // Segments are deleted after the sync that answers a barrier: the next barrier comes after that.
         settle(&log).expect("durable");
@@ -777,7 +923,7 @@ mod tests {
         drop(log);
         let (log, recovery) = Log::open(config).expect("opens again");
         assert_eq!(messages(&recovery).iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [199, 200]);
-        log.append(vec![Journal::Deleted { queue: Arc::from("q") }]);
+        log.append(&mut vec![Journal::Deleted { queue: Arc::from("q") }]);
         settle(&log).expect("durable");
         assert!(!dir.path().join("queues").join("0").exists());
     }
@@ -788,11 +934,11 @@ mod tests {
         let mut config = LogConfig::new(dir.path());
         config.segment_size = 1024;
         let (log, _) = Log::open(config.clone()).expect("opens");
-        log.append(vec![declared()]);
+        log.append(&mut vec![declared()]);
         // Message 1 is never acked; every other one is, soon after it was published.
-        log.append(vec![stored(1, &[1; 40])]);
+        log.append(&mut vec![stored(1, &[1; 40])]);
         for seq in 2..=1_000u64 {
-            log.append(vec![stored(seq, &[2; 40]), removed(seq)]);
+            log.append(&mut vec![stored(seq, &[2; 40]), removed(seq)]);
         }
         // The sync that answers a barrier comes before the deletions and compaction that follow it: after the
         // first, the oldest segment is compacted; after the second, what it kept on disk is deleted.
@@ -809,13 +955,13 @@ mod tests {
         let mut backlog_config = LogConfig::new(backlog.path());
         backlog_config.segment_size = 256;
         let (log, _) = Log::open(backlog_config.clone()).expect("opens");
-        log.append(vec![declared()]);
+        log.append(&mut vec![declared()]);
         for seq in 1..=100u64 {
-            log.append(vec![stored(seq, &[3; 40])]);
+            log.append(&mut vec![stored(seq, &[3; 40])]);
         }
         settle(&log).expect("durable");
         let before: Vec<PathBuf> = segments(backlog.path());
-        log.append(vec![stored(101, &[3; 40])]);
+        log.append(&mut vec![stored(101, &[3; 40])]);
         settle(&log).expect("durable");
         settle(&log).expect("durable");
         assert_eq!(segments(backlog.path())[..before.len() - 1], before[..before.len() - 1], "a backlog was rewritten");
@@ -869,7 +1015,7 @@ mod tests {
             let segment;
             {
                 let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
-                log.append(vec![declared()]);
+                log.append(&mut vec![declared()]);
                 let mut seq = 0;
                 for batch in &batches {
                     let mut entries = Vec::new();
@@ -880,7 +1026,7 @@ mod tests {
                             entries.push(removed(seq));
                         }
                     }
-                    log.append(entries);
+                    log.append(&mut entries);
                     // The confirm of this batch: the size the segment had when it was synced.
                     let confirmed = Arc::clone(&confirmed);
                     let path = dir.path().join("queues").join("0").join(segment_name(1));
@@ -927,9 +1073,9 @@ mod tests {
     /// A log of three segments with every message live; returns the segment files and each record's offset.
     fn three_segments(dir: &Path, config: &LogConfig) -> (Vec<PathBuf>, Vec<Vec<usize>>) {
         let (log, _) = Log::open(config.clone()).expect("opens");
-        log.append(vec![declared()]);
+        log.append(&mut vec![declared()]);
         for seq in 1..=9u64 {
-            log.append(vec![stored(seq, &[seq as u8; 60])]);
+            log.append(&mut vec![stored(seq, &[seq as u8; 60])]);
         }
         settle(&log).expect("durable");
         drop(log);
@@ -1019,7 +1165,13 @@ mod tests {
         payload.extend_from_slice(&[9; 30]);
         {
             let (log, _) = Log::open(config.clone()).expect("opens");
-            log.append(vec![declared(), stored(1, b"one"), stored(2, b"two"), stored(3, &payload), stored(4, b"four")]);
+            log.append(&mut vec![
+                declared(),
+                stored(1, b"one"),
+                stored(2, b"two"),
+                stored(3, &payload),
+                stored(4, b"four"),
+            ]);
             settle(&log).expect("durable");
         }
         let file = segments(dir.path()).remove(0);
@@ -1043,7 +1195,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         {
             let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
-            log.append(vec![declared(), stored(1, b"one")]);
+            log.append(&mut vec![declared(), stored(1, b"one")]);
             settle(&log).expect("durable");
         }
         let meta = dir.path().join("queues").join("0").join("meta");
@@ -1059,9 +1211,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         {
             let (log, _) = Log::open(LogConfig::new(dir.path())).expect("opens");
-            log.append(vec![declared()]);
+            log.append(&mut vec![declared()]);
             for chunk in 0..100u64 {
-                log.append((1..=1_000).map(|n| stored(chunk * 1_000 + n, &[1; 100])).collect());
+                log.append(&mut (1..=1_000).map(|n| stored(chunk * 1_000 + n, &[1; 100])).collect());
             }
             settle(&log).expect("durable");
         }
