@@ -14,10 +14,12 @@
 //! confirmed only after the fsync that covers its record (group commit: one fsync for everything that arrived
 //! meanwhile, [`FsyncPolicy::Always`]). Records that no confirm waits for are written to the system within
 //! about a millisecond and synced within [`SYNC_INTERVAL`], so that a busy broker whose publishes are calls
-//! (answered by their replies, not by the broker) does not sync thousands of times a second for nobody. A segment is deleted once every message it holds is acked and every
-//! segment before it is gone (acks always follow their publishes, so this never loses an ack that matters). An
-//! oldest segment that holds few live messages while many segments follow it is compacted: its live messages are
-//! written again at the end of the log, and it is deleted.
+//! (answered by their replies, not by the broker) does not sync thousands of times a second for nobody.
+//!
+//! A segment is deleted once every message it holds is acked and every segment before it is gone (acks always
+//! follow their publishes, so this never loses an ack that matters). An oldest segment that holds few live
+//! messages while many segments follow it is compacted: its live messages are written again at the end of the
+//! log, and it is deleted.
 //!
 //! On start, [`Log::open`] reads every queue back (see `recovery`): messages not acked come back ready (those
 //! unacked at the crash included); a record cut short at the end of the last segment (a write the crash
@@ -206,8 +208,8 @@ impl Shared {
 /// The log of a running broker: hands the engine's journal to the writer thread.
 ///
 /// The journal goes to the writer through one buffer that it takes whole at each round (its group commit),
-/// not as a message per operation: the broker's thread allocates nothing per append, and the writer frees
-/// nothing the broker allocated but the entries themselves, so the two threads seldom meet in the allocator.
+/// not as a message per operation: the broker's thread allocates nothing per append, and of what it allocated
+/// the writer frees only the entries (and a confirm's barrier), so the two threads seldom meet in the allocator.
 pub struct Log {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
