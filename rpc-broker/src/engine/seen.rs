@@ -10,8 +10,8 @@ type HashSet<T> = hashbrown::HashSet<T>;
 /// one and two windows after it was taken).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 
-/// The most message ids a durable queue remembers in one window; past it the older ones are forgotten before
-/// the window ends, but never the last `DEDUP_CAPACITY` taken.
+/// The most message ids one generation of a durable queue's seen ids holds (the queue holds up to twice as
+/// many): past it the older ones are forgotten before the window ends, but never the last `DEDUP_CAPACITY`.
 pub const DEDUP_CAPACITY: usize = 1 << 20;
 
 /// The message ids a durable queue took lately, in two generations: the one taking ids, and the one before.
