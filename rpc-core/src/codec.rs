@@ -197,7 +197,7 @@ pub fn check(bytes: &[u8], limits: &Limits) -> Result<(), CodecError> {
     if bytes.len() > limits.max_frame {
         return Err(CodecError::TooLarge { len: bytes.len(), max: limits.max_frame });
     }
-    let mut reader = Reader { bytes, pos: 0, last_was_container: false };
+    let mut reader = Reader { bytes, pos: 0 };
     reader.skip_one(limits.max_depth, 0)?;
     if reader.remaining() != 0 {
         return Err(CodecError::Malformed("trailing bytes after the value"));
@@ -426,9 +426,92 @@ mod tests {
         }
 
         #[test]
+        fn the_checker_agrees_with_a_recursive_reading_of_the_format(
+            value in arbitrary_value(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            max_depth in 0usize..5,
+        ) {
+            let mut bytes = encode(&value).expect("encodes").to_vec();
+            for (index, byte) in flips {
+                let at = index.index(bytes.len());
+                bytes[at] = byte;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1).max(bytes.len() / 2));
+            let limits = Limits { max_depth, ..Limits::default() };
+            prop_assert_eq!(check(&bytes, &limits), reference::check(&bytes, max_depth));
+        }
+
+        #[test]
         fn whatever_the_checker_accepts_rmp_can_walk(value in arbitrary_value()) {
             let bytes = encode(&value).expect("encodes");
             prop_assert_eq!(check(&bytes, &Limits::default()), Ok(()));
+        }
+    }
+
+    /// The MessagePack format read the plain way, one call per value, for the checker to agree with.
+    mod reference {
+        use super::CodecError;
+
+        pub(super) fn check(bytes: &[u8], max_depth: usize) -> Result<(), CodecError> {
+            let mut pos = 0;
+            value(bytes, &mut pos, 0, max_depth)?;
+            if pos != bytes.len() {
+                return Err(CodecError::Malformed("trailing bytes after the value"));
+            }
+            Ok(())
+        }
+
+        fn take<'a>(bytes: &'a [u8], pos: &mut usize, n: u64) -> Result<&'a [u8], CodecError> {
+            let n = usize::try_from(n).map_err(|_| CodecError::Malformed("length does not fit in memory"))?;
+            let rest = &bytes[*pos..];
+            if n > rest.len() {
+                return Err(CodecError::Malformed("truncated input"));
+            }
+            *pos += n;
+            Ok(&rest[..n])
+        }
+
+        fn uint(bytes: &[u8], pos: &mut usize, width: u64) -> Result<u64, CodecError> {
+            Ok(take(bytes, pos, width)?.iter().fold(0, |acc, byte| (acc << 8) | u64::from(*byte)))
+        }
+
+        /// Reads one value that sits inside `level` containers.
+        fn value(bytes: &[u8], pos: &mut usize, level: usize, max_depth: usize) -> Result<(), CodecError> {
+            let marker = take(bytes, pos, 1)?[0];
+            let (skip, items) = match marker {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => return Ok(()),
+                0xc1 => return Err(CodecError::Malformed("reserved marker 0xc1")),
+                0xa0..=0xbf => (u64::from(marker & 0x1f), None),
+                0x80..=0x8f => (0, Some(2 * u64::from(marker & 0x0f))),
+                0x90..=0x9f => (0, Some(u64::from(marker & 0x0f))),
+                0xc4 | 0xd9 => (uint(bytes, pos, 1)?, None),
+                0xc5 | 0xda => (uint(bytes, pos, 2)?, None),
+                0xc6 | 0xdb => (uint(bytes, pos, 4)?, None),
+                0xc7 => (uint(bytes, pos, 1)? + 1, None),
+                0xc8 => (uint(bytes, pos, 2)? + 1, None),
+                0xc9 => (uint(bytes, pos, 4)? + 1, None),
+                0xcc | 0xd0 => (1, None),
+                0xcd | 0xd1 | 0xd4 => (2, None),
+                0xd5 => (3, None),
+                0xca | 0xce | 0xd2 => (4, None),
+                0xd6 => (5, None),
+                0xcb | 0xcf | 0xd3 => (8, None),
+                0xd7 => (9, None),
+                0xd8 => (17, None),
+                0xdc => (0, Some(uint(bytes, pos, 2)?)),
+                0xdd => (0, Some(uint(bytes, pos, 4)?)),
+                0xde => (0, Some(2 * uint(bytes, pos, 2)?)),
+                0xdf => (0, Some(2 * uint(bytes, pos, 4)?)),
+            };
+            let Some(items) = items else { return take(bytes, pos, skip).map(drop) };
+            if level + 1 > max_depth {
+                return Err(CodecError::TooDeep { max: max_depth });
+            }
+            if items > (bytes.len() - *pos) as u64 {
+                return Err(CodecError::Malformed("container longer than the input"));
+            }
+            (0..items).try_for_each(|_| value(bytes, pos, level + 1, max_depth))
         }
     }
 

@@ -229,7 +229,7 @@ pub(super) fn decode(
     if bytes.len() > limits.max_frame {
         return Err(CodecError::TooLarge { len: bytes.len(), max: limits.max_frame });
     }
-    let mut r = Reader { bytes, pos: 0, last_was_container: false };
+    let mut r = Reader { bytes, pos: 0 };
     let fields = match r.byte()? {
         marker @ 0x80..=0x8f => u64::from(marker & 0x0f),
         0xde => r.uint(2)?,
@@ -317,7 +317,7 @@ pub(super) fn decode(
 /// it; `None` for bytes that are not one well-formed map within the limits, or have no `r`.
 pub(super) fn reply_address(bytes: &[u8], limits: &Limits) -> Option<(ReplyTo, Option<Uuid>)> {
     super::check(bytes, limits).ok()?;
-    let mut r = Reader { bytes, pos: 0, last_was_container: false };
+    let mut r = Reader { bytes, pos: 0 };
     let fields = match r.byte().ok()? {
         marker @ 0x80..=0x8f => u64::from(marker & 0x0f),
         0xde => r.uint(2).ok()?,

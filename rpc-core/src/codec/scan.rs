@@ -3,80 +3,138 @@
 
 use super::CodecError;
 
-/// The counts of values still to read per open level, kept on the stack for the nesting the default limit allows
-/// (every value checked would otherwise cost an allocation).
-pub(super) struct Pending {
-    inline: [u64; 72],
+/// The counts of values still to read at the levels around the one being read, outermost first: on the stack
+/// for the first 16 levels (an envelope nests 2 deep, and every value checked would otherwise cost an
+/// allocation), past them on the heap, up to the depth limit.
+struct Outer {
+    inline: [u64; 16],
     len: usize,
     spilled: Vec<u64>,
 }
 
-impl Pending {
-    /// One value to read at the top level.
-    fn new() -> Pending {
-        let mut inline = [0; 72];
-        inline[0] = 1;
-        Pending { inline, len: 1, spilled: Vec::new() }
+impl Outer {
+    fn new() -> Outer {
+        Outer { inline: [0; 16], len: 0, spilled: Vec::new() }
     }
 
     fn len(&self) -> usize {
         self.len + self.spilled.len()
     }
 
-    fn last_mut(&mut self) -> Option<&mut u64> {
-        match self.spilled.last_mut() {
-            Some(last) => Some(last),
-            None => self.len.checked_sub(1).map(|top| &mut self.inline[top]),
-        }
-    }
-
-    fn push(&mut self, items: u64) {
-        if self.spilled.is_empty() && self.len < self.inline.len() {
-            self.inline[self.len] = items;
+    fn push(&mut self, left: u64) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = left;
             self.len += 1;
         } else {
-            self.spilled.push(items);
+            self.spilled.push(left);
         }
     }
 
-    fn pop(&mut self) {
-        if self.spilled.pop().is_none() {
-            self.len = self.len.saturating_sub(1);
+    fn pop(&mut self) -> Option<u64> {
+        if let Some(left) = self.spilled.pop() {
+            return Some(left);
         }
+        self.len = self.len.checked_sub(1)?;
+        Some(self.inline[self.len])
     }
 }
 
 pub(super) struct Reader<'a> {
     pub(super) bytes: &'a [u8],
     pub(super) pos: usize,
-    pub(super) last_was_container: bool,
 }
 
 impl Reader<'_> {
     /// Skips exactly one value, nested `depth` levels deep already, rejecting nesting deeper than `max_depth`.
+    ///
+    /// One loop over the values, whatever their nesting: a scalar is skipped where it is read, and a container
+    /// opens a level whose count of values replaces the current one.
     pub(super) fn skip_one(&mut self, max_depth: usize, depth: usize) -> Result<(), CodecError> {
-        // Values still to read at each open level; the bottom entry is the one value.
-        let mut pending = Pending::new();
-        while let Some(last) = pending.last_mut() {
-            if *last == 0 {
-                pending.pop();
-                continue;
-            }
-            *last -= 1;
-            let items = self.skip_value()?;
-            let levels = pending.len() + depth;
-            if items > 0 {
-                if levels > max_depth {
-                    return Err(CodecError::TooDeep { max: max_depth });
+        // Values still to read at the current level; the outermost level is the one value.
+        let mut left: u64 = 1;
+        let mut outer = Outer::new();
+        loop {
+            if left == 0 {
+                match outer.pop() {
+                    Some(count) => {
+                        left = count;
+                        continue;
+                    }
+                    None => return Ok(()),
                 }
+            }
+            left -= 1;
+            let marker = *self.bytes.get(self.pos).ok_or(CodecError::Malformed("truncated input"))?;
+            self.pos += 1;
+            let items = match marker {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => continue,
+                0xa0..=0xbf => {
+                    self.skip(u64::from(marker & 0x1f))?;
+                    continue;
+                }
+                0x80..=0x8f => 2 * u64::from(marker & 0x0f),
+                0x90..=0x9f => u64::from(marker & 0x0f),
+                0xdc => self.uint(2)?,
+                0xdd => self.uint(4)?,
+                0xde => 2 * self.uint(2)?,
+                0xdf => 2 * self.uint(4)?,
+                0xc1 => return Err(CodecError::Malformed("reserved marker 0xc1")),
+                0xc4 | 0xd9 => {
+                    let len = self.uint(1)?;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xc5 | 0xda => {
+                    let len = self.uint(2)?;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xc6 | 0xdb => {
+                    let len = self.uint(4)?;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xc7 => {
+                    let len = self.uint(1)? + 1;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xc8 => {
+                    let len = self.uint(2)? + 1;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xc9 => {
+                    let len = self.uint(4)? + 1;
+                    self.skip(len)?;
+                    continue;
+                }
+                0xca..=0xd8 => {
+                    self.skip(fixed_len(marker))?;
+                    continue;
+                }
+            };
+            // A container, at the level after the current one.
+            if outer.len() + 1 + depth > max_depth {
+                return Err(CodecError::TooDeep { max: max_depth });
+            }
+            if items > 0 {
                 if items > self.remaining() as u64 {
                     return Err(CodecError::Malformed("container longer than the input"));
                 }
-                pending.push(items);
-            } else if items == 0 && self.last_was_container && levels > max_depth {
-                return Err(CodecError::TooDeep { max: max_depth });
+                outer.push(left);
+                left = items;
             }
         }
+    }
+
+    /// Skips `len` bytes.
+    fn skip(&mut self, len: u64) -> Result<(), CodecError> {
+        let len = usize::try_from(len).map_err(|_| CodecError::Malformed("length does not fit in memory"))?;
+        if len > self.remaining() {
+            return Err(CodecError::Malformed("truncated input"));
+        }
+        self.pos += len;
         Ok(())
     }
 
@@ -96,43 +154,18 @@ impl Reader<'_> {
     pub(super) fn uint(&mut self, width: usize) -> Result<u64, CodecError> {
         Ok(self.take(width)?.iter().fold(0u64, |acc, byte| (acc << 8) | u64::from(*byte)))
     }
+}
 
-    /// Skips one value's header and payload; returns how many nested values follow (array items, map keys
-    /// and values), 0 for scalars.
-    pub(super) fn skip_value(&mut self) -> Result<u64, CodecError> {
-        self.last_was_container = false;
-        let marker = self.take(1)?[0];
-        let (skip, items) = match marker {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
-            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
-            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
-            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
-            0xc1 => return Err(CodecError::Malformed("reserved marker 0xc1")),
-            0xc4 | 0xd9 => (self.uint(1)?, 0),
-            0xc5 | 0xda => (self.uint(2)?, 0),
-            0xc6 | 0xdb => (self.uint(4)?, 0),
-            0xc7 => (self.uint(1)? + 1, 0),
-            0xc8 => (self.uint(2)? + 1, 0),
-            0xc9 => (self.uint(4)? + 1, 0),
-            0xca => (4, 0),
-            0xcb => (8, 0),
-            0xcc | 0xd0 => (1, 0),
-            0xcd | 0xd1 => (2, 0),
-            0xce | 0xd2 => (4, 0),
-            0xcf | 0xd3 => (8, 0),
-            0xd4 => (2, 0),
-            0xd5 => (3, 0),
-            0xd6 => (5, 0),
-            0xd7 => (9, 0),
-            0xd8 => (17, 0),
-            0xdc => (0, self.uint(2)?),
-            0xdd => (0, self.uint(4)?),
-            0xde => (0, 2 * self.uint(2)?),
-            0xdf => (0, 2 * self.uint(4)?),
-        };
-        self.last_was_container = matches!(marker, 0x80..=0x9f | 0xdc..=0xdf);
-        let skip = usize::try_from(skip).map_err(|_| CodecError::Malformed("length does not fit in memory"))?;
-        self.take(skip)?;
-        Ok(items)
+/// The bytes after the marker of a scalar of fixed size: a number, a float, or a fixed-size extension.
+fn fixed_len(marker: u8) -> u64 {
+    match marker {
+        0xcc | 0xd0 => 1,
+        0xcd | 0xd1 | 0xd4 => 2,
+        0xd5 => 3,
+        0xca | 0xce | 0xd2 => 4,
+        0xd6 => 5,
+        0xcb | 0xcf | 0xd3 => 8,
+        0xd7 => 9,
+        _ => 17,
     }
 }
