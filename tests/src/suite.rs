@@ -843,6 +843,16 @@ pub async fn cancelled_call_leaves_the_queue_and_stops_its_handler(harness: &dyn
             transport.queue_stats(&setup.queue()).await.is_ok_and(|stats| stats.ready == 1)
         })
         .await;
+    } else {
+        // A call cancelled before its request went out never sends it; this one is to run after all, so its
+        // request is at the broker first, where the broker tells (on a busy machine the call's task may not
+        // have published it yet when the caller sees it pending). The first call's request is out to the
+        // worker: the second one waits in the queue, or, where the broker counts what its consumers fetched
+        // as unacked, is one of two such.
+        eventually_async("the second call's request to reach the broker", WAIT, || async {
+            transport.queue_stats(&setup.queue()).await.map_or(true, |stats| stats.ready >= 1 || stats.unacked >= 2)
+        })
+        .await;
     }
     // The caller learns whether the broker can stop the request or only the waiting ends.
     let cancellation = if cancels { Cancellation::Broker } else { Cancellation::WaitOnly };
