@@ -25,8 +25,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(walked, "the checker accepted what rmp cannot walk");
             assert!(rest.is_empty(), "the checker accepted bytes after the value");
         }
-        // What rmp walks to its end is refused only for its depth.
-        Err(CodecError::TooDeep { .. }) => {}
+        // What rmp walks to its end is refused only for its depth: under the default limit, it passes or is
+        // still too deep.
+        Err(CodecError::TooDeep { .. }) => {
+            if walked && rest.is_empty() {
+                let again = codec::check(bytes, &Limits::default());
+                assert!(matches!(again, Ok(()) | Err(CodecError::TooDeep { .. })), "{again:?} at the default depth");
+            }
+        }
         Err(CodecError::TooLarge { .. } | CodecError::Malformed(_)) => {
             assert!(!(walked && rest.is_empty()), "the checker refused a value rmp walks to its end");
         }
