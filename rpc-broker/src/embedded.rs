@@ -18,6 +18,10 @@ use crate::engine::{self, ConsumerId, Props, QueueConfig, Settle};
 use crate::hub::{Handoff, Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::protocol::{CAPABILITIES, call_key};
 
+/// A message as the engine holds it: shared, so that queueing, dispatching and keeping an unacked copy move
+/// and clone a pointer, not the envelope's fields.
+type Message = Arc<Envelope>;
+
 /// An in-process broker. Clones share one broker: hand a clone to each client and server.
 #[derive(Clone, Default)]
 pub struct Embedded {
@@ -27,8 +31,8 @@ pub struct Embedded {
 /// The hub, and its deliveries on their way to their consumers: they are handed out after the lock is let go
 /// (see [`Handoff`]), since a client and its workers take it from every thread of the runtime, for every call.
 struct Shared {
-    hub: Mutex<Hub<Envelope>>,
-    handoff: Arc<Handoff<Envelope>>,
+    hub: Mutex<Hub<Message>>,
+    handoff: Arc<Handoff<Message>>,
 }
 
 impl Default for Shared {
@@ -55,20 +59,20 @@ impl Shared {
 /// The hub's lock; dropping it lets go of the hub, then hands out the deliveries made meanwhile.
 struct Locked<'a> {
     /// `Some` until dropped.
-    hub: Option<MutexGuard<'a, Hub<Envelope>>>,
-    handoff: &'a Handoff<Envelope>,
+    hub: Option<MutexGuard<'a, Hub<Message>>>,
+    handoff: &'a Handoff<Message>,
 }
 
 impl std::ops::Deref for Locked<'_> {
-    type Target = Hub<Envelope>;
+    type Target = Hub<Message>;
 
-    fn deref(&self) -> &Hub<Envelope> {
+    fn deref(&self) -> &Hub<Message> {
         self.hub.as_ref().expect("held until dropped")
     }
 }
 
 impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut Hub<Envelope> {
+    fn deref_mut(&mut self) -> &mut Hub<Message> {
         self.hub.as_mut().expect("held until dropped")
     }
 }
@@ -95,9 +99,11 @@ struct ChannelSink {
     cancellations: Arc<Cancellations>,
 }
 
-impl Sink<Envelope> for ChannelSink {
-    fn deliver(&self, delivery: engine::Delivery<Envelope>, now: Instant) {
-        let envelope = delivery.message;
+impl Sink<Message> for ChannelSink {
+    fn deliver(&self, delivery: engine::Delivery<Message>, now: Instant) {
+        // The consumer's own copy: the one the engine held alone (an auto-acked delivery) is moved out; one it
+        // keeps until the ack (to deliver again) has its fields cloned, which shares their buffers.
+        let envelope = Arc::unwrap_or_clone(delivery.message);
         // The engine counts the budget exactly; what it used up is the time queued.
         let queued = match (envelope.deadline_ms, delivery.remaining_ttl) {
             (Some(budget), Some(remaining)) => Duration::from_millis(budget).saturating_sub(remaining),
@@ -126,12 +132,12 @@ impl Embedded {
         Embedded::default()
     }
 
-    fn attach(&self, hub: &mut Hub<Envelope>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
+    fn attach(&self, hub: &mut Hub<Message>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let shared = Arc::downgrade(&self.shared);
         let direct = Arc::new(std::sync::OnceLock::new());
         let sink_direct = Arc::clone(&direct);
-        let make_sink = |consumer| -> Box<dyn Sink<Envelope>> {
+        let make_sink = |consumer| -> Box<dyn Sink<Message>> {
             let cancellations = Arc::new(Cancellations::new());
             let acker: Arc<dyn Acker> =
                 Arc::new(EmbeddedAcker { shared: shared.clone(), consumer, cancellations: Arc::clone(&cancellations) });
@@ -144,23 +150,24 @@ impl Embedded {
     }
 
     fn publish_now(&self, queue: &str, envelope: Envelope) -> Result<(), Error> {
+        let props = props(&envelope);
+        let message = Arc::new(envelope);
         let now = Instant::now();
         let mut hub = self.shared.lock();
-        let props = props(&envelope);
-        hub.engine.publish(queue, envelope, props, now).map_err(to_error)?;
+        hub.engine.publish(queue, message, props, now).map_err(to_error)?;
         hub.dispatch(now);
         self.start_timer(&mut hub);
         Ok(())
     }
 
-    fn start_timer(&self, hub: &mut Hub<Envelope>) {
+    fn start_timer(&self, hub: &mut Hub<Message>) {
         start_timer(&self.shared, hub);
     }
 }
 
 /// Starts the delay timer once a delayed message waits (publishing runs inside a runtime; outside one, delayed
 /// messages join their queue at the next operation that finds them due).
-fn start_timer(shared: &Arc<Shared>, hub: &mut Hub<Envelope>) {
+fn start_timer(shared: &Arc<Shared>, hub: &mut Hub<Message>) {
     if hub.wants_timer()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
@@ -197,10 +204,11 @@ impl Transport for Embedded {
     }
 
     fn publish_topic<'a>(&'a self, topic: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        let props = props(&envelope);
+        let message = Arc::new(envelope);
         let now = Instant::now();
         let mut hub = self.shared.lock();
-        let props = props(&envelope);
-        let result = hub.engine.publish_topic(topic, envelope, props, now).map(drop).map_err(to_error);
+        let result = hub.engine.publish_topic(topic, message, props, now).map(drop).map_err(to_error);
         hub.dispatch(now);
         self.start_timer(&mut hub);
         Box::pin(std::future::ready(result))
@@ -287,7 +295,7 @@ impl EmbeddedAcker {
     fn while_held<T>(
         &self,
         tag: u64,
-        step: impl FnOnce(&mut engine::Engine<Envelope>, Instant) -> Result<T, Error>,
+        step: impl FnOnce(&mut engine::Engine<Message>, Instant) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let shared = self.shared.upgrade().ok_or(Error::DeliveryLost)?;
         let now = Instant::now();
@@ -323,18 +331,18 @@ impl Acker for EmbeddedAcker {
         envelope: Envelope,
         _: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        let result = self.while_held(tag, |engine, now| {
-            let props = props(&envelope);
-            engine.publish(queue, envelope, props, now).map_err(to_error)
-        });
+        let props = props(&envelope);
+        let message = Arc::new(envelope);
+        let result = self.while_held(tag, |engine, now| engine.publish(queue, message, props, now).map_err(to_error));
         rpc_core::transport::finished(result)
     }
 
     fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        let props = props(&envelope);
+        let message = Arc::new(envelope);
         let result = self.while_held(tag, |engine, now| {
-            let props = props(&envelope);
             engine
-                .publish(queue, envelope, props, now)
+                .publish(queue, message, props, now)
                 .and_then(|()| engine.settle(self.consumer, tag, Settle::Ack, now))
                 .map_err(to_error)
         });
@@ -350,9 +358,10 @@ impl Acker for EmbeddedAcker {
         reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
+        let props = props(&reply);
+        let message = Arc::new(reply);
         let result = self.while_held(tag, |engine, now| {
-            let props = props(&reply);
-            let answered = Answered::of(engine.publish(reply_to.address(), reply, props, now).map_err(to_error))?;
+            let answered = Answered::of(engine.publish(reply_to.address(), message, props, now).map_err(to_error))?;
             engine.settle(self.consumer, tag, Settle::Ack, now).map_err(to_error)?;
             Ok(answered)
         });
