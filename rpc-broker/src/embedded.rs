@@ -101,9 +101,8 @@ struct ChannelSink {
 
 impl Sink<Message> for ChannelSink {
     fn deliver(&self, delivery: engine::Delivery<Message>, now: Instant) {
-        // The consumer's own copy: the one the engine held alone (an auto-acked delivery) is moved out; one it
-        // keeps until the ack (to deliver again) has its fields cloned, which shares their buffers.
-        let envelope = Arc::unwrap_or_clone(delivery.message);
+        // Shared with the engine's unacked copy until the ack: neither changes it.
+        let envelope = delivery.message;
         // The engine counts the budget exactly; what it used up is the time queued.
         let queued = match (envelope.deadline_ms, delivery.remaining_ttl) {
             (Some(budget), Some(remaining)) => Duration::from_millis(budget).saturating_sub(remaining),

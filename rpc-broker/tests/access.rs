@@ -467,7 +467,7 @@ async fn serving_a_queue_lets_a_worker_retry_what_it_holds_but_not_call() {
     caller.publish("jobs.Q", oneway(), Confirm::Broker).await.expect("the caller calls");
     let mut consumer = worker.consume("jobs.Q", ConsumeOptions::default()).await.expect("the worker serves");
     let first = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
-    let mut copy = first.envelope.clone();
+    let mut copy = rpc_core::Envelope::clone(&first.envelope);
     copy.attempt = 2;
     first.handle.republish("jobs.Q", copy).await.map_err(|(error, _)| error).expect("the retry goes back");
     let second = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered again").expect("open");

@@ -118,7 +118,7 @@ impl DurableCallbacks {
                     delivery = consumer.next() => delivery,
                 };
                 let Some(delivery) = delivery else { break };
-                let envelope = delivery.envelope;
+                let envelope = Arc::unwrap_or_clone(delivery.envelope);
                 let key = (envelope.service.clone(), envelope.method.clone());
                 // A child of the durable call's span: the reply echoes the request's trace context.
                 let span = trace::process_span(transport.as_ref(), &envelope, &queue, delivery.delivery_count.max(1));

@@ -108,7 +108,7 @@ impl DeadLetters {
         let mut listed = Vec::with_capacity(held.len());
         let mut handles = Vec::with_capacity(held.len());
         for delivery in held {
-            listed.push(delivery.envelope);
+            listed.push(Arc::unwrap_or_clone(delivery.envelope));
             handles.push(delivery.handle);
         }
         // Last taken first: a released message goes back to the front, so a broker that keeps the order of
@@ -139,7 +139,7 @@ impl DeadLetters {
         let mut replayed = 0;
         let mut held = held.into_iter();
         while let Some(delivery) = held.next() {
-            let mut again = delivery.envelope.clone();
+            let mut again = Envelope::clone(&delivery.envelope);
             again.id = crate::envelope::new_id();
             again.attempt = 1;
             again.deadline_ms = None;

@@ -677,8 +677,9 @@ pub type DeliverySink = Arc<dyn Fn(Delivery) + Send + Sync>;
 /// One message handed to a consumer.
 #[derive(Debug)]
 pub struct Delivery {
-    /// The message.
-    pub envelope: Envelope,
+    /// The message, shared: a delivery moves through the consumer, the server and the handler's context as a
+    /// pointer, and an in-process broker hands out the envelope it keeps for redelivery without copying it.
+    pub envelope: Arc<Envelope>,
     /// How many times it has been delivered, this time included (1 on the first delivery).
     pub delivery_count: u32,
     /// How long the message waited between its publish and this delivery, as far as the transport can tell
@@ -707,7 +708,11 @@ impl Delivery {
     /// The time queued, taken off the deadline: what a delivery looks like once it leaves its consumer.
     fn dequeued(mut self) -> Delivery {
         if !self.queued.is_zero() {
-            self.envelope.deadline_ms = self.remaining_ms();
+            let remaining = self.remaining_ms();
+            // Under a millisecond queued leaves the budget as it was: the envelope, perhaps shared, is not copied.
+            if remaining != self.envelope.deadline_ms {
+                Arc::make_mut(&mut self.envelope).deadline_ms = remaining;
+            }
             self.queued = Duration::ZERO;
         }
         self
@@ -1051,7 +1056,7 @@ mod tests {
             let mut envelope = Envelope::new(crate::Kind::Request);
             envelope.deadline_ms = deadline_ms;
             Delivery {
-                envelope,
+                envelope: Arc::new(envelope),
                 delivery_count: 1,
                 queued: Duration::from_millis(queued_ms),
                 received_at: Instant::now(),
@@ -1071,6 +1076,28 @@ mod tests {
         assert_eq!(left, [(Some(600), Duration::ZERO), (None, Duration::ZERO), (Some(1_000), Duration::ZERO)]);
         // Taken off once: the remaining budget of a delivery that left the consumer is its deadline.
         assert_eq!(taken[0].remaining_ms(), Some(600));
+    }
+
+    #[test]
+    fn a_shared_envelope_is_copied_only_when_its_deadline_changes() {
+        let mut envelope = Envelope::new(crate::Kind::Request);
+        envelope.deadline_ms = Some(1_000);
+        let kept = Arc::new(envelope);
+        let delivery = |queued| Delivery {
+            envelope: Arc::clone(&kept),
+            delivery_count: 1,
+            queued,
+            received_at: Instant::now(),
+            handle: AckHandle::auto(),
+        };
+        // Under a millisecond queued: the budget in whole milliseconds is the same, and the envelope stays shared.
+        let under = delivery(Duration::from_micros(400)).dequeued();
+        assert!(Arc::ptr_eq(&under.envelope, &kept));
+        assert_eq!(under.queued, Duration::ZERO);
+        // Longer: the delivery's own copy carries what is left; the kept one (a broker's, for redelivery) does not.
+        let longer = delivery(Duration::from_millis(250)).dequeued();
+        assert_eq!(longer.envelope.deadline_ms, Some(750));
+        assert_eq!(kept.deadline_ms, Some(1_000));
     }
 
     #[test]

@@ -238,7 +238,16 @@ async fn calls_survive_the_kill_of_the_stream_leader_in_a_three_server_cluster()
     let first = leader(&observer, &queue).await.expect("the stream has a leader");
 
     let (killed_at, retried) = calls_across_a_kill(&client, &book, || cluster.kill(&first)).await;
-    let new = leader(&observer, &queue).await;
+    // The stream's info names its new leader once the survivors have agreed on it, which can be after the
+    // calls went through.
+    let reported = Instant::now();
+    let new = loop {
+        let new = leader(&observer, &queue).await;
+        if new.as_ref().is_some_and(|new| *new != first) || reported.elapsed() > Duration::from_secs(20) {
+            break new;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(new.as_ref().is_some_and(|new| *new != first), "the stream's leader after the kill: {new:?}, was {first}");
     println!(
         "killed the leader {first} after {killed_at} answers; calls sent again by their callers, by error: \

@@ -766,7 +766,13 @@ impl Transport for Nats {
                     reply
                 };
                 let received_at = Instant::now();
-                Delivery { envelope, delivery_count: 1, queued: Duration::ZERO, received_at, handle: AckHandle::auto() }
+                Delivery {
+                    envelope: Arc::new(envelope),
+                    delivery_count: 1,
+                    queued: Duration::ZERO,
+                    received_at,
+                    handle: AckHandle::auto(),
+                }
             });
             let losses = Some(self.inner.losses.subscribe());
             Ok(Inbox { address, consumer: Consumer::new(replies.boxed(), None), losses })

@@ -719,7 +719,7 @@ impl RedisStreams {
                         None => Duration::ZERO,
                     };
                     let delivery = Delivery {
-                        envelope,
+                        envelope: Arc::new(envelope),
                         delivery_count,
                         queued,
                         received_at: std::time::Instant::now(),

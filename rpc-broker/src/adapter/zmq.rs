@@ -374,7 +374,7 @@ impl Inner {
     /// Hands a reply to this node's inbox `address`; a reply for an inbox that is gone is dropped.
     fn deliver_to_inbox(&self, address: &str, envelope: Envelope) {
         let delivery = Delivery {
-            envelope,
+            envelope: Arc::new(envelope),
             delivery_count: 1,
             queued: Duration::ZERO,
             received_at: std::time::Instant::now(),

@@ -435,7 +435,8 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                         };
                         let handle =
                             if tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&route.acker), tag) };
-                        let delivery = Delivery { envelope, delivery_count, queued, received_at: now, handle };
+                        let delivery =
+                            Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at: now, handle };
                         match &route.direct {
                             Some(sink) => sink(delivery),
                             None => drop(route.sender.send(delivery)),
@@ -452,7 +453,8 @@ async fn read_frames(mut frames: FramedRead<BoxRead, FrameCodec>, conn: Arc<Conn
                             );
                             let handle = AckHandle::new(Arc::clone(&route.acker), tag);
                             let (queued, received_at) = (Duration::ZERO, now);
-                            let delivery = Delivery { envelope, delivery_count, queued, received_at, handle };
+                            let delivery =
+                                Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at, handle };
                             match &route.direct {
                                 Some(sink) => sink(delivery),
                                 None => drop(route.sender.send(delivery)),

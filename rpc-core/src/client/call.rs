@@ -325,7 +325,7 @@ async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
             return Err(Error::Disconnected);
         }
         let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
-        let answer = |reply: Result<Result<Envelope, Error>, oneshot::error::RecvError>| match reply {
+        let answer = |reply: Result<Result<Arc<Envelope>, Error>, oneshot::error::RecvError>| match reply {
             Ok(reply) => reply,
             Err(_) if client.is_closed() => Err(Error::Shutdown),
             Err(_) => Err(Error::Disconnected),

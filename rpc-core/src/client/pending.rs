@@ -14,7 +14,7 @@ use crate::error::Error;
 pub(super) struct Pending {
     /// The inbox's loss count when the call was sent: a later loss means its reply may be gone.
     pub(super) epoch: u64,
-    pub(super) sender: oneshot::Sender<Result<Envelope, Error>>,
+    pub(super) sender: oneshot::Sender<Result<Arc<Envelope>, Error>>,
 }
 
 /// What the client and its calls share: the pending map, its counters, and whether replies can still come.
@@ -37,7 +37,7 @@ impl Shared {
     }
 
     /// Hands `reply` to the call waiting for it; a reply nobody waits for is counted as late.
-    pub(super) fn reply(&self, reply: Envelope) {
+    pub(super) fn reply(&self, reply: Arc<Envelope>) {
         let waiting = reply.correlation_id.and_then(|id| self.pending.remove(&id));
         match waiting {
             Some((_, pending)) => {

@@ -50,13 +50,7 @@ pub(super) fn handle(
     let span = trace::process_span(shared.transport.as_ref(), &envelope, destination, attempt);
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
-    let request = Request {
-        envelope: Arc::new(envelope),
-        attempt,
-        deadline,
-        received_at: Instant::from_std(received_at),
-        source,
-    };
+    let request = Request { envelope, attempt, deadline, received_at: Instant::from_std(received_at), source };
     Box::pin(handle_request(shared, request, handle, permit).instrument(span))
 }
 

@@ -328,7 +328,7 @@ async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHa
     };
     for sent in [&request, &other, &oneway] {
         let delivery = tokio::time::timeout(WAIT, consumer.next()).await.expect("delivered").expect("open");
-        assert_eq!(&as_sent(delivery.envelope.clone(), sent), sent);
+        assert_eq!(&as_sent(Envelope::clone(&delivery.envelope), sent), sent);
         if sent.id == request.id {
             // Its dead letter, on another queue, still names the service its first queue stood for.
             delivery.handle.dead_letter().await.expect("dead-letters");
@@ -339,7 +339,7 @@ async fn what_a_request_goes_without_is_read_back(harness: &mqrpc_tests::StompHa
     let dead_letters = rpc_core::naming::dead_letter_queue(&queue);
     let mut letters = transport.consume(&dead_letters, ConsumeOptions::new()).await.expect("consumes the DLQ");
     let letter = tokio::time::timeout(WAIT, letters.next()).await.expect("dead-lettered").expect("open");
-    assert_eq!(as_sent(letter.envelope.clone(), &request), request);
+    assert_eq!(as_sent(Envelope::clone(&letter.envelope), &request), request);
     letter.handle.ack().await.expect("acks");
     vec![queue, callbacks]
 }

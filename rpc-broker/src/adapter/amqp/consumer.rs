@@ -250,7 +250,8 @@ impl Pump {
         } else {
             AckHandle::auto()
         };
-        let delivery = Delivery { envelope, delivery_count, queued, received_at: Instant::now(), handle };
+        let delivery =
+            Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at: Instant::now(), handle };
         self.sender.send(delivery).is_ok()
     }
 }

@@ -812,7 +812,7 @@ fn reread<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition
 }
 
 fn delivery(envelope: Envelope, delivery_count: u32, queued: Duration, handle: AckHandle) -> Delivery {
-    Delivery { envelope, delivery_count, queued, received_at: Instant::now(), handle }
+    Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at: Instant::now(), handle }
 }
 
 /// Reads the inbox topic `topic` from its start, without a group; deletes the topic when the inbox goes.

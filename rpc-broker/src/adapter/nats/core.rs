@@ -245,7 +245,7 @@ impl Stream for CoreStream {
             AckHandle::auto()
         };
         let received_at = Instant::now();
-        Poll::Ready(Some(Delivery { envelope, delivery_count: 1, queued, received_at, handle }))
+        Poll::Ready(Some(Delivery { envelope: Arc::new(envelope), delivery_count: 1, queued, received_at, handle }))
     }
 }
 

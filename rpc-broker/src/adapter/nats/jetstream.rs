@@ -450,7 +450,13 @@ impl Pull {
             Inner::lock(&self.acker.held).insert(tag, Held { message, delivered, _permit: permit });
             AckHandle::new(Arc::clone(&self.acker) as Arc<dyn Acker>, tag)
         };
-        let delivery = Delivery { envelope, delivery_count: delivered, queued, received_at: Instant::now(), handle };
+        let delivery = Delivery {
+            envelope: Arc::new(envelope),
+            delivery_count: delivered,
+            queued,
+            received_at: Instant::now(),
+            handle,
+        };
         match self.sender.send(delivery) {
             Ok(()) => true,
             Err(mpsc::error::SendError(delivery)) => {

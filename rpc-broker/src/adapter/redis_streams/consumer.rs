@@ -584,7 +584,7 @@ impl Reader {
             self.acker.counters.unacked.fetch_add(1, Ordering::Relaxed);
             AckHandle::new(Arc::clone(&self.acker) as Arc<dyn Acker>, tag)
         };
-        let delivery = Delivery { envelope, delivery_count, queued, received_at, handle };
+        let delivery = Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at, handle };
         let _ = self.sender.send(delivery);
     }
 }

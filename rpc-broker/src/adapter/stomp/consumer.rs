@@ -173,7 +173,7 @@ impl State {
                 // A reply the client cannot read: its call fails with the reason rather than waiting it out.
                 let envelope = envelope.reply(Err(status));
                 let handle = AckHandle::auto();
-                self.hand_out(Delivery { envelope, delivery_count, queued, received_at, handle });
+                self.hand_out(Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at, handle });
             } else if let Some(ack) = frame.get("ack").filter(|_| !auto_ack) {
                 self.refuse(connection, &envelope, ack, status).await;
             }
@@ -187,7 +187,7 @@ impl State {
                 envelope.kind = Kind::Reply;
             }
             let handle = AckHandle::auto();
-            self.hand_out(Delivery { envelope, delivery_count, queued, received_at, handle });
+            self.hand_out(Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at, handle });
             return;
         }
         let Some(ack) = frame.get("ack").map(str::to_owned) else {
@@ -223,7 +223,8 @@ impl State {
             return;
         }
         // One whose budget ran out while queued is handed out all the same: the worker answers it with status 4.
-        let delivery = Delivery { envelope, delivery_count, queued, received_at, handle: AckHandle::auto() };
+        let delivery =
+            Delivery { envelope: Arc::new(envelope), delivery_count, queued, received_at, handle: AckHandle::auto() };
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         self.held().insert(tag, Held { connection: connection.clone(), ack, frame, delivery_count });
         self.counters.unacked.fetch_add(1, Ordering::Relaxed);

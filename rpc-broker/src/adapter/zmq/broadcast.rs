@@ -352,7 +352,7 @@ impl Feed {
                 match rpc_core::codec::decode_envelope_bytes(&envelope, &self.limits) {
                     Ok(envelope) => {
                         let delivery = Delivery {
-                            envelope,
+                            envelope: Arc::new(envelope),
                             delivery_count: 1,
                             queued: Duration::ZERO,
                             received_at: std::time::Instant::now(),

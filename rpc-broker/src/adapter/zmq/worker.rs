@@ -358,7 +358,7 @@ impl Serving {
                 // Settled as it is handed out: the client drops its copy now.
                 self.send(&incoming.routing, &Command::Ack { seq: incoming.seq });
                 let delivery = Delivery {
-                    envelope: incoming.envelope,
+                    envelope: Arc::new(incoming.envelope),
                     delivery_count: incoming.delivery_count,
                     queued: incoming.queued,
                     received_at: std::time::Instant::now(),
@@ -372,7 +372,7 @@ impl Serving {
             lock(&slot.acker.held).insert(tag, held);
             slot.unacked += 1;
             let delivery = Delivery {
-                envelope: incoming.envelope,
+                envelope: Arc::new(incoming.envelope),
                 delivery_count: incoming.delivery_count,
                 queued: incoming.queued,
                 received_at: std::time::Instant::now(),
