@@ -105,9 +105,9 @@ fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
 
 /// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
 ///
-/// Cut from a buffer that the keys made on this thread share, [`KEY_BUFFER`] bytes at a time: a key costs an
-/// allocation once every 32 calls rather than at each. A buffer is freed with the last of its keys, so a key
-/// kept for long (a call that waits minutes) holds at most one buffer.
+/// Cut from a buffer that the keys made on this thread share, [`KEY_BUFFER`] bytes at a time: 32 keys cost two
+/// allocations (the buffer and its reference count) rather than one each. A buffer is freed with the last of its
+/// keys, so a key kept for long (a call that waits minutes) holds at most one buffer.
 fn default_key(correlation_id: Uuid) -> Text {
     thread_local! {
         static KEYS: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
