@@ -30,6 +30,8 @@ pub struct Embedded {
 
 /// The hub, and its deliveries on their way to their consumers: they are handed out after the lock is let go
 /// (see [`Handoff`]), since a client and its workers take it from every thread of the runtime, for every call.
+/// A delivery to a direct consumer (a server's, a client's inbox) is handed out by the thread that made it
+/// ([`Own`](crate::hub::Own)): a call's request and reply stay on the caller's thread.
 struct Shared {
     hub: Mutex<Hub<Message>>,
     handoff: Arc<Handoff<Message>>,
@@ -79,7 +81,11 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        let own = self.hub.as_mut().map(|hub| hub.take_own());
         drop(self.hub.take());
+        if let Some(own) = own {
+            own.deliver();
+        }
         self.handoff.deliver();
     }
 }
@@ -122,6 +128,12 @@ impl Sink<Message> for ChannelSink {
 
     fn abort(&self, tag: u64) {
         self.cancellations.cancel(tag);
+    }
+
+    fn unordered(&self) -> bool {
+        // A direct consumer (a server's, or a client's inbox) takes deliveries from any thread; the server
+        // handles requests concurrently and a client matches replies by correlation id.
+        self.direct.get().is_some()
     }
 }
 

@@ -100,12 +100,23 @@ pub(crate) trait Sink<M>: Send + Sync {
 
     /// Tells the consumer that its queue is gone; it is dropped right after (which ends an in-process consumer).
     fn ended(&self) {}
+
+    /// Whether the consumer takes its deliveries in any order and from several threads at once (it matches them
+    /// by id, or handles them concurrently): with a [`Handoff`], the thread whose operation made such a
+    /// delivery then hands it out itself, right after it lets go of the hub, rather than in the hub's order by
+    /// whichever thread hands out.
+    fn unordered(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct Hub<M> {
     pub(crate) engine: Engine<M>,
     sinks: HashMap<ConsumerId, Arc<dyn Sink<M>>>,
     out: Vec<engine::Delivery<M>>,
+    /// The deliveries to [`Sink::unordered`] sinks that the last operation made, for the thread that made them
+    /// to hand out ([`Hub::take_own`]).
+    own: Vec<Ready<M>>,
     /// Where deliveries wait for their sinks until the lock is let go, if the host hands them out after it.
     handoff: Option<Arc<Handoff<M>>>,
     /// Wakes the delay timer ([`run_timer`]) when a delayed message is due before the time it sleeps until.
@@ -123,6 +134,7 @@ impl<M> Default for Hub<M> {
             engine: Engine::default(),
             sinks: HashMap::default(),
             out: Vec::new(),
+            own: Vec::new(),
             handoff: None,
             wake: Arc::new(Notify::new()),
             armed_for: None,
@@ -218,10 +230,16 @@ impl<M: Clone> Hub<M> {
         self.engine.dispatch(now, &mut out);
         match &self.handoff {
             Some(handoff) if !out.is_empty() => {
-                let mut ready = handoff.lock();
+                let own = own_allowed();
+                let mut ready = None;
                 for delivery in out.drain(..) {
                     if let Some(sink) = self.sinks.get(&delivery.consumer) {
-                        ready.push(Ready { sink: Arc::clone(sink), delivery, now });
+                        let item = Ready { sink: Arc::clone(sink), delivery, now };
+                        if own && item.sink.unordered() {
+                            self.own.push(item);
+                        } else {
+                            handoff.push(ready.get_or_insert_with(|| handoff.lock()), item);
+                        }
                     }
                 }
             }
@@ -240,6 +258,16 @@ impl<M: Clone> Hub<M> {
         {
             self.armed_for = Some(due);
             self.wake.notify_one();
+        }
+    }
+
+    /// The deliveries to unordered sinks that the last operations made ([`Sink::unordered`]), for the caller to
+    /// hand out with [`Own::deliver`] once it lets go of the hub.
+    pub(crate) fn take_own(&mut self) -> Own<M> {
+        match self.own.len() {
+            0 => Own::None,
+            1 => self.own.pop().map_or(Own::None, Own::One),
+            _ => Own::Many(std::mem::take(&mut self.own)),
         }
     }
 
@@ -288,8 +316,15 @@ pub(crate) async fn run_timer<H>(host: Weak<H>, tick: fn(&H) -> Option<Instant>,
 /// Deliveries made under a hub's lock, handed to their sinks after it, in the order they were made, by the first
 /// thread to let go of the hub while none does it: a sink wakes a task, and a wake may unpark a thread with a
 /// system call, which must not lengthen the turns of a lock that several threads take for every call.
+///
+/// Deliveries to a sink that takes them unordered ([`Sink::unordered`]) skip it: the thread that made them hands
+/// them out ([`Own`]), so that a call published on one thread is not handled, and its caller woken, by another.
 pub(crate) struct Handoff<M> {
     ready: Mutex<Vec<Ready<M>>>,
+    /// Whether `ready` holds anything: written only under its lock, and only when that changes, so that a
+    /// thread with nothing to hand out (the usual case, when sinks take their deliveries unordered) reads it
+    /// and goes on without writing a line that the other threads read.
+    waiting: AtomicBool,
     /// The emptied batch of the thread handing out, kept for the next.
     spare: Mutex<Vec<Ready<M>>>,
     /// A thread hands out: the others leave what they add to it.
@@ -297,7 +332,7 @@ pub(crate) struct Handoff<M> {
 }
 
 /// A delivery waiting for its sink.
-struct Ready<M> {
+pub(crate) struct Ready<M> {
     sink: Arc<dyn Sink<M>>,
     delivery: engine::Delivery<M>,
     now: Instant,
@@ -305,7 +340,12 @@ struct Ready<M> {
 
 impl<M> Default for Handoff<M> {
     fn default() -> Self {
-        Handoff { ready: Mutex::new(Vec::new()), spare: Mutex::new(Vec::new()), draining: AtomicBool::new(false) }
+        Handoff {
+            ready: Mutex::new(Vec::new()),
+            waiting: AtomicBool::new(false),
+            spare: Mutex::new(Vec::new()),
+            draining: AtomicBool::new(false),
+        }
     }
 }
 
@@ -314,9 +354,30 @@ impl<M> Handoff<M> {
         self.ready.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Queues deliveries for [`Handoff::deliver`], under the lock `ready` (from [`Handoff::lock`]).
+    fn push(&self, ready: &mut Vec<Ready<M>>, item: Ready<M>) {
+        if ready.is_empty() {
+            self.waiting.store(true, Ordering::Release);
+        }
+        ready.push(item);
+    }
+
+    /// Takes what waits into `batch` (empty), under the lock.
+    fn take(&self, batch: &mut Vec<Ready<M>>) {
+        let mut ready = self.lock();
+        if !ready.is_empty() {
+            self.waiting.store(false, Ordering::Release);
+        }
+        std::mem::swap(&mut *ready, batch);
+    }
+
     /// Hands what waits to its sinks, unless another thread is doing that; then that thread hands out what
     /// waits when it sees it, this call's included. Call it after letting go of the hub.
     pub(crate) fn deliver(&self) {
+        // Nothing waits, or what this thread queued was taken already by the thread handing out.
+        if !self.waiting.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             if self.draining.swap(true, Ordering::SeqCst) {
                 return;
@@ -326,7 +387,7 @@ impl<M> Handoff<M> {
                 let _draining = Draining(&self.draining);
                 let mut batch = std::mem::take(&mut *self.spare.lock().unwrap_or_else(PoisonError::into_inner));
                 loop {
-                    std::mem::swap(&mut *self.lock(), &mut batch);
+                    self.take(&mut batch);
                     if batch.is_empty() {
                         break;
                     }
@@ -341,6 +402,64 @@ impl<M> Handoff<M> {
                 return;
             }
         }
+    }
+}
+
+/// Deliveries to unordered sinks taken from the hub ([`Hub::take_own`]), handed out by the thread that made
+/// them: one without an allocation, as an operation (a call's publish, or its answer) makes at most one.
+pub(crate) enum Own<M> {
+    None,
+    One(Ready<M>),
+    Many(Vec<Ready<M>>),
+}
+
+thread_local! {
+    /// How deep this thread is in handing out its own deliveries: a sink's handling may publish, and hand out
+    /// what that made in turn.
+    static OWN_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// How deep own deliveries nest at most; below, they join the [`Handoff`], which hands out in a loop (a handler
+/// that publishes to its own queue would otherwise recurse without end).
+const MAX_OWN_DEPTH: u32 = 4;
+
+/// Whether an operation on this thread may keep its deliveries to unordered sinks for itself.
+fn own_allowed() -> bool {
+    OWN_DEPTH.with(std::cell::Cell::get) < MAX_OWN_DEPTH
+}
+
+impl<M> Own<M> {
+    /// Hands the deliveries to their sinks. Call it after letting go of the hub.
+    pub(crate) fn deliver(self) {
+        if matches!(self, Own::None) {
+            return;
+        }
+        let _depth = Depth::enter();
+        match self {
+            Own::None => {}
+            Own::One(ready) => ready.sink.deliver(ready.delivery, ready.now),
+            Own::Many(batch) => {
+                for ready in batch {
+                    ready.sink.deliver(ready.delivery, ready.now);
+                }
+            }
+        }
+    }
+}
+
+/// One level of [`OWN_DEPTH`], left also if a sink panics.
+struct Depth;
+
+impl Depth {
+    fn enter() -> Depth {
+        OWN_DEPTH.with(|depth| depth.set(depth.get() + 1));
+        Depth
+    }
+}
+
+impl Drop for Depth {
+    fn drop(&mut self) {
+        OWN_DEPTH.with(|depth| depth.set(depth.get().saturating_sub(1)));
     }
 }
 
@@ -408,5 +527,118 @@ mod tests {
         let received = received.lock().expect("not poisoned");
         assert_eq!(*received, (0..THREADS * EACH).collect::<Vec<u64>>());
         assert!(handoff.lock().is_empty(), "nothing left waiting");
+    }
+
+    /// Records the messages it is handed with the thread that handed each, taking them unordered.
+    struct Unordered(Arc<Mutex<Vec<(std::thread::ThreadId, u64)>>>);
+
+    impl Sink<u64> for Unordered {
+        fn deliver(&self, delivery: engine::Delivery<u64>, _now: Instant) {
+            self.0.lock().expect("not poisoned").push((std::thread::current().id(), delivery.message));
+        }
+
+        fn abort(&self, _tag: u64) {}
+
+        fn unordered(&self) -> bool {
+            true
+        }
+    }
+
+    /// Publishes `message` to `q` as a host does: under the hub's lock, then hands out what that made.
+    fn publish(hub: &Mutex<Hub<u64>>, handoff: &Handoff<u64>, message: u64) {
+        let own = {
+            let mut hub = hub.lock().expect("not poisoned");
+            let now = Instant::now();
+            hub.engine.publish("q", message, Props::default(), now).expect("publishes");
+            hub.dispatch(now);
+            hub.take_own()
+        };
+        own.deliver();
+        handoff.deliver();
+    }
+
+    #[test]
+    fn deliveries_to_an_unordered_sink_are_handed_out_by_the_thread_that_made_them() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 5_000;
+        let handoff = Arc::new(Handoff::default());
+        let mut hub = Hub::default();
+        hub.hand_off(Arc::clone(&handoff));
+        hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        hub.attach("q", 0, true, move |_| Box::new(Unordered(sink))).expect("attaches");
+        let hub = Arc::new(Mutex::new(hub));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let (hub, handoff) = (Arc::clone(&hub), Arc::clone(&handoff));
+                std::thread::spawn(move || {
+                    for n in 0..EACH {
+                        publish(&hub, &handoff, thread * EACH + n);
+                    }
+                    std::thread::current().id()
+                })
+            })
+            .collect();
+        let ids: Vec<_> = threads.into_iter().map(|thread| thread.join().expect("the thread ran")).collect();
+        let received = received.lock().expect("not poisoned");
+        assert_eq!(received.len() as u64, THREADS * EACH);
+        for (thread, id) in ids.into_iter().enumerate() {
+            let own: Vec<u64> = received.iter().filter(|(by, _)| *by == id).map(|&(_, message)| message).collect();
+            let published = thread as u64 * EACH..(thread as u64 + 1) * EACH;
+            assert_eq!(own, published.collect::<Vec<_>>(), "thread {thread} did not hand out its own");
+        }
+        assert!(!handoff.waiting.load(Ordering::Acquire), "the handoff was used");
+    }
+
+    /// Publishes the next message from inside the delivery of the one before, up to `last`, recording how deep
+    /// it was handed out.
+    struct Chain {
+        hub: std::sync::OnceLock<std::sync::Weak<Mutex<Hub<u64>>>>,
+        handoff: Arc<Handoff<u64>>,
+        last: u64,
+        seen: Mutex<Vec<(u64, u32)>>,
+    }
+
+    impl Sink<u64> for Arc<Chain> {
+        fn deliver(&self, delivery: engine::Delivery<u64>, _now: Instant) {
+            let depth = OWN_DEPTH.with(std::cell::Cell::get);
+            self.seen.lock().expect("not poisoned").push((delivery.message, depth));
+            if delivery.message < self.last
+                && let Some(hub) = self.hub.get().and_then(std::sync::Weak::upgrade)
+            {
+                publish(&hub, &self.handoff, delivery.message + 1);
+            }
+        }
+
+        fn abort(&self, _tag: u64) {}
+
+        fn unordered(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_sink_that_publishes_as_it_is_handed_out_nests_only_so_deep() {
+        let handoff = Arc::new(Handoff::default());
+        let mut hub = Hub::default();
+        hub.hand_off(Arc::clone(&handoff));
+        hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        let chain = Arc::new(Chain {
+            hub: std::sync::OnceLock::new(),
+            handoff: Arc::clone(&handoff),
+            last: 100_000,
+            seen: Mutex::new(Vec::new()),
+        });
+        let sink = Arc::clone(&chain);
+        hub.attach("q", 0, true, move |_| Box::new(sink)).expect("attaches");
+        let hub = Arc::new(Mutex::new(hub));
+        chain.hub.set(Arc::downgrade(&hub)).expect("set once");
+        publish(&hub, &handoff, 0);
+        let seen = chain.seen.lock().expect("not poisoned");
+        assert_eq!(seen.iter().map(|&(message, _)| message).collect::<Vec<_>>(), (0..=100_000).collect::<Vec<_>>());
+        let deepest = seen.iter().map(|&(_, depth)| depth).max();
+        assert_eq!(deepest, Some(MAX_OWN_DEPTH), "nested deeper than the bound");
+        assert_eq!(OWN_DEPTH.with(std::cell::Cell::get), 0, "the depth was not given back");
     }
 }
