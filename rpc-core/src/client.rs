@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -22,7 +21,7 @@ mod call;
 mod pending;
 
 pub use call::{Call, Notify};
-use pending::{Shared, read_replies};
+use pending::{PendingMap, Shared, read_replies};
 
 /// The default time a call waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -102,7 +101,7 @@ impl ClientBuilder {
     pub async fn connect(self) -> Result<Client, Error> {
         let inbox = self.transport.open_inbox().await?;
         let shared = Arc::new(Shared {
-            pending: DashMap::new(),
+            pending: PendingMap::default(),
             late_replies: AtomicU64::new(0),
             uncancelled: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -238,7 +237,7 @@ impl Client {
     /// transport can (not on RabbitMQ or NATS); the [`Cancellation`] returned says which. Dropping a call's
     /// future before its reply does the same. Returns `None` when no such call waits.
     pub fn cancel(&self, correlation_id: Uuid) -> Option<Cancellation> {
-        let (_, pending) = self.inner.shared.pending.remove(&correlation_id)?;
+        let pending = self.inner.shared.pending.remove(&correlation_id)?;
         let _ = pending.sender.send(Err(Error::Cancelled));
         Some(if self.inner.transport.capabilities().cancel { Cancellation::Broker } else { Cancellation::WaitOnly })
     }

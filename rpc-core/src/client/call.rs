@@ -28,7 +28,7 @@ use crate::text::Text;
 use crate::trace;
 use crate::transport::{BoxFuture, Confirm, QueueOptions, Transport};
 
-use super::pending::{Pending, PendingGuard, Shared};
+use super::pending::{Pending, PendingGuard, PendingMap, Shared};
 use super::{Client, Inner, MAX_PRIORITY};
 
 /// Options shared by calls and notifications.
@@ -213,7 +213,7 @@ impl<O: Send + 'static> Call<O> {
     where
         F: FnOnce(Result<O, Error>) + Send + 'static,
     {
-        let correlation_id = crate::envelope::new_id();
+        let correlation_id = PendingMap::correlation_id();
         tokio::spawn(async move { callback(self.send(correlation_id).await) });
         correlation_id
     }
@@ -499,7 +499,7 @@ impl<O: Send + 'static> IntoFuture for Call<O> {
     type IntoFuture = BoxFuture<'static, Result<O, Error>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.send(crate::envelope::new_id()))
+        Box::pin(self.send(PendingMap::correlation_id()))
     }
 }
 

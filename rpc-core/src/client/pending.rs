@@ -1,9 +1,9 @@
 //! The calls waiting for their reply, by correlation id, and the task that hands replies to them.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use dashmap::DashMap;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -17,9 +17,90 @@ pub(super) struct Pending {
     pub(super) sender: oneshot::Sender<Result<Arc<Envelope>, Error>>,
 }
 
+/// The calls waiting for their reply, in shards by the last byte of their correlation id, which a call sets to
+/// its thread's shard ([`PendingMap::correlation_id`]): where replies reach their calls on the calls' own
+/// threads (in process), two threads do not take the same lock or write the same table for every call.
+pub(super) struct PendingMap {
+    shards: Box<[Shard]>,
+}
+
+/// One shard of the pending map, on cache lines of its own.
+#[repr(align(128))]
+struct Shard(Mutex<hashbrown::HashMap<Uuid, Pending>>);
+
+/// How many shards a pending map has: a power of two.
+const SHARDS: usize = 16;
+
+thread_local! {
+    /// The shard of the calls this thread sends, once it sent one.
+    static THREAD_SHARD: Cell<Option<u8>> = const { Cell::new(None) };
+}
+
+impl Default for PendingMap {
+    fn default() -> PendingMap {
+        PendingMap { shards: (0..SHARDS).map(|_| Shard(Mutex::default())).collect() }
+    }
+}
+
+impl PendingMap {
+    /// A fresh correlation id whose last byte names this thread's shard.
+    pub(super) fn correlation_id() -> Uuid {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let shard = THREAD_SHARD.with(|shard| {
+            *shard.get().get_or_insert_with(|| {
+                let next = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+                let next = u8::try_from(next).unwrap_or(0);
+                shard.set(Some(next));
+                next
+            })
+        });
+        let mut bytes = *crate::envelope::new_id().as_bytes();
+        // The last byte is random in a v7 id: a few of its bits name the shard instead.
+        bytes[15] = (bytes[15] & !(SHARDS as u8 - 1)) | shard;
+        Uuid::from_bytes(bytes)
+    }
+
+    fn shard(&self, id: &Uuid) -> MutexGuard<'_, hashbrown::HashMap<Uuid, Pending>> {
+        let index = usize::from(id.as_bytes()[15]) % SHARDS;
+        self.shards[index].0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn insert(&self, id: Uuid, pending: Pending) {
+        self.shard(&id).insert(id, pending);
+    }
+
+    pub(super) fn remove(&self, id: &Uuid) -> Option<Pending> {
+        self.shard(id).remove(id)
+    }
+
+    /// How many calls wait.
+    pub(super) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| shard.0.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+    }
+
+    /// Drops every waiting call (each then ends as its sender is gone).
+    pub(super) fn clear(&self) {
+        for shard in &self.shards {
+            let taken = std::mem::take(&mut *shard.0.lock().unwrap_or_else(PoisonError::into_inner));
+            // Dropped after the lock: a dropped sender wakes its call.
+            drop(taken);
+        }
+    }
+
+    /// Takes out the calls sent before loss number `epoch`.
+    fn take_before(&self, epoch: u64) -> Vec<Pending> {
+        let mut taken = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+            taken.extend(shard.extract_if(|_, pending| pending.epoch < epoch).map(|(_, pending)| pending));
+        }
+        taken
+    }
+}
+
 /// What the client and its calls share: the pending map, its counters, and whether replies can still come.
 pub(super) struct Shared {
-    pub(super) pending: DashMap<Uuid, Pending>,
+    pub(super) pending: PendingMap,
     pub(super) late_replies: AtomicU64,
     /// Calls ended before their reply whose request the transport could not cancel.
     pub(super) uncancelled: AtomicU64,
@@ -40,7 +121,7 @@ impl Shared {
     pub(super) fn reply(&self, reply: Arc<Envelope>) {
         let waiting = reply.correlation_id.and_then(|id| self.pending.remove(&id));
         match waiting {
-            Some((_, pending)) => {
+            Some(pending) => {
                 if pending.sender.send(Ok(reply)).is_err() {
                     self.late_replies.fetch_add(1, Ordering::Relaxed);
                     self.metrics.late_reply();
@@ -56,12 +137,8 @@ impl Shared {
 
     /// Fails with [`Error::ReplyLost`] every call sent before loss number `epoch`.
     pub(super) fn lost(&self, epoch: u64) {
-        let lost: Vec<Uuid> =
-            self.pending.iter().filter(|entry| entry.value().epoch < epoch).map(|entry| *entry.key()).collect();
-        for id in lost {
-            if let Some((_, pending)) = self.pending.remove_if(&id, |_, pending| pending.epoch < epoch) {
-                let _ = pending.sender.send(Err(Error::ReplyLost));
-            }
+        for pending in self.pending.take_before(epoch) {
+            let _ = pending.sender.send(Err(Error::ReplyLost));
         }
     }
 }
@@ -107,5 +184,49 @@ pub(super) struct PendingGuard<'a> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.shared.pending.remove(&self.correlation_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(epoch: u64) -> (Pending, oneshot::Receiver<Result<Arc<Envelope>, Error>>) {
+        let (sender, receiver) = oneshot::channel();
+        (Pending { epoch, sender }, receiver)
+    }
+
+    #[test]
+    fn the_calls_of_a_thread_share_a_shard_and_each_is_found_by_its_id() {
+        let map = PendingMap::default();
+        let ids: Vec<Uuid> = (0..1_000).map(|_| PendingMap::correlation_id()).collect();
+        let last = ids[0].as_bytes()[15] % SHARDS as u8;
+        assert!(ids.iter().all(|id| id.as_bytes()[15] % SHARDS as u8 == last), "one thread, several shards");
+        let other = std::thread::spawn(|| (0..SHARDS).map(|_| PendingMap::correlation_id()).collect::<Vec<_>>());
+        let other = other.join().expect("the thread ran");
+        assert!(other.windows(2).all(|pair| pair[0].as_bytes()[15] % 16 == pair[1].as_bytes()[15] % 16));
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "ids repeat");
+        // Ids made elsewhere (another client's, a foreign one) are kept and found as well.
+        let foreign: Vec<Uuid> = (0..100u128).map(|n| Uuid::from_u128(n * 7_919)).collect();
+        let mut receivers = Vec::new();
+        for (n, id) in ids.iter().chain(&foreign).enumerate() {
+            let (entry, receiver) = pending(n as u64 % 3);
+            map.insert(*id, entry);
+            receivers.push(receiver);
+        }
+        assert_eq!(map.len(), 1_100);
+        assert!(map.remove(&ids[17]).is_some() && map.remove(&ids[17]).is_none());
+        assert!(map.remove(&foreign[3]).is_some());
+        // Loss number 2 takes the calls of epochs 0 and 1.
+        let lost = map.take_before(2);
+        assert!(lost.iter().all(|pending| pending.epoch < 2));
+        assert_eq!(map.len() + lost.len(), 1_098);
+        map.clear();
+        assert_eq!(map.len(), 0);
+        drop(lost);
+        assert!(receivers.iter_mut().all(|receiver| receiver.try_recv().is_err()), "a call was answered");
     }
 }
