@@ -298,7 +298,7 @@ impl<O: Send + 'static> Call<O> {
         trace::sending(span, &envelope, &queue);
         envelope.service = Text::from(self.service);
         envelope.method = Text::from(self.method);
-        Ok(Prepared { client: self.client, decode: self.decode, envelope, queue, budget, deadline })
+        Ok(Prepared { client: self.client, decode: self.decode, envelope: Some(envelope), queue, budget, deadline })
     }
 }
 
@@ -307,100 +307,117 @@ struct Prepared<O> {
     client: Client,
     decode: DecodeFn<O>,
     /// Without its `deadline_ms`, set once the call is admitted. Held in the call's future, which is one heap
-    /// allocation already, rather than boxed on its own.
-    envelope: Envelope,
+    /// allocation already, rather than boxed on its own; kept while it may be sent again, the last send takes it.
+    envelope: Option<Envelope>,
     queue: Cow<'static, str>,
     budget: Duration,
     deadline: Instant,
 }
 
 /// Sends a call's request and waits for its reply, within its deadline.
-async fn exchange<O>(prepared: Result<Prepared<O>, Error>) -> Result<O, Error> {
-    let Prepared { client, decode, mut envelope, queue, budget, deadline } = prepared?;
-    let correlation_id = envelope.correlation_id.unwrap_or_default();
-    let inner = &client.inner;
-    let _admitted = admit(inner, Some(deadline), budget).await?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(Error::Timeout(budget));
-    }
-    envelope.deadline_ms = Some(millis(left).max(1));
-    let _pending = PendingGuard { shared: &inner.shared, correlation_id };
-    // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
-    // a call ended by `Client::cancel`, cancels it at the broker.
-    let mut cancel =
-        CancelGuard { transport: &inner.transport, shared: &inner.shared, queue: &queue, correlation_id, armed: true };
-    let mut resends = inner.resends;
-    // Kept while it may be sent again; the last send takes it.
-    let mut envelope = Some(envelope);
-    let outcome = loop {
-        let (sender, receiver) = oneshot::channel();
-        inner.shared.pending.insert(correlation_id, Pending { epoch: inner.shared.epoch(), sender });
-        // Checked again after registering: a `close` or a lost inbox in between must not leave this call
-        // waiting.
-        if client.is_closed() {
-            return Err(Error::Shutdown);
-        }
-        if inner.shared.disconnected.load(Ordering::Acquire) {
-            return Err(Error::Disconnected);
-        }
-        let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
-        let answer = |reply: Result<Result<Arc<Envelope>, Error>, oneshot::error::RecvError>| match reply {
-            Ok(reply) => reply,
-            Err(_) if client.is_closed() => Err(Error::Shutdown),
-            Err(_) => Err(Error::Disconnected),
+///
+/// A function returning an `async` block rather than an `async fn`: an `async fn` moves its argument from the
+/// future's captures into a local of its own, and the future would hold the call's envelope twice over.
+#[expect(clippy::manual_async_fn, reason = "an `async fn` would hold its argument twice")]
+fn exchange<O>(mut prepared: Result<Prepared<O>, Error>) -> impl Future<Output = Result<O, Error>> + Send
+where
+    O: Send + 'static,
+{
+    async move {
+        // Used where it is, in the future's captures: moved out, the envelope would take that room twice over,
+        // and the future would outgrow what malloc serves from its per-thread cache (see the test below).
+        let Prepared { client, decode, envelope, queue, budget, deadline } = match prepared {
+            Err(error) => return Err(error),
+            Ok(ref mut prepared) => prepared,
         };
-        // Never `None`: only the last send takes the envelope.
-        let publish = sent.map(|sent| inner.transport.publish(&queue, sent, Confirm::ByReply));
-        let exchange = async {
-            let publish = publish.ok_or(Error::Shutdown)?;
-            let mut receiver = receiver;
-            // The reply proves the request arrived: it wins over a publish confirm that is slow or lost.
-            tokio::select! {
-                biased;
-                reply = &mut receiver => return answer(reply),
-                published = publish => published?,
+        let (client, decode, queue, budget, deadline) = (&*client, *decode, &**queue, *budget, *deadline);
+        let correlation_id = envelope.as_ref().and_then(|envelope| envelope.correlation_id).unwrap_or_default();
+        let inner = &client.inner;
+        let _admitted = admit(inner, Some(deadline), budget).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(budget));
+        }
+        if let Some(envelope) = envelope.as_mut() {
+            envelope.deadline_ms = Some(millis(left).max(1));
+        }
+        let _pending = PendingGuard { shared: &inner.shared, correlation_id };
+        // Armed while the request may be on the queue with nobody to take the reply: a future dropped then, or
+        // a call ended by `Client::cancel`, cancels it at the broker.
+        let mut cancel =
+            CancelGuard { transport: &inner.transport, shared: &inner.shared, queue, correlation_id, armed: true };
+        let mut resends = inner.resends;
+        let outcome = loop {
+            let (sender, receiver) = oneshot::channel();
+            inner.shared.pending.insert(correlation_id, Pending { epoch: inner.shared.epoch(), sender });
+            // Checked again after registering: a `close` or a lost inbox in between must not leave this call
+            // waiting.
+            if client.is_closed() {
+                return Err(Error::Shutdown);
             }
-            answer(receiver.await)
+            if inner.shared.disconnected.load(Ordering::Acquire) {
+                return Err(Error::Disconnected);
+            }
+            let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
+            let answer = |reply: Result<Result<Arc<Envelope>, Error>, oneshot::error::RecvError>| match reply {
+                Ok(reply) => reply,
+                Err(_) if client.is_closed() => Err(Error::Shutdown),
+                Err(_) => Err(Error::Disconnected),
+            };
+            // Never `None`: only the last send takes the envelope.
+            let publish = sent.map(|sent| inner.transport.publish(queue, sent, Confirm::ByReply));
+            let exchange = async {
+                let publish = publish.ok_or(Error::Shutdown)?;
+                let mut receiver = receiver;
+                // The reply proves the request arrived: it wins over a publish confirm that is slow or lost.
+                tokio::select! {
+                    biased;
+                    reply = &mut receiver => return answer(reply),
+                    published = publish => published?,
+                }
+                answer(receiver.await)
+            };
+            // `None`: the deadline passed.
+            let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
+            // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
+            // nothing has it again once the workers reconnect and declare it.
+            if matches!(outcome, Some(Err(Error::ReplyLost))) {
+                inner.shared.metrics.lost_reply();
+            }
+            let resending = resends < inner.resends;
+            let lost = match &outcome {
+                Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),
+                Some(Err(Error::NoRoute(_))) => resending,
+                _ => false,
+            };
+            if !lost || resends == 0 {
+                break outcome;
+            }
+            drop(outcome);
+            resends -= 1;
+            if let Some(envelope) = envelope.as_mut() {
+                envelope.attempt = envelope.attempt.saturating_add(1);
+            }
+            // Give the transport a moment to reconnect; never past the deadline.
+            let pause = Duration::from_millis(50 * u64::from(inner.resends - resends).min(20));
+            if Box::pin(tokio::time::timeout_at(deadline, tokio::time::sleep(pause))).await.is_err() {
+                break None;
+            }
         };
-        // `None`: the deadline passed.
-        let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
-        // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
-        // nothing has it again once the workers reconnect and declare it.
-        if matches!(outcome, Some(Err(Error::ReplyLost))) {
-            inner.shared.metrics.lost_reply();
+        // A call that ended otherwise needs no cancel: answered, refused, or past the deadline that the request
+        // carries (the broker and the worker drop it then).
+        cancel.armed = matches!(outcome, Some(Err(Error::Cancelled)));
+        match outcome {
+            // The server cut the handler at the deadline it was given: from here, the budget ran out.
+            Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
+            // The transport reported that nobody consumes the service's queue.
+            Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => {
+                Err(Error::NoResponders(queue.to_string()))
+            }
+            Some(Ok(reply)) => decode(&reply),
+            Some(Err(error)) => Err(error),
+            None => Err(Error::Timeout(budget)),
         }
-        let resending = resends < inner.resends;
-        let lost = match &outcome {
-            Some(Err(Error::ReplyLost | Error::Disconnected)) => !inner.shared.disconnected.load(Ordering::Acquire),
-            Some(Err(Error::NoRoute(_))) => resending,
-            _ => false,
-        };
-        if !lost || resends == 0 {
-            break outcome;
-        }
-        drop(outcome);
-        resends -= 1;
-        if let Some(envelope) = &mut envelope {
-            envelope.attempt = envelope.attempt.saturating_add(1);
-        }
-        // Give the transport a moment to reconnect; never past the deadline.
-        let pause = Duration::from_millis(50 * u64::from(inner.resends - resends).min(20));
-        if Box::pin(tokio::time::timeout_at(deadline, tokio::time::sleep(pause))).await.is_err() {
-            break None;
-        }
-    };
-    // A call that ended otherwise needs no cancel: answered, refused, or past the deadline that the request
-    // carries (the broker and the worker drop it then).
-    cancel.armed = matches!(outcome, Some(Err(Error::Cancelled)));
-    match outcome {
-        // The server cut the handler at the deadline it was given: from here, the budget ran out.
-        Some(Ok(reply)) if reply.status == Code::DeadlineExceeded.as_u16() => Err(Error::Timeout(budget)),
-        // The transport reported that nobody consumes the service's queue.
-        Some(Ok(reply)) if reply.status == Code::NoResponders.as_u16() => Err(Error::NoResponders(queue.to_string())),
-        Some(Ok(reply)) => decode(&reply),
-        Some(Err(error)) => Err(error),
-        None => Err(Error::Timeout(budget)),
     }
 }
 
