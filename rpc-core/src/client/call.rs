@@ -377,8 +377,14 @@ where
                 }
                 answer(receiver.await)
             };
+            // Polled once before its timer is made: a reply within the first poll (an in-process broker's) needs
+            // none, and a timer takes a reference to the runtime that every thread's calls would count.
+            let mut exchange = std::pin::pin!(exchange);
             // `None`: the deadline passed.
-            let outcome = tokio::time::timeout_at(deadline, exchange).await.ok();
+            let outcome = match futures::poll!(exchange.as_mut()) {
+                std::task::Poll::Ready(outcome) => Some(outcome),
+                std::task::Poll::Pending => tokio::time::timeout_at(deadline, exchange).await.ok(),
+            };
             // After a loss, the service's queue may be missing for a moment too: a restarted broker that kept
             // nothing has it again once the workers reconnect and declare it.
             if matches!(outcome, Some(Err(Error::ReplyLost))) {
