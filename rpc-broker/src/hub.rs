@@ -490,17 +490,22 @@ mod tests {
         fn abort(&self, _tag: u64) {}
     }
 
-    #[test]
-    fn deliveries_handed_off_by_several_threads_reach_their_sink_in_the_order_they_were_made() {
-        const THREADS: u64 = 4;
-        const EACH: u64 = 5_000;
+    /// A hub that hands deliveries off through the handoff it returns, with queue `q` and one consumer on it.
+    fn handing_off(sink: Box<dyn Sink<u64>>) -> (Hub<u64>, Arc<Handoff<u64>>) {
         let handoff = Arc::new(Handoff::default());
         let mut hub = Hub::default();
         hub.hand_off(Arc::clone(&handoff));
         hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        hub.attach("q", 0, true, move |_| sink).expect("attaches");
+        (hub, handoff)
+    }
+
+    #[test]
+    fn deliveries_handed_off_by_several_threads_reach_their_sink_in_the_order_they_were_made() {
+        const THREADS: u64 = 4;
+        const EACH: u64 = 5_000;
         let received = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&received);
-        hub.attach("q", 0, true, move |_| Box::new(Recorder(sink))).expect("attaches");
+        let (hub, handoff) = handing_off(Box::new(Recorder(Arc::clone(&received))));
         // The message is the order in which the engine took it: the hub's lock numbers them.
         let hub = Arc::new(Mutex::new((hub, 0u64)));
         let threads: Vec<_> = (0..THREADS)
@@ -561,13 +566,8 @@ mod tests {
     fn deliveries_to_an_unordered_sink_are_handed_out_by_the_thread_that_made_them() {
         const THREADS: u64 = 4;
         const EACH: u64 = 5_000;
-        let handoff = Arc::new(Handoff::default());
-        let mut hub = Hub::default();
-        hub.hand_off(Arc::clone(&handoff));
-        hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
         let received = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&received);
-        hub.attach("q", 0, true, move |_| Box::new(Unordered(sink))).expect("attaches");
+        let (hub, handoff) = handing_off(Box::new(Unordered(Arc::clone(&received))));
         let hub = Arc::new(Mutex::new(hub));
         let threads: Vec<_> = (0..THREADS)
             .map(|thread| {
