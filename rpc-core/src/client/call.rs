@@ -325,7 +325,8 @@ where
 {
     async move {
         // Used where it is, in the future's captures: moved out, the envelope would take that room twice over,
-        // and the future would outgrow what malloc serves from its per-thread cache (see the test below).
+        // and the future would outgrow what malloc serves from its per-thread cache (a test in
+        // rpc-broker/tests/embedded.rs keeps it there).
         let Prepared { client, decode, envelope, queue, budget, deadline } = match prepared {
             Err(error) => return Err(error),
             Ok(ref mut prepared) => prepared,
