@@ -25,7 +25,7 @@ use rpc_core::QueueStats;
 
 use delayed::Delayed;
 use journal::Books;
-use queue::{Expiry, Queue, Stored, dispatch_queue, mark_dirty};
+use queue::{Expiry, Queue, Stored, dispatch_queue, hand_out_now, mark_dirty};
 
 pub use journal::{Journal, Record};
 pub use queue::PRIORITY_LEVELS;
@@ -179,6 +179,9 @@ pub struct Engine<M> {
     next_consumer: u64,
     next_tag: u64,
     dirty: Vec<Arc<str>>,
+    /// Deliveries made as their messages were published (to a queue with nothing waiting and a consumer with
+    /// room), handed out first by the next [`Engine::dispatch`].
+    handed: Vec<Delivery<M>>,
     books: Books<M>,
     /// Messages waiting out a delay, across queues, earliest due on top.
     delayed: BinaryHeap<Reverse<Delayed<M>>>,
@@ -207,6 +210,7 @@ impl<M> Default for Engine<M> {
             next_consumer: 1,
             next_tag: 1,
             dirty: Vec::new(),
+            handed: Vec::new(),
             books: Books { bytes: 0, journal: Vec::new() },
             delayed: BinaryHeap::new(),
             delayed_tombstones: 0,
@@ -375,6 +379,17 @@ impl<M: Clone> Engine<M> {
         self.books.entered(&target.name, target.config.durable, &stored, due, props.id);
         match due {
             Some(due) => self.hold(queue, stored, due),
+            // Nothing waits before it: handed to a consumer now, as the next dispatch would, without a turn
+            // through the queue. A durable queue's messages all take that turn, in the order its log has them.
+            None if target.ready_len == 0 && !target.config.durable => {
+                let consumers = &mut self.consumers;
+                let handed =
+                    hand_out_now(target, consumers, &mut self.next_tag, now, &mut self.handed, &mut self.books, stored);
+                if let Err(stored) = handed {
+                    target.push_back(stored);
+                    mark_dirty(target, &mut self.dirty);
+                }
+            }
             None => {
                 target.push_back(stored);
                 mark_dirty(target, &mut self.dirty);
@@ -539,6 +554,8 @@ impl<M: Clone> Engine<M> {
     /// queue once they reached `max_deliveries`). An auto-delete queue goes with its last consumer.
     pub fn remove_consumer(&mut self, id: ConsumerId, now: Instant) {
         let Some(consumer) = self.consumers.remove(&id) else { return };
+        // Deliveries made to it at a publish and not handed out yet: their messages go back with the rest.
+        self.handed.retain(|delivery| delivery.consumer != id);
         let mut unacked: Vec<(u64, Stored<M>)> = consumer.unacked.into_iter().collect();
         // Oldest delivery first back to the front, so that the original order is kept.
         unacked.sort_by_key(|(tag, _)| std::cmp::Reverse(*tag));
@@ -573,10 +590,12 @@ impl<M: Clone> Engine<M> {
     pub fn settle(&mut self, id: ConsumerId, tag: u64, how: Settle, now: Instant) -> Result<(), EngineError> {
         let consumer = self.consumers.get_mut(&id).ok_or(EngineError::NoConsumer)?;
         let stored = consumer.unacked.remove(&tag).ok_or(EngineError::UnknownTag(tag))?;
-        let queue_name = consumer.queue.clone();
-        let Some(queue) = self.queues.get_mut(&queue_name) else { return Ok(()) };
+        let Some(queue) = self.queues.get_mut(&consumer.queue) else { return Ok(()) };
         queue.unacked -= 1;
-        mark_dirty(queue, &mut self.dirty);
+        // The consumer has room again: what waits in its queue may go (nothing to look at when nothing waits).
+        if queue.ready_len > 0 {
+            mark_dirty(queue, &mut self.dirty);
+        }
         if queue.settled(&stored, id, tag) && matches!(how, Settle::Requeue | Settle::Release) {
             // Its call was cancelled: nobody waits for it any more.
             queue.stats.cancelled += 1;
@@ -588,12 +607,19 @@ impl<M: Clone> Engine<M> {
                 queue.stats.acked += 1;
                 self.books.gone(&queue.name, queue.config.durable, &stored);
             }
-            Settle::Requeue => self.requeue(&queue_name, stored, now),
-            Settle::DeadLetter => self.dead_letter(&queue_name, stored, now),
+            Settle::Requeue => {
+                let queue_name = consumer.queue.clone();
+                self.requeue(&queue_name, stored, now);
+            }
+            Settle::DeadLetter => {
+                let queue_name = consumer.queue.clone();
+                self.dead_letter(&queue_name, stored, now);
+            }
             Settle::Release => {
                 let mut stored = stored;
                 stored.deliveries = stored.deliveries.saturating_sub(1);
                 queue.push_front(stored);
+                mark_dirty(queue, &mut self.dirty);
             }
         }
         Ok(())
@@ -644,6 +670,7 @@ impl<M: Clone> Engine<M> {
     /// over each queue's consumers that have room under their prefetch, highest priority first, dropping
     /// messages whose TTL ran out. Delayed messages that are due at `now` join their queues first.
     pub fn dispatch(&mut self, now: Instant, out: &mut Vec<Delivery<M>>) {
+        out.append(&mut self.handed);
         self.promote(now);
         while let Some(name) = self.dirty.pop() {
             let Some(queue) = self.queues.get_mut(&*name) else { continue };
@@ -738,6 +765,38 @@ mod tests {
 
     pub(super) fn messages(deliveries: &[Delivery<u32>]) -> Vec<u32> {
         deliveries.iter().map(|delivery| delivery.message).collect()
+    }
+
+    #[test]
+    fn a_message_that_finds_nothing_waiting_goes_out_at_once_and_never_ahead_of_one_that_waits() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let first = engine.add_consumer("q", 1, false).expect("consumes");
+        engine.publish("q", 1, Props::default(), now).expect("publishes");
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.unacked, stats.delivered), (0, 1, 1), "not handed to the consumer");
+        let one = drain(&mut engine, now);
+        assert_eq!((messages(&one), one[0].consumer), (vec![1], first));
+        // The consumer is full: 2 waits, and 3 waits behind it.
+        engine.publish("q", 2, Props::default(), now).expect("publishes");
+        engine.publish("q", 3, Props::default(), now).expect("publishes");
+        assert!(drain(&mut engine, now).is_empty());
+        engine.settle(first, one[0].tag, Settle::Ack, now).expect("acks");
+        let two = drain(&mut engine, now);
+        assert_eq!(messages(&two), [2], "the one that waited longest goes first");
+        let second = engine.add_consumer("q", 1, false).expect("consumes");
+        let three = drain(&mut engine, now);
+        assert_eq!((messages(&three), three[0].consumer), (vec![3], second));
+        // Handed to a consumer that goes before the next dispatch: back to the queue, to the other consumer.
+        engine.settle(first, two[0].tag, Settle::Ack, now).expect("acks");
+        engine.publish("q", 4, Props::default(), now).expect("publishes");
+        engine.remove_consumer(first, now);
+        assert!(drain(&mut engine, now).is_empty(), "handed out to a consumer that is gone");
+        engine.settle(second, three[0].tag, Settle::Ack, now).expect("acks");
+        let four = drain(&mut engine, now);
+        assert_eq!((messages(&four), four[0].consumer, four[0].delivery_count), (vec![4], second, 2));
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.published, stats.acked, stats.ready, stats.unacked), (4, 3, 0, 1));
     }
 
     #[test]

@@ -295,45 +295,81 @@ pub(super) fn dispatch_queue<M: Clone>(
     books: &mut Books<M>,
 ) {
     while queue.ready_len > 0 && !queue.consumers.is_empty() {
-        // The next consumer, round-robin, that has room.
-        let count = queue.consumers.len();
-        let Some(slot) = (0..count)
-            .map(|step| (queue.next_consumer + step) % count)
-            .find(|&slot| consumers.get(&queue.consumers[slot]).is_some_and(Consumer::has_room))
-        else {
-            return;
-        };
-        queue.next_consumer = (slot + 1) % count;
-        let id = queue.consumers[slot];
-        let Some(mut stored) = queue.pop(books) else { return };
-        if stored.expires_at.passed(now) {
-            queue.stats.expired += 1;
-            books.gone(&queue.name, queue.config.durable, &stored);
-            continue;
-        }
-        let Some(consumer) = consumers.get_mut(&id) else {
+        let Some(id) = next_with_room(queue, consumers) else { return };
+        let Some(stored) = queue.pop(books) else { return };
+        if let Some(stored) = hand(queue, consumers, id, stored, next_tag, now, out, books) {
             queue.push_front(stored);
             return;
-        };
-        stored.deliveries += 1;
-        queue.stats.delivered += 1;
-        let remaining_ttl = stored.expires_at.instant().map(|at| at.saturating_duration_since(now));
-        let delivery_count = stored.deliveries;
-        if consumer.auto_ack {
-            queue.stats.acked += 1;
-            books.gone(&queue.name, queue.config.durable, &stored);
-            out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
-        } else {
-            let tag = *next_tag;
-            *next_tag += 1;
-            out.push(Delivery { consumer: id, tag, message: stored.message.clone(), delivery_count, remaining_ttl });
-            if let Some(key) = stored.key {
-                queue.delivered(key, id, tag);
-            }
-            consumer.unacked.insert(tag, stored);
-            queue.unacked += 1;
         }
     }
+}
+
+/// Hands `stored`, just published to `queue`, to the queue's next consumer with room, as [`dispatch_queue`]
+/// would once it was queued; gives it back when no consumer has room. The caller makes sure that nothing waits
+/// in the queue before it.
+pub(super) fn hand_out_now<M: Clone>(
+    queue: &mut Queue<M>,
+    consumers: &mut HashMap<ConsumerId, Consumer<M>>,
+    next_tag: &mut u64,
+    now: Instant,
+    out: &mut Vec<Delivery<M>>,
+    books: &mut Books<M>,
+    stored: Stored<M>,
+) -> Result<(), Stored<M>> {
+    match next_with_room(queue, consumers) {
+        Some(id) => hand(queue, consumers, id, stored, next_tag, now, out, books).map_or(Ok(()), Err),
+        None => Err(stored),
+    }
+}
+
+/// The queue's next consumer, round-robin, that has room.
+fn next_with_room<M>(queue: &mut Queue<M>, consumers: &HashMap<ConsumerId, Consumer<M>>) -> Option<ConsumerId> {
+    let count = queue.consumers.len();
+    let slot = (0..count)
+        .map(|step| (queue.next_consumer + step) % count)
+        .find(|&slot| consumers.get(&queue.consumers[slot]).is_some_and(Consumer::has_room))?;
+    queue.next_consumer = (slot + 1) % count;
+    Some(queue.consumers[slot])
+}
+
+/// Hands `stored`, out of `queue`'s ready messages, to consumer `id`, or drops it if its TTL ran out; gives it
+/// back if the consumer is gone.
+#[expect(clippy::too_many_arguments, reason = "the engine's parts that a delivery touches, borrowed apart")]
+fn hand<M: Clone>(
+    queue: &mut Queue<M>,
+    consumers: &mut HashMap<ConsumerId, Consumer<M>>,
+    id: ConsumerId,
+    mut stored: Stored<M>,
+    next_tag: &mut u64,
+    now: Instant,
+    out: &mut Vec<Delivery<M>>,
+    books: &mut Books<M>,
+) -> Option<Stored<M>> {
+    if stored.expires_at.passed(now) {
+        queue.stats.expired += 1;
+        books.gone(&queue.name, queue.config.durable, &stored);
+        return None;
+    }
+    let Some(consumer) = consumers.get_mut(&id) else { return Some(stored) };
+    stored.deliveries += 1;
+    queue.stats.delivered += 1;
+    let remaining_ttl = stored.expires_at.instant().map(|at| at.saturating_duration_since(now));
+    let delivery_count = stored.deliveries;
+    if consumer.auto_ack {
+        queue.stats.acked += 1;
+        books.gone(&queue.name, queue.config.durable, &stored);
+        out.push(Delivery { consumer: id, tag: 0, message: stored.message, delivery_count, remaining_ttl });
+    } else {
+        let tag = *next_tag;
+        *next_tag += 1;
+        out.push(Delivery { consumer: id, tag, message: stored.message.clone(), delivery_count, remaining_ttl });
+        if let Some(key) = stored.key {
+            queue.delivered(key, id, tag);
+        }
+        consumer.unacked.insert(tag, stored);
+        queue.unacked += 1;
+    }
+    None
 }
 
 #[cfg(test)]
