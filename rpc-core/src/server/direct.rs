@@ -63,8 +63,10 @@ impl Direct {
             };
             // The publisher may be a thread outside the runtime: the handling's timers and tasks are the server's.
             let _runtime = runtime.enter();
+            // The clock as the broker made the delivery, a moment ago.
+            let made = delivery.received_at;
             let mut work = handle(Arc::clone(&shared), delivery, Source::Queue, permit);
-            if inline.allows() && inline.run(&mut work) {
+            if inline.allows() && inline.run_since(&mut work, made) {
                 return;
             }
             match sink_state.tasks.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {

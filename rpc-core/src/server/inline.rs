@@ -69,7 +69,12 @@ impl Inline {
 
     /// Polls `work` once; `true` when it finished (or panicked, which is logged and counts as finished).
     pub(super) fn run(&self, work: &mut BoxFuture<'static, ()>) -> bool {
-        let started = std::time::Instant::now();
+        self.run_since(work, std::time::Instant::now())
+    }
+
+    /// [`Inline::run`], the poll counted from `started`: the instant a delivery handed over just now was made
+    /// serves, and saves a reading of the clock.
+    pub(super) fn run_since(&self, work: &mut BoxFuture<'static, ()>, started: std::time::Instant) -> bool {
         // A future polled here with a no-op waker and not ready is polled again by the task it moves to,
         // which registers that task's waker.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().now_or_never()));
@@ -110,6 +115,19 @@ impl Inline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_first_poll_counts_from_the_instant_it_is_given() {
+        let inline = Inline::default();
+        let mut work: BoxFuture<'static, ()> = Box::pin(async {});
+        assert!(inline.run_since(&mut work, std::time::Instant::now()));
+        assert!(inline.allows());
+        // Begun longer ago than a long poll: inline polling stops at once.
+        let Some(started) = std::time::Instant::now().checked_sub(Inline::LONG * 2) else { return };
+        let mut work: BoxFuture<'static, ()> = Box::pin(async {});
+        assert!(inline.run_since(&mut work, started));
+        assert!(!inline.allows(), "a poll counted from long ago left inline polling on");
+    }
 
     #[test]
     fn inline_polling_stops_only_after_several_slow_polls_in_a_row() {
