@@ -315,6 +315,7 @@ impl<M: Clone> Engine<M> {
         let ready: usize = removed.ready.iter().flatten().map(|stored| stored.size).sum();
         self.books.bytes -= ready;
         for consumer in removed.consumers {
+            self.handed.retain(|delivery| delivery.consumer != consumer);
             if let Some(consumer) = self.consumers.remove(&consumer) {
                 self.books.bytes -= consumer.unacked.values().map(|stored| stored.size).sum::<usize>();
             }
@@ -334,7 +335,9 @@ impl<M: Clone> Engine<M> {
     }
 
     /// Puts `message` at the back of `queue`, or, with a [`Props::delay`], holds it until the delay is over
-    /// and then puts it at the back. A full queue first drops its expired messages; delayed messages count
+    /// and then puts it at the back. Where nothing waits in a queue that is not durable and a consumer has
+    /// room, the message goes to that consumer at once, as a dispatch would hand it out, and the next
+    /// [`Engine::dispatch`] hands out that delivery first. A full queue first drops its expired messages; delayed messages count
     /// against the maximum length. A durable queue takes a message whose [`Props::id`] it took within
     /// [`DEDUP_WINDOW`] once: the second publish succeeds and adds nothing (counted in `deduplicated`).
     ///
@@ -797,6 +800,19 @@ mod tests {
         assert_eq!((messages(&four), four[0].consumer, four[0].delivery_count), (vec![4], second, 2));
         let stats = engine.stats("q").expect("exists");
         assert_eq!((stats.published, stats.acked, stats.ready, stats.unacked), (4, 3, 0, 1));
+    }
+
+    #[test]
+    fn a_queue_deleted_before_the_dispatch_hands_out_nothing_it_held() {
+        let now = Instant::now();
+        for auto_ack in [true, false] {
+            let mut engine = engine_with("q", QueueConfig::default());
+            engine.add_consumer("q", 0, auto_ack).expect("consumes");
+            engine.publish("q", 1, Props { size: 10, ..Props::default() }, now).expect("publishes");
+            assert!(engine.delete_queue("q"));
+            assert!(drain(&mut engine, now).is_empty(), "a deleted queue's consumer got a delivery");
+            assert_eq!(engine.bytes(), 0);
+        }
     }
 
     #[test]
