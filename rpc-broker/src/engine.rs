@@ -337,8 +337,8 @@ impl<M: Clone> Engine<M> {
     /// Puts `message` at the back of `queue`, or, with a [`Props::delay`], holds it until the delay is over
     /// and then puts it at the back. Where nothing waits in a queue that is not durable and a consumer has
     /// room, the message goes to that consumer at once, as a dispatch would hand it out, and the next
-    /// [`Engine::dispatch`] hands out that delivery first. A full queue first drops its expired messages; delayed messages count
-    /// against the maximum length. A durable queue takes a message whose [`Props::id`] it took within
+    /// [`Engine::dispatch`] hands out that delivery first. A full queue first drops its expired messages;
+    /// delayed messages count against the maximum length. A durable queue takes a message whose [`Props::id`] it took within
     /// [`DEDUP_WINDOW`] once: the second publish succeeds and adds nothing (counted in `deduplicated`).
     ///
     /// # Errors
