@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rpc_core::ReplyTo;
 use rpc_core::transport::{
     AckHandle, Acker, Answered, BoxFuture, Cancellations, Confirm, Consumer, ConsumerControl, Delivery, DeliverySink,
-    Inbox, Outcome,
+    Inbox, Outcome, STRIPES, thread_stripe,
 };
 use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, QueueStats, Transport};
 use tokio::sync::mpsc;
@@ -101,8 +101,27 @@ impl fmt::Debug for Embedded {
 struct ChannelSink {
     sender: mpsc::UnboundedSender<Delivery>,
     direct: Arc<std::sync::OnceLock<DeliverySink>>,
-    acker: Arc<dyn Acker>,
+    /// The consumer's acker, once per stripe of threads, made when a thread of the stripe first hands out one
+    /// of its deliveries: each delivery's handle counts a reference to its thread's, an allocation of its own,
+    /// rather than to one that every thread would write for every delivery.
+    ackers: [std::sync::OnceLock<Arc<dyn Acker>>; STRIPES],
+    shared: Weak<Shared>,
+    consumer: ConsumerId,
     cancellations: Arc<Cancellations>,
+}
+
+impl ChannelSink {
+    /// The current thread's acker.
+    fn acker(&self) -> Arc<dyn Acker> {
+        let stripe = &self.ackers[thread_stripe() % STRIPES];
+        Arc::clone(stripe.get_or_init(|| {
+            Arc::new(EmbeddedAcker {
+                shared: self.shared.clone(),
+                consumer: self.consumer,
+                cancellations: Arc::clone(&self.cancellations),
+            })
+        }))
+    }
 }
 
 impl Sink<Message> for ChannelSink {
@@ -114,8 +133,7 @@ impl Sink<Message> for ChannelSink {
             (Some(budget), Some(remaining)) => Duration::from_millis(budget).saturating_sub(remaining),
             _ => Duration::ZERO,
         };
-        let handle =
-            if delivery.tag == 0 { AckHandle::auto() } else { AckHandle::new(Arc::clone(&self.acker), delivery.tag) };
+        let handle = if delivery.tag == 0 { AckHandle::auto() } else { AckHandle::new(self.acker(), delivery.tag) };
         let delivery = Delivery { envelope, delivery_count: delivery.delivery_count, queued, received_at: now, handle };
         if let Some(sink) = self.direct.get() {
             sink(delivery);
@@ -149,10 +167,14 @@ impl Embedded {
         let direct = Arc::new(std::sync::OnceLock::new());
         let sink_direct = Arc::clone(&direct);
         let make_sink = |consumer| -> Box<dyn Sink<Message>> {
-            let cancellations = Arc::new(Cancellations::new());
-            let acker: Arc<dyn Acker> =
-                Arc::new(EmbeddedAcker { shared: shared.clone(), consumer, cancellations: Arc::clone(&cancellations) });
-            Box::new(ChannelSink { sender, direct: sink_direct, acker, cancellations })
+            Box::new(ChannelSink {
+                sender,
+                direct: sink_direct,
+                ackers: Default::default(),
+                shared: shared.clone(),
+                consumer,
+                cancellations: Arc::new(Cancellations::new()),
+            })
         };
         let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
         hub.dispatch(Instant::now());
@@ -288,6 +310,8 @@ impl Transport for Embedded {
 }
 
 /// Settles the deliveries of one consumer. Holds the broker weakly: acks after the broker is gone are void.
+/// Alone on its cache lines: a consumer has one per stripe of threads ([`ChannelSink::acker`]).
+#[repr(align(128))]
 struct EmbeddedAcker {
     shared: Weak<Shared>,
     consumer: ConsumerId,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
-use rpc_core::transport::Outcome;
+use rpc_core::transport::{Outcome, STRIPES, thread_stripe};
 use rpc_core::{Error, QueueOptions, naming};
 use tokio::sync::Notify;
 
@@ -112,7 +112,7 @@ pub(crate) trait Sink<M>: Send + Sync {
 
 pub(crate) struct Hub<M> {
     pub(crate) engine: Engine<M>,
-    sinks: HashMap<ConsumerId, Arc<dyn Sink<M>>>,
+    sinks: HashMap<ConsumerId, Attached<M>>,
     out: Vec<engine::Delivery<M>>,
     /// The deliveries to [`Sink::unordered`] sinks that the last operation made, for the thread that made them
     /// to hand out ([`Hub::take_own`]).
@@ -159,8 +159,8 @@ impl<M: Clone> Hub<M> {
             return false;
         }
         for consumer in consumers {
-            if let Some(sink) = self.sinks.remove(&consumer) {
-                sink.ended();
+            if let Some(attached) = self.sinks.remove(&consumer) {
+                attached.sink.ended();
             }
         }
         self.flush_journal();
@@ -197,7 +197,7 @@ impl<M: Clone> Hub<M> {
         make_sink: impl FnOnce(ConsumerId) -> Box<dyn Sink<M>>,
     ) -> Result<ConsumerId, EngineError> {
         let id = self.engine.add_consumer(queue, prefetch, auto_ack)?;
-        self.sinks.insert(id, Arc::from(make_sink(id)));
+        self.sinks.insert(id, Attached { sink: Arc::from(make_sink(id)), stripes: Default::default() });
         Ok(id)
     }
 
@@ -211,8 +211,8 @@ impl<M: Clone> Hub<M> {
     /// Cancels the call `key` on `queue` ([`Engine::cancel`]) and tells the consumers holding it.
     pub(crate) fn cancel(&mut self, queue: &str, key: engine::Key) -> Result<(), EngineError> {
         for (consumer, tag) in self.engine.cancel(queue, key)? {
-            if let Some(sink) = self.sinks.get(&consumer) {
-                sink.abort(tag);
+            if let Some(attached) = self.sinks.get(&consumer) {
+                attached.sink.abort(tag);
             }
         }
         Ok(())
@@ -233,9 +233,9 @@ impl<M: Clone> Hub<M> {
                 let own = own_allowed();
                 let mut ready = None;
                 for delivery in out.drain(..) {
-                    if let Some(sink) = self.sinks.get(&delivery.consumer) {
-                        let item = Ready { sink: Arc::clone(sink), delivery, now };
-                        if own && item.sink.unordered() {
+                    if let Some(attached) = self.sinks.get_mut(&delivery.consumer) {
+                        let item = Ready { sink: attached.stripe(), delivery, now };
+                        if own && item.sink.0.unordered() {
                             self.own.push(item);
                         } else {
                             handoff.push(ready.get_or_insert_with(|| handoff.lock()), item);
@@ -245,8 +245,8 @@ impl<M: Clone> Hub<M> {
             }
             _ => {
                 for delivery in out.drain(..) {
-                    if let Some(sink) = self.sinks.get(&delivery.consumer) {
-                        sink.deliver(delivery, now);
+                    if let Some(attached) = self.sinks.get(&delivery.consumer) {
+                        attached.sink.deliver(delivery, now);
                     }
                 }
             }
@@ -331,9 +331,31 @@ pub(crate) struct Handoff<M> {
     draining: AtomicBool,
 }
 
+/// A consumer's sink as the hub keeps it.
+struct Attached<M> {
+    sink: Arc<dyn Sink<M>>,
+    /// A reference to `sink` per stripe of threads, made when a thread of the stripe first hands a delivery
+    /// out after the lock ([`Ready`]): each is an allocation of its own, so that the thread counts references
+    /// on a line of its own rather than on the sink's, which every thread would write for every delivery.
+    stripes: [Option<Arc<SinkRef<M>>>; STRIPES],
+}
+
+/// A reference to a sink, alone on its cache lines.
+#[repr(align(128))]
+struct SinkRef<M>(Arc<dyn Sink<M>>);
+
+impl<M> Attached<M> {
+    /// The current thread's reference to the sink.
+    fn stripe(&mut self) -> Arc<SinkRef<M>> {
+        let sink = &self.sink;
+        let stripe = &mut self.stripes[thread_stripe() % STRIPES];
+        Arc::clone(stripe.get_or_insert_with(|| Arc::new(SinkRef(Arc::clone(sink)))))
+    }
+}
+
 /// A delivery waiting for its sink.
 pub(crate) struct Ready<M> {
-    sink: Arc<dyn Sink<M>>,
+    sink: Arc<SinkRef<M>>,
     delivery: engine::Delivery<M>,
     now: Instant,
 }
@@ -392,7 +414,7 @@ impl<M> Handoff<M> {
                         break;
                     }
                     for ready in batch.drain(..) {
-                        ready.sink.deliver(ready.delivery, ready.now);
+                        ready.sink.0.deliver(ready.delivery, ready.now);
                     }
                 }
                 *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = batch;
@@ -437,10 +459,10 @@ impl<M> Own<M> {
         let _depth = Depth::enter();
         match self {
             Own::None => {}
-            Own::One(ready) => ready.sink.deliver(ready.delivery, ready.now),
+            Own::One(ready) => ready.sink.0.deliver(ready.delivery, ready.now),
             Own::Many(batch) => {
                 for ready in batch {
-                    ready.sink.deliver(ready.delivery, ready.now);
+                    ready.sink.0.deliver(ready.delivery, ready.now);
                 }
             }
         }
@@ -589,6 +611,81 @@ mod tests {
             assert_eq!(own, published.collect::<Vec<_>>(), "thread {thread} did not hand out its own");
         }
         assert!(!handoff.waiting.load(Ordering::Acquire), "the handoff was used");
+    }
+
+    /// An unordered sink that says when it is dropped.
+    struct Watched {
+        received: Arc<Mutex<Vec<(std::thread::ThreadId, u64)>>>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Sink<u64> for Watched {
+        fn deliver(&self, delivery: engine::Delivery<u64>, now: Instant) {
+            Unordered(Arc::clone(&self.received)).deliver(delivery, now);
+        }
+
+        fn abort(&self, _tag: u64) {}
+
+        fn unordered(&self) -> bool {
+            true
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn threads_hand_out_through_references_of_their_own_and_a_detached_sink_goes_with_the_last_delivery() {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let handoff = Arc::new(Handoff::default());
+        let mut hub = Hub::default();
+        hub.hand_off(Arc::clone(&handoff));
+        hub.engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        let sink = Watched { received: Arc::clone(&received), dropped: Arc::clone(&dropped) };
+        let consumer = hub.attach("q", 0, true, move |_| Box::new(sink)).expect("attaches");
+        let hub = Arc::new(Mutex::new(hub));
+        let stripes: Vec<usize> = (0..2u64)
+            .map(|thread| {
+                let (hub, handoff) = (Arc::clone(&hub), Arc::clone(&handoff));
+                let thread = std::thread::spawn(move || {
+                    for n in 0..100 {
+                        publish(&hub, &handoff, thread * 100 + n);
+                    }
+                    thread_stripe()
+                });
+                thread.join().expect("the thread ran")
+            })
+            .collect();
+        assert_eq!(received.lock().expect("not poisoned").len(), 200);
+        {
+            let hub = hub.lock().expect("not poisoned");
+            let attached = hub.sinks.get(&consumer).expect("attached");
+            let made: Vec<usize> = (0..STRIPES).filter(|&stripe| attached.stripes[stripe].is_some()).collect();
+            let mut expected = stripes.clone();
+            expected.sort_unstable();
+            expected.dedup();
+            assert_eq!(made, expected, "a reference per stripe that handed out, and no other");
+            // The threads are gone: only the hub holds their references, and each holds the sink once.
+            assert_eq!(Arc::strong_count(&attached.sink), 1 + expected.len());
+        }
+        // A delivery made, then the consumer detached before it is handed out: the sink stays for it.
+        let own = {
+            let mut hub = hub.lock().expect("not poisoned");
+            let now = Instant::now();
+            hub.engine.publish("q", 1_000, Props::default(), now).expect("publishes");
+            hub.dispatch(now);
+            let own = hub.take_own();
+            hub.detach(consumer, now);
+            own
+        };
+        assert!(!dropped.load(Ordering::SeqCst), "dropped under a delivery still to hand out");
+        own.deliver();
+        assert_eq!(received.lock().expect("not poisoned").last().map(|&(_, message)| message), Some(1_000));
+        assert!(dropped.load(Ordering::SeqCst), "the sink outlived its consumer and its deliveries");
     }
 
     /// Publishes the next message from inside the delivery of the one before, up to `last`, recording how deep

@@ -114,6 +114,7 @@ pub mod metrics;
 pub mod retry;
 mod server;
 mod status;
+mod stripe;
 mod text;
 pub mod trace;
 pub mod transport;

@@ -19,6 +19,7 @@ use crate::metrics::ServerMetrics;
 use crate::naming;
 use crate::retry::RetryPolicy;
 use crate::status::Status;
+use crate::stripe::Striped;
 use crate::transport::{self, BoxFuture, ConsumeOptions, Consumer, Delivery, QueueOptions, Transport};
 
 mod direct;
@@ -467,7 +468,7 @@ impl Shared {
             concurrency: u32::try_from(identity.concurrency).unwrap_or(u32::MAX),
             handled: stats.handled,
             failed: stats.failed,
-            processing_ns: self.stats.processing_ns.load(Ordering::Relaxed),
+            processing_ns: self.stats.answered().1,
             last_error,
             system: self.transport.system().to_owned(),
         }
@@ -480,9 +481,8 @@ impl Shared {
 
 #[derive(Default)]
 struct Counters {
-    handled: AtomicU64,
-    /// Nanoseconds from deliveries to their outcomes (before the reply's publish), summed over those answered.
-    processing_ns: AtomicU64,
+    /// What every request adds to, by thread: two threads answering requests do not write one line.
+    answered: Striped<Answered>,
     failed: AtomicU64,
     panicked: AtomicU64,
     expired: AtomicU64,
@@ -528,18 +528,38 @@ pub struct ServerStats {
     pub cancelled: u64,
 }
 
+/// The counts of one stripe of threads that every request changes.
+#[derive(Default)]
+struct Answered {
+    handled: AtomicU64,
+    /// Nanoseconds from deliveries to their outcomes (before the reply's publish), summed over those answered.
+    processing_ns: AtomicU64,
+}
+
 impl Counters {
     /// Counts the time from a request's delivery, at `received_at`, to its outcome.
     fn processed(&self, received_at: Instant) {
         let took = u64::try_from(received_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.processing_ns.fetch_add(took, Ordering::Relaxed);
+        self.answered.get().processing_ns.fetch_add(took, Ordering::Relaxed);
+    }
+
+    /// Counts a request handled and settled, whatever its outcome.
+    fn handled(&self) {
+        self.answered.get().handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The requests handled so far, and the nanoseconds they took: sums over the stripes.
+    fn answered(&self) -> (u64, u64) {
+        self.answered.iter().fold((0, 0), |(handled, ns), stripe| {
+            (handled + stripe.handled.load(Ordering::Relaxed), ns + stripe.processing_ns.load(Ordering::Relaxed))
+        })
     }
 }
 
 impl ServerStats {
     fn of(stats: &Counters) -> ServerStats {
         ServerStats {
-            handled: stats.handled.load(Ordering::Relaxed),
+            handled: stats.answered().0,
             failed: stats.failed.load(Ordering::Relaxed),
             panicked: stats.panicked.load(Ordering::Relaxed),
             expired: stats.expired.load(Ordering::Relaxed),

@@ -33,6 +33,8 @@ use uuid::Uuid;
 
 use crate::envelope::{Envelope, ReplyTo};
 use crate::error::Error;
+/// For transports that keep a copy per thread of what every call writes (see [`Striped`]).
+pub use crate::stripe::{STRIPES, Striped, thread_stripe};
 
 /// A boxed future, the return type of the transport's methods.
 pub type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;

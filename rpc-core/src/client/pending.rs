@@ -1,7 +1,6 @@
 //! The calls waiting for their reply, by correlation id, and the task that hands replies to them.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
@@ -29,12 +28,7 @@ pub(super) struct PendingMap {
 struct Shard(Mutex<hashbrown::HashMap<Uuid, Pending>>);
 
 /// How many shards a pending map has: a power of two.
-const SHARDS: usize = 16;
-
-thread_local! {
-    /// The shard of the calls this thread sends, once it sent one.
-    static THREAD_SHARD: Cell<Option<u8>> = const { Cell::new(None) };
-}
+const SHARDS: usize = crate::stripe::STRIPES;
 
 impl Default for PendingMap {
     fn default() -> PendingMap {
@@ -45,15 +39,8 @@ impl Default for PendingMap {
 impl PendingMap {
     /// A fresh correlation id whose last byte names this thread's shard.
     pub(super) fn correlation_id() -> Uuid {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let shard = THREAD_SHARD.with(|shard| {
-            *shard.get().get_or_insert_with(|| {
-                let next = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-                let next = u8::try_from(next).unwrap_or(0);
-                shard.set(Some(next));
-                next
-            })
-        });
+        // A shard per stripe: SHARDS is STRIPES, which fits the low bits of a byte.
+        let shard = u8::try_from(crate::stripe::thread_stripe() % SHARDS).unwrap_or(0);
         let mut bytes = *crate::envelope::new_id().as_bytes();
         // The last byte is random in a v7 id: a few of its bits name the shard instead.
         bytes[15] = (bytes[15] & !(SHARDS as u8 - 1)) | shard;

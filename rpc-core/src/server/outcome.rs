@@ -112,7 +112,7 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
     let mut envelope = request.envelope;
     if envelope.kind != Kind::Request || envelope.reply_to.is_none() {
         // Nobody waits for a reply.
-        stats.handled.fetch_add(1, Ordering::Relaxed);
+        stats.handled();
         settle(handle.ack().await);
         return;
     }
@@ -141,7 +141,7 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
             return;
         }
     }
-    stats.handled.fetch_add(1, Ordering::Relaxed);
+    stats.handled();
 }
 
 /// Counts a reply not sent because the broker took its request back from this worker (its connection was
