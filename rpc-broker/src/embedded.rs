@@ -1,8 +1,10 @@
 //! The engine in-process, as a [`Transport`]: the default broker for quickstarts, tests and single-process
 //! applications. Nothing to install or start.
 
+mod lane;
+
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use rpc_core::ReplyTo;
@@ -14,9 +16,10 @@ use rpc_core::{Capabilities, ConsumeOptions, Envelope, Error, QueueOptions, Queu
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::engine::{self, ConsumerId, Props, QueueConfig, Settle};
+use crate::engine::{self, ConsumerId, Gate, Props, QueueConfig, Settle};
 use crate::hub::{Handoff, Hub, Sink, declare, join_group, join_private, settle_of, to_error};
 use crate::protocol::{CAPABILITIES, call_key};
+use lane::{Holding, Lane, LaneBook, Lanes, is_lane_tag};
 
 /// A message as the engine holds it: shared, so that queueing, dispatching and keeping an unacked copy move
 /// and clone a pointer, not the envelope's fields.
@@ -31,10 +34,12 @@ pub struct Embedded {
 /// The hub, and its deliveries on their way to their consumers: they are handed out after the lock is let go
 /// (see [`Handoff`]), since a client and its workers take it from every thread of the runtime, for every call.
 /// A delivery to a direct consumer (a server's, a client's inbox) is handed out by the thread that made it
-/// ([`Own`](crate::hub::Own)): a call's request and reply stay on the caller's thread.
+/// ([`Own`](crate::hub::Own)): a call's request and reply stay on the caller's thread. While nothing waits for
+/// a direct consumer, calls go to it down its lane, without the lock ([`lane`]).
 struct Shared {
     hub: Mutex<Hub<Message>>,
     handoff: Arc<Handoff<Message>>,
+    lanes: Lanes,
 }
 
 impl Default for Shared {
@@ -42,7 +47,7 @@ impl Default for Shared {
         let handoff = Arc::new(Handoff::default());
         let mut hub = Hub::default();
         hub.hand_off(Arc::clone(&handoff));
-        Shared { hub: Mutex::new(hub), handoff }
+        Shared { hub: Mutex::new(hub), handoff, lanes: Lanes::default() }
     }
 }
 
@@ -56,6 +61,57 @@ impl Shared {
     fn tick(&self) -> Option<Instant> {
         self.lock().tick(Instant::now())
     }
+
+    /// Has the engine look at `book`'s queue again after a delivery down its lane was settled while the gate
+    /// was closed: a message waiting there may have room now.
+    fn touch(&self, book: &LaneBook) {
+        let mut hub = self.lock();
+        hub.engine.touch(&book.queue);
+        hub.dispatch(Instant::now());
+    }
+
+    /// Takes a delivery made down a lane back into the engine, settled with `how` (see [`Engine::take_back`]).
+    ///
+    /// [`Engine::take_back`]: crate::engine::Engine::take_back
+    fn take_back(&self, book: &LaneBook, holding: Holding, how: Settle) {
+        let now = Instant::now();
+        let mut hub = self.lock();
+        let Holding { message, props, expires_at, cancelled } = holding;
+        hub.engine.take_back(&book.queue, message, props, expires_at, cancelled, how, now);
+        book.gate.release();
+        hub.engine.touch(&book.queue);
+        hub.dispatch(now);
+    }
+
+    /// A delivery down `book`'s lane, taken out of it, is settled: one fewer counted against the prefetch.
+    fn released(&self, book: &LaneBook) {
+        if !book.gate.release() {
+            self.touch(book);
+        }
+    }
+}
+
+/// Publishes `envelope` to `queue`: down the lane of its consumer if the gate lets it, through the engine
+/// otherwise.
+fn publish(shared: &Arc<Shared>, queue: &str, envelope: Envelope) -> Result<(), Error> {
+    let props = props(&envelope);
+    let mut message = Arc::new(envelope);
+    let now = Instant::now();
+    if props.delay.is_none_or(|delay| delay.is_zero())
+        && let Some(lanes) = shared.lanes.of(queue)
+    {
+        for lane in &lanes.0 {
+            match lane.try_deliver(message, props, now) {
+                Ok(()) => return Ok(()),
+                Err(back) => message = back,
+            }
+        }
+    }
+    let mut hub = shared.lock();
+    hub.engine.publish(queue, message, props, now).map_err(to_error)?;
+    hub.dispatch(now);
+    start_timer(shared, &mut hub);
+    Ok(())
 }
 
 /// The hub's lock; dropping it lets go of the hub, then hands out the deliveries made meanwhile.
@@ -100,7 +156,9 @@ impl fmt::Debug for Embedded {
 /// Hands deliveries to an in-process [`Consumer`]: to its stream, or to the function it took them with.
 struct ChannelSink {
     sender: mpsc::UnboundedSender<Delivery>,
-    direct: Arc<std::sync::OnceLock<DeliverySink>>,
+    direct: OnceLock<DeliverySink>,
+    /// The book of its lane, once it is direct.
+    book: Arc<OnceLock<Arc<LaneBook>>>,
     /// The consumer's acker, once per stripe of threads, made when a thread of the stripe first hands out one
     /// of its deliveries: each delivery's handle counts a reference to its thread's, an allocation of its own,
     /// rather than to one that every thread would write for every delivery.
@@ -119,8 +177,26 @@ impl ChannelSink {
                 shared: self.shared.clone(),
                 consumer: self.consumer,
                 cancellations: Arc::clone(&self.cancellations),
+                book: Arc::clone(&self.book),
             })
         }))
+    }
+}
+
+/// The hub's share of a sink that a lane shares too.
+struct SharedSink(Arc<ChannelSink>);
+
+impl Sink<Message> for SharedSink {
+    fn deliver(&self, delivery: engine::Delivery<Message>, now: Instant) {
+        self.0.deliver(delivery, now);
+    }
+
+    fn abort(&self, tag: u64) {
+        self.0.abort(tag);
+    }
+
+    fn unordered(&self) -> bool {
+        self.0.unordered()
     }
 }
 
@@ -164,33 +240,36 @@ impl Embedded {
     fn attach(&self, hub: &mut Hub<Message>, queue: &str, options: ConsumeOptions) -> Result<Consumer, Error> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let shared = Arc::downgrade(&self.shared);
-        let direct = Arc::new(std::sync::OnceLock::new());
-        let sink_direct = Arc::clone(&direct);
+        let mut made = None;
         let make_sink = |consumer| -> Box<dyn Sink<Message>> {
-            Box::new(ChannelSink {
+            let sink = Arc::new(ChannelSink {
                 sender,
-                direct: sink_direct,
+                direct: OnceLock::new(),
+                book: Arc::new(OnceLock::new()),
                 ackers: Default::default(),
                 shared: shared.clone(),
                 consumer,
                 cancellations: Arc::new(Cancellations::new()),
-            })
+            });
+            made = Some(Arc::clone(&sink));
+            Box::new(SharedSink(sink))
         };
         let consumer = hub.attach(queue, options.prefetch, options.auto_ack, make_sink).map_err(to_error)?;
+        let sink = made.ok_or_else(|| Error::Transport("the consumer's sink was not made".into()))?;
         hub.dispatch(Instant::now());
-        let guard = ConsumerGuard { shared, consumer, direct };
+        let guard = ConsumerGuard {
+            shared,
+            consumer,
+            queue: Arc::from(queue),
+            prefetch: options.prefetch,
+            auto_ack: options.auto_ack,
+            sink,
+        };
         Ok(Consumer::from_channel(receiver, Some(Box::new(guard))))
     }
 
     fn publish_now(&self, queue: &str, envelope: Envelope) -> Result<(), Error> {
-        let props = props(&envelope);
-        let message = Arc::new(envelope);
-        let now = Instant::now();
-        let mut hub = self.shared.lock();
-        hub.engine.publish(queue, message, props, now).map_err(to_error)?;
-        hub.dispatch(now);
-        self.start_timer(&mut hub);
-        Ok(())
+        publish(&self.shared, queue, envelope)
     }
 
     fn start_timer(&self, hub: &mut Hub<Message>) {
@@ -288,7 +367,14 @@ impl Transport for Embedded {
     fn queue_stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, Error>> {
         let mut hub = self.shared.lock();
         hub.engine.expire_queue(queue, Instant::now());
-        let result = hub.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
+        let mut result = hub.engine.stats(queue).ok_or_else(|| Error::NoRoute(queue.to_owned()));
+        if let Ok(stats) = &mut result
+            && let Some(lanes) = self.shared.lanes.of(queue)
+        {
+            for lane in &lanes.0 {
+                lane.book.add_to(stats);
+            }
+        }
         Box::pin(std::future::ready(result))
     }
 
@@ -297,13 +383,27 @@ impl Transport for Embedded {
             let error = Error::InvalidArgument(format!("`{queue}` is an inbox; it goes with its consumer"));
             return Box::pin(std::future::ready(Err(error)));
         }
-        self.shared.lock().delete_queue(queue);
+        let mut hub = self.shared.lock();
+        hub.delete_queue(queue);
+        // Its consumers are gone with it, and what they held down their lanes too.
+        for lane in self.shared.lanes.remove(queue, |_| false) {
+            lane.book.close();
+        }
+        drop(hub);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn cancel<'a>(&'a self, queue: &'a str, correlation_id: Uuid) -> BoxFuture<'a, Result<(), Error>> {
         let mut hub = self.shared.lock();
-        let result = hub.cancel(queue, *correlation_id.as_bytes()).map_err(to_error);
+        let key = *correlation_id.as_bytes();
+        let result = hub.cancel(queue, key).map_err(to_error);
+        if result.is_ok()
+            && let Some(lanes) = self.shared.lanes.of(queue)
+        {
+            for lane in &lanes.0 {
+                lane.cancel(key);
+            }
+        }
         hub.dispatch(Instant::now());
         Box::pin(std::future::ready(result))
     }
@@ -316,6 +416,8 @@ struct EmbeddedAcker {
     shared: Weak<Shared>,
     consumer: ConsumerId,
     cancellations: Arc<Cancellations>,
+    /// The book of the consumer's lane, once it is direct: it holds the deliveries whose tags are a lane's.
+    book: Arc<OnceLock<Arc<LaneBook>>>,
 }
 
 impl fmt::Debug for EmbeddedAcker {
@@ -343,9 +445,56 @@ impl EmbeddedAcker {
     }
 }
 
+impl EmbeddedAcker {
+    /// The broker and the book of the consumer's lane, for a delivery made down the lane.
+    fn lane(&self) -> Result<(Arc<Shared>, &Arc<LaneBook>), Error> {
+        let book = self.book.get().ok_or(Error::DeliveryLost)?;
+        let shared = self.shared.upgrade().ok_or(Error::Disconnected)?;
+        Ok((shared, book))
+    }
+
+    /// Takes delivery `tag` out of its lane's book, runs `step`, and acks the delivery if `step` succeeded;
+    /// puts it back otherwise. [`Error::DeliveryLost`] if the lane does not hold it.
+    fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&Arc<Shared>) -> Result<T, Error>) -> Result<T, Error> {
+        let (shared, book) = self.lane()?;
+        let holding = book.take(tag).ok_or(Error::DeliveryLost)?;
+        match step(&shared) {
+            Ok(value) => {
+                book.acked(tag, &holding);
+                shared.released(book);
+                Ok(value)
+            }
+            Err(error) => {
+                if let Err(holding) = book.put_back(tag, holding) {
+                    // The consumer went meanwhile: queued again, as what it held was.
+                    shared.take_back(book, holding, Settle::Requeue);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Settles delivery `tag`, made down the lane, with `outcome`.
+    fn settle_down_lane(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
+        let (shared, book) = self.lane()?;
+        let holding = book.take(tag).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
+        if matches!(outcome, Outcome::Ack) {
+            book.acked(tag, &holding);
+            shared.released(book);
+        } else {
+            book.forget(&holding);
+            shared.take_back(book, holding, settle_of(outcome));
+        }
+        Ok(())
+    }
+}
+
 impl Acker for EmbeddedAcker {
     fn settle(&self, tag: u64, outcome: Outcome) -> BoxFuture<'_, Result<(), Error>> {
         self.cancellations.forget(tag);
+        if is_lane_tag(tag) {
+            return rpc_core::transport::finished(self.settle_down_lane(tag, outcome));
+        }
         let result = match self.shared.upgrade() {
             Some(shared) => {
                 let now = Instant::now();
@@ -366,6 +515,15 @@ impl Acker for EmbeddedAcker {
         envelope: Envelope,
         _: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
+        if is_lane_tag(tag) {
+            let result = self.lane().and_then(|(shared, book)| {
+                if !book.holds(tag) {
+                    return Err(Error::DeliveryLost);
+                }
+                publish(&shared, queue, envelope)
+            });
+            return rpc_core::transport::finished(result);
+        }
         let props = props(&envelope);
         let message = Arc::new(envelope);
         let result = self.while_held(tag, |engine, now| engine.publish(queue, message, props, now).map_err(to_error));
@@ -373,6 +531,13 @@ impl Acker for EmbeddedAcker {
     }
 
     fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
+        if is_lane_tag(tag) {
+            let result = self.settle_lane(tag, |shared| publish(shared, queue, envelope));
+            if result.is_ok() {
+                self.cancellations.forget(tag);
+            }
+            return Box::pin(std::future::ready(result));
+        }
         let props = props(&envelope);
         let message = Arc::new(envelope);
         let result = self.while_held(tag, |engine, now| {
@@ -393,6 +558,11 @@ impl Acker for EmbeddedAcker {
         reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
+        if is_lane_tag(tag) {
+            let result = self.settle_lane(tag, |shared| Answered::of(publish(shared, reply_to.address(), reply)));
+            self.cancellations.forget(tag);
+            return rpc_core::transport::answered(result);
+        }
         let props = props(&reply);
         let message = Arc::new(reply);
         let result = self.while_held(tag, |engine, now| {
@@ -414,7 +584,10 @@ impl Acker for EmbeddedAcker {
 struct ConsumerGuard {
     shared: Weak<Shared>,
     consumer: ConsumerId,
-    direct: Arc<std::sync::OnceLock<DeliverySink>>,
+    queue: Arc<str>,
+    prefetch: u32,
+    auto_ack: bool,
+    sink: Arc<ChannelSink>,
 }
 
 impl ConsumerControl for ConsumerGuard {
@@ -427,15 +600,200 @@ impl ConsumerControl for ConsumerGuard {
     fn direct(&self, sink: DeliverySink) -> bool {
         // Set under the hub's lock, so that no delivery is between the stream and the sink meanwhile.
         let Some(shared) = self.shared.upgrade() else { return false };
-        let _hub = shared.lock();
-        self.direct.set(sink).is_ok()
+        let mut hub = shared.lock();
+        if self.sink.direct.set(sink).is_err() {
+            return false;
+        }
+        // Direct: the consumer takes its deliveries from the publishing thread, so a lane may hand them over.
+        let gate = Arc::new(Gate::new());
+        let book = Arc::new(LaneBook::new(Arc::clone(&self.queue), Arc::clone(&gate)));
+        if self.sink.book.set(Arc::clone(&book)).is_ok() && hub.engine.set_gate(self.consumer, gate) {
+            let lane = Lane::new(self.consumer, self.prefetch, self.auto_ack, Arc::clone(&self.sink), book);
+            shared.lanes.add(&self.queue, &Arc::new(lane));
+            hub.dispatch(Instant::now());
+        }
+        true
     }
 }
 
 impl Drop for ConsumerGuard {
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.lock().detach(self.consumer, Instant::now());
+        let Some(shared) = self.shared.upgrade() else { return };
+        let mut hub = shared.lock();
+        shared.lanes.remove(&self.queue, |lane| lane.consumer != self.consumer);
+        // What it holds down its lane goes back to the queue with what it holds from the engine, the newest
+        // first to the front, so that the oldest comes out first.
+        let held = self.sink.book.get().map(|book| book.close()).unwrap_or_default();
+        let now = Instant::now();
+        hub.detach_with(self.consumer, now, |engine| {
+            for Holding { message, props, expires_at, cancelled } in held.into_iter().rev() {
+                engine.take_back(&self.queue, message, props, expires_at, cancelled, Settle::Requeue, now);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use rpc_core::Kind;
+    use rpc_core::naming;
+
+    use super::*;
+
+    /// What a direct consumer was handed, in order.
+    type Taken = Arc<Mutex<Vec<Delivery>>>;
+
+    fn request(n: u8) -> Envelope {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(Uuid::from_bytes([n; 16]));
+        envelope.body = Bytes::from(vec![n]);
+        envelope
+    }
+
+    fn body(delivery: &Delivery) -> u8 {
+        delivery.envelope.body[0]
+    }
+
+    async fn direct(broker: &Embedded, queue: &str, prefetch: u32) -> (Consumer, Taken) {
+        let mut consumer = broker.consume(queue, ConsumeOptions::new().prefetch(prefetch)).await.expect("consumes");
+        let taken = Taken::default();
+        let into = Arc::clone(&taken);
+        assert!(consumer.direct(Arc::new(move |delivery| into.lock().expect("not poisoned").push(delivery))));
+        (consumer, taken)
+    }
+
+    async fn publish_all(broker: &Embedded, queue: &str, numbers: impl IntoIterator<Item = u8>) {
+        for n in numbers {
+            broker.publish(queue, request(n), Confirm::Broker).await.expect("publishes");
         }
+    }
+
+    /// The deliveries handed over so far, taken out; their bodies.
+    fn take(taken: &Taken) -> Vec<Delivery> {
+        std::mem::take(&mut *taken.lock().expect("not poisoned"))
+    }
+
+    /// The publishes the engine itself took for `queue` (those down a lane not counted).
+    fn through_engine(broker: &Embedded, queue: &str) -> u64 {
+        broker.shared.lock().engine.stats(queue).expect("exists").published
+    }
+
+    #[tokio::test]
+    async fn a_direct_consumer_takes_calls_down_its_lane_within_its_prefetch_and_the_engine_takes_the_rest() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (_consumer, taken) = direct(&broker, "q", 2).await;
+        publish_all(&broker, "q", [1, 2]).await;
+        let first = take(&taken);
+        assert_eq!(first.iter().map(body).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(through_engine(&broker, "q"), 0, "both went down the lane");
+        publish_all(&broker, "q", [3]).await;
+        assert!(take(&taken).is_empty(), "the prefetch is full: it waits");
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!((stats.published, stats.ready, stats.unacked), (3, 1, 2));
+
+        let mut first = first.into_iter();
+        first.next().expect("one").handle.ack().await.expect("acks");
+        let third = take(&taken);
+        assert_eq!(third.iter().map(body).collect::<Vec<_>>(), [3], "the ack made room for the waiting one");
+        assert_eq!(through_engine(&broker, "q"), 1);
+        first.next().expect("two").handle.ack().await.expect("acks");
+        for delivery in third {
+            delivery.handle.ack().await.expect("acks");
+        }
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!((stats.published, stats.delivered, stats.acked, stats.unacked, stats.ready), (3, 3, 3, 0, 0));
+
+        publish_all(&broker, "q", [4]).await;
+        assert_eq!(take(&taken).iter().map(body).collect::<Vec<_>>(), [4]);
+        assert_eq!(through_engine(&broker, "q"), 1, "nothing waits any more: down the lane again");
+    }
+
+    #[tokio::test]
+    async fn what_a_lane_holds_goes_back_to_the_queue_in_order_when_its_consumer_goes() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (consumer, taken) = direct(&broker, "q", 8).await;
+        publish_all(&broker, "q", [1, 2, 3]).await;
+        let held = take(&taken);
+        assert_eq!(held.len(), 3);
+        drop(consumer);
+        assert_eq!(broker.queue_stats("q").await.expect("stats").ready, 3);
+        let stale = held.into_iter().next().expect("one").handle.ack().await;
+        assert!(stale.is_err(), "a delivery taken back cannot be acked: {stale:?}");
+
+        let mut next = broker.consume("q", ConsumeOptions::new().prefetch(8)).await.expect("consumes");
+        for n in 1..=3 {
+            let delivery = next.next().await.expect("redelivered");
+            assert_eq!((body(&delivery), delivery.delivery_count), (n, 2));
+            delivery.handle.ack().await.expect("acks");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_reaches_a_call_down_the_lane_and_drops_its_resends_until_it_is_settled() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (_consumer, taken) = direct(&broker, "q", 8).await;
+        publish_all(&broker, "q", [1]).await;
+        let delivery = take(&taken).pop().expect("delivered");
+        let cancelled = delivery.handle.cancelled().expect("the embedded broker tells");
+        broker.cancel("q", Uuid::from_bytes([1; 16])).await.expect("cancels");
+        tokio::time::timeout(Duration::from_secs(5), cancelled).await.expect("the consumer hears of it");
+
+        publish_all(&broker, "q", [1]).await;
+        assert!(take(&taken).is_empty(), "a resend of the cancelled call is dropped");
+        delivery.handle.requeue().await.expect("settles");
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!((stats.ready, stats.unacked, stats.cancelled), (0, 0, 2), "requeued, a cancelled call goes");
+
+        publish_all(&broker, "q", [1]).await;
+        assert_eq!(take(&taken).len(), 1, "settled, the call no longer stops its key");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_down_the_lane_is_requeued_released_and_dead_lettered_as_the_engine_would() {
+        let broker = Embedded::new();
+        let options = QueueOptions::new().max_deliveries(2);
+        broker.declare_queue("q", &options).await.expect("declares");
+        let (_consumer, taken) = direct(&broker, "q", 8).await;
+        publish_all(&broker, "q", [1]).await;
+        let first = take(&taken).pop().expect("delivered");
+        assert_eq!(first.delivery_count, 1);
+        first.handle.release().await.expect("releases");
+        let released = take(&taken).pop().expect("delivered again");
+        assert_eq!(released.delivery_count, 1, "a release does not count as a delivery");
+        released.handle.requeue().await.expect("requeues");
+        let requeued = take(&taken).pop().expect("delivered again");
+        assert_eq!(requeued.delivery_count, 2);
+        requeued.handle.requeue().await.expect("requeues");
+        assert!(take(&taken).is_empty(), "at max_deliveries it is dead-lettered");
+        let dead = broker.queue_stats(&naming::dead_letter_queue("q")).await.expect("stats");
+        assert_eq!(dead.ready, 1);
+
+        publish_all(&broker, "q", [2]).await;
+        take(&taken).pop().expect("delivered").handle.dead_letter().await.expect("dead-letters");
+        let dead = broker.queue_stats(&naming::dead_letter_queue("q")).await.expect("stats");
+        assert_eq!(dead.ready, 2);
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!((stats.ready, stats.unacked, stats.dead_lettered), (0, 0, 2));
+    }
+
+    #[tokio::test]
+    async fn a_second_consumer_or_a_pause_closes_the_lane() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (consumer, taken) = direct(&broker, "q", 8).await;
+        let mut other = broker.consume("q", ConsumeOptions::new().prefetch(8)).await.expect("consumes");
+        publish_all(&broker, "q", [1, 2]).await;
+        assert_eq!(take(&taken).len(), 1, "round robin, as through the engine");
+        other.next().await.expect("the other one's turn").handle.ack().await.expect("acks");
+        drop(other);
+
+        consumer.pause();
+        publish_all(&broker, "q", [3]).await;
+        assert!(take(&taken).is_empty(), "paused: it takes nothing new");
+        assert_eq!(broker.queue_stats("q").await.expect("stats").ready, 1);
     }
 }

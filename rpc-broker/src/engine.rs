@@ -12,6 +12,7 @@
 //! and reads it back into a new engine with [`Engine::restore`].
 
 mod delayed;
+mod gate;
 mod journal;
 mod queue;
 mod seen;
@@ -27,6 +28,7 @@ use delayed::Delayed;
 use journal::Books;
 use queue::{Expiry, Queue, Stored, dispatch_queue, hand_out_now, mark_dirty};
 
+pub use gate::Gate;
 pub use journal::{Journal, Record};
 pub use queue::PRIORITY_LEVELS;
 pub use seen::{DEDUP_CAPACITY, DEDUP_WINDOW};
@@ -160,12 +162,28 @@ struct Consumer<M> {
     /// Held back while its connection is silent: it gets nothing new until it is heard from again.
     held: bool,
     unacked: HashMap<u64, Stored<M>>,
+    /// Its way around the engine, if its driver hands it messages itself ([`Gate`]).
+    gate: Option<Arc<Gate>>,
 }
 
 impl<M> Consumer<M> {
-    /// Whether it may take another delivery now.
+    /// Whether it may take another delivery now: not while its gate is open (its driver hands it messages
+    /// then), and the deliveries made around the engine count against its prefetch.
     pub(super) fn has_room(&self) -> bool {
-        !self.paused && !self.held && (self.prefetch == 0 || self.unacked.len() < self.prefetch as usize)
+        if self.paused || self.held {
+            return false;
+        }
+        let around = match &self.gate {
+            Some(gate) if gate.is_open() => return false,
+            Some(gate) => usize::try_from(gate.count()).unwrap_or(usize::MAX),
+            None => 0,
+        };
+        self.prefetch == 0 || self.unacked.len().saturating_add(around) < self.prefetch as usize
+    }
+
+    /// Whether its gate may open, given that its queue allows it: active, and holding nothing from the engine.
+    pub(super) fn may_bypass(&self) -> bool {
+        !self.paused && !self.held && self.unacked.is_empty()
     }
 }
 
@@ -531,15 +549,88 @@ impl<M: Clone> Engine<M> {
                 paused: false,
                 held: false,
                 unacked: HashMap::default(),
+                gate: None,
             },
         );
         Ok(id)
+    }
+
+    /// Gives consumer `id` a way around the engine ([`Gate`]): the engine opens the gate whenever a message
+    /// published to the consumer's queue would go straight to it, and delivers nothing to it while it is open.
+    /// False if there is no such consumer.
+    pub fn set_gate(&mut self, id: ConsumerId, gate: Arc<Gate>) -> bool {
+        let Some(consumer) = self.consumers.get_mut(&id) else { return false };
+        consumer.gate = Some(gate);
+        if let Some(queue) = self.queues.get_mut(&consumer.queue) {
+            mark_dirty(queue, &mut self.dirty);
+        }
+        true
+    }
+
+    /// Has the next [`Engine::dispatch`] look at `queue` again: a delivery made around the engine was
+    /// settled while its gate was closed, so that a message waiting there may now have room.
+    pub fn touch(&mut self, queue: &str) {
+        if let Some(queue) = self.queues.get_mut(queue) {
+            mark_dirty(queue, &mut self.dirty);
+        }
+    }
+
+    /// Takes back into `queue` a message that was delivered around the engine ([`Gate`]) and settled there
+    /// with `how`, as [`Engine::settle`] would have settled it: requeued (or dead-lettered once it reached
+    /// `max_deliveries`), dead-lettered, released to the front, or acked. `expires_at` is when its TTL ends;
+    /// `cancelled` says that its call was cancelled meanwhile, which drops it rather than queue it again.
+    #[expect(clippy::too_many_arguments, reason = "the parts of a delivery the engine did not keep")]
+    pub fn take_back(
+        &mut self,
+        queue: &str,
+        message: M,
+        props: Props,
+        expires_at: Option<Instant>,
+        cancelled: bool,
+        how: Settle,
+        now: Instant,
+    ) {
+        let Some(target) = self.queues.get_mut(queue) else { return };
+        match how {
+            Settle::Ack => {
+                target.stats.acked += 1;
+                return;
+            }
+            Settle::Requeue | Settle::Release if cancelled => {
+                target.stats.cancelled += 1;
+                return;
+            }
+            _ => {}
+        }
+        self.books.bytes += props.size;
+        let stored = Stored {
+            message,
+            size: props.size,
+            priority: props.priority.min(9),
+            expires_at: Expiry::at(expires_at),
+            deliveries: 1,
+            key: props.key,
+            seq: 0,
+        };
+        match how {
+            Settle::Requeue | Settle::Ack => self.requeue(queue, stored, now),
+            Settle::DeadLetter => self.dead_letter(queue, stored, now),
+            Settle::Release => {
+                let mut stored = stored;
+                stored.deliveries = 0;
+                target.push_front(stored);
+                mark_dirty(target, &mut self.dirty);
+            }
+        }
     }
 
     /// Stops new deliveries to a consumer; the deliveries it holds stay settleable.
     pub fn pause_consumer(&mut self, id: ConsumerId) {
         if let Some(consumer) = self.consumers.get_mut(&id) {
             consumer.paused = true;
+            if let Some(gate) = &consumer.gate {
+                gate.close();
+            }
         }
     }
 
@@ -548,6 +639,9 @@ impl<M: Clone> Engine<M> {
     pub fn hold_consumer(&mut self, id: ConsumerId, held: bool) {
         let Some(consumer) = self.consumers.get_mut(&id) else { return };
         consumer.held = held;
+        if held && let Some(gate) = &consumer.gate {
+            gate.close();
+        }
         if !held && let Some(queue) = self.queues.get_mut(&consumer.queue) {
             mark_dirty(queue, &mut self.dirty);
         }
@@ -557,6 +651,9 @@ impl<M: Clone> Engine<M> {
     /// queue once they reached `max_deliveries`). An auto-delete queue goes with its last consumer.
     pub fn remove_consumer(&mut self, id: ConsumerId, now: Instant) {
         let Some(consumer) = self.consumers.remove(&id) else { return };
+        if let Some(gate) = &consumer.gate {
+            gate.close();
+        }
         // Deliveries made to it at a publish and not handed out yet: their messages go back with the rest.
         self.handed.retain(|delivery| delivery.consumer != id);
         let mut unacked: Vec<(u64, Stored<M>)> = consumer.unacked.into_iter().collect();
@@ -595,8 +692,9 @@ impl<M: Clone> Engine<M> {
         let stored = consumer.unacked.remove(&tag).ok_or(EngineError::UnknownTag(tag))?;
         let Some(queue) = self.queues.get_mut(&consumer.queue) else { return Ok(()) };
         queue.unacked -= 1;
-        // The consumer has room again: what waits in its queue may go (nothing to look at when nothing waits).
-        if queue.ready_len > 0 {
+        // The consumer has room again: what waits in its queue may go (nothing to look at when nothing waits),
+        // or its gate may open.
+        if queue.ready_len > 0 || consumer.gate.is_some() {
             mark_dirty(queue, &mut self.dirty);
         }
         if queue.settled(&stored, id, tag) && matches!(how, Settle::Requeue | Settle::Release) {

@@ -203,8 +203,15 @@ impl<M: Clone> Hub<M> {
 
     /// Detaches a consumer; what it held unacked goes to other consumers.
     pub(crate) fn detach(&mut self, id: ConsumerId, now: Instant) {
+        self.detach_with(id, now, |_| {});
+    }
+
+    /// Detaches a consumer as [`Hub::detach`] does, running `then` on the engine once it is gone and before
+    /// what it held is handed out again: for a driver to take back the deliveries it made around the engine.
+    pub(crate) fn detach_with(&mut self, id: ConsumerId, now: Instant, then: impl FnOnce(&mut Engine<M>)) {
         self.sinks.remove(&id);
         self.engine.remove_consumer(id, now);
+        then(&mut self.engine);
         self.dispatch(now);
     }
 

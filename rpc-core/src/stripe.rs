@@ -52,6 +52,12 @@ impl<T> Striped<T> {
         &self.cells[thread_stripe() % STRIPES].0
     }
 
+    /// The copy of stripe `index` (taken modulo [`STRIPES`]): the stripe a thread wrote in, found again by
+    /// another thread that knows it.
+    pub fn at(&self, index: usize) -> &T {
+        &self.cells[index % STRIPES].0
+    }
+
     /// Every stripe's copy.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.cells.iter().map(|cell| &cell.0)

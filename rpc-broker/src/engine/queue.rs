@@ -294,12 +294,33 @@ pub(super) fn dispatch_queue<M: Clone>(
     out: &mut Vec<Delivery<M>>,
     books: &mut Books<M>,
 ) {
+    refresh_gates(queue, consumers);
     while queue.ready_len > 0 && !queue.consumers.is_empty() {
-        let Some(id) = next_with_room(queue, consumers) else { return };
-        let Some(stored) = queue.pop(books) else { return };
+        let Some(id) = next_with_room(queue, consumers) else { break };
+        let Some(stored) = queue.pop(books) else { break };
         if let Some(stored) = hand(queue, consumers, id, stored, next_tag, now, out, books) {
             queue.push_front(stored);
-            return;
+            break;
+        }
+    }
+    refresh_gates(queue, consumers);
+}
+
+/// Opens the gate of the queue's consumer if a message published now would go straight to it (see
+/// [`Gate`](super::Gate)), and closes the gates that may not be open: a message waits, or is cancelled in
+/// `ready`, or another consumer shares the queue, or the consumer is paused, held back or holds deliveries
+/// from the engine. A durable queue's messages all go through the engine, in the order its log has them.
+fn refresh_gates<M>(queue: &Queue<M>, consumers: &HashMap<ConsumerId, Consumer<M>>) {
+    let open = queue.ready_len == 0 && queue.tombstones == 0 && !queue.config.durable && queue.consumers.len() == 1;
+    for id in &queue.consumers {
+        if let Some(consumer) = consumers.get(id)
+            && let Some(gate) = &consumer.gate
+        {
+            if open && consumer.may_bypass() {
+                gate.open();
+            } else {
+                gate.close();
+            }
         }
     }
 }
