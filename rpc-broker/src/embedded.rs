@@ -93,9 +93,8 @@ impl Shared {
 
 /// Publishes `envelope` to `queue`: down the lane of its consumer if the gate lets it, through the engine
 /// otherwise.
-fn publish(shared: &Arc<Shared>, queue: &str, envelope: Envelope) -> Result<(), Error> {
-    let props = props(&envelope);
-    let mut message = Arc::new(envelope);
+fn publish(shared: &Arc<Shared>, queue: &str, mut message: Message) -> Result<(), Error> {
+    let props = props(&message);
     let now = Instant::now();
     if props.delay.is_none_or(|delay| delay.is_zero())
         && let Some(lanes) = shared.lanes.of(queue)
@@ -269,7 +268,7 @@ impl Embedded {
     }
 
     fn publish_now(&self, queue: &str, envelope: Envelope) -> Result<(), Error> {
-        publish(&self.shared, queue, envelope)
+        publish(&self.shared, queue, Arc::new(envelope))
     }
 
     fn start_timer(&self, hub: &mut Hub<Message>) {
@@ -457,10 +456,10 @@ impl EmbeddedAcker {
     /// puts it back otherwise. [`Error::DeliveryLost`] if the lane does not hold it.
     fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&Arc<Shared>) -> Result<T, Error>) -> Result<T, Error> {
         let (shared, book) = self.lane()?;
-        let holding = book.take(tag).ok_or(Error::DeliveryLost)?;
+        let holding = book.take(tag, true).ok_or(Error::DeliveryLost)?;
         match step(&shared) {
             Ok(value) => {
-                book.acked(tag, &holding);
+                book.forget(&holding);
                 shared.released(book);
                 Ok(value)
             }
@@ -477,9 +476,10 @@ impl EmbeddedAcker {
     /// Settles delivery `tag`, made down the lane, with `outcome`.
     fn settle_down_lane(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
         let (shared, book) = self.lane()?;
-        let holding = book.take(tag).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
-        if matches!(outcome, Outcome::Ack) {
-            book.acked(tag, &holding);
+        let acked = matches!(outcome, Outcome::Ack);
+        let holding = book.take(tag, acked).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
+        if acked {
+            book.forget(&holding);
             shared.released(book);
         } else {
             book.forget(&holding);
@@ -516,11 +516,12 @@ impl Acker for EmbeddedAcker {
         _: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
+            let message = Arc::new(envelope);
             let result = self.lane().and_then(|(shared, book)| {
                 if !book.holds(tag) {
                     return Err(Error::DeliveryLost);
                 }
-                publish(&shared, queue, envelope)
+                publish(&shared, queue, message)
             });
             return rpc_core::transport::finished(result);
         }
@@ -532,7 +533,8 @@ impl Acker for EmbeddedAcker {
 
     fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
-            let result = self.settle_lane(tag, |shared| publish(shared, queue, envelope));
+            let message = Arc::new(envelope);
+            let result = self.settle_lane(tag, |shared| publish(shared, queue, message));
             if result.is_ok() {
                 self.cancellations.forget(tag);
             }
@@ -559,7 +561,8 @@ impl Acker for EmbeddedAcker {
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         if is_lane_tag(tag) {
-            let result = self.settle_lane(tag, |shared| Answered::of(publish(shared, reply_to.address(), reply)));
+            let message = Arc::new(reply);
+            let result = self.settle_lane(tag, |shared| Answered::of(publish(shared, reply_to.address(), message)));
             self.cancellations.forget(tag);
             return rpc_core::transport::answered(result);
         }

@@ -136,10 +136,32 @@ impl Kept {
 
 /// The default [`DedupStore`]: in this process's memory, at most `capacity` outcomes, each kept for `window`.
 /// Past the capacity the oldest outcomes are forgotten first, down to 1/64 under the capacity at once.
+///
+/// A large store is split by the keys' hashes into up to 16 shards of at least 4,096 outcomes, each behind a
+/// lock of its own, so that a server's threads do not wait for one another at every call; the oldest outcomes
+/// are then forgotten first within each shard.
 #[derive(Clone)]
 pub struct MemoryDedup {
-    inner: Arc<Mutex<Memory>>,
+    inner: Arc<Shards>,
 }
+
+/// A store's shards, and the hasher that places a key in one.
+struct Shards {
+    /// Hashed with foldhash under a per-process random seed: keys come from callers.
+    hasher: hashbrown::DefaultHashBuilder,
+    shards: Box<[Shard]>,
+}
+
+/// One shard, alone on its cache lines.
+#[repr(align(128))]
+struct Shard(Mutex<Memory>);
+
+/// The fewest outcomes a shard holds: a smaller store is one shard, and forgets its oldest outcomes exactly in
+/// order.
+const SHARD_CAPACITY: usize = 4_096;
+
+/// The most shards a store has.
+const MAX_SHARDS: usize = 16;
 
 /// The keys live in `slots`, each with its hash (which growing or tidying the table reads); the table maps a
 /// hash to the slot of its key and holds nothing but the slot's number. Under constant churn the table settles
@@ -150,8 +172,6 @@ pub struct MemoryDedup {
 struct Memory {
     capacity: usize,
     window: Duration,
-    /// Hashed with foldhash under a per-process random seed: keys come from callers.
-    hasher: hashbrown::DefaultHashBuilder,
     /// The slot of every remembered key, placed by the key's hash.
     table: hashbrown::HashTable<u32>,
     slots: Vec<Option<Slot>>,
@@ -212,11 +232,15 @@ impl Key {
 
 impl fmt::Debug for MemoryDedup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let memory = self.lock();
+        let (capacity, window) = {
+            let memory = self.lock_shard(0);
+            (memory.capacity * self.inner.shards.len(), memory.window)
+        };
         f.debug_struct("MemoryDedup")
-            .field("capacity", &memory.capacity)
-            .field("window", &memory.window)
-            .field("entries", &memory.table.len())
+            .field("capacity", &capacity)
+            .field("window", &window)
+            .field("shards", &self.inner.shards.len())
+            .field("entries", &self.len())
             .finish()
     }
 }
@@ -231,22 +255,29 @@ impl Default for MemoryDedup {
 impl MemoryDedup {
     /// A store of at most `capacity` outcomes (at least 1), each remembered for `window`.
     pub fn new(capacity: usize, window: Duration) -> MemoryDedup {
-        let memory = Memory {
-            capacity: capacity.max(1),
-            window,
-            hasher: hashbrown::DefaultHashBuilder::default(),
-            table: hashbrown::HashTable::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            order: VecDeque::new(),
-            next_stamp: 1,
-        };
-        MemoryDedup { inner: Arc::new(Mutex::new(memory)) }
+        let capacity = capacity.max(1);
+        // A power of two, so that a hash's bits pick the shard.
+        let count = (capacity / SHARD_CAPACITY).clamp(1, MAX_SHARDS);
+        let count = if count.is_power_of_two() { count } else { count.next_power_of_two() / 2 };
+        let shards = (0..count)
+            .map(|_| {
+                Shard(Mutex::new(Memory {
+                    capacity: capacity.div_ceil(count),
+                    window,
+                    table: hashbrown::HashTable::new(),
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    order: VecDeque::new(),
+                    next_stamp: 1,
+                }))
+            })
+            .collect();
+        MemoryDedup { inner: Arc::new(Shards { hasher: hashbrown::DefaultHashBuilder::default(), shards }) }
     }
 
     /// Keys remembered now, running ones included.
     pub fn len(&self) -> usize {
-        self.lock().table.len()
+        (0..self.inner.shards.len()).map(|shard| self.lock_shard(shard).table.len()).sum()
     }
 
     /// Whether no key is remembered.
@@ -254,16 +285,24 @@ impl MemoryDedup {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, Memory> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    fn hash(&self, key: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.inner.hasher, key)
+    }
+
+    /// The shard of the key whose hash is `hash`, locked. Its bits 40 and up pick it: the table in the shard
+    /// places keys by the low bits and tells them apart by the top seven.
+    fn lock(&self, hash: u64) -> MutexGuard<'_, Memory> {
+        // The shard count is a power of two, at most 16.
+        let shard = (hash >> 40) as usize & (self.inner.shards.len() - 1);
+        self.lock_shard(shard)
+    }
+
+    fn lock_shard(&self, shard: usize) -> MutexGuard<'_, Memory> {
+        self.inner.shards[shard].0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Memory {
-    fn hash(&self, key: &str) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, key)
-    }
-
     /// The slot of `key`, whose hash is `hash`.
     fn find(&self, hash: u64, key: &str) -> Option<u32> {
         let slots = &self.slots;
@@ -333,10 +372,10 @@ impl Memory {
 
 impl DedupStore for MemoryDedup {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begin, Error>> {
-        let mut memory = self.lock();
+        let hash = self.hash(key);
+        let mut memory = self.lock(hash);
         // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
         let window = memory.window;
-        let hash = memory.hash(key);
         let begin = match memory.find(hash, key).and_then(|slot| memory.slot_mut(slot)) {
             Some(found) => match &mut found.entry {
                 Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.reply()),
@@ -370,13 +409,13 @@ impl DedupStore for MemoryDedup {
 
     fn complete_borrowed<'a>(&'a self, key: &'a str, reply: &StoredReply) -> BoxFuture<'a, Result<(), Error>> {
         let reply = Kept::of(reply);
-        let mut memory = self.lock();
+        let hash = self.hash(key);
+        let mut memory = self.lock(hash);
         let now = Instant::now();
         let stamp = memory.next_stamp;
         memory.next_stamp += 1;
         // Replacing the `Running` entry drops its sender, which wakes the duplicates waiting on it.
         let done = Entry::Done { reply, at: now };
-        let hash = memory.hash(key);
         let slot = match memory.find(hash, key) {
             Some(slot) => {
                 if let Some(found) = memory.slot_mut(slot) {
@@ -393,8 +432,8 @@ impl DedupStore for MemoryDedup {
     }
 
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
-        let mut memory = self.lock();
-        let hash = memory.hash(key);
+        let hash = self.hash(key);
+        let mut memory = self.lock(hash);
         if let Some(slot) = memory.find(hash, key)
             && matches!(memory.slot_mut(slot), Some(Slot { entry: Entry::Running(_), .. }))
         {
@@ -475,7 +514,7 @@ mod tests {
         }
         // Past the capacity, down to 1/64 under it at once.
         assert!((99..=100).contains(&store.len()), "{} kept", store.len());
-        assert!(store.lock().slots.len() <= 101, "the slots of forgotten keys are not reused");
+        assert!(store.lock_shard(0).slots.len() <= 101, "the slots of forgotten keys are not reused");
         assert!(matches!(store.begin("999").await, Ok(Begin::Done(_))));
         assert!(matches!(store.begin("0").await, Ok(Begin::Execute)), "the oldest was forgotten");
     }
@@ -545,5 +584,30 @@ mod tests {
             let key = uuid::Uuid::from_u128(n).simple().to_string();
             assert_eq!(body(store.begin(&key).await.expect("begins")), n.to_string().as_bytes(), "key {n}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_large_store_is_split_into_shards_that_each_forget_their_oldest_outcomes() {
+        let store = MemoryDedup::default();
+        assert_eq!(store.inner.shards.len(), MAX_SHARDS);
+        assert_eq!(MemoryDedup::new(3 * SHARD_CAPACITY, Duration::ZERO).inner.shards.len(), 2);
+        assert_eq!(MemoryDedup::new(SHARD_CAPACITY - 1, Duration::ZERO).inner.shards.len(), 1);
+        for n in 0..100_000u128 {
+            let key = uuid::Uuid::from_u128(n).simple().to_string();
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)), "key {n} was claimed already");
+            store.complete(&key, Ok(Bytes::new())).await.expect("stored");
+        }
+        // Each shard keeps its newest, between 1/64 under its capacity and its capacity.
+        let kept = store.len();
+        assert!((65_536 - 65_536 / 64..=65_536).contains(&kept), "{kept} kept");
+        for shard in 0..MAX_SHARDS {
+            let memory = store.lock_shard(shard);
+            assert!(memory.table.len() <= SHARD_CAPACITY && memory.table.len() > SHARD_CAPACITY / 2, "shard {shard}");
+        }
+        for n in 100_000 - 30_000..100_000u128 {
+            let key = uuid::Uuid::from_u128(n).simple().to_string();
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Done(_))), "key {n} was forgotten");
+        }
+        assert!(matches!(store.begin(&uuid::Uuid::from_u128(0).simple().to_string()).await, Ok(Begin::Execute)));
     }
 }

@@ -177,27 +177,25 @@ impl LaneBook {
         lock(self.stripe_of(tag)).held.contains_key(&tag)
     }
 
-    /// Takes delivery `tag` out of the book, to settle it; `None` if it is not held (settled already, or taken
-    /// back to the engine when its consumer went).
-    pub(super) fn take(&self, tag: u64) -> Option<Holding> {
-        lock(self.stripe_of(tag)).held.remove(&tag)
+    /// Takes delivery `tag` out of the book, to settle it, counted as acked if `ack`; `None` if it is not held
+    /// (settled already, or taken back to the engine when its consumer went).
+    pub(super) fn take(&self, tag: u64, ack: bool) -> Option<Holding> {
+        let mut stripe = lock(self.stripe_of(tag));
+        let holding = stripe.held.remove(&tag)?;
+        stripe.counts.acked += u64::from(ack);
+        Some(holding)
     }
 
-    /// Puts back a delivery taken out to settle it whose settle failed; gives it back if the lane closed
-    /// meanwhile, for the engine to queue again.
+    /// Puts back a delivery taken out to ack it whose ack failed; gives it back if the lane closed meanwhile,
+    /// for the engine to queue again.
     pub(super) fn put_back(&self, tag: u64, holding: Holding) -> Result<(), Holding> {
         let mut stripe = lock(self.stripe_of(tag));
+        stripe.counts.acked -= 1;
         if stripe.closed {
             return Err(holding);
         }
         stripe.held.insert(tag, holding);
         Ok(())
-    }
-
-    /// Counts delivery `tag`, taken out of the book, as acked, and forgets its cancel.
-    pub(super) fn acked(&self, tag: u64, holding: &Holding) {
-        lock(self.stripe_of(tag)).counts.acked += 1;
-        self.forget(holding);
     }
 
     /// A settled delivery's call no longer stops a resend of it, once no delivery of it is held.
