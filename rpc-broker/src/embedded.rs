@@ -799,4 +799,68 @@ mod tests {
         assert!(take(&taken).is_empty(), "paused: it takes nothing new");
         assert_eq!(broker.queue_stats("q").await.expect("stats").ready, 1);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishers_on_two_threads_and_acks_on_others_never_pass_the_prefetch_and_lose_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        const PREFETCH: usize = 4;
+        const CALLS: u32 = 5_000;
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let mut consumer = broker.consume("q", ConsumeOptions::new().prefetch(4)).await.expect("consumes");
+        let holding = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+        let (held, peak) = (Arc::clone(&holding), Arc::clone(&most));
+        assert!(consumer.direct(Arc::new(move |delivery: Delivery| {
+            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let held = Arc::clone(&held);
+            let seen = seen_tx.clone();
+            // Acked later, from whichever thread runs the task: some down the lane, some through the engine.
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let n = u32::from_be_bytes(delivery.envelope.body[..4].try_into().expect("4 bytes"));
+                held.fetch_sub(1, Ordering::SeqCst);
+                delivery.handle.ack().await.expect("acks");
+                seen.send(n).expect("the test listens");
+            });
+        })));
+        let publishers: Vec<_> = (0..2u32)
+            .map(|half| {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    for n in (half * CALLS / 2)..((half + 1) * CALLS / 2) {
+                        let mut envelope = Envelope::new(Kind::Request);
+                        envelope.correlation_id = Some(Uuid::new_v4());
+                        envelope.body = Bytes::copy_from_slice(&n.to_be_bytes());
+                        broker.publish("q", envelope, Confirm::Broker).await.expect("publishes");
+                        // Now and then a burst that fills the prefetch and waits in the engine; otherwise
+                        // paced, so that the lane opens again.
+                        if n % 16 != 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.await.expect("joins");
+        }
+        let mut seen = vec![false; CALLS as usize];
+        for _ in 0..CALLS {
+            let n =
+                tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await.expect("in time").expect("open");
+            assert!(!std::mem::replace(&mut seen[n as usize], true), "{n} was delivered twice");
+        }
+        assert!(most.load(Ordering::SeqCst) <= PREFETCH, "{} held at once", most.load(Ordering::SeqCst));
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!(
+            (stats.published, stats.acked, stats.unacked, stats.ready),
+            (u64::from(CALLS), u64::from(CALLS), 0, 0)
+        );
+        let down_the_lane = u64::from(CALLS) - through_engine(&broker, "q");
+        assert!(down_the_lane > 0 && down_the_lane < u64::from(CALLS), "{down_the_lane} went down the lane");
+    }
 }
