@@ -39,7 +39,8 @@ pub struct Embedded {
 struct Shared {
     hub: Mutex<Hub<Message>>,
     handoff: Arc<Handoff<Message>>,
-    lanes: Lanes,
+    /// Shared with the books of the lanes, so that an answer goes down a lane without a reference to the rest.
+    lanes: Arc<Lanes>,
 }
 
 impl Default for Shared {
@@ -47,7 +48,7 @@ impl Default for Shared {
         let handoff = Arc::new(Handoff::default());
         let mut hub = Hub::default();
         hub.hand_off(Arc::clone(&handoff));
-        Shared { hub: Mutex::new(hub), handoff, lanes: Lanes::default() }
+        Shared { hub: Mutex::new(hub), handoff, lanes: Arc::default() }
     }
 }
 
@@ -82,22 +83,30 @@ impl Shared {
         hub.engine.touch(&book.queue);
         hub.dispatch(now);
     }
+}
 
-    /// A delivery down `book`'s lane, taken out of it, is settled: one fewer counted against the prefetch.
-    fn released(&self, book: &LaneBook) {
-        if !book.gate.release() {
-            self.touch(book);
-        }
+/// Publishes `message` to `queue`: down the lane of its consumer if the gate lets it, through the engine
+/// otherwise.
+fn publish(shared: &Arc<Shared>, queue: &str, message: Message) -> Result<(), Error> {
+    match down_a_lane(&shared.lanes, queue, message) {
+        Ok(()) => Ok(()),
+        Err(Unlaned { message, props, now }) => through_engine(shared, queue, message, props, now),
     }
 }
 
-/// Publishes `envelope` to `queue`: down the lane of its consumer if the gate lets it, through the engine
-/// otherwise.
-fn publish(shared: &Arc<Shared>, queue: &str, mut message: Message) -> Result<(), Error> {
+/// A message no lane took, for the engine.
+struct Unlaned {
+    message: Message,
+    props: Props,
+    now: Instant,
+}
+
+/// Hands `message` to the consumer of `queue` down its lane, if it has one and the gate lets it.
+fn down_a_lane(lanes: &Lanes, queue: &str, mut message: Message) -> Result<(), Unlaned> {
     let props = props(&message);
     let now = Instant::now();
     if props.delay.is_none_or(|delay| delay.is_zero())
-        && let Some(lanes) = shared.lanes.of(queue)
+        && let Some(lanes) = lanes.of(queue)
     {
         for lane in &lanes.0 {
             match lane.try_deliver(message, props, now) {
@@ -106,6 +115,17 @@ fn publish(shared: &Arc<Shared>, queue: &str, mut message: Message) -> Result<()
             }
         }
     }
+    Err(Unlaned { message, props, now })
+}
+
+/// Publishes `message` to `queue` through the engine.
+fn through_engine(
+    shared: &Arc<Shared>,
+    queue: &str,
+    message: Message,
+    props: Props,
+    now: Instant,
+) -> Result<(), Error> {
     let mut hub = shared.lock();
     hub.engine.publish(queue, message, props, now).map_err(to_error)?;
     hub.dispatch(now);
@@ -258,6 +278,7 @@ impl Embedded {
         hub.dispatch(Instant::now());
         let guard = ConsumerGuard {
             shared,
+            lanes: Arc::clone(&self.shared.lanes),
             consumer,
             queue: Arc::from(queue),
             prefetch: options.prefetch,
@@ -445,26 +466,55 @@ impl EmbeddedAcker {
 }
 
 impl EmbeddedAcker {
-    /// The broker and the book of the consumer's lane, for a delivery made down the lane.
-    fn lane(&self) -> Result<(Arc<Shared>, &Arc<LaneBook>), Error> {
+    /// The book of the consumer's lane, for a delivery made down the lane, while the broker is there.
+    ///
+    /// The broker is not held: an answer down a lane reaches the next lane through the book, and only what
+    /// goes through the engine takes a reference to the broker, so that the threads do not write its count
+    /// for every call.
+    fn lane(&self) -> Result<&Arc<LaneBook>, Error> {
         let book = self.book.get().ok_or(Error::DeliveryLost)?;
-        let shared = self.shared.upgrade().ok_or(Error::Disconnected)?;
-        Ok((shared, book))
+        if self.shared.strong_count() == 0 {
+            return Err(Error::Disconnected);
+        }
+        Ok(book)
+    }
+
+    fn shared(&self) -> Result<Arc<Shared>, Error> {
+        self.shared.upgrade().ok_or(Error::Disconnected)
+    }
+
+    /// Publishes `message` to `queue` on behalf of a delivery down the lane of `book`.
+    fn publish_from(&self, book: &LaneBook, queue: &str, message: Message) -> Result<(), Error> {
+        match down_a_lane(&book.lanes, queue, message) {
+            Ok(()) => Ok(()),
+            Err(Unlaned { message, props, now }) => through_engine(&self.shared()?, queue, message, props, now),
+        }
+    }
+
+    /// A delivery down `book`'s lane, taken out of it, is settled: one fewer counted against the prefetch.
+    fn released(&self, book: &LaneBook) {
+        if !book.gate.release()
+            && let Ok(shared) = self.shared()
+        {
+            shared.touch(book);
+        }
     }
 
     /// Takes delivery `tag` out of its lane's book, runs `step`, and acks the delivery if `step` succeeded;
     /// puts it back otherwise. [`Error::DeliveryLost`] if the lane does not hold it.
-    fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&Arc<Shared>) -> Result<T, Error>) -> Result<T, Error> {
-        let (shared, book) = self.lane()?;
+    fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&LaneBook) -> Result<T, Error>) -> Result<T, Error> {
+        let book = self.lane()?;
         let holding = book.take(tag, true).ok_or(Error::DeliveryLost)?;
-        match step(&shared) {
+        match step(book) {
             Ok(value) => {
                 book.forget(&holding);
-                shared.released(book);
+                self.released(book);
                 Ok(value)
             }
             Err(error) => {
-                if let Err(holding) = book.put_back(tag, holding) {
+                if let Err(holding) = book.put_back(tag, holding)
+                    && let Ok(shared) = self.shared()
+                {
                     // The consumer went meanwhile: queued again, as what it held was.
                     shared.take_back(book, holding, Settle::Requeue);
                 }
@@ -475,15 +525,14 @@ impl EmbeddedAcker {
 
     /// Settles delivery `tag`, made down the lane, with `outcome`.
     fn settle_down_lane(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
-        let (shared, book) = self.lane()?;
+        let book = self.lane()?;
         let acked = matches!(outcome, Outcome::Ack);
         let holding = book.take(tag, acked).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
+        book.forget(&holding);
         if acked {
-            book.forget(&holding);
-            shared.released(book);
+            self.released(book);
         } else {
-            book.forget(&holding);
-            shared.take_back(book, holding, settle_of(outcome));
+            self.shared()?.take_back(book, holding, settle_of(outcome));
         }
         Ok(())
     }
@@ -517,11 +566,11 @@ impl Acker for EmbeddedAcker {
     ) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
             let message = Arc::new(envelope);
-            let result = self.lane().and_then(|(shared, book)| {
+            let result = self.lane().and_then(|book| {
                 if !book.holds(tag) {
                     return Err(Error::DeliveryLost);
                 }
-                publish(&shared, queue, message)
+                self.publish_from(book, queue, message)
             });
             return rpc_core::transport::finished(result);
         }
@@ -534,7 +583,7 @@ impl Acker for EmbeddedAcker {
     fn republish<'a>(&'a self, tag: u64, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
             let message = Arc::new(envelope);
-            let result = self.settle_lane(tag, |shared| publish(shared, queue, message));
+            let result = self.settle_lane(tag, |book| self.publish_from(book, queue, message));
             if result.is_ok() {
                 self.cancellations.forget(tag);
             }
@@ -562,7 +611,8 @@ impl Acker for EmbeddedAcker {
     ) -> BoxFuture<'a, Result<Answered, Error>> {
         if is_lane_tag(tag) {
             let message = Arc::new(reply);
-            let result = self.settle_lane(tag, |shared| Answered::of(publish(shared, reply_to.address(), message)));
+            let result =
+                self.settle_lane(tag, |book| Answered::of(self.publish_from(book, reply_to.address(), message)));
             self.cancellations.forget(tag);
             return rpc_core::transport::answered(result);
         }
@@ -586,6 +636,9 @@ impl Acker for EmbeddedAcker {
 /// Cancels the consumer when its [`Consumer`] is dropped, requeueing what it held unacked.
 struct ConsumerGuard {
     shared: Weak<Shared>,
+    /// The broker's lanes, held so that the consumer's lane goes with it even after the broker: the lane and
+    /// the consumer's ackers hold one another.
+    lanes: Arc<Lanes>,
     consumer: ConsumerId,
     queue: Arc<str>,
     prefetch: u32,
@@ -609,7 +662,7 @@ impl ConsumerControl for ConsumerGuard {
         }
         // Direct: the consumer takes its deliveries from the publishing thread, so a lane may hand them over.
         let gate = Arc::new(Gate::new());
-        let book = Arc::new(LaneBook::new(Arc::clone(&self.queue), Arc::clone(&gate)));
+        let book = Arc::new(LaneBook::new(Arc::clone(&self.queue), Arc::clone(&gate), Arc::clone(&self.lanes)));
         if self.sink.book.set(Arc::clone(&book)).is_ok() && hub.engine.set_gate(self.consumer, gate) {
             let lane = Lane::new(self.consumer, self.prefetch, self.auto_ack, Arc::clone(&self.sink), book);
             shared.lanes.add(&self.queue, &Arc::new(lane));
@@ -621,9 +674,12 @@ impl ConsumerControl for ConsumerGuard {
 
 impl Drop for ConsumerGuard {
     fn drop(&mut self) {
-        let Some(shared) = self.shared.upgrade() else { return };
+        let Some(shared) = self.shared.upgrade() else {
+            self.lanes.remove(&self.queue, |lane| lane.consumer != self.consumer);
+            return;
+        };
         let mut hub = shared.lock();
-        shared.lanes.remove(&self.queue, |lane| lane.consumer != self.consumer);
+        self.lanes.remove(&self.queue, |lane| lane.consumer != self.consumer);
         // What it holds down its lane goes back to the queue with what it holds from the engine, the newest
         // first to the front, so that the oldest comes out first.
         let held = self.sink.book.get().map(|book| book.close()).unwrap_or_default();

@@ -149,6 +149,8 @@ struct LaneStripe {
 pub(super) struct LaneBook {
     pub(super) queue: Arc<str>,
     pub(super) gate: Arc<Gate>,
+    /// The broker's lanes, where an answer to a delivery of this lane looks for the lane of its reply.
+    pub(super) lanes: Arc<Lanes>,
     stripes: Striped<Mutex<LaneStripe>>,
     /// Calls cancelled while the lane holds deliveries of them, with how many of those.
     cancelled: Mutex<HashMap<Key, u32>>,
@@ -157,10 +159,11 @@ pub(super) struct LaneBook {
 }
 
 impl LaneBook {
-    pub(super) fn new(queue: Arc<str>, gate: Arc<Gate>) -> LaneBook {
+    pub(super) fn new(queue: Arc<str>, gate: Arc<Gate>, lanes: Arc<Lanes>) -> LaneBook {
         LaneBook {
             queue,
             gate,
+            lanes,
             stripes: Striped::default(),
             cancelled: Mutex::new(HashMap::default()),
             any_cancelled: AtomicBool::new(false),
