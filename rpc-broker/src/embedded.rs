@@ -52,6 +52,13 @@ impl Default for Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The lanes hold the consumers' sinks: gone with the broker, they end the consumers, as the hub's do.
+        self.lanes.clear();
+    }
+}
+
 impl Shared {
     /// The hub, until the guard is dropped; then what its operations made deliverable is handed out.
     fn lock(&self) -> Locked<'_> {
@@ -77,8 +84,8 @@ impl Shared {
     fn take_back(&self, book: &LaneBook, holding: Holding, how: Settle) {
         let now = Instant::now();
         let mut hub = self.lock();
-        let Holding { message, props, expires_at, cancelled } = holding;
-        hub.engine.take_back(&book.queue, message, props, expires_at, cancelled, how, now);
+        let Holding { message, props, expires_at, cancelled, .. } = holding;
+        hub.engine.take_back(&book.queue, book.incarnation, message, props, expires_at, cancelled, how, now);
         book.gate.release();
         hub.engine.touch(&book.queue);
         hub.dispatch(now);
@@ -105,7 +112,9 @@ struct Unlaned {
 fn down_a_lane(lanes: &Lanes, queue: &str, mut message: Message) -> Result<(), Unlaned> {
     let props = props(&message);
     let now = Instant::now();
+    // A delayed message waits in the engine; one whose TTL is already over is the engine's to expire.
     if props.delay.is_none_or(|delay| delay.is_zero())
+        && props.ttl.is_none_or(|ttl| !ttl.is_zero())
         && let Some(lanes) = lanes.of(queue)
     {
         for lane in &lanes.0 {
@@ -283,7 +292,8 @@ impl Embedded {
             queue: Arc::from(queue),
             prefetch: options.prefetch,
             auto_ack: options.auto_ack,
-            sink,
+            book: Arc::clone(&sink.book),
+            sink: Arc::downgrade(&sink),
         };
         Ok(Consumer::from_channel(receiver, Some(Box::new(guard))))
     }
@@ -471,10 +481,11 @@ impl EmbeddedAcker {
     /// The broker is not held: an answer down a lane reaches the next lane through the book, and only what
     /// goes through the engine takes a reference to the broker, so that the threads do not write its count
     /// for every call.
-    fn lane(&self) -> Result<&Arc<LaneBook>, Error> {
+    /// `gone` is the error once the broker is gone: as the engine's way reports it for the same step.
+    fn lane(&self, gone: Error) -> Result<&Arc<LaneBook>, Error> {
         let book = self.book.get().ok_or(Error::DeliveryLost)?;
         if self.shared.strong_count() == 0 {
-            return Err(Error::Disconnected);
+            return Err(gone);
         }
         Ok(book)
     }
@@ -503,7 +514,7 @@ impl EmbeddedAcker {
     /// Takes delivery `tag` out of its lane's book, runs `step`, and acks the delivery if `step` succeeded;
     /// puts it back otherwise. [`Error::DeliveryLost`] if the lane does not hold it.
     fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&LaneBook) -> Result<T, Error>) -> Result<T, Error> {
-        let book = self.lane()?;
+        let book = self.lane(Error::DeliveryLost)?;
         let holding = book.take(tag, true).ok_or(Error::DeliveryLost)?;
         match step(book) {
             Ok(value) => {
@@ -512,7 +523,7 @@ impl EmbeddedAcker {
                 Ok(value)
             }
             Err(error) => {
-                if let Err(holding) = book.put_back(tag, holding)
+                if let Some(holding) = book.put_back(tag, holding)
                     && let Ok(shared) = self.shared()
                 {
                     // The consumer went meanwhile: queued again, as what it held was.
@@ -525,7 +536,7 @@ impl EmbeddedAcker {
 
     /// Settles delivery `tag`, made down the lane, with `outcome`.
     fn settle_down_lane(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
-        let book = self.lane()?;
+        let book = self.lane(Error::Disconnected)?;
         let acked = matches!(outcome, Outcome::Ack);
         let holding = book.take(tag, acked).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
         book.forget(&holding);
@@ -566,7 +577,7 @@ impl Acker for EmbeddedAcker {
     ) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
             let message = Arc::new(envelope);
-            let result = self.lane().and_then(|book| {
+            let result = self.lane(Error::DeliveryLost).and_then(|book| {
                 if !book.holds(tag) {
                     return Err(Error::DeliveryLost);
                 }
@@ -643,7 +654,11 @@ struct ConsumerGuard {
     queue: Arc<str>,
     prefetch: u32,
     auto_ack: bool,
-    sink: Arc<ChannelSink>,
+    /// Held weakly: the hub's reference (and the lane's, once it is direct) keeps the sink, and with it the
+    /// consumer's stream, open; a queue deleted, or the broker gone, drops them and ends the stream.
+    sink: Weak<ChannelSink>,
+    /// The book of the consumer's lane, once it is direct.
+    book: Arc<OnceLock<Arc<LaneBook>>>,
 }
 
 impl ConsumerControl for ConsumerGuard {
@@ -657,14 +672,18 @@ impl ConsumerControl for ConsumerGuard {
         // Set under the hub's lock, so that no delivery is between the stream and the sink meanwhile.
         let Some(shared) = self.shared.upgrade() else { return false };
         let mut hub = shared.lock();
-        if self.sink.direct.set(sink).is_err() {
+        // Gone with its queue: the consumer's stream has ended.
+        let Some(own) = self.sink.upgrade() else { return false };
+        if own.direct.set(sink).is_err() {
             return false;
         }
         // Direct: the consumer takes its deliveries from the publishing thread, so a lane may hand them over.
+        let Some(incarnation) = hub.engine.incarnation(&self.queue) else { return true };
         let gate = Arc::new(Gate::new());
-        let book = Arc::new(LaneBook::new(Arc::clone(&self.queue), Arc::clone(&gate), Arc::clone(&self.lanes)));
-        if self.sink.book.set(Arc::clone(&book)).is_ok() && hub.engine.set_gate(self.consumer, gate) {
-            let lane = Lane::new(self.consumer, self.prefetch, self.auto_ack, Arc::clone(&self.sink), book);
+        let lanes = Arc::clone(&self.lanes);
+        let book = Arc::new(LaneBook::new(Arc::clone(&self.queue), incarnation, Arc::clone(&gate), lanes));
+        if self.book.set(Arc::clone(&book)).is_ok() && hub.engine.set_gate(self.consumer, gate) {
+            let lane = Lane::new(self.consumer, self.prefetch, self.auto_ack, own, book);
             shared.lanes.add(&self.queue, &Arc::new(lane));
             hub.dispatch(Instant::now());
         }
@@ -680,13 +699,22 @@ impl Drop for ConsumerGuard {
         };
         let mut hub = shared.lock();
         self.lanes.remove(&self.queue, |lane| lane.consumer != self.consumer);
-        // What it holds down its lane goes back to the queue with what it holds from the engine, the newest
-        // first to the front, so that the oldest comes out first.
-        let held = self.sink.book.get().map(|book| book.close()).unwrap_or_default();
         let now = Instant::now();
+        let Some(book) = self.book.get() else {
+            hub.detach(self.consumer, now);
+            return;
+        };
+        // What it holds down its lane goes back to the queue with what it holds from the engine, the newest
+        // first to the front, so that the oldest comes out first; what its lane counted goes to the queue's
+        // counters, which the engine keeps alone from now on.
+        let (held, counts) = book.close();
+        if hub.engine.incarnation(&self.queue) == Some(book.incarnation) {
+            hub.engine.add_to_stats(&self.queue, |stats| counts.add_to(stats));
+        }
         hub.detach_with(self.consumer, now, |engine| {
-            for Holding { message, props, expires_at, cancelled } in held.into_iter().rev() {
-                engine.take_back(&self.queue, message, props, expires_at, cancelled, Settle::Requeue, now);
+            for Holding { message, props, expires_at, cancelled, .. } in held.into_iter().rev() {
+                let incarnation = book.incarnation;
+                engine.take_back(&self.queue, incarnation, message, props, expires_at, cancelled, Settle::Requeue, now);
             }
         });
     }
@@ -918,5 +946,65 @@ mod tests {
         );
         let down_the_lane = u64::from(CALLS) - through_engine(&broker, "q");
         assert!(down_the_lane > 0 && down_the_lane < u64::from(CALLS), "{down_the_lane} went down the lane");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_ends_when_its_queue_is_deleted_or_the_broker_goes_direct_or_not() {
+        let broker = Embedded::new();
+        for direct_too in [false, true] {
+            broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+            let mut consumer = broker.consume("q", ConsumeOptions::new()).await.expect("consumes");
+            if direct_too {
+                assert!(consumer.direct(Arc::new(drop)));
+            }
+            broker.delete_queue("q").await.expect("deletes");
+            let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("in time");
+            assert!(next.is_none(), "the stream ends with its queue (direct: {direct_too})");
+        }
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (mut consumer, _taken) = direct(&broker, "q", 8).await;
+        drop(broker);
+        let next = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("in time");
+        assert!(next.is_none(), "the stream ends with the broker");
+    }
+
+    #[tokio::test]
+    async fn what_went_down_a_lane_stays_counted_after_its_consumer_goes() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (consumer, taken) = direct(&broker, "q", 8).await;
+        publish_all(&broker, "q", [1, 2, 3]).await;
+        for delivery in take(&taken) {
+            delivery.handle.ack().await.expect("acks");
+        }
+        drop(consumer);
+        let stats = broker.queue_stats("q").await.expect("stats");
+        assert_eq!((stats.published, stats.delivered, stats.acked, stats.unacked), (3, 3, 3, 0));
+        assert_eq!(through_engine(&broker, "q"), 3, "the engine's counters took the lane's");
+    }
+
+    #[tokio::test]
+    async fn a_resend_of_a_call_cancelled_while_it_waited_out_a_delay_meets_the_engine_and_an_expired_one_too() {
+        let broker = Embedded::new();
+        broker.declare_queue("q", &QueueOptions::new()).await.expect("declares");
+        let (_consumer, taken) = direct(&broker, "q", 8).await;
+        // Two delayed calls, so that the engine keeps the cancelled one's tombstone among the live one.
+        for n in [9, 1] {
+            let mut delayed = request(n);
+            delayed.delay_ms = Some(60_000);
+            broker.publish("q", delayed, Confirm::Broker).await.expect("publishes");
+        }
+        broker.cancel("q", Uuid::from_bytes([1; 16])).await.expect("cancels");
+        publish_all(&broker, "q", [1]).await;
+        assert!(take(&taken).is_empty(), "the queue knows the call is cancelled");
+        publish_all(&broker, "q", [3]).await;
+        assert_eq!(take(&taken).iter().map(body).collect::<Vec<_>>(), [3], "another call goes through");
+        assert_eq!(through_engine(&broker, "q"), 4, "through the engine, which knows of calls waiting");
+
+        let mut expired = request(2);
+        expired.deadline_ms = Some(0);
+        broker.publish("q", expired, Confirm::Broker).await.expect("publishes");
+        assert!(take(&taken).is_empty(), "no time left: the engine expires it");
+        assert_eq!(broker.queue_stats("q").await.expect("stats").expired, 1);
     }
 }

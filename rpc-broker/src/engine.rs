@@ -336,6 +336,9 @@ impl<M: Clone> Engine<M> {
             self.handed.retain(|delivery| delivery.consumer != consumer);
             if let Some(consumer) = self.consumers.remove(&consumer) {
                 self.books.bytes -= consumer.unacked.values().map(|stored| stored.size).sum::<usize>();
+                if let Some(gate) = &consumer.gate {
+                    gate.close();
+                }
             }
         }
         for groups in self.topics.values_mut() {
@@ -567,6 +570,20 @@ impl<M: Clone> Engine<M> {
         true
     }
 
+    /// The incarnation of `queue`: a queue deleted and declared again under its name is another, with another
+    /// number.
+    pub fn incarnation(&self, queue: &str) -> Option<u64> {
+        self.queues.get(queue).map(|queue| queue.id)
+    }
+
+    /// Adds to the counters of `queue` (what a driver counted of the deliveries it made around the engine, when
+    /// it stops counting them itself).
+    pub fn add_to_stats(&mut self, queue: &str, add: impl FnOnce(&mut QueueStats)) {
+        if let Some(queue) = self.queues.get_mut(queue) {
+            add(&mut queue.stats);
+        }
+    }
+
     /// Has the next [`Engine::dispatch`] look at `queue` again: a delivery made around the engine was
     /// settled while its gate was closed, so that a message waiting there may now have room.
     pub fn touch(&mut self, queue: &str) {
@@ -577,12 +594,15 @@ impl<M: Clone> Engine<M> {
 
     /// Takes back into `queue` a message that was delivered around the engine ([`Gate`]) and settled there
     /// with `how`, as [`Engine::settle`] would have settled it: requeued (or dead-lettered once it reached
-    /// `max_deliveries`), dead-lettered, released to the front, or acked. `expires_at` is when its TTL ends;
-    /// `cancelled` says that its call was cancelled meanwhile, which drops it rather than queue it again.
+    /// `max_deliveries`), dead-lettered, released to the front, or acked. `incarnation` is the queue's when the
+    /// message was delivered ([`Engine::incarnation`]): a queue deleted since takes nothing back, not even a
+    /// new one of the same name. `expires_at` is when its TTL ends; `cancelled` says that its call was cancelled
+    /// meanwhile, which drops it rather than queue it again, as does a cancel the queue knows of.
     #[expect(clippy::too_many_arguments, reason = "the parts of a delivery the engine did not keep")]
     pub fn take_back(
         &mut self,
         queue: &str,
+        incarnation: u64,
         message: M,
         props: Props,
         expires_at: Option<Instant>,
@@ -590,7 +610,8 @@ impl<M: Clone> Engine<M> {
         how: Settle,
         now: Instant,
     ) {
-        let Some(target) = self.queues.get_mut(queue) else { return };
+        let Some(target) = self.queues.get_mut(queue).filter(|target| target.id == incarnation) else { return };
+        let cancelled = cancelled || target.is_cancelled(props.key);
         match how {
             Settle::Ack => {
                 target.stats.acked += 1;
@@ -1036,6 +1057,27 @@ mod tests {
         idle.expire(start + Duration::from_millis(100));
         let stats = idle.stats("idle").expect("exists");
         assert_eq!((stats.ready, stats.expired), (0, 1));
+    }
+
+    #[test]
+    fn a_message_taken_back_goes_to_the_queue_it_came_from_and_not_to_one_of_its_name_declared_since() {
+        let now = Instant::now();
+        let mut engine = engine_with("q", QueueConfig::default());
+        let first = engine.incarnation("q").expect("exists");
+        assert!(engine.delete_queue("q"));
+        engine.declare_queue("q", QueueConfig::default()).expect("declares");
+        let second = engine.incarnation("q").expect("exists");
+        assert_ne!(first, second);
+        engine.take_back("q", first, 1, Props::default(), None, false, Settle::Requeue, now);
+        assert_eq!(engine.stats("q").expect("exists").ready, 0, "the old queue's message stays out");
+        engine.take_back("q", second, 2, Props::default(), None, false, Settle::Requeue, now);
+        engine.take_back("q", second, 3, Props::default(), None, true, Settle::Requeue, now);
+        let stats = engine.stats("q").expect("exists");
+        assert_eq!((stats.ready, stats.cancelled), (1, 1), "a cancelled call is not queued again");
+        engine.add_consumer("q", 0, true).expect("consumes");
+        let out = drain(&mut engine, now);
+        assert_eq!(messages(&out), [2]);
+        assert_eq!(out[0].delivery_count, 2, "a delivery taken back counts as one made");
     }
 
     #[test]

@@ -94,7 +94,8 @@ impl Lane {
             let tag = LANE_TAG | (stripe.next << STRIPE_BITS) | index as u64;
             stripe.next += 1;
             let expires_at = props.ttl.map(|ttl| now + ttl);
-            stripe.held.insert(tag, Holding { message: Arc::clone(&message), props, expires_at, cancelled: false });
+            let holding = Holding { message: Arc::clone(&message), props, at: now, expires_at, cancelled: false };
+            stripe.held.insert(tag, holding);
             tag
         };
         stripe.counts.published += 1;
@@ -118,6 +119,8 @@ impl Lane {
 pub(super) struct Holding {
     pub(super) message: Message,
     pub(super) props: Props,
+    /// When it was published: the order it goes back to the queue in, if its consumer goes.
+    pub(super) at: Instant,
     /// When its TTL ends, if it has one.
     pub(super) expires_at: Option<Instant>,
     /// Its call was cancelled.
@@ -126,11 +129,21 @@ pub(super) struct Holding {
 
 /// A queue's counters for what went down a lane, added to the engine's.
 #[derive(Clone, Copy, Default)]
-struct Counts {
+pub(super) struct Counts {
     published: u64,
     delivered: u64,
     acked: u64,
     cancelled: u64,
+}
+
+impl Counts {
+    /// Adds these counts to `stats`.
+    pub(super) fn add_to(self, stats: &mut QueueStats) {
+        stats.published += self.published;
+        stats.delivered += self.delivered;
+        stats.acked += self.acked;
+        stats.cancelled += self.cancelled;
+    }
 }
 
 /// One stripe of a lane's book.
@@ -148,6 +161,9 @@ struct LaneStripe {
 /// What a lane holds, shared with the consumer's ackers.
 pub(super) struct LaneBook {
     pub(super) queue: Arc<str>,
+    /// The queue's incarnation ([`Engine::incarnation`](crate::engine::Engine::incarnation)): what goes back
+    /// to the engine goes back to this queue, not to one declared under its name after it was deleted.
+    pub(super) incarnation: u64,
     pub(super) gate: Arc<Gate>,
     /// The broker's lanes, where an answer to a delivery of this lane looks for the lane of its reply.
     pub(super) lanes: Arc<Lanes>,
@@ -159,9 +175,10 @@ pub(super) struct LaneBook {
 }
 
 impl LaneBook {
-    pub(super) fn new(queue: Arc<str>, gate: Arc<Gate>, lanes: Arc<Lanes>) -> LaneBook {
+    pub(super) fn new(queue: Arc<str>, incarnation: u64, gate: Arc<Gate>, lanes: Arc<Lanes>) -> LaneBook {
         LaneBook {
             queue,
+            incarnation,
             gate,
             lanes,
             stripes: Striped::default(),
@@ -191,14 +208,17 @@ impl LaneBook {
 
     /// Puts back a delivery taken out to ack it whose ack failed; gives it back if the lane closed meanwhile,
     /// for the engine to queue again.
-    pub(super) fn put_back(&self, tag: u64, holding: Holding) -> Result<(), Holding> {
+    pub(super) fn put_back(&self, tag: u64, holding: Holding) -> Option<Holding> {
         let mut stripe = lock(self.stripe_of(tag));
-        stripe.counts.acked -= 1;
         if stripe.closed {
-            return Err(holding);
+            // The lane's counts went to the engine's when it closed, this ack among them if it was counted
+            // before: one ack too many there, in this rare race, and none taken off here.
+            stripe.counts.acked = stripe.counts.acked.saturating_sub(1);
+            return Some(holding);
         }
+        stripe.counts.acked -= 1;
         stripe.held.insert(tag, holding);
-        Ok(())
+        None
     }
 
     /// A settled delivery's call no longer stops a resend of it, once no delivery of it is held.
@@ -234,27 +254,29 @@ impl LaneBook {
         tags
     }
 
-    /// Closes the lane and takes out everything it holds, oldest first within each stripe.
-    pub(super) fn close(&self) -> Vec<Holding> {
+    /// Closes the lane and takes out everything it holds, oldest first, with what it counted: from now on the
+    /// queue's counters are the engine's alone.
+    pub(super) fn close(&self) -> (Vec<Holding>, Counts) {
         let mut all = Vec::new();
+        let mut total = Counts::default();
         for stripe in self.stripes.iter() {
             let mut stripe = lock(stripe);
             stripe.closed = true;
-            let mut held: Vec<(u64, Holding)> = stripe.held.drain().collect();
-            held.sort_by_key(|(tag, _)| *tag);
-            all.extend(held.into_iter().map(|(_, holding)| holding));
+            all.extend(stripe.held.drain().map(|(tag, holding)| (holding.at, tag, holding)));
+            let counts = std::mem::take(&mut stripe.counts);
+            total.published += counts.published;
+            total.delivered += counts.delivered;
+            total.acked += counts.acked;
+            total.cancelled += counts.cancelled;
         }
-        all
+        all.sort_by_key(|(at, tag, _)| (*at, *tag));
+        (all.into_iter().map(|(_, _, holding)| holding).collect(), total)
     }
 
     /// Adds what went down the lane to the engine's counters of its queue.
     pub(super) fn add_to(&self, stats: &mut QueueStats) {
         for stripe in self.stripes.iter() {
-            let counts = lock(stripe).counts;
-            stats.published += counts.published;
-            stats.delivered += counts.delivered;
-            stats.acked += counts.acked;
-            stats.cancelled += counts.cancelled;
+            lock(stripe).counts.add_to(stats);
         }
         stats.unacked += usize::try_from(self.gate.count()).unwrap_or(usize::MAX);
     }
@@ -285,6 +307,14 @@ impl Lanes {
             let mut lanes = stripe.get(&**queue).map(|lanes| lanes.0.clone()).unwrap_or_default();
             lanes.push(Arc::clone(lane));
             stripe.insert(Arc::clone(queue), Arc::new(QueueLanes(lanes)));
+        }
+    }
+
+    /// Removes every lane: the broker is gone, and with the lanes go their references to the consumers' sinks,
+    /// which ends the consumers.
+    pub(super) fn clear(&self) {
+        for stripe in self.stripes.iter() {
+            lock(stripe).clear();
         }
     }
 

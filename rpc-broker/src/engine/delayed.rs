@@ -45,6 +45,8 @@ impl<M: Clone> Engine<M> {
         target.delayed += 1;
         if let Some(key) = stored.key {
             target.keys.entry(key).or_default().delayed += 1;
+            // The queue knows a call now: its consumer's gate closes at the next dispatch (see `refresh_gates`).
+            super::queue::mark_dirty(target, &mut self.dirty);
         }
         let order = self.next_order;
         self.next_order += 1;

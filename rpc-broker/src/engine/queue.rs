@@ -22,10 +22,15 @@ pub(super) struct Expiry(u64);
 impl Expiry {
     pub(super) const NEVER: Expiry = Expiry(0);
 
-    /// The instant the offsets count from.
+    /// The instant the offsets count from: an hour before it was first asked for (where the clock goes back
+    /// that far), so that the instants a caller read just before, such as the `now` of the operation that asks
+    /// first, come after it.
     fn epoch() -> Instant {
         static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *EPOCH.get_or_init(Instant::now)
+        *EPOCH.get_or_init(|| {
+            let now = Instant::now();
+            now.checked_sub(Duration::from_secs(3_600)).unwrap_or(now)
+        })
     }
 
     /// `at`, or never. An instant before the epoch is 1 ns after it: passed as it was.
@@ -307,11 +312,17 @@ pub(super) fn dispatch_queue<M: Clone>(
 }
 
 /// Opens the gate of the queue's consumer if a message published now would go straight to it (see
-/// [`Gate`](super::Gate)), and closes the gates that may not be open: a message waits, or is cancelled in
-/// `ready`, or another consumer shares the queue, or the consumer is paused, held back or holds deliveries
-/// from the engine. A durable queue's messages all go through the engine, in the order its log has them.
+/// [`Gate`](super::Gate)), and closes the gates that may not be open: a message waits, or the queue knows a
+/// call (waiting, delayed or cancelled: a resend of a cancelled call must meet the engine), or another consumer
+/// shares the queue, or the consumer is paused, held back or holds deliveries from the engine. A durable
+/// queue's messages all go through the engine, in the order its log has them, and a queue with a maximum
+/// length counts what waits against it there.
 fn refresh_gates<M>(queue: &Queue<M>, consumers: &HashMap<ConsumerId, Consumer<M>>) {
-    let open = queue.ready_len == 0 && queue.tombstones == 0 && !queue.config.durable && queue.consumers.len() == 1;
+    let open = queue.ready_len == 0
+        && queue.keys.is_empty()
+        && !queue.config.durable
+        && queue.config.max_len.is_none()
+        && queue.consumers.len() == 1;
     for id in &queue.consumers {
         if let Some(consumer) = consumers.get(id)
             && let Some(gate) = &consumer.gate
