@@ -273,12 +273,15 @@ impl LaneBook {
         (all.into_iter().map(|(_, _, holding)| holding).collect(), total)
     }
 
-    /// Adds what went down the lane to the engine's counters of its queue.
+    /// Adds what went down the lane to the engine's counters of its queue. What it holds counts as unacked: a
+    /// delivery leaves the book as its ack is counted, before its reply is published (the gate gives its slot
+    /// back after), so that whoever the reply wakes reads the ack.
     pub(super) fn add_to(&self, stats: &mut QueueStats) {
         for stripe in self.stripes.iter() {
-            lock(stripe).counts.add_to(stats);
+            let stripe = lock(stripe);
+            stripe.counts.add_to(stats);
+            stats.unacked += stripe.held.len();
         }
-        stats.unacked += usize::try_from(self.gate.count()).unwrap_or(usize::MAX);
     }
 }
 
