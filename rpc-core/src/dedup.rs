@@ -89,15 +89,6 @@ pub trait DedupStore: Send + Sync + fmt::Debug + 'static {
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
 }
 
-enum Entry {
-    /// Executing now; the sender exists once a duplicate waits on it (dropping it wakes the duplicates).
-    Running(Option<watch::Sender<()>>),
-    Done {
-        reply: Kept,
-        at: Instant,
-    },
-}
-
 /// An outcome as [`MemoryDedup`] keeps it: a small body (most replies) copied inline, so that keeping it
 /// allocates nothing and forgetting it frees nothing; a larger one shared; a failure boxed (a status is large,
 /// and rare among outcomes).
@@ -163,41 +154,53 @@ const SHARD_CAPACITY: usize = 4_096;
 /// The most shards a store has.
 const MAX_SHARDS: usize = 16;
 
-/// The keys live in `slots`, each with its hash (which growing or tidying the table reads); the table maps a
-/// hash to the slot of its key and holds nothing but the slot's number. Under constant churn the table settles
-/// at about four buckets per kept key (hashbrown tidies its tombstones in place only while the keys fill at most
-/// half of it), so its entries' size decides whether a lookup misses the cache: at 4 bytes each, the default
-/// store's table is about 1 MB. Storing a new key makes no allocation once the slots are there (most keys fit
-/// inline), and forgetting the oldest outcome finds it by its slot and stamp without hashing or comparing its key.
+/// One shard's outcomes, in a ring in the order they were stored, and the keys being executed now.
+///
+/// The ring is where forgetting happens: the oldest outcome is at its front, so forgetting reads and frees
+/// memory in the order it was written, which the processor fetches ahead, rather than a slot somewhere in a
+/// few megabytes per outcome. The tables that find an outcome by its key are by time: a key that is a version
+/// 7 UUID in hex, as a client's default key is (its correlation id), goes to the table of its 16-millisecond
+/// epoch ([`epoch_of`]), any other key to one table of their own. A fresh key is then looked up and stored in
+/// a table of the last few milliseconds' keys, which stays in the cache, and forgetting the oldest outcomes
+/// empties the oldest tables, which are dropped whole. A table holds only the outcome's number (and its hash,
+/// for growing), so that a lookup compares one key.
 struct Memory {
     capacity: usize,
     window: Duration,
-    /// The slot of every remembered key, placed by the key's hash.
-    table: hashbrown::HashTable<u32>,
-    slots: Vec<Option<Slot>>,
-    /// Slots free for reuse.
-    free: Vec<u32>,
-    /// The stored outcomes, oldest first, with when each was stored (so that the oldest one's age is known
-    /// without reading its slot). A record whose slot holds another stamp now (the key was claimed again, or
-    /// forgotten and the slot reused) is stale and skipped.
-    order: VecDeque<Stored>,
-    /// The stamp of the next stored outcome; stamps start at 1, and a running key has stamp 0.
-    next_stamp: u64,
+    /// Keys claimed and not completed, by hash: about as many as calls in flight.
+    running: hashbrown::HashTable<Running>,
+    /// The stored outcomes, oldest first: `done[i]` is outcome number `first + i`. An outcome whose key was
+    /// claimed again (or completed again) stays here, no longer in a table, until it is forgotten.
+    done: VecDeque<Done>,
+    /// The number of the outcome at the front of `done`.
+    first: u64,
+    /// The number of every outcome in `done` that is its key's latest, by the epoch of the key and then by
+    /// its hash; oldest epoch first, none empty.
+    tables: VecDeque<(u64, hashbrown::HashTable<Indexed>)>,
 }
 
-/// The record of one stored outcome in [`Memory::order`].
-#[derive(Clone, Copy)]
-struct Stored {
-    slot: u32,
-    stamp: u64,
+/// A key being executed.
+struct Running {
+    hash: u64,
+    key: Key,
+    /// Exists once a duplicate waits on it; dropping it wakes the duplicates.
+    waiting: Option<watch::Sender<()>>,
+}
+
+/// A stored outcome.
+struct Done {
+    hash: u64,
+    epoch: u64,
+    key: Key,
+    reply: Kept,
     at: Instant,
 }
 
-struct Slot {
+/// A table's entry: an outcome's number, and its key's hash.
+#[derive(Clone, Copy)]
+struct Indexed {
     hash: u64,
-    key: Key,
-    stamp: u64,
-    entry: Entry,
+    number: u64,
 }
 
 /// A key as stored: inline up to [`Key::INLINE`] bytes (a UUID in any of its text forms fits), on the heap
@@ -228,6 +231,40 @@ impl Key {
             Key::Heap(bytes) => bytes,
         }
     }
+}
+
+/// The epoch of `key`: for a version 7 UUID in hex (32 digits, lowercase), the 16-millisecond span of its
+/// time (its first 11 digits); for any other key, 0 (the oldest: the newest tables are the ones looked at
+/// first). Only the first 13 digits are read: it places keys, and any key that looks like one has its place.
+fn epoch_of(key: &[u8]) -> u64 {
+    /// Each byte's value as a lowercase hex digit, or 16 for a byte that is not one.
+    const DIGITS: [u8; 256] = {
+        let mut digits = [16u8; 256];
+        let mut n = 0;
+        while n < 10 {
+            digits[b'0' as usize + n] = n as u8;
+            n += 1;
+        }
+        let mut n = 0;
+        while n < 6 {
+            digits[b'a' as usize + n] = 10 + n as u8;
+            n += 1;
+        }
+        digits
+    };
+    let Some(head) = key.first_chunk::<13>() else { return 0 };
+    if key.len() != 32 || head[12] != b'7' {
+        return 0;
+    }
+    let mut epoch = 0u64;
+    let mut invalid = 0u8;
+    for &digit in &head[..11] {
+        let value = DIGITS[usize::from(digit)];
+        invalid |= value;
+        epoch = (epoch << 4) | u64::from(value & 0x0f);
+    }
+    // Only a byte that is not a digit has the bit of 16.
+    if invalid & 0x10 == 0 { epoch } else { 0 }
 }
 
 impl fmt::Debug for MemoryDedup {
@@ -264,11 +301,10 @@ impl MemoryDedup {
                 Shard(Mutex::new(Memory {
                     capacity: capacity.div_ceil(count),
                     window,
-                    table: hashbrown::HashTable::new(),
-                    slots: Vec::new(),
-                    free: Vec::new(),
-                    order: VecDeque::new(),
-                    next_stamp: 1,
+                    running: hashbrown::HashTable::new(),
+                    done: VecDeque::new(),
+                    first: 0,
+                    tables: VecDeque::new(),
                 }))
             })
             .collect();
@@ -277,7 +313,7 @@ impl MemoryDedup {
 
     /// Keys remembered now, running ones included.
     pub fn len(&self) -> usize {
-        (0..self.inner.shards.len()).map(|shard| self.lock_shard(shard).table.len()).sum()
+        (0..self.inner.shards.len()).map(|shard| self.lock_shard(shard).len()).sum()
     }
 
     /// Whether no key is remembered.
@@ -289,7 +325,7 @@ impl MemoryDedup {
         std::hash::BuildHasher::hash_one(&self.inner.hasher, key)
     }
 
-    /// The shard of the key whose hash is `hash`, locked. Its bits 40 and up pick it: the table in the shard
+    /// The shard of the key whose hash is `hash`, locked. Its bits 40 and up pick it: a table in the shard
     /// places keys by the low bits and tells them apart by the top seven.
     fn lock(&self, hash: u64) -> MutexGuard<'_, Memory> {
         // The shard count is a power of two, at most 16.
@@ -303,69 +339,86 @@ impl MemoryDedup {
 }
 
 impl Memory {
-    /// The slot of `key`, whose hash is `hash`.
-    fn find(&self, hash: u64, key: &str) -> Option<u32> {
-        let slots = &self.slots;
-        let found = self.table.find(hash, |&slot| {
-            slots
-                .get(slot as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|found| found.hash == hash && found.key.as_bytes() == key.as_bytes())
+    /// Keys remembered, running ones included.
+    fn len(&self) -> usize {
+        self.running.len() + self.tables.iter().map(|(_, table)| table.len()).sum::<usize>()
+    }
+
+    /// Where the table of `epoch` is in `tables`, or where it would go.
+    fn table_index(&self, epoch: u64) -> Result<usize, usize> {
+        // Nearly every key looked up is of the newest epoch, and nearly every outcome forgotten of the oldest.
+        match (self.tables.front(), self.tables.back()) {
+            (_, Some((last, _))) if *last == epoch => Ok(self.tables.len() - 1),
+            (_, Some((last, _))) if *last < epoch => Err(self.tables.len()),
+            (Some((first, _)), _) if *first == epoch => Ok(0),
+            _ => self.tables.binary_search_by_key(&epoch, |(epoch, _)| *epoch),
+        }
+    }
+
+    /// The number of the latest outcome of `key` (hash `hash`, epoch `epoch`), if it is remembered.
+    fn find_done(&self, hash: u64, epoch: u64, key: &str) -> Option<u64> {
+        let table = &self.tables.get(self.table_index(epoch).ok()?)?.1;
+        let found = table.find(hash, |indexed| {
+            indexed.hash == hash
+                && self.outcome(indexed.number).is_some_and(|done| done.key.as_bytes() == key.as_bytes())
         });
-        found.copied()
+        found.map(|indexed| indexed.number)
     }
 
-    fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
-        self.slots.get_mut(slot as usize).and_then(Option::as_mut)
+    fn outcome(&self, number: u64) -> Option<&Done> {
+        self.done.get(usize::try_from(number.checked_sub(self.first)?).ok()?)
     }
 
-    /// Remembers `key` (not remembered now) with `entry` and `stamp`; its slot.
-    fn insert(&mut self, hash: u64, key: &str, stamp: u64, entry: Entry) -> u32 {
-        let filled = Some(Slot { hash, key: Key::new(key), stamp, entry });
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = filled;
-                slot
-            }
-            None => {
-                // More slots than a u32 counts would be past any memory this store may use.
-                let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
-                self.slots.push(filled);
-                slot
-            }
-        };
-        let slots = &self.slots;
-        self.table.insert_unique(hash, slot, |&slot| {
-            slots.get(slot as usize).and_then(Option::as_ref).map_or(0, |found| found.hash)
-        });
-        slot
-    }
-
-    /// Forgets the key in `slot`.
-    fn remove(&mut self, slot: u32) {
-        let Some(gone) = self.slots.get_mut(slot as usize).and_then(Option::take) else { return };
-        if let Ok(entry) = self.table.find_entry(gone.hash, |&stored| stored == slot) {
+    /// Takes outcome `number` (of a key with hash `hash` and epoch `epoch`) out of its table; drops the table
+    /// once it is empty. The outcome stays in the ring until it is forgotten.
+    fn unindex(&mut self, hash: u64, epoch: u64, number: u64) {
+        let Ok(index) = self.table_index(epoch) else { return };
+        let table = &mut self.tables[index].1;
+        if let Ok(entry) = table.find_entry(hash, |indexed| indexed.number == number) {
             entry.remove();
         }
-        self.free.push(slot);
+        if table.is_empty() {
+            self.tables.remove(index);
+        }
     }
 
-    /// Forgets outcomes past the window, and the oldest ones past the capacity: down to 1/64 under it at once,
-    /// so that the slots and table entries of a batch are looked up together rather than one per call (each is
-    /// somewhere in a few megabytes, and a batch's lookups overlap).
+    /// Stores `reply` as the latest outcome of `key` (hash `hash`, epoch `epoch`, not running, no latest
+    /// outcome indexed).
+    fn store(&mut self, hash: u64, epoch: u64, key: Key, reply: Kept, at: Instant) {
+        let number = self.first + self.done.len() as u64;
+        self.done.push_back(Done { hash, epoch, key, reply, at });
+        let index = match self.table_index(epoch) {
+            Ok(index) => index,
+            Err(index) => {
+                // Sized as the newest table: an epoch's keys are about as many as the one's before.
+                let size = self.tables.back().map_or(0, |(_, table)| table.len());
+                self.tables.insert(index, (epoch, hashbrown::HashTable::with_capacity(size)));
+                index
+            }
+        };
+        self.tables[index].1.insert_unique(hash, Indexed { hash, number }, |indexed| indexed.hash);
+    }
+
+    /// The running claim on `key`, taken out.
+    fn take_running(&mut self, hash: u64, key: &str) -> Option<Running> {
+        let found = self.running.find_entry(hash, |running| running.key.as_bytes() == key.as_bytes()).ok()?;
+        Some(found.remove().0)
+    }
+
+    /// Forgets outcomes past the window, and the oldest ones past the capacity: down to 1/64 under it at once.
     fn forget_old(&mut self, now: Instant) {
         let mut keep = self.capacity;
-        while let Some(&Stored { slot, stamp, at }) = self.order.front() {
-            if self.order.len() > keep {
+        while let Some(oldest) = self.done.front() {
+            if self.done.len() > keep {
                 keep = self.capacity - self.capacity / 64;
-            } else if now.saturating_duration_since(at) < self.window {
+            } else if now.saturating_duration_since(oldest.at) < self.window {
                 break;
             }
-            // The key may have been claimed again after it was forgotten once: remove only that outcome.
-            if self.slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|found| found.stamp == stamp) {
-                self.remove(slot);
-            }
-            self.order.pop_front();
+            let (hash, epoch, number) = (oldest.hash, oldest.epoch, self.first);
+            // Not in a table any more if its key was claimed or completed again since.
+            self.unindex(hash, epoch, number);
+            self.done.pop_front();
+            self.first += 1;
         }
     }
 }
@@ -373,29 +426,32 @@ impl Memory {
 impl DedupStore for MemoryDedup {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begin, Error>> {
         let hash = self.hash(key);
+        let epoch = epoch_of(key.as_bytes());
         let mut memory = self.lock(hash);
-        // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as gone.
-        let window = memory.window;
-        let begin = match memory.find(hash, key).and_then(|slot| memory.slot_mut(slot)) {
-            Some(found) => match &mut found.entry {
-                Entry::Done { reply, at } if at.elapsed() < window => Begin::Done(reply.reply()),
-                Entry::Running(sender) => {
-                    let mut changed = sender.get_or_insert_with(|| watch::channel(()).0).subscribe();
-                    Begin::InProgress(Some(Box::pin(async move {
-                        let _ = changed.changed().await;
-                    })))
+        let begin =
+            if let Some(running) = memory.running.find_mut(hash, |running| running.key.as_bytes() == key.as_bytes()) {
+                let mut changed = running.waiting.get_or_insert_with(|| watch::channel(()).0).subscribe();
+                Begin::InProgress(Some(Box::pin(async move {
+                    let _ = changed.changed().await;
+                })))
+            } else {
+                // Outcomes past the window are forgotten as outcomes are stored; one still here past it counts as
+                // gone.
+                let window = memory.window;
+                let found = memory.find_done(hash, epoch, key);
+                let fresh = found.and_then(|number| memory.outcome(number)).filter(|done| done.at.elapsed() < window);
+                match fresh {
+                    Some(done) => Begin::Done(done.reply.reply()),
+                    None => {
+                        if let Some(number) = found {
+                            memory.unindex(hash, epoch, number);
+                        }
+                        let running = Running { hash, key: Key::new(key), waiting: None };
+                        memory.running.insert_unique(hash, running, |running| running.hash);
+                        Begin::Execute
+                    }
                 }
-                Entry::Done { .. } => {
-                    found.entry = Entry::Running(None);
-                    found.stamp = 0;
-                    Begin::Execute
-                }
-            },
-            None => {
-                memory.insert(hash, key, 0, Entry::Running(None));
-                Begin::Execute
-            }
-        };
+            };
         match begin {
             // The common answer: a zero-sized future (see `transport::finished`).
             Begin::Execute => Box::pin(std::future::poll_fn(|_| Poll::Ready(Ok(Begin::Execute)))),
@@ -410,23 +466,21 @@ impl DedupStore for MemoryDedup {
     fn complete_borrowed<'a>(&'a self, key: &'a str, reply: &StoredReply) -> BoxFuture<'a, Result<(), Error>> {
         let reply = Kept::of(reply);
         let hash = self.hash(key);
+        let epoch = epoch_of(key.as_bytes());
         let mut memory = self.lock(hash);
         let now = Instant::now();
-        let stamp = memory.next_stamp;
-        memory.next_stamp += 1;
-        // Replacing the `Running` entry drops its sender, which wakes the duplicates waiting on it.
-        let done = Entry::Done { reply, at: now };
-        let slot = match memory.find(hash, key) {
-            Some(slot) => {
-                if let Some(found) = memory.slot_mut(slot) {
-                    found.entry = done;
-                    found.stamp = stamp;
+        // Dropping the claim's sender wakes the duplicates waiting on it. A key completed without a claim
+        // (or twice) replaces its outcome.
+        let stored = match memory.take_running(hash, key) {
+            Some(running) => running.key,
+            None => {
+                if let Some(number) = memory.find_done(hash, epoch, key) {
+                    memory.unindex(hash, epoch, number);
                 }
-                slot
+                Key::new(key)
             }
-            None => memory.insert(hash, key, stamp, done),
         };
-        memory.order.push_back(Stored { slot, stamp, at: now });
+        memory.store(hash, epoch, stored, reply, now);
         memory.forget_old(now);
         crate::transport::finished(Ok(()))
     }
@@ -434,11 +488,7 @@ impl DedupStore for MemoryDedup {
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
         let hash = self.hash(key);
         let mut memory = self.lock(hash);
-        if let Some(slot) = memory.find(hash, key)
-            && matches!(memory.slot_mut(slot), Some(Slot { entry: Entry::Running(_), .. }))
-        {
-            memory.remove(slot);
-        }
+        drop(memory.take_running(hash, key));
         Box::pin(std::future::poll_fn(|_| Poll::Ready(())))
     }
 }
@@ -514,7 +564,7 @@ mod tests {
         }
         // Past the capacity, down to 1/64 under it at once.
         assert!((99..=100).contains(&store.len()), "{} kept", store.len());
-        assert!(store.lock_shard(0).slots.len() <= 101, "the slots of forgotten keys are not reused");
+        assert!(store.lock_shard(0).done.len() <= 100, "forgotten outcomes are kept");
         assert!(matches!(store.begin("999").await, Ok(Begin::Done(_))));
         assert!(matches!(store.begin("0").await, Ok(Begin::Execute)), "the oldest was forgotten");
     }
@@ -586,6 +636,62 @@ mod tests {
         }
     }
 
+    /// A version 7 id made at `millis`, in the form of a client's default key.
+    fn v7_key(millis: u64, n: u64) -> String {
+        let mut random = [0u8; 10];
+        random[2..].copy_from_slice(&n.to_be_bytes());
+        uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid().simple().to_string()
+    }
+
+    #[test]
+    fn a_key_is_placed_by_the_time_of_its_id_when_it_is_one() {
+        let millis = 1_765_000_000_123;
+        let key = v7_key(millis, 1);
+        let epoch = |key: &str| epoch_of(key.as_bytes());
+        assert_eq!(epoch(&key), millis >> 4);
+        assert_eq!(epoch(&v7_key(millis + 15 - millis % 16, 2)), millis >> 4, "same 16 ms");
+        // Other forms and other keys share epoch 0.
+        assert_eq!(epoch(&key.to_uppercase()), 0);
+        assert_eq!(epoch(&uuid::Uuid::parse_str(&key).expect("an id").hyphenated().to_string()), 0);
+        assert_eq!(epoch(&uuid::Uuid::new_v4().simple().to_string()), 0);
+        assert_eq!(epoch("order-17"), 0);
+        assert_eq!(epoch(""), 0);
+    }
+
+    #[tokio::test]
+    async fn keys_in_tables_by_time_are_found_and_the_oldest_tables_go_whole() {
+        let store = MemoryDedup::new(5_000, Duration::from_secs(600));
+        let start = 1_765_000_000_000u64;
+        let key = |n: u64| match n % 10 {
+            // A caller's own keys, and a client whose clock is 100 ms behind, among the default keys.
+            0 => format!("order-{n}"),
+            1 => v7_key(start + n / 20 - 100, n),
+            _ => v7_key(start + n / 20, n),
+        };
+        // Claimed and never completed: kept whatever is forgotten around it.
+        let running = key(3);
+        assert!(matches!(store.begin(&running).await, Ok(Begin::Execute)));
+        for n in 4..20_000 {
+            assert!(matches!(store.begin(&key(n)).await, Ok(Begin::Execute)), "key {n} was claimed already");
+            store.complete(&key(n), Ok(Bytes::from(n.to_string()))).await.expect("stored");
+        }
+        assert!(store.len() <= 5_001, "{} kept", store.len());
+        for n in 20_000 - 4_000..20_000 {
+            assert_eq!(body(store.begin(&key(n)).await.expect("begins")), n.to_string().as_bytes(), "key {n}");
+        }
+        assert!(matches!(store.begin(&running).await, Ok(Begin::InProgress(_))), "the running claim was lost");
+        assert!(matches!(store.begin(&key(4)).await, Ok(Begin::Execute)), "the oldest outcome was kept");
+        // What is left: the tables of the kept keys' epochs (5,000 keys over 250 ms, 16 ms each, and the lagging
+        // clock's), the caller's keys' table and the running key's; oldest first, none empty.
+        let memory = store.lock_shard(0);
+        assert!(memory.tables.len() <= 2 * (250 / 16 + 2) + 2, "{} tables", memory.tables.len());
+        assert!(memory.tables.iter().all(|(_, table)| !table.is_empty()));
+        assert!(memory.tables.iter().zip(memory.tables.iter().skip(1)).all(|(a, b)| a.0 < b.0));
+        // The two claims: the running key's, and the oldest key's, claimed again above.
+        assert_eq!(memory.running.len(), 2);
+        assert!(memory.done.len() <= 5_000);
+    }
+
     #[tokio::test]
     async fn a_large_store_is_split_into_shards_that_each_forget_their_oldest_outcomes() {
         let store = MemoryDedup::default();
@@ -601,8 +707,8 @@ mod tests {
         let kept = store.len();
         assert!((65_536 - 65_536 / 64..=65_536).contains(&kept), "{kept} kept");
         for shard in 0..MAX_SHARDS {
-            let memory = store.lock_shard(shard);
-            assert!(memory.table.len() <= SHARD_CAPACITY && memory.table.len() > SHARD_CAPACITY / 2, "shard {shard}");
+            let kept = store.lock_shard(shard).len();
+            assert!(kept <= SHARD_CAPACITY && kept > SHARD_CAPACITY / 2, "shard {shard}");
         }
         for n in 100_000 - 30_000..100_000u128 {
             let key = uuid::Uuid::from_u128(n).simple().to_string();
