@@ -32,7 +32,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -125,12 +126,17 @@ impl Kept {
     }
 }
 
-/// The default [`DedupStore`]: in this process's memory, at most `capacity` outcomes, each kept for `window`.
-/// Past the capacity the oldest outcomes are forgotten first, down to 1/64 under the capacity at once.
+/// The default [`DedupStore`]: in this process's memory, `capacity` outcomes, each kept for `window`. Past the
+/// capacity the oldest outcomes are forgotten first, down to 1/64 under the capacity at once.
 ///
-/// A large store is split by the keys' hashes into up to 16 shards of at least 4,096 outcomes, each behind a
-/// lock of its own, so that a server's threads do not wait for one another at every call; the oldest outcomes
-/// are then forgotten first within each shard.
+/// A large store is split into up to 16 shards (one per 4,096 outcomes of its capacity), each behind a lock of
+/// its own, so that a server's threads do not wait for one another at every call. A client's default key (its
+/// correlation id) goes to the shard of the thread that made the call, which is named in its last digit: a
+/// call handled on the thread it was made on, as the embedded broker hands calls over, keeps to one shard and
+/// its cache lines. Any other key goes to a shard by its hash. The shards share the capacity: each may hold its
+/// share of it, and more while the others hold less; a shard out of room forgets the other shards' outcomes
+/// that are older than its own oldest first, then its own oldest. The store may then hold up to 1/64 over its
+/// capacity for a moment, while shards that store at once each make room.
 #[derive(Clone)]
 pub struct MemoryDedup {
     inner: Arc<Shards>,
@@ -141,11 +147,21 @@ struct Shards {
     /// Hashed with foldhash under a per-process random seed: keys come from callers.
     hasher: hashbrown::DefaultHashBuilder,
     shards: Box<[Shard]>,
+    /// The most outcomes the shards hold together.
+    capacity: usize,
+    /// What each shard may hold whatever the others hold: the capacity over the shards.
+    share: usize,
+    /// How many outcomes a shard stores between two looks at what the others hold.
+    check_every: usize,
 }
 
 /// One shard, alone on its cache lines.
 #[repr(align(128))]
-struct Shard(Mutex<Memory>);
+struct Shard {
+    memory: Mutex<Memory>,
+    /// How many outcomes the shard holds, written under its lock, read by the other shards without it.
+    held: AtomicUsize,
+}
 
 /// The fewest outcomes a shard holds: a smaller store is one shard, and forgets its oldest outcomes exactly in
 /// order.
@@ -165,7 +181,10 @@ const MAX_SHARDS: usize = 16;
 /// empties the oldest tables, which are dropped whole. A table holds only the outcome's number (and its hash,
 /// for growing), so that a lookup compares one key.
 struct Memory {
-    capacity: usize,
+    /// The most outcomes this shard holds now: its share, or more while the other shards hold less.
+    limit: usize,
+    /// Outcomes stored since the last look at what the other shards hold.
+    unchecked: usize,
     window: Duration,
     /// Keys claimed and not completed, by hash: about as many as calls in flight.
     running: hashbrown::HashTable<Running>,
@@ -233,25 +252,26 @@ impl Key {
     }
 }
 
+/// Each byte's value as a lowercase hex digit, or 16 for a byte that is not one.
+const HEX_DIGITS: [u8; 256] = {
+    let mut digits = [16u8; 256];
+    let mut n = 0;
+    while n < 10 {
+        digits[b'0' as usize + n] = n as u8;
+        n += 1;
+    }
+    let mut n = 0;
+    while n < 6 {
+        digits[b'a' as usize + n] = 10 + n as u8;
+        n += 1;
+    }
+    digits
+};
+
 /// The epoch of `key`: for a version 7 UUID in hex (32 digits, lowercase), the 16-millisecond span of its
 /// time (its first 11 digits); for any other key, 0 (the oldest: the newest tables are the ones looked at
 /// first). Only the first 13 digits are read: it places keys, and any key that looks like one has its place.
 fn epoch_of(key: &[u8]) -> u64 {
-    /// Each byte's value as a lowercase hex digit, or 16 for a byte that is not one.
-    const DIGITS: [u8; 256] = {
-        let mut digits = [16u8; 256];
-        let mut n = 0;
-        while n < 10 {
-            digits[b'0' as usize + n] = n as u8;
-            n += 1;
-        }
-        let mut n = 0;
-        while n < 6 {
-            digits[b'a' as usize + n] = 10 + n as u8;
-            n += 1;
-        }
-        digits
-    };
     let Some(head) = key.first_chunk::<13>() else { return 0 };
     if key.len() != 32 || head[12] != b'7' {
         return 0;
@@ -259,7 +279,7 @@ fn epoch_of(key: &[u8]) -> u64 {
     let mut epoch = 0u64;
     let mut invalid = 0u8;
     for &digit in &head[..11] {
-        let value = DIGITS[usize::from(digit)];
+        let value = HEX_DIGITS[usize::from(digit)];
         invalid |= value;
         epoch = (epoch << 4) | u64::from(value & 0x0f);
     }
@@ -269,12 +289,9 @@ fn epoch_of(key: &[u8]) -> u64 {
 
 impl fmt::Debug for MemoryDedup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (capacity, window) = {
-            let memory = self.lock_shard(0);
-            (memory.capacity * self.inner.shards.len(), memory.window)
-        };
+        let window = self.lock_shard(0).window;
         f.debug_struct("MemoryDedup")
-            .field("capacity", &capacity)
+            .field("capacity", &self.inner.capacity)
             .field("window", &window)
             .field("shards", &self.inner.shards.len())
             .field("entries", &self.len())
@@ -290,25 +307,30 @@ impl Default for MemoryDedup {
 }
 
 impl MemoryDedup {
-    /// A store of at most `capacity` outcomes (at least 1), each remembered for `window`.
+    /// A store of `capacity` outcomes (at least 1; a store of 8,192 or more, in shards, may hold up to 1/64
+    /// over it for a moment), each remembered for `window`.
     pub fn new(capacity: usize, window: Duration) -> MemoryDedup {
         let capacity = capacity.max(1);
         // A power of two, so that a hash's bits pick the shard.
         let count = (capacity / SHARD_CAPACITY).clamp(1, MAX_SHARDS);
         let count = if count.is_power_of_two() { count } else { count.next_power_of_two() / 2 };
+        let share = capacity.div_ceil(count);
         let shards = (0..count)
-            .map(|_| {
-                Shard(Mutex::new(Memory {
-                    capacity: capacity.div_ceil(count),
+            .map(|_| Shard {
+                memory: Mutex::new(Memory {
+                    limit: share,
+                    unchecked: 0,
                     window,
                     running: hashbrown::HashTable::new(),
                     done: VecDeque::new(),
                     first: 0,
                     tables: VecDeque::new(),
-                }))
+                }),
+                held: AtomicUsize::new(0),
             })
             .collect();
-        MemoryDedup { inner: Arc::new(Shards { hasher: hashbrown::DefaultHashBuilder::default(), shards }) }
+        let hasher = hashbrown::DefaultHashBuilder::default();
+        MemoryDedup { inner: Arc::new(Shards { hasher, shards, capacity, share, check_every: (share / 64).max(1) }) }
     }
 
     /// Keys remembered now, running ones included.
@@ -325,16 +347,73 @@ impl MemoryDedup {
         std::hash::BuildHasher::hash_one(&self.inner.hasher, key)
     }
 
-    /// The shard of the key whose hash is `hash`, locked. Its bits 40 and up pick it: a table in the shard
-    /// places keys by the low bits and tells them apart by the top seven.
-    fn lock(&self, hash: u64) -> MutexGuard<'_, Memory> {
+    /// The shard of `key` (hash `hash`, epoch `epoch`). A key with an epoch is a version 7 UUID in hex, as a
+    /// client's default key is: its last digit names the calling thread's stripe
+    /// (`PendingMap::correlation_id`), and picks the shard. Any other key's hash picks it, by its bits 40 and
+    /// up: a table in the shard places keys by the low bits and tells them apart by the top seven.
+    fn shard_of(&self, key: &[u8], hash: u64, epoch: u64) -> usize {
         // The shard count is a power of two, at most 16.
-        let shard = (hash >> 40) as usize & (self.inner.shards.len() - 1);
-        self.lock_shard(shard)
+        let mask = self.inner.shards.len() - 1;
+        match key.last() {
+            Some(&last) if epoch != 0 => usize::from(HEX_DIGITS[usize::from(last)]) & mask,
+            _ => (hash >> 40) as usize & mask,
+        }
     }
 
     fn lock_shard(&self, shard: usize) -> MutexGuard<'_, Memory> {
-        self.inner.shards[shard].0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.shards[shard].memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps shard `index` (locked, as `memory`) within its room after an outcome was stored, and forgets its
+    /// outcomes past the window. Every `check_every` outcomes, or once past its limit, a shard looks at what
+    /// the others hold, and when the store is full it first forgets their outcomes older than its own oldest,
+    /// as many as the store holds over its capacity and 1/64 of it (none under a shard's share, in the shards
+    /// it can lock without waiting), then its own past its limit.
+    fn make_room(&self, index: usize, memory: &mut Memory, now: Instant) {
+        let shards = &*self.inner;
+        if shards.shards.len() > 1 {
+            memory.unchecked += 1;
+            if memory.unchecked >= shards.check_every || memory.done.len() > memory.limit {
+                memory.unchecked = 0;
+                let mut others = shards.held_by_others(index);
+                if others + memory.done.len() > shards.capacity
+                    && let Some(oldest) = memory.done.front().map(|done| done.at)
+                {
+                    // What is over the capacity, and the 1/64 that a shard forgets at once.
+                    let mut over = others + memory.done.len() - shards.capacity + shards.capacity / 64;
+                    for (other, shard) in shards.shards.iter().enumerate() {
+                        if over == 0 {
+                            break;
+                        }
+                        if other == index || shard.held.load(Ordering::Relaxed) <= shards.share {
+                            continue;
+                        }
+                        // Never waits, so that two shards making room at once cannot wait for each other.
+                        let mut them = match shard.memory.try_lock() {
+                            Ok(them) => them,
+                            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                            Err(TryLockError::WouldBlock) => continue,
+                        };
+                        let held = them.done.len();
+                        them.forget_before(oldest, held.saturating_sub(over).max(shards.share));
+                        over -= held - them.done.len();
+                        shard.held.store(them.done.len(), Ordering::Relaxed);
+                    }
+                    others = shards.held_by_others(index);
+                }
+                memory.limit = shards.capacity.saturating_sub(others).max(shards.share);
+            }
+        }
+        memory.forget_old(now);
+        shards.shards[index].held.store(memory.done.len(), Ordering::Relaxed);
+    }
+}
+
+impl Shards {
+    /// The outcomes held by every shard but `index`, as they last published it.
+    fn held_by_others(&self, index: usize) -> usize {
+        let all = self.shards.iter().enumerate().filter(|(other, _)| *other != index);
+        all.map(|(_, shard)| shard.held.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -405,21 +484,33 @@ impl Memory {
         Some(found.remove().0)
     }
 
-    /// Forgets outcomes past the window, and the oldest ones past the capacity: down to 1/64 under it at once.
+    /// Forgets outcomes past the window, and the oldest ones past the limit: down to 1/64 under it at once.
     fn forget_old(&mut self, now: Instant) {
-        let mut keep = self.capacity;
+        let mut keep = self.limit;
         while let Some(oldest) = self.done.front() {
             if self.done.len() > keep {
-                keep = self.capacity - self.capacity / 64;
+                keep = self.limit - self.limit / 64;
             } else if now.saturating_duration_since(oldest.at) < self.window {
                 break;
             }
-            let (hash, epoch, number) = (oldest.hash, oldest.epoch, self.first);
-            // Not in a table any more if its key was claimed or completed again since.
-            self.unindex(hash, epoch, number);
-            self.done.pop_front();
-            self.first += 1;
+            self.forget_oldest();
         }
+    }
+
+    /// Forgets outcomes stored before `at`, oldest first, while more than `floor` are held.
+    fn forget_before(&mut self, at: Instant, floor: usize) {
+        while self.done.len() > floor && self.done.front().is_some_and(|oldest| oldest.at < at) {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        let Some(oldest) = self.done.front() else { return };
+        let (hash, epoch, number) = (oldest.hash, oldest.epoch, self.first);
+        // Not in a table any more if its key was claimed or completed again since.
+        self.unindex(hash, epoch, number);
+        self.done.pop_front();
+        self.first += 1;
     }
 }
 
@@ -427,7 +518,7 @@ impl DedupStore for MemoryDedup {
     fn begin<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Begin, Error>> {
         let hash = self.hash(key);
         let epoch = epoch_of(key.as_bytes());
-        let mut memory = self.lock(hash);
+        let mut memory = self.lock_shard(self.shard_of(key.as_bytes(), hash, epoch));
         let begin =
             if let Some(running) = memory.running.find_mut(hash, |running| running.key.as_bytes() == key.as_bytes()) {
                 let mut changed = running.waiting.get_or_insert_with(|| watch::channel(()).0).subscribe();
@@ -467,7 +558,8 @@ impl DedupStore for MemoryDedup {
         let reply = Kept::of(reply);
         let hash = self.hash(key);
         let epoch = epoch_of(key.as_bytes());
-        let mut memory = self.lock(hash);
+        let index = self.shard_of(key.as_bytes(), hash, epoch);
+        let mut memory = self.lock_shard(index);
         let now = Instant::now();
         // Dropping the claim's sender wakes the duplicates waiting on it. A key completed without a claim
         // (or twice) replaces its outcome.
@@ -481,13 +573,13 @@ impl DedupStore for MemoryDedup {
             }
         };
         memory.store(hash, epoch, stored, reply, now);
-        memory.forget_old(now);
+        self.make_room(index, &mut memory, now);
         crate::transport::finished(Ok(()))
     }
 
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
         let hash = self.hash(key);
-        let mut memory = self.lock(hash);
+        let mut memory = self.lock_shard(self.shard_of(key.as_bytes(), hash, epoch_of(key.as_bytes())));
         drop(memory.take_running(hash, key));
         Box::pin(std::future::poll_fn(|_| Poll::Ready(())))
     }
@@ -628,7 +720,8 @@ mod tests {
             assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)), "key {n} was claimed already");
             store.complete(&key, Ok(Bytes::from(n.to_string()))).await.expect("stored");
         }
-        assert!(store.len() <= 10_000, "{} kept", store.len());
+        // Two shards, which share the capacity: up to 1/64 over it while both make room.
+        assert!(store.len() <= 10_000 + 10_000 / 64, "{} kept", store.len());
         // The newest outcomes are all there, each with its own body, after many rounds of forgetting.
         for n in 100_000 - 9_000..100_000 {
             let key = uuid::Uuid::from_u128(n).simple().to_string();
@@ -703,17 +796,105 @@ mod tests {
             assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)), "key {n} was claimed already");
             store.complete(&key, Ok(Bytes::new())).await.expect("stored");
         }
-        // Each shard keeps its newest, between 1/64 under its capacity and its capacity.
+        // Keys spread by their hashes: each shard keeps about its share of the newest, the store about its
+        // capacity (up to 1/64 over it, and 1/64 under it once the shards forget their oldest at once).
         let kept = store.len();
-        assert!((65_536 - 65_536 / 64..=65_536).contains(&kept), "{kept} kept");
+        assert!((65_536 - 2 * 65_536 / 64..=65_536 + 65_536 / 64).contains(&kept), "{kept} kept");
         for shard in 0..MAX_SHARDS {
             let kept = store.lock_shard(shard).len();
-            assert!(kept <= SHARD_CAPACITY && kept > SHARD_CAPACITY / 2, "shard {shard}");
+            assert!(kept <= 2 * SHARD_CAPACITY && kept > SHARD_CAPACITY / 2, "shard {shard} kept {kept}");
         }
         for n in 100_000 - 30_000..100_000u128 {
             let key = uuid::Uuid::from_u128(n).simple().to_string();
             assert!(matches!(store.begin(&key).await, Ok(Begin::Done(_))), "key {n} was forgotten");
         }
         assert!(matches!(store.begin(&uuid::Uuid::from_u128(0).simple().to_string()).await, Ok(Begin::Execute)));
+    }
+
+    /// A default key of a call made on the thread of `stripe`: a version 7 UUID whose last digit is the stripe.
+    fn striped_key(millis: u64, n: u64, stripe: u8) -> String {
+        let mut key = v7_key(millis, n << 4);
+        key.pop();
+        key.push(char::from_digit(u32::from(stripe), 16).expect("a digit"));
+        key
+    }
+
+    #[tokio::test]
+    async fn a_calling_threads_keys_keep_to_its_shard_which_may_take_the_whole_capacity() {
+        let store = MemoryDedup::default();
+        let start = 1_765_000_000_000u64;
+        // One thread's calls: every key in the shard of its stripe, which holds past its share.
+        for n in 0..70_000 {
+            let key = striped_key(start + n / 100, n, 5);
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)), "key {n} was claimed already");
+            store.complete(&key, Ok(Bytes::new())).await.expect("stored");
+        }
+        assert_eq!(store.lock_shard(5).done.len(), store.inner.shards[5].held.load(Ordering::Relaxed));
+        let kept = store.lock_shard(5).len();
+        assert_eq!(store.len(), kept, "another shard holds keys");
+        assert!((65_536 - 65_536 / 64..=65_536 + 65_536 / 64).contains(&kept), "{kept} kept");
+        for n in 70_000 - 60_000..70_000 {
+            let key = striped_key(start + n / 100, n, 5);
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Done(_))), "key {n} was forgotten");
+        }
+        // Another thread's calls, later: its shard takes room from the first one's oldest outcomes.
+        for n in 0..40_000 {
+            let key = striped_key(start + 1_000 + n / 100, n, 9);
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Execute)), "key {n} was claimed already");
+            store.complete(&key, Ok(Bytes::new())).await.expect("stored");
+            if n % 1_000 == 0 {
+                let done: usize = (0..MAX_SHARDS).map(|shard| store.lock_shard(shard).done.len()).sum();
+                assert!(done <= 65_536 + 65_536 / 64, "{done} outcomes held");
+            }
+        }
+        let second = store.lock_shard(9).done.len();
+        assert!(second >= 40_000 - 40_000 / 64, "the second shard kept {second}");
+        for n in 0..40_000 - 40_000 / 64 {
+            let key = striped_key(start + 1_000 + n / 100, n, 9);
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Done(_))), "key {n} of the second was forgotten");
+        }
+        // The first shard lost its oldest, and kept its newest.
+        let first = store.lock_shard(5).done.len();
+        assert!(first <= 65_536 + 65_536 / 64 - second, "the first shard kept {first}");
+        assert!(first >= 65_536 - 65_536 / 32 - second, "the first shard kept {first}");
+        for n in 70_000 - first as u64 / 2..70_000 {
+            let key = striped_key(start + n / 100, n, 5);
+            assert!(matches!(store.begin(&key).await, Ok(Begin::Done(_))), "key {n} of the first was forgotten");
+        }
+        assert!(matches!(store.begin(&striped_key(start + 100, 10_000, 5)).await, Ok(Begin::Execute)));
+        // A key that is not a client's default key goes by its hash, any last digit.
+        let other = store.shard_of(b"order-5", store.hash("order-5"), 0);
+        assert_eq!(other, (store.hash("order-5") >> 40) as usize & (MAX_SHARDS - 1));
+    }
+
+    #[test]
+    fn threads_storing_at_once_in_shards_of_their_own_share_the_capacity() {
+        let store = MemoryDedup::default();
+        let start = 1_765_000_000_000u64;
+        std::thread::scope(|scope| {
+            for stripe in [1u8, 2, 3, 4] {
+                let store = &store;
+                scope.spawn(move || {
+                    for n in 0..60_000 {
+                        let key = striped_key(start + n / 100, n, stripe);
+                        let begun = store.begin(&key).now_or_never().expect("ready").expect("begins");
+                        assert!(matches!(begun, Begin::Execute), "key {n} of stripe {stripe}");
+                        store.complete(&key, Ok(Bytes::new())).now_or_never().expect("ready").expect("stored");
+                    }
+                });
+            }
+        });
+        let held: Vec<usize> = (0..MAX_SHARDS).map(|shard| store.lock_shard(shard).done.len()).collect();
+        let total: usize = held.iter().sum();
+        // Each of the four made room on its own, a check apart at most.
+        assert!(total <= 65_536 + 65_536 / 64 + 4 * (4_096 / 64), "{held:?}");
+        for stripe in [1u8, 2, 3, 4] {
+            let kept = held[usize::from(stripe)];
+            assert!(kept >= 4_096, "stripe {stripe}: {held:?}");
+            for n in 60_000 - 2_000..60_000 {
+                let key = striped_key(start + n / 100, n, stripe);
+                assert!(matches!(store.begin(&key).now_or_never(), Some(Ok(Begin::Done(_)))), "{stripe}: {n}");
+            }
+        }
     }
 }
