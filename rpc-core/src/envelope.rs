@@ -138,19 +138,56 @@ pub struct Envelope {
 /// from the operating system's randomness), so that threads making ids at once share nothing: ids are ordered
 /// within a thread and unique across threads; across threads they are ordered to the millisecond.
 ///
+pub(crate) fn new_id() -> Uuid {
+    new_id_at(std::time::Instant::now())
+}
+
+/// [`new_id`], of the time `now` read by the caller: one reading of the clock serves a call's deadline and its
+/// id. The wall clock's time of `now` is the monotonic clock's, offset by the wall clock as this thread last
+/// read it, at most a second before: a step of the wall clock shows in ids within a second.
+///
 /// Never inlined: profiles count calls by it (each process of a call makes one id per call; see
 /// docs/performance.md, Profiling).
 #[inline(never)]
-pub(crate) fn new_id() -> Uuid {
+pub(crate) fn new_id_at(now: std::time::Instant) -> Uuid {
+    let now = unix_millis_at(now);
+    new_id_of_millis(now)
+}
+
+/// The wall clock's time at `now`, in milliseconds since 1970.
+fn unix_millis_at(now: std::time::Instant) -> u64 {
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    thread_local! {
+        /// When this thread last read the wall clock, on the monotonic clock and in milliseconds since 1970.
+        static WALL: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+    }
+    /// How long a reading of the wall clock serves.
+    const SERVES: std::time::Duration = std::time::Duration::from_secs(1);
+    let millis = |since: std::time::Duration| u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+    // `now` as counted from a reading of the wall clock made at `read`.
+    let from = |(read, at): (Instant, u64)| match now.checked_duration_since(read) {
+        Some(after) => at.saturating_add(millis(after)),
+        // A time from before the reading (read earlier, passed on late): counted back.
+        None => at.saturating_sub(millis(read - now)),
+    };
+    WALL.with(|wall| match wall.get() {
+        Some((read, at)) if now.max(read) - now.min(read) < SERVES => from((read, at)),
+        _ => {
+            let reading = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis));
+            wall.set(Some(reading));
+            from(reading)
+        }
+    })
+}
+
+/// [`new_id`], of the time `now` in milliseconds since 1970.
+fn new_id_of_millis(now: u64) -> Uuid {
     thread_local! {
         /// The millisecond of the last id, its counter, and the generator's state (0 until seeded).
         static IDS: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
     }
     /// The counter's width: 12 bits before the variant, 30 after it.
     const COUNTER_BITS: u32 = 42;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
     IDS.with(|ids| {
         let (mut millis, mut counter, mut state) = ids.get();
         if state == 0 {
@@ -223,7 +260,12 @@ impl Envelope {
 
     /// The reply to this request carrying `result`: the correlation id, service, method and headers are echoed.
     pub fn reply(&self, result: Result<Bytes, Status>) -> Envelope {
-        let mut reply = Envelope::new(Kind::Reply);
+        self.reply_at(result, std::time::Instant::now())
+    }
+
+    /// As [`reply`](Envelope::reply), the reply's id of the time `now`.
+    pub(crate) fn reply_at(&self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
+        let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
         reply.correlation_id = self.correlation_id;
         reply.service.clone_from(&self.service);
         reply.method.clone_from(&self.method);
@@ -234,8 +276,9 @@ impl Envelope {
 
     /// As [`reply`](Envelope::reply), moving this request's service, method and headers into the reply instead
     /// of copying them (they are left empty here): for a request whose only other use is its reply address.
-    pub(crate) fn take_reply(&mut self, result: Result<Bytes, Status>) -> Envelope {
-        let mut reply = Envelope::new(Kind::Reply);
+    /// The reply's id is of the time `now`.
+    pub(crate) fn take_reply(&mut self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
+        let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
         reply.correlation_id = self.correlation_id;
         reply.service = std::mem::take(&mut self.service);
         reply.method = std::mem::take(&mut self.method);
@@ -286,7 +329,7 @@ mod tests {
         ] {
             let copied = request.reply(result.clone());
             let mut taken_from = request.clone();
-            let mut taken = taken_from.take_reply(result);
+            let mut taken = taken_from.take_reply(result, std::time::Instant::now());
             assert_ne!(taken.id, copied.id);
             taken.id = copied.id;
             assert_eq!(taken, copied);
@@ -294,6 +337,28 @@ mod tests {
             assert!(taken_from.headers.is_empty());
             assert_eq!(taken_from.reply_to, Some(ReplyTo::Inbox("inbox.7".into())));
         }
+    }
+
+    #[test]
+    fn an_ids_time_is_the_wall_clocks_at_the_instant_it_is_made_of() {
+        use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+        let wall = || u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_millis());
+        let before = wall().expect("in range");
+        let now = Instant::now();
+        let at = unix_millis_at(now);
+        let after = wall().expect("in range");
+        // Rounded to the millisecond twice: one either way.
+        assert!(before <= at + 1 && at <= after + 1, "{before} <= {at} <= {after}");
+        // Instants before and after the reading, within the second it serves and past it.
+        for (offset, later) in [(200, false), (300, true), (900, true), (5_000, true), (3_000, false)] {
+            let shifted = if later { now + Duration::from_millis(offset) } else { now - Duration::from_millis(offset) };
+            let expected = if later { at + offset } else { at - offset };
+            assert!(unix_millis_at(shifted).abs_diff(expected) <= 2, "{offset} ms {later}");
+        }
+        assert!(unix_millis_at(Instant::now()).abs_diff(wall().expect("in range")) <= 2);
+        let id = new_id_at(now);
+        let (seconds, nanos) = id.get_timestamp().expect("a v7 id has its time").to_unix();
+        assert!((seconds * 1_000 + u64::from(nanos) / 1_000_000).abs_diff(at) <= 2);
     }
 
     #[test]

@@ -537,9 +537,9 @@ struct Answered {
 }
 
 impl Counters {
-    /// Counts the time from a request's delivery, at `received_at`, to its outcome.
-    fn processed(&self, received_at: Instant) {
-        let took = u64::try_from(received_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    /// Counts the time from a request's delivery, at `received_at`, to its outcome, at `now`.
+    fn processed(&self, received_at: Instant, now: Instant) {
+        let took = u64::try_from(now.saturating_duration_since(received_at).as_nanos()).unwrap_or(u64::MAX);
         self.answered.get().processing_ns.fetch_add(took, Ordering::Relaxed);
     }
 

@@ -92,10 +92,9 @@ impl Options {
 }
 
 /// The budget of a call: its own or the default timeout, cut to what remains of the request being handled.
-fn budget(own: Option<Duration>, default: Duration) -> (Duration, Instant) {
+fn budget(own: Option<Duration>, default: Duration, now: Instant) -> (Duration, Instant) {
     // Far enough to mean "no deadline", near enough not to overflow `Instant`.
     const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    let now = Instant::now();
     let mut deadline = now + own.unwrap_or(default).min(FOREVER);
     if let Some(inherited) = context::deadline() {
         deadline = deadline.min(inherited);
@@ -213,8 +212,9 @@ impl<O: Send + 'static> Call<O> {
     where
         F: FnOnce(Result<O, Error>) + Send + 'static,
     {
-        let correlation_id = PendingMap::correlation_id();
-        tokio::spawn(async move { callback(self.send(correlation_id).await) });
+        let now = Instant::now();
+        let correlation_id = PendingMap::correlation_id(now.into_std());
+        tokio::spawn(async move { callback(self.send(correlation_id, now).await) });
         correlation_id
     }
 
@@ -242,7 +242,7 @@ impl<O: Send + 'static> Call<O> {
         envelope.service = Text::from(self.service);
         envelope.method = Text::from(self.method);
         if let Some(timeout) = self.options.timeout {
-            let (budget, _) = budget(Some(timeout), timeout);
+            let (budget, _) = budget(Some(timeout), timeout, Instant::now());
             if budget.is_zero() {
                 return Err(Error::Timeout(budget));
             }
@@ -259,12 +259,12 @@ impl<O: Send + 'static> Call<O> {
     ///
     /// Not an `async fn`: the call is taken apart into its request first, so that the future (one heap
     /// allocation per call) holds only what the exchange needs and stays small.
-    fn send(self, correlation_id: Uuid) -> impl Future<Output = Result<O, Error>> + Send + 'static {
+    fn send(self, correlation_id: Uuid, now: Instant) -> impl Future<Output = Result<O, Error>> + Send + 'static {
         let span = trace::call_span(self.client.transport().as_ref(), &self.service, &self.method, correlation_id);
         let meter = CallMeter::start(&self.client.inner.shared.metrics, &self.service, &self.method);
         // A combinator rather than an `async` block, which would hold the exchange twice (captured, and
         // awaited).
-        exchange(self.prepare(correlation_id, &span))
+        exchange(self.prepare(correlation_id, now, &span))
             .map(move |result| {
                 meter.finish(&result);
                 if let Err(error) = &result {
@@ -275,15 +275,15 @@ impl<O: Send + 'static> Call<O> {
             .instrument(span)
     }
 
-    /// The request of the call, or why it cannot be sent.
-    fn prepare(self, correlation_id: Uuid, span: &tracing::Span) -> Result<Prepared<O>, Error> {
+    /// The request of the call made at `now`, or why it cannot be sent.
+    fn prepare(self, correlation_id: Uuid, now: Instant, span: &tracing::Span) -> Result<Prepared<O>, Error> {
         if self.client.is_closed() {
             return Err(Error::Shutdown);
         }
         self.options.check(self.client.transport().as_ref())?;
         let args = self.args?;
         let inner = &self.client.inner;
-        let (budget, deadline) = budget(self.options.timeout, inner.default_timeout);
+        let (budget, deadline) = budget(self.options.timeout, inner.default_timeout, now);
         if budget.is_zero() {
             return Err(Error::Timeout(budget));
         }
@@ -523,7 +523,9 @@ impl<O: Send + 'static> IntoFuture for Call<O> {
     type IntoFuture = BoxFuture<'static, Result<O, Error>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.send(PendingMap::correlation_id()))
+        // One reading of the clock: the call's id and its deadline.
+        let now = Instant::now();
+        Box::pin(self.send(PendingMap::correlation_id(now.into_std()), now))
     }
 }
 

@@ -38,10 +38,11 @@ impl Default for PendingMap {
 
 impl PendingMap {
     /// A fresh correlation id whose last byte names this thread's shard.
-    pub(super) fn correlation_id() -> Uuid {
+    /// Its time is `now`, which the call reads once for its id and its deadline.
+    pub(super) fn correlation_id(now: std::time::Instant) -> Uuid {
         // A shard per stripe: SHARDS is STRIPES, which fits the low bits of a byte.
         let shard = u8::try_from(crate::stripe::thread_stripe() % SHARDS).unwrap_or(0);
-        let mut bytes = *crate::envelope::new_id().as_bytes();
+        let mut bytes = *crate::envelope::new_id_at(now).as_bytes();
         // The last byte is random in a v7 id: a few of its bits name the shard instead.
         bytes[15] = (bytes[15] & !(SHARDS as u8 - 1)) | shard;
         Uuid::from_bytes(bytes)
@@ -186,10 +187,12 @@ mod tests {
     #[test]
     fn the_calls_of_a_thread_share_a_shard_and_each_is_found_by_its_id() {
         let map = PendingMap::default();
-        let ids: Vec<Uuid> = (0..1_000).map(|_| PendingMap::correlation_id()).collect();
+        let ids: Vec<Uuid> = (0..1_000).map(|_| PendingMap::correlation_id(std::time::Instant::now())).collect();
         let last = ids[0].as_bytes()[15] % SHARDS as u8;
         assert!(ids.iter().all(|id| id.as_bytes()[15] % SHARDS as u8 == last), "one thread, several shards");
-        let other = std::thread::spawn(|| (0..SHARDS).map(|_| PendingMap::correlation_id()).collect::<Vec<_>>());
+        let other = std::thread::spawn(|| {
+            (0..SHARDS).map(|_| PendingMap::correlation_id(std::time::Instant::now())).collect::<Vec<_>>()
+        });
         let other = other.join().expect("the thread ran");
         assert!(other.windows(2).all(|pair| pair[0].as_bytes()[15] % 16 == pair[1].as_bytes()[15] % 16));
         let mut unique = ids.clone();

@@ -108,7 +108,8 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
     }
     // Counted here rather than once the reply is out: nothing more is held across the reply's publish, the
     // request's future stays within the allocator's per-thread cache.
-    stats.processed(request.received_at);
+    let now = Instant::now();
+    stats.processed(request.received_at, now);
     let mut envelope = request.envelope;
     if envelope.kind != Kind::Request || envelope.reply_to.is_none() {
         // Nobody waits for a reply.
@@ -119,8 +120,8 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
     // The handler's context is gone by now, so the request is this one's alone (unless the handler left a task
     // holding it): its names move into the reply.
     let reply = match Arc::get_mut(&mut envelope) {
-        Some(request) => request.take_reply(result),
-        None => envelope.reply(result),
+        Some(request) => request.take_reply(result, now.into_std()),
+        None => envelope.reply_at(result, now.into_std()),
     };
     let Some(reply_to) = envelope.reply_to.as_ref() else { return };
     let answered = if handle.is_auto() {
