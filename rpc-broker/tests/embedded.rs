@@ -89,3 +89,36 @@ async fn a_calls_future_fits_in_mallocs_per_thread_cache() {
     let size = std::mem::size_of_val(&*future);
     assert!(size <= 1_024, "a call's future is {size} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_many_threads_outlive_every_clone_of_their_client() {
+    let broker = Embedded::new();
+    let _server = Server::new(broker.clone()).serve(ProbeServer::new(Probing::default())).await.expect("serves");
+    let client = Client::connect(broker).await.expect("client");
+    // Calls made on both runtime threads and on threads of their own, each holding its thread's handle of
+    // the client rather than a clone of it.
+    let mut calls = Vec::new();
+    for n in 0..8u64 {
+        let client = client.clone();
+        // The task makes the call's future on a runtime thread and spawns it; the task and its clone end.
+        #[expect(clippy::async_yields_async, reason = "the task hands back the call it spawned, to be awaited here")]
+        let spawned = tokio::spawn(async move { tokio::spawn(ProbeClient::new(&client).hold(100 + n).into_future()) });
+        calls.push(spawned.await.expect("the call was made"));
+    }
+    let runtime = tokio::runtime::Handle::current();
+    for n in 0..4u64 {
+        let client = client.clone();
+        let runtime = runtime.clone();
+        let call = std::thread::spawn(move || runtime.spawn(ProbeClient::new(&client).hold(200 + n).into_future()));
+        calls.push(call.join().expect("the thread made its call"));
+    }
+    // Every clone of the client goes while the calls wait: they still get their replies.
+    drop(client);
+    let answers: Vec<u64> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|call| call.expect("the call ran").expect("answered"))
+        .collect();
+    let expected: Vec<u64> = (100..108).chain(200..204).collect();
+    assert_eq!(answers, expected);
+}

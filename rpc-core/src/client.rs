@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::admission::Admission;
 use crate::envelope::Envelope;
 use crate::error::Error;
+use crate::stripe::Striped;
 use crate::text::Text;
 use crate::transport::{self, Transport};
 
@@ -115,6 +116,7 @@ impl ClientBuilder {
         consumer.direct(Arc::new(move |delivery: crate::transport::Delivery| direct.reply(delivery.envelope)));
         let reader = tokio::spawn(read_replies(consumer, inbox.losses, Arc::clone(&shared)));
         Ok(Client {
+            handles: Some(Arc::new(Striped::default())),
             inner: Arc::new(Inner {
                 transport: self.transport,
                 inbox: Text::from(inbox.address),
@@ -136,6 +138,35 @@ impl ClientBuilder {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// The handles that calls made on each stripe of threads hold ([`Client::handle`]); none in a handle's own
+    /// client.
+    handles: Option<Arc<Striped<OnceLock<Arc<Handle>>>>>,
+}
+
+/// What a call holds of its client, kept once per stripe of threads: each call holding a clone of the client
+/// would count one reference count up and down, a cache line that every thread making calls writes. A handle
+/// also has its own copy of the inbox's address, which each call's request carries (and counts a reference
+/// to).
+pub(crate) struct Handle {
+    client: Client,
+    inbox: Text,
+}
+
+impl std::ops::Deref for Handle {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Handle {
+    fn of(inner: &Arc<Inner>) -> Handle {
+        Handle {
+            client: Client { inner: Arc::clone(inner), handles: None },
+            inbox: Text::from(inner.inbox.as_str().to_owned()),
+        }
+    }
 }
 
 struct Inner {
@@ -265,7 +296,15 @@ impl Client {
         method: impl Into<Cow<'static, str>>,
         args: Bytes,
     ) -> Call<Bytes> {
-        Call::new(self.clone(), service.into(), method.into(), decode_raw, Ok(args))
+        Call::new(self.handle(), service.into(), method.into(), decode_raw, Ok(args))
+    }
+
+    /// The handle of this thread's stripe, for a call to hold.
+    pub(crate) fn handle(&self) -> Arc<Handle> {
+        match &self.handles {
+            Some(handles) => Arc::clone(handles.get().get_or_init(|| Arc::new(Handle::of(&self.inner)))),
+            None => Arc::new(Handle::of(&self.inner)),
+        }
     }
 
     fn is_closed(&self) -> bool {

@@ -25,7 +25,7 @@ pub const fn method<O>(service: &'static str, name: &'static str, kind: MethodKi
 /// A call of `method` with `args`.
 pub fn call<O: Send + 'static, A: Serialize>(client: &Client, method: Method<O>, args: &A) -> Call<O> {
     let args = codec::encode(args).map_err(Error::from);
-    Call::new(client.clone(), method.service.into(), method.name.into(), method.decode, args)
+    Call::new(client.handle(), method.service.into(), method.name.into(), method.decode, args)
 }
 
 /// A oneway or broadcast call of `method` with `args`.

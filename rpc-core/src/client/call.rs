@@ -29,7 +29,7 @@ use crate::trace;
 use crate::transport::{BoxFuture, Confirm, QueueOptions, Transport};
 
 use super::pending::{Pending, PendingGuard, PendingMap, Shared};
-use super::{Client, Inner, MAX_PRIORITY};
+use super::{Client, Handle, Inner, MAX_PRIORITY};
 
 /// Options shared by calls and notifications.
 #[derive(Clone, Debug, Default)]
@@ -137,7 +137,7 @@ fn millis(budget: Duration) -> u64 {
 /// `-> Result<f64, MathError>`, whose error arrives typed.
 #[must_use = "a call does nothing until it is awaited, or sent with `on_reply` or `durable`"]
 pub struct Call<O> {
-    client: Client,
+    client: Arc<Handle>,
     service: Cow<'static, str>,
     method: Cow<'static, str>,
     decode: DecodeFn<O>,
@@ -157,7 +157,7 @@ impl<O> fmt::Debug for Call<O> {
 
 impl<O: Send + 'static> Call<O> {
     pub(crate) fn new(
-        client: Client,
+        client: Arc<Handle>,
         service: Cow<'static, str>,
         method: Cow<'static, str>,
         decode: DecodeFn<O>,
@@ -290,7 +290,7 @@ impl<O: Send + 'static> Call<O> {
         self.options.check_delay(Some(budget))?;
         // Its id is the correlation id (`fill_call`): no fresh one to make and overwrite.
         let mut envelope = Envelope::with_id(Kind::Request, correlation_id);
-        let inbox = ReplyTo::Inbox(inner.inbox.clone());
+        let inbox = ReplyTo::Inbox(self.client.inbox.clone());
         self.options.fill_call(&mut envelope, inner.identity.as_ref(), correlation_id, inbox);
         trace::inject(span, &mut envelope.headers);
         envelope.body = args;
@@ -304,7 +304,7 @@ impl<O: Send + 'static> Call<O> {
 
 /// A call taken apart for its exchange.
 struct Prepared<O> {
-    client: Client,
+    client: Arc<Handle>,
     decode: DecodeFn<O>,
     /// Without its `deadline_ms`, set once the call is admitted. Held in the call's future, which is one heap
     /// allocation already, rather than boxed on its own; kept while it may be sent again, the last send takes it.
