@@ -16,6 +16,8 @@ trait Probe {
     async fn next(&self, n: u64) -> u64;
     /// Waits `ms` milliseconds, counting the handlers running meanwhile.
     async fn hold(&self, ms: u64) -> u64;
+    /// The id of the tokio task the handler runs in.
+    async fn task(&self) -> String;
 }
 
 #[derive(Clone, Default)]
@@ -35,6 +37,10 @@ impl Probe for Probing {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         self.running.fetch_sub(1, Ordering::SeqCst);
         ms
+    }
+
+    async fn task(&self) -> String {
+        tokio::task::try_id().map(|id| id.to_string()).unwrap_or_default()
     }
 }
 
@@ -121,4 +127,25 @@ async fn calls_from_many_threads_outlive_every_clone_of_their_client() {
         .collect();
     let expected: Vec<u64> = (100..108).chain(200..204).collect();
     assert_eq!(answers, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calling_task_that_spent_its_budget_still_has_its_requests_handled_in_it() {
+    let broker = Embedded::new();
+    let _server = Server::new(broker.clone()).serve(ProbeServer::new(Probing::default())).await.expect("serves");
+    let client = Client::connect(broker).await.expect("client");
+    let caller = tokio::spawn(async move {
+        let probe = ProbeClient::new(&client);
+        let mut elsewhere = 0;
+        // Each call's reply spends a unit of the task's budget (128 a turn): the calls run through it again
+        // and again.
+        for _ in 0..1_000 {
+            let handled_in = probe.task().await.expect("answered");
+            if handled_in != tokio::task::id().to_string() {
+                elsewhere += 1;
+            }
+        }
+        elsewhere
+    });
+    assert_eq!(caller.await.expect("the calls ran"), 0, "requests moved to tasks of their own");
 }
