@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -25,11 +25,13 @@ use crate::transport::{self, BoxFuture, ConsumeOptions, Consumer, Delivery, Queu
 mod direct;
 mod inline;
 mod outcome;
+mod permits;
 mod pipeline;
 
 use direct::Direct;
 use inline::Inline;
 use outcome::settle;
+use permits::{Permits, Slot};
 use pipeline::handle;
 
 /// A service the server can run: implemented by the `<Trait>Server` that `#[service]` generates.
@@ -310,7 +312,6 @@ impl Server {
             }
             Err(error) => return Err(error),
         };
-        let permits = Arc::new(Semaphore::new(self.concurrency));
         let shared = Arc::new(Shared {
             metrics: ServerMetrics::new(service.name(), service.methods()),
             transport: self.transport,
@@ -327,7 +328,7 @@ impl Server {
                 version: self.version,
                 started: Instant::now(),
                 concurrency: self.concurrency,
-                permits: Arc::clone(&permits),
+                permits: Permits::new(self.concurrency),
                 waiting: AtomicBool::new(false),
                 started_ms: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -344,9 +345,8 @@ impl Server {
         let inline = Arc::new(Inline::default());
         // Where the transport is in process, requests are handled on the threads that publish them, from the
         // moment `serve` returns; the loop takes those that find every permit taken.
-        let direct = Direct::start(&shared, &permits, &inline, &mut requests);
-        let task =
-            tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, permits, (inline, direct), presence, stop_rx));
+        let direct = Direct::start(&shared, &inline, &mut requests);
+        let task = tokio::spawn(run(Arc::clone(&shared), requests, broadcasts, (inline, direct), presence, stop_rx));
         Ok(ServerHandle { shared, stop: Some(stop), task: Some(task) })
     }
 }
@@ -377,7 +377,7 @@ struct Identity {
     concurrency: usize,
     /// The handlers' permits: those taken are the requests in flight, but the one the server holds while it
     /// waits for a delivery.
-    permits: Arc<Semaphore>,
+    permits: Permits,
     /// Whether the server holds a permit and waits for a delivery.
     waiting: AtomicBool,
     /// When it started, in milliseconds since the Unix epoch.
@@ -452,7 +452,7 @@ impl Shared {
         let identity = &self.identity;
         let stats = ServerStats::of(&self.stats);
         let waiting = usize::from(identity.waiting.load(Ordering::Relaxed));
-        let in_flight = identity.concurrency.saturating_sub(identity.permits.available_permits() + waiting);
+        let in_flight = identity.concurrency.saturating_sub(identity.permits.free() + waiting);
         let last_error = identity.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         crate::health::WorkerInfo {
             id: identity.id.to_string(),
@@ -637,20 +637,16 @@ async fn run(
     shared: Arc<Shared>,
     mut requests: Consumer,
     mut broadcasts: Option<Consumer>,
-    permits: Arc<Semaphore>,
     (inline, mut direct): (Arc<Inline>, Option<Direct>),
     presence: Presence,
     mut stop: oneshot::Receiver<Duration>,
 ) -> ShutdownReport {
     let mut tasks = JoinSet::new();
     let grace = loop {
-        let permit = tokio::select! {
+        let slot = tokio::select! {
             biased;
             grace = &mut stop => break grace.unwrap_or_default(),
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break Duration::ZERO,
-            },
+            () = shared.identity.permits.take() => Slot::taken(Arc::clone(&shared)),
         };
         shared.identity.waiting.store(true, Ordering::Relaxed);
         let delivery = tokio::select! {
@@ -665,7 +661,7 @@ async fn run(
             tracing::warn!(service = shared.service.name(), "the request consumer closed; the server stops");
             break Duration::ZERO;
         };
-        let mut work = handle(Arc::clone(&shared), delivery, source, permit);
+        let mut work = handle(slot, delivery, source);
         if inline.allows() && inline.run(&mut work) {
             continue;
         }

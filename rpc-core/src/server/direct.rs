@@ -11,10 +11,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::inline::Inline;
+use super::permits::Slot;
 use super::pipeline::handle;
 use super::{Shared, Source};
 use crate::transport::{Consumer, Delivery};
@@ -37,35 +38,27 @@ struct State {
 impl Direct {
     /// Has `requests` hand its deliveries to this server on the publisher's thread, if the transport can;
     /// `None` where it cannot (the loop takes them from the stream then).
-    pub(super) fn start(
-        shared: &Arc<Shared>,
-        permits: &Arc<Semaphore>,
-        inline: &Arc<Inline>,
-        requests: &mut Consumer,
-    ) -> Option<Direct> {
+    pub(super) fn start(shared: &Arc<Shared>, inline: &Arc<Inline>, requests: &mut Consumer) -> Option<Direct> {
         if !shared.transport.capabilities().in_process {
             return None;
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let state = Arc::new(State { stopping: AtomicBool::new(false), tasks: Mutex::new(Some(JoinSet::new())) });
         let (sender, receiver) = mpsc::unbounded_channel();
-        let (shared, permits, inline, sink_state) =
-            (Arc::clone(shared), Arc::clone(permits), Arc::clone(inline), Arc::clone(&state));
+        let (shared, inline, sink_state) = (Arc::clone(shared), Arc::clone(inline), Arc::clone(&state));
         let sink = move |delivery: Delivery| {
-            let permit = match Arc::clone(&permits).try_acquire_owned() {
-                Ok(permit) if !sink_state.stopping.load(Ordering::Acquire) => permit,
-                // The loop takes it when a permit is free, or releases it when stopping. A closed loop is a
-                // server that stopped: the delivery dropped with it goes back to the queue with its consumer.
-                _ => {
-                    let _ = sender.send(delivery);
-                    return;
-                }
-            };
+            // The loop takes it when a permit is free, or releases it when stopping. A closed loop is a server
+            // that stopped: the delivery dropped with it goes back to the queue with its consumer.
+            if sink_state.stopping.load(Ordering::Acquire) || !shared.identity.permits.try_take() {
+                let _ = sender.send(delivery);
+                return;
+            }
+            let slot = Slot::taken(Arc::clone(&shared));
             // The publisher may be a thread outside the runtime: the handling's timers and tasks are the server's.
             let _runtime = runtime.enter();
             // The clock as the broker made the delivery, a moment ago.
             let made = delivery.received_at;
-            let mut work = handle(Arc::clone(&shared), delivery, Source::Queue, permit);
+            let mut work = handle(slot, delivery, Source::Queue);
             if inline.allows() && inline.run_since(&mut work, made) {
                 return;
             }

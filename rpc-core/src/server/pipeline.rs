@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -22,27 +21,25 @@ use crate::trace;
 use crate::transport::{AckHandle, BoxFuture, Delivery};
 
 use super::outcome::{answer, dead_letter, panic_message, retry, settle};
+use super::permits::Slot;
 use super::{Shared, Source};
 
-/// The handling of one delivery, holding `permit` until it is done.
+/// The handling of one delivery, holding `slot` (a slot of the server's concurrency, and the server) until it
+/// is done.
 ///
 /// Not an `async fn`: the delivery is taken apart before the future is made, so that the future (one heap
 /// allocation per request) holds the request once, and stays under a kilobyte, which the allocator serves
 /// fastest. The rare paths of [`handle_request`] are boxed to keep it there.
-pub(super) fn handle(
-    shared: Arc<Shared>,
-    delivery: Delivery,
-    source: Source,
-    permit: OwnedSemaphorePermit,
-) -> BoxFuture<'static, ()> {
+pub(super) fn handle(slot: Slot, delivery: Delivery, source: Source) -> BoxFuture<'static, ()> {
+    let shared = &*slot.shared;
     let Delivery { envelope, delivery_count, received_at, handle, .. } = delivery;
     if !matches!(envelope.kind, Kind::Request | Kind::Oneway) {
         let kind = envelope.kind;
         return Box::pin(async move {
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            slot.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(?kind, "dead-lettering a message that is not a request");
             settle(handle.dead_letter().await);
-            drop(permit);
+            drop(slot);
         });
     }
     let attempt = envelope.attempt.max(1).saturating_add(delivery_count.saturating_sub(1));
@@ -51,7 +48,7 @@ pub(super) fn handle(
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
     let request = Request { envelope, attempt, deadline, received_at: Instant::from_std(received_at), source };
-    Box::pin(handle_request(shared, request, handle, permit).instrument(span))
+    Box::pin(handle_request(slot, request, handle).instrument(span))
 }
 
 /// A request being handled.
@@ -72,9 +69,9 @@ impl Request {
     }
 }
 
-/// Handles a request, holding `_permit` (a slot of the server's concurrency) until it is done.
-async fn handle_request(shared: Arc<Shared>, request: Request, handle: AckHandle, _permit: OwnedSemaphorePermit) {
-    let shared = &*shared;
+/// Handles a request, holding `slot` (a slot of the server's concurrency) until it is done.
+async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
+    let shared = &*slot.shared;
     let stats = &shared.stats;
     let policy = if request.source == Source::Queue { shared.policy(&request.envelope.method) } else { &RETRY_NONE };
     if !policy.is_none() && request.attempt > policy.max_attempts() {
