@@ -85,6 +85,14 @@ pub trait DedupStore: Send + Sync + fmt::Debug + 'static {
         self.complete(key, reply.clone())
     }
 
+    /// As [`complete_borrowed`](DedupStore::complete_borrowed), for an execution that ended at `at`, which the
+    /// worker read just now: a store that keeps the time of each outcome can take it rather than read the clock
+    /// again. The default ignores it.
+    fn complete_at<'a>(&'a self, key: &'a str, reply: &StoredReply, at: Instant) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = at;
+        self.complete_borrowed(key, reply)
+    }
+
     /// Gives up the claim on `key` without an outcome (the handler failed in a way its retry policy retries):
     /// the next delivery executes it.
     fn abandon<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
@@ -555,12 +563,15 @@ impl DedupStore for MemoryDedup {
     }
 
     fn complete_borrowed<'a>(&'a self, key: &'a str, reply: &StoredReply) -> BoxFuture<'a, Result<(), Error>> {
+        self.complete_at(key, reply, Instant::now())
+    }
+
+    fn complete_at<'a>(&'a self, key: &'a str, reply: &StoredReply, now: Instant) -> BoxFuture<'a, Result<(), Error>> {
         let reply = Kept::of(reply);
         let hash = self.hash(key);
         let epoch = epoch_of(key.as_bytes());
         let index = self.shard_of(key.as_bytes(), hash, epoch);
         let mut memory = self.lock_shard(index);
-        let now = Instant::now();
         // Dropping the claim's sender wakes the duplicates waiting on it. A key completed without a claim
         // (or twice) replaces its outcome.
         let stored = match memory.take_running(hash, key) {
@@ -659,6 +670,21 @@ mod tests {
         assert!(store.lock_shard(0).done.len() <= 100, "forgotten outcomes are kept");
         assert!(matches!(store.begin("999").await, Ok(Begin::Done(_))));
         assert!(matches!(store.begin("0").await, Ok(Begin::Execute)), "the oldest was forgotten");
+    }
+
+    #[tokio::test]
+    async fn an_outcome_is_kept_from_the_time_its_execution_ended() {
+        let store = MemoryDedup::new(100, Duration::from_secs(60));
+        for key in ["old", "new"] {
+            assert!(matches!(store.begin(key).await, Ok(Begin::Execute)));
+        }
+        let now = Instant::now();
+        let Some(long_ago) = now.checked_sub(Duration::from_secs(61)) else { return };
+        store.complete_at("old", &Ok(Bytes::from_static(b"1")), long_ago).await.expect("stored");
+        store.complete_at("new", &Ok(Bytes::from_static(b"2")), now).await.expect("stored");
+        // Ended past the window: forgotten; ended now: kept.
+        assert!(matches!(store.begin("old").await, Ok(Begin::Execute)));
+        assert_eq!(body(store.begin("new").await.expect("begins")), b"2");
     }
 
     #[tokio::test]

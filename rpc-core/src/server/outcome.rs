@@ -99,7 +99,14 @@ pub(super) async fn dead_letter(
 }
 
 /// Publishes the reply (for requests) and acks the request; a reply that cannot be published requeues it.
-pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle, result: Result<Bytes, Status>) {
+/// Answers `request` with `result`, the handling ended at `now`.
+pub(super) async fn answer(
+    shared: &Shared,
+    request: Request,
+    handle: AckHandle,
+    result: Result<Bytes, Status>,
+    now: Instant,
+) {
     let stats = &shared.stats;
     shared.metrics.handled(&request.envelope.method, &result);
     if let Err(status) = &result {
@@ -108,7 +115,6 @@ pub(super) async fn answer(shared: &Shared, request: Request, handle: AckHandle,
     }
     // Counted here rather than once the reply is out: nothing more is held across the reply's publish, the
     // request's future stays within the allocator's per-thread cache.
-    let now = Instant::now();
     stats.processed(request.received_at, now);
     let mut envelope = request.envelope;
     if envelope.kind != Kind::Request || envelope.reply_to.is_none() {

@@ -85,7 +85,7 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         // A request carries no status: a transport's stand-in for a message it could not read
         // (`transport::invalid_request`), or a sender's mistake. Answered, never run.
         let why = request.envelope.status_message.clone().unwrap_or_else(|| "a request carries no status".into());
-        Box::pin(answer(shared, request, handle, Err(Status::new(Code::InvalidRequest, why)))).await;
+        Box::pin(answer(shared, request, handle, Err(Status::new(Code::InvalidRequest, why)), Instant::now())).await;
         return;
     }
     let claim = match claim(shared, &request).await {
@@ -93,7 +93,7 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         Claim::Answer(result) => {
             stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             shared.metrics.dedup_hits.increment(1);
-            answer(shared, request, handle, result).await;
+            answer(shared, request, handle, result, Instant::now()).await;
             return;
         }
         Claim::Requeue => {
@@ -103,7 +103,7 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         Claim::Expired(status) => {
             stats.expired.fetch_add(1, Ordering::Relaxed);
             shared.metrics.expired.increment(1);
-            Box::pin(answer(shared, request, handle, Err(status))).await;
+            Box::pin(answer(shared, request, handle, Err(status), Instant::now())).await;
             return;
         }
     };
@@ -124,7 +124,7 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         }
         stats.expired.fetch_add(1, Ordering::Relaxed);
         shared.metrics.expired.increment(1);
-        Box::pin(answer(shared, request, handle, Err(expired_status()))).await;
+        Box::pin(answer(shared, request, handle, Err(expired_status()), Instant::now())).await;
         return;
     }
     // Under a claim the handler runs past the deadline, up to the overrun (see `Server::overrun`).
@@ -172,12 +172,14 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
+    // One reading of the clock: the outcome's time in the store, the handling's in the counters, the reply's id.
+    let now = Instant::now();
     if let Some((store, key)) = &claim {
         // Every outcome of a started execution is stored, failures included: the next delivery of the key is
         // answered with it rather than run again.
-        settle(store.complete_borrowed(key, &result).await);
+        settle(store.complete_at(key, &result, now.into_std()).await);
     }
-    answer(shared, request, handle, result).await;
+    answer(shared, request, handle, result, now).await;
 }
 
 /// The time a retry needs before the deadline past its backoff and the last attempt's time: for the copy's
