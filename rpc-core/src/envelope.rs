@@ -137,7 +137,6 @@ pub struct Envelope {
 /// millisecond, then 32 random bits). Each thread keeps its own counter and its own generator (wyrand, seeded
 /// from the operating system's randomness), so that threads making ids at once share nothing: ids are ordered
 /// within a thread and unique across threads; across threads they are ordered to the millisecond.
-///
 pub(crate) fn new_id() -> Uuid {
     new_id_at(std::time::Instant::now())
 }
@@ -150,44 +149,13 @@ pub(crate) fn new_id() -> Uuid {
 /// docs/performance.md, Profiling).
 #[inline(never)]
 pub(crate) fn new_id_at(now: std::time::Instant) -> Uuid {
-    let now = unix_millis_at(now);
-    new_id_of_millis(now)
-}
-
-/// The wall clock's time at `now`, in milliseconds since 1970.
-fn unix_millis_at(now: std::time::Instant) -> u64 {
-    use std::time::{Instant, SystemTime, UNIX_EPOCH};
-    thread_local! {
-        /// When this thread last read the wall clock, on the monotonic clock and in milliseconds since 1970.
-        static WALL: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
-    }
-    /// How long a reading of the wall clock serves.
-    const SERVES: std::time::Duration = std::time::Duration::from_secs(1);
-    let millis = |since: std::time::Duration| u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
-    // `now` as counted from a reading of the wall clock made at `read`.
-    let from = |(read, at): (Instant, u64)| match now.checked_duration_since(read) {
-        Some(after) => at.saturating_add(millis(after)),
-        // A time from before the reading (read earlier, passed on late): counted back.
-        None => at.saturating_sub(millis(read - now)),
-    };
-    WALL.with(|wall| match wall.get() {
-        Some((read, at)) if now.max(read) - now.min(read) < SERVES => from((read, at)),
-        _ => {
-            let reading = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis));
-            wall.set(Some(reading));
-            from(reading)
-        }
-    })
-}
-
-/// [`new_id`], of the time `now` in milliseconds since 1970.
-fn new_id_of_millis(now: u64) -> Uuid {
     thread_local! {
         /// The millisecond of the last id, its counter, and the generator's state (0 until seeded).
         static IDS: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
     }
     /// The counter's width: 12 bits before the variant, 30 after it.
     const COUNTER_BITS: u32 = 42;
+    let now = unix_millis_at(now);
     IDS.with(|ids| {
         let (mut millis, mut counter, mut state) = ids.get();
         if state == 0 {
@@ -216,6 +184,32 @@ fn new_id_of_millis(now: u64) -> Uuid {
         bytes[..2].copy_from_slice(&high.to_be_bytes());
         bytes[2..].copy_from_slice(&low.to_be_bytes());
         uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid()
+    })
+}
+
+/// The wall clock's time at `now`, in milliseconds since 1970.
+fn unix_millis_at(now: std::time::Instant) -> u64 {
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    thread_local! {
+        /// When this thread last read the wall clock, on the monotonic clock and in milliseconds since 1970.
+        static WALL: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+    }
+    /// How long a reading of the wall clock serves.
+    const SERVES: std::time::Duration = std::time::Duration::from_secs(1);
+    let millis = |since: std::time::Duration| u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+    // `now` as counted from a reading of the wall clock made at `read`.
+    let from = |(read, at): (Instant, u64)| match now.checked_duration_since(read) {
+        Some(after) => at.saturating_add(millis(after)),
+        // A time from before the reading (read earlier, passed on late): counted back.
+        None => at.saturating_sub(millis(read - now)),
+    };
+    WALL.with(|wall| match wall.get() {
+        Some((read, at)) if now.max(read) - now.min(read) < SERVES => from((read, at)),
+        _ => {
+            let reading = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis));
+            wall.set(Some(reading));
+            from(reading)
+        }
     })
 }
 
