@@ -1,6 +1,7 @@
 //! The inline scheduler: a request's first poll runs in the server's own task, and slow first polls send
 //! the next requests straight to tasks of their own for a while.
 
+use std::cell::Cell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,6 +10,29 @@ use futures::FutureExt;
 
 use super::outcome::panic_message;
 use crate::transport::BoxFuture;
+
+thread_local! {
+    /// The instant the inline poll under way on this thread counts from, if one is: a handling polled there
+    /// takes it as the time it starts at, for its deadline check, rather than reading the clock again.
+    static POLL_STARTED: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+    /// The last reading of the clock that the handling polled inline on this thread made (after its handler),
+    /// which ends the poll's time if the handling finished.
+    static POLL_READ: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+}
+
+/// The instant the inline poll under way on this thread started at, if a request's handling is polled inline
+/// here: a moment ago, the clock's reading at the start of its first poll (or the instant an in-process broker
+/// made its delivery).
+pub(super) fn poll_started() -> Option<std::time::Instant> {
+    POLL_STARTED.with(Cell::get)
+}
+
+/// Notes `now`, a reading of the clock a handling made after its handler: if the handling is polled inline
+/// and finishes in that poll, the poll's time ends there (the reply's publish after it is not counted, a few
+/// microseconds against [`Inline::SLOW`]).
+pub(super) fn note_reading(now: std::time::Instant) {
+    POLL_READ.with(|read| read.set(Some(now)));
+}
 
 /// Runs requests in the server's own task while their handlers finish at once.
 ///
@@ -80,10 +104,19 @@ impl Inline {
         // caller's, on the embedded broker), which that task spent on its own work: a handling otherwise found
         // it spent one time in 128 (the budget's size), said "not ready" and moved to a task of its own. The
         // calling task yields where its own work meets the budget instead.
+        //
+        // The poll's start and the handling's last reading are shared through the thread: saved and restored
+        // around the poll, which may hold another (a handler that calls a service in the same process).
+        let outer = (POLL_STARTED.with(|poll| poll.replace(Some(started))), POLL_READ.with(|read| read.take()));
         let outcome =
             std::panic::catch_unwind(AssertUnwindSafe(|| tokio::task::unconstrained(work.as_mut()).now_or_never()));
-        let took = started.elapsed();
-        self.polled(took, started + took);
+        let read = POLL_READ.with(|read| read.replace(outer.1));
+        POLL_STARTED.with(|poll| poll.set(outer.0));
+        let ended = match (&outcome, read) {
+            (Ok(Some(())), Some(read)) if read >= started => read,
+            _ => std::time::Instant::now(),
+        };
+        self.polled(ended.saturating_duration_since(started), ended);
         match outcome {
             Ok(done) => done.is_some(),
             Err(panic) => {
@@ -118,6 +151,8 @@ impl Inline {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -128,6 +163,43 @@ mod tests {
         assert!(inline.allows());
         // Begun longer ago than a long poll: inline polling stops at once.
         let Some(started) = std::time::Instant::now().checked_sub(Inline::LONG * 2) else { return };
+        let mut work: BoxFuture<'static, ()> = Box::pin(async {});
+        assert!(inline.run_since(&mut work, started));
+        assert!(!inline.allows(), "a poll counted from long ago left inline polling on");
+    }
+
+    #[test]
+    fn a_poll_that_finishes_its_handling_ends_at_the_handlings_last_reading() {
+        let inline = Arc::new(Inline::default());
+        let Some(started) = std::time::Instant::now().checked_sub(Inline::LONG * 2) else { return };
+        // The handling read the clock a moment after the poll started, and finished: the poll was fast.
+        let mut work: BoxFuture<'static, ()> = Box::pin(async move {
+            assert_eq!(poll_started(), Some(started), "the handling sees the poll's start");
+            note_reading(started + Duration::from_micros(5));
+        });
+        assert!(inline.run_since(&mut work, started));
+        assert!(inline.allows(), "the poll was timed to the present, not to the handling's reading");
+        assert_eq!((poll_started(), POLL_READ.with(Cell::get)), (None, None), "left behind after the poll");
+
+        // A poll inside another (a handler calling a service in the same process) leaves the outer one's start
+        // and reading as they were.
+        let nested = Arc::clone(&inline);
+        let outer_started = std::time::Instant::now();
+        let mut work: BoxFuture<'static, ()> = Box::pin(async move {
+            note_reading(outer_started);
+            let inner_started = std::time::Instant::now();
+            let mut inner: BoxFuture<'static, ()> = Box::pin(async move {
+                assert_eq!(poll_started(), Some(inner_started));
+                note_reading(inner_started);
+            });
+            assert!(nested.run_since(&mut inner, inner_started));
+            assert_eq!(poll_started(), Some(outer_started));
+            assert_eq!(POLL_READ.with(Cell::get), Some(outer_started));
+        });
+        assert!(inline.run_since(&mut work, outer_started));
+        assert_eq!(poll_started(), None);
+
+        // Without a reading from the handling, the poll ends when it returns: long after a start long ago.
         let mut work: BoxFuture<'static, ()> = Box::pin(async {});
         assert!(inline.run_since(&mut work, started));
         assert!(!inline.allows(), "a poll counted from long ago left inline polling on");

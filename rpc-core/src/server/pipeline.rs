@@ -64,8 +64,10 @@ pub(super) struct Request {
 }
 
 impl Request {
+    /// Whether the deadline passed, at the start of the inline poll that runs this (a moment ago), or now.
     pub(super) fn expired(&self) -> bool {
-        self.envelope.deadline_ms == Some(0) || self.deadline.is_some_and(|deadline| deadline <= Instant::now())
+        let now = || super::inline::poll_started().map_or_else(Instant::now, Instant::from_std);
+        self.envelope.deadline_ms == Some(0) || self.deadline.is_some_and(|deadline| deadline <= now())
     }
 }
 
@@ -172,8 +174,10 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         Box::pin(dead_letter(shared, &request, handle, policy, status)).await;
         return;
     }
-    // One reading of the clock: the outcome's time in the store, the handling's in the counters, the reply's id.
+    // One reading of the clock: the outcome's time in the store, the handling's in the counters, the reply's id,
+    // and the end of an inline poll that finishes the handling.
     let now = Instant::now();
+    super::inline::note_reading(now.into_std());
     if let Some((store, key)) = &claim {
         // Every outcome of a started execution is stored, failures included: the next delivery of the key is
         // answered with it rather than run again.
