@@ -15,7 +15,12 @@ use rpc_core::{Capabilities, Envelope, Kind, QueueStats, Text};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
+
+/// The first version whose clients get the refusal of a quiet `Publish` naming one of their inboxes in that
+/// inbox, as a reply with the refusal's status, rather than as an `Error` frame: such a client waits for
+/// nothing per call but the reply.
+pub const QUIET_REFUSALS_IN_INBOX: u16 = 9;
 
 /// The oldest client version the broker still accepts: version 5 differs only in a `Welcome` without its flags,
 /// which the broker leaves out for it, and version 4 also in lacking the quiet `Publish` (0x12), which a

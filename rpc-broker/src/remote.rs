@@ -14,7 +14,7 @@ mod consumer;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -170,6 +170,9 @@ struct Inner {
     losses: watch::Sender<u64>,
     /// The broker said it keeps durable queues on disk (at the last handshake).
     durable: AtomicBool,
+    /// The first inbox opened through the transport (a client's): every connection opens it again before it
+    /// carries calls, so a broker of version 9 or later answers the refusal of a request naming it there.
+    inbox: OnceLock<String>,
 }
 
 impl Drop for Inner {
@@ -269,6 +272,7 @@ impl Remote {
             reconnected: Notify::new(),
             losses: watch::Sender::new(0),
             durable: AtomicBool::new(false),
+            inbox: OnceLock::new(),
         });
         let conn = open(&inner).await?;
         *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
@@ -332,7 +336,8 @@ impl Remote {
         })
     }
 
-    /// A request published quietly: the broker answers only a failure.
+    /// A request published quietly: the broker answers only a failure. From protocol version 9, it answers the
+    /// failure of a request naming this transport's inbox in that inbox, and nothing waits here.
     fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         // A connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
         // client sends it again if told to): nothing is sent again here.
@@ -341,6 +346,13 @@ impl Remote {
             Ok(frame) => frame,
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
+        let refused_in_inbox = conn.version >= protocol::QUIET_REFUSALS_IN_INBOX
+            && envelope.reply_to.as_ref().is_some_and(|reply_to| {
+                reply_to.is_inbox() && self.inner.inbox.get().is_some_and(|inbox| inbox == reply_to.address())
+            });
+        if refused_in_inbox {
+            return rpc_core::transport::finished(conn.send(frame));
+        }
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),
@@ -451,6 +463,7 @@ impl Transport for Remote {
             let address = format!("{INBOX_PREFIX}{}", Uuid::new_v4());
             let options = ConsumeOptions::new().prefetch(0).auto_ack(true);
             let consumer = self.inner.consumer(LogicalKind::Inbox(address.clone()), options).await?;
+            let _ = self.inner.inbox.set(address.clone());
             Ok(Inbox { address, consumer, losses: Some(self.inner.losses.subscribe()) })
         })
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use rpc_core::codec::{self, Limits};
-use rpc_core::{Error, QueueOptions, QueueStats};
+use rpc_core::{Code, Envelope, Error, Kind, QueueOptions, QueueStats};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -31,7 +31,7 @@ use crate::hub::{Hub, Sink, declare, join_group, join_private, settle_of, to_err
 use crate::log::{Log, LogConfig, Recovery};
 use crate::protocol::{
     self, ClientFrame, ErrorCode, Frame, FrameBudget, FrameCodec, INBOX_PREFIX, OLDEST_CLIENT_VERSION,
-    PROTOCOL_VERSION, ProtocolError, ServerFrame,
+    PROTOCOL_VERSION, ProtocolError, QUIET_REFUSALS_IN_INBOX, ServerFrame,
 };
 
 /// How the server runs; every field has a sane default.
@@ -578,6 +578,7 @@ where
 
     let mut connection = Connection {
         state: Arc::clone(state),
+        version: PROTOCOL_VERSION,
         out: out.clone(),
         queued: Arc::clone(&queued),
         consumers: HashSet::new(),
@@ -588,6 +589,7 @@ where
     match handshake(state, &mut frames, certificate).await {
         Ok((version, name, access)) => {
             connection.access = access;
+            connection.version = version;
             let id = state.next_session.fetch_add(1, Ordering::Relaxed);
             let session = Session { peer, name, version, connected_ms: unix_ms(), queued };
             state.sessions().insert(id, session);
@@ -732,6 +734,8 @@ async fn write_frames<W>(
 
 struct Connection {
     state: Arc<State>,
+    /// The protocol version the connection speaks, from its handshake.
+    version: u16,
     out: mpsc::UnboundedSender<Outbound>,
     queued: Arc<AtomicUsize>,
     consumers: HashSet<ConsumerId>,
@@ -925,6 +929,11 @@ impl Connection {
             return Ok(Some(failure(req, &Error::Forbidden(why))));
         }
         if let Err(denied) = self.permit(&frame) {
+            if let ClientFrame::Publish { quiet: true, payload, .. } = &frame
+                && self.refuse_in_inbox(payload, &denied)
+            {
+                return Ok(None);
+            }
             // Refused, the connection kept; an unconfirmed publish (request id 0) is answered neither way.
             return Ok((req != 0).then(|| failure(req, &denied)));
         }
@@ -977,6 +986,8 @@ impl Connection {
             }
             ClientFrame::Publish { queue, priority, ttl_ms, delay_ms, key, id, payload, quiet, .. } => {
                 let props = frame_props(priority, ttl_ms, delay_ms, key, id, &payload);
+                // Kept for a refusal: a slice of the frame, no copy.
+                let request = quiet.then(|| payload.clone());
                 match self.publish(Target::Queue(&queue), props, payload, None) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
@@ -984,8 +995,9 @@ impl Connection {
                         None
                     }
                     _ if req == 0 => None,
-                    // Quiet (a call's request): answered only if it fails.
+                    // Quiet (a call's request): answered only if it fails, from version 9 in the caller's inbox.
                     Ok(_) if quiet => None,
+                    Err(error) if request.as_ref().is_some_and(|request| self.refuse_in_inbox(request, &error)) => None,
                     Ok(Stored::Durably) => {
                         self.confirm_when_durable(req);
                         None
@@ -1188,6 +1200,45 @@ impl Connection {
         hub.dispatch(now);
         result.map_err(to_error)?;
         Ok(if durable { Stored::Durably } else { Stored::InMemory })
+    }
+
+    /// Answers the refusal of a quiet publish (a call's request) in the caller's inbox, as a reply with the
+    /// refusal's status ([`Code::NoRoute`] and the codes after it), when the connection speaks version 9 or
+    /// later and the request names as its reply address an inbox this connection opened, with a correlation
+    /// id. Says whether it did; if not, the publish is answered with an `Error` frame.
+    fn refuse_in_inbox(&self, request: &Bytes, error: &Error) -> bool {
+        if self.version < QUIET_REFUSALS_IN_INBOX {
+            return false;
+        }
+        let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
+        let Some((reply_to, Some(correlation_id))) = codec::reply_address_of(request, &limits) else { return false };
+        let inbox = reply_to.address();
+        if !reply_to.is_inbox() || !self.inboxes.contains(inbox) {
+            return false;
+        }
+        let code = match error {
+            Error::NoRoute(_) => Code::NoRoute,
+            Error::QueueFull(_) => Code::QueueFull,
+            Error::Forbidden(_) => Code::Forbidden,
+            _ => Code::Refused,
+        };
+        let mut reply = Envelope::new(Kind::Reply);
+        reply.correlation_id = Some(correlation_id);
+        reply.status = code.as_u16();
+        reply.status_message = Some(error.to_string());
+        let Ok(payload) = codec::encode_envelope(&reply) else { return false };
+        let props = frame_props(0, None, None, None, None, &payload);
+        let now = Instant::now();
+        let mut hub = self.state.lock();
+        let published = hub.engine.publish(inbox, payload, props, now);
+        hub.dispatch(now);
+        match published {
+            Ok(()) => true,
+            Err(refused) => {
+                tracing::debug!(error = ?refused, inbox, "could not answer a refused request in its inbox");
+                false
+            }
+        }
     }
 
     /// Publishes a reply to `reply_to` and acks the delivery it answers, if the delivery is held. A reply that

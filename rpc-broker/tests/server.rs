@@ -273,6 +273,114 @@ async fn unconfirmed_and_quiet_publishes_are_answered_only_as_documented_and_inb
     assert_eq!(delivered, 2, "{seen:?}");
 }
 
+/// The refusal of a quiet publish: from version 9, in the caller's inbox when the request names one the
+/// connection opened, as a reply with the refusal's status and the call's correlation id; otherwise, and for an
+/// older client, as an `Error` frame answering the publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_quiet_publish_is_answered_in_the_callers_inbox_from_version_9() {
+    use rpc_broker::protocol::{PROTOCOL_VERSION, QUIET_REFUSALS_IN_INBOX};
+    use rpc_core::{Code, ReplyTo, Text};
+
+    let broker = start(config()).await;
+    let request = |reply_to: &str| {
+        let mut envelope = Envelope::new(Kind::Request);
+        envelope.correlation_id = Some(uuid::Uuid::now_v7());
+        envelope.reply_to = Some(ReplyTo::Inbox(Text::from(reply_to.to_owned())));
+        envelope
+    };
+    let quiet = |req, queue: &str, envelope: &Envelope| ClientFrame::Publish {
+        req,
+        queue: queue.into(),
+        priority: 0,
+        ttl_ms: None,
+        delay_ms: None,
+        key: None,
+        id: None,
+        payload: rpc_core::codec::encode_envelope(envelope).expect("encodes"),
+        quiet: true,
+    };
+    for version in [QUIET_REFUSALS_IN_INBOX - 1, PROTOCOL_VERSION] {
+        let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
+        let hello = ClientFrame::Hello { version, token: String::new(), name: "raw".into() };
+        raw.write_all(&encode(&hello)).await.expect("writes");
+        // Each connection's own inbox and queue.
+        let (inbox, queue) = (format!("inbox.mine-{version}"), format!("full-{version}"));
+        let declare = ClientFrame::Declare {
+            req: 2,
+            queue: queue.clone(),
+            max_len: Some(1),
+            max_deliveries: None,
+            durable: false,
+        };
+        let (mine, full, elsewhere) = (request(&inbox), request(&inbox), request("inbox.not-mine"));
+        let frames = [
+            ClientFrame::OpenInbox { req: 1, name: inbox.clone() },
+            declare,
+            quiet(3, "nowhere", &mine),
+            // The first is taken, the second refused: the queue holds one.
+            quiet(4, &queue, &request(&inbox)),
+            quiet(5, &queue, &full),
+            // An inbox of no connection's: answered with the error.
+            quiet(6, "nowhere", &elsewhere),
+            ClientFrame::Sync { req: 7 },
+        ];
+        for frame in &frames {
+            raw.write_all(&encode(frame)).await.expect("writes");
+        }
+        let seen = frames_until_ok(raw, 7).await;
+        let replies: Vec<(Option<uuid::Uuid>, Code, String)> = seen
+            .iter()
+            .filter_map(|frame| match frame {
+                ServerFrame::Deliver { payload, .. } => {
+                    let reply = rpc_core::codec::decode_envelope(payload, &rpc_core::codec::Limits::default())
+                        .expect("an envelope");
+                    assert_eq!(reply.kind, Kind::Reply);
+                    Some((reply.correlation_id, Code::from_u16(reply.status), reply.status_message.unwrap_or_default()))
+                }
+                _ => None,
+            })
+            .collect();
+        if version >= QUIET_REFUSALS_IN_INBOX {
+            assert_eq!(error_codes(&seen), [(6, ErrorCode::NoRoute)], "{seen:?}");
+            assert_eq!(replies.len(), 2, "{replies:?}");
+            assert_eq!((replies[0].0, replies[0].1), (mine.correlation_id, Code::NoRoute));
+            assert!(replies[0].2.contains("nowhere"), "{replies:?}");
+            assert_eq!((replies[1].0, replies[1].1), (full.correlation_id, Code::QueueFull));
+        } else {
+            assert_eq!(
+                error_codes(&seen),
+                [(3, ErrorCode::NoRoute), (5, ErrorCode::QueueFull), (6, ErrorCode::NoRoute)],
+                "{seen:?}"
+            );
+            assert!(replies.is_empty(), "{replies:?}");
+        }
+    }
+}
+
+/// A call whose request the broker refuses fails with the refusal, which a client of this build gets in its
+/// inbox: `NoRoute` for a service without a queue, `QueueFull` for a full one; not its deadline's `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_the_broker_refuses_fails_with_the_refusal_not_its_deadline() {
+    let broker = start(config()).await;
+    let remote: Arc<dyn Transport> =
+        Arc::new(Remote::connect(&format!("mqrpc://{}", broker.local_addr())).await.expect("connects"));
+    let client = Client::builder(Arc::clone(&remote)).connect().await.expect("client");
+    let echo = EchoClient::new(&client);
+    match echo.echo(1).timeout(Duration::from_secs(30)).await {
+        Err(Error::NoRoute(queue)) => assert_eq!(queue, "Echo"),
+        other => panic!("expected NoRoute, got {other:?}"),
+    }
+    remote.declare_queue("Echo", &QueueOptions::new().max_len(1)).await.expect("declares");
+    let mut waiting = Envelope::new(Kind::Oneway);
+    waiting.method = "echo".into();
+    remote.publish("Echo", waiting, rpc_core::transport::Confirm::Broker).await.expect("fills the queue");
+    match echo.echo(2).timeout(Duration::from_secs(30)).await {
+        Err(Error::QueueFull(queue)) => assert_eq!(queue, "Echo"),
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert_eq!(remote.queue_stats("Echo").await.expect("stats").rejected, 1);
+}
+
 /// 100,000 requests each cancelled right after its publish, and 100,000 cancels of calls the broker never saw,
 /// with no consumer: the broker ends with nothing held and every cancelled request counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

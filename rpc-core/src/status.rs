@@ -34,6 +34,19 @@ pub enum Code {
     /// The request failed on every attempt its retry policy allows and went to the dead-letter queue; the
     /// message carries the last failure.
     DeadLettered,
+    /// The broker has no queue of the request's destination: written by a broker, into the caller's inbox,
+    /// for a request it did not take (our broker, for clients of its protocol version 9), never by a worker.
+    /// The client fails the call with [`Error::NoRoute`](crate::Error::NoRoute).
+    NoRoute,
+    /// The broker refused the request because its queue is full, or the broker is at its memory limit; as
+    /// [`Code::NoRoute`], the call fails with [`Error::QueueFull`](crate::Error::QueueFull).
+    QueueFull,
+    /// The caller's user may not publish the request where it went; as [`Code::NoRoute`], the call fails with
+    /// [`Error::Forbidden`](crate::Error::Forbidden).
+    Forbidden,
+    /// The broker refused the request for another reason, which the message gives; as [`Code::NoRoute`], the
+    /// call fails with [`Error::InvalidArgument`](crate::Error::InvalidArgument).
+    Refused,
     /// A code this build does not know.
     Other(u16),
 }
@@ -54,6 +67,10 @@ impl Code {
             Code::Cancelled => 9,
             Code::NoResponders => 10,
             Code::DeadLettered => 11,
+            Code::NoRoute => 12,
+            Code::QueueFull => 13,
+            Code::Forbidden => 14,
+            Code::Refused => 15,
             Code::Other(code) => code,
         }
     }
@@ -73,6 +90,10 @@ impl Code {
             9 => Code::Cancelled,
             10 => Code::NoResponders,
             11 => Code::DeadLettered,
+            12 => Code::NoRoute,
+            13 => Code::QueueFull,
+            14 => Code::Forbidden,
+            15 => Code::Refused,
             other => Code::Other(other),
         }
     }
@@ -95,6 +116,10 @@ impl Code {
             Code::Cancelled => "cancelled",
             Code::NoResponders => "no_responders",
             Code::DeadLettered => "dead_lettered",
+            Code::NoRoute => "no_route",
+            Code::QueueFull => "queue_full",
+            Code::Forbidden => "forbidden",
+            Code::Refused => "refused",
             Code::Other(_) => "other",
         }
     }
@@ -115,6 +140,10 @@ impl fmt::Display for Code {
             Code::Cancelled => "cancelled",
             Code::NoResponders => "no responders",
             Code::DeadLettered => "dead-lettered",
+            Code::NoRoute => "no route",
+            Code::QueueFull => "queue full",
+            Code::Forbidden => "forbidden",
+            Code::Refused => "refused by the broker",
             Code::Other(code) => return write!(f, "code {code}"),
         };
         f.write_str(name)

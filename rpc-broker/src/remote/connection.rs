@@ -122,6 +122,8 @@ pub(super) struct Conn {
     next_req: AtomicU32,
     /// How long a request on it waits for its answer.
     pub(super) request_timeout: Duration,
+    /// The protocol version the broker answered the handshake in.
+    pub(super) version: u16,
 }
 
 impl Conn {
@@ -130,8 +132,10 @@ impl Conn {
         request_timeout: Duration,
         heartbeat: Duration,
         transport: Weak<Inner>,
+        version: u16,
     ) -> Conn {
         Conn {
+            version,
             transport,
             out,
             pending: DashMap::new(),
@@ -309,18 +313,20 @@ pub(super) async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, Error> {
         let first =
             frames.next().await.ok_or(Error::Disconnected)?.map_err(|error| Error::Transport(Box::new(error)))?;
         match ServerFrame::parse(first).map_err(|error| Error::Transport(Box::new(error)))? {
-            ServerFrame::Welcome { heartbeat_ms, flags, .. } => Ok((frames, write, heartbeat_ms, flags)),
+            ServerFrame::Welcome { version, heartbeat_ms, flags, .. } => {
+                Ok((frames, write, version, heartbeat_ms, flags))
+            }
             ServerFrame::Error { code, message, .. } => Err(code.to_error("", message)),
             _ => Err(Error::Transport("the broker did not answer the handshake".into())),
         }
     };
-    let (frames, write, heartbeat_ms, flags) = tokio::time::timeout(inner.options.connect_timeout, connect)
+    let (frames, write, version, heartbeat_ms, flags) = tokio::time::timeout(inner.options.connect_timeout, connect)
         .await
         .map_err(|_| Error::Timeout(inner.options.connect_timeout))??;
     inner.durable.store(flags & protocol::WELCOME_DURABLE != 0, Ordering::Relaxed);
     let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(100)));
     let (out, outbound) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn::new(out, inner.options.request_timeout, heartbeat, Arc::downgrade(inner)));
+    let conn = Arc::new(Conn::new(out, inner.options.request_timeout, heartbeat, Arc::downgrade(inner), version));
     let heard = Arc::new(AtomicBool::new(true));
     tokio::spawn(write_frames(write, outbound, conn.dead.clone(), Arc::clone(&conn.liveness)));
     tokio::spawn(read_frames(frames, Arc::clone(&conn), Arc::clone(&heard)));

@@ -361,7 +361,8 @@ where
             }
             let sent = if resends > 0 { envelope.clone() } else { envelope.take() };
             let answer = |reply: Result<Result<Arc<Envelope>, Error>, oneshot::error::RecvError>| match reply {
-                Ok(reply) => reply,
+                Ok(Ok(reply)) => refusal(&reply, queue).map_or(Ok(reply), Err),
+                Ok(Err(error)) => Err(error),
                 Err(_) if client.is_closed() => Err(Error::Shutdown),
                 Err(_) => Err(Error::Disconnected),
             };
@@ -425,6 +426,20 @@ where
             Some(Err(error)) => Err(error),
             None => Err(Error::Timeout(budget)),
         }
+    }
+}
+
+/// The error of a reply that a broker wrote for a request it refused ([`Code::NoRoute`] and the codes after it),
+/// as the transport would have failed the publish: a client of our broker gets the refusal of a call's request
+/// in its inbox rather than as the publish's answer, so that it waits for nothing else per call.
+fn refusal(reply: &Envelope, queue: &str) -> Option<Error> {
+    let message = || reply.status_message.clone().unwrap_or_default();
+    match Code::from_u16(reply.status) {
+        Code::NoRoute => Some(Error::NoRoute(queue.to_owned())),
+        Code::QueueFull => Some(Error::QueueFull(queue.to_owned())),
+        Code::Forbidden => Some(Error::Forbidden(message())),
+        Code::Refused => Some(Error::InvalidArgument(message())),
+        _ => None,
     }
 }
 
