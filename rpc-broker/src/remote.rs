@@ -14,7 +14,7 @@ mod consumer;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::protocol::{self, CAPABILITIES, ClientFrame, ErrorCode, INBOX_PREFIX, PublishHeader, call_key};
 
-use connection::{Conn, Target, Waiter, open, parse_url, supervise};
+use connection::{Conn, QUIET_REQ, Target, Waiter, open, parse_url, supervise};
 use consumer::{Logical, LogicalKind};
 
 /// A certificate chain and its private key, presented by a client in TLS handshakes.
@@ -158,7 +158,8 @@ impl fmt::Debug for Remote {
 struct Inner {
     target: Target,
     options: RemoteOptions,
-    current: Mutex<Option<Arc<Conn>>>,
+    /// Read by every call, written when a connection comes or goes.
+    current: RwLock<Option<Arc<Conn>>>,
     next_logical: AtomicU64,
     consumers: Mutex<HashMap<u64, Logical>>,
     /// Queues declared through this transport, declared again after reconnecting (a restarted broker may have
@@ -177,7 +178,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(conn) = self.current.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(conn) = self.current.write().unwrap_or_else(PoisonError::into_inner).take() {
             conn.dead.cancel();
         }
     }
@@ -185,7 +186,7 @@ impl Drop for Inner {
 
 impl Inner {
     fn current(&self) -> Option<Arc<Conn>> {
-        self.current.lock().unwrap_or_else(PoisonError::into_inner).clone().filter(|conn| !conn.dead.is_cancelled())
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone().filter(|conn| !conn.dead.is_cancelled())
     }
 
     fn consumers(&self) -> MutexGuard<'_, HashMap<u64, Logical>> {
@@ -264,7 +265,7 @@ impl Remote {
         let inner = Arc::new(Inner {
             target,
             options,
-            current: Mutex::new(None),
+            current: RwLock::new(None),
             next_logical: AtomicU64::new(1),
             consumers: Mutex::new(HashMap::new()),
             declared: Mutex::new(HashMap::new()),
@@ -275,7 +276,7 @@ impl Remote {
             inbox: OnceLock::new(),
         });
         let conn = open(&inner).await?;
-        *inner.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
+        *inner.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
         tokio::spawn(supervise(Arc::downgrade(&inner), conn));
         Ok(Remote { inner })
     }
@@ -337,22 +338,39 @@ impl Remote {
     }
 
     /// A request published quietly: the broker answers only a failure. From protocol version 9, it answers the
-    /// failure of a request naming this transport's inbox in that inbox, and nothing waits here.
+    /// failure of a request naming this transport's inbox in that inbox: nothing waits here, and the request goes
+    /// with the request id kept for that ([`QUIET_REQ`]), so that a call takes no shared counter either.
     fn publish_quiet<'a>(&'a self, queue: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), Error>> {
         // A connection lost meanwhile takes the inbox with it, which fails the call with `ReplyLost` (and the
         // client sends it again if told to): nothing is sent again here.
+        let props = PublishProps::of(&envelope);
+        let names_inbox = envelope.reply_to.as_ref().is_some_and(|reply_to| {
+            reply_to.is_inbox() && self.inner.inbox.get().is_some_and(|inbox| inbox == reply_to.address())
+        });
+        if names_inbox {
+            let frame = match props.header(QUIET_REQ, queue, true).with_envelope(&envelope) {
+                Ok(frame) => frame,
+                Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
+            };
+            // Sent under the lock on the current connection: no reference to it taken and dropped per call.
+            let sent = {
+                let current = self.inner.current.read().unwrap_or_else(PoisonError::into_inner);
+                match current.as_ref().filter(|conn| !conn.dead.is_cancelled()) {
+                    None => Some(Err(Error::Disconnected)),
+                    Some(conn) if conn.version >= protocol::QUIET_REFUSALS_IN_INBOX => Some(conn.send(frame)),
+                    // A broker of an older version answers the refusal as an `Error` frame, which needs a waiter.
+                    Some(_) => None,
+                }
+            };
+            if let Some(sent) = sent {
+                return rpc_core::transport::finished(sent);
+            }
+        }
         let Some(conn) = self.inner.current() else { return Box::pin(std::future::ready(Err(Error::Disconnected))) };
-        let frame = match PublishProps::of(&envelope).header(conn.req(), queue, true).with_envelope(&envelope) {
+        let frame = match props.header(conn.req(), queue, true).with_envelope(&envelope) {
             Ok(frame) => frame,
             Err(error) => return Box::pin(std::future::ready(Err(error.into()))),
         };
-        let refused_in_inbox = conn.version >= protocol::QUIET_REFUSALS_IN_INBOX
-            && envelope.reply_to.as_ref().is_some_and(|reply_to| {
-                reply_to.is_inbox() && self.inner.inbox.get().is_some_and(|inbox| inbox == reply_to.address())
-            });
-        if refused_in_inbox {
-            return rpc_core::transport::finished(conn.send(frame));
-        }
         Box::pin(async move {
             match conn.request_quiet(frame).await? {
                 Ok(_) => Ok(()),

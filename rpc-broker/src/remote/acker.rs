@@ -7,7 +7,6 @@ use rpc_core::codec;
 use rpc_core::transport::{Acker, Answered, BoxFuture, Cancellations, Confirm, Outcome};
 use rpc_core::{Envelope, Error, ReplyTo};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use super::connection::{Conn, Liveness, Waiter};
 use super::{publish_frame, reply_frame};
@@ -18,7 +17,7 @@ pub(super) struct RemoteAcker {
     pub(super) conn: mpsc::UnboundedSender<ClientFrame>,
     /// The connection the deliveries came on, for requests that only it may make ([`Acker::republish`]).
     pub(super) link: Weak<Conn>,
-    pub(super) dead: CancellationToken,
+    pub(super) dead: super::connection::Dead,
     pub(super) liveness: Arc<Liveness>,
     pub(super) consumer: u64,
     pub(super) cancellations: Arc<Cancellations>,

@@ -110,12 +110,41 @@ impl Liveness {
     }
 }
 
+/// The request id of every quiet publish whose refusal the broker answers in the caller's inbox (version 9):
+/// no waiter is registered under it, so an `Error` frame with it (a broker that could not reach the inbox) is
+/// dropped, and [`Conn::req`] never hands it out.
+pub(super) const QUIET_REQ: u32 = u32::MAX;
+
+/// A connection's end, shared by its tasks and handles: cancelled once, when the connection is lost or closed.
+/// Every call asks whether it happened, so that is a flag read, not the token's lock.
+#[derive(Clone, Default)]
+pub(super) struct Dead {
+    flag: Arc<AtomicBool>,
+    token: CancellationToken,
+}
+
+impl Dead {
+    pub(super) fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once it is cancelled.
+    pub(super) fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
 pub(super) struct Conn {
     /// Frames for the writer, which encodes them into its buffer.
     out: mpsc::UnboundedSender<ClientFrame>,
     pending: DashMap<u32, Waiter>,
     pub(super) routes: DashMap<u64, Route>,
-    pub(super) dead: CancellationToken,
+    pub(super) dead: Dead,
     pub(super) liveness: Arc<Liveness>,
     /// The transport, for what outlives the connection (consumers the broker ended).
     transport: Weak<Inner>,
@@ -140,7 +169,7 @@ impl Conn {
             out,
             pending: DashMap::new(),
             routes: DashMap::new(),
-            dead: CancellationToken::new(),
+            dead: Dead::default(),
             liveness: Arc::new(Liveness::new(heartbeat)),
             next_req: AtomicU32::new(1),
             request_timeout,
@@ -152,10 +181,10 @@ impl Conn {
     }
 
     pub(super) fn req(&self) -> u32 {
-        // 0 is the connection-level error's id.
+        // 0 is the connection-level error's id, and `QUIET_REQ` is kept for the requests nothing waits on.
         loop {
             let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-            if req != 0 {
+            if req != 0 && req != QUIET_REQ {
                 return req;
             }
         }
@@ -252,7 +281,7 @@ pub(super) async fn supervise(inner: Weak<Inner>, mut conn: Arc<Conn>) {
                         conn.dead.cancel();
                         continue;
                     }
-                    *strong.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
+                    *strong.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&conn));
                     strong.reconnected.notify_waiters();
                     tracing::info!(target = ?strong.target, attempt, "reconnected to the broker");
                     break conn;
@@ -337,7 +366,7 @@ pub(super) async fn open(inner: &Arc<Inner>) -> Result<Arc<Conn>, Error> {
 async fn write_frames(
     mut write: BoxWrite,
     mut outbound: mpsc::UnboundedReceiver<ClientFrame>,
-    dead: CancellationToken,
+    dead: Dead,
     liveness: Arc<Liveness>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
