@@ -13,7 +13,7 @@ use futures::StreamExt;
 use rpc_broker::Remote;
 use rpc_broker::protocol::{ClientFrame, ErrorCode, FrameCodec, OLDEST_CLIENT_VERSION, ServerFrame};
 use rpc_core::{Client, Server};
-use support::{EchoClient, EchoImpl, EchoServer, MAX_FRAME, config, encode, error_codes, hello, start};
+use support::{EchoClient, EchoImpl, EchoServer, MAX_FRAME, config, encode, error_codes, hello, publish_frame, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
@@ -201,17 +201,7 @@ async fn malformed_input_gets_typed_errors_and_never_hurts_the_broker() {
     stream.write_all(&encode(&declare)).await.expect("writes");
     let bad = [Bytes::from_static(&[0xc1, 0xff, 0x00]), Bytes::from(vec![0x91u8; 100_000])];
     for (req, payload) in (2u32..).zip(bad) {
-        let publish = ClientFrame::Publish {
-            req,
-            queue: "victim".into(),
-            priority: 0,
-            ttl_ms: None,
-            delay_ms: None,
-            key: None,
-            id: None,
-            payload,
-            quiet: false,
-        };
+        let publish = publish_frame(req, "victim", payload, false);
         stream.write_all(&encode(&publish)).await.expect("writes");
     }
     stream.write_all(&encode(&ClientFrame::Stats { req: 9, queue: "victim".into() })).await.expect("writes");

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
-use support::{EchoClient, EchoImpl, EchoServer, MAX_FRAME, cli, config, encode, error_codes, hello, start};
+use support::{
+    EchoClient, EchoImpl, EchoServer, MAX_FRAME, cli, config, encode, error_codes, hello, publish_frame, start,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_and_wrong_token_connections_are_rejected() {
@@ -226,17 +228,7 @@ async fn unconfirmed_and_quiet_publishes_are_answered_only_as_documented_and_inb
     let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
     raw.write_all(&hello("")).await.expect("writes");
     let payload = rpc_core::codec::encode_envelope(&Envelope::new(Kind::Reply)).expect("encodes");
-    let frame = |req, queue: &str, quiet| ClientFrame::Publish {
-        req,
-        queue: queue.into(),
-        priority: 0,
-        ttl_ms: None,
-        delay_ms: None,
-        key: None,
-        id: None,
-        payload: payload.clone(),
-        quiet,
-    };
+    let frame = |req, queue: &str, quiet| publish_frame(req, queue, payload.clone(), quiet);
     let publish = |req, queue: &str| frame(req, queue, false);
     let frames = [
         ClientFrame::OpenInbox { req: 1, name: "inbox.raw".into() },
@@ -288,16 +280,8 @@ async fn a_refused_quiet_publish_is_answered_in_the_callers_inbox_from_version_9
         envelope.reply_to = Some(ReplyTo::Inbox(Text::from(reply_to.to_owned())));
         envelope
     };
-    let quiet = |req, queue: &str, envelope: &Envelope| ClientFrame::Publish {
-        req,
-        queue: queue.into(),
-        priority: 0,
-        ttl_ms: None,
-        delay_ms: None,
-        key: None,
-        id: None,
-        payload: rpc_core::codec::encode_envelope(envelope).expect("encodes"),
-        quiet: true,
+    let quiet = |req, queue: &str, envelope: &Envelope| {
+        publish_frame(req, queue, rpc_core::codec::encode_envelope(envelope).expect("encodes"), true)
     };
     for version in [QUIET_REFUSALS_IN_INBOX - 1, PROTOCOL_VERSION] {
         let mut raw = TcpStream::connect(broker.local_addr()).await.expect("connects");
@@ -718,7 +702,6 @@ async fn a_client_of_the_oldest_accepted_version_is_served() {
     assert!(matches!(seen.first(), Some(ServerFrame::Welcome { .. })), "{seen:?}");
 }
 
-/// The frames the broker sends on `raw` up to the `Ok` of request `req`, each within 5 s.
 async fn frames_until_ok(raw: TcpStream, req: u32) -> Vec<ServerFrame> {
     let mut frames = FramedRead::new(raw, FrameCodec::new(MAX_FRAME));
     let mut seen = Vec::new();

@@ -48,6 +48,22 @@ pub(crate) fn hello(token: &str) -> Bytes {
     encode(&ClientFrame::Hello { version: PROTOCOL_VERSION, token: token.into(), name: "raw".into() })
 }
 
+/// A `Publish` of `payload` to `queue` with no options: `quiet`, or confirmed by `req` (0: unconfirmed).
+pub(crate) fn publish_frame(req: u32, queue: &str, payload: Bytes, quiet: bool) -> ClientFrame {
+    ClientFrame::Publish {
+        req,
+        queue: queue.into(),
+        priority: 0,
+        ttl_ms: None,
+        delay_ms: None,
+        key: None,
+        id: None,
+        payload,
+        quiet,
+    }
+}
+
+/// The frames the broker sends on `raw` up to the `Ok` of request `req`, each within 5 s.
 pub(crate) fn error_codes(frames: &[ServerFrame]) -> Vec<(u32, ErrorCode)> {
     frames
         .iter()
