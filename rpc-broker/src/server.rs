@@ -732,6 +732,53 @@ async fn write_frames<W>(
     let _ = write.shutdown().await;
 }
 
+/// A connection's frames, each with the instant it was read at: the frames that come without a wait (read
+/// together, or decoded from what was read) share one reading of the clock, at most [`Clocked::SHARED`] of them;
+/// the first frame after a wait reads it again.
+struct Clocked<'a, R> {
+    frames: &'a mut FramedRead<R, FrameCodec>,
+    /// The reading the frames since the last wait share, and how many have.
+    read: Option<(Instant, u32)>,
+}
+
+impl<'a, R: AsyncRead + Unpin> Clocked<'a, R> {
+    /// The most frames that share a reading: some tens of microseconds of handling.
+    const SHARED: u32 = 32;
+
+    fn new(frames: &'a mut FramedRead<R, FrameCodec>) -> Clocked<'a, R> {
+        Clocked { frames, read: None }
+    }
+
+    /// The next frame, and when it was read.
+    async fn next(&mut self) -> Option<(Instant, Result<Bytes, ProtocolError>)> {
+        let frame = std::future::poll_fn(|cx| {
+            let polled = self.frames.poll_next_unpin(cx);
+            if polled.is_pending() {
+                self.read = None;
+            }
+            polled
+        })
+        .await?;
+        let now = match &mut self.read {
+            Some((at, shared)) if *shared < Self::SHARED => {
+                *shared += 1;
+                *at
+            }
+            read => {
+                let now = Instant::now();
+                *read = Some((now, 1));
+                now
+            }
+        };
+        Some((now, frame))
+    }
+
+    /// Forgets the shared reading: time passes in what comes next.
+    fn forget(&mut self) {
+        self.read = None;
+    }
+}
+
 struct Connection {
     state: Arc<State>,
     /// The protocol version the connection speaks, from its handshake.
@@ -753,6 +800,7 @@ impl Connection {
     where
         R: AsyncRead + Unpin,
     {
+        let mut frames = Clocked::new(frames);
         let heartbeat = self.state.config.heartbeat;
         let mut ticks = tokio::time::interval(heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -766,6 +814,8 @@ impl Connection {
             // A peer that does not read its deliveries stops being read from, until its backlog drains.
             while self.queued.load(Ordering::Relaxed) > self.state.config.max_outbound {
                 let drain = drained.notified();
+                // Time passes in the wait: the next frame reads the clock again.
+                frames.forget();
                 if tokio::time::timeout(heartbeat * 3, drain).await.is_err() {
                     return Err(ServerFrame::Error {
                         req: 0,
@@ -776,10 +826,10 @@ impl Connection {
             }
             tokio::select! {
                 frame = frames.next() => {
-                    let frame = match frame {
+                    let (now, frame) = match frame {
                         None => return Ok(()),
-                        Some(Err(error)) => return Err(protocol_failure(&error)),
-                        Some(Ok(frame)) => frame,
+                        Some((_, Err(error))) => return Err(protocol_failure(&error)),
+                        Some((now, Ok(frame))) => (now, frame),
                     };
                     heard = true;
                     if held {
@@ -788,7 +838,7 @@ impl Connection {
                     }
                     self.state.frames_in.fetch_add(1, Ordering::Relaxed);
                     let frame = ClientFrame::parse(frame).map_err(|error| protocol_failure(&error))?;
-                    if let Some(answer) = self.handle(frame)? {
+                    if let Some(answer) = self.handle(frame, now)? {
                         let _ = self.out.send(Outbound::Frame(answer));
                     }
                 }
@@ -917,8 +967,8 @@ impl Connection {
         })
     }
 
-    /// Runs one frame; returns the answer to send, or `Err` to close the connection.
-    fn handle(&mut self, frame: ClientFrame) -> Result<Option<ServerFrame>, ServerFrame> {
+    /// Runs one frame, read at `now`; returns the answer to send, or `Err` to close the connection.
+    fn handle(&mut self, frame: ClientFrame, now: Instant) -> Result<Option<ServerFrame>, ServerFrame> {
         let req = frame.req();
         let ok = |body: Bytes| Some(ServerFrame::Ok { req, body });
         if let ClientFrame::Consume { queue, .. } = &frame
@@ -988,7 +1038,7 @@ impl Connection {
                 let props = frame_props(priority, ttl_ms, delay_ms, key, id, &payload);
                 // Kept for a refusal: a slice of the frame, no copy.
                 let request = quiet.then(|| payload.clone());
-                match self.publish(Target::Queue(&queue), props, payload, None) {
+                match self.publish(Target::Queue(&queue), props, payload, None, now) {
                     // Request id 0: unconfirmed (a reply to an inbox), answered neither way.
                     Err(error) if req == 0 => {
                         tracing::debug!(%error, queue, "dropped an unconfirmed publish");
@@ -1008,7 +1058,7 @@ impl Connection {
             }
             ClientFrame::PublishTopic { topic, priority, ttl_ms, delay_ms, payload, .. } => {
                 let props = frame_props(priority, ttl_ms, delay_ms, None, None, &payload);
-                match self.publish(Target::Topic(&topic), props, payload, None) {
+                match self.publish(Target::Topic(&topic), props, payload, None, now) {
                     Ok(_) => ok(Bytes::new()),
                     Err(error) => Some(failure(req, &error)),
                 }
@@ -1019,7 +1069,7 @@ impl Connection {
                 // Only the connection's own consumers' deliveries.
                 let held = self.consumers.contains(&consumer).then_some((consumer, tag));
                 match held.ok_or(Error::DeliveryLost) {
-                    Ok(held) => match self.publish(Target::Queue(&queue), props, payload, Some(held)) {
+                    Ok(held) => match self.publish(Target::Queue(&queue), props, payload, Some(held), now) {
                         Ok(Stored::Durably) => {
                             self.confirm_when_durable(req);
                             None
@@ -1037,7 +1087,7 @@ impl Connection {
                 // Only the connection's own consumers' deliveries; a stale one (requeued already) is ignored,
                 // its reply with it.
                 if self.consumers.contains(&consumer) {
-                    self.answer(consumer, tag, &reply_to, ttl_ms, payload);
+                    self.answer(consumer, tag, &reply_to, ttl_ms, payload, now);
                 }
                 None
             }
@@ -1066,7 +1116,6 @@ impl Connection {
                 let consumer = ConsumerId::from_u64(consumer);
                 // Only the connection's own consumers; a stale tag (requeued already) is ignored.
                 if self.consumers.contains(&consumer) {
-                    let now = Instant::now();
                     let mut hub = self.state.lock();
                     if let Err(error) = hub.engine.settle(consumer, tag, settle_of(outcome), now) {
                         tracing::debug!(%error, "ignoring a settle");
@@ -1078,12 +1127,11 @@ impl Connection {
             ClientFrame::Cancel { consumer, .. } => {
                 let consumer = ConsumerId::from_u64(consumer);
                 if self.consumers.remove(&consumer) {
-                    self.state.lock().detach(consumer, Instant::now());
+                    self.state.lock().detach(consumer, now);
                 }
                 ok(Bytes::new())
             }
             ClientFrame::CancelCall { queue, key } => {
-                let now = Instant::now();
                 let mut hub = self.state.lock();
                 // A queue that is gone holds nothing to cancel.
                 let _ = hub.cancel(&queue, key);
@@ -1103,7 +1151,7 @@ impl Connection {
             },
             ClientFrame::Stats { queue, .. } => {
                 let mut hub = self.state.lock();
-                hub.engine.expire_queue(&queue, Instant::now());
+                hub.engine.expire_queue(&queue, now);
                 hub.flush_journal();
                 match hub.engine.stats(&queue) {
                     Some(stats) => ok(protocol::stats_body(&stats)),
@@ -1157,14 +1205,15 @@ impl Connection {
         }));
     }
 
-    /// Publishes `payload`; with `replacing`, only while that delivery is held, which is then acked. Says
-    /// whether the message went to a durable queue, whose publisher is answered once the log has it.
+    /// Publishes `payload`, at `now`; with `replacing`, only while that delivery is held, which is then acked.
+    /// Says whether the message went to a durable queue, whose publisher is answered once the log has it.
     fn publish(
         &self,
         target: Target<'_>,
         props: Props,
         payload: Bytes,
         replacing: Option<(ConsumerId, u64)>,
+        now: Instant,
     ) -> Result<Stored, Error> {
         if props.priority > 9 {
             return Err(Error::InvalidArgument(format!("priority {} is above the highest, 9", props.priority)));
@@ -1173,7 +1222,6 @@ impl Connection {
         let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
         codec::check(&payload, &limits)
             .map_err(|error| Error::InvalidArgument(format!("the payload is not an envelope: {error}")))?;
-        let now = Instant::now();
         let mut hub = self.state.lock();
         if let Some((consumer, tag)) = replacing
             && !hub.engine.holds(consumer, tag)
@@ -1241,9 +1289,18 @@ impl Connection {
         }
     }
 
-    /// Publishes a reply to `reply_to` and acks the delivery it answers, if the delivery is held. A reply that
-    /// cannot go (its inbox is gone, it is not an envelope) is dropped; the delivery is acked all the same.
-    fn answer(&self, consumer: ConsumerId, tag: u64, reply_to: &str, ttl_ms: Option<u64>, payload: Bytes) {
+    /// Publishes a reply to `reply_to` and acks the delivery it answers, if the delivery is held, at `now`. A
+    /// reply that cannot go (its inbox is gone, it is not an envelope) is dropped; the delivery is acked all the
+    /// same.
+    fn answer(
+        &self,
+        consumer: ConsumerId,
+        tag: u64,
+        reply_to: &str,
+        ttl_ms: Option<u64>,
+        payload: Bytes,
+        now: Instant,
+    ) {
         let limits = Limits { max_frame: self.state.config.max_frame, ..Limits::default() };
         let checked = if reply_to.starts_with(INBOX_PREFIX) {
             codec::check(&payload, &limits)
@@ -1252,7 +1309,6 @@ impl Connection {
             Err(Error::InvalidArgument(format!("`{reply_to}` is not an inbox")))
         };
         let props = frame_props(0, ttl_ms, None, None, None, &payload);
-        let now = Instant::now();
         let mut hub = self.state.lock();
         if !hub.engine.holds(consumer, tag) {
             tracing::debug!(reply_to, "dropped the reply of a delivery no longer held");
@@ -1373,4 +1429,64 @@ enum Stored {
 enum Target<'a> {
     Queue(&'a str),
     Topic(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// `bodies` as frames on the wire.
+    fn on_the_wire(bodies: &[&[u8]]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for body in bodies {
+            wire.extend_from_slice(&u32::try_from(body.len()).expect("a short body").to_be_bytes());
+            wire.extend_from_slice(body);
+        }
+        wire
+    }
+
+    #[tokio::test]
+    async fn frames_read_together_share_a_reading_of_the_clock_and_one_after_a_wait_reads_it_again() {
+        let (mut peer, ours) = tokio::io::duplex(64 * 1024);
+        let mut frames = FramedRead::new(ours, FrameCodec::new(1024));
+        let mut clocked = Clocked::new(&mut frames);
+
+        let bodies: Vec<Vec<u8>> = (0..Clocked::<tokio::io::DuplexStream>::SHARED + 2).map(|n| vec![n as u8]).collect();
+        let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+        peer.write_all(&on_the_wire(&bodies)).await.expect("written");
+        let before = Instant::now();
+        let mut readings = Vec::new();
+        for body in &bodies {
+            let (at, frame) = clocked.next().await.expect("a frame");
+            assert_eq!(&frame.expect("whole")[..], *body);
+            readings.push(at);
+        }
+        assert!(readings[0] >= before, "the first frame read the clock");
+        let shared = Clocked::<tokio::io::DuplexStream>::SHARED as usize;
+        assert!(readings[..shared].iter().all(|&at| at == readings[0]), "frames read together share a reading");
+        assert!(readings[shared] > readings[0], "no more than SHARED frames share one");
+
+        // Nothing left to read: the next frame comes after a wait, and reads the clock again.
+        let last = readings[readings.len() - 1];
+        let written = {
+            let mut next = std::pin::pin!(clocked.next());
+            assert!(futures::poll!(next.as_mut()).is_pending());
+            let written = Instant::now();
+            peer.write_all(&on_the_wire(&[b"late"])).await.expect("written");
+            let (at, _) = next.await.expect("a frame");
+            assert!(at >= written, "a frame after a wait shared the reading of the frames before it");
+            written
+        };
+        assert!(written > last, "the clock did not move");
+
+        // What the caller waits for between frames makes the next one read the clock too.
+        peer.write_all(&on_the_wire(&[b"x", b"y"])).await.expect("written");
+        let (x, _) = clocked.next().await.expect("a frame");
+        clocked.forget();
+        let forgotten = Instant::now();
+        let (y, _) = clocked.next().await.expect("a frame");
+        assert!(y >= forgotten && forgotten > x, "a frame after `forget` shared the reading before it");
+    }
 }

@@ -18,6 +18,8 @@ trait Probe {
     async fn hold(&self, ms: u64) -> u64;
     /// The id of the tokio task the handler runs in.
     async fn task(&self) -> String;
+    /// The milliseconds its request had left when the handler started.
+    async fn left(&self) -> u64;
 }
 
 #[derive(Clone, Default)]
@@ -41,6 +43,14 @@ impl Probe for Probing {
 
     async fn task(&self) -> String {
         tokio::task::try_id().map(|id| id.to_string()).unwrap_or_default()
+    }
+
+    async fn left(&self) -> u64 {
+        let deadline = rpc_core::context::current().and_then(|context| context.deadline);
+        deadline.map_or(u64::MAX, |deadline| {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+        })
     }
 }
 
@@ -148,4 +158,21 @@ async fn a_calling_task_that_spent_its_budget_still_has_its_requests_handled_in_
         elsewhere
     });
     assert_eq!(caller.await.expect("the calls ran"), 0, "requests moved to tasks of their own");
+}
+
+#[tokio::test]
+async fn a_call_that_waited_for_its_turn_sends_what_is_left_of_its_budget() {
+    let broker = Embedded::new();
+    let _server = Server::new(broker.clone()).serve(ProbeServer::new(Probing::default())).await.expect("serves");
+    // Four calls a second, one at once: the second call's turn comes 250 ms after the first's.
+    let client = Client::builder(broker).rate_limit(4, 1).connect().await.expect("client");
+    let probe = ProbeClient::new(&client);
+    let budget = Duration::from_secs(5);
+    let (first, second) =
+        tokio::join!(probe.left().timeout(budget).into_future(), probe.left().timeout(budget).into_future());
+    let (first, second) = (first.expect("answered"), second.expect("answered"));
+    // Sent at once, the first has its budget but for the moment since it was made.
+    assert!((4_800..=5_000).contains(&first), "the first call had {first} ms left");
+    // The second waited its turn, which its request's deadline counts.
+    assert!(second <= 4_760, "the second call had {second} ms left, after a 250 ms wait");
 }

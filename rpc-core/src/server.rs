@@ -30,6 +30,7 @@ mod pipeline;
 
 use direct::Direct;
 use inline::Inline;
+pub(crate) use inline::latest_reading;
 use outcome::settle;
 use permits::{Permits, Slot};
 use pipeline::handle;

@@ -36,6 +36,18 @@ use crate::error::Error;
 /// For transports that keep a copy per thread of what every call writes (see [`Striped`]).
 pub use crate::stripe::{STRIPES, Striped, thread_stripe};
 
+/// A reading of the clock from moments ago, for checks that a few microseconds do not change (whether a
+/// connection went quiet past its heartbeats, say): while the server polls a request's handling on this
+/// thread, as it does for most requests, the latest reading the handling made (after its handler) or the
+/// poll's start; otherwise a fresh reading.
+///
+/// An [`Acker`] asked about a delivery (`revoked`, `answer`) is asked from that poll, so it reads no clock
+/// of its own there. A handler that computes in its first poll for long makes the poll's start that much
+/// older: do not use it to time anything.
+pub fn recent_instant() -> Instant {
+    crate::server::latest_reading().unwrap_or_else(Instant::now)
+}
+
 /// A boxed future, the return type of the transport's methods.
 pub type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
 

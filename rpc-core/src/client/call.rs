@@ -334,8 +334,11 @@ where
         let (client, decode, queue, budget, deadline) = (&*client, *decode, &**queue, *budget, *deadline);
         let correlation_id = envelope.as_ref().and_then(|envelope| envelope.correlation_id).unwrap_or_default();
         let inner = &client.inner;
+        // A call that nothing holds back goes at once, with the budget it was made with (the moment since it was
+        // made is not worth a reading of the clock); one that waited for its turn takes what is left.
+        let open = inner.admission.is_open();
         let _admitted = admit(inner, Some(deadline), budget).await?;
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = if open { budget } else { deadline.saturating_duration_since(Instant::now()) };
         if left.is_zero() {
             return Err(Error::Timeout(budget));
         }

@@ -27,6 +27,12 @@ pub(super) fn poll_started() -> Option<std::time::Instant> {
     POLL_STARTED.with(Cell::get)
 }
 
+/// The latest reading of the clock that the inline poll under way on this thread made or was given: the
+/// handling's after its handler, or else the poll's start. `None` outside an inline poll.
+pub(crate) fn latest_reading() -> Option<std::time::Instant> {
+    POLL_READ.with(Cell::get).or_else(poll_started)
+}
+
 /// Notes `now`, a reading of the clock a handling made after its handler: if the handling is polled inline
 /// and finishes in that poll, the poll's time ends there (the reply's publish after it is not counted, a few
 /// microseconds against [`Inline::SLOW`]).
@@ -175,11 +181,17 @@ mod tests {
         // The handling read the clock a moment after the poll started, and finished: the poll was fast.
         let mut work: BoxFuture<'static, ()> = Box::pin(async move {
             assert_eq!(poll_started(), Some(started), "the handling sees the poll's start");
+            assert_eq!(latest_reading(), Some(started), "the latest reading, before the handling made one");
             note_reading(started + Duration::from_micros(5));
+            assert_eq!(latest_reading(), Some(started + Duration::from_micros(5)), "the handling's own reading");
         });
         assert!(inline.run_since(&mut work, started));
         assert!(inline.allows(), "the poll was timed to the present, not to the handling's reading");
         assert_eq!((poll_started(), POLL_READ.with(Cell::get)), (None, None), "left behind after the poll");
+        // Outside an inline poll, a recent reading is a fresh one.
+        let before = std::time::Instant::now();
+        assert_eq!(latest_reading(), None);
+        assert!(crate::transport::recent_instant() >= before, "a reading from before, outside any poll");
 
         // A poll inside another (a handler calling a service in the same process) leaves the outer one's start
         // and reading as they were.
