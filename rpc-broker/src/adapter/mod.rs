@@ -118,9 +118,47 @@ pub(crate) fn refuse_delay(envelope: &rpc_core::Envelope) -> Result<(), rpc_core
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, now: at [`rpc_core::transport::recent_instant`], which inside the
+/// server's poll of a request reads no clock (see [`wall_ms_at`]).
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    wall_ms_at(rpc_core::transport::recent_instant())
+}
+
+/// How long a thread's reading of the system clock serves [`wall_ms_at`]; past it, the clock is read again, so
+/// that a step of the system clock shows within this long.
+const WALL_ANCHOR_LIFE: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// This thread's last reading of the system clock (time since the Unix epoch), and the monotonic clock's
+    /// reading just before it.
+    static WALL_ANCHOR: std::cell::Cell<Option<(std::time::Instant, std::time::Duration)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Milliseconds since the Unix epoch at `at`, a reading of the monotonic clock: the system clock read at most
+/// once a second per thread ([`WALL_ANCHOR_LIFE`]), the time since then from `at`. The senders' timestamps
+/// that receivers compare with it (how long a message was on its way) are milliseconds from other hosts' clocks.
+pub(crate) fn wall_ms_at(at: std::time::Instant) -> u64 {
+    // The time since the epoch at `at`, from a reading of both clocks.
+    let shifted = |read_at: std::time::Instant, wall: std::time::Duration| match at.checked_duration_since(read_at) {
+        Some(after) => wall + after,
+        None => wall.saturating_sub(read_at.saturating_duration_since(at)),
+    };
+    let anchor = WALL_ANCHOR.with(|anchor| match anchor.get() {
+        Some((read_at, wall))
+            if at.saturating_duration_since(read_at) < WALL_ANCHOR_LIFE
+                && read_at.saturating_duration_since(at) < WALL_ANCHOR_LIFE =>
+        {
+            Some(shifted(read_at, wall))
+        }
+        _ => {
+            let read_at = std::time::Instant::now();
+            let wall = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+            anchor.set(Some((read_at, wall)));
+            Some(shifted(read_at, wall))
+        }
+    });
+    anchor.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How long a message sent at `sent_at_ms` has been on its way at `now_ms` ([`Delivery::queued`]); zero when
@@ -216,6 +254,34 @@ pub(crate) fn user_headers(headers: &BTreeMap<String, String>) -> impl Iterator<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn system_ms() -> u64 {
+        u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_millis()).expect("fits")
+    }
+
+    #[test]
+    fn the_wall_clock_in_milliseconds_follows_the_monotonic_clock_between_readings_of_the_system_clock() {
+        let before = system_ms();
+        let now = std::time::Instant::now();
+        let at_now = wall_ms_at(now);
+        let after = system_ms();
+        assert!((before..=after).contains(&at_now), "{at_now} is not between {before} and {after}");
+        // Within the anchor's life, earlier and later instants are the anchor's reading shifted: to the
+        // millisecond, give or take the rounding of each.
+        for shift in [1, 250, 900] {
+            let shift = std::time::Duration::from_millis(shift);
+            let later = wall_ms_at(now + shift);
+            assert!(later.abs_diff(at_now + shift.as_millis() as u64) <= 1, "{later} at +{shift:?} from {at_now}");
+            if let Some(earlier) = now.checked_sub(shift) {
+                let earlier = wall_ms_at(earlier);
+                assert!(earlier.abs_diff(at_now - shift.as_millis() as u64) <= 1, "{earlier} at -{shift:?}");
+            }
+        }
+        // Past it, the system clock is read again: an instant far off is the system clock's time shifted too.
+        let far = now + std::time::Duration::from_secs(30);
+        assert!(wall_ms_at(far).abs_diff(system_ms() + 30_000) <= 100, "an instant 30 s on");
+        assert!(now_ms().abs_diff(system_ms()) <= 100, "now_ms is the system clock's time");
+    }
 
     #[test]
     fn passwords_are_not_logged() {

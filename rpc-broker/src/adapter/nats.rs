@@ -73,7 +73,7 @@ use tokio_util::sync::CancellationToken;
 use self::core::{Outbox, Outgoing, shared_subject};
 use self::jetstream::{DUPLICATE_WINDOW, StreamAcker, is_not_found, stream_error, stream_name};
 use self::mapping::{
-    ENVELOPE_INBOX, Mode, Origin, check_subject, correlation_of_subject, envelope_body, from_message,
+    ENVELOPE_INBOX, Mode, Origin, check_subject, correlation_of_subject, envelope_body, from_message_at,
     is_envelope_inbox, is_stream_ack, reply_subject, to_headers,
 };
 use super::{CounterMap, Counters};
@@ -394,14 +394,28 @@ impl Inner {
         if headers.is_empty() && !self.options.jetstream {
             // The whole envelope in the body: through the outbox.
             let outbox = &self.outbox;
-            let size_checked = outbox.check(queue, reply.as_deref(), body.len());
+            if let Err(error) = outbox.check(queue, reply.as_deref(), body.len()) {
+                return Box::pin(std::future::ready(Err(error)));
+            }
+            let subject = if to_inbox { queue.into() } else { shared_subject(&self.subjects, queue) };
+            let gone = || if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected };
+            // With room in the outbox, as nearly always, the message is queued here and the future is done: no
+            // future of its own to allocate. A publish waiting for room keeps its place: the ones after it find
+            // none either.
+            let message = match outbox.try_send(Outgoing::Message { subject, reply, body }) {
+                Ok(()) => {
+                    if let Some(counters) = counters {
+                        Counters::bump(&counters.published);
+                    }
+                    return rpc_core::transport::finished(Ok(()));
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    return Box::pin(std::future::ready(Err(gone())));
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => message,
+            };
             return Box::pin(async move {
-                size_checked?;
-                let subject = if to_inbox { queue.into() } else { shared_subject(&self.subjects, queue) };
-                let message = Outgoing::Message { subject, reply, body };
-                outbox.send(message).await.map_err(|_| {
-                    if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected }
-                })?;
+                outbox.send(message).await.map_err(|()| gone())?;
                 if let Some(counters) = counters {
                     Counters::bump(&counters.published);
                 }
@@ -742,6 +756,7 @@ impl Transport for Nats {
                 self.inner.client.subscribe(format!("{address}.*")).await.map_err(|_| Error::Disconnected)?;
             self.inner.settle().await?;
             let replies = subscriber.map(|message| {
+                let received_at = Instant::now();
                 let envelope = if message.status == Some(StatusCode::NO_RESPONDERS) {
                     // The server's answer to a request nobody consumes: the call fails at once.
                     let mut reply = Envelope::new(Kind::Reply);
@@ -761,11 +776,10 @@ impl Transport for Nats {
                     );
                     reply
                 } else {
-                    let (mut reply, _) = from_message(&message, Origin::Core);
+                    let (mut reply, _) = from_message_at(&message, Origin::Core, received_at);
                     reply.kind = Kind::Reply;
                     reply
                 };
-                let received_at = Instant::now();
                 Delivery {
                     envelope: Arc::new(envelope),
                     delivery_count: 1,

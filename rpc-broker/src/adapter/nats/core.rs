@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use rpc_core::transport::{AckHandle, Acker, BoxFuture, Confirm, Consumer, Delivery, Outcome};
-use rpc_core::{ConsumeOptions, Envelope, Error, naming};
+use rpc_core::transport::{AckHandle, Acker, Answered, BoxFuture, Confirm, Consumer, Delivery, Outcome};
+use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo, naming};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mapping::{Origin, from_message};
+use super::mapping::{Origin, from_message_at};
 use super::{CancelOnDrop, Inner, Nats};
 
 /// Subjects kept in [`Inner::subjects`] at most; a publish to a queue past them makes its own subject.
@@ -113,6 +113,15 @@ impl Outbox {
             )));
         }
         Ok(())
+    }
+
+    /// Queues `outgoing` if the outbox has room for it now.
+    ///
+    /// # Errors
+    /// `Full` with `outgoing` when it has none (or another publish waits for it), `Closed` once it is closed or
+    /// its forwarding task is gone.
+    pub(super) fn try_send(&self, outgoing: Outgoing) -> Result<(), mpsc::error::TrySendError<Outgoing>> {
+        self.sender.try_send(outgoing)
     }
 
     /// Queues `outgoing`; fails once the outbox is closed or its forwarding task is gone (its runtime shut
@@ -236,7 +245,9 @@ impl Stream for CoreStream {
                 Poll::Pending => return Poll::Pending,
             }
         };
-        let (envelope, queued) = from_message(&message, Origin::Core);
+        // One reading of the clock: when the message was received, and how long it was on its way.
+        let received_at = Instant::now();
+        let (envelope, queued) = from_message_at(&message, Origin::Core, received_at);
         this.next_tag += 1;
         let handle = if this.manual {
             Inner::lock(&this.acker.held).insert(this.next_tag, message);
@@ -244,7 +255,6 @@ impl Stream for CoreStream {
         } else {
             AckHandle::auto()
         };
-        let received_at = Instant::now();
         Poll::Ready(Some(Delivery { envelope: Arc::new(envelope), delivery_count: 1, queued, received_at, handle }))
     }
 }
@@ -296,6 +306,32 @@ impl Acker for CoreAcker {
     ) -> BoxFuture<'a, Result<(), Error>> {
         // Core NATS holds no delivery that the server could take back: there is nothing to fence by.
         self.inner.publish(queue, envelope, confirm)
+    }
+
+    fn answer<'a>(
+        &'a self,
+        tag: u64,
+        reply_to: &'a ReplyTo,
+        reply: Envelope,
+    ) -> BoxFuture<'a, Result<Answered, Error>> {
+        let mut published = self.inner.publish(reply_to.address(), reply, Confirm::for_reply(reply_to));
+        // A reply the outbox took at once (nearly every one) is sent as far as core NATS sends anything, and
+        // its ack is this process's own: no future to allocate for the two steps.
+        match (&mut published).now_or_never() {
+            Some(published) => {
+                // As `reply_then_ack`: a reply that could not go leaves the delivery held.
+                let answered = Answered::of(published);
+                if answered.is_ok() {
+                    Inner::lock(&self.held).remove(&tag);
+                }
+                rpc_core::transport::answered(answered)
+            }
+            None => Box::pin(async move {
+                let answered = Answered::of(published.await)?;
+                Inner::lock(&self.held).remove(&tag);
+                Ok(answered)
+            }),
+        }
     }
 }
 

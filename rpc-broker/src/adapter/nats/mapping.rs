@@ -42,6 +42,7 @@ pub(super) fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
 fn from_envelope_body(
     message: &async_nats::Message,
     own_reply: Option<&str>,
+    received_at: std::time::Instant,
 ) -> Option<Result<(Envelope, Duration), Error>> {
     let payload = &message.payload;
     let plain = message.headers.as_ref().is_none_or(HeaderMap::is_empty);
@@ -55,7 +56,7 @@ fn from_envelope_body(
             .map(u64::from_be_bytes)
             .ok_or(codec::CodecError::Malformed("a body marked as an envelope is shorter than its prefix"))?;
         let envelope = codec::decode_envelope_bytes(&payload.slice(ENVELOPE_PREFIX..), &codec::Limits::default())?;
-        Ok::<_, codec::CodecError>((envelope, adapter::queued_since(Some(sent_at), adapter::now_ms())))
+        Ok::<_, codec::CodecError>((envelope, adapter::queued_since(Some(sent_at), adapter::wall_ms_at(received_at))))
     })();
     Some(decoded.map_err(Error::from).map(|(mut envelope, queued)| {
         if let Some(reply) = own_reply {
@@ -212,14 +213,23 @@ pub(super) enum Origin {
     },
 }
 
-/// The envelope of a NATS message, and the time it was queued: from when JetStream stored it, else by the
-/// sender's clock.
+/// The envelope of a NATS message received now, and the time it was queued: from when JetStream stored it, else
+/// by the sender's clock.
 pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (Envelope, Duration) {
+    from_message_at(message, origin, std::time::Instant::now())
+}
+
+/// [`from_message`], for a message received at `received_at`.
+pub(super) fn from_message_at(
+    message: &async_nats::Message,
+    origin: Origin,
+    received_at: std::time::Instant,
+) -> (Envelope, Duration) {
     let (own_reply, stored_at_ms) = match origin {
         Origin::Core => (message.reply.as_deref(), None),
         Origin::Stream { stored_at_ms } => (None, stored_at_ms),
     };
-    match from_envelope_body(message, own_reply) {
+    match from_envelope_body(message, own_reply, received_at) {
         Some(Ok(mapped)) => return mapped,
         // Its sender waits on the reply subject: the worker answers it with status 8.
         Some(Err(error)) if own_reply.is_some() => {
@@ -293,7 +303,7 @@ pub(super) fn from_message(message: &async_nats::Message, origin: Origin) -> (En
     if let Some(budget) = fields.deadline_ms.and_then(|budget| budget.parse::<u64>().ok()) {
         let sent_at = stored_at_ms.or_else(|| fields.sent_at_ms.and_then(|sent| sent.parse().ok()));
         envelope.deadline_ms = Some(budget);
-        queued = adapter::queued_since(sent_at, adapter::now_ms());
+        queued = adapter::queued_since(sent_at, adapter::wall_ms_at(received_at));
     }
     envelope.idempotency_key = fields.idempotency_key.map(Text::from);
     envelope.caller = fields.caller.map(Text::from);
@@ -425,7 +435,7 @@ mod tests {
         // Every cut, and every byte flipped: never a panic; a cut one is refused.
         for cut in 0..body.len() {
             let message = plain_message("ns.Calculator", None, body.slice(..cut));
-            match from_envelope_body(&message, message.reply.as_deref()) {
+            match from_envelope_body(&message, message.reply.as_deref(), std::time::Instant::now()) {
                 None => assert_eq!(cut, 0),
                 Some(decoded) => assert!(decoded.is_err(), "cut at {cut} decoded"),
             }
@@ -437,8 +447,12 @@ mod tests {
         }
         // A body of a plain client's request that is not marked is left to the headers.
         assert!(
-            from_envelope_body(&plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02")), None)
-                .is_none()
+            from_envelope_body(
+                &plain_message("ns.Calculator", None, Bytes::from_static(b"\x92\x01\x02")),
+                None,
+                std::time::Instant::now()
+            )
+            .is_none()
         );
     }
 
