@@ -268,21 +268,25 @@ async fn nats_two_closes_at_once_lose_no_publish_that_returned_ok() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
-async fn nats_a_publish_the_transport_takes_only_after_close_began_fails_with_shutdown() {
+async fn nats_a_publish_made_before_close_arrives_and_one_made_after_it_fails_with_shutdown() {
     let harness = NatsHarness::core().available();
     let (_plain, subject, mut received) = plain_subscriber(harness.url(), "late").await;
     let transport = rpc_broker::adapter::nats::Nats::connect(harness.url()).await.expect("connects");
     transport.publish(&subject, oneway(0, 64), Confirm::Broker).await.expect("published");
 
-    // Begun before the close (its checks pass), first polled after it: the outbox has closed by then.
-    let late = transport.publish(&subject, oneway(1, 64), Confirm::Broker);
+    // Made before the close, awaited after it: the outbox took it when it was made, and the close hands what it
+    // took to the server.
+    let early = transport.publish(&subject, oneway(1, 64), Confirm::Broker);
     transport.close().await;
-    let late = late.await;
+    early.await.expect("taken before the close");
+    // Made after the close: refused, not taken and lost.
+    let late = transport.publish(&subject, oneway(2, 64), Confirm::Broker).await;
     assert!(matches!(late, Err(rpc_core::Error::Shutdown)), "refused, not taken and lost: {late:?}");
     let flushed = tokio::time::timeout(WAIT, transport.flush()).await.expect("a flush after the close returns");
     assert!(matches!(flushed, Err(rpc_core::Error::Shutdown)), "{flushed:?}");
 
     assert_eq!(next_envelope(&mut received).await.method, "m0", "the publish before the close reached the server");
+    assert_eq!(next_envelope(&mut received).await.method, "m1", "the publish made before the close reached it too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
