@@ -556,9 +556,9 @@ impl Nats {
     /// Closes the connection after flushing what was published; later operations fail with [`Error::Shutdown`].
     ///
     /// In core mode, a call, a oneway message or a reply to an mqrpc caller goes through the transport's outbox,
-    /// and a publish of one that returned `Ok` reached the connection before it closed; one begun before the
-    /// close that the outbox had not taken yet (still waiting for room when it closed, or first polled after)
-    /// fails with [`Error::Shutdown`]. A publish of another kind (with headers, or in JetStream mode) fails so
+    /// which takes it when the publish is made if it has room, and a publish of one that returned `Ok` reached
+    /// the connection before it closed; one made before the close that the outbox had not taken yet (still
+    /// waiting for room when it closed) fails with [`Error::Shutdown`], as does one made after it. A publish of another kind (with headers, or in JetStream mode) fails so
     /// when first polled after the close began; one already waiting for room in the client's own buffer as the
     /// connection drains may return `Ok` and still be lost. Concurrent closes each return once everything is
     /// flushed.
