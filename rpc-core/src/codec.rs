@@ -127,7 +127,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limits: &Limits) -> Result<T, C
 /// # Errors
 /// [`CodecError::Encode`] for a string, body or header map longer than MessagePack can carry (4 GiB).
 pub fn encode_envelope(envelope: &Envelope) -> Result<Bytes, CodecError> {
-    with_scratch(|out| envelope::encode_into(out, envelope))
+    with_scratch(|out| envelope::encode_into(out, envelope, false))
 }
 
 /// The bytes `prefix` followed by the encoding of `envelope` (as [`encode_envelope`]), in one allocation of
@@ -138,7 +138,21 @@ pub fn encode_envelope(envelope: &Envelope) -> Result<Bytes, CodecError> {
 pub fn encode_envelope_after(prefix: &[u8], envelope: &Envelope) -> Result<Bytes, CodecError> {
     with_scratch(|out| {
         out.extend_from_slice(prefix);
-        envelope::encode_into(out, envelope)
+        envelope::encode_into(out, envelope, false)
+    })
+}
+
+/// As [`encode_envelope_after`], in the envelope's compact form, version 2
+/// ([`COMPACT_VERSION`](crate::COMPACT_VERSION)): a request's id and idempotency key are left out where they are
+/// its correlation id, a reply does not echo the service and method, and the attempt is left out when it is
+/// the first. Only for a reader known to read version 2: a reader of version 1 alone refuses it.
+///
+/// # Errors
+/// As [`encode_envelope`].
+pub fn encode_compact_envelope_after(prefix: &[u8], envelope: &Envelope) -> Result<Bytes, CodecError> {
+    with_scratch(|out| {
+        out.extend_from_slice(prefix);
+        envelope::encode_into(out, envelope, true)
     })
 }
 
@@ -158,11 +172,13 @@ pub fn encode_with(write: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>) -
 /// # Errors
 /// As [`encode_envelope`].
 pub fn encode_envelope_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
-    envelope::encode_into(out, envelope)
+    envelope::encode_into(out, envelope, false)
 }
 
-/// Checks and decodes an envelope, rejecting versions other than [`VERSION`](crate::VERSION). The body and the
-/// strings are copied out of `bytes`; [`decode_envelope_bytes`] shares them instead.
+/// Checks and decodes an envelope of either form, version 1 ([`VERSION`](crate::VERSION)) or the compact
+/// version 2 ([`COMPACT_VERSION`](crate::COMPACT_VERSION)), rejecting other versions; the envelope's `version`
+/// says which it was read from. The body and the strings are copied out of `bytes`; [`decode_envelope_bytes`]
+/// shares them instead.
 ///
 /// # Errors
 /// [`CodecError::TooLarge`] first; then [`CodecError::Malformed`] or [`CodecError::TooDeep`] for bytes that are
@@ -213,6 +229,7 @@ use scan::Reader;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::Text;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -341,11 +358,46 @@ mod tests {
     }
 
     #[test]
+    fn a_calls_request_in_the_compact_form_leaves_out_its_id_key_and_first_attempt() {
+        let correlation = uuid::Uuid::now_v7();
+        let mut request = Envelope::with_id(crate::Kind::Request, correlation);
+        request.correlation_id = Some(correlation);
+        request.service = "Calculator".into();
+        request.method = "add".into();
+        request.deadline_ms = Some(5_000);
+        request.idempotency_key = Some(correlation.simple().to_string().into());
+        request.body = Bytes::from_static(b"\x92\x02\x03");
+        let full = encode_envelope(&request).expect("encodes");
+        let compact = encode_compact_envelope_after(b"", &request).expect("encodes");
+        let keys = |bytes: &[u8]| -> Vec<String> {
+            let map: BTreeMap<String, serde::de::IgnoredAny> = rmp_serde::from_slice(bytes).expect("a map");
+            map.into_keys().collect()
+        };
+        assert_eq!(keys(&full), ["a", "b", "c", "d", "i", "ik", "k", "m", "s", "v"]);
+        assert_eq!(keys(&compact), ["b", "c", "d", "k", "m", "s", "v"]);
+        // "i" and its 16 bytes, "ik" and its 32 hex digits, "a": 1.
+        assert_eq!(full.len() - compact.len(), (2 + 18) + (3 + 34) + 3);
+        let decoded = decode_envelope(&compact, &Limits::default()).expect("decodes");
+        assert_eq!((decoded.id, decoded.idempotency_key.as_deref()), (correlation, request.idempotency_key.as_deref()));
+        assert_eq!(decoded.version, crate::COMPACT_VERSION);
+        // A request without a key says so (nil); one with another key carries it.
+        for key in [None, Some(Text::from("order-7"))] {
+            request.idempotency_key = key.clone();
+            let compact = encode_compact_envelope_after(b"", &request).expect("encodes");
+            assert_eq!(decode_envelope(&compact, &Limits::default()).expect("decodes").idempotency_key, key);
+        }
+        // A reply leaves out the service and method it would echo.
+        let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
+        let compact = encode_compact_envelope_after(b"", &reply).expect("encodes");
+        assert_eq!(keys(&compact), ["b", "c", "i", "k", "v"]);
+    }
+
+    #[test]
     fn an_unknown_version_is_rejected() {
         let mut envelope = Envelope::new(crate::envelope::Kind::Reply);
-        envelope.version = 2;
+        envelope.version = 3;
         let bytes = encode_envelope(&envelope).expect("encodes");
-        assert_eq!(decode_envelope(&bytes, &Limits::default()), Err(CodecError::Version(2)));
+        assert_eq!(decode_envelope(&bytes, &Limits::default()), Err(CodecError::Version(3)));
     }
 
     #[test]
@@ -353,7 +405,7 @@ mod tests {
         let limits = Limits::default();
         let correlation = uuid::Uuid::new_v4();
         let mut envelope = Envelope::new(crate::envelope::Kind::Request);
-        envelope.version = 2;
+        envelope.version = 3;
         envelope.correlation_id = Some(correlation);
         envelope.reply_to = Some(crate::ReplyTo::Inbox("inbox.7".into()));
         let bytes = encode_envelope(&envelope).expect("encodes");
@@ -415,6 +467,40 @@ mod tests {
         }
 
         #[test]
+        fn what_decodes_of_a_mutated_compact_request_reads_back_in_both_forms(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            reply in any::<bool>(),
+        ) {
+            let correlation = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+            let mut envelope = Envelope::with_id(crate::Kind::Request, correlation);
+            envelope.correlation_id = Some(correlation);
+            envelope.service = "Calculator".into();
+            envelope.method = "add".into();
+            envelope.idempotency_key = Some(correlation.simple().to_string().into());
+            let envelope = if reply { envelope.reply(Ok(Bytes::from_static(b"\x05"))) } else { envelope };
+            let mut bytes = encode_compact_envelope_after(b"", &envelope).expect("encodes").to_vec();
+            for (index, byte) in flips {
+                let at = index.index(bytes.len());
+                bytes[at] = byte;
+            }
+            // As the fuzz target `envelope` checks: whatever decodes re-encodes in either form and reads back.
+            if let Ok(decoded) = decode_envelope(&bytes, &Limits::default()) {
+                let mut full = decoded.clone();
+                full.version = crate::VERSION;
+                let again = encode_envelope(&decoded).expect("encodes");
+                prop_assert_eq!(decode_envelope(&again, &Limits::default()), Ok(full.clone()));
+                let mut compact = full;
+                compact.version = crate::COMPACT_VERSION;
+                if compact.kind == crate::Kind::Reply {
+                    compact.service = Text::new();
+                    compact.method = Text::new();
+                }
+                let again = encode_compact_envelope_after(b"", &decoded).expect("encodes");
+                prop_assert_eq!(decode_envelope(&again, &Limits::default()), Ok(compact));
+            }
+        }
+
+        #[test]
         fn the_envelope_codec_writes_and_reads_what_serde_does(envelope in arbitrary_envelope()) {
             let by_hand = encode_envelope(&envelope).expect("encodes");
             let by_serde = rmp_serde::to_vec_named(&SerdeForm::of(&envelope)).expect("serde encodes");
@@ -423,6 +509,37 @@ mod tests {
             let decoded = decode_envelope(&by_hand, &limits).expect("decodes");
             prop_assert_eq!(&decoded, &envelope);
             prop_assert_eq!(decode_envelope_bytes(&by_hand, &limits).expect("decodes"), envelope);
+        }
+
+        #[test]
+        fn the_compact_form_reads_back_as_what_it_leaves_out_says(
+            envelope in arbitrary_envelope(),
+            keyed_by_call in any::<bool>(),
+            keyless in any::<bool>(),
+        ) {
+            let mut envelope = envelope;
+            if let (Some(id), true) = (envelope.correlation_id, keyed_by_call) {
+                // A call's request as our clients make it: its id and key are its correlation id.
+                envelope.id = id;
+                envelope.idempotency_key = (!keyless).then(|| id.simple().to_string().into());
+            }
+            let compact = encode_compact_envelope_after(b"", &envelope).expect("encodes");
+            let full = encode_envelope(&envelope).expect("encodes");
+            // Never longer, but for a request without a key, which says so: `ik` nil, 4 bytes, and 2 more where
+            // that field makes the map's 16th, whose length takes 3 bytes rather than 1.
+            prop_assert!(compact.len() <= full.len() + 6, "{} > {} + 6", compact.len(), full.len());
+            let decoded = decode_envelope_bytes(&compact, &Limits::default()).expect("decodes");
+            let mut expected = envelope;
+            expected.version = crate::COMPACT_VERSION;
+            if expected.kind == crate::Kind::Reply {
+                expected.service = Text::new();
+                expected.method = Text::new();
+            }
+            prop_assert_eq!(&decoded, &expected);
+            // Written in the full form again, it is version 1 and the fields it had.
+            let again = decode_envelope(&encode_envelope(&decoded).expect("encodes"), &Limits::default());
+            expected.version = crate::VERSION;
+            prop_assert_eq!(again.expect("decodes"), expected);
         }
 
         #[test]

@@ -12,8 +12,13 @@ use uuid::Uuid;
 use crate::status::{Code, Status};
 use crate::text::Text;
 
-/// The envelope version this build writes and reads.
+/// The version of the envelope's full form, which every transport that carries a whole envelope writes.
 pub const VERSION: u8 = 1;
+
+/// The version of the envelope's compact form: a request's id and idempotency key are left out where they are
+/// its correlation id, and a reply does not echo the service and method. This build reads both versions;
+/// core NATS writes this one between mqrpc processes (docs/wire-format.md).
+pub const COMPACT_VERSION: u8 = 2;
 
 /// What an envelope carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -90,7 +95,8 @@ impl ReplyTo {
 /// one pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Envelope {
-    /// Envelope format version, [`VERSION`].
+    /// The version of the form it was read from: [`VERSION`], or [`COMPACT_VERSION`] for the compact form.
+    /// A reply takes its request's, so that a transport can answer in the form the caller wrote.
     pub version: u8,
     /// Request, reply or oneway.
     pub kind: Kind,
@@ -261,6 +267,7 @@ impl Envelope {
     pub(crate) fn reply_at(&self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
         let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
         reply.correlation_id = self.correlation_id;
+        reply.version = self.version;
         reply.service.clone_from(&self.service);
         reply.method.clone_from(&self.method);
         reply.headers.clone_from(&self.headers);
@@ -274,6 +281,7 @@ impl Envelope {
     pub(crate) fn take_reply(&mut self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
         let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
         reply.correlation_id = self.correlation_id;
+        reply.version = self.version;
         reply.service = std::mem::take(&mut self.service);
         reply.method = std::mem::take(&mut self.method);
         reply.headers = std::mem::take(&mut self.headers);
@@ -305,9 +313,51 @@ impl Envelope {
     }
 }
 
+/// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
+///
+/// Cut from a buffer that the keys made on this thread share, [`KEY_BUFFER`] bytes at a time: 32 keys cost two
+/// allocations (the buffer and its reference count) rather than one each. A buffer is freed with the last of its
+/// keys, so a key kept for long (a call that waits minutes) holds at most one buffer.
+pub(crate) fn default_key(correlation_id: Uuid) -> Text {
+    thread_local! {
+        static KEYS: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
+    }
+    let mut hex = Uuid::encode_buffer();
+    let hex: &str = correlation_id.simple().encode_lower(&mut hex);
+    let key = KEYS.with_borrow_mut(|keys| {
+        if keys.capacity() < hex.len() {
+            *keys = bytes::BytesMut::with_capacity(KEY_BUFFER);
+        }
+        keys.extend_from_slice(hex.as_bytes());
+        keys.split().freeze()
+    });
+    // Hex digits are UTF-8: the fallback is never taken.
+    Text::from_utf8(key).unwrap_or_else(|_| Text::from(hex))
+}
+
+/// The size of the buffers [`default_key`] cuts keys from: 32 keys.
+const KEY_BUFFER: usize = 1_024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_keys_are_their_ids_in_hex_cut_from_shared_buffers() {
+        let ids: Vec<Uuid> = (0..100u128).map(|n| Uuid::from_u128(n << 64 | 0xabc)).collect();
+        let keys: Vec<Text> = ids.iter().map(|id| default_key(*id)).collect();
+        for (id, key) in ids.iter().zip(&keys) {
+            assert_eq!(key.as_str(), id.simple().to_string());
+        }
+        // Consecutive keys sit side by side in one buffer, a new one started when it is full.
+        let adjacent = keys.windows(2).filter(|pair| pair[0].as_ptr().wrapping_add(32) == pair[1].as_ptr()).count();
+        assert!(adjacent >= 90, "{adjacent} of 99 pairs adjacent");
+        // A key outlives the other keys of its buffer.
+        let mut keys = keys;
+        let first = keys.remove(0);
+        drop(keys);
+        assert_eq!(first.as_str(), ids[0].simple().to_string());
+    }
 
     #[test]
     fn a_taken_reply_is_the_copied_reply_and_leaves_the_request_its_address() {

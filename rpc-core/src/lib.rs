@@ -126,7 +126,7 @@ pub mod __private;
 pub use callback::{CallbackHandle, CallbackReply, DurableCallbacks};
 pub use client::{Call, Cancellation, Client, ClientBuilder, ClientStats, DEFAULT_TIMEOUT, MAX_PRIORITY, Notify};
 pub use dedup::{Begin, DedupStore, MemoryDedup, StoredReply};
-pub use envelope::{Envelope, Kind, ReplyTo, VERSION};
+pub use envelope::{COMPACT_VERSION, Envelope, Kind, ReplyTo, VERSION};
 pub use error::Error;
 pub use method::{DecodeFn, Method, MethodInfo, MethodKind};
 pub use retry::RetryPolicy;

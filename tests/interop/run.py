@@ -112,7 +112,7 @@ def envelope(kind, method, body, *, correlation=None, reply_to=None, inbox=True,
 def reply_from_envelope(payload):
     env = unpack(payload)
     expect(isinstance(env, dict), f"the reply is not an envelope map: {env!r}")
-    expect(env.get("v") == 1, f"the reply's version is {env.get('v')!r}, not 1")
+    expect(env.get("v") in (1, 2), f"the reply's version is {env.get('v')!r}, not 1 or 2")
     expect(env.get("k") == 1, f"the reply's kind is {env.get('k')!r}, not 1 (reply)")
     body = env.get("b", b"")
     return Reply(env.get("st", 0), env.get("sm"), body, env.get("c"), raw=env)
@@ -1215,6 +1215,30 @@ async def check_result_mqrpc_form(client, ctx):
     expect(reply.correlation == correlation.bytes, f"correlation {reply.correlation!r} != {correlation.bytes!r}")
 
 
+async def check_result_mqrpc_compact_form(client, ctx):
+    """Core NATS between mqrpc processes, the envelope's compact form (version 2): a request without `i`, `ik`
+    and `a` (its id and key are its correlation id) is answered in version 2, without `s` and `m`."""
+    correlation = uuid.uuid4()
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=5000, version=2)
+    for key in ("i", "a"):
+        del env[key]
+    reply = await client.call_mqrpc_form(pack(env), correlation.hex)
+    expect(reply is not None, "no reply to a compact mqrpc-form request")
+    expect(reply.status != -1, reply.message or "")
+    ok_value(reply, 5, "add(2, 3) in the compact mqrpc form")
+    expect(reply.correlation == correlation.bytes, f"correlation {reply.correlation!r} != {correlation.bytes!r}")
+    env = unpack(reply.raw.data[9:])
+    expect(env.get("v") == 2, f"a compact request answered in version {env.get('v')!r}, not 2")
+    expect("s" not in env and "m" not in env, f"a compact reply echoes the service or method: {env}")
+    # The version-1 form is answered in version 1, with the echo.
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=5000)
+    reply = await client.call_mqrpc_form(pack(env), correlation.hex)
+    expect(reply is not None, "no reply to a version-1 mqrpc-form request")
+    env = unpack(reply.raw.data[9:])
+    expect(env.get("v") == 1, f"a version-1 request answered in version {env.get('v')!r}")
+    expect(env.get("m") == "add", f"a version-1 reply without its method: {env}")
+
+
 async def check_application_error(client, ctx):
     """div(1, 0) -> status 1, "DivideByZero"; div(7, 2) -> status 1, {"NotExact": {"remainder": 1}}."""
     for args, expected in (({"a": 1, "b": 0}, "DivideByZero"), ({"a": 7, "b": 2}, {"NotExact": {"remainder": 1}})):
@@ -1316,10 +1340,10 @@ async def check_incomplete_envelope(client, ctx):
 
 
 async def check_wrong_version(client, ctx):
-    """An envelope with `v: 2`: "A reader rejects other versions", status 8 where the reply address is readable."""
-    reply = await client.call("add", {"a": 2, "b": 3}, version=2, timeout=SILENCE * 2)
+    """An envelope with `v: 3`: "A reader rejects other versions", status 8 where the reply address is readable."""
+    reply = await client.call("add", {"a": 2, "b": 3}, version=3, timeout=SILENCE * 2)
     await alive(client)
-    expect(reply is not None, "no reply to a version-2 envelope (expected status 8, invalid request)")
+    expect(reply is not None, "no reply to a version-3 envelope (expected status 8, invalid request)")
     expect(reply.status == 8, f"status {reply.status} ({reply.message!r}) value {reply.body!r}, expected 8")
 
 
@@ -1352,10 +1376,10 @@ async def check_mqrpc_form_not_envelope(client, ctx):
 
 async def check_mqrpc_form_wrong_version(client, ctx):
     correlation = uuid.uuid4()
-    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, version=2)
+    env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, version=3)
     reply = await client.call_mqrpc_form(pack(env), correlation.hex, timeout=SILENCE * 2)
     await alive(client)
-    expect(reply is not None, "no reply to a version-2 mqrpc-form envelope (expected status 8, invalid request)")
+    expect(reply is not None, "no reply to a version-3 mqrpc-form envelope (expected status 8, invalid request)")
     expect(reply.status == 8, f"status {reply.status} ({reply.message!r}), expected 8")
 
 
@@ -1738,8 +1762,8 @@ CHECKS = {
                  check_old_send_time, check_expired_expiration, check_oneway, check_concurrent_canonical_ids,
                  check_correlation_upper_case_uuid, check_correlation_simple_uuid, check_correlation_non_uuid,
                  check_concurrent, check_worker_alive],
-    "nats": [check_result, check_result_mqrpc_form, check_application_error, check_unknown_method,
-             check_bad_arguments, check_positional_arguments, check_deadline_propagates, check_garbage_body,
+    "nats": [check_result, check_result_mqrpc_form, check_result_mqrpc_compact_form, check_application_error,
+             check_unknown_method, check_bad_arguments, check_positional_arguments, check_deadline_propagates, check_garbage_body,
              check_missing_method, check_status_on_request, check_mqrpc_form_garbage,
              check_mqrpc_form_not_envelope, check_mqrpc_form_wrong_version, check_expired_deadline,
              check_old_send_time, check_old_send_time_mqrpc_form, check_oneway, check_concurrent_canonical_ids,

@@ -139,11 +139,13 @@ def remaining(deadline_ms, queued_ms):
 
 
 def reply_envelope(request, status, message, body):
-    """The reply to a request envelope (wire-format.md): its correlation id, service and method echoed."""
-    env = {"v": 1, "k": REPLY, "i": uuid.uuid4().bytes}
+    """The reply to a request envelope (wire-format.md), in its request's version: its correlation id echoed,
+    and in version 1 its service and method too (the compact version 2 leaves them out)."""
+    version = 2 if request.get("v") == 2 else 1
+    env = {"v": version, "k": REPLY, "i": uuid.uuid4().bytes}
     if "c" in request:
         env["c"] = request["c"]
-    for key in ("s", "m"):
+    for key in ("s", "m") if version == 1 else ():
         if isinstance(request.get(key), str):
             env[key] = request[key]
     if status:
@@ -156,15 +158,19 @@ def reply_envelope(request, status, message, body):
 
 
 def read_envelope(payload):
-    """An envelope map of version 1, or an error message."""
+    """An envelope map of version 1 or 2 (the compact form, its left-out fields put back), or an error message."""
     try:
         env = unpack(payload)
     except Exception as error:  # noqa: BLE001
         return None, f"not MessagePack: {error}"
     if not isinstance(env, dict):
         return None, "not an envelope map"
-    if env.get("v") != 1:
-        return env, f"envelope version {env.get('v')!r} is not supported; this worker reads version 1"
+    if env.get("v") not in (1, 2):
+        return env, f"envelope version {env.get('v')!r} is not supported; this worker reads versions 1 and 2"
+    if env.get("v") == 2 and env.get("k") == REQUEST and isinstance(env.get("c"), bytes):
+        # A request's id and idempotency key are its correlation id where it leaves them out.
+        env.setdefault("i", env["c"])
+        env.setdefault("ik", uuid.UUID(bytes=env["c"]).hex)
     if env.get("k") not in (REQUEST, ONEWAY) or not isinstance(env.get("m"), str) or not isinstance(env.get("b"), bytes):
         return env, "not a request envelope"
     return env, None

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::admission::Refused;
 use crate::context;
-use crate::envelope::{Envelope, Kind, ReplyTo};
+use crate::envelope::{Envelope, Kind, ReplyTo, default_key};
 use crate::error::Error;
 use crate::method::{DecodeFn, Method, MethodKind};
 use crate::metrics::CallMeter;
@@ -101,31 +101,6 @@ fn budget(own: Option<Duration>, default: Duration, now: Instant) -> (Duration, 
     }
     (deadline.saturating_duration_since(now), deadline)
 }
-
-/// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
-///
-/// Cut from a buffer that the keys made on this thread share, [`KEY_BUFFER`] bytes at a time: 32 keys cost two
-/// allocations (the buffer and its reference count) rather than one each. A buffer is freed with the last of its
-/// keys, so a key kept for long (a call that waits minutes) holds at most one buffer.
-fn default_key(correlation_id: Uuid) -> Text {
-    thread_local! {
-        static KEYS: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
-    }
-    let mut hex = Uuid::encode_buffer();
-    let hex: &str = correlation_id.simple().encode_lower(&mut hex);
-    let key = KEYS.with_borrow_mut(|keys| {
-        if keys.capacity() < hex.len() {
-            *keys = bytes::BytesMut::with_capacity(KEY_BUFFER);
-        }
-        keys.extend_from_slice(hex.as_bytes());
-        keys.split().freeze()
-    });
-    // Hex digits are UTF-8: the fallback is never taken.
-    Text::from_utf8(key).unwrap_or_else(|_| Text::from(hex))
-}
-
-/// The size of the buffers [`default_key`] cuts keys from: 32 keys.
-const KEY_BUFFER: usize = 1_024;
 
 fn millis(budget: Duration) -> u64 {
     u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)
@@ -642,27 +617,5 @@ impl IntoFuture for Notify {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_keys_are_their_ids_in_hex_cut_from_shared_buffers() {
-        let ids: Vec<Uuid> = (0..100u128).map(|n| Uuid::from_u128(n << 64 | 0xabc)).collect();
-        let keys: Vec<Text> = ids.iter().map(|id| default_key(*id)).collect();
-        for (id, key) in ids.iter().zip(&keys) {
-            assert_eq!(key.as_str(), id.simple().to_string());
-        }
-        // Consecutive keys sit side by side in one buffer, a new one started when it is full.
-        let adjacent = keys.windows(2).filter(|pair| pair[0].as_ptr().wrapping_add(32) == pair[1].as_ptr()).count();
-        assert!(adjacent >= 90, "{adjacent} of 99 pairs adjacent");
-        // A key outlives the other keys of its buffer.
-        let mut keys = keys;
-        let first = keys.remove(0);
-        drop(keys);
-        assert_eq!(first.as_str(), ids[0].simple().to_string());
     }
 }

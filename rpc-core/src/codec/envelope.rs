@@ -8,10 +8,13 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::{CodecError, Limits, Reader};
-use crate::envelope::{Envelope, Kind, ReplyTo, VERSION};
+use crate::envelope::{COMPACT_VERSION, Envelope, Kind, ReplyTo, VERSION, default_key};
 use crate::text::Text;
 
-pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), CodecError> {
+/// Writes `envelope` in the full form of version 1 ([`VERSION`]), or, with `compact`, in the compact form of
+/// version 2 ([`COMPACT_VERSION`]): a request's `i` and `ik` are left out where they are its correlation id
+/// (an `ik` it lacks is written as nil), a reply does not echo `s` and `m`, and `a` is left out when it is 1.
+pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope, compact: bool) -> Result<(), CodecError> {
     let strings = envelope.service.len()
         + envelope.method.len()
         + envelope.reply_to.as_ref().map_or(0, |reply_to| reply_to.address().len())
@@ -21,15 +24,27 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
         + envelope.headers.iter().map(|(name, value)| name.len() + value.len() + 10).sum::<usize>();
     out.reserve(128 + strings + envelope.body.len());
     let e = envelope;
-    let fields = 5
+    let request = e.kind == Kind::Request;
+    // What the compact form leaves out: the request's id and key where they are its correlation id (the
+    // reader puts them back), a reply's echo of the service and method.
+    let write_id = !(compact && request && e.correlation_id == Some(e.id));
+    let write_key = match (&e.idempotency_key, e.correlation_id) {
+        (Some(key), Some(id)) if compact && request => !is_key_of(key, id),
+        (None, Some(_)) => compact && request,
+        (key, _) => key.is_some(),
+    };
+    let echo = !(compact && e.kind == Kind::Reply);
+    let fields = 3
+        + usize::from(write_id)
+        + usize::from(!compact || e.attempt != 1)
         + usize::from(e.correlation_id.is_some())
-        + usize::from(!e.service.is_empty())
-        + usize::from(!e.method.is_empty())
+        + usize::from(echo && !e.service.is_empty())
+        + usize::from(echo && !e.method.is_empty())
         + usize::from(e.reply_to.is_some())
         + usize::from(e.reply_to.as_ref().is_some_and(ReplyTo::is_inbox))
         + usize::from(e.deadline_ms.is_some())
         + usize::from(e.delay_ms.is_some())
-        + usize::from(e.idempotency_key.is_some())
+        + usize::from(write_key)
         + usize::from(e.priority.is_some())
         + usize::from(e.status != 0)
         + usize::from(e.status_message.is_some())
@@ -38,20 +53,28 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
         + usize::from(!e.headers.is_empty());
     map_len(out, fields)?;
     str(out, "v")?;
-    uint(out, u64::from(e.version));
+    // An envelope read from the compact form is written in whichever form is asked for, as that form's version.
+    let version = match (compact, e.version) {
+        (true, _) => COMPACT_VERSION,
+        (false, COMPACT_VERSION) => VERSION,
+        (false, version) => version,
+    };
+    uint(out, u64::from(version));
     str(out, "k")?;
     uint(out, u64::from(u8::from(e.kind)));
-    str(out, "i")?;
-    bin(out, e.id.as_bytes())?;
+    if write_id {
+        str(out, "i")?;
+        bin(out, e.id.as_bytes())?;
+    }
     if let Some(id) = &e.correlation_id {
         str(out, "c")?;
         bin(out, id.as_bytes())?;
     }
-    if !e.service.is_empty() {
+    if echo && !e.service.is_empty() {
         str(out, "s")?;
         str(out, &e.service)?;
     }
-    if !e.method.is_empty() {
+    if echo && !e.method.is_empty() {
         str(out, "m")?;
         str(out, &e.method)?;
     }
@@ -71,11 +94,16 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
         str(out, "dl")?;
         uint(out, delay);
     }
-    str(out, "a")?;
-    uint(out, u64::from(e.attempt));
-    if let Some(key) = &e.idempotency_key {
+    if !compact || e.attempt != 1 {
+        str(out, "a")?;
+        uint(out, u64::from(e.attempt));
+    }
+    if write_key {
         str(out, "ik")?;
-        str(out, key)?;
+        match &e.idempotency_key {
+            Some(key) => str(out, key)?,
+            None => out.push(0xc0),
+        }
     }
     if let Some(priority) = e.priority {
         str(out, "p")?;
@@ -108,6 +136,12 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope) -> Result<(), 
     str(out, "b")?;
     bin(out, &e.body)?;
     Ok(())
+}
+
+/// Whether `key` is `id` in 32 lowercase hex digits, the key a call is given when it is given none.
+fn is_key_of(key: &str, id: Uuid) -> bool {
+    let mut buffer = Uuid::encode_buffer();
+    key == id.simple().encode_lower(&mut buffer)
 }
 
 fn uint(out: &mut Vec<u8>, value: u64) {
@@ -253,6 +287,8 @@ pub(super) fn decode(
     let mut seen = 0u32;
     let mut body_range = 0..0;
     let (mut reply_address, mut reply_inbox) = (None, false);
+    // `ik` written as nil: in the compact form, a request without a key (rather than one keyed by `c`).
+    let mut key_nil = false;
     for _ in 0..fields {
         let Some(key) = r.str_bytes()? else {
             r.skip_one(limits.max_depth, 1)?;
@@ -283,7 +319,10 @@ pub(super) fn decode(
             7 => envelope.deadline_ms = r.optional(|r| r.number(field))?,
             8 => envelope.delay_ms = r.optional(|r| r.number(field))?,
             9 => envelope.attempt = r.number(field)?,
-            10 => envelope.idempotency_key = r.optional(|r| r.text(field, &share))?,
+            10 => {
+                envelope.idempotency_key = r.optional(|r| r.text(field, &share))?;
+                key_nil = envelope.idempotency_key.is_none();
+            }
             11 => envelope.priority = r.optional(|r| r.number(field))?,
             12 => envelope.status = r.number(field)?,
             13 => envelope.status_message = r.optional(|r| r.string(field))?,
@@ -297,13 +336,27 @@ pub(super) fn decode(
     if r.remaining() != 0 {
         return Err(CodecError::Malformed("trailing bytes after the value"));
     }
+    // `v` first: what else is required depends on it.
+    if seen & 1 == 0 {
+        return Err(CodecError::Decode("missing field `v`".to_owned()));
+    }
+    if envelope.version != VERSION && envelope.version != COMPACT_VERSION {
+        return Err(CodecError::Version(envelope.version));
+    }
+    // The compact form's request: an id or key left out is its correlation id.
+    if let (COMPACT_VERSION, Kind::Request, Some(id)) = (envelope.version, envelope.kind, envelope.correlation_id) {
+        if seen & (1 << 2) == 0 {
+            envelope.id = id;
+            seen |= 1 << 2;
+        }
+        if envelope.idempotency_key.is_none() && !key_nil {
+            envelope.idempotency_key = Some(default_key(id));
+        }
+    }
     for (slot, key) in KEYS.iter().enumerate().take(3) {
         if seen & (1 << slot) == 0 {
             return Err(CodecError::Decode(format!("missing field `{key}`")));
         }
-    }
-    if envelope.version != VERSION {
-        return Err(CodecError::Version(envelope.version));
     }
     envelope.reply_to = reply_address.map(|address| match reply_inbox {
         true => ReplyTo::Inbox(address),

@@ -28,12 +28,16 @@ pub(super) fn is_envelope_inbox(subject: &str) -> bool {
     subject.rsplit('.').nth(1) == Some(ENVELOPE_INBOX)
 }
 
-/// A body carrying `envelope` whole (its reply address travels as the message's reply subject).
-pub(super) fn envelope_body(envelope: &Envelope) -> Result<Bytes, Error> {
+/// A body carrying `envelope` whole (its reply address travels as the message's reply subject), in the
+/// envelope's compact form (version 2) if `compact`, else in its full form (version 1).
+pub(super) fn envelope_body(envelope: &Envelope, compact: bool) -> Result<Bytes, Error> {
     let mut prefix = [0u8; ENVELOPE_PREFIX];
     prefix[0] = ENVELOPE_MARK;
     prefix[1..].copy_from_slice(&adapter::now_ms().to_be_bytes());
-    Ok(codec::encode_envelope_after(&prefix, envelope)?)
+    Ok(match compact {
+        true => codec::encode_compact_envelope_after(&prefix, envelope)?,
+        false => codec::encode_envelope_after(&prefix, envelope)?,
+    })
 }
 
 /// The envelope a message carries whole in its body, if it is such a message, its reply address the message's
@@ -417,13 +421,37 @@ mod tests {
         assert!(is_envelope_inbox(&reply), "{reply}");
         assert!(!is_envelope_inbox("_INBOX.abc.0123"));
         sent.reply_to = None;
-        let body = envelope_body(&sent).expect("encodes");
-        assert_eq!(body[0], ENVELOPE_MARK);
-        let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), Origin::Core);
-        assert!(queued < Duration::from_secs(1), "{queued:?}");
-        let mut expected = envelope.clone();
-        expected.reply_to = Some(ReplyTo::Inbox(reply.as_str().into()));
-        assert_eq!(back, expected);
+        for compact in [false, true] {
+            let body = envelope_body(&sent, compact).expect("encodes");
+            assert_eq!(body[0], ENVELOPE_MARK);
+            let (back, queued) = from_message(&plain_message("ns.Calculator", Some(&reply), body), Origin::Core);
+            assert!(queued < Duration::from_secs(1), "{queued:?}");
+            let mut expected = envelope.clone();
+            expected.reply_to = Some(ReplyTo::Inbox(reply.as_str().into()));
+            expected.version = if compact { rpc_core::COMPACT_VERSION } else { rpc_core::VERSION };
+            assert_eq!(back, expected);
+        }
+    }
+
+    #[test]
+    fn a_compact_request_is_answered_in_the_compact_form_and_a_full_one_in_the_full_form() {
+        let correlation = Uuid::now_v7();
+        let mut request = Envelope::new(Kind::Request);
+        request.id = correlation;
+        request.correlation_id = Some(correlation);
+        request.idempotency_key = Some(correlation.simple().to_string().into());
+        request.service = "Calculator".into();
+        request.method = "add".into();
+        let reply_to = format!("_INBOX.abc.mqrpc.{}", correlation.simple());
+        for compact in [false, true] {
+            let body = envelope_body(&request, compact).expect("encodes");
+            let (received, _) = from_message(&plain_message("ns.Calculator", Some(&reply_to), body), Origin::Core);
+            // The key the compact form left out is the correlation id's, as the worker's dedup store needs it.
+            assert_eq!(received.idempotency_key, request.idempotency_key);
+            assert_eq!(received.id, correlation);
+            let reply = received.reply(Ok(Bytes::from_static(b"\x05")));
+            assert_eq!(reply.version == rpc_core::COMPACT_VERSION, compact);
+        }
     }
 
     #[test]
@@ -431,7 +459,7 @@ mod tests {
         let mut envelope = Envelope::new(Kind::Request);
         envelope.method = "add".into();
         envelope.body = Bytes::from_static(b"\x92\x01\x02");
-        let body = envelope_body(&envelope).expect("encodes");
+        let body = envelope_body(&envelope, true).expect("encodes");
         // Every cut, and every byte flipped: never a panic; a cut one is refused.
         for cut in 0..body.len() {
             let message = plain_message("ns.Calculator", None, body.slice(..cut));
@@ -507,11 +535,11 @@ mod tests {
     #[test]
     fn an_envelope_of_another_version_is_answered_as_an_invalid_request() {
         let mut envelope = Envelope::new(Kind::Request);
-        envelope.version = 2;
+        envelope.version = 3;
         envelope.method = "add".into();
         let correlation = Uuid::new_v4();
         let reply = format!("_INBOX.abc.mqrpc.{}", correlation.simple());
-        let message = plain_message("ns.Calculator", Some(&reply), envelope_body(&envelope).expect("encodes"));
+        let message = plain_message("ns.Calculator", Some(&reply), envelope_body(&envelope, false).expect("encodes"));
         let (request, _) = from_message(&message, Origin::Core);
         assert_eq!((request.kind, request.status), (Kind::Request, Code::InvalidRequest.as_u16()));
         assert_eq!(request.correlation_id, Some(correlation));
