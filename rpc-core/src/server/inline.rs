@@ -35,9 +35,12 @@ pub(crate) fn latest_reading() -> Option<std::time::Instant> {
 
 /// Notes `now`, a reading of the clock a handling made after its handler: if the handling is polled inline
 /// and finishes in that poll, the poll's time ends there (the reply's publish after it is not counted, a few
-/// microseconds against [`Inline::SLOW`]).
+/// microseconds against [`Inline::SLOW`]). Outside an inline poll (a handling running in a task of its own) it
+/// notes nothing: a reading left on the thread would be taken as recent by whatever runs there later.
 pub(super) fn note_reading(now: std::time::Instant) {
-    POLL_READ.with(|read| read.set(Some(now)));
+    if poll_started().is_some() {
+        POLL_READ.with(|read| read.set(Some(now)));
+    }
 }
 
 /// Runs requests in the server's own task while their handlers finish at once.
@@ -192,6 +195,12 @@ mod tests {
         let before = std::time::Instant::now();
         assert_eq!(latest_reading(), None);
         assert!(crate::transport::recent_instant() >= before, "a reading from before, outside any poll");
+        // A handling that runs in a task of its own reads the clock outside any inline poll: nothing is left on
+        // the thread for later readers to take as recent (a NATS sending time from it would make every later
+        // request look long queued, and expire).
+        note_reading(started);
+        assert_eq!(latest_reading(), None, "a reading noted outside an inline poll is kept");
+        assert!(crate::transport::recent_instant() >= before, "a reading from long ago taken as recent");
 
         // A poll inside another (a handler calling a service in the same process) leaves the outer one's start
         // and reading as they were.

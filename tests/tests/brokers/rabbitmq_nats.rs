@@ -730,3 +730,26 @@ async fn a_harness_deletes_the_queues_and_exchanges_its_connections_made() {
         assert!(!exchange_exists(topic.clone()).await, "the exchange `{topic}` is deleted");
     }
 }
+
+/// A handling that ran in a task of its own (its handler waited) leaves no reading of the clock on its thread: a
+/// NATS call made on that thread seconds later is stamped with the time it is sent, and its worker does not take
+/// it for a request queued since that handling, past its budget.
+#[tokio::test(flavor = "current_thread")]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
+async fn a_nats_call_made_after_a_handling_ran_in_a_task_on_its_thread_is_stamped_with_its_own_time() {
+    let embedded = mqrpc_tests::EmbeddedHarness::new();
+    let local_namespace = namespace();
+    let _local_worker = worker(embedded.connect().await, &local_namespace).await;
+    let local = Client::builder(embedded.connect().await).namespace(&local_namespace).connect().await.expect("client");
+    // `work` waits on a timer: its handling leaves the inline poll for a task of its own, on this thread.
+    ProbeClient::new(&local).work(1).timeout(WAIT).await.expect("answered");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    let harness = NatsHarness::core().available();
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let client = Client::builder(harness.connect().await).namespace(&namespace).connect().await.expect("client");
+    // Two seconds of budget: a sending time taken from that handling's reading, 2.5 s old, would have spent it.
+    let sum = ProbeClient::new(&client).add(2, 3).timeout(Duration::from_secs(2)).await;
+    assert_eq!(sum.expect("answered within its budget"), 5);
+}
