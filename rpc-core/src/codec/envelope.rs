@@ -634,4 +634,31 @@ mod wire_format_document {
         assert_eq!(decode_envelope(&request_bytes, &Limits::default()), Ok(request));
         assert_eq!(decode_envelope(&reply_bytes, &Limits::default()), Ok(reply));
     }
+
+    #[test]
+    fn the_document_shows_the_compact_bytes_this_build_writes() {
+        let document = include_str!("../../../docs/wire-format.md");
+        // As our client sends it on core NATS: its id and key its correlation id, no reply address.
+        let correlation = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0002);
+        let mut request = example_request();
+        request.id = correlation;
+        request.correlation_id = Some(correlation);
+        request.idempotency_key = Some(correlation.simple().to_string().into());
+        request.reply_to = None;
+        let request_bytes = encode_compact_envelope_after(b"", &request).expect("encodes");
+        let mut reply = request.reply(Ok(encode(&5i64).expect("encodes")));
+        reply.id = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0003);
+        let reply_bytes = encode_compact_envelope_after(b"", &reply).expect("encodes");
+        for (name, bytes) in [("compact request", &request_bytes), ("compact reply", &reply_bytes)] {
+            let shown = wrapped(bytes);
+            assert!(document.contains(&shown), "docs/wire-format.md must show the {name} as:\n{shown}\n");
+        }
+        assert_eq!(request_bytes.len(), 62);
+        request.version = crate::COMPACT_VERSION;
+        assert_eq!(decode_envelope(&request_bytes, &Limits::default()), Ok(request));
+        reply.version = crate::COMPACT_VERSION;
+        reply.service = crate::Text::new();
+        reply.method = crate::Text::new();
+        assert_eq!(decode_envelope(&reply_bytes, &Limits::default()), Ok(reply));
+    }
 }
