@@ -14,10 +14,12 @@ fuzz_target!(|data: &[u8]| {
         full.version = rpc_core::VERSION;
         let again = codec::encode_envelope(&envelope).expect("a decoded envelope encodes");
         assert_eq!(codec::decode_envelope(&again, &Limits::default()).as_ref(), Ok(&full));
-        // In the compact form, as version 2, a reply without the service and method it would echo.
+        // In the compact form, as version 2, a reply without the service and method it would echo, its id
+        // read back as its correlation id.
         let mut compact = full;
         compact.version = rpc_core::COMPACT_VERSION;
         if compact.kind == rpc_core::Kind::Reply {
+            compact.id = compact.correlation_id.unwrap_or(compact.id);
             compact.service = rpc_core::Text::new();
             compact.method = rpc_core::Text::new();
         }

@@ -386,10 +386,12 @@ mod tests {
             let compact = encode_compact_envelope_after(b"", &request).expect("encodes");
             assert_eq!(decode_envelope(&compact, &Limits::default()).expect("decodes").idempotency_key, key);
         }
-        // A reply leaves out the service and method it would echo.
+        // A reply leaves out its id and the service and method it would echo; its id reads back as its
+        // correlation id.
         let reply = request.reply(Ok(Bytes::from_static(b"\x05")));
         let compact = encode_compact_envelope_after(b"", &reply).expect("encodes");
-        assert_eq!(keys(&compact), ["b", "c", "i", "k", "v"]);
+        assert_eq!(keys(&compact), ["b", "c", "k", "v"]);
+        assert_eq!(decode_envelope(&compact, &Limits::default()).expect("decodes").id, correlation);
     }
 
     #[test]
@@ -492,6 +494,7 @@ mod tests {
                 let mut compact = full;
                 compact.version = crate::COMPACT_VERSION;
                 if compact.kind == crate::Kind::Reply {
+                    compact.id = compact.correlation_id.unwrap_or(compact.id);
                     compact.service = Text::new();
                     compact.method = Text::new();
                 }
@@ -532,6 +535,7 @@ mod tests {
             let mut expected = envelope;
             expected.version = crate::COMPACT_VERSION;
             if expected.kind == crate::Kind::Reply {
+                expected.id = expected.correlation_id.unwrap_or(expected.id);
                 expected.service = Text::new();
                 expected.method = Text::new();
             }

@@ -1217,7 +1217,7 @@ async def check_result_mqrpc_form(client, ctx):
 
 async def check_result_mqrpc_compact_form(client, ctx):
     """Core NATS between mqrpc processes, the envelope's compact form (version 2): a request without `i`, `ik`
-    and `a` (its id and key are its correlation id) is answered in version 2, without `s` and `m`."""
+    and `a` (its id and key are its correlation id) is answered in version 2, without `i`, `s` and `m`."""
     correlation = uuid.uuid4()
     env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=5000, version=2)
     for key in ("i", "a"):
@@ -1230,6 +1230,7 @@ async def check_result_mqrpc_compact_form(client, ctx):
     env = unpack(reply.raw.data[9:])
     expect(env.get("v") == 2, f"a compact request answered in version {env.get('v')!r}, not 2")
     expect("s" not in env and "m" not in env, f"a compact reply echoes the service or method: {env}")
+    expect("i" not in env, f"a compact reply carries an id of its own: {env}")
     # The version-1 form is answered in version 1, with the echo.
     env = envelope(0, "add", pack({"a": 2, "b": 3}), correlation=correlation.bytes, deadline=5000)
     reply = await client.call_mqrpc_form(pack(env), correlation.hex)

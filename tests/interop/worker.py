@@ -140,9 +140,12 @@ def remaining(deadline_ms, queued_ms):
 
 def reply_envelope(request, status, message, body):
     """The reply to a request envelope (wire-format.md), in its request's version: its correlation id echoed,
-    and in version 1 its service and method too (the compact version 2 leaves them out)."""
+    and in version 1 its id and its service and method too (the compact version 2 leaves them out where it has
+    a correlation id)."""
     version = 2 if request.get("v") == 2 else 1
-    env = {"v": version, "k": REPLY, "i": uuid.uuid4().bytes}
+    env = {"v": version, "k": REPLY}
+    if version == 1 or not isinstance(request.get("c"), bytes):
+        env["i"] = uuid.uuid4().bytes
     if "c" in request:
         env["c"] = request["c"]
     for key in ("s", "m") if version == 1 else ():
@@ -546,7 +549,10 @@ class NatsWorker:
                     headers["mqrpc-service"] = env["s"]
                 if env.get("m"):
                     headers["mqrpc-method"] = env["m"]
-                headers["Nats-Msg-Id"] = str(uuid.UUID(bytes=env["i"]))
+                # A version-2 reply's id, left out, is its correlation id.
+                message_id = env.get("i", env.get("c"))
+                if isinstance(message_id, bytes) and len(message_id) == 16:
+                    headers["Nats-Msg-Id"] = str(uuid.UUID(bytes=message_id))
         await self.nc.publish(subject, env.get("b", b""), headers=headers)
 
     async def on_jetstream(self, msg):

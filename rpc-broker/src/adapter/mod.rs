@@ -139,26 +139,30 @@ thread_local! {
 /// once a second per thread ([`WALL_ANCHOR_LIFE`]), the time since then from `at`. The senders' timestamps
 /// that receivers compare with it (how long a message was on its way) are milliseconds from other hosts' clocks.
 pub(crate) fn wall_ms_at(at: std::time::Instant) -> u64 {
-    // The time since the epoch at `at`, from a reading of both clocks.
+    // The time since the epoch at `at`, from a reading of both clocks; `None` when the reading is a
+    // [`WALL_ANCHOR_LIFE`] or more away from `at`, either way. One subtraction of readings when `at` follows the
+    // reading, as nearly always (each costs a normalisation of seconds and nanoseconds).
     let shifted = |read_at: std::time::Instant, wall: std::time::Duration| match at.checked_duration_since(read_at) {
-        Some(after) => wall + after,
-        None => wall.saturating_sub(read_at.saturating_duration_since(at)),
+        Some(after) => (after < WALL_ANCHOR_LIFE).then(|| wall + after),
+        None => {
+            let before = read_at.duration_since(at);
+            (before < WALL_ANCHOR_LIFE).then(|| wall.saturating_sub(before))
+        }
     };
-    let anchor = WALL_ANCHOR.with(|anchor| match anchor.get() {
-        Some((read_at, wall))
-            if at.saturating_duration_since(read_at) < WALL_ANCHOR_LIFE
-                && read_at.saturating_duration_since(at) < WALL_ANCHOR_LIFE =>
-        {
-            Some(shifted(read_at, wall))
+    let since = WALL_ANCHOR.with(|anchor| {
+        if let Some(since) = anchor.get().and_then(|(read_at, wall)| shifted(read_at, wall)) {
+            return Some(since);
         }
-        _ => {
-            let read_at = std::time::Instant::now();
-            let wall = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-            anchor.set(Some((read_at, wall)));
-            Some(shifted(read_at, wall))
-        }
+        let read_at = std::time::Instant::now();
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+        anchor.set(Some((read_at, wall)));
+        // Read now, `at` may still be a reading from long ago: counted from this one all the same.
+        Some(match at.checked_duration_since(read_at) {
+            Some(after) => wall + after,
+            None => wall.saturating_sub(read_at.duration_since(at)),
+        })
     });
-    anchor.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    since.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How long a message sent at `sent_at_ms` has been on its way at `now_ms` ([`Delivery::queued`]); zero when

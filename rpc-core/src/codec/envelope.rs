@@ -13,7 +13,8 @@ use crate::text::Text;
 
 /// Writes `envelope` in the full form of version 1 ([`VERSION`]), or, with `compact`, in the compact form of
 /// version 2 ([`COMPACT_VERSION`]): a request's `i` and `ik` are left out where they are its correlation id
-/// (an `ik` it lacks is written as nil), a reply does not echo `s` and `m`, and `a` is left out when it is 1.
+/// (an `ik` it lacks is written as nil), a reply's `i` is left out (its reader takes the correlation id for it)
+/// and it does not echo `s` and `m`, and `a` is left out when it is 1.
 pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope, compact: bool) -> Result<(), CodecError> {
     let strings = envelope.service.len()
         + envelope.method.len()
@@ -26,8 +27,14 @@ pub(super) fn encode_into(out: &mut Vec<u8>, envelope: &Envelope, compact: bool)
     let e = envelope;
     let request = e.kind == Kind::Request;
     // What the compact form leaves out: the request's id and key where they are its correlation id (the
-    // reader puts them back), a reply's echo of the service and method.
-    let write_id = !(compact && request && e.correlation_id == Some(e.id));
+    // reader puts them back), a reply's id (read back as its correlation id: nothing reads a reply's own id)
+    // and its echo of the service and method.
+    let write_id = !(compact
+        && match e.kind {
+            Kind::Request => e.correlation_id == Some(e.id),
+            Kind::Reply => e.correlation_id.is_some(),
+            Kind::Oneway => false,
+        });
     let write_key = match (&e.idempotency_key, e.correlation_id) {
         (Some(key), Some(id)) if compact && request => !is_key_of(key, id),
         (None, Some(_)) => compact && request,
@@ -343,13 +350,13 @@ pub(super) fn decode(
     if envelope.version != VERSION && envelope.version != COMPACT_VERSION {
         return Err(CodecError::Version(envelope.version));
     }
-    // The compact form's request: an id or key left out is its correlation id.
-    if let (COMPACT_VERSION, Kind::Request, Some(id)) = (envelope.version, envelope.kind, envelope.correlation_id) {
-        if seen & (1 << 2) == 0 {
+    // The compact form: a request's id or key left out is its correlation id, and so is a reply's id.
+    if let (COMPACT_VERSION, Some(id)) = (envelope.version, envelope.correlation_id) {
+        if envelope.kind != Kind::Oneway && seen & (1 << 2) == 0 {
             envelope.id = id;
             seen |= 1 << 2;
         }
-        if envelope.idempotency_key.is_none() && !key_nil {
+        if envelope.kind == Kind::Request && envelope.idempotency_key.is_none() && !key_nil {
             envelope.idempotency_key = Some(default_key(id));
         }
     }
@@ -647,15 +654,16 @@ mod wire_format_document {
         request.reply_to = None;
         let request_bytes = encode_compact_envelope_after(b"", &request).expect("encodes");
         let mut reply = request.reply(Ok(encode(&5i64).expect("encodes")));
-        reply.id = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0003);
         let reply_bytes = encode_compact_envelope_after(b"", &reply).expect("encodes");
         for (name, bytes) in [("compact request", &request_bytes), ("compact reply", &reply_bytes)] {
             let shown = wrapped(bytes);
             assert!(document.contains(&shown), "docs/wire-format.md must show the {name} as:\n{shown}\n");
         }
-        assert_eq!(request_bytes.len(), 62);
+        assert_eq!((request_bytes.len(), reply_bytes.len()), (62, 32));
         request.version = crate::COMPACT_VERSION;
         assert_eq!(decode_envelope(&request_bytes, &Limits::default()), Ok(request));
+        // The reply's id, left out, reads back as its correlation id.
+        reply.id = correlation;
         reply.version = crate::COMPACT_VERSION;
         reply.service = crate::Text::new();
         reply.method = crate::Text::new();

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -39,7 +40,7 @@ pub(super) fn shared_subject(
 
 impl Nats {
     pub(super) fn core_consumer(&self, subscriber: async_nats::Subscriber, options: ConsumeOptions) -> Consumer {
-        let acker = Arc::new(CoreAcker { inner: Arc::clone(&self.inner), held: Mutex::new(HashMap::new()) });
+        let acker = Arc::new(CoreAcker { inner: Arc::clone(&self.inner), held: Mutex::new(HashMap::default()) });
         let cancel = CancellationToken::new();
         let stream = CoreStream {
             subscriber: Some(subscriber),
@@ -263,7 +264,31 @@ impl Stream for CoreStream {
 /// again to its subject and a dead-lettered one to `<subject>.dlq`.
 struct CoreAcker {
     inner: Arc<Inner>,
-    held: Mutex<HashMap<u64, async_nats::Message>>,
+    held: Mutex<HashMap<u64, async_nats::Message, BuildHasherDefault<TagHasher>>>,
+}
+
+/// Hashes a delivery's tag (a counter from 1) with one multiplication: the tags are this consumer's own, so
+/// nothing outside can choose them to collide, and a keyed hash of each (SipHash, the map's default) costs more
+/// than the lookup.
+#[derive(Default)]
+struct TagHasher(u64);
+
+impl std::hash::Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, tag: u64) {
+        // Fibonacci hashing: consecutive tags spread over the whole word, the top bits included (the map's
+        // control bytes are taken from them).
+        self.0 = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl fmt::Debug for CoreAcker {
@@ -338,6 +363,18 @@ impl Acker for CoreAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_tags_hash_apart_in_the_bits_the_map_uses() {
+        use std::hash::BuildHasher;
+        let hasher = BuildHasherDefault::<TagHasher>::default();
+        let hashes: Vec<u64> = (1..=4096u64).map(|tag| hasher.hash_one(tag)).collect();
+        // The top 7 bits (the control bytes) and the low 12 (the buckets of a map this size) both vary.
+        let tops: std::collections::HashSet<u64> = hashes.iter().map(|hash| hash >> 57).collect();
+        let lows: std::collections::HashSet<u64> = hashes.iter().map(|hash| hash & 0xfff).collect();
+        assert_eq!(tops.len(), 128);
+        assert!(lows.len() > 4096 / 2, "{} buckets of 4096", lows.len());
+    }
 
     #[test]
     fn the_subject_of_a_queue_is_made_once_and_shared_up_to_the_bound() {

@@ -23,9 +23,13 @@ const ENVELOPE_PREFIX: usize = 1 + 8;
 /// The last token of an mqrpc client's inbox address: replies to it carry the whole envelope.
 pub(super) const ENVELOPE_INBOX: &str = "mqrpc";
 
-/// Whether a reply subject `<inbox>.<correlation id>` belongs to an mqrpc inbox.
+/// Whether a reply subject `<inbox>.<correlation id>` belongs to an mqrpc inbox: its last token but one is
+/// [`ENVELOPE_INBOX`]. Read from the end, byte by byte (every reply asks).
 pub(super) fn is_envelope_inbox(subject: &str) -> bool {
-    subject.rsplit('.').nth(1) == Some(ENVELOPE_INBOX)
+    let bytes = subject.as_bytes();
+    let Some(last) = bytes.iter().rposition(|&byte| byte == b'.') else { return false };
+    let Some(head) = bytes[..last].strip_suffix(ENVELOPE_INBOX.as_bytes()) else { return false };
+    head.is_empty() || head.ends_with(b".")
 }
 
 /// A body carrying `envelope` whole (its reply address travels as the message's reply subject), in the
@@ -420,6 +424,18 @@ mod tests {
         let reply = reply_subject(&mut sent).expect("a reply subject");
         assert!(is_envelope_inbox(&reply), "{reply}");
         assert!(!is_envelope_inbox("_INBOX.abc.0123"));
+        for (subject, is) in [
+            ("mqrpc.0123", true),
+            ("_INBOX.a.mqrpc.", true),
+            ("_INBOX.a.xmqrpc.0123", false),
+            ("_INBOX.a.mqrpc", false),
+            ("mqrpc", false),
+            ("_INBOX.a.mqrpc.0123.4", false),
+            ("", false),
+        ] {
+            assert_eq!(is_envelope_inbox(subject), is, "{subject}");
+            assert_eq!(subject.rsplit('.').nth(1) == Some(ENVELOPE_INBOX), is, "{subject}: not as tokens read");
+        }
         sent.reply_to = None;
         for compact in [false, true] {
             let body = envelope_body(&sent, compact).expect("encodes");
