@@ -300,7 +300,8 @@ struct Inner {
     counters: CounterMap,
     /// The subjects of the queues published to, made once: a subject shared with the client costs no
     /// allocation per publish, where one made from the name costs a copy and the client's clone of it another.
-    subjects: dashmap::DashMap<String, async_nats::Subject>,
+    /// Each with the queue's counters (those of `counters`), so that a publish finds both at once.
+    subjects: dashmap::DashMap<String, (async_nats::Subject, Arc<Counters>)>,
     closed: AtomicBool,
 }
 
@@ -354,7 +355,7 @@ impl Inner {
             return Box::pin(std::future::ready(Err(error)));
         }
         // Before the headers are made: the envelope's reply address becomes this subject.
-        let reply = reply_subject(&mut envelope);
+        let reply = reply_subject(&mut envelope, self.options.jetstream);
         let to_inbox = confirm == Confirm::Sent;
         if self.options.jetstream && !to_inbox {
             return Box::pin(async move {
@@ -381,15 +382,14 @@ impl Inner {
         reply: Option<async_nats::Subject>,
         to_inbox: bool,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        // Not per inbox subject: a reply's subject names its call, and a counter per call would never be freed.
-        let counters = (!to_inbox).then(|| self.counters.of(queue));
-        let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
-        let correlation = envelope.correlation_id.map(|id| &*id.simple().encode_lower(&mut buffer));
-        let in_subject =
-            |subject: Option<&str>| subject.zip(correlation).is_some_and(|(subject, id)| subject.ends_with(id));
-        let mode = Mode::Core {
-            to_inbox,
-            correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply.as_deref() }),
+        // Counters not per inbox subject: a reply's subject names its call, and a counter per call would never
+        // be freed.
+        let (queue_subject, counters) = match to_inbox {
+            true => (None, None),
+            false => {
+                let (subject, counters) = shared_subject(&self.subjects, &self.counters, queue);
+                (Some(subject), Some(counters))
+            }
         };
         // Whole in the body between mqrpc processes: a request or a oneway message, and a reply to an mqrpc
         // inbox. A reply to any other subject (a plain client's, whatever its inbox prefix) has headers.
@@ -403,6 +403,14 @@ impl Inner {
             };
             envelope_body(&envelope, compact).map(|body| (HeaderMap::new(), body))
         } else {
+            let mut buffer = [0u8; uuid::fmt::Simple::LENGTH];
+            let correlation = envelope.correlation_id.map(|id| &*id.simple().encode_lower(&mut buffer));
+            let in_subject =
+                |subject: Option<&str>| subject.zip(correlation).is_some_and(|(subject, id)| subject.ends_with(id));
+            let mode = Mode::Core {
+                to_inbox,
+                correlation_in_subject: in_subject(if to_inbox { Some(queue) } else { reply.as_deref() }),
+            };
             to_headers(&envelope, mode).map(|headers| (headers, envelope.body))
         };
         let (headers, body) = match message {
@@ -417,7 +425,7 @@ impl Inner {
             if let Err(error) = outbox.check(queue, reply.as_deref(), body.len()) {
                 return Box::pin(std::future::ready(Err(error)));
             }
-            let subject = if to_inbox { queue.into() } else { shared_subject(&self.subjects, queue) };
+            let subject = queue_subject.unwrap_or_else(|| queue.into());
             let gone = || if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected };
             // With room in the outbox, as nearly always, the message is queued here and the future is done: no
             // future of its own to allocate. A publish waiting for room keeps its place: the ones after it find

@@ -18,24 +18,30 @@ use tokio_util::sync::CancellationToken;
 
 use super::mapping::{Origin, from_message_at};
 use super::{CancelOnDrop, Inner, Nats};
+use crate::adapter::{CounterMap, Counters};
 
 /// Subjects kept in [`Inner::subjects`] at most; a publish to a queue past them makes its own subject.
 const SUBJECTS: usize = 1_024;
 
-/// The subject of `queue`, from `subjects` (kept there on first use, while they number under [`SUBJECTS`]).
+/// The subject of `queue` and its counters, from `subjects` (kept there on first use, while they number under
+/// [`SUBJECTS`]): one lookup per publish for both. The counters are those of `counters`, which the queue's
+/// statistics read.
 pub(super) fn shared_subject(
-    subjects: &dashmap::DashMap<String, async_nats::Subject>,
+    subjects: &dashmap::DashMap<String, (async_nats::Subject, Arc<Counters>)>,
+    counters: &CounterMap,
     queue: &str,
-) -> async_nats::Subject {
-    if let Some(subject) = subjects.get(queue) {
-        return subject.clone();
+) -> (async_nats::Subject, Arc<Counters>) {
+    if let Some(entry) = subjects.get(queue) {
+        let (subject, counters) = &*entry;
+        return (subject.clone(), Arc::clone(counters));
     }
     let subject = async_nats::Subject::from(queue);
+    let counters = counters.of(queue);
     if subjects.len() < SUBJECTS {
         // The clone makes the kept subject's buffer shared: from here on a clone only counts a reference.
-        subjects.insert(queue.to_owned(), subject.clone());
+        subjects.insert(queue.to_owned(), (subject.clone(), Arc::clone(&counters)));
     }
-    subject
+    (subject, counters)
 }
 
 impl Nats {
@@ -379,18 +385,22 @@ mod tests {
     #[test]
     fn the_subject_of_a_queue_is_made_once_and_shared_up_to_the_bound() {
         let subjects = dashmap::DashMap::new();
-        let first = shared_subject(&subjects, "ns.Calculator");
-        let second = shared_subject(&subjects, "ns.Calculator");
+        let counters = CounterMap::default();
+        let (first, first_counters) = shared_subject(&subjects, &counters, "ns.Calculator");
+        let (second, second_counters) = shared_subject(&subjects, &counters, "ns.Calculator");
         assert_eq!((first.as_str(), second.as_str()), ("ns.Calculator", "ns.Calculator"));
         assert_eq!(first.as_str().as_ptr(), second.as_str().as_ptr(), "not shared");
+        // The queue's own counters, which its statistics read.
+        assert!(Arc::ptr_eq(&first_counters, &second_counters));
+        assert!(Arc::ptr_eq(&first_counters, &counters.of("ns.Calculator")));
         for n in 1..SUBJECTS + 10 {
-            assert_eq!(shared_subject(&subjects, &format!("q.{n}")).as_str(), format!("q.{n}"));
+            assert_eq!(shared_subject(&subjects, &counters, &format!("q.{n}")).0.as_str(), format!("q.{n}"));
         }
         assert_eq!(subjects.len(), SUBJECTS);
         let past = format!("q.{}", SUBJECTS + 5);
-        assert_ne!(
-            shared_subject(&subjects, &past).as_str().as_ptr(),
-            shared_subject(&subjects, &past).as_str().as_ptr()
-        );
+        let (once, once_counters) = shared_subject(&subjects, &counters, &past);
+        let (again, again_counters) = shared_subject(&subjects, &counters, &past);
+        assert_ne!(once.as_str().as_ptr(), again.as_str().as_ptr());
+        assert!(Arc::ptr_eq(&once_counters, &again_counters), "past the bound, still the queue's counters");
     }
 }

@@ -75,9 +75,10 @@ fn from_envelope_body(
 }
 
 /// The reply subject of a request: `<inbox>.<correlation id>` for a call through an inbox (so that the
-/// server's no-responders status names the call), else the envelope's reply address. The envelope's reply
-/// address becomes that subject.
-pub(super) fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subject> {
+/// server's no-responders status names the call), else the envelope's reply address. With `write_back`, the
+/// envelope's reply address becomes that subject (a stream's headers carry it); without, it is left as it was,
+/// for a message whose envelope goes without it (core NATS), and the subject made is not copied again.
+pub(super) fn reply_subject(envelope: &mut Envelope, write_back: bool) -> Option<async_nats::Subject> {
     let call = (envelope.kind == Kind::Request).then_some(envelope.correlation_id).flatten();
     let reply_to = match envelope.reply_to.as_mut()? {
         ReplyTo::Inbox(inbox) => {
@@ -89,6 +90,10 @@ pub(super) fn reply_subject(envelope: &mut Envelope) -> Option<async_nats::Subje
                     subject.push_str(inbox);
                     subject.push('.');
                     subject.push_str(id);
+                    if !write_back {
+                        // The string becomes the subject as it is.
+                        return Some(async_nats::Subject::from(subject));
+                    }
                     *inbox = Text::from(subject);
                 }
             }
@@ -373,7 +378,7 @@ mod tests {
         envelope.headers.insert("order".into(), "7".into());
         envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
         let mut sent = envelope.clone();
-        let reply = reply_subject(&mut sent).expect("a reply subject");
+        let reply = reply_subject(&mut sent, true).expect("a reply subject");
         assert_eq!(reply.as_str(), format!("_INBOX.abc.{}", envelope.correlation_id.expect("set").simple()));
         for mode in [Mode::Stream, Mode::Core { to_inbox: false, correlation_in_subject: true }] {
             let message = async_nats::Message {
@@ -421,8 +426,13 @@ mod tests {
         envelope.headers.insert("order".into(), "7".into());
         envelope.body = Bytes::from_static(b"\x81\xa1a\x01");
         let mut sent = envelope.clone();
-        let reply = reply_subject(&mut sent).expect("a reply subject");
+        let reply = reply_subject(&mut sent, true).expect("a reply subject");
         assert!(is_envelope_inbox(&reply), "{reply}");
+        assert_eq!(sent.reply_to.as_ref().map(ReplyTo::address), Some(reply.as_str()), "written back");
+        // Not written back: the same subject, the envelope's address as it was.
+        let mut unchanged = envelope.clone();
+        assert_eq!(reply_subject(&mut unchanged, false), Some(reply.clone()));
+        assert_eq!(unchanged.reply_to, envelope.reply_to);
         assert!(!is_envelope_inbox("_INBOX.abc.0123"));
         for (subject, is) in [
             ("mqrpc.0123", true),
