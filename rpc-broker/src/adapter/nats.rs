@@ -76,7 +76,7 @@ use tokio_util::sync::CancellationToken;
 use self::core::{Outbox, Outgoing, shared_subject};
 use self::jetstream::{DUPLICATE_WINDOW, StreamAcker, is_not_found, stream_error, stream_name};
 use self::mapping::{
-    ENVELOPE_INBOX, Mode, Origin, check_subject, correlation_of_subject, envelope_body, from_message_at,
+    ENVELOPE_INBOX, Mode, Origin, check_reply, check_subject, correlation_of_subject, envelope_body, from_message_at,
     is_envelope_inbox, is_stream_ack, reply_subject, to_headers,
 };
 use super::{CounterMap, Counters};
@@ -450,6 +450,9 @@ impl Inner {
                 Ok(())
             });
         }
+        if let Err(error) = check_reply(reply.as_deref()) {
+            return Box::pin(std::future::ready(Err(error)));
+        }
         let subject = queue.to_owned();
         let client = &self.client;
         Box::pin(async move {
@@ -522,6 +525,10 @@ impl Nats {
         }
         let client = connect
             .name("mqrpc")
+            // Every subject this transport publishes to is checked before it reaches the client (`check_subject`,
+            // `check_reply`) or came from the server; the client's own check of each publish would be a second
+            // pass over both subjects, per message.
+            .skip_subject_validation(true)
             .max_reconnects(None)
             .reconnect_delay_callback(move |attempts| {
                 if attempts <= 1 {

@@ -753,3 +753,35 @@ async fn a_nats_call_made_after_a_handling_ran_in_a_task_on_its_thread_is_stampe
     let sum = ProbeClient::new(&client).add(2, 3).timeout(Duration::from_secs(2)).await;
     assert_eq!(sum.expect("answered within its budget"), 5);
 }
+
+/// The NATS client does not check the subjects it publishes to (the transport checks them first): a queue or a
+/// reply subject that would break the protocol's line is refused with a typed error, nothing of it is written,
+/// and the connection goes on serving calls.
+#[tokio::test]
+#[cfg_attr(not(mqrpc_nats), ignore = "needs NATS: MQRPC_NATS_URL (bash .ci/brokers)")]
+async fn a_nats_subject_that_would_break_the_protocol_is_refused_and_the_connection_serves_on() {
+    use rpc_core::{Envelope, Error, Kind, ReplyTo};
+    let harness = NatsHarness::core().available();
+    let namespace = namespace();
+    let _worker = worker(harness.connect().await, &namespace).await;
+    let transport = harness.connect().await;
+    let client = Client::builder(Arc::clone(&transport)).namespace(&namespace).connect().await.expect("client");
+    for queue in ["bad subject", "bad\r\nPUB x 1", "tab\there", "a..b", ""] {
+        let published = transport.publish(queue, Envelope::new(Kind::Oneway), Confirm::Broker).await;
+        assert!(matches!(published, Err(Error::InvalidArgument(_))), "{queue:?}: {published:?}");
+    }
+    // A request whose reply address (a callback queue) has whitespace, through the outbox.
+    let mut request = Envelope::new(Kind::Request);
+    request.correlation_id = Some(Uuid::now_v7());
+    request.reply_to = Some(ReplyTo::Queue("bad reply".into()));
+    let published = transport.publish(&format!("{namespace}.elsewhere"), request, Confirm::Broker).await;
+    assert!(matches!(published, Err(Error::InvalidArgument(_))), "{published:?}");
+    // A message with headers (a reply to a plain client's inbox) whose reply subject has a line break.
+    let mut reply = Envelope::new(Kind::Reply);
+    reply.correlation_id = Some(Uuid::now_v7());
+    reply.reply_to = Some(ReplyTo::Queue("bad\r\nreply".into()));
+    let published = transport.publish("_INBOX.plain.client", reply, Confirm::Sent).await;
+    assert!(matches!(published, Err(Error::InvalidArgument(_))), "{published:?}");
+    let sum = ProbeClient::new(&client).add(2, 3).timeout(WAIT).await;
+    assert_eq!(sum.expect("the connection still serves"), 5);
+}

@@ -16,7 +16,7 @@ use rpc_core::{ConsumeOptions, Envelope, Error, ReplyTo, naming};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mapping::{Origin, from_message_at};
+use super::mapping::{Origin, check_reply, from_message_at};
 use super::{CancelOnDrop, Inner, Nats};
 use crate::adapter::{CounterMap, Counters};
 
@@ -108,11 +108,7 @@ impl Outbox {
     /// What the client would refuse, refused before the message is queued: the forwarding task has no one
     /// to tell.
     pub(super) fn check(&self, subject: &str, reply: Option<&str>, size: usize) -> Result<(), Error> {
-        if let Some(reply) = reply
-            && (reply.is_empty() || reply.contains([' ', '\t', '\r', '\n']))
-        {
-            return Err(Error::InvalidArgument(format!("`{reply}` is not a valid NATS reply subject")));
-        }
+        check_reply(reply)?;
         let max = self.client.max_payload();
         if size > max {
             return Err(Error::InvalidArgument(format!(

@@ -105,6 +105,18 @@ pub(super) fn reply_subject(envelope: &mut Envelope, write_back: bool) -> Option
     Some(async_nats::Subject::from(reply_to.as_str()))
 }
 
+/// Refuses a reply subject that would break the protocol's line: empty, or with whitespace. The client does not
+/// check what it publishes (see [`Nats::connect`](super::Nats::connect)): every publish checks its subject
+/// with [`check_subject`] and its reply subject here.
+pub(super) fn check_reply(reply: Option<&str>) -> Result<(), Error> {
+    match reply {
+        Some(reply) if reply.is_empty() || reply.contains([' ', '\t', '\r', '\n']) => {
+            Err(Error::InvalidArgument(format!("`{reply}` is not a valid NATS reply subject")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a subject NATS would not route as one: empty, an empty token, whitespace, or a wildcard. One pass
 /// over the bytes (every publish checks its subject).
 pub(super) fn check_subject(subject: &str) -> Result<(), Error> {
