@@ -441,6 +441,18 @@ mod tests {
         pub(super) use Value::{Int, Text};
     }
 
+    /// `envelope` as it reads back from the compact form: version 2, and a reply without the service and method
+    /// it would echo, its id its correlation id.
+    fn as_compact_reads_it(mut envelope: Envelope) -> Envelope {
+        envelope.version = crate::COMPACT_VERSION;
+        if envelope.kind == crate::Kind::Reply {
+            envelope.id = envelope.correlation_id.unwrap_or(envelope.id);
+            envelope.service = Text::new();
+            envelope.method = Text::new();
+        }
+        envelope
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
 
@@ -491,13 +503,7 @@ mod tests {
                 full.version = crate::VERSION;
                 let again = encode_envelope(&decoded).expect("encodes");
                 prop_assert_eq!(decode_envelope(&again, &Limits::default()), Ok(full.clone()));
-                let mut compact = full;
-                compact.version = crate::COMPACT_VERSION;
-                if compact.kind == crate::Kind::Reply {
-                    compact.id = compact.correlation_id.unwrap_or(compact.id);
-                    compact.service = Text::new();
-                    compact.method = Text::new();
-                }
+                let compact = as_compact_reads_it(full);
                 let again = encode_compact_envelope_after(b"", &decoded).expect("encodes");
                 prop_assert_eq!(decode_envelope(&again, &Limits::default()), Ok(compact));
             }
@@ -532,13 +538,7 @@ mod tests {
             // that field makes the map's 16th, whose length takes 3 bytes rather than 1.
             prop_assert!(compact.len() <= full.len() + 6, "{} > {} + 6", compact.len(), full.len());
             let decoded = decode_envelope_bytes(&compact, &Limits::default()).expect("decodes");
-            let mut expected = envelope;
-            expected.version = crate::COMPACT_VERSION;
-            if expected.kind == crate::Kind::Reply {
-                expected.id = expected.correlation_id.unwrap_or(expected.id);
-                expected.service = Text::new();
-                expected.method = Text::new();
-            }
+            let mut expected = as_compact_reads_it(envelope);
             prop_assert_eq!(&decoded, &expected);
             // Written in the full form again, it is version 1 and the fields it had.
             let again = decode_envelope(&encode_envelope(&decoded).expect("encodes"), &Limits::default());
