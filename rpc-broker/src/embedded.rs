@@ -464,7 +464,7 @@ impl EmbeddedAcker {
         tag: u64,
         step: impl FnOnce(&mut engine::Engine<Message>, Instant) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let shared = self.shared.upgrade().ok_or(Error::DeliveryLost)?;
+        let shared = self.shared.upgrade().ok_or_else(|| Error::DeliveryLost)?;
         let now = Instant::now();
         let mut hub = shared.lock();
         let result =
@@ -482,10 +482,11 @@ impl EmbeddedAcker {
     /// goes through the engine takes a reference to the broker, so that the threads do not write its count
     /// for every call.
     /// `gone` is the error once the broker is gone: as the engine's way reports it for the same step.
-    fn lane(&self, gone: Error) -> Result<&Arc<LaneBook>, Error> {
-        let book = self.book.get().ok_or(Error::DeliveryLost)?;
+    /// (Made only when it is returned: dropping an `Error` unused costs a call on the path of every answer.)
+    fn lane(&self, gone: fn() -> Error) -> Result<&Arc<LaneBook>, Error> {
+        let book = self.book.get().ok_or_else(|| Error::DeliveryLost)?;
         if self.shared.strong_count() == 0 {
-            return Err(gone);
+            return Err(gone());
         }
         Ok(book)
     }
@@ -514,8 +515,8 @@ impl EmbeddedAcker {
     /// Takes delivery `tag` out of its lane's book, runs `step`, and acks the delivery if `step` succeeded;
     /// puts it back otherwise. [`Error::DeliveryLost`] if the lane does not hold it.
     fn settle_lane<T>(&self, tag: u64, step: impl FnOnce(&LaneBook) -> Result<T, Error>) -> Result<T, Error> {
-        let book = self.lane(Error::DeliveryLost)?;
-        let holding = book.take(tag, true).ok_or(Error::DeliveryLost)?;
+        let book = self.lane(|| Error::DeliveryLost)?;
+        let holding = book.take(tag, true).ok_or_else(|| Error::DeliveryLost)?;
         match step(book) {
             Ok(value) => {
                 book.forget(&holding);
@@ -536,7 +537,7 @@ impl EmbeddedAcker {
 
     /// Settles delivery `tag`, made down the lane, with `outcome`.
     fn settle_down_lane(&self, tag: u64, outcome: Outcome) -> Result<(), Error> {
-        let book = self.lane(Error::Disconnected)?;
+        let book = self.lane(|| Error::Disconnected)?;
         let acked = matches!(outcome, Outcome::Ack);
         let holding = book.take(tag, acked).ok_or_else(|| to_error(engine::EngineError::UnknownTag(tag)))?;
         book.forget(&holding);
@@ -577,7 +578,7 @@ impl Acker for EmbeddedAcker {
     ) -> BoxFuture<'a, Result<(), Error>> {
         if is_lane_tag(tag) {
             let message = Arc::new(envelope);
-            let result = self.lane(Error::DeliveryLost).and_then(|book| {
+            let result = self.lane(|| Error::DeliveryLost).and_then(|book| {
                 if !book.holds(tag) {
                     return Err(Error::DeliveryLost);
                 }

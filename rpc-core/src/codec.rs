@@ -80,7 +80,8 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, CodecError> {
     })
 }
 
-/// Runs `write` on this thread's scratch buffer and returns what it wrote in one allocation of its exact size.
+/// Runs `write` on this thread's scratch buffer and returns a copy of what it wrote: cut from a chunk that small
+/// copies share ([`cut_small`]), or in one allocation of its exact size.
 ///
 /// A `Vec` written in place and turned into [`Bytes`] costs two allocations (the vector, grown as it goes, then
 /// the shared header `Bytes` needs for a vector with spare capacity); every call and every reply is encoded,
@@ -90,7 +91,7 @@ fn with_scratch(write: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>) -> R
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut out) => {
             out.clear();
-            let written = write(&mut out).map(|()| Bytes::copy_from_slice(&out));
+            let written = write(&mut out).map(|()| cut_small(&out));
             if out.capacity() > SCRATCH_KEEP {
                 *out = Vec::new();
             }
@@ -110,6 +111,36 @@ const SCRATCH_KEEP: usize = 64 * 1024;
 thread_local! {
     /// The buffer of [`with_scratch`].
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The chunk [`cut_small`] cuts from.
+    static CHUNK: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
+}
+
+/// The longest copy [`cut_small`] cuts from a shared chunk; a longer one gets an allocation of its own.
+const SMALL: usize = 128;
+
+/// The size of the chunks [`cut_small`] cuts from.
+const CHUNK_SIZE: usize = 1_024;
+
+/// A copy of `bytes`, for the small ones cut from a chunk that the copies made on this thread share, [`CHUNK_SIZE`]
+/// bytes at a time.
+///
+/// Every call encodes its arguments, its result and, on a broker's wire, its envelopes: a chunk costs two
+/// allocations (its buffer and its reference count) for all the copies cut from it, where a copy of its own
+/// costs one, and a second when it is first cloned (the shared header of a `Bytes` made from a `Vec`). A clone of
+/// a copy cut from a chunk counts a reference. A chunk is freed with the last of its copies: a copy kept for long
+/// (the outcome of a call that the dedup store keeps, the arguments of a call that waits minutes) holds at most
+/// one chunk.
+pub(crate) fn cut_small(bytes: &[u8]) -> Bytes {
+    if bytes.len() > SMALL {
+        return Bytes::copy_from_slice(bytes);
+    }
+    CHUNK.with_borrow_mut(|chunk| {
+        if chunk.capacity() < bytes.len() {
+            *chunk = bytes::BytesMut::with_capacity(CHUNK_SIZE);
+        }
+        chunk.extend_from_slice(bytes);
+        chunk.split().freeze()
+    })
 }
 
 /// Checks `bytes` against `limits`, then decodes one value from them.
@@ -255,6 +286,31 @@ mod tests {
         let (inner, after): (Bytes, String) = decode(&bytes, &Limits::default()).expect("decodes");
         assert_eq!(inner.as_ref(), &[0xcd, 0x01, 0x2c]);
         assert_eq!(after, "after");
+    }
+
+    #[test]
+    fn small_encodings_share_chunks_and_outlive_them() {
+        let values: Vec<u64> = (0..200).map(|n| n * 1_000_003).collect();
+        let encoded: Vec<Bytes> = values.iter().map(|value| encode(value).expect("encodes")).collect();
+        // Side by side in one chunk, a new one started when it is full.
+        let adjacent = encoded.windows(2).filter(|pair| pair[0].as_ptr_range().end == pair[1].as_ptr()).count();
+        assert!(adjacent >= 180, "{adjacent} of 199 pairs adjacent");
+        // A clone is the same bytes, not a copy.
+        let clone = encoded[7].clone();
+        assert_eq!(clone.as_ptr(), encoded[7].as_ptr());
+        // Each reads back, and one outlives the others of its chunk.
+        for (value, bytes) in values.iter().zip(&encoded) {
+            assert_eq!(decode::<u64>(bytes, &Limits::default()), Ok(*value));
+        }
+        let mut encoded = encoded;
+        let kept = encoded.swap_remove(3);
+        drop(encoded);
+        drop(clone);
+        assert_eq!(decode::<u64>(&kept, &Limits::default()), Ok(values[3]));
+        // A longer one is a copy of its own, of its exact size.
+        let long = vec![1u8; SMALL * 2];
+        let bytes = encode(&Bytes::from(long.clone())).expect("encodes");
+        assert_eq!(decode::<Bytes>(&bytes, &Limits::default()), Ok(Bytes::from(long)));
     }
 
     #[test]

@@ -194,28 +194,60 @@ pub(crate) fn new_id_at(now: std::time::Instant) -> Uuid {
 }
 
 /// The wall clock's time at `now`, in milliseconds since 1970.
+///
+/// Counted from this thread's last reading of the wall clock, at most a second old. The millisecond of the last
+/// time asked for is kept, on the monotonic clock: a thread making many ids reads it with two comparisons.
 fn unix_millis_at(now: std::time::Instant) -> u64 {
     use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    /// This thread's reading of the wall clock, and the millisecond of the monotonic clock last counted from it.
+    #[derive(Clone, Copy)]
+    struct Wall {
+        /// When the wall clock was read, on the monotonic clock.
+        read: Instant,
+        /// What it read, in milliseconds since 1970.
+        at: u64,
+        /// The instants `start..end`, which are all `millis` counted from the reading (empty when none is kept).
+        start: Instant,
+        end: Instant,
+        millis: u64,
+    }
     thread_local! {
-        /// When this thread last read the wall clock, on the monotonic clock and in milliseconds since 1970.
-        static WALL: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+        static WALL: std::cell::Cell<Option<Wall>> = const { std::cell::Cell::new(None) };
     }
     /// How long a reading of the wall clock serves.
     const SERVES: std::time::Duration = std::time::Duration::from_secs(1);
-    let millis = |since: std::time::Duration| u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
-    // `now` as counted from a reading of the wall clock made at `read`.
-    let from = |(read, at): (Instant, u64)| match now.checked_duration_since(read) {
-        Some(after) => at.saturating_add(millis(after)),
-        // A time from before the reading (read earlier, passed on late): counted back.
-        None => at.saturating_sub(millis(read - now)),
-    };
-    WALL.with(|wall| match wall.get() {
-        Some((read, at)) if now.max(read) - now.min(read) < SERVES => from((read, at)),
-        _ => {
-            let reading = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis));
-            wall.set(Some(reading));
-            from(reading)
+    const MILLI: std::time::Duration = std::time::Duration::from_millis(1);
+    let millis = |since: std::time::Duration| since.as_secs().saturating_mul(1_000) + u64::from(since.subsec_millis());
+    WALL.with(|cell| {
+        let kept = cell.get();
+        if let Some(wall) = kept
+            && wall.start <= now
+            && now < wall.end
+        {
+            return wall.millis;
         }
+        let (read, at) = match kept {
+            Some(wall) if now.max(wall.read) - now.min(wall.read) < SERVES => (wall.read, wall.at),
+            _ => (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis)),
+        };
+        let mut wall = Wall { read, at, start: now, end: now, millis: 0 };
+        match now.checked_duration_since(read) {
+            Some(after) => {
+                let whole = millis(after);
+                wall.millis = at.saturating_add(whole);
+                // The millisecond `now` is in, kept while it lies within what the reading serves.
+                if let Some(start) = u32::try_from(whole).ok().and_then(|whole| read.checked_add(MILLI * whole))
+                    && let Some(end) = start.checked_add(MILLI)
+                    && end - read <= SERVES
+                {
+                    (wall.start, wall.end) = (start, end);
+                }
+            }
+            // A time from before the reading (read earlier, passed on late): counted back, and not kept.
+            None => wall.millis = at.saturating_sub(millis(read - now)),
+        }
+        cell.set(Some(wall));
+        wall.millis
     })
 }
 
@@ -313,30 +345,15 @@ impl Envelope {
     }
 }
 
-/// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits.
-///
-/// Cut from a buffer that the keys made on this thread share, [`KEY_BUFFER`] bytes at a time: 32 keys cost two
-/// allocations (the buffer and its reference count) rather than one each. A buffer is freed with the last of its
-/// keys, so a key kept for long (a call that waits minutes) holds at most one buffer.
+/// The idempotency key of a call that was given none: its correlation id in 32 lowercase hex digits, cut from
+/// the chunk that this thread's small copies share ([`codec::cut_small`](crate::codec::cut_small)): 32 keys
+/// cost two allocations rather than one each.
 pub(crate) fn default_key(correlation_id: Uuid) -> Text {
-    thread_local! {
-        static KEYS: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
-    }
     let mut hex = Uuid::encode_buffer();
     let hex: &str = correlation_id.simple().encode_lower(&mut hex);
-    let key = KEYS.with_borrow_mut(|keys| {
-        if keys.capacity() < hex.len() {
-            *keys = bytes::BytesMut::with_capacity(KEY_BUFFER);
-        }
-        keys.extend_from_slice(hex.as_bytes());
-        keys.split().freeze()
-    });
     // Hex digits are UTF-8: the fallback is never taken.
-    Text::from_utf8(key).unwrap_or_else(|_| Text::from(hex))
+    Text::from_utf8(crate::codec::cut_small(hex.as_bytes())).unwrap_or_else(|_| Text::from(hex))
 }
-
-/// The size of the buffers [`default_key`] cuts keys from: 32 keys.
-const KEY_BUFFER: usize = 1_024;
 
 #[cfg(test)]
 mod tests {
@@ -403,6 +420,29 @@ mod tests {
         let id = new_id_at(now);
         let (seconds, nanos) = id.get_timestamp().expect("a v7 id has its time").to_unix();
         assert!((seconds * 1_000 + u64::from(nanos) / 1_000_000).abs_diff(at) <= 2);
+    }
+
+    #[test]
+    fn the_millisecond_kept_gives_what_counting_from_the_reading_gives() {
+        use std::time::{Duration, Instant};
+        let base = Instant::now();
+        let steps: Vec<Duration> = (0..400).map(|step| Duration::from_micros(step * 37)).collect();
+        let forward: Vec<u64> = steps.iter().map(|step| unix_millis_at(base + *step)).collect();
+        // Asked backwards, each instant meets another millisecond kept than it did forwards.
+        let mut backward: Vec<u64> = steps.iter().rev().map(|step| unix_millis_at(base + *step)).collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+        // Counted from one reading: each step's millisecond is the first's plus the whole milliseconds between,
+        // or one more (the first need not start its millisecond).
+        for (step, millis) in steps.iter().zip(&forward) {
+            let whole = u64::try_from(step.as_millis()).expect("small");
+            assert!(*millis == forward[0] + whole || *millis == forward[0] + whole + 1, "{step:?}: {millis}");
+        }
+        assert!(forward.windows(2).all(|pair| pair[0] <= pair[1]));
+        // An instant before the reading is counted back, then one in the kept millisecond again.
+        let earlier = unix_millis_at(base - Duration::from_millis(10));
+        assert!(earlier.abs_diff(forward[0] - 10) <= 1, "{earlier} against {}", forward[0]);
+        assert_eq!(unix_millis_at(base + steps[100]), forward[100]);
     }
 
     #[test]
