@@ -345,6 +345,37 @@ mod tests {
     }
 
     #[test]
+    fn levels_with_values_after_a_container_are_come_back_to_at_any_depth() {
+        // `[[[...[1], 2], 2]...]`: every level has a value after its container, 40 levels to come back to (past
+        // the 16 kept on the stack); and the same with the container last, which leaves none.
+        let mut after = vec![0x92; 40];
+        after.push(0x01);
+        after.extend(std::iter::repeat_n(0x02, 40));
+        let mut last = Vec::new();
+        for _ in 0..40 {
+            last.extend([0x92, 0x02]);
+        }
+        last.push(0x01);
+        for bytes in [after, last] {
+            for max_depth in [39, 40, 64] {
+                let limits = Limits { max_depth, ..Limits::default() };
+                assert_eq!(check(&bytes, &limits), reference::check(&bytes, max_depth), "{max_depth}");
+            }
+            assert_eq!(check(&bytes, &Limits::default()), Ok(()));
+            let mut cut = bytes.clone();
+            cut.pop();
+            assert!(check(&cut, &Limits::default()).is_err());
+            assert_eq!(check(&cut, &Limits::default()), reference::check(&cut, 64));
+            let mut trailing = bytes;
+            trailing.push(0x03);
+            assert_eq!(
+                check(&trailing, &Limits::default()),
+                Err(CodecError::Malformed("trailing bytes after the value"))
+            );
+        }
+    }
+
+    #[test]
     fn a_depth_bomb_is_rejected_without_recursion() {
         let bomb = nested_arrays(1_000_000);
         assert_eq!(check(&bomb, &Limits::default()), Err(CodecError::TooDeep { max: 64 }));

@@ -297,12 +297,27 @@ impl Envelope {
 
     /// As [`reply`](Envelope::reply), the reply's id of the time `now`.
     pub(crate) fn reply_at(&self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
-        let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
-        reply.correlation_id = self.correlation_id;
-        reply.version = self.version;
-        reply.service.clone_from(&self.service);
-        reply.method.clone_from(&self.method);
-        reply.headers.clone_from(&self.headers);
+        // Written whole: the fields of an empty envelope assigned over would each cost a drop.
+        let mut reply = Envelope {
+            version: self.version,
+            kind: Kind::Reply,
+            id: new_id_at(now),
+            correlation_id: self.correlation_id,
+            service: self.service.clone(),
+            method: self.method.clone(),
+            reply_to: None,
+            deadline_ms: None,
+            delay_ms: None,
+            attempt: 1,
+            idempotency_key: None,
+            priority: None,
+            status: 0,
+            status_message: None,
+            last_status: None,
+            caller: None,
+            headers: self.headers.clone(),
+            body: Bytes::new(),
+        };
         reply.set_result(result);
         reply
     }

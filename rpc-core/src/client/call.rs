@@ -38,7 +38,8 @@ struct Options {
     idempotency_key: Option<Text>,
     priority: Option<u8>,
     delay: Option<Duration>,
-    headers: BTreeMap<String, String>,
+    /// None until a header is set: most calls set none, and an empty map costs a call to drop.
+    headers: Option<BTreeMap<String, String>>,
 }
 
 impl Options {
@@ -77,9 +78,13 @@ impl Options {
         envelope.idempotency_key = Some(self.idempotency_key.clone().unwrap_or_else(key));
         envelope.priority = self.priority;
         envelope.delay_ms = self.delay.filter(|delay| !delay.is_zero()).map(|delay| millis(delay).max(1));
-        // Most calls set no header: an empty map cloned over another would cost a drop for nothing.
-        if !(self.headers.is_empty() && envelope.headers.is_empty()) {
-            envelope.headers.clone_from(&self.headers);
+        match &self.headers {
+            Some(headers) => envelope.headers.clone_from(headers),
+            None => {
+                if !envelope.headers.is_empty() {
+                    envelope.headers.clear();
+                }
+            }
         }
         envelope.caller = identity.cloned();
     }
@@ -177,7 +182,7 @@ impl<O: Send + 'static> Call<O> {
 
     /// Adds a header; the reply echoes it.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Call<O> {
-        self.options.headers.insert(name.into(), value.into());
+        self.options.headers.get_or_insert_default().insert(name.into(), value.into());
         self
     }
 
@@ -586,7 +591,7 @@ impl Notify {
 
     /// Adds a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Notify {
-        self.options.headers.insert(name.into(), value.into());
+        self.options.headers.get_or_insert_default().insert(name.into(), value.into());
         self
     }
 

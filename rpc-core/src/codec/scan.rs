@@ -3,36 +3,34 @@
 
 use super::CodecError;
 
-/// The counts of values still to read at the levels around the one being read, outermost first: on the stack
-/// for the first 16 levels (an envelope nests 2 deep, and every value checked would otherwise cost an
-/// allocation), past them on the heap, up to the depth limit.
+/// The levels around the one being read that still have values to read, innermost last: for each, the count
+/// of its values still to read and its depth. On the stack for the first 16 (an envelope nests 2 deep, and
+/// every value checked would otherwise cost an allocation), past them on the heap, up to the depth limit. A
+/// container that is the last value of its level leaves nothing to come back to, and adds none: arguments, an
+/// array of values, add none at all.
 struct Outer {
-    inline: [u64; 16],
+    inline: [(u64, usize); 16],
     len: usize,
-    spilled: Vec<u64>,
+    spilled: Vec<(u64, usize)>,
 }
 
 impl Outer {
     fn new() -> Outer {
-        Outer { inline: [0; 16], len: 0, spilled: Vec::new() }
+        Outer { inline: [(0, 0); 16], len: 0, spilled: Vec::new() }
     }
 
-    fn len(&self) -> usize {
-        self.len + self.spilled.len()
-    }
-
-    fn push(&mut self, left: u64) {
+    fn push(&mut self, level: (u64, usize)) {
         if self.len < self.inline.len() {
-            self.inline[self.len] = left;
+            self.inline[self.len] = level;
             self.len += 1;
         } else {
-            self.spilled.push(left);
+            self.spilled.push(level);
         }
     }
 
-    fn pop(&mut self) -> Option<u64> {
-        if let Some(left) = self.spilled.pop() {
-            return Some(left);
+    fn pop(&mut self) -> Option<(u64, usize)> {
+        if let Some(level) = self.spilled.pop() {
+            return Some(level);
         }
         self.len = self.len.checked_sub(1)?;
         Some(self.inline[self.len])
@@ -50,14 +48,16 @@ impl Reader<'_> {
     /// One loop over the values, whatever their nesting: a scalar is skipped where it is read, and a container
     /// opens a level whose count of values replaces the current one.
     pub(super) fn skip_one(&mut self, max_depth: usize, depth: usize) -> Result<(), CodecError> {
-        // Values still to read at the current level; the outermost level is the one value.
+        // Values still to read at the current level, and its depth; the outermost level is the one value.
         let mut left: u64 = 1;
-        let mut outer = Outer::new();
+        let mut level = depth;
+        // Made at the first level that has values after a container.
+        let mut outer: Option<Outer> = None;
         loop {
             if left == 0 {
-                match outer.pop() {
-                    Some(count) => {
-                        left = count;
+                match outer.as_mut().and_then(Outer::pop) {
+                    Some(around) => {
+                        (left, level) = around;
                         continue;
                     }
                     None => return Ok(()),
@@ -115,15 +115,17 @@ impl Reader<'_> {
                 }
             };
             // A container, at the level after the current one.
-            if outer.len() + 1 + depth > max_depth {
+            if level + 1 > max_depth {
                 return Err(CodecError::TooDeep { max: max_depth });
             }
             if items > 0 {
                 if items > self.remaining() as u64 {
                     return Err(CodecError::Malformed("container longer than the input"));
                 }
-                outer.push(left);
-                left = items;
+                if left > 0 {
+                    outer.get_or_insert_with(Outer::new).push((left, level));
+                }
+                (left, level) = (items, level + 1);
             }
         }
     }
