@@ -495,10 +495,13 @@ impl Memory {
     /// Forgets outcomes past the window, and the oldest ones past the limit: down to 1/64 under it at once.
     fn forget_old(&mut self, now: Instant) {
         let mut keep = self.limit;
+        // Outcomes stored after this are within the window: compared as instants, the common case (the oldest
+        // is within it) costs no subtraction of two. None when the window reaches back past the clock's start.
+        let cutoff = now.checked_sub(self.window);
         while let Some(oldest) = self.done.front() {
             if self.done.len() > keep {
                 keep = self.limit - self.limit / 64;
-            } else if now.saturating_duration_since(oldest.at) < self.window {
+            } else if cutoff.is_none_or(|cutoff| oldest.at > cutoff) {
                 break;
             }
             self.forget_oldest();

@@ -344,9 +344,16 @@ impl Inner {
     /// [`Outbox`] (in core mode, a message without headers: every call and every reply to an mqrpc inbox) or in
     /// the client's queue, so that its future (one allocation per message) stays small; a JetStream publish,
     /// which waits for the stream's ack, has a future of its own.
-    fn publish<'a>(
+    fn publish<'a>(&'a self, queue: &'a str, envelope: Envelope, confirm: Confirm) -> BoxFuture<'a, Result<(), Error>> {
+        self.publish_with(queue, None, envelope, confirm)
+    }
+
+    /// As [`publish`](Inner::publish), with `queue` made a subject already where the caller had it shared (a
+    /// reply's inbox): a subject made here is a copy of `queue`.
+    fn publish_with<'a>(
         &'a self,
         queue: &'a str,
+        subject: Option<async_nats::Subject>,
         mut envelope: Envelope,
         confirm: Confirm,
     ) -> BoxFuture<'a, Result<(), Error>> {
@@ -362,7 +369,7 @@ impl Inner {
                 if envelope.kind == Kind::Reply && !self.stream_captures(queue).await? {
                     // A reply address that no stream captures is a plain subscriber's subject (a caller that
                     // left out `mqrpc-reply-inbox`): answered on core NATS, as the inbox it is.
-                    return self.publish_core(queue, envelope, reply, true).await;
+                    return self.publish_core(queue, subject, envelope, reply, true).await;
                 }
                 let counters = self.counters.of(queue);
                 let headers = to_headers(&envelope, Mode::Stream)?;
@@ -371,13 +378,14 @@ impl Inner {
                 Ok(())
             });
         }
-        self.publish_core(queue, envelope, reply, to_inbox)
+        self.publish_core(queue, subject, envelope, reply, to_inbox)
     }
 
     /// Publishes on core NATS (in JetStream mode: replies to inboxes).
     fn publish_core<'a>(
         &'a self,
         queue: &'a str,
+        subject: Option<async_nats::Subject>,
         mut envelope: Envelope,
         reply: Option<async_nats::Subject>,
         to_inbox: bool,
@@ -425,7 +433,7 @@ impl Inner {
             if let Err(error) = outbox.check(queue, reply.as_deref(), body.len()) {
                 return Box::pin(std::future::ready(Err(error)));
             }
-            let subject = queue_subject.unwrap_or_else(|| queue.into());
+            let subject = queue_subject.or(subject).unwrap_or_else(|| queue.into());
             let gone = || if self.closed.load(Ordering::Acquire) { Error::Shutdown } else { Error::Disconnected };
             // With room in the outbox, as nearly always, the message is queued here and the future is done: no
             // future of its own to allocate. A publish waiting for room keeps its place: the ones after it find

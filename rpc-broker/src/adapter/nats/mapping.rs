@@ -68,7 +68,8 @@ fn from_envelope_body(
     })();
     Some(decoded.map_err(Error::from).map(|(mut envelope, queued)| {
         if let Some(reply) = own_reply {
-            envelope.reply_to = Some(ReplyTo::Inbox(Text::from(reply)));
+            // Shared without allocating when the answer makes its subject of it (`CoreAcker::answer`).
+            envelope.reply_to = Some(ReplyTo::Inbox(Text::copied(reply)));
         }
         (envelope, queued)
     }))
