@@ -268,13 +268,26 @@ impl Envelope {
 
     /// An envelope of `kind` with id `id` and every optional field empty.
     pub(crate) fn with_id(kind: Kind, id: Uuid) -> Envelope {
+        Envelope::echoing(kind, id, VERSION, None, (Text::new(), Text::new(), BTreeMap::new()))
+    }
+
+    /// An envelope of `kind` with id `id` that carries `version`, `correlation_id` and the `names` (service,
+    /// method, headers) it is given, every other optional field empty. Written whole: the fields of an empty
+    /// envelope assigned over would each cost a drop, on the path of every reply.
+    fn echoing(
+        kind: Kind,
+        id: Uuid,
+        version: u8,
+        correlation_id: Option<Uuid>,
+        (service, method, headers): (Text, Text, BTreeMap<String, String>),
+    ) -> Envelope {
         Envelope {
-            version: VERSION,
+            version,
             kind,
             id,
-            correlation_id: None,
-            service: Text::new(),
-            method: Text::new(),
+            correlation_id,
+            service,
+            method,
             reply_to: None,
             deadline_ms: None,
             delay_ms: None,
@@ -285,7 +298,7 @@ impl Envelope {
             status_message: None,
             last_status: None,
             caller: None,
-            headers: BTreeMap::new(),
+            headers,
             body: Bytes::new(),
         }
     }
@@ -297,27 +310,8 @@ impl Envelope {
 
     /// As [`reply`](Envelope::reply), the reply's id of the time `now`.
     pub(crate) fn reply_at(&self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
-        // Written whole: the fields of an empty envelope assigned over would each cost a drop.
-        let mut reply = Envelope {
-            version: self.version,
-            kind: Kind::Reply,
-            id: new_id_at(now),
-            correlation_id: self.correlation_id,
-            service: self.service.clone(),
-            method: self.method.clone(),
-            reply_to: None,
-            deadline_ms: None,
-            delay_ms: None,
-            attempt: 1,
-            idempotency_key: None,
-            priority: None,
-            status: 0,
-            status_message: None,
-            last_status: None,
-            caller: None,
-            headers: self.headers.clone(),
-            body: Bytes::new(),
-        };
+        let names = (self.service.clone(), self.method.clone(), self.headers.clone());
+        let mut reply = Envelope::echoing(Kind::Reply, new_id_at(now), self.version, self.correlation_id, names);
         reply.set_result(result);
         reply
     }
@@ -326,12 +320,9 @@ impl Envelope {
     /// of copying them (they are left empty here): for a request whose only other use is its reply address.
     /// The reply's id is of the time `now`.
     pub(crate) fn take_reply(&mut self, result: Result<Bytes, Status>, now: std::time::Instant) -> Envelope {
-        let mut reply = Envelope::with_id(Kind::Reply, new_id_at(now));
-        reply.correlation_id = self.correlation_id;
-        reply.version = self.version;
-        reply.service = std::mem::take(&mut self.service);
-        reply.method = std::mem::take(&mut self.method);
-        reply.headers = std::mem::take(&mut self.headers);
+        let names =
+            (std::mem::take(&mut self.service), std::mem::take(&mut self.method), std::mem::take(&mut self.headers));
+        let mut reply = Envelope::echoing(Kind::Reply, new_id_at(now), self.version, self.correlation_id, names);
         reply.set_result(result);
         reply
     }

@@ -341,9 +341,12 @@ impl Acker for CoreAcker {
         reply_to: &'a ReplyTo,
         reply: Envelope,
     ) -> BoxFuture<'a, Result<Answered, Error>> {
-        // The reply's subject made of its address without a copy: a received reply subject is cut from a
-        // shared chunk (`Text::copied`), whose clone counts a reference.
-        let subject = async_nats::Subject::from_utf8(reply_to.text().clone().into_bytes()).ok();
+        // An inbox's subject made of its address without a copy: a received reply subject is cut from a shared
+        // chunk (`Text::copied`), whose clone counts a reference. A queue's subject is the transport's own.
+        let subject = reply_to
+            .is_inbox()
+            .then(|| async_nats::Subject::from_utf8(reply_to.text().clone().into_bytes()).ok())
+            .flatten();
         let mut published = self.inner.publish_with(reply_to.address(), subject, reply, Confirm::for_reply(reply_to));
         // A reply the outbox took at once (nearly every one) is sent as far as core NATS sends anything, and
         // its ack is this process's own: no future to allocate for the two steps.
