@@ -221,6 +221,11 @@ fn one_malloc_arena() -> Option<std::process::ExitCode> {
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // First, in every process of the run: see the `tracing` module.
+    if let Err(error) = tracing::install() {
+        eprintln!("{error}");
+        return std::process::ExitCode::FAILURE;
+    }
     if args.first().map(String::as_str) == Some("--role") {
         return roles::main(&args[1..]);
     }
@@ -234,12 +239,6 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if config.variants.contains(&Variant::EmbeddedOtel)
-        && let Err(error) = tracing::install()
-    {
-        eprintln!("{error}");
-        return std::process::ExitCode::FAILURE;
-    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = config.workers {
         runtime.worker_threads(workers);
