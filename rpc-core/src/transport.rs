@@ -51,6 +51,15 @@ pub fn recent_instant() -> Instant {
 /// A boxed future, the return type of the transport's methods.
 pub type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
 
+/// The future `make` returns, boxed: its box is allocated first and `make`'s future written into it, which lets
+/// the compiler make the future in the box rather than on the stack and then copy it there (a call's future and
+/// a request's handling are several hundred bytes, made for every call).
+pub(crate) fn boxed<'a, F: Future + Send + 'a>(make: impl FnOnce() -> F) -> BoxFuture<'a, F::Output> {
+    let slot: Box<std::mem::MaybeUninit<F>> = Box::new_uninit();
+    let future: Box<F> = Box::write(slot, make());
+    Box::into_pin(future)
+}
+
 /// `result`, known already, as the boxed future a transport method returns. `Ok(())`, what acks and
 /// unconfirmed publishes come to, costs no allocation: its future is zero-sized, and a boxed zero-sized value
 /// takes no memory.

@@ -526,7 +526,7 @@ impl<O: Send + 'static> IntoFuture for Call<O> {
     fn into_future(self) -> Self::IntoFuture {
         // One reading of the clock: the call's id and its deadline.
         let now = Instant::now();
-        Box::pin(self.send(PendingMap::correlation_id(now.into_std()), now))
+        crate::transport::boxed(|| self.send(PendingMap::correlation_id(now.into_std()), now))
     }
 }
 
@@ -624,6 +624,6 @@ impl IntoFuture for Notify {
     type IntoFuture = BoxFuture<'static, Result<(), Error>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.send())
+        crate::transport::boxed(|| self.send())
     }
 }

@@ -48,7 +48,7 @@ pub(super) fn handle(slot: Slot, delivery: Delivery, source: Source) -> BoxFutur
     let deadline =
         envelope.deadline_ms.and_then(|ms| Instant::from_std(received_at).checked_add(Duration::from_millis(ms)));
     let request = Request { envelope, attempt, deadline, received_at: Instant::from_std(received_at), source };
-    Box::pin(handle_request(slot, request, handle).instrument(span))
+    crate::transport::boxed(|| handle_request(slot, request, handle).instrument(span))
 }
 
 /// A request being handled.
