@@ -103,11 +103,13 @@ impl Options {
 fn budget(own: Option<Duration>, default: Duration, now: Instant) -> (Duration, Instant) {
     // Far enough to mean "no deadline", near enough not to overflow `Instant`.
     const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    let mut deadline = now + own.unwrap_or(default).min(FOREVER);
-    if let Some(inherited) = context::deadline() {
-        deadline = deadline.min(inherited);
+    let budget = own.unwrap_or(default).min(FOREVER);
+    let deadline = now + budget;
+    // A call made outside a handler (most) has its own budget, known without a subtraction of instants.
+    match context::deadline() {
+        Some(inherited) if inherited < deadline => (inherited.saturating_duration_since(now), inherited),
+        _ => (budget, deadline),
     }
-    (deadline.saturating_duration_since(now), deadline)
 }
 
 fn millis(budget: Duration) -> u64 {

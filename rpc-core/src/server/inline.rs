@@ -125,7 +125,11 @@ impl Inline {
             (Ok(Some(())), Some(read)) if read >= started => read,
             _ => std::time::Instant::now(),
         };
-        self.polled(ended.saturating_duration_since(started), ended);
+        // Nearly every poll is fast, which a comparison of instants tells without working out how long it took.
+        match started.checked_add(Self::SLOW) {
+            Some(slow) if ended <= slow => self.polled_fast(),
+            _ => self.polled(ended.saturating_duration_since(started), ended),
+        }
         match outcome {
             Ok(done) => done.is_some(),
             Err(panic) => {
@@ -138,10 +142,7 @@ impl Inline {
     /// Counts a first poll that took `took` and ended at `now`.
     pub(super) fn polled(&self, took: Duration, now: std::time::Instant) {
         if took <= Self::SLOW {
-            // Written only when there is something to reset: the threads that share it keep reading it.
-            if self.strikes.load(Ordering::Relaxed) != 0 {
-                self.strikes.store(0, Ordering::Relaxed);
-            }
+            self.polled_fast();
             return;
         }
         let strikes = self.strikes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -149,6 +150,14 @@ impl Inline {
             self.strikes.store(0, Ordering::Relaxed);
             let until = now.checked_add(Self::BACKOFF).map_or(u64::MAX, |until| self.micros(until).max(1));
             self.spawn_until.store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a first poll that was not slow: the slow ones in a row start again.
+    fn polled_fast(&self) {
+        // Written only when there is something to reset: the threads that share it keep reading it.
+        if self.strikes.load(Ordering::Relaxed) != 0 {
+            self.strikes.store(0, Ordering::Relaxed);
         }
     }
 
