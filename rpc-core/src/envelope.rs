@@ -430,6 +430,11 @@ mod tests {
     #[test]
     fn the_millisecond_kept_gives_what_counting_from_the_reading_gives() {
         use std::time::{Duration, Instant};
+        // The thread's reading of the wall clock made before `base`, so that every instant below is counted
+        // forwards from it: a reading made at the first instant asked for would be made after it (by however
+        // long this thread waited in between), and instants just past a whole millisecond from `base` would
+        // count one fewer.
+        unix_millis_at(Instant::now());
         let base = Instant::now();
         let steps: Vec<Duration> = (0..400).map(|step| Duration::from_micros(step * 37)).collect();
         let forward: Vec<u64> = steps.iter().map(|step| unix_millis_at(base + *step)).collect();
