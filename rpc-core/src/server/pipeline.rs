@@ -157,15 +157,16 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
         }
         if request.attempt < policy.max_attempts() {
             let wait = policy.backoff_before(request.attempt + 1);
-            // After the backoff, the next attempt needs as long as this one took (its wait for a worker, and the
-            // attempt) plus `RETRY_MARGIN` before the deadline, and the broker's lateness when it holds the
-            // backoff: a retry with less time left would answer after the caller gave up, where dead-lettering
-            // now answers in time.
+            // After the backoff, the next attempt needs as long as this one took (the attempt, and its way to a
+            // worker, which its answer's way back takes again) plus `RETRY_MARGIN` before the deadline, and the
+            // broker's lateness when it holds the backoff: a retry with less time left would answer after the
+            // caller gave up, where dead-lettering now answers in time.
             let now = Instant::now();
             let took = now.saturating_duration_since(request.received_at);
+            let ways = 2 * way_to_worker(&request.envelope, took);
             let capabilities = shared.transport.capabilities();
             let late = if capabilities.delayed_delivery { capabilities.delay_slack } else { Duration::ZERO };
-            if request.deadline.is_none_or(|deadline| now + wait + late + took + RETRY_MARGIN < deadline) {
+            if request.deadline.is_none_or(|deadline| now + wait + late + took + ways + RETRY_MARGIN < deadline) {
                 Box::pin(retry(shared, request, handle, wait)).await;
                 return;
             }
@@ -186,9 +187,24 @@ async fn handle_request(slot: Slot, request: Request, handle: AckHandle) {
     answer(shared, request, handle, result, now).await;
 }
 
-/// The time a retry needs before the deadline past its backoff and the last attempt's time: for the copy's
-/// way to a worker and the answer's way back.
+/// The time a retry needs before the deadline past its backoff, the last attempt's time and the ways to a worker
+/// and back.
 const RETRY_MARGIN: Duration = Duration::from_millis(25);
+
+/// The longest way to a worker a retry counts on: more is a publisher's clock behind this one's, and would leave
+/// a call with a long deadline fewer retries than it has time for.
+const MOST_WAY: Duration = Duration::from_secs(1);
+
+/// How long `envelope`, received `since` ago, took from its publish to this worker, on the wall clock: from its
+/// id's time (made as it was published: a call's correlation id, or a retry's own id) to its delivery, less a
+/// delay it was held for. Zero where the publisher's clock is ahead of this one's; at most [`MOST_WAY`].
+fn way_to_worker(envelope: &Envelope, since: Duration) -> Duration {
+    let Some((seconds, nanos)) = envelope.id.get_timestamp().map(|time| time.to_unix()) else { return Duration::ZERO };
+    let published = std::time::UNIX_EPOCH + Duration::new(seconds, nanos);
+    let received = std::time::SystemTime::now().checked_sub(since).unwrap_or(published);
+    let held = Duration::from_millis(envelope.delay_ms.unwrap_or(0));
+    received.duration_since(published).unwrap_or(Duration::ZERO).saturating_sub(held).min(MOST_WAY)
+}
 
 static RETRY_NONE: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(RetryPolicy::none);
 
@@ -316,4 +332,33 @@ async fn execute(
             Err(Status::new(Code::DeadlineExceeded, "the handler ran past the caller's deadline and was stopped"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An envelope whose id was made `ago` before now (a negative `ago`: after now).
+    fn published(ago_ms: i64, delay_ms: Option<u64>) -> Envelope {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+        let millis = i64::try_from(now.as_millis()).expect("fits") - ago_ms;
+        let id = uuid::Builder::from_unix_timestamp_millis(u64::try_from(millis).expect("after 1970"), &[7; 10]);
+        let mut envelope = Envelope::with_id(Kind::Request, id.into_uuid());
+        envelope.delay_ms = delay_ms;
+        envelope
+    }
+
+    #[test]
+    fn the_way_to_a_worker_is_read_from_the_id_less_its_delay_and_bounded() {
+        let way = |ago, delay, since| way_to_worker(&published(ago, delay), Duration::from_millis(since));
+        // Its id's time to its delivery, `since` ago; the id's millisecond is whole, so up to one more.
+        let took = way(300, None, 100);
+        assert!(took >= Duration::from_millis(199) && took <= Duration::from_millis(260), "{took:?}");
+        // A delay the broker held it for is not the way.
+        assert!(way(300, Some(250), 0) <= Duration::from_millis(60));
+        // A publisher's clock ahead of this one's: nothing.
+        assert_eq!(way(-5_000, None, 0), Duration::ZERO);
+        // One far behind: at most the bound.
+        assert_eq!(way(60_000, None, 0), MOST_WAY);
+    }
 }
