@@ -8,7 +8,8 @@
 //! out before publishing the copy. After the last attempt the request goes to the dead-letter queue and the
 //! caller gets [`Code::DeadLettered`] with the last failure in its message, before
 //! its deadline: an attempt is not made when its backoff, plus as long as the failed attempt took from its
-//! delivery and 25 ms, would end past the deadline.
+//! delivery, twice the request's way to the worker (from its id's time to its delivery, at most a second: the
+//! copy's way there and the answer's way back) and 25 ms, would end past the deadline.
 //!
 //! ```
 //! use std::time::Duration;
